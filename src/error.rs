@@ -1,0 +1,208 @@
+//! The one error type of the library.
+//!
+//! Parsers report *what* is wrong at the lowest level (a byte offset, a
+//! length); callers wrap that with *where* it happened (`InRecord`, `InFile`)
+//! so the message a user sees names the file, the record index and the
+//! tensor: `model.ckpt: record 3 ('model.wq.weight'): content is 20 bytes but
+//! shape [2, 3] of Float32 needs 24`.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Result alias used across reshard.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in reshard's library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An operating-system I/O error (the file is named by an `InFile` wrapper).
+    #[error("{0}")]
+    Io(#[from] io::Error),
+
+    /// The input ends before a field it announces.
+    #[error("truncated: {what} at byte {offset} needs {needed} bytes but only {available} remain")]
+    Truncated {
+        /// What was being read.
+        what: &'static str,
+        /// Byte offset where the field starts.
+        offset: u64,
+        /// Bytes the field needs.
+        needed: u64,
+        /// Bytes left in the input.
+        available: u64,
+    },
+
+    /// Bytes that are not the protobuf (or other encoding) they should be.
+    #[error("malformed data at byte {offset}: {reason}")]
+    Malformed {
+        /// Byte offset of the offending field.
+        offset: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A dtype string reshard does not know.
+    #[error("unknown dtype {0:?}")]
+    UnknownDtype(String),
+
+    /// A dtype that exists but that this operation cannot handle.
+    #[error("unsupported dtype {dtype} for {op}")]
+    UnsupportedDtype {
+        /// The dtype's name.
+        dtype: String,
+        /// The operation that refused it.
+        op: &'static str,
+    },
+
+    /// Tensor bytes whose length does not match dtype × shape.
+    #[error("content is {got} bytes but shape {shape:?} of {dtype} needs {expected}")]
+    ContentLength {
+        /// Dtype name.
+        dtype: String,
+        /// Shape as recorded.
+        shape: Vec<i64>,
+        /// Bytes needed by the shape.
+        expected: u64,
+        /// Bytes present.
+        got: u64,
+    },
+
+    /// A shape that cannot be (negative dim, overflow).
+    #[error("invalid shape {shape:?}: {reason}")]
+    InvalidShape {
+        /// The shape as recorded.
+        shape: Vec<i64>,
+        /// Why it is invalid.
+        reason: &'static str,
+    },
+
+    /// The same tensor name appears twice, not as consecutive chunks.
+    #[error("duplicate tensor name (first seen at record {first_record})")]
+    DuplicateName {
+        /// Record index of the first occurrence.
+        first_record: usize,
+    },
+
+    /// A stored CRC32 that does not match the content.
+    #[error("CRC mismatch: trailer says {stored:#010x} but the records give {computed:#010x}; the file is damaged")]
+    CrcMismatch {
+        /// CRC stored in the file.
+        stored: u64,
+        /// CRC computed over the content.
+        computed: u32,
+    },
+
+    /// A file that is encrypted, read without a key.
+    #[error("the file is encrypted ({mode}); pass the key with --dec-key (and --dec-mode)")]
+    EncryptedWithoutKey {
+        /// Cipher mode found in the header.
+        mode: &'static str,
+    },
+
+    /// Decryption failed: wrong key, wrong mode, or a tampered block.
+    #[error("cannot decrypt block {block} (at byte {offset}): {reason}")]
+    Decrypt {
+        /// Block index, from 0.
+        block: usize,
+        /// Byte offset of the block header.
+        offset: u64,
+        /// What failed.
+        reason: String,
+    },
+
+    /// A strategy file or layout that makes no sense.
+    #[error("{0}")]
+    Strategy(String),
+
+    /// A tensor not found by name.
+    #[error("no tensor named {0:?}")]
+    TensorNotFound(String),
+
+    /// A caller error: bad option combination, bad argument.
+    #[error("{0}")]
+    Invalid(String),
+
+    /// Context: the error happened in record `index` (tensor `name`, when known).
+    #[error("record {index}{}: {source}", name.as_deref().map(|n| format!(" ({n:?})")).unwrap_or_default())]
+    InRecord {
+        /// Record index in the file, from 0.
+        index: usize,
+        /// Tensor name of the record, when it could be read.
+        name: Option<String>,
+        /// The underlying error.
+        source: Box<Error>,
+    },
+
+    /// Context: the error happened for tensor `name`.
+    #[error("tensor {name:?}: {source}")]
+    InTensor {
+        /// Tensor (parameter) name.
+        name: String,
+        /// The underlying error.
+        source: Box<Error>,
+    },
+
+    /// Context: the error happened in file `path`.
+    #[error("{}: {source}", path.display())]
+    InFile {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: Box<Error>,
+    },
+}
+
+impl Error {
+    /// Wraps `self` with the file it concerns.
+    pub fn in_file(self, path: impl AsRef<Path>) -> Error {
+        Error::InFile {
+            path: path.as_ref().to_path_buf(),
+            source: Box::new(self),
+        }
+    }
+
+    /// Wraps `self` with the tensor it concerns.
+    pub fn in_tensor(self, name: impl Into<String>) -> Error {
+        Error::InTensor {
+            name: name.into(),
+            source: Box::new(self),
+        }
+    }
+
+    /// Wraps `self` with the record it concerns.
+    pub fn in_record(self, index: usize, name: Option<String>) -> Error {
+        Error::InRecord {
+            index,
+            name,
+            source: Box::new(self),
+        }
+    }
+
+    /// The innermost error, looking through the context wrappers.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::InRecord { source, .. }
+            | Error::InTensor { source, .. }
+            | Error::InFile { source, .. } => source.root(),
+            other => other,
+        }
+    }
+
+    /// Shorthand for [`Error::Invalid`].
+    pub fn invalid(msg: impl Into<String>) -> Error {
+        Error::Invalid(msg.into())
+    }
+}
+
+/// Adds file context to a `Result`.
+pub trait ResultExt<T> {
+    /// Wraps an error with the file it concerns.
+    fn in_file(self, path: impl AsRef<Path>) -> Result<T>;
+}
+
+impl<T, E: Into<Error>> ResultExt<T> for std::result::Result<T, E> {
+    fn in_file(self, path: impl AsRef<Path>) -> Result<T> {
+        self.map_err(|e| e.into().in_file(path))
+    }
+}

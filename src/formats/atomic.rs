@@ -1,0 +1,111 @@
+//! Output files appear whole or not at all: bytes go to a sibling temporary
+//! file that is renamed over the destination on success and removed on
+//! failure (including a panic or an early `?` return, via `Drop`).
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result, ResultExt};
+
+/// A file being written under a temporary name.
+pub struct AtomicFile {
+    dest: PathBuf,
+    tmp: PathBuf,
+    writer: Option<BufWriter<File>>,
+}
+
+impl AtomicFile {
+    /// Creates `.<name>.<pid>.tmp` beside `dest`. The parent must exist.
+    pub fn create(dest: impl AsRef<Path>) -> Result<AtomicFile> {
+        let dest = dest.as_ref().to_path_buf();
+        let name = dest
+            .file_name()
+            .ok_or_else(|| Error::invalid("output path has no file name").in_file(&dest))?;
+        let tmp = dest.with_file_name(format!(
+            ".{}.{}.tmp",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let file = File::create(&tmp).in_file(&tmp)?;
+        Ok(AtomicFile {
+            dest,
+            tmp,
+            writer: Some(BufWriter::with_capacity(1 << 20, file)),
+        })
+    }
+
+    /// The final path.
+    pub fn path(&self) -> &Path {
+        &self.dest
+    }
+
+    /// The temporary path being written.
+    pub fn tmp_path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Appends bytes.
+    pub fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        self.writer
+            .as_mut()
+            .expect("write after commit")
+            .write_all(bytes)
+            .map_err(|e| self.io_error(e))
+    }
+
+    fn io_error(&self, e: io::Error) -> Error {
+        Error::Io(e).in_file(&self.dest)
+    }
+
+    /// Flushes, syncs and renames over the destination.
+    pub fn commit(mut self) -> Result<()> {
+        let writer = self.writer.take().expect("commit twice");
+        let file = writer
+            .into_inner()
+            .map_err(|e| Error::Io(e.into_error()).in_file(&self.dest))?;
+        file.sync_all().map_err(|e| self.io_error(e))?;
+        drop(file);
+        fs::rename(&self.tmp, &self.dest).map_err(|e| self.io_error(e))?;
+        Ok(())
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.writer.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_renames_and_drop_removes() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("a.ckpt");
+        let mut f = AtomicFile::create(&dest).unwrap();
+        f.write_all(b"abc").unwrap();
+        assert!(f.tmp_path().exists());
+        assert!(!dest.exists());
+        f.commit().unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), b"abc");
+
+        let dest2 = dir.path().join("b.ckpt");
+        let mut f = AtomicFile::create(&dest2).unwrap();
+        f.write_all(b"partial").unwrap();
+        let tmp = f.tmp_path().to_path_buf();
+        drop(f);
+        assert!(!tmp.exists() && !dest2.exists());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn missing_directory_names_the_file() {
+        let err = AtomicFile::create("/nonexistent-dir-reshard/x.ckpt").err().unwrap();
+        assert!(err.to_string().contains("nonexistent-dir-reshard"), "{err}");
+    }
+}

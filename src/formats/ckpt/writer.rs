@@ -1,0 +1,377 @@
+//! Streaming `.ckpt` writer, byte-identical to `mindspore.save_checkpoint`.
+//!
+//! Each record is a serialized `Checkpoint{value: [Value]}`:
+//! `0a <len> | 0a <len> tag | 12 <len> (08 dim)* 12 <len> type 1a <len> content`.
+//! Lengths are known before the content, so content is streamed from the
+//! caller's (memory-mapped) slices without being copied into a record buffer.
+
+use std::path::Path;
+
+use rand::RngCore;
+
+use super::crypt::{self, EncMode, ENCRYPT_BLOCK_SIZE};
+use super::index::CRC_MAGIC;
+use super::wire::{put_varint, varint_len};
+use crate::dtype::{element_count, DType};
+use crate::error::{Error, Result};
+use crate::formats::atomic::AtomicFile;
+
+/// MindSpore's `SLICE_SIZE`: tensors are cut into records of at most 512 MiB.
+pub const SLICE_BYTES: usize = 512 * 1024 * 1024;
+
+/// How a large tensor is cut into records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SplitMode {
+    /// `save_checkpoint` of a Tensor/Parameter: raw byte chunks of exactly
+    /// 512 MiB, the last one holding the remainder.
+    #[default]
+    Bytes,
+    /// The numpy path (`async_save=True`): `np.array_split` along dim 0 into
+    /// `ceil(nbytes / 512 MiB)` row blocks when the tensor exceeds 512 MiB.
+    Rows,
+}
+
+/// Options of [`CkptWriter`].
+#[derive(Debug, Clone, Default)]
+pub struct WriteOptions {
+    /// Append the `crc_num` trailer (`crc_check=True`).
+    pub crc: bool,
+    /// Encrypt with this key and mode (`enc_key`, `enc_mode`).
+    pub encryption: Option<(Vec<u8>, EncMode)>,
+    /// How tensors above 512 MiB are cut.
+    pub split: SplitMode,
+}
+
+enum Sink {
+    Plain(AtomicFile),
+    Encrypted {
+        file: AtomicFile,
+        key: Vec<u8>,
+        mode: EncMode,
+        pending: Vec<u8>,
+    },
+}
+
+/// Writes a `.ckpt` under a temporary name; [`CkptWriter::finish`] renames it.
+/// Dropping an unfinished writer removes the temporary file.
+pub struct CkptWriter {
+    sink: Sink,
+    crc: Option<crc32fast::Hasher>,
+    split: SplitMode,
+    names: std::collections::HashSet<String>,
+}
+
+impl CkptWriter {
+    /// Starts writing `path`.
+    pub fn create(path: impl AsRef<Path>, options: WriteOptions) -> Result<CkptWriter> {
+        let path = path.as_ref();
+        if options.crc && options.encryption.is_some() {
+            return Err(Error::invalid(
+                "CRC and encryption cannot be combined (MindSpore cannot read such a file)",
+            )
+            .in_file(path));
+        }
+        if let Some((key, mode)) = &options.encryption {
+            mode.check_key(key).map_err(|e| e.in_file(path))?;
+        }
+        let file = AtomicFile::create(path)?;
+        let sink = match options.encryption {
+            None => Sink::Plain(file),
+            Some((key, mode)) => Sink::Encrypted {
+                file,
+                key,
+                mode,
+                pending: Vec::new(),
+            },
+        };
+        Ok(CkptWriter {
+            sink,
+            crc: options.crc.then(crc32fast::Hasher::new),
+            split: options.split,
+            names: Default::default(),
+        })
+    }
+
+    fn path(&self) -> &Path {
+        match &self.sink {
+            Sink::Plain(f) | Sink::Encrypted { file: f, .. } => f.path(),
+        }
+    }
+
+    fn emit(&mut self, bytes: &[u8]) -> Result<()> {
+        if let Some(h) = &mut self.crc {
+            h.update(bytes);
+        }
+        match &mut self.sink {
+            Sink::Plain(f) => f.write_all(bytes),
+            Sink::Encrypted {
+                file,
+                key,
+                mode,
+                pending,
+            } => {
+                let mut rest = bytes;
+                while !rest.is_empty() {
+                    let n = rest.len().min(ENCRYPT_BLOCK_SIZE - pending.len());
+                    pending.extend_from_slice(&rest[..n]);
+                    rest = &rest[n..];
+                    if pending.len() == ENCRYPT_BLOCK_SIZE {
+                        flush_block(file, key, *mode, pending)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn check_name(&mut self, name: &str) -> Result<()> {
+        if !self.names.insert(name.to_string()) {
+            return Err(Error::invalid("tensor written twice")
+                .in_tensor(name)
+                .in_file(self.path()));
+        }
+        Ok(())
+    }
+
+    /// Writes one record whose content is the concatenation of `parts`.
+    fn record(&mut self, name: &str, dims: &[i64], type_name: &str, parts: &[&[u8]]) -> Result<()> {
+        let content_len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut tensor_head = Vec::with_capacity(64);
+        for &d in dims {
+            tensor_head.push(0x08);
+            put_varint(&mut tensor_head, d as u64);
+        }
+        tensor_head.push(0x12);
+        put_varint(&mut tensor_head, type_name.len() as u64);
+        tensor_head.extend_from_slice(type_name.as_bytes());
+        tensor_head.push(0x1a);
+        put_varint(&mut tensor_head, content_len as u64);
+        let tensor_len = tensor_head.len() + content_len;
+        let value_len = 1 + varint_len(name.len() as u64) + name.len() + 1 + varint_len(tensor_len as u64) + tensor_len;
+
+        let mut head = Vec::with_capacity(tensor_head.len() + name.len() + 24);
+        head.push(0x0a);
+        put_varint(&mut head, value_len as u64);
+        head.push(0x0a);
+        put_varint(&mut head, name.len() as u64);
+        head.extend_from_slice(name.as_bytes());
+        head.push(0x12);
+        put_varint(&mut head, tensor_len as u64);
+        head.extend_from_slice(&tensor_head);
+        self.emit(&head)?;
+        for p in parts {
+            self.emit(p)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a tensor whose bytes are `data` (C order, little-endian).
+    pub fn write_tensor(&mut self, name: &str, dtype: DType, dims: &[i64], data: &[u8]) -> Result<()> {
+        self.write_tensor_chunks(name, dtype, dims, &[data])
+    }
+
+    /// Writes a tensor whose bytes are the concatenation of `chunks` (for
+    /// example the records of a split source tensor), re-cut the way
+    /// MindSpore cuts them.
+    pub fn write_tensor_chunks(&mut self, name: &str, dtype: DType, dims: &[i64], chunks: &[&[u8]]) -> Result<()> {
+        let nbytes: usize = chunks.iter().map(|c| c.len()).sum();
+        let expected = element_count(dims)
+            .and_then(|n| n.checked_mul(dtype.size() as u64))
+            .ok_or_else(|| {
+                Error::InvalidShape {
+                    shape: dims.to_vec(),
+                    reason: "negative dimension or size overflow",
+                }
+                .in_tensor(name)
+            })?;
+        if expected != nbytes as u64 {
+            return Err(Error::ContentLength {
+                dtype: dtype.to_string(),
+                shape: dims.to_vec(),
+                expected,
+                got: nbytes as u64,
+            }
+            .in_tensor(name)
+            .in_file(self.path()));
+        }
+        self.check_name(name)?;
+        let pieces = match self.split {
+            SplitMode::Bytes => byte_split(nbytes),
+            SplitMode::Rows => row_split(nbytes, dims),
+        };
+        let mut cursor = ChunkCursor::new(chunks);
+        for len in pieces {
+            let parts = cursor.take(len);
+            self.record(name, dims, dtype.mindspore_name(), &parts)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a string entry (`append_dict` value of type `str`): dims `[0]`,
+    /// type `str`, content UTF-32LE with the width of the string (at least 1).
+    pub fn write_string(&mut self, name: &str, value: &str) -> Result<()> {
+        self.check_name(name)?;
+        let mut content: Vec<u8> = value.chars().flat_map(|c| (c as u32).to_le_bytes()).collect();
+        if content.is_empty() {
+            content.extend_from_slice(&[0; 4]);
+        }
+        self.record(name, &[0], "str", &[&content])
+    }
+
+    /// Writes the CRC trailer and the last encrypted block, then renames the
+    /// file into place.
+    pub fn finish(mut self) -> Result<()> {
+        if let Some(h) = self.crc.take() {
+            let crc = u64::from(h.finalize());
+            let mut trailer = CRC_MAGIC.to_vec();
+            // A 10-byte big-endian integer: two zero bytes, then the u64.
+            trailer.extend_from_slice(&[0, 0]);
+            trailer.extend_from_slice(&crc.to_be_bytes());
+            match &mut self.sink {
+                Sink::Plain(f) => f.write_all(&trailer)?,
+                Sink::Encrypted { .. } => unreachable!("checked in create"),
+            }
+        }
+        match self.sink {
+            Sink::Plain(f) => f.commit(),
+            Sink::Encrypted {
+                mut file,
+                key,
+                mode,
+                mut pending,
+            } => {
+                if !pending.is_empty() {
+                    flush_block(&mut file, &key, mode, &mut pending)?;
+                }
+                file.commit()
+            }
+        }
+    }
+}
+
+fn flush_block(file: &mut AtomicFile, key: &[u8], mode: EncMode, pending: &mut Vec<u8>) -> Result<()> {
+    let mut iv = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut iv);
+    let block = crypt::encrypt_block(pending, key, mode, &iv)?;
+    pending.clear();
+    file.write_all(&block)
+}
+
+/// Record lengths of the `Bytes` split. Zero bytes give no record at all,
+/// exactly as MindSpore's `range(0, 0, chunk)` loop.
+fn byte_split(nbytes: usize) -> Vec<usize> {
+    (0..nbytes)
+        .step_by(SLICE_BYTES)
+        .map(|start| SLICE_BYTES.min(nbytes - start))
+        .collect()
+}
+
+/// Record lengths of `np.array_split(arr, ceil(nbytes/512MiB))` along dim 0.
+fn row_split(nbytes: usize, dims: &[i64]) -> Vec<usize> {
+    // numpy compares KiB as floats: `nbytes / 1024 > 524288`.
+    if nbytes <= SLICE_BYTES || dims.is_empty() || dims[0] <= 0 {
+        return vec![nbytes];
+    }
+    let n = nbytes.div_ceil(SLICE_BYTES);
+    let rows = dims[0] as usize;
+    let row_bytes = nbytes / rows;
+    let (base, extra) = (rows / n, rows % n);
+    (0..n)
+        .map(|i| (base + usize::from(i < extra)) * row_bytes)
+        .collect()
+}
+
+/// Walks a list of slices, handing out consecutive pieces of given lengths.
+struct ChunkCursor<'a> {
+    chunks: &'a [&'a [u8]],
+    index: usize,
+    offset: usize,
+}
+
+impl<'a> ChunkCursor<'a> {
+    fn new(chunks: &'a [&'a [u8]]) -> Self {
+        ChunkCursor {
+            chunks,
+            index: 0,
+            offset: 0,
+        }
+    }
+
+    fn take(&mut self, mut len: usize) -> Vec<&'a [u8]> {
+        let mut parts = Vec::new();
+        while len > 0 {
+            let chunk = self.chunks[self.index];
+            let n = len.min(chunk.len() - self.offset);
+            parts.push(&chunk[self.offset..self.offset + n]);
+            self.offset += n;
+            len -= n;
+            if self.offset == chunk.len() {
+                self.index += 1;
+                self.offset = 0;
+            }
+        }
+        parts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_spec_byte_example() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.ckpt");
+        let mut w = CkptWriter::create(&path, WriteOptions::default()).unwrap();
+        w.write_tensor("w", DType::F32, &[2, 3], &[0u8; 24]).unwrap();
+        w.finish().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let head = b"\x0a\x2c\x0a\x01w\x12\x27\x08\x02\x08\x03\x12\x07Float32\x1a\x18";
+        assert_eq!(&bytes[..head.len()], head);
+        assert_eq!(bytes.len(), head.len() + 24);
+    }
+
+    #[test]
+    fn splits_match_mindspore() {
+        assert_eq!(byte_split(0), Vec::<usize>::new());
+        assert_eq!(byte_split(SLICE_BYTES + 4000), vec![SLICE_BYTES, 4000]);
+        // [16777341, 8] f32 → 268437472 + 268437440 bytes (verified in MindSpore).
+        assert_eq!(row_split(16777341 * 32, &[16777341, 8]), vec![268437472, 268437440]);
+        assert_eq!(row_split(1000, &[10, 25]), vec![1000]);
+    }
+
+    #[test]
+    fn chunk_cursor_spans_inputs() {
+        let a = [1u8, 2, 3];
+        let b = [4u8, 5];
+        let chunks: [&[u8]; 2] = [&a, &b];
+        let mut c = ChunkCursor::new(&chunks);
+        assert_eq!(c.take(2), vec![&[1u8, 2][..]]);
+        assert_eq!(c.take(3), vec![&[3u8][..], &[4u8, 5][..]]);
+    }
+
+    #[test]
+    fn bad_content_length_and_duplicates_leave_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.ckpt");
+        let mut w = CkptWriter::create(&path, WriteOptions::default()).unwrap();
+        let err = w.write_tensor("t", DType::F32, &[2], &[0u8; 4]).unwrap_err();
+        assert!(err.to_string().contains("needs 8"), "{err}");
+        w.write_tensor("t", DType::F32, &[1], &[0u8; 4]).unwrap();
+        let err = w.write_tensor("t", DType::F32, &[1], &[0u8; 4]).unwrap_err();
+        assert!(err.to_string().contains("written twice"), "{err}");
+        drop(w);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn crc_and_encryption_are_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WriteOptions {
+            crc: true,
+            encryption: Some((vec![0; 16], EncMode::AesGcm)),
+            ..Default::default()
+        };
+        assert!(CkptWriter::create(dir.path().join("x.ckpt"), opts).is_err());
+    }
+}
