@@ -3,4 +3,6 @@
 
 pub mod ckpt;
 pub mod atomic;
+pub mod safetensors;
 pub mod strategy;
+pub mod tree;

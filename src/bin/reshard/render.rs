@@ -1,0 +1,157 @@
+//! Turning reports into text. Results go to stdout, status to stderr.
+
+use std::io::Write;
+
+use anyhow::Result;
+use reshard::ops::inspect::{CrcState, FileReport, Report, StrategyReport};
+use serde::Serialize;
+
+pub fn json<T: Serialize>(value: &T) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+fn shape(s: &[i64]) -> String {
+    format!("[{}]", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))
+}
+
+/// Prints rows with columns padded to their widest cell.
+fn table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    writeln!(out, "{}", line(header.to_vec()))?;
+    for row in rows {
+        writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
+    }
+    Ok(())
+}
+
+fn file(out: &mut impl Write, f: &FileReport) -> Result<()> {
+    let rows: Vec<Vec<String>> = f
+        .tensors
+        .iter()
+        .map(|t| {
+            let dtype = match &t.value {
+                Some(v) => format!("str = {v:?}"),
+                None => t.dtype.clone(),
+            };
+            vec![t.name.clone(), dtype, shape(&t.shape), t.bytes.to_string()]
+        })
+        .collect();
+    table(out, &["name", "dtype", "shape", "bytes"], &rows)?;
+    writeln!(out)?;
+    writeln!(out, "{}", summary(f))?;
+    Ok(())
+}
+
+fn summary(f: &FileReport) -> String {
+    let mut s = format!(
+        "{}: {} ({}), {} entries, {}",
+        f.path.display(),
+        f.format,
+        match (&f.encryption, f.crc) {
+            (Some(mode), _) => format!("encrypted {mode}"),
+            (None, CrcState::Absent) => "no CRC".into(),
+            (None, CrcState::Present) => "CRC present, not verified (--verify-crc)".into(),
+            (None, CrcState::Verified) => "CRC verified".into(),
+        },
+        f.tensors.len(),
+        human_bytes(f.total_bytes)
+    );
+    if !f.metadata.is_empty() {
+        let meta: Vec<String> = f.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        s.push_str(&format!("; metadata {}", meta.join(", ")));
+    }
+    s
+}
+
+fn strategy(out: &mut impl Write, s: &StrategyReport) -> Result<()> {
+    let rows: Vec<Vec<String>> = s
+        .layouts
+        .iter()
+        .map(|l| {
+            vec![
+                l.name.clone(),
+                shape(&l.dev_matrix),
+                l.tensor_map.to_string(),
+                format!("{}/{}", l.opt_shard_step, l.opt_shard_size),
+                shape(&l.stages),
+            ]
+        })
+        .collect();
+    table(out, &["param", "dev_matrix", "tensor_map", "opt step/size", "stages"], &rows)?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{}: strategy, {} parameters, {} stage(s), {} devices per stage",
+        s.path.display(),
+        s.layouts.len(),
+        s.stages,
+        s.devices_per_stage
+    )?;
+    Ok(())
+}
+
+pub fn inspect(report: &Report, verbose: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match report {
+        Report::Checkpoint(f) => file(&mut out, f)?,
+        Report::Strategy(s) => strategy(&mut out, s)?,
+        Report::Tree { path, ranks } => {
+            if verbose {
+                for r in ranks {
+                    writeln!(out, "== rank {}", r.rank)?;
+                    file(&mut out, &r.file)?;
+                    writeln!(out)?;
+                }
+            }
+            let rows: Vec<Vec<String>> = ranks
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.rank.to_string(),
+                        r.file.path.display().to_string(),
+                        r.file.tensors.len().to_string(),
+                        human_bytes(r.file.total_bytes),
+                    ]
+                })
+                .collect();
+            table(&mut out, &["rank", "file", "entries", "bytes"], &rows)?;
+            let total: u64 = ranks.iter().map(|r| r.file.total_bytes).sum();
+            writeln!(out)?;
+            writeln!(out, "{}: {} ranks, {}", path.display(), ranks.len(), human_bytes(total))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! One module per user operation. Each takes an options struct, does the
+//! work through the library, and returns a report value; none prints.
+
+pub mod inspect;
+pub mod rewrite;

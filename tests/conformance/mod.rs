@@ -1,0 +1,4 @@
+//! Conformance tests against real MindSpore 2.10 (`RESHARD_MINDSPORE_PYTHON`).
+
+mod ckpt;
+mod strategy;

@@ -1,0 +1,5 @@
+//! The single integration-test binary (one link, fast CI).
+
+mod util;
+
+mod conformance;
