@@ -106,9 +106,7 @@ impl DType {
 
     /// Parses MindSpore's `tensor_type` string.
     pub fn from_mindspore_name(name: &str) -> Option<DType> {
-        DType::ALL
-            .into_iter()
-            .find(|d| d.mindspore_name() == name)
+        DType::ALL.into_iter().find(|d| d.mindspore_name() == name)
     }
 
     /// Whether MindSpore 2.10's `load_checkpoint` can read this dtype.

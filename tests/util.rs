@@ -14,7 +14,9 @@ pub fn mindspore_python() -> Option<PathBuf> {
             if std::env::var("RESHARD_REQUIRE_MINDSPORE").as_deref() == Ok("1") {
                 panic!("RESHARD_REQUIRE_MINDSPORE=1 but RESHARD_MINDSPORE_PYTHON is not set");
             }
-            eprintln!("skipped: set RESHARD_MINDSPORE_PYTHON to run conformance tests (ci/test.sh does)");
+            eprintln!(
+                "skipped: set RESHARD_MINDSPORE_PYTHON to run conformance tests (ci/test.sh does)"
+            );
             None
         }
     }

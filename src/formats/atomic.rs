@@ -105,7 +105,9 @@ mod tests {
 
     #[test]
     fn missing_directory_names_the_file() {
-        let err = AtomicFile::create("/nonexistent-dir-reshard/x.ckpt").err().unwrap();
+        let err = AtomicFile::create("/nonexistent-dir-reshard/x.ckpt")
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("nonexistent-dir-reshard"), "{err}");
     }
 }

@@ -113,7 +113,8 @@ impl SafetensorsFile {
     pub fn open(path: impl AsRef<Path>, verify_crc: bool) -> Result<SafetensorsFile> {
         let path = path.as_ref();
         let map = map_file(path)?;
-        let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| st_error(e).in_file(path))?;
+        let (header_len, meta) =
+            SafeTensors::read_metadata(&map).map_err(|e| st_error(e).in_file(path))?;
         let data_start = 8 + header_len;
         let mut entries = Vec::with_capacity(meta.tensors().len());
         for name in meta.offset_keys() {
@@ -179,7 +180,8 @@ impl SafetensorsFile {
     /// String entries stored by reshard (`str:` metadata keys), by name.
     pub fn strings(&self) -> impl Iterator<Item = (&str, &str)> {
         self.metadata.iter().filter_map(|(k, v)| {
-            k.strip_prefix(STRING_KEY_PREFIX).map(|name| (name, v.as_str()))
+            k.strip_prefix(STRING_KEY_PREFIX)
+                .map(|name| (name, v.as_str()))
         })
     }
 
@@ -189,12 +191,17 @@ impl SafetensorsFile {
             return Ok(());
         };
         let stored: u64 = stored.parse().map_err(|_| {
-            Error::invalid(format!("crc_num metadata {stored:?} is not a number")).in_file(&self.path)
+            Error::invalid(format!("crc_num metadata {stored:?} is not a number"))
+                .in_file(&self.path)
         })?;
         let mut sorted: Vec<&StEntry> = self.entries.iter().collect();
         sorted.sort_by(|a, b| a.name.cmp(&b.name));
-        let computed = mindspore_crc(sorted.iter().map(|e| (e.name.as_str(), e.dtype, e.shape.as_slice(), self.bytes(e))))
-            .in_file(&self.path)?;
+        let computed = mindspore_crc(
+            sorted
+                .iter()
+                .map(|e| (e.name.as_str(), e.dtype, e.shape.as_slice(), self.bytes(e))),
+        )
+        .in_file(&self.path)?;
         if u64::from(computed) != stored {
             return Err(Error::CrcMismatch { stored, computed }.in_file(&self.path));
         }
@@ -213,12 +220,20 @@ pub fn mindspore_crc<'a>(
         h.update(name.as_bytes());
         let is_int = matches!(
             dtype,
-            DType::U8 | DType::I8 | DType::U16 | DType::I16 | DType::U32 | DType::I32 | DType::U64 | DType::I64
+            DType::U8
+                | DType::I8
+                | DType::U16
+                | DType::I16
+                | DType::U32
+                | DType::I32
+                | DType::U64
+                | DType::I64
         );
         if shape.is_empty() && is_int {
             let value = int_scalar(dtype, bytes);
             let zeros = u64::try_from(value).map_err(|_| {
-                Error::invalid("MindSpore cannot compute a CRC over a negative 0-d integer").in_tensor(name)
+                Error::invalid("MindSpore cannot compute a CRC over a negative 0-d integer")
+                    .in_tensor(name)
             })?;
             let block = [0u8; 8192];
             let mut left = zeros;
@@ -291,7 +306,11 @@ pub struct StWriteOptions {
 /// Writes a safetensors file (to a sibling temporary, renamed on success).
 /// Layout is the safetensors crate's: descending dtype alignment, then name,
 /// exactly as MindSpore's `save_checkpoint(format="safetensors")`.
-pub fn write(path: impl AsRef<Path>, tensors: &[(String, TensorRef<'_>)], options: &StWriteOptions) -> Result<()> {
+pub fn write(
+    path: impl AsRef<Path>,
+    tensors: &[(String, TensorRef<'_>)],
+    options: &StWriteOptions,
+) -> Result<()> {
     let path = path.as_ref();
     let mut views = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
@@ -307,21 +326,38 @@ pub fn write(path: impl AsRef<Path>, tensors: &[(String, TensorRef<'_>)], option
             .in_file(path));
         }
         let dtype = to_st_dtype(t.dtype).map_err(|e| e.in_tensor(name).in_file(path))?;
-        views.push((name.clone(), StView { dtype, shape: t.shape.clone(), data: t.data }));
+        views.push((
+            name.clone(),
+            StView {
+                dtype,
+                shape: t.shape.clone(),
+                data: t.data,
+            },
+        ));
     }
-    let mut metadata: Option<HashMap<String, String>> =
-        options.metadata.as_ref().map(|m| m.clone().into_iter().collect());
+    let mut metadata: Option<HashMap<String, String>> = options
+        .metadata
+        .as_ref()
+        .map(|m| m.clone().into_iter().collect());
     if options.crc {
         let mut sorted: Vec<&(String, TensorRef)> = tensors.iter().collect();
         sorted.sort_by(|a, b| a.0.cmp(&b.0));
-        let crc = mindspore_crc(sorted.iter().map(|(n, t)| (n.as_str(), t.dtype, t.shape.as_slice(), t.data)))
-            .in_file(path)?;
-        metadata.get_or_insert_with(HashMap::new).insert("crc_num".into(), crc.to_string());
+        let crc = mindspore_crc(
+            sorted
+                .iter()
+                .map(|(n, t)| (n.as_str(), t.dtype, t.shape.as_slice(), t.data)),
+        )
+        .in_file(path)?;
+        metadata
+            .get_or_insert_with(HashMap::new)
+            .insert("crc_num".into(), crc.to_string());
     }
     let mut seen = std::collections::HashSet::new();
     for (name, _) in tensors {
         if !seen.insert(name.as_str()) {
-            return Err(Error::invalid("tensor written twice").in_tensor(name).in_file(path));
+            return Err(Error::invalid("tensor written twice")
+                .in_tensor(name)
+                .in_file(path));
         }
     }
     safetensors::serialize_to_file(views, metadata, path)
@@ -339,13 +375,35 @@ mod tests {
         let a = [1u8, 0, 0, 0, 2, 0, 0, 0];
         let step = 3i64.to_le_bytes();
         let tensors = vec![
-            ("w".to_string(), TensorRef { dtype: DType::I32, shape: vec![2], data: &a }),
-            ("epoch_num".to_string(), TensorRef { dtype: DType::I64, shape: vec![], data: &step }),
+            (
+                "w".to_string(),
+                TensorRef {
+                    dtype: DType::I32,
+                    shape: vec![2],
+                    data: &a,
+                },
+            ),
+            (
+                "epoch_num".to_string(),
+                TensorRef {
+                    dtype: DType::I64,
+                    shape: vec![],
+                    data: &step,
+                },
+            ),
         ];
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), "ms".to_string());
         meta.insert("str:note".to_string(), "hi".to_string());
-        write(&path, &tensors, &StWriteOptions { metadata: Some(meta), crc: true }).unwrap();
+        write(
+            &path,
+            &tensors,
+            &StWriteOptions {
+                metadata: Some(meta),
+                crc: true,
+            },
+        )
+        .unwrap();
         let f = SafetensorsFile::open(&path, true).unwrap();
         assert_eq!(f.bytes(f.get("w").unwrap()), &a);
         assert_eq!(f.get("epoch_num").unwrap().shape, Vec::<usize>::new());
@@ -364,15 +422,39 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.safetensors");
         std::fs::write(&path, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json").unwrap();
-        let err = SafetensorsFile::open(&path, false).err().unwrap().to_string();
-        assert!(err.contains("bad.safetensors") && err.contains("not a valid safetensors"), "{err}");
+        let err = SafetensorsFile::open(&path, false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("bad.safetensors") && err.contains("not a valid safetensors"),
+            "{err}"
+        );
 
         let a = [5u8; 4];
-        let tensors = vec![("w".to_string(), TensorRef { dtype: DType::F32, shape: vec![1], data: &a })];
+        let tensors = vec![(
+            "w".to_string(),
+            TensorRef {
+                dtype: DType::F32,
+                shape: vec![1],
+                data: &a,
+            },
+        )];
         let meta = BTreeMap::from([("crc_num".to_string(), "12345".to_string())]);
-        write(&path, &tensors, &StWriteOptions { metadata: Some(meta), crc: false }).unwrap();
+        write(
+            &path,
+            &tensors,
+            &StWriteOptions {
+                metadata: Some(meta),
+                crc: false,
+            },
+        )
+        .unwrap();
         let err = SafetensorsFile::open(&path, true).err().unwrap();
-        assert!(matches!(err.root(), Error::CrcMismatch { stored: 12345, .. }), "{err}");
+        assert!(
+            matches!(err.root(), Error::CrcMismatch { stored: 12345, .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -380,7 +462,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.safetensors");
         let a = [0u8; 3];
-        let tensors = vec![("w".to_string(), TensorRef { dtype: DType::F32, shape: vec![1], data: &a })];
+        let tensors = vec![(
+            "w".to_string(),
+            TensorRef {
+                dtype: DType::F32,
+                shape: vec![1],
+                data: &a,
+            },
+        )];
         assert!(write(&path, &tensors, &StWriteOptions::default()).is_err());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }

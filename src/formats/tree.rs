@@ -93,10 +93,14 @@ pub fn tree_checkpoints(dir: &Path) -> Result<(FileFormat, Vec<(usize, PathBuf)>
         (false, true) => (FileFormat::Ckpt, ckpt),
         (true, false) => (FileFormat::Safetensors, st),
         (true, true) => {
-            return Err(Error::invalid("rank directories hold no .ckpt or .safetensors file").in_file(dir))
+            return Err(
+                Error::invalid("rank directories hold no .ckpt or .safetensors file").in_file(dir),
+            )
         }
         (false, false) => {
-            return Err(Error::invalid("rank directories mix .ckpt and .safetensors files").in_file(dir))
+            return Err(
+                Error::invalid("rank directories mix .ckpt and .safetensors files").in_file(dir),
+            )
         }
     };
     if files.len() != ranks.len() {
@@ -130,7 +134,11 @@ mod tests {
         fs::write(dir.path().join("rank_0/a-1_10.ckpt"), b"").unwrap();
         fs::write(dir.path().join("rank_1/b.ckpt"), b"").unwrap();
         fs::write(dir.path().join("rank_10/b.ckpt"), b"").unwrap();
-        let ranks: Vec<usize> = rank_dirs(dir.path()).unwrap().into_iter().map(|r| r.0).collect();
+        let ranks: Vec<usize> = rank_dirs(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
         assert_eq!(ranks, vec![0, 1, 10]);
         // Lexicographic, not numeric: "a-1_2" sorts after "a-1_10".
         let (fmt, files) = tree_checkpoints(dir.path()).unwrap();

@@ -176,9 +176,17 @@ pub fn inspect(path: &Path, options: &InspectOptions) -> Result<Report> {
             let (_, files) = tree::tree_checkpoints(path)?;
             let ranks = files
                 .into_iter()
-                .map(|(rank, file)| Ok(RankReport { rank, file: inspect_checkpoint(&file, options)? }))
+                .map(|(rank, file)| {
+                    Ok(RankReport {
+                        rank,
+                        file: inspect_checkpoint(&file, options)?,
+                    })
+                })
                 .collect::<Result<_>>()?;
-            return Ok(Report::Tree { path: path.to_path_buf(), ranks });
+            return Ok(Report::Tree {
+                path: path.to_path_buf(),
+                ranks,
+            });
         }
         return Ok(Report::Strategy(inspect_strategy(path)?));
     }
@@ -222,7 +230,11 @@ pub fn inspect_checkpoint(path: &Path, options: &InspectOptions) -> Result<FileR
             format: "safetensors",
             encryption: None,
             crc,
-            metadata: f.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            metadata: f
+                .metadata()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             total_bytes: tensors.iter().map(|t| t.bytes).sum(),
             tensors,
         });
@@ -238,11 +250,19 @@ pub fn inspect_checkpoint(path: &Path, options: &InspectOptions) -> Result<FileR
     for e in ck.entries() {
         let (dtype, shape, value) = match &e.kind {
             EntryKind::Tensor(d) => (d.to_string(), e.dims.clone(), None),
-            EntryKind::Str => ("str".to_string(), e.dims.clone(), Some(ck.string_value(e).in_file(path)?)),
+            EntryKind::Str => (
+                "str".to_string(),
+                e.dims.clone(),
+                Some(ck.string_value(e).in_file(path)?),
+            ),
             EntryKind::MapTensor(parts) => (
                 format!(
                     "MapTensor({})",
-                    parts.iter().map(|p| p.type_name.as_str()).collect::<Vec<_>>().join(", ")
+                    parts
+                        .iter()
+                        .map(|p| p.type_name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
                 parts.first().map(|p| p.dims.clone()).unwrap_or_default(),
                 None,

@@ -1,5 +1,6 @@
 //! One module per user operation. Each takes an options struct, does the
 //! work through the library, and returns a report value; none prints.
 
+pub mod demo;
 pub mod inspect;
 pub mod rewrite;

@@ -11,8 +11,12 @@ use serde::Serialize;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result, ResultExt};
-use crate::formats::ckpt::{Checkpoint, CkptWriter, EncMode, EntryKind, ReadOptions, SplitMode, WriteOptions};
-use crate::formats::safetensors::{self as st, SafetensorsFile, StWriteOptions, TensorRef, STRING_KEY_PREFIX};
+use crate::formats::ckpt::{
+    Checkpoint, CkptWriter, EncMode, EntryKind, ReadOptions, SplitMode, WriteOptions,
+};
+use crate::formats::safetensors::{
+    self as st, SafetensorsFile, StWriteOptions, TensorRef, STRING_KEY_PREFIX,
+};
 use crate::formats::tree::FileFormat;
 use crate::ops::inspect::{detect, Detected};
 
@@ -47,10 +51,13 @@ enum Item<'a> {
 
 /// Copies `src` into `dst`.
 pub fn rewrite(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<RewriteReport> {
-    let out_format = FileFormat::of_path(dst).ok_or_else(|| {
-        Error::invalid("output must end in .ckpt or .safetensors").in_file(dst)
-    })?;
-    if src.canonicalize().ok().is_some_and(|s| Some(s) == dst.canonicalize().ok()) {
+    let out_format = FileFormat::of_path(dst)
+        .ok_or_else(|| Error::invalid("output must end in .ckpt or .safetensors").in_file(dst))?;
+    if src
+        .canonicalize()
+        .ok()
+        .is_some_and(|s| Some(s) == dst.canonicalize().ok())
+    {
         return Err(Error::invalid("output is the input file").in_file(dst));
     }
     if let Some(parent) = dst.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -69,9 +76,12 @@ pub fn rewrite(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<Rewri
                     EntryKind::Tensor(d) => Item::Tensor(*d, e.dims.clone(), ckpt.chunks(e)),
                     EntryKind::Str => Item::Str(ckpt.string_value(e).in_file(src)?),
                     EntryKind::MapTensor(_) => {
-                        return Err(Error::UnsupportedDtype { dtype: "MapTensor".into(), op: "rewrite" }
-                            .in_tensor(&e.name)
-                            .in_file(src))
+                        return Err(Error::UnsupportedDtype {
+                            dtype: "MapTensor".into(),
+                            op: "rewrite",
+                        }
+                        .in_tensor(&e.name)
+                        .in_file(src))
                     }
                 };
                 items.push((e.name.clone(), item));
@@ -81,7 +91,10 @@ pub fn rewrite(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<Rewri
             stf = SafetensorsFile::open(src, options.read.verify_crc)?;
             for e in stf.entries() {
                 let dims = e.shape.iter().map(|&d| d as i64).collect();
-                items.push((e.name.clone(), Item::Tensor(e.dtype, dims, vec![stf.bytes(e)])));
+                items.push((
+                    e.name.clone(),
+                    Item::Tensor(e.dtype, dims, vec![stf.bytes(e)]),
+                ));
             }
             for (name, value) in stf.strings() {
                 items.push((name.to_string(), Item::Str(value.to_string())));
@@ -109,11 +122,17 @@ pub fn rewrite(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<Rewri
         FileFormat::Ckpt => {
             let mut w = CkptWriter::create(
                 dst,
-                WriteOptions { crc: options.crc, encryption: options.encryption.clone(), split: options.split },
+                WriteOptions {
+                    crc: options.crc,
+                    encryption: options.encryption.clone(),
+                    split: options.split,
+                },
             )?;
             for (name, item) in &items {
                 match item {
-                    Item::Tensor(d, dims, chunks) => w.write_tensor_chunks(name, *d, dims, chunks)?,
+                    Item::Tensor(d, dims, chunks) => {
+                        w.write_tensor_chunks(name, *d, dims, chunks)?
+                    }
                     Item::Str(s) => w.write_string(name, s)?,
                 }
             }
@@ -123,7 +142,9 @@ pub fn rewrite(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<Rewri
             if options.encryption.is_some() {
                 return Err(Error::invalid("safetensors files cannot be encrypted").in_file(dst));
             }
-            metadata.entry("format".into()).or_insert_with(|| "ms".into());
+            metadata
+                .entry("format".into())
+                .or_insert_with(|| "ms".into());
             let mut joined = Vec::new();
             let mut tensors = Vec::new();
             for (name, item) in &items {
@@ -137,7 +158,14 @@ pub fn rewrite(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<Rewri
                                 &[]
                             }
                         };
-                        tensors.push((name.clone(), TensorRef { dtype: *d, shape, data }));
+                        tensors.push((
+                            name.clone(),
+                            TensorRef {
+                                dtype: *d,
+                                shape,
+                                data,
+                            },
+                        ));
                     }
                     Item::Str(s) => {
                         metadata.insert(format!("{STRING_KEY_PREFIX}{name}"), s.clone());
@@ -146,11 +174,25 @@ pub fn rewrite(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<Rewri
             }
             // Tensors stored in several records are joined once here.
             for (name, data) in &joined {
-                let t = tensors.iter_mut().find(|(n, _)| n == name).expect("joined tensor is listed");
+                let t = tensors
+                    .iter_mut()
+                    .find(|(n, _)| n == name)
+                    .expect("joined tensor is listed");
                 t.1.data = data;
             }
-            st::write(dst, &tensors, &StWriteOptions { metadata: Some(metadata), crc: options.crc })?;
+            st::write(
+                dst,
+                &tensors,
+                &StWriteOptions {
+                    metadata: Some(metadata),
+                    crc: options.crc,
+                },
+            )?;
         }
     }
-    Ok(RewriteReport { output: dst.to_path_buf(), entries: items.len(), bytes })
+    Ok(RewriteReport {
+        output: dst.to_path_buf(),
+        entries: items.len(),
+        bytes,
+    })
 }

@@ -20,20 +20,38 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Copy a checkpoint into a new file: .ckpt ⇄ .safetensors, add or drop CRC or encryption.
     Rewrite(RewriteArgs),
+    /// Run the formats round trip on built-in synthetic data (no network, no Python).
+    Demo(DemoArgs),
 }
 
-/// Reading encrypted or CRC-protected checkpoints.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Working directory (default: a new temporary directory, removed afterwards).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Size of the synthetic checkpoint in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub size_mib: usize,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Reading encrypted checkpoints. (Stored CRCs are always verified when
+/// tensors are read; `inspect` verifies them with --verify-crc.)
 #[derive(Debug, Args)]
 pub struct ReadArgs {
     /// Key of an encrypted .ckpt: `hex:…`, 32/48/64 hex digits, or the raw text.
     #[arg(long = "dec-key", alias = "dec_key", value_name = "KEY")]
     pub dec_key: Option<String>,
     /// Cipher of an encrypted .ckpt: AES-GCM (default), AES-CBC or SM4-CBC.
-    #[arg(long = "dec-mode", alias = "dec_mode", value_name = "MODE", default_value = "AES-GCM")]
+    #[arg(
+        long = "dec-mode",
+        alias = "dec_mode",
+        value_name = "MODE",
+        default_value = "AES-GCM"
+    )]
     pub dec_mode: String,
-    /// Verify CRCs stored in the files (reads every byte).
-    #[arg(long = "verify-crc", alias = "crc_check")]
-    pub verify_crc: bool,
 }
 
 #[derive(Debug, Args)]
@@ -42,6 +60,9 @@ pub struct InspectArgs {
     pub path: PathBuf,
     #[command(flatten)]
     pub read: ReadArgs,
+    /// Verify stored CRCs (reads every byte; inspect is index-only without it).
+    #[arg(long = "verify-crc", alias = "crc_check")]
+    pub verify_crc: bool,
     /// Print JSON for scripts instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -65,7 +86,12 @@ pub struct RewriteArgs {
     #[arg(long = "enc-key", alias = "enc_key", value_name = "KEY")]
     pub enc_key: Option<String>,
     /// Cipher for --enc-key: AES-GCM (default), AES-CBC or SM4-CBC.
-    #[arg(long = "enc-mode", alias = "enc_mode", value_name = "MODE", default_value = "AES-GCM")]
+    #[arg(
+        long = "enc-mode",
+        alias = "enc_mode",
+        value_name = "MODE",
+        default_value = "AES-GCM"
+    )]
     pub enc_mode: String,
     /// Cut tensors above 512 MiB along dim 0 like async_save, not in 512 MiB byte chunks.
     #[arg(long = "split-rows")]

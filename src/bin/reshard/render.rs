@@ -3,6 +3,7 @@
 use std::io::Write;
 
 use anyhow::Result;
+use reshard::ops::demo::DemoReport;
 use reshard::ops::inspect::{CrcState, FileReport, Report, StrategyReport};
 use serde::Serialize;
 
@@ -29,7 +30,13 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 fn shape(s: &[i64]) -> String {
-    format!("[{}]", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))
+    format!(
+        "[{}]",
+        s.iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }
 
 /// Prints rows with columns padded to their widest cell.
@@ -110,7 +117,17 @@ fn strategy(out: &mut impl Write, s: &StrategyReport) -> Result<()> {
             ]
         })
         .collect();
-    table(out, &["param", "dev_matrix", "tensor_map", "opt step/size", "stages"], &rows)?;
+    table(
+        out,
+        &[
+            "param",
+            "dev_matrix",
+            "tensor_map",
+            "opt step/size",
+            "stages",
+        ],
+        &rows,
+    )?;
     writeln!(out)?;
     writeln!(
         out,
@@ -150,8 +167,48 @@ pub fn inspect(report: &Report, verbose: bool) -> Result<()> {
             table(&mut out, &["rank", "file", "entries", "bytes"], &rows)?;
             let total: u64 = ranks.iter().map(|r| r.file.total_bytes).sum();
             writeln!(out)?;
-            writeln!(out, "{}: {} ranks, {}", path.display(), ranks.len(), human_bytes(total))?;
+            writeln!(
+                out,
+                "{}: {} ranks, {}",
+                path.display(),
+                ranks.len(),
+                human_bytes(total)
+            )?;
         }
     }
+    Ok(())
+}
+
+pub fn demo(report: &DemoReport) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let rows: Vec<Vec<String>> = report
+        .steps
+        .iter()
+        .map(|s| {
+            vec![
+                s.step.clone(),
+                human_bytes(s.bytes),
+                format!("{:.3} s", s.seconds),
+                format!("{:.0} MB/s", s.bytes as f64 / 1e6 / s.seconds.max(1e-9)),
+                if s.verified {
+                    "bit-exact".into()
+                } else {
+                    String::new()
+                },
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        &["step", "bytes", "time", "throughput", "check"],
+        &rows,
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "demo: {} tensors in {}; every check passed",
+        report.tensors,
+        report.dir.display()
+    )?;
     Ok(())
 }

@@ -73,7 +73,11 @@ impl EncMode {
             Err(Error::invalid(format!(
                 "a {} key must be {} bytes, got {}",
                 self.name(),
-                if self == EncMode::Sm4Cbc { "16" } else { "16, 24 or 32" },
+                if self == EncMode::Sm4Cbc {
+                    "16"
+                } else {
+                    "16, 24 or 32"
+                },
                 key.len()
             )))
         }
@@ -123,7 +127,10 @@ pub fn decrypt(buf: &[u8], key: &[u8], mode: EncMode) -> Result<Vec<u8>> {
         };
         let mut take = |n: usize, what: &str| -> Result<&[u8]> {
             let s = buf.get(pos..pos + n).ok_or_else(|| {
-                fail(format!("truncated: {what} needs {n} bytes, {} remain", buf.len() - pos))
+                fail(format!(
+                    "truncated: {what} needs {n} bytes, {} remain",
+                    buf.len() - pos
+                ))
             })?;
             pos += n;
             Ok(s)
@@ -164,7 +171,11 @@ pub fn decrypt(buf: &[u8], key: &[u8], mode: EncMode) -> Result<Vec<u8>> {
                         .map_err(|e| e.to_string())
                 }),
         }
-        .map_err(|reason| fail(format!("{reason} (wrong key, wrong mode, or a tampered block)")))?;
+        .map_err(|reason| {
+            fail(format!(
+                "{reason} (wrong key, wrong mode, or a tampered block)"
+            ))
+        })?;
         out.extend_from_slice(&plain);
         block += 1;
     }
@@ -222,7 +233,12 @@ macro_rules! by_aes_key {
     };
 }
 
-fn gcm_decrypt(key: &[u8], iv: &[u8], tag: &[u8], cipher: &[u8]) -> std::result::Result<Vec<u8>, String> {
+fn gcm_decrypt(
+    key: &[u8],
+    iv: &[u8],
+    tag: &[u8],
+    cipher: &[u8],
+) -> std::result::Result<Vec<u8>, String> {
     // MindSpore 2.10: 12-byte nonce (first 12 IV bytes); older: 16-byte IV.
     let try_nonce = |n: usize| -> Option<Vec<u8>> {
         let mut buf = cipher.to_vec();
@@ -256,18 +272,23 @@ fn cbc_decrypt_aes(key: &[u8], iv: &[u8], cipher: &[u8]) -> std::result::Result<
 }
 
 fn cbc_encrypt_aes(key: &[u8], iv: &[u8], plain: &[u8]) -> Result<Vec<u8>> {
-    Ok(by_aes_key!(key, K => cbc::Encryptor::<K>::new_from_slices(key, iv)
+    Ok(
+        by_aes_key!(key, K => cbc::Encryptor::<K>::new_from_slices(key, iv)
         .map_err(|e| Error::invalid(e.to_string()))?
-        .encrypt_padded_vec_mut::<cipher::block_padding::Pkcs7>(plain)))
+        .encrypt_padded_vec_mut::<cipher::block_padding::Pkcs7>(plain)),
+    )
 }
 
 /// Parses a key given on the command line: `hex:…`, `base64:`-less plain
 /// hex of 32/48/64 digits, or the raw bytes of the string otherwise.
 pub fn parse_key(text: &str) -> Result<Vec<u8>> {
     let hex = text.strip_prefix("hex:").unwrap_or(text);
-    let is_hex = hex.len() % 2 == 0 && !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit());
+    let is_hex =
+        hex.len() % 2 == 0 && !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit());
     if text.starts_with("hex:") && !is_hex {
-        return Err(Error::invalid("key after 'hex:' is not an even number of hex digits"));
+        return Err(Error::invalid(
+            "key after 'hex:' is not an even number of hex digits",
+        ));
     }
     if is_hex && (text.starts_with("hex:") || matches!(hex.len(), 32 | 48 | 64)) {
         return Ok((0..hex.len())
@@ -343,7 +364,10 @@ mod tests {
     #[test]
     fn keys_parse_from_hex_or_text() {
         assert_eq!(parse_key("hex:0aff").unwrap(), vec![0x0a, 0xff]);
-        assert_eq!(parse_key("0123456789abcdef").unwrap(), b"0123456789abcdef".to_vec());
+        assert_eq!(
+            parse_key("0123456789abcdef").unwrap(),
+            b"0123456789abcdef".to_vec()
+        );
         assert_eq!(parse_key(&"ab".repeat(16)).unwrap(), vec![0xab; 16]);
         assert!(parse_key("hex:xyz").is_err());
     }

@@ -167,7 +167,8 @@ fn index_records(buf: &[u8], end: usize) -> Result<CkptIndex> {
         record += 1;
     }
     for entry in &mut entries {
-        finish_entry(entry).map_err(|e| e.in_record(entry.first_record, Some(entry.name.clone())))?;
+        finish_entry(entry)
+            .map_err(|e| e.in_record(entry.first_record, Some(entry.name.clone())))?;
     }
     Ok(CkptIndex {
         entries,
@@ -219,7 +220,10 @@ fn parse_value(buf: &[u8], range: Range<usize>) -> Result<(String, ValueRec)> {
     }
     let tag = tag.ok_or_else(|| malformed(range.start, "record has no tag (required)".into()))?;
     let value = value.ok_or_else(|| {
-        malformed(range.start, format!("record {tag:?} has neither tensor nor maptensor"))
+        malformed(
+            range.start,
+            format!("record {tag:?} has neither tensor nor maptensor"),
+        )
     })?;
     Ok((tag, value))
 }
@@ -251,15 +255,26 @@ fn parse_tensor(buf: &[u8], range: Range<usize>) -> Result<TensorRec> {
             }
             (3, LEN) => content = Some(r.len_delimited("tensor_content")?),
             (1..=3, _) => {
-                return Err(malformed(at, format!("TensorProto field {field} has wire type {wire}")));
+                return Err(malformed(
+                    at,
+                    format!("TensorProto field {field} has wire type {wire}"),
+                ));
             }
             _ => r.skip(wire)?,
         }
     }
-    let type_name = type_name
-        .ok_or_else(|| malformed(range.start, "TensorProto has no tensor_type (required)".into()))?;
-    let content = content
-        .ok_or_else(|| malformed(range.start, "TensorProto has no tensor_content (required)".into()))?;
+    let type_name = type_name.ok_or_else(|| {
+        malformed(
+            range.start,
+            "TensorProto has no tensor_type (required)".into(),
+        )
+    })?;
+    let content = content.ok_or_else(|| {
+        malformed(
+            range.start,
+            "TensorProto has no tensor_content (required)".into(),
+        )
+    })?;
     Ok(TensorRec {
         dims,
         type_name,
@@ -278,7 +293,12 @@ fn parse_map(buf: &[u8], range: Range<usize>) -> Result<Vec<TensorRec>> {
                 let t = r.len_delimited("maptensor.tensor")?;
                 parts.push(parse_tensor(buf, t)?);
             }
-            (1, _) => return Err(malformed(at, format!("MapTensorProto field 1 has wire type {wire}"))),
+            (1, _) => {
+                return Err(malformed(
+                    at,
+                    format!("MapTensorProto field 1 has wire type {wire}"),
+                ))
+            }
             _ => r.skip(wire)?,
         }
     }
@@ -314,8 +334,7 @@ fn add_record(
                         part.chunks.push(rec.content);
                     }
                 }
-                (EntryKind::MapTensor(_), ValueRec::Tensor(_))
-                | (_, ValueRec::Map(_)) => {
+                (EntryKind::MapTensor(_), ValueRec::Tensor(_)) | (_, ValueRec::Map(_)) => {
                     return Err((
                         Error::invalid("tensor and map-tensor records share one name".to_string()),
                         name,
@@ -423,7 +442,9 @@ pub fn decode_string(bytes: &[u8]) -> Result<String> {
     for (i, unit) in bytes.chunks_exact(4).enumerate() {
         let cp = u32::from_le_bytes([unit[0], unit[1], unit[2], unit[3]]);
         let c = char::from_u32(cp).ok_or_else(|| {
-            Error::invalid(format!("string code unit {i} is not a Unicode scalar value ({cp:#x})"))
+            Error::invalid(format!(
+                "string code unit {i} is not a Unicode scalar value ({cp:#x})"
+            ))
         })?;
         s.push(c);
     }
@@ -431,4 +452,140 @@ pub fn decode_string(bytes: &[u8]) -> Result<String> {
         s.pop();
     }
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::ckpt::{Checkpoint, CkptWriter, WriteOptions};
+    use proptest::prelude::*;
+
+    fn arb_entry() -> impl Strategy<Value = (String, DType, Vec<i64>)> {
+        (
+            "[a-z][a-z0-9_.]{0,12}",
+            proptest::sample::select(DType::ALL.to_vec()),
+            proptest::collection::vec(0i64..5, 0..4),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever the writer writes, the index reads back exactly.
+        #[test]
+        fn writer_then_index_round_trips(
+            entries in proptest::collection::vec(arb_entry(), 0..8),
+            crc in any::<bool>(),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("p.ckpt");
+            let mut w = CkptWriter::create(&path, WriteOptions { crc, ..Default::default() }).unwrap();
+            let mut written = Vec::new();
+            for (i, (name, dtype, dims)) in entries.iter().enumerate() {
+                let name = format!("{name}{i}");
+                let n = element_count(dims).unwrap() as usize * dtype.size();
+                let data: Vec<u8> = (0..n).map(|b| (b * 7 + i) as u8).collect();
+                w.write_tensor(&name, *dtype, dims, &data).unwrap();
+                // Empty tensors produce no record, as in MindSpore.
+                if n > 0 {
+                    written.push((name, *dtype, dims.clone(), data));
+                }
+            }
+            w.finish().unwrap();
+            let ck = Checkpoint::open(&path, &Default::default()).unwrap();
+            prop_assert_eq!(ck.has_crc(), crc);
+            prop_assert_eq!(ck.entries().len(), written.len());
+            for (e, (name, dtype, dims, data)) in ck.entries().iter().zip(&written) {
+                prop_assert_eq!(&e.name, name);
+                prop_assert_eq!(e.dtype(), Some(*dtype));
+                prop_assert_eq!(&e.dims, dims);
+                let got = ck.tensor_bytes(e);
+                prop_assert_eq!(got.as_ref(), data.as_slice());
+            }
+        }
+
+        /// Arbitrary bytes give an index or an error, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = CkptIndex::parse(&bytes);
+        }
+
+        /// Mutating one byte of a valid file never panics either.
+        #[test]
+        fn mutated_file_never_panics(pos in 0usize..200, value in any::<u8>()) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("m.ckpt");
+            let mut w = CkptWriter::create(&path, WriteOptions::default()).unwrap();
+            w.write_tensor("layer.weight", DType::F16, &[3, 4], &[7u8; 24]).unwrap();
+            w.write_string("note", "hi").unwrap();
+            w.write_tensor("step", DType::I64, &[], &[1u8; 8]).unwrap();
+            w.finish().unwrap();
+            let mut bytes = std::fs::read(&path).unwrap();
+            let at = pos % bytes.len();
+            bytes[at] = value;
+            let _ = Checkpoint::from_bytes(bytes, true);
+        }
+    }
+
+    #[test]
+    fn split_records_join_and_take_last_dims() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.ckpt");
+        let mut w = CkptWriter::create(&path, WriteOptions::default()).unwrap();
+        w.write_tensor("t", DType::U8, &[4], &[1, 2, 3, 4]).unwrap();
+        w.finish().unwrap();
+        let one = std::fs::read(&path).unwrap();
+        // Hand-build the same tensor as two records of two bytes each.
+        let rec = |content: &[u8]| {
+            let mut tp = vec![0x08, 4, 0x12, 5];
+            tp.extend_from_slice(b"UInt8");
+            tp.push(0x1a);
+            tp.push(content.len() as u8);
+            tp.extend_from_slice(content);
+            let mut v = vec![0x0a, 1, b't', 0x12, tp.len() as u8];
+            v.extend(tp);
+            let mut r = vec![0x0a, v.len() as u8];
+            r.extend(v);
+            r
+        };
+        let two = [rec(&[1, 2]), rec(&[3, 4])].concat();
+        let ck = Checkpoint::from_bytes(two, true).unwrap();
+        let e = &ck.entries()[0];
+        assert_eq!(
+            (e.records, ck.tensor_bytes(e).as_ref()),
+            (2, &[1u8, 2, 3, 4][..])
+        );
+        assert_eq!(
+            Checkpoint::from_bytes(one, true).unwrap().entries()[0].records,
+            1
+        );
+    }
+
+    #[test]
+    fn crc_trailer_is_detected() {
+        let mut buf = vec![];
+        buf.extend_from_slice(b"crc_num");
+        buf.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0x12, 0x34, 0x56, 0x78]);
+        assert_eq!(split_crc_trailer(&buf), Some(0x1234_5678));
+        assert_eq!(split_crc_trailer(&buf[1..]), None);
+        let index = CkptIndex::parse(&buf).unwrap();
+        assert!(index.entries.is_empty());
+        assert!(matches!(
+            index.verify_crc(&buf),
+            Err(Error::CrcMismatch {
+                stored: 0x1234_5678,
+                computed: 0
+            })
+        ));
+    }
+
+    #[test]
+    fn strings_decode_utf32_and_strip_nuls() {
+        let bytes: Vec<u8> = "héllo\0\0"
+            .chars()
+            .flat_map(|c| (c as u32).to_le_bytes())
+            .collect();
+        assert_eq!(decode_string(&bytes).unwrap(), "héllo");
+        assert!(decode_string(&[0, 0xd8, 0, 0]).is_err());
+    }
 }

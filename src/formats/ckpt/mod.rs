@@ -25,12 +25,23 @@ pub use writer::{CkptWriter, SplitMode, WriteOptions};
 use crate::error::{Error, Result, ResultExt};
 
 /// How to open a checkpoint.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ReadOptions {
     /// Decryption key and mode, for encrypted files.
     pub decryption: Option<(Vec<u8>, EncMode)>,
-    /// Verify the CRC trailer when there is one (reads every byte).
+    /// Verify the CRC trailer when there is one (reads every byte). On by
+    /// default: a damaged file must not be resharded silently. `inspect`
+    /// turns it off to stay index-only.
     pub verify_crc: bool,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        ReadOptions {
+            decryption: None,
+            verify_crc: true,
+        }
+    }
 }
 
 /// The bytes behind a checkpoint: a read-only map of the file, or the
@@ -86,8 +97,10 @@ impl Checkpoint {
             }
             None => {
                 if options.decryption.is_some() {
-                    return Err(Error::invalid("a decryption key was given but the file is not encrypted")
-                        .in_file(path));
+                    return Err(Error::invalid(
+                        "a decryption key was given but the file is not encrypted",
+                    )
+                    .in_file(path));
                 }
                 (Backing::Mapped(map), None)
             }
@@ -150,14 +163,23 @@ impl Checkpoint {
 
     /// The content chunks of `entry`, borrowed from the file.
     pub fn chunks<'a>(&'a self, entry: &CkptEntry) -> Vec<&'a [u8]> {
-        entry.chunks.iter().map(|r| &self.bytes[r.clone()]).collect()
+        entry
+            .chunks
+            .iter()
+            .map(|r| &self.bytes[r.clone()])
+            .collect()
     }
 
     /// The content of `entry`: borrowed when it is one record, joined otherwise.
     pub fn tensor_bytes(&self, entry: &CkptEntry) -> Cow<'_, [u8]> {
         match entry.chunks.as_slice() {
             [one] => Cow::Borrowed(&self.bytes[one.clone()]),
-            many => Cow::Owned(many.iter().flat_map(|r| &self.bytes[r.clone()]).copied().collect()),
+            many => Cow::Owned(
+                many.iter()
+                    .flat_map(|r| &self.bytes[r.clone()])
+                    .copied()
+                    .collect(),
+            ),
         }
     }
 
@@ -174,9 +196,12 @@ impl Checkpoint {
     pub fn copy_into(&self, writer: &mut CkptWriter) -> Result<()> {
         for entry in self.entries() {
             match &entry.kind {
-                EntryKind::Tensor(dtype) => {
-                    writer.write_tensor_chunks(&entry.name, *dtype, &entry.dims, &self.chunks(entry))?
-                }
+                EntryKind::Tensor(dtype) => writer.write_tensor_chunks(
+                    &entry.name,
+                    *dtype,
+                    &entry.dims,
+                    &self.chunks(entry),
+                )?,
                 EntryKind::Str => writer.write_string(&entry.name, &self.string_value(entry)?)?,
                 EntryKind::MapTensor(_) => {
                     return Err(Error::UnsupportedDtype {

@@ -49,14 +49,20 @@ impl<'a> Reader<'a> {
             };
             self.pos += 1;
             if i == 9 && byte > 1 {
-                return Err(malformed(start, format!("{what}: varint longer than 64 bits")));
+                return Err(malformed(
+                    start,
+                    format!("{what}: varint longer than 64 bits"),
+                ));
             }
             value |= u64::from(byte & 0x7f) << (7 * i);
             if byte & 0x80 == 0 {
                 return Ok(value);
             }
         }
-        Err(malformed(start, format!("{what}: varint longer than 10 bytes")))
+        Err(malformed(
+            start,
+            format!("{what}: varint longer than 10 bytes"),
+        ))
     }
 
     /// Reads a field key, returning (field number, wire type).
@@ -145,7 +151,16 @@ mod tests {
 
     #[test]
     fn varint_round_trip_and_length() {
-        for v in [0u64, 1, 127, 128, 300, u32::MAX as u64, u64::MAX, (-1i64) as u64] {
+        for v in [
+            0u64,
+            1,
+            127,
+            128,
+            300,
+            u32::MAX as u64,
+            u64::MAX,
+            (-1i64) as u64,
+        ] {
             let mut out = Vec::new();
             put_varint(&mut out, v);
             assert_eq!(out.len(), varint_len(v), "{v}");
@@ -159,7 +174,10 @@ mod tests {
     fn truncated_varint_is_an_error() {
         let buf = [0x80u8, 0x80];
         let err = Reader::new(&buf, 0, 2).varint("dims").unwrap_err();
-        assert!(matches!(err, Error::Truncated { what: "dims", .. }), "{err}");
+        assert!(
+            matches!(err, Error::Truncated { what: "dims", .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -172,9 +190,18 @@ mod tests {
     #[test]
     fn length_past_end_is_truncated() {
         let buf = [0x05u8, 1, 2];
-        let err = Reader::new(&buf, 0, 3).len_delimited("content").unwrap_err();
+        let err = Reader::new(&buf, 0, 3)
+            .len_delimited("content")
+            .unwrap_err();
         assert!(
-            matches!(err, Error::Truncated { needed: 5, available: 2, .. }),
+            matches!(
+                err,
+                Error::Truncated {
+                    needed: 5,
+                    available: 2,
+                    ..
+                }
+            ),
             "{err}"
         );
     }

@@ -147,7 +147,12 @@ impl CkptWriter {
         tensor_head.push(0x1a);
         put_varint(&mut tensor_head, content_len as u64);
         let tensor_len = tensor_head.len() + content_len;
-        let value_len = 1 + varint_len(name.len() as u64) + name.len() + 1 + varint_len(tensor_len as u64) + tensor_len;
+        let value_len = 1
+            + varint_len(name.len() as u64)
+            + name.len()
+            + 1
+            + varint_len(tensor_len as u64)
+            + tensor_len;
 
         let mut head = Vec::with_capacity(tensor_head.len() + name.len() + 24);
         head.push(0x0a);
@@ -166,14 +171,26 @@ impl CkptWriter {
     }
 
     /// Writes a tensor whose bytes are `data` (C order, little-endian).
-    pub fn write_tensor(&mut self, name: &str, dtype: DType, dims: &[i64], data: &[u8]) -> Result<()> {
+    pub fn write_tensor(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        dims: &[i64],
+        data: &[u8],
+    ) -> Result<()> {
         self.write_tensor_chunks(name, dtype, dims, &[data])
     }
 
     /// Writes a tensor whose bytes are the concatenation of `chunks` (for
     /// example the records of a split source tensor), re-cut the way
     /// MindSpore cuts them.
-    pub fn write_tensor_chunks(&mut self, name: &str, dtype: DType, dims: &[i64], chunks: &[&[u8]]) -> Result<()> {
+    pub fn write_tensor_chunks(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        dims: &[i64],
+        chunks: &[&[u8]],
+    ) -> Result<()> {
         let nbytes: usize = chunks.iter().map(|c| c.len()).sum();
         let expected = element_count(dims)
             .and_then(|n| n.checked_mul(dtype.size() as u64))
@@ -211,7 +228,10 @@ impl CkptWriter {
     /// type `str`, content UTF-32LE with the width of the string (at least 1).
     pub fn write_string(&mut self, name: &str, value: &str) -> Result<()> {
         self.check_name(name)?;
-        let mut content: Vec<u8> = value.chars().flat_map(|c| (c as u32).to_le_bytes()).collect();
+        let mut content: Vec<u8> = value
+            .chars()
+            .flat_map(|c| (c as u32).to_le_bytes())
+            .collect();
         if content.is_empty() {
             content.extend_from_slice(&[0; 4]);
         }
@@ -249,7 +269,12 @@ impl CkptWriter {
     }
 }
 
-fn flush_block(file: &mut AtomicFile, key: &[u8], mode: EncMode, pending: &mut Vec<u8>) -> Result<()> {
+fn flush_block(
+    file: &mut AtomicFile,
+    key: &[u8],
+    mode: EncMode,
+    pending: &mut Vec<u8>,
+) -> Result<()> {
     let mut iv = [0u8; 16];
     rand::thread_rng().fill_bytes(&mut iv);
     let block = crypt::encrypt_block(pending, key, mode, &iv)?;
@@ -323,7 +348,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.ckpt");
         let mut w = CkptWriter::create(&path, WriteOptions::default()).unwrap();
-        w.write_tensor("w", DType::F32, &[2, 3], &[0u8; 24]).unwrap();
+        w.write_tensor("w", DType::F32, &[2, 3], &[0u8; 24])
+            .unwrap();
         w.finish().unwrap();
         let bytes = std::fs::read(&path).unwrap();
         let head = b"\x0a\x2c\x0a\x01w\x12\x27\x08\x02\x08\x03\x12\x07Float32\x1a\x18";
@@ -336,7 +362,10 @@ mod tests {
         assert_eq!(byte_split(0), Vec::<usize>::new());
         assert_eq!(byte_split(SLICE_BYTES + 4000), vec![SLICE_BYTES, 4000]);
         // [16777341, 8] f32 → 268437472 + 268437440 bytes (verified in MindSpore).
-        assert_eq!(row_split(16777341 * 32, &[16777341, 8]), vec![268437472, 268437440]);
+        assert_eq!(
+            row_split(16777341 * 32, &[16777341, 8]),
+            vec![268437472, 268437440]
+        );
         assert_eq!(row_split(1000, &[10, 25]), vec![1000]);
     }
 
@@ -355,10 +384,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.ckpt");
         let mut w = CkptWriter::create(&path, WriteOptions::default()).unwrap();
-        let err = w.write_tensor("t", DType::F32, &[2], &[0u8; 4]).unwrap_err();
+        let err = w
+            .write_tensor("t", DType::F32, &[2], &[0u8; 4])
+            .unwrap_err();
         assert!(err.to_string().contains("needs 8"), "{err}");
         w.write_tensor("t", DType::F32, &[1], &[0u8; 4]).unwrap();
-        let err = w.write_tensor("t", DType::F32, &[1], &[0u8; 4]).unwrap_err();
+        let err = w
+            .write_tensor("t", DType::F32, &[1], &[0u8; 4])
+            .unwrap_err();
         assert!(err.to_string().contains("written twice"), "{err}");
         drop(w);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);

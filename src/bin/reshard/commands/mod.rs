@@ -4,13 +4,14 @@ use anyhow::Result;
 use reshard::formats::ckpt::{crypt, ReadOptions, SplitMode};
 use reshard::ops;
 
-use crate::args::{Cli, Command, InspectArgs, ReadArgs, RewriteArgs};
+use crate::args::{Cli, Command, DemoArgs, InspectArgs, ReadArgs, RewriteArgs};
 use crate::render;
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect(a) => inspect(a),
         Command::Rewrite(a) => rewrite(a),
+        Command::Demo(a) => demo(a),
     }
 }
 
@@ -25,7 +26,7 @@ fn key_and_mode(key: &Option<String>, mode: &str) -> Result<Option<(Vec<u8>, cry
 fn read_options(a: &ReadArgs) -> Result<ReadOptions> {
     Ok(ReadOptions {
         decryption: key_and_mode(&a.dec_key, &a.dec_mode)?,
-        verify_crc: a.verify_crc,
+        ..ReadOptions::default()
     })
 }
 
@@ -33,7 +34,10 @@ fn inspect(a: InspectArgs) -> Result<()> {
     let read = read_options(&a.read)?;
     let report = ops::inspect::inspect(
         &a.path,
-        &ops::inspect::InspectOptions { decryption: read.decryption, verify_crc: read.verify_crc },
+        &ops::inspect::InspectOptions {
+            decryption: read.decryption,
+            verify_crc: a.verify_crc,
+        },
     )?;
     if a.json {
         render::json(&report)
@@ -47,7 +51,11 @@ fn rewrite(a: RewriteArgs) -> Result<()> {
         read: read_options(&a.read)?,
         crc: a.crc,
         encryption: key_and_mode(&a.enc_key, &a.enc_mode)?,
-        split: if a.split_rows { SplitMode::Rows } else { SplitMode::Bytes },
+        split: if a.split_rows {
+            SplitMode::Rows
+        } else {
+            SplitMode::Bytes
+        },
     };
     let report = ops::rewrite::rewrite(&a.src, &a.dst, &options)?;
     if a.json {
@@ -61,4 +69,23 @@ fn rewrite(a: RewriteArgs) -> Result<()> {
         );
         Ok(())
     }
+}
+
+fn demo(a: DemoArgs) -> Result<()> {
+    let temp;
+    let dir = match &a.dir {
+        Some(d) => d.clone(),
+        None => {
+            temp = tempfile::Builder::new().prefix("reshard-demo-").tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let report = ops::demo::demo(&ops::demo::DemoOptions {
+        dir,
+        size_mib: a.size_mib,
+    })?;
+    if a.json {
+        return render::json(&report);
+    }
+    render::demo(&report)
 }

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The full test suite: formatting and lint, unit tests, integration tests,
+# and the conformance tests against real MindSpore 2.10 (installed into a
+# local venv by ci/mindspore-venv.sh when missing). Plain `cargo test` runs
+# everything except the MindSpore comparisons.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if cargo fmt --version >/dev/null 2>&1; then
+  cargo fmt --all -- --check
+else
+  echo "ci: rustfmt not installed, skipping format check" >&2
+fi
+if cargo clippy --version >/dev/null 2>&1; then
+  cargo clippy --workspace --all-targets -- -D warnings
+  cargo clippy --workspace --all-targets --features ascend -- -D warnings
+else
+  echo "ci: clippy not installed, skipping lint" >&2
+fi
+
+python=$(ci/mindspore-venv.sh)
+export RESHARD_MINDSPORE_PYTHON=$python
+# A conformance test that cannot find MindSpore fails instead of skipping.
+export RESHARD_REQUIRE_MINDSPORE=1
+# The machine has few cores: one test thread at a time keeps the >512 MiB
+# fixtures from being generated concurrently with everything else.
+cargo test --workspace -- --test-threads="${RESHARD_TEST_THREADS:-2}"
+# The benches must keep compiling.
+cargo bench --no-run --quiet
