@@ -33,7 +33,16 @@ fn describe_ckpt(ck: &Checkpoint) -> Vec<Value> {
                 json!({"name": e.name, "kind": "tensor", "dtype": d.to_string(), "shape": shape,
                        "nbytes": bytes.len(), "crc32": crc32fast::hash(&bytes)})
             }
-            EntryKind::MapTensor(_) => panic!("no map tensors in these fixtures"),
+            EntryKind::MapTensor(parts) => {
+                let parts: Vec<Value> = parts
+                    .iter()
+                    .map(|p| {
+                        let bytes: Vec<u8> = p.chunks.iter().flat_map(|r| ck.bytes()[r.clone()].to_vec()).collect();
+                        json!({"dtype": p.type_name, "shape": p.dims, "crc32": crc32fast::hash(&bytes)})
+                    })
+                    .collect();
+                json!({"name": e.name, "kind": "map", "parts": parts})
+            }
         })
         .collect()
 }
@@ -149,6 +158,10 @@ fn ckpt_and_safetensors_match_mindspore() {
     };
     let g = generate(&python, false);
     assert_reader_agrees(&g);
+    // Map tensors are reported, never dropped: rewriting one is refused.
+    let err = rewrite(&g.path("maptensor.ckpt"), &g.path("x.ckpt"), &RewriteOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("\"embedding.map\"") && err.to_string().contains("MapTensor"), "{err}");
+    assert!(!g.path("x.ckpt").exists());
 
     for name in [
         "dtypes.ckpt",

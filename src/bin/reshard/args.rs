@@ -41,7 +41,7 @@ pub struct DemoArgs {
 /// tensors are read; `inspect` verifies them with --verify-crc.)
 #[derive(Debug, Args)]
 pub struct ReadArgs {
-    /// Key of an encrypted .ckpt: `hex:…`, 32/48/64 hex digits, or the raw text.
+    /// Key of an encrypted .ckpt: its text (as MindSpore's enc_key bytes), or `hex:<digits>`.
     #[arg(long = "dec-key", alias = "dec_key", value_name = "KEY")]
     pub dec_key: Option<String>,
     /// Cipher of an encrypted .ckpt: AES-GCM (default), AES-CBC or SM4-CBC.

@@ -279,24 +279,21 @@ fn cbc_encrypt_aes(key: &[u8], iv: &[u8], plain: &[u8]) -> Result<Vec<u8>> {
     )
 }
 
-/// Parses a key given on the command line: `hex:…`, `base64:`-less plain
-/// hex of 32/48/64 digits, or the raw bytes of the string otherwise.
+/// Parses a key given on the command line: `hex:<digits>` for bytes in
+/// hex, otherwise the UTF-8 bytes of the text itself (MindSpore's `enc_key`
+/// is usually a text key such as `b"0123456789abcdef"`). Hex is never
+/// guessed: a text key made of hex digits must stay text.
 pub fn parse_key(text: &str) -> Result<Vec<u8>> {
-    let hex = text.strip_prefix("hex:").unwrap_or(text);
-    let is_hex =
-        hex.len() % 2 == 0 && !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit());
-    if text.starts_with("hex:") && !is_hex {
-        return Err(Error::invalid(
-            "key after 'hex:' is not an even number of hex digits",
-        ));
+    let Some(hex) = text.strip_prefix("hex:") else {
+        return Ok(text.as_bytes().to_vec());
+    };
+    if hex.is_empty() || hex.len() % 2 != 0 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::invalid("key after 'hex:' is not an even number of hex digits"));
     }
-    if is_hex && (text.starts_with("hex:") || matches!(hex.len(), 32 | 48 | 64)) {
-        return Ok((0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-            .collect());
-    }
-    Ok(text.as_bytes().to_vec())
+    Ok((0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("checked hex digits"))
+        .collect())
 }
 
 #[cfg(test)]
@@ -368,7 +365,8 @@ mod tests {
             parse_key("0123456789abcdef").unwrap(),
             b"0123456789abcdef".to_vec()
         );
-        assert_eq!(parse_key(&"ab".repeat(16)).unwrap(), vec![0xab; 16]);
+        assert_eq!(parse_key(&"ab".repeat(16)).unwrap(), "ab".repeat(16).into_bytes());
+        assert_eq!(parse_key(&format!("hex:{}", "ab".repeat(16))).unwrap(), vec![0xab; 16]);
         assert!(parse_key("hex:xyz").is_err());
     }
 }

@@ -161,6 +161,11 @@ impl Checkpoint {
         self.index.crc_trailer.is_some()
     }
 
+    /// The whole plaintext record stream (for map-tensor parts and tools).
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
     /// The content chunks of `entry`, borrowed from the file.
     pub fn chunks<'a>(&'a self, entry: &CkptEntry) -> Vec<&'a [u8]> {
         entry

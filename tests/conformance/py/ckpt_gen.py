@@ -9,6 +9,7 @@ Files (all written by mindspore.save_checkpoint 2.10):
   dtypes.safetensors   save_checkpoint(format="safetensors")
   crc.safetensors      the same without bf16, crc_check=True
   converted/dtypes.safetensors   ms.ckpt_to_safetensors(tensors.ckpt)
+  maptensor.ckpt       MapParameter records (two slices) as _write_mapparameter writes them, then a tensor
   tensors.ckpt         dtypes.ckpt without string entries (the safetensors path has no strings)
   big.ckpt             (--big) one float32 tensor of 512 MiB + 4000 B: two records
   big_async.ckpt       (--big) a [16777341, 8] float32 array, async_save: dim-0 split
@@ -72,6 +73,8 @@ def main():
     record("dtypes.ckpt", {})
     ms.save_checkpoint(params, os.path.join(out, "crc.ckpt"), append_dict=dict(APPEND), crc_check=True)
     record("crc.ckpt", {"crc": True}, crc_check=True)
+    write_map_tensor(os.path.join(out, "maptensor.ckpt"), params)
+    record("maptensor.ckpt", {})
     ms.save_checkpoint(params, os.path.join(out, "tensors.ckpt"),
                        append_dict={"epoch_num": 3, "loss_scale": 1024.0})
     record("tensors.ckpt", {})
@@ -97,6 +100,36 @@ def main():
 
     dump(manifest, os.path.join(out, "manifest.json"))
     print("ok")
+
+
+def write_map_tensor(path, params):
+    """MapParameter needs a device build to construct, so its records are
+    written with MindSpore's own protobuf classes, field for field as
+    serialization._write_mapparameter does (one record per exported slice)."""
+    from mindspore.train.checkpoint_pb2 import Checkpoint
+
+    def slice_record(name, arrays):
+        ckpt = Checkpoint()
+        value = ckpt.value.add()
+        value.tag = name
+        for arr in arrays:
+            t = value.maptensor.tensor.add()
+            t.dims.extend(arr.shape)
+            t.tensor_type = str(arr.dtype)
+            t.tensor_content = arr.reshape(-1).tobytes()
+        return ckpt.SerializeToString()
+
+    tail = path + ".tail.ckpt"
+    ms.save_checkpoint(params[:2], tail)
+    with open(path, "wb") as f:
+        f.write(slice_record("embedding.map", [np.array([1, 5], np.int32), np.ones((2, 3), np.float32),
+                                               np.zeros(2, np.int32)]))
+        f.write(slice_record("embedding.map", [np.array([7], np.int32), np.full((1, 3), 2, np.float32),
+                                               np.zeros(1, np.int32)]))
+        with open(tail, "rb") as t:
+            f.write(t.read())
+    os.chmod(tail, 0o600)
+    os.remove(tail)
 
 
 def write_big(out, params, record):

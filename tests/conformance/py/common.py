@@ -14,6 +14,9 @@ def describe(value):
     """What MindSpore loaded for one entry, in a form the Rust side compares."""
     if isinstance(value, str):
         return {"kind": "str", "value": value}
+    if isinstance(value, list):  # a MapParameter: keys, values, status
+        return {"kind": "map", "parts": [
+            {"dtype": str(a.dtype), "shape": list(a.shape), "crc32": zlib.crc32(a.tobytes())} for a in value]}
     arr = value.asnumpy()
     raw = arr.tobytes()
     return {
