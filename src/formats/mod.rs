@@ -6,3 +6,4 @@ pub mod ckpt;
 pub mod safetensors;
 pub mod strategy;
 pub mod tree;
+mod wire;

@@ -159,8 +159,16 @@ fn ckpt_and_safetensors_match_mindspore() {
     let g = generate(&python, false);
     assert_reader_agrees(&g);
     // Map tensors are reported, never dropped: rewriting one is refused.
-    let err = rewrite(&g.path("maptensor.ckpt"), &g.path("x.ckpt"), &RewriteOptions::default()).unwrap_err();
-    assert!(err.to_string().contains("\"embedding.map\"") && err.to_string().contains("MapTensor"), "{err}");
+    let err = rewrite(
+        &g.path("maptensor.ckpt"),
+        &g.path("x.ckpt"),
+        &RewriteOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("\"embedding.map\"") && err.to_string().contains("MapTensor"),
+        "{err}"
+    );
     assert!(!g.path("x.ckpt").exists());
 
     for name in [

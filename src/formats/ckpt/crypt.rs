@@ -288,7 +288,9 @@ pub fn parse_key(text: &str) -> Result<Vec<u8>> {
         return Ok(text.as_bytes().to_vec());
     };
     if hex.is_empty() || hex.len() % 2 != 0 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(Error::invalid("key after 'hex:' is not an even number of hex digits"));
+        return Err(Error::invalid(
+            "key after 'hex:' is not an even number of hex digits",
+        ));
     }
     Ok((0..hex.len())
         .step_by(2)
@@ -365,8 +367,14 @@ mod tests {
             parse_key("0123456789abcdef").unwrap(),
             b"0123456789abcdef".to_vec()
         );
-        assert_eq!(parse_key(&"ab".repeat(16)).unwrap(), "ab".repeat(16).into_bytes());
-        assert_eq!(parse_key(&format!("hex:{}", "ab".repeat(16))).unwrap(), vec![0xab; 16]);
+        assert_eq!(
+            parse_key(&"ab".repeat(16)).unwrap(),
+            "ab".repeat(16).into_bytes()
+        );
+        assert_eq!(
+            parse_key(&format!("hex:{}", "ab".repeat(16))).unwrap(),
+            vec![0xab; 16]
+        );
         assert!(parse_key("hex:xyz").is_err());
     }
 }

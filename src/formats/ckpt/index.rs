@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
-use super::wire::{malformed, Reader, LEN, VARINT};
 use crate::dtype::{element_count, DType};
 use crate::error::{Error, Result};
+use crate::formats::wire::{malformed, Reader, LEN, VARINT};
 
 /// The 17-byte CRC trailer: `b"crc_num"` then a 10-byte big-endian CRC32.
 pub const CRC_MAGIC: &[u8; 7] = b"crc_num";

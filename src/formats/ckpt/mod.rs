@@ -9,7 +9,6 @@
 
 pub mod crypt;
 pub mod index;
-mod wire;
 pub mod writer;
 
 use std::borrow::Cow;

@@ -11,10 +11,10 @@ use rand::RngCore;
 
 use super::crypt::{self, EncMode, ENCRYPT_BLOCK_SIZE};
 use super::index::CRC_MAGIC;
-use super::wire::{put_varint, varint_len};
 use crate::dtype::{element_count, DType};
 use crate::error::{Error, Result};
 use crate::formats::atomic::AtomicFile;
+use crate::formats::wire::{put_varint, varint_len};
 
 /// MindSpore's `SLICE_SIZE`: tensors are cut into records of at most 512 MiB.
 pub const SLICE_BYTES: usize = 512 * 1024 * 1024;

@@ -358,16 +358,7 @@ fn parse_python_uint(s: &str) -> Option<u32> {
 mod tests {
     use super::*;
 
-    fn item(name: &str, dev: &[u32], map: &[i32]) -> LayoutItem {
-        LayoutItem {
-            param_name: name.into(),
-            dev_matrix: vec![dev.to_vec()],
-            tensor_map: vec![map.to_vec()],
-            param_split_shape: vec![vec![]],
-            indices_offset: vec![vec![]],
-            ..LayoutItem::default()
-        }
-    }
+    use crate::formats::strategy::tests::item;
 
     fn strategy(items: Vec<LayoutItem>) -> Strategy {
         Strategy {

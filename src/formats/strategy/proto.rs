@@ -16,6 +16,7 @@
 use prost::Message;
 
 use crate::error::{Error, Result};
+use crate::formats::wire::{Reader, I32 as FIXED32, I64 as FIXED64, LEN, VARINT};
 
 /// One strategy of one operator input (`dim` per tensor dimension).
 #[derive(Clone, PartialEq, prost::Message)]
@@ -160,12 +161,6 @@ pub struct ParallelStrategyMap {
     pub parallel_layout_item: Vec<ParallelLayoutItem>,
 }
 
-/// Protobuf wire types.
-const VARINT: u8 = 0;
-const FIXED64: u8 = 1;
-const LEN: u8 = 2;
-const FIXED32: u8 = 5;
-
 /// What a known field of a message must look like on the wire.
 pub(crate) struct FieldSpec {
     /// Field number.
@@ -232,32 +227,16 @@ fn wire_type_name(wire_type: u8) -> &'static str {
     }
 }
 
-/// Reads a varint at `*pos`, advancing it.
-fn read_varint(bytes: &[u8], pos: &mut usize, what: &'static str) -> Result<u64> {
-    let start = *pos;
-    let mut value = 0u64;
-    for i in 0..10 {
-        let Some(&b) = bytes.get(start + i) else {
-            return Err(Error::Truncated {
-                what,
-                offset: start as u64,
-                needed: i as u64 + 1,
-                available: (bytes.len() - start) as u64,
-            });
-        };
-        if i == 9 && b > 1 {
-            break;
-        }
-        value |= u64::from(b & 0x7f) << (7 * i);
-        if b & 0x80 == 0 {
-            *pos = start + i + 1;
-            return Ok(value);
-        }
+/// Prefixes the reason of a wire-level error, so the user learns that the
+/// file is not a strategy rather than only that a varint is bad.
+fn not_a_strategy(e: Error) -> Error {
+    match e {
+        Error::Malformed { offset, reason } => Error::Malformed {
+            offset,
+            reason: format!("not a strategy file: {reason}"),
+        },
+        other => other,
     }
-    Err(Error::Malformed {
-        offset: start as u64,
-        reason: format!("not a strategy file: {what} is a varint longer than 10 bytes"),
-    })
 }
 
 /// Walks the top-level fields of a message, checking that every known field
@@ -265,19 +244,19 @@ fn read_varint(bytes: &[u8], pos: &mut usize, what: &'static str) -> Result<u64>
 /// fields are skipped, as protobuf runtimes do. Returns the fields found.
 pub(crate) fn scan_fields(bytes: &[u8], known: &[FieldSpec]) -> Result<Vec<RawField>> {
     let mut fields = Vec::new();
-    let mut pos = 0usize;
-    while pos < bytes.len() {
-        let offset = pos;
-        let key = read_varint(bytes, &mut pos, "field key")?;
-        let number = key >> 3;
-        let wire_type = (key & 7) as u8;
-        if number == 0 || number > u64::from(u32::MAX >> 3) {
-            return Err(Error::Malformed {
-                offset: offset as u64,
-                reason: format!("not a strategy file: invalid field number {number}"),
-            });
-        }
-        let number = number as u32;
+    let mut reader = Reader::new(bytes, 0, bytes.len());
+    while !reader.at_end() {
+        let offset = reader.pos();
+        let (number, wire_type) = reader.key().map_err(not_a_strategy)?;
+        let number = match u32::try_from(number) {
+            Ok(n) if n <= u32::MAX >> 3 => n,
+            _ => {
+                return Err(Error::Malformed {
+                    offset: offset as u64,
+                    reason: format!("not a strategy file: invalid field number {number}"),
+                })
+            }
+        };
         if let Some(spec) = known.iter().find(|s| s.number == number) {
             if spec.wire_type != wire_type {
                 return Err(Error::Malformed {
@@ -291,36 +270,13 @@ pub(crate) fn scan_fields(bytes: &[u8], known: &[FieldSpec]) -> Result<Vec<RawFi
                 });
             }
         }
-        let mut payload = pos..pos;
-        match wire_type {
-            VARINT => {
-                read_varint(bytes, &mut pos, "varint field")?;
-            }
-            FIXED64 | FIXED32 => {
-                let size = if wire_type == FIXED64 { 8 } else { 4 };
-                if bytes.len() - pos < size {
-                    return Err(Error::Truncated {
-                        what: "fixed-size field",
-                        offset: pos as u64,
-                        needed: size as u64,
-                        available: (bytes.len() - pos) as u64,
-                    });
-                }
-                pos += size;
-            }
-            LEN => {
-                let len = read_varint(bytes, &mut pos, "field length")?;
-                let available = (bytes.len() - pos) as u64;
-                if len > available {
-                    return Err(Error::Truncated {
-                        what: "length-delimited field",
-                        offset: offset as u64,
-                        needed: len,
-                        available,
-                    });
-                }
-                payload = pos..pos + len as usize;
-                pos = payload.end;
+        let payload = match wire_type {
+            LEN => reader
+                .len_delimited("length-delimited field")
+                .map_err(not_a_strategy)?,
+            VARINT | FIXED64 | FIXED32 => {
+                reader.skip(wire_type).map_err(not_a_strategy)?;
+                reader.pos()..reader.pos()
             }
             _ => {
                 // Groups are long deprecated and never appear in strategy files.
@@ -333,7 +289,7 @@ pub(crate) fn scan_fields(bytes: &[u8], known: &[FieldSpec]) -> Result<Vec<RawFi
                     ),
                 });
             }
-        }
+        };
         fields.push(RawField {
             number,
             offset,
@@ -457,7 +413,7 @@ mod tests {
             matches!(
                 err,
                 Error::Truncated {
-                    offset: 2,
+                    offset: 3,
                     needed: 5,
                     available: 1,
                     ..

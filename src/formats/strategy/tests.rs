@@ -7,7 +7,8 @@ use proptest::prelude::{any, prop, prop_assert_eq, proptest, Strategy as PropStr
 
 use super::*;
 
-fn item(name: &str, dev: &[u32], map: &[i32]) -> LayoutItem {
+/// A layout item as MindSpore writes one (one dev matrix, one flat map).
+pub(super) fn item(name: &str, dev: &[u32], map: &[i32]) -> LayoutItem {
     LayoutItem {
         param_name: name.into(),
         dev_matrix: vec![dev.to_vec()],

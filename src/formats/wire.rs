@@ -1,5 +1,6 @@
 //! Protobuf wire primitives over a borrowed buffer, with offsets kept for
-//! error messages. Only what `checkpoint.proto` needs.
+//! error messages: the one varint/length reader that the `.ckpt` index and
+//! the strategy-file checks share.
 
 use crate::error::{Error, Result};
 
