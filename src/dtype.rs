@@ -166,3 +166,9 @@ mod tests {
         assert_eq!(element_count(&[i64::MAX, i64::MAX]), None);
     }
 }
+
+impl serde::Serialize for DType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.mindspore_name())
+    }
+}

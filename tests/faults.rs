@@ -307,3 +307,31 @@ fn rewrite_refuses_to_overwrite_its_input_and_bad_extensions() {
     assert!(!ok && stderr.contains(".ckpt or .safetensors"), "{stderr}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
+
+#[test]
+fn strategy_that_is_not_a_strategy() {
+    let dir = tempdir();
+    // Starts like a strategy map (field 1 varint) but field 2 holds garbage.
+    let bad = dir.path().join("ckpt_strategy_rank_0.ckpt");
+    std::fs::write(&bad, [0x08, 0x01, 0x12, 0x03, 0xff, 0xff, 0xff]).unwrap();
+    let (ok, _, stderr) = cli(&["inspect", bad.to_str().unwrap()]);
+    assert!(
+        !ok && stderr.contains("ckpt_strategy_rank_0.ckpt")
+            && stderr.contains("not a strategy file"),
+        "{stderr}"
+    );
+    // A checkpoint handed where a strategy is expected.
+    let ckpt = valid_ckpt(dir.path(), WriteOptions::default());
+    let err = reshard::formats::strategy::load(&ckpt)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("good.ckpt") && err.contains("not a strategy file"),
+        "{err}"
+    );
+    // A directory with no strategy files.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let (ok, _, stderr) = cli(&["inspect", empty.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("empty"), "{stderr}");
+}

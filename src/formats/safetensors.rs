@@ -474,3 +474,188 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }
+
+/// Writes a safetensors file tensor by tensor, so memory stays bounded by
+/// one tensor. The header is computed first, from names, dtypes and shapes,
+/// with the safetensors crate's own `Metadata` serialisation, so the bytes
+/// equal what [`write`] (and Python's `save_file`) produce.
+pub struct StreamWriter {
+    file: crate::formats::atomic::AtomicFile,
+    order: Vec<(String, usize)>,
+    next: usize,
+}
+
+impl StreamWriter {
+    /// Starts `path` for these tensors; write them in [`StreamWriter::order`].
+    pub fn create(
+        path: impl AsRef<Path>,
+        tensors: &[(String, DType, Vec<usize>)],
+        metadata: Option<BTreeMap<String, String>>,
+    ) -> Result<StreamWriter> {
+        let path = path.as_ref();
+        let mut sorted = Vec::with_capacity(tensors.len());
+        for (name, dtype, shape) in tensors {
+            let st = to_st_dtype(*dtype).map_err(|e| e.in_tensor(name).in_file(path))?;
+            sorted.push((
+                name.clone(),
+                st,
+                shape.clone(),
+                shape.iter().product::<usize>() * dtype.size(),
+            ));
+        }
+        // The crate's order: descending dtype alignment, then name.
+        sorted.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut offset = 0usize;
+        let mut infos = Vec::with_capacity(sorted.len());
+        for (name, dtype, shape, len) in &sorted {
+            infos.push((
+                name.clone(),
+                TensorInfo {
+                    dtype: *dtype,
+                    shape: shape.clone(),
+                    data_offsets: (offset, offset + len),
+                },
+            ));
+            offset += len;
+        }
+        let meta =
+            safetensors::tensor::Metadata::new(metadata.map(|m| m.into_iter().collect()), infos)
+                .map_err(|e| st_error(e).in_file(path))?;
+        let mut header = serde_json::to_string(&meta)
+            .map_err(|e| Error::invalid(format!("cannot serialise the header: {e}")).in_file(path))?
+            .into_bytes();
+        header.resize(header.len().next_multiple_of(8), b' ');
+        let mut file = crate::formats::atomic::AtomicFile::create(path)?;
+        file.write_all(&(header.len() as u64).to_le_bytes())?;
+        file.write_all(&header)?;
+        Ok(StreamWriter {
+            file,
+            order: sorted.into_iter().map(|t| (t.0, t.3)).collect(),
+            next: 0,
+        })
+    }
+
+    /// Names in the order they must be written.
+    pub fn order(&self) -> impl Iterator<Item = &str> {
+        self.order.iter().map(|(n, _)| n.as_str())
+    }
+
+    /// Writes the next tensor's bytes (the concatenation of `chunks`).
+    pub fn write(&mut self, name: &str, chunks: &[&[u8]]) -> Result<()> {
+        let path = self.file.path().to_path_buf();
+        let Some((want, len)) = self.order.get(self.next) else {
+            return Err(Error::invalid("more tensors than announced")
+                .in_tensor(name)
+                .in_file(&path));
+        };
+        if want != name {
+            return Err(
+                Error::invalid(format!("written out of order (expected {want:?})"))
+                    .in_tensor(name)
+                    .in_file(&path),
+            );
+        }
+        let got: usize = chunks.iter().map(|c| c.len()).sum();
+        if got != *len {
+            return Err(
+                Error::invalid(format!("{got} bytes given, {len} announced"))
+                    .in_tensor(name)
+                    .in_file(&path),
+            );
+        }
+        for c in chunks {
+            self.file.write_all(c)?;
+        }
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Renames the file into place once every tensor is written.
+    pub fn finish(self) -> Result<()> {
+        if self.next != self.order.len() {
+            return Err(Error::invalid(format!(
+                "only {} of {} tensors written",
+                self.next,
+                self.order.len()
+            ))
+            .in_file(self.file.path()));
+        }
+        self.file.commit()
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+
+    #[test]
+    fn stream_writer_matches_the_crate_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = ([1u8; 8], [2u8; 4], [3u8; 2]);
+        let tensors = vec![
+            (
+                "z.f16".to_string(),
+                TensorRef {
+                    dtype: DType::F16,
+                    shape: vec![1],
+                    data: &c,
+                },
+            ),
+            (
+                "a.i32".to_string(),
+                TensorRef {
+                    dtype: DType::I32,
+                    shape: vec![1],
+                    data: &b,
+                },
+            ),
+            (
+                "m.f64".to_string(),
+                TensorRef {
+                    dtype: DType::F64,
+                    shape: vec![1],
+                    data: &a,
+                },
+            ),
+        ];
+        let meta = BTreeMap::from([("format".to_string(), "ms".to_string())]);
+        let one = dir.path().join("one.safetensors");
+        write(
+            &one,
+            &tensors,
+            &StWriteOptions {
+                metadata: Some(meta.clone()),
+                crc: false,
+            },
+        )
+        .unwrap();
+        let two = dir.path().join("two.safetensors");
+        let spec: Vec<_> = tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.dtype, t.shape.clone()))
+            .collect();
+        let mut w = StreamWriter::create(&two, &spec, Some(meta)).unwrap();
+        let order: Vec<String> = w.order().map(str::to_owned).collect();
+        assert_eq!(order, ["m.f64", "a.i32", "z.f16"]);
+        for name in &order {
+            let t = &tensors.iter().find(|(n, _)| n == name).unwrap().1;
+            w.write(name, &[t.data]).unwrap();
+        }
+        w.finish().unwrap();
+        assert_eq!(std::fs::read(one).unwrap(), std::fs::read(two).unwrap());
+    }
+
+    #[test]
+    fn unfinished_or_out_of_order_writes_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = vec![
+            ("a".to_string(), DType::U8, vec![2]),
+            ("b".to_string(), DType::U8, vec![1]),
+        ];
+        let mut w = StreamWriter::create(dir.path().join("x.safetensors"), &spec, None).unwrap();
+        assert!(w.write("b", &[&[1]]).is_err());
+        w.write("a", &[&[1, 2]]).unwrap();
+        assert!(w.finish().is_err());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}

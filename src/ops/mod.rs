@@ -4,3 +4,5 @@
 pub mod demo;
 pub mod inspect;
 pub mod rewrite;
+pub mod strategy_gen;
+pub mod transform;

@@ -2,3 +2,4 @@
 
 mod ckpt;
 mod strategy;
+mod transform;

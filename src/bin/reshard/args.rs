@@ -20,8 +20,108 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Copy a checkpoint into a new file: .ckpt ⇄ .safetensors, add or drop CRC or encryption.
     Rewrite(RewriteArgs),
+    /// Reshard a checkpoint between strategies (full → N, N → M, N → full), like mindspore.transform_checkpoints.
+    Transform(TransformArgs),
+    /// Write per-rank strategy files for a checkpoint and a dp/mp/pp/optimizer-shard setting.
+    Strategy(StrategyArgs),
     /// Run the formats round trip on built-in synthetic data (no network, no Python).
     Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Rules: dev_matrix [dp, mp]; wq/wk/wv/w1/w3 [0,-1], wo/w2 [-1,0], norms replicated, \
+embedding and lm_head per --vocab-emb-dp; adam_m/adam_v/accu_grads follow their parameter; \
+layers split evenly over --pp stages (embedding in the first, head in the last)."
+)]
+pub struct StrategyArgs {
+    /// A full checkpoint (.ckpt or .safetensors) whose parameters to cover.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Output directory for ckpt_strategy_rank_{r}.ckpt (and merged_ckpt_strategy.ckpt when --pp > 1).
+    #[arg(long = "output-dir", short = 'o')]
+    pub output_dir: PathBuf,
+    /// Data parallel size.
+    #[arg(long, default_value_t = 1)]
+    pub dp: u32,
+    /// Model parallel size.
+    #[arg(long, default_value_t = 1)]
+    pub mp: u32,
+    /// Pipeline stages.
+    #[arg(long, default_value_t = 1)]
+    pub pp: u32,
+    /// Optimizer weight sharding: 0 off, -1 over all data-parallel ranks, or a group size.
+    #[arg(long = "opt-shard", default_value_t = 0, allow_hyphen_values = true)]
+    pub opt_shard: i32,
+    /// Keep the embedding and lm_head replicated (true, MindFormers' default) or split them by vocabulary.
+    #[arg(long = "vocab-emb-dp", default_value_t = true, action = clap::ArgAction::Set)]
+    pub vocab_emb_dp: bool,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Output: DST/rank_{r}/{prefix}{r}.ckpt, byte-identical to mindspore.transform_checkpoints.\n\
+mindformers' spellings (--src_checkpoint, --dst_checkpoint_dir, --src_strategy, --dst_strategy, --rank_id, \
+--world_size, --transform_process_num) are accepted."
+)]
+pub struct TransformArgs {
+    /// A full .ckpt/.safetensors file, or a directory of rank_x/ folders (the last *.ckpt of each is used).
+    #[arg(long = "src-checkpoint", alias = "src_checkpoint", value_name = "PATH")]
+    pub src_checkpoint: PathBuf,
+    /// Output directory.
+    #[arg(
+        long = "dst-checkpoint-dir",
+        alias = "dst_checkpoint_dir",
+        value_name = "DIR"
+    )]
+    pub dst_checkpoint_dir: PathBuf,
+    /// Source strategy: a file, a merged file, or a directory of per-rank files. Omit for a full checkpoint.
+    #[arg(long = "src-strategy", alias = "src_strategy", value_name = "PATH")]
+    pub src_strategy: Option<PathBuf>,
+    /// Destination strategy, same forms. Omit to merge into one full checkpoint.
+    #[arg(long = "dst-strategy", alias = "dst_strategy", value_name = "PATH")]
+    pub dst_strategy: Option<PathBuf>,
+    /// Output file name prefix.
+    #[arg(long, default_value = "checkpoint_")]
+    pub prefix: String,
+    /// Only these destination ranks (comma-separated), like transform_checkpoint_by_rank.
+    #[arg(
+        long = "rank-id",
+        alias = "rank_id",
+        value_delimiter = ',',
+        value_name = "R[,R..]"
+    )]
+    pub rank_id: Option<Vec<usize>>,
+    /// Number of destination ranks expected (checked against the destination strategy).
+    #[arg(long = "world-size", alias = "world_size", value_name = "N")]
+    pub world_size: Option<usize>,
+    /// Destination files written concurrently.
+    #[arg(
+        long = "process-num",
+        alias = "transform_process_num",
+        short = 'j',
+        default_value_t = 1,
+        value_name = "K"
+    )]
+    pub process_num: usize,
+    /// Output format (default: the source's).
+    #[arg(
+        long = "output-format",
+        alias = "output_format",
+        value_name = "ckpt|safetensors"
+    )]
+    pub output_format: Option<String>,
+    /// Print the plan (files per rank, bytes, largest tensor, peak memory) and write nothing.
+    #[arg(long = "dry-run")]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub read: ReadArgs,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -5,6 +5,7 @@ use std::io::Write;
 use anyhow::Result;
 use reshard::ops::demo::DemoReport;
 use reshard::ops::inspect::{CrcState, FileReport, Report, StrategyReport};
+use reshard::ops::transform::TransformReport;
 use serde::Serialize;
 
 pub fn json<T: Serialize>(value: &T) -> Result<()> {
@@ -210,5 +211,61 @@ pub fn demo(report: &DemoReport) -> Result<()> {
         report.tensors,
         report.dir.display()
     )?;
+    Ok(())
+}
+
+pub fn transform(report: &TransformReport) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let p = &report.plan;
+    let rows: Vec<Vec<String>> = p
+        .files
+        .iter()
+        .map(|f| {
+            let secs = report
+                .executed
+                .as_ref()
+                .and_then(|e| e.files.iter().find(|w| w.rank == f.rank))
+                .map(|w| format!("{:.3} s", w.seconds))
+                .unwrap_or_default();
+            vec![
+                f.rank.to_string(),
+                f.path.display().to_string(),
+                format!("{:?}", f.source_ranks),
+                human_bytes(f.bytes_read),
+                human_bytes(f.bytes_written),
+                secs,
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        &["rank", "output", "source ranks", "read", "written", "time"],
+        &rows,
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "largest tensor {} ({}); predicted peak memory {}",
+        p.largest_tensor.0,
+        human_bytes(p.largest_tensor.1),
+        human_bytes(p.predicted_peak_bytes)
+    )?;
+    match &report.executed {
+        None => writeln!(
+            out,
+            "dry run: {} files, {} to read, {} to write; nothing written",
+            p.files.len(),
+            human_bytes(p.bytes_read),
+            human_bytes(p.bytes_written)
+        )?,
+        Some(e) => writeln!(
+            out,
+            "wrote {} files, {} in {:.3} s ({:.0} MB/s)",
+            e.files.len(),
+            human_bytes(e.bytes_written),
+            e.seconds,
+            e.bytes_written as f64 / 1e6 / e.seconds.max(1e-9)
+        )?,
+    }
     Ok(())
 }

@@ -4,13 +4,17 @@ use anyhow::Result;
 use reshard::formats::ckpt::{crypt, ReadOptions, SplitMode};
 use reshard::ops;
 
-use crate::args::{Cli, Command, DemoArgs, InspectArgs, ReadArgs, RewriteArgs};
+use crate::args::{
+    Cli, Command, DemoArgs, InspectArgs, ReadArgs, RewriteArgs, StrategyArgs, TransformArgs,
+};
 use crate::render;
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect(a) => inspect(a),
         Command::Rewrite(a) => rewrite(a),
+        Command::Transform(a) => transform(a),
+        Command::Strategy(a) => strategy(a),
         Command::Demo(a) => demo(a),
     }
 }
@@ -88,4 +92,62 @@ fn demo(a: DemoArgs) -> Result<()> {
         return render::json(&report);
     }
     render::demo(&report)
+}
+
+fn transform(a: TransformArgs) -> Result<()> {
+    let output_format = match a.output_format.as_deref() {
+        None => None,
+        Some("ckpt") => Some(reshard::formats::tree::FileFormat::Ckpt),
+        Some("safetensors") => Some(reshard::formats::tree::FileFormat::Safetensors),
+        Some(other) => anyhow::bail!("--output-format must be ckpt or safetensors, not {other:?}"),
+    };
+    let options = ops::transform::TransformOptions {
+        src_checkpoint: a.src_checkpoint,
+        dst_dir: a.dst_checkpoint_dir,
+        src_strategy: a.src_strategy,
+        dst_strategy: a.dst_strategy,
+        prefix: a.prefix,
+        ranks: a.rank_id,
+        world_size: a.world_size,
+        workers: a.process_num.max(1),
+        output_format,
+        dry_run: a.dry_run,
+        read: read_options(&a.read)?,
+    };
+    let report = ops::transform::transform(&options)?;
+    if a.json {
+        return render::json(&report);
+    }
+    render::transform(&report)
+}
+
+fn strategy(a: StrategyArgs) -> Result<()> {
+    let report = ops::strategy_gen::write_strategies(&ops::strategy_gen::StrategyOptions {
+        checkpoint: a.checkpoint,
+        out_dir: a.output_dir,
+        dp: a.dp,
+        mp: a.mp,
+        pp: a.pp,
+        opt_shard: a.opt_shard,
+        vocab_emb_dp: a.vocab_emb_dp,
+    })?;
+    if a.json {
+        return render::json(&report);
+    }
+    eprintln!(
+        "wrote {} strategy files ({} parameters per stage){}",
+        report.files.len(),
+        report
+            .params_per_stage
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join("/"),
+        report
+            .merged
+            .as_ref()
+            .map(|m| format!(" and {}", m.display()))
+            .unwrap_or_default()
+    );
+    Ok(())
 }

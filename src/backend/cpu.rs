@@ -1,0 +1,332 @@
+//! The CPU backend: host vectors, copies run to completion on the calling
+//! thread, and large copies are split across scoped threads.
+
+use super::cast::{cast_slice, supported};
+use super::{Backend, BoxCopy, Src};
+use crate::error::{Error, Result};
+
+/// Copies above this many bytes are split across threads.
+const PARALLEL_BYTES: u64 = 8 << 20;
+
+/// The default backend: multi-threaded, correct for every dtype.
+#[derive(Debug, Clone)]
+pub struct CpuBackend {
+    threads: usize,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        CpuBackend::new(
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        )
+    }
+}
+
+impl CpuBackend {
+    /// A backend that uses up to `threads` threads for one large copy.
+    pub fn new(threads: usize) -> CpuBackend {
+        CpuBackend {
+            threads: threads.max(1),
+        }
+    }
+}
+
+/// A copy reduced to a list of contiguous runs: `outer` index space, strides
+/// (in elements) of each outer dim on both sides, and the run length.
+struct Runs {
+    outer_extent: Vec<u64>,
+    src_strides: Vec<u64>,
+    dst_strides: Vec<u64>,
+    src_base: u64,
+    dst_base: u64,
+    run: u64,
+}
+
+fn strides(shape: &[u64]) -> Vec<u64> {
+    let mut s = vec![1u64; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        s[d] = s[d + 1] * shape[d + 1];
+    }
+    s
+}
+
+impl Runs {
+    /// Folds trailing dimensions that are whole on both sides into one run,
+    /// so a copy of whole rows is one `memcpy` per row block.
+    fn new(c: &BoxCopy) -> Runs {
+        let n = c.extent.len();
+        let (ss, ds) = (strides(&c.src_shape), strides(&c.dst_shape));
+        let src_base = (0..n).map(|d| c.src_offset[d] * ss[d]).sum();
+        let dst_base = (0..n).map(|d| c.dst_offset[d] * ds[d]).sum();
+        let mut first = n; // first dim of the run
+        let mut run = 1u64;
+        while first > 0 {
+            let d = first - 1;
+            run *= c.extent[d];
+            first = d;
+            let whole = c.extent[d] == c.src_shape[d] && c.extent[d] == c.dst_shape[d];
+            if !whole {
+                break;
+            }
+        }
+        Runs {
+            outer_extent: c.extent[..first].to_vec(),
+            src_strides: ss[..first].to_vec(),
+            dst_strides: ds[..first].to_vec(),
+            src_base,
+            dst_base,
+            run,
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.outer_extent.iter().product()
+    }
+
+    /// Element offsets (source, destination) of run `i`.
+    fn offsets(&self, mut i: u64) -> (u64, u64) {
+        let (mut s, mut d) = (self.src_base, self.dst_base);
+        for k in (0..self.outer_extent.len()).rev() {
+            let idx = i % self.outer_extent[k];
+            i /= self.outer_extent[k];
+            s += idx * self.src_strides[k];
+            d += idx * self.dst_strides[k];
+        }
+        (s, d)
+    }
+}
+
+/// Destination pointer shared by the threads of one copy.
+#[derive(Clone, Copy)]
+struct DstPtr(*mut u8);
+// SAFETY: threads of one copy write disjoint runs (distinct outer indices map
+// to distinct destination offsets), and the scope ends before the buffer is
+// used again.
+unsafe impl Send for DstPtr {}
+unsafe impl Sync for DstPtr {}
+
+fn copy_runs(
+    c: &BoxCopy,
+    runs: &Runs,
+    src: &[u8],
+    dst: DstPtr,
+    range: std::ops::Range<u64>,
+) -> Result<()> {
+    let (ssz, dsz) = (c.src_dtype.size() as u64, c.dst_dtype.size() as u64);
+    for i in range {
+        let (s, d) = runs.offsets(i);
+        let from = &src[(s * ssz) as usize..((s + runs.run) * ssz) as usize];
+        // SAFETY: `validate` checked every run lies inside the destination;
+        // runs of different `i` never overlap (see DstPtr).
+        let to = unsafe {
+            std::slice::from_raw_parts_mut(dst.0.add((d * dsz) as usize), (runs.run * dsz) as usize)
+        };
+        if c.src_dtype == c.dst_dtype {
+            to.copy_from_slice(from);
+        } else {
+            cast_slice(c.src_dtype, from, c.dst_dtype, to)?;
+        }
+    }
+    Ok(())
+}
+
+impl Backend for CpuBackend {
+    type Buffer = Vec<u8>;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<Vec<u8>> {
+        let mut v = Vec::new();
+        v.try_reserve_exact(bytes)
+            .map_err(|_| Error::invalid(format!("cannot allocate {bytes} bytes of host memory")))?;
+        v.resize(bytes, 0);
+        Ok(v)
+    }
+
+    fn upload(&self, host: &[u8], dst: &mut Vec<u8>, offset: usize) -> Result<()> {
+        let end = offset
+            .checked_add(host.len())
+            .filter(|&e| e <= dst.len())
+            .ok_or_else(|| Error::invalid("upload past the end of the buffer"))?;
+        dst[offset..end].copy_from_slice(host);
+        Ok(())
+    }
+
+    fn download(&self, src: &Vec<u8>, offset: usize, host: &mut [u8]) -> Result<()> {
+        let end = offset
+            .checked_add(host.len())
+            .filter(|&e| e <= src.len())
+            .ok_or_else(|| Error::invalid("download past the end of the buffer"))?;
+        host.copy_from_slice(&src[offset..end]);
+        Ok(())
+    }
+
+    fn host_bytes<'a>(&self, buffer: &'a Vec<u8>) -> Option<&'a [u8]> {
+        Some(buffer)
+    }
+
+    fn box_copy(&self, src: Src<'_, Vec<u8>>, dst: &mut Vec<u8>, copy: &BoxCopy) -> Result<()> {
+        let src: &[u8] = match src {
+            Src::Host(h) => h,
+            Src::Buffer(b) => b,
+        };
+        copy.validate(src.len(), dst.len())?;
+        if !supported(copy.src_dtype, copy.dst_dtype) {
+            return Err(Error::UnsupportedDtype {
+                dtype: format!("{} → {}", copy.src_dtype, copy.dst_dtype),
+                op: "box copy",
+            });
+        }
+        if copy.elements() == 0 {
+            return Ok(());
+        }
+        let runs = Runs::new(copy);
+        let count = runs.count();
+        let ptr = DstPtr(dst.as_mut_ptr());
+        let bytes = copy.elements() * copy.dst_dtype.size() as u64;
+        let threads = (self.threads as u64)
+            .min(count)
+            .min(bytes / PARALLEL_BYTES + 1);
+        if threads <= 1 {
+            return copy_runs(copy, &runs, src, ptr, 0..count);
+        }
+        let per = count.div_ceil(threads);
+        crossbeam::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let range = (t * per).min(count)..((t + 1) * per).min(count);
+                    let runs = &runs;
+                    s.spawn(move |_| copy_runs(copy, runs, src, ptr, range))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("copy thread panicked"))
+                .collect::<Result<()>>()
+        })
+        .expect("copy scope panicked")
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+    use proptest::prelude::*;
+
+    /// Element-by-element reference copy.
+    fn reference(c: &BoxCopy, src: &[u8], dst: &mut [u8]) {
+        let n = c.extent.len();
+        let total: u64 = c.extent.iter().product();
+        let (ss, ds) = (strides(&c.src_shape), strides(&c.dst_shape));
+        let es = c.src_dtype.size();
+        for mut i in 0..total {
+            let (mut s, mut d) = (0u64, 0u64);
+            for k in (0..n).rev() {
+                let idx = i % c.extent[k];
+                i /= c.extent[k];
+                s += (idx + c.src_offset[k]) * ss[k];
+                d += (idx + c.dst_offset[k]) * ds[k];
+            }
+            let (s, d) = (s as usize * es, d as usize * es);
+            dst[d..d + es].copy_from_slice(&src[s..s + es]);
+        }
+    }
+
+    fn arb_copy() -> impl Strategy<Value = BoxCopy> {
+        proptest::collection::vec((1u64..6, 1u64..6), 1..5).prop_flat_map(|dims| {
+            let n = dims.len();
+            let src_shape: Vec<u64> = dims.iter().map(|d| d.0).collect();
+            let dst_shape: Vec<u64> = dims.iter().map(|d| d.1).collect();
+            let per_dim: Vec<_> = (0..n)
+                .map(|k| {
+                    let (s, d) = (src_shape[k], dst_shape[k]);
+                    (1..=s.min(d)).prop_flat_map(move |e| (Just(e), 0..=s - e, 0..=d - e))
+                })
+                .collect();
+            (
+                Just(src_shape),
+                Just(dst_shape),
+                per_dim,
+                proptest::sample::select(vec![DType::U8, DType::F16, DType::F32, DType::C128]),
+            )
+                .prop_map(|(src_shape, dst_shape, per, dtype)| BoxCopy {
+                    src_shape,
+                    src_dtype: dtype,
+                    src_offset: per.iter().map(|p| p.1).collect(),
+                    dst_shape,
+                    dst_dtype: dtype,
+                    dst_offset: per.iter().map(|p| p.2).collect(),
+                    extent: per.iter().map(|p| p.0).collect(),
+                })
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn box_copy_matches_reference(c in arb_copy(), threads in 1usize..4) {
+            let es = c.src_dtype.size();
+            let src: Vec<u8> = (0..c.src_shape.iter().product::<u64>() as usize * es).map(|i| (i * 31 % 251) as u8).collect();
+            let dst_len = c.dst_shape.iter().product::<u64>() as usize * es;
+            let mut want = vec![0xaau8; dst_len];
+            reference(&c, &src, &mut want);
+            let backend = CpuBackend::new(threads);
+            let mut got = vec![0xaau8; dst_len];
+            backend.box_copy(Src::Host(&src), &mut got, &c).unwrap();
+            prop_assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn large_copy_uses_threads_and_matches() {
+        let shape = [1024u64, 4096];
+        let src: Vec<u8> = (0..shape[0] * shape[1] * 4)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let c = BoxCopy {
+            src_shape: shape.to_vec(),
+            src_dtype: DType::F32,
+            src_offset: vec![0, 1024],
+            dst_shape: vec![1024, 2048],
+            dst_dtype: DType::F32,
+            dst_offset: vec![0, 0],
+            extent: vec![1024, 2048],
+        };
+        let mut got = vec![0u8; 1024 * 2048 * 4];
+        CpuBackend::new(4)
+            .box_copy(Src::Host(&src), &mut got, &c)
+            .unwrap();
+        let mut want = vec![0u8; got.len()];
+        reference(&c, &src, &mut want);
+        assert!(got == want);
+    }
+
+    #[test]
+    fn out_of_bounds_and_bad_casts_are_errors() {
+        let backend = CpuBackend::new(1);
+        let mut c = BoxCopy::whole(&[2, 2], DType::F32, DType::F32);
+        c.extent = vec![3, 2];
+        let err = backend
+            .box_copy(Src::Host(&[0; 16]), &mut vec![0; 16], &c)
+            .unwrap_err();
+        assert!(err.to_string().contains("out of bounds"), "{err}");
+        let c = BoxCopy::whole(&[2], DType::I32, DType::F32);
+        assert!(backend
+            .box_copy(Src::Host(&[0; 8]), &mut vec![0; 8], &c)
+            .is_err());
+        let c = BoxCopy::whole(&[2], DType::F32, DType::BF16);
+        let mut out = vec![0; 4];
+        backend
+            .box_copy(Src::Host(&[0, 0, 0x80, 0x3f, 0, 0, 0, 0x40]), &mut out, &c)
+            .unwrap();
+        assert_eq!(out, [0x80, 0x3f, 0x00, 0x40]);
+    }
+}

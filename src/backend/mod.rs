@@ -1,0 +1,153 @@
+//! THE backend trait: the data-moving primitives every operation reduces to.
+//!
+//! # Design
+//!
+//! A backend owns its buffers ([`Backend::Buffer`]): on the CPU they are host
+//! vectors, on an NPU they live in device memory. Nothing outside the backend
+//! touches a buffer's bytes except through [`Backend::upload`],
+//! [`Backend::download`] and [`Backend::host_bytes`] (the last only where a
+//! buffer *is* host memory, so the CPU path never copies for nothing).
+//!
+//! **Ordering.** Calls on one backend value form one ordered queue (a stream,
+//! on a device): each operation sees the effects of every earlier one. A call
+//! may return before its work is done; [`Backend::synchronize`] waits for the
+//! queue to drain and reports any error that happened on it. The CPU backend
+//! runs each call to completion before returning, which satisfies the same
+//! contract.
+//!
+//! **Threading.** A backend is `Send + Sync`; the executor gives each worker
+//! thread its own buffers. The CPU backend additionally splits one large copy
+//! across threads (crossbeam scoped threads), so a single huge tensor does not
+//! run on one core.
+//!
+//! **Sources.** A box copy reads either a buffer or host memory
+//! ([`Src::Host`], e.g. a memory-mapped checkpoint). The CPU backend reads
+//! host memory in place; a device backend stages it through pinned memory.
+//!
+//! The primitive set is deliberately narrow: alloc, upload, download,
+//! box-copy-with-cast, synchronize (GEMM-add joins it with the LoRA issue).
+
+mod cast;
+pub mod cpu;
+
+pub use cast::cast_slice;
+pub use cpu::CpuBackend;
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+/// An N-d box copy between two row-major tensors, with an optional cast.
+///
+/// Copies `src[src_offset + i] → dst[dst_offset + i]` for every index `i`
+/// in `extent`, converting `src_dtype` elements to `dst_dtype`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoxCopy {
+    /// Shape of the whole source tensor.
+    pub src_shape: Vec<u64>,
+    /// Element type of the source.
+    pub src_dtype: DType,
+    /// Corner of the box in the source.
+    pub src_offset: Vec<u64>,
+    /// Shape of the whole destination tensor.
+    pub dst_shape: Vec<u64>,
+    /// Element type of the destination.
+    pub dst_dtype: DType,
+    /// Corner of the box in the destination.
+    pub dst_offset: Vec<u64>,
+    /// Size of the box.
+    pub extent: Vec<u64>,
+}
+
+impl BoxCopy {
+    /// A copy of a whole tensor, possibly with a cast.
+    pub fn whole(shape: &[u64], src_dtype: DType, dst_dtype: DType) -> BoxCopy {
+        BoxCopy {
+            src_shape: shape.to_vec(),
+            src_dtype,
+            src_offset: vec![0; shape.len()],
+            dst_shape: shape.to_vec(),
+            dst_dtype,
+            dst_offset: vec![0; shape.len()],
+            extent: shape.to_vec(),
+        }
+    }
+
+    /// Elements copied.
+    pub fn elements(&self) -> u64 {
+        self.extent.iter().product()
+    }
+
+    /// Checks ranks, bounds and byte sizes against the given buffer lengths.
+    pub fn validate(&self, src_len: usize, dst_len: usize) -> Result<()> {
+        let n = self.extent.len();
+        if self.src_shape.len() != n
+            || self.dst_shape.len() != n
+            || self.src_offset.len() != n
+            || self.dst_offset.len() != n
+        {
+            return Err(Error::invalid(format!(
+                "box copy rank mismatch: extent {:?}, source {:?} at {:?}, destination {:?} at {:?}",
+                self.extent, self.src_shape, self.src_offset, self.dst_shape, self.dst_offset
+            )));
+        }
+        for d in 0..n {
+            if self.src_offset[d] + self.extent[d] > self.src_shape[d]
+                || self.dst_offset[d] + self.extent[d] > self.dst_shape[d]
+            {
+                return Err(Error::invalid(format!(
+                    "box copy out of bounds in dim {d}: extent {:?}, source {:?} at {:?}, destination {:?} at {:?}",
+                    self.extent, self.src_shape, self.src_offset, self.dst_shape, self.dst_offset
+                )));
+            }
+        }
+        let src_bytes = self.src_shape.iter().product::<u64>() * self.src_dtype.size() as u64;
+        let dst_bytes = self.dst_shape.iter().product::<u64>() * self.dst_dtype.size() as u64;
+        if src_bytes != src_len as u64 || dst_bytes != dst_len as u64 {
+            return Err(Error::invalid(format!(
+                "box copy buffers are {src_len} and {dst_len} bytes, shapes need {src_bytes} and {dst_bytes}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Where a box copy reads from.
+pub enum Src<'a, B> {
+    /// Host memory (a mapped file, a host vector).
+    Host(&'a [u8]),
+    /// A backend buffer.
+    Buffer(&'a B),
+}
+
+/// The data-moving primitives (see the module docs for the contract).
+pub trait Backend: Send + Sync {
+    /// Memory owned by the backend.
+    type Buffer: Send;
+
+    /// Short name for messages (`cpu`, `ascend`).
+    fn name(&self) -> &'static str;
+
+    /// Allocates `bytes` bytes (contents unspecified).
+    fn alloc(&self, bytes: usize) -> Result<Self::Buffer>;
+
+    /// Copies `host` into `dst` at byte `offset`.
+    fn upload(&self, host: &[u8], dst: &mut Self::Buffer, offset: usize) -> Result<()>;
+
+    /// Copies `host.len()` bytes of `src`, from byte `offset`, into `host`.
+    fn download(&self, src: &Self::Buffer, offset: usize, host: &mut [u8]) -> Result<()>;
+
+    /// The buffer's bytes, when the buffer is host memory (after
+    /// [`Backend::synchronize`]); `None` for device buffers.
+    fn host_bytes<'a>(&self, buffer: &'a Self::Buffer) -> Option<&'a [u8]>;
+
+    /// Enqueues a box copy with a fused dtype cast.
+    fn box_copy(
+        &self,
+        src: Src<'_, Self::Buffer>,
+        dst: &mut Self::Buffer,
+        copy: &BoxCopy,
+    ) -> Result<()>;
+
+    /// Waits for every enqueued operation and reports the first failure.
+    fn synchronize(&self) -> Result<()>;
+}

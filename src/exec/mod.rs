@@ -1,0 +1,289 @@
+//! Runs a [`Plan`] on a [`Backend`]: the only caller of the backend.
+//!
+//! Each worker takes the next destination file, fills one tensor at a time
+//! and streams it to the file's writer, so peak memory is about one
+//! destination tensor per worker (plus a joined copy of a source tensor that
+//! MindSpore stored in several 512 MiB records). A tensor that is a plain copy
+//! of a whole source tensor goes from the mapped source straight to the
+//! writer, with no buffer at all.
+//!
+//! Outputs are written under temporary names and renamed when complete. If
+//! any file fails, the files this run already finished are removed too, so a
+//! failed job leaves nothing behind.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::backend::{Backend, BoxCopy, Src};
+use crate::error::{Error, Result, ResultExt};
+use crate::formats::ckpt::{CkptWriter, ReadOptions, WriteOptions};
+use crate::formats::safetensors::StreamWriter;
+use crate::formats::tree::FileFormat;
+use crate::formats::Source;
+use crate::plan::{Content, FilePlan, Plan, TensorPlan};
+
+/// Options of [`execute`].
+#[derive(Debug, Clone)]
+pub struct ExecOptions {
+    /// Destination files written concurrently.
+    pub workers: usize,
+    /// How sources are read (decryption, CRC verification).
+    pub read: ReadOptions,
+    /// Metadata of safetensors outputs.
+    pub safetensors_metadata: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for ExecOptions {
+    fn default() -> Self {
+        ExecOptions {
+            workers: 1,
+            read: ReadOptions::default(),
+            safetensors_metadata: [("format".to_string(), "ms".to_string())].into(),
+        }
+    }
+}
+
+/// One written file.
+#[derive(Debug, Clone, Serialize)]
+pub struct WrittenFile {
+    /// Destination rank.
+    pub rank: usize,
+    /// Path.
+    pub path: PathBuf,
+    /// Tensor bytes written.
+    pub bytes: u64,
+    /// Seconds spent on it.
+    pub seconds: f64,
+}
+
+/// What [`execute`] did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExecReport {
+    /// Files written, by rank.
+    pub files: Vec<WrittenFile>,
+    /// Tensor bytes written in all.
+    pub bytes_written: u64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// Sources opened once, on first use, shared by the workers.
+struct Sources<'p> {
+    plan: &'p Plan,
+    read: &'p ReadOptions,
+    opened: Vec<OnceLock<std::result::Result<Source, String>>>,
+}
+
+impl<'p> Sources<'p> {
+    fn get(&self, i: usize) -> Result<&Source> {
+        self.opened[i]
+            .get_or_init(|| {
+                Source::open(&self.plan.sources[i].path, self.read).map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| Error::invalid(e.clone()))
+    }
+}
+
+/// Runs `plan`.
+pub fn execute<B: Backend>(plan: &Plan, backend: &B, options: &ExecOptions) -> Result<ExecReport> {
+    let start = Instant::now();
+    let sources = Sources {
+        plan,
+        read: &options.read,
+        opened: plan.sources.iter().map(|_| OnceLock::new()).collect(),
+    };
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let done: Mutex<Vec<WrittenFile>> = Mutex::new(Vec::new());
+    let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    let workers = options.workers.clamp(1, plan.files.len().max(1));
+    crossbeam::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|_| loop {
+                if failed.load(Ordering::Relaxed) {
+                    return;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(file) = plan.files.get(i) else {
+                    return;
+                };
+                let t = Instant::now();
+                match write_file(file, &sources, backend, options) {
+                    Ok(()) => done.lock().unwrap().push(WrittenFile {
+                        rank: file.rank,
+                        path: file.path.clone(),
+                        bytes: file.bytes(),
+                        seconds: t.elapsed().as_secs_f64(),
+                    }),
+                    Err(e) => {
+                        failed.store(true, Ordering::Relaxed);
+                        first_error.lock().unwrap().get_or_insert(e);
+                        return;
+                    }
+                }
+            });
+        }
+    })
+    .expect("a worker panicked");
+    let mut files = done.into_inner().unwrap();
+    if let Some(e) = first_error.into_inner().unwrap() {
+        for f in &files {
+            let _ = std::fs::remove_file(&f.path);
+            if let Some(dir) = f.path.parent() {
+                let _ = std::fs::remove_dir(dir); // only if empty
+            }
+        }
+        return Err(e);
+    }
+    files.sort_by_key(|f| f.rank);
+    Ok(ExecReport {
+        bytes_written: files.iter().map(|f| f.bytes).sum(),
+        files,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+enum Writer {
+    Ckpt(CkptWriter),
+    Safetensors(StreamWriter),
+}
+
+fn write_file<B: Backend>(
+    file: &FilePlan,
+    sources: &Sources<'_>,
+    backend: &B,
+    options: &ExecOptions,
+) -> Result<()> {
+    if let Some(dir) = file.path.parent() {
+        std::fs::create_dir_all(dir).in_file(dir)?;
+    }
+    let by_name: HashMap<&str, &TensorPlan> =
+        file.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    let (mut writer, order): (Writer, Vec<String>) = match file.format {
+        FileFormat::Ckpt => (
+            Writer::Ckpt(CkptWriter::create(&file.path, WriteOptions::default())?),
+            file.tensors.iter().map(|t| t.name.clone()).collect(),
+        ),
+        FileFormat::Safetensors => {
+            let mut metadata = options.safetensors_metadata.clone();
+            let mut specs = Vec::new();
+            for t in &file.tensors {
+                match &t.content {
+                    Content::Tensor { dtype, shape, .. } => specs.push((
+                        t.name.clone(),
+                        *dtype,
+                        shape.iter().map(|&d| d as usize).collect(),
+                    )),
+                    Content::Str { source, tensor } => {
+                        let value = sources.get(*source)?.string(tensor)?;
+                        metadata.insert(
+                            format!(
+                                "{}{}",
+                                crate::formats::safetensors::STRING_KEY_PREFIX,
+                                t.name
+                            ),
+                            value,
+                        );
+                    }
+                }
+            }
+            let w = StreamWriter::create(&file.path, &specs, Some(metadata))?;
+            let order = w.order().map(str::to_owned).collect();
+            (Writer::Safetensors(w), order)
+        }
+    };
+    for name in &order {
+        let t = by_name[name.as_str()];
+        write_tensor(t, &mut writer, sources, backend).map_err(|e| match e {
+            e @ Error::InFile { .. } => e,
+            e => e.in_tensor(&t.name).in_file(&file.path),
+        })?;
+    }
+    match writer {
+        Writer::Ckpt(w) => w.finish(),
+        Writer::Safetensors(w) => w.finish(),
+    }
+}
+
+/// A copy that is the whole source tensor, unchanged.
+fn is_plain_copy(c: &BoxCopy) -> bool {
+    c.src_dtype == c.dst_dtype && c.src_shape == c.dst_shape && c.extent == c.src_shape
+}
+
+fn write_tensor<B: Backend>(
+    t: &TensorPlan,
+    writer: &mut Writer,
+    sources: &Sources<'_>,
+    backend: &B,
+) -> Result<()> {
+    let (dtype, shape, steps) = match &t.content {
+        Content::Str { source, tensor } => {
+            let value = sources.get(*source)?.string(tensor)?;
+            return match writer {
+                Writer::Ckpt(w) => w.write_string(&t.name, &value),
+                Writer::Safetensors(_) => Ok(()), // carried in the metadata
+            };
+        }
+        Content::Tensor {
+            dtype,
+            shape,
+            steps,
+        } => (*dtype, shape, steps),
+    };
+    if let [only] = steps.as_slice() {
+        if is_plain_copy(&only.copy) {
+            let chunks = sources.get(only.source)?.chunks(&only.tensor)?;
+            return emit(writer, &t.name, dtype, shape, &chunks);
+        }
+    }
+    let bytes = t.bytes() as usize;
+    let mut buffer = backend.alloc(bytes)?;
+    let mut joined: HashMap<(usize, &str), Vec<u8>> = HashMap::new();
+    for step in steps {
+        let chunks = sources.get(step.source)?.chunks(&step.tensor)?;
+        let src: &[u8] = match chunks.as_slice() {
+            [one] => one,
+            many => joined
+                .entry((step.source, step.tensor.as_str()))
+                .or_insert_with(|| many.concat()),
+        };
+        backend.box_copy(Src::Host(src), &mut buffer, &step.copy)?;
+    }
+    backend.synchronize()?;
+    match backend.host_bytes(&buffer) {
+        Some(host) => emit(writer, &t.name, dtype, shape, &[host]),
+        None => {
+            let mut host = vec![0u8; bytes];
+            backend.download(&buffer, 0, &mut host)?;
+            backend.synchronize()?;
+            emit(writer, &t.name, dtype, shape, &[&host])
+        }
+    }
+}
+
+fn emit(
+    writer: &mut Writer,
+    name: &str,
+    dtype: crate::DType,
+    shape: &[i64],
+    chunks: &[&[u8]],
+) -> Result<()> {
+    match writer {
+        Writer::Ckpt(w) => w.write_tensor_chunks(name, dtype, shape, chunks),
+        Writer::Safetensors(w) => w.write(name, chunks),
+    }
+}
+
+/// Whether `dir` holds anything (used to refuse writing into a non-empty
+/// output directory).
+pub fn dir_has_entries(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
+}

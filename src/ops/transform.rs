@@ -1,0 +1,162 @@
+//! `reshard transform`: reshard a checkpoint from one strategy to another
+//! (full → N, N → M, N → full), byte-identical with
+//! `mindspore.transform_checkpoints`. Options → plan (metadata only) →
+//! execute on a backend.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::backend::CpuBackend;
+use crate::error::{Error, Result};
+use crate::exec::{self, ExecOptions, ExecReport};
+use crate::formats::ckpt::ReadOptions;
+use crate::formats::strategy::{self, Strategy};
+use crate::formats::tree::{self, FileFormat};
+use crate::formats::Source;
+use crate::plan::transform::{plan, TransformInput};
+use crate::plan::{Plan, PlanSummary};
+
+/// Options of [`transform`].
+#[derive(Debug, Clone)]
+pub struct TransformOptions {
+    /// A full `.ckpt`/`.safetensors` file, or a directory of `rank_x/` folders.
+    pub src_checkpoint: PathBuf,
+    /// Output directory: `rank_{r}/{prefix}{r}.{ext}` go there.
+    pub dst_dir: PathBuf,
+    /// Source strategy: file, merged file, or directory of per-rank files.
+    pub src_strategy: Option<PathBuf>,
+    /// Destination strategy; `None` merges into one full checkpoint.
+    pub dst_strategy: Option<PathBuf>,
+    /// Output file prefix (MindFormers' default is `checkpoint_`).
+    pub prefix: String,
+    /// Only these destination ranks.
+    pub ranks: Option<Vec<usize>>,
+    /// Expected number of destination ranks (checked against the strategy).
+    pub world_size: Option<usize>,
+    /// Destination files written concurrently.
+    pub workers: usize,
+    /// Output format (`None`: the source's format).
+    pub output_format: Option<FileFormat>,
+    /// Plan only; write nothing.
+    pub dry_run: bool,
+    /// How sources are read.
+    pub read: ReadOptions,
+}
+
+/// What [`transform`] did (or would do, for a dry run).
+#[derive(Debug, Clone, Serialize)]
+pub struct TransformReport {
+    /// The plan's summary.
+    pub plan: PlanSummary,
+    /// The execution, unless this was a dry run.
+    pub executed: Option<ExecReport>,
+}
+
+/// The source files by rank: a tree's picked files, or a single file as rank 0.
+pub fn source_files(src: &Path) -> Result<(FileFormat, Vec<(usize, PathBuf)>)> {
+    if src.is_dir() {
+        return tree::tree_checkpoints(src);
+    }
+    if !src.exists() {
+        return Err(Error::invalid("no such file or directory").in_file(src));
+    }
+    let format = FileFormat::of_path(src).ok_or_else(|| {
+        Error::invalid("a source file must end in .ckpt or .safetensors").in_file(src)
+    })?;
+    Ok((format, vec![(0, src.to_path_buf())]))
+}
+
+fn load_strategy(path: &Option<PathBuf>) -> Result<Option<Strategy>> {
+    path.as_deref().map(strategy::load).transpose()
+}
+
+/// Builds the plan of a transform (reads indexes and strategies only).
+pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
+    let (format, files) = source_files(&options.src_checkpoint)?;
+    let src = load_strategy(&options.src_strategy)?;
+    let dst = load_strategy(&options.dst_strategy)?;
+    if src.is_none() && dst.is_none() {
+        return Err(Error::invalid(
+            "give --src-strategy, --dst-strategy or both: without either there is nothing to transform",
+        ));
+    }
+    if files.len() > 1 && src.is_none() {
+        return Err(Error::invalid(format!(
+            "{} holds {} rank directories: a sharded source needs --src-strategy",
+            options.src_checkpoint.display(),
+            files.len()
+        )));
+    }
+    if let Some((i, (rank, _))) = files.iter().enumerate().find(|(i, (r, _))| r != i) {
+        let _ = rank;
+        return Err(Error::invalid(format!(
+            "rank_{i} is missing: source rank directories must run from rank_0 without gaps"
+        ))
+        .in_file(&options.src_checkpoint));
+    }
+    let mut sources = Vec::with_capacity(files.len());
+    for (rank, path) in files {
+        let source = Source::open(
+            &path,
+            &ReadOptions {
+                verify_crc: false,
+                ..options.read.clone()
+            },
+        )?;
+        sources.push((rank, path, source.entries()));
+    }
+    let plan = plan(&TransformInput {
+        sources,
+        src_strategy: src.as_ref(),
+        dst_strategy: dst.as_ref(),
+        dst_dir: &options.dst_dir,
+        prefix: &options.prefix,
+        ranks: options.ranks.clone(),
+        format: options.output_format.unwrap_or(format),
+    })?;
+    if let Some(n) = options.world_size {
+        let all = crate::plan::transform::destination_ranks(dst.as_ref())?.len();
+        if n != all {
+            return Err(Error::invalid(format!(
+                "--world-size {n} does not match the destination strategy, which has {all} ranks"
+            )));
+        }
+    }
+    Ok(plan)
+}
+
+/// Runs a transform.
+pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
+    let plan = plan_transform(options)?;
+    let summary = plan.summary(options.workers);
+    if options.dry_run {
+        return Ok(TransformReport {
+            plan: summary,
+            executed: None,
+        });
+    }
+    for f in &plan.files {
+        if let Some(dir) = f.path.parent() {
+            if exec::dir_has_entries(dir) {
+                return Err(Error::invalid(
+                    "the output directory already holds files; remove them or choose another --dst-checkpoint-dir",
+                )
+                .in_file(dir));
+            }
+        }
+    }
+    let report = exec::execute(
+        &plan,
+        &CpuBackend::default(),
+        &ExecOptions {
+            workers: options.workers,
+            read: options.read.clone(),
+            ..Default::default()
+        },
+    )?;
+    Ok(TransformReport {
+        plan: summary,
+        executed: Some(report),
+    })
+}

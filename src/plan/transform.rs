@@ -1,0 +1,504 @@
+//! Planning `transform`: which bytes of which source rank land where in each
+//! destination rank, reproducing `mindspore.transform_checkpoints` exactly —
+//! the needed-rank list, the load order (which fixes the record order), the
+//! pipeline-stage cuts, and the parameters copied untransformed.
+//!
+//! Source: `parallel/checkpoint_transform.py::_transform_checkpoints` and
+//! `parallel/_parallel_serialization.py::_transform_parallel_checkpoint`
+//! (MindSpore 2.10); spec §3.3–3.6.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use super::{Content, CopyStep, FilePlan, Plan, SourceFile, TensorPlan};
+use crate::backend::BoxCopy;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::formats::strategy::{LayoutTable, Strategy};
+use crate::formats::tree::FileFormat;
+use crate::formats::{EntryValue, SourceEntry};
+use crate::layout::{needed_source_ranks, Layout, RankSlice};
+
+/// What the transform planner needs to know; no tensor bytes.
+pub struct TransformInput<'a> {
+    /// Source files by global source rank, with their indexes.
+    pub sources: Vec<(usize, PathBuf, Vec<SourceEntry>)>,
+    /// Source strategy (`None`: the source is one full checkpoint).
+    pub src_strategy: Option<&'a Strategy>,
+    /// Destination strategy (`None`: merge into one full checkpoint).
+    pub dst_strategy: Option<&'a Strategy>,
+    /// Output directory; files go to `rank_{r}/{prefix}{r}.{ext}`.
+    pub dst_dir: &'a Path,
+    /// File name prefix.
+    pub prefix: &'a str,
+    /// Only these destination ranks (`None`: all).
+    pub ranks: Option<Vec<usize>>,
+    /// Output format.
+    pub format: FileFormat,
+}
+
+/// Device count per stage and stage count of a strategy (1, 1 for none).
+fn stage_geometry(table: Option<&LayoutTable>) -> Result<(u64, u64)> {
+    match table {
+        None => Ok((1, 1)),
+        Some(t) => Ok((t.device_num_per_stage()?, t.stage_num()? as u64)),
+    }
+}
+
+/// The destination ranks a transform writes.
+pub fn destination_ranks(dst: Option<&Strategy>) -> Result<Vec<usize>> {
+    let table = dst.map(|s| s.layout_table(None)).transpose()?;
+    let (per_stage, stages) = stage_geometry(table.as_ref())?;
+    Ok((0..(per_stage * stages) as usize).collect())
+}
+
+/// Source ranks destination rank `rank` needs (MindSpore's
+/// `rank_list_for_transform`), descending.
+fn needed_ranks(
+    rank: u64,
+    src_map: Option<&LayoutTable>,
+    dst_map: Option<&LayoutTable>,
+    src_per_stage: u64,
+    dst_per_stage: u64,
+) -> Result<Vec<u64>> {
+    let Some(src_map) = src_map else {
+        return Ok(vec![0]);
+    };
+    if src_map.is_empty() {
+        return Err(Error::Strategy(
+            "the source strategy has no parameter for this destination stage".into(),
+        ));
+    }
+    let local = if dst_per_stage > 1 {
+        rank % dst_per_stage
+    } else {
+        rank
+    };
+    let mut set = HashSet::new();
+    let mut handled: HashSet<String> = HashSet::new();
+    for (name, src) in src_map.iter() {
+        let dst = match dst_map {
+            Some(m) => match m.get(name) {
+                Some(l) => Some(l),
+                None => continue,
+            },
+            None => None,
+        };
+        let from = Layout::from_param(src);
+        let to = dst
+            .map(Layout::from_param)
+            .unwrap_or_else(|| Layout::unsharded(from.tensor_map.len()));
+        let key = format!("{:?}|{:?}", from, to);
+        if !handled.insert(key) {
+            continue;
+        }
+        // MindSpore asks with a fake shape: every dim = max device count.
+        let fake = vec![from.device_num().max(to.device_num()); from.tensor_map.len()];
+        let global = from.global_shape(&fake).map_err(|e| e.in_tensor(name))?;
+        for r in needed_source_ranks(&from, &to, &global, local).map_err(|e| e.in_tensor(name))? {
+            set.insert(r % from.device_num());
+        }
+    }
+    let mut stages: Vec<u32> = src_map
+        .iter()
+        .flat_map(|(_, l)| l.stages.iter().copied())
+        .collect();
+    stages.sort_unstable();
+    stages.dedup();
+    let mut out: Vec<u64> = stages
+        .iter()
+        .flat_map(|&s| set.iter().map(move |&k| u64::from(s) * src_per_stage + k))
+        .collect();
+    out.sort_unstable_by(|a, b| b.cmp(a));
+    out.dedup();
+    Ok(out)
+}
+
+/// Per-dimension overlaps of a destination and a source slice, as box copies.
+fn intersect(
+    dst: &RankSlice,
+    dst_shape: &[u64],
+    src: &RankSlice,
+    src_shape: &[u64],
+    src_dtype: DType,
+    dst_dtype: DType,
+) -> Vec<BoxCopy> {
+    // For each dim: (src_local, dst_local, len) overlaps.
+    let mut per_dim: Vec<Vec<(u64, u64, u64)>> = Vec::with_capacity(dst.dims.len());
+    for (dp, sp) in dst.dims.iter().zip(&src.dims) {
+        let mut overlaps = Vec::new();
+        for p in dp {
+            for q in sp {
+                let lo = p.global_start.max(q.global_start);
+                let hi = (p.global_start + p.len).min(q.global_start + q.len);
+                if lo < hi {
+                    overlaps.push((
+                        q.local_start + (lo - q.global_start),
+                        p.local_start + (lo - p.global_start),
+                        hi - lo,
+                    ));
+                }
+            }
+        }
+        if overlaps.is_empty() {
+            return Vec::new();
+        }
+        per_dim.push(overlaps);
+    }
+    let mut boxes = vec![(Vec::new(), Vec::new(), Vec::new())];
+    for overlaps in &per_dim {
+        let mut next = Vec::with_capacity(boxes.len() * overlaps.len());
+        for (so, dof, ex) in &boxes {
+            for &(s, d, l) in overlaps {
+                let (mut so, mut dof, mut ex): (Vec<u64>, Vec<u64>, Vec<u64>) =
+                    (so.clone(), dof.clone(), ex.clone());
+                so.push(s);
+                dof.push(d);
+                ex.push(l);
+                next.push((so, dof, ex));
+            }
+        }
+        boxes = next;
+    }
+    boxes
+        .into_iter()
+        .map(|(src_offset, dst_offset, extent)| BoxCopy {
+            src_shape: src_shape.to_vec(),
+            src_dtype,
+            src_offset,
+            dst_shape: dst_shape.to_vec(),
+            dst_dtype,
+            dst_offset,
+            extent,
+        })
+        .collect()
+}
+
+fn to_u64(dims: &[i64]) -> Vec<u64> {
+    dims.iter().map(|&d| d.max(0) as u64).collect()
+}
+
+/// Where one parameter's value for one local source rank comes from.
+#[derive(Clone, Copy)]
+struct Held {
+    source: usize,
+    entry: usize,
+}
+
+/// Plans the whole transform.
+pub fn plan(input: &TransformInput<'_>) -> Result<Plan> {
+    let src_table = input
+        .src_strategy
+        .map(|s| s.layout_table(None))
+        .transpose()?;
+    let dst_full = input
+        .dst_strategy
+        .map(|s| s.layout_table(None))
+        .transpose()?;
+    let (src_per_stage, _) = stage_geometry(src_table.as_ref())?;
+    let (dst_per_stage, dst_stages) = stage_geometry(dst_full.as_ref())?;
+    let all_ranks = (dst_per_stage * dst_stages) as usize;
+    let ranks = match &input.ranks {
+        Some(r) => {
+            if let Some(bad) = r.iter().find(|&&r| r >= all_ranks) {
+                return Err(Error::invalid(format!(
+                    "destination rank {bad} does not exist: the destination strategy has {all_ranks} ranks"
+                )));
+            }
+            r.clone()
+        }
+        None => (0..all_ranks).collect(),
+    };
+    let by_rank: HashMap<usize, usize> = input
+        .sources
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.0, i))
+        .collect();
+    let sources: Vec<SourceFile> = input
+        .sources
+        .iter()
+        .map(|(rank, path, _)| SourceFile {
+            rank: *rank,
+            path: path.clone(),
+        })
+        .collect();
+    let mut files = Vec::with_capacity(ranks.len());
+    for &rank in &ranks {
+        let file = plan_rank(
+            input,
+            rank as u64,
+            src_table.as_ref(),
+            src_per_stage,
+            dst_per_stage,
+            &by_rank,
+        )?;
+        files.push(file);
+    }
+    Ok(Plan { sources, files })
+}
+
+fn plan_rank(
+    input: &TransformInput<'_>,
+    rank: u64,
+    src_table: Option<&LayoutTable>,
+    src_per_stage: u64,
+    dst_per_stage: u64,
+    by_rank: &HashMap<usize, usize>,
+) -> Result<FilePlan> {
+    let wrap = |e: Error| Error::invalid(format!("destination rank {rank}: {e}"));
+    // _extract_src_dst_layout_map: keep the destination stage's parameters.
+    let mut src_map = src_table.cloned();
+    let dst_map = match input.dst_strategy {
+        None => None,
+        Some(s) => {
+            let mut t = s.layout_table(Some(rank)).map_err(wrap)?;
+            let stage = (rank / dst_per_stage) as u32;
+            let removed: Vec<String> = t
+                .iter()
+                .filter(|(_, l)| !l.stages.contains(&stage))
+                .map(|(n, _)| n.clone())
+                .collect();
+            t.retain(|n, _| !removed.contains(&n.to_string()));
+            if let Some(src) = &mut src_map {
+                src.retain(|n, _| !removed.contains(&n.to_string()));
+            }
+            Some(t)
+        }
+    };
+    let needed = needed_ranks(
+        rank,
+        src_map.as_ref(),
+        dst_map.as_ref(),
+        src_per_stage,
+        dst_per_stage,
+    )
+    .map_err(wrap)?;
+    for &k in &needed {
+        if !by_rank.contains_key(&(k as usize)) {
+            return Err(Error::invalid(format!(
+                "the checkpoint of source rank {k} (rank_{k}/) is needed for destination rank {rank}, but it is missing"
+            )));
+        }
+    }
+
+    // Load order: needed files in descending rank order; a name keeps its
+    // first position, its value per local rank is the last file loaded.
+    let mut order: Vec<String> = Vec::new();
+    let mut table: HashMap<String, BTreeMap<u64, Held>> = HashMap::new();
+    let mut first_local: HashMap<String, u64> = HashMap::new();
+    for &k in &needed {
+        let source = by_rank[&(k as usize)];
+        let local = k % src_per_stage;
+        for (entry, e) in input.sources[source].2.iter().enumerate() {
+            if !table.contains_key(&e.name) {
+                order.push(e.name.clone());
+                first_local.insert(e.name.clone(), local);
+            }
+            table
+                .entry(e.name.clone())
+                .or_default()
+                .insert(local, Held { source, entry });
+        }
+    }
+    // Cut parameters of other pipeline stages (both sides must agree).
+    let origin_src = src_table;
+    let origin_dst_names: Option<HashSet<String>> = input
+        .dst_strategy
+        .map(|s| {
+            s.layout_table(Some(rank))
+                .map(|t| t.names().map(str::to_owned).collect())
+        })
+        .transpose()
+        .map_err(wrap)?;
+    let not_in_local_src = |n: &str| match (origin_src, &src_map) {
+        (Some(o), Some(m)) => o.contains(n) && !m.contains(n),
+        _ => true,
+    };
+    let not_in_local_dst = |n: &str| match (&origin_dst_names, &dst_map) {
+        (Some(o), Some(m)) => o.contains(n) && !m.contains(n),
+        _ => true,
+    };
+    order.retain(|n| !(not_in_local_src(n) && not_in_local_dst(n)));
+
+    let local = rank % dst_per_stage;
+    let entry = |h: Held| -> &SourceEntry { &input.sources[h.source].2[h.entry] };
+    let mut tensors = Vec::with_capacity(order.len());
+    let mut transformed: HashSet<&str> = HashSet::new();
+    let mut device_num: Option<u64> = None;
+    for name in &order {
+        if src_map.as_ref().is_some_and(|m| !m.contains(name))
+            || dst_map.as_ref().is_some_and(|m| !m.contains(name))
+        {
+            continue;
+        }
+        let held = &table[name];
+        let first = entry(held[&first_local[name]]);
+        let ndim = first.dims.len();
+        let from = src_map
+            .as_ref()
+            .and_then(|m| m.get(name))
+            .map(Layout::from_param)
+            .unwrap_or_else(|| Layout::unsharded(ndim));
+        let to = dst_map
+            .as_ref()
+            .and_then(|m| m.get(name))
+            .map(Layout::from_param)
+            .unwrap_or_else(|| Layout::unsharded(ndim));
+        let tensor_err = |e: Error| wrap(e.in_tensor(name));
+        let dtype = match first.value {
+            EntryValue::Tensor(d) => d,
+            EntryValue::Str | EntryValue::MapTensor => {
+                return Err(tensor_err(Error::invalid(
+                    "a string or map-tensor entry cannot be resharded",
+                )))
+            }
+        };
+        if from.tensor_map.len() != ndim || to.tensor_map.len() != ndim {
+            return Err(tensor_err(Error::Strategy(format!(
+                "the checkpoint holds a {ndim}-d tensor {:?} but the strategies map {} (source) and {} (destination) dims",
+                first.dims,
+                from.tensor_map.len(),
+                to.tensor_map.len()
+            ))));
+        }
+        let n = from.device_num();
+        device_num = Some(n);
+        let own = local % n;
+        let own_held = *held.get(&own).ok_or_else(|| {
+            tensor_err(Error::invalid(format!(
+                "the checkpoint of source rank {own} (local to its stage) is missing"
+            )))
+        })?;
+        let global = from
+            .global_shape(&to_u64(&first.dims))
+            .map_err(tensor_err)?;
+        let src_shape = from.slice_shape(&global).map_err(tensor_err)?;
+        let dst_shape = to.slice_shape(&global).map_err(tensor_err)?;
+        let dst_slice = to.rank_slice(&global, local).map_err(tensor_err)?;
+        let out_dtype = match entry(own_held).value {
+            EntryValue::Tensor(d) => d,
+            _ => dtype,
+        };
+        // Distinct source regions: redundant copies hold the same bytes, so
+        // one representative each, preferring this rank's own source.
+        let mut candidates: Vec<u64> = held.keys().copied().filter(|&k| k < n).collect();
+        candidates.sort_by_key(|&k| (k != own, k));
+        let mut seen: Vec<RankSlice> = Vec::new();
+        let mut steps = Vec::new();
+        for k in candidates {
+            let h = held[&k];
+            let e = entry(h);
+            if to_u64(&e.dims) != src_shape {
+                return Err(tensor_err(Error::Strategy(format!(
+                    "source rank {k} holds shape {:?} but the source strategy implies {src_shape:?} (global {global:?})",
+                    e.dims
+                ))));
+            }
+            let src_dtype = match e.value {
+                EntryValue::Tensor(d) => d,
+                _ => {
+                    return Err(tensor_err(Error::invalid(format!(
+                        "source rank {k} holds a non-tensor entry"
+                    ))))
+                }
+            };
+            if src_dtype != out_dtype {
+                return Err(tensor_err(Error::invalid(format!(
+                    "dtype differs between source ranks: {src_dtype} on rank {k}, {out_dtype} on rank {own}"
+                ))));
+            }
+            let slice = from.rank_slice(&global, k).map_err(tensor_err)?;
+            if seen.contains(&slice) {
+                continue;
+            }
+            for copy in intersect(
+                &dst_slice, &dst_shape, &slice, &src_shape, src_dtype, out_dtype,
+            ) {
+                steps.push(CopyStep {
+                    source: h.source,
+                    tensor: name.clone(),
+                    copy,
+                });
+            }
+            seen.push(slice);
+        }
+        let covered: u64 = steps.iter().map(|s| s.copy.elements()).sum();
+        if covered != dst_shape.iter().product::<u64>() {
+            return Err(tensor_err(Error::invalid(format!(
+                "the loaded source ranks cover {covered} of the {} elements of the destination slice",
+                dst_shape.iter().product::<u64>()
+            ))));
+        }
+        tensors.push(TensorPlan {
+            name: name.clone(),
+            content: Content::Tensor {
+                dtype: out_dtype,
+                shape: dst_shape.iter().map(|&d| d as i64).collect(),
+                steps,
+            },
+        });
+        transformed.insert(name);
+    }
+    let Some(device_num) = device_num else {
+        return Err(wrap(Error::Strategy(
+            "none of the checkpoint's parameters is in the source or destination strategy; check the strategy files"
+                .into(),
+        )));
+    };
+    // Parameters outside the strategies (global_step, …): copied from the
+    // local source rank `rank % device_num` of the last transformed one.
+    let own = local % device_num;
+    for name in &order {
+        if transformed.contains(name.as_str()) {
+            continue;
+        }
+        let h = *table[name].get(&own).ok_or_else(|| {
+            wrap(
+                Error::invalid(format!(
+                    "the checkpoint of source rank {own} does not hold it"
+                ))
+                .in_tensor(name),
+            )
+        })?;
+        let e = entry(h);
+        let content = match e.value {
+            EntryValue::Tensor(dtype) => {
+                let shape = to_u64(&e.dims);
+                Content::Tensor {
+                    dtype,
+                    shape: e.dims.clone(),
+                    steps: vec![CopyStep {
+                        source: h.source,
+                        tensor: name.clone(),
+                        copy: BoxCopy::whole(&shape, dtype, dtype),
+                    }],
+                }
+            }
+            EntryValue::Str => Content::Str {
+                source: h.source,
+                tensor: name.clone(),
+            },
+            EntryValue::MapTensor => {
+                return Err(wrap(
+                    Error::invalid("map tensors cannot be resharded").in_tensor(name),
+                ))
+            }
+        };
+        tensors.push(TensorPlan {
+            name: name.clone(),
+            content,
+        });
+    }
+    let r = rank as usize;
+    Ok(FilePlan {
+        rank: r,
+        path: input.dst_dir.join(format!("rank_{r}")).join(format!(
+            "{}{r}.{}",
+            input.prefix,
+            input.format.extension()
+        )),
+        format: input.format,
+        tensors,
+    })
+}
