@@ -145,6 +145,12 @@ pub fn element_count(shape: &[i64]) -> Option<u64> {
     })
 }
 
+impl serde::Serialize for DType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.mindspore_name())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,11 +170,5 @@ mod tests {
         assert_eq!(element_count(&[2, 3]), Some(6));
         assert_eq!(element_count(&[2, -1]), None);
         assert_eq!(element_count(&[i64::MAX, i64::MAX]), None);
-    }
-}
-
-impl serde::Serialize for DType {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.mindspore_name())
     }
 }

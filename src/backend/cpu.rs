@@ -205,8 +205,7 @@ impl Backend for CpuBackend {
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().expect("copy thread panicked"))
-                .collect::<Result<()>>()
+                .try_for_each(|h| h.join().expect("copy thread panicked"))
         })
         .expect("copy scope panicked")
     }

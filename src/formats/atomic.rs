@@ -58,16 +58,19 @@ impl AtomicFile {
         Error::Io(e).in_file(&self.dest)
     }
 
-    /// Flushes, syncs and renames over the destination.
+    /// Flushes, syncs and renames over the destination. On failure (a full
+    /// disk often shows only at the last flush) the temporary file is removed.
     pub fn commit(mut self) -> Result<()> {
         let writer = self.writer.take().expect("commit twice");
-        let file = writer
+        let result = writer
             .into_inner()
-            .map_err(|e| Error::Io(e.into_error()).in_file(&self.dest))?;
-        file.sync_all().map_err(|e| self.io_error(e))?;
-        drop(file);
-        fs::rename(&self.tmp, &self.dest).map_err(|e| self.io_error(e))?;
-        Ok(())
+            .map_err(|e| e.into_error())
+            .and_then(|file| file.sync_all())
+            .and_then(|()| fs::rename(&self.tmp, &self.dest));
+        result.map_err(|e| {
+            let _ = fs::remove_file(&self.tmp);
+            self.io_error(e)
+        })
     }
 }
 

@@ -21,11 +21,34 @@ struct Entry {
 
 /// [`Layout::expand`] on a validated layout with a matching `global`.
 pub(super) fn expand(layout: &Layout, global: &[u64]) -> Result<Expanded> {
+    // Local shape first: it checks that the dims divide at all.
+    let local = layout.local_shape(global)?;
+    let e = construct(layout, global)?;
+    // MindSpore's construction keeps the device count only for consistent
+    // settings (an opt size dividing the repeated devices, the step of the
+    // repeated group). MindSpore never writes other settings, and its
+    // transform fails or silently duplicates data for them: refuse.
+    if e.device_num() != layout.device_num() {
+        return Err(layout.err(&format!(
+            "inconsistent optimizer sharding: MindSpore's construction turns the {} devices \
+             into the dev matrix {:?} of {} (the opt shard size must divide the repeated \
+             devices and the step must be their stride); MindSpore's transform fails or writes \
+             wrong data for such a layout",
+            layout.device_num(),
+            e.dev_matrix,
+            e.device_num()
+        )));
+    }
+    check(layout, &e, global, &local)?;
+    Ok(e)
+}
+
+/// The construction alone, with only the checks MindSpore's Python makes
+/// (and divisions by zero avoided).
+pub(super) fn construct(layout: &Layout, global: &[u64]) -> Result<Expanded> {
     let strategy = layout.strategy_unchecked();
     let size = layout.resolved_size()?;
     let active = layout.opt_shard_step != 0 && size != 0;
-    // Local shape first: it checks that the dims divide at all.
-    let local = layout.local_shape(global)?;
 
     let (dev, entries) = if !active {
         let entries = layout
@@ -108,7 +131,6 @@ pub(super) fn expand(layout: &Layout, global: &[u64]) -> Result<Expanded> {
         e.shape.push(entry.size / accu);
         e.global_dim.push(entry.global_dim);
     }
-    check(layout, &e, global, &local)?;
     Ok(e)
 }
 

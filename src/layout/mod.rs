@@ -95,8 +95,7 @@ pub struct Piece {
 /// 3.1) on this.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Expanded {
-    /// Expanded device matrix `D'` (its product may differ from the
-    /// original's only for inconsistent opt-shard steps).
+    /// Expanded device matrix `D'` (same device count as the original).
     pub dev_matrix: Vec<u64>,
     /// One device axis (or -1) per sub-dim, counted from the right of
     /// `dev_matrix`.
@@ -277,7 +276,14 @@ impl Layout {
 
     /// MindSpore's optimizer-shard construction and `_expand_layout` for
     /// the global shape `global` (spec 3.2), checked: every sub-dim divides
-    /// by its split, and the sub-dims of each global dim multiply to it.
+    /// by its split, the sub-dims of each global dim multiply to it, and
+    /// the device count is unchanged.
+    ///
+    /// The last check refuses opt-shard settings MindSpore never writes (a
+    /// size that does not divide the repeated devices, or a step that is
+    /// not their stride when every axis is repeated): there MindSpore's own
+    /// transform fails or silently duplicates data, so byte identity is
+    /// neither possible to define nor useful.
     pub fn expand(&self, global: &[u64]) -> Result<Expanded> {
         self.validate()?;
         self.check_ndim(global, "global")?;
@@ -286,11 +292,8 @@ impl Layout {
 
     /// Which part of the global tensor `global` rank `rank` (taken mod
     /// [`Layout::device_num`]) holds, exactly as MindSpore's transform
-    /// places it: the plain rule (spec 3.1) on the [`Layout::expand`]ed
-    /// layout, mapped back to global dims. Errors when the rank is outside
-    /// the expanded dev matrix (only for opt-shard steps inconsistent with
-    /// the dev matrix, where MindSpore fails with "Rank r is not in the
-    /// current stage").
+    /// places it (and cuts it): the plain rule (spec 3.1) on the
+    /// [`Layout::expand`]ed layout, mapped back to global dims.
     pub fn rank_slice(&self, global: &[u64], rank: u64) -> Result<RankSlice> {
         let e = self.expand(global)?;
         let rank = rank % self.device_num();
@@ -439,8 +442,7 @@ impl Expanded {
         let total = self.device_num();
         if rank >= total {
             return Err(format!(
-                "rank {rank} is outside the {total} devices of the expanded dev matrix {:?} \
-                 (MindSpore: \"Rank {rank} is not in the current stage\")",
+                "rank {rank} is outside the {total} devices of the expanded dev matrix {:?}",
                 self.dev_matrix
             ));
         }

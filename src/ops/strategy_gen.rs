@@ -95,6 +95,37 @@ fn tensor_map(name: &str, ndim: usize, vocab_emb_dp: bool) -> Vec<i32> {
     vec![-1; ndim]
 }
 
+/// Optimizer-shard `(step, size)` for a parameter on dev matrix `[dp, mp]`,
+/// as MindSpore builds the group: over the repeated (unused) axes, consumed
+/// from the right, so the step is the product of the axes right of the
+/// rightmost repeated one. `(0, 0)` where dim 0 of the slice does not divide.
+fn opt_shard(map: &[i32], dim0: u64, dp: u64, mp: u64, opt: i32) -> (i32, i32) {
+    let dev = [dp, mp];
+    let used: Vec<usize> = map
+        .iter()
+        .filter(|&&a| a >= 0)
+        .map(|&a| 1 - a as usize)
+        .collect();
+    let repeated: Vec<usize> = (0..2)
+        .filter(|i| !used.contains(i) && dev[*i] > 1)
+        .collect();
+    let Some(&rightmost) = repeated.last() else {
+        return (0, 0);
+    };
+    let repeated_devices: u64 = repeated.iter().map(|&i| dev[i]).product();
+    let size = match opt {
+        0 => return (0, 0),
+        -1 => repeated_devices,
+        k => k as u64,
+    };
+    let split0 = if map[0] == 0 { mp } else { 1 };
+    if size < 2 || repeated_devices % size != 0 || (dim0 / split0) % size != 0 {
+        return (0, 0);
+    }
+    let step: u64 = dev[rightmost + 1..].iter().product();
+    (step as i32, if opt == -1 { -1 } else { size as i32 })
+}
+
 fn layer_index(name: &str) -> Option<usize> {
     let rest = base_name(name).split("layers.").nth(1)?;
     rest.split('.').next()?.parse().ok()
@@ -165,20 +196,7 @@ pub fn write_strategies(o: &StrategyOptions) -> Result<StrategyReport> {
                 .in_tensor(name));
             }
         }
-        let split0 = if map[0] == 0 { mp } else { 1 };
-        let size = match o.opt_shard {
-            0 => 0,
-            -1 => dp,
-            k => k as u64,
-        };
-        let (step, size) = if dp > 1 && size > 1 && (dims[0] as u64 / split0) % size == 0 {
-            (
-                o.mp as i32,
-                if o.opt_shard == -1 { -1 } else { size as i32 },
-            )
-        } else {
-            (0, 0)
-        };
+        let (step, size) = opt_shard(&map, dims[0] as u64, dp, mp, o.opt_shard);
         stages[stage_of(name) as usize]
             .layout_items
             .push(LayoutItem {
@@ -253,5 +271,13 @@ mod tests {
             Some(12)
         );
         assert_eq!(layer_index("lm_head.weight"), None);
+        // Column-split weight: the group runs over dp, stride mp.
+        assert_eq!(opt_shard(&[0, -1], 16, 2, 4, -1), (4, -1));
+        // Replicated norm: over all 8 devices, stride 1; size 2 over mp.
+        assert_eq!(opt_shard(&[-1], 16, 2, 4, -1), (1, -1));
+        assert_eq!(opt_shard(&[-1], 16, 2, 4, 2), (1, 2));
+        // Not divisible, or nothing repeated: no opt shard.
+        assert_eq!(opt_shard(&[0, -1], 4, 2, 4, -1), (0, 0));
+        assert_eq!(opt_shard(&[0, -1], 16, 1, 4, -1), (0, 0));
     }
 }

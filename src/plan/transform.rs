@@ -209,6 +209,17 @@ pub fn plan(input: &TransformInput<'_>) -> Result<Plan> {
         }
         None => (0..all_ranks).collect(),
     };
+    if let Some(t) = &src_table {
+        let described = (src_per_stage * t.stage_num()? as u64) as usize;
+        if input.sources.len() != described {
+            return Err(Error::Strategy(format!(
+                "the source strategy describes {described} ranks ({} stage(s) × {src_per_stage}) but the source holds {} rank(s); \
+                 pass the directory of every rank's strategy file, or the merged file",
+                t.stage_num()?,
+                input.sources.len()
+            )));
+        }
+    }
     let by_rank: HashMap<usize, usize> = input
         .sources
         .iter()
@@ -301,6 +312,20 @@ fn plan_rank(
                 .insert(local, Held { source, entry });
         }
     }
+    // A source-strategy parameter this stage needs but no loaded file holds
+    // means the strategy is not this checkpoint's.
+    if let Some(m) = &src_map {
+        let missing: Vec<&str> = m.names().filter(|n| !table.contains_key(*n)).collect();
+        if !missing.is_empty() {
+            let shown: Vec<&str> = missing.iter().take(5).copied().collect();
+            return Err(wrap(Error::Strategy(format!(
+                "the source strategy names {} parameter(s) the checkpoint does not hold: {}{}; is it the strategy of this checkpoint?",
+                missing.len(),
+                shown.join(", "),
+                if missing.len() > 5 { ", …" } else { "" }
+            ))));
+        }
+    }
     // Cut parameters of other pipeline stages (both sides must agree).
     let origin_src = src_table;
     let origin_dst_names: Option<HashSet<String>> = input
@@ -363,6 +388,12 @@ fn plan_rank(
             ))));
         }
         let n = from.device_num();
+        let m = to.device_num();
+        if n.max(m) % n.min(m) != 0 {
+            return Err(tensor_err(Error::Strategy(format!(
+                "cannot transform between {n} and {m} devices: one count must divide the other"
+            ))));
+        }
         device_num = Some(n);
         let own = local % n;
         let own_held = *held.get(&own).ok_or_else(|| {
