@@ -153,10 +153,7 @@ fn setup(dp: u32, mp: u32, pp: u32) -> (tempfile::TempDir, PathBuf, PathBuf) {
 }
 
 fn err_of(o: &TransformOptions) -> String {
-    let e = transform(o)
-        .err()
-        .expect("transform should fail")
-        .to_string();
+    let e = transform(o).expect_err("transform should fail").to_string();
     assert_eq!(count_files(&o.dst_dir), 0, "output left behind after: {e}");
     e
 }

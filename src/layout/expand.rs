@@ -43,8 +43,9 @@ pub(super) fn expand(layout: &Layout, global: &[u64]) -> Result<Expanded> {
     Ok(e)
 }
 
-/// The construction alone, with only the checks MindSpore's Python makes
-/// (and divisions by zero avoided).
+/// The construction alone, with the checks MindSpore's Python makes plus
+/// the refusal of an opt size above the repeated devices on the helper
+/// path (where MindSpore fails later, reshaping).
 pub(super) fn construct(layout: &Layout, global: &[u64]) -> Result<Expanded> {
     let strategy = layout.strategy_unchecked();
     let size = layout.resolved_size()?;
@@ -182,8 +183,9 @@ fn helper(
     }
     if remained != 1 {
         return Err(layout.err(&format!(
-            "opt shard size {size} is larger than the repeated devices allow (a factor {remained} \
-             is left)"
+            "inconsistent optimizer sharding: the opt shard size {size} is larger than the \
+             repeated devices (a factor {remained} is left); MindSpore never writes such a \
+             layout and its transform fails on it"
         )));
     }
     let mut map = layout.tensor_map.clone();

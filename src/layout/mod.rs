@@ -13,6 +13,13 @@
 //! - [`needed_source_ranks`] is the closed-form rule of spec 3.5: exactly
 //!   `rank_list_for_transform`'s per-stage list for plain layouts, a
 //!   superset of it when a side is optimizer-sharded or nested.
+//! - Errors are values ([`Error::Strategy`]) naming the layout and the
+//!   offending dims or values. Besides malformed layouts and shapes that do
+//!   not divide, optimizer-shard settings that MindSpore never writes (an
+//!   opt size that does not divide the repeated devices, a step that is not
+//!   their stride) are refused with an "inconsistent optimizer sharding"
+//!   error: for those, MindSpore's own transform fails or silently
+//!   duplicates data, so there are no bytes worth matching.
 //!
 //! # How a transform uses this
 //!

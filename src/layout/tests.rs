@@ -94,6 +94,12 @@ fn unsharded_holds_everything() {
     assert_eq!(l.device_num(), 1);
     assert_eq!(boxes(&l, &[2, 3, 4]), vec![vec![(0, 2), (0, 3), (0, 4)]]);
     assert_eq!(l.global_shape(&[2, 3, 4]).unwrap(), vec![2, 3, 4]);
+    // Empty dims hold nothing.
+    let z = flat(&[2], &[0, -1]);
+    assert_eq!(z.slice_shape(&[0, 3]).unwrap(), vec![0, 3]);
+    let rs = z.rank_slice(&[0, 3], 1).unwrap();
+    assert_eq!(rs.local_shape(), vec![0, 3]);
+    assert!(rs.dims[0].is_empty());
     // 0-d tensors have no dims.
     let s = Layout::unsharded(0);
     assert_eq!(s.rank_slice(&[], 0).unwrap().dims, Vec::<Vec<Piece>>::new());
@@ -267,6 +273,35 @@ fn needed_ranks_spec_vectors() {
     let d = flat(&[4], &[0, -1]);
     for r in 0..4 {
         assert_eq!(needed(&s, &d, r), vec![r]);
+    }
+}
+
+#[test]
+fn needed_ranks_opt_shard_superset_and_unnested_devices() {
+    let g = [16, 8, 8];
+    // Verified with MindSpore 2.10: it needs [4, 0] for rank 0 here; the
+    // rule gathers one more axis.
+    let s = flat(&[2, 4], &[1, -1, -1]).with_opt_shard(1, 2);
+    let d = flat(&[2, 1, 4], &[-1, 2, -1]).with_opt_shard(1, -1);
+    let got = needed_source_ranks(&s, &d, &g, 0).unwrap();
+    assert_eq!(got, vec![5, 4, 1, 0]);
+    assert!([4, 0].iter().all(|r| got.contains(r)));
+    // [2, 3] and [3, 2] have no common refinement (MindSpore: r -> [r%3+3,
+    // r%3] and [r/3*3+2, .., r/3*3]).
+    let g = [12];
+    for r in 0..6 {
+        let s = flat(&[2, 3], &[1]);
+        let d = flat(&[3, 2], &[-1]);
+        assert_eq!(
+            needed_source_ranks(&s, &d, &g, r).unwrap(),
+            vec![r % 3 + 3, r % 3]
+        );
+        let s = flat(&[2, 3], &[0]);
+        let b = r / 3 * 3;
+        assert_eq!(
+            needed_source_ranks(&s, &d, &g, r).unwrap(),
+            vec![b + 2, b + 1, b]
+        );
     }
 }
 
