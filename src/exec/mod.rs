@@ -12,7 +12,7 @@
 //! failed job leaves nothing behind.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
@@ -278,12 +278,4 @@ fn emit(
         Writer::Ckpt(w) => w.write_tensor_chunks(name, dtype, shape, chunks),
         Writer::Safetensors(w) => w.write(name, chunks),
     }
-}
-
-/// Whether `dir` holds anything (used to refuse writing into a non-empty
-/// output directory).
-pub fn dir_has_entries(dir: &Path) -> bool {
-    std::fs::read_dir(dir)
-        .map(|mut d| d.next().is_some())
-        .unwrap_or(false)
 }

@@ -126,6 +126,40 @@ pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
     Ok(plan)
 }
 
+/// The first entry of `dir` that a transform writing `output` must not
+/// overwrite or mix with. Other stages' parts of a by-stage transform
+/// (`{prefix}{r}_part{k}.{ext}`, written by separate runs) are expected.
+fn foreign_entry(dir: &Path, output: &Path) -> Result<Option<PathBuf>> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(None);
+    };
+    let name = output
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let part_stem = name.find("_part").map(|i| &name[..i + 5]);
+    let ext = output
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default();
+    for e in entries {
+        let e = e.map_err(|e| Error::from(e).in_file(dir))?;
+        let other = e.file_name();
+        let other = other.to_string_lossy();
+        let sibling_part = part_stem.is_some_and(|stem| {
+            other
+                .strip_prefix(stem)
+                .and_then(|rest| rest.strip_suffix(&format!(".{ext}")))
+                .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
+        });
+        if other != name && sibling_part {
+            continue;
+        }
+        return Ok(Some(e.path()));
+    }
+    Ok(None)
+}
+
 /// Runs a transform.
 pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
     let plan = plan_transform(options)?;
@@ -138,10 +172,11 @@ pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
     }
     for f in &plan.files {
         if let Some(dir) = f.path.parent() {
-            if exec::dir_has_entries(dir) {
-                return Err(Error::invalid(
-                    "the output directory already holds files; remove them or choose another --dst-checkpoint-dir",
-                )
+            if let Some(other) = foreign_entry(dir, &f.path)? {
+                return Err(Error::invalid(format!(
+                    "the output directory already holds {}; remove it or choose another --dst-checkpoint-dir",
+                    other.display()
+                ))
                 .in_file(dir));
             }
         }

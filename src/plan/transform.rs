@@ -209,17 +209,6 @@ pub fn plan(input: &TransformInput<'_>) -> Result<Plan> {
         }
         None => (0..all_ranks).collect(),
     };
-    if let Some(t) = &src_table {
-        let described = (src_per_stage * t.stage_num()? as u64) as usize;
-        if input.sources.len() != described {
-            return Err(Error::Strategy(format!(
-                "the source strategy describes {described} ranks ({} stage(s) × {src_per_stage}) but the source holds {} rank(s); \
-                 pass the directory of every rank's strategy file, or the merged file",
-                t.stage_num()?,
-                input.sources.len()
-            )));
-        }
-    }
     let by_rank: HashMap<usize, usize> = input
         .sources
         .iter()
@@ -234,6 +223,23 @@ pub fn plan(input: &TransformInput<'_>) -> Result<Plan> {
             path: path.clone(),
         })
         .collect();
+    if let (Some(src_s), Some(src_t), Some(dst_t)) = (input.src_strategy, &src_table, &dst_full) {
+        if is_by_stage(src_t, dst_t)? {
+            let files = plan_by_stage(input, src_s, src_t, dst_t, &by_rank)?;
+            return Ok(Plan { sources, files });
+        }
+    }
+    if let Some(t) = &src_table {
+        let described = (src_per_stage * t.stage_num()? as u64) as usize;
+        if input.sources.len() != described {
+            return Err(Error::Strategy(format!(
+                "the source strategy describes {described} ranks ({} stage(s) × {src_per_stage}) but the source holds {} rank(s); \
+                 pass the directory of every rank's strategy file, or the merged file",
+                t.stage_num()?,
+                input.sources.len()
+            )));
+        }
+    }
     let mut files = Vec::with_capacity(ranks.len());
     for &rank in &ranks {
         let file = plan_rank(
@@ -247,6 +253,90 @@ pub fn plan(input: &TransformInput<'_>) -> Result<Plan> {
         files.push(file);
     }
     Ok(Plan { sources, files })
+}
+
+/// MindSpore's dispatch (`transform_checkpoints`): both strategies have one
+/// stage and the source's parameters (optimizer states aside) are a strict
+/// subset of the destination's — the source strategy is one pipeline
+/// stage's file — so each stage is transformed on its own.
+fn is_by_stage(src: &LayoutTable, dst: &LayoutTable) -> Result<bool> {
+    if src.stage_num()? != 1 || dst.stage_num()? != 1 {
+        return Ok(false);
+    }
+    let keys = |t: &LayoutTable| -> HashSet<String> {
+        t.names()
+            .filter(|n| {
+                !n.starts_with("accu_grads") && !n.starts_with("adam_v") && !n.starts_with("adam_m")
+            })
+            .map(str::to_owned)
+            .collect()
+    };
+    let (s, d) = (keys(src), keys(dst));
+    Ok(s.is_subset(&d) && s.len() < d.len())
+}
+
+/// `_transform_checkpoint_by_stage`: the source strategy is the file of one
+/// pipeline stage; that stage's source ranks are loaded in ascending order
+/// and every local destination rank gets `{prefix}{r}_part{stage}`.
+fn plan_by_stage(
+    input: &TransformInput<'_>,
+    src_strategy: &Strategy,
+    src: &LayoutTable,
+    dst: &LayoutTable,
+    by_rank: &HashMap<usize, usize>,
+) -> Result<Vec<FilePlan>> {
+    let stage = src_strategy.stage().ok_or_else(|| {
+        Error::Strategy(
+            "the source strategy file has no parallel_strategy_item; its stage is unknown".into(),
+        )
+    })? as u64;
+    let (src_per_stage, dst_per_stage) = (src.device_num_per_stage()?, dst.device_num_per_stage()?);
+    let mut dst_map = dst.clone();
+    dst_map.retain(|n, _| src.contains(n));
+    let ranks: Vec<u64> = (0..src_per_stage)
+        .map(|l| stage * src_per_stage + l)
+        .collect();
+    for &k in &ranks {
+        if !by_rank.contains_key(&(k as usize)) {
+            return Err(Error::invalid(format!(
+                "the source strategy is stage {stage}'s, whose ranks are {}..{}, but rank_{k}/ is missing",
+                ranks[0],
+                ranks[ranks.len() - 1]
+            )));
+        }
+    }
+    let loaded = load_table(input, &ranks, src_per_stage, by_rank);
+    let missing: Vec<&str> = src
+        .names()
+        .filter(|n| !loaded.table.contains_key(*n))
+        .collect();
+    if let Some(first) = missing.first() {
+        return Err(Error::Strategy(format!(
+            "the source strategy names {} parameter(s) stage {stage}'s checkpoints do not hold, e.g. {first}",
+            missing.len()
+        )));
+    }
+    let wanted: Vec<u64> = match &input.ranks {
+        Some(r) => r.iter().map(|&r| r as u64).collect(),
+        None => (0..dst_per_stage).collect(),
+    };
+    wanted
+        .into_iter()
+        .map(|local| {
+            if local >= dst_per_stage {
+                return Err(Error::invalid(format!(
+                    "destination rank {local} does not exist: the destination strategy has {dst_per_stage} ranks"
+                )));
+            }
+            let r = local as usize;
+            let path = input
+                .dst_dir
+                .join(format!("rank_{r}"))
+                .join(format!("{}{r}_part{stage}.{}", input.prefix, input.format.extension()));
+            let wrap = |e: Error| Error::invalid(format!("destination rank {r} (stage {stage} part): {e}"));
+            build_file(input, &loaded, Some(src), Some(&dst_map), local, r, path, &wrap)
+        })
+        .collect()
 }
 
 fn plan_rank(
@@ -293,29 +383,15 @@ fn plan_rank(
         }
     }
 
-    // Load order: needed files in descending rank order; a name keeps its
-    // first position, its value per local rank is the last file loaded.
-    let mut order: Vec<String> = Vec::new();
-    let mut table: HashMap<String, BTreeMap<u64, Held>> = HashMap::new();
-    let mut first_local: HashMap<String, u64> = HashMap::new();
-    for &k in &needed {
-        let source = by_rank[&(k as usize)];
-        let local = k % src_per_stage;
-        for (entry, e) in input.sources[source].2.iter().enumerate() {
-            if !table.contains_key(&e.name) {
-                order.push(e.name.clone());
-                first_local.insert(e.name.clone(), local);
-            }
-            table
-                .entry(e.name.clone())
-                .or_default()
-                .insert(local, Held { source, entry });
-        }
-    }
+    // Load order: needed files in descending rank order.
+    let mut loaded = load_table(input, &needed, src_per_stage, by_rank);
     // A source-strategy parameter this stage needs but no loaded file holds
     // means the strategy is not this checkpoint's.
     if let Some(m) = &src_map {
-        let missing: Vec<&str> = m.names().filter(|n| !table.contains_key(*n)).collect();
+        let missing: Vec<&str> = m
+            .names()
+            .filter(|n| !loaded.table.contains_key(*n))
+            .collect();
         if !missing.is_empty() {
             let shown: Vec<&str> = missing.iter().take(5).copied().collect();
             return Err(wrap(Error::Strategy(format!(
@@ -344,16 +420,91 @@ fn plan_rank(
         (Some(o), Some(m)) => o.contains(n) && !m.contains(n),
         _ => true,
     };
-    order.retain(|n| !(not_in_local_src(n) && not_in_local_dst(n)));
+    loaded
+        .order
+        .retain(|n| !(not_in_local_src(n) && not_in_local_dst(n)));
+    let r = rank as usize;
+    let path = input.dst_dir.join(format!("rank_{r}")).join(format!(
+        "{}{r}.{}",
+        input.prefix,
+        input.format.extension()
+    ));
+    build_file(
+        input,
+        &loaded,
+        src_map.as_ref(),
+        dst_map.as_ref(),
+        rank % dst_per_stage,
+        r,
+        path,
+        &wrap,
+    )
+}
 
-    let local = rank % dst_per_stage;
+/// The parameters of the loaded files: names in first-seen order, and per
+/// name the entry held by each local source rank (the last file loaded wins,
+/// as in MindSpore's `param_total_dict`).
+struct Loaded {
+    order: Vec<String>,
+    table: HashMap<String, BTreeMap<u64, Held>>,
+    first_local: HashMap<String, u64>,
+}
+
+/// Simulates MindSpore loading the files of `ranks`, in that order.
+fn load_table(
+    input: &TransformInput<'_>,
+    ranks: &[u64],
+    src_per_stage: u64,
+    by_rank: &HashMap<usize, usize>,
+) -> Loaded {
+    let mut loaded = Loaded {
+        order: Vec::new(),
+        table: HashMap::new(),
+        first_local: HashMap::new(),
+    };
+    for &k in ranks {
+        let source = by_rank[&(k as usize)];
+        let local = k % src_per_stage;
+        for (entry, e) in input.sources[source].2.iter().enumerate() {
+            if !loaded.table.contains_key(&e.name) {
+                loaded.order.push(e.name.clone());
+                loaded.first_local.insert(e.name.clone(), local);
+            }
+            loaded
+                .table
+                .entry(e.name.clone())
+                .or_default()
+                .insert(local, Held { source, entry });
+        }
+    }
+    loaded
+}
+
+/// `_transform_parallel_checkpoint` for one destination file: the
+/// parameters of both strategies resharded, in load order, then the others
+/// copied from local source rank `local % device_num`.
+#[allow(clippy::too_many_arguments)]
+fn build_file(
+    input: &TransformInput<'_>,
+    loaded: &Loaded,
+    src_map: Option<&LayoutTable>,
+    dst_map: Option<&LayoutTable>,
+    local: u64,
+    rank: usize,
+    path: PathBuf,
+    wrap: &dyn Fn(Error) -> Error,
+) -> Result<FilePlan> {
+    let Loaded {
+        order,
+        table,
+        first_local,
+    } = loaded;
     let entry = |h: Held| -> &SourceEntry { &input.sources[h.source].2[h.entry] };
     let mut tensors = Vec::with_capacity(order.len());
     let mut transformed: HashSet<&str> = HashSet::new();
     let mut device_num: Option<u64> = None;
-    for name in &order {
-        if src_map.as_ref().is_some_and(|m| !m.contains(name))
-            || dst_map.as_ref().is_some_and(|m| !m.contains(name))
+    for name in order.iter() {
+        if src_map.is_some_and(|m| !m.contains(name)) || dst_map.is_some_and(|m| !m.contains(name))
         {
             continue;
         }
@@ -361,12 +512,10 @@ fn plan_rank(
         let first = entry(held[&first_local[name]]);
         let ndim = first.dims.len();
         let from = src_map
-            .as_ref()
             .and_then(|m| m.get(name))
             .map(Layout::from_param)
             .unwrap_or_else(|| Layout::unsharded(ndim));
         let to = dst_map
-            .as_ref()
             .and_then(|m| m.get(name))
             .map(Layout::from_param)
             .unwrap_or_else(|| Layout::unsharded(ndim));
@@ -480,7 +629,7 @@ fn plan_rank(
     // Parameters outside the strategies (global_step, …): copied from the
     // local source rank `rank % device_num` of the last transformed one.
     let own = local % device_num;
-    for name in &order {
+    for name in order.iter() {
         if transformed.contains(name.as_str()) {
             continue;
         }
@@ -521,14 +670,9 @@ fn plan_rank(
             content,
         });
     }
-    let r = rank as usize;
     Ok(FilePlan {
-        rank: r,
-        path: input.dst_dir.join(format!("rank_{r}")).join(format!(
-            "{}{r}.{}",
-            input.prefix,
-            input.format.extension()
-        )),
+        rank,
+        path,
         format: input.format,
         tensors,
     })

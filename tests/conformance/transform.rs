@@ -41,6 +41,9 @@ fn cases() -> Vec<Value> {
         json!({"name": "st_dp2mp2_to_mp4", "dtype": "float32", "src": side(&[2, 2]), "dst": side(&[4]),
                "format": "safetensors"}),
         json!({"name": "st_mp2_to_full", "dtype": "bfloat16", "src": side(&[2]), "dst": null, "format": "safetensors"}),
+        // Last: checked separately, one run per stage.
+        json!({"name": "by_stage_mp2_pp2_to_mp2", "dtype": "float32", "src": pp(&[2], 2), "dst": side(&[2]),
+               "by_stage": true}),
     ]
 }
 
@@ -141,6 +144,9 @@ fn transform_matrix_is_byte_identical_to_mindspore() {
         &[dir.path().to_str().unwrap(), cases_path.to_str().unwrap()],
     );
     for (i, case) in cases.iter().enumerate() {
+        if case["by_stage"] == true {
+            continue;
+        }
         let name = case["name"].as_str().unwrap();
         let case_dir = dir.path().join(name);
         let out = dir.path().join(format!("ours-{name}"));
@@ -172,6 +178,21 @@ fn transform_matrix_is_byte_identical_to_mindspore() {
                 == std::fs::read(case_dir.join("expect").join(&f)).unwrap()
         );
     }
+    // By stage: the source strategy is one stage's per-rank file.
+    let case_dir = dir.path().join("by_stage_mp2_pp2_to_mp2");
+    let out = dir.path().join("by-stage");
+    for stage in 0..2 {
+        let mut o = options(&case_dir, &cases[cases.len() - 1], &out, true);
+        o.src_strategy = Some(case_dir.join(format!(
+            "src_strategy/ckpt_strategy_rank_{}.ckpt",
+            stage * 2
+        )));
+        transform(&o).unwrap_or_else(|e| panic!("by stage {stage}: {e}"));
+    }
+    assert_same_tree(&out, &case_dir.join("expect"), "by_stage_mp2_pp2_to_mp2");
+
+    let case = &cases[4];
+    let case_dir = dir.path().join("mp2_to_mp4_pp2");
     let out = dir.path().join("parallel");
     let mut o = options(&case_dir, case, &out, false);
     o.workers = 3;

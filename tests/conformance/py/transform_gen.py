@@ -139,8 +139,17 @@ def make_case(root, case):
         ms.transform_checkpoints(os.path.join(d, "full"), os.path.join(d, "src"), "src_", None, strategies["src"])
     else:
         shutil.copytree(os.path.join(d, "full"), os.path.join(d, "src"))
-    ms.transform_checkpoints(os.path.join(d, "src"), os.path.join(d, "expect"), "checkpoint_",
-                             strategies.get("src"), strategies.get("dst"))
+    if case.get("by_stage"):
+        # The source strategy is one stage's per-rank file: MindSpore then
+        # transforms that stage alone into {prefix}{r}_part{stage}.ckpt.
+        per_stage = int(np.prod(case["src"]["dev"]))
+        for stage in range(case["src"]["pp"]):
+            one = os.path.join(d, "src_strategy", f"ckpt_strategy_rank_{stage * per_stage}.ckpt")
+            ms.transform_checkpoints(os.path.join(d, "src"), os.path.join(d, "expect"), "checkpoint_",
+                                     one, strategies.get("dst"))
+    else:
+        ms.transform_checkpoints(os.path.join(d, "src"), os.path.join(d, "expect"), "checkpoint_",
+                                 strategies.get("src"), strategies.get("dst"))
     if fmt == "safetensors":
         # MindSpore 2.10's own safetensors transform (_transform_safetensors)
         # writes a column slice's strided numpy view as if it were contiguous
