@@ -83,17 +83,8 @@ fn whole_transform(c: &mut Criterion) {
     };
     let (two, four) = (strategy("mp2", 2), strategy("mp4", 4));
     let options = |src, dst, s: Option<&std::path::Path>, d: &std::path::Path| TransformOptions {
-        src_checkpoint: src,
-        dst_dir: dst,
-        src_strategy: s.map(|p| p.to_path_buf()),
-        dst_strategy: Some(d.to_path_buf()),
-        prefix: "checkpoint_".into(),
-        ranks: None,
-        world_size: None,
         workers: 2,
-        output_format: None,
-        dry_run: false,
-        read: Default::default(),
+        ..TransformOptions::new(src, dst, s.map(|p| p.to_path_buf()), Some(d.to_path_buf()))
     };
     transform(&options(
         full.clone(),

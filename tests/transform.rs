@@ -71,17 +71,8 @@ fn strategies(model: &Path, dir: &Path, dp: u32, mp: u32, pp: u32, opt: i32) -> 
 
 fn options(src: &Path, dst: &Path, s: Option<&Path>, d: Option<&Path>) -> TransformOptions {
     TransformOptions {
-        src_checkpoint: src.to_path_buf(),
-        dst_dir: dst.to_path_buf(),
-        src_strategy: s.map(Path::to_path_buf),
-        dst_strategy: d.map(Path::to_path_buf),
-        prefix: "checkpoint_".into(),
-        ranks: None,
-        world_size: None,
         workers: 2,
-        output_format: None,
-        dry_run: false,
-        read: Default::default(),
+        ..TransformOptions::new(src, dst, s.map(Path::to_path_buf), d.map(Path::to_path_buf))
     }
 }
 

@@ -69,16 +69,7 @@ pub(super) fn construct(layout: &Layout, global: &[u64]) -> Result<Expanded> {
             return Err(layout.err("optimizer sharding of a 0-d tensor"));
         }
         let n = layout.dev_matrix.len();
-        let sharded: Vec<usize> = layout
-            .tensor_map
-            .iter()
-            .flatten()
-            .filter(|&&a| a >= 0)
-            .map(|&a| n - 1 - a as usize)
-            .collect();
-        let repeated: Vec<usize> = (0..n)
-            .filter(|i| !sharded.contains(i) && layout.dev_matrix[*i] > 1)
-            .collect();
+        let repeated = layout.repeated_axes();
         if repeated.is_empty() {
             return Err(layout.err(
                 "optimizer sharding needs a repeated device axis (one of size > 1 that the \

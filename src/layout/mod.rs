@@ -175,6 +175,23 @@ impl Layout {
             .fold(1u64, |acc, &d| acc.saturating_mul(d))
     }
 
+    /// The repeated device axes: indices into `dev_matrix` (left-indexed)
+    /// of size > 1 that no tensor dim uses. Ranks differing only there hold
+    /// the same slice; optimizer sharding splits over them (spec 3.2).
+    pub fn repeated_axes(&self) -> Vec<usize> {
+        let n = self.dev_matrix.len();
+        let used: Vec<usize> = self
+            .tensor_map
+            .iter()
+            .flatten()
+            .filter(|&&a| a >= 0 && (a as usize) < n)
+            .map(|&a| n - 1 - a as usize)
+            .collect();
+        (0..n)
+            .filter(|i| !used.contains(i) && self.dev_matrix[*i] > 1)
+            .collect()
+    }
+
     /// Checks the layout on its own: non-empty dev matrix of positive
     /// sizes with a product that fits, tensor-map axes in range and used
     /// once, -1 only alone or last in a nested entry, one axis per dim in

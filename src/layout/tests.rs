@@ -452,14 +452,7 @@ fn arb_layout_nd(ndim: usize) -> impl Strategy<Value = (Layout, Vec<u64>)> {
             if size != 0 {
                 // MindSpore's step: the stride of the single repeated axis,
                 // or 1; sometimes something else.
-                let used: Vec<usize> = l
-                    .tensor_map
-                    .iter()
-                    .flatten()
-                    .filter(|&&a| a >= 0)
-                    .map(|&a| n - 1 - a as usize)
-                    .collect();
-                let rep = (0..n).find(|i| !used.contains(i) && l.dev_matrix[*i] > 1);
+                let rep = l.repeated_axes().first().copied();
                 let inner = rep.map_or(1, |r| l.dev_matrix[r + 1..].iter().product::<u64>());
                 l.opt_shard_step = [inner as i64, inner as i64, 1, 2][step_pick];
                 l.opt_shard_size = size;

@@ -209,17 +209,8 @@ pub fn demo(options: &DemoOptions) -> Result<DemoReport> {
             std::fs::remove_dir_all(&out).map_err(|e| Error::from(e).in_file(&out))?;
         }
         let report = transform(&TransformOptions {
-            src_checkpoint: src.to_path_buf(),
-            dst_dir: out,
-            src_strategy: s.map(Path::to_path_buf),
-            dst_strategy: d.map(Path::to_path_buf),
-            prefix: "checkpoint_".into(),
-            ranks: None,
-            world_size: None,
             workers: 2,
-            output_format: None,
-            dry_run: false,
-            read: ReadOptions::default(),
+            ..TransformOptions::new(src, out, s.map(Path::to_path_buf), d.map(Path::to_path_buf))
         })?;
         Ok(report.executed.map_or(0.0, |e| e.seconds))
     };

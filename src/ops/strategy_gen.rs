@@ -26,6 +26,7 @@ use crate::error::{Error, Result, ResultExt};
 use crate::formats::ckpt::ReadOptions;
 use crate::formats::strategy::{self, LayoutItem, Strategy, StrategyItem};
 use crate::formats::{EntryValue, Source};
+use crate::layout::Layout;
 
 /// Options of [`write_strategies`].
 #[derive(Debug, Clone)]
@@ -100,19 +101,12 @@ fn tensor_map(name: &str, ndim: usize, vocab_emb_dp: bool) -> Vec<i32> {
 /// from the right, so the step is the product of the axes right of the
 /// rightmost repeated one. `(0, 0)` where dim 0 of the slice does not divide.
 fn opt_shard(map: &[i32], dim0: u64, dp: u64, mp: u64, opt: i32) -> (i32, i32) {
-    let dev = [dp, mp];
-    let used: Vec<usize> = map
-        .iter()
-        .filter(|&&a| a >= 0)
-        .map(|&a| 1 - a as usize)
-        .collect();
-    let repeated: Vec<usize> = (0..2)
-        .filter(|i| !used.contains(i) && dev[*i] > 1)
-        .collect();
+    let layout = Layout::flat(vec![dp, mp], map);
+    let repeated = layout.repeated_axes();
     let Some(&rightmost) = repeated.last() else {
         return (0, 0);
     };
-    let repeated_devices: u64 = repeated.iter().map(|&i| dev[i]).product();
+    let repeated_devices: u64 = repeated.iter().map(|&i| layout.dev_matrix[i]).product();
     let size = match opt {
         0 => return (0, 0),
         -1 => repeated_devices,
@@ -122,7 +116,7 @@ fn opt_shard(map: &[i32], dim0: u64, dp: u64, mp: u64, opt: i32) -> (i32, i32) {
     if size < 2 || repeated_devices % size != 0 || (dim0 / split0) % size != 0 {
         return (0, 0);
     }
-    let step: u64 = dev[rightmost + 1..].iter().product();
+    let step: u64 = layout.dev_matrix[rightmost + 1..].iter().product();
     (step as i32, if opt == -1 { -1 } else { size as i32 })
 }
 

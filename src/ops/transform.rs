@@ -44,6 +44,31 @@ pub struct TransformOptions {
     pub read: ReadOptions,
 }
 
+impl TransformOptions {
+    /// Options with MindFormers' defaults: prefix `checkpoint_`, every
+    /// destination rank, one worker, the source's format, CRCs verified.
+    pub fn new(
+        src_checkpoint: impl Into<PathBuf>,
+        dst_dir: impl Into<PathBuf>,
+        src_strategy: Option<PathBuf>,
+        dst_strategy: Option<PathBuf>,
+    ) -> TransformOptions {
+        TransformOptions {
+            src_checkpoint: src_checkpoint.into(),
+            dst_dir: dst_dir.into(),
+            src_strategy,
+            dst_strategy,
+            prefix: "checkpoint_".into(),
+            ranks: None,
+            world_size: None,
+            workers: 1,
+            output_format: None,
+            dry_run: false,
+            read: ReadOptions::default(),
+        }
+    }
+}
+
 /// What [`transform`] did (or would do, for a dry run).
 #[derive(Debug, Clone, Serialize)]
 pub struct TransformReport {

@@ -95,16 +95,7 @@ fn random_layout(rng: &mut Rng, ndim: usize) -> Layout {
         opt_shard_size: 0,
     };
     if rng.chance(60) {
-        let used: Vec<usize> = l
-            .tensor_map
-            .iter()
-            .flatten()
-            .filter(|&&a| a >= 0)
-            .map(|&a| n - 1 - a as usize)
-            .collect();
-        let repeated: Vec<usize> = (0..n)
-            .filter(|i| !used.contains(i) && l.dev_matrix[*i] > 1)
-            .collect();
+        let repeated = l.repeated_axes();
         let step = match repeated.first() {
             Some(&r) if rng.chance(80) => l.dev_matrix[r + 1..].iter().product::<u64>() as i64,
             _ => rng.pick(&[1, 2, 4]),

@@ -109,14 +109,6 @@ fn options(case_dir: &Path, case: &Value, out: &Path, strategy_as_dir: bool) -> 
         case_dir.join("src")
     };
     TransformOptions {
-        src_checkpoint: src,
-        dst_dir: out.to_path_buf(),
-        src_strategy: strategy("src"),
-        dst_strategy: strategy("dst"),
-        prefix: "checkpoint_".into(),
-        ranks: None,
-        world_size: None,
-        workers: 1,
         output_format: case["format"].as_str().map(|f| {
             if f == "safetensors" {
                 FileFormat::Safetensors
@@ -124,8 +116,7 @@ fn options(case_dir: &Path, case: &Value, out: &Path, strategy_as_dir: bool) -> 
                 FileFormat::Ckpt
             }
         }),
-        dry_run: false,
-        read: Default::default(),
+        ..TransformOptions::new(src, out, strategy("src"), strategy("dst"))
     }
 }
 
@@ -230,17 +221,13 @@ fn check_against_mindspore(
     );
     let ours = work.join(format!("{tag}-ours"));
     let o = TransformOptions {
-        src_checkpoint: src.to_path_buf(),
-        dst_dir: ours.clone(),
-        src_strategy: s.map(Path::to_path_buf),
-        dst_strategy: d.map(Path::to_path_buf),
-        prefix: "checkpoint_".into(),
-        ranks: None,
-        world_size: None,
         workers: 2,
-        output_format: None,
-        dry_run: false,
-        read: Default::default(),
+        ..TransformOptions::new(
+            src,
+            &ours,
+            s.map(Path::to_path_buf),
+            d.map(Path::to_path_buf),
+        )
     };
     transform(&o).unwrap_or_else(|e| panic!("{tag}: {e}"));
     assert_same_tree(&ours, &expect, tag);
