@@ -23,6 +23,7 @@ fn box_copy(c: &mut Criterion) {
         dst_dtype: DType::F32,
         dst_offset: vec![0, 0],
         extent: vec![4096, 2048],
+        src_axes: Vec::new(),
     };
     group.throughput(Throughput::Bytes(4096 * 2048 * 4));
     for threads in [1, 2] {

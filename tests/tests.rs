@@ -2,6 +2,9 @@
 
 mod util;
 
+mod auto;
 mod conformance;
+mod convert;
 mod faults;
+mod merge_lora;
 mod transform;

@@ -36,10 +36,16 @@ pub use cpu::CpuBackend;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 
-/// An N-d box copy between two row-major tensors, with an optional cast.
+/// An N-d box copy between two row-major tensors, with an optional cast and
+/// an optional axis permutation.
 ///
-/// Copies `src[src_offset + i] → dst[dst_offset + i]` for every index `i`
-/// in `extent`, converting `src_dtype` elements to `dst_dtype`.
+/// Copies `src[src_offset + P(i)] → dst[dst_offset + i]` for every index
+/// `i` in `extent` (destination order), converting `src_dtype` elements to
+/// `dst_dtype`. `P` maps a destination index to a source index through
+/// `src_axes`: destination axis `d` walks source axis `src_axes[d]`; empty
+/// means the identity. Shapes are *views*: any shape whose element count
+/// matches the buffer, so a reshape costs nothing (a transpose of a
+/// `[n_head, 2, hd/2, hidden]` view is a rotary permutation).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BoxCopy {
     /// Shape of the whole source tensor.
@@ -54,8 +60,10 @@ pub struct BoxCopy {
     pub dst_dtype: DType,
     /// Corner of the box in the destination.
     pub dst_offset: Vec<u64>,
-    /// Size of the box.
+    /// Size of the box, in destination axis order.
     pub extent: Vec<u64>,
+    /// Destination axis `d` reads source axis `src_axes[d]`; empty: identity.
+    pub src_axes: Vec<usize>,
 }
 
 impl BoxCopy {
@@ -69,6 +77,16 @@ impl BoxCopy {
             dst_dtype,
             dst_offset: vec![0; shape.len()],
             extent: shape.to_vec(),
+            src_axes: Vec::new(),
+        }
+    }
+
+    /// Source axis read by destination axis `d`.
+    pub fn src_axis(&self, d: usize) -> usize {
+        if self.src_axes.is_empty() {
+            d
+        } else {
+            self.src_axes[d]
         }
     }
 
@@ -90,8 +108,19 @@ impl BoxCopy {
                 self.extent, self.src_shape, self.src_offset, self.dst_shape, self.dst_offset
             )));
         }
+        if !self.src_axes.is_empty() {
+            let mut seen = self.src_axes.clone();
+            seen.sort_unstable();
+            if seen != (0..n).collect::<Vec<_>>() {
+                return Err(Error::invalid(format!(
+                    "box copy axes {:?} are not a permutation of 0..{n}",
+                    self.src_axes
+                )));
+            }
+        }
         for d in 0..n {
-            if self.src_offset[d] + self.extent[d] > self.src_shape[d]
+            let s = self.src_axis(d);
+            if self.src_offset[s] + self.extent[d] > self.src_shape[s]
                 || self.dst_offset[d] + self.extent[d] > self.dst_shape[d]
             {
                 return Err(Error::invalid(format!(

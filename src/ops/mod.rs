@@ -1,8 +1,11 @@
 //! One module per user operation. Each takes an options struct, does the
 //! work through the library, and returns a report value; none prints.
 
+pub mod auto;
+pub mod convert;
 pub mod demo;
 pub mod inspect;
+pub mod merge_lora;
 pub mod rewrite;
 pub mod strategy_gen;
 pub mod transform;

@@ -170,6 +170,7 @@ fn intersect(
             dst_dtype,
             dst_offset,
             extent,
+            src_axes: Vec::new(),
         })
         .collect()
 }

@@ -1,6 +1,9 @@
 //! Conformance tests against real MindSpore 2.10 (`RESHARD_MINDSPORE_PYTHON`).
 
+mod auto;
 mod ckpt;
+mod convert;
 mod layout;
+mod merge_lora;
 mod strategy;
 mod transform;

@@ -26,6 +26,12 @@ pub enum Command {
     Strategy(StrategyArgs),
     /// Run the formats round trip on built-in synthetic data (no network, no Python).
     Demo(DemoArgs),
+    /// Convert HuggingFace weights to MindSpore and back, like mindformers' convert_weight.py.
+    Convert(crate::commands::convert::ConvertArgs),
+    /// Merge LoRA factors into their base weights (W + s·B·A), full or distributed.
+    MergeLora(crate::commands::merge_lora::MergeLoraArgs),
+    /// Decide whether a training job's checkpoint needs converting, and convert this rank's share.
+    Auto(crate::commands::auto::AutoArgs),
 }
 
 #[derive(Debug, Args)]

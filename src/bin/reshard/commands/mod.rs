@@ -1,4 +1,9 @@
 //! One function per subcommand: Args → options → `reshard::ops` → render.
+//! Larger commands live in their own file (Args struct + `run`).
+
+pub mod auto;
+pub mod convert;
+pub mod merge_lora;
 
 use anyhow::Result;
 use reshard::formats::ckpt::{crypt, ReadOptions, SplitMode};
@@ -16,6 +21,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Transform(a) => transform(a),
         Command::Strategy(a) => strategy(a),
         Command::Demo(a) => demo(a),
+        Command::Convert(a) => convert::run(a),
+        Command::MergeLora(a) => merge_lora::run(a),
+        Command::Auto(a) => auto::run(a),
     }
 }
 

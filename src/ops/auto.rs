@@ -1,0 +1,1 @@
+//! `reshard auto` (auto conversion in a job) — being written (issue 7).

@@ -1,0 +1,1 @@
+//! `reshard convert` (HuggingFace ⇄ MindSpore) — being written (issue 4).

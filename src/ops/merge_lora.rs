@@ -1,0 +1,1 @@
+//! `reshard merge-lora` — being written (issue 5).
