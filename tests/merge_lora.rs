@@ -1,1 +1,434 @@
-//! Integration tests — being written.
+//! `merge-lora` without MindSpore: numerics against an f64 reference,
+//! distributed merges against merge-then-reshard (bit for bit), every name
+//! style, fan_in_fan_out, and the bad inputs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use reshard::formats::ckpt::{Checkpoint, CkptWriter, WriteOptions};
+use reshard::formats::tree::FileFormat;
+use reshard::ops::merge_lora::{merge_lora, MergeLoraOptions};
+use reshard::ops::strategy_gen::{write_strategies, StrategyOptions};
+use reshard::ops::transform::{transform, TransformOptions};
+use reshard::DType;
+
+use crate::util::{reshard_bin, tempdir};
+
+const HIDDEN: i64 = 16;
+const FFN: i64 = 32;
+const RANK: i64 = 4;
+
+fn encode(dtype: DType, values: &[f32]) -> Vec<u8> {
+    match dtype {
+        DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F16 => values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        DType::BF16 => values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        _ => unreachable!(),
+    }
+}
+
+fn decode(dtype: DType, bytes: &[u8]) -> Vec<f64> {
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+        _ => unreachable!(),
+    }
+}
+
+/// (weight, A factor, B factor, weight shape) of the synthetic model: every
+/// name style mindformers knows.
+pub fn lora_layout() -> Vec<(String, String, String, [i64; 2])> {
+    let l = |i: usize, w: &str| format!("model.layers.{i}.{w}");
+    vec![
+        (
+            l(0, "attention.wq.weight"),
+            l(0, "attention.wq.mindpet_delta_lora_a"),
+            l(0, "attention.wq.mindpet_delta_lora_b"),
+            [HIDDEN, HIDDEN],
+        ),
+        (
+            l(0, "attention.wo.weight"),
+            l(0, "attention.wo.mindpet_delta_lora_a"),
+            l(0, "attention.wo.mindpet_delta_lora_b"),
+            [HIDDEN, HIDDEN],
+        ),
+        (
+            l(0, "feed_forward.w1.weight"),
+            l(0, "feed_forward.w1.lora_A.weight"),
+            l(0, "feed_forward.w1.lora_B.weight"),
+            [FFN, HIDDEN],
+        ),
+        (
+            l(1, "attention.wq.weight"),
+            l(1, "attention.wq.tk_delta_lora_a"),
+            l(1, "attention.wq.tk_delta_lora_b"),
+            [HIDDEN, HIDDEN],
+        ),
+        (
+            l(1, "attention.wo.weight"),
+            l(1, "attention.wo.mindpet_delta_lora_a"),
+            l(1, "attention.wo.mindpet_delta_lora_b"),
+            [HIDDEN, HIDDEN],
+        ),
+        (
+            l(1, "feed_forward.w2.weight"),
+            l(1, "feed_forward.w2.lora_A.weight"),
+            l(1, "feed_forward.w2.lora_B.weight"),
+            [HIDDEN, FFN],
+        ),
+    ]
+}
+
+fn value(seed: u32, i: usize) -> f32 {
+    let x = (i as u32).wrapping_mul(2654435761) ^ seed.wrapping_mul(40503);
+    ((x % 4001) as f32 / 2000.0 - 1.0) * 0.75
+}
+
+/// A full checkpoint with LoRA factors, their optimizer states, a norm and
+/// `global_step`. Weights have `dtype`; factors too.
+pub fn lora_model(path: &Path, dtype: DType, seed: u32) {
+    let mut w = CkptWriter::create(path, WriteOptions::default()).unwrap();
+    let mut put = |name: &str, shape: &[i64], salt: u32| {
+        let n = shape.iter().product::<i64>() as usize;
+        let v: Vec<f32> = (0..n).map(|i| value(seed ^ salt, i)).collect();
+        w.write_tensor(name, dtype, shape, &encode(dtype, &v))
+            .unwrap();
+    };
+    for (i, (weight, a, b, [out, inp])) in lora_layout().into_iter().enumerate() {
+        let i = i as u32;
+        put(&weight, &[out, inp], 3 * i);
+        put(&a, &[RANK, inp], 3 * i + 1);
+        put(&b, &[out, RANK], 3 * i + 2);
+        put(&format!("adam_m.{a}"), &[RANK, inp], 100 + i);
+        put(&format!("adam_m.{weight}"), &[out, inp], 200 + i);
+    }
+    put("model.norm_out.weight", &[HIDDEN], 999);
+    drop(put);
+    w.write_tensor("global_step", DType::I32, &[1], &5i32.to_le_bytes())
+        .unwrap();
+    w.finish().unwrap();
+}
+
+/// Strategy files (dp 1 · mp `mp`) for the model at `model`.
+pub fn strategies(model: &Path, dir: &Path, mp: u32) -> PathBuf {
+    write_strategies(&StrategyOptions {
+        checkpoint: model.to_path_buf(),
+        out_dir: dir.to_path_buf(),
+        dp: 1,
+        mp,
+        pp: 1,
+        opt_shard: 0,
+        vocab_emb_dp: true,
+    })
+    .unwrap();
+    dir.to_path_buf()
+}
+
+fn split(model: &Path, strategy: &Path, out: &Path) {
+    transform(&TransformOptions::new(
+        model,
+        out,
+        None,
+        Some(strategy.to_path_buf()),
+    ))
+    .unwrap();
+}
+
+#[test]
+fn full_merge_matches_an_f64_reference() {
+    let dir = tempdir();
+    let model = dir.path().join("model.ckpt");
+    lora_model(&model, DType::F32, 1);
+    let out = dir.path().join("out");
+    let report = merge_lora(&MergeLoraOptions {
+        scale: 0.25,
+        ..MergeLoraOptions::new(&model, &out)
+    })
+    .unwrap();
+    assert_eq!(report.merged.len(), 6);
+    let src = Checkpoint::open(&model, &Default::default()).unwrap();
+    let got = Checkpoint::open(out.join("rank_0/checkpoint_0.ckpt"), &Default::default()).unwrap();
+    // Exactly the base model's parameters, in order.
+    let want_names: Vec<&str> = src
+        .entries()
+        .iter()
+        .map(|e| e.name.as_str())
+        .filter(|n| !n.contains("lora_"))
+        .collect();
+    let got_names: Vec<&str> = got.entries().iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(got_names, want_names);
+    let read = |c: &Checkpoint, n: &str| decode(DType::F32, &c.tensor_bytes(c.get(n).unwrap()));
+    for (weight, a, b, [out_dim, in_dim]) in lora_layout() {
+        let (w, a, b, m) = (
+            read(&src, &weight),
+            read(&src, &a),
+            read(&src, &b),
+            read(&got, &weight),
+        );
+        let (o, i, r) = (out_dim as usize, in_dim as usize, RANK as usize);
+        for row in 0..o {
+            for col in 0..i {
+                let p: f64 = (0..r).map(|k| b[row * r + k] * a[k * i + col]).sum();
+                let want = w[row * i + col] + 0.25 * p;
+                assert!(
+                    (m[row * i + col] - want).abs()
+                        <= 4.0 * f32::EPSILON as f64 * want.abs().max(1.0),
+                    "{weight} ({row},{col})"
+                );
+            }
+        }
+    }
+    // Everything else is copied unchanged.
+    for e in got.entries() {
+        if !report.merged.iter().any(|(w, _, _)| w == &e.name) {
+            assert!(
+                got.tensor_bytes(e) == src.tensor_bytes(src.get(&e.name).unwrap()),
+                "{}",
+                e.name
+            );
+        }
+    }
+}
+
+#[test]
+fn sharded_merges_equal_merge_then_reshard_bit_for_bit() {
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let dir = tempdir();
+        let root = dir.path();
+        let model = root.join("model.ckpt");
+        lora_model(&model, dtype, 7);
+        let (mp2, mp4) = (
+            strategies(&model, &root.join("mp2"), 2),
+            strategies(&model, &root.join("mp4"), 4),
+        );
+        split(&model, &mp2, &root.join("shards"));
+        // Reference: merge the full model, then reshard to mp4.
+        merge_lora(&MergeLoraOptions::new(&model, root.join("merged"))).unwrap();
+        let merged_full = root.join("merged/rank_0/checkpoint_0.ckpt");
+        // From shards to one file: the same bytes as merging the full model.
+        merge_lora(&MergeLoraOptions {
+            src_strategy: Some(mp2.clone()),
+            ..MergeLoraOptions::new(root.join("shards"), root.join("gathered"))
+        })
+        .unwrap();
+        assert!(
+            std::fs::read(root.join("gathered/rank_0/checkpoint_0.ckpt")).unwrap()
+                == std::fs::read(&merged_full).unwrap(),
+            "{dtype}"
+        );
+        // From shards straight into another layout.
+        let base_mp4 = strategies(&merged_full, &root.join("base_mp4"), 4);
+        let _ = mp4;
+        let o = MergeLoraOptions {
+            src_strategy: Some(mp2),
+            dst_strategy: Some(base_mp4.clone()),
+            workers: 2,
+            ..MergeLoraOptions::new(root.join("shards"), root.join("direct"))
+        };
+        merge_lora(&o).unwrap();
+        transform(&TransformOptions::new(
+            &merged_full,
+            root.join("resharded"),
+            None,
+            Some(base_mp4),
+        ))
+        .unwrap();
+        for r in 0..4 {
+            let f = format!("rank_{r}/checkpoint_{r}.ckpt");
+            assert!(
+                std::fs::read(root.join("direct").join(&f)).unwrap()
+                    == std::fs::read(root.join("resharded").join(&f)).unwrap(),
+                "{dtype} {f}"
+            );
+        }
+    }
+}
+
+#[test]
+fn fan_in_fan_out_weights_are_merged_transposed() {
+    let dir = tempdir();
+    let model = dir.path().join("model.ckpt");
+    // W stored [in=8, out=6]; A [2, 8], B [6, 2].
+    let (w, a, b): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+        (0..48).map(|i| value(1, i)).collect(),
+        (0..16).map(|i| value(2, i)).collect(),
+        (0..12).map(|i| value(3, i)).collect(),
+    );
+    let mut wr = CkptWriter::create(&model, WriteOptions::default()).unwrap();
+    wr.write_tensor(
+        "h.c_attn.weight",
+        DType::F32,
+        &[8, 6],
+        &encode(DType::F32, &w),
+    )
+    .unwrap();
+    wr.write_tensor(
+        "h.c_attn.lora_A.weight",
+        DType::F32,
+        &[2, 8],
+        &encode(DType::F32, &a),
+    )
+    .unwrap();
+    wr.write_tensor(
+        "h.c_attn.lora_B.weight",
+        DType::F32,
+        &[6, 2],
+        &encode(DType::F32, &b),
+    )
+    .unwrap();
+    wr.finish().unwrap();
+    let out = dir.path().join("out");
+    merge_lora(&MergeLoraOptions {
+        fan_in_fan_out: true,
+        format: FileFormat::Safetensors,
+        ..MergeLoraOptions::new(&model, &out)
+    })
+    .unwrap();
+    let f = reshard::formats::safetensors::SafetensorsFile::open(
+        out.join("rank_0/checkpoint_0.safetensors"),
+        true,
+    )
+    .unwrap();
+    let m = decode(DType::F32, f.bytes(f.get("h.c_attn.weight").unwrap()));
+    for i in 0..8 {
+        for o in 0..6 {
+            let p: f32 = (0..2).map(|k| b[o * 2 + k] * a[k * 8 + i]).sum();
+            assert!(
+                (m[i * 6 + o] as f32 - (w[i * 6 + o] + p)).abs() < 1e-5,
+                "({i},{o})"
+            );
+        }
+    }
+    // Without the flag the shapes do not multiply to W.
+    let err = merge_lora(&MergeLoraOptions::new(&model, dir.path().join("x")))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not multiply"), "{err}");
+}
+
+fn bad_model(dir: &Path, tweak: impl Fn(&str, Vec<i64>) -> Option<Vec<i64>>) -> PathBuf {
+    let path = dir.join("bad.ckpt");
+    let mut w = CkptWriter::create(&path, WriteOptions::default()).unwrap();
+    for (name, shape) in [
+        ("x.wq.weight", vec![8, 8]),
+        ("x.wq.mindpet_delta_lora_a", vec![2, 8]),
+        ("x.wq.mindpet_delta_lora_b", vec![8, 2]),
+    ] {
+        if let Some(shape) = tweak(name, shape) {
+            let n = shape.iter().product::<i64>() as usize;
+            w.write_tensor(name, DType::F32, &shape, &vec![0u8; n * 4])
+                .unwrap();
+        }
+    }
+    w.finish().unwrap();
+    path
+}
+
+fn merge_err(model: &Path, out: &Path) -> String {
+    let e = merge_lora(&MergeLoraOptions::new(model, out))
+        .expect_err("merge should fail")
+        .to_string();
+    assert!(
+        !out.exists() || std::fs::read_dir(out).unwrap().count() == 0,
+        "output left behind: {e}"
+    );
+    e
+}
+
+#[test]
+fn bad_inputs_name_the_tensors_and_leave_nothing() {
+    let dir = tempdir();
+    let out = dir.path().join("out");
+    let m = bad_model(dir.path(), |n, s| (n != "x.wq.weight").then_some(s));
+    assert!(merge_err(&m, &out).contains("has no base weight"));
+    let m = bad_model(dir.path(), |n, s| {
+        Some(if n.ends_with("lora_a") { vec![3, 8] } else { s })
+    });
+    let e = merge_err(&m, &out);
+    assert!(
+        e.contains("rank mismatch") && e.contains("x.wq.mindpet_delta_lora_a"),
+        "{e}"
+    );
+    let m = bad_model(dir.path(), |n, s| {
+        Some(if n.ends_with("lora_a") { vec![2, 4] } else { s })
+    });
+    let e = merge_err(&m, &out);
+    assert!(
+        e.contains("does not multiply") && e.contains("x.wq.weight"),
+        "{e}"
+    );
+    let m = bad_model(dir.path(), |n, s| (!n.ends_with("lora_b")).then_some(s));
+    assert!(merge_err(&m, &out).contains("no B factor"));
+    let m = bad_model(dir.path(), |_, s| Some(s));
+    let e = merge_lora(&MergeLoraOptions {
+        scale: f32::NAN,
+        ..MergeLoraOptions::new(&m, &out)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("finite number"), "{e}");
+
+    // A missing shard of a distributed source.
+    let model = dir.path().join("model.ckpt");
+    lora_model(&model, DType::F32, 3);
+    let mp2 = strategies(&model, &dir.path().join("mp2"), 2);
+    split(&model, &mp2, &dir.path().join("shards"));
+    std::fs::remove_file(dir.path().join("shards/rank_1/checkpoint_1.ckpt")).unwrap();
+    let e = merge_lora(&MergeLoraOptions {
+        src_strategy: Some(mp2),
+        ..MergeLoraOptions::new(dir.path().join("shards"), &out)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("rank_1"), "{e}");
+
+    // The CLI: a scaling that is not a number is a usage error (exit 2).
+    let status = Command::new(reshard_bin())
+        .args(["merge-lora", "--src_ckpt_path_or_dir"])
+        .arg(&m)
+        .args(["--dst_ckpt_dir"])
+        .arg(&out)
+        .args(["--lora_scaling", "abc"])
+        .output()
+        .unwrap();
+    assert_eq!(status.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&status.stderr).contains("abc"));
+    // And it works with mindformers' spellings and alpha/rank.
+    let status = Command::new(reshard_bin())
+        .args(["merge-lora", "--src_ckpt_path_or_dir"])
+        .arg(&m)
+        .args(["--dst_ckpt_dir"])
+        .arg(&out)
+        .args([
+            "--lora-alpha",
+            "16",
+            "--lora-rank",
+            "8",
+            "--src_ckpt_strategy",
+            "",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(out.join("rank_0/checkpoint_0.ckpt").exists());
+}

@@ -6,5 +6,5 @@ mod auto;
 mod conformance;
 mod convert;
 mod faults;
-mod merge_lora;
+pub mod merge_lora;
 mod transform;

@@ -7,49 +7,61 @@ use half::{bf16, f16};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 
-fn read_f64(dtype: DType, b: &[u8]) -> f64 {
-    match dtype {
-        DType::F16 => f16::from_le_bytes([b[0], b[1]]).to_f64(),
-        DType::BF16 => bf16::from_le_bytes([b[0], b[1]]).to_f64(),
-        DType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
-        DType::F64 => f64::from_le_bytes(b[..8].try_into().unwrap()),
-        _ => unreachable!("checked by supported()"),
-    }
-}
-
 /// Whether `from → to` is a cast this backend performs.
 pub fn supported(from: DType, to: DType) -> bool {
     let float = |d| matches!(d, DType::F16 | DType::BF16 | DType::F32 | DType::F64);
     from == to || (float(from) && float(to))
 }
 
-/// Converts `src` (elements of `from`) into `dst` (elements of `to`).
+/// Converts every `FS`-byte element of `src` into a `TS`-byte element of
+/// `dst` with `f`. Fixed sizes make each load and store a plain move (a
+/// `copy_from_slice` of a runtime length is a `memmove` call per element).
+fn convert<const FS: usize, const TS: usize>(
+    src: &[u8],
+    dst: &mut [u8],
+    f: impl Fn([u8; FS]) -> [u8; TS],
+) {
+    for (s, d) in src.chunks_exact(FS).zip(dst.chunks_exact_mut(TS)) {
+        let s: [u8; FS] = s.try_into().expect("chunks_exact");
+        let d: &mut [u8; TS] = d.try_into().expect("chunks_exact_mut");
+        *d = f(s);
+    }
+}
+
+/// Converts `src` (elements of `from`) into `dst` (elements of `to`). Each
+/// pair converts directly (never through f64 into a narrower type), so
+/// there is one rounding, to nearest, ties to even.
 pub fn cast_slice(from: DType, src: &[u8], to: DType, dst: &mut [u8]) -> Result<()> {
-    if from == to {
-        dst.copy_from_slice(src);
-        return Ok(());
-    }
-    if !supported(from, to) {
-        return Err(Error::UnsupportedDtype {
-            dtype: format!("{from} → {to}"),
-            op: "cast",
-        });
-    }
-    let (fs, ts) = (from.size(), to.size());
-    // f32 → f16/bf16 directly: going through f64 could double-round.
-    for (s, d) in src.chunks_exact(fs).zip(dst.chunks_exact_mut(ts)) {
-        match (from, to) {
-            (DType::F32, DType::F16) => d.copy_from_slice(
-                &f16::from_f32(f32::from_le_bytes(s.try_into().unwrap())).to_le_bytes(),
-            ),
-            (DType::F32, DType::BF16) => d.copy_from_slice(
-                &bf16::from_f32(f32::from_le_bytes(s.try_into().unwrap())).to_le_bytes(),
-            ),
-            (_, DType::F16) => d.copy_from_slice(&f16::from_f64(read_f64(from, s)).to_le_bytes()),
-            (_, DType::BF16) => d.copy_from_slice(&bf16::from_f64(read_f64(from, s)).to_le_bytes()),
-            (_, DType::F32) => d.copy_from_slice(&(read_f64(from, s) as f32).to_le_bytes()),
-            (_, DType::F64) => d.copy_from_slice(&read_f64(from, s).to_le_bytes()),
-            _ => unreachable!("checked by supported()"),
+    use DType::{BF16, F16, F32, F64};
+    let (b16, h16) = (bf16::from_le_bytes, f16::from_le_bytes);
+    match (from, to) {
+        _ if from == to => dst.copy_from_slice(src),
+        (BF16, F32) => convert(src, dst, |b| b16(b).to_f32().to_le_bytes()),
+        (F16, F32) => convert(src, dst, |b| h16(b).to_f32().to_le_bytes()),
+        (F64, F32) => convert(src, dst, |b| (f64::from_le_bytes(b) as f32).to_le_bytes()),
+        (F32, BF16) => convert(src, dst, |b| {
+            bf16::from_f32(f32::from_le_bytes(b)).to_le_bytes()
+        }),
+        (F32, F16) => convert(src, dst, |b| {
+            f16::from_f32(f32::from_le_bytes(b)).to_le_bytes()
+        }),
+        (F32, F64) => convert(src, dst, |b| (f32::from_le_bytes(b) as f64).to_le_bytes()),
+        (BF16, F64) => convert(src, dst, |b| b16(b).to_f64().to_le_bytes()),
+        (F16, F64) => convert(src, dst, |b| h16(b).to_f64().to_le_bytes()),
+        (F64, BF16) => convert(src, dst, |b| {
+            bf16::from_f64(f64::from_le_bytes(b)).to_le_bytes()
+        }),
+        (F64, F16) => convert(src, dst, |b| {
+            f16::from_f64(f64::from_le_bytes(b)).to_le_bytes()
+        }),
+        // bf16 ↔ f16 through f32, which holds both exactly.
+        (BF16, F16) => convert(src, dst, |b| f16::from_f32(b16(b).to_f32()).to_le_bytes()),
+        (F16, BF16) => convert(src, dst, |b| bf16::from_f32(h16(b).to_f32()).to_le_bytes()),
+        _ => {
+            return Err(Error::UnsupportedDtype {
+                dtype: format!("{from} → {to}"),
+                op: "cast",
+            })
         }
     }
     Ok(())
@@ -69,6 +81,56 @@ mod tests {
         let y = 1.0f32 + 3.0 * f32::powi(2.0, -8);
         cast_slice(DType::F32, &y.to_le_bytes(), DType::BF16, &mut out).unwrap();
         assert_eq!(bf16::from_le_bytes(out).to_f32(), 1.0 + f32::powi(2.0, -6));
+    }
+
+    #[test]
+    fn every_float_pair_agrees_with_a_reference() {
+        let values = [
+            0.0f64,
+            -0.0,
+            1.0,
+            -2.5,
+            3.25,
+            65504.0,
+            1e-7,
+            6.1e-5,
+            1e30,
+            f64::INFINITY,
+        ];
+        let floats = [DType::F16, DType::BF16, DType::F32, DType::F64];
+        let encode = |d: DType, v: f64| -> Vec<u8> {
+            match d {
+                DType::F16 => f16::from_f64(v).to_le_bytes().to_vec(),
+                DType::BF16 => bf16::from_f64(v).to_le_bytes().to_vec(),
+                DType::F32 => (v as f32).to_le_bytes().to_vec(),
+                _ => v.to_le_bytes().to_vec(),
+            }
+        };
+        let decode = |d: DType, b: &[u8]| -> f64 {
+            match d {
+                DType::F16 => f16::from_le_bytes([b[0], b[1]]).to_f64(),
+                DType::BF16 => bf16::from_le_bytes([b[0], b[1]]).to_f64(),
+                DType::F32 => f32::from_le_bytes(b.try_into().unwrap()) as f64,
+                _ => f64::from_le_bytes(b.try_into().unwrap()),
+            }
+        };
+        for from in floats {
+            for to in floats {
+                let src: Vec<u8> = values.iter().flat_map(|&v| encode(from, v)).collect();
+                let mut dst = vec![0u8; values.len() * to.size()];
+                cast_slice(from, &src, to, &mut dst).unwrap();
+                for (i, &v) in values.iter().enumerate() {
+                    let x = decode(from, &encode(from, v));
+                    // One rounding of the exact source value into `to`.
+                    let want = encode(to, x);
+                    assert_eq!(
+                        &dst[i * to.size()..(i + 1) * to.size()],
+                        &want[..],
+                        "{from} → {to} of {v}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

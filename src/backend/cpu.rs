@@ -2,11 +2,58 @@
 //! thread, and large copies are split across scoped threads.
 
 use super::cast::{cast_slice, supported};
-use super::{Backend, BoxCopy, Src};
+use super::{Backend, BoxCopy, LoraAdd, Src, LORA_TILE};
 use crate::error::{Error, Result};
 
 /// Copies above this many bytes are split across threads.
 const PARALLEL_BYTES: u64 = 8 << 20;
+
+/// Host memory of the CPU backend, 8-byte aligned so it can be viewed as
+/// `f32`/`f64` without copying.
+#[derive(Debug, Clone, Default)]
+pub struct HostBuffer {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl HostBuffer {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `words` holds at least `len` initialised bytes; u8 has no
+        // alignment or validity requirement.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.len) }
+    }
+
+    /// The bytes, mutably.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`, and `&mut self` makes the view unique.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<u8>(), self.len) }
+    }
+
+    /// The buffer as `f32`s (its length must be a multiple of 4).
+    fn f32s(&self) -> &[f32] {
+        // SAFETY: 8-byte aligned storage, `len / 4` whole f32s inside it;
+        // every bit pattern is a valid f32.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<f32>(), self.len / 4) }
+    }
+
+    fn f32s_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as in `f32s`, unique through `&mut self`.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<f32>(), self.len / 4)
+        }
+    }
+}
 
 /// The default backend: multi-threaded, correct for every dtype.
 #[derive(Debug, Clone)]
@@ -116,6 +163,13 @@ struct DstPtr(*mut u8);
 unsafe impl Send for DstPtr {}
 unsafe impl Sync for DstPtr {}
 
+impl DstPtr {
+    /// The pointer (a method, so closures capture the whole `DstPtr`).
+    fn get(self) -> *mut u8 {
+        self.0
+    }
+}
+
 fn copy_runs(
     c: &BoxCopy,
     runs: &Runs,
@@ -142,48 +196,169 @@ fn copy_runs(
 }
 
 impl Backend for CpuBackend {
-    type Buffer = Vec<u8>;
+    type Buffer = HostBuffer;
 
     fn name(&self) -> &'static str {
         "cpu"
     }
 
-    fn alloc(&self, bytes: usize) -> Result<Vec<u8>> {
-        let mut v = Vec::new();
-        v.try_reserve_exact(bytes)
+    fn alloc(&self, bytes: usize) -> Result<HostBuffer> {
+        let mut words = Vec::new();
+        words
+            .try_reserve_exact(bytes.div_ceil(8))
             .map_err(|_| Error::invalid(format!("cannot allocate {bytes} bytes of host memory")))?;
-        v.resize(bytes, 0);
-        Ok(v)
+        words.resize(bytes.div_ceil(8), 0);
+        Ok(HostBuffer { words, len: bytes })
     }
 
-    fn upload(&self, host: &[u8], dst: &mut Vec<u8>, offset: usize) -> Result<()> {
+    fn upload(&self, host: &[u8], dst: &mut HostBuffer, offset: usize) -> Result<()> {
         let end = offset
             .checked_add(host.len())
-            .filter(|&e| e <= dst.len())
+            .filter(|&e| e <= dst.len)
             .ok_or_else(|| Error::invalid("upload past the end of the buffer"))?;
-        dst[offset..end].copy_from_slice(host);
+        dst.bytes_mut()[offset..end].copy_from_slice(host);
         Ok(())
     }
 
-    fn download(&self, src: &Vec<u8>, offset: usize, host: &mut [u8]) -> Result<()> {
+    fn download(&self, src: &HostBuffer, offset: usize, host: &mut [u8]) -> Result<()> {
         let end = offset
             .checked_add(host.len())
-            .filter(|&e| e <= src.len())
+            .filter(|&e| e <= src.len)
             .ok_or_else(|| Error::invalid("download past the end of the buffer"))?;
-        host.copy_from_slice(&src[offset..end]);
+        host.copy_from_slice(&src.bytes()[offset..end]);
         Ok(())
     }
 
-    fn host_bytes<'a>(&self, buffer: &'a Vec<u8>) -> Option<&'a [u8]> {
-        Some(buffer)
+    fn host_bytes<'a>(&self, buffer: &'a HostBuffer) -> Option<&'a [u8]> {
+        Some(buffer.bytes())
     }
 
-    fn box_copy(&self, src: Src<'_, Vec<u8>>, dst: &mut Vec<u8>, copy: &BoxCopy) -> Result<()> {
+    fn lora_add(
+        &self,
+        w: &mut HostBuffer,
+        b: &HostBuffer,
+        a: &HostBuffer,
+        op: &LoraAdd,
+    ) -> Result<()> {
+        op.validate(w.len, b.len, a.len)?;
+        let [rows, cols] = LoraAdd::needed(op.global, op.origin, op.block);
+        let tiles: Vec<(usize, usize)> = (rows.start..rows.end)
+            .step_by(LORA_TILE[0])
+            .flat_map(|r| {
+                (cols.start..cols.end)
+                    .step_by(LORA_TILE[1])
+                    .map(move |c| (r, c))
+            })
+            .collect();
+        let (bs, as_) = (b.f32s(), a.f32s());
+        let w_ptr = DstPtr(w.f32s_mut().as_mut_ptr().cast());
+        let run = |range: std::ops::Range<usize>| {
+            let mut product = Vec::new();
+            for &(r0, c0) in &tiles[range] {
+                let tm = LORA_TILE[0].min(op.global[0] - r0);
+                let tn = LORA_TILE[1].min(op.global[1] - c0);
+                product.clear();
+                product.resize(tm * tn, 0.0f32);
+                let lhs = &bs[(r0 - op.b_rows.start) * op.k..];
+                let rhs = &as_[c0 - op.a_cols.start..];
+                // SAFETY: the operands cover this tile (validated): lhs is
+                // [tm × k] with row stride k, rhs [k × tn] with row stride
+                // len(a_cols); `product` is [tm × tn].
+                unsafe {
+                    gemm::gemm(
+                        tm,
+                        tn,
+                        op.k,
+                        product.as_mut_ptr(),
+                        1,
+                        tn as isize,
+                        false,
+                        lhs.as_ptr(),
+                        1,
+                        op.k as isize,
+                        rhs.as_ptr(),
+                        1,
+                        op.a_cols.len() as isize,
+                        0.0f32,
+                        1.0f32,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                // Add the part of the tile inside the block.
+                let (lo_r, hi_r) = (
+                    r0.max(op.origin[0]),
+                    (r0 + tm).min(op.origin[0] + op.block[0]),
+                );
+                let (lo_c, hi_c) = (
+                    c0.max(op.origin[1]),
+                    (c0 + tn).min(op.origin[1] + op.block[1]),
+                );
+                if lo_r >= hi_r || lo_c >= hi_c {
+                    continue;
+                }
+                let width = hi_c - lo_c;
+                for gr in lo_r..hi_r {
+                    let p_row = &product[(gr - r0) * tn + lo_c - c0..][..width];
+                    let lr = op.w_offset[0] + gr - op.origin[0];
+                    let lc0 = op.w_offset[1] + lo_c - op.origin[1];
+                    if op.w_transposed {
+                        for (j, p) in p_row.iter().enumerate() {
+                            // SAFETY: `validate` checked the block lies in W;
+                            // tiles are disjoint, so threads write disjoint elements.
+                            unsafe {
+                                *w_ptr
+                                    .get()
+                                    .cast::<f32>()
+                                    .add((lc0 + j) * op.w_shape[1] + lr) += op.scale * p
+                            };
+                        }
+                    } else {
+                        // SAFETY: as above; this row segment of W is `width`
+                        // contiguous f32s owned by this tile.
+                        let w_row = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                w_ptr.get().cast::<f32>().add(lr * op.w_shape[1] + lc0),
+                                width,
+                            )
+                        };
+                        for (w, p) in w_row.iter_mut().zip(p_row) {
+                            *w += op.scale * p;
+                        }
+                    }
+                }
+            }
+        };
+        let threads = self.threads.min(tiles.len()).max(1);
+        if threads == 1 {
+            run(0..tiles.len());
+        } else {
+            let per = tiles.len().div_ceil(threads);
+            crossbeam::thread::scope(|s| {
+                for t in 0..threads {
+                    let range = (t * per).min(tiles.len())..((t + 1) * per).min(tiles.len());
+                    let run = &run;
+                    s.spawn(move |_| run(range));
+                }
+            })
+            .expect("merge thread panicked");
+        }
+        Ok(())
+    }
+
+    fn box_copy(
+        &self,
+        src: Src<'_, HostBuffer>,
+        dst: &mut HostBuffer,
+        copy: &BoxCopy,
+    ) -> Result<()> {
         let src: &[u8] = match src {
             Src::Host(h) => h,
-            Src::Buffer(b) => b,
+            Src::Buffer(b) => b.bytes(),
         };
-        copy.validate(src.len(), dst.len())?;
+        copy.validate(src.len(), dst.len)?;
         if !supported(copy.src_dtype, copy.dst_dtype) {
             return Err(Error::UnsupportedDtype {
                 dtype: format!("{} → {}", copy.src_dtype, copy.dst_dtype),
@@ -195,7 +370,7 @@ impl Backend for CpuBackend {
         }
         let runs = Runs::new(copy);
         let count = runs.count();
-        let ptr = DstPtr(dst.as_mut_ptr());
+        let ptr = DstPtr(dst.bytes_mut().as_mut_ptr());
         let bytes = copy.elements() * copy.dst_dtype.size() as u64;
         let threads = (self.threads as u64)
             .min(count)
@@ -229,6 +404,14 @@ mod tests {
     use super::*;
     use crate::dtype::DType;
     use proptest::prelude::*;
+
+    /// A host vector as a backend buffer (the tests' `&mut Vec<u8>`).
+    fn buf(bytes: &[u8]) -> HostBuffer {
+        let backend = CpuBackend::new(1);
+        let mut b = backend.alloc(bytes.len()).unwrap();
+        b.bytes_mut().copy_from_slice(bytes);
+        b
+    }
 
     /// Element-by-element reference copy.
     fn reference(c: &BoxCopy, src: &[u8], dst: &mut [u8]) {
@@ -289,9 +472,9 @@ mod tests {
             let mut want = vec![0xaau8; dst_len];
             reference(&c, &src, &mut want);
             let backend = CpuBackend::new(threads);
-            let mut got = vec![0xaau8; dst_len];
+            let mut got = buf(&vec![0xaau8; dst_len]);
             backend.box_copy(Src::Host(&src), &mut got, &c).unwrap();
-            prop_assert_eq!(got, want);
+            prop_assert_eq!(got.bytes(), &want[..]);
         }
     }
 
@@ -311,13 +494,13 @@ mod tests {
             extent: vec![1024, 2048],
             src_axes: Vec::new(),
         };
-        let mut got = vec![0u8; 1024 * 2048 * 4];
+        let mut got = buf(&vec![0u8; 1024 * 2048 * 4]);
         CpuBackend::new(4)
             .box_copy(Src::Host(&src), &mut got, &c)
             .unwrap();
         let mut want = vec![0u8; got.len()];
         reference(&c, &src, &mut want);
-        assert!(got == want);
+        assert!(got.bytes() == &want[..]);
     }
 
     proptest! {
@@ -348,9 +531,9 @@ mod tests {
             let src: Vec<u8> = (0..shape.iter().product::<u64>() as usize * 2).map(|i| (i % 251) as u8).collect();
             let mut want = vec![0u8; src.len()];
             reference(&c, &src, &mut want);
-            let mut got = vec![0u8; src.len()];
+            let mut got = buf(&vec![0u8; src.len()]);
             CpuBackend::new(threads).box_copy(Src::Host(&src), &mut got, &c).unwrap();
-            prop_assert_eq!(got, want);
+            prop_assert_eq!(got.bytes(), &want[..]);
         }
     }
 
@@ -363,11 +546,11 @@ mod tests {
             extent: vec![3, 2],
             ..BoxCopy::whole(&[2, 3], DType::U8, DType::U8)
         };
-        let mut out = vec![0u8; 6];
+        let mut out = buf(&[0u8; 6]);
         CpuBackend::new(1)
             .box_copy(Src::Host(&src), &mut out, &c)
             .unwrap();
-        assert_eq!(out, [0, 3, 1, 4, 2, 5]);
+        assert_eq!(out.bytes(), [0, 3, 1, 4, 2, 5]);
         let bad = BoxCopy {
             src_axes: vec![0, 0],
             ..c
@@ -383,18 +566,163 @@ mod tests {
         let mut c = BoxCopy::whole(&[2, 2], DType::F32, DType::F32);
         c.extent = vec![3, 2];
         let err = backend
-            .box_copy(Src::Host(&[0; 16]), &mut vec![0; 16], &c)
+            .box_copy(Src::Host(&[0; 16]), &mut buf(&[0; 16]), &c)
             .unwrap_err();
         assert!(err.to_string().contains("out of bounds"), "{err}");
         let c = BoxCopy::whole(&[2], DType::I32, DType::F32);
         assert!(backend
-            .box_copy(Src::Host(&[0; 8]), &mut vec![0; 8], &c)
+            .box_copy(Src::Host(&[0; 8]), &mut buf(&[0; 8]), &c)
             .is_err());
         let c = BoxCopy::whole(&[2], DType::F32, DType::BF16);
-        let mut out = vec![0; 4];
+        let mut out = buf(&[0; 4]);
         backend
             .box_copy(Src::Host(&[0, 0, 0x80, 0x3f, 0, 0, 0, 0x40]), &mut out, &c)
             .unwrap();
-        assert_eq!(out, [0x80, 0x3f, 0x00, 0x40]);
+        assert_eq!(out.bytes(), [0x80, 0x3f, 0x00, 0x40]);
+    }
+
+    fn f32_buf(values: &[f32]) -> HostBuffer {
+        buf(&values
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>())
+    }
+
+    fn f32_values(b: &HostBuffer) -> Vec<f32> {
+        b.bytes()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    /// Merges the block [r0, r0+rows) × [c0, c0+cols) of W (given only that
+    /// block, and only the tile-covering rows of B and columns of A).
+    #[allow(clippy::too_many_arguments)]
+    fn merge_block(
+        w: &[f32],
+        b: &[f32],
+        a: &[f32],
+        (m, n, k): (usize, usize, usize),
+        (r0, rows): (usize, usize),
+        (c0, cols): (usize, usize),
+        transposed: bool,
+        threads: usize,
+    ) -> Vec<f32> {
+        let [br, ac] = LoraAdd::needed([m, n], [r0, c0], [rows, cols]);
+        let bb: Vec<f32> = br
+            .clone()
+            .flat_map(|i| b[i * k..(i + 1) * k].to_vec())
+            .collect();
+        let ab: Vec<f32> = (0..k)
+            .flat_map(|p| a[p * n + ac.start..p * n + ac.end].to_vec())
+            .collect();
+        let wb: Vec<f32> = if transposed {
+            (0..cols * rows)
+                .map(|ji| w[(c0 + ji / rows) * m + r0 + ji % rows])
+                .collect()
+        } else {
+            (0..rows * cols)
+                .map(|ij| w[(r0 + ij / cols) * n + c0 + ij % cols])
+                .collect()
+        };
+        let mut wbuf = f32_buf(&wb);
+        let op = LoraAdd {
+            global: [m, n],
+            k,
+            w_shape: if transposed {
+                [cols, rows]
+            } else {
+                [rows, cols]
+            },
+            w_transposed: transposed,
+            w_offset: [0, 0],
+            origin: [r0, c0],
+            block: [rows, cols],
+            b_rows: br,
+            a_cols: ac,
+            scale: 0.37,
+        };
+        CpuBackend::new(threads)
+            .lora_add(&mut wbuf, &f32_buf(&bb), &f32_buf(&ab), &op)
+            .unwrap();
+        f32_values(&wbuf)
+    }
+
+    #[test]
+    fn lora_add_matches_the_definition() {
+        let (m, n, k) = (300usize, 270usize, 8usize);
+        let w: Vec<f32> = (0..m * n).map(|i| (i % 17) as f32).collect();
+        let b: Vec<f32> = (0..m * k).map(|i| (i % 5) as f32 - 2.0).collect();
+        let a: Vec<f32> = (0..k * n).map(|i| (i % 3) as f32 * 0.5).collect();
+        let got = merge_block(&w, &b, &a, (m, n, k), (0, m), (0, n), false, 2);
+        for i in 0..m {
+            for j in 0..n {
+                let p: f32 = (0..k).map(|q| b[i * k + q] * a[q * n + j]).sum();
+                assert!(
+                    (got[i * n + j] - (w[i * n + j] + 0.37 * p)).abs() < 1e-3,
+                    "({i},{j})"
+                );
+            }
+        }
+        let mut bad = LoraAdd {
+            global: [m, n],
+            k,
+            w_shape: [m, n],
+            w_transposed: false,
+            w_offset: [0, 0],
+            origin: [0, 0],
+            block: [m, n],
+            b_rows: 0..10,
+            a_cols: 0..n,
+            scale: 1.0,
+        };
+        let err = CpuBackend::new(1)
+            .lora_add(&mut f32_buf(&w), &f32_buf(&b[..10 * k]), &f32_buf(&a), &bad)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("inconsistent LoRA merge block"),
+            "{err}"
+        );
+        bad.b_rows = 0..m;
+        bad.block = [m + 1, n];
+        assert!(CpuBackend::new(1)
+            .lora_add(&mut f32_buf(&w), &f32_buf(&b), &f32_buf(&a), &bad)
+            .is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// Merging a block of W with the tile-covering rows of B and columns
+        /// of A gives exactly the bits of merging all of W and cutting the
+        /// block: what "distributed without gathering" relies on.
+        #[test]
+        fn block_merge_is_bit_identical_to_whole(
+            m in 1usize..400, n in 1usize..600, k in 1usize..65,
+            r in (0usize..400, 1usize..400), c in (0usize..600, 1usize..600),
+            transposed in any::<bool>(), threads in 1usize..3, seed in any::<u32>(),
+        ) {
+            let r0 = r.0 % m;
+            let rows = 1 + (r.1 - 1) % (m - r0);
+            let c0 = c.0 % n;
+            let cols = 1 + (c.1 - 1) % (n - c0);
+            let val = |i: usize| (((i as u32).wrapping_mul(2654435761) ^ seed) % 2000) as f32 / 997.0 - 1.0;
+            // W as stored: [m×n], or [n×m] when transposed.
+            let w: Vec<f32> = (0..m * n).map(|i| val(i) * 3.0).collect();
+            let b: Vec<f32> = (0..m * k).map(|i| val(i + 7)).collect();
+            let a: Vec<f32> = (0..k * n).map(|i| val(i + 13)).collect();
+            let whole = merge_block(&w, &b, &a, (m, n, k), (0, m), (0, n), transposed, threads);
+            let block = merge_block(&w, &b, &a, (m, n, k), (r0, rows), (c0, cols), transposed, 3 - threads);
+            for i in 0..rows {
+                for j in 0..cols {
+                    let (got, want) = if transposed {
+                        (block[j * rows + i], whole[(c0 + j) * m + r0 + i])
+                    } else {
+                        (block[i * cols + j], whole[(r0 + i) * n + c0 + j])
+                    };
+                    prop_assert_eq!(got.to_bits(), want.to_bits(), "element ({}, {}) of the block", i, j);
+                }
+            }
+        }
     }
 }

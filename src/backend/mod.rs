@@ -25,13 +25,13 @@
 //! host memory in place; a device backend stages it through pinned memory.
 //!
 //! The primitive set is deliberately narrow: alloc, upload, download,
-//! box-copy-with-cast, synchronize (GEMM-add joins it with the LoRA issue).
+//! box-copy-with-cast, GEMM-add (`lora_add`, for LoRA merges), synchronize.
 
 mod cast;
 pub mod cpu;
 
 pub use cast::cast_slice;
-pub use cpu::CpuBackend;
+pub use cpu::{CpuBackend, HostBuffer};
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -140,6 +140,85 @@ impl BoxCopy {
     }
 }
 
+/// Tile of the global product `B·A` (rows × columns). Products are always
+/// computed one whole tile of this fixed global grid at a time, so an
+/// element's bits do not depend on which shard of `W` it lands in: merging
+/// a shard equals merging the whole weight and cutting the shard, bit for
+/// bit (GEMM kernels pick different code paths for different shapes).
+pub const LORA_TILE: [usize; 2] = [128, 256];
+
+/// `W_block += scale · (B·A)_block` for a LoRA merge, in `f32`.
+///
+/// Coordinates are those of the product `P = B·A` (`[out × in]`, `B` is
+/// `[out × k]`, `A` is `[k × in]`). The `W` buffer is a local `f32` slice of
+/// shape `w_shape` (stored `[in × out]`-wise when `w_transposed`, PEFT's
+/// `fan_in_fan_out`); the block at local `w_offset` of extent `block`
+/// (in P order) covers global P rows/columns from `origin`. The `B` operand
+/// holds the global rows `b_rows` (all `k` columns), the `A` operand the
+/// global columns `a_cols` (all `k` rows); both must cover every
+/// [`LORA_TILE`] tile the block touches (clipped to `global`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraAdd {
+    /// Global product shape `[out, in]`.
+    pub global: [usize; 2],
+    /// The LoRA rank.
+    pub k: usize,
+    /// Shape of the local `W` buffer as stored.
+    pub w_shape: [usize; 2],
+    /// Whether `W` is stored transposed (`[in, out]`).
+    pub w_transposed: bool,
+    /// Local corner of the block in `W`, in P order (row = out, col = in).
+    pub w_offset: [usize; 2],
+    /// Global P corner of the block.
+    pub origin: [usize; 2],
+    /// Extent of the block in P order.
+    pub block: [usize; 2],
+    /// Global rows of P held by the `B` operand.
+    pub b_rows: std::ops::Range<usize>,
+    /// Global columns of P held by the `A` operand.
+    pub a_cols: std::ops::Range<usize>,
+    /// The scale (`lora_alpha / r`, or `--lora-scaling`).
+    pub scale: f32,
+}
+
+impl LoraAdd {
+    /// The tile-aligned global rows and columns a block needs, clipped.
+    pub fn needed(
+        global: [usize; 2],
+        origin: [usize; 2],
+        block: [usize; 2],
+    ) -> [std::ops::Range<usize>; 2] {
+        let cover = |d: usize| {
+            let t = LORA_TILE[d];
+            let lo = origin[d] / t * t;
+            let hi = ((origin[d] + block[d]).div_ceil(t) * t).min(global[d]);
+            lo..hi
+        };
+        [cover(0), cover(1)]
+    }
+
+    /// Checks the operands' byte sizes and that they cover the block's tiles.
+    pub fn validate(&self, w: usize, b: usize, a: usize) -> Result<()> {
+        let [need_rows, need_cols] = LoraAdd::needed(self.global, self.origin, self.block);
+        let (w_rows, w_cols) = if self.w_transposed { (1, 0) } else { (0, 1) };
+        let fits = self.w_offset[0] + self.block[0] <= self.w_shape[w_rows]
+            && self.w_offset[1] + self.block[1] <= self.w_shape[w_cols];
+        let covered = self.b_rows.start <= need_rows.start
+            && self.b_rows.end >= need_rows.end
+            && self.a_cols.start <= need_cols.start
+            && self.a_cols.end >= need_cols.end;
+        let sizes = w == self.w_shape[0] * self.w_shape[1] * 4
+            && b == self.b_rows.len() * self.k * 4
+            && a == self.a_cols.len() * self.k * 4;
+        if !(fits && covered && sizes) {
+            return Err(Error::invalid(format!(
+                "inconsistent LoRA merge block {self:?} (buffers of {w}, {b} and {a} bytes)"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Where a box copy reads from.
 pub enum Src<'a, B> {
     /// Host memory (a mapped file, a host vector).
@@ -175,6 +254,16 @@ pub trait Backend: Send + Sync {
         src: Src<'_, Self::Buffer>,
         dst: &mut Self::Buffer,
         copy: &BoxCopy,
+    ) -> Result<()>;
+
+    /// Enqueues `W_block += scale · (B·A)_block` (see [`LoraAdd`]): the
+    /// GEMM-add of a LoRA merge, all three buffers `f32`.
+    fn lora_add(
+        &self,
+        w: &mut Self::Buffer,
+        b: &Self::Buffer,
+        a: &Self::Buffer,
+        op: &LoraAdd,
     ) -> Result<()>;
 
     /// Waits for every enqueued operation and reports the first failure.

@@ -25,7 +25,7 @@ use crate::formats::ckpt::{CkptWriter, ReadOptions, WriteOptions};
 use crate::formats::safetensors::StreamWriter;
 use crate::formats::tree::FileFormat;
 use crate::formats::Source;
-use crate::plan::{Content, FilePlan, Plan, TensorPlan};
+use crate::plan::{Content, CopyStep, FilePlan, LoraTerm, Plan, TensorPlan};
 
 /// Options of [`execute`].
 #[derive(Debug, Clone)]
@@ -175,11 +175,13 @@ fn write_file<B: Backend>(
             let mut specs = Vec::new();
             for t in &file.tensors {
                 match &t.content {
-                    Content::Tensor { dtype, shape, .. } => specs.push((
-                        t.name.clone(),
-                        *dtype,
-                        shape.iter().map(|&d| d as usize).collect(),
-                    )),
+                    Content::Tensor { dtype, shape, .. } | Content::Merged { dtype, shape, .. } => {
+                        specs.push((
+                            t.name.clone(),
+                            *dtype,
+                            shape.iter().map(|&d| d as usize).collect(),
+                        ))
+                    }
                     Content::Str { source, tensor } => {
                         let value = sources.get(*source)?.string(tensor)?;
                         metadata.insert(
@@ -235,6 +237,12 @@ fn write_tensor<B: Backend>(
             shape,
             steps,
         } => (*dtype, shape, steps),
+        Content::Merged {
+            dtype,
+            shape,
+            steps,
+            lora,
+        } => return write_merged(t, *dtype, shape, steps, lora, writer, sources, backend),
     };
     if let [only] = steps.as_slice() {
         if is_plain_copy(&only.copy) {
@@ -243,6 +251,17 @@ fn write_tensor<B: Backend>(
         }
     }
     let bytes = t.bytes() as usize;
+    let buffer = gather(backend, sources, steps, bytes)?;
+    download_and_emit(backend, &buffer, bytes, writer, &t.name, dtype, shape)
+}
+
+/// A buffer of `bytes` filled by `steps` from the sources.
+fn gather<B: Backend>(
+    backend: &B,
+    sources: &Sources<'_>,
+    steps: &[CopyStep],
+    bytes: usize,
+) -> Result<B::Buffer> {
     let mut buffer = backend.alloc(bytes)?;
     let mut joined: HashMap<(usize, &str), Vec<u8>> = HashMap::new();
     for step in steps {
@@ -255,14 +274,68 @@ fn write_tensor<B: Backend>(
         };
         backend.box_copy(Src::Host(src), &mut buffer, &step.copy)?;
     }
+    Ok(buffer)
+}
+
+/// Writes a merged weight: gather W, B rows and A columns as `f32`, add
+/// `scale · B·A` block by block, round once to the weight's dtype.
+#[allow(clippy::too_many_arguments)]
+fn write_merged<B: Backend>(
+    t: &TensorPlan,
+    dtype: crate::DType,
+    shape: &[i64],
+    steps: &[CopyStep],
+    lora: &LoraTerm,
+    writer: &mut Writer,
+    sources: &Sources<'_>,
+    backend: &B,
+) -> Result<()> {
+    let count: u64 = shape.iter().product::<i64>().max(0) as u64;
+    let mut w = gather(backend, sources, steps, count as usize * 4)?;
+    let b = gather(
+        backend,
+        sources,
+        &lora.b_steps,
+        (lora.b_shape[0] * lora.b_shape[1]) as usize * 4,
+    )?;
+    let a = gather(
+        backend,
+        sources,
+        &lora.a_steps,
+        (lora.a_shape[0] * lora.a_shape[1]) as usize * 4,
+    )?;
+    for block in &lora.blocks {
+        backend.lora_add(&mut w, &b, &a, block)?;
+    }
+    drop((a, b));
+    let bytes = count as usize * dtype.size();
+    let mut out = backend.alloc(bytes)?;
+    backend.box_copy(
+        Src::Buffer(&w),
+        &mut out,
+        &BoxCopy::whole(&[count], crate::DType::F32, dtype),
+    )?;
+    drop(w);
+    download_and_emit(backend, &out, bytes, writer, &t.name, dtype, shape)
+}
+
+fn download_and_emit<B: Backend>(
+    backend: &B,
+    buffer: &B::Buffer,
+    bytes: usize,
+    writer: &mut Writer,
+    name: &str,
+    dtype: crate::DType,
+    shape: &[i64],
+) -> Result<()> {
     backend.synchronize()?;
-    match backend.host_bytes(&buffer) {
-        Some(host) => emit(writer, &t.name, dtype, shape, &[host]),
+    match backend.host_bytes(buffer) {
+        Some(host) => emit(writer, name, dtype, shape, &[host]),
         None => {
             let mut host = vec![0u8; bytes];
-            backend.download(&buffer, 0, &mut host)?;
+            backend.download(buffer, 0, &mut host)?;
             backend.synchronize()?;
-            emit(writer, &t.name, dtype, shape, &[&host])
+            emit(writer, name, dtype, shape, &[&host])
         }
     }
 }

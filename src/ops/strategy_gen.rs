@@ -80,6 +80,27 @@ fn base_name(name: &str) -> &str {
 fn tensor_map(name: &str, ndim: usize, vocab_emb_dp: bool) -> Vec<i32> {
     let base = base_name(name);
     let padded = format!("{base}.");
+    // LoRA factors of W [out, in]: B [out, r] follows W's rows, A [r, in]
+    // its columns, so a shard of W merges with local factor slices.
+    if ndim == 2 {
+        if let Some((weight, _)) = crate::ops::merge_lora::lora_pair(base) {
+            return match tensor_map(&weight, 2, vocab_emb_dp).as_slice() {
+                [-1, 0] => vec![-1, 0],
+                _ => vec![-1, -1],
+            };
+        }
+        if base.contains("lora_b") || base.contains("lora_B") {
+            let a = base
+                .replace("lora_b", "lora_a")
+                .replace(".lora_B", ".lora_A");
+            if let Some((weight, _)) = crate::ops::merge_lora::lora_pair(&a) {
+                return match tensor_map(&weight, 2, vocab_emb_dp).as_slice() {
+                    [0, -1] => vec![0, -1],
+                    _ => vec![-1, -1],
+                };
+            }
+        }
+    }
     if ndim == 2 {
         if COLUMN.iter().any(|c| padded.contains(c)) {
             return vec![0, -1];

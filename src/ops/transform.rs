@@ -139,6 +139,7 @@ pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
         prefix: &options.prefix,
         ranks: options.ranks.clone(),
         format: options.output_format.unwrap_or(format),
+        lora: None,
     })?;
     if let Some(n) = options.world_size {
         let all = crate::plan::transform::destination_ranks(dst.as_ref())?.len();
@@ -154,7 +155,7 @@ pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
 /// The first entry of `dir` that a transform writing `output` must not
 /// overwrite or mix with. Other stages' parts of a by-stage transform
 /// (`{prefix}{r}_part{k}.{ext}`, written by separate runs) are expected.
-fn foreign_entry(dir: &Path, output: &Path) -> Result<Option<PathBuf>> {
+pub(crate) fn foreign_entry(dir: &Path, output: &Path) -> Result<Option<PathBuf>> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Ok(None);
     };

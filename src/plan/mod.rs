@@ -47,6 +47,18 @@ pub enum Content {
         /// Copies; together they cover the tensor exactly once.
         steps: Vec<CopyStep>,
     },
+    /// A weight assembled in `f32` by `steps`, plus `scale · B·A` from its
+    /// LoRA factors, rounded once to `dtype`.
+    Merged {
+        /// Element type written (the weight's).
+        dtype: DType,
+        /// Shape written.
+        shape: Vec<i64>,
+        /// Copies filling the `f32` weight buffer.
+        steps: Vec<CopyStep>,
+        /// The LoRA product to add.
+        lora: LoraTerm,
+    },
     /// A string entry copied unchanged from a source.
     Str {
         /// Index into [`Plan::sources`].
@@ -54,6 +66,24 @@ pub enum Content {
         /// Name in the source file.
         tensor: String,
     },
+}
+
+/// The LoRA part of a merged weight: the `B` rows and `A` columns the
+/// weight's blocks need (gathered in `f32` by box copies from whichever
+/// source ranks hold them), and the blocks to update.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoraTerm {
+    /// Shape of the `B` operand (`[rows, k]`).
+    pub b_shape: [u64; 2],
+    /// Copies filling it.
+    pub b_steps: Vec<CopyStep>,
+    /// Shape of the `A` operand (`[k, cols]`).
+    pub a_shape: [u64; 2],
+    /// Copies filling it.
+    pub a_steps: Vec<CopyStep>,
+    /// GEMM-add blocks, one per pair of row and column pieces of the weight.
+    #[serde(skip)]
+    pub blocks: Vec<crate::backend::LoraAdd>,
 }
 
 /// One tensor of a destination file.
@@ -65,11 +95,26 @@ pub struct TensorPlan {
     pub content: Content,
 }
 
+impl Content {
+    /// Every copy this content reads, LoRA operands included.
+    pub fn steps(&self) -> Vec<&CopyStep> {
+        match self {
+            Content::Tensor { steps, .. } => steps.iter().collect(),
+            Content::Merged { steps, lora, .. } => steps
+                .iter()
+                .chain(&lora.b_steps)
+                .chain(&lora.a_steps)
+                .collect(),
+            Content::Str { .. } => Vec::new(),
+        }
+    }
+}
+
 impl TensorPlan {
     /// Bytes written.
     pub fn bytes(&self) -> u64 {
         match &self.content {
-            Content::Tensor { dtype, shape, .. } => {
+            Content::Tensor { dtype, shape, .. } | Content::Merged { dtype, shape, .. } => {
                 shape.iter().product::<i64>().max(0) as u64 * dtype.size() as u64
             }
             Content::Str { .. } => 0,
@@ -103,8 +148,8 @@ impl FilePlan {
             .tensors
             .iter()
             .flat_map(|t| match &t.content {
-                Content::Tensor { steps, .. } => steps.iter().map(|s| s.source).collect::<Vec<_>>(),
                 Content::Str { source, .. } => vec![*source],
+                other => other.steps().iter().map(|s| s.source).collect::<Vec<_>>(),
             })
             .collect();
         s.sort_unstable();
@@ -116,12 +161,12 @@ impl FilePlan {
     pub fn bytes_read(&self) -> u64 {
         self.tensors
             .iter()
-            .map(|t| match &t.content {
-                Content::Tensor { steps, .. } => steps
+            .map(|t| {
+                t.content
+                    .steps()
                     .iter()
                     .map(|s| s.copy.elements() * s.copy.src_dtype.size() as u64)
-                    .sum(),
-                Content::Str { .. } => 0,
+                    .sum::<u64>()
             })
             .sum()
     }

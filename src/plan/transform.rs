@@ -10,8 +10,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use super::{Content, CopyStep, FilePlan, Plan, SourceFile, TensorPlan};
-use crate::backend::BoxCopy;
+use super::{Content, CopyStep, FilePlan, LoraTerm, Plan, SourceFile, TensorPlan};
+use crate::backend::{BoxCopy, LoraAdd};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::formats::strategy::{LayoutTable, Strategy};
@@ -35,6 +35,9 @@ pub struct TransformInput<'a> {
     pub ranks: Option<Vec<usize>>,
     /// Output format.
     pub format: FileFormat,
+    /// Merge LoRA factors into their base weights on the way (drops every
+    /// `lora_` tensor from the output).
+    pub lora: Option<LoraSpec>,
 }
 
 /// Device count per stage and stage count of a strategy (1, 1 for none).
@@ -421,9 +424,12 @@ fn plan_rank(
         (Some(o), Some(m)) => o.contains(n) && !m.contains(n),
         _ => true,
     };
-    loaded
-        .order
-        .retain(|n| !(not_in_local_src(n) && not_in_local_dst(n)));
+    // (With neither strategy — a full → full LoRA merge — there are no stages.)
+    if input.src_strategy.is_some() || input.dst_strategy.is_some() {
+        loaded
+            .order
+            .retain(|n| !(not_in_local_src(n) && not_in_local_dst(n)));
+    }
     let r = rank as usize;
     let path = input.dst_dir.join(format!("rank_{r}")).join(format!(
         "{}{r}.{}",
@@ -481,6 +487,275 @@ fn load_table(
     loaded
 }
 
+/// A tensor as the source layout sees it: its global shape, the shape each
+/// source rank holds, and which local source rank holds which entry.
+struct Placed<'a> {
+    name: &'a str,
+    from: Layout,
+    global: Vec<u64>,
+    src_shape: Vec<u64>,
+    held: &'a BTreeMap<u64, Held>,
+}
+
+fn entry<'a>(input: &'a TransformInput<'_>, h: Held) -> &'a SourceEntry {
+    &input.sources[h.source].2[h.entry]
+}
+
+fn tensor_dtype(e: &SourceEntry) -> Result<DType> {
+    match e.value {
+        EntryValue::Tensor(d) => Ok(d),
+        EntryValue::Str | EntryValue::MapTensor => Err(Error::invalid(
+            "a string or map-tensor entry cannot be resharded",
+        )),
+    }
+}
+
+/// Places `name` with its source-strategy layout (unsharded when the
+/// strategy does not list it).
+fn place<'a>(
+    input: &TransformInput<'_>,
+    loaded: &'a Loaded,
+    name: &'a str,
+    src_map: Option<&LayoutTable>,
+) -> Result<Placed<'a>> {
+    let held = loaded
+        .table
+        .get(name)
+        .ok_or_else(|| Error::invalid("no loaded source file holds it").in_tensor(name))?;
+    let first = entry(input, held[&loaded.first_local[name]]);
+    let ndim = first.dims.len();
+    let from = src_map
+        .and_then(|m| m.get(name))
+        .map(Layout::from_param)
+        .unwrap_or_else(|| Layout::unsharded(ndim));
+    if from.tensor_map.len() != ndim {
+        return Err(Error::Strategy(format!(
+            "the checkpoint holds a {ndim}-d tensor {:?} but the source strategy maps {} dims",
+            first.dims,
+            from.tensor_map.len()
+        ))
+        .in_tensor(name));
+    }
+    let global = from
+        .global_shape(&to_u64(&first.dims))
+        .map_err(|e| e.in_tensor(name))?;
+    let src_shape = from.slice_shape(&global).map_err(|e| e.in_tensor(name))?;
+    Ok(Placed {
+        name,
+        from,
+        global,
+        src_shape,
+        held,
+    })
+}
+
+/// Box copies filling `dst_slice` (a region of the global tensor, laid out
+/// as `dst_shape`) from the source ranks, as `out_dtype`. Redundant copies
+/// hold the same bytes, so each distinct source region is read once,
+/// preferring local rank `own`.
+fn region_steps(
+    input: &TransformInput<'_>,
+    p: &Placed<'_>,
+    dst_slice: &RankSlice,
+    dst_shape: &[u64],
+    out_dtype: DType,
+    own: u64,
+) -> Result<Vec<CopyStep>> {
+    let err = |e: Error| e.in_tensor(p.name);
+    let n = p.from.device_num();
+    let mut candidates: Vec<u64> = p.held.keys().copied().filter(|&k| k < n).collect();
+    candidates.sort_by_key(|&k| (k != own, k));
+    let first_dtype = tensor_dtype(entry(input, p.held[&candidates[0]])).map_err(err)?;
+    let mut seen: Vec<RankSlice> = Vec::new();
+    let mut steps = Vec::new();
+    for k in candidates {
+        let h = p.held[&k];
+        let e = entry(input, h);
+        if to_u64(&e.dims) != p.src_shape {
+            return Err(err(Error::Strategy(format!(
+                "source rank {k} holds shape {:?} but the source strategy implies {:?} (global {:?})",
+                e.dims, p.src_shape, p.global
+            ))));
+        }
+        let src_dtype = tensor_dtype(e).map_err(err)?;
+        if src_dtype != first_dtype {
+            return Err(err(Error::invalid(format!(
+                "dtype differs between source ranks: {src_dtype} on rank {k}, {first_dtype} elsewhere"
+            ))));
+        }
+        let slice = p.from.rank_slice(&p.global, k).map_err(err)?;
+        if seen.contains(&slice) {
+            continue;
+        }
+        for copy in intersect(
+            dst_slice,
+            dst_shape,
+            &slice,
+            &p.src_shape,
+            src_dtype,
+            out_dtype,
+        ) {
+            steps.push(CopyStep {
+                source: h.source,
+                tensor: p.name.to_string(),
+                copy,
+            });
+        }
+        seen.push(slice);
+    }
+    let covered: u64 = steps.iter().map(|s| s.copy.elements()).sum();
+    let wanted: u64 = dst_slice
+        .dims
+        .iter()
+        .map(|d| d.iter().map(|p| p.len).sum::<u64>())
+        .product();
+    if covered != wanted {
+        return Err(err(Error::invalid(format!(
+            "the loaded source ranks cover {covered} of the {wanted} elements needed"
+        ))));
+    }
+    Ok(steps)
+}
+
+/// A LoRA merge request: base weight name → (A name, B name).
+#[derive(Debug, Clone, Default)]
+pub struct LoraSpec {
+    /// Base weight → (`lora_a` factor, `lora_b` factor).
+    pub pairs: HashMap<String, (String, String)>,
+    /// The scale applied to `B·A`.
+    pub scale: f32,
+    /// Weights are stored `[in, out]` (PEFT `fan_in_fan_out`).
+    pub fan_in_fan_out: bool,
+}
+
+impl LoraSpec {
+    /// Whether `name` is dropped from the output (every `lora_` tensor,
+    /// including factors' optimizer states), as mindformers does.
+    pub fn drops(name: &str) -> bool {
+        name.contains("lora_")
+    }
+}
+
+/// What fills the region `dst_slice` (shape `dst_shape`) of `p` in the
+/// output: a copy, or a copy merged with its LoRA factors.
+#[allow(clippy::too_many_arguments)]
+fn fill(
+    input: &TransformInput<'_>,
+    loaded: &Loaded,
+    p: &Placed<'_>,
+    dst_slice: &RankSlice,
+    dst_shape: &[u64],
+    own: u64,
+    src_map: Option<&LayoutTable>,
+) -> Result<Content> {
+    let err = |e: Error| e.in_tensor(p.name);
+    let own_held = *p.held.get(&own).ok_or_else(|| {
+        err(Error::invalid(format!(
+            "the checkpoint of source rank {own} (local to its stage) is missing"
+        )))
+    })?;
+    let dtype = tensor_dtype(entry(input, own_held)).map_err(err)?;
+    let shape: Vec<i64> = dst_shape.iter().map(|&d| d as i64).collect();
+    let pair = input
+        .lora
+        .as_ref()
+        .and_then(|l| l.pairs.get(p.name).map(|pair| (l, pair)));
+    let Some((lora, (a_name, b_name))) = pair else {
+        let steps = region_steps(input, p, dst_slice, dst_shape, dtype, own)?;
+        return Ok(Content::Tensor {
+            dtype,
+            shape,
+            steps,
+        });
+    };
+    if !dtype.is_float() || p.global.len() != 2 {
+        return Err(err(Error::invalid(format!(
+            "a LoRA base weight must be a 2-d float tensor, not {dtype} {:?}",
+            p.global
+        ))));
+    }
+    let b = place(input, loaded, b_name, src_map)?;
+    let a = place(input, loaded, a_name, src_map)?;
+    // P = B·A is [out × in]; W is [out × in], or [in × out] with fan_in_fan_out.
+    let (w_rows, w_cols) = if lora.fan_in_fan_out { (1, 0) } else { (0, 1) };
+    let (out, inp) = (p.global[w_rows], p.global[w_cols]);
+    if b.global.len() != 2 || a.global.len() != 2 || b.global[1] != a.global[0] {
+        return Err(err(Error::invalid(format!(
+            "LoRA rank mismatch: {b_name} is {:?} and {a_name} is {:?}; B's columns must equal A's rows",
+            b.global, a.global
+        ))));
+    }
+    if b.global[0] != out || a.global[1] != inp {
+        return Err(err(Error::invalid(format!(
+            "{b_name} {:?} · {a_name} {:?} does not multiply to the weight's {:?}{}",
+            b.global,
+            a.global,
+            p.global,
+            if lora.fan_in_fan_out {
+                " (stored [in, out], fan_in_fan_out)"
+            } else {
+                ""
+            }
+        ))));
+    }
+    let k = b.global[1];
+    let mut blocks = Vec::new();
+    for pr in &dst_slice.dims[w_rows] {
+        for pc in &dst_slice.dims[w_cols] {
+            blocks.push(LoraAdd {
+                global: [out as usize, inp as usize],
+                k: k as usize,
+                w_shape: [dst_shape[0] as usize, dst_shape[1] as usize],
+                w_transposed: lora.fan_in_fan_out,
+                w_offset: [pr.local_start as usize, pc.local_start as usize],
+                origin: [pr.global_start as usize, pc.global_start as usize],
+                block: [pr.len as usize, pc.len as usize],
+                b_rows: 0..0,
+                a_cols: 0..0,
+                scale: lora.scale,
+            });
+        }
+    }
+    // The tile-aligned rows of B and columns of A that all blocks need.
+    let cover = |d: usize| {
+        let ranges: Vec<std::ops::Range<usize>> =
+            blocks.iter().map(|b| LoraAdd::needed(b.global, b.origin, b.block)[d].clone()).collect();
+        ranges.iter().map(|r| r.start).min().unwrap_or(0)..ranges.iter().map(|r| r.end).max().unwrap_or(0)
+    };
+    let (rows, cols) = (cover(0), cover(1));
+    for blk in &mut blocks {
+        blk.b_rows = rows.clone();
+        blk.a_cols = cols.clone();
+    }
+    let piece = |start: usize, len: usize| {
+        vec![crate::layout::Piece {
+            global_start: start as u64,
+            local_start: 0,
+            len: len as u64,
+        }]
+    };
+    let b_slice = RankSlice {
+        dims: vec![piece(rows.start, rows.len()), piece(0, k as usize)],
+    };
+    let b_shape = [rows.len() as u64, k];
+    let a_slice = RankSlice {
+        dims: vec![piece(0, k as usize), piece(cols.start, cols.len())],
+    };
+    let a_shape = [k, cols.len() as u64];
+    Ok(Content::Merged {
+        dtype,
+        shape,
+        steps: region_steps(input, p, dst_slice, dst_shape, DType::F32, own)?,
+        lora: LoraTerm {
+            b_shape,
+            b_steps: region_steps(input, &b, &b_slice, &b_shape, DType::F32, own)?,
+            a_shape,
+            a_steps: region_steps(input, &a, &a_slice, &a_shape, DType::F32, own)?,
+            blocks,
+        },
+    })
+}
+
 /// `_transform_parallel_checkpoint` for one destination file: the
 /// parameters of both strategies resharded, in load order, then the others
 /// copied from local source rank `local % device_num`.
@@ -495,129 +770,54 @@ fn build_file(
     path: PathBuf,
     wrap: &dyn Fn(Error) -> Error,
 ) -> Result<FilePlan> {
-    let Loaded {
-        order,
-        table,
-        first_local,
-    } = loaded;
-    let entry = |h: Held| -> &SourceEntry { &input.sources[h.source].2[h.entry] };
-    let mut tensors = Vec::with_capacity(order.len());
+    let kept: Vec<&String> = loaded
+        .order
+        .iter()
+        .filter(|n| input.lora.is_none() || !LoraSpec::drops(n))
+        .collect();
+    let mut tensors = Vec::with_capacity(kept.len());
     let mut transformed: HashSet<&str> = HashSet::new();
     let mut device_num: Option<u64> = None;
-    for name in order.iter() {
+    for &name in &kept {
         if src_map.is_some_and(|m| !m.contains(name)) || dst_map.is_some_and(|m| !m.contains(name))
         {
             continue;
         }
-        let held = &table[name];
-        let first = entry(held[&first_local[name]]);
-        let ndim = first.dims.len();
-        let from = src_map
-            .and_then(|m| m.get(name))
-            .map(Layout::from_param)
-            .unwrap_or_else(|| Layout::unsharded(ndim));
+        let p = place(input, loaded, name, src_map).map_err(wrap)?;
         let to = dst_map
             .and_then(|m| m.get(name))
             .map(Layout::from_param)
-            .unwrap_or_else(|| Layout::unsharded(ndim));
+            .unwrap_or_else(|| Layout::unsharded(p.global.len()));
         let tensor_err = |e: Error| wrap(e.in_tensor(name));
-        let dtype = match first.value {
-            EntryValue::Tensor(d) => d,
-            EntryValue::Str | EntryValue::MapTensor => {
-                return Err(tensor_err(Error::invalid(
-                    "a string or map-tensor entry cannot be resharded",
-                )))
-            }
-        };
-        if from.tensor_map.len() != ndim || to.tensor_map.len() != ndim {
+        if to.tensor_map.len() != p.global.len() {
             return Err(tensor_err(Error::Strategy(format!(
-                "the checkpoint holds a {ndim}-d tensor {:?} but the strategies map {} (source) and {} (destination) dims",
-                first.dims,
-                from.tensor_map.len(),
+                "the checkpoint holds a {}-d tensor but the destination strategy maps {} dims",
+                p.global.len(),
                 to.tensor_map.len()
             ))));
         }
-        let n = from.device_num();
-        let m = to.device_num();
+        let (n, m) = (p.from.device_num(), to.device_num());
         if n.max(m) % n.min(m) != 0 {
             return Err(tensor_err(Error::Strategy(format!(
                 "cannot transform between {n} and {m} devices: one count must divide the other"
             ))));
         }
         device_num = Some(n);
-        let own = local % n;
-        let own_held = *held.get(&own).ok_or_else(|| {
-            tensor_err(Error::invalid(format!(
-                "the checkpoint of source rank {own} (local to its stage) is missing"
-            )))
-        })?;
-        let global = from
-            .global_shape(&to_u64(&first.dims))
-            .map_err(tensor_err)?;
-        let src_shape = from.slice_shape(&global).map_err(tensor_err)?;
-        let dst_shape = to.slice_shape(&global).map_err(tensor_err)?;
-        let dst_slice = to.rank_slice(&global, local).map_err(tensor_err)?;
-        let out_dtype = match entry(own_held).value {
-            EntryValue::Tensor(d) => d,
-            _ => dtype,
-        };
-        // Distinct source regions: redundant copies hold the same bytes, so
-        // one representative each, preferring this rank's own source.
-        let mut candidates: Vec<u64> = held.keys().copied().filter(|&k| k < n).collect();
-        candidates.sort_by_key(|&k| (k != own, k));
-        let mut seen: Vec<RankSlice> = Vec::new();
-        let mut steps = Vec::new();
-        for k in candidates {
-            let h = held[&k];
-            let e = entry(h);
-            if to_u64(&e.dims) != src_shape {
-                return Err(tensor_err(Error::Strategy(format!(
-                    "source rank {k} holds shape {:?} but the source strategy implies {src_shape:?} (global {global:?})",
-                    e.dims
-                ))));
-            }
-            let src_dtype = match e.value {
-                EntryValue::Tensor(d) => d,
-                _ => {
-                    return Err(tensor_err(Error::invalid(format!(
-                        "source rank {k} holds a non-tensor entry"
-                    ))))
-                }
-            };
-            if src_dtype != out_dtype {
-                return Err(tensor_err(Error::invalid(format!(
-                    "dtype differs between source ranks: {src_dtype} on rank {k}, {out_dtype} on rank {own}"
-                ))));
-            }
-            let slice = from.rank_slice(&global, k).map_err(tensor_err)?;
-            if seen.contains(&slice) {
-                continue;
-            }
-            for copy in intersect(
-                &dst_slice, &dst_shape, &slice, &src_shape, src_dtype, out_dtype,
-            ) {
-                steps.push(CopyStep {
-                    source: h.source,
-                    tensor: name.clone(),
-                    copy,
-                });
-            }
-            seen.push(slice);
-        }
-        let covered: u64 = steps.iter().map(|s| s.copy.elements()).sum();
-        if covered != dst_shape.iter().product::<u64>() {
-            return Err(tensor_err(Error::invalid(format!(
-                "the loaded source ranks cover {covered} of the {} elements of the destination slice",
-                dst_shape.iter().product::<u64>()
-            ))));
-        }
+        let dst_shape = to.slice_shape(&p.global).map_err(tensor_err)?;
+        let dst_slice = to.rank_slice(&p.global, local).map_err(tensor_err)?;
+        let content = fill(
+            input,
+            loaded,
+            &p,
+            &dst_slice,
+            &dst_shape,
+            local % n,
+            src_map,
+        )
+        .map_err(wrap)?;
         tensors.push(TensorPlan {
             name: name.clone(),
-            content: Content::Tensor {
-                dtype: out_dtype,
-                shape: dst_shape.iter().map(|&d| d as i64).collect(),
-                steps,
-            },
+            content,
         });
         transformed.insert(name);
     }
@@ -630,11 +830,11 @@ fn build_file(
     // Parameters outside the strategies (global_step, …): copied from the
     // local source rank `rank % device_num` of the last transformed one.
     let own = local % device_num;
-    for name in order.iter() {
+    for &name in &kept {
         if transformed.contains(name.as_str()) {
             continue;
         }
-        let h = *table[name].get(&own).ok_or_else(|| {
+        let h = *loaded.table[name].get(&own).ok_or_else(|| {
             wrap(
                 Error::invalid(format!(
                     "the checkpoint of source rank {own} does not hold it"
@@ -642,8 +842,24 @@ fn build_file(
                 .in_tensor(name),
             )
         })?;
-        let e = entry(h);
+        let e = entry(input, h);
         let content = match e.value {
+            // A base weight copied raw still gets its LoRA merge, over the
+            // region the copied slice covers.
+            EntryValue::Tensor(_)
+                if input
+                    .lora
+                    .as_ref()
+                    .is_some_and(|l| l.pairs.contains_key(name)) =>
+            {
+                let p = place(input, loaded, name, src_map).map_err(wrap)?;
+                let region = p
+                    .from
+                    .rank_slice(&p.global, own)
+                    .map_err(|e| wrap(e.in_tensor(name)))?;
+                let shape = p.src_shape.clone();
+                fill(input, loaded, &p, &region, &shape, own, src_map).map_err(wrap)?
+            }
             EntryValue::Tensor(dtype) => {
                 let shape = to_u64(&e.dims);
                 Content::Tensor {

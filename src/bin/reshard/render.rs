@@ -215,15 +215,20 @@ pub fn demo(report: &DemoReport) -> Result<()> {
 }
 
 pub fn transform(report: &TransformReport) -> Result<()> {
+    plan_outcome(&report.plan, report.executed.as_ref())
+}
+
+/// The per-file table of a plan (and of its execution), then totals.
+pub fn plan_outcome(
+    p: &reshard::plan::PlanSummary,
+    executed: Option<&reshard::exec::ExecReport>,
+) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    let p = &report.plan;
     let rows: Vec<Vec<String>> = p
         .files
         .iter()
         .map(|f| {
-            let secs = report
-                .executed
-                .as_ref()
+            let secs = executed
                 .and_then(|e| e.files.iter().find(|w| w.rank == f.rank))
                 .map(|w| format!("{:.3} s", w.seconds))
                 .unwrap_or_default();
@@ -250,7 +255,7 @@ pub fn transform(report: &TransformReport) -> Result<()> {
         human_bytes(p.largest_tensor.1),
         human_bytes(p.predicted_peak_bytes)
     )?;
-    match &report.executed {
+    match executed {
         None => writeln!(
             out,
             "dry run: {} files, {} to read, {} to write; nothing written",

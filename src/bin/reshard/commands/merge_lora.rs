@@ -1,12 +1,130 @@
-//! The `merge_lora` subcommand — being written.
+//! `reshard merge-lora`: flags → `ops::merge_lora` → a summary.
 
-use anyhow::Result;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
 use clap::Args;
+use reshard::formats::tree::FileFormat;
+use reshard::ops::merge_lora::{merge_lora, MergeLoraOptions};
 
-/// Flags of this subcommand.
+use crate::args::ReadArgs;
+use crate::render;
+
+/// Flags of `reshard merge-lora` (mindformers' underscore spellings accepted).
 #[derive(Debug, Args)]
-pub struct MergeLoraArgs {}
+#[command(
+    after_help = "Output: DST/rank_0/{prefix}0.ckpt for a full result, DST/rank_{r}/{prefix}{r}.ckpt with \
+--dst-ckpt-strategy. Every tensor whose name contains lora_ is dropped; each base weight W becomes \
+W + scale·B·A, accumulated in f32 and rounded once to W's dtype."
+)]
+pub struct MergeLoraArgs {
+    /// A full checkpoint file, or a directory of rank_x/ folders.
+    #[arg(
+        long = "src-ckpt-path-or-dir",
+        alias = "src_ckpt_path_or_dir",
+        value_name = "PATH"
+    )]
+    pub src: PathBuf,
+    /// Strategy of a distributed source (file, merged file or directory).
+    #[arg(
+        long = "src-ckpt-strategy",
+        alias = "src_ckpt_strategy",
+        value_name = "PATH"
+    )]
+    pub src_strategy: Option<std::ffi::OsString>,
+    /// Output directory.
+    #[arg(long = "dst-ckpt-dir", alias = "dst_ckpt_dir", value_name = "DIR")]
+    pub dst_dir: PathBuf,
+    /// Write the merged model directly in this layout (default: one full file).
+    #[arg(
+        long = "dst-ckpt-strategy",
+        alias = "dst_ckpt_strategy",
+        value_name = "PATH"
+    )]
+    pub dst_strategy: Option<std::ffi::OsString>,
+    /// Output file prefix.
+    #[arg(long, default_value = "checkpoint_")]
+    pub prefix: String,
+    /// The scale of B·A (lora_alpha / lora_rank). Default 1, as mindformers.
+    #[arg(
+        long = "lora-scaling",
+        alias = "lora_scaling",
+        value_name = "X",
+        allow_hyphen_values = true
+    )]
+    pub lora_scaling: Option<f32>,
+    /// lora_alpha, with --lora-rank: scale = alpha / rank.
+    #[arg(
+        long = "lora-alpha",
+        alias = "lora_alpha",
+        requires = "lora_rank",
+        conflicts_with = "lora_scaling"
+    )]
+    pub lora_alpha: Option<f32>,
+    /// LoRA rank r, with --lora-alpha.
+    #[arg(long = "lora-rank", alias = "lora_rank", requires = "lora_alpha")]
+    pub lora_rank: Option<f32>,
+    /// Weights are stored [in, out] (PEFT fan_in_fan_out): W + scale·(B·A)ᵀ.
+    #[arg(long = "fan-in-fan-out", alias = "fan_in_fan_out")]
+    pub fan_in_fan_out: bool,
+    /// Output format.
+    #[arg(
+        long = "save-format",
+        alias = "save_format",
+        default_value = "ckpt",
+        value_name = "ckpt|safetensors"
+    )]
+    pub save_format: String,
+    /// Destination files written concurrently.
+    #[arg(short = 'j', long = "jobs", default_value_t = 1)]
+    pub jobs: usize,
+    /// Print the plan and write nothing.
+    #[arg(long = "dry-run")]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub read: ReadArgs,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
 
-pub fn run(_a: MergeLoraArgs) -> Result<()> {
-    anyhow::bail!("not implemented yet")
+/// mindformers passes "" for an absent strategy.
+fn non_empty(p: Option<std::ffi::OsString>) -> Option<PathBuf> {
+    p.filter(|p| !p.is_empty()).map(PathBuf::from)
+}
+
+pub fn run(a: MergeLoraArgs) -> Result<()> {
+    let scale = match (a.lora_scaling, a.lora_alpha, a.lora_rank) {
+        (Some(s), _, _) => s,
+        (None, Some(alpha), Some(rank)) if rank != 0.0 => alpha / rank,
+        (None, Some(_), Some(_)) => bail!("--lora-rank must not be 0"),
+        _ => 1.0,
+    };
+    let format = match a.save_format.as_str() {
+        "ckpt" => FileFormat::Ckpt,
+        "safetensors" => FileFormat::Safetensors,
+        other => bail!("--save-format must be ckpt or safetensors, not {other:?}"),
+    };
+    let options = MergeLoraOptions {
+        src_strategy: non_empty(a.src_strategy),
+        dst_strategy: non_empty(a.dst_strategy),
+        prefix: a.prefix,
+        scale,
+        fan_in_fan_out: a.fan_in_fan_out,
+        format,
+        workers: a.jobs.max(1),
+        dry_run: a.dry_run,
+        read: super::read_options(&a.read)?,
+        ..MergeLoraOptions::new(a.src, a.dst_dir)
+    };
+    let report = merge_lora(&options)?;
+    if a.json {
+        return render::json(&report);
+    }
+    eprintln!(
+        "merged {} LoRA pair(s) (scale {scale}), dropped {} lora_ tensor(s)",
+        report.merged.len(),
+        report.dropped.len()
+    );
+    render::plan_outcome(&report.plan, report.executed.as_ref())
 }

@@ -35,7 +35,7 @@ fn key_and_mode(key: &Option<String>, mode: &str) -> Result<Option<(Vec<u8>, cry
     })
 }
 
-fn read_options(a: &ReadArgs) -> Result<ReadOptions> {
+pub(crate) fn read_options(a: &ReadArgs) -> Result<ReadOptions> {
     Ok(ReadOptions {
         decryption: key_and_mode(&a.dec_key, &a.dec_mode)?,
         ..ReadOptions::default()
