@@ -432,3 +432,277 @@ fn bad_inputs_name_the_tensors_and_leave_nothing() {
     );
     assert!(out.join("rank_0/checkpoint_0.ckpt").exists());
 }
+
+/// A tiny HuggingFace model (two shards + index + config) and a PEFT adapter
+/// on its q_proj and down_proj.
+fn hf_model_and_adapter(root: &Path, rslora: bool) -> (PathBuf, PathBuf) {
+    use reshard::formats::safetensors::{write, StWriteOptions, TensorRef};
+    let base = root.join("base");
+    let adapter = root.join("adapter");
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::create_dir_all(&adapter).unwrap();
+    let meta = Some([("format".to_string(), "pt".to_string())].into());
+    let f32s = |n: usize, seed: u32| -> Vec<u8> {
+        encode(
+            DType::F32,
+            &(0..n).map(|i| value(seed, i)).collect::<Vec<_>>(),
+        )
+    };
+    let (q, down, norm) = (f32s(64, 1), f32s(128, 2), f32s(8, 3));
+    write(
+        base.join("model-00001-of-00002.safetensors"),
+        &[
+            (
+                "model.layers.0.self_attn.q_proj.weight".into(),
+                TensorRef {
+                    dtype: DType::F32,
+                    shape: vec![8, 8],
+                    data: &q,
+                },
+            ),
+            (
+                "model.norm.weight".into(),
+                TensorRef {
+                    dtype: DType::F32,
+                    shape: vec![8],
+                    data: &norm,
+                },
+            ),
+        ],
+        &StWriteOptions {
+            metadata: meta.clone(),
+            crc: false,
+        },
+    )
+    .unwrap();
+    write(
+        base.join("model-00002-of-00002.safetensors"),
+        &[(
+            "model.layers.0.mlp.down_proj.weight".into(),
+            TensorRef {
+                dtype: DType::F32,
+                shape: vec![8, 16],
+                data: &down,
+            },
+        )],
+        &StWriteOptions {
+            metadata: meta.clone(),
+            crc: false,
+        },
+    )
+    .unwrap();
+    std::fs::write(
+        base.join("model.safetensors.index.json"),
+        r#"{"metadata": {"total_size": 800}, "weight_map": {
+        "model.layers.0.self_attn.q_proj.weight": "model-00001-of-00002.safetensors",
+        "model.norm.weight": "model-00001-of-00002.safetensors",
+        "model.layers.0.mlp.down_proj.weight": "model-00002-of-00002.safetensors"}}"#,
+    )
+    .unwrap();
+    std::fs::write(base.join("config.json"), r#"{"model_type": "llama"}"#).unwrap();
+    let (qa, qb, da, db) = (f32s(16, 4), f32s(16, 5), f32s(32, 6), f32s(16, 7));
+    write(
+        adapter.join("adapter_model.safetensors"),
+        &[
+            (
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".into(),
+                TensorRef {
+                    dtype: DType::F32,
+                    shape: vec![2, 8],
+                    data: &qa,
+                },
+            ),
+            (
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight".into(),
+                TensorRef {
+                    dtype: DType::F32,
+                    shape: vec![8, 2],
+                    data: &qb,
+                },
+            ),
+            (
+                "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight".into(),
+                TensorRef {
+                    dtype: DType::F32,
+                    shape: vec![2, 16],
+                    data: &da,
+                },
+            ),
+            (
+                "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight".into(),
+                TensorRef {
+                    dtype: DType::F32,
+                    shape: vec![8, 2],
+                    data: &db,
+                },
+            ),
+        ],
+        &StWriteOptions {
+            metadata: meta,
+            crc: false,
+        },
+    )
+    .unwrap();
+    std::fs::write(adapter.join("adapter_config.json"), format!(
+        r#"{{"peft_type": "LORA", "r": 2, "lora_alpha": 8, "use_rslora": {rslora}, "fan_in_fan_out": false,
+            "target_modules": ["q_proj", "down_proj"]}}"#)).unwrap();
+    (base, adapter)
+}
+
+#[test]
+fn peft_adapter_merges_into_a_hugging_face_model() {
+    use reshard::formats::safetensors::SafetensorsFile;
+    use reshard::ops::merge_lora::{merge_peft, MergePeftOptions};
+    for rslora in [false, true] {
+        let dir = tempdir();
+        let (base, adapter) = hf_model_and_adapter(dir.path(), rslora);
+        let out = dir.path().join("out");
+        let report = merge_peft(&MergePeftOptions {
+            base: base.clone(),
+            adapter: adapter.clone(),
+            dst_dir: out.clone(),
+            scale: None,
+            workers: 2,
+        })
+        .unwrap();
+        assert_eq!(report.merged.len(), 2);
+        let scale = if rslora { 8.0 / 2f64.sqrt() } else { 4.0 };
+        let read = |dir: &Path, file: &str, name: &str| {
+            let f = SafetensorsFile::open(dir.join(file), false).unwrap();
+            (
+                decode(DType::F32, f.bytes(f.get(name).unwrap())),
+                f.metadata().clone(),
+            )
+        };
+        let ad = |name: &str| {
+            read(
+                &adapter,
+                "adapter_model.safetensors",
+                &format!("base_model.model.{name}"),
+            )
+            .0
+        };
+        for (file, name, (o, i)) in [
+            (
+                "model-00001-of-00002.safetensors",
+                "model.layers.0.self_attn.q_proj",
+                (8usize, 8usize),
+            ),
+            (
+                "model-00002-of-00002.safetensors",
+                "model.layers.0.mlp.down_proj",
+                (8, 16),
+            ),
+        ] {
+            let (w, _) = read(&base, file, &format!("{name}.weight"));
+            let (m, meta) = read(&out, file, &format!("{name}.weight"));
+            assert_eq!(meta.get("format").map(String::as_str), Some("pt"));
+            let (a, b) = (
+                ad(&format!("{name}.lora_A.weight")),
+                ad(&format!("{name}.lora_B.weight")),
+            );
+            for r in 0..o {
+                for c in 0..i {
+                    let p: f64 = (0..2).map(|k| b[r * 2 + k] * a[k * i + c]).sum();
+                    assert!(
+                        (m[r * i + c] - (w[r * i + c] + scale * p)).abs() < 1e-5,
+                        "{name} ({r},{c}) rslora {rslora}"
+                    );
+                }
+            }
+        }
+        // Untouched tensors and the other files are carried over as they were.
+        assert_eq!(
+            read(
+                &out,
+                "model-00001-of-00002.safetensors",
+                "model.norm.weight"
+            )
+            .0,
+            read(
+                &base,
+                "model-00001-of-00002.safetensors",
+                "model.norm.weight"
+            )
+            .0
+        );
+        for f in ["config.json", "model.safetensors.index.json"] {
+            assert_eq!(
+                std::fs::read(out.join(f)).unwrap(),
+                std::fs::read(base.join(f)).unwrap()
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_peft_adapters_are_refused() {
+    use reshard::ops::merge_lora::{merge_peft, MergePeftOptions};
+    let dir = tempdir();
+    let (base, adapter) = hf_model_and_adapter(dir.path(), false);
+    let out = dir.path().join("out");
+    let run = |adapter: &Path| {
+        merge_peft(&MergePeftOptions {
+            base: base.clone(),
+            adapter: adapter.to_path_buf(),
+            dst_dir: out.clone(),
+            scale: None,
+            workers: 1,
+        })
+        .unwrap_err()
+        .to_string()
+    };
+    // A .bin adapter: told how to get safetensors, never unpickled.
+    let bin = dir.path().join("bin_adapter");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::copy(
+        adapter.join("adapter_config.json"),
+        bin.join("adapter_config.json"),
+    )
+    .unwrap();
+    std::fs::write(bin.join("adapter_model.bin"), b"pickle").unwrap();
+    let e = run(&bin);
+    assert!(e.contains("safe_serialization=True"), "{e}");
+    // A config without r.
+    std::fs::write(bin.join("adapter_config.json"), r#"{"lora_alpha": 8}"#).unwrap();
+    std::fs::copy(
+        adapter.join("adapter_model.safetensors"),
+        bin.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    assert!(run(&bin).contains("\"r\" is missing"));
+    // An adapter for another model.
+    std::fs::write(
+        bin.join("adapter_config.json"),
+        r#"{"r": 2, "lora_alpha": 8}"#,
+    )
+    .unwrap();
+    use reshard::formats::safetensors::{write, StWriteOptions, TensorRef};
+    let z = vec![0u8; 64];
+    write(
+        bin.join("adapter_model.safetensors"),
+        &[
+            (
+                "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight".into(),
+                TensorRef {
+                    dtype: DType::F32,
+                    shape: vec![2, 8],
+                    data: &z,
+                },
+            ),
+            (
+                "base_model.model.model.layers.9.self_attn.q_proj.lora_B.weight".into(),
+                TensorRef {
+                    dtype: DType::F32,
+                    shape: vec![8, 2],
+                    data: &z,
+                },
+            ),
+        ],
+        &StWriteOptions::default(),
+    )
+    .unwrap();
+    let e = run(&bin);
+    assert!(e.contains("layers.9") && e.contains("does not have"), "{e}");
+    assert!(!out.exists() || std::fs::read_dir(&out).unwrap().count() == 0);
+}

@@ -321,3 +321,305 @@ mod tests {
         assert_eq!(ok["x.wq.weight"].0, "x.wq.mindpet_delta_lora_a");
     }
 }
+
+/// A HuggingFace PEFT LoRA adapter: `adapter_config.json` and
+/// `adapter_model.safetensors`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeftAdapter {
+    /// The adapter's weights file.
+    pub weights: PathBuf,
+    /// LoRA rank `r`.
+    pub r: f64,
+    /// `lora_alpha`.
+    pub lora_alpha: f64,
+    /// rsLoRA: scale `alpha / sqrt(r)` instead of `alpha / r`.
+    pub use_rslora: bool,
+    /// Weights stored `[in, out]` (GPT-2 style Conv1D).
+    pub fan_in_fan_out: bool,
+    /// Module names the adapter was trained on, as written.
+    pub target_modules: Vec<String>,
+}
+
+impl PeftAdapter {
+    /// Reads an adapter directory.
+    pub fn load(dir: &std::path::Path) -> Result<PeftAdapter> {
+        let config_path = dir.join("adapter_config.json");
+        let text = std::fs::read(&config_path).map_err(|e| Error::from(e).in_file(&config_path))?;
+        let config: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|e| Error::invalid(format!("not valid JSON: {e}")).in_file(&config_path))?;
+        if let Some(kind) = config.get("peft_type").and_then(|v| v.as_str()) {
+            if kind != "LORA" {
+                return Err(Error::invalid(format!(
+                    "peft_type is {kind:?}; only LORA adapters can be merged"
+                ))
+                .in_file(&config_path));
+            }
+        }
+        if config.get("use_dora").and_then(|v| v.as_bool()) == Some(true) {
+            return Err(
+                Error::invalid("DoRA adapters (use_dora) cannot be merged as W + s·B·A")
+                    .in_file(&config_path),
+            );
+        }
+        let number = |key: &str| -> Result<f64> {
+            config
+                .get(key)
+                .and_then(|v| v.as_f64())
+                .filter(|v| v.is_finite() && *v > 0.0)
+                .ok_or_else(|| {
+                    Error::invalid(format!("{key:?} is missing or not a positive number"))
+                        .in_file(&config_path)
+                })
+        };
+        let weights = dir.join("adapter_model.safetensors");
+        if !weights.exists() {
+            let hint = if dir.join("adapter_model.bin").exists() {
+                "; only adapter_model.bin is there: re-save the adapter with safe_serialization=True \
+                 (PeftModel.save_pretrained does by default), since reshard never unpickles .bin files"
+            } else {
+                ""
+            };
+            return Err(Error::invalid(format!("no adapter_model.safetensors{hint}")).in_file(dir));
+        }
+        let target_modules = match config.get("target_modules") {
+            Some(serde_json::Value::Array(v)) => v
+                .iter()
+                .filter_map(|m| m.as_str().map(str::to_owned))
+                .collect(),
+            Some(serde_json::Value::String(s)) => vec![s.clone()],
+            _ => Vec::new(),
+        };
+        Ok(PeftAdapter {
+            weights,
+            r: number("r")?,
+            lora_alpha: number("lora_alpha")?,
+            use_rslora: config
+                .get("use_rslora")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+            fan_in_fan_out: config
+                .get("fan_in_fan_out")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+            target_modules,
+        })
+    }
+
+    /// PEFT's scale: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA.
+    pub fn scale(&self) -> f32 {
+        let denominator = if self.use_rslora {
+            self.r.sqrt()
+        } else {
+            self.r
+        };
+        (self.lora_alpha / denominator) as f32
+    }
+}
+
+/// The base-model name a PEFT adapter tensor belongs to, and its `B`
+/// partner: `base_model.model.<module>.lora_A[.<adapter>].weight` →
+/// `<module>.weight`.
+pub fn peft_pair(name: &str) -> Option<(String, String)> {
+    let rest = name.strip_prefix("base_model.model.").unwrap_or(name);
+    let (module, tail) = rest.split_once(".lora_A.")?;
+    let b = name.replacen(".lora_A.", ".lora_B.", 1);
+    Some((
+        format!("{module}.{}", tail.rsplit('.').next().unwrap_or("weight")),
+        b,
+    ))
+}
+
+/// Options of [`merge_peft`].
+#[derive(Debug, Clone)]
+pub struct MergePeftOptions {
+    /// A HuggingFace model directory (`config.json` + `model.safetensors` or
+    /// shards with `model.safetensors.index.json`).
+    pub base: PathBuf,
+    /// The adapter directory.
+    pub adapter: PathBuf,
+    /// Output directory: the base's files, with merged weights.
+    pub dst_dir: PathBuf,
+    /// Override the adapter's scale.
+    pub scale: Option<f32>,
+    /// Destination files written concurrently.
+    pub workers: usize,
+}
+
+/// The weight files of a HuggingFace model directory, in index order.
+pub fn hf_weight_files(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read(&index).map_err(|e| Error::from(e).in_file(&index))?;
+        let json: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|e| Error::invalid(format!("not valid JSON: {e}")).in_file(&index))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::invalid("no \"weight_map\" object").in_file(&index))?;
+        let mut files: Vec<PathBuf> = Vec::new();
+        for file in map.values().filter_map(|v| v.as_str()) {
+            let path = dir.join(file);
+            if !files.contains(&path) {
+                if !path.exists() {
+                    return Err(Error::invalid(format!(
+                        "the index names {file}, which is missing"
+                    ))
+                    .in_file(&index));
+                }
+                files.push(path);
+            }
+        }
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    if dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists() {
+        return Err(Error::invalid(
+            "only PyTorch .bin weights are here; reshard never unpickles them. Convert them once with \
+             transformers (model.save_pretrained(dir, safe_serialization=True)) to get model.safetensors",
+        )
+        .in_file(dir));
+    }
+    Err(Error::invalid("no model.safetensors or model.safetensors.index.json").in_file(dir))
+}
+
+/// Merges a PEFT adapter into a HuggingFace base model. The output keeps
+/// the base's shard files and copies its other files (config, tokenizer,
+/// index); merged weights follow the same numerics as [`merge_lora`].
+pub fn merge_peft(o: &MergePeftOptions) -> Result<MergeLoraReport> {
+    let adapter = PeftAdapter::load(&o.adapter)?;
+    let scale = o.scale.unwrap_or_else(|| adapter.scale());
+    if !scale.is_finite() {
+        return Err(Error::invalid(format!(
+            "the LoRA scaling must be a finite number, not {scale}"
+        )));
+    }
+    let files = hf_weight_files(&o.base)?;
+    let mut sources = Vec::new();
+    let mut base_names = BTreeSet::new();
+    let mut shard_of: HashMap<String, usize> = HashMap::new();
+    for (i, path) in files.iter().enumerate() {
+        let source = Source::open(path, &ReadOptions::default())?;
+        let entries = source.entries();
+        for e in &entries {
+            base_names.insert(e.name.clone());
+            if shard_of.insert(e.name.clone(), i).is_some() {
+                return Err(
+                    Error::invalid(format!("tensor {:?} appears in two shards", e.name))
+                        .in_file(&o.base),
+                );
+            }
+        }
+        sources.push((0, path.clone(), entries));
+    }
+    let adapter_source = Source::open(&adapter.weights, &ReadOptions::default())?;
+    let adapter_entries = adapter_source.entries();
+    let adapter_names: BTreeSet<String> = adapter_entries.iter().map(|e| e.name.clone()).collect();
+    let mut pairs = HashMap::new();
+    for a in &adapter_names {
+        let Some((base, b)) = peft_pair(a) else {
+            continue;
+        };
+        if !base_names.contains(&base) {
+            return Err(Error::invalid(format!(
+                "adapter tensor {a:?} targets {base:?}, which the base model does not have"
+            ))
+            .in_file(&adapter.weights));
+        }
+        if !adapter_names.contains(&b) {
+            return Err(
+                Error::invalid(format!("adapter tensor {a:?} has no B factor {b:?}"))
+                    .in_file(&adapter.weights),
+            );
+        }
+        pairs.insert(base, (a.clone(), b));
+    }
+    if pairs.is_empty() {
+        return Err(
+            Error::invalid("the adapter holds no .lora_A. tensor").in_file(&adapter.weights)
+        );
+    }
+    sources.push((0, adapter.weights.clone(), adapter_entries));
+    let mut merged: Vec<(String, String, String)> = pairs
+        .iter()
+        .map(|(w, (a, b))| (w.clone(), a.clone(), b.clone()))
+        .collect();
+    merged.sort();
+    let mut plan = plan(&TransformInput {
+        sources,
+        src_strategy: None,
+        dst_strategy: None,
+        dst_dir: &o.dst_dir,
+        prefix: "",
+        ranks: None,
+        format: FileFormat::Safetensors,
+        lora: Some(LoraSpec {
+            pairs,
+            scale,
+            fan_in_fan_out: adapter.fan_in_fan_out,
+        }),
+    })?;
+    // One planned file holds the whole model: split it back into the base's shards.
+    let whole = plan.files.pop().expect("one destination");
+    let mut shards: Vec<crate::plan::FilePlan> = files
+        .iter()
+        .map(|f| crate::plan::FilePlan {
+            rank: 0,
+            path: o.dst_dir.join(f.file_name().expect("a file")),
+            format: FileFormat::Safetensors,
+            tensors: Vec::new(),
+        })
+        .collect();
+    for t in whole.tensors {
+        let i = shard_of[&t.name];
+        shards[i].tensors.push(t);
+    }
+    plan.files = shards;
+    let summary = plan.summary(o.workers);
+    std::fs::create_dir_all(&o.dst_dir).map_err(|e| Error::from(e).in_file(&o.dst_dir))?;
+    if let Some(first) = std::fs::read_dir(&o.dst_dir)
+        .map_err(|e| Error::from(e).in_file(&o.dst_dir))?
+        .next()
+    {
+        let first = first.map_err(|e| Error::from(e).in_file(&o.dst_dir))?;
+        return Err(Error::invalid(format!(
+            "the output directory already holds {}",
+            first.path().display()
+        ))
+        .in_file(&o.dst_dir));
+    }
+    let metadata = [("format".to_string(), "pt".to_string())].into();
+    let executed = exec::execute(
+        &plan,
+        &CpuBackend::default(),
+        &ExecOptions {
+            workers: o.workers,
+            safetensors_metadata: metadata,
+            ..Default::default()
+        },
+    )?;
+    // Everything else of the model directory (config, tokenizer, index).
+    let copied = (|| -> Result<()> {
+        for e in std::fs::read_dir(&o.base).map_err(|e| Error::from(e).in_file(&o.base))? {
+            let path = e.map_err(|e| Error::from(e).in_file(&o.base))?.path();
+            if path.is_file() && !files.contains(&path) {
+                let to = o.dst_dir.join(path.file_name().expect("a file"));
+                std::fs::copy(&path, &to).map_err(|e| Error::from(e).in_file(&to))?;
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = copied {
+        let _ = std::fs::remove_dir_all(&o.dst_dir);
+        return Err(e);
+    }
+    let dropped = adapter_names.into_iter().collect();
+    Ok(MergeLoraReport {
+        merged,
+        dropped,
+        plan: summary,
+        executed: Some(executed),
+    })
+}

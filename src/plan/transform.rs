@@ -213,12 +213,12 @@ pub fn plan(input: &TransformInput<'_>) -> Result<Plan> {
         }
         None => (0..all_ranks).collect(),
     };
-    let by_rank: HashMap<usize, usize> = input
-        .sources
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.0, i))
-        .collect();
+    // Several files may share a rank: the shards of one full checkpoint
+    // (HF `model-0000x-of-0000y`), or a base model and its LoRA adapter.
+    let mut by_rank: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (i, s) in input.sources.iter().enumerate() {
+        by_rank.entry(s.0).or_default().push(i);
+    }
     let sources: Vec<SourceFile> = input
         .sources
         .iter()
@@ -235,12 +235,12 @@ pub fn plan(input: &TransformInput<'_>) -> Result<Plan> {
     }
     if let Some(t) = &src_table {
         let described = (src_per_stage * t.stage_num()? as u64) as usize;
-        if input.sources.len() != described {
+        if by_rank.len() != described {
             return Err(Error::Strategy(format!(
                 "the source strategy describes {described} ranks ({} stage(s) × {src_per_stage}) but the source holds {} rank(s); \
                  pass the directory of every rank's strategy file, or the merged file",
                 t.stage_num()?,
-                input.sources.len()
+                by_rank.len()
             )));
         }
     }
@@ -287,7 +287,7 @@ fn plan_by_stage(
     src_strategy: &Strategy,
     src: &LayoutTable,
     dst: &LayoutTable,
-    by_rank: &HashMap<usize, usize>,
+    by_rank: &HashMap<usize, Vec<usize>>,
 ) -> Result<Vec<FilePlan>> {
     let stage = src_strategy.stage().ok_or_else(|| {
         Error::Strategy(
@@ -309,7 +309,7 @@ fn plan_by_stage(
             )));
         }
     }
-    let loaded = load_table(input, &ranks, src_per_stage, by_rank);
+    let loaded = load_table(input, &ranks, src_per_stage, by_rank)?;
     let missing: Vec<&str> = src
         .names()
         .filter(|n| !loaded.table.contains_key(*n))
@@ -349,7 +349,7 @@ fn plan_rank(
     src_table: Option<&LayoutTable>,
     src_per_stage: u64,
     dst_per_stage: u64,
-    by_rank: &HashMap<usize, usize>,
+    by_rank: &HashMap<usize, Vec<usize>>,
 ) -> Result<FilePlan> {
     let wrap = |e: Error| Error::invalid(format!("destination rank {rank}: {e}"));
     // _extract_src_dst_layout_map: keep the destination stage's parameters.
@@ -388,7 +388,7 @@ fn plan_rank(
     }
 
     // Load order: needed files in descending rank order.
-    let mut loaded = load_table(input, &needed, src_per_stage, by_rank);
+    let mut loaded = load_table(input, &needed, src_per_stage, by_rank).map_err(wrap)?;
     // A source-strategy parameter this stage needs but no loaded file holds
     // means the strategy is not this checkpoint's.
     if let Some(m) = &src_map {
@@ -457,34 +457,47 @@ struct Loaded {
     first_local: HashMap<String, u64>,
 }
 
-/// Simulates MindSpore loading the files of `ranks`, in that order.
+/// Simulates MindSpore loading the files of `ranks`, in that order. A name
+/// held by two files of one rank is an error (it would be ambiguous).
 fn load_table(
     input: &TransformInput<'_>,
     ranks: &[u64],
     src_per_stage: u64,
-    by_rank: &HashMap<usize, usize>,
-) -> Loaded {
+    by_rank: &HashMap<usize, Vec<usize>>,
+) -> Result<Loaded> {
     let mut loaded = Loaded {
         order: Vec::new(),
         table: HashMap::new(),
         first_local: HashMap::new(),
     };
     for &k in ranks {
-        let source = by_rank[&(k as usize)];
         let local = k % src_per_stage;
-        for (entry, e) in input.sources[source].2.iter().enumerate() {
-            if !loaded.table.contains_key(&e.name) {
-                loaded.order.push(e.name.clone());
-                loaded.first_local.insert(e.name.clone(), local);
+        let files = &by_rank[&(k as usize)];
+        for &source in files {
+            for (entry, e) in input.sources[source].2.iter().enumerate() {
+                if !loaded.table.contains_key(&e.name) {
+                    loaded.order.push(e.name.clone());
+                    loaded.first_local.insert(e.name.clone(), local);
+                }
+                let previous = loaded
+                    .table
+                    .entry(e.name.clone())
+                    .or_default()
+                    .insert(local, Held { source, entry });
+                if let Some(prev) =
+                    previous.filter(|p| files.contains(&p.source) && p.source != source)
+                {
+                    return Err(Error::invalid(format!(
+                        "tensor {:?} is in both {} and {}",
+                        e.name,
+                        input.sources[prev.source].1.display(),
+                        input.sources[source].1.display()
+                    )));
+                }
             }
-            loaded
-                .table
-                .entry(e.name.clone())
-                .or_default()
-                .insert(local, Held { source, entry });
         }
     }
-    loaded
+    Ok(loaded)
 }
 
 /// A tensor as the source layout sees it: its global shape, the shape each
@@ -718,9 +731,12 @@ fn fill(
     }
     // The tile-aligned rows of B and columns of A that all blocks need.
     let cover = |d: usize| {
-        let ranges: Vec<std::ops::Range<usize>> =
-            blocks.iter().map(|b| LoraAdd::needed(b.global, b.origin, b.block)[d].clone()).collect();
-        ranges.iter().map(|r| r.start).min().unwrap_or(0)..ranges.iter().map(|r| r.end).max().unwrap_or(0)
+        let ranges: Vec<std::ops::Range<usize>> = blocks
+            .iter()
+            .map(|b| LoraAdd::needed(b.global, b.origin, b.block)[d].clone())
+            .collect();
+        ranges.iter().map(|r| r.start).min().unwrap_or(0)
+            ..ranges.iter().map(|r| r.end).max().unwrap_or(0)
     };
     let (rows, cols) = (cover(0), cover(1));
     for blk in &mut blocks {

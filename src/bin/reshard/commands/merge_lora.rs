@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Args;
 use reshard::formats::tree::FileFormat;
-use reshard::ops::merge_lora::{merge_lora, MergeLoraOptions};
+use reshard::ops::merge_lora::{merge_lora, merge_peft, MergeLoraOptions, MergePeftOptions};
 
 use crate::args::ReadArgs;
 use crate::render;
@@ -64,6 +64,11 @@ pub struct MergeLoraArgs {
     /// LoRA rank r, with --lora-alpha.
     #[arg(long = "lora-rank", alias = "lora_rank", requires = "lora_alpha")]
     pub lora_rank: Option<f32>,
+    /// A HuggingFace PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to merge
+    /// into the HuggingFace model directory given as --src-ckpt-path-or-dir. Scale and fan_in_fan_out
+    /// come from adapter_config.json (lora_alpha / r, or / sqrt(r) with use_rslora) unless --lora-scaling is given.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
     /// Weights are stored [in, out] (PEFT fan_in_fan_out): W + scale·(B·A)ᵀ.
     #[arg(long = "fan-in-fan-out", alias = "fan_in_fan_out")]
     pub fan_in_fan_out: bool,
@@ -94,6 +99,27 @@ fn non_empty(p: Option<std::ffi::OsString>) -> Option<PathBuf> {
 }
 
 pub fn run(a: MergeLoraArgs) -> Result<()> {
+    if let Some(adapter) = &a.adapter {
+        let explicit = a
+            .lora_scaling
+            .or(a.lora_alpha.zip(a.lora_rank).map(|(alpha, r)| alpha / r));
+        let report = merge_peft(&MergePeftOptions {
+            base: a.src.clone(),
+            adapter: adapter.clone(),
+            dst_dir: a.dst_dir.clone(),
+            scale: explicit,
+            workers: a.jobs.max(1),
+        })?;
+        if a.json {
+            return render::json(&report);
+        }
+        eprintln!(
+            "merged {} PEFT LoRA pair(s) into {}",
+            report.merged.len(),
+            a.dst_dir.display()
+        );
+        return render::plan_outcome(&report.plan, report.executed.as_ref());
+    }
     let scale = match (a.lora_scaling, a.lora_alpha, a.lora_rank) {
         (Some(s), _, _) => s,
         (None, Some(alpha), Some(rank)) if rank != 0.0 => alpha / rank,
