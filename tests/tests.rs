@@ -7,4 +7,5 @@ mod conformance;
 mod convert;
 mod faults;
 pub mod merge_lora;
-mod transform;
+pub mod transform;
+mod trust;

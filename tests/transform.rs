@@ -15,7 +15,7 @@ use reshard::DType;
 use crate::util::{reshard_bin, tempdir};
 
 /// A llama-shaped full checkpoint: `layers` layers, hidden 16, ffn 48, vocab 48.
-fn synthetic_model(path: &Path, layers: usize, dtype: DType, seed: u8) {
+pub fn synthetic_model(path: &Path, layers: usize, dtype: DType, seed: u8) {
     let mut shapes: Vec<(String, Vec<i64>)> =
         vec![("model.tok_embeddings.embedding_weight".into(), vec![48, 16])];
     for l in 0..layers {
@@ -55,7 +55,7 @@ fn synthetic_model(path: &Path, layers: usize, dtype: DType, seed: u8) {
     w.finish().unwrap();
 }
 
-fn strategies(model: &Path, dir: &Path, dp: u32, mp: u32, pp: u32, opt: i32) -> PathBuf {
+pub fn strategies(model: &Path, dir: &Path, dp: u32, mp: u32, pp: u32, opt: i32) -> PathBuf {
     write_strategies(&StrategyOptions {
         checkpoint: model.to_path_buf(),
         out_dir: dir.to_path_buf(),
@@ -89,7 +89,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         let p = e.unwrap().path();
         if p.is_dir() {
             out.extend(walk(&p));
-        } else {
+        } else if !p.to_string_lossy().ends_with(".manifest.json") {
             out.push(p);
         }
     }
@@ -161,7 +161,7 @@ fn missing_rank_says_who_needs_what() {
         Some(&single),
     ));
     assert!(e.contains("rank_2") && e.contains("no .ckpt file"), "{e}");
-    std::fs::remove_dir(dir.path().join("src/rank_2")).unwrap();
+    std::fs::remove_dir_all(dir.path().join("src/rank_2")).unwrap();
     let e = err_of(&options(
         &dir.path().join("src"),
         &dir.path().join("out"),

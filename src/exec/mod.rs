@@ -21,7 +21,9 @@ use serde::Serialize;
 
 use crate::backend::{Backend, BoxCopy, Src};
 use crate::error::{Error, Result, ResultExt};
+use crate::formats::atomic::FileDigest;
 use crate::formats::ckpt::{CkptWriter, ReadOptions, WriteOptions};
+use crate::formats::manifest::{self, Manifest, SourceDigest, TensorDigest};
 use crate::formats::safetensors::StreamWriter;
 use crate::formats::tree::FileFormat;
 use crate::formats::Source;
@@ -36,6 +38,12 @@ pub struct ExecOptions {
     pub read: ReadOptions,
     /// Metadata of safetensors outputs.
     pub safetensors_metadata: std::collections::BTreeMap<String, String>,
+    /// Write `<file>.manifest.json` beside each output, recording this
+    /// command line (`None`: no manifests).
+    pub manifest: Option<Vec<String>>,
+    /// Skip destination files that are already complete: a manifest that
+    /// matches the file and lists exactly the planned tensors.
+    pub resume: bool,
 }
 
 impl Default for ExecOptions {
@@ -44,6 +52,8 @@ impl Default for ExecOptions {
             workers: 1,
             read: ReadOptions::default(),
             safetensors_metadata: [("format".to_string(), "ms".to_string())].into(),
+            manifest: Some(std::env::args().collect()),
+            resume: false,
         }
     }
 }
@@ -59,6 +69,8 @@ pub struct WrittenFile {
     pub bytes: u64,
     /// Seconds spent on it.
     pub seconds: f64,
+    /// Skipped by `--resume`: it was already complete.
+    pub skipped: bool,
 }
 
 /// What [`execute`] did.
@@ -77,9 +89,18 @@ struct Sources<'p> {
     plan: &'p Plan,
     read: &'p ReadOptions,
     opened: Vec<OnceLock<std::result::Result<Source, String>>>,
+    digests: Vec<OnceLock<std::result::Result<FileDigest, String>>>,
 }
 
 impl<'p> Sources<'p> {
+    /// The length and hash of source `i`, computed once.
+    fn digest(&self, i: usize) -> Result<FileDigest> {
+        self.digests[i]
+            .get_or_init(|| manifest::digest_file(&self.plan.sources[i].path).map_err(|e| e.to_string()))
+            .clone()
+            .map_err(Error::invalid)
+    }
+
     fn get(&self, i: usize) -> Result<&Source> {
         self.opened[i]
             .get_or_init(|| {
@@ -97,6 +118,7 @@ pub fn execute<B: Backend>(plan: &Plan, backend: &B, options: &ExecOptions) -> R
         plan,
         read: &options.read,
         opened: plan.sources.iter().map(|_| OnceLock::new()).collect(),
+        digests: plan.sources.iter().map(|_| OnceLock::new()).collect(),
     };
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
@@ -114,12 +136,23 @@ pub fn execute<B: Backend>(plan: &Plan, backend: &B, options: &ExecOptions) -> R
                     return;
                 };
                 let t = Instant::now();
+                if options.resume && already_complete(file) {
+                    done.lock().unwrap().push(WrittenFile {
+                        rank: file.rank,
+                        path: file.path.clone(),
+                        bytes: file.bytes(),
+                        seconds: 0.0,
+                        skipped: true,
+                    });
+                    continue;
+                }
                 match write_file(file, &sources, backend, options) {
                     Ok(()) => done.lock().unwrap().push(WrittenFile {
                         rank: file.rank,
                         path: file.path.clone(),
                         bytes: file.bytes(),
                         seconds: t.elapsed().as_secs_f64(),
+                        skipped: false,
                     }),
                     Err(e) => {
                         failed.store(true, Ordering::Relaxed);
@@ -133,7 +166,8 @@ pub fn execute<B: Backend>(plan: &Plan, backend: &B, options: &ExecOptions) -> R
     .expect("a worker panicked");
     let mut files = done.into_inner().unwrap();
     if let Some(e) = first_error.into_inner().unwrap() {
-        for f in &files {
+        for f in files.iter().filter(|f| !f.skipped) {
+            let _ = std::fs::remove_file(manifest::manifest_path(&f.path));
             let _ = std::fs::remove_file(&f.path);
             if let Some(dir) = f.path.parent() {
                 let _ = std::fs::remove_dir(dir); // only if empty
@@ -149,9 +183,53 @@ pub fn execute<B: Backend>(plan: &Plan, backend: &B, options: &ExecOptions) -> R
     })
 }
 
-enum Writer {
+/// An output being written, and the digest of each tensor written so far
+/// (for its manifest).
+struct Writer {
+    kind: WriterKind,
+    digests: Vec<TensorDigest>,
+}
+
+enum WriterKind {
     Ckpt(CkptWriter),
     Safetensors(StreamWriter),
+}
+
+/// Whether `file` is already on disk, complete: its manifest matches the
+/// bytes and lists exactly the planned tensors. Stale temporary files of an
+/// interrupted run are removed on the way.
+fn already_complete(file: &FilePlan) -> bool {
+    remove_stale_temporaries(&file.path);
+    let Ok(Some(m)) = Manifest::read(&file.path) else { return false };
+    let planned: Vec<(&str, Vec<i64>)> = file
+        .tensors
+        .iter()
+        .map(|t| match &t.content {
+            Content::Tensor { shape, .. } | Content::Merged { shape, .. } => (t.name.as_str(), shape.clone()),
+            Content::Str { .. } => (t.name.as_str(), vec![0]),
+        })
+        .collect();
+    let mut recorded: Vec<(&str, Vec<i64>)> = m.tensors.iter().map(|t| (t.name.as_str(), t.shape.clone())).collect();
+    let mut planned_sorted = planned.clone();
+    planned_sorted.sort();
+    recorded.sort();
+    planned_sorted == recorded && m.check(&file.path).is_ok()
+}
+
+/// Removes `.{name}.{pid}.tmp` files an interrupted run left beside `path`.
+fn remove_stale_temporaries(path: &std::path::Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else { return };
+    let prefix = format!(".{name}.");
+    let own = format!(".{name}.{}.tmp", std::process::id());
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            if n.starts_with(&prefix) && n.ends_with(".tmp") && n != own {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 fn write_file<B: Backend>(
@@ -167,7 +245,7 @@ fn write_file<B: Backend>(
         file.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     let (mut writer, order): (Writer, Vec<String>) = match file.format {
         FileFormat::Ckpt => (
-            Writer::Ckpt(CkptWriter::create(&file.path, WriteOptions::default())?),
+            Writer { kind: WriterKind::Ckpt(CkptWriter::create(&file.path, WriteOptions::default())?), digests: Vec::new() },
             file.tensors.iter().map(|t| t.name.clone()).collect(),
         ),
         FileFormat::Safetensors => {
@@ -197,7 +275,7 @@ fn write_file<B: Backend>(
             }
             let w = StreamWriter::create(&file.path, &specs, Some(metadata))?;
             let order = w.order().map(str::to_owned).collect();
-            (Writer::Safetensors(w), order)
+            (Writer { kind: WriterKind::Safetensors(w), digests: Vec::new() }, order)
         }
     };
     for name in &order {
@@ -207,10 +285,32 @@ fn write_file<B: Backend>(
             e => e.in_tensor(&t.name).in_file(&file.path),
         })?;
     }
-    match writer {
-        Writer::Ckpt(w) => w.finish(),
-        Writer::Safetensors(w) => w.finish(),
+    let digest = match writer.kind {
+        WriterKind::Ckpt(w) => w.finish_with_digest()?,
+        WriterKind::Safetensors(w) => w.finish_with_digest()?,
+    };
+    let Some(command) = &options.manifest else { return Ok(()) };
+    let manifest = (|| -> Result<Manifest> {
+        Ok(Manifest {
+            format: manifest::MANIFEST_FORMAT.into(),
+            reshard_version: env!("CARGO_PKG_VERSION").into(),
+            command: command.clone(),
+            file: file.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            digest,
+            tensors: writer.digests,
+            sources: file
+                .sources()
+                .into_iter()
+                .map(|i| Ok(SourceDigest { path: sources.plan.sources[i].path.clone(), digest: sources.digest(i)? }))
+                .collect::<Result<_>>()?,
+        })
+    })();
+    // A data file is trusted only with its manifest: without one, remove it.
+    if let Err(e) = manifest.and_then(|m| m.write(&file.path)) {
+        let _ = std::fs::remove_file(&file.path);
+        return Err(e);
     }
+    Ok(())
 }
 
 /// A copy that is the whole source tensor, unchanged.
@@ -227,9 +327,16 @@ fn write_tensor<B: Backend>(
     let (dtype, shape, steps) = match &t.content {
         Content::Str { source, tensor } => {
             let value = sources.get(*source)?.string(tensor)?;
-            return match writer {
-                Writer::Ckpt(w) => w.write_string(&t.name, &value),
-                Writer::Safetensors(_) => Ok(()), // carried in the metadata
+            writer.digests.push(TensorDigest {
+                name: t.name.clone(),
+                dtype: "str".into(),
+                shape: vec![0],
+                bytes: value.len() as u64,
+                xxh3: xxhash_rust::xxh3::xxh3_64(value.as_bytes()),
+            });
+            return match &mut writer.kind {
+                WriterKind::Ckpt(w) => w.write_string(&t.name, &value),
+                WriterKind::Safetensors(_) => Ok(()), // carried in the metadata
             };
         }
         Content::Tensor {
@@ -347,8 +454,19 @@ fn emit(
     shape: &[i64],
     chunks: &[&[u8]],
 ) -> Result<()> {
-    match writer {
-        Writer::Ckpt(w) => w.write_tensor_chunks(name, dtype, shape, chunks),
-        Writer::Safetensors(w) => w.write(name, chunks),
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    for c in chunks {
+        hasher.update(c);
+    }
+    writer.digests.push(TensorDigest {
+        name: name.to_string(),
+        dtype: dtype.to_string(),
+        shape: shape.to_vec(),
+        bytes: chunks.iter().map(|c| c.len() as u64).sum(),
+        xxh3: hasher.digest(),
+    });
+    match &mut writer.kind {
+        WriterKind::Ckpt(w) => w.write_tensor_chunks(name, dtype, shape, chunks),
+        WriterKind::Safetensors(w) => w.write(name, chunks),
     }
 }

@@ -8,11 +8,23 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result, ResultExt};
 
+/// What was written: the length and the xxh3-64 of the whole file,
+/// computed while streaming (integrity manifests use it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileDigest {
+    /// Bytes in the file.
+    pub bytes: u64,
+    /// xxh3-64 of those bytes.
+    pub xxh3: u64,
+}
+
 /// A file being written under a temporary name.
 pub struct AtomicFile {
     dest: PathBuf,
     tmp: PathBuf,
     writer: Option<BufWriter<File>>,
+    hasher: xxhash_rust::xxh3::Xxh3,
+    bytes: u64,
 }
 
 impl AtomicFile {
@@ -32,6 +44,8 @@ impl AtomicFile {
             dest,
             tmp,
             writer: Some(BufWriter::with_capacity(1 << 20, file)),
+            hasher: xxhash_rust::xxh3::Xxh3::new(),
+            bytes: 0,
         })
     }
 
@@ -47,6 +61,8 @@ impl AtomicFile {
 
     /// Appends bytes.
     pub fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        self.hasher.update(bytes);
+        self.bytes += bytes.len() as u64;
         self.writer
             .as_mut()
             .expect("write after commit")
@@ -60,14 +76,20 @@ impl AtomicFile {
 
     /// Flushes, syncs and renames over the destination. On failure (a full
     /// disk often shows only at the last flush) the temporary file is removed.
-    pub fn commit(mut self) -> Result<()> {
+    pub fn commit(self) -> Result<()> {
+        self.commit_with_digest().map(|_| ())
+    }
+
+    /// [`AtomicFile::commit`], returning the length and hash of what was written.
+    pub fn commit_with_digest(mut self) -> Result<FileDigest> {
+        let digest = FileDigest { bytes: self.bytes, xxh3: self.hasher.digest() };
         let writer = self.writer.take().expect("commit twice");
         let result = writer
             .into_inner()
             .map_err(|e| e.into_error())
             .and_then(|file| file.sync_all())
             .and_then(|()| fs::rename(&self.tmp, &self.dest));
-        result.map_err(|e| {
+        result.map(|()| digest).map_err(|e| {
             let _ = fs::remove_file(&self.tmp);
             self.io_error(e)
         })
@@ -94,8 +116,9 @@ mod tests {
         f.write_all(b"abc").unwrap();
         assert!(f.tmp_path().exists());
         assert!(!dest.exists());
-        f.commit().unwrap();
+        let digest = f.commit_with_digest().unwrap();
         assert_eq!(fs::read(&dest).unwrap(), b"abc");
+        assert_eq!(digest, FileDigest { bytes: 3, xxh3: xxhash_rust::xxh3::xxh3_64(b"abc") });
 
         let dest2 = dir.path().join("b.ckpt");
         let mut f = AtomicFile::create(&dest2).unwrap();

@@ -2,6 +2,7 @@
 //! parses or writes checkpoint and strategy bytes.
 
 pub mod atomic;
+pub mod manifest;
 pub mod ckpt;
 pub mod safetensors;
 pub mod strategy;
@@ -37,36 +38,65 @@ pub struct SourceEntry {
 
 /// An opened checkpoint of either format: the one reader interface that
 /// planners and the executor use.
-pub enum Source {
-    /// A MindSpore `.ckpt`.
+pub struct Source {
+    file: SourceFile,
+    /// Length and modification time when opened: a mapped file that shrinks
+    /// under us would raise SIGBUS on access, so every read checks first.
+    stamp: (u64, Option<std::time::SystemTime>),
+}
+
+enum SourceFile {
     Ckpt(ckpt::Checkpoint),
-    /// A safetensors file.
     Safetensors(safetensors::SafetensorsFile),
+}
+
+fn stamp(path: &Path) -> Result<(u64, Option<std::time::SystemTime>)> {
+    let m = std::fs::metadata(path).map_err(|e| Error::from(e).in_file(path))?;
+    Ok((m.len(), m.modified().ok()))
 }
 
 impl Source {
     /// Opens `path` by its extension (`.safetensors`, else `.ckpt`).
     pub fn open(path: &Path, read: &ckpt::ReadOptions) -> Result<Source> {
-        Ok(match tree::FileFormat::of_path(path) {
+        let before = stamp(path)?;
+        let file = match tree::FileFormat::of_path(path) {
             Some(tree::FileFormat::Safetensors) => {
-                Source::Safetensors(safetensors::SafetensorsFile::open(path, read.verify_crc)?)
+                SourceFile::Safetensors(safetensors::SafetensorsFile::open(path, read.verify_crc)?)
             }
-            _ => Source::Ckpt(ckpt::Checkpoint::open(path, read)?),
-        })
+            _ => SourceFile::Ckpt(ckpt::Checkpoint::open(path, read)?),
+        };
+        let source = Source { file, stamp: before };
+        source.unchanged()?;
+        Ok(source)
+    }
+
+    /// Errors if the file changed (length or modification time) since it
+    /// was opened: its bytes can no longer be trusted, and reading a mapped
+    /// file that shrank would crash.
+    pub fn unchanged(&self) -> Result<()> {
+        let now = stamp(self.path())?;
+        if now != self.stamp {
+            return Err(Error::invalid(format!(
+                "changed while being read (was {} bytes, now {}); was another process writing it?",
+                self.stamp.0, now.0
+            ))
+            .in_file(self.path()));
+        }
+        Ok(())
     }
 
     /// The file path.
     pub fn path(&self) -> &Path {
-        match self {
-            Source::Ckpt(c) => c.path(),
-            Source::Safetensors(s) => s.path(),
+        match &self.file {
+            SourceFile::Ckpt(c) => c.path(),
+            SourceFile::Safetensors(s) => s.path(),
         }
     }
 
     /// Entries in file order (safetensors: data order, then `str:` entries).
     pub fn entries(&self) -> Vec<SourceEntry> {
-        match self {
-            Source::Ckpt(c) => c
+        match &self.file {
+            SourceFile::Ckpt(c) => c
                 .entries()
                 .iter()
                 .map(|e| SourceEntry {
@@ -79,7 +109,7 @@ impl Source {
                     dims: e.dims.clone(),
                 })
                 .collect(),
-            Source::Safetensors(s) => s
+            SourceFile::Safetensors(s) => s
                 .entries()
                 .iter()
                 .map(|e| SourceEntry {
@@ -99,12 +129,13 @@ impl Source {
     /// The content chunks of tensor `name` (several for a `.ckpt` tensor
     /// stored in 512 MiB records), borrowed from the mapped file.
     pub fn chunks(&self, name: &str) -> Result<Vec<&[u8]>> {
-        match self {
-            Source::Ckpt(c) => c
+        self.unchanged()?;
+        match &self.file {
+            SourceFile::Ckpt(c) => c
                 .get(name)
                 .map(|e| c.chunks(e))
                 .ok_or_else(|| Error::TensorNotFound(name.into()).in_file(c.path())),
-            Source::Safetensors(s) => s
+            SourceFile::Safetensors(s) => s
                 .get(name)
                 .map(|e| vec![s.bytes(e)])
                 .ok_or_else(|| Error::TensorNotFound(name.into()).in_file(s.path())),
@@ -113,14 +144,15 @@ impl Source {
 
     /// The value of string entry `name`.
     pub fn string(&self, name: &str) -> Result<String> {
-        match self {
-            Source::Ckpt(c) => {
+        self.unchanged()?;
+        match &self.file {
+            SourceFile::Ckpt(c) => {
                 let e = c
                     .get(name)
                     .ok_or_else(|| Error::TensorNotFound(name.into()).in_file(c.path()))?;
                 c.string_value(e).map_err(|e| e.in_file(c.path()))
             }
-            Source::Safetensors(s) => s
+            SourceFile::Safetensors(s) => s
                 .strings()
                 .find(|(n, _)| *n == name)
                 .map(|(_, v)| v.to_string())

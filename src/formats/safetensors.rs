@@ -572,6 +572,11 @@ impl StreamWriter {
 
     /// Renames the file into place once every tensor is written.
     pub fn finish(self) -> Result<()> {
+        self.finish_with_digest().map(|_| ())
+    }
+
+    /// [`StreamWriter::finish`], returning the file's length and hash.
+    pub fn finish_with_digest(self) -> Result<crate::formats::atomic::FileDigest> {
         if self.next != self.order.len() {
             return Err(Error::invalid(format!(
                 "only {} of {} tensors written",
@@ -580,7 +585,7 @@ impl StreamWriter {
             ))
             .in_file(self.file.path()));
         }
-        self.file.commit()
+        self.file.commit_with_digest()
     }
 }
 

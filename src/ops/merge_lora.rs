@@ -31,7 +31,7 @@ use crate::formats::ckpt::ReadOptions;
 use crate::formats::strategy;
 use crate::formats::tree::FileFormat;
 use crate::formats::Source;
-use crate::ops::transform::{foreign_entry, source_files};
+use crate::ops::transform::{exec_options, foreign_entry, source_files};
 use crate::plan::transform::{plan, LoraSpec, TransformInput};
 use crate::plan::{Content, PlanSummary};
 
@@ -60,6 +60,12 @@ pub struct MergeLoraOptions {
     pub dry_run: bool,
     /// How sources are read.
     pub read: ReadOptions,
+    /// Write `<file>.manifest.json` beside each output (default on).
+    pub manifest: bool,
+    /// Skip outputs already complete from an interrupted run.
+    pub resume: bool,
+    /// Re-read and check every output after writing it.
+    pub verify: bool,
 }
 
 impl MergeLoraOptions {
@@ -77,6 +83,9 @@ impl MergeLoraOptions {
             workers: 1,
             dry_run: false,
             read: ReadOptions::default(),
+            manifest: true,
+            resume: false,
+            verify: false,
         }
     }
 }
@@ -225,7 +234,7 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
     }
     for f in &plan.files {
         if let Some(dir) = f.path.parent() {
-            if let Some(other) = foreign_entry(dir, &f.path)? {
+            if let Some(other) = foreign_entry(dir, &f.path, o.resume)? {
                 return Err(Error::invalid(format!(
                     "the output directory already holds {}; remove it or choose another --dst-ckpt-dir",
                     other.display()
@@ -234,21 +243,11 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
             }
         }
     }
-    let executed = exec::execute(
-        &plan,
-        &CpuBackend::default(),
-        &ExecOptions {
-            workers: o.workers,
-            read: o.read.clone(),
-            ..Default::default()
-        },
-    )?;
-    Ok(MergeLoraReport {
-        merged,
-        dropped,
-        plan: summary,
-        executed: Some(executed),
-    })
+    let executed = exec::execute(&plan, &CpuBackend::default(), &exec_options(o.workers, &o.read, o.manifest, o.resume))?;
+    if o.verify {
+        crate::ops::verify::verify_outputs(&plan)?;
+    }
+    Ok(MergeLoraReport { merged, dropped, plan: summary, executed: Some(executed) })
 }
 
 #[cfg(test)]
@@ -458,6 +457,9 @@ pub fn hf_weight_files(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
             .ok_or_else(|| Error::invalid("no \"weight_map\" object").in_file(&index))?;
         let mut files: Vec<PathBuf> = Vec::new();
         for file in map.values().filter_map(|v| v.as_str()) {
+            if file.contains(['/', '\\']) || file.starts_with("..") {
+                return Err(Error::invalid(format!("the index names {file:?}, which is not a file in the model directory")).in_file(&index));
+            }
             let path = dir.join(file);
             if !files.contains(&path) {
                 if !path.exists() {

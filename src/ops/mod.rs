@@ -9,3 +9,4 @@ pub mod merge_lora;
 pub mod rewrite;
 pub mod strategy_gen;
 pub mod transform;
+pub mod verify;

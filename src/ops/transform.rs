@@ -42,6 +42,14 @@ pub struct TransformOptions {
     pub dry_run: bool,
     /// How sources are read.
     pub read: ReadOptions,
+    /// Write `<file>.manifest.json` beside each output (default on).
+    pub manifest: bool,
+    /// Skip outputs already complete (matching manifest) from an earlier,
+    /// interrupted run, and redo the rest.
+    pub resume: bool,
+    /// After writing, re-read every output and check it against its
+    /// manifest and the plan (names, dtypes, shapes, per-tensor hashes).
+    pub verify: bool,
 }
 
 impl TransformOptions {
@@ -65,6 +73,9 @@ impl TransformOptions {
             output_format: None,
             dry_run: false,
             read: ReadOptions::default(),
+            manifest: true,
+            resume: false,
+            verify: false,
         }
     }
 }
@@ -154,36 +165,46 @@ pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
 
 /// The first entry of `dir` that a transform writing `output` must not
 /// overwrite or mix with. Other stages' parts of a by-stage transform
-/// (`{prefix}{r}_part{k}.{ext}`, written by separate runs) are expected.
-pub(crate) fn foreign_entry(dir: &Path, output: &Path) -> Result<Option<PathBuf>> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(None);
-    };
-    let name = output
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default();
+/// (`{prefix}{r}_part{k}.{ext}` and their manifests, written by separate
+/// runs) are expected; with `resume`, so are `output` itself, its manifest
+/// and temporary files an interrupted run left.
+pub(crate) fn foreign_entry(dir: &Path, output: &Path, resume: bool) -> Result<Option<PathBuf>> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(None) };
+    let name = output.file_name().and_then(|n| n.to_str()).unwrap_or_default();
     let part_stem = name.find("_part").map(|i| &name[..i + 5]);
-    let ext = output
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or_default();
+    let ext = output.extension().and_then(|e| e.to_str()).unwrap_or_default();
     for e in entries {
         let e = e.map_err(|e| Error::from(e).in_file(dir))?;
         let other = e.file_name();
         let other = other.to_string_lossy();
+        let data = other.strip_suffix(crate::formats::manifest::MANIFEST_SUFFIX).unwrap_or(&other);
         let sibling_part = part_stem.is_some_and(|stem| {
-            other
-                .strip_prefix(stem)
-                .and_then(|rest| rest.strip_suffix(&format!(".{ext}")))
-                .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
+            data.strip_prefix(stem).and_then(|rest| rest.strip_suffix(&format!(".{ext}"))).is_some_and(|k| {
+                !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit())
+            })
         });
-        if other != name && sibling_part {
+        if data != name && sibling_part {
+            continue;
+        }
+        let leftover = data == name || (other.starts_with(&format!(".{name}.")) && other.ends_with(".tmp"));
+        if resume && leftover {
             continue;
         }
         return Ok(Some(e.path()));
     }
     Ok(None)
+}
+
+/// Executor options shared by the commands that write checkpoints.
+pub(crate) fn exec_options(workers: usize, read: &ReadOptions, manifest: bool, resume: bool) -> ExecOptions {
+    let defaults = ExecOptions::default();
+    ExecOptions {
+        workers,
+        read: read.clone(),
+        manifest: defaults.manifest.filter(|_| manifest),
+        resume,
+        ..defaults
+    }
 }
 
 /// Runs a transform.
@@ -198,7 +219,7 @@ pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
     }
     for f in &plan.files {
         if let Some(dir) = f.path.parent() {
-            if let Some(other) = foreign_entry(dir, &f.path)? {
+            if let Some(other) = foreign_entry(dir, &f.path, options.resume)? {
                 return Err(Error::invalid(format!(
                     "the output directory already holds {}; remove it or choose another --dst-checkpoint-dir",
                     other.display()
@@ -210,14 +231,10 @@ pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
     let report = exec::execute(
         &plan,
         &CpuBackend::default(),
-        &ExecOptions {
-            workers: options.workers,
-            read: options.read.clone(),
-            ..Default::default()
-        },
+        &exec_options(options.workers, &options.read, options.manifest, options.resume),
     )?;
-    Ok(TransformReport {
-        plan: summary,
-        executed: Some(report),
-    })
+    if options.verify {
+        crate::ops::verify::verify_outputs(&plan)?;
+    }
+    Ok(TransformReport { plan: summary, executed: Some(report) })
 }

@@ -191,6 +191,15 @@ struct Held {
 
 /// Plans the whole transform.
 pub fn plan(input: &TransformInput<'_>) -> Result<Plan> {
+    // Output names are `rank_{r}/{prefix}{r}.{ext}`: a prefix with a path
+    // separator or a parent reference could write outside the output directory.
+    if input.prefix.contains(['/', '\\']) || input.prefix.starts_with("..") {
+        return Err(Error::invalid(format!(
+            "the prefix {:?} is not a plain file-name prefix; it would write outside {}",
+            input.prefix,
+            input.dst_dir.display()
+        )));
+    }
     let src_table = input
         .src_strategy
         .map(|s| s.layout_table(None))
@@ -797,6 +806,11 @@ fn build_file(
     for &name in &kept {
         if src_map.is_some_and(|m| !m.contains(name)) || dst_map.is_some_and(|m| !m.contains(name))
         {
+            continue;
+        }
+        // Strings (outside any strategy) are copied with the untransformed.
+        let first = entry(input, loaded.table[name][&loaded.first_local[name]]);
+        if src_map.is_none() && dst_map.is_none() && !matches!(first.value, EntryValue::Tensor(_)) {
             continue;
         }
         let p = place(input, loaded, name, src_map).map_err(wrap)?;

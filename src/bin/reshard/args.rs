@@ -32,6 +32,33 @@ pub enum Command {
     MergeLora(crate::commands::merge_lora::MergeLoraArgs),
     /// Decide whether a training job's checkpoint needs converting, and convert this rank's share.
     Auto(crate::commands::auto::AutoArgs),
+    /// Check checkpoints: two against each other, one against its strategy, or files against their manifests.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Forms:\n  reshard verify A B [--strategy-a S] [--strategy-b S] [--rtol X --atol Y]   same model?\n  \
+reshard verify DIR --strategy S   complete and consistent with its strategy?\n  \
+reshard verify PATH   every file against its manifest\nExit status: 0 all good, 1 a difference or problem was found.")]
+pub struct VerifyArgs {
+    /// One path (a tree to check, or files with manifests) or two checkpoints to compare.
+    #[arg(num_args = 1..=2, required = true)]
+    pub paths: Vec<PathBuf>,
+    /// Strategy of the first path (a rank_x tree), or of the only one.
+    #[arg(long, alias = "strategy-a")]
+    pub strategy: Option<PathBuf>,
+    /// Strategy of the second path.
+    #[arg(long = "strategy-b")]
+    pub strategy_b: Option<PathBuf>,
+    /// Relative tolerance when comparing values (default: bit-exact).
+    #[arg(long, default_value_t = 0.0)]
+    pub rtol: f64,
+    /// Absolute tolerance when comparing values.
+    #[arg(long, default_value_t = 0.0)]
+    pub atol: f64,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -124,6 +151,8 @@ pub struct TransformArgs {
     #[arg(long = "dry-run")]
     pub dry_run: bool,
     #[command(flatten)]
+    pub output: OutputArgs,
+    #[command(flatten)]
     pub read: ReadArgs,
     /// Print JSON for scripts.
     #[arg(long)]
@@ -141,6 +170,20 @@ pub struct DemoArgs {
     /// Print JSON for scripts.
     #[arg(long)]
     pub json: bool,
+}
+
+/// How commands that write checkpoints treat their outputs.
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// Continue an interrupted run: keep outputs whose manifest matches, redo the rest.
+    #[arg(long)]
+    pub resume: bool,
+    /// Re-read every output after writing it and check it against its manifest and the plan.
+    #[arg(long)]
+    pub verify: bool,
+    /// Do not write <file>.manifest.json beside each output.
+    #[arg(long = "no-manifest")]
+    pub no_manifest: bool,
 }
 
 /// Reading encrypted checkpoints. (Stored CRCs are always verified when

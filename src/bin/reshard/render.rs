@@ -274,3 +274,14 @@ pub fn plan_outcome(
     }
     Ok(())
 }
+
+pub fn difference(d: &reshard::ops::verify::Difference) -> String {
+    use reshard::ops::verify::Difference;
+    match d {
+        Difference::Missing { name, missing_in } => format!("{name}: missing in {missing_in}"),
+        Difference::Layout { name, a, b } => format!("{name}: {a} vs {b}"),
+        Difference::Value { name, index, a, b, count } => {
+            format!("{name}: {count} element(s) differ, first at {index:?}: {a} vs {b}")
+        }
+    }
+}

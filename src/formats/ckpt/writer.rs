@@ -240,7 +240,12 @@ impl CkptWriter {
 
     /// Writes the CRC trailer and the last encrypted block, then renames the
     /// file into place.
-    pub fn finish(mut self) -> Result<()> {
+    pub fn finish(self) -> Result<()> {
+        self.finish_with_digest().map(|_| ())
+    }
+
+    /// [`CkptWriter::finish`], returning the file's length and hash.
+    pub fn finish_with_digest(mut self) -> Result<crate::formats::atomic::FileDigest> {
         if let Some(h) = self.crc.take() {
             let crc = u64::from(h.finalize());
             let mut trailer = CRC_MAGIC.to_vec();
@@ -253,7 +258,7 @@ impl CkptWriter {
             }
         }
         match self.sink {
-            Sink::Plain(f) => f.commit(),
+            Sink::Plain(f) => f.commit_with_digest(),
             Sink::Encrypted {
                 mut file,
                 key,
@@ -263,7 +268,7 @@ impl CkptWriter {
                 if !pending.is_empty() {
                     flush_block(&mut file, &key, mode, &mut pending)?;
                 }
-                file.commit()
+                file.commit_with_digest()
             }
         }
     }

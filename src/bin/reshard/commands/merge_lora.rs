@@ -87,6 +87,8 @@ pub struct MergeLoraArgs {
     #[arg(long = "dry-run")]
     pub dry_run: bool,
     #[command(flatten)]
+    pub output: crate::args::OutputArgs,
+    #[command(flatten)]
     pub read: ReadArgs,
     /// Print JSON for scripts.
     #[arg(long)]
@@ -141,6 +143,9 @@ pub fn run(a: MergeLoraArgs) -> Result<()> {
         workers: a.jobs.max(1),
         dry_run: a.dry_run,
         read: super::read_options(&a.read)?,
+        manifest: !a.output.no_manifest,
+        resume: a.output.resume,
+        verify: a.output.verify,
         ..MergeLoraOptions::new(a.src, a.dst_dir)
     };
     let report = merge_lora(&options)?;

@@ -10,7 +10,7 @@ use reshard::formats::ckpt::{crypt, ReadOptions, SplitMode};
 use reshard::ops;
 
 use crate::args::{
-    Cli, Command, DemoArgs, InspectArgs, ReadArgs, RewriteArgs, StrategyArgs, TransformArgs,
+    Cli, Command, DemoArgs, InspectArgs, ReadArgs, RewriteArgs, StrategyArgs, TransformArgs, VerifyArgs,
 };
 use crate::render;
 
@@ -24,6 +24,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Convert(a) => convert::run(a),
         Command::MergeLora(a) => merge_lora::run(a),
         Command::Auto(a) => auto::run(a),
+        Command::Verify(a) => verify(a),
     }
 }
 
@@ -121,6 +122,9 @@ fn transform(a: TransformArgs) -> Result<()> {
         output_format,
         dry_run: a.dry_run,
         read: read_options(&a.read)?,
+        manifest: !a.output.no_manifest,
+        resume: a.output.resume,
+        verify: a.output.verify,
     };
     let report = ops::transform::transform(&options)?;
     if a.json {
@@ -158,4 +162,55 @@ fn strategy(a: StrategyArgs) -> Result<()> {
             .unwrap_or_default()
     );
     Ok(())
+}
+
+fn verify(a: VerifyArgs) -> Result<()> {
+    use ops::verify;
+    match a.paths.as_slice() {
+        [x, y] => {
+            let c = verify::compare(
+                &verify::Side { path: x.clone(), strategy: a.strategy },
+                &verify::Side { path: y.clone(), strategy: a.strategy_b },
+                verify::Tolerance { rtol: a.rtol, atol: a.atol },
+            )?;
+            if a.json {
+                render::json(&c)?;
+            } else {
+                for d in &c.differences {
+                    println!("{}", render::difference(d));
+                }
+                println!("{} tensors compared, {}: {}", c.tensors, render::human_bytes(c.bytes), if c.differences.is_empty() { "the same" } else { "DIFFERENT" });
+            }
+            if !c.differences.is_empty() {
+                anyhow::bail!("{} difference(s)", c.differences.len());
+            }
+            Ok(())
+        }
+        [dir] => match a.strategy {
+            Some(s) => {
+                let problems = verify::check_distributed(dir, &s)?;
+                if a.json {
+                    render::json(&problems)?;
+                } else {
+                    for p in &problems {
+                        println!("rank {}{}: {}", p.rank, p.tensor.as_ref().map(|t| format!(" {t:?}")).unwrap_or_default(), p.problem);
+                    }
+                    println!("{}: {}", dir.display(), if problems.is_empty() { "complete and consistent with its strategy" } else { "INCONSISTENT" });
+                }
+                if !problems.is_empty() {
+                    anyhow::bail!("{} problem(s)", problems.len());
+                }
+                Ok(())
+            }
+            None => {
+                let checked = verify::check_manifests(dir)?;
+                if a.json {
+                    return render::json(&checked);
+                }
+                println!("{} file(s) match their manifests", checked.len());
+                Ok(())
+            }
+        },
+        _ => unreachable!("clap allows one or two paths"),
+    }
 }
