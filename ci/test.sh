@@ -27,3 +27,5 @@ export RESHARD_REQUIRE_MINDSPORE=1
 cargo test --workspace -- --test-threads="${RESHARD_TEST_THREADS:-2}"
 # The benches must keep compiling.
 cargo bench --no-run --quiet
+# Fuzz every parser and the layout algebra for a bounded time.
+RESHARD_FUZZ_SECONDS=${RESHARD_FUZZ_SECONDS:-15} ci/fuzz.sh
