@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod capi;
 pub mod dtype;
 pub mod error;
 pub mod exec;

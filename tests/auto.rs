@@ -1,1 +1,1189 @@
-//! Integration tests — being written.
+//! `reshard auto` as a job runs it: 8 real processes (two simulated nodes of
+//! 4, `RANK_ID`/`RANK_SIZE`/`DEVICE_NUM_PER_NODE` set) on tiny synthetic
+//! models, for full → distributed, distributed → distributed, distributed
+//! → full, `transform_process_num` 1, 2 and 8, shared and node-local
+//! disks, and a checkpoint that already matches. Every rank's file must
+//! equal `reshard transform`'s for that rank (itself byte-identical to
+//! MindSpore's, see tests/conformance). Faults: the converting process
+//! killed mid-way, a source shard missing on one node, a full disk.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reshard::formats::ckpt::{CkptWriter, WriteOptions};
+use reshard::formats::strategy::MERGED_FILE_NAME;
+use reshard::ops::strategy_gen::{write_strategies, StrategyOptions};
+use reshard::ops::transform::{transform, TransformOptions};
+use reshard::DType;
+use serde_json::Value;
+
+use crate::util::{reshard_bin, tempdir};
+
+/// A llama-shaped full checkpoint: `layers` layers of hidden size
+/// `hidden`, vocabulary 48, Adam moments, `global_step`.
+pub(crate) fn model(path: &Path, layers: usize, hidden: i64, seed: u8) {
+    let h = hidden;
+    let mut shapes: Vec<(String, Vec<i64>)> =
+        vec![("model.tok_embeddings.embedding_weight".into(), vec![48, h])];
+    for l in 0..layers {
+        for w in ["wq", "wk", "wv", "wo"] {
+            shapes.push((format!("model.layers.{l}.attention.{w}.weight"), vec![h, h]));
+        }
+        shapes.push((
+            format!("model.layers.{l}.feed_forward.w1.weight"),
+            vec![3 * h, h],
+        ));
+        shapes.push((
+            format!("model.layers.{l}.feed_forward.w2.weight"),
+            vec![h, 3 * h],
+        ));
+        shapes.push((format!("model.layers.{l}.attention_norm.weight"), vec![h]));
+    }
+    shapes.push(("lm_head.weight".into(), vec![48, h]));
+    let states: Vec<(String, Vec<i64>)> = shapes
+        .iter()
+        .map(|(n, s)| (format!("adam_m.{n}"), s.clone()))
+        .collect();
+    shapes.extend(states);
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let mut w = CkptWriter::create(path, WriteOptions::default()).unwrap();
+    for (i, (name, shape)) in shapes.iter().enumerate() {
+        let n = shape.iter().product::<i64>() as usize * 4;
+        let data: Vec<u8> = (0..n)
+            .map(|b| (b as u8).wrapping_mul(31).wrapping_add(i as u8 ^ seed))
+            .collect();
+        w.write_tensor(name, DType::F32, shape, &data).unwrap();
+    }
+    w.write_tensor("global_step", DType::I32, &[1], &7i32.to_le_bytes())
+        .unwrap();
+    w.finish().unwrap();
+}
+
+/// The strategy files a job with this layout saves (`ckpt_strategy_rank_{r}.ckpt`,
+/// no merged file).
+pub(crate) fn job_strategies(
+    model: &Path,
+    dir: &Path,
+    dp: u32,
+    mp: u32,
+    pp: u32,
+    opt: i32,
+    vocab_emb_dp: bool,
+) {
+    write_strategies(&StrategyOptions {
+        checkpoint: model.to_path_buf(),
+        out_dir: dir.to_path_buf(),
+        dp,
+        mp,
+        pp,
+        opt_shard: opt,
+        vocab_emb_dp,
+    })
+    .unwrap();
+    let _ = std::fs::remove_file(dir.join(MERGED_FILE_NAME));
+}
+
+/// Reshards with the library (the reference every rank's file must equal).
+pub(crate) fn reshard(src: &Path, dst: &Path, s: Option<&Path>, d: Option<&Path>) {
+    transform(&TransformOptions::new(
+        src,
+        dst,
+        s.map(Path::to_path_buf),
+        d.map(Path::to_path_buf),
+    ))
+    .unwrap_or_else(|e| panic!("reference transform: {e}"));
+}
+
+/// A mindformers-style run.yaml (paths relative to each process's cwd).
+pub(crate) fn yaml(
+    load: &str,
+    src_strategy: &str,
+    process_num: usize,
+    pp: u32,
+    extra: &str,
+) -> String {
+    format!(
+        "# mindformers-style config (only the keys reshard reads matter)\n\
+         seed: 0\n\
+         run_mode: 'finetune'\n\
+         output_dir: './output'\n\
+         load_checkpoint: '{load}'\n\
+         src_strategy_path_or_dir: '{src_strategy}'\n\
+         auto_trans_ckpt: True\n\
+         only_save_strategy: False\n\
+         resume_training: False\n\
+         use_parallel: True\n\
+         load_ckpt_format: 'ckpt'\n\
+         transform_process_num: {process_num}\n\
+         {extra}\
+         parallel_config:\n  data_parallel: 2\n  model_parallel: 2\n  pipeline_stage: {pp}\n  \
+         micro_batch_num: 2\n  vocab_emb_dp: True\n"
+    )
+}
+
+/// What one rank's process did.
+#[derive(Debug)]
+pub(crate) struct Outcome {
+    pub rank: usize,
+    pub code: Option<i32>,
+    pub report: Option<Value>,
+    pub stderr: String,
+}
+
+impl Outcome {
+    pub fn path(&self) -> PathBuf {
+        let r = self.report.as_ref().unwrap_or_else(|| {
+            panic!(
+                "rank {} failed ({:?}): {}",
+                self.rank, self.code, self.stderr
+            )
+        });
+        PathBuf::from(r["path"].as_str().expect("a path"))
+    }
+    pub fn action(&self) -> &str {
+        self.report.as_ref().unwrap()["action"].as_str().unwrap()
+    }
+}
+
+/// How to start each rank.
+pub(crate) struct Ranks<'a> {
+    pub world: usize,
+    pub npu_num_per_node: usize,
+    /// The working directory of each rank (its node's folder).
+    pub cwd: &'a dyn Fn(usize) -> PathBuf,
+    /// Flags for every rank.
+    pub args: Vec<String>,
+    /// Extra environment per rank.
+    pub env: &'a dyn Fn(usize) -> Vec<(String, String)>,
+    /// Wraps the rank's command in `bash -c "<prefix>; exec reshard …"`.
+    pub shell_prefix: &'a dyn Fn(usize) -> Option<String>,
+}
+
+/// Starts every rank of a job; returns the children and their log files.
+pub(crate) fn spawn(r: &Ranks<'_>, logs: &Path) -> Vec<(Child, PathBuf, PathBuf)> {
+    std::fs::create_dir_all(logs).unwrap();
+    (0..r.world)
+        .map(|rank| {
+            let out = logs.join(format!("rank{rank}.out"));
+            let err = logs.join(format!("rank{rank}.err"));
+            let mut cmd = match (r.shell_prefix)(rank) {
+                Some(prefix) => {
+                    let mut c = Command::new("bash");
+                    c.arg("-c")
+                        .arg(format!("{prefix}; exec \"$0\" \"$@\""))
+                        .arg(reshard_bin());
+                    c
+                }
+                None => Command::new(reshard_bin()),
+            };
+            cmd.args(["auto", "--config", "run.yaml", "--json", "--poll-ms", "20"])
+                .args(&r.args)
+                .current_dir((r.cwd)(rank))
+                .env("RANK_ID", rank.to_string())
+                .env("RANK_SIZE", r.world.to_string())
+                .env("DEVICE_NUM_PER_NODE", r.npu_num_per_node.to_string())
+                .env_remove("RESHARD_TEST_STALL_AFTER_FILE_MS")
+                .envs((r.env)(rank))
+                .stdin(Stdio::null())
+                .stdout(std::fs::File::create(&out).unwrap())
+                .stderr(std::fs::File::create(&err).unwrap());
+            (cmd.spawn().expect("cannot start reshard"), out, err)
+        })
+        .collect()
+}
+
+/// Waits for every child (killing them all after `limit`), returns what each did.
+pub(crate) fn collect(children: Vec<(Child, PathBuf, PathBuf)>, limit: Duration) -> Vec<Outcome> {
+    let deadline = Instant::now() + limit;
+    let mut children = children;
+    let mut codes: Vec<Option<Option<i32>>> = vec![None; children.len()];
+    while codes.iter().any(Option::is_none) {
+        for (i, (c, _, _)) in children.iter_mut().enumerate() {
+            if codes[i].is_none() {
+                if let Some(status) = c.try_wait().unwrap() {
+                    codes[i] = Some(status.code());
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            for (c, _, _) in children.iter_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let logs: Vec<String> = children
+                .iter()
+                .map(|(_, _, e)| std::fs::read_to_string(e).unwrap_or_default())
+                .collect();
+            panic!("the job did not finish within {limit:?}: {logs:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    children
+        .into_iter()
+        .zip(codes)
+        .enumerate()
+        .map(|(rank, ((_, out, err), code))| {
+            let stdout = std::fs::read_to_string(out).unwrap_or_default();
+            Outcome {
+                rank,
+                code: code.unwrap(),
+                report: serde_json::from_str(&stdout).ok(),
+                stderr: std::fs::read_to_string(err).unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+/// Runs a job of `world` ranks, 4 per node, with cwd `cwd(rank)`.
+pub(crate) fn run_job(world: usize, cwd: &dyn Fn(usize) -> PathBuf, args: &[&str]) -> Vec<Outcome> {
+    let logs = tempdir();
+    let ranks = Ranks {
+        world,
+        npu_num_per_node: 4,
+        cwd,
+        args: args.iter().map(|s| s.to_string()).collect(),
+        env: &|_| Vec::new(),
+        shell_prefix: &|_| None,
+    };
+    collect(spawn(&ranks, logs.path()), Duration::from_secs(60))
+}
+
+/// Every rank succeeded with `action`, and its file equals `expect/rank_{r}/checkpoint_{r}.ckpt`.
+pub(crate) fn assert_ranks_match(outcomes: &[Outcome], expect: &Path, action: &str) {
+    for o in outcomes {
+        assert_eq!(o.code, Some(0), "rank {} failed: {}", o.rank, o.stderr);
+        assert_eq!(o.action(), action, "rank {}: {:?}", o.rank, o.report);
+        let r = o.rank;
+        let want = expect.join(format!("rank_{r}/checkpoint_{r}.ckpt"));
+        let got = o.path();
+        assert!(
+            std::fs::read(&got).unwrap() == std::fs::read(&want).unwrap(),
+            "rank {r}: {} differs from {}",
+            got.display(),
+            want.display()
+        );
+    }
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Destination checkpoint files in place (not hidden staging ones).
+fn visible_checkpoints(dir: &Path) -> Vec<PathBuf> {
+    files_under(dir)
+        .into_iter()
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "ckpt")
+                && !p
+                    .strip_prefix(dir)
+                    .unwrap()
+                    .components()
+                    .any(|c| c.as_os_str().to_string_lossy().starts_with('.'))
+        })
+        .collect()
+}
+
+/// The C library (`cdylib`): `cargo test` builds it into `target/<profile>/deps/`
+/// (a plain `cargo build` also copies it beside the binary).
+pub(crate) fn libreshard() -> Option<PathBuf> {
+    let dir = reshard_bin().parent()?.to_path_buf();
+    let name = if cfg!(target_os = "macos") {
+        "libreshard.dylib"
+    } else {
+        "libreshard.so"
+    };
+    [dir.join("deps").join(name), dir.join(name)]
+        .into_iter()
+        .find(|p| p.is_file())
+}
+
+/// A job folder shared by all ranks: `model.ckpt` (full), `run.yaml`.
+pub(crate) fn shared_job() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempdir();
+    let job = dir.path().join("job");
+    model(&job.join("model.ckpt"), 2, 16, 1);
+    (dir, job)
+}
+
+#[test]
+fn full_to_distributed_pipeline_one_converter_then_reused() {
+    let (_d, job) = shared_job();
+    let m = job.join("model.ckpt");
+    job_strategies(&m, &job.join("output/strategy"), 2, 2, 2, -1, true);
+    std::fs::write(job.join("run.yaml"), yaml("./model.ckpt", "", 1, 2, "")).unwrap();
+    let expect = job.join("../expect");
+    reshard(&m, &expect, None, Some(&job.join("output/strategy")));
+
+    let out = run_job(8, &|_| job.clone(), &[]);
+    assert_ranks_match(&out, &expect, "converted");
+    for o in &out {
+        let r = &o.report.as_ref().unwrap();
+        assert_eq!(r["converters"], serde_json::json!([0]));
+        assert_eq!(r["entries"][0]["converted_by"], 0);
+        assert_eq!(r["entries"][0]["reused"], false);
+        assert!(o
+            .path()
+            .starts_with(job.join("output/transformed_checkpoint/model")));
+    }
+    assert_eq!(
+        out[0].report.as_ref().unwrap()["converted_here"],
+        serde_json::json!([0, 1, 2, 3, 4, 5, 6, 7])
+    );
+    // mindformers' files: the merged job strategy, the success marker.
+    assert!(job.join("output/strategy").join(MERGED_FILE_NAME).is_file());
+    let out_dir = job.join("output/transformed_checkpoint/model");
+    assert!(out_dir.join("transform_succeed_rank_0.txt").is_file());
+    assert!(!out_dir.join("transform_running_rank_0.txt").exists());
+    assert_eq!(visible_checkpoints(&out_dir).len(), 8);
+    assert!(!out_dir.join(".staging_rank_0").exists());
+
+    // The same job again: the intact output is reused, nothing rewritten.
+    let before = std::fs::metadata(out_dir.join("rank_5/checkpoint_5.ckpt"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let again = run_job(8, &|_| job.clone(), &[]);
+    assert_ranks_match(&again, &expect, "converted");
+    assert_eq!(
+        again[0].report.as_ref().unwrap()["entries"][0]["reused"],
+        true
+    );
+    let after = std::fs::metadata(out_dir.join("rank_5/checkpoint_5.ckpt"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(before, after);
+}
+
+/// A sharded source: `job/ckpt/rank_x/` and `job/src_strategy/`.
+pub(crate) fn sharded_source(job: &Path, dp: u32, mp: u32, pp: u32, vocab_emb_dp: bool) {
+    let m = job.join("model.ckpt");
+    job_strategies(&m, &job.join("src_strategy"), dp, mp, pp, 0, vocab_emb_dp);
+    reshard(&m, &job.join("ckpt"), None, Some(&job.join("src_strategy")));
+}
+
+#[test]
+fn distributed_to_distributed_two_converters() {
+    let (_d, job) = shared_job();
+    sharded_source(&job, 2, 4, 1, true);
+    job_strategies(
+        &job.join("model.ckpt"),
+        &job.join("output/strategy"),
+        4,
+        2,
+        1,
+        2,
+        true,
+    );
+    std::fs::write(
+        job.join("run.yaml"),
+        yaml("./ckpt", "./src_strategy", 2, 1, ""),
+    )
+    .unwrap();
+    let expect = job.join("../expect");
+    reshard(
+        &job.join("ckpt"),
+        &expect,
+        Some(&job.join("src_strategy")),
+        Some(&job.join("output/strategy/ckpt_strategy_rank_0.ckpt")),
+    );
+    let out = run_job(8, &|_| job.clone(), &[]);
+    assert_ranks_match(&out, &expect, "converted");
+    for o in &out {
+        let r = o.report.as_ref().unwrap();
+        assert_eq!(r["converters"], serde_json::json!([0, 4]));
+        assert_eq!(
+            r["entries"][0]["converted_by"],
+            if o.rank < 4 { 0 } else { 4 }
+        );
+        // A rank tree converts into a folder named after it.
+        assert!(o
+            .path()
+            .starts_with(job.join("output/transformed_checkpoint/ckpt")));
+    }
+    assert_eq!(
+        out[4].report.as_ref().unwrap()["converted_here"],
+        serde_json::json!([4, 5, 6, 7])
+    );
+    assert_eq!(
+        out[5].report.as_ref().unwrap()["converted_here"],
+        serde_json::json!([])
+    );
+}
+
+/// Two nodes of 4 without a shared disk: each node's folder has its own
+/// copy of the inputs it can see and its own output.
+pub(crate) fn node_dirs(root: &Path) -> [PathBuf; 2] {
+    [root.join("node0"), root.join("node1")]
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let target = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_tree(&p, &target);
+        } else {
+            std::fs::copy(&p, &target).unwrap();
+        }
+    }
+}
+
+/// Node-local job: source dp2·mp4 trained node-locally (node n has only
+/// rank_{4n..4n+3}), job dp2·mp4 with the vocabulary split (each node has
+/// only its own ranks' strategy files). Returns (root, expect).
+pub(crate) fn node_local_job(process_num: usize) -> (tempfile::TempDir, PathBuf) {
+    let (d, job) = shared_job();
+    sharded_source(&job, 2, 4, 1, true);
+    let all_strategy = job.join("all_strategy");
+    job_strategies(&job.join("model.ckpt"), &all_strategy, 2, 4, 1, 0, false);
+    let expect = d.path().join("expect");
+    reshard(
+        &job.join("ckpt"),
+        &expect,
+        Some(&job.join("src_strategy")),
+        Some(&all_strategy.join("ckpt_strategy_rank_0.ckpt")),
+    );
+    for (n, node) in node_dirs(d.path()).iter().enumerate() {
+        copy_tree(&job.join("src_strategy"), &node.join("src_strategy"));
+        std::fs::create_dir_all(node.join("output/strategy")).unwrap();
+        for r in 4 * n..4 * n + 4 {
+            copy_tree(
+                &job.join(format!("ckpt/rank_{r}")),
+                &node.join(format!("ckpt/rank_{r}")),
+            );
+            let f = format!("ckpt_strategy_rank_{r}.ckpt");
+            std::fs::copy(all_strategy.join(&f), node.join("output/strategy").join(&f)).unwrap();
+        }
+        std::fs::write(
+            node.join("run.yaml"),
+            yaml("./ckpt", "./src_strategy", process_num, 1, ""),
+        )
+        .unwrap();
+    }
+    (d, expect)
+}
+
+#[test]
+fn node_local_one_converter_per_node() {
+    let (d, expect) = node_local_job(1);
+    let nodes = node_dirs(d.path());
+    let out = run_job(8, &|r| nodes[r / 4].clone(), &["--node-local"]);
+    assert_ranks_match(&out, &expect, "converted");
+    for o in &out {
+        let r = o.report.as_ref().unwrap();
+        assert_eq!(r["node"], o.rank / 4);
+        assert_eq!(r["entries"][0]["converted_by"], (o.rank / 4) * 4);
+        assert!(o.path().starts_with(&nodes[o.rank / 4]));
+    }
+    // Each node wrote only the ranks it hosts.
+    for (n, node) in nodes.iter().enumerate() {
+        let files = visible_checkpoints(&node.join("output/transformed_checkpoint"));
+        let want: Vec<PathBuf> = (4 * n..4 * n + 4)
+            .map(|r| {
+                node.join(format!(
+                    "output/transformed_checkpoint/ckpt/rank_{r}/checkpoint_{r}.ckpt"
+                ))
+            })
+            .collect();
+        assert_eq!(files, want);
+    }
+}
+
+#[test]
+fn missing_source_shard_on_one_node() {
+    let (d, expect) = node_local_job(2);
+    let nodes = node_dirs(d.path());
+    std::fs::remove_dir_all(nodes[1].join("ckpt/rank_5")).unwrap();
+    let out = run_job(8, &|r| nodes[r / 4].clone(), &["--node-local"]);
+    // Node 0 is unaffected.
+    assert_ranks_match(&out[..4], &expect, "converted");
+    // Node 1's converting rank names the missing file; the others report its error.
+    for o in &out[4..] {
+        assert_eq!(o.code, Some(1), "rank {}: {}", o.rank, o.stderr);
+        assert!(
+            o.stderr
+                .contains("missing on this node: rank_5/ for destination rank(s) 5"),
+            "rank {}: {}",
+            o.rank,
+            o.stderr
+        );
+        if o.rank != 4 {
+            assert!(o.stderr.contains("converting rank 4"), "{}", o.stderr);
+        }
+    }
+    let failed = nodes[1].join("output/transformed_checkpoint/ckpt/transform_failed_rank_4.txt");
+    assert!(failed.is_file());
+    assert!(visible_checkpoints(&nodes[1].join("output/transformed_checkpoint")).is_empty());
+}
+
+#[test]
+fn distributed_to_full_every_rank_converts_itself_node_local() {
+    // Source mp4 (4 ranks) → a data-parallel job of 8: every rank's shard is
+    // the full model. transform_process_num 8: every rank converts its own.
+    let (d, job) = shared_job();
+    sharded_source(&job, 1, 4, 1, true);
+    let all_strategy = job.join("all_strategy");
+    job_strategies(&job.join("model.ckpt"), &all_strategy, 8, 1, 1, 0, true);
+    let expect = d.path().join("expect");
+    reshard(
+        &job.join("ckpt"),
+        &expect,
+        Some(&job.join("src_strategy")),
+        Some(&all_strategy.join("ckpt_strategy_rank_0.ckpt")),
+    );
+    let nodes = node_dirs(d.path());
+    for (n, node) in nodes.iter().enumerate() {
+        copy_tree(&job.join("ckpt"), &node.join("ckpt"));
+        copy_tree(&job.join("src_strategy"), &node.join("src_strategy"));
+        std::fs::create_dir_all(node.join("output/strategy")).unwrap();
+        for r in 4 * n..4 * n + 4 {
+            let f = format!("ckpt_strategy_rank_{r}.ckpt");
+            std::fs::copy(all_strategy.join(&f), node.join("output/strategy").join(&f)).unwrap();
+        }
+        std::fs::write(
+            node.join("run.yaml"),
+            yaml("./ckpt", "./src_strategy", 8, 1, ""),
+        )
+        .unwrap();
+    }
+    let out = run_job(8, &|r| nodes[r / 4].clone(), &["--node-local"]);
+    assert_ranks_match(&out, &expect, "converted");
+    let full = std::fs::read(expect.join("rank_0/checkpoint_0.ckpt")).unwrap();
+    for o in &out {
+        let r = o.report.as_ref().unwrap();
+        assert_eq!(r["entries"][0]["converted_by"], o.rank);
+        assert_eq!(r["converted_here"], serde_json::json!([o.rank]));
+        // Same tensors as the model (only the record order may differ).
+        assert_eq!(std::fs::read(o.path()).unwrap().len(), full.len());
+    }
+}
+
+#[test]
+fn distributed_to_full_one_device() {
+    let (_d, job) = shared_job();
+    sharded_source(&job, 2, 2, 2, true);
+    std::fs::write(
+        job.join("run.yaml"),
+        yaml("./ckpt", "./src_strategy", 1, 1, "")
+            .replace("use_parallel: True", "use_parallel: False"),
+    )
+    .unwrap();
+    let expect = job.join("../expect");
+    reshard(
+        &job.join("ckpt"),
+        &expect,
+        Some(&job.join("src_strategy")),
+        None,
+    );
+    let out = run_job(1, &|_| job.clone(), &[]);
+    assert_ranks_match(&out, &expect, "converted");
+    let r = out[0].report.as_ref().unwrap();
+    assert_eq!(
+        PathBuf::from(r["load_checkpoint"].as_str().unwrap()),
+        job.join("output/transformed_checkpoint/ckpt")
+    );
+}
+
+#[test]
+fn checkpoint_that_already_matches_is_not_converted() {
+    // Sharded source with the job's own layout (dp2·mp2·pp2).
+    let (_d, job) = shared_job();
+    sharded_source(&job, 2, 2, 2, true);
+    job_strategies(
+        &job.join("model.ckpt"),
+        &job.join("output/strategy"),
+        2,
+        2,
+        2,
+        0,
+        true,
+    );
+    std::fs::write(
+        job.join("run.yaml"),
+        yaml("./ckpt", "./src_strategy", 2, 2, ""),
+    )
+    .unwrap();
+    let out = run_job(8, &|_| job.clone(), &[]);
+    for o in &out {
+        assert_eq!(o.code, Some(0), "{}", o.stderr);
+        assert_eq!(o.action(), "existing");
+        let r = o.rank;
+        assert_eq!(
+            o.path(),
+            job.join(format!("ckpt/rank_{r}/checkpoint_{r}.ckpt"))
+        );
+        let reason = o.report.as_ref().unwrap()["reason"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            reason.contains("no conversion needed") && reason.contains("8 ranks in 2 stage(s)"),
+            "{reason}"
+        );
+    }
+    assert!(files_under(&job.join("output/transformed_checkpoint")).is_empty());
+
+    // A complete checkpoint and a data-parallel job: every rank loads it whole.
+    job_strategies(
+        &job.join("model.ckpt"),
+        &job.join("dp8_strategy"),
+        8,
+        1,
+        1,
+        0,
+        true,
+    );
+    std::fs::write(job.join("run.yaml"), yaml("./model.ckpt", "", 1, 1, "")).unwrap();
+    let out = run_job(8, &|_| job.clone(), &["--dst-strategy", "dp8_strategy"]);
+    for o in &out {
+        assert_eq!(o.code, Some(0), "{}", o.stderr);
+        assert_eq!(o.action(), "existing");
+        assert_eq!(o.path(), job.join("model.ckpt"));
+    }
+    assert!(files_under(&job.join("output/transformed_checkpoint")).is_empty());
+}
+
+#[test]
+fn killed_converter_is_reported_and_leaves_no_complete_file() {
+    let (_d, job) = shared_job();
+    let m = job.join("model.ckpt");
+    job_strategies(&m, &job.join("output/strategy"), 2, 2, 2, 0, true);
+    std::fs::write(job.join("run.yaml"), yaml("./model.ckpt", "", 1, 2, "")).unwrap();
+    let logs = tempdir();
+    let ranks = Ranks {
+        world: 8,
+        npu_num_per_node: 4,
+        cwd: &|_| job.clone(),
+        args: vec!["--heartbeat-timeout".into(), "3".into()],
+        env: &|r| {
+            if r == 0 {
+                vec![(
+                    "RESHARD_TEST_STALL_AFTER_FILE_MS".to_string(),
+                    "60000".to_string(),
+                )]
+            } else {
+                Vec::new()
+            }
+        },
+        shell_prefix: &|_| None,
+    };
+    let mut children = spawn(&ranks, logs.path());
+    let out_dir = job.join("output/transformed_checkpoint/model");
+    // Rank 0 has written its first file (in staging) and pauses: kill it.
+    let first = out_dir.join(".staging_rank_0/rank_0/checkpoint_0.ckpt");
+    let t = Instant::now();
+    while !first.is_file() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "rank 0 never wrote a file"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    children[0].0.kill().unwrap();
+    let out = collect(children, Duration::from_secs(60));
+    assert_eq!(out[0].code, None, "rank 0 was killed");
+    for o in &out[1..] {
+        assert_eq!(o.code, Some(1), "rank {}: {}", o.rank, o.stderr);
+        assert!(
+            o.stderr.contains("converting rank 0") && o.stderr.contains("stopped"),
+            "rank {}: {}",
+            o.rank,
+            o.stderr
+        );
+    }
+    assert!(
+        visible_checkpoints(&out_dir).is_empty(),
+        "{:?}",
+        files_under(&out_dir)
+    );
+    assert!(!out_dir.join("transform_succeed_rank_0.txt").exists());
+
+    // Running the job again finishes the work and clears the staging folder.
+    let expect = job.join("../expect");
+    reshard(&m, &expect, None, Some(&job.join("output/strategy")));
+    let out = run_job(8, &|_| job.clone(), &[]);
+    assert_ranks_match(&out, &expect, "converted");
+    assert!(!out_dir.join(".staging_rank_0").exists());
+}
+
+#[test]
+fn full_disk_fails_every_rank_with_the_converters_error() {
+    let dir = tempdir();
+    let job = dir.path().join("job");
+    // Hidden 64: every destination file is larger than the 16 KiB limit.
+    model(&job.join("model.ckpt"), 2, 64, 2);
+    job_strategies(
+        &job.join("model.ckpt"),
+        &job.join("output/strategy"),
+        2,
+        2,
+        1,
+        0,
+        true,
+    );
+    std::fs::write(job.join("run.yaml"), yaml("./model.ckpt", "", 1, 1, "")).unwrap();
+    let logs = tempdir();
+    let ranks = Ranks {
+        world: 4,
+        npu_num_per_node: 4,
+        cwd: &|_| job.clone(),
+        args: Vec::new(),
+        env: &|_| Vec::new(),
+        // A 16 KiB file-size limit on the converting rank: writes fail with
+        // EFBIG as on a full disk (SIGXFSZ ignored so the error reaches it).
+        shell_prefix: &|r| (r == 0).then(|| "trap '' XFSZ; ulimit -f 16".to_string()),
+    };
+    let out = collect(spawn(&ranks, logs.path()), Duration::from_secs(60));
+    for o in &out {
+        assert_eq!(o.code, Some(1), "rank {}: {}", o.rank, o.stderr);
+        assert!(
+            o.stderr.contains("File too large"),
+            "rank {}: {}",
+            o.rank,
+            o.stderr
+        );
+        if o.rank > 0 {
+            assert!(
+                o.stderr
+                    .contains("converting rank 0 (destination ranks 0–3) failed"),
+                "{}",
+                o.stderr
+            );
+        }
+    }
+    let out_dir = job.join("output/transformed_checkpoint/model");
+    assert!(
+        visible_checkpoints(&out_dir).is_empty(),
+        "{:?}",
+        files_under(&out_dir)
+    );
+    assert!(out_dir.join("transform_failed_rank_0.txt").is_file());
+    assert!(!out_dir.join(".staging_rank_0").exists());
+}
+
+/// One process, no coordination: `reshard auto` with flags.
+fn auto_once(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let out = Command::new(reshard_bin())
+        .arg("auto")
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RANK_ID")
+        .env_remove("RANK_SIZE")
+        .env_remove("DEVICE_NUM_PER_NODE")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn settings_are_checked_with_clear_errors() {
+    let (_d, job) = shared_job();
+    std::fs::write(job.join("run.yaml"), yaml("./model.ckpt", "", 3, 1, "")).unwrap();
+    let env = [("RANK_ID", "0"), ("RANK_SIZE", "8")];
+    let (code, _, err) = auto_once(&job, &["--config", "run.yaml"], &env);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("transform_process_num 3 must divide the world size 8"),
+        "{err}"
+    );
+    let (code, _, err) = auto_once(
+        &job,
+        &["--config", "run.yaml", "--transform-process-num", "2"],
+        &[
+            ("RANK_ID", "0"),
+            ("RANK_SIZE", "8"),
+            ("DEVICE_NUM_PER_NODE", "6"),
+        ],
+    );
+    assert_eq!(code, Some(1));
+    assert!(err.contains("must be a power of 2, not 6"), "{err}");
+    let (code, _, err) = auto_once(&job, &["--config", "run.yaml", "--rank-id", "9"], &env);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("rank 9 does not exist"), "{err}");
+    let (code, _, err) = auto_once(
+        &job,
+        &["--config", "run.yaml", "--set", "load_checkpont=x"],
+        &env,
+    );
+    assert_eq!(code, Some(1));
+    assert!(err.contains("did you mean \"load_checkpoint\""), "{err}");
+    // The job's strategy never appears: a timeout naming the files.
+    let (code, _, err) = auto_once(
+        &job,
+        &[
+            "--config",
+            "run.yaml",
+            "--transform-process-num",
+            "1",
+            "--timeout",
+            "0.2",
+            "--poll-ms",
+            "10",
+        ],
+        &env,
+    );
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("timed out")
+            && err.contains("*_rank_0.ckpt")
+            && err.contains("only_save_strategy"),
+        "{err}"
+    );
+}
+
+#[test]
+fn nothing_to_load_and_flag_semantics() {
+    let (_d, job) = shared_job();
+    let env = [("RANK_ID", "2"), ("RANK_SIZE", "4")];
+    std::fs::write(job.join("run.yaml"), yaml("", "", 1, 1, "")).unwrap();
+    let (code, stdout, err) = auto_once(&job, &["--config", "run.yaml"], &env);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        stdout.is_empty() && err.contains("nothing to load"),
+        "{stdout} {err}"
+    );
+    std::fs::write(
+        job.join("run.yaml"),
+        yaml("./model.ckpt", "", 1, 1, "")
+            .replace("only_save_strategy: False", "only_save_strategy: True"),
+    )
+    .unwrap();
+    let (code, stdout, err) = auto_once(&job, &["--config", "run.yaml"], &env);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        stdout.is_empty() && err.contains("only_save_strategy"),
+        "{err}"
+    );
+
+    // auto_trans_ckpt False: a complete checkpoint is loaded as it is…
+    std::fs::write(
+        job.join("run.yaml"),
+        yaml("./model.ckpt", "", 1, 1, "")
+            .replace("auto_trans_ckpt: True", "auto_trans_ckpt: False"),
+    )
+    .unwrap();
+    let (code, stdout, err) = auto_once(&job, &["--config", "run.yaml"], &env);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(stdout.trim(), job.join("model.ckpt").to_str().unwrap());
+    // …but a sharded one whose layout provably differs from the job's is refused.
+    sharded_source(&job, 1, 2, 1, true);
+    job_strategies(
+        &job.join("model.ckpt"),
+        &job.join("output/strategy"),
+        1,
+        4,
+        1,
+        0,
+        true,
+    );
+    std::fs::write(
+        job.join("run.yaml"),
+        yaml("./ckpt", "./src_strategy", 1, 1, "")
+            .replace("auto_trans_ckpt: True", "auto_trans_ckpt: False"),
+    )
+    .unwrap();
+    let (code, _, err) = auto_once(&job, &["--config", "run.yaml"], &env);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("set auto_trans_ckpt: True"), "{err}");
+    // A sharded checkpoint without its strategy cannot be converted.
+    let (code, _, err) = auto_once(
+        &job,
+        &[
+            "--config",
+            "run.yaml",
+            "--auto-trans-ckpt",
+            "true",
+            "--set",
+            "src_strategy_path_or_dir=None",
+        ],
+        &env,
+    );
+    assert_eq!(code, Some(1));
+    assert!(err.contains("src_strategy_path_or_dir"), "{err}");
+}
+
+#[test]
+fn outputs_are_guarded_and_cleaned() {
+    let (_d, job) = shared_job();
+    let env = [("RANK_ID", "0"), ("RANK_SIZE", "1")];
+    std::fs::create_dir_all(job.join("output/transformed_checkpoint/old/rank_0")).unwrap();
+    std::fs::copy(
+        job.join("model.ckpt"),
+        job.join("output/transformed_checkpoint/old/rank_0/checkpoint_0.ckpt"),
+    )
+    .unwrap();
+    std::fs::write(
+        job.join("run.yaml"),
+        yaml("./output/transformed_checkpoint/old", "", 1, 1, ""),
+    )
+    .unwrap();
+    let (code, _, err) = auto_once(&job, &["--config", "run.yaml"], &env);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("move it elsewhere"), "{err}");
+    let (code, _, err) = auto_once(&job, &["--config", "run.yaml", "--clean"], &env);
+    assert_eq!(code, Some(1), "--clean refuses too: {err}");
+
+    std::fs::write(job.join("run.yaml"), yaml("./model.ckpt", "", 1, 1, "")).unwrap();
+    std::fs::create_dir_all(job.join("output/strategy")).unwrap();
+    std::fs::write(
+        job.join("output/strategy/ckpt_strategy_rank_0.ckpt"),
+        b"old",
+    )
+    .unwrap();
+    // Rank 1 does not clean; rank 0 does.
+    let (code, _, err) = auto_once(
+        &job,
+        &["--config", "run.yaml", "--clean"],
+        &[("RANK_ID", "1"), ("RANK_SIZE", "2")],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(job
+        .join("output/strategy/ckpt_strategy_rank_0.ckpt")
+        .exists());
+    let (code, _, err) = auto_once(
+        &job,
+        &["--config", "run.yaml", "--clean"],
+        &[("RANK_ID", "0"), ("RANK_SIZE", "2")],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(files_under(&job.join("output")).is_empty());
+    assert!(
+        job.join("output/strategy").is_dir() && job.join("output/transformed_checkpoint").is_dir()
+    );
+}
+
+#[test]
+fn modelarts_style_node_size_and_remote_root() {
+    // npu_num_per_node from the YAML (4, not 8), an output root elsewhere
+    // given as a plain path, and no shared disk: one converter per node.
+    let dir = tempdir();
+    let job = dir.path().join("job");
+    model(&job.join("model.ckpt"), 2, 16, 5);
+    let remote = dir.path().join("mnt/obs/bucket/out");
+    job_strategies(
+        &job.join("model.ckpt"),
+        &remote.join("strategy"),
+        1,
+        4,
+        1,
+        0,
+        true,
+    );
+    let expect = dir.path().join("expect");
+    reshard(
+        &job.join("model.ckpt"),
+        &expect,
+        None,
+        Some(&remote.join("strategy/ckpt_strategy_rank_0.ckpt")),
+    );
+    std::fs::write(
+        job.join("run.yaml"),
+        yaml("./model.ckpt", "", 1, 1, "npu_num_per_node: 2\n").replace(
+            "output_dir: './output'",
+            &format!("output_dir: '{}'", remote.display()),
+        ),
+    )
+    .unwrap();
+    let logs = tempdir();
+    let ranks = Ranks {
+        world: 4,
+        npu_num_per_node: 8, // DEVICE_NUM_PER_NODE: the YAML's value wins
+        cwd: &|_| job.clone(),
+        args: vec!["--node-local".into()],
+        env: &|_| Vec::new(),
+        shell_prefix: &|_| None,
+    };
+    let out = collect(spawn(&ranks, logs.path()), Duration::from_secs(60));
+    assert_ranks_match(&out, &expect, "converted");
+    for o in &out {
+        let r = o.report.as_ref().unwrap();
+        assert_eq!(r["converters"], serde_json::json!([0, 2]));
+        assert_eq!(r["node"], o.rank / 2);
+        assert!(o.path().starts_with(&remote));
+    }
+}
+
+#[test]
+fn c_abi_from_a_c_program() {
+    let lib = libreshard().expect("libreshard.so is built (the crate's cdylib type)");
+    let lib_dir = lib.parent().unwrap().to_path_buf();
+    if Command::new("cc").arg("--version").output().is_err() {
+        eprintln!("skipped: no C compiler");
+        return;
+    }
+    let (_d, job) = shared_job();
+    sharded_source(&job, 1, 2, 1, true);
+    std::fs::write(
+        job.join("run.yaml"),
+        yaml("./ckpt", "./src_strategy", 1, 1, "")
+            .replace("use_parallel: True", "use_parallel: False"),
+    )
+    .unwrap();
+    let expect = job.join("../expect");
+    reshard(
+        &job.join("ckpt"),
+        &expect,
+        Some(&job.join("src_strategy")),
+        None,
+    );
+    let c = job.join("launcher.c");
+    std::fs::write(
+        &c,
+        r#"#include <stdio.h>
+#include "reshard.h"
+int main(void) {
+    char *path = NULL, *report = NULL, *error = NULL;
+    int rc = reshard_auto_convert("run.yaml", "{\"poll_ms\": 10}", &path, &report, &error);
+    if (rc != RESHARD_OK) { fprintf(stderr, "%d %s\n", rc, error); reshard_string_free(error); return 1; }
+    printf("%s\n", path);
+    fprintf(stderr, "reshard %s: %s\n", reshard_version(), report);
+    reshard_string_free(path);
+    reshard_string_free(report);
+    return 0;
+}
+"#,
+    )
+    .unwrap();
+    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("include");
+    let exe = job.join("launcher");
+    let cc = Command::new("cc")
+        .arg(&c)
+        .arg("-I")
+        .arg(&include)
+        .arg("-L")
+        .arg(&lib_dir)
+        .arg("-lreshard")
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert!(
+        cc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    let run = Command::new(&exe)
+        .current_dir(&job)
+        .env("LD_LIBRARY_PATH", &lib_dir)
+        .env_remove("RANK_ID")
+        .env_remove("RANK_SIZE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let path = String::from_utf8_lossy(&run.stdout).trim().to_string();
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        std::fs::read(expect.join("rank_0/checkpoint_0.ckpt")).unwrap()
+    );
+    assert!(stderr.contains("\"action\":\"converted\""), "{stderr}");
+}
+
+/// The work split as every rank sees it, without processes.
+#[test]
+fn library_api_reports_the_same_as_the_cli() {
+    let (_d, job) = shared_job();
+    let m = job.join("model.ckpt");
+    let mut o = reshard::ops::auto::AutoOptions::new(&m, 0, 1);
+    o.output_dir = job.join("output");
+    let r = reshard::ops::auto::auto_convert(&o).unwrap();
+    assert_eq!(r.action, reshard::ops::auto::Action::Existing);
+    assert_eq!(r.path.as_deref(), Some(m.as_path()));
+    assert!(r.reason.contains("complete"), "{}", r.reason);
+    let by_rank: BTreeMap<usize, usize> =
+        reshard::ops::auto::WorkSplit::new(8, 2, 4, true, &mut Vec::new())
+            .unwrap()
+            .blocks
+            .iter()
+            .flat_map(|b| b.ranks.iter().map(move |&r| (r, b.converter)))
+            .collect();
+    assert_eq!(by_rank[&3], 0);
+    assert_eq!(by_rank[&7], 4);
+}
+
+#[test]
+fn safetensors_checkpoints_convert_to_safetensors() {
+    let (_d, job) = shared_job();
+    let st = job.join("model.safetensors");
+    reshard::ops::rewrite::rewrite(&job.join("model.ckpt"), &st, &Default::default()).unwrap();
+    job_strategies(
+        &job.join("model.ckpt"),
+        &job.join("output/strategy"),
+        2,
+        2,
+        1,
+        0,
+        true,
+    );
+    std::fs::write(
+        job.join("run.yaml"),
+        yaml("./model.safetensors", "", 2, 1, "").replace(
+            "load_ckpt_format: 'ckpt'",
+            "load_ckpt_format: 'safetensors'",
+        ),
+    )
+    .unwrap();
+    let expect = job.join("../expect");
+    reshard(
+        &st,
+        &expect,
+        None,
+        Some(&job.join("output/strategy/ckpt_strategy_rank_0.ckpt")),
+    );
+    let logs = tempdir();
+    let ranks = Ranks {
+        world: 4,
+        npu_num_per_node: 4,
+        cwd: &|_| job.clone(),
+        args: Vec::new(),
+        env: &|_| Vec::new(),
+        shell_prefix: &|_| None,
+    };
+    let out = collect(spawn(&ranks, logs.path()), Duration::from_secs(60));
+    for o in &out {
+        assert_eq!(o.code, Some(0), "{}", o.stderr);
+        let r = o.rank;
+        let want = expect.join(format!("rank_{r}/checkpoint_{r}.safetensors"));
+        assert_eq!(
+            std::fs::read(o.path()).unwrap(),
+            std::fs::read(&want).unwrap()
+        );
+    }
+    // The format must match the files.
+    std::fs::write(
+        job.join("run.yaml"),
+        yaml("./model.safetensors", "", 2, 1, ""),
+    )
+    .unwrap();
+    let (code, _, err) = auto_once(
+        &job,
+        &["--config", "run.yaml"],
+        &[("RANK_ID", "0"), ("RANK_SIZE", "4")],
+    );
+    assert_eq!(code, Some(1));
+    assert!(err.contains("load_ckpt_format is ckpt"), "{err}");
+}

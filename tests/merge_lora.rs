@@ -119,7 +119,6 @@ pub fn lora_model(path: &Path, dtype: DType, seed: u32) {
         put(&format!("adam_m.{weight}"), &[out, inp], 200 + i);
     }
     put("model.norm_out.weight", &[HIDDEN], 999);
-    drop(put);
     w.write_tensor("global_step", DType::I32, &[1], &5i32.to_le_bytes())
         .unwrap();
     w.finish().unwrap();

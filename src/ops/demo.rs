@@ -50,14 +50,19 @@ pub struct DemoReport {
     pub steps: Vec<DemoStep>,
 }
 
-/// Llama-like parameter shapes scaled so the total is about `size_mib`.
-fn llama_shapes(size_mib: usize) -> Vec<(String, Vec<i64>)> {
-    let hidden = 1024i64;
-    let ffn = 2816i64;
+/// Llama-like parameter shapes scaled so the total is about `size_mib`
+/// (bf16): wider layers for larger models, so tensor sizes stay realistic.
+fn llama_shapes(size_mib: usize, lora_rank: Option<usize>) -> Vec<(String, Vec<i64>)> {
+    let hidden: i64 = match size_mib {
+        0..=511 => 1024,
+        512..=4095 => 2048,
+        _ => 4096,
+    };
+    let ffn = hidden * 11 / 4;
     let vocab = 8192i64;
     let per_layer_bytes = 2 * (4 * hidden * hidden + 3 * hidden * ffn + 2 * hidden) as usize;
     let embed_bytes = 2 * 2 * (vocab * hidden) as usize;
-    let layers = ((size_mib << 20).saturating_sub(embed_bytes) / per_layer_bytes).max(1);
+    let layers = ((size_mib << 20).saturating_sub(embed_bytes) / per_layer_bytes).max(2);
     let mut out = vec![(
         "model.tok_embeddings.embedding_weight".to_string(),
         vec![vocab, hidden],
@@ -66,6 +71,18 @@ fn llama_shapes(size_mib: usize) -> Vec<(String, Vec<i64>)> {
         let p = format!("model.layers.{l}");
         for w in ["wq", "wk", "wv", "wo"] {
             out.push((format!("{p}.attention.{w}.weight"), vec![hidden, hidden]));
+        }
+        if let Some(r) = lora_rank {
+            for w in ["wq", "wv"] {
+                out.push((
+                    format!("{p}.attention.{w}.mindpet_delta_lora_a"),
+                    vec![r as i64, hidden],
+                ));
+                out.push((
+                    format!("{p}.attention.{w}.mindpet_delta_lora_b"),
+                    vec![hidden, r as i64],
+                ));
+            }
         }
         out.push((format!("{p}.feed_forward.w1.weight"), vec![ffn, hidden]));
         out.push((format!("{p}.feed_forward.w2.weight"), vec![hidden, ffn]));
@@ -88,6 +105,52 @@ fn fill_bf16(seed: u64, out: &mut [u8]) {
         let v = ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04;
         pair.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes());
     }
+}
+
+/// What [`write_synthetic_llama`] wrote.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct SyntheticModel {
+    /// Entries written.
+    pub tensors: usize,
+    /// Tensor bytes.
+    pub bytes: u64,
+    /// The largest tensor's bytes.
+    pub largest: u64,
+}
+
+/// Writes a llama-shaped bf16 checkpoint of about `size_mib` MiB, with LoRA
+/// factors on `wq` and `wv` when `lora_rank` is given, and `global_step`.
+pub fn write_synthetic_llama(
+    path: &Path,
+    size_mib: usize,
+    crc: bool,
+    lora_rank: Option<usize>,
+) -> Result<SyntheticModel> {
+    let shapes = llama_shapes(size_mib, lora_rank);
+    let mut w = CkptWriter::create(
+        path,
+        WriteOptions {
+            crc,
+            ..Default::default()
+        },
+    )?;
+    let (mut bytes, mut largest) = (0u64, 0u64);
+    let mut buf = Vec::new();
+    for (i, (name, shape)) in shapes.iter().enumerate() {
+        let n = shape.iter().product::<i64>() as usize * 2;
+        buf.resize(n, 0);
+        fill_bf16(i as u64, &mut buf);
+        w.write_tensor(name, DType::BF16, shape, &buf)?;
+        bytes += n as u64;
+        largest = largest.max(n as u64);
+    }
+    w.write_tensor("global_step", DType::I32, &[1], &1000i32.to_le_bytes())?;
+    w.finish()?;
+    Ok(SyntheticModel {
+        tensors: shapes.len() + 1,
+        bytes,
+        largest,
+    })
 }
 
 fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
@@ -130,31 +193,11 @@ fn same_tensors(a: &Path, b: &Path) -> Result<bool> {
 pub fn demo(options: &DemoOptions) -> Result<DemoReport> {
     let dir = &options.dir;
     std::fs::create_dir_all(dir).map_err(|e| Error::from(e).in_file(dir))?;
-    let shapes = llama_shapes(options.size_mib);
     let full = dir.join("full.ckpt");
     let mut steps = Vec::new();
 
-    let (bytes, secs) = timed(|| {
-        let mut w = CkptWriter::create(
-            &full,
-            WriteOptions {
-                crc: true,
-                ..Default::default()
-            },
-        )?;
-        let mut total = 0u64;
-        let mut buf = Vec::new();
-        for (i, (name, shape)) in shapes.iter().enumerate() {
-            let n = shape.iter().product::<i64>() as usize * 2;
-            buf.resize(n, 0);
-            fill_bf16(i as u64, &mut buf);
-            w.write_tensor(name, DType::BF16, shape, &buf)?;
-            total += n as u64;
-        }
-        w.write_tensor("global_step", DType::I32, &[1], &1000i32.to_le_bytes())?;
-        w.finish()?;
-        Ok(total)
-    })?;
+    let (model, secs) = timed(|| write_synthetic_llama(&full, options.size_mib, true, None))?;
+    let bytes = model.bytes;
     steps.push(DemoStep {
         step: "write bf16 .ckpt with CRC".into(),
         bytes,
@@ -326,7 +369,7 @@ pub fn demo(options: &DemoOptions) -> Result<DemoReport> {
     }
     Ok(DemoReport {
         dir: dir.clone(),
-        tensors: shapes.len() + 1,
+        tensors: model.tensors,
         steps,
     })
 }

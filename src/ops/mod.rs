@@ -2,6 +2,7 @@
 //! work through the library, and returns a report value; none prints.
 
 pub mod auto;
+pub mod bench;
 pub mod convert;
 pub mod demo;
 pub mod inspect;

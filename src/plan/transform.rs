@@ -268,6 +268,62 @@ pub fn plan(input: &TransformInput<'_>) -> Result<Plan> {
     Ok(Plan { sources, files })
 }
 
+/// `_extract_src_dst_layout_map`: the source and destination layouts that
+/// matter for destination rank `rank` — the destination's (chosen for this
+/// rank) restricted to its stage, and the source's without the parameters
+/// that restriction removed.
+fn stage_maps(
+    rank: u64,
+    src_table: Option<&LayoutTable>,
+    dst: Option<&Strategy>,
+    dst_per_stage: u64,
+) -> Result<(Option<LayoutTable>, Option<LayoutTable>)> {
+    let mut src_map = src_table.cloned();
+    let Some(dst) = dst else { return Ok((src_map, None)) };
+    let mut t = dst.layout_table(Some(rank))?;
+    let stage = (rank / dst_per_stage) as u32;
+    let removed: HashSet<String> =
+        t.iter().filter(|(_, l)| !l.stages.contains(&stage)).map(|(n, _)| n.clone()).collect();
+    t.retain(|n, _| !removed.contains(n));
+    if let Some(src) = &mut src_map {
+        src.retain(|n, _| !removed.contains(n));
+    }
+    Ok((src_map, Some(t)))
+}
+
+/// The number of source ranks a strategy describes (1 for none).
+pub fn source_rank_count(src: Option<&Strategy>) -> Result<usize> {
+    let table = src.map(|s| s.layout_table(None)).transpose()?;
+    let (per, stages) = stage_geometry(table.as_ref())?;
+    Ok((per * stages) as usize)
+}
+
+/// For each destination rank of `ranks`, the global source ranks a
+/// transform loads for it, descending (MindSpore's `rank_list_for_transform`,
+/// or the source stage's ranks for the by-stage variant). Strategies only:
+/// no file is read.
+pub fn needed_sources(src: Option<&Strategy>, dst: Option<&Strategy>, ranks: &[usize]) -> Result<BTreeMap<usize, Vec<usize>>> {
+    let src_table = src.map(|s| s.layout_table(None)).transpose()?;
+    let dst_full = dst.map(|s| s.layout_table(None)).transpose()?;
+    let (src_per_stage, _) = stage_geometry(src_table.as_ref())?;
+    let (dst_per_stage, _) = stage_geometry(dst_full.as_ref())?;
+    if let (Some(s), Some(st), Some(dt)) = (src, &src_table, &dst_full) {
+        if is_by_stage(st, dt)? {
+            let stage = u64::from(s.stage().unwrap_or(0));
+            let all: Vec<usize> = (0..src_per_stage).rev().map(|l| (stage * src_per_stage + l) as usize).collect();
+            return Ok(ranks.iter().map(|&r| (r, all.clone())).collect());
+        }
+    }
+    let mut out = BTreeMap::new();
+    for &rank in ranks {
+        let wrap = |e: Error| Error::invalid(format!("destination rank {rank}: {e}"));
+        let (src_map, dst_map) = stage_maps(rank as u64, src_table.as_ref(), dst, dst_per_stage).map_err(wrap)?;
+        let needed = needed_ranks(rank as u64, src_map.as_ref(), dst_map.as_ref(), src_per_stage, dst_per_stage).map_err(wrap)?;
+        out.insert(rank, needed.into_iter().map(|k| k as usize).collect());
+    }
+    Ok(out)
+}
+
 /// MindSpore's dispatch (`transform_checkpoints`): both strategies have one
 /// stage and the source's parameters (optimizer states aside) are a strict
 /// subset of the destination's — the source strategy is one pipeline
@@ -361,25 +417,7 @@ fn plan_rank(
     by_rank: &HashMap<usize, Vec<usize>>,
 ) -> Result<FilePlan> {
     let wrap = |e: Error| Error::invalid(format!("destination rank {rank}: {e}"));
-    // _extract_src_dst_layout_map: keep the destination stage's parameters.
-    let mut src_map = src_table.cloned();
-    let dst_map = match input.dst_strategy {
-        None => None,
-        Some(s) => {
-            let mut t = s.layout_table(Some(rank)).map_err(wrap)?;
-            let stage = (rank / dst_per_stage) as u32;
-            let removed: Vec<String> = t
-                .iter()
-                .filter(|(_, l)| !l.stages.contains(&stage))
-                .map(|(n, _)| n.clone())
-                .collect();
-            t.retain(|n, _| !removed.contains(&n.to_string()));
-            if let Some(src) = &mut src_map {
-                src.retain(|n, _| !removed.contains(&n.to_string()));
-            }
-            Some(t)
-        }
-    };
+    let (src_map, dst_map) = stage_maps(rank, src_table, input.dst_strategy, dst_per_stage).map_err(wrap)?;
     let needed = needed_ranks(
         rank,
         src_map.as_ref(),

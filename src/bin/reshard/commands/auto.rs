@@ -1,12 +1,203 @@
-//! The `auto` subcommand — being written.
+//! `reshard auto`: every rank of a training job runs it; it decides whether
+//! the checkpoint needs converting for the job, converts this rank's share
+//! when it is a converting rank, waits for the others, and prints the path
+//! this rank must load.
+
+use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
+use reshard::ops::auto::{self, JobEnv, Settings};
+use serde_json::Value;
 
-/// Flags of this subcommand.
+use crate::render;
+
+/// Flags of `reshard auto`.
 #[derive(Debug, Args)]
-pub struct AutoArgs {}
+#[command(after_help = "\
+Reads load_checkpoint, src_strategy_path_or_dir, auto_trans_ckpt, transform_process_num, \
+transform_by_rank, npu_num_per_node, use_parallel, only_save_strategy, output_dir, load_ckpt_format \
+and parallel_config from the YAML; the rank from RANK_ID, the world from RANK_SIZE, the node size \
+from npu_num_per_node or DEVICE_NUM_PER_NODE (default 8). Flags override the YAML.\n\n\
+Prints the file this rank must load (one line per checkpoint; nothing when there is nothing to load). \
+Output: <output_dir>/transformed_checkpoint/<name>/rank_{r}/checkpoint_{r}.ckpt, byte-identical to \
+mindspore.transform_checkpoints. Move output/strategy and output/transformed_checkpoint away after a \
+run you want to keep: the next run rewrites them.")]
+pub struct AutoArgs {
+    /// The mindformers YAML of the job.
+    #[arg(long, value_name = "YAML")]
+    pub config: Option<PathBuf>,
+    /// This process's rank (default: RANK_ID, else 0).
+    #[arg(long = "rank-id", alias = "rank_id", value_name = "R")]
+    pub rank_id: Option<usize>,
+    /// Ranks in the job (default: RANK_SIZE, else 1).
+    #[arg(long = "world-size", alias = "world_size", value_name = "N")]
+    pub world_size: Option<usize>,
+    /// Devices per node, a power of 2 (default: the YAML's npu_num_per_node, else DEVICE_NUM_PER_NODE, else 8).
+    #[arg(
+        long = "npu-num-per-node",
+        alias = "npu_num_per_node",
+        value_name = "N"
+    )]
+    pub npu_num_per_node: Option<usize>,
+    /// No shared disk: each node converts the ranks it hosts from the files it has.
+    #[arg(long = "node-local")]
+    pub node_local: bool,
+    /// Overrides output_dir (strategy/ and transformed_checkpoint/ live there).
+    #[arg(long = "output-dir", alias = "output_dir", value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
+    /// Overrides load_checkpoint.
+    #[arg(
+        long = "load-checkpoint",
+        alias = "load_checkpoint",
+        value_name = "PATH"
+    )]
+    pub load_checkpoint: Option<PathBuf>,
+    /// Overrides src_strategy_path_or_dir.
+    #[arg(
+        long = "src-strategy",
+        alias = "src_strategy_path_or_dir",
+        value_name = "PATH"
+    )]
+    pub src_strategy: Option<PathBuf>,
+    /// The job's strategy (file, merged file or folder) instead of waiting for output/strategy.
+    #[arg(long = "dst-strategy", alias = "dst_strategy", value_name = "PATH")]
+    pub dst_strategy: Option<PathBuf>,
+    /// Overrides auto_trans_ckpt.
+    #[arg(
+        long = "auto-trans-ckpt",
+        alias = "auto_trans_ckpt",
+        value_name = "BOOL"
+    )]
+    pub auto_trans_ckpt: Option<bool>,
+    /// Overrides transform_process_num.
+    #[arg(
+        long = "transform-process-num",
+        alias = "transform_process_num",
+        value_name = "K"
+    )]
+    pub transform_process_num: Option<usize>,
+    /// Any other setting, e.g. --set parallel_config.pipeline_stage=2 (VALUE is JSON, or a string).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Destination files a converting rank writes concurrently.
+    #[arg(short = 'j', long = "workers", value_name = "N")]
+    pub workers: Option<usize>,
+    /// Longest wait, in seconds, for strategy files or a converting rank that has not started (default 7200).
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<f64>,
+    /// A converting rank whose heartbeat stops for this long is reported dead (default 120).
+    #[arg(long = "heartbeat-timeout", value_name = "SECONDS")]
+    pub heartbeat_timeout: Option<f64>,
+    /// Pause between looks at the shared files, in milliseconds (default 1000).
+    #[arg(long = "poll-ms", value_name = "MS")]
+    pub poll_ms: Option<u64>,
+    /// Convert again even if an earlier run's output for the same inputs is intact.
+    #[arg(long)]
+    pub force: bool,
+    /// Only clear output/strategy and output/transformed_checkpoint (rank 0, or each node's first
+    /// rank with --node-local), as mindformers does when a job starts; run it before the job saves
+    /// its strategy.
+    #[arg(long)]
+    pub clean: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
 
-pub fn run(_a: AutoArgs) -> Result<()> {
-    anyhow::bail!("not implemented yet")
+fn path_value(p: &std::path::Path) -> Value {
+    Value::String(p.to_string_lossy().into_owned())
+}
+
+/// The flags as settings overriding the YAML.
+fn overrides(a: &AutoArgs) -> Result<Settings> {
+    let mut s = Settings::new();
+    let mut set = |k: &str, v: Value| s.set(k, v);
+    if let Some(r) = a.rank_id {
+        set("rank_id", r.into())?;
+    }
+    if let Some(w) = a.world_size {
+        set("world_size", w.into())?;
+    }
+    if let Some(n) = a.npu_num_per_node {
+        set("npu_num_per_node", n.into())?;
+    }
+    if a.node_local {
+        set("node_local", true.into())?;
+    }
+    if let Some(p) = &a.output_dir {
+        set("output_dir", path_value(p))?;
+    }
+    if let Some(p) = &a.load_checkpoint {
+        set("load_checkpoint", path_value(p))?;
+    }
+    if let Some(p) = &a.src_strategy {
+        set("src_strategy_path_or_dir", path_value(p))?;
+    }
+    if let Some(p) = &a.dst_strategy {
+        set("dst_strategy", path_value(p))?;
+    }
+    if let Some(b) = a.auto_trans_ckpt {
+        set("auto_trans_ckpt", b.into())?;
+    }
+    if let Some(k) = a.transform_process_num {
+        set("transform_process_num", k.into())?;
+    }
+    if let Some(j) = a.workers {
+        set("workers", j.into())?;
+    }
+    if let Some(t) = a.timeout {
+        set("timeout_s", t.into())?;
+    }
+    if let Some(t) = a.heartbeat_timeout {
+        set("heartbeat_timeout_s", t.into())?;
+    }
+    if let Some(p) = a.poll_ms {
+        set("poll_ms", p.into())?;
+    }
+    if a.force {
+        set("force", true.into())?;
+    }
+    for kv in &a.set {
+        let Some((k, v)) = kv.split_once('=') else {
+            anyhow::bail!("--set takes KEY=VALUE, got {kv:?}");
+        };
+        let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
+        set(k.trim(), value)?;
+    }
+    Ok(s)
+}
+
+pub fn run(a: AutoArgs) -> Result<()> {
+    let mut settings = match &a.config {
+        Some(p) => Settings::from_yaml_file(p)?,
+        None => Settings::new(),
+    };
+    settings.overlay(&overrides(&a)?);
+    let options = settings.resolve(&JobEnv::from_process())?;
+    if a.clean {
+        let report = auto::clean_outputs(&options)?;
+        if a.json {
+            return render::json(&report);
+        }
+        for d in &report.recreated {
+            eprintln!("recreated {}", d.display());
+        }
+        return Ok(());
+    }
+    let report = auto::auto_convert(&options)?;
+    if a.json {
+        return render::json(&report);
+    }
+    for p in &report.paths {
+        println!("{}", p.display());
+    }
+    eprintln!(
+        "rank {}/{}: {}",
+        report.rank, report.world_size, report.reason
+    );
+    for n in &report.notes {
+        eprintln!("note: {n}");
+    }
+    Ok(())
 }

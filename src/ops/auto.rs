@@ -1,1 +1,0 @@
-//! `reshard auto` (auto conversion in a job) — being written (issue 7).
