@@ -25,6 +25,11 @@ export RESHARD_REQUIRE_MINDSPORE=1
 # The machine has few cores: one test thread at a time keeps the >512 MiB
 # fixtures from being generated concurrently with everything else.
 cargo test --workspace -- --test-threads="${RESHARD_TEST_THREADS:-2}"
+# The same suite again with the Ascend backend compiled in: the backend
+# tests and every conformance case run a second time on the host emulator
+# of the CANN subset (ffi/ascend-stub) and must give the same bytes.
+# (Emulated, not verified on an NPU: see docs/ascend.md.)
+cargo test --workspace --features ascend -- --test-threads="${RESHARD_TEST_THREADS:-2}"
 # The benches must keep compiling.
 cargo bench --no-run --quiet
 # Fuzz every parser and the layout algebra for a bounded time.

@@ -123,6 +123,19 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
+    /// A device backend failed, or is not available: what kind of failure,
+    /// and the vendor's text (for Ascend, the failing C function, its code
+    /// and `aclGetRecentErrMsg`).
+    #[error("{backend} backend: {message}")]
+    Device {
+        /// The backend (`ascend`).
+        backend: &'static str,
+        /// What kind of failure.
+        kind: DeviceErrorKind,
+        /// The details.
+        message: String,
+    },
+
     /// Context: the error happened in record `index` (tensor `name`, when known).
     #[error("record {index}{}: {source}", name.as_deref().map(|n| format!(" ({n:?})")).unwrap_or_default())]
     InRecord {
@@ -151,6 +164,22 @@ pub enum Error {
         /// The underlying error.
         source: Box<Error>,
     },
+}
+
+/// Kinds of [`Error::Device`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeviceErrorKind {
+    /// No runtime or no device (or a build without the backend).
+    Unavailable,
+    /// Device memory exhausted.
+    OutOfMemory,
+    /// An operation this runtime version does not provide.
+    Unsupported,
+    /// A collective or stream timed out (a peer rank died or hung).
+    Timeout,
+    /// Any other failure of a device call.
+    Failed,
 }
 
 impl Error {

@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod capi;
+pub mod comm;
 pub mod dtype;
 pub mod error;
 pub mod exec;

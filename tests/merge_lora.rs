@@ -562,6 +562,7 @@ fn peft_adapter_merges_into_a_hugging_face_model() {
             dst_dir: out.clone(),
             scale: None,
             workers: 2,
+            backend: Default::default(),
         })
         .unwrap();
         assert_eq!(report.merged.len(), 2);
@@ -647,6 +648,7 @@ fn bad_peft_adapters_are_refused() {
             dst_dir: out.clone(),
             scale: None,
             workers: 1,
+            backend: Default::default(),
         })
         .unwrap_err()
         .to_string()

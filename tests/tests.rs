@@ -2,7 +2,9 @@
 
 mod util;
 
+mod ascend;
 mod auto;
+mod bench;
 mod conformance;
 mod convert;
 mod faults;

@@ -65,31 +65,60 @@ fn manifests_are_written_and_verify_catches_tampering() {
         assert_eq!(m.sources.len(), 1);
         assert!(m.tensors.iter().any(|t| t.name == "global_step"));
     }
-    let verify = |args: &[&Path]| Command::new(reshard_bin()).arg("verify").args(args).output().unwrap();
+    let verify = |args: &[&Path]| {
+        Command::new(reshard_bin())
+            .arg("verify")
+            .args(args)
+            .output()
+            .unwrap()
+    };
     assert!(verify(&[&out]).status.success());
-    corrupt(&out.join("rank_1/checkpoint_1.ckpt"), "model.layers.0.attention.wq.weight");
+    corrupt(
+        &out.join("rank_1/checkpoint_1.ckpt"),
+        "model.layers.0.attention.wq.weight",
+    );
     let o = verify(&[&out]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr.contains("checkpoint_1.ckpt") && stderr.contains("does not match its manifest"), "{stderr}");
+    assert!(
+        stderr.contains("checkpoint_1.ckpt") && stderr.contains("does not match its manifest"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn compare_finds_the_first_differing_element_across_layouts() {
     let (dir, model, s) = setup(2, 2);
     let shards = dir.path().join("shards");
-    transform(&TransformOptions::new(&model, &shards, None, Some(s.clone()))).unwrap();
-    let full = Side { path: model.clone(), strategy: None };
-    let tree = Side { path: shards.clone(), strategy: Some(s.clone()) };
+    transform(&TransformOptions::new(
+        &model,
+        &shards,
+        None,
+        Some(s.clone()),
+    ))
+    .unwrap();
+    let full = Side {
+        path: model.clone(),
+        strategy: None,
+    };
+    let tree = Side {
+        path: shards.clone(),
+        strategy: Some(s.clone()),
+    };
     let c = compare(&full, &tree, Tolerance::default()).unwrap();
     assert!(c.differences.is_empty(), "{:?}", c.differences);
     assert!(c.tensors > 10 && c.bytes > 0);
     // Rank 1 holds rows 8..16 of wq ([16, 16] split by mp on dim 0).
-    corrupt(&shards.join("rank_1/checkpoint_1.ckpt"), "model.layers.0.attention.wq.weight");
+    corrupt(
+        &shards.join("rank_1/checkpoint_1.ckpt"),
+        "model.layers.0.attention.wq.weight",
+    );
     let c = compare(&full, &tree, Tolerance::default()).unwrap();
     assert_eq!(c.differences.len(), 1, "{:?}", c.differences);
     match &c.differences[0] {
-        Difference::Value { name, index, count, .. } => {
+        Difference::Value {
+            name, index, count, ..
+        } => {
             assert_eq!(name, "model.layers.0.attention.wq.weight");
             assert_eq!(index, &vec![8, 0]);
             assert_eq!(*count, 1);
@@ -97,7 +126,15 @@ fn compare_finds_the_first_differing_element_across_layouts() {
         other => panic!("{other:?}"),
     }
     // Within a tolerance large enough, the same.
-    let c = compare(&full, &tree, Tolerance { rtol: 0.0, atol: 1e30 }).unwrap();
+    let c = compare(
+        &full,
+        &tree,
+        Tolerance {
+            rtol: 0.0,
+            atol: 1e30,
+        },
+    )
+    .unwrap();
     assert!(c.differences.is_empty());
     // A missing tensor is reported by name, and the CLI exits 1.
     let o = Command::new(reshard_bin())
@@ -116,27 +153,62 @@ fn compare_finds_the_first_differing_element_across_layouts() {
 fn distributed_checks_find_missing_ranks_replicas_and_hyper_parameters() {
     let (dir, model, s) = setup(2, 2);
     let shards = dir.path().join("shards");
-    transform(&TransformOptions::new(&model, &shards, None, Some(s.clone()))).unwrap();
+    transform(&TransformOptions::new(
+        &model,
+        &shards,
+        None,
+        Some(s.clone()),
+    ))
+    .unwrap();
     assert_eq!(check_distributed(&shards, &s).unwrap(), vec![]);
     // Ranks 0 and 2 are data-parallel replicas: corrupt rank 2's copy.
-    corrupt(&shards.join("rank_2/checkpoint_2.ckpt"), "model.layers.1.attention.wo.weight");
+    corrupt(
+        &shards.join("rank_2/checkpoint_2.ckpt"),
+        "model.layers.1.attention.wo.weight",
+    );
     corrupt(&shards.join("rank_3/checkpoint_3.ckpt"), "global_step");
     let problems = check_distributed(&shards, &s).unwrap();
-    let text: Vec<String> = problems.iter().map(|p| format!("{} {:?} {}", p.rank, p.tensor, p.problem)).collect();
-    assert!(text.iter().any(|t| t.starts_with("2 Some(\"model.layers.1.attention.wo.weight\")") && t.contains("replica on rank 0")), "{text:?}");
-    assert!(text.iter().any(|t| t.contains("global_step") && t.contains("differs")), "{text:?}");
+    let text: Vec<String> = problems
+        .iter()
+        .map(|p| format!("{} {:?} {}", p.rank, p.tensor, p.problem))
+        .collect();
+    assert!(
+        text.iter().any(
+            |t| t.starts_with("2 Some(\"model.layers.1.attention.wo.weight\")")
+                && t.contains("replica on rank 0")
+        ),
+        "{text:?}"
+    );
+    assert!(
+        text.iter()
+            .any(|t| t.contains("global_step") && t.contains("differs")),
+        "{text:?}"
+    );
     std::fs::remove_dir_all(shards.join("rank_3")).unwrap();
     let problems = check_distributed(&shards, &s).unwrap();
-    assert!(problems.iter().any(|p| p.problem.contains("rank_3 is missing")), "{problems:?}");
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.problem.contains("rank_3 is missing")),
+        "{problems:?}"
+    );
 }
 
 fn run_transform(model: &Path, out: &Path, s: &Path, resume: bool) -> std::process::Child {
     let mut c = Command::new(reshard_bin());
-    c.args(["transform", "--src-checkpoint"]).arg(model).arg("--dst-checkpoint-dir").arg(out).arg("--dst-strategy").arg(s);
+    c.args(["transform", "--src-checkpoint"])
+        .arg(model)
+        .arg("--dst-checkpoint-dir")
+        .arg(out)
+        .arg("--dst-strategy")
+        .arg(s);
     if resume {
         c.arg("--resume");
     }
-    c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+    c.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 #[test]
@@ -146,8 +218,19 @@ fn killed_runs_resume_to_identical_outputs() {
     synthetic_model(&model, 24, DType::F32, 9); // ~ 8 MiB, 8 output files
     let s = strategies(&model, &dir.path().join("s"), 2, 4, 1, 0);
     let clean = dir.path().join("clean");
-    transform(&TransformOptions::new(&model, &clean, None, Some(s.clone()))).unwrap();
-    let data = |d: &Path| files(d).into_iter().filter(|p| p.extension().is_some_and(|e| e == "ckpt")).collect::<Vec<_>>();
+    transform(&TransformOptions::new(
+        &model,
+        &clean,
+        None,
+        Some(s.clone()),
+    ))
+    .unwrap();
+    let data = |d: &Path| {
+        files(d)
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "ckpt"))
+            .collect::<Vec<_>>()
+    };
     for (i, delay) in [5u64, 40, 120].into_iter().enumerate() {
         let out = dir.path().join(format!("killed{i}"));
         let mut child = run_transform(&model, &out, &s, false);
@@ -160,15 +243,30 @@ fn killed_runs_resume_to_identical_outputs() {
                 m.check(&f).unwrap();
             }
         }
-        let status = run_transform(&model, &out, &s, true).wait_with_output().unwrap();
-        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+        let status = run_transform(&model, &out, &s, true)
+            .wait_with_output()
+            .unwrap();
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
         let (a, b) = (data(&out), data(&clean));
         assert_eq!(a.len(), b.len());
         for (x, y) in a.iter().zip(&b) {
-            assert!(std::fs::read(x).unwrap() == std::fs::read(y).unwrap(), "{} differs after resume", x.display());
+            assert!(
+                std::fs::read(x).unwrap() == std::fs::read(y).unwrap(),
+                "{} differs after resume",
+                x.display()
+            );
             assert!(manifest_path(x).exists());
         }
-        assert!(files(&out).iter().all(|p| !p.to_string_lossy().ends_with(".tmp")), "temporary files left");
+        assert!(
+            files(&out)
+                .iter()
+                .all(|p| !p.to_string_lossy().ends_with(".tmp")),
+            "temporary files left"
+        );
     }
 }
 
@@ -180,9 +278,20 @@ fn a_source_changed_while_being_read_is_an_error() {
     // Shrinking a mapped file would crash a reader touching the lost pages:
     // reshard notices first.
     let len = std::fs::metadata(&model).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&model).unwrap().set_len(len / 2).unwrap();
-    let err = source.chunks("model.layers.1.attention.wq.weight").unwrap_err().to_string();
-    assert!(err.contains("changed while being read") && err.contains("model.ckpt"), "{err}");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&model)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let err = source
+        .chunks("model.layers.1.attention.wq.weight")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("changed while being read") && err.contains("model.ckpt"),
+        "{err}"
+    );
     drop(dir);
 }
 
@@ -193,7 +302,9 @@ fn unwritable_destinations_and_escaping_paths_are_refused() {
     let out = dir.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("rank_1"), b"not a directory").unwrap();
-    let err = transform(&TransformOptions::new(&model, &out, None, Some(s.clone()))).unwrap_err().to_string();
+    let err = transform(&TransformOptions::new(&model, &out, None, Some(s.clone())))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("rank_1"), "{err}");
     assert_eq!(files(&out), vec![out.join("rank_1")], "partial output left");
     // A prefix that climbs out of the destination.
@@ -206,8 +317,15 @@ fn unwritable_destinations_and_escaping_paths_are_refused() {
     // An immutable directory, where the filesystem supports it.
     let locked = dir.path().join("locked");
     std::fs::create_dir(&locked).unwrap();
-    if Command::new("chattr").arg("+i").arg(&locked).status().is_ok_and(|s| s.success()) {
-        let err = transform(&TransformOptions::new(&model, &locked, None, Some(s))).unwrap_err().to_string();
+    if Command::new("chattr")
+        .arg("+i")
+        .arg(&locked)
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        let err = transform(&TransformOptions::new(&model, &locked, None, Some(s)))
+            .unwrap_err()
+            .to_string();
         let _ = Command::new("chattr").arg("-i").arg(&locked).status();
         assert!(err.contains("locked"), "{err}");
         assert!(files(&locked).is_empty());
@@ -220,11 +338,20 @@ fn unwritable_destinations_and_escaping_paths_are_refused() {
 fn symlinked_rank_directories_are_followed() {
     let (dir, model, s) = setup(1, 2);
     let shards = dir.path().join("shards");
-    transform(&TransformOptions::new(&model, &shards, None, Some(s.clone()))).unwrap();
+    transform(&TransformOptions::new(
+        &model,
+        &shards,
+        None,
+        Some(s.clone()),
+    ))
+    .unwrap();
     let elsewhere = dir.path().join("elsewhere");
     std::fs::rename(shards.join("rank_1"), &elsewhere).unwrap();
     std::os::unix::fs::symlink(&elsewhere, shards.join("rank_1")).unwrap();
     let back = dir.path().join("back");
     transform(&TransformOptions::new(&shards, &back, Some(s), None)).unwrap();
-    assert!(std::fs::read(back.join("rank_0/checkpoint_0.ckpt")).unwrap() == std::fs::read(&model).unwrap());
+    assert!(
+        std::fs::read(back.join("rank_0/checkpoint_0.ckpt")).unwrap()
+            == std::fs::read(&model).unwrap()
+    );
 }

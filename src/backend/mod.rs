@@ -27,10 +27,18 @@
 //! The primitive set is deliberately narrow: alloc, upload, download,
 //! box-copy-with-cast, GEMM-add (`lora_add`, for LoRA merges), synchronize.
 
+#[cfg(feature = "ascend")]
+pub mod ascend;
+#[cfg(not(feature = "ascend"))]
+#[path = "disabled.rs"]
+pub mod ascend;
 mod cast;
+mod choice;
 pub mod cpu;
 
+pub use ascend::{AscendBackend, AscendBuffer};
 pub use cast::cast_slice;
+pub use choice::{AnyBackend, AnyBuffer, BackendChoice};
 pub use cpu::{CpuBackend, HostBuffer};
 
 use crate::dtype::DType;

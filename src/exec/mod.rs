@@ -96,7 +96,9 @@ impl<'p> Sources<'p> {
     /// The length and hash of source `i`, computed once.
     fn digest(&self, i: usize) -> Result<FileDigest> {
         self.digests[i]
-            .get_or_init(|| manifest::digest_file(&self.plan.sources[i].path).map_err(|e| e.to_string()))
+            .get_or_init(|| {
+                manifest::digest_file(&self.plan.sources[i].path).map_err(|e| e.to_string())
+            })
             .clone()
             .map_err(Error::invalid)
     }
@@ -200,16 +202,24 @@ enum WriterKind {
 /// interrupted run are removed on the way.
 fn already_complete(file: &FilePlan) -> bool {
     remove_stale_temporaries(&file.path);
-    let Ok(Some(m)) = Manifest::read(&file.path) else { return false };
+    let Ok(Some(m)) = Manifest::read(&file.path) else {
+        return false;
+    };
     let planned: Vec<(&str, Vec<i64>)> = file
         .tensors
         .iter()
         .map(|t| match &t.content {
-            Content::Tensor { shape, .. } | Content::Merged { shape, .. } => (t.name.as_str(), shape.clone()),
+            Content::Tensor { shape, .. } | Content::Merged { shape, .. } => {
+                (t.name.as_str(), shape.clone())
+            }
             Content::Str { .. } => (t.name.as_str(), vec![0]),
         })
         .collect();
-    let mut recorded: Vec<(&str, Vec<i64>)> = m.tensors.iter().map(|t| (t.name.as_str(), t.shape.clone())).collect();
+    let mut recorded: Vec<(&str, Vec<i64>)> = m
+        .tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t.shape.clone()))
+        .collect();
     let mut planned_sorted = planned.clone();
     planned_sorted.sort();
     recorded.sort();
@@ -218,7 +228,9 @@ fn already_complete(file: &FilePlan) -> bool {
 
 /// Removes `.{name}.{pid}.tmp` files an interrupted run left beside `path`.
 fn remove_stale_temporaries(path: &std::path::Path) {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else { return };
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return;
+    };
     let prefix = format!(".{name}.");
     let own = format!(".{name}.{}.tmp", std::process::id());
     if let Ok(entries) = std::fs::read_dir(dir) {
@@ -245,7 +257,10 @@ fn write_file<B: Backend>(
         file.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     let (mut writer, order): (Writer, Vec<String>) = match file.format {
         FileFormat::Ckpt => (
-            Writer { kind: WriterKind::Ckpt(CkptWriter::create(&file.path, WriteOptions::default())?), digests: Vec::new() },
+            Writer {
+                kind: WriterKind::Ckpt(CkptWriter::create(&file.path, WriteOptions::default())?),
+                digests: Vec::new(),
+            },
             file.tensors.iter().map(|t| t.name.clone()).collect(),
         ),
         FileFormat::Safetensors => {
@@ -275,7 +290,13 @@ fn write_file<B: Backend>(
             }
             let w = StreamWriter::create(&file.path, &specs, Some(metadata))?;
             let order = w.order().map(str::to_owned).collect();
-            (Writer { kind: WriterKind::Safetensors(w), digests: Vec::new() }, order)
+            (
+                Writer {
+                    kind: WriterKind::Safetensors(w),
+                    digests: Vec::new(),
+                },
+                order,
+            )
         }
     };
     for name in &order {
@@ -289,19 +310,30 @@ fn write_file<B: Backend>(
         WriterKind::Ckpt(w) => w.finish_with_digest()?,
         WriterKind::Safetensors(w) => w.finish_with_digest()?,
     };
-    let Some(command) = &options.manifest else { return Ok(()) };
+    let Some(command) = &options.manifest else {
+        return Ok(());
+    };
     let manifest = (|| -> Result<Manifest> {
         Ok(Manifest {
             format: manifest::MANIFEST_FORMAT.into(),
             reshard_version: env!("CARGO_PKG_VERSION").into(),
             command: command.clone(),
-            file: file.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            file: file
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             digest,
             tensors: writer.digests,
             sources: file
                 .sources()
                 .into_iter()
-                .map(|i| Ok(SourceDigest { path: sources.plan.sources[i].path.clone(), digest: sources.digest(i)? }))
+                .map(|i| {
+                    Ok(SourceDigest {
+                        path: sources.plan.sources[i].path.clone(),
+                        digest: sources.digest(i)?,
+                    })
+                })
                 .collect::<Result<_>>()?,
         })
     })();

@@ -82,7 +82,10 @@ impl AtomicFile {
 
     /// [`AtomicFile::commit`], returning the length and hash of what was written.
     pub fn commit_with_digest(mut self) -> Result<FileDigest> {
-        let digest = FileDigest { bytes: self.bytes, xxh3: self.hasher.digest() };
+        let digest = FileDigest {
+            bytes: self.bytes,
+            xxh3: self.hasher.digest(),
+        };
         let writer = self.writer.take().expect("commit twice");
         let result = writer
             .into_inner()
@@ -118,7 +121,13 @@ mod tests {
         assert!(!dest.exists());
         let digest = f.commit_with_digest().unwrap();
         assert_eq!(fs::read(&dest).unwrap(), b"abc");
-        assert_eq!(digest, FileDigest { bytes: 3, xxh3: xxhash_rust::xxh3::xxh3_64(b"abc") });
+        assert_eq!(
+            digest,
+            FileDigest {
+                bytes: 3,
+                xxh3: xxhash_rust::xxh3::xxh3_64(b"abc")
+            }
+        );
 
         let dest2 = dir.path().join("b.ckpt");
         let mut f = AtomicFile::create(&dest2).unwrap();

@@ -70,7 +70,10 @@ pub fn manifest_path(data: &Path) -> PathBuf {
 /// The length and xxh3-64 of a whole file (memory-mapped, one pass).
 pub fn digest_file(path: &Path) -> Result<FileDigest> {
     let map = crate::formats::ckpt::map_file(path)?;
-    Ok(FileDigest { bytes: map.len() as u64, xxh3: xxhash_rust::xxh3::xxh3_64(&map) })
+    Ok(FileDigest {
+        bytes: map.len() as u64,
+        xxh3: xxhash_rust::xxh3::xxh3_64(&map),
+    })
 }
 
 impl Manifest {
@@ -78,7 +81,8 @@ impl Manifest {
     pub fn write(&self, data: &Path) -> Result<()> {
         let path = manifest_path(data);
         let mut f = AtomicFile::create(&path)?;
-        let text = serde_json::to_vec_pretty(self).map_err(|e| Error::invalid(e.to_string()).in_file(&path))?;
+        let text = serde_json::to_vec_pretty(self)
+            .map_err(|e| Error::invalid(e.to_string()).in_file(&path))?;
         f.write_all(&text)?;
         f.commit()
     }
@@ -94,7 +98,9 @@ impl Manifest {
         let m: Manifest = serde_json::from_slice(&text)
             .map_err(|e| Error::invalid(format!("not a reshard manifest: {e}")).in_file(&path))?;
         if m.format != MANIFEST_FORMAT {
-            return Err(Error::invalid(format!("unknown manifest format {:?}", m.format)).in_file(&path));
+            return Err(
+                Error::invalid(format!("unknown manifest format {:?}", m.format)).in_file(&path),
+            );
         }
         Ok(Some(m))
     }
@@ -133,11 +139,17 @@ pub fn check_tree(dir: &Path) -> Result<Vec<PathBuf>> {
         for p in entries {
             if p.is_dir() {
                 stack.push(p);
-            } else if let Some(name) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(MANIFEST_SUFFIX)) {
+            } else if let Some(name) = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(MANIFEST_SUFFIX))
+            {
                 let data = p.with_file_name(name);
                 let m = Manifest::read(&data)?.expect("the manifest exists");
                 if !data.exists() {
-                    return Err(Error::invalid("has a manifest but the file is missing").in_file(&data));
+                    return Err(
+                        Error::invalid("has a manifest but the file is missing").in_file(&data)
+                    );
                 }
                 m.check(&data)?;
                 checked.push(data);
@@ -173,8 +185,14 @@ mod tests {
         std::fs::write(&data, b"hellO").unwrap();
         assert!(!is_complete(&data));
         let err = check_tree(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("x.ckpt") && err.contains("does not match its manifest"), "{err}");
+        assert!(
+            err.contains("x.ckpt") && err.contains("does not match its manifest"),
+            "{err}"
+        );
         std::fs::write(manifest_path(&data), b"{").unwrap();
-        assert!(Manifest::read(&data).unwrap_err().to_string().contains("not a reshard manifest"));
+        assert!(Manifest::read(&data)
+            .unwrap_err()
+            .to_string()
+            .contains("not a reshard manifest"));
     }
 }

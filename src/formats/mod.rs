@@ -2,8 +2,8 @@
 //! parses or writes checkpoint and strategy bytes.
 
 pub mod atomic;
-pub mod manifest;
 pub mod ckpt;
+pub mod manifest;
 pub mod safetensors;
 pub mod strategy;
 pub mod tree;
@@ -65,7 +65,10 @@ impl Source {
             }
             _ => SourceFile::Ckpt(ckpt::Checkpoint::open(path, read)?),
         };
-        let source = Source { file, stamp: before };
+        let source = Source {
+            file,
+            stamp: before,
+        };
         source.unchanged()?;
         Ok(source)
     }

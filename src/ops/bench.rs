@@ -39,6 +39,8 @@ pub struct BenchOptions {
     pub lora_rank: usize,
     /// Time MindSpore on the same inputs, with this Python.
     pub mindspore: Option<PathBuf>,
+    /// Where the tensor work runs.
+    pub backend: crate::backend::BackendChoice,
 }
 
 /// One timed step.
@@ -276,6 +278,7 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
                 d.map(Path::to_path_buf),
             );
             options.workers = o.workers;
+            options.backend = o.backend;
             let report = transform(&options)?;
             let seconds = t.elapsed().as_secs_f64();
             let (anon, file) = sampler.finish();

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::backend::CpuBackend;
+use crate::backend::BackendChoice;
 use crate::error::{Error, Result};
 use crate::exec::{self, ExecOptions, ExecReport};
 use crate::formats::ckpt::ReadOptions;
@@ -66,6 +66,8 @@ pub struct MergeLoraOptions {
     pub resume: bool,
     /// Re-read and check every output after writing it.
     pub verify: bool,
+    /// Which backend runs the plan (default: the CPU).
+    pub backend: BackendChoice,
 }
 
 impl MergeLoraOptions {
@@ -86,6 +88,7 @@ impl MergeLoraOptions {
             manifest: true,
             resume: false,
             verify: false,
+            backend: BackendChoice::Cpu,
         }
     }
 }
@@ -101,6 +104,8 @@ pub struct MergeLoraReport {
     pub plan: PlanSummary,
     /// The execution, unless this was a dry run.
     pub executed: Option<ExecReport>,
+    /// The backend that ran it (see [`crate::ops::transform::TransformReport::backend`]).
+    pub backend: String,
 }
 
 /// The base weight a LoRA `A` factor belongs to, and its `B` factor, or
@@ -230,6 +235,7 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
             dropped,
             plan: summary,
             executed: None,
+            backend: o.backend.to_string(),
         });
     }
     for f in &plan.files {
@@ -243,11 +249,22 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
             }
         }
     }
-    let executed = exec::execute(&plan, &CpuBackend::default(), &exec_options(o.workers, &o.read, o.manifest, o.resume))?;
+    let backend = o.backend.open()?;
+    let executed = exec::execute(
+        &plan,
+        &backend,
+        &exec_options(o.workers, &o.read, o.manifest, o.resume),
+    )?;
     if o.verify {
         crate::ops::verify::verify_outputs(&plan)?;
     }
-    Ok(MergeLoraReport { merged, dropped, plan: summary, executed: Some(executed) })
+    Ok(MergeLoraReport {
+        merged,
+        dropped,
+        plan: summary,
+        executed: Some(executed),
+        backend: backend.describe(),
+    })
 }
 
 #[cfg(test)]
@@ -442,6 +459,8 @@ pub struct MergePeftOptions {
     pub scale: Option<f32>,
     /// Destination files written concurrently.
     pub workers: usize,
+    /// Which backend runs the plan (default: the CPU).
+    pub backend: BackendChoice,
 }
 
 /// The weight files of a HuggingFace model directory, in index order.
@@ -458,7 +477,10 @@ pub fn hf_weight_files(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
         let mut files: Vec<PathBuf> = Vec::new();
         for file in map.values().filter_map(|v| v.as_str()) {
             if file.contains(['/', '\\']) || file.starts_with("..") {
-                return Err(Error::invalid(format!("the index names {file:?}, which is not a file in the model directory")).in_file(&index));
+                return Err(Error::invalid(format!(
+                    "the index names {file:?}, which is not a file in the model directory"
+                ))
+                .in_file(&index));
             }
             let path = dir.join(file);
             if !files.contains(&path) {
@@ -593,9 +615,10 @@ pub fn merge_peft(o: &MergePeftOptions) -> Result<MergeLoraReport> {
         .in_file(&o.dst_dir));
     }
     let metadata = [("format".to_string(), "pt".to_string())].into();
+    let backend = o.backend.open()?;
     let executed = exec::execute(
         &plan,
-        &CpuBackend::default(),
+        &backend,
         &ExecOptions {
             workers: o.workers,
             safetensors_metadata: metadata,
@@ -623,5 +646,6 @@ pub fn merge_peft(o: &MergePeftOptions) -> Result<MergeLoraReport> {
         dropped,
         plan: summary,
         executed: Some(executed),
+        backend: backend.describe(),
     })
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::backend::CpuBackend;
+use crate::backend::BackendChoice;
 use crate::error::{Error, Result};
 use crate::exec::{self, ExecOptions, ExecReport};
 use crate::formats::ckpt::ReadOptions;
@@ -50,6 +50,8 @@ pub struct TransformOptions {
     /// After writing, re-read every output and check it against its
     /// manifest and the plan (names, dtypes, shapes, per-tensor hashes).
     pub verify: bool,
+    /// Which backend runs the plan (default: the CPU).
+    pub backend: BackendChoice,
 }
 
 impl TransformOptions {
@@ -76,6 +78,7 @@ impl TransformOptions {
             manifest: true,
             resume: false,
             verify: false,
+            backend: BackendChoice::Cpu,
         }
     }
 }
@@ -87,6 +90,9 @@ pub struct TransformReport {
     pub plan: PlanSummary,
     /// The execution, unless this was a dry run.
     pub executed: Option<ExecReport>,
+    /// The backend that ran it (`cpu`, or the Ascend device; with the
+    /// reason when `--backend auto` fell back to the CPU).
+    pub backend: String,
 }
 
 /// The source files by rank: a tree's picked files, or a single file as rank 0.
@@ -169,24 +175,35 @@ pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
 /// runs) are expected; with `resume`, so are `output` itself, its manifest
 /// and temporary files an interrupted run left.
 pub(crate) fn foreign_entry(dir: &Path, output: &Path, resume: bool) -> Result<Option<PathBuf>> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(None) };
-    let name = output.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(None);
+    };
+    let name = output
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
     let part_stem = name.find("_part").map(|i| &name[..i + 5]);
-    let ext = output.extension().and_then(|e| e.to_str()).unwrap_or_default();
+    let ext = output
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default();
     for e in entries {
         let e = e.map_err(|e| Error::from(e).in_file(dir))?;
         let other = e.file_name();
         let other = other.to_string_lossy();
-        let data = other.strip_suffix(crate::formats::manifest::MANIFEST_SUFFIX).unwrap_or(&other);
+        let data = other
+            .strip_suffix(crate::formats::manifest::MANIFEST_SUFFIX)
+            .unwrap_or(&other);
         let sibling_part = part_stem.is_some_and(|stem| {
-            data.strip_prefix(stem).and_then(|rest| rest.strip_suffix(&format!(".{ext}"))).is_some_and(|k| {
-                !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit())
-            })
+            data.strip_prefix(stem)
+                .and_then(|rest| rest.strip_suffix(&format!(".{ext}")))
+                .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
         });
         if data != name && sibling_part {
             continue;
         }
-        let leftover = data == name || (other.starts_with(&format!(".{name}.")) && other.ends_with(".tmp"));
+        let leftover =
+            data == name || (other.starts_with(&format!(".{name}.")) && other.ends_with(".tmp"));
         if resume && leftover {
             continue;
         }
@@ -196,7 +213,12 @@ pub(crate) fn foreign_entry(dir: &Path, output: &Path, resume: bool) -> Result<O
 }
 
 /// Executor options shared by the commands that write checkpoints.
-pub(crate) fn exec_options(workers: usize, read: &ReadOptions, manifest: bool, resume: bool) -> ExecOptions {
+pub(crate) fn exec_options(
+    workers: usize,
+    read: &ReadOptions,
+    manifest: bool,
+    resume: bool,
+) -> ExecOptions {
     let defaults = ExecOptions::default();
     ExecOptions {
         workers,
@@ -215,6 +237,7 @@ pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
         return Ok(TransformReport {
             plan: summary,
             executed: None,
+            backend: options.backend.to_string(),
         });
     }
     for f in &plan.files {
@@ -228,13 +251,23 @@ pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
             }
         }
     }
+    let backend = options.backend.open()?;
     let report = exec::execute(
         &plan,
-        &CpuBackend::default(),
-        &exec_options(options.workers, &options.read, options.manifest, options.resume),
+        &backend,
+        &exec_options(
+            options.workers,
+            &options.read,
+            options.manifest,
+            options.resume,
+        ),
     )?;
     if options.verify {
         crate::ops::verify::verify_outputs(&plan)?;
     }
-    Ok(TransformReport { plan: summary, executed: Some(report) })
+    Ok(TransformReport {
+        plan: summary,
+        executed: Some(report),
+        backend: backend.describe(),
+    })
 }

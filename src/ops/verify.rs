@@ -35,20 +35,32 @@ use crate::plan::{Content, CopyStep, Plan};
 /// ones with the digests recorded while they were computed.
 pub fn verify_outputs(plan: &Plan) -> Result<()> {
     for f in &plan.files {
-        let m = Manifest::read(&f.path)?
-            .ok_or_else(|| Error::invalid("has no manifest to verify against (was it written with --no-manifest?)").in_file(&f.path))?;
+        let m = Manifest::read(&f.path)?.ok_or_else(|| {
+            Error::invalid("has no manifest to verify against (was it written with --no-manifest?)")
+                .in_file(&f.path)
+        })?;
         m.check(&f.path)?;
         let source = Source::open(&f.path, &ReadOptions::default())?;
-        let recorded: HashMap<&str, &manifest::TensorDigest> = m.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+        let recorded: HashMap<&str, &manifest::TensorDigest> =
+            m.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
         for t in &f.tensors {
-            let d = recorded
-                .get(t.name.as_str())
-                .ok_or_else(|| Error::invalid("planned but missing from the manifest").in_tensor(&t.name).in_file(&f.path))?;
+            let d = recorded.get(t.name.as_str()).ok_or_else(|| {
+                Error::invalid("planned but missing from the manifest")
+                    .in_tensor(&t.name)
+                    .in_file(&f.path)
+            })?;
             let got = match &t.content {
-                Content::Str { .. } => xxhash_rust::xxh3::xxh3_64(source.string(&t.name)?.as_bytes()),
+                Content::Str { .. } => {
+                    xxhash_rust::xxh3::xxh3_64(source.string(&t.name)?.as_bytes())
+                }
                 Content::Tensor { shape, .. } | Content::Merged { shape, .. } => {
                     if &d.shape != shape {
-                        return Err(Error::invalid(format!("shape {:?}, planned {shape:?}", d.shape)).in_tensor(&t.name).in_file(&f.path));
+                        return Err(Error::invalid(format!(
+                            "shape {:?}, planned {shape:?}",
+                            d.shape
+                        ))
+                        .in_tensor(&t.name)
+                        .in_file(&f.path));
                     }
                     let mut h = xxhash_rust::xxh3::Xxh3::new();
                     for c in source.chunks(&t.name)? {
@@ -58,11 +70,20 @@ pub fn verify_outputs(plan: &Plan) -> Result<()> {
                 }
             };
             if got != d.xxh3 {
-                return Err(Error::invalid("the bytes on disk differ from the bytes computed").in_tensor(&t.name).in_file(&f.path));
+                return Err(
+                    Error::invalid("the bytes on disk differ from the bytes computed")
+                        .in_tensor(&t.name)
+                        .in_file(&f.path),
+                );
             }
         }
         if recorded.len() != f.tensors.len() {
-            return Err(Error::invalid(format!("{} tensors recorded, {} planned", recorded.len(), f.tensors.len())).in_file(&f.path));
+            return Err(Error::invalid(format!(
+                "{} tensors recorded, {} planned",
+                recorded.len(),
+                f.tensors.len()
+            ))
+            .in_file(&f.path));
         }
     }
     Ok(())
@@ -71,7 +92,8 @@ pub fn verify_outputs(plan: &Plan) -> Result<()> {
 /// Checks every data file under `dir` that has a manifest; at least one must.
 pub fn check_manifests(dir: &Path) -> Result<Vec<PathBuf>> {
     if dir.is_file() {
-        let m = Manifest::read(dir)?.ok_or_else(|| Error::invalid("has no manifest").in_file(dir))?;
+        let m =
+            Manifest::read(dir)?.ok_or_else(|| Error::invalid("has no manifest").in_file(dir))?;
         m.check(dir)?;
         return Ok(vec![dir.to_path_buf()]);
     }
@@ -149,7 +171,9 @@ pub struct Comparison {
 fn logical_plan(side: &Side) -> Result<Plan> {
     let (format, files) = source_files(&side.path)?;
     if files.len() > 1 && side.strategy.is_none() {
-        return Err(Error::invalid("a rank_x tree needs its strategy to be compared").in_file(&side.path));
+        return Err(
+            Error::invalid("a rank_x tree needs its strategy to be compared").in_file(&side.path),
+        );
     }
     let strategy = side.strategy.as_deref().map(strategy::load).transpose()?;
     let mut sources = Vec::new();
@@ -175,7 +199,10 @@ fn restrict(step: &CopyStep, lo: u64, hi: u64) -> Option<CopyStep> {
     if c.extent.is_empty() {
         return Some(step.clone());
     }
-    let (start, end) = (c.dst_offset[0].max(lo), (c.dst_offset[0] + c.extent[0]).min(hi));
+    let (start, end) = (
+        c.dst_offset[0].max(lo),
+        (c.dst_offset[0] + c.extent[0]).min(hi),
+    );
     if start >= end {
         return None;
     }
@@ -185,7 +212,11 @@ fn restrict(step: &CopyStep, lo: u64, hi: u64) -> Option<CopyStep> {
     copy.dst_offset[0] = start - lo;
     copy.extent[0] = end - start;
     copy.dst_shape[0] = hi - lo;
-    Some(CopyStep { source: step.source, tensor: step.tensor.clone(), copy })
+    Some(CopyStep {
+        source: step.source,
+        tensor: step.tensor.clone(),
+        copy,
+    })
 }
 
 struct Opened<'p> {
@@ -196,7 +227,10 @@ struct Opened<'p> {
 impl Opened<'_> {
     fn get(&mut self, i: usize) -> Result<&Source> {
         if self.sources[i].is_none() {
-            self.sources[i] = Some(Source::open(&self.plan.sources[i].path, &ReadOptions::default())?);
+            self.sources[i] = Some(Source::open(
+                &self.plan.sources[i].path,
+                &ReadOptions::default(),
+            )?);
         }
         Ok(self.sources[i].as_ref().expect("just opened"))
     }
@@ -254,30 +288,83 @@ fn unravel(mut i: u64, shape: &[u64]) -> Vec<u64> {
 pub fn compare(a: &Side, b: &Side, tol: Tolerance) -> Result<Comparison> {
     let (pa, pb) = (logical_plan(a)?, logical_plan(b)?);
     let (fa, fb) = (&pa.files[0], &pb.files[0]);
-    let ta: BTreeMap<&str, &Content> = fa.tensors.iter().map(|t| (t.name.as_str(), &t.content)).collect();
-    let tb: BTreeMap<&str, &Content> = fb.tensors.iter().map(|t| (t.name.as_str(), &t.content)).collect();
+    let ta: BTreeMap<&str, &Content> = fa
+        .tensors
+        .iter()
+        .map(|t| (t.name.as_str(), &t.content))
+        .collect();
+    let tb: BTreeMap<&str, &Content> = fb
+        .tensors
+        .iter()
+        .map(|t| (t.name.as_str(), &t.content))
+        .collect();
     let mut differences = Vec::new();
     for name in ta.keys().filter(|n| !tb.contains_key(*n)) {
-        differences.push(Difference::Missing { name: name.to_string(), missing_in: 'b' });
+        differences.push(Difference::Missing {
+            name: name.to_string(),
+            missing_in: 'b',
+        });
     }
     for name in tb.keys().filter(|n| !ta.contains_key(*n)) {
-        differences.push(Difference::Missing { name: name.to_string(), missing_in: 'a' });
+        differences.push(Difference::Missing {
+            name: name.to_string(),
+            missing_in: 'a',
+        });
     }
-    let (mut oa, mut ob) = (Opened { plan: &pa, sources: pa.sources.iter().map(|_| None).collect() }, Opened { plan: &pb, sources: pb.sources.iter().map(|_| None).collect() });
+    let (mut oa, mut ob) = (
+        Opened {
+            plan: &pa,
+            sources: pa.sources.iter().map(|_| None).collect(),
+        },
+        Opened {
+            plan: &pb,
+            sources: pb.sources.iter().map(|_| None).collect(),
+        },
+    );
     let (mut tensors, mut bytes) = (0usize, 0u64);
     for (name, ca) in &ta {
         let Some(cb) = tb.get(name) else { continue };
         tensors += 1;
         match (ca, cb) {
-            (Content::Str { source: sa, tensor: na }, Content::Str { source: sb, tensor: nb }) => {
+            (
+                Content::Str {
+                    source: sa,
+                    tensor: na,
+                },
+                Content::Str {
+                    source: sb,
+                    tensor: nb,
+                },
+            ) => {
                 let (va, vb) = (oa.get(*sa)?.string(na)?, ob.get(*sb)?.string(nb)?);
                 if va != vb {
-                    differences.push(Difference::Value { name: name.to_string(), index: vec![], a: va, b: vb, count: 1 });
+                    differences.push(Difference::Value {
+                        name: name.to_string(),
+                        index: vec![],
+                        a: va,
+                        b: vb,
+                        count: 1,
+                    });
                 }
             }
-            (Content::Tensor { dtype: da, shape: sa, steps: xa }, Content::Tensor { dtype: db, shape: sb, steps: xb }) => {
+            (
+                Content::Tensor {
+                    dtype: da,
+                    shape: sa,
+                    steps: xa,
+                },
+                Content::Tensor {
+                    dtype: db,
+                    shape: sb,
+                    steps: xb,
+                },
+            ) => {
                 if da != db || sa != sb {
-                    differences.push(Difference::Layout { name: name.to_string(), a: format!("{da} {sa:?}"), b: format!("{db} {sb:?}") });
+                    differences.push(Difference::Layout {
+                        name: name.to_string(),
+                        a: format!("{da} {sa:?}"),
+                        b: format!("{db} {sb:?}"),
+                    });
                     continue;
                 }
                 let shape: Vec<u64> = sa.iter().map(|&d| d as u64).collect();
@@ -290,14 +377,21 @@ pub fn compare(a: &Side, b: &Side, tol: Tolerance) -> Result<Comparison> {
                 while lo < rows.max(1) {
                     let hi = (lo + per_block).min(rows.max(1));
                     let (ba, bb) = if shape.is_empty() {
-                        (oa.block(xa, da.size() as u64, 0, 1)?, ob.block(xb, da.size() as u64, 0, 1)?)
+                        (
+                            oa.block(xa, da.size() as u64, 0, 1)?,
+                            ob.block(xb, da.size() as u64, 0, 1)?,
+                        )
                     } else {
-                        (oa.block(xa, row_bytes, lo, hi)?, ob.block(xb, row_bytes, lo, hi)?)
+                        (
+                            oa.block(xa, row_bytes, lo, hi)?,
+                            ob.block(xb, row_bytes, lo, hi)?,
+                        )
                     };
                     bytes += ba.len() as u64;
                     if ba != bb {
                         let es = da.size();
-                        for (i, (x, y)) in ba.chunks_exact(es).zip(bb.chunks_exact(es)).enumerate() {
+                        for (i, (x, y)) in ba.chunks_exact(es).zip(bb.chunks_exact(es)).enumerate()
+                        {
                             let same = x == y
                                 || ((tol.rtol > 0.0 || tol.atol > 0.0)
                                     && matches!((element(*da, x), element(*da, y)), (Some(p), Some(q)) if (p - q).abs() <= tol.atol + tol.rtol * q.abs()));
@@ -305,7 +399,11 @@ pub fn compare(a: &Side, b: &Side, tol: Tolerance) -> Result<Comparison> {
                                 count += 1;
                                 if first.is_none() {
                                     let flat = lo * row_elems + i as u64;
-                                    let show = |v: &[u8]| element(*da, v).map(|f| f.to_string()).unwrap_or_else(|| format!("{v:02x?}"));
+                                    let show = |v: &[u8]| {
+                                        element(*da, v)
+                                            .map(|f| f.to_string())
+                                            .unwrap_or_else(|| format!("{v:02x?}"))
+                                    };
                                     first = Some((unravel(flat, &shape), show(x), show(y)));
                                 }
                             }
@@ -314,13 +412,27 @@ pub fn compare(a: &Side, b: &Side, tol: Tolerance) -> Result<Comparison> {
                     lo = hi;
                 }
                 if let Some((index, a, b)) = first {
-                    differences.push(Difference::Value { name: name.to_string(), index, a, b, count });
+                    differences.push(Difference::Value {
+                        name: name.to_string(),
+                        index,
+                        a,
+                        b,
+                        count,
+                    });
                 }
             }
-            _ => differences.push(Difference::Layout { name: name.to_string(), a: "string or tensor".into(), b: "the other".into() }),
+            _ => differences.push(Difference::Layout {
+                name: name.to_string(),
+                a: "string or tensor".into(),
+                b: "the other".into(),
+            }),
         }
     }
-    Ok(Comparison { tensors, bytes, differences })
+    Ok(Comparison {
+        tensors,
+        bytes,
+        differences,
+    })
 }
 
 /// A problem found by [`check_distributed`].
@@ -345,20 +457,32 @@ pub fn check_distributed(dir: &Path, strategy_path: &Path) -> Result<Vec<Inconsi
     let present: Vec<usize> = ranks.iter().map(|r| r.0).collect();
     for r in 0..total {
         if !present.contains(&r) {
-            problems.push(Inconsistency { rank: r, tensor: None, problem: format!("rank_{r} is missing ({total} ranks expected)") });
+            problems.push(Inconsistency {
+                rank: r,
+                tensor: None,
+                problem: format!("rank_{r} is missing ({total} ranks expected)"),
+            });
         }
     }
     for &r in present.iter().filter(|&&r| r >= total) {
-        problems.push(Inconsistency { rank: r, tensor: None, problem: format!("rank_{r} is beyond the strategy's {total} ranks") });
+        problems.push(Inconsistency {
+            rank: r,
+            tensor: None,
+            problem: format!("rank_{r} is beyond the strategy's {total} ranks"),
+        });
     }
     // Per rank: its file, its entries with content hashes.
     type Held = HashMap<String, (DType, Vec<u64>, u64)>;
     let mut held: BTreeMap<usize, Held> = BTreeMap::new();
     for (r, rank_dir) in &ranks {
-        let Some(file) = tree::pick_checkpoint(rank_dir, tree::FileFormat::Ckpt)?
-            .or(tree::pick_checkpoint(rank_dir, tree::FileFormat::Safetensors)?)
-        else {
-            problems.push(Inconsistency { rank: *r, tensor: None, problem: "holds no checkpoint file".into() });
+        let Some(file) = tree::pick_checkpoint(rank_dir, tree::FileFormat::Ckpt)?.or(
+            tree::pick_checkpoint(rank_dir, tree::FileFormat::Safetensors)?,
+        ) else {
+            problems.push(Inconsistency {
+                rank: *r,
+                tensor: None,
+                problem: "holds no checkpoint file".into(),
+            });
             continue;
         };
         let s = Source::open(&file, &ReadOptions::default())?;
@@ -379,7 +503,10 @@ pub fn check_distributed(dir: &Path, strategy_path: &Path) -> Result<Vec<Inconsi
                 EntryValue::Tensor(d) => d,
                 _ => DType::U8,
             };
-            m.insert(e.name.clone(), (dtype, e.dims.iter().map(|&d| d.max(0) as u64).collect(), h));
+            m.insert(
+                e.name.clone(),
+                (dtype, e.dims.iter().map(|&d| d.max(0) as u64).collect(), h),
+            );
         }
         held.insert(*r, m);
     }
@@ -394,7 +521,11 @@ pub fn check_distributed(dir: &Path, strategy_path: &Path) -> Result<Vec<Inconsi
         let rank_table = strategy.layout_table(Some(r as u64))?;
         for (name, l) in rank_table.iter().filter(|(_, l)| l.stages.contains(&stage)) {
             let Some((_, shape, hash)) = m.get(name) else {
-                problems.push(Inconsistency { rank: r, tensor: Some(name.clone()), problem: "missing from this rank's file".into() });
+                problems.push(Inconsistency {
+                    rank: r,
+                    tensor: Some(name.clone()),
+                    problem: "missing from this rank's file".into(),
+                });
                 continue;
             };
             let layout = Layout::from_param(l);
@@ -404,7 +535,11 @@ pub fn check_distributed(dir: &Path, strategy_path: &Path) -> Result<Vec<Inconsi
                 Ok((g.clone(), want, layout.rank_slice(&g, local)?))
             });
             match check {
-                Err(e) => problems.push(Inconsistency { rank: r, tensor: Some(name.clone()), problem: e.to_string() }),
+                Err(e) => problems.push(Inconsistency {
+                    rank: r,
+                    tensor: Some(name.clone()),
+                    problem: e.to_string(),
+                }),
                 Ok((_, want, _)) if &want != shape => problems.push(Inconsistency {
                     rank: r,
                     tensor: Some(name.clone()),
@@ -416,7 +551,9 @@ pub fn check_distributed(dir: &Path, strategy_path: &Path) -> Result<Vec<Inconsi
                         Some(&(other, h)) if h != *hash => problems.push(Inconsistency {
                             rank: r,
                             tensor: Some(name.clone()),
-                            problem: format!("differs from its data-parallel replica on rank {other}"),
+                            problem: format!(
+                                "differs from its data-parallel replica on rank {other}"
+                            ),
                         }),
                         Some(_) => {}
                         None => {

@@ -279,11 +279,16 @@ fn stage_maps(
     dst_per_stage: u64,
 ) -> Result<(Option<LayoutTable>, Option<LayoutTable>)> {
     let mut src_map = src_table.cloned();
-    let Some(dst) = dst else { return Ok((src_map, None)) };
+    let Some(dst) = dst else {
+        return Ok((src_map, None));
+    };
     let mut t = dst.layout_table(Some(rank))?;
     let stage = (rank / dst_per_stage) as u32;
-    let removed: HashSet<String> =
-        t.iter().filter(|(_, l)| !l.stages.contains(&stage)).map(|(n, _)| n.clone()).collect();
+    let removed: HashSet<String> = t
+        .iter()
+        .filter(|(_, l)| !l.stages.contains(&stage))
+        .map(|(n, _)| n.clone())
+        .collect();
     t.retain(|n, _| !removed.contains(n));
     if let Some(src) = &mut src_map {
         src.retain(|n, _| !removed.contains(n));
@@ -302,7 +307,11 @@ pub fn source_rank_count(src: Option<&Strategy>) -> Result<usize> {
 /// transform loads for it, descending (MindSpore's `rank_list_for_transform`,
 /// or the source stage's ranks for the by-stage variant). Strategies only:
 /// no file is read.
-pub fn needed_sources(src: Option<&Strategy>, dst: Option<&Strategy>, ranks: &[usize]) -> Result<BTreeMap<usize, Vec<usize>>> {
+pub fn needed_sources(
+    src: Option<&Strategy>,
+    dst: Option<&Strategy>,
+    ranks: &[usize],
+) -> Result<BTreeMap<usize, Vec<usize>>> {
     let src_table = src.map(|s| s.layout_table(None)).transpose()?;
     let dst_full = dst.map(|s| s.layout_table(None)).transpose()?;
     let (src_per_stage, _) = stage_geometry(src_table.as_ref())?;
@@ -310,15 +319,26 @@ pub fn needed_sources(src: Option<&Strategy>, dst: Option<&Strategy>, ranks: &[u
     if let (Some(s), Some(st), Some(dt)) = (src, &src_table, &dst_full) {
         if is_by_stage(st, dt)? {
             let stage = u64::from(s.stage().unwrap_or(0));
-            let all: Vec<usize> = (0..src_per_stage).rev().map(|l| (stage * src_per_stage + l) as usize).collect();
+            let all: Vec<usize> = (0..src_per_stage)
+                .rev()
+                .map(|l| (stage * src_per_stage + l) as usize)
+                .collect();
             return Ok(ranks.iter().map(|&r| (r, all.clone())).collect());
         }
     }
     let mut out = BTreeMap::new();
     for &rank in ranks {
         let wrap = |e: Error| Error::invalid(format!("destination rank {rank}: {e}"));
-        let (src_map, dst_map) = stage_maps(rank as u64, src_table.as_ref(), dst, dst_per_stage).map_err(wrap)?;
-        let needed = needed_ranks(rank as u64, src_map.as_ref(), dst_map.as_ref(), src_per_stage, dst_per_stage).map_err(wrap)?;
+        let (src_map, dst_map) =
+            stage_maps(rank as u64, src_table.as_ref(), dst, dst_per_stage).map_err(wrap)?;
+        let needed = needed_ranks(
+            rank as u64,
+            src_map.as_ref(),
+            dst_map.as_ref(),
+            src_per_stage,
+            dst_per_stage,
+        )
+        .map_err(wrap)?;
         out.insert(rank, needed.into_iter().map(|k| k as usize).collect());
     }
     Ok(out)
@@ -417,7 +437,8 @@ fn plan_rank(
     by_rank: &HashMap<usize, Vec<usize>>,
 ) -> Result<FilePlan> {
     let wrap = |e: Error| Error::invalid(format!("destination rank {rank}: {e}"));
-    let (src_map, dst_map) = stage_maps(rank, src_table, input.dst_strategy, dst_per_stage).map_err(wrap)?;
+    let (src_map, dst_map) =
+        stage_maps(rank, src_table, input.dst_strategy, dst_per_stage).map_err(wrap)?;
     let needed = needed_ranks(
         rank,
         src_map.as_ref(),

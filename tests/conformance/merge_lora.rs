@@ -99,6 +99,22 @@ fn merge_matches_mindformers_recipe_within_the_bound() {
             ..MergeLoraOptions::new(&shards, &out)
         };
         let report = merge_lora(&o).unwrap_or_else(|e| panic!("{dtype}: {e}"));
+        // On the other compiled backends (Ascend on the host emulator with
+        // `--features ascend`): the very bytes of the CPU merge.
+        for (backend, tag) in crate::ascend::extra_backends() {
+            let again = root.join(format!("ours-{tag}"));
+            merge_lora(&MergeLoraOptions {
+                dst_dir: again.clone(),
+                backend,
+                ..o.clone()
+            })
+            .unwrap_or_else(|e| panic!("{dtype} on {tag}: {e}"));
+            let f = "rank_0/checkpoint_0.ckpt";
+            assert!(
+                std::fs::read(out.join(f)).unwrap() == std::fs::read(again.join(f)).unwrap(),
+                "{dtype}: merge on {tag} differs from the CPU's"
+            );
+        }
         assert_eq!(report.merged.len(), 6, "{dtype}");
         let ours =
             Checkpoint::open(out.join("rank_0/checkpoint_0.ckpt"), &Default::default()).unwrap();

@@ -146,6 +146,15 @@ fn transform_matrix_is_byte_identical_to_mindspore() {
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(report.executed.is_some());
         assert_same_tree(&out, &case_dir.join("expect"), name);
+        // The same case on the other compiled backends (Ascend on the host
+        // emulator with `--features ascend`): the same bytes.
+        for (backend, tag) in crate::ascend::extra_backends() {
+            let out = dir.path().join(format!("{tag}-{name}"));
+            let mut o = options(&case_dir, case, &out, i % 2 == 0);
+            o.backend = backend;
+            transform(&o).unwrap_or_else(|e| panic!("{name} on {tag}: {e}"));
+            assert_same_tree(&out, &case_dir.join("expect"), &format!("{name} on {tag}"));
+        }
     }
 
     // By rank and with several workers: the same bytes for the ranks asked.
@@ -231,6 +240,20 @@ fn check_against_mindspore(
     };
     transform(&o).unwrap_or_else(|e| panic!("{tag}: {e}"));
     assert_same_tree(&ours, &expect, tag);
+    for (backend, name) in crate::ascend::extra_backends() {
+        let ours = work.join(format!("{tag}-{name}"));
+        let o = TransformOptions {
+            backend,
+            ..TransformOptions::new(
+                src,
+                &ours,
+                s.map(Path::to_path_buf),
+                d.map(Path::to_path_buf),
+            )
+        };
+        transform(&o).unwrap_or_else(|e| panic!("{tag} on {name}: {e}"));
+        assert_same_tree(&ours, &expect, &format!("{tag} on {name}"));
+    }
 }
 
 /// The real MindSpore-compiled fixture (llama dp2·mp2), merged; then

@@ -34,12 +34,43 @@ pub enum Command {
     Auto(crate::commands::auto::AutoArgs),
     /// Check checkpoints: two against each other, one against its strategy, or files against their manifests.
     Verify(VerifyArgs),
+    /// Time split, N → M, merge and LoRA merge on a synthetic model, against the copy bound (and MindSpore).
+    Bench(BenchArgs),
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Forms:\n  reshard verify A B [--strategy-a S] [--strategy-b S] [--rtol X --atol Y]   same model?\n  \
+pub struct BenchArgs {
+    /// Parameters of the synthetic bf16 llama-shaped model: 500M, 1B, …
+    #[arg(long, default_value = "250M")]
+    pub params: String,
+    /// Working directory (replaced; default: a new temporary directory, removed afterwards).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Destination files written concurrently.
+    #[arg(short = 'j', long = "jobs", default_value_t = 2)]
+    pub jobs: usize,
+    /// Rank of the LoRA factors in the merge-lora step.
+    #[arg(long = "lora-rank", default_value_t = 16)]
+    pub lora_rank: usize,
+    /// Also time mindspore.transform_checkpoints on the same inputs (needs MindSpore 2.10).
+    #[arg(long = "vs-mindspore")]
+    pub vs_mindspore: bool,
+    /// Python with MindSpore for --vs-mindspore (default: $RESHARD_MINDSPORE_PYTHON, then .venv/bin/python).
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Forms:\n  reshard verify A B [--strategy-a S] [--strategy-b S] [--rtol X --atol Y]   same model?\n  \
 reshard verify DIR --strategy S   complete and consistent with its strategy?\n  \
-reshard verify PATH   every file against its manifest\nExit status: 0 all good, 1 a difference or problem was found.")]
+reshard verify PATH   every file against its manifest\nExit status: 0 all good, 1 a difference or problem was found."
+)]
 pub struct VerifyArgs {
     /// One path (a tree to check, or files with manifests) or two checkpoints to compare.
     #[arg(num_args = 1..=2, required = true)]
@@ -154,9 +185,30 @@ pub struct TransformArgs {
     pub output: OutputArgs,
     #[command(flatten)]
     pub read: ReadArgs,
+    #[command(flatten)]
+    pub backend: BackendArgs,
     /// Print JSON for scripts.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Where the tensor work runs (shared by transform and merge-lora).
+#[derive(Debug, Args)]
+pub struct BackendArgs {
+    /// cpu (default); ascend: an Ascend NPU through CANN (an error if none is usable); auto: Ascend
+    /// when a CANN runtime and a device are found, else cpu. The Ascend path is verified on a host
+    /// emulator only (docs/ascend.md).
+    #[arg(long, value_name = "cpu|ascend|auto", default_value = "cpu")]
+    pub backend: reshard::backend::BackendChoice,
+}
+
+impl BackendArgs {
+    /// Prints which backend ran when it is not the plain CPU default.
+    pub fn report(&self, used: &str) {
+        if self.backend != reshard::backend::BackendChoice::Cpu {
+            eprintln!("backend: {used}");
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -280,8 +280,62 @@ pub fn difference(d: &reshard::ops::verify::Difference) -> String {
     match d {
         Difference::Missing { name, missing_in } => format!("{name}: missing in {missing_in}"),
         Difference::Layout { name, a, b } => format!("{name}: {a} vs {b}"),
-        Difference::Value { name, index, a, b, count } => {
+        Difference::Value {
+            name,
+            index,
+            a,
+            b,
+            count,
+        } => {
             format!("{name}: {count} element(s) differ, first at {index:?}: {a} vs {b}")
         }
     }
+}
+
+pub fn bench(r: &reshard::ops::bench::BenchReport) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let rows: Vec<Vec<String>> = r
+        .steps
+        .iter()
+        .map(|s| {
+            vec![
+                s.step.clone(),
+                human_bytes(s.bytes),
+                format!("{:.3} s", s.seconds),
+                format!("{:.2} GB/s", s.gb_per_s),
+                format!("{:.2}", s.fraction_of_copy_bound),
+                format!("{:.0} MiB", s.peak_anon_mib),
+                format!("{:.0} MiB", s.peak_file_mib),
+                s.mindspore_seconds
+                    .map(|m| format!("{m:.3} s"))
+                    .unwrap_or_default(),
+                s.speedup.map(|x| format!("{x:.1}x")).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        &[
+            "step",
+            "written",
+            "time",
+            "throughput",
+            "of copy bound",
+            "peak anon",
+            "peak mapped",
+            "MindSpore",
+            "speedup",
+        ],
+        &rows,
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "model: {} tensors, {} (largest tensor {}); copy bound {:.2} GB/s (8 MiB sequential read+write with fsync, median of 3)",
+        r.model.tensors,
+        human_bytes(r.model.bytes),
+        human_bytes(r.model.largest),
+        r.copy_gb_per_s
+    )?;
+    Ok(())
 }

@@ -487,7 +487,9 @@ fn effective_src<'s>(
             ));
             Ok(None)
         }
-        (EntryKind::Tree { .. }, Some(s)) if crate::plan::transform::source_rank_count(Some(s))? == 1 => {
+        (EntryKind::Tree { .. }, Some(s))
+            if crate::plan::transform::source_rank_count(Some(s))? == 1 =>
+        {
             notes.push(format!(
                 "{}'s strategy describes one rank: the checkpoint is complete and the strategy is \
                  not used (as mindformers does)",

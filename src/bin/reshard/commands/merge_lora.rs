@@ -90,6 +90,8 @@ pub struct MergeLoraArgs {
     pub output: crate::args::OutputArgs,
     #[command(flatten)]
     pub read: ReadArgs,
+    #[command(flatten)]
+    pub backend: crate::args::BackendArgs,
     /// Print JSON for scripts.
     #[arg(long)]
     pub json: bool,
@@ -111,10 +113,12 @@ pub fn run(a: MergeLoraArgs) -> Result<()> {
             dst_dir: a.dst_dir.clone(),
             scale: explicit,
             workers: a.jobs.max(1),
+            backend: a.backend.backend,
         })?;
         if a.json {
             return render::json(&report);
         }
+        a.backend.report(&report.backend);
         eprintln!(
             "merged {} PEFT LoRA pair(s) into {}",
             report.merged.len(),
@@ -146,12 +150,14 @@ pub fn run(a: MergeLoraArgs) -> Result<()> {
         manifest: !a.output.no_manifest,
         resume: a.output.resume,
         verify: a.output.verify,
+        backend: a.backend.backend,
         ..MergeLoraOptions::new(a.src, a.dst_dir)
     };
     let report = merge_lora(&options)?;
     if a.json {
         return render::json(&report);
     }
+    a.backend.report(&report.backend);
     eprintln!(
         "merged {} LoRA pair(s) (scale {scale}), dropped {} lora_ tensor(s)",
         report.merged.len(),

@@ -10,7 +10,8 @@ use reshard::formats::ckpt::{crypt, ReadOptions, SplitMode};
 use reshard::ops;
 
 use crate::args::{
-    Cli, Command, DemoArgs, InspectArgs, ReadArgs, RewriteArgs, StrategyArgs, TransformArgs, VerifyArgs,
+    BenchArgs, Cli, Command, DemoArgs, InspectArgs, ReadArgs, RewriteArgs, StrategyArgs,
+    TransformArgs, VerifyArgs,
 };
 use crate::render;
 
@@ -25,6 +26,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::MergeLora(a) => merge_lora::run(a),
         Command::Auto(a) => auto::run(a),
         Command::Verify(a) => verify(a),
+        Command::Bench(a) => bench(a),
     }
 }
 
@@ -125,11 +127,13 @@ fn transform(a: TransformArgs) -> Result<()> {
         manifest: !a.output.no_manifest,
         resume: a.output.resume,
         verify: a.output.verify,
+        backend: a.backend.backend,
     };
     let report = ops::transform::transform(&options)?;
     if a.json {
         return render::json(&report);
     }
+    a.backend.report(&report.backend);
     render::transform(&report)
 }
 
@@ -169,9 +173,18 @@ fn verify(a: VerifyArgs) -> Result<()> {
     match a.paths.as_slice() {
         [x, y] => {
             let c = verify::compare(
-                &verify::Side { path: x.clone(), strategy: a.strategy },
-                &verify::Side { path: y.clone(), strategy: a.strategy_b },
-                verify::Tolerance { rtol: a.rtol, atol: a.atol },
+                &verify::Side {
+                    path: x.clone(),
+                    strategy: a.strategy,
+                },
+                &verify::Side {
+                    path: y.clone(),
+                    strategy: a.strategy_b,
+                },
+                verify::Tolerance {
+                    rtol: a.rtol,
+                    atol: a.atol,
+                },
             )?;
             if a.json {
                 render::json(&c)?;
@@ -179,7 +192,16 @@ fn verify(a: VerifyArgs) -> Result<()> {
                 for d in &c.differences {
                     println!("{}", render::difference(d));
                 }
-                println!("{} tensors compared, {}: {}", c.tensors, render::human_bytes(c.bytes), if c.differences.is_empty() { "the same" } else { "DIFFERENT" });
+                println!(
+                    "{} tensors compared, {}: {}",
+                    c.tensors,
+                    render::human_bytes(c.bytes),
+                    if c.differences.is_empty() {
+                        "the same"
+                    } else {
+                        "DIFFERENT"
+                    }
+                );
             }
             if !c.differences.is_empty() {
                 anyhow::bail!("{} difference(s)", c.differences.len());
@@ -193,9 +215,25 @@ fn verify(a: VerifyArgs) -> Result<()> {
                     render::json(&problems)?;
                 } else {
                     for p in &problems {
-                        println!("rank {}{}: {}", p.rank, p.tensor.as_ref().map(|t| format!(" {t:?}")).unwrap_or_default(), p.problem);
+                        println!(
+                            "rank {}{}: {}",
+                            p.rank,
+                            p.tensor
+                                .as_ref()
+                                .map(|t| format!(" {t:?}"))
+                                .unwrap_or_default(),
+                            p.problem
+                        );
                     }
-                    println!("{}: {}", dir.display(), if problems.is_empty() { "complete and consistent with its strategy" } else { "INCONSISTENT" });
+                    println!(
+                        "{}: {}",
+                        dir.display(),
+                        if problems.is_empty() {
+                            "complete and consistent with its strategy"
+                        } else {
+                            "INCONSISTENT"
+                        }
+                    );
                 }
                 if !problems.is_empty() {
                     anyhow::bail!("{} problem(s)", problems.len());
@@ -213,4 +251,39 @@ fn verify(a: VerifyArgs) -> Result<()> {
         },
         _ => unreachable!("clap allows one or two paths"),
     }
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let temp;
+    let dir = match &a.dir {
+        Some(d) => d.clone(),
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("reshard-bench-")
+                .tempdir()?;
+            temp.path().join("bench")
+        }
+    };
+    let mindspore = if a.vs_mindspore {
+        let py = a
+            .python
+            .clone()
+            .or_else(|| std::env::var_os("RESHARD_MINDSPORE_PYTHON").map(Into::into))
+            .unwrap_or_else(|| ".venv/bin/python".into());
+        Some(py)
+    } else {
+        None
+    };
+    let report = ops::bench::bench(&ops::bench::BenchOptions {
+        params: ops::bench::parse_params(&a.params)?,
+        dir,
+        workers: a.jobs.max(1),
+        lora_rank: a.lora_rank.max(1),
+        mindspore,
+        backend: a.backend.backend,
+    })?;
+    if a.json {
+        return render::json(&report);
+    }
+    render::bench(&report)
 }

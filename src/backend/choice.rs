@@ -1,0 +1,267 @@
+//! Choosing a backend at run time: [`BackendChoice`] (`--backend
+//! cpu|ascend|auto`) opens an [`AnyBackend`], an enum over the compiled
+//! backends that implements [`Backend`] by dispatch, so operations stay
+//! generic-free (`exec::execute(&plan, &choice.open()?, …)`) and no `cfg`
+//! reaches them: in a build without the `ascend` feature the Ascend variant
+//! holds an uninhabited type.
+
+use super::ascend::{AscendBackend, AscendBuffer, AscendOptions};
+use super::cpu::{CpuBackend, HostBuffer};
+use super::{Backend, BoxCopy, LoraAdd, Src};
+use crate::error::{Error, Result};
+
+/// Which backend runs a plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// The CPU backend (default).
+    #[default]
+    Cpu,
+    /// The Ascend NPU backend; an error if it cannot be opened.
+    Ascend,
+    /// Ascend when a runtime and a device are found, else the CPU.
+    Auto,
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<BackendChoice> {
+        match s {
+            "cpu" => Ok(BackendChoice::Cpu),
+            "ascend" | "npu" => Ok(BackendChoice::Ascend),
+            "auto" => Ok(BackendChoice::Auto),
+            other => Err(Error::invalid(format!(
+                "--backend must be cpu, ascend or auto, not {other:?}"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendChoice::Cpu => "cpu",
+            BackendChoice::Ascend => "ascend",
+            BackendChoice::Auto => "auto",
+        })
+    }
+}
+
+impl BackendChoice {
+    /// Opens the chosen backend. `Auto` never fails for want of a device:
+    /// it falls back to the CPU and says why in [`AnyBackend::note`].
+    pub fn open(self) -> Result<AnyBackend> {
+        match self {
+            BackendChoice::Cpu => Ok(AnyBackend::Cpu(CpuBackend::default(), None)),
+            BackendChoice::Ascend => Ok(AnyBackend::Ascend(AscendBackend::new(
+                AscendOptions::default(),
+            )?)),
+            BackendChoice::Auto => match AscendBackend::new(AscendOptions::default()) {
+                Ok(b) => Ok(AnyBackend::Ascend(b)),
+                Err(e) => Ok(AnyBackend::Cpu(
+                    CpuBackend::default(),
+                    Some(format!("--backend auto: using the CPU ({e})")),
+                )),
+            },
+        }
+    }
+}
+
+/// One of the compiled backends.
+#[derive(Debug)]
+pub enum AnyBackend {
+    /// The CPU backend, with the reason when `auto` fell back to it.
+    Cpu(CpuBackend, Option<String>),
+    /// The Ascend backend.
+    Ascend(AscendBackend),
+}
+
+impl AnyBackend {
+    /// Why `auto` fell back to the CPU, if it did.
+    pub fn note(&self) -> Option<&str> {
+        match self {
+            AnyBackend::Cpu(_, note) => note.as_deref(),
+            AnyBackend::Ascend(_) => None,
+        }
+    }
+
+    /// A one-line description: `cpu`, or the device, runtime and SoC.
+    pub fn describe(&self) -> String {
+        match self {
+            AnyBackend::Cpu(_, None) => "cpu".into(),
+            AnyBackend::Cpu(_, Some(n)) => format!("cpu ({n})"),
+            AnyBackend::Ascend(b) => b.describe(),
+        }
+    }
+}
+
+/// A buffer of an [`AnyBackend`].
+pub enum AnyBuffer {
+    /// Host memory of the CPU backend.
+    Cpu(HostBuffer),
+    /// Memory of the Ascend backend.
+    Ascend(AscendBuffer),
+}
+
+fn mismatch(op: &str) -> Error {
+    Error::invalid(format!(
+        "{op}: a buffer of one backend was passed to another (internal error)"
+    ))
+}
+
+impl Backend for AnyBackend {
+    type Buffer = AnyBuffer;
+
+    fn name(&self) -> &'static str {
+        match self {
+            AnyBackend::Cpu(b, _) => b.name(),
+            AnyBackend::Ascend(b) => b.name(),
+        }
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<AnyBuffer> {
+        match self {
+            AnyBackend::Cpu(b, _) => b.alloc(bytes).map(AnyBuffer::Cpu),
+            AnyBackend::Ascend(b) => b.alloc(bytes).map(AnyBuffer::Ascend),
+        }
+    }
+
+    fn upload(&self, host: &[u8], dst: &mut AnyBuffer, offset: usize) -> Result<()> {
+        match (self, dst) {
+            (AnyBackend::Cpu(b, _), AnyBuffer::Cpu(d)) => b.upload(host, d, offset),
+            (AnyBackend::Ascend(b), AnyBuffer::Ascend(d)) => b.upload(host, d, offset),
+            _ => Err(mismatch("upload")),
+        }
+    }
+
+    fn download(&self, src: &AnyBuffer, offset: usize, host: &mut [u8]) -> Result<()> {
+        match (self, src) {
+            (AnyBackend::Cpu(b, _), AnyBuffer::Cpu(s)) => b.download(s, offset, host),
+            (AnyBackend::Ascend(b), AnyBuffer::Ascend(s)) => b.download(s, offset, host),
+            _ => Err(mismatch("download")),
+        }
+    }
+
+    fn host_bytes<'a>(&self, buffer: &'a AnyBuffer) -> Option<&'a [u8]> {
+        match (self, buffer) {
+            (AnyBackend::Cpu(b, _), AnyBuffer::Cpu(x)) => b.host_bytes(x),
+            (AnyBackend::Ascend(b), AnyBuffer::Ascend(x)) => b.host_bytes(x),
+            _ => None,
+        }
+    }
+
+    fn box_copy(&self, src: Src<'_, AnyBuffer>, dst: &mut AnyBuffer, copy: &BoxCopy) -> Result<()> {
+        match (self, dst) {
+            (AnyBackend::Cpu(b, _), AnyBuffer::Cpu(d)) => match src {
+                Src::Host(h) => b.box_copy(Src::Host(h), d, copy),
+                Src::Buffer(AnyBuffer::Cpu(s)) => b.box_copy(Src::Buffer(s), d, copy),
+                Src::Buffer(_) => Err(mismatch("box copy")),
+            },
+            (AnyBackend::Ascend(b), AnyBuffer::Ascend(d)) => match src {
+                Src::Host(h) => b.box_copy(Src::Host(h), d, copy),
+                Src::Buffer(AnyBuffer::Ascend(s)) => b.box_copy(Src::Buffer(s), d, copy),
+                Src::Buffer(_) => Err(mismatch("box copy")),
+            },
+            _ => Err(mismatch("box copy")),
+        }
+    }
+
+    fn lora_add(
+        &self,
+        w: &mut AnyBuffer,
+        b: &AnyBuffer,
+        a: &AnyBuffer,
+        op: &LoraAdd,
+    ) -> Result<()> {
+        match (self, w, b, a) {
+            (AnyBackend::Cpu(x, _), AnyBuffer::Cpu(w), AnyBuffer::Cpu(b), AnyBuffer::Cpu(a)) => {
+                x.lora_add(w, b, a, op)
+            }
+            (
+                AnyBackend::Ascend(x),
+                AnyBuffer::Ascend(w),
+                AnyBuffer::Ascend(b),
+                AnyBuffer::Ascend(a),
+            ) => x.lora_add(w, b, a, op),
+            _ => Err(mismatch("lora_add")),
+        }
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        match self {
+            AnyBackend::Cpu(b, _) => b.synchronize(),
+            AnyBackend::Ascend(b) => b.synchronize(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+
+    #[test]
+    fn choice_parses_and_cpu_dispatches() {
+        assert_eq!(
+            "auto".parse::<BackendChoice>().unwrap(),
+            BackendChoice::Auto
+        );
+        assert!("gpu".parse::<BackendChoice>().is_err());
+        let b = BackendChoice::Cpu.open().unwrap();
+        assert_eq!(b.describe(), "cpu");
+        let mut out = b.alloc(8).unwrap();
+        b.box_copy(
+            Src::Host(&[0, 0, 0x80, 0x3f, 0, 0, 0, 0x40]),
+            &mut out,
+            &BoxCopy::whole(&[2], DType::F32, DType::F32),
+        )
+        .unwrap();
+        b.synchronize().unwrap();
+        assert_eq!(
+            b.host_bytes(&out).unwrap(),
+            [0, 0, 0x80, 0x3f, 0, 0, 0, 0x40]
+        );
+    }
+
+    #[cfg(not(feature = "ascend"))]
+    #[test]
+    fn auto_falls_back_and_ascend_explains_without_the_feature() {
+        let b = BackendChoice::Auto.open().unwrap();
+        assert!(
+            b.note().unwrap().contains("--features ascend"),
+            "{:?}",
+            b.note()
+        );
+        let e = BackendChoice::Ascend.open().unwrap_err();
+        assert!(e.to_string().contains("--features ascend"), "{e}");
+    }
+
+    #[cfg(feature = "ascend")]
+    #[test]
+    fn auto_falls_back_to_the_cpu_without_cann() {
+        // The library's unit tests never install the emulator; on a machine
+        // with CANN this test has nothing to show.
+        if ascendcl_sys::api().is_ok() {
+            return;
+        }
+        let b = BackendChoice::Auto.open().unwrap();
+        assert!(matches!(b, AnyBackend::Cpu(..)));
+        assert!(
+            b.note().unwrap().contains("CANN is not installed"),
+            "{:?}",
+            b.note()
+        );
+        let e = BackendChoice::Ascend.open().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Device {
+                    kind: crate::error::DeviceErrorKind::Unavailable,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+}

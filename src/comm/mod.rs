@@ -1,0 +1,404 @@
+//! Communicators: how the N ranks of one job move tensor bytes between
+//! them, so each rank reads only its share of the source files and the
+//! slices it lacks arrive from the rank that read them ([`exchange`]).
+//!
+//! A [`Communicator`] moves the buffers of one backend: [`InProcess`]
+//! connects threads over host buffers (CPU backend; tests and single-node
+//! jobs), [`hccl::HcclCommunicator`] (feature `ascend`) connects NPUs
+//! device to device with HCCL, ordered on the Ascend backend's stream.
+//!
+//! **Ordering.** Operations are enqueued in call order; their results are
+//! visible after the backend's `synchronize` (the in-process one completes
+//! at once). Every rank must issue the same collectives in the same order,
+//! and each `send` must meet the matching `recv` on its peer, as HCCL
+//! requires. A peer that never arrives is an error after the
+//! communicator's timeout (`DeviceErrorKind::Timeout`), never a hang.
+//!
+//! **Root info** of HCCL is exchanged out of band through a file on a path
+//! every rank can read ([`RootInfo::File`]; rank 0 writes it atomically, the
+//! others poll for it), or handed over directly within one process
+//! ([`RootInfo::Given`]). There is no TCP rendezvous.
+
+pub mod exchange;
+#[cfg(feature = "ascend")]
+pub mod hccl;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::backend::HostBuffer;
+use crate::error::{DeviceErrorKind, Error, Result};
+
+/// The collective and point-to-point operations of a job's ranks, on the
+/// buffers of one backend. Counts are in bytes.
+pub trait Communicator: Send + Sync {
+    /// The backend buffer type this communicator moves.
+    type Buffer;
+
+    /// This rank, `0..size()`.
+    fn rank(&self) -> usize;
+
+    /// Number of ranks.
+    fn size(&self) -> usize;
+
+    /// Every rank's first `bytes` of `send`, concatenated in rank order,
+    /// into `recv` (`bytes × size()` long).
+    fn all_gather(&self, send: &Self::Buffer, recv: &mut Self::Buffer, bytes: usize) -> Result<()>;
+
+    /// `root`'s first `bytes` of `buf` into everyone's `buf`.
+    fn broadcast(&self, buf: &mut Self::Buffer, bytes: usize, root: usize) -> Result<()>;
+
+    /// The first `bytes` of `buf` to rank `to` (meets its `recv`).
+    fn send(&self, buf: &Self::Buffer, bytes: usize, to: usize) -> Result<()>;
+
+    /// `bytes` from rank `from` into the start of `buf`.
+    fn recv(&self, buf: &mut Self::Buffer, bytes: usize, from: usize) -> Result<()>;
+
+    /// Piece `j` of `send` (lengths `send_bytes`, packed) to rank `j`; piece
+    /// `j` of `recv` (lengths `recv_bytes`, packed) from rank `j`.
+    fn all_to_all_v(
+        &self,
+        send: &Self::Buffer,
+        send_bytes: &[usize],
+        recv: &mut Self::Buffer,
+        recv_bytes: &[usize],
+    ) -> Result<()>;
+}
+
+/// How HCCL's root info reaches the ranks.
+#[derive(Debug, Clone)]
+pub enum RootInfo {
+    /// A file on a path all ranks share (rank 0 writes it, others wait up
+    /// to the timeout for it to appear).
+    File(PathBuf, Duration),
+    /// The blob itself (ranks in one process).
+    Given(Vec<u8>),
+}
+
+impl RootInfo {
+    /// Rank 0 publishes `blob` (only for [`RootInfo::File`]).
+    pub fn publish(&self, blob: &[u8]) -> Result<()> {
+        if let RootInfo::File(path, _) = self {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, blob).map_err(|e| Error::from(e).in_file(&tmp))?;
+            std::fs::rename(&tmp, path).map_err(|e| Error::from(e).in_file(path))?;
+        }
+        Ok(())
+    }
+
+    /// The blob, waiting for rank 0's file if needed.
+    pub fn fetch(&self, len: usize) -> Result<Vec<u8>> {
+        match self {
+            RootInfo::Given(b) => Ok(b.clone()),
+            RootInfo::File(path, timeout) => {
+                let deadline = Instant::now() + *timeout;
+                loop {
+                    if let Ok(b) = std::fs::read(path) {
+                        if b.len() == len {
+                            return Ok(b);
+                        }
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(timeout_error(
+                            "hccl",
+                            format!(
+                                "no HCCL root info from rank 0 in {} after {timeout:?}",
+                                path.display()
+                            ),
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn timeout_error(backend: &'static str, message: String) -> Error {
+    Error::Device {
+        backend,
+        kind: DeviceErrorKind::Timeout,
+        message,
+    }
+}
+
+#[derive(Default)]
+struct Mailboxes {
+    /// (from, to, sequence) → bytes.
+    boxes: HashMap<(usize, usize, u64), Vec<u8>>,
+    /// Sends and receives issued per (from, to) pair.
+    sent: HashMap<(usize, usize), u64>,
+    received: HashMap<(usize, usize), u64>,
+    /// Ranks that left (dropped their communicator).
+    gone: Vec<bool>,
+}
+
+struct Shared {
+    state: Mutex<Mailboxes>,
+    cv: Condvar,
+    timeout: Duration,
+}
+
+/// Ranks as threads of one process, over host buffers (the CPU backend's).
+/// Collectives are built from point-to-point messages.
+pub struct InProcess {
+    rank: usize,
+    size: usize,
+    shared: Arc<Shared>,
+}
+
+impl InProcess {
+    /// `size` connected communicators, one per rank; a peer missing for
+    /// `timeout` is an error.
+    pub fn group(size: usize, timeout: Duration) -> Vec<InProcess> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(Mailboxes {
+                gone: vec![false; size],
+                ..Default::default()
+            }),
+            cv: Condvar::new(),
+            timeout,
+        });
+        (0..size)
+            .map(|rank| InProcess {
+                rank,
+                size,
+                shared: shared.clone(),
+            })
+            .collect()
+    }
+
+    fn put(&self, to: usize, bytes: &[u8]) -> Result<()> {
+        if to >= self.size || to == self.rank {
+            return Err(Error::invalid(format!(
+                "send to rank {to} of {}",
+                self.size
+            )));
+        }
+        let mut s = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = s.sent.entry((self.rank, to)).or_default();
+        *seq += 1;
+        let key = (self.rank, to, *seq);
+        s.boxes.insert(key, bytes.to_vec());
+        self.shared.cv.notify_all();
+        Ok(())
+    }
+
+    fn take(&self, from: usize, bytes: usize) -> Result<Vec<u8>> {
+        if from >= self.size || from == self.rank {
+            return Err(Error::invalid(format!(
+                "recv from rank {from} of {}",
+                self.size
+            )));
+        }
+        let deadline = Instant::now() + self.shared.timeout;
+        let mut s = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = {
+            let r = s.received.entry((from, self.rank)).or_default();
+            *r += 1;
+            *r
+        };
+        loop {
+            if let Some(b) = s.boxes.remove(&(from, self.rank, seq)) {
+                if b.len() != bytes {
+                    return Err(Error::invalid(format!(
+                        "rank {from} sent {} bytes, rank {} expected {bytes}",
+                        b.len(),
+                        self.rank
+                    )));
+                }
+                return Ok(b);
+            }
+            let now = Instant::now();
+            if now >= deadline || s.gone[from] {
+                return Err(timeout_error(
+                    "in-process communicator",
+                    format!(
+                        "rank {} waited {:?} for message {seq} from rank {from}, which {}",
+                        self.rank,
+                        self.shared.timeout,
+                        if s.gone[from] {
+                            "has left"
+                        } else {
+                            "did not send it"
+                        }
+                    ),
+                ));
+            }
+            s = self
+                .shared
+                .cv
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        let mut s = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.gone[self.rank] = true;
+        self.shared.cv.notify_all();
+    }
+}
+
+impl Communicator for InProcess {
+    type Buffer = HostBuffer;
+
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn all_gather(&self, send: &HostBuffer, recv: &mut HostBuffer, bytes: usize) -> Result<()> {
+        let mine = send.bytes()[..bytes].to_vec();
+        for peer in (0..self.size).filter(|p| *p != self.rank) {
+            self.put(peer, &mine)?;
+        }
+        for peer in 0..self.size {
+            let piece = if peer == self.rank {
+                mine.clone()
+            } else {
+                self.take(peer, bytes)?
+            };
+            recv.bytes_mut()[peer * bytes..(peer + 1) * bytes].copy_from_slice(&piece);
+        }
+        Ok(())
+    }
+
+    fn broadcast(&self, buf: &mut HostBuffer, bytes: usize, root: usize) -> Result<()> {
+        if self.rank == root {
+            let mine = buf.bytes()[..bytes].to_vec();
+            for peer in (0..self.size).filter(|p| *p != root) {
+                self.put(peer, &mine)?;
+            }
+        } else {
+            let b = self.take(root, bytes)?;
+            buf.bytes_mut()[..bytes].copy_from_slice(&b);
+        }
+        Ok(())
+    }
+
+    fn send(&self, buf: &HostBuffer, bytes: usize, to: usize) -> Result<()> {
+        self.put(to, &buf.bytes()[..bytes])
+    }
+
+    fn recv(&self, buf: &mut HostBuffer, bytes: usize, from: usize) -> Result<()> {
+        let b = self.take(from, bytes)?;
+        buf.bytes_mut()[..bytes].copy_from_slice(&b);
+        Ok(())
+    }
+
+    fn all_to_all_v(
+        &self,
+        send: &HostBuffer,
+        send_bytes: &[usize],
+        recv: &mut HostBuffer,
+        recv_bytes: &[usize],
+    ) -> Result<()> {
+        let mut at = 0;
+        let mut own = Vec::new();
+        for (peer, n) in send_bytes.iter().enumerate() {
+            let piece = &send.bytes()[at..at + n];
+            if peer == self.rank {
+                own = piece.to_vec();
+            } else {
+                self.put(peer, piece)?;
+            }
+            at += n;
+        }
+        let mut at = 0;
+        for (peer, n) in recv_bytes.iter().enumerate() {
+            let piece = if peer == self.rank {
+                own.clone()
+            } else {
+                self.take(peer, *n)?
+            };
+            if piece.len() != *n {
+                return Err(Error::invalid(format!(
+                    "all_to_all_v: rank {peer} sends {} bytes, {n} expected",
+                    piece.len()
+                )));
+            }
+            recv.bytes_mut()[at..at + n].copy_from_slice(&piece);
+            at += n;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Backend, CpuBackend};
+
+    fn buf(b: &[u8]) -> HostBuffer {
+        let cpu = CpuBackend::new(1);
+        let mut x = cpu.alloc(b.len()).unwrap();
+        x.bytes_mut().copy_from_slice(b);
+        x
+    }
+
+    #[test]
+    fn in_process_collectives() {
+        let comms = InProcess::group(3, Duration::from_secs(10));
+        std::thread::scope(|s| {
+            for c in &comms {
+                s.spawn(move || {
+                    let r = c.rank() as u8;
+                    let mut all = buf(&[0; 6]);
+                    c.all_gather(&buf(&[r, r]), &mut all, 2).unwrap();
+                    assert_eq!(all.bytes(), [0, 0, 1, 1, 2, 2]);
+                    let mut b = buf(&[r; 3]);
+                    c.broadcast(&mut b, 3, 2).unwrap();
+                    assert_eq!(b.bytes(), [2, 2, 2]);
+                    let send: Vec<u8> = (0..3u8)
+                        .flat_map(|j| vec![10 * r + j; j as usize + 1])
+                        .collect();
+                    let mut recv = buf(&vec![0; 3 * (r as usize + 1)]);
+                    c.all_to_all_v(&buf(&send), &[1, 2, 3], &mut recv, &[r as usize + 1; 3])
+                        .unwrap();
+                    let want: Vec<u8> = (0..3u8)
+                        .flat_map(|j| vec![10 * j + r; r as usize + 1])
+                        .collect();
+                    assert_eq!(recv.bytes(), &want[..]);
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn a_rank_that_leaves_is_an_error_not_a_hang() {
+        let mut comms = InProcess::group(2, Duration::from_secs(30));
+        let gone = comms.pop().unwrap();
+        drop(gone);
+        let mut b = buf(&[0; 4]);
+        let e = comms[0].recv(&mut b, 4, 1).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Device {
+                    kind: DeviceErrorKind::Timeout,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("has left"), "{e}");
+    }
+
+    #[test]
+    fn root_info_through_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let info = RootInfo::File(dir.path().join("root"), Duration::from_millis(200));
+        assert!(info.fetch(4).is_err());
+        info.publish(&[1, 2, 3, 4]).unwrap();
+        assert_eq!(info.fetch(4).unwrap(), [1, 2, 3, 4]);
+    }
+}
