@@ -22,6 +22,11 @@ python=$(ci/mindspore-venv.sh)
 export RESHARD_MINDSPORE_PYTHON=$python
 # A conformance test that cannot find MindSpore fails instead of skipping.
 export RESHARD_REQUIRE_MINDSPORE=1
+# mindformers' own converter functions (read from its wheels, not
+# installed) for the convert conformance tests.
+RESHARD_MINDFORMERS_SRC=$(ci/mindformers.sh)
+export RESHARD_MINDFORMERS_SRC
+export RESHARD_REQUIRE_MINDFORMERS=1
 # The machine has few cores: one test thread at a time keeps the >512 MiB
 # fixtures from being generated concurrently with everything else.
 cargo test --workspace -- --test-threads="${RESHARD_TEST_THREADS:-2}"

@@ -28,6 +28,59 @@ fn convert<const FS: usize, const TS: usize>(
     }
 }
 
+/// Elements converted per block by the f16 fast paths.
+const BLOCK: usize = 4096;
+
+/// f32 → f16 and back through `half`'s slice conversions, which use the
+/// CPU's F16C instructions when present (detected at run time); blocks of
+/// aligned scratch arrays bridge the unaligned byte buffers.
+fn f16_via_f32(from: DType, src: &[u8], to: DType, dst: &mut [u8]) {
+    use half::slice::HalfFloatSliceExt;
+    let (fs, ts) = (from.size(), to.size());
+    let mut wide = [0f32; BLOCK];
+    let mut narrow = [f16::ZERO; BLOCK];
+    for (s, d) in src.chunks(BLOCK * fs).zip(dst.chunks_mut(BLOCK * ts)) {
+        let n = s.len() / fs;
+        // Widen the source to f32.
+        match from {
+            DType::F32 => convert(s, bytemuck_f32(&mut wide[..n]), |b: [u8; 4]| b),
+            DType::F16 => {
+                convert(s, bytemuck_f16(&mut narrow[..n]), |b: [u8; 2]| b);
+                narrow[..n].convert_to_f32_slice(&mut wide[..n]);
+            }
+            DType::BF16 => convert(s, bytemuck_f32(&mut wide[..n]), |b: [u8; 2]| {
+                bf16::from_le_bytes(b).to_f32().to_le_bytes()
+            }),
+            _ => unreachable!("f16 fast path sources"),
+        }
+        // Narrow (or store) into the destination.
+        match to {
+            DType::F32 => convert(bytemuck_f32(&mut wide[..n]), d, |b: [u8; 4]| b),
+            DType::F16 => {
+                narrow[..n].convert_from_f32_slice(&wide[..n]);
+                convert(bytemuck_f16(&mut narrow[..n]), d, |b: [u8; 2]| b);
+            }
+            DType::BF16 => convert(bytemuck_f32(&mut wide[..n]), d, |b: [u8; 4]| {
+                bf16::from_f32(f32::from_le_bytes(b)).to_le_bytes()
+            }),
+            _ => unreachable!("f16 fast path destinations"),
+        }
+    }
+}
+
+/// The bytes of an f32 scratch array (little-endian, as every target we build for).
+fn bytemuck_f32(v: &mut [f32]) -> &mut [u8] {
+    // SAFETY: f32 has no invalid bit patterns and no padding; u8 has
+    // alignment 1; the length covers exactly the same memory.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), v.len() * 4) }
+}
+
+/// The bytes of an f16 scratch array.
+fn bytemuck_f16(v: &mut [f16]) -> &mut [u8] {
+    // SAFETY: f16 is a transparent u16: no invalid bit patterns, no padding.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), v.len() * 2) }
+}
+
 /// Converts `src` (elements of `from`) into `dst` (elements of `to`). Each
 /// pair converts directly (never through f64 into a narrower type), so
 /// there is one rounding, to nearest, ties to even.
@@ -37,6 +90,9 @@ pub fn cast_slice(from: DType, src: &[u8], to: DType, dst: &mut [u8]) -> Result<
     match (from, to) {
         _ if from == to => dst.copy_from_slice(src),
         (BF16, F32) => convert(src, dst, |b| b16(b).to_f32().to_le_bytes()),
+        (F16, F32) | (F32, F16) | (BF16, F16) | (F16, BF16) if cfg!(target_endian = "little") => {
+            f16_via_f32(from, src, to, dst)
+        }
         (F16, F32) => convert(src, dst, |b| h16(b).to_f32().to_le_bytes()),
         (F64, F32) => convert(src, dst, |b| (f64::from_le_bytes(b) as f32).to_le_bytes()),
         (F32, BF16) => convert(src, dst, |b| {

@@ -345,10 +345,15 @@ fn write_file<B: Backend>(
     Ok(())
 }
 
-/// A copy that is the whole source tensor, unchanged.
+/// A copy that is the whole source tensor, unchanged: same dtype, same
+/// shape, no axis permutation (a square transpose has equal shapes).
 fn is_plain_copy(c: &BoxCopy) -> bool {
-    c.src_dtype == c.dst_dtype && c.src_shape == c.dst_shape && c.extent == c.src_shape
+    c.src_dtype == c.dst_dtype
+        && c.src_shape == c.dst_shape
+        && c.extent == c.src_shape
+        && c.src_axes.iter().enumerate().all(|(d, &a)| d == a)
 }
+
 
 fn write_tensor<B: Backend>(
     t: &TensorPlan,
@@ -500,5 +505,29 @@ fn emit(
     match &mut writer.kind {
         WriterKind::Ckpt(w) => w.write_tensor_chunks(name, dtype, shape, chunks),
         WriterKind::Safetensors(w) => w.write(name, chunks),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DType;
+
+    #[test]
+    fn a_square_transpose_is_not_a_plain_copy() {
+        let whole = BoxCopy::whole(&[4, 4], DType::F32, DType::F32);
+        assert!(is_plain_copy(&whole));
+        assert!(is_plain_copy(&BoxCopy {
+            src_axes: vec![0, 1],
+            ..whole.clone()
+        }));
+        assert!(!is_plain_copy(&BoxCopy {
+            src_axes: vec![1, 0],
+            ..whole.clone()
+        }));
+        assert!(!is_plain_copy(&BoxCopy {
+            dst_dtype: DType::BF16,
+            ..whole
+        }));
     }
 }

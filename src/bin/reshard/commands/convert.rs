@@ -1,12 +1,248 @@
-//! The `convert` subcommand — being written.
+//! `reshard convert`: HuggingFace ⇄ MindSpore weights, a drop-in for
+//! mindformers' `convert_weight.py`.
 
-use anyhow::Result;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
 use clap::Args;
+use reshard::formats::tree::FileFormat;
+use reshard::ops::convert::{self, ConvertOptions, ConvertReport};
+use reshard::DType;
 
-/// Flags of this subcommand.
+use crate::args::ReadArgs;
+use crate::render;
+
+/// Flags of `reshard convert`.
 #[derive(Debug, Args)]
-pub struct ConvertArgs {}
+#[command(after_help = "\
+HuggingFace input: a model directory with config.json and model.safetensors, or sharded \
+model-0000x-of-0000y.safetensors with model.safetensors.index.json. Output: a .ckpt (or MindSpore \
+.safetensors) file, or with --dst-strategy DIR/rank_{r}/{prefix}{r}.ckpt in one pass. With \
+--reversed: a MindSpore .ckpt/.safetensors in, a HuggingFace directory out (model.safetensors or \
+shards of --max-shard-size with model.safetensors.index.json, and config.json).\n\n\
+mindformers' spellings (--input_path, --output_path, --n_head, --hidden_size, --is_pretrain, \
+--telechat_type, --qkv_concat, --max_shard_size, --dst_strategy) are accepted. \
+Models: llama, baichuan2, glm-n, cogvlm2, qwen, qwenvl, internlm, internlm2, yi, mixtral, deepseek, \
+gpt, whisper, qwen3, qwen3_moe, deepseek3 (an unknown --model lists what each covers).")]
+pub struct ConvertArgs {
+    /// Model family (mindformers' convert_weight.py name).
+    #[arg(long, value_name = "NAME")]
+    pub model: String,
+    /// HuggingFace model directory (MindSpore checkpoint with --reversed).
+    #[arg(long = "input-path", alias = "input_path", value_name = "PATH")]
+    pub input_path: PathBuf,
+    /// Output .ckpt/.safetensors (a directory with --reversed or --dst-strategy).
+    #[arg(long = "output-path", alias = "output_path", value_name = "PATH")]
+    pub output_path: PathBuf,
+    /// Cast floating-point weights (round to nearest even): fp32, fp16 or bf16.
+    #[arg(long, value_name = "fp32|fp16|bf16", value_parser = parse_dtype)]
+    pub dtype: Option<DType>,
+    /// MindSpore → HuggingFace.
+    #[arg(long)]
+    pub reversed: bool,
+    /// Attention heads (overrides config.json's num_attention_heads).
+    #[arg(long = "n-head", alias = "n_head", value_name = "N")]
+    pub n_head: Option<u64>,
+    /// Hidden size (overrides config.json's hidden_size).
+    #[arg(long = "hidden-size", alias = "hidden_size", value_name = "N")]
+    pub hidden_size: Option<u64>,
+    /// Transformer layers (overrides config.json's num_hidden_layers; GPT-2's --layers).
+    #[arg(long, value_name = "N")]
+    pub layers: Option<u64>,
+    /// Concatenate q/k/v (and gate/up) as mindformers' qkv_concat models expect: true or false.
+    #[arg(
+        long = "qkv-concat",
+        alias = "qkv_concat",
+        alias = "use_qkv_concat",
+        alias = "use-qkv-concat",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = parse_bool
+    )]
+    pub qkv_concat: Option<bool>,
+    /// CogVLM2 variant: video (default) or image.
+    #[arg(long, value_name = "video|image")]
+    pub modal: Option<String>,
+    /// config.json to use (default: the one beside the input).
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Largest HuggingFace shard with --reversed (5GB, 500MB, 2GiB, bytes).
+    #[arg(
+        long = "max-shard-size",
+        alias = "max_shard_size",
+        value_name = "SIZE",
+        default_value = "5GB"
+    )]
+    pub max_shard_size: String,
+    /// Write rank_x/ shards for this strategy (file, merged file or directory) in one pass.
+    #[arg(long = "dst-strategy", alias = "dst_strategy", value_name = "PATH")]
+    pub dst_strategy: Option<PathBuf>,
+    /// File name prefix of rank shards.
+    #[arg(long, default_value = "checkpoint_")]
+    pub prefix: String,
+    /// Output format: ckpt or safetensors (default: by the output's extension; ckpt for rank shards).
+    #[arg(
+        long = "output-format",
+        alias = "output_format",
+        value_name = "ckpt|safetensors"
+    )]
+    pub output_format: Option<String>,
+    /// Output files written concurrently.
+    #[arg(
+        long = "process-num",
+        short = 'j',
+        default_value_t = 1,
+        value_name = "K"
+    )]
+    pub process_num: usize,
+    /// Print the plan and write nothing.
+    #[arg(long = "dry-run")]
+    pub dry_run: bool,
+    /// Accepted for compatibility (Swin only in mindformers; no family here uses it).
+    #[arg(
+        long = "is-pretrain",
+        alias = "is_pretrain",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = parse_bool
+    )]
+    pub is_pretrain: Option<bool>,
+    /// Accepted for compatibility (TeleChat only in mindformers; no family here uses it).
+    #[arg(long = "telechat-type", alias = "telechat_type", value_name = "TYPE")]
+    pub telechat_type: Option<String>,
+    /// Re-read every output after writing it and check it against its manifest and the plan.
+    #[arg(long)]
+    pub verify: bool,
+    /// Do not write <file>.manifest.json beside each output (skips hashing the inputs).
+    #[arg(long = "no-manifest")]
+    pub no_manifest: bool,
+    #[command(flatten)]
+    pub backend: crate::args::BackendArgs,
+    #[command(flatten)]
+    pub read: ReadArgs,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
 
-pub fn run(_a: ConvertArgs) -> Result<()> {
-    anyhow::bail!("not implemented yet")
+fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "fp32" | "float32" => Ok(DType::F32),
+        "fp16" | "float16" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        _ => Err(format!(
+            "{s:?} is not a supported dtype: use fp32, fp16 or bf16"
+        )),
+    }
+}
+
+/// mindformers' `str2bool`, plus 1/0.
+fn parse_bool(s: &str) -> std::result::Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(format!("{s:?} is not true or false")),
+    }
+}
+
+pub fn run(a: ConvertArgs) -> Result<()> {
+    if a.is_pretrain.is_some() || a.telechat_type.is_some() {
+        eprintln!(
+            "note: --is-pretrain and --telechat-type belong to Swin and TeleChat; they do not change --model {}",
+            a.model
+        );
+    }
+    let output_format = match a.output_format.as_deref() {
+        None => None,
+        Some("ckpt") => Some(FileFormat::Ckpt),
+        Some("safetensors") => Some(FileFormat::Safetensors),
+        Some(other) => bail!("--output-format must be ckpt or safetensors, not {other:?}"),
+    };
+    let mut options = ConvertOptions::new(a.model, a.input_path, a.output_path);
+    options.reversed = a.reversed;
+    options.dtype = a.dtype;
+    options.qkv_concat = a.qkv_concat;
+    options.n_head = a.n_head;
+    options.hidden_size = a.hidden_size;
+    options.layers = a.layers;
+    options.modal = a.modal;
+    options.config = a.config;
+    options.max_shard_size = convert::parse_size(&a.max_shard_size)?;
+    options.dst_strategy = a.dst_strategy;
+    options.prefix = a.prefix;
+    options.output_format = output_format;
+    options.workers = a.process_num.max(1);
+    options.dry_run = a.dry_run;
+    options.read = super::read_options(&a.read)?;
+    options.manifest = !a.no_manifest;
+    options.verify = a.verify;
+    options.backend = a.backend.backend;
+    let report = convert::convert(&options)?;
+    if a.json {
+        return render::json(&report);
+    }
+    print_report(&report)
+}
+
+fn print_report(r: &ConvertReport) -> Result<()> {
+    let variant = if r.variant == r.model {
+        String::new()
+    } else {
+        format!(" [{}]", r.variant)
+    };
+    match &r.executed {
+        None => {
+            println!(
+                "plan: {}{variant} {}: {} tensors in ({} files), {} tensors out per file, {} files",
+                r.model,
+                r.direction,
+                r.tensors_in,
+                r.inputs.len(),
+                r.tensors_out,
+                r.plan.files.len()
+            );
+            for f in &r.plan.files {
+                println!(
+                    "  {}  read {}  write {}",
+                    f.path.display(),
+                    render::human_bytes(f.bytes_read),
+                    render::human_bytes(f.bytes_written)
+                );
+            }
+            println!(
+                "largest tensor {} ({}); predicted peak memory {}",
+                r.plan.largest_tensor.0,
+                render::human_bytes(r.plan.largest_tensor.1),
+                render::human_bytes(r.plan.predicted_peak_bytes)
+            );
+        }
+        Some(e) => {
+            let secs = e.seconds.max(1e-9);
+            println!(
+                "converted {}{variant} {}: {} tensors → {} files, {} in {:.2} s ({}/s)",
+                r.model,
+                r.direction,
+                r.tensors_out,
+                e.files.len(),
+                render::human_bytes(e.bytes_written),
+                e.seconds,
+                render::human_bytes((e.bytes_written as f64 / secs) as u64)
+            );
+            for f in &e.files {
+                println!("  {}", f.path.display());
+            }
+            for p in [&r.index, &r.config_written].into_iter().flatten() {
+                println!("  {}", p.display());
+            }
+        }
+    }
+    if !r.dropped.is_empty() {
+        println!("not written ({}):", r.dropped.len());
+        for d in &r.dropped {
+            println!("  {}: {}", d.name, d.reason);
+        }
+    }
+    Ok(())
 }
