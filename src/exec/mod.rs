@@ -354,7 +354,6 @@ fn is_plain_copy(c: &BoxCopy) -> bool {
         && c.src_axes.iter().enumerate().all(|(d, &a)| d == a)
 }
 
-
 fn write_tensor<B: Backend>(
     t: &TensorPlan,
     writer: &mut Writer,
