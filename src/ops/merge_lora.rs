@@ -31,7 +31,7 @@ use crate::formats::ckpt::ReadOptions;
 use crate::formats::strategy;
 use crate::formats::tree::FileFormat;
 use crate::formats::Source;
-use crate::ops::transform::{exec_options, foreign_entry, source_files};
+use crate::ops::transform::{source_files, write_plan, WriteSettings};
 use crate::plan::transform::{plan, LoraSpec, TransformInput};
 use crate::plan::{Content, PlanSummary};
 
@@ -238,32 +238,24 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
             backend: o.backend.to_string(),
         });
     }
-    for f in &plan.files {
-        if let Some(dir) = f.path.parent() {
-            if let Some(other) = foreign_entry(dir, &f.path, o.resume)? {
-                return Err(Error::invalid(format!(
-                    "the output directory already holds {}; remove it or choose another --dst-ckpt-dir",
-                    other.display()
-                ))
-                .in_file(dir));
-            }
-        }
-    }
-    let backend = o.backend.open()?;
-    let executed = exec::execute(
+    let (executed, backend) = write_plan(
         &plan,
-        &backend,
-        &exec_options(o.workers, &o.read, o.manifest, o.resume),
+        &WriteSettings {
+            workers: o.workers,
+            read: &o.read,
+            manifest: o.manifest,
+            resume: o.resume,
+            verify: o.verify,
+            backend: o.backend,
+            dst_flag: "--dst-ckpt-dir",
+        },
     )?;
-    if o.verify {
-        crate::ops::verify::verify_outputs(&plan)?;
-    }
     Ok(MergeLoraReport {
         merged,
         dropped,
         plan: summary,
         executed: Some(executed),
-        backend: backend.describe(),
+        backend,
     })
 }
 

@@ -229,6 +229,46 @@ pub(crate) fn exec_options(
     }
 }
 
+/// How a planned job is written (shared by the commands that write checkpoints).
+pub(crate) struct WriteSettings<'a> {
+    pub workers: usize,
+    pub read: &'a ReadOptions,
+    pub manifest: bool,
+    pub resume: bool,
+    pub verify: bool,
+    pub backend: BackendChoice,
+    /// The flag naming the output directory, for the error message.
+    pub dst_flag: &'a str,
+}
+
+/// Writes a planned job: refuses outputs that would mix with files already
+/// there, runs the plan on the chosen backend, and re-checks the outputs on
+/// request. Returns the execution and the backend's description.
+pub(crate) fn write_plan(plan: &Plan, s: &WriteSettings<'_>) -> Result<(ExecReport, String)> {
+    for f in &plan.files {
+        if let Some(dir) = f.path.parent() {
+            if let Some(other) = foreign_entry(dir, &f.path, s.resume)? {
+                return Err(Error::invalid(format!(
+                    "the output directory already holds {}; remove it or choose another {}",
+                    other.display(),
+                    s.dst_flag
+                ))
+                .in_file(dir));
+            }
+        }
+    }
+    let backend = s.backend.open()?;
+    let report = exec::execute(
+        plan,
+        &backend,
+        &exec_options(s.workers, s.read, s.manifest, s.resume),
+    )?;
+    if s.verify {
+        crate::ops::verify::verify_outputs(plan)?;
+    }
+    Ok((report, backend.describe()))
+}
+
 /// Runs a transform.
 pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
     let plan = plan_transform(options)?;
@@ -240,34 +280,21 @@ pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
             backend: options.backend.to_string(),
         });
     }
-    for f in &plan.files {
-        if let Some(dir) = f.path.parent() {
-            if let Some(other) = foreign_entry(dir, &f.path, options.resume)? {
-                return Err(Error::invalid(format!(
-                    "the output directory already holds {}; remove it or choose another --dst-checkpoint-dir",
-                    other.display()
-                ))
-                .in_file(dir));
-            }
-        }
-    }
-    let backend = options.backend.open()?;
-    let report = exec::execute(
+    let (report, backend) = write_plan(
         &plan,
-        &backend,
-        &exec_options(
-            options.workers,
-            &options.read,
-            options.manifest,
-            options.resume,
-        ),
+        &WriteSettings {
+            workers: options.workers,
+            read: &options.read,
+            manifest: options.manifest,
+            resume: options.resume,
+            verify: options.verify,
+            backend: options.backend,
+            dst_flag: "--dst-checkpoint-dir",
+        },
     )?;
-    if options.verify {
-        crate::ops::verify::verify_outputs(&plan)?;
-    }
     Ok(TransformReport {
         plan: summary,
         executed: Some(report),
-        backend: backend.describe(),
+        backend,
     })
 }
