@@ -16,6 +16,6 @@ for target in ckpt_index strategy safetensors_header layout; do
   # A private copy of the corpus: CI does not modify the checkout.
   work=$(mktemp -d)
   cp -r "fuzz/corpus/$target/." "$work/"
-  cargo fuzz run --fuzz-dir fuzz "$target" "$work" -- -max_total_time="$secs" -rss_limit_mb=2048 2>&1 | tail -n 3
+  cargo fuzz run --fuzz-dir fuzz "$target" "$work" -- -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 2>&1 | tail -n 3
   rm -rf "$work"
 done

@@ -209,6 +209,9 @@ impl SafetensorsFile {
     }
 }
 
+/// The largest 0-d integer whose value-many zero bytes the CRC rule hashes.
+const MAX_CRC_SCALAR: u64 = 1 << 32;
+
 /// MindSpore's safetensors CRC over tensors given in **sorted name order**:
 /// `crc32(name)` then `crc32(bytes(array))`, chained. Python's `bytes()` of a
 /// 0-d integer array is *that many zero bytes*, not the buffer; reproduced.
@@ -235,6 +238,14 @@ pub fn mindspore_crc<'a>(
                 Error::invalid("MindSpore cannot compute a CRC over a negative 0-d integer")
                     .in_tensor(name)
             })?;
+            // Python materialises those bytes; past 4 GiB neither it nor a
+            // reader of untrusted files should try.
+            if zeros > MAX_CRC_SCALAR {
+                return Err(Error::invalid(format!(
+                    "the CRC rule would hash {zeros} zero bytes for this 0-d integer; refusing (limit {MAX_CRC_SCALAR})"
+                ))
+                .in_tensor(name));
+            }
             let block = [0u8; 8192];
             let mut left = zeros;
             while left > 0 {
@@ -455,6 +466,43 @@ mod tests {
             matches!(err.root(), Error::CrcMismatch { stored: 12345, .. }),
             "{err}"
         );
+    }
+
+    /// Found by fuzzing: the CRC rule hashes a 0-d integer as that many zero
+    /// bytes, so a crafted scalar must not make verification run for ever.
+    #[test]
+    fn a_huge_scalar_cannot_stall_crc_verification() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.safetensors");
+        let v = (1u64 << 60).to_le_bytes();
+        let tensors = vec![(
+            "step".to_string(),
+            TensorRef {
+                dtype: DType::U64,
+                shape: vec![],
+                data: &v,
+            },
+        )];
+        let meta = BTreeMap::from([("crc_num".to_string(), "1".to_string())]);
+        write(
+            &path,
+            &tensors,
+            &StWriteOptions {
+                metadata: Some(meta),
+                crc: false,
+            },
+        )
+        .unwrap();
+        let t = std::time::Instant::now();
+        let err = SafetensorsFile::open(&path, true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("refusing") && err.contains("\"step\""),
+            "{err}"
+        );
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
     }
 
     #[test]
