@@ -24,7 +24,7 @@ pub enum Command {
     Transform(TransformArgs),
     /// Write per-rank strategy files for a checkpoint and a dp/mp/pp/optimizer-shard setting.
     Strategy(StrategyArgs),
-    /// Run the formats round trip on built-in synthetic data (no network, no Python).
+    /// The main job on built-in synthetic data: split, reshard, merge, convert formats, verify (no network, no Python).
     Demo(DemoArgs),
     /// Convert HuggingFace weights to MindSpore and back, like mindformers' convert_weight.py.
     Convert(crate::commands::convert::ConvertArgs),
