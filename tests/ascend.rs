@@ -91,6 +91,7 @@ pub mod distributed {
                 pairs: lora_pairs(&names).unwrap(),
                 scale: 0.3,
                 fan_in_fan_out: false,
+                transposed: Default::default(),
             }),
         })
         .unwrap()

@@ -2151,3 +2151,104 @@ fn throughput_against_plain_copy() {
         );
     }
 }
+
+/// A PEFT adapter merged into the MindSpore checkpoint (names mapped by the
+/// family's table) equals merging it into the HuggingFace model and then
+/// converting, byte for byte.
+#[test]
+fn peft_adapter_into_mindspore_equals_merge_then_convert() {
+    use reshard::formats::safetensors::{write, StWriteOptions, TensorRef};
+    use reshard::ops::merge_lora::{merge_peft, MergePeftOptions};
+    let dir = tempdir();
+    let root = dir.path();
+    let spec = spec("llama");
+    let hf = write_hf(&spec, &root.join("hf"), 2);
+    // An adapter on layer 0's q_proj and down_proj (rank 2), in the model's dtype.
+    let adapter = root.join("adapter");
+    std::fs::create_dir(&adapter).unwrap();
+    let mut factors: Vec<(String, DType, Vec<usize>)> = Vec::new();
+    for module in [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.mlp.down_proj",
+    ] {
+        let (_, d, shape) = spec
+            .tensors
+            .iter()
+            .find(|(n, _, _)| n == &format!("{module}.weight"))
+            .unwrap();
+        factors.push((
+            format!("base_model.model.{module}.lora_A.weight"),
+            *d,
+            vec![2, shape[1]],
+        ));
+        factors.push((
+            format!("base_model.model.{module}.lora_B.weight"),
+            *d,
+            vec![shape[0], 2],
+        ));
+    }
+    let data: Vec<Vec<u8>> = factors
+        .iter()
+        .map(|(n, d, s)| fixtures::bytes(n, *d, s))
+        .collect();
+    let tensors: Vec<(String, TensorRef)> = factors
+        .iter()
+        .zip(&data)
+        .map(|((n, d, s), b)| {
+            (
+                n.clone(),
+                TensorRef {
+                    dtype: *d,
+                    shape: s.clone(),
+                    data: b,
+                },
+            )
+        })
+        .collect();
+    write(
+        adapter.join("adapter_model.safetensors"),
+        &tensors,
+        &StWriteOptions::default(),
+    )
+    .unwrap();
+    std::fs::write(
+        adapter.join("adapter_config.json"),
+        r#"{"peft_type": "LORA", "r": 2, "lora_alpha": 6}"#,
+    )
+    .unwrap();
+    let peft = |base: PathBuf, dst: PathBuf, model: Option<&str>| MergePeftOptions {
+        base,
+        adapter: adapter.clone(),
+        dst_dir: dst,
+        scale: None,
+        workers: 1,
+        backend: Default::default(),
+        model: model.map(str::to_owned),
+        config: model.map(|_| hf.join("config.json")),
+    };
+    // Merge into the HuggingFace model, then convert.
+    let report = merge_peft(&peft(hf.clone(), root.join("merged_hf"), None)).unwrap();
+    assert_eq!(report.merged.len(), 2);
+    std::fs::copy(hf.join("config.json"), root.join("merged_hf/config.json")).ok();
+    let a = root.join("a/model.ckpt");
+    convert(&options(&spec, &root.join("merged_hf"), &a)).unwrap();
+    // Convert, then merge into the MindSpore checkpoint.
+    let base = root.join("b/model.ckpt");
+    convert(&options(&spec, &hf, &base)).unwrap();
+    let report = merge_peft(&peft(base, root.join("merged_ms"), Some("llama"))).unwrap();
+    assert_eq!(report.merged.len(), 2);
+    assert!(
+        report
+            .merged
+            .iter()
+            .all(|(w, _, _)| !w.contains("q_proj") && !w.contains("down_proj")),
+        "{:?}",
+        report.merged
+    );
+    let b = root.join("merged_ms/rank_0/checkpoint_0.ckpt");
+    let (ta, tb) = (read_ckpt(&a), read_ckpt(&b));
+    assert_eq!(ta.0, tb.0, "parameter lists differ");
+    for name in &ta.0 {
+        assert!(ta.1[name] == tb.1[name], "{name} differs");
+    }
+}

@@ -563,6 +563,8 @@ fn peft_adapter_merges_into_a_hugging_face_model() {
             scale: None,
             workers: 2,
             backend: Default::default(),
+            model: None,
+            config: None,
         })
         .unwrap();
         assert_eq!(report.merged.len(), 2);
@@ -649,6 +651,8 @@ fn bad_peft_adapters_are_refused() {
             scale: None,
             workers: 1,
             backend: Default::default(),
+            model: None,
+            config: None,
         })
         .unwrap_err()
         .to_string()

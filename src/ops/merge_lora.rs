@@ -213,6 +213,7 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
             pairs,
             scale: o.scale,
             fan_in_fan_out: o.fan_in_fan_out,
+            transposed: Default::default(),
         }),
     })?;
     // Every base weight must have been merged on every rank that holds it.
@@ -453,6 +454,109 @@ pub struct MergePeftOptions {
     pub workers: usize,
     /// Which backend runs the plan (default: the CPU).
     pub backend: BackendChoice,
+    /// For a MindSpore base (a `.ckpt`/`.safetensors` file): its model
+    /// family, whose convert table maps the adapter's HuggingFace names.
+    pub model: Option<String>,
+    /// `config.json` of that model, when the family's mapping needs sizes.
+    pub config: Option<PathBuf>,
+}
+
+/// Merges a PEFT adapter into a MindSpore checkpoint: the adapter's
+/// HuggingFace weight names are mapped through the family's convert table
+/// (`convert::hf_to_ms_weights`); a weight that is part of a fused
+/// MindSpore tensor is refused. Writes `dst/rank_0/checkpoint_0.{ext}`.
+fn merge_peft_into_mindspore(
+    o: &MergePeftOptions,
+    adapter: &PeftAdapter,
+    scale: f32,
+) -> Result<MergeLoraReport> {
+    let model = o.model.as_deref().ok_or_else(|| {
+        Error::invalid("merging a PEFT adapter into a MindSpore checkpoint needs --model (its family, as for convert)")
+    })?;
+    let format = FileFormat::of_path(&o.base).ok_or_else(|| {
+        Error::invalid("a MindSpore base must be a .ckpt or .safetensors file").in_file(&o.base)
+    })?;
+    let mut convert = crate::ops::convert::ConvertOptions::new(model, &o.base, &o.dst_dir);
+    convert.config = o.config.clone();
+    let map = crate::ops::convert::hf_to_ms_weights(&convert)?;
+    let base = Source::open(&o.base, &ReadOptions::default())?;
+    let base_entries = base.entries();
+    drop(base);
+    let adapter_source = Source::open(&adapter.weights, &ReadOptions::default())?;
+    let adapter_entries = adapter_source.entries();
+    drop(adapter_source);
+    let adapter_names: BTreeSet<String> = adapter_entries.iter().map(|e| e.name.clone()).collect();
+    let (mut pairs, mut transposed) = (HashMap::new(), std::collections::HashSet::new());
+    for a in &adapter_names {
+        let Some((hf, b)) = peft_pair(a) else {
+            continue;
+        };
+        let Some((ms, flipped)) = map.get(&hf) else {
+            return Err(Error::invalid(format!(
+                "adapter tensor {a:?} targets {hf:?}, which is not a whole MindSpore weight of --model {model} \
+                 (fused or rearranged); merge the adapter into the HuggingFace model, then convert"
+            ))
+            .in_file(&adapter.weights));
+        };
+        if !adapter_names.contains(&b) {
+            return Err(
+                Error::invalid(format!("adapter tensor {a:?} has no B factor {b:?}"))
+                    .in_file(&adapter.weights),
+            );
+        }
+        if *flipped {
+            transposed.insert(ms.clone());
+        }
+        pairs.insert(ms.clone(), (a.clone(), b));
+    }
+    if pairs.is_empty() {
+        return Err(
+            Error::invalid("the adapter holds no .lora_A. tensor").in_file(&adapter.weights)
+        );
+    }
+    let mut merged: Vec<(String, String, String)> = pairs
+        .iter()
+        .map(|(w, (a, b))| (w.clone(), a.clone(), b.clone()))
+        .collect();
+    merged.sort();
+    let plan = plan(&TransformInput {
+        sources: vec![
+            (0, o.base.clone(), base_entries),
+            (0, adapter.weights.clone(), adapter_entries),
+        ],
+        src_strategy: None,
+        dst_strategy: None,
+        dst_dir: &o.dst_dir,
+        prefix: "checkpoint_",
+        ranks: None,
+        format,
+        lora: Some(LoraSpec {
+            pairs,
+            scale,
+            fan_in_fan_out: adapter.fan_in_fan_out,
+            transposed,
+        }),
+    })?;
+    let summary = plan.summary(o.workers);
+    let (executed, backend) = write_plan(
+        &plan,
+        &WriteSettings {
+            workers: o.workers,
+            read: &ReadOptions::default(),
+            manifest: true,
+            resume: false,
+            verify: false,
+            backend: o.backend,
+            dst_flag: "--dst-ckpt-dir",
+        },
+    )?;
+    Ok(MergeLoraReport {
+        merged,
+        dropped: adapter_names.into_iter().collect(),
+        plan: summary,
+        executed: Some(executed),
+        backend,
+    })
 }
 
 /// The weight files of a HuggingFace model directory, in index order.
@@ -511,6 +615,9 @@ pub fn merge_peft(o: &MergePeftOptions) -> Result<MergeLoraReport> {
         return Err(Error::invalid(format!(
             "the LoRA scaling must be a finite number, not {scale}"
         )));
+    }
+    if o.base.is_file() {
+        return merge_peft_into_mindspore(o, &adapter, scale);
     }
     let files = hf_weight_files(&o.base)?;
     let mut sources = Vec::new();
@@ -575,6 +682,7 @@ pub fn merge_peft(o: &MergePeftOptions) -> Result<MergeLoraReport> {
             pairs,
             scale,
             fan_in_fan_out: adapter.fan_in_fan_out,
+            transposed: Default::default(),
         }),
     })?;
     // One planned file holds the whole model: split it back into the base's shards.

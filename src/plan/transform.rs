@@ -707,6 +707,10 @@ pub struct LoraSpec {
     pub scale: f32,
     /// Weights are stored `[in, out]` (PEFT `fan_in_fan_out`).
     pub fan_in_fan_out: bool,
+    /// Base weights stored the other way round from `fan_in_fan_out` (a
+    /// MindSpore weight that is the transpose of the HuggingFace one its
+    /// adapter was trained on).
+    pub transposed: HashSet<String>,
 }
 
 impl LoraSpec {
@@ -758,7 +762,8 @@ fn fill(
     let b = place(input, loaded, b_name, src_map)?;
     let a = place(input, loaded, a_name, src_map)?;
     // P = B·A is [out × in]; W is [out × in], or [in × out] with fan_in_fan_out.
-    let (w_rows, w_cols) = if lora.fan_in_fan_out { (1, 0) } else { (0, 1) };
+    let fan_in_fan_out = lora.fan_in_fan_out != lora.transposed.contains(p.name);
+    let (w_rows, w_cols) = if fan_in_fan_out { (1, 0) } else { (0, 1) };
     let (out, inp) = (p.global[w_rows], p.global[w_cols]);
     if b.global.len() != 2 || a.global.len() != 2 || b.global[1] != a.global[0] {
         return Err(err(Error::invalid(format!(
@@ -772,7 +777,7 @@ fn fill(
             b.global,
             a.global,
             p.global,
-            if lora.fan_in_fan_out {
+            if fan_in_fan_out {
                 " (stored [in, out], fan_in_fan_out)"
             } else {
                 ""
@@ -787,7 +792,7 @@ fn fill(
                 global: [out as usize, inp as usize],
                 k: k as usize,
                 w_shape: [dst_shape[0] as usize, dst_shape[1] as usize],
-                w_transposed: lora.fan_in_fan_out,
+                w_transposed: fan_in_fan_out,
                 w_offset: [pr.local_start as usize, pc.local_start as usize],
                 origin: [pr.global_start as usize, pc.global_start as usize],
                 block: [pr.len as usize, pc.len as usize],

@@ -622,7 +622,20 @@ fn open_ms(options: &ConvertOptions) -> Result<(PathBuf, Source)> {
     Ok((file, source))
 }
 
-fn prepare_reverse(options: &ConvertOptions, family: &'static Family) -> Result<Prepared> {
+/// The MindSpore checkpoint's tensors mapped to HuggingFace names
+/// (`engine::reverse`), with what is needed to plan the conversion.
+struct ReverseMapping {
+    file: PathBuf,
+    inputs: Vec<InTensor>,
+    dropped: Vec<Dropped>,
+    cfg: ModelConfig,
+    table: &'static Table,
+    variant: &'static str,
+    concat: bool,
+    mapped: Mapped,
+}
+
+fn reverse_mapping(options: &ConvertOptions, family: &'static Family) -> Result<ReverseMapping> {
     let (file, source) = open_ms(options)?;
     let mut dropped = Vec::new();
     let mut inputs = Vec::new();
@@ -658,6 +671,70 @@ fn prepare_reverse(options: &ConvertOptions, family: &'static Family) -> Result<
     if mapped.tensors.is_empty() {
         return Err(Error::invalid("the checkpoint holds no model weight").in_file(&file));
     }
+    Ok(ReverseMapping {
+        file,
+        inputs,
+        dropped,
+        cfg,
+        table,
+        variant: variant.name,
+        concat,
+        mapped,
+    })
+}
+
+/// For a MindSpore checkpoint of `options.model` at `options.input`: each
+/// HuggingFace weight name that is a whole MindSpore tensor under another
+/// name → (that name, whether it is stored transposed). Weights that are
+/// parts of fused tensors, or otherwise rearranged, are absent. Used to
+/// merge HuggingFace LoRA adapters into MindSpore checkpoints.
+pub fn hf_to_ms_weights(
+    options: &ConvertOptions,
+) -> Result<std::collections::HashMap<String, (String, bool)>> {
+    let family = families::find(&options.model).ok_or_else(|| {
+        Error::invalid(format!(
+            "unknown --model {:?}; supported: {}",
+            options.model,
+            supported_models()
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })?;
+    let r = reverse_mapping(options, family)?;
+    let mut out = std::collections::HashMap::new();
+    for t in &r.mapped.tensors {
+        let [(input, copy)] = t.links.as_slice() else {
+            continue;
+        };
+        let source = &r.inputs[*input];
+        let whole = copy.elements() == source.shape.iter().product::<u64>()
+            && copy.src_offset.iter().all(|&o| o == 0);
+        let axes: Vec<usize> = (0..copy.extent.len()).map(|d| copy.src_axis(d)).collect();
+        let transposed = match axes.as_slice() {
+            [0, 1] | [0] => false,
+            [1, 0] => true,
+            _ => continue,
+        };
+        if whole && copy.src_shape.len() == source.shape.len() {
+            out.insert(t.name.clone(), (source.name.clone(), transposed));
+        }
+    }
+    Ok(out)
+}
+
+fn prepare_reverse(options: &ConvertOptions, family: &'static Family) -> Result<Prepared> {
+    let ReverseMapping {
+        file,
+        inputs,
+        dropped,
+        cfg,
+        table,
+        variant,
+        concat,
+        mapped,
+    } = reverse_mapping(options, family)?;
     let tensors = tensor_plans(&mapped, &inputs, table, options, &cfg)?;
     let sizes: Vec<u64> = tensors.iter().map(TensorPlan::bytes).collect();
     let shards = hf::shard(&sizes, options.max_shard_size);
@@ -696,7 +773,7 @@ fn prepare_reverse(options: &ConvertOptions, family: &'static Family) -> Result<
     Ok(Prepared {
         report: ConvertReport {
             model: family.name.into(),
-            variant: variant.name.into(),
+            variant: variant.into(),
             direction: "ms-to-hf",
             qkv_concat: concat,
             inputs: vec![file],

@@ -69,6 +69,13 @@ pub struct MergeLoraArgs {
     /// come from adapter_config.json (lora_alpha / r, or / sqrt(r) with use_rslora) unless --lora-scaling is given.
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
+    /// With --adapter and a MindSpore base file: the model family (as for convert) whose table maps
+    /// the adapter's HuggingFace names to MindSpore ones.
+    #[arg(long, requires = "adapter")]
+    pub model: Option<String>,
+    /// With --model: the HuggingFace config.json, when the family's mapping needs model sizes.
+    #[arg(long, requires = "model")]
+    pub config: Option<PathBuf>,
     /// Weights are stored [in, out] (PEFT fan_in_fan_out): W + scale·(B·A)ᵀ.
     #[arg(long = "fan-in-fan-out", alias = "fan_in_fan_out")]
     pub fan_in_fan_out: bool,
@@ -114,6 +121,8 @@ pub fn run(a: MergeLoraArgs) -> Result<()> {
             scale: explicit,
             workers: a.jobs.max(1),
             backend: a.backend.backend,
+            model: a.model.clone(),
+            config: a.config.clone(),
         })?;
         if a.json {
             return render::json(&report);
