@@ -587,6 +587,36 @@ fn input_keys(order: &Order, inputs: &[InTensor]) -> Vec<Key> {
     }
 }
 
+/// Input `i` and the inputs the rest of its rule's group names (`patterns[1..]`
+/// formatted with the captures of `patterns[0]`), with those captures; `None`
+/// when `i` does not match `patterns[0]`. A group member that is missing (or
+/// already used) is an error naming both tensors.
+fn group_at(
+    patterns: &[&str],
+    i: usize,
+    inputs: &[InTensor],
+    by_name: &HashMap<&str, usize>,
+    consumed: &[bool],
+) -> Result<Option<(Vec<usize>, Vec<u64>)>> {
+    let Some(caps) = captures(patterns[0], &inputs[i].name) else {
+        return Ok(None);
+    };
+    let mut ins = vec![i];
+    for p in &patterns[1..] {
+        let n = format(p, &caps);
+        match by_name.get(n.as_str()) {
+            Some(&j) if !consumed[j] => ins.push(j),
+            _ => {
+                return Err(Error::invalid(format!(
+                    "{:?} is there but {n:?}, converted with it, is missing",
+                    inputs[i].name
+                )))
+            }
+        }
+    }
+    Ok(Some((ins, caps)))
+}
+
 /// What one rule matched: the inputs (in the op's order) and the captures.
 struct Match {
     inputs: Vec<usize>,
@@ -815,22 +845,9 @@ fn match_forward(
         if consumed[i] {
             continue;
         }
-        let Some(caps) = captures(rule.hf[0], &inputs[i].name) else {
+        let Some((ins, caps)) = group_at(rule.hf, i, inputs, by_name, consumed)? else {
             continue;
         };
-        let mut ins = vec![i];
-        for p in &rule.hf[1..] {
-            let n = format(p, &caps);
-            match by_name.get(n.as_str()) {
-                Some(&j) if !consumed[j] => ins.push(j),
-                _ => {
-                    return Err(Error::invalid(format!(
-                        "{:?} is there but {n:?}, converted with it, is missing",
-                        inputs[i].name
-                    )))
-                }
-            }
-        }
         for &j in &ins {
             consumed[j] = true;
         }
@@ -866,22 +883,9 @@ pub fn reverse(
             if consumed[i] {
                 continue;
             }
-            let Some(mut caps) = captures(rule.ms[0], &inputs[i].name) else {
+            let Some((ins, mut caps)) = group_at(rule.ms, i, inputs, &by_name, &consumed)? else {
                 continue;
             };
-            let mut ins = vec![i];
-            for p in &rule.ms[1..] {
-                let n = format(p, &caps);
-                match by_name.get(n.as_str()) {
-                    Some(&j) if !consumed[j] => ins.push(j),
-                    _ => {
-                        return Err(Error::invalid(format!(
-                            "{:?} is there but {n:?}, converted with it, is missing",
-                            inputs[i].name
-                        )))
-                    }
-                }
-            }
             for &j in &ins {
                 consumed[j] = true;
             }
