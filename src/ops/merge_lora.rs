@@ -30,8 +30,9 @@ use crate::exec::{self, ExecOptions, ExecReport};
 use crate::formats::ckpt::ReadOptions;
 use crate::formats::strategy;
 use crate::formats::tree::FileFormat;
-use crate::formats::Source;
-use crate::ops::transform::{source_files, write_plan, WriteSettings};
+use crate::ops::transform::{
+    index_entries, index_sources, source_files, write_plan, WriteSettings,
+};
 use crate::plan::transform::{plan, LoraSpec, TransformInput};
 use crate::plan::{Content, PlanSummary};
 
@@ -168,20 +169,11 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
             Error::invalid("a distributed source needs --src-ckpt-strategy").in_file(&o.src),
         );
     }
-    let mut sources = Vec::with_capacity(files.len());
-    let mut names = BTreeSet::new();
-    for (rank, path) in files {
-        let source = Source::open(
-            &path,
-            &ReadOptions {
-                verify_crc: false,
-                ..o.read.clone()
-            },
-        )?;
-        let entries = source.entries();
-        names.extend(entries.iter().map(|e| e.name.clone()));
-        sources.push((rank, path, entries));
-    }
+    let sources = index_sources(files, &o.read)?;
+    let names: BTreeSet<String> = sources
+        .iter()
+        .flat_map(|s| s.2.iter().map(|e| e.name.clone()))
+        .collect();
     let pairs = lora_pairs(&names)?;
     if pairs.is_empty() {
         return Err(Error::invalid(
@@ -479,12 +471,8 @@ fn merge_peft_into_mindspore(
     let mut convert = crate::ops::convert::ConvertOptions::new(model, &o.base, &o.dst_dir);
     convert.config = o.config.clone();
     let map = crate::ops::convert::hf_to_ms_weights(&convert)?;
-    let base = Source::open(&o.base, &ReadOptions::default())?;
-    let base_entries = base.entries();
-    drop(base);
-    let adapter_source = Source::open(&adapter.weights, &ReadOptions::default())?;
-    let adapter_entries = adapter_source.entries();
-    drop(adapter_source);
+    let base_entries = index_entries(&o.base, &ReadOptions::default())?;
+    let adapter_entries = index_entries(&adapter.weights, &ReadOptions::default())?;
     let adapter_names: BTreeSet<String> = adapter_entries.iter().map(|e| e.name.clone()).collect();
     let (mut pairs, mut transposed) = (HashMap::new(), std::collections::HashSet::new());
     for a in &adapter_names {
@@ -624,8 +612,7 @@ pub fn merge_peft(o: &MergePeftOptions) -> Result<MergeLoraReport> {
     let mut base_names = BTreeSet::new();
     let mut shard_of: HashMap<String, usize> = HashMap::new();
     for (i, path) in files.iter().enumerate() {
-        let source = Source::open(path, &ReadOptions::default())?;
-        let entries = source.entries();
+        let entries = index_entries(path, &ReadOptions::default())?;
         for e in &entries {
             base_names.insert(e.name.clone());
             if shard_of.insert(e.name.clone(), i).is_some() {
@@ -637,8 +624,7 @@ pub fn merge_peft(o: &MergePeftOptions) -> Result<MergeLoraReport> {
         }
         sources.push((0, path.clone(), entries));
     }
-    let adapter_source = Source::open(&adapter.weights, &ReadOptions::default())?;
-    let adapter_entries = adapter_source.entries();
+    let adapter_entries = index_entries(&adapter.weights, &ReadOptions::default())?;
     let adapter_names: BTreeSet<String> = adapter_entries.iter().map(|e| e.name.clone()).collect();
     let mut pairs = HashMap::new();
     for a in &adapter_names {

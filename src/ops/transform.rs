@@ -109,6 +109,36 @@ pub fn source_files(src: &Path) -> Result<(FileFormat, Vec<(usize, PathBuf)>)> {
     Ok((format, vec![(0, src.to_path_buf())]))
 }
 
+/// The entries of a checkpoint file, from its index only: planning needs no
+/// tensor byte, and CRCs are checked when the bytes are read.
+pub(crate) fn index_entries(
+    path: &Path,
+    read: &ReadOptions,
+) -> Result<Vec<crate::formats::SourceEntry>> {
+    let source = Source::open(
+        path,
+        &ReadOptions {
+            verify_crc: false,
+            ..read.clone()
+        },
+    )?;
+    Ok(source.entries())
+}
+
+/// [`index_entries`] of every file of a source, as the planner takes them.
+pub(crate) fn index_sources(
+    files: Vec<(usize, PathBuf)>,
+    read: &ReadOptions,
+) -> Result<Vec<(usize, PathBuf, Vec<crate::formats::SourceEntry>)>> {
+    files
+        .into_iter()
+        .map(|(rank, path)| {
+            let entries = index_entries(&path, read)?;
+            Ok((rank, path, entries))
+        })
+        .collect()
+}
+
 fn load_strategy(path: &Option<PathBuf>) -> Result<Option<Strategy>> {
     path.as_deref().map(strategy::load).transpose()
 }
@@ -137,17 +167,7 @@ pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
         ))
         .in_file(&options.src_checkpoint));
     }
-    let mut sources = Vec::with_capacity(files.len());
-    for (rank, path) in files {
-        let source = Source::open(
-            &path,
-            &ReadOptions {
-                verify_crc: false,
-                ..options.read.clone()
-            },
-        )?;
-        sources.push((rank, path, source.entries()));
-    }
+    let sources = index_sources(files, &options.read)?;
     let plan = plan(&TransformInput {
         sources,
         src_strategy: src.as_ref(),

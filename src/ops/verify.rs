@@ -26,7 +26,7 @@ use crate::formats::strategy;
 use crate::formats::tree;
 use crate::formats::{EntryValue, Source};
 use crate::layout::Layout;
-use crate::ops::transform::source_files;
+use crate::ops::transform::{index_sources, source_files};
 use crate::plan::transform::{plan, TransformInput};
 use crate::plan::{Content, CopyStep, Plan};
 
@@ -176,11 +176,7 @@ fn logical_plan(side: &Side) -> Result<Plan> {
         );
     }
     let strategy = side.strategy.as_deref().map(strategy::load).transpose()?;
-    let mut sources = Vec::new();
-    for (rank, path) in files {
-        let s = Source::open(&path, &ReadOptions::default())?;
-        sources.push((rank, path, s.entries()));
-    }
+    let sources = index_sources(files, &ReadOptions::default())?;
     plan(&TransformInput {
         sources,
         src_strategy: strategy.as_ref(),
