@@ -918,18 +918,19 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertReport> {
         [("format".to_string(), "ms".to_string())].into()
     };
     let backend = options.backend.open()?;
-    let defaults = ExecOptions::default();
     let executed = exec::execute(
         &p.plan,
         &backend,
+        // Manifests beside every output, as for every command (transformers
+        // ignores them); --no-manifest skips the extra read of the inputs.
         &ExecOptions {
-            workers: options.workers,
-            read: options.read.clone(),
             safetensors_metadata: metadata,
-            // Manifests beside every output, as for every command (transformers
-            // ignores them); --no-manifest skips the extra read of the inputs.
-            manifest: defaults.manifest.clone().filter(|_| options.manifest),
-            ..defaults
+            ..crate::ops::transform::exec_options(
+                options.workers,
+                &options.read,
+                options.manifest,
+                false,
+            )
         },
     )?;
     if options.verify {
