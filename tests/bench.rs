@@ -1,24 +1,29 @@
-//! `reshard bench` smoke test: a tiny model through every step. Not a timed
-//! test — it checks the report, not the speed.
+//! `reshard bench` smoke tests: a tiny model through every step. Not timed
+//! tests — they check the report's structure and sanity, not the speed.
 
+use std::path::Path;
 use std::process::Command;
 
-use crate::util::{reshard_bin, tempdir};
+use serde_json::Value;
 
-#[test]
-fn bench_runs_every_step_and_reports_json() {
-    let dir = tempdir();
+use crate::util::{mindspore_python, reshard_bin, tempdir};
+
+const ALL: [&str; 5] = ["split", "transform", "merge", "convert", "lora"];
+
+/// Runs `reshard bench --params 4M --json --dir DIR ARGS…`; returns the report.
+fn bench(dir: &Path, args: &[&str]) -> Value {
     let out = Command::new(reshard_bin())
         .args([
             "bench",
             "--params",
-            "12M",
+            "4M",
             "--lora-rank",
             "8",
             "--json",
             "--dir",
         ])
-        .arg(dir.path().join("b"))
+        .arg(dir)
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -26,14 +31,135 @@ fn bench_runs_every_step_and_reports_json() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let steps = report["steps"].as_array().unwrap();
-    assert_eq!(steps.len(), 4);
-    for s in steps {
-        assert!(s["bytes"].as_u64().unwrap() > 0, "{s}");
-        assert!(s["seconds"].as_f64().unwrap() > 0.0, "{s}");
-        assert!(s["fraction_of_copy_bound"].as_f64().unwrap() > 0.0, "{s}");
+    serde_json::from_slice(&out.stdout).expect("bench --json prints JSON")
+}
+
+fn positive(v: &Value, what: &str) -> f64 {
+    let x = v
+        .as_f64()
+        .unwrap_or_else(|| panic!("{what} is not a number: {v}"));
+    assert!(x.is_finite() && x > 0.0, "{what} = {x}");
+    x
+}
+
+/// Checks one step's figures; `repeat` samples of each kind.
+fn check_step(s: &Value, repeat: usize) {
+    let name = s["step"].as_str().unwrap();
+    assert!(s["bytes"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["files"].as_u64().unwrap() > 0, "{s}");
+    for kind in ["warm", "fsync"] {
+        let t = &s[kind];
+        let what = format!("{name} {kind}");
+        positive(&t["seconds"], &what);
+        positive(&t["gb_per_s"], &what);
+        positive(&t["copy_bound_seconds"], &what);
+        positive(&t["fraction_of_copy_bound"], &what);
+        let samples = t["samples"].as_array().unwrap();
+        assert_eq!(samples.len(), repeat, "{what}");
+        for x in samples {
+            positive(x, &what);
+        }
     }
-    assert!(report["copy_gb_per_s"].as_f64().unwrap() > 0.0);
+    assert!(s["peak_anon_mib"].as_f64().unwrap() >= 0.0, "{s}");
+}
+
+/// Everything left in the working directory is a strategy file: every
+/// checkpoint the steps wrote was removed.
+fn assert_cleaned(dir: &Path) {
+    fn walk(p: &Path, left: &mut Vec<String>) {
+        for e in std::fs::read_dir(p).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                walk(&path, left);
+            } else if !path
+                .parent()
+                .and_then(Path::file_name)
+                .is_some_and(|n| n.to_string_lossy().starts_with("s_"))
+            {
+                left.push(path.display().to_string());
+            }
+        }
+    }
+    let mut left = Vec::new();
+    walk(dir, &mut left);
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn bench_runs_every_step_and_reports_json() {
+    let dir = tempdir();
+    let work = dir.path().join("b");
+    let report = bench(&work, &["--repeat", "1"]);
+    let steps = report["steps"].as_array().unwrap();
+    let names: Vec<&str> = steps.iter().map(|s| s["step"].as_str().unwrap()).collect();
+    assert_eq!(names, ALL);
+    for s in steps {
+        check_step(s, 1);
+        assert!(s["mindspore"].is_null() && s["speedup"].is_null(), "{s}");
+    }
+    for bound in ["copy_bound_warm", "copy_bound_fsync"] {
+        positive(&report[bound]["gb_per_s"], bound);
+        assert_eq!(report[bound]["samples"].as_array().unwrap().len(), 1);
+    }
+    assert_eq!(report["repeat"], 1);
+    assert_eq!(report["dtype"], "BFloat16");
     assert!(report["model"]["largest"].as_u64().unwrap() > 0);
+    assert_cleaned(&work);
+}
+
+#[test]
+fn bench_times_selected_steps_and_makes_their_inputs() {
+    // merge needs split's and transform's outputs: they are made untimed.
+    let dir = tempdir();
+    let work = dir.path().join("b");
+    let report = bench(
+        &work,
+        &["--steps", "merge,lora", "--dtype", "fp16", "--repeat", "2"],
+    );
+    let steps = report["steps"].as_array().unwrap();
+    let names: Vec<&str> = steps.iter().map(|s| s["step"].as_str().unwrap()).collect();
+    assert_eq!(names, ["merge", "lora"]);
+    for s in steps {
+        check_step(s, 2);
+    }
+    assert_eq!(report["dtype"], "Float16");
+    assert_cleaned(&work);
+}
+
+#[test]
+fn bench_rejects_an_unknown_step() {
+    let out = Command::new(reshard_bin())
+        .args(["bench", "--steps", "split,copy"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a bench step"));
+}
+
+#[test]
+fn bench_vs_mindspore_times_every_step() {
+    let Some(python) = mindspore_python() else {
+        return;
+    };
+    let dir = tempdir();
+    let work = dir.path().join("b");
+    let report = bench(
+        &work,
+        &[
+            "--repeat",
+            "1",
+            "--vs-mindspore",
+            "--python",
+            python.to_str().unwrap(),
+        ],
+    );
+    let steps = report["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), ALL.len());
+    for s in steps {
+        let name = s["step"].as_str().unwrap();
+        positive(&s["mindspore"]["seconds"], name);
+        assert_eq!(s["mindspore"]["samples"].as_array().unwrap().len(), 1);
+        positive(&s["speedup"], name);
+    }
+    assert_cleaned(&work);
 }

@@ -2225,6 +2225,7 @@ fn peft_adapter_into_mindspore_equals_merge_then_convert() {
         backend: Default::default(),
         model: model.map(str::to_owned),
         config: model.map(|_| hf.join("config.json")),
+        control: Default::default(),
     };
     // Merge into the HuggingFace model, then convert.
     let report = merge_peft(&peft(hf.clone(), root.join("merged_hf"), None)).unwrap();

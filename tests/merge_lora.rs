@@ -565,6 +565,7 @@ fn peft_adapter_merges_into_a_hugging_face_model() {
             backend: Default::default(),
             model: None,
             config: None,
+            control: Default::default(),
         })
         .unwrap();
         assert_eq!(report.merged.len(), 2);
@@ -653,6 +654,7 @@ fn bad_peft_adapters_are_refused() {
             backend: Default::default(),
             model: None,
             config: None,
+            control: Default::default(),
         })
         .unwrap_err()
         .to_string()

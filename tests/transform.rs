@@ -397,3 +397,40 @@ fn full_disk_leaves_nothing_behind() {
         walk(&out)
     );
 }
+
+/// Workers write one file together, each tensor at its precomputed offsets:
+/// the bytes and the manifest's hashes do not depend on how many workers
+/// there are, nor on fsync; the progress counter sees every tensor byte.
+#[test]
+fn any_worker_count_writes_the_same_bytes_and_manifests() {
+    let (dir, _model, s) = setup(2, 2, 1);
+    let src = dir.path().join("src");
+    let mut outputs = Vec::new();
+    for (workers, fsync) in [(1, true), (2, false), (5, true)] {
+        let dst = dir.path().join(format!("merged{workers}"));
+        let progress = reshard::exec::Progress::new();
+        let report = transform(&TransformOptions {
+            workers,
+            control: reshard::exec::OutputControl {
+                fsync,
+                progress: Some(progress.clone()),
+            },
+            ..TransformOptions::new(&src, &dst, Some(s.clone()), None)
+        })
+        .unwrap();
+        let written = report.executed.unwrap().bytes_written;
+        assert!(written > 0);
+        assert_eq!(progress.bytes(), written);
+        let file = dst.join("rank_0/checkpoint_0.ckpt");
+        let manifest = reshard::formats::manifest::Manifest::read(&file)
+            .unwrap()
+            .unwrap();
+        manifest.check(&file).unwrap();
+        outputs.push((
+            std::fs::read(&file).unwrap(),
+            manifest.digest,
+            manifest.tensors,
+        ));
+    }
+    assert!(outputs.windows(2).all(|w| w[0] == w[1]));
+}

@@ -1,11 +1,15 @@
 //! Runs a [`Plan`] on a [`Backend`]: the only caller of the backend.
 //!
-//! Each worker takes the next destination file, fills one tensor at a time
-//! and streams it to the file's writer, so peak memory is about one
-//! destination tensor per worker (plus a joined copy of a source tensor that
-//! MindSpore stored in several 512 MiB records). A tensor that is a plain copy
-//! of a whole source tensor goes from the mapped source straight to the
-//! writer, with no buffer at all.
+//! Every output's layout (record headers, data offsets) is computed from
+//! the plan before any tensor is filled, so the workers take tensors one at
+//! a time, in file order, and each writes its tensor at its own offsets:
+//! one large file is written by all workers at once, and peak memory is
+//! about one destination tensor per worker (plus a joined copy of a source
+//! tensor that MindSpore stored in several 512 MiB records). A tensor that
+//! is a plain copy of a whole source tensor goes from the mapped source
+//! straight to the file, with no buffer at all. The file's hash (for its
+//! manifest) is taken front to back, each worker adding its tensor's span
+//! in turn.
 //!
 //! Outputs are written under temporary names and renamed when complete. If
 //! any file fails, the files this run already finished are removed too, so a
@@ -14,7 +18,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -22,9 +26,10 @@ use serde::Serialize;
 use crate::backend::{Backend, BoxCopy, Src};
 use crate::error::{Error, Result, ResultExt};
 use crate::formats::atomic::FileDigest;
-use crate::formats::ckpt::{CkptWriter, ReadOptions, WriteOptions};
+use crate::formats::ckpt::writer::LayoutEntry;
+use crate::formats::ckpt::ReadOptions;
 use crate::formats::manifest::{self, Manifest, SourceDigest, TensorDigest};
-use crate::formats::safetensors::StreamWriter;
+use crate::formats::placed::{FileLayout, PlacedFile};
 use crate::formats::tree::FileFormat;
 use crate::formats::Source;
 use crate::plan::{Content, CopyStep, FilePlan, LoraTerm, Plan, TensorPlan};
@@ -44,6 +49,49 @@ pub struct ExecOptions {
     /// Skip destination files that are already complete: a manifest that
     /// matches the file and lists exactly the planned tensors.
     pub resume: bool,
+    /// Durability and progress reporting.
+    pub control: OutputControl,
+}
+
+/// How outputs are made durable and how progress is reported; the same for
+/// every command that writes checkpoints.
+#[derive(Debug, Clone)]
+pub struct OutputControl {
+    /// `fsync` every output before renaming it into place (default). Off
+    /// only where the caller syncs itself or durability does not matter
+    /// (benchmarks of the page-cache path, scratch disks).
+    pub fsync: bool,
+    /// Counts tensor bytes as they are written, for progress bars.
+    pub progress: Option<Progress>,
+}
+
+impl Default for OutputControl {
+    fn default() -> Self {
+        OutputControl {
+            fsync: true,
+            progress: None,
+        }
+    }
+}
+
+/// Tensor bytes written so far, shared with whoever draws a progress bar.
+#[derive(Debug, Clone, Default)]
+pub struct Progress(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl Progress {
+    /// A counter at zero.
+    pub fn new() -> Progress {
+        Progress::default()
+    }
+
+    /// Bytes written so far.
+    pub fn bytes(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn add(&self, bytes: u64) {
+        self.0.fetch_add(bytes, Ordering::Relaxed);
+    }
 }
 
 impl Default for ExecOptions {
@@ -54,6 +102,7 @@ impl Default for ExecOptions {
             safetensors_metadata: [("format".to_string(), "ms".to_string())].into(),
             manifest: Some(std::env::args().collect()),
             resume: false,
+            control: OutputControl::default(),
         }
     }
 }
@@ -116,56 +165,48 @@ impl<'p> Sources<'p> {
 /// Runs `plan`.
 pub fn execute<B: Backend>(plan: &Plan, backend: &B, options: &ExecOptions) -> Result<ExecReport> {
     let start = Instant::now();
-    let sources = Sources {
+    let units: usize = plan.files.iter().map(|f| f.tensors.len().max(1)).sum();
+    let workers = options.workers.clamp(1, units.max(1));
+    let job = Job {
         plan,
-        read: &options.read,
-        opened: plan.sources.iter().map(|_| OnceLock::new()).collect(),
-        digests: plan.sources.iter().map(|_| OnceLock::new()).collect(),
+        backend,
+        options,
+        sources: Sources {
+            plan,
+            read: &options.read,
+            opened: plan.sources.iter().map(|_| OnceLock::new()).collect(),
+            digests: plan.sources.iter().map(|_| OnceLock::new()).collect(),
+        },
+        cursor: Mutex::new(Cursor {
+            file: 0,
+            open: Vec::new(),
+        }),
+        workers,
+        failed: AtomicBool::new(false),
+        done: Mutex::new(Vec::new()),
+        first_error: Mutex::new(None),
     };
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let done: Mutex<Vec<WrittenFile>> = Mutex::new(Vec::new());
-    let first_error: Mutex<Option<Error>> = Mutex::new(None);
-    let workers = options.workers.clamp(1, plan.files.len().max(1));
     crossbeam::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|_| loop {
-                if failed.load(Ordering::Relaxed) {
-                    return;
-                }
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(file) = plan.files.get(i) else {
-                    return;
-                };
-                let t = Instant::now();
-                if options.resume && already_complete(file) {
-                    done.lock().unwrap().push(WrittenFile {
-                        rank: file.rank,
-                        path: file.path.clone(),
-                        bytes: file.bytes(),
-                        seconds: 0.0,
-                        skipped: true,
-                    });
-                    continue;
-                }
-                match write_file(file, &sources, backend, options) {
-                    Ok(()) => done.lock().unwrap().push(WrittenFile {
-                        rank: file.rank,
-                        path: file.path.clone(),
-                        bytes: file.bytes(),
-                        seconds: t.elapsed().as_secs_f64(),
-                        skipped: false,
-                    }),
-                    Err(e) => {
-                        failed.store(true, Ordering::Relaxed);
-                        first_error.lock().unwrap().get_or_insert(e);
+        if options.manifest.is_some() {
+            // Source hashes (for the manifests) are needed only when a file
+            // is finished; computing them meanwhile uses idle time.
+            s.spawn(|_| {
+                for i in 0..plan.sources.len() {
+                    if job.failed.load(Ordering::Relaxed) {
                         return;
                     }
+                    let _ = job.sources.digest(i);
                 }
             });
         }
+        for _ in 0..workers {
+            s.spawn(|_| job.work());
+        }
     })
     .expect("a worker panicked");
+    let Job {
+        done, first_error, ..
+    } = job;
     let mut files = done.into_inner().unwrap();
     if let Some(e) = first_error.into_inner().unwrap() {
         for f in files.iter().filter(|f| !f.skipped) {
@@ -185,16 +226,442 @@ pub fn execute<B: Backend>(plan: &Plan, backend: &B, options: &ExecOptions) -> R
     })
 }
 
-/// An output being written, and the digest of each tensor written so far
-/// (for its manifest).
-struct Writer {
-    kind: WriterKind,
-    digests: Vec<TensorDigest>,
+/// A running [`execute`]: workers take tensors one at a time, in file
+/// order, and write each at its precomputed place in its file, so one large
+/// file is written by every worker at once and memory stays at one
+/// destination tensor per worker.
+struct Job<'p, B> {
+    plan: &'p Plan,
+    backend: &'p B,
+    options: &'p ExecOptions,
+    sources: Sources<'p>,
+    cursor: Mutex<Cursor<'p>>,
+    /// Threads taking tensors.
+    workers: usize,
+    failed: AtomicBool,
+    done: Mutex<Vec<WrittenFile>>,
+    first_error: Mutex<Option<Error>>,
 }
 
-enum WriterKind {
-    Ckpt(CkptWriter),
-    Safetensors(StreamWriter),
+/// The next tensor to hand out.
+struct Cursor<'p> {
+    /// The next file to open.
+    file: usize,
+    /// Files with tensors not yet handed out, and the next one's position.
+    open: Vec<(Arc<OpenFile<'p>>, usize)>,
+}
+
+/// A destination file being written.
+struct OpenFile<'p> {
+    plan: &'p FilePlan,
+    layout: FileLayout,
+    /// The planned tensor of each placement.
+    tensors: Vec<&'p TensorPlan>,
+    out: PlacedFile,
+    /// Placements are written and hashed front to back.
+    turn: Turn,
+    /// The file's hash so far (taken by the holder of the turn).
+    hasher: Mutex<crate::formats::hash::Hasher>,
+    digests: Mutex<Vec<Option<TensorDigest>>>,
+    remaining: AtomicUsize,
+    /// Workers filling one of its tensors now.
+    active: AtomicUsize,
+    started: Instant,
+}
+
+impl<'p, B: Backend> Job<'p, B> {
+    fn work(&self) {
+        while !self.failed.load(Ordering::Relaxed) {
+            let step = self.next_unit().and_then(|unit| match unit {
+                None => Ok(false),
+                Some((file, pos)) => self.place(&file, pos).map(|()| true),
+            });
+            match step {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    self.failed.store(true, Ordering::Relaxed);
+                    self.first_error.lock().unwrap().get_or_insert(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The next tensor to write. Workers spread over distinct files while
+    /// there are files left to open (writes to one file serialise in the
+    /// kernel anyway), and share the last ones, taking each file's tensors
+    /// in order.
+    fn next_unit(&self) -> Result<Option<(Arc<OpenFile<'p>>, usize)>> {
+        let mut c = self.cursor.lock().unwrap();
+        loop {
+            c.open.retain(|(f, next)| *next < f.layout.tensors.len());
+            if c.open.len() < self.workers {
+                if let Some(file) = self.plan.files.get(c.file) {
+                    c.file += 1;
+                    if self.options.resume && already_complete(file) {
+                        self.done.lock().unwrap().push(WrittenFile {
+                            rank: file.rank,
+                            path: file.path.clone(),
+                            bytes: file.bytes(),
+                            seconds: 0.0,
+                            skipped: true,
+                        });
+                        continue;
+                    }
+                    let open = self.open(file).map_err(|e| match e {
+                        e @ Error::InFile { .. } => e,
+                        e => e.in_file(&file.path),
+                    })?;
+                    if open.layout.tensors.is_empty() {
+                        self.finish(&open)?;
+                    } else {
+                        c.open.push((Arc::new(open), 0));
+                    }
+                    continue;
+                }
+            }
+            // The open file with the fewest workers on it.
+            let Some(slot) = c
+                .open
+                .iter_mut()
+                .min_by_key(|(f, _)| f.active.load(Ordering::Relaxed))
+            else {
+                return Ok(None);
+            };
+            let pos = slot.1;
+            slot.1 += 1;
+            slot.0.active.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some((slot.0.clone(), pos)));
+        }
+    }
+
+    /// Lays out `file` and creates its temporary file.
+    fn open(&self, file: &'p FilePlan) -> Result<OpenFile<'p>> {
+        if let Some(dir) = file.path.parent() {
+            std::fs::create_dir_all(dir).in_file(dir)?;
+        }
+        let strings: Vec<Option<String>> = file
+            .tensors
+            .iter()
+            .map(|t| match &t.content {
+                Content::Str { source, tensor } => {
+                    self.sources.get(*source)?.string(tensor).map(Some)
+                }
+                _ => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        let layout = match file.format {
+            FileFormat::Ckpt => {
+                let entries: Vec<LayoutEntry<'_>> = file
+                    .tensors
+                    .iter()
+                    .zip(&strings)
+                    .map(|(t, s)| match (&t.content, s) {
+                        (Content::Tensor { dtype, shape, .. }, _)
+                        | (Content::Merged { dtype, shape, .. }, _) => LayoutEntry::Tensor {
+                            name: &t.name,
+                            dtype: *dtype,
+                            dims: shape,
+                        },
+                        (Content::Str { .. }, value) => LayoutEntry::Str {
+                            name: &t.name,
+                            value: value.as_deref().unwrap_or_default(),
+                        },
+                    })
+                    .collect();
+                crate::formats::ckpt::writer::layout(&entries)?
+            }
+            FileFormat::Safetensors => {
+                // Strings travel in the metadata, not as tensors.
+                let mut metadata = self.options.safetensors_metadata.clone();
+                let mut specs = Vec::new();
+                for (t, s) in file.tensors.iter().zip(&strings) {
+                    match (&t.content, s) {
+                        (Content::Tensor { dtype, shape, .. }, _)
+                        | (Content::Merged { dtype, shape, .. }, _) => specs.push((
+                            t.name.clone(),
+                            *dtype,
+                            shape.iter().map(|&d| d as usize).collect(),
+                        )),
+                        (Content::Str { .. }, value) => {
+                            metadata.insert(
+                                format!(
+                                    "{}{}",
+                                    crate::formats::safetensors::STRING_KEY_PREFIX,
+                                    t.name
+                                ),
+                                value.clone().unwrap_or_default(),
+                            );
+                        }
+                    }
+                }
+                crate::formats::safetensors::layout(&specs, Some(metadata))?
+            }
+        };
+        let by_name: HashMap<&str, &TensorPlan> =
+            file.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+        let tensors = layout
+            .tensors
+            .iter()
+            .map(|p| by_name[p.name.as_str()])
+            .collect();
+        let out = PlacedFile::create(&file.path)?;
+        if !layout.prefix.is_empty() {
+            out.write_at(0, &layout.prefix)?;
+        }
+        let mut hasher = crate::formats::hash::Hasher::new();
+        hasher.update(&layout.prefix);
+        Ok(OpenFile {
+            plan: file,
+            digests: Mutex::new(vec![None; layout.tensors.len()]),
+            remaining: AtomicUsize::new(layout.tensors.len()),
+            active: AtomicUsize::new(0),
+            layout,
+            tensors,
+            out,
+            turn: Turn::default(),
+            hasher: Mutex::new(hasher),
+            started: Instant::now(),
+        })
+    }
+
+    /// Fills placement `pos` of `file`, writes it at its offsets, hashes it
+    /// in file order, and finishes the file if it was the last.
+    fn place(&self, file: &OpenFile<'p>, pos: usize) -> Result<()> {
+        let t = file.tensors[pos];
+        let placement = &file.layout.tensors[pos];
+        let context = |e: Error| match e {
+            e @ Error::InFile { .. } => e,
+            e => e.in_tensor(&t.name).in_file(&file.plan.path),
+        };
+        let filled = self.fill(t).map_err(context)?;
+        let chunks = filled.chunks(self.backend);
+        let pieces = placement.pieces(&chunks).map_err(context)?;
+        // Hashes are for the manifest: without one, nothing to compute.
+        let hashing = self.options.manifest.is_some();
+        let mut tensor_hash = crate::formats::hash::Hasher::new();
+        if hashing {
+            for piece in pieces.iter().filter(|p| p.data) {
+                tensor_hash.update(piece.bytes);
+            }
+        }
+        // Tensors are filled in parallel and written in file order: the
+        // kernel serialises writes to one file anyway, and the file's hash
+        // runs front to back over what is written.
+        let Some(turn) = file.turn.wait_for(pos, &self.failed) else {
+            return Ok(());
+        };
+        let mut hasher = file.hasher.lock().unwrap();
+        for piece in &pieces {
+            file.out.write_at(piece.at, piece.bytes)?;
+            if hashing {
+                hasher.update(piece.bytes);
+            }
+        }
+        drop(hasher);
+        file.turn.pass(turn);
+        file.active.fetch_sub(1, Ordering::Relaxed);
+        if let Some(p) = &self.options.control.progress {
+            p.add(t.bytes());
+        }
+        if hashing {
+            file.digests.lock().unwrap()[pos] = Some(tensor_digest(t, &filled, &tensor_hash));
+        }
+        drop(pieces);
+        drop(filled);
+        if file.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.finish(file)?;
+        }
+        Ok(())
+    }
+
+    /// The bytes of tensor `t`, by the cheapest route.
+    fn fill(&self, t: &TensorPlan) -> Result<Filled<'_, B::Buffer>> {
+        let sources = &self.sources;
+        match &t.content {
+            Content::Str { source, tensor } => {
+                Ok(Filled::Str(sources.get(*source)?.string(tensor)?))
+            }
+            Content::Tensor { steps, .. } => {
+                if let [only] = steps.as_slice() {
+                    if is_plain_copy(&only.copy) {
+                        // Straight from the mapped source: no buffer at all.
+                        return Ok(Filled::Mapped(
+                            sources.get(only.source)?.chunks(&only.tensor)?,
+                        ));
+                    }
+                }
+                let bytes = t.bytes() as usize;
+                let buffer = gather(self.backend, sources, steps, bytes)?;
+                self.on_host(buffer, bytes)
+            }
+            Content::Merged {
+                dtype,
+                shape,
+                steps,
+                lora,
+            } => {
+                let out = merged(*dtype, shape, steps, lora, sources, self.backend)?;
+                self.on_host(out, t.bytes() as usize)
+            }
+        }
+    }
+
+    /// A filled buffer, readable from the host.
+    fn on_host(&self, buffer: B::Buffer, bytes: usize) -> Result<Filled<'_, B::Buffer>> {
+        self.backend.synchronize()?;
+        if self.backend.host_bytes(&buffer).is_some() {
+            return Ok(Filled::Buffer(buffer));
+        }
+        let mut host = vec![0u8; bytes];
+        self.backend.download(&buffer, 0, &mut host)?;
+        self.backend.synchronize()?;
+        Ok(Filled::Host(host))
+    }
+
+    /// Syncs and renames a completely written file, then writes its manifest.
+    fn finish(&self, file: &OpenFile<'p>) -> Result<()> {
+        let path = &file.plan.path;
+        let digest = FileDigest {
+            bytes: file.layout.len,
+            xxh3: file.hasher.lock().unwrap().digest(),
+        };
+        file.out
+            .commit(file.layout.len, self.options.control.fsync)?;
+        let written = WrittenFile {
+            rank: file.plan.rank,
+            path: path.clone(),
+            bytes: file.plan.bytes(),
+            seconds: file.started.elapsed().as_secs_f64(),
+            skipped: false,
+        };
+        if let Some(command) = &self.options.manifest {
+            let manifest = (|| -> Result<Manifest> {
+                Ok(Manifest {
+                    format: manifest::MANIFEST_FORMAT.into(),
+                    reshard_version: env!("CARGO_PKG_VERSION").into(),
+                    command: command.clone(),
+                    file: path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    digest,
+                    tensors: file
+                        .digests
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .map(|d| d.clone().expect("every tensor hashed"))
+                        .collect(),
+                    sources: file
+                        .plan
+                        .sources()
+                        .into_iter()
+                        .map(|i| {
+                            Ok(SourceDigest {
+                                path: self.plan.sources[i].path.clone(),
+                                digest: self.sources.digest(i)?,
+                            })
+                        })
+                        .collect::<Result<_>>()?,
+                })
+            })();
+            // A data file is trusted only with its manifest: without one, remove it.
+            if let Err(e) = manifest.and_then(|m| m.write_with(path, self.options.control.fsync)) {
+                let _ = std::fs::remove_file(path);
+                return Err(e);
+            }
+        }
+        self.done.lock().unwrap().push(written);
+        Ok(())
+    }
+}
+
+/// Whose turn it is, for work that must go front to back through a file.
+#[derive(Default)]
+struct Turn {
+    next: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl Turn {
+    /// Waits until it is `pos`'s turn; `None` if the job failed meanwhile.
+    fn wait_for(
+        &self,
+        pos: usize,
+        failed: &AtomicBool,
+    ) -> Option<std::sync::MutexGuard<'_, usize>> {
+        let mut next = self.next.lock().unwrap();
+        while *next != pos {
+            if failed.load(Ordering::Relaxed) {
+                return None;
+            }
+            next = self
+                .changed
+                .wait_timeout(next, std::time::Duration::from_millis(20))
+                .unwrap()
+                .0;
+        }
+        Some(next)
+    }
+
+    /// Hands the turn to the next position.
+    fn pass(&self, mut guard: std::sync::MutexGuard<'_, usize>) {
+        *guard += 1;
+        drop(guard);
+        self.changed.notify_all();
+    }
+}
+
+/// A tensor's bytes, wherever they are.
+enum Filled<'s, Buf> {
+    /// Parts of a mapped source.
+    Mapped(Vec<&'s [u8]>),
+    /// A backend buffer the host can read.
+    Buffer(Buf),
+    /// Downloaded from the device.
+    Host(Vec<u8>),
+    /// A string entry (its bytes are in the layout).
+    Str(String),
+}
+
+impl<Buf> Filled<'_, Buf> {
+    fn chunks<B: Backend<Buffer = Buf>>(&self, backend: &B) -> Vec<&[u8]> {
+        match self {
+            Filled::Mapped(chunks) => chunks.clone(),
+            Filled::Buffer(b) => vec![backend.host_bytes(b).expect("checked in on_host")],
+            Filled::Host(h) => vec![h],
+            Filled::Str(_) => Vec::new(),
+        }
+    }
+}
+
+/// What the manifest records of a tensor.
+fn tensor_digest<Buf>(
+    t: &TensorPlan,
+    filled: &Filled<'_, Buf>,
+    data: &crate::formats::hash::Hasher,
+) -> TensorDigest {
+    let (dtype, shape, bytes, xxh3) = match (&t.content, filled) {
+        (_, Filled::Str(value)) => (
+            "str".to_string(),
+            vec![0],
+            value.len() as u64,
+            crate::formats::hash::hash(value.as_bytes()),
+        ),
+        (Content::Tensor { dtype, shape, .. } | Content::Merged { dtype, shape, .. }, _) => {
+            (dtype.to_string(), shape.clone(), t.bytes(), data.digest())
+        }
+        (Content::Str { .. }, _) => unreachable!("a string entry is filled with its value"),
+    };
+    TensorDigest {
+        name: t.name.clone(),
+        dtype,
+        shape,
+        bytes,
+        xxh3,
+    }
 }
 
 /// Whether `file` is already on disk, complete: its manifest matches the
@@ -244,107 +711,6 @@ fn remove_stale_temporaries(path: &std::path::Path) {
     }
 }
 
-fn write_file<B: Backend>(
-    file: &FilePlan,
-    sources: &Sources<'_>,
-    backend: &B,
-    options: &ExecOptions,
-) -> Result<()> {
-    if let Some(dir) = file.path.parent() {
-        std::fs::create_dir_all(dir).in_file(dir)?;
-    }
-    let by_name: HashMap<&str, &TensorPlan> =
-        file.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
-    let (mut writer, order): (Writer, Vec<String>) = match file.format {
-        FileFormat::Ckpt => (
-            Writer {
-                kind: WriterKind::Ckpt(CkptWriter::create(&file.path, WriteOptions::default())?),
-                digests: Vec::new(),
-            },
-            file.tensors.iter().map(|t| t.name.clone()).collect(),
-        ),
-        FileFormat::Safetensors => {
-            let mut metadata = options.safetensors_metadata.clone();
-            let mut specs = Vec::new();
-            for t in &file.tensors {
-                match &t.content {
-                    Content::Tensor { dtype, shape, .. } | Content::Merged { dtype, shape, .. } => {
-                        specs.push((
-                            t.name.clone(),
-                            *dtype,
-                            shape.iter().map(|&d| d as usize).collect(),
-                        ))
-                    }
-                    Content::Str { source, tensor } => {
-                        let value = sources.get(*source)?.string(tensor)?;
-                        metadata.insert(
-                            format!(
-                                "{}{}",
-                                crate::formats::safetensors::STRING_KEY_PREFIX,
-                                t.name
-                            ),
-                            value,
-                        );
-                    }
-                }
-            }
-            let w = StreamWriter::create(&file.path, &specs, Some(metadata))?;
-            let order = w.order().map(str::to_owned).collect();
-            (
-                Writer {
-                    kind: WriterKind::Safetensors(w),
-                    digests: Vec::new(),
-                },
-                order,
-            )
-        }
-    };
-    for name in &order {
-        let t = by_name[name.as_str()];
-        write_tensor(t, &mut writer, sources, backend).map_err(|e| match e {
-            e @ Error::InFile { .. } => e,
-            e => e.in_tensor(&t.name).in_file(&file.path),
-        })?;
-    }
-    let digest = match writer.kind {
-        WriterKind::Ckpt(w) => w.finish_with_digest()?,
-        WriterKind::Safetensors(w) => w.finish_with_digest()?,
-    };
-    let Some(command) = &options.manifest else {
-        return Ok(());
-    };
-    let manifest = (|| -> Result<Manifest> {
-        Ok(Manifest {
-            format: manifest::MANIFEST_FORMAT.into(),
-            reshard_version: env!("CARGO_PKG_VERSION").into(),
-            command: command.clone(),
-            file: file
-                .path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            digest,
-            tensors: writer.digests,
-            sources: file
-                .sources()
-                .into_iter()
-                .map(|i| {
-                    Ok(SourceDigest {
-                        path: sources.plan.sources[i].path.clone(),
-                        digest: sources.digest(i)?,
-                    })
-                })
-                .collect::<Result<_>>()?,
-        })
-    })();
-    // A data file is trusted only with its manifest: without one, remove it.
-    if let Err(e) = manifest.and_then(|m| m.write(&file.path)) {
-        let _ = std::fs::remove_file(&file.path);
-        return Err(e);
-    }
-    Ok(())
-}
-
 /// A copy that is the whole source tensor, unchanged: same dtype, same
 /// shape, no axis permutation (a square transpose has equal shapes).
 fn is_plain_copy(c: &BoxCopy) -> bool {
@@ -352,50 +718,6 @@ fn is_plain_copy(c: &BoxCopy) -> bool {
         && c.src_shape == c.dst_shape
         && c.extent == c.src_shape
         && c.src_axes.iter().enumerate().all(|(d, &a)| d == a)
-}
-
-fn write_tensor<B: Backend>(
-    t: &TensorPlan,
-    writer: &mut Writer,
-    sources: &Sources<'_>,
-    backend: &B,
-) -> Result<()> {
-    let (dtype, shape, steps) = match &t.content {
-        Content::Str { source, tensor } => {
-            let value = sources.get(*source)?.string(tensor)?;
-            writer.digests.push(TensorDigest {
-                name: t.name.clone(),
-                dtype: "str".into(),
-                shape: vec![0],
-                bytes: value.len() as u64,
-                xxh3: xxhash_rust::xxh3::xxh3_64(value.as_bytes()),
-            });
-            return match &mut writer.kind {
-                WriterKind::Ckpt(w) => w.write_string(&t.name, &value),
-                WriterKind::Safetensors(_) => Ok(()), // carried in the metadata
-            };
-        }
-        Content::Tensor {
-            dtype,
-            shape,
-            steps,
-        } => (*dtype, shape, steps),
-        Content::Merged {
-            dtype,
-            shape,
-            steps,
-            lora,
-        } => return write_merged(t, *dtype, shape, steps, lora, writer, sources, backend),
-    };
-    if let [only] = steps.as_slice() {
-        if is_plain_copy(&only.copy) {
-            let chunks = sources.get(only.source)?.chunks(&only.tensor)?;
-            return emit(writer, &t.name, dtype, shape, &chunks);
-        }
-    }
-    let bytes = t.bytes() as usize;
-    let buffer = gather(backend, sources, steps, bytes)?;
-    download_and_emit(backend, &buffer, bytes, writer, &t.name, dtype, shape)
 }
 
 /// A buffer of `bytes` filled by `steps` from the sources.
@@ -420,19 +742,16 @@ fn gather<B: Backend>(
     Ok(buffer)
 }
 
-/// Writes a merged weight: gather W, B rows and A columns as `f32`, add
-/// `scale · B·A` block by block, round once to the weight's dtype.
-#[allow(clippy::too_many_arguments)]
-fn write_merged<B: Backend>(
-    t: &TensorPlan,
+/// A merged weight: gathers W, B rows and A columns as `f32`, adds
+/// `scale · B·A` block by block, and rounds once to the weight's dtype.
+fn merged<B: Backend>(
     dtype: crate::DType,
     shape: &[i64],
     steps: &[CopyStep],
     lora: &LoraTerm,
-    writer: &mut Writer,
     sources: &Sources<'_>,
     backend: &B,
-) -> Result<()> {
+) -> Result<B::Buffer> {
     let count: u64 = shape.iter().product::<i64>().max(0) as u64;
     let mut w = gather(backend, sources, steps, count as usize * 4)?;
     let b = gather(
@@ -451,60 +770,13 @@ fn write_merged<B: Backend>(
         backend.lora_add(&mut w, &b, &a, block)?;
     }
     drop((a, b));
-    let bytes = count as usize * dtype.size();
-    let mut out = backend.alloc(bytes)?;
+    let mut out = backend.alloc(count as usize * dtype.size())?;
     backend.box_copy(
         Src::Buffer(&w),
         &mut out,
         &BoxCopy::whole(&[count], crate::DType::F32, dtype),
     )?;
-    drop(w);
-    download_and_emit(backend, &out, bytes, writer, &t.name, dtype, shape)
-}
-
-fn download_and_emit<B: Backend>(
-    backend: &B,
-    buffer: &B::Buffer,
-    bytes: usize,
-    writer: &mut Writer,
-    name: &str,
-    dtype: crate::DType,
-    shape: &[i64],
-) -> Result<()> {
-    backend.synchronize()?;
-    match backend.host_bytes(buffer) {
-        Some(host) => emit(writer, name, dtype, shape, &[host]),
-        None => {
-            let mut host = vec![0u8; bytes];
-            backend.download(buffer, 0, &mut host)?;
-            backend.synchronize()?;
-            emit(writer, name, dtype, shape, &[&host])
-        }
-    }
-}
-
-fn emit(
-    writer: &mut Writer,
-    name: &str,
-    dtype: crate::DType,
-    shape: &[i64],
-    chunks: &[&[u8]],
-) -> Result<()> {
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-    for c in chunks {
-        hasher.update(c);
-    }
-    writer.digests.push(TensorDigest {
-        name: name.to_string(),
-        dtype: dtype.to_string(),
-        shape: shape.to_vec(),
-        bytes: chunks.iter().map(|c| c.len() as u64).sum(),
-        xxh3: hasher.digest(),
-    });
-    match &mut writer.kind {
-        WriterKind::Ckpt(w) => w.write_tensor_chunks(name, dtype, shape, chunks),
-        WriterKind::Safetensors(w) => w.write(name, chunks),
-    }
+    Ok(out)
 }
 
 #[cfg(test)]

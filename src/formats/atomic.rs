@@ -18,12 +18,25 @@ pub struct FileDigest {
     pub xxh3: u64,
 }
 
+/// The temporary name an output is written under: `.<name>.<pid>.tmp`
+/// beside it (interrupted runs' leftovers are recognised by that pattern).
+pub fn temporary_path(dest: &Path) -> Result<PathBuf> {
+    let name = dest
+        .file_name()
+        .ok_or_else(|| Error::invalid("output path has no file name").in_file(dest))?;
+    Ok(dest.with_file_name(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    )))
+}
+
 /// A file being written under a temporary name.
 pub struct AtomicFile {
     dest: PathBuf,
     tmp: PathBuf,
     writer: Option<BufWriter<File>>,
-    hasher: xxhash_rust::xxh3::Xxh3,
+    hasher: crate::formats::hash::Hasher,
     bytes: u64,
 }
 
@@ -31,20 +44,13 @@ impl AtomicFile {
     /// Creates `.<name>.<pid>.tmp` beside `dest`. The parent must exist.
     pub fn create(dest: impl AsRef<Path>) -> Result<AtomicFile> {
         let dest = dest.as_ref().to_path_buf();
-        let name = dest
-            .file_name()
-            .ok_or_else(|| Error::invalid("output path has no file name").in_file(&dest))?;
-        let tmp = dest.with_file_name(format!(
-            ".{}.{}.tmp",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
+        let tmp = temporary_path(&dest)?;
         let file = File::create(&tmp).in_file(&tmp)?;
         Ok(AtomicFile {
             dest,
             tmp,
             writer: Some(BufWriter::with_capacity(1 << 20, file)),
-            hasher: xxhash_rust::xxh3::Xxh3::new(),
+            hasher: crate::formats::hash::Hasher::new(),
             bytes: 0,
         })
     }
@@ -81,7 +87,16 @@ impl AtomicFile {
     }
 
     /// [`AtomicFile::commit`], returning the length and hash of what was written.
-    pub fn commit_with_digest(mut self) -> Result<FileDigest> {
+    pub fn commit_with_digest(self) -> Result<FileDigest> {
+        self.finish(true)
+    }
+
+    /// Commits without `fsync` (the caller does not need durability).
+    pub fn commit_unsynced(self) -> Result<FileDigest> {
+        self.finish(false)
+    }
+
+    fn finish(mut self, fsync: bool) -> Result<FileDigest> {
         let digest = FileDigest {
             bytes: self.bytes,
             xxh3: self.hasher.digest(),
@@ -90,7 +105,7 @@ impl AtomicFile {
         let result = writer
             .into_inner()
             .map_err(|e| e.into_error())
-            .and_then(|file| file.sync_all())
+            .and_then(|file| if fsync { file.sync_all() } else { Ok(()) })
             .and_then(|()| fs::rename(&self.tmp, &self.dest));
         result.map(|()| digest).map_err(|e| {
             let _ = fs::remove_file(&self.tmp);
@@ -125,7 +140,7 @@ mod tests {
             digest,
             FileDigest {
                 bytes: 3,
-                xxh3: xxhash_rust::xxh3::xxh3_64(b"abc")
+                xxh3: crate::formats::hash::hash(b"abc")
             }
         );
 

@@ -72,19 +72,28 @@ pub fn digest_file(path: &Path) -> Result<FileDigest> {
     let map = crate::formats::ckpt::map_file(path)?;
     Ok(FileDigest {
         bytes: map.len() as u64,
-        xxh3: xxhash_rust::xxh3::xxh3_64(&map),
+        xxh3: crate::formats::hash::hash(&map),
     })
 }
 
 impl Manifest {
     /// Writes the manifest of `data` (atomically).
     pub fn write(&self, data: &Path) -> Result<()> {
+        self.write_with(data, true)
+    }
+
+    /// [`Manifest::write`], with or without `fsync`.
+    pub fn write_with(&self, data: &Path, fsync: bool) -> Result<()> {
         let path = manifest_path(data);
         let mut f = AtomicFile::create(&path)?;
         let text = serde_json::to_vec_pretty(self)
             .map_err(|e| Error::invalid(e.to_string()).in_file(&path))?;
         f.write_all(&text)?;
-        f.commit()
+        if fsync {
+            f.commit()
+        } else {
+            f.commit_unsynced().map(|_| ())
+        }
     }
 
     /// Reads the manifest of `data`, if there is one.

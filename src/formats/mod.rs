@@ -3,7 +3,9 @@
 
 pub mod atomic;
 pub mod ckpt;
+pub mod hash;
 pub mod manifest;
+pub mod placed;
 pub mod safetensors;
 pub mod strategy;
 pub mod tree;

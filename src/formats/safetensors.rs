@@ -17,6 +17,7 @@ use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorInfo, View};
 use crate::dtype::DType;
 use crate::error::{Error, Result, ResultExt};
 use crate::formats::ckpt::map_file;
+use crate::formats::placed::{FileLayout, Segment};
 
 /// Metadata key prefix under which reshard stores `.ckpt` string entries.
 pub const STRING_KEY_PREFIX: &str = "str:";
@@ -523,6 +524,56 @@ mod tests {
     }
 }
 
+/// Where every byte of a safetensors file holding `tensors` goes: the
+/// header first (computed with the safetensors crate's own `Metadata`
+/// serialisation, so the bytes equal [`write`]'s and Python's `save_file`),
+/// then the data in the crate's order (descending dtype alignment, then
+/// name).
+pub fn layout(
+    tensors: &[(String, DType, Vec<usize>)],
+    metadata: Option<BTreeMap<String, String>>,
+) -> Result<FileLayout> {
+    let mut sorted = Vec::with_capacity(tensors.len());
+    for (name, dtype, shape) in tensors {
+        let st = to_st_dtype(*dtype).map_err(|e| e.in_tensor(name))?;
+        sorted.push((
+            name.clone(),
+            st,
+            shape.clone(),
+            shape.iter().product::<usize>() * dtype.size(),
+        ));
+    }
+    sorted.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut offset = 0usize;
+    let mut infos = Vec::with_capacity(sorted.len());
+    for (name, dtype, shape, len) in &sorted {
+        infos.push((
+            name.clone(),
+            TensorInfo {
+                dtype: *dtype,
+                shape: shape.clone(),
+                data_offsets: (offset, offset + len),
+            },
+        ));
+        offset += len;
+    }
+    let meta = safetensors::tensor::Metadata::new(metadata.map(|m| m.into_iter().collect()), infos)
+        .map_err(st_error)?;
+    let mut header = serde_json::to_string(&meta)
+        .map_err(|e| Error::invalid(format!("cannot serialise the header: {e}")))?
+        .into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let mut prefix = (header.len() as u64).to_le_bytes().to_vec();
+    prefix.extend_from_slice(&header);
+    Ok(FileLayout::sequential(
+        prefix,
+        sorted
+            .into_iter()
+            .map(|(name, _, _, len)| (name, vec![Segment::Data(0..len)], len))
+            .collect(),
+    ))
+}
+
 /// Writes a safetensors file tensor by tensor, so memory stays bounded by
 /// one tensor. The header is computed first, from names, dtypes and shapes,
 /// with the safetensors crate's own `Metadata` serialisation, so the bytes
@@ -541,44 +592,16 @@ impl StreamWriter {
         metadata: Option<BTreeMap<String, String>>,
     ) -> Result<StreamWriter> {
         let path = path.as_ref();
-        let mut sorted = Vec::with_capacity(tensors.len());
-        for (name, dtype, shape) in tensors {
-            let st = to_st_dtype(*dtype).map_err(|e| e.in_tensor(name).in_file(path))?;
-            sorted.push((
-                name.clone(),
-                st,
-                shape.clone(),
-                shape.iter().product::<usize>() * dtype.size(),
-            ));
-        }
-        // The crate's order: descending dtype alignment, then name.
-        sorted.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        let mut offset = 0usize;
-        let mut infos = Vec::with_capacity(sorted.len());
-        for (name, dtype, shape, len) in &sorted {
-            infos.push((
-                name.clone(),
-                TensorInfo {
-                    dtype: *dtype,
-                    shape: shape.clone(),
-                    data_offsets: (offset, offset + len),
-                },
-            ));
-            offset += len;
-        }
-        let meta =
-            safetensors::tensor::Metadata::new(metadata.map(|m| m.into_iter().collect()), infos)
-                .map_err(|e| st_error(e).in_file(path))?;
-        let mut header = serde_json::to_string(&meta)
-            .map_err(|e| Error::invalid(format!("cannot serialise the header: {e}")).in_file(path))?
-            .into_bytes();
-        header.resize(header.len().next_multiple_of(8), b' ');
+        let placed = layout(tensors, metadata).map_err(|e| e.in_file(path))?;
         let mut file = crate::formats::atomic::AtomicFile::create(path)?;
-        file.write_all(&(header.len() as u64).to_le_bytes())?;
-        file.write_all(&header)?;
+        file.write_all(&placed.prefix)?;
         Ok(StreamWriter {
             file,
-            order: sorted.into_iter().map(|t| (t.0, t.3)).collect(),
+            order: placed
+                .tensors
+                .into_iter()
+                .map(|t| (t.name, t.data_len))
+                .collect(),
             next: 0,
         })
     }

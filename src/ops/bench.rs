@@ -1,71 +1,255 @@
-//! `reshard bench`: transform throughput on a synthetic llama-shaped model,
-//! next to the copy bound measured in the same run and, optionally,
-//! MindSpore doing the same work on the same files.
+//! `reshard bench`: the throughput of every operation on a synthetic
+//! llama-shaped model, next to the copy bound measured in the same run and,
+//! optionally, MindSpore doing the same work on the same files.
 //!
-//! - **Copy bound**: the same number of bytes read and written with plain
-//!   8 MiB sequential I/O on the same disk (with the same `fsync` reshard
-//!   does), i.e. what a perfect tool could not beat.
-//! - Every measurement starts after `sync`, so no step pays for the
-//!   write-back of the previous one.
-//! - **Memory**: `RssAnon` (heap and buffers) sampled every 5 ms during each
-//!   step; mapped input pages (`RssFile`) are page cache, not working
-//!   memory, and are reported separately.
+//! Steps ([`BenchStepKind`], each selectable): `split` (full → 8 ranks,
+//! dp2·mp2·pp2 with optimizer sharding), `transform` (8 → 4 ranks, mp4),
+//! `merge` (4 ranks → full), `convert` (HuggingFace safetensors → MindSpore
+//! `.ckpt`, llama) and `lora` (rank-r factors on `wq` and `wv` merged into
+//! a full checkpoint). A step whose input comes from an earlier step that
+//! was not selected gets that input made, untimed.
+//!
+//! - **Two figures per step.** *Cache warm* (the primary one): reshard
+//!   with `fsync` off, against the warm copy bound: the model file copied
+//!   with plain 8 MiB sequential reads and writes on the same disk, no
+//!   `fsync`, its pages in the page cache. What a step adds on top of
+//!   moving its bytes shows here. *End to end*: reshard with `fsync` (its
+//!   default), against the same copy followed by `fsync`. A step's copy
+//!   bound is the time to read and write its output bytes at the copy's
+//!   rate: what no tool can beat. The copy is repeated right before every
+//!   timed run and each step uses the median of its own copies, because
+//!   this machine's disk and page cache drift from minute to minute.
+//! - **Repetition**: each run of reshard (both kinds) and of MindSpore is
+//!   repeated [`BenchOptions::repeat`] times, each into a fresh output
+//!   directory; the report gives medians and keeps every sample. The
+//!   report's overall copy bounds are medians of as many copies made
+//!   before the first step.
+//! - Every run starts after `sync`, so none pays for the write-back of the
+//!   one before.
+//! - **MindSpore** (with [`BenchOptions::mindspore`]): split, transform and
+//!   merge are `mindspore.transform_checkpoints`; convert is mindformers'
+//!   llama `convert_pt_to_ms` less torch (safetensors read with numpy, names
+//!   through its `name_replace`, tensors in the model's dtype,
+//!   `save_checkpoint`); lora is mindformers' `transform_ckpt_lora.py`
+//!   recipe. Times exclude the Python imports. MindSpore does not `fsync`;
+//!   the speedup is still taken against reshard's end-to-end (`fsync`)
+//!   median, so it is the conservative figure.
+//! - **Memory**: `RssAnon` (heap and buffers) sampled every 5 ms, the peak
+//!   over reshard's runs of the step; mapped input pages (`RssFile`) are
+//!   page cache, not working memory, and are reported separately.
+//! - **Disk**: outputs are removed as soon as no later step needs them;
+//!   the peak is about four times the model (the model, two resharded
+//!   copies and MindSpore's output).
+//! - The library draws nothing: a [`BenchObserver`] is told when each run
+//!   starts and ends, with a [`Progress`] counter to poll.
 
+use std::ffi::OsStr;
+use std::fmt;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::backend::BackendChoice;
+use crate::dtype::DType;
 use crate::error::{Error, Result, ResultExt};
-use crate::ops::demo::{write_synthetic_llama, SyntheticModel};
+use crate::exec::{OutputControl, Progress};
+use crate::ops::convert::{convert, ConvertOptions};
+use crate::ops::demo::{
+    synthetic_llama_bytes, write_synthetic_llama, SyntheticLlama, SyntheticModel,
+};
 use crate::ops::merge_lora::{merge_lora, MergeLoraOptions};
 use crate::ops::strategy_gen::{write_strategies, StrategyOptions};
 use crate::ops::transform::{transform, TransformOptions};
 
+/// The scale of the LoRA merge (`W + s·B·A`), the same for MindSpore.
+const LORA_SCALE: f32 = 0.5;
+
+/// One operation [`bench`] times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchStepKind {
+    /// Full checkpoint → 8 ranks (dp2·mp2·pp2, optimizer sharding).
+    Split,
+    /// 8 ranks → 4 ranks (mp4).
+    Transform,
+    /// 4 ranks → full checkpoint.
+    Merge,
+    /// HuggingFace safetensors → MindSpore `.ckpt` (llama).
+    Convert,
+    /// LoRA factors merged into their base weights.
+    Lora,
+}
+
+impl BenchStepKind {
+    /// Every step, in the order they run.
+    pub const ALL: [BenchStepKind; 5] = [
+        BenchStepKind::Split,
+        BenchStepKind::Transform,
+        BenchStepKind::Merge,
+        BenchStepKind::Convert,
+        BenchStepKind::Lora,
+    ];
+
+    /// The step's name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchStepKind::Split => "split",
+            BenchStepKind::Transform => "transform",
+            BenchStepKind::Merge => "merge",
+            BenchStepKind::Convert => "convert",
+            BenchStepKind::Lora => "lora",
+        }
+    }
+}
+
+impl fmt::Display for BenchStepKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for BenchStepKind {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<BenchStepKind> {
+        BenchStepKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s.trim())
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "{s:?} is not a bench step: use split, transform, merge, convert or lora"
+                ))
+            })
+    }
+}
+
+/// Told when each run of [`bench`] starts and ends, e.g. to draw a progress
+/// bar; the library itself draws nothing. Runs do not overlap.
+pub trait BenchObserver: Send + Sync + fmt::Debug {
+    /// `what` starts and will write about `total` bytes; `progress`, when
+    /// given, counts the bytes written so far (poll it from another thread).
+    /// MindSpore's runs have no counter.
+    fn started(&self, what: &str, total: u64, progress: Option<&Progress>);
+    /// The run that started last has ended, successfully or not.
+    fn finished(&self);
+}
+
 /// Options of [`bench`].
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
-    /// Parameters of the synthetic model (bf16: 2 bytes each).
+    /// Parameters of the synthetic model.
     pub params: u64,
-    /// Working directory (its files are replaced).
+    /// Element type of its weights: bf16, fp16 or fp32.
+    pub dtype: DType,
+    /// Working directory (replaced).
     pub dir: PathBuf,
     /// Destination files written concurrently.
     pub workers: usize,
-    /// Rank of the LoRA factors for the merge step.
+    /// Rank of the LoRA factors for the lora step.
     pub lora_rank: usize,
+    /// Runs of each kind per step (at least 1); medians are reported.
+    pub repeat: usize,
+    /// The steps to time (order does not matter).
+    pub steps: Vec<BenchStepKind>,
     /// Time MindSpore on the same inputs, with this Python.
     pub mindspore: Option<PathBuf>,
     /// Where the tensor work runs.
-    pub backend: crate::backend::BackendChoice,
+    pub backend: BackendChoice,
+    /// Told when each run starts and ends.
+    pub observer: Option<Arc<dyn BenchObserver>>,
+}
+
+impl BenchOptions {
+    /// Every step on a bf16 model, 3 runs each, 2 workers, LoRA rank 16,
+    /// on the CPU, without MindSpore.
+    pub fn new(params: u64, dir: impl Into<PathBuf>) -> BenchOptions {
+        BenchOptions {
+            params,
+            dtype: DType::BF16,
+            dir: dir.into(),
+            workers: 2,
+            lora_rank: 16,
+            repeat: 3,
+            steps: BenchStepKind::ALL.to_vec(),
+            mindspore: None,
+            backend: BackendChoice::Cpu,
+            observer: None,
+        }
+    }
+}
+
+/// The runs of one kind of one step.
+#[derive(Debug, Clone, Serialize)]
+pub struct Timing {
+    /// Median wall time (s).
+    pub seconds: f64,
+    /// Every run's wall time (s), in run order.
+    pub samples: Vec<f64>,
+    /// Output bytes over the median time (GB/s).
+    pub gb_per_s: f64,
+    /// The copy bound for this step: the median rate of plain copies of the
+    /// model file, one right before each of these runs, so a ratio compares
+    /// runs made in the same state of the machine (GB/s).
+    pub copy_bound_gb_per_s: f64,
+    /// Those copies' wall times (s), in run order.
+    pub copy_samples: Vec<f64>,
+    /// Time to read and write the output's bytes at the copy bound (s).
+    pub copy_bound_seconds: f64,
+    /// `copy_bound_seconds / seconds`: 1.0 is the copy bound.
+    pub fraction_of_copy_bound: f64,
+}
+
+/// MindSpore's runs of one step.
+#[derive(Debug, Clone, Serialize)]
+pub struct MindSporeTiming {
+    /// Median wall time (s), imports excluded.
+    pub seconds: f64,
+    /// Every run's wall time (s), in run order.
+    pub samples: Vec<f64>,
 }
 
 /// One timed step.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchStep {
-    /// What was done.
-    pub step: String,
-    /// Bytes written.
+    /// Which step.
+    pub step: BenchStepKind,
+    /// What it does, in words.
+    pub description: String,
+    /// Tensor bytes written by one run.
     pub bytes: u64,
-    /// Wall time (s).
-    pub seconds: f64,
-    /// Output throughput (GB/s).
-    pub gb_per_s: f64,
-    /// Time to read and write the same bytes at the copy bound (s).
-    pub copy_bound_seconds: f64,
-    /// `copy_bound_seconds / seconds`: 1.0 is the copy bound.
-    pub fraction_of_copy_bound: f64,
-    /// Peak anonymous memory during the step (MiB).
+    /// Files written by one run (each checked to exist).
+    pub files: usize,
+    /// reshard without `fsync`, against the warm copy bound.
+    pub warm: Timing,
+    /// reshard with `fsync`, against the copy bound with `fsync`.
+    pub fsync: Timing,
+    /// Peak anonymous memory over reshard's runs (MiB).
     pub peak_anon_mib: f64,
-    /// Peak file-backed resident memory (mapped inputs) during the step (MiB).
+    /// Peak file-backed resident memory (mapped inputs) over reshard's runs (MiB).
     pub peak_file_mib: f64,
-    /// MindSpore's time for the same step, when asked.
-    pub mindspore_seconds: Option<f64>,
-    /// `mindspore_seconds / seconds`.
+    /// MindSpore's runs of the same step, when asked.
+    pub mindspore: Option<MindSporeTiming>,
+    /// MindSpore's median over reshard's end-to-end (`fsync`) median.
     pub speedup: Option<f64>,
+}
+
+/// A copy bound: the model file copied with plain 8 MiB reads and writes.
+#[derive(Debug, Clone, Serialize)]
+pub struct CopyBound {
+    /// Bytes copied per run.
+    pub bytes: u64,
+    /// Median wall time (s).
+    pub seconds: f64,
+    /// Every copy's wall time (s).
+    pub samples: Vec<f64>,
+    /// `bytes / seconds` (GB/s): N bytes read and N written in N/x s.
+    pub gb_per_s: f64,
 }
 
 /// The result of [`bench`].
@@ -73,8 +257,16 @@ pub struct BenchStep {
 pub struct BenchReport {
     /// The synthetic model.
     pub model: SyntheticModel,
-    /// Measured sequential copy throughput (GB/s, read + write of N bytes in N/x s).
-    pub copy_gb_per_s: f64,
+    /// Its weights' element type.
+    pub dtype: DType,
+    /// The backend that ran reshard's steps.
+    pub backend: String,
+    /// Runs of each kind per step.
+    pub repeat: usize,
+    /// Copying without `fsync`, page cache warm.
+    pub copy_bound_warm: CopyBound,
+    /// Copying followed by `fsync`.
+    pub copy_bound_fsync: CopyBound,
     /// Steps in order.
     pub steps: Vec<BenchStep>,
 }
@@ -99,6 +291,18 @@ pub fn parse_params(text: &str) -> Result<u64> {
         )));
     }
     Ok((v * mult) as u64)
+}
+
+/// The median of non-empty `samples`.
+fn median(samples: &[f64]) -> f64 {
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
 }
 
 /// Samples `RssAnon` and `RssFile` of this process until stopped.
@@ -137,6 +341,7 @@ impl RssSampler {
         RssSampler { stop, handle }
     }
 
+    /// Peak (anon, file) in MiB.
     fn finish(self) -> (f64, f64) {
         self.stop.store(true, Ordering::Relaxed);
         let (a, f) = self.handle.join().unwrap_or((0, 0));
@@ -144,16 +349,31 @@ impl RssSampler {
     }
 }
 
-/// Flushes every dirty page, so a step does not pay for the write-back of
-/// the previous one.
+/// Flushes every dirty page, so a run does not pay for the write-back of
+/// the one before.
 fn settle() {
     let _ = Command::new("sync").status();
 }
 
-/// Copies `src` to `dst` with 8 MiB sequential reads and writes and an
-/// fsync; returns seconds.
-fn plain_copy(src: &Path, dst: &Path) -> Result<f64> {
-    settle();
+/// Removes a run's output (a directory or a file), if there.
+fn remove(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        std::fs::remove_dir_all(path).in_file(path)
+    } else if path.exists() {
+        std::fs::remove_file(path).in_file(path)
+    } else {
+        Ok(())
+    }
+}
+
+/// Names the step in an error (the cause keeps its file and tensor).
+fn in_step(step: &str, e: Error) -> Error {
+    Error::invalid(format!("bench {step}: {e}"))
+}
+
+/// Copies `src` to `dst` with 8 MiB sequential reads and writes, then an
+/// `fsync` when asked; returns seconds. `dst` is removed afterwards.
+fn plain_copy(src: &Path, dst: &Path, fsync: bool, progress: &Progress) -> Result<f64> {
     let t = Instant::now();
     let mut r = std::fs::File::open(src).in_file(src)?;
     let mut w = std::fs::File::create(dst).in_file(dst)?;
@@ -164,22 +384,112 @@ fn plain_copy(src: &Path, dst: &Path) -> Result<f64> {
             break;
         }
         w.write_all(&buf[..n]).in_file(dst)?;
+        progress.add(n as u64);
     }
-    w.sync_all().in_file(dst)?;
+    if fsync {
+        w.sync_all().in_file(dst)?;
+    }
+    drop(w);
     let secs = t.elapsed().as_secs_f64();
     std::fs::remove_file(dst).in_file(dst)?;
     Ok(secs)
 }
 
-/// Time of `mindspore.transform_checkpoints(src, dst, ...)`, import excluded.
-fn mindspore_transform(
-    python: &Path,
-    src: &Path,
-    dst: &Path,
-    s: Option<&Path>,
-    d: Option<&Path>,
-) -> Result<f64> {
-    const SCRIPT: &str = r#"
+/// What one run of reshard wrote.
+struct Ran {
+    /// Bytes the plan writes (dry run) or wrote.
+    bytes: u64,
+    /// Files written.
+    files: Vec<PathBuf>,
+    /// The backend that ran it.
+    backend: Option<String>,
+}
+
+/// One of reshard's operations as the bench runs it; the output is always
+/// a directory.
+enum Op<'p> {
+    /// `transform` from `src` (a file or rank tree) between strategies.
+    Transform {
+        src: &'p Path,
+        s: Option<&'p Path>,
+        d: Option<&'p Path>,
+    },
+    /// HuggingFace llama directory → `out/model.ckpt`.
+    Convert { hf: &'p Path },
+    /// `merge-lora` of a full checkpoint.
+    Lora { src: &'p Path },
+}
+
+impl Op<'_> {
+    /// Runs (or, with `dry`, plans) into `out`.
+    fn run(&self, o: &BenchOptions, out: &Path, control: OutputControl, dry: bool) -> Result<Ran> {
+        let (plan, executed, backend) = match self {
+            Op::Transform { src, s, d } => {
+                let mut options = TransformOptions::new(
+                    *src,
+                    out,
+                    s.map(Path::to_path_buf),
+                    d.map(Path::to_path_buf),
+                );
+                options.workers = o.workers;
+                options.backend = o.backend;
+                options.dry_run = dry;
+                options.control = control;
+                let r = transform(&options)?;
+                (r.plan, r.executed, Some(r.backend))
+            }
+            Op::Convert { hf } => {
+                let mut options = ConvertOptions::new("llama", *hf, out.join("model.ckpt"));
+                options.workers = o.workers;
+                options.backend = o.backend;
+                options.dry_run = dry;
+                options.control = control;
+                let r = convert(&options)?;
+                (r.plan, r.executed, None)
+            }
+            Op::Lora { src } => {
+                let r = merge_lora(&MergeLoraOptions {
+                    scale: LORA_SCALE,
+                    workers: o.workers,
+                    backend: o.backend,
+                    dry_run: dry,
+                    control,
+                    ..MergeLoraOptions::new(*src, out)
+                })?;
+                (r.plan, r.executed, Some(r.backend))
+            }
+        };
+        Ok(match executed {
+            Some(e) => Ran {
+                bytes: e.bytes_written,
+                files: e.files.into_iter().map(|f| f.path).collect(),
+                backend,
+            },
+            None => Ran {
+                bytes: plan.bytes_written,
+                files: Vec::new(),
+                backend,
+            },
+        })
+    }
+}
+
+/// MindSpore's equivalent of an [`Op`].
+enum MsJob<'p> {
+    /// `transform_checkpoints(src_dir, out, "checkpoint_", s, d)`.
+    Transform {
+        src_dir: &'p Path,
+        s: Option<PathBuf>,
+        d: Option<PathBuf>,
+    },
+    /// mindformers' llama `convert_pt_to_ms`, less torch → `out/model.ckpt`.
+    Convert { hf: &'p Path },
+    /// mindformers' LoRA recipe → `out/model.ckpt`.
+    Lora { src: &'p Path },
+}
+
+/// `transform_checkpoints`, timed without the imports.
+const TRANSFORM_SCRIPT: &str = r#"
 import os, sys, time
 os.environ.setdefault("GLOG_v", "3")
 import mindspore as ms
@@ -188,34 +498,180 @@ t = time.time()
 ms.transform_checkpoints(src, dst, "checkpoint_", None if s == "-" else s, None if d == "-" else d)
 print(time.time() - t)
 "#;
-    let arg = |p: Option<&Path>| {
-        p.map(|p| p.as_os_str().to_owned())
-            .unwrap_or_else(|| "-".into())
-    };
+
+/// mindformers 1.3.2 `models/llama/convert_weight.py::convert_pt_to_ms`
+/// with the HuggingFace safetensors read by numpy instead of torch
+/// (`name_replace` copied verbatim); floats become the model's dtype.
+const CONVERT_SCRIPT: &str = r#"
+import json, os, sys, time
+os.environ.setdefault("GLOG_v", "3")
+import numpy as np
+import mindspore as ms
+
+
+def name_replace(name: str):
+    """replace hf param name to ms."""
+    name = name.replace('embed_tokens.weight', 'tok_embeddings.embedding_weight')
+    name = name.replace('.self_attn.q_proj.', '.attention.wq.')
+    name = name.replace('.self_attn.k_proj.', '.attention.wk.')
+    name = name.replace('.self_attn.v_proj.', '.attention.wv.')
+    name = name.replace('.self_attn.o_proj.', '.attention.wo.')
+    name = name.replace('.mlp.gate_proj.', '.feed_forward.w1.')
+    name = name.replace('.mlp.down_proj.', '.feed_forward.w2.')
+    name = name.replace('.mlp.up_proj.', '.feed_forward.w3.')
+    name = name.replace('.input_layernorm.', '.attention_norm.')
+    name = name.replace('.post_attention_layernorm.', '.ffn_norm.')
+    name = name.replace('.norm.', '.norm_out.')
+    return name
+
+
+src, out, dtype = sys.argv[1:4]
+ms_dtype = {"bf16": ms.bfloat16, "fp16": ms.float16, "fp32": ms.float32}[dtype]
+np_dtype = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32,
+            "I32": np.int32, "I64": np.int64}
+t = time.time()
+ckpt_list = []
+for f in sorted(x for x in os.listdir(src) if x.endswith(".safetensors")):
+    path = os.path.join(src, f)
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        begin, end = info["data_offsets"]
+        value = data[begin:end].view(np_dtype[info["dtype"]]).reshape(info["shape"])
+        if info["dtype"] == "BF16":
+            value = (value.astype(np.uint32) << 16).view(np.float32)
+        name = name_replace(name)
+        if name == 'norm.weight':
+            name = 'norm_out.weight'
+        if name[:7] == 'layers.':
+            name = name[7:]
+        if info["dtype"] in ("BF16", "F16", "F32"):
+            tensor = ms.Tensor(value, dtype=ms_dtype)
+        else:
+            tensor = ms.Tensor(np.array(value))
+        ckpt_list.append({'name': name, 'data': tensor})
+ms.save_checkpoint(ckpt_list, out)
+print(time.time() - t)
+"#;
+
+/// mindformers' `tools/transform_ckpt_lora.py` recipe for a full
+/// checkpoint (as `tests/conformance/py/lora_recipe.py`), timed without the
+/// imports. MindSpore's CPU MatMul has no bfloat16 kernel; for bf16 the
+/// product is computed as Ascend's MatMul does (fp32 accumulation, bf16
+/// output).
+const LORA_SCRIPT: &str = r#"
+import os, sys, time
+from collections import OrderedDict
+os.environ.setdefault("GLOG_v", "3")
+import mindspore as ms
+import mindspore.ops as P
+from mindspore import Parameter, Tensor
+
+src, out, scale = sys.argv[1], sys.argv[2], float(sys.argv[3])
+t = time.time()
+param_dict = ms.load_checkpoint(src)
+lora_keys = [k for k in param_dict if ('lora_a' in k or 'lora_A' in k)]
+non_lora_keys = [k for k in param_dict if 'lora_' not in k]
+merged_dict = OrderedDict()
+for k in non_lora_keys:
+    merged_dict[k] = param_dict[k].clone()
+for k in lora_keys:
+    if k.split('.')[0] in ['adam_m', 'adam_v']:
+        continue
+    original_key = (k.replace('tk_delta', 'mindpet_delta').replace('_lora_a', '')
+                    .replace('mindpet_delta', 'weight').replace('.lora_A', ''))
+    lora_b_key = k.replace('lora_a', 'lora_b').replace('.lora_A', '.lora_B')
+    w, b, a = merged_dict[original_key], param_dict[lora_b_key], param_dict[k]
+    if w.dtype == ms.bfloat16:
+        product = P.mm(b.astype(ms.float32), a.astype(ms.float32)).astype(ms.bfloat16)
+    else:
+        product = P.mm(b, a)
+    merged_dict[original_key] = Parameter(Tensor(P.add(w, product * scale), w.dtype), name=original_key)
+ms.save_checkpoint(merged_dict, out)
+print(time.time() - t)
+"#;
+
+/// The `--dtype` spelling the convert script takes.
+fn short_dtype(d: DType) -> &'static str {
+    match d {
+        DType::F16 => "fp16",
+        DType::F32 => "fp32",
+        _ => "bf16",
+    }
+}
+
+/// Runs `script` with `args` in `python`; returns the time it printed.
+fn run_python(python: &Path, script: &str, args: &[&OsStr]) -> Result<f64> {
     let out = Command::new(python)
         .arg("-c")
-        .arg(SCRIPT)
-        .arg(src)
-        .arg(dst)
-        .arg(arg(s))
-        .arg(arg(d))
+        .arg(script)
+        .args(args)
+        .env("GLOG_v", "3")
         .output()
         .map_err(|e| Error::invalid(format!("cannot run {}: {e}", python.display())))?;
     if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
         return Err(Error::invalid(format!(
-            "MindSpore failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or_default()
+            "MindSpore ({}) failed ({}): {}",
+            python.display(),
+            out.status,
+            tail[tail.len().saturating_sub(3)..].join(" | ")
         )));
     }
     String::from_utf8_lossy(&out.stdout)
         .trim()
         .lines()
         .last()
-        .and_then(|l| l.parse().ok())
+        .and_then(|l| l.trim().parse().ok())
         .ok_or_else(|| Error::invalid("MindSpore printed no time"))
+}
+
+impl MsJob<'_> {
+    /// Runs MindSpore's equivalent into `out`; returns its time.
+    fn run(&self, python: &Path, dtype: DType, out: &Path) -> Result<f64> {
+        match self {
+            MsJob::Transform { src_dir, s, d } => {
+                let arg = |p: &Option<PathBuf>| {
+                    p.as_ref()
+                        .map(|p| p.as_os_str().to_owned())
+                        .unwrap_or_else(|| "-".into())
+                };
+                let (s, d) = (arg(s), arg(d));
+                run_python(
+                    python,
+                    TRANSFORM_SCRIPT,
+                    &[src_dir.as_os_str(), out.as_os_str(), &s, &d],
+                )
+            }
+            MsJob::Convert { hf } => {
+                std::fs::create_dir_all(out).in_file(out)?;
+                let file = out.join("model.ckpt");
+                run_python(
+                    python,
+                    CONVERT_SCRIPT,
+                    &[
+                        hf.as_os_str(),
+                        file.as_os_str(),
+                        OsStr::new(short_dtype(dtype)),
+                    ],
+                )
+            }
+            MsJob::Lora { src } => {
+                std::fs::create_dir_all(out).in_file(out)?;
+                let file = out.join("model.ckpt");
+                let scale = LORA_SCALE.to_string();
+                run_python(
+                    python,
+                    LORA_SCRIPT,
+                    &[src.as_os_str(), file.as_os_str(), OsStr::new(&scale)],
+                )
+            }
+        }
+    }
 }
 
 /// The merged strategy file MindSpore wants for a strategy directory.
@@ -228,25 +684,289 @@ fn strategy_file(dir: &Path) -> PathBuf {
     }
 }
 
+/// Tells the observer a run ended when dropped.
+struct Observation<'a>(Option<&'a dyn BenchObserver>);
+
+impl Drop for Observation<'_> {
+    fn drop(&mut self) {
+        if let Some(o) = self.0 {
+            o.finished();
+        }
+    }
+}
+
+/// The state of one [`bench`].
+struct Bench<'a> {
+    o: &'a BenchOptions,
+    /// A file of the model's size (the model, or the step's input), copied
+    /// before each timed run for the copy bound.
+    model_file: PathBuf,
+    /// Runs so far, for fresh output names.
+    runs: usize,
+    /// The backend reported by the first run.
+    backend: Option<String>,
+}
+
+impl Bench<'_> {
+    fn observe(&self, what: &str, total: u64, progress: Option<&Progress>) -> Observation<'_> {
+        let observer = self.o.observer.as_deref();
+        if let Some(obs) = observer {
+            obs.started(what, total, progress);
+        }
+        Observation(observer)
+    }
+
+    /// A fresh output path `dir/name.k`.
+    fn fresh(&mut self, name: &str) -> PathBuf {
+        self.runs += 1;
+        self.o.dir.join(format!("{name}.{}", self.runs))
+    }
+
+    /// Runs `op` once, untimed (the input of a later step); returns its output.
+    fn produce(&mut self, what: &str, name: &str, op: &Op) -> Result<PathBuf> {
+        let out = self.fresh(name);
+        let planned = op
+            .run(self.o, &out, OutputControl::default(), true)
+            .map_err(|e| in_step(what, e))?
+            .bytes;
+        let progress = Progress::new();
+        let _seen = self.observe(what, planned, Some(&progress));
+        let control = OutputControl {
+            fsync: false,
+            progress: Some(progress.clone()),
+        };
+        op.run(self.o, &out, control, false)
+            .map_err(|e| in_step(what, e))?;
+        Ok(out)
+    }
+
+    /// Times `op` (and `ms`) `repeat` times each; returns the step and, with
+    /// `keep`, the output of the last run.
+    fn step(
+        &mut self,
+        kind: BenchStepKind,
+        description: String,
+        op: &Op,
+        ms: Option<MsJob>,
+        keep: bool,
+    ) -> Result<(BenchStep, Option<PathBuf>)> {
+        let name = kind.name();
+        let n = self.o.repeat;
+        let planned = op
+            .run(self.o, &self.fresh(name), OutputControl::default(), true)
+            .map_err(|e| in_step(name, e))?
+            .bytes;
+        let (mut warm, mut fsync, mut mindspore) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut warm_copies, mut fsync_copies) = (Vec::new(), Vec::new());
+        let model_bytes = std::fs::metadata(&self.model_file)
+            .in_file(&self.model_file)?
+            .len();
+        let (mut peak_anon, mut peak_file, mut bytes, mut files) = (0f64, 0f64, 0u64, 0usize);
+        let mut kept: Option<PathBuf> = None;
+        for rep in 1..=n {
+            for durable in [false, true] {
+                // One output of this step on disk at a time.
+                if let Some(prev) = kept.take() {
+                    remove(&prev)?;
+                }
+                let out = self.fresh(name);
+                let what = format!(
+                    "{name} {rep}/{n} {}",
+                    if durable { "with fsync" } else { "cache warm" }
+                );
+                // The copy bound, measured right before the run.
+                settle();
+                let copied = Progress::new();
+                let seen = self.observe(&format!("{what}: copy bound"), model_bytes, Some(&copied));
+                let copy = plain_copy(
+                    &self.model_file,
+                    &self.o.dir.join("copy.tmp"),
+                    durable,
+                    &copied,
+                )
+                .map_err(|e| in_step(&what, e))?;
+                drop(seen);
+                if durable {
+                    &mut fsync_copies
+                } else {
+                    &mut warm_copies
+                }
+                .push(copy);
+                settle();
+                let progress = Progress::new();
+                let control = OutputControl {
+                    fsync: durable,
+                    progress: Some(progress.clone()),
+                };
+                let seen = self.observe(&what, planned, Some(&progress));
+                let sampler = RssSampler::start();
+                let t = Instant::now();
+                let ran = op.run(self.o, &out, control, false);
+                let seconds = t.elapsed().as_secs_f64();
+                let (anon, file) = sampler.finish();
+                drop(seen);
+                let ran = ran.map_err(|e| in_step(&what, e))?;
+                if ran.files.is_empty() {
+                    return Err(in_step(&what, Error::invalid("no file was written")));
+                }
+                for f in &ran.files {
+                    if !f.is_file() {
+                        return Err(in_step(
+                            &what,
+                            Error::invalid("reported written but not there").in_file(f),
+                        ));
+                    }
+                }
+                if self.backend.is_none() {
+                    self.backend = ran.backend;
+                }
+                peak_anon = peak_anon.max(anon);
+                peak_file = peak_file.max(file);
+                bytes = ran.bytes;
+                files = ran.files.len();
+                if durable { &mut fsync } else { &mut warm }.push(seconds);
+                if keep {
+                    kept = Some(out);
+                } else {
+                    remove(&out)?;
+                }
+            }
+            if let (Some(job), Some(python)) = (&ms, &self.o.mindspore) {
+                let out = self.fresh(&format!("{name}-mindspore"));
+                settle();
+                let what = format!("{name} {rep}/{n} MindSpore");
+                let seen = self.observe(&what, planned, None);
+                let secs = job
+                    .run(python, self.o.dtype, &out)
+                    .map_err(|e| in_step(&what, e));
+                drop(seen);
+                mindspore.push(secs?);
+                remove(&out)?;
+            }
+        }
+        let timing = |samples: Vec<f64>, copy_samples: Vec<f64>| {
+            let seconds = median(&samples);
+            let bps = model_bytes as f64 / median(&copy_samples);
+            let bound = bytes as f64 / bps;
+            Timing {
+                seconds,
+                samples,
+                gb_per_s: bytes as f64 / seconds / 1e9,
+                copy_bound_gb_per_s: bps / 1e9,
+                copy_samples,
+                copy_bound_seconds: bound,
+                fraction_of_copy_bound: bound / seconds,
+            }
+        };
+        let warm = timing(warm, warm_copies);
+        let fsync = timing(fsync, fsync_copies);
+        let mindspore = (!mindspore.is_empty()).then(|| MindSporeTiming {
+            seconds: median(&mindspore),
+            samples: mindspore,
+        });
+        let speedup = mindspore.as_ref().map(|m| m.seconds / fsync.seconds);
+        Ok((
+            BenchStep {
+                step: kind,
+                description,
+                bytes,
+                files,
+                warm,
+                fsync,
+                peak_anon_mib: peak_anon,
+                peak_file_mib: peak_file,
+                mindspore,
+                speedup,
+            },
+            kept,
+        ))
+    }
+}
+
+/// The copy bound: median of `n` plain copies of `src`.
+fn copy_bound(b: &Bench, src: &Path, fsync: bool) -> Result<CopyBound> {
+    let bytes = std::fs::metadata(src).in_file(src)?.len();
+    let tmp = b.o.dir.join("copy.tmp");
+    let n = b.o.repeat;
+    let mut samples = Vec::with_capacity(n);
+    for i in 1..=n {
+        settle();
+        let what = format!(
+            "copy bound {i}/{n} {}",
+            if fsync { "with fsync" } else { "cache warm" }
+        );
+        let progress = Progress::new();
+        let _seen = b.observe(&what, bytes, Some(&progress));
+        samples.push(plain_copy(src, &tmp, fsync, &progress).map_err(|e| in_step(&what, e))?);
+    }
+    let seconds = median(&samples);
+    Ok(CopyBound {
+        bytes,
+        seconds,
+        samples,
+        gb_per_s: bytes as f64 / seconds / 1e9,
+    })
+}
+
 /// Runs the benchmark.
 pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
+    if o.repeat == 0 {
+        return Err(Error::invalid("--repeat must be at least 1"));
+    }
+    if o.steps.is_empty() {
+        return Err(Error::invalid("no step to time"));
+    }
+    if !matches!(o.dtype, DType::BF16 | DType::F16 | DType::F32) {
+        return Err(Error::invalid(format!(
+            "the synthetic model is bf16, fp16 or fp32, not {}",
+            o.dtype
+        )));
+    }
+    if let Some(python) = &o.mindspore {
+        // Fail now, not after the first step's runs.
+        run_python(
+            python,
+            "import time, numpy, mindspore\nprint(time.time())",
+            &[],
+        )
+        .map_err(|e| in_step("checking --vs-mindspore", e))?;
+    }
+    let want = |k: BenchStepKind| o.steps.contains(&k);
     let dir = &o.dir;
     if dir.exists() {
         std::fs::remove_dir_all(dir).in_file(dir)?;
     }
     std::fs::create_dir_all(dir).in_file(dir)?;
-    let size_mib = ((o.params * 2) >> 20).max(8) as usize;
-    let full_dir = dir.join("full/rank_0");
+    let mut b = Bench {
+        o,
+        model_file: PathBuf::new(),
+        runs: 0,
+        backend: None,
+    };
+
+    // The model, as MindSpore reads a full checkpoint: rank_0 of a tree.
+    let full_tree = dir.join("full");
+    let full_dir = full_tree.join("rank_0");
     std::fs::create_dir_all(&full_dir).in_file(&full_dir)?;
     let full = full_dir.join("model.ckpt");
-    let model = write_synthetic_llama(&full, size_mib, false, None)?;
-    // The copy bound: median of three plain copies of the model file.
-    let mut copies: Vec<f64> = (0..3)
-        .map(|_| plain_copy(&full, &dir.join("copy.tmp")))
-        .collect::<Result<_>>()?;
-    copies.sort_by(f64::total_cmp);
-    let file_bytes = std::fs::metadata(&full).in_file(&full)?.len();
-    let copy_bps = file_bytes as f64 / copies[1];
+    let spec = SyntheticLlama {
+        params: o.params,
+        dtype: o.dtype,
+        lora_rank: None,
+        crc: false,
+    };
+    let model = {
+        let progress = Progress::new();
+        let _seen = b.observe(
+            "writing the synthetic model",
+            synthetic_llama_bytes(&spec),
+            Some(&progress),
+        );
+        write_synthetic_llama(&full, &spec, Some(&progress))?
+    };
+    let copy_bound_warm = copy_bound(&b, &full, false)?;
+    let copy_bound_fsync = copy_bound(&b, &full, true)?;
+    b.model_file = full.clone();
 
     let strategy = |name: &str, dp, mp, pp, opt| -> Result<PathBuf> {
         let out = dir.join(name);
@@ -261,111 +981,169 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
         })?;
         Ok(out)
     };
-    let eight = strategy("s_dp2mp2pp2", 2, 2, 2, -1)?;
-    let four = strategy("s_mp4", 1, 4, 1, 0)?;
-
+    let resharding =
+        want(BenchStepKind::Split) || want(BenchStepKind::Transform) || want(BenchStepKind::Merge);
+    let (eight, four) = if resharding {
+        (
+            strategy("s_dp2mp2pp2", 2, 2, 2, -1)?,
+            strategy("s_mp4", 1, 4, 1, 0)?,
+        )
+    } else {
+        Default::default()
+    };
     let mut steps = Vec::new();
-    let mut run =
-        |name: &str, src: &Path, out: &str, s: Option<&Path>, d: Option<&Path>| -> Result<()> {
-            let out = dir.join(out);
-            settle();
-            let sampler = RssSampler::start();
-            let t = Instant::now();
-            let mut options = TransformOptions::new(
-                src,
-                &out,
-                s.map(Path::to_path_buf),
-                d.map(Path::to_path_buf),
-            );
-            options.workers = o.workers;
-            options.backend = o.backend;
-            let report = transform(&options)?;
-            let seconds = t.elapsed().as_secs_f64();
-            let (anon, file) = sampler.finish();
-            let bytes = report.executed.map_or(0, |e| e.bytes_written);
-            // MindSpore reads a directory of rank_x folders: a full file is rank_0 of its grandparent.
-            let ms_src = if src.is_file() {
-                src.parent().and_then(Path::parent).unwrap_or(src)
-            } else {
-                src
-            };
-            settle();
-            let mindspore_seconds = match &o.mindspore {
-                Some(py) => Some(mindspore_transform(
-                    py,
-                    ms_src,
-                    &dir.join(format!("{}-ms", out.display())),
-                    s.map(strategy_file).as_deref(),
-                    d.map(strategy_file).as_deref(),
-                )?),
-                None => None,
-            };
-            let bound = bytes as f64 / copy_bps;
-            steps.push(BenchStep {
-                step: name.into(),
-                bytes,
-                seconds,
-                gb_per_s: bytes as f64 / seconds / 1e9,
-                copy_bound_seconds: bound,
-                fraction_of_copy_bound: bound / seconds,
-                peak_anon_mib: anon,
-                peak_file_mib: file,
-                speedup: mindspore_seconds.map(|m| m / seconds),
-                mindspore_seconds,
-            });
-            Ok(())
-        };
-    run(
-        "split full → 8 (dp2·mp2·pp2, opt shard)",
-        &full,
-        "ranks8",
-        None,
-        Some(&eight),
-    )?;
-    run(
-        "transform 8 → 4 (mp4)",
-        &dir.join("ranks8"),
-        "ranks4",
-        Some(&eight),
-        Some(&four),
-    )?;
-    run(
-        "merge 4 → full",
-        &dir.join("ranks4"),
-        "merged",
-        Some(&four),
-        None,
-    )?;
 
-    // LoRA merge on a model with rank-r factors on wq and wv.
-    let lora = dir.join("lora.ckpt");
-    write_synthetic_llama(&lora, size_mib, false, Some(o.lora_rank))?;
-    settle();
-    let sampler = RssSampler::start();
-    let t = Instant::now();
-    let r = merge_lora(&MergeLoraOptions {
-        scale: 0.5,
-        workers: o.workers,
-        ..MergeLoraOptions::new(&lora, dir.join("lora_merged"))
-    })?;
-    let seconds = t.elapsed().as_secs_f64();
-    let (anon, file) = sampler.finish();
-    let bytes = r.executed.map_or(0, |e| e.bytes_written);
-    steps.push(BenchStep {
-        step: format!("merge-lora rank {} ({} pairs)", o.lora_rank, r.merged.len()),
-        bytes,
-        seconds,
-        gb_per_s: bytes as f64 / seconds / 1e9,
-        copy_bound_seconds: bytes as f64 / copy_bps,
-        fraction_of_copy_bound: bytes as f64 / copy_bps / seconds,
-        peak_anon_mib: anon,
-        peak_file_mib: file,
-        mindspore_seconds: None,
-        speedup: None,
-    });
+    // split: full → 8.
+    let need_ranks4 = want(BenchStepKind::Transform) || want(BenchStepKind::Merge);
+    let split = Op::Transform {
+        src: &full,
+        s: None,
+        d: Some(&eight),
+    };
+    let ranks8 = if want(BenchStepKind::Split) {
+        let (step, kept) = b.step(
+            BenchStepKind::Split,
+            "split full → 8 (dp2·mp2·pp2, opt shard)".into(),
+            &split,
+            Some(MsJob::Transform {
+                src_dir: &full_tree,
+                s: None,
+                d: Some(strategy_file(&eight)),
+            }),
+            need_ranks4,
+        )?;
+        steps.push(step);
+        kept
+    } else if need_ranks4 {
+        Some(b.produce("split (untimed, for transform)", "ranks8", &split)?)
+    } else {
+        None
+    };
+
+    // transform: 8 → 4.
+    let ranks4 = match &ranks8 {
+        Some(ranks8) => {
+            let op = Op::Transform {
+                src: ranks8,
+                s: Some(&eight),
+                d: Some(&four),
+            };
+            let ranks4 = if want(BenchStepKind::Transform) {
+                let (step, kept) = b.step(
+                    BenchStepKind::Transform,
+                    "transform 8 → 4 (mp4)".into(),
+                    &op,
+                    Some(MsJob::Transform {
+                        src_dir: ranks8,
+                        s: Some(strategy_file(&eight)),
+                        d: Some(strategy_file(&four)),
+                    }),
+                    want(BenchStepKind::Merge),
+                )?;
+                steps.push(step);
+                kept
+            } else {
+                Some(b.produce("transform (untimed, for merge)", "ranks4", &op)?)
+            };
+            remove(ranks8)?;
+            ranks4
+        }
+        None => None,
+    };
+
+    // merge: 4 → full.
+    if let Some(ranks4) = &ranks4 {
+        let (step, _) = b.step(
+            BenchStepKind::Merge,
+            "merge 4 → full".into(),
+            &Op::Transform {
+                src: ranks4,
+                s: Some(&four),
+                d: None,
+            },
+            Some(MsJob::Transform {
+                src_dir: ranks4,
+                s: Some(strategy_file(&four)),
+                d: None,
+            }),
+            false,
+        )?;
+        steps.push(step);
+        remove(ranks4)?;
+    }
+
+    // convert: HuggingFace → MindSpore, from a HuggingFace directory made
+    // from the model (untimed).
+    if want(BenchStepKind::Convert) {
+        let hf = dir.join("hf");
+        {
+            let what = "HuggingFace model for convert (untimed)";
+            let progress = Progress::new();
+            let _seen = b.observe(what, model.bytes, Some(&progress));
+            let mut options = ConvertOptions::new("llama", &full, &hf);
+            options.reversed = true;
+            options.workers = o.workers;
+            options.manifest = false;
+            options.control = OutputControl {
+                fsync: false,
+                progress: Some(progress.clone()),
+            };
+            convert(&options).map_err(|e| in_step(what, e))?;
+        }
+        remove(&full_tree)?;
+        // The copy bound now copies the step's input, of the same size.
+        b.model_file = hf.join("model.safetensors");
+        let (step, _) = b.step(
+            BenchStepKind::Convert,
+            "convert HuggingFace → MindSpore (llama)".into(),
+            &Op::Convert { hf: &hf },
+            Some(MsJob::Convert { hf: &hf }),
+            false,
+        )?;
+        steps.push(step);
+        remove(&hf)?;
+    }
+    remove(&full_tree)?;
+
+    // lora: a model with rank-r factors on wq and wv.
+    if want(BenchStepKind::Lora) {
+        let lora = dir.join("lora.ckpt");
+        let spec = SyntheticLlama {
+            lora_rank: Some(o.lora_rank),
+            ..spec
+        };
+        {
+            let progress = Progress::new();
+            let _seen = b.observe(
+                "writing the LoRA model",
+                synthetic_llama_bytes(&spec),
+                Some(&progress),
+            );
+            write_synthetic_llama(&lora, &spec, Some(&progress))?;
+        }
+        b.model_file = lora.clone();
+        let (step, _) = b.step(
+            BenchStepKind::Lora,
+            format!(
+                "merge-lora rank {} ({} pairs)",
+                o.lora_rank,
+                2 * model.layers
+            ),
+            &Op::Lora { src: &lora },
+            Some(MsJob::Lora { src: &lora }),
+            false,
+        )?;
+        steps.push(step);
+        remove(&lora)?;
+    }
+
     Ok(BenchReport {
         model,
-        copy_gb_per_s: copy_bps / 1e9,
+        dtype: o.dtype,
+        backend: b.backend.unwrap_or_else(|| o.backend.to_string()),
+        repeat: o.repeat,
+        copy_bound_warm,
+        copy_bound_fsync,
         steps,
     })
 }
@@ -381,5 +1159,20 @@ mod tests {
         assert_eq!(parse_params("7e8").unwrap(), 700_000_000);
         assert!(parse_params("lots").is_err());
         assert!(parse_params("-1M").is_err());
+    }
+
+    #[test]
+    fn step_names_parse() {
+        for k in BenchStepKind::ALL {
+            assert_eq!(k.name().parse::<BenchStepKind>().unwrap(), k);
+        }
+        assert!("copy".parse::<BenchStepKind>().is_err());
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[3.0]), 3.0);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
     }
 }

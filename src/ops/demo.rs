@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::exec::Progress;
 use crate::formats::ckpt::{Checkpoint, CkptWriter, EncMode, ReadOptions, WriteOptions};
 use crate::ops::rewrite::{rewrite, RewriteOptions};
 use crate::ops::strategy_gen::{write_strategies, StrategyOptions};
@@ -50,19 +51,22 @@ pub struct DemoReport {
     pub steps: Vec<DemoStep>,
 }
 
-/// Llama-like parameter shapes scaled so the total is about `size_mib`
-/// (bf16): wider layers for larger models, so tensor sizes stay realistic.
-fn llama_shapes(size_mib: usize, lora_rank: Option<usize>) -> Vec<(String, Vec<i64>)> {
-    let hidden: i64 = match size_mib {
-        0..=511 => 1024,
-        512..=4095 => 2048,
+/// Llama-like parameter shapes with about `params` parameters: wider
+/// layers for larger models, so tensor sizes stay realistic (hidden 256
+/// below 16 Mi parameters, for tests; 1024 below 256 Mi, 2048 below 2 Gi,
+/// 4096 above).
+fn llama_shapes(params: u64, lora_rank: Option<usize>) -> Vec<(String, Vec<i64>)> {
+    let hidden: i64 = match params {
+        0..=0x00FF_FFFF => 256,
+        0x0100_0000..=0x0FFF_FFFF => 1024,
+        0x1000_0000..=0x7FFF_FFFF => 2048,
         _ => 4096,
     };
     let ffn = hidden * 11 / 4;
     let vocab = 8192i64;
-    let per_layer_bytes = 2 * (4 * hidden * hidden + 3 * hidden * ffn + 2 * hidden) as usize;
-    let embed_bytes = 2 * 2 * (vocab * hidden) as usize;
-    let layers = ((size_mib << 20).saturating_sub(embed_bytes) / per_layer_bytes).max(2);
+    let per_layer = (4 * hidden * hidden + 3 * hidden * ffn + 2 * hidden) as u64;
+    let embed = (2 * vocab * hidden) as u64;
+    let layers = (params.saturating_sub(embed) / per_layer).max(2);
     let mut out = vec![(
         "model.tok_embeddings.embedding_weight".to_string(),
         vec![vocab, hidden],
@@ -95,15 +99,65 @@ fn llama_shapes(size_mib: usize, lora_rank: Option<usize>) -> Vec<(String, Vec<i
     out
 }
 
-/// Deterministic bf16 values (xorshift), so runs are reproducible.
-fn fill_bf16(seed: u64, out: &mut [u8]) {
+/// Deterministic values in ±0.02 (xorshift), so runs are reproducible, as
+/// `dtype` (bf16, fp16 or fp32) little-endian bytes.
+fn fill(seed: u64, dtype: DType, out: &mut [u8]) -> Result<()> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for pair in out.chunks_exact_mut(2) {
+    let mut next = move || {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        let v = ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04;
-        pair.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes());
+        ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
+    };
+    match dtype {
+        DType::BF16 => {
+            for c in out.chunks_exact_mut(2) {
+                c.copy_from_slice(&half::bf16::from_f32(next()).to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            for c in out.chunks_exact_mut(2) {
+                c.copy_from_slice(&half::f16::from_f32(next()).to_le_bytes());
+            }
+        }
+        DType::F32 => {
+            for c in out.chunks_exact_mut(4) {
+                c.copy_from_slice(&next().to_le_bytes());
+            }
+        }
+        other => {
+            return Err(Error::UnsupportedDtype {
+                dtype: other.to_string(),
+                op: "a synthetic model (bf16, fp16 or fp32)",
+            })
+        }
+    }
+    Ok(())
+}
+
+/// What [`write_synthetic_llama`] writes.
+#[derive(Debug, Clone, Copy)]
+pub struct SyntheticLlama {
+    /// About this many parameters (the layer count is rounded down; at
+    /// least two layers).
+    pub params: u64,
+    /// Element type of every weight: bf16, fp16 or fp32.
+    pub dtype: DType,
+    /// LoRA factors of this rank on `wq` and `wv` (`mindpet_delta_lora_a`/`_b`).
+    pub lora_rank: Option<usize>,
+    /// Store a CRC.
+    pub crc: bool,
+}
+
+impl SyntheticLlama {
+    /// A bf16 model of about `size_mib` MiB, as `reshard demo --size-mib` makes.
+    pub fn of_mib(size_mib: usize) -> SyntheticLlama {
+        SyntheticLlama {
+            params: (size_mib as u64) << 19,
+            dtype: DType::BF16,
+            lora_rank: None,
+            crc: false,
+        }
     }
 }
 
@@ -112,42 +166,64 @@ fn fill_bf16(seed: u64, out: &mut [u8]) {
 pub struct SyntheticModel {
     /// Entries written.
     pub tensors: usize,
+    /// Parameters (elements of the weights).
+    pub params: u64,
+    /// Decoder layers.
+    pub layers: u64,
     /// Tensor bytes.
     pub bytes: u64,
     /// The largest tensor's bytes.
     pub largest: u64,
 }
 
-/// Writes a llama-shaped bf16 checkpoint of about `size_mib` MiB, with LoRA
-/// factors on `wq` and `wv` when `lora_rank` is given, and `global_step`.
+/// Weight bytes [`write_synthetic_llama`] will write for `spec` (what its
+/// `progress` counts up to).
+pub fn synthetic_llama_bytes(spec: &SyntheticLlama) -> u64 {
+    llama_shapes(spec.params, spec.lora_rank)
+        .iter()
+        .map(|(_, s)| s.iter().product::<i64>() as u64 * spec.dtype.size() as u64)
+        .sum()
+}
+
+/// Writes a llama-shaped checkpoint (mindformers names) with `global_step`;
+/// `progress`, when given, counts the tensor bytes written.
 pub fn write_synthetic_llama(
     path: &Path,
-    size_mib: usize,
-    crc: bool,
-    lora_rank: Option<usize>,
+    spec: &SyntheticLlama,
+    progress: Option<&Progress>,
 ) -> Result<SyntheticModel> {
-    let shapes = llama_shapes(size_mib, lora_rank);
+    let shapes = llama_shapes(spec.params, spec.lora_rank);
     let mut w = CkptWriter::create(
         path,
         WriteOptions {
-            crc,
+            crc: spec.crc,
             ..Default::default()
         },
     )?;
-    let (mut bytes, mut largest) = (0u64, 0u64);
+    let (mut params, mut bytes, mut largest) = (0u64, 0u64, 0u64);
     let mut buf = Vec::new();
     for (i, (name, shape)) in shapes.iter().enumerate() {
-        let n = shape.iter().product::<i64>() as usize * 2;
+        let count = shape.iter().product::<i64>() as u64;
+        let n = count as usize * spec.dtype.size();
         buf.resize(n, 0);
-        fill_bf16(i as u64, &mut buf);
-        w.write_tensor(name, DType::BF16, shape, &buf)?;
+        fill(i as u64, spec.dtype, &mut buf)?;
+        w.write_tensor(name, spec.dtype, shape, &buf)?;
+        params += count;
         bytes += n as u64;
         largest = largest.max(n as u64);
+        if let Some(p) = progress {
+            p.add(n as u64);
+        }
     }
     w.write_tensor("global_step", DType::I32, &[1], &1000i32.to_le_bytes())?;
     w.finish()?;
     Ok(SyntheticModel {
         tensors: shapes.len() + 1,
+        params,
+        layers: shapes
+            .iter()
+            .filter(|(n, _)| n.ends_with(".attention.wq.weight"))
+            .count() as u64,
         bytes,
         largest,
     })
@@ -196,7 +272,16 @@ pub fn demo(options: &DemoOptions) -> Result<DemoReport> {
     let full = dir.join("full.ckpt");
     let mut steps = Vec::new();
 
-    let (model, secs) = timed(|| write_synthetic_llama(&full, options.size_mib, true, None))?;
+    let (model, secs) = timed(|| {
+        write_synthetic_llama(
+            &full,
+            &SyntheticLlama {
+                crc: true,
+                ..SyntheticLlama::of_mib(options.size_mib)
+            },
+            None,
+        )
+    })?;
     let bytes = model.bytes;
     steps.push(DemoStep {
         step: "write bf16 .ckpt with CRC".into(),

@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use crate::backend::BackendChoice;
 use crate::error::{Error, Result};
-use crate::exec::{self, ExecOptions, ExecReport};
+use crate::exec::{self, ExecOptions, ExecReport, OutputControl};
 use crate::formats::ckpt::ReadOptions;
 use crate::formats::strategy;
 use crate::formats::tree::FileFormat;
@@ -69,6 +69,8 @@ pub struct MergeLoraOptions {
     pub verify: bool,
     /// Which backend runs the plan (default: the CPU).
     pub backend: BackendChoice,
+    /// Durability (`fsync`) and progress reporting.
+    pub control: OutputControl,
 }
 
 impl MergeLoraOptions {
@@ -90,6 +92,7 @@ impl MergeLoraOptions {
             resume: false,
             verify: false,
             backend: BackendChoice::Cpu,
+            control: OutputControl::default(),
         }
     }
 }
@@ -240,6 +243,7 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
             resume: o.resume,
             verify: o.verify,
             backend: o.backend,
+            control: &o.control,
             dst_flag: "--dst-ckpt-dir",
         },
     )?;
@@ -451,6 +455,8 @@ pub struct MergePeftOptions {
     pub model: Option<String>,
     /// `config.json` of that model, when the family's mapping needs sizes.
     pub config: Option<PathBuf>,
+    /// Durability (`fsync`) and progress reporting.
+    pub control: OutputControl,
 }
 
 /// Merges a PEFT adapter into a MindSpore checkpoint: the adapter's
@@ -535,6 +541,7 @@ fn merge_peft_into_mindspore(
             resume: false,
             verify: false,
             backend: o.backend,
+            control: &o.control,
             dst_flag: "--dst-ckpt-dir",
         },
     )?;
@@ -708,6 +715,7 @@ pub fn merge_peft(o: &MergePeftOptions) -> Result<MergeLoraReport> {
         &ExecOptions {
             workers: o.workers,
             safetensors_metadata: metadata,
+            control: o.control.clone(),
             ..Default::default()
         },
     )?;

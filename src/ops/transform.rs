@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::backend::BackendChoice;
 use crate::error::{Error, Result};
-use crate::exec::{self, ExecOptions, ExecReport};
+use crate::exec::{self, ExecOptions, ExecReport, OutputControl};
 use crate::formats::ckpt::ReadOptions;
 use crate::formats::strategy::{self, Strategy};
 use crate::formats::tree::{self, FileFormat};
@@ -52,6 +52,8 @@ pub struct TransformOptions {
     pub verify: bool,
     /// Which backend runs the plan (default: the CPU).
     pub backend: BackendChoice,
+    /// Durability (`fsync`) and progress reporting.
+    pub control: OutputControl,
 }
 
 impl TransformOptions {
@@ -79,6 +81,7 @@ impl TransformOptions {
             resume: false,
             verify: false,
             backend: BackendChoice::Cpu,
+            control: OutputControl::default(),
         }
     }
 }
@@ -238,6 +241,7 @@ pub(crate) fn exec_options(
     read: &ReadOptions,
     manifest: bool,
     resume: bool,
+    control: &OutputControl,
 ) -> ExecOptions {
     let defaults = ExecOptions::default();
     ExecOptions {
@@ -245,6 +249,7 @@ pub(crate) fn exec_options(
         read: read.clone(),
         manifest: defaults.manifest.filter(|_| manifest),
         resume,
+        control: control.clone(),
         ..defaults
     }
 }
@@ -257,6 +262,7 @@ pub(crate) struct WriteSettings<'a> {
     pub resume: bool,
     pub verify: bool,
     pub backend: BackendChoice,
+    pub control: &'a OutputControl,
     /// The flag naming the output directory, for the error message.
     pub dst_flag: &'a str,
 }
@@ -281,7 +287,7 @@ pub(crate) fn write_plan(plan: &Plan, s: &WriteSettings<'_>) -> Result<(ExecRepo
     let report = exec::execute(
         plan,
         &backend,
-        &exec_options(s.workers, s.read, s.manifest, s.resume),
+        &exec_options(s.workers, s.read, s.manifest, s.resume, s.control),
     )?;
     if s.verify {
         crate::ops::verify::verify_outputs(plan)?;
@@ -309,6 +315,7 @@ pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
             resume: options.resume,
             verify: options.verify,
             backend: options.backend,
+            control: &options.control,
             dst_flag: "--dst-checkpoint-dir",
         },
     )?;

@@ -51,7 +51,7 @@ pub fn verify_outputs(plan: &Plan) -> Result<()> {
             })?;
             let got = match &t.content {
                 Content::Str { .. } => {
-                    xxhash_rust::xxh3::xxh3_64(source.string(&t.name)?.as_bytes())
+                    crate::formats::hash::hash(source.string(&t.name)?.as_bytes())
                 }
                 Content::Tensor { shape, .. } | Content::Merged { shape, .. } => {
                     if &d.shape != shape {
@@ -62,7 +62,7 @@ pub fn verify_outputs(plan: &Plan) -> Result<()> {
                         .in_tensor(&t.name)
                         .in_file(&f.path));
                     }
-                    let mut h = xxhash_rust::xxh3::Xxh3::new();
+                    let mut h = crate::formats::hash::Hasher::new();
                     for c in source.chunks(&t.name)? {
                         h.update(c);
                     }
@@ -486,13 +486,13 @@ pub fn check_distributed(dir: &Path, strategy_path: &Path) -> Result<Vec<Inconsi
         for e in s.entries() {
             let h = match e.value {
                 EntryValue::Tensor(_) => {
-                    let mut h = xxhash_rust::xxh3::Xxh3::new();
+                    let mut h = crate::formats::hash::Hasher::new();
                     for c in s.chunks(&e.name)? {
                         h.update(c);
                     }
                     h.digest()
                 }
-                EntryValue::Str => xxhash_rust::xxh3::xxh3_64(s.string(&e.name)?.as_bytes()),
+                EntryValue::Str => crate::formats::hash::hash(s.string(&e.name)?.as_bytes()),
                 EntryValue::MapTensor => 0,
             };
             let dtype = match e.value {

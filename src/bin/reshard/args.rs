@@ -34,25 +34,46 @@ pub enum Command {
     Auto(crate::commands::auto::AutoArgs),
     /// Check checkpoints: two against each other, one against its strategy, or files against their manifests.
     Verify(VerifyArgs),
-    /// Time split, N → M, merge and LoRA merge on a synthetic model, against the copy bound (and MindSpore).
+    /// Time split, N → M, merge, HF → MS convert and LoRA merge on a synthetic model, against the copy bound (and MindSpore).
     Bench(BenchArgs),
 }
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Steps: split (full → 8 ranks, dp2·mp2·pp2 with optimizer sharding), transform (8 → 4, mp4), \
+merge (4 → full), convert (HuggingFace → MindSpore, llama), lora (merge-lora into a full checkpoint).\n\
+Each is timed twice: cache warm (no fsync), against a plain 8 MiB copy of the model without fsync, and \
+end to end (fsync, the default), against the copy with fsync. Medians of --repeat runs; --json keeps every sample.\n\
+MindSpore does not fsync; its speedup is taken against reshard's time with fsync."
+)]
 pub struct BenchArgs {
-    /// Parameters of the synthetic bf16 llama-shaped model: 500M, 1B, …
+    /// Parameters of the synthetic llama-shaped model: 500M, 1B, …
     #[arg(long, default_value = "250M")]
     pub params: String,
+    /// Element type of the synthetic model's weights.
+    #[arg(long, value_name = "bf16|fp16|fp32", default_value = "bf16", value_parser = crate::commands::convert::parse_dtype)]
+    pub dtype: reshard::DType,
+    /// Steps to time, comma-separated (an unselected step whose output a later one needs runs untimed).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "split,transform,merge,convert,lora",
+        value_parser = parse_bench_step
+    )]
+    pub steps: Vec<reshard::ops::bench::BenchStepKind>,
+    /// Runs of each step (and of each MindSpore step); medians are reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub repeat: u32,
     /// Working directory (replaced; default: a new temporary directory, removed afterwards).
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Destination files written concurrently.
     #[arg(short = 'j', long = "jobs", default_value_t = 2)]
     pub jobs: usize,
-    /// Rank of the LoRA factors in the merge-lora step.
+    /// Rank of the LoRA factors in the lora step.
     #[arg(long = "lora-rank", default_value_t = 16)]
     pub lora_rank: usize,
-    /// Also time mindspore.transform_checkpoints on the same inputs (needs MindSpore 2.10).
+    /// Also time MindSpore doing each step on the same inputs (needs MindSpore 2.10).
     #[arg(long = "vs-mindspore")]
     pub vs_mindspore: bool,
     /// Python with MindSpore for --vs-mindspore (default: $RESHARD_MINDSPORE_PYTHON, then .venv/bin/python).
@@ -60,9 +81,13 @@ pub struct BenchArgs {
     pub python: Option<PathBuf>,
     #[command(flatten)]
     pub backend: BackendArgs,
-    /// Print JSON for scripts.
+    /// Print JSON for scripts (no progress bars).
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_bench_step(s: &str) -> Result<reshard::ops::bench::BenchStepKind, String> {
+    s.parse().map_err(|e: reshard::Error| e.to_string())
 }
 
 #[derive(Debug, Args)]
@@ -236,6 +261,19 @@ pub struct OutputArgs {
     /// Do not write <file>.manifest.json beside each output.
     #[arg(long = "no-manifest")]
     pub no_manifest: bool,
+    /// Do not fsync outputs before renaming them into place (faster on scratch disks; a crash may leave renamed files whose bytes never reached the disk).
+    #[arg(long = "no-fsync")]
+    pub no_fsync: bool,
+}
+
+impl OutputArgs {
+    /// Durability as asked.
+    pub fn control(&self) -> reshard::exec::OutputControl {
+        reshard::exec::OutputControl {
+            fsync: !self.no_fsync,
+            progress: None,
+        }
+    }
 }
 
 /// Reading encrypted checkpoints. (Stored CRCs are always verified when

@@ -299,15 +299,17 @@ pub fn bench(r: &reshard::ops::bench::BenchReport) -> Result<()> {
         .iter()
         .map(|s| {
             vec![
-                s.step.clone(),
+                s.description.clone(),
                 human_bytes(s.bytes),
-                format!("{:.3} s", s.seconds),
-                format!("{:.2} GB/s", s.gb_per_s),
-                format!("{:.2}", s.fraction_of_copy_bound),
+                format!("{:.3} s", s.warm.seconds),
+                format!("{:.2} GB/s", s.warm.gb_per_s),
+                format!("{:.2}", s.warm.fraction_of_copy_bound),
+                format!("{:.3} s", s.fsync.seconds),
+                format!("{:.2}", s.fsync.fraction_of_copy_bound),
                 format!("{:.0} MiB", s.peak_anon_mib),
-                format!("{:.0} MiB", s.peak_file_mib),
-                s.mindspore_seconds
-                    .map(|m| format!("{m:.3} s"))
+                s.mindspore
+                    .as_ref()
+                    .map(|m| format!("{:.3} s", m.seconds))
                     .unwrap_or_default(),
                 s.speedup.map(|x| format!("{x:.1}x")).unwrap_or_default(),
             ]
@@ -318,11 +320,12 @@ pub fn bench(r: &reshard::ops::bench::BenchReport) -> Result<()> {
         &[
             "step",
             "written",
-            "time",
+            "time (warm)",
             "throughput",
-            "of copy bound",
+            "× copy (warm)",
+            "time (fsync)",
+            "× copy (fsync)",
             "peak anon",
-            "peak mapped",
             "MindSpore",
             "speedup",
         ],
@@ -331,11 +334,27 @@ pub fn bench(r: &reshard::ops::bench::BenchReport) -> Result<()> {
     writeln!(out)?;
     writeln!(
         out,
-        "model: {} tensors, {} (largest tensor {}); copy bound {:.2} GB/s (8 MiB sequential read+write with fsync, median of 3)",
+        "model: {} parameters ({}), {} tensors, {} (largest tensor {}); backend {}",
+        r.model.params,
+        r.dtype,
         r.model.tensors,
         human_bytes(r.model.bytes),
         human_bytes(r.model.largest),
-        r.copy_gb_per_s
+        r.backend
     )?;
+    writeln!(
+        out,
+        "copy bound (8 MiB sequential read+write of the model file): {:.2} GB/s cache warm, {:.2} GB/s with fsync; \
+medians of {} run(s) each; each step's ratio uses a copy made right before each of its runs",
+        r.copy_bound_warm.gb_per_s,
+        r.copy_bound_fsync.gb_per_s,
+        r.repeat
+    )?;
+    if r.steps.iter().any(|s| s.mindspore.is_some()) {
+        writeln!(
+            out,
+            "MindSpore does not fsync; the speedup is its time over reshard's time with fsync"
+        )?;
+    }
     Ok(())
 }

@@ -14,6 +14,7 @@ use super::index::CRC_MAGIC;
 use crate::dtype::{element_count, DType};
 use crate::error::{Error, Result};
 use crate::formats::atomic::AtomicFile;
+use crate::formats::placed::{ChunkCursor, FileLayout, Segment};
 use crate::formats::wire::{put_varint, varint_len};
 
 /// MindSpore's `SLICE_SIZE`: tensors are cut into records of at most 512 MiB.
@@ -136,34 +137,7 @@ impl CkptWriter {
     /// Writes one record whose content is the concatenation of `parts`.
     fn record(&mut self, name: &str, dims: &[i64], type_name: &str, parts: &[&[u8]]) -> Result<()> {
         let content_len: usize = parts.iter().map(|p| p.len()).sum();
-        let mut tensor_head = Vec::with_capacity(64);
-        for &d in dims {
-            tensor_head.push(0x08);
-            put_varint(&mut tensor_head, d as u64);
-        }
-        tensor_head.push(0x12);
-        put_varint(&mut tensor_head, type_name.len() as u64);
-        tensor_head.extend_from_slice(type_name.as_bytes());
-        tensor_head.push(0x1a);
-        put_varint(&mut tensor_head, content_len as u64);
-        let tensor_len = tensor_head.len() + content_len;
-        let value_len = 1
-            + varint_len(name.len() as u64)
-            + name.len()
-            + 1
-            + varint_len(tensor_len as u64)
-            + tensor_len;
-
-        let mut head = Vec::with_capacity(tensor_head.len() + name.len() + 24);
-        head.push(0x0a);
-        put_varint(&mut head, value_len as u64);
-        head.push(0x0a);
-        put_varint(&mut head, name.len() as u64);
-        head.extend_from_slice(name.as_bytes());
-        head.push(0x12);
-        put_varint(&mut head, tensor_len as u64);
-        head.extend_from_slice(&tensor_head);
-        self.emit(&head)?;
+        self.emit(&record_head(name, dims, type_name, content_len))?;
         for p in parts {
             self.emit(p)?;
         }
@@ -228,14 +202,7 @@ impl CkptWriter {
     /// type `str`, content UTF-32LE with the width of the string (at least 1).
     pub fn write_string(&mut self, name: &str, value: &str) -> Result<()> {
         self.check_name(name)?;
-        let mut content: Vec<u8> = value
-            .chars()
-            .flat_map(|c| (c as u32).to_le_bytes())
-            .collect();
-        if content.is_empty() {
-            content.extend_from_slice(&[0; 4]);
-        }
-        self.record(name, &[0], "str", &[&content])
+        self.record(name, &[0], "str", &[&string_content(value)])
     }
 
     /// Writes the CRC trailer and the last encrypted block, then renames the
@@ -272,6 +239,119 @@ impl CkptWriter {
             }
         }
     }
+}
+
+/// The bytes of a record before its content.
+fn record_head(name: &str, dims: &[i64], type_name: &str, content_len: usize) -> Vec<u8> {
+    let mut tensor_head = Vec::with_capacity(64);
+    for &d in dims {
+        tensor_head.push(0x08);
+        put_varint(&mut tensor_head, d as u64);
+    }
+    tensor_head.push(0x12);
+    put_varint(&mut tensor_head, type_name.len() as u64);
+    tensor_head.extend_from_slice(type_name.as_bytes());
+    tensor_head.push(0x1a);
+    put_varint(&mut tensor_head, content_len as u64);
+    let tensor_len = tensor_head.len() + content_len;
+    let value_len = 1
+        + varint_len(name.len() as u64)
+        + name.len()
+        + 1
+        + varint_len(tensor_len as u64)
+        + tensor_len;
+
+    let mut head = Vec::with_capacity(tensor_head.len() + name.len() + 24);
+    head.push(0x0a);
+    put_varint(&mut head, value_len as u64);
+    head.push(0x0a);
+    put_varint(&mut head, name.len() as u64);
+    head.extend_from_slice(name.as_bytes());
+    head.push(0x12);
+    put_varint(&mut head, tensor_len as u64);
+    head.extend_from_slice(&tensor_head);
+    head
+}
+
+/// An entry of a [`layout`].
+#[derive(Debug, Clone)]
+pub enum LayoutEntry<'a> {
+    /// A tensor of this dtype and shape.
+    Tensor {
+        /// Name.
+        name: &'a str,
+        /// Element type.
+        dtype: DType,
+        /// Shape.
+        dims: &'a [i64],
+    },
+    /// A string entry (see [`CkptWriter::write_string`]).
+    Str {
+        /// Name.
+        name: &'a str,
+        /// Value.
+        value: &'a str,
+    },
+}
+
+/// Where every byte of a plain (unencrypted, no CRC) `.ckpt` holding
+/// `entries` in this order goes: the bytes equal [`CkptWriter`]'s with
+/// [`SplitMode::Bytes`].
+pub fn layout(entries: &[LayoutEntry<'_>]) -> Result<FileLayout> {
+    let mut names = std::collections::HashSet::new();
+    let mut spans = Vec::with_capacity(entries.len());
+    for e in entries {
+        let name = match e {
+            LayoutEntry::Tensor { name, .. } | LayoutEntry::Str { name, .. } => *name,
+        };
+        if !names.insert(name) {
+            return Err(Error::invalid("tensor written twice").in_tensor(name));
+        }
+        match e {
+            LayoutEntry::Tensor { dtype, dims, .. } => {
+                let nbytes = element_count(dims)
+                    .and_then(|n| n.checked_mul(dtype.size() as u64))
+                    .ok_or_else(|| {
+                        Error::InvalidShape {
+                            shape: dims.to_vec(),
+                            reason: "negative dimension or size overflow",
+                        }
+                        .in_tensor(name)
+                    })? as usize;
+                let mut segments = Vec::new();
+                let mut start = 0;
+                for len in byte_split(nbytes) {
+                    segments.push(Segment::Fixed(record_head(
+                        name,
+                        dims,
+                        dtype.mindspore_name(),
+                        len,
+                    )));
+                    segments.push(Segment::Data(start..start + len));
+                    start += len;
+                }
+                spans.push((name.to_string(), segments, nbytes));
+            }
+            LayoutEntry::Str { value, .. } => {
+                let mut bytes = record_head(name, &[0], "str", string_content(value).len());
+                bytes.extend_from_slice(&string_content(value));
+                spans.push((name.to_string(), vec![Segment::Fixed(bytes)], 0));
+            }
+        }
+    }
+    Ok(FileLayout::sequential(Vec::new(), spans))
+}
+
+/// A string entry's content: UTF-32LE, at least one character wide.
+fn string_content(value: &str) -> Vec<u8> {
+    let mut content: Vec<u8> = value
+        .chars()
+        .flat_map(|c| (c as u32).to_le_bytes())
+        .collect();
+    if content.is_empty() {
+        content.extend_from_slice(&[0; 4]);
+    }
+    content
 }
 
 fn flush_block(
@@ -311,42 +391,63 @@ fn row_split(nbytes: usize, dims: &[i64]) -> Vec<usize> {
         .collect()
 }
 
-/// Walks a list of slices, handing out consecutive pieces of given lengths.
-struct ChunkCursor<'a> {
-    chunks: &'a [&'a [u8]],
-    index: usize,
-    offset: usize,
-}
-
-impl<'a> ChunkCursor<'a> {
-    fn new(chunks: &'a [&'a [u8]]) -> Self {
-        ChunkCursor {
-            chunks,
-            index: 0,
-            offset: 0,
-        }
-    }
-
-    fn take(&mut self, mut len: usize) -> Vec<&'a [u8]> {
-        let mut parts = Vec::new();
-        while len > 0 {
-            let chunk = self.chunks[self.index];
-            let n = len.min(chunk.len() - self.offset);
-            parts.push(&chunk[self.offset..self.offset + n]);
-            self.offset += n;
-            len -= n;
-            if self.offset == chunk.len() {
-                self.index += 1;
-                self.offset = 0;
-            }
-        }
-        parts
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn layout_places_the_bytes_the_streaming_writer_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let streamed = dir.path().join("s.ckpt");
+        let a: Vec<u8> = (0..24).collect();
+        let b = vec![7u8; 2];
+        let mut w = CkptWriter::create(&streamed, WriteOptions::default()).unwrap();
+        w.write_tensor("a", DType::F32, &[2, 3], &a).unwrap();
+        w.write_string("note", "héllo").unwrap();
+        w.write_tensor("empty", DType::F16, &[0, 4], &[]).unwrap();
+        w.write_tensor("b", DType::BF16, &[1], &b).unwrap();
+        w.write_string("blank", "").unwrap();
+        w.finish().unwrap();
+
+        let entries = [
+            LayoutEntry::Tensor {
+                name: "a",
+                dtype: DType::F32,
+                dims: &[2, 3],
+            },
+            LayoutEntry::Str {
+                name: "note",
+                value: "héllo",
+            },
+            LayoutEntry::Tensor {
+                name: "empty",
+                dtype: DType::F16,
+                dims: &[0, 4],
+            },
+            LayoutEntry::Tensor {
+                name: "b",
+                dtype: DType::BF16,
+                dims: &[1],
+            },
+            LayoutEntry::Str {
+                name: "blank",
+                value: "",
+            },
+        ];
+        let placed = layout(&entries).unwrap();
+        let data: [&[u8]; 5] = [&a, &[], &[], &b, &[]];
+        let mut bytes = vec![0u8; placed.len as usize];
+        // Fill back to front: positions do not depend on order.
+        for (t, d) in placed.tensors.iter().zip(data).rev() {
+            for p in t.pieces(&[d]).unwrap() {
+                bytes[p.at as usize..p.at as usize + p.bytes.len()].copy_from_slice(p.bytes);
+            }
+        }
+        assert_eq!(bytes, std::fs::read(&streamed).unwrap());
+
+        let twice = [entries[0].clone(), entries[0].clone()];
+        assert!(layout(&twice).is_err());
+    }
 
     #[test]
     fn the_spec_byte_example() {

@@ -38,7 +38,7 @@ pub use hf::parse_size;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result, ResultExt};
-use crate::exec::{self, ExecOptions, ExecReport};
+use crate::exec::{self, ExecOptions, ExecReport, OutputControl};
 use crate::formats::ckpt::ReadOptions;
 use crate::formats::tree::FileFormat;
 use crate::formats::{EntryValue, Source, SourceEntry};
@@ -96,6 +96,8 @@ pub struct ConvertOptions {
     pub verify: bool,
     /// Which backend runs the plan.
     pub backend: crate::backend::BackendChoice,
+    /// Durability (`fsync`) and progress reporting.
+    pub control: OutputControl,
 }
 
 impl ConvertOptions {
@@ -128,6 +130,7 @@ impl ConvertOptions {
             manifest: true,
             verify: false,
             backend: crate::backend::BackendChoice::Cpu,
+            control: OutputControl::default(),
         }
     }
 }
@@ -930,6 +933,7 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertReport> {
                 &options.read,
                 options.manifest,
                 false,
+                &options.control,
             )
         },
     )?;

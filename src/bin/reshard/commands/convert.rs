@@ -118,6 +118,9 @@ pub struct ConvertArgs {
     /// Do not write <file>.manifest.json beside each output (skips hashing the inputs).
     #[arg(long = "no-manifest")]
     pub no_manifest: bool,
+    /// Do not fsync outputs before renaming them into place (faster on scratch disks; a crash may leave renamed files whose bytes never reached the disk).
+    #[arg(long = "no-fsync")]
+    pub no_fsync: bool,
     #[command(flatten)]
     pub backend: crate::args::BackendArgs,
     #[command(flatten)]
@@ -127,7 +130,7 @@ pub struct ConvertArgs {
     pub json: bool,
 }
 
-fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
+pub(crate) fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
     match s.to_ascii_lowercase().as_str() {
         "fp32" | "float32" => Ok(DType::F32),
         "fp16" | "float16" => Ok(DType::F16),
@@ -179,6 +182,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     options.manifest = !a.no_manifest;
     options.verify = a.verify;
     options.backend = a.backend.backend;
+    options.control.fsync = !a.no_fsync;
     let report = convert::convert(&options)?;
     if a.json {
         return render::json(&report);

@@ -111,6 +111,16 @@ fn non_empty(p: Option<std::ffi::OsString>) -> Option<PathBuf> {
 
 pub fn run(a: MergeLoraArgs) -> Result<()> {
     if let Some(adapter) = &a.adapter {
+        for (set, flag) in [
+            (a.output.resume, "--resume"),
+            (a.output.verify, "--verify"),
+            (a.output.no_manifest, "--no-manifest"),
+            (a.dry_run, "--dry-run"),
+        ] {
+            if set {
+                bail!("{flag} is not supported with --adapter (a PEFT merge always writes manifests and runs to the end)");
+            }
+        }
         let explicit = a
             .lora_scaling
             .or(a.lora_alpha.zip(a.lora_rank).map(|(alpha, r)| alpha / r));
@@ -123,6 +133,7 @@ pub fn run(a: MergeLoraArgs) -> Result<()> {
             backend: a.backend.backend,
             model: a.model.clone(),
             config: a.config.clone(),
+            control: a.output.control(),
         })?;
         if a.json {
             return render::json(&report);
@@ -160,6 +171,7 @@ pub fn run(a: MergeLoraArgs) -> Result<()> {
         resume: a.output.resume,
         verify: a.output.verify,
         backend: a.backend.backend,
+        control: a.output.control(),
         ..MergeLoraOptions::new(a.src, a.dst_dir)
     };
     let report = merge_lora(&options)?;

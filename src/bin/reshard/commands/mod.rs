@@ -128,6 +128,7 @@ fn transform(a: TransformArgs) -> Result<()> {
         resume: a.output.resume,
         verify: a.output.verify,
         backend: a.backend.backend,
+        control: a.output.control(),
     };
     let report = ops::transform::transform(&options)?;
     if a.json {
@@ -274,13 +275,23 @@ fn bench(a: BenchArgs) -> Result<()> {
     } else {
         None
     };
+    let observer: Option<std::sync::Arc<dyn ops::bench::BenchObserver>> =
+        if crate::progress::wanted(a.json) {
+            Some(std::sync::Arc::new(crate::progress::BenchBars::default()))
+        } else {
+            None
+        };
     let report = ops::bench::bench(&ops::bench::BenchOptions {
         params: ops::bench::parse_params(&a.params)?,
+        dtype: a.dtype,
         dir,
         workers: a.jobs.max(1),
         lora_rank: a.lora_rank.max(1),
+        repeat: a.repeat as usize,
+        steps: a.steps,
         mindspore,
         backend: a.backend.backend,
+        observer,
     })?;
     if a.json {
         return render::json(&report);
