@@ -25,9 +25,10 @@ fn index(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let mut group = c.benchmark_group("ckpt_index");
     group.sample_size(20);
-    // A 1 GiB file of 256 tensors, and a file of 20 000 tiny records.
+    // A 4 GiB file of 512 tensors (a 2B-parameter bf16 model), and a file
+    // of 20 000 tiny records.
     for (label, count, each) in [
-        ("1GiB_256_tensors", 256usize, 4usize << 20),
+        ("4GiB_512_tensors", 512usize, 8usize << 20),
         ("20k_records", 20_000, 64),
     ] {
         let path = dir.path().join(format!("{label}.ckpt"));

@@ -56,6 +56,10 @@ fn check_step(s: &Value, repeat: usize) {
         positive(&t["fraction_of_copy_bound"], &what);
         let samples = t["samples"].as_array().unwrap();
         assert_eq!(samples.len(), repeat, "{what}");
+        // One copy of the model file right before each run: the step's bound.
+        let copies = t["copy_samples"].as_array().unwrap();
+        assert_eq!(copies.len(), repeat, "{what}");
+        positive(&t["copy_bound_gb_per_s"], &what);
         for x in samples {
             positive(x, &what);
         }

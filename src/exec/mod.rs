@@ -37,7 +37,7 @@ use crate::plan::{Content, CopyStep, FilePlan, LoraTerm, Plan, TensorPlan};
 /// Options of [`execute`].
 #[derive(Debug, Clone)]
 pub struct ExecOptions {
-    /// Destination files written concurrently.
+    /// Worker threads: each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
     pub workers: usize,
     /// How sources are read (decryption, CRC verification).
     pub read: ReadOptions,
@@ -258,8 +258,9 @@ struct OpenFile<'p> {
     /// The planned tensor of each placement.
     tensors: Vec<&'p TensorPlan>,
     out: PlacedFile,
-    /// Placements are written and hashed front to back.
-    turn: Turn,
+    /// Placements are written, and then hashed, front to back.
+    written: Turn,
+    hashed: Turn,
     /// The file's hash so far (taken by the holder of the turn).
     hasher: Mutex<crate::formats::hash::Hasher>,
     digests: Mutex<Vec<Option<TensorDigest>>>,
@@ -420,7 +421,8 @@ impl<'p, B: Backend> Job<'p, B> {
             layout,
             tensors,
             out,
-            turn: Turn::default(),
+            written: Turn::default(),
+            hashed: Turn::default(),
             hasher: Mutex::new(hasher),
             started: Instant::now(),
         })
@@ -446,21 +448,28 @@ impl<'p, B: Backend> Job<'p, B> {
                 tensor_hash.update(piece.bytes);
             }
         }
-        // Tensors are filled in parallel and written in file order: the
-        // kernel serialises writes to one file anyway, and the file's hash
-        // runs front to back over what is written.
-        let Some(turn) = file.turn.wait_for(pos, &self.failed) else {
+        // Tensors are filled in parallel, written in file order (the kernel
+        // serialises writes to one file anyway), then added to the file's
+        // hash in file order: while one worker hashes tensor i, another can
+        // write tensor i + 1.
+        let Some(written) = file.written.wait_for(pos, &self.failed) else {
             return Ok(());
         };
-        let mut hasher = file.hasher.lock().unwrap();
         for piece in &pieces {
             file.out.write_at(piece.at, piece.bytes)?;
-            if hashing {
+        }
+        file.written.pass(written);
+        if hashing {
+            let Some(hashed) = file.hashed.wait_for(pos, &self.failed) else {
+                return Ok(());
+            };
+            let mut hasher = file.hasher.lock().unwrap();
+            for piece in &pieces {
                 hasher.update(piece.bytes);
             }
+            drop(hasher);
+            file.hashed.pass(hashed);
         }
-        drop(hasher);
-        file.turn.pass(turn);
         file.active.fetch_sub(1, Ordering::Relaxed);
         if let Some(p) = &self.options.control.progress {
             p.add(t.bytes());
@@ -487,9 +496,9 @@ impl<'p, B: Backend> Job<'p, B> {
                 if let [only] = steps.as_slice() {
                     if is_plain_copy(&only.copy) {
                         // Straight from the mapped source: no buffer at all.
-                        return Ok(Filled::Mapped(
-                            sources.get(only.source)?.chunks(&only.tensor)?,
-                        ));
+                        let chunks = sources.get(only.source)?.chunks(&only.tensor)?;
+                        touch_pages(&chunks);
+                        return Ok(Filled::Mapped(chunks));
                     }
                 }
                 let bytes = t.bytes() as usize;
@@ -612,6 +621,20 @@ impl Turn {
         drop(guard);
         self.changed.notify_all();
     }
+}
+
+/// Reads one byte per page of `chunks`, so their pages are mapped (many
+/// per fault) by this worker, in parallel with the others, rather than one
+/// by one inside the serial `write` that copies them to the output.
+fn touch_pages(chunks: &[&[u8]]) {
+    let mut sum = 0u8;
+    for c in chunks {
+        for b in c.iter().step_by(4096) {
+            // SAFETY: a valid reference to an initialised byte.
+            sum = sum.wrapping_add(unsafe { std::ptr::read_volatile(b) });
+        }
+    }
+    std::hint::black_box(sum);
 }
 
 /// A tensor's bytes, wherever they are.

@@ -55,7 +55,7 @@ pub struct MergeLoraOptions {
     pub fan_in_fan_out: bool,
     /// Output format.
     pub format: FileFormat,
-    /// Destination files written concurrently.
+    /// Worker threads: each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
     pub workers: usize,
     /// Plan only.
     pub dry_run: bool,
@@ -446,7 +446,7 @@ pub struct MergePeftOptions {
     pub dst_dir: PathBuf,
     /// Override the adapter's scale.
     pub scale: Option<f32>,
-    /// Destination files written concurrently.
+    /// Worker threads: each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
     pub workers: usize,
     /// Which backend runs the plan (default: the CPU).
     pub backend: BackendChoice,

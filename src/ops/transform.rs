@@ -34,7 +34,7 @@ pub struct TransformOptions {
     pub ranks: Option<Vec<usize>>,
     /// Expected number of destination ranks (checked against the strategy).
     pub world_size: Option<usize>,
-    /// Destination files written concurrently.
+    /// Worker threads: each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
     pub workers: usize,
     /// Output format (`None`: the source's format).
     pub output_format: Option<FileFormat>,

@@ -67,7 +67,7 @@ pub struct BenchArgs {
     /// Working directory (replaced; default: a new temporary directory, removed afterwards).
     #[arg(long)]
     pub dir: Option<PathBuf>,
-    /// Destination files written concurrently.
+    /// Worker threads: each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
     #[arg(short = 'j', long = "jobs", default_value_t = 2)]
     pub jobs: usize,
     /// Rank of the LoRA factors in the lora step.
@@ -81,6 +81,9 @@ pub struct BenchArgs {
     pub python: Option<PathBuf>,
     #[command(flatten)]
     pub backend: BackendArgs,
+    /// Time reshard without writing manifests (shows what hashing inputs and outputs costs).
+    #[arg(long = "no-manifest")]
+    pub no_manifest: bool,
     /// Print JSON for scripts (no progress bars).
     #[arg(long)]
     pub json: bool,
@@ -187,7 +190,7 @@ pub struct TransformArgs {
     /// Number of destination ranks expected (checked against the destination strategy).
     #[arg(long = "world-size", alias = "world_size", value_name = "N")]
     pub world_size: Option<usize>,
-    /// Destination files written concurrently.
+    /// Worker threads: each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
     #[arg(
         long = "process-num",
         alias = "transform_process_num",

@@ -334,18 +334,19 @@ pub fn bench(r: &reshard::ops::bench::BenchReport) -> Result<()> {
     writeln!(out)?;
     writeln!(
         out,
-        "model: {} parameters ({}), {} tensors, {} (largest tensor {}); backend {}",
+        "model: {} parameters ({}), {} tensors, {} (largest tensor {}); backend {}{}",
         r.model.params,
         r.dtype,
         r.model.tensors,
         human_bytes(r.model.bytes),
         human_bytes(r.model.largest),
-        r.backend
+        r.backend,
+        if r.manifest { "" } else { "; no manifests" }
     )?;
     writeln!(
         out,
         "copy bound (8 MiB sequential read+write of the model file): {:.2} GB/s cache warm, {:.2} GB/s with fsync; \
-medians of {} run(s) each; each step's ratio uses a copy made right before each of its runs",
+fastest of {2} copies; times are medians of {2} runs; each step's ratio uses the fastest of copies made right before its runs",
         r.copy_bound_warm.gb_per_s,
         r.copy_bound_fsync.gb_per_s,
         r.repeat

@@ -82,7 +82,7 @@ pub struct ConvertOptions {
     /// Forward output format (default: by the output's extension; `ckpt`
     /// for rank shards).
     pub output_format: Option<FileFormat>,
-    /// Files written concurrently.
+    /// Worker threads: each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
     pub workers: usize,
     /// Plan only.
     pub dry_run: bool,

@@ -88,7 +88,7 @@ pub struct ConvertArgs {
         value_name = "ckpt|safetensors"
     )]
     pub output_format: Option<String>,
-    /// Output files written concurrently.
+    /// Worker threads: each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
     #[arg(
         long = "process-num",
         short = 'j',

@@ -87,7 +87,7 @@ pub struct MergeLoraArgs {
         value_name = "ckpt|safetensors"
     )]
     pub save_format: String,
-    /// Destination files written concurrently.
+    /// Worker threads: each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
     #[arg(short = 'j', long = "jobs", default_value_t = 1)]
     pub jobs: usize,
     /// Print the plan and write nothing.

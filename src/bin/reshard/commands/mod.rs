@@ -291,6 +291,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         steps: a.steps,
         mindspore,
         backend: a.backend.backend,
+        manifest: !a.no_manifest,
         observer,
     })?;
     if a.json {
