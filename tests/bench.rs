@@ -167,3 +167,33 @@ fn bench_vs_mindspore_times_every_step() {
     }
     assert_cleaned(&work);
 }
+
+/// `--backend` reaches every step: each backend the build has (with the
+/// `ascend` feature, Ascend on the host emulator — emulated, not an NPU)
+/// runs the whole bench in-process and says it did.
+#[test]
+fn bench_runs_every_step_on_each_backend() {
+    use reshard::ops::bench::{bench, BenchOptions};
+    let backends = std::iter::once((reshard::backend::BackendChoice::Cpu, "cpu"))
+        .chain(crate::ascend::extra_backends());
+    for (backend, label) in backends {
+        let dir = tempdir();
+        let report = bench(&BenchOptions {
+            repeat: 1,
+            lora_rank: 8,
+            backend,
+            ..BenchOptions::new(4_000_000, dir.path().join("b"))
+        })
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+        assert_eq!(report.steps.len(), ALL.len(), "{label}");
+        let want = label.split('-').next().unwrap();
+        assert!(
+            report.backend.to_lowercase().contains(want),
+            "{label}: ran on {}",
+            report.backend
+        );
+        for s in &report.steps {
+            assert!(s.bytes > 0 && s.warm.seconds > 0.0, "{label}: {s:?}");
+        }
+    }
+}
