@@ -713,3 +713,29 @@ fn bad_peft_adapters_are_refused() {
     assert!(e.contains("layers.9") && e.contains("does not have"), "{e}");
     assert!(!out.exists() || std::fs::read_dir(&out).unwrap().count() == 0);
 }
+
+/// A PEFT merge always writes manifests and runs to the end: the flags it
+/// cannot honour are refused, naming the flag, before anything is read.
+#[test]
+fn adapter_merge_refuses_flags_it_cannot_honour() {
+    let dir = tempdir();
+    for flag in ["--resume", "--verify", "--no-manifest", "--dry-run"] {
+        let out = Command::new(reshard_bin())
+            .args(["merge-lora", "--src-ckpt-path-or-dir"])
+            .arg(dir.path().join("base"))
+            .arg("--adapter")
+            .arg(dir.path().join("adapter"))
+            .arg("--dst-ckpt-dir")
+            .arg(dir.path().join("out"))
+            .arg(flag)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{flag}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(flag) && err.contains("not supported with --adapter"),
+            "{flag}: {err}"
+        );
+        assert!(!dir.path().join("out").exists(), "{flag}");
+    }
+}

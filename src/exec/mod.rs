@@ -447,6 +447,10 @@ impl<'p, B: Backend> Job<'p, B> {
             for piece in pieces.iter().filter(|p| p.data) {
                 tensor_hash.update(piece.bytes);
             }
+        } else if let Filled::Mapped(chunks) = &filled {
+            // Hashing reads mapped sources here; without it, map their
+            // pages here all the same.
+            touch_pages(chunks);
         }
         // Tensors are filled in parallel, written in file order (the kernel
         // serialises writes to one file anyway), then added to the file's
@@ -496,9 +500,9 @@ impl<'p, B: Backend> Job<'p, B> {
                 if let [only] = steps.as_slice() {
                     if is_plain_copy(&only.copy) {
                         // Straight from the mapped source: no buffer at all.
-                        let chunks = sources.get(only.source)?.chunks(&only.tensor)?;
-                        touch_pages(&chunks);
-                        return Ok(Filled::Mapped(chunks));
+                        return Ok(Filled::Mapped(
+                            sources.get(only.source)?.chunks(&only.tensor)?,
+                        ));
                     }
                 }
                 let bytes = t.bytes() as usize;
