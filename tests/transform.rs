@@ -421,6 +421,11 @@ fn any_worker_count_writes_the_same_bytes_and_manifests() {
         let written = report.executed.unwrap().bytes_written;
         assert!(written > 0);
         assert_eq!(progress.bytes(), written);
+        assert_eq!(
+            progress.total(),
+            written,
+            "the planned total, set at the start"
+        );
         let file = dst.join("rank_0/checkpoint_0.ckpt");
         let manifest = reshard::formats::manifest::Manifest::read(&file)
             .unwrap()

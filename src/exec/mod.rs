@@ -74,23 +74,33 @@ impl Default for OutputControl {
     }
 }
 
-/// Tensor bytes written so far, shared with whoever draws a progress bar.
+/// Tensor bytes written so far, and the bytes the job will write once it
+/// is planned, shared with whoever draws a progress bar.
 #[derive(Debug, Clone, Default)]
-pub struct Progress(std::sync::Arc<std::sync::atomic::AtomicU64>);
+pub struct Progress(std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>);
 
 impl Progress {
-    /// A counter at zero.
+    /// A counter at zero, total unknown.
     pub fn new() -> Progress {
         Progress::default()
     }
 
     /// Bytes written so far.
     pub fn bytes(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0[0].load(Ordering::Relaxed)
+    }
+
+    /// Bytes the running job writes in all (0 until it is planned).
+    pub fn total(&self) -> u64 {
+        self.0[1].load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_total(&self, bytes: u64) {
+        self.0[1].store(bytes, Ordering::Relaxed);
     }
 
     pub(crate) fn add(&self, bytes: u64) {
-        self.0.fetch_add(bytes, Ordering::Relaxed);
+        self.0[0].fetch_add(bytes, Ordering::Relaxed);
     }
 }
 
@@ -165,6 +175,9 @@ impl<'p> Sources<'p> {
 /// Runs `plan`.
 pub fn execute<B: Backend>(plan: &Plan, backend: &B, options: &ExecOptions) -> Result<ExecReport> {
     let start = Instant::now();
+    if let Some(p) = &options.control.progress {
+        p.set_total(plan.files.iter().map(FilePlan::bytes).sum());
+    }
     let units: usize = plan.files.iter().map(|f| f.tensors.len().max(1)).sum();
     let workers = options.workers.clamp(1, units.max(1));
     let job = Job {
@@ -301,6 +314,9 @@ impl<'p, B: Backend> Job<'p, B> {
                 if let Some(file) = self.plan.files.get(c.file) {
                     c.file += 1;
                     if self.options.resume && already_complete(file) {
+                        if let Some(p) = &self.options.control.progress {
+                            p.add(file.bytes());
+                        }
                         self.done.lock().unwrap().push(WrittenFile {
                             rank: file.rank,
                             path: file.path.clone(),

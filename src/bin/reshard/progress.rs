@@ -31,7 +31,8 @@ pub struct ByteBar {
 }
 
 impl ByteBar {
-    /// Starts a bar labelled `what`, of `total` bytes, following `progress`.
+    /// Starts a bar labelled `what`, of `total` bytes (0: the total the
+    /// job sets in `progress` once it is planned), following `progress`.
     pub fn start(what: &str, total: u64, progress: Option<Progress>) -> ByteBar {
         let stop = Arc::new(AtomicBool::new(false));
         let Some(progress) = progress else {
@@ -48,7 +49,10 @@ impl ByteBar {
                 poller: None,
             };
         };
-        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        let bar = ProgressBar::with_draw_target(
+            (total > 0).then_some(total),
+            ProgressDrawTarget::stderr(),
+        );
         bar.set_style(
             ProgressStyle::with_template(
                 "{msg:28} [{bar:30}] {bytes:>10}/{total_bytes:10} {binary_bytes_per_sec:>12} {elapsed}",
@@ -59,6 +63,9 @@ impl ByteBar {
         bar.set_message(what.to_string());
         let (b, flag) = (bar.clone(), stop.clone());
         let poller = std::thread::spawn(move || loop {
+            if total == 0 && progress.total() > 0 {
+                b.set_length(progress.total());
+            }
             b.set_position(progress.bytes());
             if flag.load(Ordering::Relaxed) {
                 return;
@@ -87,6 +94,18 @@ impl fmt::Debug for ByteBar {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ByteBar").finish_non_exhaustive()
     }
+}
+
+/// A bar for a command that writes checkpoints, when bars are wanted:
+/// returns the counter to hand to the library and the bar to drop when the
+/// command is done.
+pub fn for_command(what: &str, json: bool) -> (Option<Progress>, Option<ByteBar>) {
+    if !wanted(json) {
+        return (None, None);
+    }
+    let progress = Progress::new();
+    let bar = ByteBar::start(what, 0, Some(progress.clone()));
+    (Some(progress), Some(bar))
 }
 
 /// Draws a [`ByteBar`] for each run `reshard bench` reports.

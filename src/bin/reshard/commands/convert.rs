@@ -183,7 +183,11 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     options.verify = a.verify;
     options.backend = a.backend.backend;
     options.control.fsync = !a.no_fsync;
-    let report = convert::convert(&options)?;
+    let (progress, bar) = crate::progress::for_command("convert", a.json || a.dry_run);
+    options.control.progress = progress;
+    let report = convert::convert(&options);
+    drop(bar);
+    let report = report?;
     if a.json {
         return render::json(&report);
     }

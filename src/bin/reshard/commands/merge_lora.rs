@@ -124,6 +124,7 @@ pub fn run(a: MergeLoraArgs) -> Result<()> {
         let explicit = a
             .lora_scaling
             .or(a.lora_alpha.zip(a.lora_rank).map(|(alpha, r)| alpha / r));
+        let (progress, bar) = crate::progress::for_command("merge-lora", a.json);
         let report = merge_peft(&MergePeftOptions {
             base: a.src.clone(),
             adapter: adapter.clone(),
@@ -133,8 +134,13 @@ pub fn run(a: MergeLoraArgs) -> Result<()> {
             backend: a.backend.backend,
             model: a.model.clone(),
             config: a.config.clone(),
-            control: a.output.control(),
-        })?;
+            control: reshard::exec::OutputControl {
+                progress,
+                ..a.output.control()
+            },
+        });
+        drop(bar);
+        let report = report?;
         if a.json {
             return render::json(&report);
         }
@@ -174,7 +180,17 @@ pub fn run(a: MergeLoraArgs) -> Result<()> {
         control: a.output.control(),
         ..MergeLoraOptions::new(a.src, a.dst_dir)
     };
-    let report = merge_lora(&options)?;
+    let (progress, bar) = crate::progress::for_command("merge-lora", a.json || a.dry_run);
+    let options = MergeLoraOptions {
+        control: reshard::exec::OutputControl {
+            progress,
+            ..options.control
+        },
+        ..options
+    };
+    let report = merge_lora(&options);
+    drop(bar);
+    let report = report?;
     if a.json {
         return render::json(&report);
     }

@@ -130,7 +130,17 @@ fn transform(a: TransformArgs) -> Result<()> {
         backend: a.backend.backend,
         control: a.output.control(),
     };
-    let report = ops::transform::transform(&options)?;
+    let (progress, bar) = crate::progress::for_command("transform", a.json || a.dry_run);
+    let options = ops::transform::TransformOptions {
+        control: reshard::exec::OutputControl {
+            progress,
+            ..options.control
+        },
+        ..options
+    };
+    let report = ops::transform::transform(&options);
+    drop(bar);
+    let report = report?;
     if a.json {
         return render::json(&report);
     }
