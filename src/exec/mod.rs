@@ -200,9 +200,11 @@ pub fn execute<B: Backend>(plan: &Plan, backend: &B, options: &ExecOptions) -> R
         first_error: Mutex::new(None),
     };
     crossbeam::thread::scope(|s| {
-        if options.manifest.is_some() {
+        if options.manifest.is_some() && !options.resume {
             // Source hashes (for the manifests) are needed only when a file
-            // is finished; computing them meanwhile uses idle time.
+            // is finished; computing them meanwhile uses idle time. Not when
+            // resuming: files found complete need none of their sources, so
+            // hashes are taken on demand as before.
             s.spawn(|_| {
                 for i in 0..plan.sources.len() {
                     if job.failed.load(Ordering::Relaxed) {
@@ -270,6 +272,9 @@ struct OpenFile<'p> {
     layout: FileLayout,
     /// The planned tensor of each placement.
     tensors: Vec<&'p TensorPlan>,
+    /// The value of each placement that is a string entry (read once, to
+    /// lay the file out).
+    strings: Vec<Option<String>>,
     out: PlacedFile,
     /// Placements are written, and then hashed, front to back.
     written: Turn,
@@ -418,6 +423,17 @@ impl<'p, B: Backend> Job<'p, B> {
         };
         let by_name: HashMap<&str, &TensorPlan> =
             file.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+        let values: HashMap<&str, &String> = file
+            .tensors
+            .iter()
+            .zip(&strings)
+            .filter_map(|(t, v)| Some((t.name.as_str(), v.as_ref()?)))
+            .collect();
+        let placed_strings = layout
+            .tensors
+            .iter()
+            .map(|p| values.get(p.name.as_str()).map(|v| (*v).clone()))
+            .collect();
         let tensors = layout
             .tensors
             .iter()
@@ -436,6 +452,7 @@ impl<'p, B: Backend> Job<'p, B> {
             active: AtomicUsize::new(0),
             layout,
             tensors,
+            strings: placed_strings,
             out,
             written: Turn::default(),
             hashed: Turn::default(),
@@ -453,7 +470,10 @@ impl<'p, B: Backend> Job<'p, B> {
             e @ Error::InFile { .. } => e,
             e => e.in_tensor(&t.name).in_file(&file.plan.path),
         };
-        let filled = self.fill(t).map_err(context)?;
+        let filled = match &file.strings[pos] {
+            Some(value) => Filled::Str(value.clone()),
+            None => self.fill(t).map_err(context)?,
+        };
         let chunks = filled.chunks(self.backend);
         let pieces = placement.pieces(&chunks).map_err(context)?;
         // Hashes are for the manifest: without one, nothing to compute.
@@ -505,13 +525,11 @@ impl<'p, B: Backend> Job<'p, B> {
         Ok(())
     }
 
-    /// The bytes of tensor `t`, by the cheapest route.
+    /// The bytes of tensor `t` (not a string entry), by the cheapest route.
     fn fill(&self, t: &TensorPlan) -> Result<Filled<'_, B::Buffer>> {
         let sources = &self.sources;
         match &t.content {
-            Content::Str { source, tensor } => {
-                Ok(Filled::Str(sources.get(*source)?.string(tensor)?))
-            }
+            Content::Str { .. } => unreachable!("string values are read when the file is laid out"),
             Content::Tensor { steps, .. } => {
                 if let [only] = steps.as_slice() {
                     if is_plain_copy(&only.copy) {
