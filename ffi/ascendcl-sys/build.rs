@@ -4,12 +4,13 @@
 //! loaded at run time, so the crate builds without CANN.
 //!
 //! Feature `cann`: find the toolkit (same search order as the run-time
-//! loader), run bindgen over its headers in C++ mode (`-x c++ -std=c++14`:
-//! `acl_meta.h` uses `<cstdint>`/`constexpr`, `hccl_types.h` sizes arrays
-//! with `const uint32_t`) with newtype enums, and set cfg `ascendcl_bindgen`
-//! so `src/sys/checked.rs` pins every hand-written signature to the
-//! generated one. Headers not found under `cann` is an error: the feature
-//! exists to run the check.
+//! loader), run the generator of the committed bindings
+//! (`regen/src/gen.rs`: bindgen in C++ mode, newtype enums) over its
+//! headers, and set cfg `ascendcl_bindgen` so `src/sys/checked.rs` pins
+//! every hand-written signature to the installed headers' too. Headers not
+//! found under `cann` is an error: the feature exists to run the check.
+//! Without it, the committed `bindings/` (CANN 8.1, 8.5) are checked by
+//! `cargo test -p ascendcl-sys`, with no CANN and no libclang.
 //!
 //! Feature `link`: also emit `-L<root>/lib64 -lascendcl -lnnopbase -lopapi
 //! -lhccl` (for those who prefer link-time resolution; the table is still
@@ -81,71 +82,29 @@ fn main() {
 }
 
 #[cfg(feature = "cann")]
+#[path = "regen/src/gen.rs"]
+#[allow(dead_code)]
+mod gen;
+
+/// The same generator as the committed `bindings/` (regen/src/gen.rs), over
+/// the installed toolkit's headers; `src/sys/checked.rs` includes the result,
+/// whose `pin_table!` pins every hand-written signature to it.
+#[cfg(feature = "cann")]
 fn bindgen_check(root: &std::path::Path) {
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
     let include = root.join("include");
-    let wrapper = out.join("wrapper.h");
-    std::fs::write(
-        &wrapper,
-        "#include <acl/acl.h>\n#include <acl/acl_rt.h>\n#include <aclnn/acl_meta.h>\n\
-         #include <aclnnop/aclnn_copy.h>\n#include <aclnnop/aclnn_cast.h>\n\
-         #include <aclnnop/aclnn_cat.h>\n#include <aclnnop/aclnn_slice.h>\n\
-         #include <aclnnop/aclnn_add.h>\n#include <aclnnop/aclnn_addmm.h>\n\
-         #include <hccl/hccl.h>\n#include <hccl/hccl_types.h>\n",
-    )
-    .expect("write wrapper.h");
     println!("cargo::rerun-if-changed={}", include.display());
-    // Named types we write by hand: in `bindings.rs` they come from our
-    // module, so function pins compare against exactly our definitions.
-    let ours = [
-        "aclError",
-        "aclnnStatus",
-        "aclrtStream",
-        "aclrtEvent",
-        "aclrtContext",
-        "HcclComm",
-        "aclTensor",
-        "aclScalar",
-        "aclTensorList",
-        "aclIntArray",
-        "aclOpExecutor",
-        "aclDataType",
-        "aclFormat",
-        "aclrtMemcpyKind",
-        "aclrtMemMallocPolicy",
-        "aclrtMemAttr",
-        "HcclResult",
-        "HcclDataType",
-        "HcclRootInfo",
-        "HcclRootInfoDef",
-    ];
-    let base = || {
-        bindgen::Builder::default()
-            .header(wrapper.display().to_string())
-            .clang_args(["-x", "c++", "-std=c++14"])
-            .clang_arg(format!("-I{}", include.display()))
-            .clang_arg(format!("-I{}", include.join("aclnn").display()))
-            .allowlist_item("acl.*|aclnn.*|Hccl.*|ACL_.*|HCCL_.*")
-            .default_enum_style(bindgen::EnumVariation::NewType {
-                is_bitfield: false,
-                is_global: false,
-            })
-            .layout_tests(false)
-            .generate_comments(false)
-    };
-    let mut functions = base();
-    for t in ours {
-        functions = functions.blocklist_type(t);
-    }
-    functions
-        .generate()
-        .expect("bindgen over the CANN headers (functions)")
-        .write_to_file(out.join("bindings.rs"))
-        .expect("write bindings.rs");
-    base()
-        .generate()
-        .expect("bindgen over the CANN headers (types)")
-        .write_to_file(out.join("raw.rs"))
-        .expect("write raw.rs");
+    let provenance = format!(
+        "installed toolkit {} ({})",
+        root.display(),
+        std::fs::read_to_string(root.join("version.cfg"))
+            .ok()
+            .and_then(|v| v.lines().next().map(str::to_string))
+            .unwrap_or_else(|| "no version.cfg".into())
+    );
+    let aclnn = include.join("aclnn");
+    let text = gen::generate(&[include.as_path(), aclnn.as_path()], &provenance)
+        .unwrap_or_else(|e| panic!("ascendcl-sys (feature cann): {e}"));
+    std::fs::write(out.join("cann_installed.rs"), text).expect("write cann_installed.rs");
     println!("cargo::rustc-cfg=ascendcl_bindgen");
 }

@@ -544,7 +544,7 @@ pub(crate) fn slice_ws(
 
 pub(crate) fn inplace_add_ws(
     e: Emu,
-    this: *mut aclTensor,
+    this: *const aclTensor,
     other: *const aclTensor,
     alpha: *const aclScalar,
     ws: *mut u64,

@@ -136,7 +136,7 @@ exports! {
     fn aclnnCat(w: *mut c_void, n: u64, x: *mut aclOpExecutor, s: aclrtStream) -> aclnnStatus => |e| aclnn::launch(e, "aclnnCat", w, n, x, s);
     fn aclnnSliceGetWorkspaceSize(t: *const aclTensor, dim: i64, a: i64, b: i64, step: i64, o: *mut aclTensor, w: *mut u64, x: *mut *mut aclOpExecutor) -> aclnnStatus => |e| aclnn::slice_ws(e, t, dim, a, b, step, o, w, x);
     fn aclnnSlice(w: *mut c_void, n: u64, x: *mut aclOpExecutor, s: aclrtStream) -> aclnnStatus => |e| aclnn::launch(e, "aclnnSlice", w, n, x, s);
-    fn aclnnInplaceAddGetWorkspaceSize(t: *mut aclTensor, o: *const aclTensor, a: *const aclScalar, w: *mut u64, x: *mut *mut aclOpExecutor) -> aclnnStatus => |e| aclnn::inplace_add_ws(e, t, o, a, w, x);
+    fn aclnnInplaceAddGetWorkspaceSize(t: *const aclTensor, o: *const aclTensor, a: *const aclScalar, w: *mut u64, x: *mut *mut aclOpExecutor) -> aclnnStatus => |e| aclnn::inplace_add_ws(e, t, o, a, w, x);
     fn aclnnInplaceAdd(w: *mut c_void, n: u64, x: *mut aclOpExecutor, s: aclrtStream) -> aclnnStatus => |e| aclnn::launch(e, "aclnnInplaceAdd", w, n, x, s);
     fn aclnnInplaceAddmmGetWorkspaceSize(t: *const aclTensor, m1: *const aclTensor, m2: *const aclTensor, b: *const aclScalar, a: *const aclScalar, c: i8, w: *mut u64, x: *mut *mut aclOpExecutor) -> aclnnStatus => |e| aclnn::inplace_addmm_ws(e, t, m1, m2, b, a, c, w, x);
     fn aclnnInplaceAddmm(w: *mut c_void, n: u64, x: *mut aclOpExecutor, s: aclrtStream) -> aclnnStatus => |e| aclnn::launch(e, "aclnnInplaceAddmm", w, n, x, s);

@@ -95,15 +95,15 @@ macro_rules! table {
             }
         }
 
-        /// Compile-time pins of the hand-written signatures to bindgen's
-        /// (feature `cann`, CANN headers found): a drift is a type error.
-        #[cfg(ascendcl_bindgen)]
-        #[allow(dead_code, non_upper_case_globals)]
-        mod pinned {
+        /// The C type of each table function, as we wrote it: the committed
+        /// bindings of every supported CANN version (`bindings/`, checked in
+        /// [`super::bindings`]) and, with the `cann` feature, the installed
+        /// headers' are pinned to these by `pin_table!`.
+        #[allow(non_camel_case_types, dead_code)]
+        pub mod sig {
             use super::*;
-            use crate::sys::checked::bindings as gen;
-            $( const $r: unsafe extern "C" fn($($rt),*) -> $rr = gen::$r; )*
-            $( const $o: unsafe extern "C" fn($($ot),*) -> $or = gen::$o; )*
+            $( pub type $r = unsafe extern "C" fn($($rt),*) -> $rr; )*
+            $( pub type $o = unsafe extern "C" fn($($ot),*) -> $or; )*
         }
     };
 }
@@ -160,7 +160,7 @@ table! {
         fn aclnnCat(workspace: *mut c_void, workspace_size: u64, executor: *mut aclOpExecutor, stream: aclrtStream) -> aclnnStatus;
         fn aclnnSliceGetWorkspaceSize(self_: *const aclTensor, dim: i64, start: i64, end: i64, step: i64, out: *mut aclTensor, workspace_size: *mut u64, executor: *mut *mut aclOpExecutor) -> aclnnStatus;
         fn aclnnSlice(workspace: *mut c_void, workspace_size: u64, executor: *mut aclOpExecutor, stream: aclrtStream) -> aclnnStatus;
-        fn aclnnInplaceAddGetWorkspaceSize(self_ref: *mut aclTensor, other: *const aclTensor, alpha: *const aclScalar, workspace_size: *mut u64, executor: *mut *mut aclOpExecutor) -> aclnnStatus;
+        fn aclnnInplaceAddGetWorkspaceSize(self_ref: *const aclTensor, other: *const aclTensor, alpha: *const aclScalar, workspace_size: *mut u64, executor: *mut *mut aclOpExecutor) -> aclnnStatus;
         fn aclnnInplaceAdd(workspace: *mut c_void, workspace_size: u64, executor: *mut aclOpExecutor, stream: aclrtStream) -> aclnnStatus;
         fn aclnnInplaceAddmmGetWorkspaceSize(self_ref: *const aclTensor, mat1: *const aclTensor, mat2: *const aclTensor, beta: *const aclScalar, alpha: *const aclScalar, cube_math_type: i8, workspace_size: *mut u64, executor: *mut *mut aclOpExecutor) -> aclnnStatus;
         fn aclnnInplaceAddmm(workspace: *mut c_void, workspace_size: u64, executor: *mut aclOpExecutor, stream: aclrtStream) -> aclnnStatus;

@@ -57,6 +57,8 @@ macro_rules! newtype_enum {
         pub struct $name(pub $repr);
         $( $(#[$vm])* pub const $v: $name = $name($val); )*
         impl $name {
+            /// Every member we define, `(C name, value)`.
+            pub const ALL: &'static [(&'static str, $repr)] = &[$((stringify!($v), $val)),*];
             /// The C name of a known value.
             pub fn name(self) -> Option<&'static str> {
                 match self { $( $v => Some(stringify!($v)), )* _ => None }
@@ -195,44 +197,46 @@ pub const KEEP_DTYPE: i8 = 0;
 /// `cubeMathType`: fp16/bf16 inputs, fp32 intermediate add.
 pub const USE_FP32_ADD: i8 = 4;
 
+/// Every `aclError` / `aclnnStatus` code we name, `(C name, value)`.
+pub const ACL_CODES: &[(&str, i32)] = &[
+    ("ACL_SUCCESS", 0),
+    ("ACL_ERROR_INVALID_PARAM", 100000),
+    ("ACL_ERROR_UNINITIALIZE", 100001),
+    ("ACL_ERROR_REPEAT_INITIALIZE", 100002),
+    ("ACL_ERROR_REPEAT_FINALIZE", 100037),
+    ("ACL_ERROR_BAD_ALLOC", 200000),
+    ("ACL_ERROR_API_NOT_SUPPORT", 200001),
+    ("ACL_ERROR_INVALID_DEVICE", 200002),
+    ("ACL_ERROR_MEMORY_ADDRESS_UNALIGNED", 200003),
+    ("ACL_ERROR_FEATURE_UNSUPPORTED", 200006),
+    ("ACL_ERROR_STORAGE_OVER_LIMIT", 300000),
+    ("ACL_ERROR_INTERNAL_ERROR", 500000),
+    ("ACL_ERROR_FAILURE", 500001),
+    ("ACL_ERROR_RT_FAILURE", 500003),
+    ("ACL_ERROR_RT_PARAM_INVALID", 107000),
+    ("ACL_ERROR_RT_INVALID_DEVICEID", 107001),
+    ("ACL_ERROR_RT_CONTEXT_NULL", 107002),
+    ("ACL_ERROR_RT_STREAM_CONTEXT", 107003),
+    ("ACL_ERROR_RT_FEATURE_NOT_SUPPORT", 207000),
+    ("ACL_ERROR_RT_MEMORY_ALLOCATION", 207001),
+    ("ACL_ERROR_RT_NO_DEVICE", 207004),
+    ("ACL_ERROR_RT_INTERNAL_ERROR", 507000),
+    ("ACL_ERROR_RT_AICORE_TIMEOUT", 507014),
+    ("ACL_ERROR_RT_AICORE_EXCEPTION", 507015),
+    ("ACL_ERROR_RT_STREAM_SYNC_TIMEOUT", 507046),
+    ("ACL_ERROR_RT_DEVICE_MEM_ERROR", 507053),
+    ("ACLNN_ERR_PARAM_NULLPTR", 161001),
+    ("ACLNN_ERR_PARAM_INVALID", 161002),
+    ("ACLNN_ERR_RUNTIME_ERROR", 361001),
+    ("ACLNN_ERR_INNER", 561000),
+    ("ACLNN_ERR_INNER_FIND_KERNEL_ERROR", 561003),
+    ("ACLNN_ERR_INNER_OPP_PATH_NOT_FOUND", 561107),
+    ("ACLNN_ERR_INNER_OPP_KERNEL_PKG_NOT_FOUND", 561112),
+];
+
 /// The name of a known `aclError` / `aclnnStatus` code.
 pub fn acl_code_name(code: i32) -> Option<&'static str> {
-    Some(match code {
-        0 => "ACL_SUCCESS",
-        100000 => "ACL_ERROR_INVALID_PARAM",
-        100001 => "ACL_ERROR_UNINITIALIZE",
-        100002 => "ACL_ERROR_REPEAT_INITIALIZE",
-        100037 => "ACL_ERROR_REPEAT_FINALIZE",
-        200000 => "ACL_ERROR_BAD_ALLOC",
-        200001 => "ACL_ERROR_API_NOT_SUPPORT",
-        200002 => "ACL_ERROR_INVALID_DEVICE",
-        200003 => "ACL_ERROR_MEMORY_ADDRESS_UNALIGNED",
-        200006 => "ACL_ERROR_FEATURE_UNSUPPORTED",
-        300000 => "ACL_ERROR_STORAGE_OVER_LIMIT",
-        500000 => "ACL_ERROR_INTERNAL_ERROR",
-        500001 => "ACL_ERROR_FAILURE",
-        500003 => "ACL_ERROR_RT_FAILURE",
-        107000 => "ACL_ERROR_RT_PARAM_INVALID",
-        107001 => "ACL_ERROR_RT_INVALID_DEVICEID",
-        107002 => "ACL_ERROR_RT_CONTEXT_NULL",
-        107003 => "ACL_ERROR_RT_STREAM_CONTEXT",
-        207000 => "ACL_ERROR_RT_FEATURE_NOT_SUPPORT",
-        207001 => "ACL_ERROR_RT_MEMORY_ALLOCATION",
-        207004 => "ACL_ERROR_RT_NO_DEVICE",
-        507000 => "ACL_ERROR_RT_INTERNAL_ERROR",
-        507014 => "ACL_ERROR_RT_AICORE_TIMEOUT",
-        507015 => "ACL_ERROR_RT_AICORE_EXCEPTION",
-        507046 => "ACL_ERROR_RT_STREAM_SYNC_TIMEOUT",
-        507053 => "ACL_ERROR_RT_DEVICE_MEM_ERROR",
-        161001 => "ACLNN_ERR_PARAM_NULLPTR",
-        161002 => "ACLNN_ERR_PARAM_INVALID",
-        361001 => "ACLNN_ERR_RUNTIME_ERROR",
-        561000 => "ACLNN_ERR_INNER",
-        561003 => "ACLNN_ERR_INNER_FIND_KERNEL_ERROR",
-        561107 => "ACLNN_ERR_INNER_OPP_PATH_NOT_FOUND",
-        561112 => "ACLNN_ERR_INNER_OPP_KERNEL_PKG_NOT_FOUND",
-        _ => return None,
-    })
+    ACL_CODES.iter().find(|(_, v)| *v == code).map(|(n, _)| *n)
 }
 
 newtype_enum! {
@@ -263,6 +267,7 @@ newtype_enum! {
         HCCL_E_SUSPENDING = 22,
         HCCL_E_OPRETRY_FAIL = 23,
         HCCL_E_OOM = 24,
+        HCCL_E_IN_STATUS = 1041,
     }
 }
 
