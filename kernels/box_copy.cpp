@@ -1,56 +1,53 @@
-// reshard's fused strided box copy + dtype cast, for Ascend A2 (910B) AI
-// Vector cores, in Ascend C.
+// reshard's fused strided box copy + dtype cast, for Atlas A2 (910B,
+// dav-c220) AI Vector cores, in Ascend C: the device side of
+// `reshard_box_copy` (launcher.cpp).
 //
-// STATUS: written against the public Ascend C documentation; never compiled
-// or run here (no CANN, no NPU where reshard is developed). The host
-// emulator implements the launcher's *contract* below (ffi/ascend-stub),
-// not this code. Run examples/npu_smoke.rs on an Atlas 800T A2 before
-// trusting it; without it, the backend uses aclnnInplaceCopy.
+// STATUS: written against the Ascend C documentation and CANN headers cited
+// in docs/ascend.md ("Kernel rules"); never compiled or run by us (no CANN,
+// no NPU where reshard is developed). The host emulator (ffi/ascend-stub)
+// implements the launcher's contract, not this code. Opt-in at run time
+// (RESHARD_ASCEND_KERNEL=1) until examples/npu_smoke.rs has passed on an
+// Atlas 800T A2.
 //
-// Contract (mirrored by ascendcl_sys::sys::ReshardBoxDesc and the emulator):
-//   uint32_t reshard_box_copy(uint32_t block_dim, aclrtStream stream,
-//                             void *src, void *dst, const ReshardBoxDesc *desc)
-//   * src, dst: device (GM) addresses of the whole source / destination
-//     tensors; desc: HOST pointer, read during the call and passed to the
-//     kernel by value.
-//   * For every index i of desc->extent (rank ≤ 8, destination order):
-//       dst[dst_offset + Σ i_d·dst_stride_d] =
-//           cast(src[src_offset + Σ i_d·src_stride_d])
-//     strides/offsets in elements of each side's dtype (aclDataType values).
-//   * Pairs: same dtype as raw integers (UINT8/INT16/INT32/INT64), and
-//     FLOAT/FLOAT16/BF16 among themselves, rounding to nearest even.
-//   * Returns 0 when launched; the copy runs asynchronously on `stream`.
+// Rules this file follows (evidence in docs/ascend.md):
+//  * kernel parameters are GM pointers or primitive scalars only: the
+//    descriptor is read from a GM copy the host uploaded on the same stream
+//    (CANN 8.0/8.1 Ascend C docs; later docs also allow POD structs by value,
+//    which we do not rely on);
+//  * Cast on dav-c220: half->float and bfloat16_t->float accept CAST_NONE
+//    only; float->half and float->bfloat16_t accept CAST_RINT (round to
+//    nearest even, as the CPU backend); half<->bfloat16_t is not a Cast
+//    pair on A2, so the launcher refuses it (the backend sends it to aclnn);
+//  * GlobalTensor::SetValue writes the core's data cache, not GM: after the
+//    scalar path, DataCacheCleanAndInvalid writes it out; and two cores must
+//    not SetValue within one 64-byte cache line, so the scalar path runs on
+//    one core only.
 
 #include <cstdint>
 #include "kernel_operator.h"
+#include "box_desc.h"
 
 using namespace AscendC;
 
-struct ReshardBoxDesc {
-    uint32_t rank;
-    int32_t src_dtype;
-    int32_t dst_dtype;
-    uint32_t reserved;
-    uint64_t extent[8];
-    int64_t src_stride[8];
-    int64_t dst_stride[8];
-    int64_t src_offset;
-    int64_t dst_offset;
+namespace {
+constexpr uint32_t kTile = 4096;  // elements per UB tile (2 x in + 2 x out fit 192 KB UB)
+
+// Round mode of each Cast pair we use (A2 table of the Cast API).
+template <typename S, typename D>
+struct CastMode {
+    static constexpr RoundMode value = RoundMode::CAST_RINT;  // float -> half, float -> bfloat16_t
+};
+template <>
+struct CastMode<half, float> {
+    static constexpr RoundMode value = RoundMode::CAST_NONE;
+};
+template <>
+struct CastMode<bfloat16_t, float> {
+    static constexpr RoundMode value = RoundMode::CAST_NONE;
 };
 
-namespace {
-constexpr int32_t kFloat = 0;   // ACL_FLOAT
-constexpr int32_t kHalf = 1;    // ACL_FLOAT16
-constexpr int32_t kInt32 = 3;   // ACL_INT32
-constexpr int32_t kUint8 = 4;   // ACL_UINT8
-constexpr int32_t kInt16 = 6;   // ACL_INT16
-constexpr int32_t kInt64 = 9;   // ACL_INT64
-constexpr int32_t kBf16 = 27;   // ACL_BF16
-
-constexpr uint32_t kTile = 4096;  // elements per UB tile (fits 192 KB UB with 2 buffers)
-
-// One contiguous inner run of `n` elements, tiled through the unified
-// buffer, cast on the way when the types differ.
+// One contiguous run of `n` elements, tiled through the unified buffer,
+// cast on the way when the types differ.
 template <typename S, typename D>
 class RunCopy {
 public:
@@ -70,9 +67,10 @@ public:
             in = inQ.DeQue<S>();
             LocalTensor<D> out = outQ.AllocTensor<D>();
             if constexpr (std::is_same<S, D>::value) {
-                DataCopy(out, in, (len + 31) / 32 * 32);
+                // DataCopy between UB tensors moves whole 32-byte blocks.
+                DataCopy(out, in, (len * sizeof(S) + 31) / 32 * 32 / sizeof(S));
             } else {
-                Cast(out, in, RoundMode::CAST_RINT, len);
+                Cast(out, in, CastMode<S, D>::value, len);
             }
             outQ.EnQue(out);
             inQ.FreeTensor(in);
@@ -88,16 +86,17 @@ private:
     TQue<QuePosition::VECOUT, 2> outQ;
 };
 
-// Element by element through the scalar unit (strided inner dim).
+// Scalar conversion of one element (only same-type or the float pairs).
 template <typename S, typename D>
-__aicore__ inline void Scalar(GlobalTensor<S> src, int64_t ss, GlobalTensor<D> dst, int64_t ds, uint64_t n) {
-    for (uint64_t i = 0; i < n; ++i) {
-        S v = src.GetValue(i * ss);
-        if constexpr (std::is_same<S, D>::value) {
-            dst.SetValue(i * ds, v);
-        } else {
-            dst.SetValue(i * ds, static_cast<D>(static_cast<float>(v)));
-        }
+__aicore__ inline D Convert(S v) {
+    if constexpr (std::is_same<S, D>::value) {
+        return v;
+    } else if constexpr (std::is_same<D, float>::value) {
+        return ToFloat(v);  // half / bfloat16_t -> float: exact
+    } else if constexpr (std::is_same<D, bfloat16_t>::value) {
+        return ToBfloat16(v);  // float -> bfloat16_t, round to nearest even
+    } else {
+        return static_cast<D>(v);  // float -> half, round to nearest even
     }
 }
 
@@ -107,14 +106,18 @@ __aicore__ inline void BoxCopy(GM_ADDR src, GM_ADDR dst, const ReshardBoxDesc &d
     const uint64_t inner = d.extent[r - 1];
     uint64_t rows = 1;
     for (uint32_t k = 0; k + 1 < r; ++k) rows *= d.extent[k];
-    // Rows are split evenly across the cores of the launch.
-    const uint64_t blocks = GetBlockNum(), me = GetBlockIdx();
+    const bool contiguous = d.src_stride[r - 1] == 1 && d.dst_stride[r - 1] == 1;
+    // Contiguous rows are split evenly across the cores (DataCopyPad writes
+    // GM through the MTE, byte-exact). Strided rows use SetValue, which
+    // writes whole cache lines from each core's data cache: one core only.
+    const uint64_t blocks = contiguous ? GetBlockNum() : 1, me = GetBlockIdx();
+    if (me >= blocks) return;
     const uint64_t per = (rows + blocks - 1) / blocks;
     const uint64_t lo = me * per, hi = (lo + per < rows) ? lo + per : rows;
     TPipe pipe;
     RunCopy<S, D> run;
-    const bool contiguous = d.src_stride[r - 1] == 1 && d.dst_stride[r - 1] == 1;
     if (contiguous) run.Init(&pipe);
+    GlobalTensor<D> last;
     for (uint64_t row = lo; row < hi; ++row) {
         int64_t so = d.src_offset, doff = d.dst_offset;
         uint64_t rest = row;
@@ -131,39 +134,41 @@ __aicore__ inline void BoxCopy(GM_ADDR src, GM_ADDR dst, const ReshardBoxDesc &d
         if (contiguous) {
             run.Run(s, t, inner);
         } else {
-            Scalar<S, D>(s, d.src_stride[r - 1], t, d.dst_stride[r - 1], inner);
+            for (uint64_t i = 0; i < inner; ++i) {
+                t.SetValue(i * d.dst_stride[r - 1], Convert<S, D>(s.GetValue(i * d.src_stride[r - 1])));
+            }
+            last = t;
         }
+    }
+    if (!contiguous) {
+        // Write every dirty line of this core's data cache out to GM.
+        DataCacheCleanAndInvalid<D, CacheLine::ENTIRE_DATA_CACHE, DcciDst::CACHELINE_OUT>(last);
     }
 }
 }  // namespace
 
-extern "C" __global__ __aicore__ void reshard_box_copy_kernel(GM_ADDR src, GM_ADDR dst, ReshardBoxDesc d) {
+// `desc` is a GM copy of the launcher's host descriptor (uploaded on the
+// same stream before the launch).
+extern "C" __global__ __aicore__ void reshard_box_copy_kernel(GM_ADDR src, GM_ADDR dst, GM_ADDR desc) {
     KERNEL_TASK_TYPE_DEFAULT(KERNEL_TYPE_AIV_ONLY);
+    ReshardBoxDesc d;
+    // Scalar reads of the descriptor from GM (read-only: no flush needed).
+    const __gm__ uint8_t *g = reinterpret_cast<const __gm__ uint8_t *>(desc);
+    uint8_t *l = reinterpret_cast<uint8_t *>(&d);
+    for (uint32_t i = 0; i < sizeof(ReshardBoxDesc); ++i) l[i] = g[i];
     const int32_t s = d.src_dtype, t = d.dst_dtype;
     if (s == t) {
         switch (s) {
-            case kUint8: BoxCopy<uint8_t, uint8_t>(src, dst, d); return;
-            case kInt16: BoxCopy<int16_t, int16_t>(src, dst, d); return;
-            case kInt32: BoxCopy<int32_t, int32_t>(src, dst, d); return;
-            case kInt64: BoxCopy<int64_t, int64_t>(src, dst, d); return;
-            case kFloat: BoxCopy<int32_t, int32_t>(src, dst, d); return;
-            case kHalf: case kBf16: BoxCopy<int16_t, int16_t>(src, dst, d); return;
-            default: return;
+            case kReshardUint8: BoxCopy<uint8_t, uint8_t>(src, dst, d); return;
+            case kReshardInt16: BoxCopy<int16_t, int16_t>(src, dst, d); return;
+            case kReshardInt32: BoxCopy<int32_t, int32_t>(src, dst, d); return;
+            case kReshardInt64: BoxCopy<int64_t, int64_t>(src, dst, d); return;
+            default: return;  // refused by the launcher
         }
     }
-    if (s == kFloat && t == kHalf) BoxCopy<float, half>(src, dst, d);
-    else if (s == kFloat && t == kBf16) BoxCopy<float, bfloat16_t>(src, dst, d);
-    else if (s == kHalf && t == kFloat) BoxCopy<half, float>(src, dst, d);
-    else if (s == kBf16 && t == kFloat) BoxCopy<bfloat16_t, float>(src, dst, d);
-    // fp16 <-> bf16 go through f32 (exact), as the CPU backend does; the
-    // backend routes them to aclnnInplaceCopy until a two-step cast lands.
-}
-
-// Host launcher, called from Rust through ascendcl_sys::Api::reshard_box_copy.
-extern "C" uint32_t reshard_box_copy(uint32_t block_dim, void *stream, void *src, void *dst,
-                                     const ReshardBoxDesc *desc) {
-    if (desc == nullptr || desc->rank == 0 || desc->rank > 8 || block_dim == 0) return 1;
-    reshard_box_copy_kernel<<<block_dim, nullptr, stream>>>(
-        reinterpret_cast<uint8_t *>(src), reinterpret_cast<uint8_t *>(dst), *desc);
-    return 0;
+    if (s == kReshardFloat && t == kReshardHalf) BoxCopy<float, half>(src, dst, d);
+    else if (s == kReshardFloat && t == kReshardBf16) BoxCopy<float, bfloat16_t>(src, dst, d);
+    else if (s == kReshardHalf && t == kReshardFloat) BoxCopy<half, float>(src, dst, d);
+    else if (s == kReshardBf16 && t == kReshardFloat) BoxCopy<bfloat16_t, float>(src, dst, d);
+    // Anything else is refused by the launcher before a launch.
 }

@@ -231,6 +231,7 @@ mod emulated {
             path,
             lora: LoraMode::HostGemm,
             threads: 2,
+            kernel: false,
         }
     }
 
@@ -238,7 +239,7 @@ mod emulated {
     /// shortcuts, aclnn only, host.
     fn configs() -> Vec<(&'static str, Emulator, CopyPath)> {
         vec![
-            ("kernel", Emulator::new(), CopyPath::Auto),
+            ("kernel", Emulator::new(), CopyPath::Kernel),
             (
                 "aclnn+memcpy",
                 Emulator::without(&["reshard_box_copy"]),
@@ -402,8 +403,10 @@ mod emulated {
                 b.stats()
             );
         }
-        // Whole-tensor casts use aclnnCast; aligned same-dtype runs a memcpy.
+        // Whole-tensor casts use aclnnCast; aligned same-dtype runs a memcpy;
+        // rows a device-to-device memcpy2d where this CANN has it.
         let emu = Emulator::without(&["reshard_box_copy"]);
+        emu.configure(0, |c| c.memcpy2d_d2d = true);
         let b = AscendBackend::with_api(emu.api(), opts(CopyPath::Auto, 1 << 20)).unwrap();
         let whole = BoxCopy::whole(&[4, 64], DType::F32, DType::BF16);
         device_result(&b, &whole, &src, &vec![0; 512], true);
@@ -435,6 +438,135 @@ mod emulated {
             )
             .unwrap_err();
         assert!(matches!(e, Error::UnsupportedDtype { .. }), "{e}");
+    }
+
+    #[test]
+    fn memcpy2d_device_to_device_is_probed_once_and_falls_back_by_default() {
+        // The emulator follows the documented contract (H2D / D2H only): the
+        // start-up probe fails, rows go to aclnn, nothing is violated.
+        let rows = BoxCopy {
+            src_offset: vec![0, 3],
+            extent: vec![4, 5],
+            dst_shape: vec![4, 5],
+            ..BoxCopy::whole(&[4, 64], DType::F32, DType::F32)
+        };
+        let src: Vec<u8> = (0..4 * 64 * 4).map(|i| (i * 3) as u8).collect();
+        let want = cpu_result(&rows, &src, &[0; 80]);
+        let emu = Emulator::without(&["reshard_box_copy"]);
+        let b = AscendBackend::with_api(emu.api(), opts(CopyPath::Auto, 1 << 20)).unwrap();
+        assert_eq!(device_result(&b, &rows, &src, &[0; 80], true), want);
+        let s = b.stats();
+        assert!(!s.paths.contains_key("memcpy2d"), "{s:?}");
+        assert!(
+            s.fallbacks
+                .iter()
+                .any(|f| f.contains("aclrtMemcpy2dAsync") && f.contains("ACL_ERROR_INVALID_PARAM")),
+            "{s:?}"
+        );
+        drop(b);
+        assert!(emu.violations().is_empty(), "{:?}", emu.violations());
+        // Where the probe passes, rows take memcpy2d.
+        let emu = Emulator::without(&["reshard_box_copy"]);
+        emu.configure(0, |c| c.memcpy2d_d2d = true);
+        let b = AscendBackend::with_api(emu.api(), opts(CopyPath::Auto, 1 << 20)).unwrap();
+        assert_eq!(device_result(&b, &rows, &src, &[0; 80], true), want);
+        assert!(b.stats().paths.contains_key("memcpy2d"), "{:?}", b.stats());
+        assert!(b.stats().fallbacks.is_empty(), "{:?}", b.stats());
+    }
+
+    #[test]
+    fn the_kernel_is_opt_in_and_never_gets_a_pair_it_cannot_do() {
+        let src: Vec<u8> = (0..4 * 64 * 4).map(|i| (i * 13) as u8).collect();
+        let strided = BoxCopy {
+            src_offset: vec![1, 0],
+            extent: vec![2, 64],
+            dst_shape: vec![2, 64],
+            ..BoxCopy::whole(&[4, 64], DType::F32, DType::BF16)
+        };
+        // Built and present, but not opted in: Auto takes aclnn.
+        let emu = Emulator::new();
+        let b = AscendBackend::with_api(emu.api(), opts(CopyPath::Auto, 1 << 20)).unwrap();
+        device_result(&b, &strided, &src, &[0; 256], true);
+        assert!(!b.stats().paths.contains_key("kernel"), "{:?}", b.stats());
+        drop(b);
+        // Opted in: the kernel, with its descriptor uploaded to the device.
+        let on = AscendOptions {
+            kernel: true,
+            ..opts(CopyPath::Auto, 1 << 20)
+        };
+        let b = AscendBackend::with_api(emu.api(), on.clone()).unwrap();
+        let want = cpu_result(&strided, &src, &[0; 256]);
+        assert_eq!(device_result(&b, &strided, &src, &[0; 256], true), want);
+        assert!(b.stats().paths.contains_key("kernel"), "{:?}", b.stats());
+        // f16 <-> bf16 is no A2 Cast pair: never routed to the kernel.
+        for (s, d) in [(DType::F16, DType::BF16), (DType::BF16, DType::F16)] {
+            let c = BoxCopy {
+                src_offset: vec![1, 0],
+                extent: vec![2, 64],
+                dst_shape: vec![2, 64],
+                ..BoxCopy::whole(&[4, 64], s, d)
+            };
+            let src16 = &src[..4 * 64 * 2];
+            let want = cpu_result(&c, src16, &[0; 256]);
+            assert_eq!(
+                device_result(&b, &c, src16, &[0; 256], true),
+                want,
+                "{s} -> {d}"
+            );
+        }
+        drop(b);
+        assert!(emu.violations().is_empty(), "{:?}", emu.violations());
+    }
+
+    #[test]
+    fn the_emulated_launcher_refuses_what_the_kernel_cannot_do() {
+        use ascendcl_sys::sys::{ReshardBoxDesc, ACL_BF16, ACL_ERROR_INVALID_PARAM, ACL_FLOAT16};
+        let emu = Emulator::new();
+        let api = emu.api();
+        let launch = api.reshard_box_copy.unwrap();
+        let b = AscendBackend::with_api(api, opts(CopyPath::Kernel, 1 << 20)).unwrap();
+        let (src, dst, desc_dev) = (
+            b.alloc(256).unwrap(),
+            b.alloc(256).unwrap(),
+            b.alloc(512).unwrap(),
+        );
+        let mut d = ReshardBoxDesc {
+            rank: 1,
+            src_dtype: ACL_FLOAT16.0,
+            dst_dtype: ACL_BF16.0,
+            ..Default::default()
+        };
+        d.extent[0] = 64;
+        d.src_stride[0] = 1;
+        d.dst_stride[0] = 1;
+        let (s, t, dd) = (
+            b.device_ptr(&src).unwrap(),
+            b.device_ptr(&dst).unwrap(),
+            b.device_ptr(&desc_dev).unwrap(),
+        );
+        // SAFETY: live device buffers of the emulator; `d` outlives the call.
+        let code = unsafe { launch(1, std::ptr::null_mut(), s, t, dd, &d) };
+        assert_eq!(code as i32, ACL_ERROR_INVALID_PARAM);
+        assert!(
+            emu.violations()
+                .iter()
+                .any(|v| v.contains("does not implement ACL_FLOAT16 -> ACL_BF16")),
+            "{:?}",
+            emu.violations()
+        );
+        // A host descriptor where the kernel needs a device one.
+        d.dst_dtype = ascendcl_sys::sys::ACL_FLOAT.0;
+        let host = (&d as *const ReshardBoxDesc).cast_mut().cast::<c_void>();
+        // SAFETY: as above; the emulator refuses before touching anything.
+        let code = unsafe { launch(1, std::ptr::null_mut(), s, t, host, &d) };
+        assert_eq!(code as i32, ACL_ERROR_INVALID_PARAM);
+        assert!(
+            emu.violations()
+                .iter()
+                .any(|v| v.contains("must be in device memory")),
+            "{:?}",
+            emu.violations()
+        );
     }
 
     #[test]

@@ -818,14 +818,22 @@ pub(crate) fn run(g: &mut State, op: AclnnOp) -> Result<(), String> {
     }
 }
 
-/// The launcher of reshard's box-copy kernel (`kernels/box_copy.cpp`),
-/// emulated: validates the descriptor and enqueues the strided copy.
+/// The launcher of reshard's box-copy kernel (`kernels/launcher.cpp`),
+/// emulated: the contract of `ascendcl_sys::sys::Api::reshard_box_copy`.
+/// A descriptor the real kernel does not implement — a pair outside
+/// `box_copy_supports` (f16↔bf16, f64, same-dtype floats not typed as raw
+/// integers) — is refused *and recorded as a violation*, so a routing error
+/// in the backend fails its tests; the device copy of the descriptor must
+/// be a live device allocation and, when the kernel runs, equal the host
+/// copy (checked in `exec`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn box_copy_kernel(
     e: Emu,
     block_dim: u32,
     stream: aclrtStream,
     src: *mut c_void,
     dst: *mut c_void,
+    desc_dev: *mut c_void,
     desc: *const ReshardBoxDesc,
 ) -> u32 {
     let mut g = e.inst.lock();
@@ -833,18 +841,32 @@ pub(crate) fn box_copy_kernel(
         Ok(s) => s,
         Err((c, m)) => return fail(c, m) as u32,
     };
-    if desc.is_null() || block_dim == 0 {
-        return fail(
-            ACL_ERROR_INVALID_PARAM,
-            "reshard_box_copy: null descriptor or block_dim 0".into(),
-        ) as u32;
+    if desc.is_null() || desc_dev.is_null() || block_dim == 0 {
+        let v = g.violation("reshard_box_copy: null descriptor or block_dim 0".into());
+        return fail(ACL_ERROR_INVALID_PARAM, v) as u32;
     }
-    // SAFETY: the caller's descriptor, read during the call.
+    let dsize = std::mem::size_of::<ReshardBoxDesc>() as u64;
+    if g.find(desc_dev as u64, dsize).is_none() {
+        let v = g.violation(format!(
+            "reshard_box_copy: the kernel's descriptor must be in device memory ({dsize} bytes at              {:#x} are not; kernel parameters are GM pointers, never host structs)",
+            desc_dev as u64
+        ));
+        return fail(ACL_ERROR_INVALID_PARAM, v) as u32;
+    }
+    // SAFETY: the caller's host descriptor, read during the call.
     let d = unsafe { *desc };
     let rank = d.rank as usize;
     let (sd, dd) = (aclDataType(d.src_dtype), aclDataType(d.dst_dtype));
     if !(1..=8).contains(&rank) || compute::size(sd).is_none() || compute::size(dd).is_none() {
         let v = g.violation(format!("reshard_box_copy: bad descriptor {d:?}"));
+        return fail(ACL_ERROR_INVALID_PARAM, v) as u32;
+    }
+    if !box_copy_supports(sd, dd) {
+        let v = g.violation(format!(
+            "reshard_box_copy: the kernel does not implement {} -> {} (only same-type raw              integers and the A2 Cast pairs FLOAT<->FLOAT16, FLOAT<->BF16; route the rest to aclnn)",
+            sd.name().unwrap_or("?"),
+            dd.name().unwrap_or("?")
+        ));
         return fail(ACL_ERROR_INVALID_PARAM, v) as u32;
     }
     let dims: Vec<i64> = d.extent[..rank].iter().map(|x| *x as i64).collect();
@@ -875,8 +897,11 @@ pub(crate) fn box_copy_kernel(
             dst: t,
             src_view: sv,
             dst_view: dv,
+            desc_dev: desc_dev as u64,
+            desc_host: d,
         },
     );
+    op.reads.push((desc_dev as u64, desc_dev as u64 + dsize));
     op.reads.push((s, s + sb));
     op.writes.push((t, t + db));
     match enqueue(&mut g, sid, op) {

@@ -96,7 +96,22 @@ pub(crate) fn execute<'a>(
             dst,
             src_view,
             dst_view,
-        } => crate::aclnn::strided(&mut g, src, &src_view, dst, &dst_view),
+            desc_dev,
+            desc_host,
+        } => {
+            // The kernel reads its descriptor from device memory when it runs.
+            let n = std::mem::size_of::<ReshardBoxDesc>();
+            match g.read(desc_dev, n).map(|b| b.to_vec()) {
+                Ok(b) if b == desc_host.as_bytes() => {
+                    crate::aclnn::strided(&mut g, src, &src_view, dst, &dst_view)
+                }
+                Ok(_) => Err(g.violation(
+                    "reshard_box_copy: the device descriptor differs from the host one when the                      kernel runs (upload it on the launch stream before the launch, and keep it                      until the stream has passed the kernel)"
+                        .into(),
+                )),
+                Err(e) => Err(g.violation(format!("reshard_box_copy: descriptor unreadable: {e}"))),
+            }
+        }
         OpKind::Hccl(h) => {
             let (g2, r) = crate::hccl::run(inst, g, s, h);
             return (g2, r);

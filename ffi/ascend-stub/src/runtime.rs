@@ -859,8 +859,10 @@ pub(crate) fn memcpy2d_async(
     let d = g.streams[&sid].device;
     if kind == ACL_MEMCPY_DEVICE_TO_DEVICE && !g.config(d).memcpy2d_d2d {
         return fail(
-            ACL_ERROR_FEATURE_UNSUPPORTED,
-            "aclrtMemcpy2dAsync: device-to-device is not supported on this CANN version".into(),
+            ACL_ERROR_INVALID_PARAM,
+            "aclrtMemcpy2dAsync: kind ACL_MEMCPY_DEVICE_TO_DEVICE is not supported (the CANN \
+             8.0-8.5 docs allow host-to-device and device-to-host only)"
+                .into(),
         );
     }
     if width == 0 || height == 0 {

@@ -32,8 +32,10 @@ pub struct DeviceConfig {
     pub fail_op_at: Option<u64>,
     /// How long HCCL waits for peers before `HCCL_E_TIMEOUT`.
     pub hccl_timeout: Duration,
-    /// Whether `aclrtMemcpy2dAsync` accepts device-to-device (A2: yes;
-    /// older CANN: no).
+    /// Whether `aclrtMemcpy2dAsync` accepts device-to-device. Default
+    /// `false`: the documented contract of CANN 8.0–8.5 is host-to-device
+    /// and device-to-host only (set `true` to emulate a CANN whose docs add
+    /// device-to-device on A2/A3).
     pub memcpy2d_d2d: bool,
 }
 
@@ -44,7 +46,7 @@ impl Default for DeviceConfig {
             malloc_budget: None,
             fail_op_at: None,
             hccl_timeout: Duration::from_secs(60),
-            memcpy2d_d2d: true,
+            memcpy2d_d2d: false,
         }
     }
 }
@@ -111,6 +113,10 @@ pub(crate) enum OpKind {
         dst: u64,
         src_view: View,
         dst_view: View,
+        /// Device address of the descriptor the kernel reads, and the host
+        /// copy the launcher validated: they must agree when the op runs.
+        desc_dev: u64,
+        desc_host: ascendcl_sys::sys::ReshardBoxDesc,
     },
     Hccl(crate::hccl::HcclOp),
 }

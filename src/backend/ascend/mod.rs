@@ -20,7 +20,8 @@
 //!   same pinned pair double-buffers `upload` and `download`.
 //! * **Box copy + cast** (device to device), first that applies: a plain
 //!   `aclrtMemcpyAsync` for one contiguous run with 64-byte aligned ends; an
-//!   `aclrtMemcpy2dAsync` for rows (where this CANN accepts device-to-device);
+//!   `aclrtMemcpy2dAsync` for rows (where a start-up probe found that this
+//!   CANN copies device-to-device; the 8.0–8.5 docs say H2D/D2H only);
 //!   reshard's fused kernel (`kernels/`, when built); `aclnnCast` for a whole
 //!   contiguous tensor; `aclnnInplaceCopy` over strided views (dims merged
 //!   where contiguous, same-dtype copies typed as integers of the element
@@ -97,6 +98,10 @@ pub struct AscendOptions {
     pub lora: LoraMode,
     /// Host threads for the LoRA tile products.
     pub threads: usize,
+    /// Whether `CopyPath::Auto` may use reshard's kernel (`kernels/`):
+    /// opt-in (`RESHARD_ASCEND_KERNEL=1`) until `examples/npu_smoke.rs` has
+    /// passed on hardware; `CopyPath::Kernel` uses it regardless.
+    pub kernel: bool,
 }
 
 impl Default for AscendOptions {
@@ -112,6 +117,7 @@ impl Default for AscendOptions {
             threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),
+            kernel: std::env::var("RESHARD_ASCEND_KERNEL").as_deref() == Ok("1"),
         }
     }
 }
@@ -221,6 +227,8 @@ enum Retired {
     Tensor(Tensor),
     Scalar(Scalar),
     Block(Block),
+    /// Host source of an enqueued upload (the kernel's descriptor).
+    Desc(Box<ReshardBoxDesc>),
 }
 
 /// The Ascend backend (see the module docs).
@@ -249,11 +257,12 @@ impl AscendBackend {
     /// Opens device `options.device` through the process-wide CANN table
     /// (`dlopen`, or the emulator where a test installed it).
     pub fn new(options: AscendOptions) -> Result<AscendBackend> {
-        // reshard's kernels, where build.rs compiled them (see kernels/).
-        #[allow(unused_mut)]
-        let mut extra: Vec<std::path::PathBuf> = Vec::new();
-        #[cfg(reshard_kernels)]
-        extra.push(env!("RESHARD_KERNELS_LIB").into());
+        // reshard's kernel library, only when opted in (see kernels/).
+        let extra: Vec<std::path::PathBuf> = if options.kernel {
+            kernel_library().into_iter().collect()
+        } else {
+            Vec::new()
+        };
         let api = ascendcl_sys::sys::load::api_with(&extra).map_err(|e| device_error(e.into()))?;
         AscendBackend::with_api(api, options)
     }
@@ -287,7 +296,8 @@ impl AscendBackend {
                 Err(e) => return Err(device_error(e)),
             }
         };
-        Ok(AscendBackend {
+        let memcpy2d_d2d = Self::probe_memcpy2d_d2d(api, &pool, &compute);
+        let backend = AscendBackend {
             api,
             cpu: CpuBackend::new(options.threads),
             inner: Mutex::new(Inner {
@@ -295,7 +305,7 @@ impl AscendBackend {
                 stages,
                 stage_bytes,
                 next_stage: 0,
-                memcpy2d_d2d: true,
+                memcpy2d_d2d: memcpy2d_d2d.is_ok(),
                 copy,
                 compute,
             }),
@@ -303,7 +313,86 @@ impl AscendBackend {
             pool,
             options,
             stats: Mutex::new(AscendStats::default()),
-        })
+        };
+        if let Err(why) = memcpy2d_d2d {
+            backend.fell_back(format!("device-to-device aclrtMemcpy2dAsync: {why}"));
+        }
+        Ok(backend)
+    }
+
+    /// Whether this CANN's `aclrtMemcpy2dAsync` copies device to device
+    /// correctly, tried once on 3 rows of 24 bytes (the CANN 8.0–8.5 docs
+    /// say host-to-device and device-to-host only; later docs add
+    /// device-to-device on A2/A3). Any error or wrong byte is "no"; the
+    /// reason is recorded as a fallback.
+    fn probe_memcpy2d_d2d(
+        api: &'static Api,
+        pool: &Arc<Pool>,
+        stream: &Stream,
+    ) -> std::result::Result<(), String> {
+        const SPITCH: usize = 64;
+        const DPITCH: usize = 32;
+        const WIDTH: usize = 24;
+        const ROWS: usize = 3;
+        let src_host: Vec<u8> = (0..SPITCH * ROWS).map(|i| (i * 7 + 1) as u8).collect();
+        let mut dst_host = vec![0u8; DPITCH * ROWS];
+        let (a, b) = (
+            pool.alloc(SPITCH * ROWS).map_err(|e| e.to_string())?,
+            pool.alloc(DPITCH * ROWS).map_err(|e| e.to_string())?,
+        );
+        let (pa, pb) = (a.mem().ptr(), b.mem().ptr());
+        let check = |call: &'static str, code: i32| {
+            ascendcl_sys::result::acl(api, call, code).map_err(|e| e.to_string())
+        };
+        // SAFETY: host and device ranges of the sizes given; synchronous
+        // copies, and the stream is synchronised before the buffers go.
+        unsafe {
+            check(
+                "aclrtMemcpy",
+                (api.aclrtMemcpy)(
+                    pa,
+                    SPITCH * ROWS,
+                    src_host.as_ptr().cast(),
+                    SPITCH * ROWS,
+                    acl::ACL_MEMCPY_HOST_TO_DEVICE,
+                ),
+            )?;
+            check(
+                "aclrtMemcpy2dAsync",
+                (api.aclrtMemcpy2dAsync)(
+                    pb,
+                    DPITCH,
+                    pa,
+                    SPITCH,
+                    WIDTH,
+                    ROWS,
+                    acl::ACL_MEMCPY_DEVICE_TO_DEVICE,
+                    stream.raw(),
+                ),
+            )?;
+            check(
+                "aclrtSynchronizeStream",
+                (api.aclrtSynchronizeStream)(stream.raw()),
+            )?;
+            check(
+                "aclrtMemcpy",
+                (api.aclrtMemcpy)(
+                    dst_host.as_mut_ptr().cast(),
+                    DPITCH * ROWS,
+                    pb,
+                    DPITCH * ROWS,
+                    acl::ACL_MEMCPY_DEVICE_TO_HOST,
+                ),
+            )?;
+        }
+        let right = (0..ROWS).all(|r| {
+            dst_host[r * DPITCH..r * DPITCH + WIDTH] == src_host[r * SPITCH..r * SPITCH + WIDTH]
+        });
+        if right {
+            Ok(())
+        } else {
+            Err("the start-up probe copied wrong bytes".into())
+        }
     }
 
     fn make_stages(
@@ -589,11 +678,12 @@ impl AscendBackend {
                         self.count("memcpy2d");
                         return Ok(true);
                     }
-                    Err(e) if e.is_unsupported() || code == acl::ACL_ERROR_INVALID_PARAM => {
+                    // Whatever the code (the docs do not name one for an
+                    // unsupported kind), stop using it and take the next path.
+                    Err(e) => {
                         inner.memcpy2d_d2d = false;
                         self.fell_back(format!("device-to-device aclrtMemcpy2dAsync: {e}"));
                     }
-                    Err(e) => return Err(device_error(e)),
                 }
             }
         }
@@ -643,7 +733,9 @@ impl AscendBackend {
             self.fell_back(format!("box copy of rank {rank} > 8 after merging dims"));
             return Ok(false);
         }
-        if matches!(path, CopyPath::Auto | CopyPath::Kernel) && kernel_supports(sa, da) {
+        let use_kernel =
+            path == CopyPath::Kernel || (path == CopyPath::Auto && self.options.kernel);
+        if use_kernel && acl::box_copy_supports(sa, da) {
             if let Some(launch) = self.api.reshard_box_copy {
                 let mut desc = ReshardBoxDesc {
                     rank: extent.len() as u32,
@@ -659,9 +751,31 @@ impl AscendBackend {
                     desc.dst_stride[d] = dst_st[d];
                 }
                 let blocks = (c.elements() / 4096).clamp(1, 40) as u32;
+                // The kernel reads its descriptor from device memory: upload
+                // it on the compute stream first; both copies live until the
+                // next synchronize.
+                let desc = Box::new(desc);
+                let bytes = std::mem::size_of::<ReshardBoxDesc>();
+                let block = self.device_block(inner, bytes).dev()?;
+                let dev_desc = block.mem().ptr();
+                // SAFETY: `bytes` bytes at both ends; the host copy is kept
+                // alive (retired) until the stream has run the upload.
+                acl_call(self.api, "aclrtMemcpyAsync", unsafe {
+                    (self.api.aclrtMemcpyAsync)(
+                        dev_desc,
+                        bytes,
+                        (&*desc as *const ReshardBoxDesc).cast(),
+                        bytes,
+                        acl::ACL_MEMCPY_HOST_TO_DEVICE,
+                        inner.compute.raw(),
+                    )
+                })?;
                 // SAFETY: device buffers covering the views (validated box);
-                // `desc` is read during the call.
-                let code = unsafe { launch(blocks, inner.compute.raw(), src, dst, &desc) };
+                // `dev_desc` holds the uploaded descriptor.
+                let code =
+                    unsafe { launch(blocks, inner.compute.raw(), src, dst, dev_desc, &*desc) };
+                self.retire(inner, Retired::Desc(desc))?;
+                self.retire(inner, Retired::Block(block))?;
                 acl_call(self.api, "reshard_box_copy", code as i32)?;
                 self.count("kernel");
                 return Ok(true);
@@ -996,17 +1110,45 @@ fn acl_call(api: &Api, call: &'static str, code: i32) -> Result<()> {
     ascendcl_sys::result::acl(api, call, code).dev()
 }
 
-/// Whether `kernels/box_copy.cpp` handles the pair (its vector units do
-/// not do f64; those go to aclnn).
-fn kernel_supports(s: aclDataType, d: aclDataType) -> bool {
-    let float = |t| matches!(t, acl::ACL_FLOAT | acl::ACL_FLOAT16 | acl::ACL_BF16);
-    let raw = |t| {
-        matches!(
-            t,
-            acl::ACL_UINT8 | acl::ACL_INT16 | acl::ACL_INT32 | acl::ACL_INT64
-        )
-    };
-    (s == d && (raw(s) || float(s))) || (float(s) && float(d))
+/// reshard's kernel library, first found: `$RESHARD_KERNELS_LIB` (run
+/// time), `libreshard_kernels.so` beside the executable, or the copy
+/// embedded at build time (written once to a private temporary file, since
+/// `dlopen` needs a path). `None` when there is none (the aclnn path).
+fn kernel_library() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("RESHARD_KERNELS_LIB").filter(|p| !p.is_empty()) {
+        return Some(p.into());
+    }
+    if let Some(beside) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("libreshard_kernels.so")))
+        .filter(|p| p.exists())
+    {
+        return Some(beside);
+    }
+    embedded_kernel_library()
+}
+
+#[cfg(reshard_kernels)]
+fn embedded_kernel_library() -> Option<std::path::PathBuf> {
+    static BYTES: &[u8] = include_bytes!(env!("RESHARD_KERNELS_LIB"));
+    static FILE: std::sync::OnceLock<Option<tempfile::TempPath>> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        use std::io::Write;
+        let mut f = tempfile::Builder::new()
+            .prefix("libreshard_kernels")
+            .suffix(".so")
+            .tempfile()
+            .ok()?;
+        f.write_all(BYTES).ok()?;
+        Some(f.into_temp_path())
+    })
+    .as_ref()
+    .map(|p| p.to_path_buf())
+}
+
+#[cfg(not(reshard_kernels))]
+fn embedded_kernel_library() -> Option<std::path::PathBuf> {
+    None
 }
 
 /// The aclnn dtype of a float dtype the device casts.

@@ -64,32 +64,7 @@ impl std::fmt::Display for LoadError {
 
 impl std::error::Error for LoadError {}
 
-/// Candidate install roots, in search order, each with its origin.
-pub fn candidate_roots() -> Vec<(String, PathBuf)> {
-    let mut roots = Vec::new();
-    for var in [
-        "ASCEND_TOOLKIT_HOME",
-        "ASCEND_HOME_PATH",
-        "ASCEND_CUSTOM_PATH",
-    ] {
-        if let Some(v) = std::env::var_os(var).filter(|v| !v.is_empty()) {
-            roots.push((format!("${var}"), PathBuf::from(v)));
-        }
-    }
-    for fixed in [
-        "/usr/local/Ascend/cann",
-        "/usr/local/Ascend/ascend-toolkit/latest",
-    ] {
-        roots.push((fixed.to_string(), PathBuf::from(fixed)));
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        roots.push((
-            "$HOME/Ascend/ascend-toolkit/latest".into(),
-            Path::new(&home).join("Ascend/ascend-toolkit/latest"),
-        ));
-    }
-    roots
-}
+pub use super::roots::candidate_roots;
 
 /// Library directories under a root.
 fn lib_dirs(root: &Path) -> Vec<PathBuf> {

@@ -20,6 +20,7 @@ macro_rules! pin_table {
 pub(crate) use pin_table;
 
 pub mod load;
+pub mod roots;
 pub mod table;
 pub mod types;
 

@@ -180,11 +180,15 @@ table! {
         fn HcclAlltoAllV(send_buf: *const c_void, send_counts: *const c_void, sdispls: *const c_void, send_type: HcclDataType, recv_buf: *const c_void, recv_counts: *const c_void, rdispls: *const c_void, recv_type: HcclDataType, comm: HcclComm, stream: aclrtStream) -> HcclResult;
     }
     extra {
-        /// reshard's fused strided box copy + cast (`kernels/box_copy.cpp`):
+        /// reshard's fused strided box copy + cast (`kernels/launcher.cpp`):
         /// `uint32_t reshard_box_copy(uint32_t block_dim, aclrtStream stream,
-        /// void *src, void *dst, const ReshardBoxDesc *desc)`; `desc` is a
-        /// host pointer read during the call; 0 means launched.
-        fn reshard_box_copy(block_dim: u32, stream: aclrtStream, src: *mut c_void, dst: *mut c_void, desc: *const ReshardBoxDesc) -> u32;
+        /// void *src, void *dst, void *desc_dev, const ReshardBoxDesc
+        /// *desc_host)`. `desc_dev` is a device copy of `*desc_host`
+        /// uploaded on `stream` before the call (kernel parameters are GM
+        /// pointers, never structs); the host copy is validated. 0 means
+        /// launched; `ACL_ERROR_INVALID_PARAM` a descriptor the kernel does
+        /// not implement; anything else the launch's own status.
+        fn reshard_box_copy(block_dim: u32, stream: aclrtStream, src: *mut c_void, dst: *mut c_void, desc_dev: *mut c_void, desc_host: *const ReshardBoxDesc) -> u32;
     }
 }
 

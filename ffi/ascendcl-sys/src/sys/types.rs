@@ -352,10 +352,11 @@ impl HcclRootInfo {
     }
 }
 
-/// Descriptor of reshard's fused box-copy kernel (`kernels/box_copy.cpp`,
+/// Descriptor of reshard's fused box-copy kernel (`kernels/box_desc.h`,
 /// `struct ReshardBoxDesc`): the copy reduced to at most 8 dims, strides and
-/// offsets in elements. Passed by host pointer to the launcher, which copies
-/// it into the kernel's arguments.
+/// offsets in elements. The launcher gets it twice: a device copy the
+/// kernel reads (uploaded on the launch stream first) and a host copy it
+/// validates.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReshardBoxDesc {
@@ -378,3 +379,32 @@ pub struct ReshardBoxDesc {
     /// Element offset of the first destination element.
     pub dst_offset: i64,
 }
+
+impl ReshardBoxDesc {
+    /// The descriptor's bytes (`#[repr(C)]`, no padding), for the upload.
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: plain integers, repr(C), 4+4+4+4 + 8*8*3 + 8 + 8 bytes, no padding.
+        unsafe {
+            std::slice::from_raw_parts(
+                (self as *const ReshardBoxDesc).cast::<u8>(),
+                std::mem::size_of::<ReshardBoxDesc>(),
+            )
+        }
+    }
+}
+
+/// Whether reshard's kernel implements the `(source, destination)` pair
+/// (`kernels/box_desc.h`, `reshard_box_copy_supports`): same-type raw
+/// integers (`UINT8`, `INT16`, `INT32`, `INT64`: float copies are typed as
+/// integers of their size), and the Atlas A2 `Cast` pairs `FLOAT`↔`FLOAT16`,
+/// `FLOAT`↔`BF16`. `FLOAT16`↔`BF16` is not an A2 `Cast` pair, nor is any
+/// `DOUBLE` one.
+pub fn box_copy_supports(s: aclDataType, d: aclDataType) -> bool {
+    if s == d {
+        return matches!(s, ACL_UINT8 | ACL_INT16 | ACL_INT32 | ACL_INT64);
+    }
+    (s == ACL_FLOAT && matches!(d, ACL_FLOAT16 | ACL_BF16))
+        || (d == ACL_FLOAT && matches!(s, ACL_FLOAT16 | ACL_BF16))
+}
+
+const _: () = assert!(std::mem::size_of::<ReshardBoxDesc>() == 16 + 8 * 8 * 3 + 16);
