@@ -16,31 +16,11 @@
 //! -lhccl` (for those who prefer link-time resolution; the table is still
 //! filled with `dlopen`).
 
+#[cfg(feature = "cann")]
 use std::path::PathBuf;
 
-fn roots() -> Vec<PathBuf> {
-    let mut roots: Vec<PathBuf> = [
-        "ASCEND_TOOLKIT_HOME",
-        "ASCEND_HOME_PATH",
-        "ASCEND_CUSTOM_PATH",
-    ]
-    .iter()
-    .filter_map(|v| std::env::var_os(v).filter(|s| !s.is_empty()))
-    .map(PathBuf::from)
-    .collect();
-    roots.push("/usr/local/Ascend/cann".into());
-    roots.push("/usr/local/Ascend/ascend-toolkit/latest".into());
-    if let Some(home) = std::env::var_os("HOME") {
-        roots.push(PathBuf::from(home).join("Ascend/ascend-toolkit/latest"));
-    }
-    roots
-}
-
-fn find_root() -> Option<PathBuf> {
-    roots()
-        .into_iter()
-        .find(|r| r.join("include/acl/acl.h").exists())
-}
+#[path = "src/sys/roots.rs"]
+mod roots;
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(ascendcl_bindgen)");
@@ -58,7 +38,7 @@ fn main() {
     if !cann && !link {
         return;
     }
-    let Some(root) = find_root() else {
+    let Some(root) = roots::toolkit_root() else {
         panic!(
             "ascendcl-sys: features `cann`/`link` need a CANN toolkit, but no include/acl/acl.h \
              was found under $ASCEND_TOOLKIT_HOME, $ASCEND_HOME_PATH, $ASCEND_CUSTOM_PATH, \
