@@ -615,6 +615,15 @@ pub(crate) fn free_host(e: Emu, p: *mut c_void) -> aclError {
     ACL_SUCCESS
 }
 
+/// Counts an accepted host↔device copy of `bytes` bytes.
+fn count_transfer(g: &mut State, kind: aclrtMemcpyKind, bytes: usize) {
+    match kind {
+        ACL_MEMCPY_HOST_TO_DEVICE => g.stats.h2d_bytes += bytes as u64,
+        ACL_MEMCPY_DEVICE_TO_HOST => g.stats.d2h_bytes += bytes as u64,
+        _ => {}
+    }
+}
+
 /// Checks a copy's locations against its kind; returns (dst, src, whether
 /// host side is pinned).
 fn locations(
@@ -719,6 +728,7 @@ pub(crate) fn memcpy(
         kind,
         "aclrtMemcpy"
     ));
+    count_transfer(&mut g, kind, count);
     // A synchronous copy does not wait for streams: touching memory that a
     // queued op writes (or overwriting what it reads) is a missing sync.
     let conflict = match (&s, &d) {
@@ -767,6 +777,7 @@ pub(crate) fn memcpy_async(
         kind,
         "aclrtMemcpyAsync"
     ));
+    count_transfer(&mut g, kind, count);
     if kind == ACL_MEMCPY_DEVICE_TO_DEVICE && (dst as u64 % 64 != 0 || src as u64 % 64 != 0) {
         let v = g.violation(format!(
             "device-to-device aclrtMemcpyAsync needs 64-byte aligned addresses ({:#x} → {:#x}); \
@@ -890,6 +901,7 @@ pub(crate) fn memcpy2d_async(
     };
     tri!(check(&mut g, dst as u64, dspan));
     tri!(check(&mut g, src as u64, sspan));
+    count_transfer(&mut g, kind, width * height);
     let loc = |a: u64| {
         if State::is_device(a) {
             Loc::Device(a)

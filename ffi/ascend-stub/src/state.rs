@@ -64,6 +64,11 @@ pub struct Stats {
     pub peak_bytes: u64,
     /// Stream operations executed, by name.
     pub ops: BTreeMap<&'static str, u64>,
+    /// Bytes copied host-to-device (`aclrtMemcpy`, `aclrtMemcpyAsync`,
+    /// `aclrtMemcpy2dAsync`; counted when the copy is accepted).
+    pub h2d_bytes: u64,
+    /// Bytes copied device-to-host (the same calls).
+    pub d2h_bytes: u64,
 }
 
 pub(crate) struct Alloc {
@@ -217,6 +222,8 @@ impl State {
                 bytes_in_use: 0,
                 peak_bytes: 0,
                 ops: BTreeMap::new(),
+                h2d_bytes: 0,
+                d2h_bytes: 0,
             },
         }
     }
