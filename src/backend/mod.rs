@@ -41,6 +41,23 @@ pub use cast::cast_slice;
 pub use choice::{AnyBackend, AnyBuffer, BackendChoice};
 pub use cpu::{CpuBackend, HostBuffer};
 
+static LORA_BIT_EXACT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `--lora-bit-exact`: device backends opened from now on compute LoRA
+/// products exactly as the CPU backend does (the Ascend backend's host-tile
+/// path) instead of with a device GEMM (its default, within a few ulp).
+/// Also on with `RESHARD_LORA_BIT_EXACT=1`.
+pub fn set_lora_bit_exact(on: bool) {
+    LORA_BIT_EXACT.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`set_lora_bit_exact`] (or `RESHARD_LORA_BIT_EXACT=1`) asks for
+/// bit-exact LoRA products.
+pub fn lora_bit_exact() -> bool {
+    LORA_BIT_EXACT.load(std::sync::atomic::Ordering::Relaxed)
+        || std::env::var("RESHARD_LORA_BIT_EXACT").as_deref() == Ok("1")
+}
+
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 

@@ -78,10 +78,11 @@ pub enum CopyPath {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LoraMode {
     /// Tile products on the host, the add on the device: bit-identical to
-    /// the CPU backend.
-    #[default]
+    /// the CPU backend (`--lora-bit-exact`).
     HostGemm,
-    /// `aclnnInplaceAddmm` on the device: faster, within a few ulp.
+    /// `aclnnInplaceAddmm` on the device (f32, `cubeMathType` 0): the
+    /// default; within a few ulp of the CPU backend.
+    #[default]
     DeviceAddmm,
 }
 
@@ -113,7 +114,11 @@ impl Default for AscendOptions {
                 .unwrap_or(0),
             stage_bytes: 8 << 20,
             path: CopyPath::Auto,
-            lora: LoraMode::HostGemm,
+            lora: if super::lora_bit_exact() {
+                LoraMode::HostGemm
+            } else {
+                LoraMode::DeviceAddmm
+            },
             threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),

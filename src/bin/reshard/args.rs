@@ -228,9 +228,21 @@ pub struct BackendArgs {
     /// emulator only (docs/ascend.md).
     #[arg(long, value_name = "cpu|ascend|auto", default_value = "cpu")]
     pub backend: reshard::backend::BackendChoice,
+    /// With --backend ascend/auto: compute LoRA products on the host, bit-identical to
+    /// --backend cpu, instead of with the device GEMM (the default, within a few ulp).
+    #[arg(long)]
+    pub lora_bit_exact: bool,
 }
 
 impl BackendArgs {
+    /// The backend choice, after applying --lora-bit-exact.
+    pub fn choice(&self) -> reshard::backend::BackendChoice {
+        if self.lora_bit_exact {
+            reshard::backend::set_lora_bit_exact(true);
+        }
+        self.backend
+    }
+
     /// Prints which backend ran when it is not the plain CPU default.
     pub fn report(&self, used: &str) {
         if self.backend != reshard::backend::BackendChoice::Cpu {

@@ -181,7 +181,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     options.read = super::read_options(&a.read)?;
     options.manifest = !a.no_manifest;
     options.verify = a.verify;
-    options.backend = a.backend.backend;
+    options.backend = a.backend.choice();
     options.control.fsync = !a.no_fsync;
     let (progress, bar) = crate::progress::for_command("convert", a.json || a.dry_run);
     options.control.progress = progress;

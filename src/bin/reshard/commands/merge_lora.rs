@@ -131,7 +131,7 @@ pub fn run(a: MergeLoraArgs) -> Result<()> {
             dst_dir: a.dst_dir.clone(),
             scale: explicit,
             workers: a.jobs.max(1),
-            backend: a.backend.backend,
+            backend: a.backend.choice(),
             model: a.model.clone(),
             config: a.config.clone(),
             control: reshard::exec::OutputControl {
@@ -176,7 +176,7 @@ pub fn run(a: MergeLoraArgs) -> Result<()> {
         manifest: !a.output.no_manifest,
         resume: a.output.resume,
         verify: a.output.verify,
-        backend: a.backend.backend,
+        backend: a.backend.choice(),
         control: a.output.control(),
         ..MergeLoraOptions::new(a.src, a.dst_dir)
     };

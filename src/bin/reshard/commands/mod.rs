@@ -127,7 +127,7 @@ fn transform(a: TransformArgs) -> Result<()> {
         manifest: !a.output.no_manifest,
         resume: a.output.resume,
         verify: a.output.verify,
-        backend: a.backend.backend,
+        backend: a.backend.choice(),
         control: a.output.control(),
     };
     let (progress, bar) = crate::progress::for_command("transform", a.json || a.dry_run);
@@ -300,7 +300,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         repeat: a.repeat as usize,
         steps: a.steps,
         mindspore,
-        backend: a.backend.backend,
+        backend: a.backend.choice(),
         manifest: !a.no_manifest,
         observer,
     })?;
