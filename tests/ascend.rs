@@ -810,6 +810,19 @@ mod emulated {
             "{what}: {:?}",
             emu.violations()
         );
+        // Stronger than the plan's counts (which count a source byte once
+        // per destination file that reads it): at most the distinct bytes of
+        // the source files, and of the files written.
+        let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+        let src_files: u64 = plan.sources.iter().map(|f| size(&f.path)).sum();
+        let dst_files: u64 = plan.files.iter().map(|f| size(&f.path)).sum();
+        let (h2d, d2h) = (s.h2d_bytes - before.h2d_bytes, s.d2h_bytes - before.d2h_bytes);
+        if lora == LoraMode::DeviceAddmm {
+            assert!(
+                h2d <= src_files && d2h <= dst_files,
+                "{what}: h2d {h2d} > {src_files} source-file bytes or d2h {d2h} > {dst_files} written"
+            );
+        }
         (
             (s.h2d_bytes - before.h2d_bytes) as f64 / sum.bytes_read as f64,
             (s.d2h_bytes - before.d2h_bytes) as f64 / sum.bytes_written as f64,
