@@ -478,6 +478,18 @@ mod emulated {
     }
 
     #[test]
+    fn a_device_without_free_memory_at_start_up_names_the_fix() {
+        let emu = Emulator::new();
+        emu.configure(0, |c| c.malloc_budget = Some(0));
+        let e = AscendBackend::with_api(emu.api(), opts(CopyPath::Auto, 1 << 20)).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("device 0 has no free memory") && text.contains("npu-smi info"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn the_kernel_is_opt_in_and_never_gets_a_pair_it_cannot_do() {
         let src: Vec<u8> = (0..4 * 64 * 4).map(|i| (i * 13) as u8).collect();
         let strided = BoxCopy {
@@ -816,7 +828,10 @@ mod emulated {
         let size = |p: &Path| std::fs::metadata(p).unwrap().len();
         let src_files: u64 = plan.sources.iter().map(|f| size(&f.path)).sum();
         let dst_files: u64 = plan.files.iter().map(|f| size(&f.path)).sum();
-        let (h2d, d2h) = (s.h2d_bytes - before.h2d_bytes, s.d2h_bytes - before.d2h_bytes);
+        let (h2d, d2h) = (
+            s.h2d_bytes - before.h2d_bytes,
+            s.d2h_bytes - before.d2h_bytes,
+        );
         if lora == LoraMode::DeviceAddmm {
             assert!(
                 h2d <= src_files && d2h <= dst_files,

@@ -45,6 +45,7 @@
 //!   the calling thread; device work is serialised by one lock.
 
 mod pool;
+mod startup;
 
 use std::collections::BTreeMap;
 use std::ffi::c_void;
@@ -269,7 +270,24 @@ impl AscendBackend {
             Vec::new()
         };
         let api = ascendcl_sys::sys::load::api_with(&extra).map_err(|e| device_error(e.into()))?;
-        AscendBackend::with_api(api, options)
+        if api.origin == "dlopen" {
+            startup::opp_path(|v| std::env::var(v).ok()).map_err(|message| Error::Device {
+                backend: "ascend",
+                kind: DeviceErrorKind::Unavailable,
+                message,
+            })?;
+        }
+        let kernel = options.kernel;
+        let backend = AscendBackend::with_api(api, options)?;
+        if kernel && backend.api.reshard_box_copy.is_none() {
+            backend.fell_back(
+                "RESHARD_ASCEND_KERNEL=1 but no kernel library was loaded (this build found no \
+                 CANN toolkit, and neither $RESHARD_KERNELS_LIB nor libreshard_kernels.so beside \
+                 the executable exists): using aclnn"
+                    .into(),
+            );
+        }
+        Ok(backend)
     }
 
     /// Opens a device through an explicit table (the emulator's in tests).
@@ -286,10 +304,20 @@ impl AscendBackend {
                 ),
             });
         }
-        let ctx = Context::new(api, options.device).dev()?;
+        // A failure opening the device says how to fix it where it can.
+        let device = options.device;
+        let opening = move |e: ascendcl_sys::Error| {
+            let hint = startup::device_hint(device, &e);
+            let mut err = device_error(e);
+            if let (Some(h), Error::Device { message, .. }) = (hint, &mut err) {
+                *message = format!("{message}. {h}");
+            }
+            err
+        };
+        let ctx = Context::new(api, options.device).map_err(opening)?;
         let pool = Pool::new(ctx.clone());
-        let compute = Stream::new(&ctx).dev()?;
-        let copy = Stream::new(&ctx).dev()?;
+        let compute = Stream::new(&ctx).map_err(opening)?;
+        let copy = Stream::new(&ctx).map_err(opening)?;
         let mut stage_bytes = options.stage_bytes.max(64);
         let stages = loop {
             match Self::make_stages(&ctx, &pool, stage_bytes) {
@@ -298,7 +326,7 @@ impl AscendBackend {
                     pool.trim();
                     stage_bytes = (stage_bytes / 2).max(MIN_STAGE)
                 }
-                Err(e) => return Err(device_error(e)),
+                Err(e) => return Err(opening(e)),
             }
         };
         let memcpy2d_d2d = Self::probe_memcpy2d_d2d(api, &pool, &compute);

@@ -52,7 +52,23 @@ impl std::fmt::Display for LoadError {
                  or use --backend cpu / auto)",
                 searched.join(", ")
             ),
-            LoadError::Open { path, reason } => write!(f, "cannot load {path}: {reason}"),
+            LoadError::Open { path, reason } => {
+                write!(f, "cannot load {path}: {reason}")?;
+                if reason.contains("libascend_hal") || reason.contains("libdrvdsmi") {
+                    write!(
+                        f,
+                        " (the NPU driver's libraries are missing: install the Ascend driver, or add \
+                         /usr/local/Ascend/driver/lib64/common and /usr/local/Ascend/driver/lib64/driver \
+                         to LD_LIBRARY_PATH)"
+                    )
+                } else {
+                    write!(
+                        f,
+                        " (run `source <CANN root>/set_env.sh` so LD_LIBRARY_PATH has the toolkit's \
+                         and the driver's lib64 directories)"
+                    )
+                }
+            }
             LoadError::MissingSymbol { symbol, libraries } => write!(
                 f,
                 "this CANN is too old or incomplete: {symbol} is in none of {}",
@@ -247,4 +263,26 @@ pub fn loaded_libraries() -> Vec<String> {
 /// panicking or printing.
 pub fn is_present() -> bool {
     api().is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_library_that_does_not_open_names_the_fix() {
+        let e = LoadError::Open {
+            path: "/x/lib64/libascendcl.so".into(),
+            reason: "libascend_hal.so: cannot open shared object file".into(),
+        };
+        assert!(
+            e.to_string().contains("NPU driver's libraries are missing"),
+            "{e}"
+        );
+        let e = LoadError::Open {
+            path: "/x/lib64/libascendcl.so".into(),
+            reason: "libruntime.so: cannot open shared object file".into(),
+        };
+        assert!(e.to_string().contains("set_env.sh"), "{e}");
+    }
 }
