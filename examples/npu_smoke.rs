@@ -1,7 +1,11 @@
-//! Smoke test of the Ascend path for anyone with an Atlas 800T A2 (910B):
-//! loads CANN, opens a device, runs each backend operation once against the
-//! CPU backend (bytes must match), a 2-rank HCCL AllGather, and H2D / D2H /
-//! D2D bandwidth probes. Please send us its output.
+//! The acceptance test an Atlas 800T A2 (910B) owner runs: loads CANN,
+//! opens a device, runs each route — memcpy, memcpy2d device-to-device,
+//! reshard's kernel, aclnnCast, aclnnInplaceCopy, LoRA on the device and
+//! `--lora-bit-exact`, HCCL with two ranks — against the CPU backend, checks
+//! the route was really taken, and prints a pass / fail / skip table with
+//! each route's measured device bandwidth, plus H2D / D2H / D2D memcpy
+//! bandwidth. Please send us its output (with `npu-smi info` and the CANN
+//! version).
 //!
 //! ```sh
 //! source /usr/local/Ascend/ascend-toolkit/set_env.sh
@@ -22,10 +26,60 @@ use reshard::DType;
 
 type R<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
-fn check(name: &str, ok: bool, failures: &mut u32) {
-    println!("  {:<44} {}", name, if ok { "ok" } else { "MISMATCH" });
-    if !ok {
-        *failures += 1;
+/// One line of the acceptance table.
+struct Row {
+    route: String,
+    result: &'static str,
+    gbs: Option<f64>,
+    note: String,
+}
+
+#[derive(Default)]
+struct Table {
+    rows: Vec<Row>,
+}
+
+impl Table {
+    fn add(
+        &mut self,
+        route: impl Into<String>,
+        result: &'static str,
+        gbs: Option<f64>,
+        note: impl Into<String>,
+    ) {
+        let row = Row {
+            route: route.into(),
+            result,
+            gbs,
+            note: note.into(),
+        };
+        println!(
+            "  {:<40} {:<5} {:>9} {}",
+            row.route,
+            row.result,
+            row.gbs.map(|g| format!("{g:.1} GB/s")).unwrap_or_default(),
+            row.note
+        );
+        self.rows.push(row);
+    }
+
+    fn failures(&self) -> usize {
+        self.rows.iter().filter(|r| r.result == "FAIL").count()
+    }
+
+    fn print(&self) {
+        println!("\n| route | result | device GB/s | note |\n|---|---|---|---|");
+        for r in &self.rows {
+            println!(
+                "| {} | {} | {} | {} |",
+                r.route,
+                r.result,
+                r.gbs
+                    .map(|g| format!("{g:.1}"))
+                    .unwrap_or_else(|| "–".into()),
+                r.note
+            );
+        }
     }
 }
 
@@ -41,69 +95,148 @@ fn on<B: Backend>(b: &B, c: &BoxCopy, src: &[u8]) -> R<Vec<u8>> {
     Ok(host)
 }
 
-fn ops(api: &'static Api, failures: &mut u32) -> R<()> {
+/// Device-to-device time of `c` from a device-resident source: (bytes read
+/// + written) / seconds, best of 3.
+fn device_gbs(b: &AscendBackend, c: &BoxCopy, src: &[u8]) -> R<f64> {
+    let mut sb = b.alloc(src.len())?;
+    b.upload(src, &mut sb, 0)?;
+    let n = c.dst_shape.iter().product::<u64>() as usize * c.dst_dtype.size();
+    let mut out = b.alloc(n)?;
+    b.synchronize()?;
+    let moved = (c.elements() as usize * (c.src_dtype.size() + c.dst_dtype.size())) as f64;
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        b.box_copy(Src::Buffer(&sb), &mut out, c)?;
+        b.synchronize()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(moved / best / 1e9)
+}
+
+/// Each box-copy route: correct against the CPU backend, actually taken
+/// (the backend's path counters), and its device bandwidth.
+fn routes(api: &'static Api, table: &mut Table) -> R<()> {
     let cpu = CpuBackend::default();
     let f32s: Vec<u8> = (0..1024 * 768)
         .flat_map(|i| ((i as f32 * 0.37).sin() * 3.0).to_le_bytes())
         .collect();
-    let cases = [
+    let rows = BoxCopy {
+        src_offset: vec![256, 0],
+        extent: vec![512, 768],
+        dst_shape: vec![512, 768],
+        ..BoxCopy::whole(&[1024, 768], DType::F32, DType::F32)
+    };
+    let columns = BoxCopy {
+        src_offset: vec![0, 384],
+        extent: vec![1024, 384],
+        dst_shape: vec![1024, 384],
+        ..BoxCopy::whole(&[1024, 768], DType::F32, DType::F32)
+    };
+    let column_cast = BoxCopy {
+        src_offset: vec![0, 100],
+        extent: vec![1024, 300],
+        dst_shape: vec![1024, 300],
+        ..BoxCopy::whole(&[1024, 768], DType::F32, DType::F16)
+    };
+    let transpose_cast = BoxCopy {
+        src_axes: vec![1, 0],
+        dst_shape: vec![768, 1024],
+        extent: vec![768, 1024],
+        ..BoxCopy::whole(&[1024, 768], DType::F32, DType::BF16)
+    };
+    let whole_cast = BoxCopy::whole(&[1024, 768], DType::F32, DType::BF16);
+    // (route, path, kernel opt-in, case, counter the route must bump)
+    let cases: [(&str, CopyPath, bool, &BoxCopy, &str); 6] = [
         (
-            "slice rows (memcpy)",
-            BoxCopy {
-                src_offset: vec![256, 0],
-                extent: vec![512, 768],
-                dst_shape: vec![512, 768],
-                ..BoxCopy::whole(&[1024, 768], DType::F32, DType::F32)
-            },
+            "memcpy: aligned row slice",
+            CopyPath::Auto,
+            false,
+            &rows,
+            "memcpy",
         ),
         (
-            "slice columns (2-D / strided)",
-            BoxCopy {
-                src_offset: vec![0, 384],
-                extent: vec![1024, 384],
-                dst_shape: vec![1024, 384],
-                ..BoxCopy::whole(&[1024, 768], DType::F32, DType::F32)
-            },
+            "memcpy2d D2D: column slice",
+            CopyPath::Auto,
+            false,
+            &columns,
+            "memcpy2d",
         ),
         (
-            "whole cast f32 → bf16",
-            BoxCopy::whole(&[1024, 768], DType::F32, DType::BF16),
+            "kernel: column slice + f32→f16",
+            CopyPath::Kernel,
+            true,
+            &column_cast,
+            "kernel",
         ),
         (
-            "column slice + cast f32 → f16",
-            BoxCopy {
-                src_offset: vec![0, 100],
-                extent: vec![1024, 300],
-                dst_shape: vec![1024, 300],
-                ..BoxCopy::whole(&[1024, 768], DType::F32, DType::F16)
-            },
+            "kernel: transpose + f32→bf16",
+            CopyPath::Kernel,
+            true,
+            &transpose_cast,
+            "kernel",
         ),
         (
-            "transpose + cast f32 → bf16",
-            BoxCopy {
-                src_axes: vec![1, 0],
-                dst_shape: vec![768, 1024],
-                extent: vec![768, 1024],
-                ..BoxCopy::whole(&[1024, 768], DType::F32, DType::BF16)
-            },
+            "aclnnCast: whole f32→bf16",
+            CopyPath::Auto,
+            false,
+            &whole_cast,
+            "cast",
+        ),
+        (
+            "aclnnInplaceCopy: transpose + f32→bf16",
+            CopyPath::Aclnn,
+            false,
+            &transpose_cast,
+            "inplace_copy",
         ),
     ];
-    for (path_name, path) in [("auto", CopyPath::Auto), ("aclnn", CopyPath::Aclnn)] {
+    for (route, path, kernel, c, counter) in cases {
         let b = AscendBackend::with_api(
             api,
             AscendOptions {
                 path,
+                kernel,
                 ..Default::default()
             },
         )?;
-        println!("backend ({path_name} path): {}", b.describe());
-        for (name, c) in &cases {
-            let ok = on(&b, c, &f32s)? == on(&cpu, c, &f32s)?;
-            check(&format!("{name} [{path_name}]"), ok, failures);
+        if kernel && !api.has("reshard_box_copy") {
+            table.add(
+                route,
+                "SKIP",
+                None,
+                "no kernel library loaded (build with a CANN toolkit and cmake)",
+            );
+            continue;
         }
-        println!("  paths taken: {:?}", b.stats().paths);
+        let ok = on(&b, c, &f32s)? == on(&cpu, c, &f32s)?;
+        let taken = b.stats().paths.contains_key(counter);
+        if !taken {
+            let why = b.stats().fallbacks.join("; ");
+            table.add(
+                route,
+                if ok { "SKIP" } else { "FAIL" },
+                None,
+                format!(
+                    "route not taken ({why}); bytes {}",
+                    if ok { "match" } else { "DIFFER" }
+                ),
+            );
+            continue;
+        }
+        let gbs = device_gbs(&b, c, &f32s)?;
+        table.add(
+            route,
+            if ok { "pass" } else { "FAIL" },
+            Some(gbs),
+            if ok {
+                "bytes = CPU"
+            } else {
+                "bytes DIFFER from CPU"
+            },
+        );
     }
-    // LoRA GEMM-add: host GEMM (bit-identical) and aclnnInplaceAddmm.
+    // LoRA GEMM-add: device (default) and --lora-bit-exact.
     let (m, n, k) = (512usize, 640usize, 16usize);
     let val = |i: usize| ((i as f32) * 0.011).cos();
     let bytes = |v: Vec<f32>| -> Vec<u8> { v.into_iter().flat_map(f32::to_le_bytes).collect() };
@@ -125,7 +258,7 @@ fn ops(api: &'static Api, failures: &mut u32) -> R<()> {
         scale: 0.5,
     };
     let want = lora(&cpu, &w, &bm, &am, &op)?;
-    for mode in [LoraMode::HostGemm, LoraMode::DeviceAddmm] {
+    for mode in [LoraMode::DeviceAddmm, LoraMode::HostGemm] {
         let be = AscendBackend::with_api(
             api,
             AscendOptions {
@@ -133,7 +266,9 @@ fn ops(api: &'static Api, failures: &mut u32) -> R<()> {
                 ..Default::default()
             },
         )?;
+        let t = Instant::now();
         let got = lora(&be, &w, &bm, &am, &op)?;
+        let secs = t.elapsed().as_secs_f64();
         let worst = got
             .chunks_exact(4)
             .zip(want.chunks_exact(4))
@@ -142,12 +277,40 @@ fn ops(api: &'static Api, failures: &mut u32) -> R<()> {
                     f32::from_le_bytes(x.try_into().unwrap()),
                     f32::from_le_bytes(y.try_into().unwrap()),
                 );
-                (x - y).abs() / y.abs().max(1e-6)
+                (x - y).abs() / y.abs().max(1.0)
             })
             .fold(0f32, f32::max);
+        // The whole call (uploads, GEMM, download): not a device figure.
+        let note = format!("{:.1} ms end to end", secs * 1e3);
         match mode {
-            LoraMode::HostGemm => check("lora_add, host GEMM (must be bit-identical)", got == want, failures),
-            LoraMode::DeviceAddmm => println!("  lora_add, aclnnInplaceAddmm: max relative difference {worst:e} (bitwise equal: {})", got == want),
+            LoraMode::HostGemm => table.add(
+                "LoRA --lora-bit-exact (host tiles)",
+                if got == want { "pass" } else { "FAIL" },
+                None,
+                format!("must equal CPU bit for bit; {note}"),
+            ),
+            LoraMode::DeviceAddmm => {
+                let used = be.stats().paths.contains_key("addmm");
+                table.add(
+                    "LoRA device (aclnnInplaceAddmm, default)",
+                    if !used {
+                        "SKIP"
+                    } else if worst <= 1e-5 {
+                        "pass"
+                    } else {
+                        "FAIL"
+                    },
+                    None,
+                    format!(
+                        "max |Δ|/max(1,|x|) {worst:e} (bound 1e-5); {note}{}",
+                        if used {
+                            ""
+                        } else {
+                            "; Addmm missing, fell back"
+                        }
+                    ),
+                )
+            }
         }
     }
     Ok(())
@@ -167,9 +330,9 @@ fn lora<B: Backend>(be: &B, w: &[u8], b: &[u8], a: &[u8], op: &LoraAdd) -> R<Vec
     Ok(out)
 }
 
-fn all_gather(api: &'static Api, failures: &mut u32) -> R<()> {
+fn all_gather(api: &'static Api, table: &mut Table) -> R<()> {
     if safe::device_count(api)? < 2 {
-        println!("  HCCL AllGather: skipped (one device)");
+        table.add("HCCL AllGather, 2 ranks", "SKIP", None, "one device");
         return Ok(());
     }
     let root = {
@@ -233,12 +396,17 @@ fn all_gather(api: &'static Api, failures: &mut u32) -> R<()> {
     for (r, res) in results.into_iter().enumerate() {
         let out = res?;
         let ok = out[..1 << 20].iter().all(|b| *b == 1) && out[1 << 20..].iter().all(|b| *b == 2);
-        check(&format!("HCCL AllGather, 2 ranks (rank {r})"), ok, failures);
+        table.add(
+            format!("HCCL AllGather, 2 ranks (rank {r})"),
+            if ok { "pass" } else { "FAIL" },
+            None,
+            "1 MiB per rank",
+        );
     }
     Ok(())
 }
 
-fn bandwidth(api: &'static Api, mib: usize) -> R<()> {
+fn bandwidth(api: &'static Api, mib: usize, table: &mut Table) -> R<()> {
     let ctx: Arc<Context> = Context::new(api, 0)?;
     let bytes = mib << 20;
     let st = Stream::new(&ctx)?;
@@ -246,8 +414,9 @@ fn bandwidth(api: &'static Api, mib: usize) -> R<()> {
     host.as_mut_slice().fill(1);
     let (a, b) = (DeviceMem::new(&ctx, bytes)?, DeviceMem::new(&ctx, bytes)?);
     let (e0, e1) = (Event::new(&ctx)?, Event::new(&ctx)?);
-    let probe =
+    let mut probe =
         |name: &str, dst: *mut std::ffi::c_void, src: *const std::ffi::c_void, kind| -> R<()> {
+            let mut best = 0f64;
             for _ in 0..2 {
                 e0.record(&st)?;
                 for _ in 0..4 {
@@ -263,8 +432,15 @@ fn bandwidth(api: &'static Api, mib: usize) -> R<()> {
                     .elapsed_ms(&e0)
                     .unwrap_or(t.elapsed().as_secs_f32() * 1000.0);
                 let gbs = 4.0 * bytes as f64 / (ms as f64 / 1000.0) / 1e9;
-                println!("  {name:<6} {mib} MiB × 4: {ms:8.2} ms, {gbs:7.1} GB/s");
+                best = best.max(gbs);
+                let _ = ms;
             }
+            table.add(
+                format!("aclrtMemcpyAsync {name}"),
+                "info",
+                Some(best),
+                format!("{mib} MiB × 4, pinned host"),
+            );
             Ok(())
         };
     probe("H2D", a.ptr(), host.ptr(), acl::ACL_MEMCPY_HOST_TO_DEVICE)?;
@@ -285,8 +461,17 @@ fn main() -> R<()> {
         .unwrap_or(if emulated { 16 } else { 256 });
     let api: &'static Api = if emulated {
         println!("*** HOST EMULATOR: no NPU is used; results only exercise code paths ***");
-        ascend_stub::install_shared()
+        // A machine of its own with every symbol, reshard's kernel launcher
+        // included (the emulated contract, not the kernel).
+        Box::leak(Box::new(ascend_stub::Emulator::new())).api()
     } else {
+        // Opening the backend once with the kernel opted in loads the CANN
+        // libraries *and* reshard's kernel library into the process-wide
+        // table (and runs the start-up checks, whose errors name the fix).
+        AscendBackend::new(AscendOptions {
+            kernel: true,
+            ..Default::default()
+        })?;
         ascendcl_sys::api()?
     };
     safe::init(api)?;
@@ -303,16 +488,19 @@ fn main() -> R<()> {
         .filter(|s| !api.has(s))
         .collect();
     println!("optional symbols missing: {missing:?}");
-    let mut failures = 0;
-    println!("operations vs the CPU backend:");
-    ops(api, &mut failures)?;
-    println!("collectives:");
-    all_gather(api, &mut failures)?;
-    println!("bandwidth:");
-    bandwidth(api, mib)?;
+    let mut table = Table::default();
+    println!("routes vs the CPU backend:");
+    routes(api, &mut table)?;
+    all_gather(api, &mut table)?;
+    bandwidth(api, mib, &mut table)?;
+    table.print();
+    if emulated {
+        println!("\n(host emulator: pass/fail checks code paths only; GB/s are meaningless)");
+    }
+    let failures = table.failures();
     if failures > 0 {
         return Err(format!("{failures} check(s) failed").into());
     }
-    println!("all checks passed");
+    println!("no check failed (SKIP rows were not run: see their notes)");
     Ok(())
 }
