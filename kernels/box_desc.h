@@ -15,6 +15,8 @@ struct ReshardBoxDesc {
     int64_t src_offset;
     int64_t dst_offset;
 };
+// The Rust mirror asserts the same size (ascendcl_sys::sys::ReshardBoxDesc).
+static_assert(sizeof(ReshardBoxDesc) == 224, "ReshardBoxDesc layout");
 
 // aclDataType values (acl/acl_base.h).
 constexpr int32_t kReshardFloat = 0;
