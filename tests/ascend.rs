@@ -478,6 +478,22 @@ mod emulated {
     }
 
     #[test]
+    fn backend_auto_says_why_it_chose_ascend() {
+        crate::ascend::extra_backends();
+        let b = BackendChoice::Auto.open().unwrap();
+        let d = b.describe();
+        assert!(
+            d.starts_with("ascend") && d.contains("--backend auto: chose Ascend"),
+            "{d}"
+        );
+        assert!(
+            b.note().unwrap().contains("device opened"),
+            "{:?}",
+            b.note()
+        );
+    }
+
+    #[test]
     fn a_device_without_free_memory_at_start_up_names_the_fix() {
         let emu = Emulator::new();
         emu.configure(0, |c| c.malloc_budget = Some(0));

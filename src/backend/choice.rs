@@ -54,11 +54,18 @@ impl BackendChoice {
     pub fn open(self) -> Result<AnyBackend> {
         match self {
             BackendChoice::Cpu => Ok(AnyBackend::Cpu(CpuBackend::default(), None)),
-            BackendChoice::Ascend => Ok(AnyBackend::Ascend(AscendBackend::new(
-                AscendOptions::default(),
-            )?)),
+            BackendChoice::Ascend => Ok(AnyBackend::Ascend(
+                AscendBackend::new(AscendOptions::default())?,
+                None,
+            )),
             BackendChoice::Auto => match AscendBackend::new(AscendOptions::default()) {
-                Ok(b) => Ok(AnyBackend::Ascend(b)),
+                Ok(b) => Ok(AnyBackend::Ascend(
+                    b,
+                    Some(
+                        "--backend auto: chose Ascend (a CANN runtime loaded and the device opened)"
+                            .into(),
+                    ),
+                )),
                 Err(e) => Ok(AnyBackend::Cpu(
                     CpuBackend::default(),
                     Some(format!("--backend auto: using the CPU ({e})")),
@@ -73,8 +80,8 @@ impl BackendChoice {
 pub enum AnyBackend {
     /// The CPU backend, with the reason when `auto` fell back to it.
     Cpu(CpuBackend, Option<String>),
-    /// The Ascend backend.
-    Ascend(AscendBackend),
+    /// The Ascend backend, with why `auto` chose it.
+    Ascend(AscendBackend, Option<String>),
 }
 
 impl AnyBackend {
@@ -82,7 +89,7 @@ impl AnyBackend {
     pub fn note(&self) -> Option<&str> {
         match self {
             AnyBackend::Cpu(_, note) => note.as_deref(),
-            AnyBackend::Ascend(_) => None,
+            AnyBackend::Ascend(_, note) => note.as_deref(),
         }
     }
 
@@ -91,7 +98,8 @@ impl AnyBackend {
         match self {
             AnyBackend::Cpu(_, None) => "cpu".into(),
             AnyBackend::Cpu(_, Some(n)) => format!("cpu ({n})"),
-            AnyBackend::Ascend(b) => b.describe(),
+            AnyBackend::Ascend(b, None) => b.describe(),
+            AnyBackend::Ascend(b, Some(n)) => format!("{} ({n})", b.describe()),
         }
     }
 }
@@ -116,21 +124,21 @@ impl Backend for AnyBackend {
     fn name(&self) -> &'static str {
         match self {
             AnyBackend::Cpu(b, _) => b.name(),
-            AnyBackend::Ascend(b) => b.name(),
+            AnyBackend::Ascend(b, _) => b.name(),
         }
     }
 
     fn alloc(&self, bytes: usize) -> Result<AnyBuffer> {
         match self {
             AnyBackend::Cpu(b, _) => b.alloc(bytes).map(AnyBuffer::Cpu),
-            AnyBackend::Ascend(b) => b.alloc(bytes).map(AnyBuffer::Ascend),
+            AnyBackend::Ascend(b, _) => b.alloc(bytes).map(AnyBuffer::Ascend),
         }
     }
 
     fn upload(&self, host: &[u8], dst: &mut AnyBuffer, offset: usize) -> Result<()> {
         match (self, dst) {
             (AnyBackend::Cpu(b, _), AnyBuffer::Cpu(d)) => b.upload(host, d, offset),
-            (AnyBackend::Ascend(b), AnyBuffer::Ascend(d)) => b.upload(host, d, offset),
+            (AnyBackend::Ascend(b, _), AnyBuffer::Ascend(d)) => b.upload(host, d, offset),
             _ => Err(mismatch("upload")),
         }
     }
@@ -138,7 +146,7 @@ impl Backend for AnyBackend {
     fn download(&self, src: &AnyBuffer, offset: usize, host: &mut [u8]) -> Result<()> {
         match (self, src) {
             (AnyBackend::Cpu(b, _), AnyBuffer::Cpu(s)) => b.download(s, offset, host),
-            (AnyBackend::Ascend(b), AnyBuffer::Ascend(s)) => b.download(s, offset, host),
+            (AnyBackend::Ascend(b, _), AnyBuffer::Ascend(s)) => b.download(s, offset, host),
             _ => Err(mismatch("download")),
         }
     }
@@ -146,7 +154,7 @@ impl Backend for AnyBackend {
     fn host_bytes<'a>(&self, buffer: &'a AnyBuffer) -> Option<&'a [u8]> {
         match (self, buffer) {
             (AnyBackend::Cpu(b, _), AnyBuffer::Cpu(x)) => b.host_bytes(x),
-            (AnyBackend::Ascend(b), AnyBuffer::Ascend(x)) => b.host_bytes(x),
+            (AnyBackend::Ascend(b, _), AnyBuffer::Ascend(x)) => b.host_bytes(x),
             _ => None,
         }
     }
@@ -158,7 +166,7 @@ impl Backend for AnyBackend {
                 Src::Buffer(AnyBuffer::Cpu(s)) => b.box_copy(Src::Buffer(s), d, copy),
                 Src::Buffer(_) => Err(mismatch("box copy")),
             },
-            (AnyBackend::Ascend(b), AnyBuffer::Ascend(d)) => match src {
+            (AnyBackend::Ascend(b, _), AnyBuffer::Ascend(d)) => match src {
                 Src::Host(h) => b.box_copy(Src::Host(h), d, copy),
                 Src::Buffer(AnyBuffer::Ascend(s)) => b.box_copy(Src::Buffer(s), d, copy),
                 Src::Buffer(_) => Err(mismatch("box copy")),
@@ -179,7 +187,7 @@ impl Backend for AnyBackend {
                 x.lora_add(w, b, a, op)
             }
             (
-                AnyBackend::Ascend(x),
+                AnyBackend::Ascend(x, _),
                 AnyBuffer::Ascend(w),
                 AnyBuffer::Ascend(b),
                 AnyBuffer::Ascend(a),
@@ -191,7 +199,7 @@ impl Backend for AnyBackend {
     fn synchronize(&self) -> Result<()> {
         match self {
             AnyBackend::Cpu(b, _) => b.synchronize(),
-            AnyBackend::Ascend(b) => b.synchronize(),
+            AnyBackend::Ascend(b, _) => b.synchronize(),
         }
     }
 }
