@@ -76,6 +76,8 @@ impl BackendChoice {
 }
 
 /// One of the compiled backends.
+// One value per job, never moved in a hot path: boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum AnyBackend {
     /// The CPU backend, with the reason when `auto` fell back to it.
