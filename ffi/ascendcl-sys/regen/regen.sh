@@ -16,6 +16,9 @@
 #     hicann/ops-nn           tag v8.5.0  aclnn_{addmm,matmul}.h
 #     hicann/hccl             tag v8.5.0  include/hccl.h
 #     hicann/hcomm            tag v8.5.0  include/hccl/{hccl_types,hccl_comm}.h
+#   and the same six hicann repositories at tag v9.0.0 (cann_9_0.rs; paths as
+#   in the v9.0.0 block below; hccl_comm.h then includes hccl_res.h, which
+#   includes securec.h: an empty stand-in is supplied).
 #   (These headers are not committed: the Huawei ones are under the CANN Open
 #   Software License; only the generated declarations are.)
 # Or: ffi/ascendcl-sys/regen/regen.sh --toolkit NAME ROOT
@@ -80,3 +83,29 @@ show hicann/ops-nn v8.5.0 matmul/mat_mul_v3/op_host/op_api/aclnn_matmul.h > "$h8
 show hicann/hccl v8.5.0 include/hccl.h > "$h85/hccl/hccl.h"
 for f in hccl_types.h hccl_comm.h; do show hicann/hcomm v8.5.0 include/hccl/$f > "$h85/hccl/$f"; done
 "$regen" "$out/cann_8_5.rs" "tag v8.5.0 of$prov" "$h85"
+
+# --- CANN 9.0 ---
+h90=$work/9.0/include
+mkdir -p "$h90/acl" "$h90/aclnn" "$h90/aclnnop" "$h90/hccl" "$work/9.0/shim"
+: > "$work/9.0/shim/securec.h"
+prov=""
+for r in hicann/runtime hicann/opbase hicann/ops-math hicann/ops-nn hicann/hccl hicann/hcomm; do
+  prov="$prov $r@$(clone $r v9.0.0)"
+done
+rm -rf "$work/include"
+git -C "$src/hicann+runtime" archive v9.0.0 include/external/acl | tar -x -C "$work"
+cp -r "$work/include/external/acl/." "$h90/acl/"
+for f in acl_meta.h aclnn_base.h; do show hicann/opbase v9.0.0 include/nnopbase/aclnn/$f > "$h90/aclnn/$f"; done
+show hicann/opbase v9.0.0 include/aclnnop/aclnn_util.h > "$h90/aclnnop/aclnn_util.h"
+show hicann/ops-math v9.0.0 conversion/concat_d/op_api/aclnn_cat.h > "$h90/aclnnop/aclnn_cat.h"
+show hicann/ops-math v9.0.0 conversion/slice/op_api/aclnn_slice.h > "$h90/aclnnop/aclnn_slice.h"
+show hicann/ops-math v9.0.0 conversion/view_copy/op_api/aclnn_copy.h > "$h90/aclnnop/aclnn_copy.h"
+show hicann/ops-math v9.0.0 math/add/op_api/aclnn_add.h > "$h90/aclnnop/aclnn_add.h"
+show hicann/ops-math v9.0.0 math/cast/op_api/aclnn_cast.h > "$h90/aclnnop/aclnn_cast.h"
+show hicann/ops-nn v9.0.0 matmul/mat_mul_v3/op_host/op_api/aclnn_addmm.h > "$h90/aclnnop/aclnn_addmm.h"
+show hicann/ops-nn v9.0.0 matmul/mat_mul_v3/op_host/op_api/aclnn_matmul.h > "$h90/aclnnop/aclnn_matmul.h"
+show hicann/hccl v9.0.0 include/hccl.h > "$h90/hccl/hccl.h"
+for f in hccl_comm.h hccl_rank_graph.h hccl_res.h hccl_sym_win.h hccl_types.h hcomm_primitives.h; do
+  show hicann/hcomm v9.0.0 include/hccl/$f > "$h90/hccl/$f"
+done
+"$regen" "$out/cann_9_0.rs" "tag v9.0.0 of$prov (+ an empty securec.h)" "$h90" "$work/9.0/shim"

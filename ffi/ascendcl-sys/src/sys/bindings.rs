@@ -12,9 +12,10 @@
 //! * **layouts** — size and alignment of the types we define.
 //!
 //! Versions: `cann_8_1` (acl + hccl of CANN 8.1.RC1 as shipped in torch_npu
-//! 7.0.0's `third_party/`; Huawei published no aclnn headers of 8.1) and
-//! `cann_8_5` (all of acl, aclnn, hccl from Huawei's open-source v8.5.0
-//! tags). Each file's first lines name the exact commits.
+//! 7.0.0's `third_party/`; Huawei published no aclnn headers of 8.1),
+//! `cann_8_5` and `cann_9_0` (all of acl, aclnn, hccl from Huawei's
+//! open-source v8.5.0 / v9.0.0 tags). Each file's first lines name the
+//! exact commits.
 #![allow(
     dead_code,
     non_camel_case_types,
@@ -31,6 +32,9 @@ mod cann_8_1;
 #[rustfmt::skip]
 #[path = "../../bindings/cann_8_5.rs"]
 mod cann_8_5;
+#[rustfmt::skip]
+#[path = "../../bindings/cann_9_0.rs"]
+mod cann_9_0;
 
 use super::types as ours;
 
@@ -44,6 +48,7 @@ type Version = (
 const VERSIONS: &[Version] = &[
     ("8.1", cann_8_1::ENUM_VALUES, cann_8_1::CONSTS),
     ("8.5", cann_8_5::ENUM_VALUES, cann_8_5::CONSTS),
+    ("9.0", cann_9_0::ENUM_VALUES, cann_9_0::CONSTS),
 ];
 
 /// Our members of each compared enum.
@@ -123,6 +128,16 @@ macro_rules! same_layout {
 }
 
 same_layout! { cann_8_1:
+    ours::aclDataType => aclDataType,
+    ours::aclFormat => aclFormat,
+    ours::aclrtMemcpyKind => aclrtMemcpyKind,
+    ours::aclrtMemMallocPolicy => aclrtMemMallocPolicy,
+    ours::aclrtMemAttr => aclrtMemAttr,
+    ours::HcclResult => HcclResult,
+    ours::HcclDataType => HcclDataType,
+    ours::HcclRootInfo => HcclRootInfo,
+}
+same_layout! { cann_9_0:
     ours::aclDataType => aclDataType,
     ours::aclFormat => aclFormat,
     ours::aclrtMemcpyKind => aclrtMemcpyKind,
