@@ -385,5 +385,60 @@ class Scripts(Base):
         self.assertFalse(os.path.exists(os.path.join(self.tmp, "o.ckpt")))
 
 
+MF_SRC = os.environ.get("RESHARD_MINDFORMERS_SRC")
+MF_REQUIRE = os.environ.get("RESHARD_REQUIRE_MINDFORMERS") == "1"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class MindformersInstall(Base):
+    """mindformers' own TransformCkpt (from its 1.3.2 wheel, via
+    ci/mindformers.sh; its package imports replaced by stand-ins) run once
+    with MindSpore and once after reshard.mindformers.install(), with
+    MindSpore's transforms made to fail: the two output trees must be equal."""
+
+    def setUp(self):
+        super().setUp()
+        real = os.path.join(MF_SRC or "", "1.3.2", "mindformers", "tools", "ckpt_transform")
+        if not os.path.isfile(os.path.join(real, "transform_checkpoint.py")):
+            msg = f"mindformers' ckpt_transform sources not found under RESHARD_MINDFORMERS_SRC={MF_SRC!r}"
+            if MF_REQUIRE:
+                self.fail(msg)
+            self.skipTest(msg)
+        self.mf = os.path.join(self.tmp, "mf")
+        shutil.copytree(os.path.join(HERE, "mindformers_stubs"), self.mf)
+        shutil.copytree(real, os.path.join(self.mf, "mindformers", "tools", "ckpt_transform"))
+
+    def job(self, mode, by_rank, name, strategy_dirs):
+        d = case_dir(name)
+        work = os.path.join(self.tmp, f"{name}-{mode}-{by_rank}")
+        os.makedirs(work)
+        if strategy_dirs:  # mindformers merges a directory into a file inside it: use copies
+            src_s, dst_s = (shutil.copytree(os.path.join(d, f"{s}_strategy"), os.path.join(work, f"{s}_strategy"))
+                            for s in ("src", "dst"))
+        else:
+            src_s, dst_s = strategy(name, "src"), strategy(name, "dst")
+        out = os.path.join(work, "out")
+        world = len(files_under(os.path.join(d, "expect")))
+        r = subprocess.run([sys.executable, os.path.join(HERE, "mf_job.py"), self.mf, mode, str(by_rank),
+                            os.path.join(d, "src"), out, src_s or "None", dst_s or "None", str(world)],
+                           capture_output=True, text=True, cwd=work)
+        self.assertEqual(r.returncode, 0, r.stderr[-3000:])
+        return out
+
+    def test_auto_trans_ckpt_runs_on_reshard_with_mindspores_bytes(self):
+        for name, by_rank, dirs in (("dp2mp2_to_mp4", 0, False), ("dp2mp2_to_mp4", 1, False),
+                                    ("mp2_pp2_to_dp2mp2", 0, True), ("mp2_pp2_to_dp2mp2", 1, True)):
+            with self.subTest(case=name, by_rank=by_rank):
+                theirs = self.job("ms", by_rank, name, dirs)
+                ours = self.job("reshard", by_rank, name, dirs)
+                self.assertGreater(len([f for f in files_under(ours) if f.endswith(".ckpt")]), 1)
+                self.assertSameTree(ours, theirs)
+
+    def test_install_without_mindformers_is_an_import_error(self):
+        import reshard.mindformers
+        with self.assertRaises(ImportError):
+            reshard.mindformers.install(modules=("no_such_mindformers_module",))
+
+
 if __name__ == "__main__":
     unittest.main()
