@@ -8,6 +8,9 @@
 //! kind, carrying reshard's message and its `path`, `record` and `tensor`.
 //! The MindSpore-compatible signatures live in Python (`reshard/*.py`).
 
+// Each function takes its options as Python keyword arguments.
+#![allow(clippy::too_many_arguments)]
+
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -74,7 +77,6 @@ fn version() -> &'static str {
 #[pyo3(signature = (src_checkpoint, dst_dir, src_strategy=None, dst_strategy=None,
                     prefix="checkpoint_".to_string(), ranks=None, world_size=None, workers=1,
                     output_format=None, manifest=true, dry_run=false))]
-#[allow(clippy::too_many_arguments)]
 fn transform(
     py: Python<'_>,
     src_checkpoint: PathBuf,
@@ -168,7 +170,6 @@ fn rewrite(py: Python<'_>, src: PathBuf, dst: PathBuf, crc: bool) -> PyResult<St
 #[pyo3(signature = (model, input, output, reversed=false, dtype=None, qkv_concat=None,
                     n_head=None, hidden_size=None, layers=None, modal=None, config=None,
                     dst_strategy=None, prefix="checkpoint_".to_string(), workers=1, manifest=true))]
-#[allow(clippy::too_many_arguments)]
 fn convert(
     py: Python<'_>,
     model: String,
@@ -218,7 +219,6 @@ fn convert(
 #[pyo3(signature = (src, dst_dir, src_strategy=None, dst_strategy=None,
                     prefix="checkpoint_".to_string(), scale=1.0, fan_in_fan_out=false,
                     save_format="ckpt", workers=1, manifest=true))]
-#[allow(clippy::too_many_arguments)]
 fn merge_lora(
     py: Python<'_>,
     src: PathBuf,
