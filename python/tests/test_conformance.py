@@ -440,5 +440,59 @@ class MindformersInstall(Base):
             reshard.mindformers.install(modules=("no_such_mindformers_module",))
 
 
+def write_hf_llama(directory, rng):
+    """A tiny HuggingFace llama (safetensors + config.json), in state_dict order."""
+    h, f, v = 16, 32, 32
+    shapes = [("model.embed_tokens.weight", (v, h))]
+    for w in ("q", "k", "v", "o"):
+        shapes.append((f"model.layers.0.self_attn.{w}_proj.weight", (h, h)))
+    shapes += [("model.layers.0.mlp.gate_proj.weight", (f, h)), ("model.layers.0.mlp.up_proj.weight", (f, h)),
+               ("model.layers.0.mlp.down_proj.weight", (h, f)), ("model.layers.0.input_layernorm.weight", (h,)),
+               ("model.layers.0.post_attention_layernorm.weight", (h,)), ("model.norm.weight", (h,)),
+               ("lm_head.weight", (v, h))]
+    header, blobs, off = {}, [], 0
+    for name, shape in shapes:
+        data = rng.standard_normal(shape).astype(np.float32).tobytes()
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [off, off + len(data)]}
+        blobs.append(data)
+        off += len(data)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    os.makedirs(directory)
+    with open(os.path.join(directory, "model.safetensors"), "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little") + raw + b"".join(blobs))
+    with open(os.path.join(directory, "config.json"), "w") as fh:
+        json.dump({"model_type": "llama", "hidden_size": h, "intermediate_size": f, "num_attention_heads": 2,
+                   "num_key_value_heads": 2, "num_hidden_layers": 1, "vocab_size": v, "rms_norm_eps": 1e-6,
+                   "tie_word_embeddings": False}, fh)
+    return [n for n, _ in shapes]
+
+
+class ConvertWeight(Base):
+    def test_llama_as_mindformers_converter(self):
+        """python -m reshard.convert_weight with mindformers' flags, checked by
+        the convert conformance oracle (mindformers' own llama functions)."""
+        if not os.path.isdir(os.path.join(MF_SRC or "", "1.3.2", "mindformers", "models", "llama")):
+            msg = f"mindformers' converter sources not found under RESHARD_MINDFORMERS_SRC={MF_SRC!r}"
+            if MF_REQUIRE:
+                self.fail(msg)
+            self.skipTest(msg)
+        hf = os.path.join(self.tmp, "hf")
+        order = write_hf_llama(hf, np.random.default_rng(5))
+        out = os.path.join(self.tmp, "llama.ckpt")
+        r = run_module("reshard.convert_weight", "--model", "llama", "--input_path", hf, "--output_path", out,
+                       "--dtype", "fp32", "--is_pretrain", "False")
+        self.assertTrue(os.path.isfile(out), r.stderr)
+        jobs = os.path.join(self.tmp, "jobs.json")
+        with open(jobs, "w") as fh:
+            json.dump([{"fixture": "llama", "hf": hf, "ckpt": out, "concat": False, "order": order}], fh)
+        check = subprocess.run([sys.executable, os.path.join(REPO, "tests", "conformance", "py",
+                                                             "convert_check.py"), "mindformers", MF_SRC, jobs],
+                               capture_output=True, text=True)
+        self.assertEqual(check.returncode, 0, check.stderr[-3000:])
+        (result,) = json.loads(check.stdout)
+        self.assertEqual(result["checked"], len(order))
+
+
 if __name__ == "__main__":
     unittest.main()
