@@ -165,9 +165,7 @@ def _convert_files(func, file_path, save_path, name_map, file_name_regex, proces
         raise ValueError(f"For {func}, the save_path must be a directory, but got '{save_path}'")
     if name_map is not None and not isinstance(name_map, dict):
         raise ValueError(f"For {func}, the type of 'name_map' must be a directory, but got '{type(name_map)}'")
-    if name_map:
-        raise NotImplementedError(f"reshard.{func} does not rename parameters (name_map) yet; "
-                                  f"use mindspore.{func} for a name_map")
+    names = {str(k): str(v) for k, v in name_map.items()} if name_map else None
     tasks = []
     if os.path.isdir(file_path):
         rank_dirs = [d for d in os.listdir(file_path)
@@ -194,21 +192,22 @@ def _convert_files(func, file_path, save_path, name_map, file_name_regex, proces
     workers = max(1, int(processes_num or 1))
     # The engine releases the GIL: threads convert files in parallel.
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for _ in pool.map(lambda t: _native.rewrite(t[0], t[1]), tasks):
+        for _ in pool.map(lambda t: _native.rewrite(t[0], t[1], name_map=names), tasks):
             pass
 
 
 def ckpt_to_safetensors(file_path, save_path=None, name_map=None, file_name_regex=None, processes_num=1):
     """Convert ``.ckpt`` files into ``.safetensors`` (``mindspore.ckpt_to_safetensors``):
     one file, or every ``rank*/`` folder of a directory. Output byte-identical
-    with MindSpore's. ``name_map`` is not supported yet (NotImplementedError)."""
+    with MindSpore's; ``name_map`` renames parameters as MindSpore's does (two
+    parameters may not be given one name)."""
     _convert_files("ckpt_to_safetensors", file_path, save_path, name_map, file_name_regex, processes_num,
                    ".ckpt", ".safetensors")
 
 
 def safetensors_to_ckpt(file_path, save_path=None, name_map=None, file_name_regex=None, processes_num=1):
     """Convert ``.safetensors`` files into ``.ckpt`` (``mindspore.safetensors_to_ckpt``).
-    Output byte-identical with MindSpore's. ``name_map`` is not supported yet."""
+    Output byte-identical with MindSpore's, ``name_map`` included."""
     _convert_files("safetensors_to_ckpt", file_path, save_path, name_map, file_name_regex, processes_num,
                    ".safetensors", ".ckpt")
 

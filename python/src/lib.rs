@@ -156,13 +156,23 @@ fn merge_pipeline_strategys(
 
 /// Copies one checkpoint into another file; `dst`'s extension picks the format.
 #[pyfunction]
-#[pyo3(signature = (src, dst, crc=false))]
-fn rewrite(py: Python<'_>, src: PathBuf, dst: PathBuf, crc: bool) -> PyResult<String> {
+/// `name_map` renames entries (old → new) as MindSpore's does.
+#[pyo3(signature = (src, dst, crc=false, name_map=None))]
+fn rewrite(
+    py: Python<'_>,
+    src: PathBuf,
+    dst: PathBuf,
+    crc: bool,
+    name_map: Option<BTreeMap<String, String>>,
+) -> PyResult<String> {
     let o = RewriteOptions {
         crc,
         ..Default::default()
     };
-    run(py, move || ops::rewrite::rewrite(&src, &dst, &o))
+    let names = name_map.unwrap_or_default();
+    run(py, move || {
+        ops::rewrite::rewrite_renamed(&src, &dst, &o, &names)
+    })
 }
 
 /// HuggingFace ⇄ MindSpore conversion of a model family.

@@ -224,8 +224,23 @@ class Formats(Base):
             reshard.ckpt_to_safetensors(f, save_path=os.path.join(self.tmp, "x.txt"))
         with self.assertRaises(ValueError):
             reshard.safetensors_to_ckpt(f)  # not a .safetensors file
-        with self.assertRaises(NotImplementedError):
-            reshard.ckpt_to_safetensors(f, save_path=self.tmp, name_map={"a": "b"})
+
+    def test_name_map_as_mindspore(self):
+        # "zz." sorts last: safetensors → ckpt keeps the order of the old names, as MindSpore.
+        names = {"lm_head.weight": "head.w", "model.layers.0.attention.wq.weight": "zz.wq", "absent": "x"}
+        f = os.path.join(case_dir("full_to_dp2mp2"), "full", "rank_0", "full.ckpt")
+        for tool, mine in (("ms", os.path.join(self.tmp, "ms")), ("rs", os.path.join(self.tmp, "rs"))):
+            mod = ms if tool == "ms" else reshard
+            mod.ckpt_to_safetensors(f, save_path=mine, name_map=names)
+            mod.safetensors_to_ckpt(os.path.join(mine, "full.safetensors"), save_path=os.path.join(mine, "back"),
+                                    name_map={"zz.wq": "a.wq"})
+        self.assertSameTree(os.path.join(self.tmp, "rs"), os.path.join(self.tmp, "ms"))
+        self.assertIn("a.wq", ms.load_checkpoint(os.path.join(self.tmp, "rs", "back", "full.ckpt")))
+        with self.assertRaises(errors.InvalidArgumentError) as cm:
+            reshard.ckpt_to_safetensors(f, save_path=os.path.join(self.tmp, "dup"),
+                                        name_map={"lm_head.weight": "model.norm_out.weight"})
+        self.assertIn("model.norm_out.weight", str(cm.exception))
+        self.assertEqual(os.listdir(os.path.join(self.tmp, "dup")), [])
 
 
 class Library(Base):
