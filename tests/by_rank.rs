@@ -38,6 +38,7 @@ fn options(
         workers: 2,
         read: Default::default(),
         manifest: false,
+        control: Default::default(),
     }
 }
 

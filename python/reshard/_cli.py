@@ -30,3 +30,19 @@ def run(main):
     except ReshardError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def progress_bar(label):
+    """A callback drawing ``label: 37% (1.2 of 3.3 GB)`` on stderr when it is a
+    terminal (None otherwise), for the engine's ``progress`` keyword."""
+    if not sys.stderr.isatty():
+        return None
+
+    def draw(done, total):
+        if total:
+            sys.stderr.write(f"\r{label}: {100 * done // total:3d}% ({done / 1e9:.1f} of {total / 1e9:.1f} GB)")
+            if done >= total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    return draw

@@ -65,13 +65,15 @@ def _collect(src_dir, suffix):
 
 
 def transform_checkpoints(src_checkpoints_dir, dst_checkpoints_dir, ckpt_prefix, src_strategy_file=None,
-                          dst_strategy_file=None, process_num=1, output_format="ckpt"):
+                          dst_strategy_file=None, process_num=1, output_format="ckpt", *, progress=None):
     """Transform a distributed checkpoint from one sharding strategy to another.
 
     ``mindspore.transform_checkpoints``: ``src_checkpoints_dir/rank_<r>/`` (the
     lexicographically last file of each rank) → ``dst_checkpoints_dir/rank_<r>/
     {ckpt_prefix}<r>.{ckpt|safetensors}``, byte-identical with MindSpore's
-    files. ``process_num`` is the number of worker threads.
+    files. ``process_num`` is the number of worker threads. reshard's own
+    keyword ``progress``: a callable given ``(bytes_written, bytes_total)``
+    about every 100 ms while the conversion runs.
 
     Differences, on purpose: a strategy may also be a directory of per-rank
     strategy files (merged like ``merge_pipeline_strategys``); ckpt sources
@@ -103,11 +105,12 @@ def transform_checkpoints(src_checkpoints_dir, dst_checkpoints_dir, ckpt_prefix,
     if os.path.exists(dst_checkpoints_dir) and not os.path.isdir(dst_checkpoints_dir):
         raise NotADirectoryError("dst_checkpoints_dir {} is not a directory.".format(dst_checkpoints_dir))
     _native.transform(os.fspath(src_checkpoints_dir), os.fspath(dst_checkpoints_dir), src, dst,
-                      prefix=ckpt_prefix, workers=process_num, output_format=output_format, manifest=False)
+                      prefix=ckpt_prefix, workers=process_num, output_format=output_format, manifest=False,
+                      progress=progress)
 
 
 def transform_checkpoint_by_rank(rank_id, checkpoint_files_map, save_checkpoint_file_name,
-                                 src_strategy_file=None, dst_strategy_file=None):
+                                 src_strategy_file=None, dst_strategy_file=None, *, progress=None):
     """Transform the checkpoint of one destination rank.
 
     ``mindspore.transform_checkpoint_by_rank``: ``checkpoint_files_map`` maps
@@ -115,7 +118,8 @@ def transform_checkpoint_by_rank(rank_id, checkpoint_files_map, save_checkpoint_
     ``rank_list_for_transform(rank_id, ...)`` lists); the result is written to
     ``save_checkpoint_file_name`` (replaced if it exists), byte-identical with
     MindSpore's. A needed rank missing from the map is an error naming it
-    (MindSpore fails later with a KeyError).
+    (MindSpore fails later with a KeyError). ``progress``: as for
+    :func:`transform_checkpoints`.
     """
     if not isinstance(checkpoint_files_map, dict):
         raise TypeError("The checkpoint_files_map should be a dict.")
@@ -134,7 +138,7 @@ def transform_checkpoint_by_rank(rank_id, checkpoint_files_map, save_checkpoint_
         files[int(rank)] = os.fspath(local_file)
     if rank_id < 0:
         raise ValueError(f"The rank_id should be non-negative, but got {rank_id}.")
-    _native.transform_by_rank(rank_id, files, save_checkpoint_file_name, src, dst)
+    _native.transform_by_rank(rank_id, files, save_checkpoint_file_name, src, dst, progress=progress)
 
 
 def rank_list_for_transform(rank_id, src_strategy_file=None, dst_strategy_file=None):

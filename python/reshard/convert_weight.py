@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from . import _native
-from ._cli import run, str2bool
+from ._cli import progress_bar, run, str2bool
 
 _EXTRA = {
     "qkv_concat": ("qkv_concat", str2bool),
@@ -72,7 +72,8 @@ def main(argv=None):
     args, extra = parser().parse_known_args(argv)
     opts = extra_options(extra)
     _native.convert(args.model, args.input_path, args.output_path, reversed=args.reversed, dtype=args.dtype,
-                    n_head=args.n_head, hidden_size=args.hidden_size, layers=args.layers, **opts)
+                    n_head=args.n_head, hidden_size=args.hidden_size, layers=args.layers,
+                    progress=progress_bar("Converting"), **opts)
     print(f"Convert finished, the output is saved to {args.output_path}")
 
 

@@ -32,7 +32,7 @@ import tempfile
 import time
 
 from . import _native
-from ._cli import none_if_empty, run, str2bool
+from ._cli import none_if_empty, progress_bar, run, str2bool
 
 
 def parser():
@@ -145,7 +145,7 @@ def transform(src_checkpoint, dst_checkpoint_dir="", src_strategy=None, dst_stra
                 ranks = list(range(rank_id, rank_id + block)) if by_rank else None
                 try:
                     _native.transform(src_dir, dst_dir, strategy, dst_strategy, prefix=prefix, ranks=ranks,
-                                      manifest=False)
+                                      manifest=False, progress=progress_bar("Transforming checkpoint"))
                 except BaseException as e:
                     with open(os.path.join(dst_dir, f'transform_failed_rank_{rank_id}.txt'), "w") as f:
                         f.write(str(e))

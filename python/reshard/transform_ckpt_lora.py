@@ -27,7 +27,7 @@ import shutil
 import tempfile
 
 from . import _native
-from ._cli import none_if_empty, run
+from ._cli import none_if_empty, progress_bar, run
 
 
 def scaling(text):
@@ -77,11 +77,13 @@ def merge(src, dst_dir, src_strategy=None, dst_strategy=None, prefix="checkpoint
     os.makedirs(dst_dir, exist_ok=True)
     if dst_strategy is not None:
         report = json.loads(_native.merge_lora(src, dst_dir, src_strategy, dst_strategy, prefix=prefix,
-                                               scale=float(lora_scaling), manifest=False))
+                                               scale=float(lora_scaling), manifest=False,
+                                               progress=progress_bar("Merging LoRA")))
         return [f["path"] for f in report["plan"]["files"]]
     with tempfile.TemporaryDirectory(dir=dst_dir, prefix=".reshard-lora-") as tmp:
         report = json.loads(_native.merge_lora(src, tmp, src_strategy, None, prefix=prefix,
-                                               scale=float(lora_scaling), manifest=False))
+                                               scale=float(lora_scaling), manifest=False,
+                                               progress=progress_bar("Merging LoRA")))
         (written,) = [f["path"] for f in report["plan"]["files"]]
         out = os.path.join(dst_dir, "merged_lora.ckpt")
         shutil.move(written, out)

@@ -14,11 +14,13 @@
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use reshard::error::Error;
+use reshard::exec::Progress;
 use reshard::formats::strategy;
 use reshard::formats::tree::FileFormat;
 use reshard::ops;
@@ -32,14 +34,44 @@ use reshard::DType;
 mod errors;
 
 /// Runs `f` without the GIL and without letting a panic escape; returns its
-/// value serialized as JSON.
-fn run<T, F>(py: Python<'_>, f: F) -> PyResult<String>
+/// value serialized as JSON. With `watch`, `f` runs on another thread and
+/// the callback gets `(bytes_written, bytes_total)` (total 0 until planned)
+/// about every 100 ms while the counts move, and once at the end; an
+/// exception from the callback stops the calls and is raised once `f` is
+/// done (a conversion is never left half-written).
+fn run<T, F>(py: Python<'_>, watch: Option<(PyObject, Progress)>, f: F) -> PyResult<String>
 where
     T: serde::Serialize + Send,
     F: FnOnce() -> reshard::Result<T> + Send,
 {
-    let outcome = py.allow_threads(|| catch_unwind(AssertUnwindSafe(f)));
-    match outcome {
+    let mut callback_error: Option<PyErr> = None;
+    let outcome = py.allow_threads(|| match &watch {
+        None => catch_unwind(AssertUnwindSafe(f)),
+        Some((callback, progress)) => std::thread::scope(|s| {
+            let job = s.spawn(move || catch_unwind(AssertUnwindSafe(f)));
+            let mut last = None;
+            let mut since = Instant::now();
+            loop {
+                let done = job.is_finished();
+                let now = (progress.bytes(), progress.total());
+                let due = done || since.elapsed() >= Duration::from_millis(100);
+                if due && last != Some(now) && callback_error.is_none() {
+                    last = Some(now);
+                    since = Instant::now();
+                    Python::with_gil(|py| {
+                        if let Err(e) = callback.call1(py, now) {
+                            callback_error = Some(e);
+                        }
+                    });
+                }
+                if done {
+                    break job.join().unwrap_or_else(Err);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }),
+    });
+    let result = match outcome {
         Ok(Ok(v)) => serde_json::to_string(&v)
             .map_err(|e| errors::internal(py, &format!("cannot serialize the report: {e}"))),
         Ok(Err(e)) => Err(errors::to_py(py, &e)),
@@ -50,6 +82,21 @@ where
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".into());
             Err(errors::internal(py, &format!("internal error: {what}")))
+        }
+    };
+    match (result, callback_error) {
+        (Ok(_), Some(e)) => Err(e),
+        (r, _) => r,
+    }
+}
+
+/// The progress counter to give the library, and the watch for [`run`].
+fn watch(progress: Option<PyObject>) -> (Option<Progress>, Option<(PyObject, Progress)>) {
+    match progress {
+        None => (None, None),
+        Some(cb) => {
+            let p = Progress::new();
+            (Some(p.clone()), Some((cb, p)))
         }
     }
 }
@@ -76,7 +123,7 @@ fn version() -> &'static str {
 #[pyfunction]
 #[pyo3(signature = (src_checkpoint, dst_dir, src_strategy=None, dst_strategy=None,
                     prefix="checkpoint_".to_string(), ranks=None, world_size=None, workers=1,
-                    output_format=None, manifest=true, dry_run=false))]
+                    output_format=None, manifest=true, dry_run=false, progress=None))]
 fn transform(
     py: Python<'_>,
     src_checkpoint: PathBuf,
@@ -90,7 +137,9 @@ fn transform(
     output_format: Option<&str>,
     manifest: bool,
     dry_run: bool,
+    progress: Option<PyObject>,
 ) -> PyResult<String> {
+    let (counter, watch) = watch(progress);
     let mut o = TransformOptions::new(src_checkpoint, dst_dir, src_strategy, dst_strategy);
     o.prefix = prefix;
     o.ranks = ranks;
@@ -99,12 +148,13 @@ fn transform(
     o.output_format = format_of(output_format)?;
     o.manifest = manifest;
     o.dry_run = dry_run;
-    run(py, move || ops::transform::transform(&o))
+    o.control.progress = counter;
+    run(py, watch, move || ops::transform::transform(&o))
 }
 
 /// One destination rank from a map of source rank → file, into `output`.
 #[pyfunction]
-#[pyo3(signature = (rank, files, output, src_strategy=None, dst_strategy=None, workers=1, manifest=false))]
+#[pyo3(signature = (rank, files, output, src_strategy=None, dst_strategy=None, workers=1, manifest=false, progress=None))]
 fn transform_by_rank(
     py: Python<'_>,
     rank: usize,
@@ -114,7 +164,9 @@ fn transform_by_rank(
     dst_strategy: Option<PathBuf>,
     workers: usize,
     manifest: bool,
+    progress: Option<PyObject>,
 ) -> PyResult<String> {
+    let (counter, watch) = watch(progress);
     let o = ByRankOptions {
         rank,
         files,
@@ -124,8 +176,12 @@ fn transform_by_rank(
         workers: workers.max(1),
         read: Default::default(),
         manifest,
+        control: reshard::exec::OutputControl {
+            progress: counter,
+            ..Default::default()
+        },
     };
-    run(py, move || by_rank::transform_by_rank(&o))
+    run(py, watch, move || by_rank::transform_by_rank(&o))
 }
 
 /// The source ranks destination rank `rank` reads, descending.
@@ -137,7 +193,7 @@ fn rank_list_for_transform(
     src_strategy: Option<PathBuf>,
     dst_strategy: Option<PathBuf>,
 ) -> PyResult<String> {
-    run(py, move || {
+    run(py, None, move || {
         by_rank::rank_list_for_transform(rank, src_strategy.as_deref(), dst_strategy.as_deref())
     })
 }
@@ -149,7 +205,7 @@ fn merge_pipeline_strategys(
     src_dir: PathBuf,
     dst_file: PathBuf,
 ) -> PyResult<String> {
-    run(py, move || {
+    run(py, None, move || {
         strategy::merge_pipeline_strategys(&src_dir, &dst_file).map(|_| ())
     })
 }
@@ -170,7 +226,7 @@ fn rewrite(
         ..Default::default()
     };
     let names = name_map.unwrap_or_default();
-    run(py, move || {
+    run(py, None, move || {
         ops::rewrite::rewrite_renamed(&src, &dst, &o, &names)
     })
 }
@@ -179,7 +235,7 @@ fn rewrite(
 #[pyfunction]
 #[pyo3(signature = (model, input, output, reversed=false, dtype=None, qkv_concat=None,
                     n_head=None, hidden_size=None, layers=None, modal=None, config=None,
-                    dst_strategy=None, prefix="checkpoint_".to_string(), workers=1, manifest=true))]
+                    dst_strategy=None, prefix="checkpoint_".to_string(), workers=1, manifest=true, progress=None))]
 fn convert(
     py: Python<'_>,
     model: String,
@@ -197,7 +253,9 @@ fn convert(
     prefix: String,
     workers: usize,
     manifest: bool,
+    progress: Option<PyObject>,
 ) -> PyResult<String> {
+    let (counter, watch) = watch(progress);
     let mut o = ConvertOptions::new(model, input, output);
     o.reversed = reversed;
     o.dtype = match dtype {
@@ -221,14 +279,15 @@ fn convert(
     o.prefix = prefix;
     o.workers = workers.max(1);
     o.manifest = manifest;
-    run(py, move || ops::convert::convert(&o))
+    o.control.progress = counter;
+    run(py, watch, move || ops::convert::convert(&o))
 }
 
 /// Merges LoRA factors into their base weights (`W + scale · B·A`).
 #[pyfunction]
 #[pyo3(signature = (src, dst_dir, src_strategy=None, dst_strategy=None,
                     prefix="checkpoint_".to_string(), scale=1.0, fan_in_fan_out=false,
-                    save_format="ckpt", workers=1, manifest=true))]
+                    save_format="ckpt", workers=1, manifest=true, progress=None))]
 fn merge_lora(
     py: Python<'_>,
     src: PathBuf,
@@ -241,7 +300,9 @@ fn merge_lora(
     save_format: &str,
     workers: usize,
     manifest: bool,
+    progress: Option<PyObject>,
 ) -> PyResult<String> {
+    let (counter, watch) = watch(progress);
     let mut o = MergeLoraOptions::new(src, dst_dir);
     o.src_strategy = src_strategy;
     o.dst_strategy = dst_strategy;
@@ -251,13 +312,14 @@ fn merge_lora(
     o.format = format_of(Some(save_format))?.unwrap_or(FileFormat::Ckpt);
     o.workers = workers.max(1);
     o.manifest = manifest;
-    run(py, move || ops::merge_lora::merge_lora(&o))
+    o.control.progress = counter;
+    run(py, watch, move || ops::merge_lora::merge_lora(&o))
 }
 
 /// Panics inside the library call path (tests the panic barrier).
 #[pyfunction]
 fn _panic_for_test(py: Python<'_>) -> PyResult<String> {
-    run(py, || -> reshard::Result<()> {
+    run(py, None, || -> reshard::Result<()> {
         panic!("deliberate test panic")
     })
 }

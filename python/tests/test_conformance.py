@@ -104,6 +104,30 @@ class TransformCheckpoints(Base):
                                               process_num=2, output_format=case.get("format", "ckpt"))
                 self.assertSameTree(out, os.path.join(case_dir(case["name"]), "expect"))
 
+    def test_progress_callback(self):
+        name = "dp2mp2_to_mp4"
+        seen = []
+        out = os.path.join(self.tmp, "out")
+        reshard.transform_checkpoints(os.path.join(case_dir(name), "src"), out, "checkpoint_",
+                                      strategy(name, "src"), strategy(name, "dst"),
+                                      progress=lambda done, total: seen.append((done, total)))
+        self.assertSameTree(out, os.path.join(case_dir(name), "expect"))
+        self.assertTrue(seen)
+        done, total = seen[-1]
+        self.assertEqual(done, total)
+        self.assertGreater(total, 0)
+        self.assertEqual([d for d, _ in seen], sorted(d for d, _ in seen))
+
+        def boom(done, total):
+            raise KeyboardInterrupt("stop drawing")
+
+        out2 = os.path.join(self.tmp, "out2")
+        with self.assertRaises(KeyboardInterrupt):
+            reshard.transform_checkpoints(os.path.join(case_dir(name), "src"), out2, "checkpoint_",
+                                          strategy(name, "src"), strategy(name, "dst"), progress=boom)
+        # The conversion itself finished: the callback's error is raised after it.
+        self.assertSameTree(out2, os.path.join(case_dir(name), "expect"))
+
     def test_strategy_directories(self):
         d = case_dir("mp2_pp2_to_dp2mp2")
         out = os.path.join(self.tmp, "out")

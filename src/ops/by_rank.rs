@@ -38,6 +38,8 @@ pub struct ByRankOptions {
     pub read: ReadOptions,
     /// Write `<file>.manifest.json` beside the output.
     pub manifest: bool,
+    /// Durability (`fsync`) and progress reporting.
+    pub control: exec::OutputControl,
 }
 
 /// The source ranks destination rank `rank` reads (MindSpore's
@@ -138,13 +140,7 @@ pub fn transform_by_rank(o: &ByRankOptions) -> Result<TransformReport> {
     let report = exec::execute(
         &planned,
         &backend,
-        &exec_options(
-            o.workers,
-            &o.read,
-            o.manifest,
-            false,
-            &exec::OutputControl::default(),
-        ),
+        &exec_options(o.workers, &o.read, o.manifest, false, &o.control),
     )?;
     Ok(TransformReport {
         plan: planned.summary(o.workers),
