@@ -330,8 +330,9 @@ class Scripts(Base):
     def test_transform_checkpoint_full_file_and_none_strategy(self):
         d = case_dir("full_to_dp2mp2")
         out = os.path.join(self.tmp, "out")
+        # The guide's spelling --dst_checkpoint: argparse's prefix match, as in mindformers' script.
         run_module("reshard.transform_checkpoint", "--src_checkpoint",
-                   os.path.join(d, "full", "rank_0", "full.ckpt"), "--dst_checkpoint_dir", out,
+                   os.path.join(d, "full", "rank_0", "full.ckpt"), "--dst_checkpoint", out,
                    "--src_strategy", "None", "--dst_strategy", strategy("full_to_dp2mp2", "dst"))
         ours = os.path.join(out, "full")
         os.remove(os.path.join(ours, "transform_succeed_rank_0.txt"))
