@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import unittest
 
 import reshard
@@ -291,24 +292,34 @@ class Library(Base):
             self.assertTrue(str(cm.exception).startswith('m.ckpt: record 3 ("w"): '), str(cm.exception))
 
     def test_gil_released_during_conversions(self):
-        # Python code keeps running in another thread while reshard converts.
+        # With a 100 s switch interval the interpreter never preempts: the
+        # counting thread can run while this one is inside the engine only
+        # if the engine released the GIL.
         src = os.path.join(case_dir("dp2mp2_to_mp4"), "src")
-        ticks, done = [0], threading.Event()
+        files = [os.path.join(src, f"rank_{r}", f"src_{r}.ckpt") for r in range(4)]
+        ticks, started, stop = [0], threading.Event(), threading.Event()
 
         def count():
-            while not done.is_set():
+            started.set()
+            while not stop.is_set():
                 ticks[0] += 1
+                time.sleep(0.0002)
 
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(100)
         t = threading.Thread(target=count)
-        t.start()
-        before = ticks[0]
         try:
-            for i in range(3):
-                reshard.ckpt_to_safetensors(src, save_path=os.path.join(self.tmp, f"st{i}"))
+            t.start()
+            started.wait()
+            before = ticks[0]
+            for i, f in enumerate(files):
+                reshard._native.rewrite(f, os.path.join(self.tmp, f"{i}.safetensors"))
+            during = ticks[0] - before
         finally:
-            done.set()
+            stop.set()
             t.join()
-        self.assertGreater(ticks[0], before)
+            sys.setswitchinterval(old)
+        self.assertGreater(during, 0)
 
 
 def run_module(*args, check=True):
