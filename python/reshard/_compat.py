@@ -77,9 +77,10 @@ def transform_checkpoints(src_checkpoints_dir, dst_checkpoints_dir, ckpt_prefix,
 
     Differences, on purpose: a strategy may also be a directory of per-rank
     strategy files (merged like ``merge_pipeline_strategys``); ckpt sources
-    may be written as safetensors (MindSpore refuses); a ``rank_<r>/``
-    destination folder that already holds files is refused instead of
-    overwritten (reshard never mixes its output with other files); the
+    may be written as safetensors (MindSpore refuses); output files of an
+    earlier run are overwritten as MindSpore does, but a ``rank_<r>/``
+    destination folder holding any other file is refused (reshard never
+    mixes its output with other files); the
     by-stage variant (a one-stage source strategy that is a strict subset of
     the destination's) is not implemented; string entries are carried over.
     """
@@ -104,8 +105,16 @@ def transform_checkpoints(src_checkpoints_dir, dst_checkpoints_dir, ckpt_prefix,
     os.makedirs(dst_checkpoints_dir, exist_ok=True)
     if os.path.exists(dst_checkpoints_dir) and not os.path.isdir(dst_checkpoints_dir):
         raise NotADirectoryError("dst_checkpoints_dir {} is not a directory.".format(dst_checkpoints_dir))
-    _native.transform(os.fspath(src_checkpoints_dir), os.fspath(dst_checkpoints_dir), src, dst,
-                      prefix=ckpt_prefix, workers=process_num, output_format=output_format, manifest=False,
+    args = (os.fspath(src_checkpoints_dir), os.fspath(dst_checkpoints_dir), src, dst)
+    # MindSpore overwrites its output files: remove the ones this run writes
+    # (found by planning, which reads indexes only); any other file in a
+    # destination rank folder is still refused by the engine.
+    planned = json.loads(_native.transform(*args, prefix=ckpt_prefix, output_format=output_format,
+                                           manifest=False, dry_run=True))
+    for f in planned["plan"]["files"]:
+        if os.path.isfile(f["path"]):
+            os.remove(f["path"])
+    _native.transform(*args, prefix=ckpt_prefix, workers=process_num, output_format=output_format, manifest=False,
                       progress=progress)
 
 

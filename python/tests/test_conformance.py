@@ -104,6 +104,18 @@ class TransformCheckpoints(Base):
                                               strategy(case["name"], "src"), strategy(case["name"], "dst"),
                                               process_num=2, output_format=case.get("format", "ckpt"))
                 self.assertSameTree(out, os.path.join(case_dir(case["name"]), "expect"))
+        # Run again into the same folder: MindSpore overwrites its files, so does reshard.
+        reshard.transform_checkpoints(os.path.join(case_dir(case["name"]), "src"), out, "checkpoint_",
+                                      strategy(case["name"], "src"), strategy(case["name"], "dst"),
+                                      output_format=case.get("format", "ckpt"))
+        self.assertSameTree(out, os.path.join(case_dir(case["name"]), "expect"))
+        with open(os.path.join(out, "rank_0", "notes.txt"), "w") as fh:
+            fh.write("not reshard's")
+        with self.assertRaises(errors.InvalidArgumentError) as cm:
+            reshard.transform_checkpoints(os.path.join(case_dir(case["name"]), "src"), out, "checkpoint_",
+                                          strategy(case["name"], "src"), strategy(case["name"], "dst"),
+                                          output_format=case.get("format", "ckpt"))
+        self.assertIn("notes.txt", str(cm.exception))
 
     def test_progress_callback(self):
         name = "dp2mp2_to_mp4"
