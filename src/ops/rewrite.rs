@@ -227,3 +227,41 @@ pub fn rewrite_renamed(
         bytes,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small_ckpt(path: &Path) {
+        let mut w = CkptWriter::create(path, WriteOptions::default()).unwrap();
+        w.write_tensor("b.w", DType::F32, &[2], &[0u8; 8]).unwrap();
+        w.write_tensor("a.w", DType::F32, &[1], &[1u8; 4]).unwrap();
+        w.write_string("note", "kept").unwrap();
+        w.finish().unwrap();
+    }
+
+    #[test]
+    fn renamed_entries_keep_their_place_and_duplicates_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("m.ckpt");
+        small_ckpt(&src);
+        let out = dir.path().join("r.ckpt");
+        let map: BTreeMap<String, String> = [("b.w".to_string(), "z.w".to_string())].into();
+        rewrite_renamed(&src, &out, &RewriteOptions::default(), &map).unwrap();
+        let names: Vec<String> = Checkpoint::open(&out, &ReadOptions::default())
+            .unwrap()
+            .entries()
+            .iter()
+            .map(|e| e.name.clone())
+            .collect();
+        assert_eq!(names, ["z.w", "a.w", "note"]);
+
+        let dup: BTreeMap<String, String> = [("b.w".to_string(), "a.w".to_string())].into();
+        let bad = dir.path().join("d.safetensors");
+        let e = rewrite_renamed(&src, &bad, &RewriteOptions::default(), &dup)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("m.ckpt") && e.contains("\"a.w\""), "{e}");
+        assert!(!bad.exists());
+    }
+}
