@@ -46,5 +46,8 @@ fetch 2.1.0 \
   mindformers/models/qwen3/utils.py \
   mindformers/models/qwen3_moe/utils.py \
   mindformers/parallel_core/utils/model_mixin.py \
-  mindformers/checkpoint/converter/convert_op.py
+  mindformers/checkpoint/converter/convert_op.py \
+  mindformers/tools/ckpt_transform/__init__.py \
+  mindformers/tools/ckpt_transform/transform_checkpoint.py \
+  mindformers/tools/ckpt_transform/utils.py
 echo "$cache"

@@ -454,27 +454,28 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class MindformersInstall(Base):
-    """mindformers' own TransformCkpt (from its 1.3.2 wheel, via
+    """mindformers' own TransformCkpt (from its 1.3.2 and 2.1.0 wheels, via
     ci/mindformers.sh; its package imports replaced by stand-ins) run once
     with MindSpore and once after reshard.mindformers.install(), with
     MindSpore's transforms made to fail: the two output trees must be equal."""
 
-    def setUp(self):
-        super().setUp()
-        real = os.path.join(MF_SRC or "", "1.3.2", "mindformers", "tools", "ckpt_transform")
+    def use_version(self, version):
+        real = os.path.join(MF_SRC or "", version, "mindformers", "tools", "ckpt_transform")
         if not os.path.isfile(os.path.join(real, "transform_checkpoint.py")):
-            msg = f"mindformers' ckpt_transform sources not found under RESHARD_MINDFORMERS_SRC={MF_SRC!r}"
+            msg = f"mindformers {version}'s ckpt_transform sources not found under RESHARD_MINDFORMERS_SRC={MF_SRC!r}"
             if MF_REQUIRE:
                 self.fail(msg)
             self.skipTest(msg)
-        self.mf = os.path.join(self.tmp, "mf")
+        self.mf = os.path.join(self.tmp, "mf" + version)
+        if os.path.isdir(self.mf):
+            return
         shutil.copytree(os.path.join(HERE, "mindformers_stubs"), self.mf)
         shutil.copytree(real, os.path.join(self.mf, "mindformers", "tools", "ckpt_transform"))
 
     def job(self, mode, by_rank, name, strategy_dirs):
         d = case_dir(name)
-        work = os.path.join(self.tmp, f"{name}-{mode}-{by_rank}")
-        os.makedirs(work)
+        work = os.path.join(self.mf + "-work", f"{name}-{mode}-{by_rank}")
+        os.makedirs(work)  # (a fresh one per run)
         if strategy_dirs:  # mindformers merges a directory into a file inside it: use copies
             src_s, dst_s = (shutil.copytree(os.path.join(d, f"{s}_strategy"), os.path.join(work, f"{s}_strategy"))
                             for s in ("src", "dst"))
@@ -489,9 +490,13 @@ class MindformersInstall(Base):
         return out
 
     def test_auto_trans_ckpt_runs_on_reshard_with_mindspores_bytes(self):
-        for name, by_rank, dirs in (("dp2mp2_to_mp4", 0, False), ("dp2mp2_to_mp4", 1, False),
-                                    ("mp2_pp2_to_dp2mp2", 0, True), ("mp2_pp2_to_dp2mp2", 1, True)):
-            with self.subTest(case=name, by_rank=by_rank):
+        # Each version: whole transform and by rank; strategy files and directories.
+        for version, name, by_rank, dirs in (("1.3.2", "dp2mp2_to_mp4", 0, False),
+                                             ("1.3.2", "mp2_pp2_to_dp2mp2", 1, True),
+                                             ("2.1.0", "mp2_pp2_to_dp2mp2", 0, True),
+                                             ("2.1.0", "dp2mp2_to_mp4", 1, False)):
+            with self.subTest(version=version, case=name, by_rank=by_rank):
+                self.use_version(version)
                 theirs = self.job("ms", by_rank, name, dirs)
                 ours = self.job("reshard", by_rank, name, dirs)
                 self.assertGreater(len([f for f in files_under(ours) if f.endswith(".ckpt")]), 1)
