@@ -187,7 +187,8 @@ class TransformCheckpoints(Base):
 
 class ByRank(Base):
     def test_byte_identical_to_mindspore(self):
-        for name, ranks in (("dp2mp2_to_mp4", range(4)), ("mp2_pp2_to_dp2mp2", range(4))):
+        for name, ranks in (("dp2mp2_to_mp4", range(4)), ("mp2_pp2_to_dp2mp2", range(4)),
+                            ("dp2mp2opt_to_full", range(1))):
             d = case_dir(name)
             src_s, dst_s = strategy(name, "src"), strategy(name, "dst")
             for r in ranks:
