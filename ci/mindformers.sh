@@ -14,7 +14,8 @@ mkdir -p "$cache"
 fetch() { # version, files...
   local v=$1; shift
   local dir=$cache/$v
-  if [ -f "$dir/.complete" ]; then return; fi
+  # .complete records the file list: a cache made for another list is redone.
+  if [ -f "$dir/.complete" ] && [ "$(cat "$dir/.complete")" = "$*" ]; then return; fi
   local tmp; tmp=$(mktemp -d)
   "$py" -m pip download --quiet --disable-pip-version-check --no-deps "mindformers==$v" -d "$tmp" >&2
   mkdir -p "$dir"
@@ -26,7 +27,7 @@ with zipfile.ZipFile(whl) as z:
         z.extract(n, out)
 PY
   rm -rf "$tmp"
-  touch "$dir/.complete"
+  echo "$*" >"$dir/.complete"
 }
 fetch 1.3.2 \
   mindformers/models/llama/convert_weight.py \
@@ -34,7 +35,10 @@ fetch 1.3.2 \
   mindformers/models/gpt2/convert_weight.py \
   mindformers/models/whisper/convert_weight.py \
   mindformers/models/cogvlm2/convert_weight.py \
-  mindformers/models/glm2/convert_weight.py
+  mindformers/models/glm2/convert_weight.py \
+  mindformers/tools/ckpt_transform/__init__.py \
+  mindformers/tools/ckpt_transform/transform_checkpoint.py \
+  mindformers/tools/ckpt_transform/utils.py
 fetch 2.1.0 \
   mindformers/utils/convert_utils.py \
   mindformers/models/llama/llama.py \
@@ -42,5 +46,8 @@ fetch 2.1.0 \
   mindformers/models/qwen3/utils.py \
   mindformers/models/qwen3_moe/utils.py \
   mindformers/parallel_core/utils/model_mixin.py \
-  mindformers/checkpoint/converter/convert_op.py
+  mindformers/checkpoint/converter/convert_op.py \
+  mindformers/tools/ckpt_transform/__init__.py \
+  mindformers/tools/ckpt_transform/transform_checkpoint.py \
+  mindformers/tools/ckpt_transform/utils.py
 echo "$cache"

@@ -5,6 +5,7 @@ mod util;
 mod ascend;
 mod auto;
 mod bench;
+mod by_rank;
 mod conformance;
 mod convert;
 mod faults;

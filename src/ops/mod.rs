@@ -3,6 +3,7 @@
 
 pub mod auto;
 pub mod bench;
+pub mod by_rank;
 pub mod convert;
 pub mod demo;
 pub mod inspect;

@@ -49,8 +49,36 @@ enum Item<'a> {
     Str(String),
 }
 
+/// Applies `map` to the entry names; two entries may not end up with one name.
+fn rename_items(items: &mut [(String, Item)], map: &BTreeMap<String, String>) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for (name, _) in items.iter_mut() {
+        if let Some(new) = map.get(name.as_str()) {
+            name.clone_from(new);
+        }
+        if !seen.insert(name.clone()) {
+            return Err(Error::invalid(format!(
+                "the name map gives two entries the name {name:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Copies `src` into `dst`.
 pub fn rewrite(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<RewriteReport> {
+    rewrite_renamed(src, dst, options, &BTreeMap::new())
+}
+
+/// [`rewrite`], renaming entries on the way (`rename`: old → new; the others
+/// keep their names) once the source order is fixed — the `name_map` of
+/// MindSpore's `ckpt_to_safetensors` / `safetensors_to_ckpt`.
+pub fn rewrite_renamed(
+    src: &Path,
+    dst: &Path,
+    options: &RewriteOptions,
+    rename: &BTreeMap<String, String>,
+) -> Result<RewriteReport> {
     let out_format = FileFormat::of_path(dst)
         .ok_or_else(|| Error::invalid("output must end in .ckpt or .safetensors").in_file(dst))?;
     if src
@@ -110,6 +138,9 @@ pub fn rewrite(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<Rewri
         Detected::Strategy => {
             return Err(Error::invalid("this is a strategy file, not a checkpoint").in_file(src))
         }
+    }
+    if !rename.is_empty() {
+        rename_items(&mut items, rename).in_file(src)?;
     }
     let bytes: u64 = items
         .iter()
@@ -195,4 +226,42 @@ pub fn rewrite(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<Rewri
         entries: items.len(),
         bytes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small_ckpt(path: &Path) {
+        let mut w = CkptWriter::create(path, WriteOptions::default()).unwrap();
+        w.write_tensor("b.w", DType::F32, &[2], &[0u8; 8]).unwrap();
+        w.write_tensor("a.w", DType::F32, &[1], &[1u8; 4]).unwrap();
+        w.write_string("note", "kept").unwrap();
+        w.finish().unwrap();
+    }
+
+    #[test]
+    fn renamed_entries_keep_their_place_and_duplicates_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("m.ckpt");
+        small_ckpt(&src);
+        let out = dir.path().join("r.ckpt");
+        let map: BTreeMap<String, String> = [("b.w".to_string(), "z.w".to_string())].into();
+        rewrite_renamed(&src, &out, &RewriteOptions::default(), &map).unwrap();
+        let names: Vec<String> = Checkpoint::open(&out, &ReadOptions::default())
+            .unwrap()
+            .entries()
+            .iter()
+            .map(|e| e.name.clone())
+            .collect();
+        assert_eq!(names, ["z.w", "a.w", "note"]);
+
+        let dup: BTreeMap<String, String> = [("b.w".to_string(), "a.w".to_string())].into();
+        let bad = dir.path().join("d.safetensors");
+        let e = rewrite_renamed(&src, &bad, &RewriteOptions::default(), &dup)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("m.ckpt") && e.contains("\"a.w\""), "{e}");
+        assert!(!bad.exists());
+    }
 }

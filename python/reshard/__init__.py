@@ -1,0 +1,48 @@
+"""reshard: MindSpore-compatible checkpoint transforms, in Rust.
+
+Replace ``mindspore.`` by ``reshard.`` in a call of one of the functions
+below and the same files come out (byte-identical), faster and in bounded
+memory; the Rust engine runs with the GIL released.
+
+- :func:`transform_checkpoints`, :func:`transform_checkpoint_by_rank`,
+  :func:`rank_list_for_transform`, :func:`merge_pipeline_strategys`,
+  :func:`ckpt_to_safetensors`, :func:`safetensors_to_ckpt`: MindSpore 2.10's
+  signatures and semantics;
+- :func:`unified_safetensors`, :func:`load_distributed_checkpoint`: not yet
+  (they raise ``NotImplementedError`` naming reshard issue 13);
+- command-line modules with mindformers' flags: ``python -m
+  reshard.transform_checkpoint``, ``python -m reshard.convert_weight``,
+  ``python -m reshard.transform_ckpt_lora``;
+- :func:`reshard.mindformers.install` makes a mindformers job's
+  ``auto_trans_ckpt`` use reshard.
+
+Errors are :mod:`reshard.errors` classes carrying reshard's message.
+"""
+from . import errors
+from ._compat import (
+    ckpt_to_safetensors,
+    load_distributed_checkpoint,
+    merge_pipeline_strategys,
+    rank_list_for_transform,
+    safetensors_to_ckpt,
+    transform_checkpoint_by_rank,
+    transform_checkpoints,
+    unified_safetensors,
+)
+from ._native import version as _version
+from .errors import ReshardError
+
+__version__ = _version()
+
+__all__ = [
+    "transform_checkpoints",
+    "transform_checkpoint_by_rank",
+    "rank_list_for_transform",
+    "merge_pipeline_strategys",
+    "ckpt_to_safetensors",
+    "safetensors_to_ckpt",
+    "unified_safetensors",
+    "load_distributed_checkpoint",
+    "errors",
+    "ReshardError",
+]

@@ -1,0 +1,365 @@
+//! `reshard._native`: the Rust library behind the Python package `reshard`.
+//!
+//! Each function takes plain Python values, builds the library's options
+//! struct (the same the command line builds), runs it with the GIL released
+//! and inside `catch_unwind` (no panic crosses into Python: it becomes
+//! `reshard.errors.InternalError`), and returns the report as JSON text.
+//! Errors become the exception class `reshard.errors` defines for their
+//! kind, carrying reshard's message and its `path`, `record` and `tensor`.
+//! The MindSpore-compatible signatures live in Python (`reshard/*.py`).
+
+// Each function takes its options as Python keyword arguments.
+#![allow(clippy::too_many_arguments)]
+
+use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use reshard::error::Error;
+use reshard::exec::Progress;
+use reshard::formats::strategy;
+use reshard::formats::tree::FileFormat;
+use reshard::ops;
+use reshard::ops::by_rank::{self, ByRankOptions};
+use reshard::ops::convert::ConvertOptions;
+use reshard::ops::merge_lora::MergeLoraOptions;
+use reshard::ops::rewrite::RewriteOptions;
+use reshard::ops::transform::TransformOptions;
+use reshard::DType;
+
+mod errors;
+
+/// Runs `f` without the GIL and without letting a panic escape; returns its
+/// value serialized as JSON. With `watch`, `f` runs on another thread and
+/// the callback gets `(bytes_written, bytes_total)` (total 0 until planned)
+/// about every 100 ms while the counts move, and once at the end; an
+/// exception from the callback stops the calls and is raised once `f` is
+/// done (a conversion is never left half-written).
+fn run<T, F>(py: Python<'_>, watch: Option<(PyObject, Progress)>, f: F) -> PyResult<String>
+where
+    T: serde::Serialize + Send,
+    F: FnOnce() -> reshard::Result<T> + Send,
+{
+    let mut callback_error: Option<PyErr> = None;
+    let outcome = py.allow_threads(|| match &watch {
+        None => catch_unwind(AssertUnwindSafe(f)),
+        Some((callback, progress)) => std::thread::scope(|s| {
+            let job = s.spawn(move || catch_unwind(AssertUnwindSafe(f)));
+            let mut last = None;
+            let mut since = Instant::now();
+            loop {
+                let done = job.is_finished();
+                let now = (progress.bytes(), progress.total());
+                let due = done || since.elapsed() >= Duration::from_millis(100);
+                if due && last != Some(now) && callback_error.is_none() {
+                    last = Some(now);
+                    since = Instant::now();
+                    Python::with_gil(|py| {
+                        if let Err(e) = callback.call1(py, now) {
+                            callback_error = Some(e);
+                        }
+                    });
+                }
+                if done {
+                    break job.join().unwrap_or_else(Err);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }),
+    });
+    let result = match outcome {
+        Ok(Ok(v)) => serde_json::to_string(&v)
+            .map_err(|e| errors::internal(py, &format!("cannot serialize the report: {e}"))),
+        Ok(Err(e)) => Err(errors::to_py(py, &e)),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(errors::internal(py, &format!("internal error: {what}")))
+        }
+    };
+    match (result, callback_error) {
+        (Ok(_), Some(e)) => Err(e),
+        (r, _) => r,
+    }
+}
+
+/// The progress counter to give the library, and the watch for [`run`].
+fn watch(progress: Option<PyObject>) -> (Option<Progress>, Option<(PyObject, Progress)>) {
+    match progress {
+        None => (None, None),
+        Some(cb) => {
+            let p = Progress::new();
+            (Some(p.clone()), Some((cb, p)))
+        }
+    }
+}
+
+fn format_of(name: Option<&str>) -> PyResult<Option<FileFormat>> {
+    match name {
+        None => Ok(None),
+        Some("ckpt") => Ok(Some(FileFormat::Ckpt)),
+        Some("safetensors") => Ok(Some(FileFormat::Safetensors)),
+        Some(other) => Err(PyValueError::new_err(format!(
+            "output format must be 'ckpt' or 'safetensors', not {other:?}"
+        ))),
+    }
+}
+
+/// reshard's version.
+#[pyfunction]
+fn version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}
+
+/// Reshards `src_checkpoint` (a full file or a `rank_x/` tree) into
+/// `dst_dir/rank_{r}/{prefix}{r}.{ext}`.
+#[pyfunction]
+#[pyo3(signature = (src_checkpoint, dst_dir, src_strategy=None, dst_strategy=None,
+                    prefix="checkpoint_".to_string(), ranks=None, world_size=None, workers=1,
+                    output_format=None, manifest=true, dry_run=false, progress=None))]
+fn transform(
+    py: Python<'_>,
+    src_checkpoint: PathBuf,
+    dst_dir: PathBuf,
+    src_strategy: Option<PathBuf>,
+    dst_strategy: Option<PathBuf>,
+    prefix: String,
+    ranks: Option<Vec<usize>>,
+    world_size: Option<usize>,
+    workers: usize,
+    output_format: Option<&str>,
+    manifest: bool,
+    dry_run: bool,
+    progress: Option<PyObject>,
+) -> PyResult<String> {
+    let (counter, watch) = watch(progress);
+    let mut o = TransformOptions::new(src_checkpoint, dst_dir, src_strategy, dst_strategy);
+    o.prefix = prefix;
+    o.ranks = ranks;
+    o.world_size = world_size;
+    o.workers = workers.max(1);
+    o.output_format = format_of(output_format)?;
+    o.manifest = manifest;
+    o.dry_run = dry_run;
+    o.control.progress = counter;
+    run(py, watch, move || ops::transform::transform(&o))
+}
+
+/// One destination rank from a map of source rank → file, into `output`.
+#[pyfunction]
+#[pyo3(signature = (rank, files, output, src_strategy=None, dst_strategy=None, workers=1, manifest=false, progress=None))]
+fn transform_by_rank(
+    py: Python<'_>,
+    rank: usize,
+    files: BTreeMap<usize, PathBuf>,
+    output: PathBuf,
+    src_strategy: Option<PathBuf>,
+    dst_strategy: Option<PathBuf>,
+    workers: usize,
+    manifest: bool,
+    progress: Option<PyObject>,
+) -> PyResult<String> {
+    let (counter, watch) = watch(progress);
+    let o = ByRankOptions {
+        rank,
+        files,
+        output,
+        src_strategy,
+        dst_strategy,
+        workers: workers.max(1),
+        read: Default::default(),
+        manifest,
+        control: reshard::exec::OutputControl {
+            progress: counter,
+            ..Default::default()
+        },
+    };
+    run(py, watch, move || by_rank::transform_by_rank(&o))
+}
+
+/// The source ranks destination rank `rank` reads, descending.
+#[pyfunction]
+#[pyo3(signature = (rank, src_strategy=None, dst_strategy=None))]
+fn rank_list_for_transform(
+    py: Python<'_>,
+    rank: usize,
+    src_strategy: Option<PathBuf>,
+    dst_strategy: Option<PathBuf>,
+) -> PyResult<String> {
+    run(py, None, move || {
+        by_rank::rank_list_for_transform(rank, src_strategy.as_deref(), dst_strategy.as_deref())
+    })
+}
+
+/// Merges the per-stage strategy files of `src_dir` into `dst_file`.
+#[pyfunction]
+fn merge_pipeline_strategys(
+    py: Python<'_>,
+    src_dir: PathBuf,
+    dst_file: PathBuf,
+) -> PyResult<String> {
+    run(py, None, move || {
+        strategy::merge_pipeline_strategys(&src_dir, &dst_file).map(|_| ())
+    })
+}
+
+/// Copies one checkpoint into another file; `dst`'s extension picks the format.
+#[pyfunction]
+/// `name_map` renames entries (old → new) as MindSpore's does.
+#[pyo3(signature = (src, dst, crc=false, name_map=None))]
+fn rewrite(
+    py: Python<'_>,
+    src: PathBuf,
+    dst: PathBuf,
+    crc: bool,
+    name_map: Option<BTreeMap<String, String>>,
+) -> PyResult<String> {
+    let o = RewriteOptions {
+        crc,
+        ..Default::default()
+    };
+    let names = name_map.unwrap_or_default();
+    run(py, None, move || {
+        ops::rewrite::rewrite_renamed(&src, &dst, &o, &names)
+    })
+}
+
+/// HuggingFace ⇄ MindSpore conversion of a model family.
+#[pyfunction]
+#[pyo3(signature = (model, input, output, reversed=false, dtype=None, qkv_concat=None,
+                    n_head=None, hidden_size=None, layers=None, modal=None, config=None,
+                    dst_strategy=None, prefix="checkpoint_".to_string(), workers=1, manifest=true, progress=None))]
+fn convert(
+    py: Python<'_>,
+    model: String,
+    input: PathBuf,
+    output: PathBuf,
+    reversed: bool,
+    dtype: Option<&str>,
+    qkv_concat: Option<bool>,
+    n_head: Option<u64>,
+    hidden_size: Option<u64>,
+    layers: Option<u64>,
+    modal: Option<String>,
+    config: Option<PathBuf>,
+    dst_strategy: Option<PathBuf>,
+    prefix: String,
+    workers: usize,
+    manifest: bool,
+    progress: Option<PyObject>,
+) -> PyResult<String> {
+    let (counter, watch) = watch(progress);
+    let mut o = ConvertOptions::new(model, input, output);
+    o.reversed = reversed;
+    o.dtype = match dtype {
+        None => None,
+        Some("fp32" | "float32") => Some(DType::F32),
+        Some("fp16" | "float16") => Some(DType::F16),
+        Some("bf16" | "bfloat16") => Some(DType::BF16),
+        Some(other) => {
+            return Err(PyValueError::new_err(format!(
+                "dtype must be fp32, fp16 or bf16, not {other:?}"
+            )))
+        }
+    };
+    o.qkv_concat = qkv_concat;
+    o.n_head = n_head;
+    o.hidden_size = hidden_size;
+    o.layers = layers;
+    o.modal = modal;
+    o.config = config;
+    o.dst_strategy = dst_strategy;
+    o.prefix = prefix;
+    o.workers = workers.max(1);
+    o.manifest = manifest;
+    o.control.progress = counter;
+    run(py, watch, move || ops::convert::convert(&o))
+}
+
+/// Merges LoRA factors into their base weights (`W + scale · B·A`).
+#[pyfunction]
+#[pyo3(signature = (src, dst_dir, src_strategy=None, dst_strategy=None,
+                    prefix="checkpoint_".to_string(), scale=1.0, fan_in_fan_out=false,
+                    save_format="ckpt", workers=1, manifest=true, progress=None))]
+fn merge_lora(
+    py: Python<'_>,
+    src: PathBuf,
+    dst_dir: PathBuf,
+    src_strategy: Option<PathBuf>,
+    dst_strategy: Option<PathBuf>,
+    prefix: String,
+    scale: f32,
+    fan_in_fan_out: bool,
+    save_format: &str,
+    workers: usize,
+    manifest: bool,
+    progress: Option<PyObject>,
+) -> PyResult<String> {
+    let (counter, watch) = watch(progress);
+    let mut o = MergeLoraOptions::new(src, dst_dir);
+    o.src_strategy = src_strategy;
+    o.dst_strategy = dst_strategy;
+    o.prefix = prefix;
+    o.scale = scale;
+    o.fan_in_fan_out = fan_in_fan_out;
+    o.format = format_of(Some(save_format))?.unwrap_or(FileFormat::Ckpt);
+    o.workers = workers.max(1);
+    o.manifest = manifest;
+    o.control.progress = counter;
+    run(py, watch, move || ops::merge_lora::merge_lora(&o))
+}
+
+/// Panics inside the library call path (tests the panic barrier; the
+/// panic message is not printed, to keep test logs clean).
+#[pyfunction]
+fn _panic_for_test(py: Python<'_>) -> PyResult<String> {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = run(py, None, || -> reshard::Result<()> {
+        panic!("deliberate test panic")
+    });
+    std::panic::set_hook(previous);
+    result
+}
+
+/// Raises the exception a library error of each kind becomes (tests the
+/// mapping without crafting a damaged file for every kind).
+#[pyfunction]
+fn _error_for_test(py: Python<'_>, kind: &str) -> PyResult<()> {
+    let e = match kind {
+        "not_found" => Error::from(std::io::Error::from(std::io::ErrorKind::NotFound)),
+        "crc" => Error::CrcMismatch {
+            stored: 1,
+            computed: 2,
+        },
+        "strategy" => Error::Strategy("bad layout".into()),
+        _ => Error::invalid(format!("unknown test kind {kind:?}")),
+    };
+    Err(errors::to_py(
+        py,
+        &e.in_record(3, Some("w".into())).in_file("m.ckpt"),
+    ))
+}
+
+/// The module.
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(version, m)?)?;
+    m.add_function(wrap_pyfunction!(transform, m)?)?;
+    m.add_function(wrap_pyfunction!(transform_by_rank, m)?)?;
+    m.add_function(wrap_pyfunction!(rank_list_for_transform, m)?)?;
+    m.add_function(wrap_pyfunction!(merge_pipeline_strategys, m)?)?;
+    m.add_function(wrap_pyfunction!(rewrite, m)?)?;
+    m.add_function(wrap_pyfunction!(convert, m)?)?;
+    m.add_function(wrap_pyfunction!(merge_lora, m)?)?;
+    m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
+    m.add_function(wrap_pyfunction!(_error_for_test, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,1 @@
+"""Stand-in of mindformers.tools (see ../__init__.py)."""

@@ -1,0 +1,4 @@
+"""Stand-in of mindformers.tools.logger."""
+import logging
+
+logger = logging.getLogger("mindformers")

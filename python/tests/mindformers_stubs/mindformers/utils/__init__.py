@@ -1,0 +1,1 @@
+"""Stand-in of mindformers.utils (2.x; see ../__init__.py)."""
