@@ -142,7 +142,7 @@ pub(crate) fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
 }
 
 /// mindformers' `str2bool`, plus 1/0.
-fn parse_bool(s: &str) -> std::result::Result<bool, String> {
+pub(crate) fn parse_bool(s: &str) -> std::result::Result<bool, String> {
     match s.to_ascii_lowercase().as_str() {
         "true" | "1" => Ok(true),
         "false" | "0" => Ok(false),

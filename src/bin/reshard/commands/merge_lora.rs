@@ -104,9 +104,9 @@ pub struct MergeLoraArgs {
     pub json: bool,
 }
 
-/// mindformers passes "" for an absent strategy.
+/// mindformers passes "" (or None) for an absent strategy.
 fn non_empty(p: Option<std::ffi::OsString>) -> Option<PathBuf> {
-    p.filter(|p| !p.is_empty()).map(PathBuf::from)
+    crate::args::strategy_value(p)
 }
 
 pub fn run(a: MergeLoraArgs) -> Result<()> {
