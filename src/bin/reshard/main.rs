@@ -26,7 +26,11 @@ impl std::fmt::Display for Usage {
 impl std::error::Error for Usage {}
 
 fn main() -> ExitCode {
-    let cli = args::Cli::parse();
+    let (argv, extra) = commands::convert::split_known_args(std::env::args_os().collect());
+    let mut cli = args::Cli::parse_from(argv);
+    if let args::Command::Convert(a) = &mut cli.command {
+        a.extra = extra;
+    }
     match commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
