@@ -7,6 +7,7 @@ mod auto;
 mod bench;
 mod conformance;
 mod convert;
+mod dropin;
 mod faults;
 pub mod merge_lora;
 pub mod transform;
