@@ -71,3 +71,68 @@ fn merge_lora_scaling_expression() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("e.g. 16/8"));
     assert!(!dir.path().join("words").exists());
 }
+
+/// convert_reversed.py's LoRA renaming: `…wq.tk_delta_lora_a` comes back as
+/// PEFT's `…q_proj.lora_A.weight` (mindformers drops the dot before
+/// `lora_B`; reshard does not), bytes unchanged.
+#[test]
+fn reverse_convert_renames_lora_factors() {
+    use reshard::formats::ckpt::{Checkpoint, CkptWriter, ReadOptions, WriteOptions};
+    use reshard::formats::safetensors::SafetensorsFile;
+    use reshard::ops::convert::{convert, ConvertOptions};
+
+    let dir = tempdir();
+    let hf = write_hf(&spec("llama"), &dir.path().join("hf"), 1);
+    let plain = dir.path().join("plain.ckpt");
+    convert(&ConvertOptions::new("llama", &hf, &plain)).unwrap();
+    // The same checkpoint with one LoRA pair on layer 0's wq.
+    let lora = dir.path().join("lora.ckpt");
+    let ck = Checkpoint::open(&plain, &ReadOptions::default()).unwrap();
+    let mut w = CkptWriter::create(&lora, WriteOptions::default()).unwrap();
+    let mut wq = None;
+    for e in ck.entries() {
+        let reshard::formats::ckpt::EntryKind::Tensor(d) = e.kind else {
+            continue;
+        };
+        w.write_tensor(&e.name, d, &e.dims, &ck.tensor_bytes(e))
+            .unwrap();
+        if e.name.ends_with("layers.0.attention.wq.weight") {
+            wq = Some((e.name.clone(), e.dims.clone()));
+        }
+    }
+    let (wq, dims) = wq.expect("llama fixture has layer 0's wq");
+    let stem = wq.strip_suffix(".weight").unwrap();
+    let a: Vec<u8> = (0..2 * dims[1] * 4).map(|i| i as u8).collect();
+    let b: Vec<u8> = (0..dims[0] * 2 * 4).map(|i| (i * 3) as u8).collect();
+    w.write_tensor(
+        &format!("{stem}.tk_delta_lora_a"),
+        reshard::DType::F32,
+        &[2, dims[1]],
+        &a,
+    )
+    .unwrap();
+    w.write_tensor(
+        &format!("{stem}.tk_delta_lora_b"),
+        reshard::DType::F32,
+        &[dims[0], 2],
+        &b,
+    )
+    .unwrap();
+    w.finish().unwrap();
+    let out = dir.path().join("back");
+    let mut o = ConvertOptions::new("llama", &lora, &out);
+    o.reversed = true;
+    o.config = Some(hf.join("config.json"));
+    convert(&o).unwrap();
+    let f = SafetensorsFile::open(&out.join("model.safetensors"), false).unwrap();
+    let get = |n: &str| {
+        let t = f
+            .entries()
+            .iter()
+            .find(|t| t.name == n)
+            .unwrap_or_else(|| panic!("no {n}"));
+        f.bytes(t).to_vec()
+    };
+    assert_eq!(get("model.layers.0.self_attn.q_proj.lora_A.weight"), a);
+    assert_eq!(get("model.layers.0.self_attn.q_proj.lora_B.weight"), b);
+}
