@@ -10,5 +10,6 @@ mod convert;
 mod dropin;
 mod faults;
 pub mod merge_lora;
+mod torch;
 pub mod transform;
 mod trust;

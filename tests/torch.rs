@@ -1,0 +1,638 @@
+//! PyTorch `.bin` inputs: a faithful writer of `torch.save`'s zip format
+//! (protocol-2 pickle of an `OrderedDict` state dict with `_metadata`,
+//! storages as 64-byte-aligned stored members), read back tensor for tensor;
+//! malicious and damaged files refused with typed errors and nothing
+//! written; llama `.bin` (single and sharded with
+//! `pytorch_model.bin.index.json`) converting to the same bytes as its
+//! safetensors twin; PEFT `adapter_model.bin` merging like its safetensors twin.
+
+use std::path::Path;
+use std::process::Command;
+
+use reshard::formats::torch::{TorchEntry, TorchFile};
+use reshard::DType;
+
+use crate::convert::fixtures::{bytes, spec, write_hf};
+use crate::util::{reshard_bin, tempdir};
+
+/// A writer of PyTorch's zip serialization, as `torch.save` lays it out.
+pub mod writer {
+    use reshard::DType;
+    use std::collections::HashMap;
+
+    /// One tensor to save: name, dtype, shape, storage key, element offset.
+    pub struct T<'a> {
+        pub name: &'a str,
+        pub dtype: DType,
+        pub shape: Vec<u64>,
+        /// Storage key (tensors sharing one storage share the key).
+        pub key: &'a str,
+        /// Offset in elements.
+        pub offset: u64,
+    }
+
+    fn storage_class(d: DType) -> &'static str {
+        match d {
+            DType::F32 => "FloatStorage",
+            DType::F16 => "HalfStorage",
+            DType::BF16 => "BFloat16Storage",
+            DType::F64 => "DoubleStorage",
+            DType::I64 => "LongStorage",
+            DType::I32 => "IntStorage",
+            DType::I8 => "CharStorage",
+            DType::U8 => "ByteStorage",
+            DType::Bool => "BoolStorage",
+            other => panic!("torch has no storage for {other}"),
+        }
+    }
+
+    /// Python's `pickle.Pickler(protocol=2)` for the values torch.save emits.
+    #[derive(Default)]
+    pub struct Pickler {
+        pub out: Vec<u8>,
+        memo: HashMap<String, u32>,
+        next: u32,
+    }
+
+    impl Pickler {
+        fn put(&mut self) -> u32 {
+            let k = self.next;
+            self.next += 1;
+            if k < 256 {
+                self.out.extend([b'q', k as u8]);
+            } else {
+                self.out.push(b'r');
+                self.out.extend(k.to_le_bytes());
+            }
+            k
+        }
+        fn get(&mut self, k: u32) {
+            if k < 256 {
+                self.out.extend([b'h', k as u8]);
+            } else {
+                self.out.push(b'j');
+                self.out.extend(k.to_le_bytes());
+            }
+        }
+        /// A memoized object (strings, globals) by identity key.
+        fn memoized(&mut self, id: String, write: impl FnOnce(&mut Self)) {
+            if let Some(&k) = self.memo.get(&id) {
+                self.get(k);
+                return;
+            }
+            write(self);
+            let k = self.put();
+            self.memo.insert(id, k);
+        }
+        pub fn str(&mut self, s: &str) {
+            self.memoized(format!("s:{s}"), |p| {
+                p.out.push(b'X');
+                p.out.extend((s.len() as u32).to_le_bytes());
+                p.out.extend(s.as_bytes());
+            });
+        }
+        pub fn global(&mut self, module: &str, name: &str) {
+            self.memoized(format!("g:{module}.{name}"), |p| {
+                p.out.push(b'c');
+                p.out.extend(format!("{module}\n{name}\n").as_bytes());
+            });
+        }
+        pub fn int(&mut self, v: u64) {
+            if v < 256 {
+                self.out.extend([b'K', v as u8]);
+            } else if v < 65536 {
+                self.out.push(b'M');
+                self.out.extend((v as u16).to_le_bytes());
+            } else if v < (1 << 31) {
+                self.out.push(b'J');
+                self.out.extend((v as u32).to_le_bytes());
+            } else {
+                let mut b = v.to_le_bytes().to_vec();
+                while b.len() > 1 && b[b.len() - 1] == 0 && b[b.len() - 2] & 0x80 == 0 {
+                    b.pop();
+                }
+                if b[b.len() - 1] & 0x80 != 0 {
+                    b.push(0);
+                }
+                self.out.extend([0x8a, b.len() as u8]);
+                self.out.extend(b);
+            }
+        }
+        /// A tuple of ints, memoized like any non-empty tuple.
+        pub fn int_tuple(&mut self, v: &[u64]) {
+            if v.is_empty() {
+                self.out.push(b')');
+                return;
+            }
+            if v.len() > 3 {
+                self.out.push(b'(');
+            }
+            for &x in v {
+                self.int(x);
+            }
+            self.out.push(match v.len() {
+                1 => 0x85,
+                2 => 0x86,
+                3 => 0x87,
+                _ => b't',
+            });
+            self.put();
+        }
+        /// `OrderedDict()`: the class, `()`, REDUCE, memoized.
+        pub fn empty_ordered_dict(&mut self) {
+            self.global("collections", "OrderedDict");
+            self.out.extend([b')', b'R']);
+            self.put();
+        }
+        /// `_rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())`.
+        pub fn tensor(&mut self, t: &T, storage_numel: u64) {
+            self.global("torch._utils", "_rebuild_tensor_v2");
+            self.out.push(b'(');
+            // The persistent id ('storage', torch.XStorage, key, 'cpu', numel).
+            self.out.push(b'(');
+            self.str("storage");
+            self.global("torch", storage_class(t.dtype));
+            self.str(t.key);
+            self.str("cpu");
+            self.int(storage_numel);
+            self.out.push(b't');
+            self.put();
+            self.out.push(b'Q');
+            self.int(t.offset);
+            self.int_tuple(&t.shape);
+            let mut stride = vec![1u64; t.shape.len()];
+            for i in (0..t.shape.len().saturating_sub(1)).rev() {
+                stride[i] = stride[i + 1] * t.shape[i + 1];
+            }
+            self.int_tuple(&stride);
+            self.out.push(0x89);
+            self.empty_ordered_dict();
+            self.out.push(b't');
+            self.put();
+            self.out.push(b'R');
+            self.put();
+        }
+    }
+
+    /// The `data.pkl` of a state dict: an OrderedDict of tensors with
+    /// `_metadata` set by BUILD, as `model.state_dict()` pickles.
+    pub fn state_dict_pickle(tensors: &[T], numel: &HashMap<String, u64>) -> Vec<u8> {
+        let mut p = Pickler::default();
+        p.out.extend([0x80, 2]);
+        p.empty_ordered_dict();
+        p.out.push(b'(');
+        for t in tensors {
+            p.str(t.name);
+            p.tensor(t, numel[t.key]);
+        }
+        p.out.push(b'u');
+        // state: {'_metadata': OrderedDict([('', {'version': 1})])}
+        p.out.push(b'}');
+        p.put();
+        p.str("_metadata");
+        p.empty_ordered_dict();
+        p.str("");
+        p.out.push(b'}');
+        p.put();
+        p.str("version");
+        p.int(1);
+        p.out.push(b's');
+        p.out.push(b's');
+        p.out.push(b's');
+        p.out.push(b'b');
+        p.out.push(b'.');
+        p.out
+    }
+
+    /// A ZIP of stored members, each member's data aligned to 64 bytes by
+    /// padding its local header's extra field, as PyTorchFileWriter does.
+    pub fn zip(members: &[(String, Vec<u8>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut central = Vec::new();
+        for (name, data) in members {
+            let offset = out.len();
+            let crc = crc32fast::hash(data);
+            let header = 30 + name.len() + 4;
+            let pad = (64 - (offset + header) % 64) % 64;
+            let le16 = |v: usize| (v as u16).to_le_bytes();
+            let le32 = |v: usize| (v as u32).to_le_bytes();
+            out.extend(0x0403_4b50u32.to_le_bytes());
+            out.extend(le16(20));
+            out.extend(le16(0));
+            out.extend(le16(0)); // stored
+            out.extend([0u8; 4]); // time, date
+            out.extend(crc.to_le_bytes());
+            out.extend(le32(data.len()));
+            out.extend(le32(data.len()));
+            out.extend(le16(name.len()));
+            out.extend(le16(4 + pad));
+            out.extend(name.as_bytes());
+            out.extend(0x4246u16.to_le_bytes()); // "FB" padding field
+            out.extend(le16(pad));
+            out.extend(vec![b'Z'; pad]);
+            assert_eq!(out.len() % 64, 0);
+            out.extend(data);
+            central.extend(0x0201_4b50u32.to_le_bytes());
+            central.extend(le16(20));
+            central.extend(le16(20));
+            central.extend(le16(0));
+            central.extend(le16(0));
+            central.extend([0u8; 4]);
+            central.extend(crc.to_le_bytes());
+            central.extend(le32(data.len()));
+            central.extend(le32(data.len()));
+            central.extend(le16(name.len()));
+            central.extend(le16(0));
+            central.extend(le16(0));
+            central.extend(le16(0));
+            central.extend(le16(0));
+            central.extend(le32(0));
+            central.extend(le32(offset));
+            central.extend(name.as_bytes());
+        }
+        let dir_offset = out.len();
+        out.extend(&central);
+        out.extend(0x0605_4b50u32.to_le_bytes());
+        out.extend([0u8; 4]);
+        out.extend((members.len() as u16).to_le_bytes());
+        out.extend((members.len() as u16).to_le_bytes());
+        out.extend((central.len() as u32).to_le_bytes());
+        out.extend((dir_offset as u32).to_le_bytes());
+        out.extend([0u8; 2]);
+        out
+    }
+
+    /// A whole `torch.save` archive: `tensors` viewing `storages` (key →
+    /// bytes), under the archive folder `root`.
+    pub fn archive(root: &str, pkl: Vec<u8>, storages: &[(&str, Vec<u8>)]) -> Vec<u8> {
+        let mut members = vec![
+            (format!("{root}/data.pkl"), pkl),
+            (format!("{root}/.format_version"), b"1".to_vec()),
+            (format!("{root}/.storage_alignment"), b"64".to_vec()),
+            (format!("{root}/byteorder"), b"little".to_vec()),
+        ];
+        for (k, b) in storages {
+            members.push((format!("{root}/data/{k}"), b.clone()));
+        }
+        members.push((format!("{root}/version"), b"3\n".to_vec()));
+        members.push((
+            format!("{root}/.data/serialization_id"),
+            b"1234567890123456789012345678901234567890".to_vec(),
+        ));
+        zip(&members)
+    }
+
+    /// A state dict of separate contiguous tensors, as `torch.save` writes it.
+    pub fn save(tensors: &[(String, DType, Vec<u64>, Vec<u8>)]) -> Vec<u8> {
+        let keys: Vec<String> = (0..tensors.len()).map(|i| i.to_string()).collect();
+        let ts: Vec<T> = tensors
+            .iter()
+            .zip(&keys)
+            .map(|((n, d, s, _), k)| T {
+                name: n,
+                dtype: *d,
+                shape: s.clone(),
+                key: k,
+                offset: 0,
+            })
+            .collect();
+        let numel: HashMap<String, u64> = tensors
+            .iter()
+            .zip(&keys)
+            .map(|((_, d, _, b), k)| (k.clone(), (b.len() / d.size()) as u64))
+            .collect();
+        let pkl = state_dict_pickle(&ts, &numel);
+        let storages: Vec<(&str, Vec<u8>)> = tensors
+            .iter()
+            .zip(&keys)
+            .map(|((_, _, _, b), k)| (k.as_str(), b.clone()))
+            .collect();
+        archive("archive", pkl, &storages)
+    }
+}
+
+fn le(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn read(path: &Path) -> Vec<(TorchEntry, Vec<u8>)> {
+    let f = TorchFile::open(path).unwrap_or_else(|e| panic!("{e}"));
+    f.entries()
+        .iter()
+        .map(|e| (e.clone(), f.bytes(e).to_vec()))
+        .collect()
+}
+
+#[test]
+fn reads_what_torch_save_writes() {
+    let dir = tempdir();
+    // Two tensors in one storage (the second at an offset, as tied or
+    // sliced weights are saved), plus bf16, i64 and a scalar.
+    let shared: Vec<f32> = (0..20).map(|i| i as f32 * 0.5).collect();
+    let bf: Vec<u8> = (0..12u16)
+        .flat_map(|i| (0x3f80 + i).to_le_bytes())
+        .collect();
+    let ids: Vec<u8> = (0..3i64).flat_map(|i| (i - 1).to_le_bytes()).collect();
+    let ts = [
+        writer::T {
+            name: "a.weight",
+            dtype: DType::F32,
+            shape: vec![3, 4],
+            key: "0",
+            offset: 0,
+        },
+        writer::T {
+            name: "b.weight",
+            dtype: DType::F32,
+            shape: vec![2, 4],
+            key: "0",
+            offset: 12,
+        },
+        writer::T {
+            name: "c.weight",
+            dtype: DType::BF16,
+            shape: vec![2, 3, 2],
+            key: "1",
+            offset: 0,
+        },
+        writer::T {
+            name: "ids",
+            dtype: DType::I64,
+            shape: vec![3],
+            key: "2",
+            offset: 0,
+        },
+        writer::T {
+            name: "scale",
+            dtype: DType::F32,
+            shape: vec![],
+            key: "3",
+            offset: 0,
+        },
+    ];
+    let numel = [("0", 20), ("1", 12), ("2", 3), ("3", 1)]
+        .into_iter()
+        .map(|(k, n)| (k.to_string(), n))
+        .collect();
+    let pkl = writer::state_dict_pickle(&ts, &numel);
+    let storages = [
+        ("0", le(&shared)),
+        ("1", bf.clone()),
+        ("2", ids.clone()),
+        ("3", le(&[7.5])),
+    ];
+    let path = dir.path().join("pytorch_model.bin");
+    std::fs::write(&path, writer::archive("pytorch_model", pkl, &storages)).unwrap();
+    let got = read(&path);
+    let names: Vec<&str> = got.iter().map(|(e, _)| e.name.as_str()).collect();
+    assert_eq!(names, ["a.weight", "b.weight", "c.weight", "ids", "scale"]);
+    assert_eq!(got[0].0.shape, [3, 4]);
+    assert_eq!(got[0].1, le(&shared[..12]));
+    assert_eq!(got[1].1, le(&shared[12..20]));
+    assert_eq!((got[2].0.dtype, got[2].1.clone()), (DType::BF16, bf));
+    assert_eq!((got[3].0.dtype, got[3].1.clone()), (DType::I64, ids));
+    assert_eq!(
+        (got[4].0.shape.clone(), got[4].1.clone()),
+        (vec![], le(&[7.5]))
+    );
+    // Storages are 64-byte aligned in the file and read in place.
+    assert_eq!(got[0].0.range.start % 64, 0);
+}
+
+/// A `.bin` whose data.pkl is `pkl`, with one real storage beside it.
+fn bin_with_pickle(path: &Path, pkl: Vec<u8>) {
+    std::fs::write(
+        path,
+        writer::archive("archive", pkl, &[("0", le(&[1.0; 4]))]),
+    )
+    .unwrap();
+}
+
+fn refused_global(path: &Path) -> String {
+    match TorchFile::open(path) {
+        Err(e) => match e.root() {
+            reshard::Error::PickleRefused { what } => what.clone(),
+            other => panic!("expected PickleRefused, got {other}"),
+        },
+        Ok(_) => panic!("{} was read", path.display()),
+    }
+}
+
+#[test]
+fn malicious_pickles_are_refused_and_nothing_runs_or_is_written() {
+    let dir = tempdir();
+    let marker = dir.path().join("pwned");
+    let cmd = format!("touch {}", marker.display());
+    // os.system(cmd) through __reduce__, as pickle.dumps writes it (protocol 2).
+    let mut p = writer::Pickler::default();
+    p.out.extend([0x80, 2]);
+    p.global("posix", "system");
+    p.str(&cmd);
+    p.out.extend([0x85, b'R', b'.']);
+    let os_system = dir.path().join("os_system.bin");
+    bin_with_pickle(&os_system, p.out);
+    assert_eq!(refused_global(&os_system), "global posix.system");
+    // builtins.eval through STACK_GLOBAL (protocol 4).
+    let mut p = writer::Pickler::default();
+    p.out.extend([0x80, 4]);
+    for s in ["builtins", "eval"] {
+        p.out.push(0x8c);
+        p.out.push(s.len() as u8);
+        p.out.extend(s.as_bytes());
+    }
+    p.out.push(0x93);
+    p.str("__import__('os').system('true')");
+    p.out.extend([0x85, b'R', b'.']);
+    let eval = dir.path().join("eval.bin");
+    bin_with_pickle(&eval, p.out);
+    assert_eq!(refused_global(&eval), "global builtins.eval");
+    // A tensor rebuilt by an arbitrary function hidden inside a state dict.
+    let mut p = writer::Pickler::default();
+    p.out.extend([0x80, 2]);
+    p.empty_ordered_dict();
+    p.str("w");
+    p.global("subprocess", "Popen");
+    p.str("true");
+    p.out.extend([0x85, b'R', b's', b'.']);
+    let popen = dir.path().join("popen.bin");
+    bin_with_pickle(&popen, p.out);
+    assert_eq!(refused_global(&popen), "global subprocess.Popen");
+
+    // Through convert: a clear error naming the global, no output.
+    let hf = dir.path().join("hf");
+    std::fs::create_dir(&hf).unwrap();
+    std::fs::write(
+        hf.join("config.json"),
+        serde_json::to_vec(&spec("llama").config).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(&os_system, hf.join("pytorch_model.bin")).unwrap();
+    let out = dir.path().join("out.ckpt");
+    let o = Command::new(reshard_bin())
+        .args(["convert", "--model", "llama", "--input_path"])
+        .arg(&hf)
+        .arg("--output_path")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("pytorch_model.bin")
+            && err.contains("refused to unpickle global posix.system"),
+        "{err}"
+    );
+    assert!(!out.exists() && !marker.exists());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 4);
+}
+
+#[test]
+fn damaged_archives_are_typed_errors() {
+    let dir = tempdir();
+    let good = writer::save(&[(
+        "w".into(),
+        DType::F32,
+        vec![64, 64],
+        le(&vec![0.25; 64 * 64]),
+    )]);
+    // Cut short: the end record (and a member's tail) is gone.
+    let cut = dir.path().join("cut.bin");
+    std::fs::write(&cut, &good[..good.len() / 2]).unwrap();
+    let e = TorchFile::open(&cut).err().unwrap();
+    assert!(matches!(e.root(), reshard::Error::Truncated { .. }), "{e}");
+    assert!(e.to_string().contains("cut.bin"), "{e}");
+    // A storage shorter than the tensor viewing it.
+    let ts = [writer::T {
+        name: "w",
+        dtype: DType::F32,
+        shape: vec![4, 4],
+        key: "0",
+        offset: 0,
+    }];
+    let numel = [("0".to_string(), 16)].into_iter().collect();
+    let pkl = writer::state_dict_pickle(&ts, &numel);
+    let short = dir.path().join("short.bin");
+    std::fs::write(
+        &short,
+        writer::archive("archive", pkl, &[("0", le(&[1.0; 10]))]),
+    )
+    .unwrap();
+    let e = TorchFile::open(&short).err().unwrap();
+    assert!(
+        matches!(e.root(), reshard::Error::ContentLength { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("tensor \"w\""), "{e}");
+    // An offset past the storage's end.
+    let ts = [writer::T {
+        name: "w",
+        dtype: DType::F32,
+        shape: vec![4],
+        key: "0",
+        offset: 8,
+    }];
+    let numel = [("0".to_string(), 10)].into_iter().collect();
+    let pkl = writer::state_dict_pickle(&ts, &numel);
+    std::fs::write(
+        &short,
+        writer::archive("archive", pkl, &[("0", le(&[1.0; 10]))]),
+    )
+    .unwrap();
+    let e = TorchFile::open(&short).err().unwrap();
+    assert!(
+        matches!(e.root(), reshard::Error::ContentLength { .. }),
+        "{e}"
+    );
+    // A legacy (pre-zip) file and a file that is not torch at all.
+    let legacy = dir.path().join("legacy.bin");
+    std::fs::write(&legacy, b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.").unwrap();
+    let e = TorchFile::open(&legacy).err().unwrap();
+    assert!(e.to_string().contains("legacy PyTorch format"), "{e}");
+}
+
+/// A llama fixture as `pytorch_model.bin` (or shards with an index) converts
+/// to exactly the bytes its safetensors twin does.
+#[test]
+fn llama_bin_converts_like_its_safetensors_twin() {
+    let dir = tempdir();
+    let s = spec("llama");
+    let st = write_hf(&s, &dir.path().join("st"), 1);
+    let tensors: Vec<(String, DType, Vec<u64>, Vec<u8>)> = s
+        .tensors
+        .iter()
+        .map(|(n, d, sh)| {
+            (
+                n.clone(),
+                *d,
+                sh.iter().map(|&x| x as u64).collect(),
+                bytes(n, *d, sh),
+            )
+        })
+        .collect();
+    let one = dir.path().join("bin");
+    std::fs::create_dir(&one).unwrap();
+    std::fs::copy(st.join("config.json"), one.join("config.json")).unwrap();
+    std::fs::write(one.join("pytorch_model.bin"), writer::save(&tensors)).unwrap();
+    // Sharded: two .bin files and pytorch_model.bin.index.json.
+    let sharded = dir.path().join("sharded");
+    std::fs::create_dir(&sharded).unwrap();
+    std::fs::copy(st.join("config.json"), sharded.join("config.json")).unwrap();
+    let half = tensors.len() / 2;
+    let mut map = serde_json::Map::new();
+    for (i, part) in [&tensors[..half], &tensors[half..]].into_iter().enumerate() {
+        let file = format!("pytorch_model-0000{}-of-00002.bin", i + 1);
+        std::fs::write(sharded.join(&file), writer::save(part)).unwrap();
+        for t in part {
+            map.insert(t.0.clone(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": map});
+    std::fs::write(
+        sharded.join("pytorch_model.bin.index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    let convert = |input: &Path, out: &str| {
+        let o = Command::new(reshard_bin())
+            .args(["convert", "--model", "llama", "--input_path"])
+            .arg(input)
+            .arg("--output_path")
+            .arg(dir.path().join(out))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read(dir.path().join(out)).unwrap()
+    };
+    let want = convert(&st, "st.ckpt");
+    assert!(
+        convert(&one, "bin.ckpt") == want,
+        ".bin differs from safetensors"
+    );
+    assert!(
+        convert(&sharded, "sharded.ckpt") == want,
+        "sharded .bin differs"
+    );
+    assert!(
+        convert(&one.join("pytorch_model.bin"), "file.ckpt") == want,
+        "a .bin file given directly differs"
+    );
+
+    // An index naming a shard that is not there: an error naming it, nothing written.
+    std::fs::remove_file(sharded.join("pytorch_model-00002-of-00002.bin")).unwrap();
+    let o = Command::new(reshard_bin())
+        .args(["convert", "--model", "llama", "--input_path"])
+        .arg(&sharded)
+        .arg("--output_path")
+        .arg(dir.path().join("missing.ckpt"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("pytorch_model.bin.index.json")
+            && err.contains("\"pytorch_model-00002-of-00002.bin\"")
+            && err.contains("is missing"),
+        "{err}"
+    );
+    assert!(!dir.path().join("missing.ckpt").exists());
+}
