@@ -636,3 +636,53 @@ fn llama_bin_converts_like_its_safetensors_twin() {
     );
     assert!(!dir.path().join("missing.ckpt").exists());
 }
+
+/// merge-lora --adapter with PEFT's `adapter_model.bin` gives the same files
+/// as with its `adapter_model.safetensors` twin.
+#[test]
+fn peft_bin_adapter_merges_like_its_safetensors_twin() {
+    use reshard::formats::safetensors::SafetensorsFile;
+    let dir = tempdir();
+    let (base, adapter) = crate::merge_lora::hf_model_and_adapter(dir.path(), false);
+    let st = SafetensorsFile::open(adapter.join("adapter_model.safetensors"), false).unwrap();
+    let tensors: Vec<(String, DType, Vec<u64>, Vec<u8>)> = st
+        .entries()
+        .iter()
+        .map(|e| {
+            let shape = e.shape.iter().map(|&d| d as u64).collect();
+            (e.name.clone(), e.dtype, shape, st.bytes(e).to_vec())
+        })
+        .collect();
+    let bin = dir.path().join("bin_adapter");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::copy(
+        adapter.join("adapter_config.json"),
+        bin.join("adapter_config.json"),
+    )
+    .unwrap();
+    std::fs::write(bin.join("adapter_model.bin"), writer::save(&tensors)).unwrap();
+    let merge = |adapter: &Path, out: &str| {
+        let o = Command::new(reshard_bin())
+            .args(["merge-lora", "--src_ckpt_path_or_dir"])
+            .arg(&base)
+            .arg("--adapter")
+            .arg(adapter)
+            .arg("--dst_ckpt_dir")
+            .arg(dir.path().join(out))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    merge(&adapter, "from_st");
+    merge(&bin, "from_bin");
+    for f in [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ] {
+        assert!(
+            std::fs::read(dir.path().join("from_st").join(f)).unwrap()
+                == std::fs::read(dir.path().join("from_bin").join(f)).unwrap(),
+            "{f} differs"
+        );
+    }
+}
