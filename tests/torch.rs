@@ -543,11 +543,24 @@ fn damaged_archives_are_typed_errors() {
         matches!(e.root(), reshard::Error::ContentLength { .. }),
         "{e}"
     );
-    // A legacy (pre-zip) file and a file that is not torch at all.
+    // A legacy file cut after its magic number; a file that is not torch at all.
     let legacy = dir.path().join("legacy.bin");
     std::fs::write(&legacy, b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.").unwrap();
     let e = TorchFile::open(&legacy).err().unwrap();
-    assert!(e.to_string().contains("legacy PyTorch format"), "{e}");
+    assert!(matches!(e.root(), reshard::Error::Truncated { .. }), "{e}");
+    std::fs::write(&legacy, b"PK\x05\x06 not torch").unwrap();
+    assert!(TorchFile::open(&legacy).is_err());
+    std::fs::write(&legacy, b"GGUF").unwrap();
+    let e = TorchFile::open(&legacy).err().unwrap();
+    assert!(e.to_string().contains("not a PyTorch zip archive"), "{e}");
+    // A real legacy file cut inside its storages.
+    let real = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/lpips-0.1.4/alex.pth"),
+    )
+    .unwrap();
+    std::fs::write(&legacy, &real[..real.len() - 100]).unwrap();
+    let e = TorchFile::open(&legacy).err().unwrap();
+    assert!(matches!(e.root(), reshard::Error::Truncated { .. }), "{e}");
 }
 
 /// A llama fixture as `pytorch_model.bin` (or shards with an index) converts
@@ -721,6 +734,74 @@ fn every_cut_and_flip_of_an_archive_is_handled() {
             let mut bad = good.clone();
             bad[i] ^= x;
             check(&bad);
+        }
+    }
+}
+
+/// Real PyTorch files a registry package ships: lpips 0.1.4's weights
+/// (legacy torch.save format, Python 2 pickles; tests/data/lpips-0.1.4/README.md).
+/// Names, shapes, dtype and sign as lpips documents them; with
+/// RESHARD_MINDSPORE_PYTHON set, every value equal to an independent reader's.
+#[test]
+fn reads_lpips_weights_shipped_on_pypi() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/lpips-0.1.4");
+    let documented: [(&str, &[u64]); 3] = [
+        ("alex", &[64, 192, 384, 256, 256]),
+        ("vgg", &[64, 128, 256, 512, 512]),
+        ("squeeze", &[64, 128, 256, 384, 384, 512, 512]),
+    ];
+    let mut read_all = Vec::new();
+    for (net, chns) in documented {
+        let path = data.join(format!("{net}.pth"));
+        let got = read(&path);
+        let names: Vec<String> = got.iter().map(|(e, _)| e.name.clone()).collect();
+        let want: Vec<String> = (0..chns.len())
+            .map(|i| format!("lin{i}.model.1.weight"))
+            .collect();
+        assert_eq!(names, want, "{net}");
+        for ((e, b), &c) in got.iter().zip(chns) {
+            assert_eq!(
+                (e.dtype, e.shape.clone()),
+                (DType::F32, vec![1, c, 1, 1]),
+                "{net}"
+            );
+            let v: Vec<f32> = b
+                .chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            assert!(
+                v.iter().all(|x| x.is_finite() && *x >= 0.0),
+                "{net} {}",
+                e.name
+            );
+            assert!(v.iter().any(|x| *x > 0.0), "{net} {}", e.name);
+        }
+        read_all.push((path, got));
+    }
+    let Some(python) = crate::util::mindspore_python() else {
+        return;
+    };
+    let paths: Vec<&str> = read_all.iter().map(|(p, _)| p.to_str().unwrap()).collect();
+    let oracle: serde_json::Value = serde_json::from_str(&crate::util::run_py(
+        &python,
+        "torch_legacy_oracle.py",
+        &paths,
+    ))
+    .unwrap();
+    for (path, got) in &read_all {
+        let theirs = &oracle[path.to_str().unwrap()];
+        for (e, b) in got {
+            let want: Vec<f32> = theirs[&e.name]["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
+            let ours: Vec<f32> = b
+                .chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            assert_eq!(ours, want, "{} {}", path.display(), e.name);
         }
     }
 }

@@ -1,4 +1,4 @@
-//! A PyTorch `.bin` from arbitrary bytes: the zip reader and the restricted
+//! A PyTorch `.bin` from arbitrary bytes: the zip and legacy readers and the restricted
 //! unpickler must give tensors inside the file or an error — never a panic,
 //! never an unbounded allocation, never a global outside the allowed list.
 #![no_main]

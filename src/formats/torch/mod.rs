@@ -1,15 +1,16 @@
-//! PyTorch `.bin` / `.pt` / `.pth` weights (`torch.save`'s zip format,
-//! PyTorch ≥ 1.6), read without executing anything: the archive's
-//! `data.pkl` goes through a restricted unpickler ([`pickle`]) that knows
-//! only the globals a state dict needs, and every tensor is a range of the
-//! memory-mapped file (torch stores members uncompressed), so nothing is
-//! copied until the executor reads it.
+//! PyTorch `.bin` / `.pt` / `.pth` weights, read without executing
+//! anything: `torch.save`'s zip format (PyTorch ≥ 1.6; its `data.pkl`) and
+//! the legacy stream of pickles (`legacy`) go through a restricted unpickler
+//! ([`pickle`]) that knows only the globals a state dict needs, and every
+//! tensor is a range of the memory-mapped file (torch stores members
+//! uncompressed), so nothing is copied until the executor reads it.
 //!
 //! Refused with typed errors: any other global or object-building opcode
 //! ([`Error::PickleRefused`], naming it), compressed or cut-short members,
 //! a storage shorter than a tensor viewing it, non-contiguous views,
-//! big-endian archives, and the legacy (pre-1.6) format.
+//! storage views (legacy `view_metadata`) and big-endian files.
 
+mod legacy;
 pub mod pickle;
 pub mod zip;
 
@@ -84,18 +85,17 @@ impl TorchFile {
     }
 }
 
-/// The tensors of a PyTorch zip archive held in `bytes`.
+/// The tensors of a PyTorch file held in `bytes`: the zip archive, or the
+/// legacy (torch < 1.6) stream of pickles.
 pub fn index(bytes: &[u8]) -> Result<Vec<TorchEntry>> {
     if !zip::is_zip(bytes) {
-        let reason = if bytes.starts_with(b"\x80") {
-            "the legacy PyTorch format (torch < 1.6, or _use_new_zipfile_serialization=False) is not \
-             read; re-save it with a current torch, or as safetensors"
-        } else {
-            "not a PyTorch zip archive (no ZIP signature)"
-        };
+        if bytes.starts_with(b"\x80") {
+            return legacy::index(bytes);
+        }
         return Err(Error::Malformed {
             offset: 0,
-            reason: reason.into(),
+            reason: "not a PyTorch zip archive (no ZIP signature) nor a legacy torch.save file"
+                .into(),
         });
     }
     let members = zip::members(bytes)?;
@@ -123,6 +123,20 @@ pub fn index(bytes: &[u8]) -> Result<Vec<TorchEntry>> {
         }
     }
     let value = pickle::load(&bytes[pkl.range.clone()]).map_err(|e| e.in_file(&pkl.name))?;
+    let storages: Vec<(String, Range<usize>)> = members
+        .iter()
+        .filter_map(|m| {
+            m.name
+                .strip_prefix(&format!("{root}data/"))
+                .map(|k| (k.to_string(), m.range.clone()))
+        })
+        .collect();
+    entries(value, &storages)
+}
+
+/// The tensors of an unpickled state dict whose storages lie at `storages`
+/// (key → bytes in the file).
+fn entries(value: Value, storages: &[(String, Range<usize>)]) -> Result<Vec<TorchEntry>> {
     let mut flat = Vec::new();
     flatten(String::new(), value, &mut flat)?;
     let mut seen = std::collections::HashSet::new();
@@ -131,11 +145,10 @@ pub fn index(bytes: &[u8]) -> Result<Vec<TorchEntry>> {
         if !seen.insert(name.clone()) {
             return Err(Error::invalid(format!("tensor {name:?} appears twice")));
         }
-        let key = format!("{root}data/{}", t.key);
-        let member = members.iter().find(|m| m.name == key).ok_or_else(|| {
-            Error::invalid(format!("its storage {key:?} is not in the archive")).in_tensor(&name)
+        let storage = storages.iter().find(|(k, _)| *k == t.key).ok_or_else(|| {
+            Error::invalid(format!("its storage {:?} is not in the file", t.key)).in_tensor(&name)
         })?;
-        let range = view(&t, member.range.clone()).map_err(|e| e.in_tensor(&name))?;
+        let range = view(&t, storage.1.clone()).map_err(|e| e.in_tensor(&name))?;
         out.push(TorchEntry {
             name,
             dtype: t.dtype,

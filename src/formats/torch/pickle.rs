@@ -34,6 +34,9 @@ pub enum Value {
     Bool(bool),
     /// An int (state dicts hold small ones: versions, offsets).
     Int(i64),
+    /// An int wider than 64 bits, little-endian two's complement (the
+    /// legacy format's magic number).
+    WideInt(Vec<u8>),
     /// A float.
     Float(f64),
     /// A str.
@@ -178,6 +181,12 @@ impl<'a> Reader<'a> {
 /// Unpickles `bytes` into a [`Value`], refusing every global outside the
 /// state-dict list and every opcode that would build an arbitrary object.
 pub fn load(bytes: &[u8]) -> Result<Value> {
+    load_prefix(bytes).map(|(v, _)| v)
+}
+
+/// [`load`] of the pickle at the start of `bytes`: its value and how many
+/// bytes it took (up to and including STOP).
+pub fn load_prefix(bytes: &[u8]) -> Result<(Value, usize)> {
     let mut r = Reader { b: bytes, pos: 0 };
     let mut stack: Vec<Value> = Vec::new();
     let mut marks: Vec<usize> = Vec::new();
@@ -216,7 +225,7 @@ pub fn load(bytes: &[u8]) -> Result<Value> {
             }
             b'.' => {
                 // STOP
-                return stack.pop().ok_or_else(|| underflow(at));
+                return stack.pop().map(|v| (v, r.pos)).ok_or_else(|| underflow(at));
             }
             b'(' => marks.push(stack.len()),
             b'}' => stack.push(Value::Dict(Vec::new())),
@@ -233,7 +242,8 @@ pub fn load(bytes: &[u8]) -> Result<Value> {
                 let n = r.u8()? as usize;
                 let s = r.take(n)?;
                 if n > 8 {
-                    return Err(malformed(at, "an integer wider than 64 bits"));
+                    stack.push(Value::WideInt(s.to_vec()));
+                    continue;
                 }
                 let mut buf = if s.last().is_some_and(|&x| x & 0x80 != 0) {
                     [0xFF; 8]
@@ -258,13 +268,23 @@ pub fn load(bytes: &[u8]) -> Result<Value> {
                 let n = usize::try_from(r.u64()?).map_err(|_| malformed(at, "str too long"))?;
                 stack.push(Value::Str(r.string(n)?));
             }
-            b'B' | b'T' => {
+            b'B' => {
                 let n = r.u32()? as usize;
                 stack.push(Value::Bytes(r.take(n)?.to_vec()));
             }
-            b'C' | b'U' => {
+            b'C' => {
                 let n = r.u8()? as usize;
                 stack.push(Value::Bytes(r.take(n)?.to_vec()));
+            }
+            // Python 2 str (BINSTRING, SHORT_BINSTRING): torch.load decodes
+            // them as UTF-8.
+            b'T' => {
+                let n = r.u32()? as usize;
+                stack.push(Value::Str(r.string(n)?));
+            }
+            b'U' => {
+                let n = r.u8()? as usize;
+                stack.push(Value::Str(r.string(n)?));
             }
             0x8e => {
                 let n = usize::try_from(r.u64()?).map_err(|_| malformed(at, "bytes too long"))?;
@@ -430,7 +450,19 @@ fn storage(pid: Value, at: usize) -> Result<Value> {
     let Value::Tuple(t) = pid else {
         return Err(malformed(at, "a persistent id that is not a tuple"));
     };
-    match t.as_slice() {
+    // torch.save's ('storage', type, key, location, numel); the legacy
+    // format adds view_metadata, None unless the storage is a view.
+    let (head, view) = match t.len() {
+        6 => (&t[..5], &t[5]),
+        _ => (&t[..], &Value::None),
+    };
+    if *view != Value::None {
+        return Err(malformed(
+            at,
+            "a storage view (legacy view_metadata) is not read",
+        ));
+    }
+    match head {
         [Value::Str(kind), Value::Global(Global::Storage(dtype)), Value::Str(key), _location, Value::Int(numel)]
             if kind == "storage" && *numel >= 0 =>
         {
@@ -479,8 +511,24 @@ fn apply(f: Value, args: Value, at: usize) -> Result<Value> {
         return Err(malformed(at, "REDUCE arguments are not a tuple"));
     };
     match g {
-        Global::OrderedDict if args.is_empty() => Ok(Value::Dict(Vec::new())),
-        Global::OrderedDict => Err(malformed(at, "OrderedDict called with arguments")),
+        Global::OrderedDict => match args.as_slice() {
+            [] => Ok(Value::Dict(Vec::new())),
+            // OrderedDict([[k, v], …]), as Python 2 pickles it.
+            [Value::List(items) | Value::Tuple(items)] => items
+                .iter()
+                .map(|kv| match kv {
+                    Value::List(p) | Value::Tuple(p) if p.len() == 2 => {
+                        Ok((p[0].clone(), p[1].clone()))
+                    }
+                    _ => Err(malformed(at, "OrderedDict items that are not pairs")),
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Value::Dict),
+            _ => Err(malformed(
+                at,
+                "OrderedDict called with arguments other than its items",
+            )),
+        },
         Global::RebuildTensor => match args.as_slice() {
             [Value::Storage { dtype, key, numel }, Value::Int(offset), size, stride, ..]
                 if *offset >= 0 =>
