@@ -124,7 +124,7 @@ fn reverse_convert_renames_lora_factors() {
     o.reversed = true;
     o.config = Some(hf.join("config.json"));
     convert(&o).unwrap();
-    let f = SafetensorsFile::open(&out.join("model.safetensors"), false).unwrap();
+    let f = SafetensorsFile::open(out.join("model.safetensors"), false).unwrap();
     let get = |n: &str| {
         let t = f
             .entries()

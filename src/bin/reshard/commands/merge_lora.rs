@@ -113,7 +113,7 @@ pub(crate) fn parse_scaling(s: &str) -> std::result::Result<f32, String> {
     let value = match s.split_once('/') {
         None => number(s),
         Some((a, b)) => match (number(a), number(b)) {
-            (Some(_), Some(r)) if r == 0.0 => return Err(format!("{s:?}: the rank is 0")),
+            (Some(_), Some(0.0)) => return Err(format!("{s:?}: the rank is 0")),
             (Some(a), Some(r)) => Some(a / r),
             _ => None,
         },
