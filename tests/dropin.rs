@@ -136,3 +136,60 @@ fn reverse_convert_renames_lora_factors() {
     assert_eq!(get("model.layers.0.self_attn.q_proj.lora_A.weight"), a);
     assert_eq!(get("model.layers.0.self_attn.q_proj.lora_B.weight"), b);
 }
+
+/// convert_weight.py's extra `--sft lora` reaches the CogVLM2 converter as in
+/// mindformers (`kwargs.get('sft') == 'lora'`): the language model's weights
+/// under `llm_model.pet_model.lora_model.` (video); for the image variant only
+/// the rotary freqs move. Bytes unchanged; no warning for it.
+#[test]
+fn convert_passes_sft_lora_to_cogvlm2() {
+    use reshard::formats::ckpt::{Checkpoint, ReadOptions};
+    let dir = tempdir();
+    for (fixture, modal) in [("cogvlm2", "video"), ("cogvlm2_image", "image")] {
+        let hf = write_hf(&spec(fixture), &dir.path().join(fixture), 1);
+        let run = |out: &str, extra: &[&str]| {
+            let out = dir.path().join(format!("{fixture}-{out}.ckpt"));
+            let o = Command::new(reshard_bin())
+                .args([
+                    "convert",
+                    "--model",
+                    "cogvlm2",
+                    "--modal",
+                    modal,
+                    "--input_path",
+                ])
+                .arg(&hf)
+                .arg("--output_path")
+                .arg(&out)
+                .args(extra)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            assert!(!String::from_utf8_lossy(&o.stderr).contains("warning"));
+            let ck = Checkpoint::open(&out, &ReadOptions::default()).unwrap();
+            ck.entries()
+                .iter()
+                .map(|e| (e.name.clone(), ck.tensor_bytes(e).into_owned()))
+                .collect::<Vec<_>>()
+        };
+        let plain = run("plain", &[]);
+        let lora = run("lora", &["--sft", "lora"]);
+        assert_eq!(plain.len(), lora.len());
+        let mut moved = 0;
+        for ((p, pb), (l, lb)) in plain.iter().zip(&lora) {
+            assert_eq!(pb, lb, "{p}");
+            let expect = match p.strip_prefix("llm_model.") {
+                Some(rest) if modal == "video" || p == "llm_model.model.freqs_mgr.freqs" => {
+                    moved += 1;
+                    format!("llm_model.pet_model.lora_model.{rest}")
+                }
+                _ => p.clone(),
+            };
+            assert_eq!(*l, expect);
+        }
+        assert!(
+            moved > if modal == "video" { 5 } else { 0 },
+            "{modal}: {moved}"
+        );
+    }
+}

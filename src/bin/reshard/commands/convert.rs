@@ -204,9 +204,15 @@ pub(crate) fn split_known_args(
     (kept, extra)
 }
 
-/// What reshard does with an extra pair: nothing, said once on stderr.
-fn warn_extras(model: &str, extra: &[(String, String)]) {
+/// The extra pairs a family converter of mindformers reads (CogVLM2's
+/// `sft`) go to the conversion; every other one is named in a warning.
+fn apply_extras(options: &mut ConvertOptions, extra: &[(String, String)]) {
+    let model = options.model.clone();
     for (key, value) in extra {
+        if key == "sft" && model.eq_ignore_ascii_case("cogvlm2") {
+            options.sft = Some(value.clone());
+            continue;
+        }
         eprintln!(
             "warning: --{key} {value:?} is not an option of reshard convert; mindformers hands it to \
              the family converter as {key}={value:?}, and reshard's --model {model} converter has no \
@@ -236,7 +242,6 @@ pub(crate) fn parse_bool(s: &str) -> std::result::Result<bool, String> {
 }
 
 pub fn run(a: ConvertArgs) -> Result<()> {
-    warn_extras(&a.model, &a.extra);
     if a.is_pretrain.is_some() || a.telechat_type.is_some() {
         eprintln!(
             "note: --is-pretrain and --telechat-type belong to Swin and TeleChat; they do not change --model {}",
@@ -269,6 +274,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     options.verify = a.verify;
     options.backend = a.backend.backend;
     options.control.fsync = !a.no_fsync;
+    apply_extras(&mut options, &a.extra);
     let (progress, bar) = crate::progress::for_command("convert", a.json || a.dry_run);
     options.control.progress = progress;
     let report = convert::convert(&options);
