@@ -231,6 +231,9 @@ fn positional_job(a: &TransformArgs) -> Result<Job> {
 /// mindformers' converting ranks for `world` destination ranks and `k`
 /// converting processes: `0, W/K, 2W/K, …` (K above W is clamped to W).
 fn process_blocks(world: usize, k: usize) -> Result<Vec<usize>> {
+    if world < 1 {
+        bail!(Usage("world_size must be at least 1".into()));
+    }
     if k < 1 {
         bail!(Usage("transform_process_num must be at least 1".into()));
     }
@@ -328,10 +331,11 @@ pub(crate) fn mindformers_sources(src: &Path) -> Result<Vec<(String, PathBuf)>> 
         return Ok(vec![(stem(src), src.to_path_buf())]);
     }
     if src.join("rank_0").is_dir() {
-        let name = src
-            .components()
-            .next_back()
-            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        // os.path.basename of the real path, as mindformers (format_path).
+        let real = std::fs::canonicalize(src).unwrap_or_else(|_| src.to_path_buf());
+        let name = real
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         return Ok(vec![(name, src.to_path_buf())]);
     }
@@ -441,6 +445,8 @@ mod tests {
         assert_eq!(process_blocks(8, 1).unwrap(), vec![0]);
         assert_eq!(process_blocks(4, 8).unwrap(), vec![0, 1, 2, 3]);
         assert!(process_blocks(8, 3).is_err());
+        assert!(process_blocks(0, 1).is_err());
+        assert!(process_blocks(8, 0).is_err());
     }
 
     #[test]
@@ -563,5 +569,9 @@ mod tests {
         let tree = mindformers_sources(dir.path()).unwrap();
         assert_eq!(tree.len(), 1);
         assert_eq!(tree[0].1, dir.path());
+        // "." is named by its real folder, not ".".
+        let dot = mindformers_sources(&dir.path().join("rank_0/..")).unwrap();
+        assert_eq!(dot[0].0, tree[0].0);
+        assert_ne!(dot[0].0, "..");
     }
 }
