@@ -805,3 +805,27 @@ fn reads_lpips_weights_shipped_on_pypi() {
         }
     }
 }
+
+/// `reshard inspect` lists a `.bin`'s tensors (index only, nothing run).
+#[test]
+fn inspect_lists_a_bin() {
+    let dir = tempdir();
+    let path = dir.path().join("pytorch_model.bin");
+    std::fs::write(
+        &path,
+        writer::save(&[("w".into(), DType::F16, vec![2, 3], vec![0u8; 12])]),
+    )
+    .unwrap();
+    let o = Command::new(reshard_bin())
+        .args(["inspect", "--json"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let text = v.to_string();
+    assert!(
+        text.contains("\"pytorch\"") && text.contains("\"w\"") && text.contains("[2,3]"),
+        "{text}"
+    );
+}
