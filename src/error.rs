@@ -111,6 +111,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// A pickle (PyTorch `.bin`/`.pt`) that asks for something a state dict
+    /// never needs — a global outside the tensor/storage/OrderedDict list
+    /// (`os.system`, `builtins.eval`, any class), or an opcode that builds an
+    /// arbitrary object. Refused before anything is built; nothing runs.
+    #[error("refused to unpickle {what}: a PyTorch state dict needs only tensors, storages and OrderedDicts, and reshard runs no code from a pickle")]
+    PickleRefused {
+        /// The offending global (`global os.system`) or opcode.
+        what: String,
+    },
     /// A strategy file or layout that makes no sense.
     #[error("{0}")]
     Strategy(String),

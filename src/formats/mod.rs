@@ -8,6 +8,7 @@ pub mod manifest;
 pub mod placed;
 pub mod safetensors;
 pub mod strategy;
+pub mod torch;
 pub mod tree;
 mod wire;
 
@@ -50,6 +51,7 @@ pub struct Source {
 enum SourceFile {
     Ckpt(ckpt::Checkpoint),
     Safetensors(safetensors::SafetensorsFile),
+    Torch(torch::TorchFile),
 }
 
 fn stamp(path: &Path) -> Result<(u64, Option<std::time::SystemTime>)> {
@@ -58,10 +60,12 @@ fn stamp(path: &Path) -> Result<(u64, Option<std::time::SystemTime>)> {
 }
 
 impl Source {
-    /// Opens `path` by its extension (`.safetensors`, else `.ckpt`).
+    /// Opens `path` by its extension (`.safetensors`; `.bin`/`.pt`/`.pth`,
+    /// PyTorch's zip format, unpickled without running code; else `.ckpt`).
     pub fn open(path: &Path, read: &ckpt::ReadOptions) -> Result<Source> {
         let before = stamp(path)?;
         let file = match tree::FileFormat::of_path(path) {
+            _ if torch::is_torch_path(path) => SourceFile::Torch(torch::TorchFile::open(path)?),
             Some(tree::FileFormat::Safetensors) => {
                 SourceFile::Safetensors(safetensors::SafetensorsFile::open(path, read.verify_crc)?)
             }
@@ -95,6 +99,7 @@ impl Source {
         match &self.file {
             SourceFile::Ckpt(c) => c.path(),
             SourceFile::Safetensors(s) => s.path(),
+            SourceFile::Torch(t) => t.path(),
         }
     }
 
@@ -128,6 +133,15 @@ impl Source {
                     dims: vec![0],
                 }))
                 .collect(),
+            SourceFile::Torch(t) => t
+                .entries()
+                .iter()
+                .map(|e| SourceEntry {
+                    name: e.name.clone(),
+                    value: EntryValue::Tensor(e.dtype),
+                    dims: e.shape.iter().map(|&d| d as i64).collect(),
+                })
+                .collect(),
         }
     }
 
@@ -144,6 +158,10 @@ impl Source {
                 .get(name)
                 .map(|e| vec![s.bytes(e)])
                 .ok_or_else(|| Error::TensorNotFound(name.into()).in_file(s.path())),
+            SourceFile::Torch(t) => t
+                .get(name)
+                .map(|e| vec![t.bytes(e)])
+                .ok_or_else(|| Error::TensorNotFound(name.into()).in_file(t.path())),
         }
     }
 
@@ -162,6 +180,7 @@ impl Source {
                 .find(|(n, _)| *n == name)
                 .map(|(_, v)| v.to_string())
                 .ok_or_else(|| Error::TensorNotFound(name.into()).in_file(s.path())),
+            SourceFile::Torch(t) => Err(Error::TensorNotFound(name.into()).in_file(t.path())),
         }
     }
 }

@@ -55,7 +55,7 @@ pub enum CrcState {
 pub struct FileReport {
     /// The file.
     pub path: PathBuf,
-    /// `ckpt` or `safetensors`.
+    /// `ckpt`, `safetensors` or `pytorch`.
     pub format: &'static str,
     /// Cipher mode, for an encrypted `.ckpt`.
     pub encryption: Option<String>,
@@ -190,6 +190,9 @@ pub fn inspect(path: &Path, options: &InspectOptions) -> Result<Report> {
         }
         return Ok(Report::Strategy(inspect_strategy(path)?));
     }
+    if crate::formats::torch::is_torch_path(path) {
+        return Ok(Report::Checkpoint(inspect_checkpoint(path, options)?));
+    }
     match detect(path)? {
         Detected::Strategy => Ok(Report::Strategy(inspect_strategy(path)?)),
         _ => Ok(Report::Checkpoint(inspect_checkpoint(path, options)?)),
@@ -198,6 +201,31 @@ pub fn inspect(path: &Path, options: &InspectOptions) -> Result<Report> {
 
 /// Inspects one `.ckpt` or `.safetensors` file.
 pub fn inspect_checkpoint(path: &Path, options: &InspectOptions) -> Result<FileReport> {
+    if crate::formats::torch::is_torch_path(path) {
+        // PyTorch weights, through the restricted unpickler (no code runs).
+        let f = crate::formats::torch::TorchFile::open(path)?;
+        let tensors: Vec<TensorRow> = f
+            .entries()
+            .iter()
+            .map(|e| TensorRow {
+                name: e.name.clone(),
+                dtype: e.dtype.to_string(),
+                shape: e.shape.iter().map(|&d| d as i64).collect(),
+                bytes: (e.range.end - e.range.start) as u64,
+                records: 1,
+                value: None,
+            })
+            .collect();
+        return Ok(FileReport {
+            path: path.to_path_buf(),
+            format: "pytorch",
+            encryption: None,
+            crc: CrcState::Absent,
+            metadata: Vec::new(),
+            total_bytes: tensors.iter().map(|t| t.bytes).sum(),
+            tensors,
+        });
+    }
     if detect(path)? == Detected::Safetensors {
         let f = SafetensorsFile::open(path, options.verify_crc)?;
         let tensors: Vec<TensorRow> = f

@@ -376,16 +376,15 @@ impl PeftAdapter {
                         .in_file(&config_path)
                 })
         };
-        let weights = dir.join("adapter_model.safetensors");
-        if !weights.exists() {
-            let hint = if dir.join("adapter_model.bin").exists() {
-                "; only adapter_model.bin is there: re-save the adapter with safe_serialization=True \
-                 (PeftModel.save_pretrained does by default), since reshard never unpickles .bin files"
-            } else {
-                ""
-            };
-            return Err(Error::invalid(format!("no adapter_model.safetensors{hint}")).in_file(dir));
-        }
+        // adapter_model.safetensors, else PEFT's older adapter_model.bin
+        // (read by the restricted unpickler of formats::torch).
+        let weights = ["adapter_model.safetensors", "adapter_model.bin"]
+            .into_iter()
+            .map(|n| dir.join(n))
+            .find(|p| p.exists())
+            .ok_or_else(|| {
+                Error::invalid("no adapter_model.safetensors or adapter_model.bin").in_file(dir)
+            })?;
         let target_modules = match config.get("target_modules") {
             Some(serde_json::Value::Array(v)) => v
                 .iter()
@@ -592,8 +591,9 @@ pub fn hf_weight_files(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
     }
     if dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists() {
         return Err(Error::invalid(
-            "only PyTorch .bin weights are here; reshard never unpickles them. Convert them once with \
-             transformers (model.save_pretrained(dir, safe_serialization=True)) to get model.safetensors",
+            "only PyTorch .bin weights are here: the merged model keeps the base's file layout, and \
+             reshard writes no pickles. Convert the base once (reshard convert reads .bin, or \
+             transformers' model.save_pretrained(dir, safe_serialization=True)) to get model.safetensors",
         )
         .in_file(dir));
     }

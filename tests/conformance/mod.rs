@@ -3,6 +3,7 @@
 mod auto;
 mod ckpt;
 mod convert;
+mod dropin;
 mod layout;
 mod merge_lora;
 mod strategy;

@@ -21,7 +21,7 @@ pub enum Command {
     /// Copy a checkpoint into a new file: .ckpt ⇄ .safetensors, add or drop CRC or encryption.
     Rewrite(RewriteArgs),
     /// Reshard a checkpoint between strategies (full → N, N → M, N → full), like mindspore.transform_checkpoints.
-    Transform(TransformArgs),
+    Transform(crate::commands::transform::TransformArgs),
     /// Write per-rank strategy files for a checkpoint and a dp/mp/pp/optimizer-shard setting.
     Strategy(StrategyArgs),
     /// The main job on built-in synthetic data: split, reshard, merge, convert formats, verify (no network, no Python).
@@ -148,73 +148,6 @@ pub struct StrategyArgs {
     /// Keep the embedding and lm_head replicated (true, MindFormers' default) or split them by vocabulary.
     #[arg(long = "vocab-emb-dp", default_value_t = true, action = clap::ArgAction::Set)]
     pub vocab_emb_dp: bool,
-    /// Print JSON for scripts.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Debug, Args)]
-#[command(
-    after_help = "Output: DST/rank_{r}/{prefix}{r}.ckpt, byte-identical to mindspore.transform_checkpoints.\n\
-mindformers' spellings (--src_checkpoint, --dst_checkpoint_dir, --src_strategy, --dst_strategy, --rank_id, \
---world_size, --transform_process_num) are accepted."
-)]
-pub struct TransformArgs {
-    /// A full .ckpt/.safetensors file, or a directory of rank_x/ folders (the last *.ckpt of each is used).
-    #[arg(long = "src-checkpoint", alias = "src_checkpoint", value_name = "PATH")]
-    pub src_checkpoint: PathBuf,
-    /// Output directory.
-    #[arg(
-        long = "dst-checkpoint-dir",
-        alias = "dst_checkpoint_dir",
-        value_name = "DIR"
-    )]
-    pub dst_checkpoint_dir: PathBuf,
-    /// Source strategy: a file, a merged file, or a directory of per-rank files. Omit for a full checkpoint.
-    #[arg(long = "src-strategy", alias = "src_strategy", value_name = "PATH")]
-    pub src_strategy: Option<PathBuf>,
-    /// Destination strategy, same forms. Omit to merge into one full checkpoint.
-    #[arg(long = "dst-strategy", alias = "dst_strategy", value_name = "PATH")]
-    pub dst_strategy: Option<PathBuf>,
-    /// Output file name prefix.
-    #[arg(long, default_value = "checkpoint_")]
-    pub prefix: String,
-    /// Only these destination ranks (comma-separated), like transform_checkpoint_by_rank.
-    #[arg(
-        long = "rank-id",
-        alias = "rank_id",
-        value_delimiter = ',',
-        value_name = "R[,R..]"
-    )]
-    pub rank_id: Option<Vec<usize>>,
-    /// Number of destination ranks expected (checked against the destination strategy).
-    #[arg(long = "world-size", alias = "world_size", value_name = "N")]
-    pub world_size: Option<usize>,
-    /// Worker threads: each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
-    #[arg(
-        long = "process-num",
-        alias = "transform_process_num",
-        short = 'j',
-        default_value_t = 1,
-        value_name = "K"
-    )]
-    pub process_num: usize,
-    /// Output format (default: the source's).
-    #[arg(
-        long = "output-format",
-        alias = "output_format",
-        value_name = "ckpt|safetensors"
-    )]
-    pub output_format: Option<String>,
-    /// Print the plan (files per rank, bytes, largest tensor, peak memory) and write nothing.
-    #[arg(long = "dry-run")]
-    pub dry_run: bool,
-    #[command(flatten)]
-    pub output: OutputArgs,
-    #[command(flatten)]
-    pub read: ReadArgs,
-    #[command(flatten)]
-    pub backend: BackendArgs,
     /// Print JSON for scripts.
     #[arg(long)]
     pub json: bool,
@@ -353,4 +286,11 @@ pub struct RewriteArgs {
     /// Print JSON for scripts.
     #[arg(long)]
     pub json: bool,
+}
+
+/// mindformers' `get_strategy`: an absent, empty or `None` strategy means
+/// "no strategy" (a full checkpoint).
+pub fn strategy_value(p: Option<std::ffi::OsString>) -> Option<PathBuf> {
+    p.filter(|p| !p.is_empty() && p != "None")
+        .map(PathBuf::from)
 }

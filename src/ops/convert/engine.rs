@@ -779,6 +779,23 @@ fn check_inverse_reverse(table: &Table, ms: &str, hf: &str, concat: bool) -> Res
     Ok(())
 }
 
+/// The LoRA factors of a mindformers fine-tune, named as PEFT does:
+/// mindformers' reverse converters (`convert_reversed.py`, for names with
+/// `lora` in them) turn `.tk_delta_lora_a` into `.lora_A.weight` and
+/// `.tk_delta_lora_b` into `lora_B.weight` — without the dot, which gives
+/// `q_projlora_B.weight`; reshard writes PEFT's `q_proj.lora_B.weight`.
+pub(crate) fn lora_reverse(name: String) -> String {
+    for (ms, hf) in [
+        (".tk_delta_lora_a", ".lora_A.weight"),
+        (".tk_delta_lora_b", ".lora_B.weight"),
+    ] {
+        if let Some(stem) = name.strip_suffix(ms) {
+            return format!("{stem}{hf}");
+        }
+    }
+    name
+}
+
 fn unique(tensors: &[OutTensor], side: &str) -> Result<()> {
     let mut seen = std::collections::HashSet::new();
     for t in tensors {
@@ -970,6 +987,7 @@ pub fn reverse(
         }
         let name = rename_reverse(table.scopes, &t.name);
         check_inverse_reverse(table, &t.name, &name, concat)?;
+        let name = lora_reverse(name);
         out.push((
             i as u64,
             0,

@@ -28,22 +28,32 @@ pub struct HfInput {
     pub config: Option<PathBuf>,
 }
 
-fn pytorch_error(path: &Path) -> Error {
-    Error::invalid(
-        "PyTorch pickle weights (.bin/.pt/.pth) are not read: unpickling can run arbitrary code. \
-         Save the model as safetensors first, e.g. \
-         `python -c \"import transformers as t; m = t.AutoModelForCausalLM.from_pretrained('DIR'); \
-         m.save_pretrained('OUT', safe_serialization=True)\"`, \
-         or run huggingface's `convert.py` from the safetensors repository",
-    )
-    .in_file(path)
+fn is_pytorch(path: &Path) -> bool {
+    crate::formats::torch::is_torch_path(path)
 }
 
-fn is_pytorch(path: &Path) -> bool {
-    matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("bin" | "pt" | "pth")
-    )
+/// `pytorch_model.bin.index.json`, the index of sharded PyTorch weights.
+pub const TORCH_INDEX: &str = "pytorch_model.bin.index.json";
+
+/// The shard files an index names, checked to exist.
+fn indexed_files(dir: &Path, index: &Path, map: &BTreeMap<String, String>) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<String> = map.values().cloned().collect();
+    files.sort();
+    files.dedup();
+    let mut paths = Vec::with_capacity(files.len());
+    for f in &files {
+        let p = dir.join(f);
+        if !p.is_file() {
+            let first = map.iter().find(|(_, v)| *v == f).map(|(k, _)| k.as_str());
+            return Err(Error::invalid(format!(
+                "shard {f:?} named in the index (for {:?} and others) is missing",
+                first.unwrap_or("")
+            ))
+            .in_file(index));
+        }
+        paths.push(p);
+    }
+    Ok(paths)
 }
 
 /// Opens the HuggingFace checkpoint at `path`: a model directory or one
@@ -53,14 +63,11 @@ pub fn open(path: &Path) -> Result<HfInput> {
         return Err(Error::invalid("no such file or directory").in_file(path));
     }
     if path.is_file() {
-        if is_pytorch(path) {
-            return Err(pytorch_error(path));
-        }
-        if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+        if !is_pytorch(path) && path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
             let hint = if path.extension().and_then(|e| e.to_str()) == Some("ckpt") {
                 "this is a MindSpore checkpoint; add --reversed to convert it to HuggingFace"
             } else {
-                "give a HuggingFace model directory or a .safetensors file"
+                "give a HuggingFace model directory, a .safetensors file or PyTorch .bin/.pt weights"
             };
             return Err(Error::invalid(hint).in_file(path));
         }
@@ -71,26 +78,13 @@ pub fn open(path: &Path) -> Result<HfInput> {
         return read_files(vec![path.to_path_buf()], None, config);
     }
     let config = Some(path.join("config.json")).filter(|c| c.is_file());
-    let index = path.join(INDEX);
-    if index.is_file() {
-        let map = read_index(&index)?;
-        let mut files: Vec<String> = map.values().cloned().collect();
-        files.sort();
-        files.dedup();
-        let mut paths = Vec::with_capacity(files.len());
-        for f in &files {
-            let p = path.join(f);
-            if !p.is_file() {
-                let first = map.iter().find(|(_, v)| *v == f).map(|(k, _)| k.as_str());
-                return Err(Error::invalid(format!(
-                    "shard {f:?} named in the index (for {:?} and others) is missing",
-                    first.unwrap_or("")
-                ))
-                .in_file(&index));
-            }
-            paths.push(p);
+    for name in [INDEX, TORCH_INDEX] {
+        let index = path.join(name);
+        if index.is_file() {
+            let map = read_index(&index)?;
+            let paths = indexed_files(path, &index, &map)?;
+            return read_files(paths, Some((&index, &map)), config);
         }
-        return read_files(paths, Some((&index, &map)), config);
     }
     let single = path.join("model.safetensors");
     if single.is_file() {
@@ -102,7 +96,7 @@ pub fn open(path: &Path) -> Result<HfInput> {
         let p = e.in_file(path)?.path();
         match p.extension().and_then(|e| e.to_str()) {
             Some("safetensors") => shards.push(p),
-            Some("bin" | "pt" | "pth") => pickles.push(p),
+            Some("bin" | "pt" | "pth") if p.is_file() => pickles.push(p),
             _ => {}
         }
     }
@@ -110,13 +104,22 @@ pub fn open(path: &Path) -> Result<HfInput> {
     if !shards.is_empty() {
         return read_files(shards, None, config);
     }
-    if let Some(p) = pickles.first() {
-        return Err(pytorch_error(p));
+    // PyTorch weights: pytorch_model.bin, or its shards without an index
+    // (training_args.bin and the like are not weights).
+    pickles.retain(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("pytorch_model") || n.starts_with("model"))
+    });
+    pickles.sort();
+    if !pickles.is_empty() {
+        return read_files(pickles, None, config);
     }
-    Err(
-        Error::invalid("no model.safetensors, model.safetensors.index.json or *.safetensors here")
-            .in_file(path),
+    Err(Error::invalid(
+        "no model.safetensors, model.safetensors.index.json, *.safetensors, pytorch_model.bin \
+         or pytorch_model.bin.index.json here",
     )
+    .in_file(path))
 }
 
 fn read_index(index: &Path) -> Result<BTreeMap<String, String>> {
@@ -140,6 +143,12 @@ fn read_index(index: &Path) -> Result<BTreeMap<String, String>> {
         .collect()
 }
 
+struct Listed {
+    name: String,
+    dtype: DType,
+    shape: Vec<u64>,
+}
+
 fn read_files(
     files: Vec<PathBuf>,
     index: Option<(&Path, &BTreeMap<String, String>)>,
@@ -148,9 +157,28 @@ fn read_files(
     let mut tensors = Vec::new();
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (shard, path) in files.iter().enumerate() {
-        let f = SafetensorsFile::open(path, false)?;
+        let listed: Vec<(String, DType, Vec<u64>)> = if is_pytorch(path) {
+            crate::formats::torch::TorchFile::open(path)?
+                .entries()
+                .iter()
+                .map(|e| (e.name.clone(), e.dtype, e.shape.clone()))
+                .collect()
+        } else {
+            SafetensorsFile::open(path, false)?
+                .entries()
+                .iter()
+                .map(|e| {
+                    (
+                        e.name.clone(),
+                        e.dtype,
+                        e.shape.iter().map(|&d| d as u64).collect(),
+                    )
+                })
+                .collect()
+        };
         let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        for e in f.entries() {
+        for (name, dtype, shape) in listed {
+            let e = Listed { name, dtype, shape };
             if let Some(&other) = seen.get(&e.name) {
                 return Err(Error::invalid(format!(
                     "tensor {:?} is in both {} and {}",
@@ -180,9 +208,9 @@ fn read_files(
             }
             seen.insert(e.name.clone(), shard);
             tensors.push(InTensor {
-                name: e.name.clone(),
+                name: e.name,
                 dtype: e.dtype,
-                shape: e.shape.iter().map(|&d| d as u64).collect(),
+                shape: e.shape,
                 shard,
             });
         }

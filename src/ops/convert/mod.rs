@@ -70,6 +70,11 @@ pub struct ConvertOptions {
     pub layers: Option<u64>,
     /// `--modal video|image` (CogVLM2).
     pub modal: Option<String>,
+    /// mindformers' `--sft lora` (a keyword its CogVLM2 converter reads from
+    /// `convert_weight.py`'s extra arguments): the language model's weights
+    /// go under `llm_model.pet_model.lora_model.` (for `--modal image`, only
+    /// the rotary `freqs`, as mindformers does). Other values change nothing.
+    pub sft: Option<String>,
     /// A `config.json` (or its directory) to use instead of the one beside
     /// the input.
     pub config: Option<PathBuf>,
@@ -119,6 +124,7 @@ impl ConvertOptions {
             hidden_size: None,
             layers: None,
             modal: None,
+            sft: None,
             config: None,
             max_shard_size: 5_000_000_000,
             dst_strategy: None,
@@ -444,7 +450,15 @@ fn prepare_forward(options: &ConvertOptions, family: &'static Family) -> Result<
     let concat = concat_of(table, family, options)?;
     check_loadable(&input.tensors, &input.files)?;
     engine::check_config(&cfg, &input.tensors)?;
-    let mapped = engine::forward(table, &cfg, &input.tensors, concat)?;
+    let mut mapped = engine::forward(table, &cfg, &input.tensors, concat)?;
+    if family.name == "cogvlm2" && options.sft.as_deref() == Some("lora") {
+        for t in &mut mapped.tensors {
+            let lora = variant.name == "video" || t.name == "llm_model.model.freqs_mgr.freqs";
+            if let Some(rest) = t.name.strip_prefix("llm_model.").filter(|_| lora) {
+                t.name = format!("llm_model.pet_model.lora_model.{rest}");
+            }
+        }
+    }
     if mapped.tensors.is_empty() {
         return Err(Error::invalid(format!(
             "no tensor of {} is a {} tensor",

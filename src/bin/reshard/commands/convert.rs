@@ -128,6 +128,97 @@ pub struct ConvertArgs {
     /// Print JSON for scripts.
     #[arg(long)]
     pub json: bool,
+    /// `--key value` pairs this command does not define, kept aside before
+    /// parsing as mindformers' `parse_known_args` does (see [`split_known_args`]).
+    #[arg(skip)]
+    pub extra: Vec<(String, String)>,
+}
+
+/// mindformers' `convert_weight.py` parses with `parse_known_args` and hands
+/// every other `--key value` (or `--key=value`) pair to the family's
+/// converter as a keyword argument. For `reshard convert …`, this takes such
+/// pairs out of `argv` (so clap does not refuse them) and returns them; other
+/// command lines are returned unchanged.
+pub(crate) fn split_known_args(
+    argv: Vec<std::ffi::OsString>,
+) -> (Vec<std::ffi::OsString>, Vec<(String, String)>) {
+    use clap::CommandFactory;
+    if argv.get(1).map_or(true, |a| a != "convert") {
+        return (argv, Vec::new());
+    }
+    let cli = crate::args::Cli::command();
+    let Some(cmd) = cli.find_subcommand("convert") else {
+        return (argv, Vec::new());
+    };
+    // Long names (and aliases) this command knows, and whether each takes a value.
+    let mut known: Vec<(String, bool)> = vec![("help".into(), false), ("version".into(), false)];
+    for arg in cmd.get_arguments() {
+        let takes = arg.get_action().takes_values()
+            && arg.get_num_args().map_or(true, |n| n.min_values() > 0);
+        for name in arg
+            .get_long()
+            .into_iter()
+            .chain(arg.get_all_aliases().unwrap_or_default())
+        {
+            known.push((name.to_string(), takes));
+        }
+    }
+    let mut kept = Vec::with_capacity(argv.len());
+    let mut extra = Vec::new();
+    let mut it = argv.into_iter().peekable();
+    while let Some(tok) = it.next() {
+        let Some(text) = tok.to_str().filter(|t| t.starts_with("--") && t.len() > 2) else {
+            kept.push(tok);
+            continue;
+        };
+        let (name, inline) = match text[2..].split_once('=') {
+            Some((n, v)) => (n.to_string(), Some(v.to_string())),
+            None => (text[2..].to_string(), None),
+        };
+        match known.iter().find(|(k, _)| *k == name) {
+            Some((_, takes)) => {
+                let takes = *takes && inline.is_none();
+                kept.push(tok);
+                if takes {
+                    if let Some(v) = it.next() {
+                        kept.push(v);
+                    }
+                }
+            }
+            None => {
+                let value = match inline {
+                    Some(v) => v,
+                    None => match it.peek().and_then(|v| v.to_str()) {
+                        Some(v) if !v.starts_with("--") => {
+                            let v = v.to_string();
+                            it.next();
+                            v
+                        }
+                        _ => String::new(),
+                    },
+                };
+                extra.push((name, value));
+            }
+        }
+    }
+    (kept, extra)
+}
+
+/// The extra pairs a family converter of mindformers reads (CogVLM2's
+/// `sft`) go to the conversion; every other one is named in a warning.
+fn apply_extras(options: &mut ConvertOptions, extra: &[(String, String)]) {
+    let model = options.model.clone();
+    for (key, value) in extra {
+        if key == "sft" && model.eq_ignore_ascii_case("cogvlm2") {
+            options.sft = Some(value.clone());
+            continue;
+        }
+        eprintln!(
+            "warning: --{key} {value:?} is not an option of reshard convert; mindformers hands it to \
+             the family converter as {key}={value:?}, and reshard's --model {model} converter has no \
+             such setting: ignored"
+        );
+    }
 }
 
 pub(crate) fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
@@ -142,7 +233,7 @@ pub(crate) fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
 }
 
 /// mindformers' `str2bool`, plus 1/0.
-fn parse_bool(s: &str) -> std::result::Result<bool, String> {
+pub(crate) fn parse_bool(s: &str) -> std::result::Result<bool, String> {
     match s.to_ascii_lowercase().as_str() {
         "true" | "1" => Ok(true),
         "false" | "0" => Ok(false),
@@ -183,6 +274,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     options.verify = a.verify;
     options.backend = a.backend.choice();
     options.control.fsync = !a.no_fsync;
+    apply_extras(&mut options, &a.extra);
     let (progress, bar) = crate::progress::for_command("convert", a.json || a.dry_run);
     options.control.progress = progress;
     let report = convert::convert(&options);
@@ -253,4 +345,60 @@ fn print_report(r: &ConvertReport) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_known_args;
+    use std::ffi::OsString;
+
+    fn os(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn unknown_pairs_are_kept_aside_like_parse_known_args() {
+        let (kept, extra) = split_known_args(os(&[
+            "reshard",
+            "convert",
+            "--model",
+            "llama",
+            "--input_path",
+            "in",
+            "--sft",
+            "lora",
+            "--output_path=out",
+            "--use_gmm=True",
+            "--qkv_concat",
+            "True",
+            "--reversed",
+            "--flag",
+        ]));
+        assert_eq!(
+            kept,
+            os(&[
+                "reshard",
+                "convert",
+                "--model",
+                "llama",
+                "--input_path",
+                "in",
+                "--output_path=out",
+                "--qkv_concat",
+                "True",
+                "--reversed"
+            ])
+        );
+        assert_eq!(
+            extra,
+            vec![
+                ("sft".to_string(), "lora".to_string()),
+                ("use_gmm".to_string(), "True".to_string()),
+                ("flag".to_string(), String::new())
+            ]
+        );
+        // Other commands are left to clap.
+        let argv = os(&["reshard", "transform", "--sft", "lora"]);
+        assert_eq!(split_known_args(argv.clone()), (argv, vec![]));
+    }
 }

@@ -45,12 +45,13 @@ pub struct MergeLoraArgs {
     /// Output file prefix.
     #[arg(long, default_value = "checkpoint_")]
     pub prefix: String,
-    /// The scale of B·A (lora_alpha / lora_rank). Default 1, as mindformers.
+    /// The scale of B·A: a number, or lora_alpha/lora_rank written as two numbers (16/8). Default 1, as mindformers.
     #[arg(
         long = "lora-scaling",
         alias = "lora_scaling",
-        value_name = "X",
-        allow_hyphen_values = true
+        value_name = "X|ALPHA/RANK",
+        allow_hyphen_values = true,
+        value_parser = parse_scaling
     )]
     pub lora_scaling: Option<f32>,
     /// lora_alpha, with --lora-rank: scale = alpha / rank.
@@ -104,9 +105,30 @@ pub struct MergeLoraArgs {
     pub json: bool,
 }
 
-/// mindformers passes "" for an absent strategy.
+/// `--lora_scaling`: a number, or the guide's `lora_alpha/lora_rank` with
+/// the two numbers written in (`16/8`), computed as alpha / rank in f64 and
+/// rounded once to f32, as Python's `float` of the quotient.
+pub(crate) fn parse_scaling(s: &str) -> std::result::Result<f32, String> {
+    let number = |t: &str| t.trim().parse::<f64>().ok().filter(|v| v.is_finite());
+    let value = match s.split_once('/') {
+        None => number(s),
+        Some((a, b)) => match (number(a), number(b)) {
+            (Some(_), Some(0.0)) => return Err(format!("{s:?}: the rank is 0")),
+            (Some(a), Some(r)) => Some(a / r),
+            _ => None,
+        },
+    };
+    value.map(|v| v as f32).ok_or_else(|| {
+        format!(
+            "{s:?} is not a number or ALPHA/RANK: write lora_alpha/lora_rank with the numbers of \
+             your LoRA config, e.g. 16/8"
+        )
+    })
+}
+
+/// mindformers passes "" (or None) for an absent strategy.
 fn non_empty(p: Option<std::ffi::OsString>) -> Option<PathBuf> {
-    p.filter(|p| !p.is_empty()).map(PathBuf::from)
+    crate::args::strategy_value(p)
 }
 
 pub fn run(a: MergeLoraArgs) -> Result<()> {
@@ -201,4 +223,23 @@ pub fn run(a: MergeLoraArgs) -> Result<()> {
         report.dropped.len()
     );
     render::plan_outcome(&report.plan, report.executed.as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_scaling;
+
+    #[test]
+    fn lora_scaling_takes_a_number_or_alpha_over_rank() {
+        assert_eq!(parse_scaling("0.5"), Ok(0.5));
+        assert_eq!(parse_scaling("16/8"), Ok(2.0));
+        assert_eq!(parse_scaling("32 / 64"), Ok(0.5));
+        assert_eq!(parse_scaling("1/3"), Ok((1.0f64 / 3.0) as f32));
+        assert_eq!(parse_scaling("-2"), Ok(-2.0));
+        let e = parse_scaling("lora_alpha/lora_rank").unwrap_err();
+        assert!(e.contains("e.g. 16/8"), "{e}");
+        assert!(parse_scaling("16/0").unwrap_err().contains("rank is 0"));
+        assert!(parse_scaling("16/8/2").is_err());
+        assert!(parse_scaling("nan").is_err());
+    }
 }

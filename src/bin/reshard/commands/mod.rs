@@ -4,14 +4,14 @@
 pub mod auto;
 pub mod convert;
 pub mod merge_lora;
+pub mod transform;
 
 use anyhow::Result;
 use reshard::formats::ckpt::{crypt, ReadOptions, SplitMode};
 use reshard::ops;
 
 use crate::args::{
-    BenchArgs, Cli, Command, DemoArgs, InspectArgs, ReadArgs, RewriteArgs, StrategyArgs,
-    TransformArgs, VerifyArgs,
+    BenchArgs, Cli, Command, DemoArgs, InspectArgs, ReadArgs, RewriteArgs, StrategyArgs, VerifyArgs,
 };
 use crate::render;
 
@@ -19,7 +19,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect(a) => inspect(a),
         Command::Rewrite(a) => rewrite(a),
-        Command::Transform(a) => transform(a),
+        Command::Transform(a) => transform::run(a),
         Command::Strategy(a) => strategy(a),
         Command::Demo(a) => demo(a),
         Command::Convert(a) => convert::run(a),
@@ -103,49 +103,6 @@ fn demo(a: DemoArgs) -> Result<()> {
         return render::json(&report);
     }
     render::demo(&report)
-}
-
-fn transform(a: TransformArgs) -> Result<()> {
-    let output_format = match a.output_format.as_deref() {
-        None => None,
-        Some("ckpt") => Some(reshard::formats::tree::FileFormat::Ckpt),
-        Some("safetensors") => Some(reshard::formats::tree::FileFormat::Safetensors),
-        Some(other) => anyhow::bail!("--output-format must be ckpt or safetensors, not {other:?}"),
-    };
-    let options = ops::transform::TransformOptions {
-        src_checkpoint: a.src_checkpoint,
-        dst_dir: a.dst_checkpoint_dir,
-        src_strategy: a.src_strategy,
-        dst_strategy: a.dst_strategy,
-        prefix: a.prefix,
-        ranks: a.rank_id,
-        world_size: a.world_size,
-        workers: a.process_num.max(1),
-        output_format,
-        dry_run: a.dry_run,
-        read: read_options(&a.read)?,
-        manifest: !a.output.no_manifest,
-        resume: a.output.resume,
-        verify: a.output.verify,
-        backend: a.backend.choice(),
-        control: a.output.control(),
-    };
-    let (progress, bar) = crate::progress::for_command("transform", a.json || a.dry_run);
-    let options = ops::transform::TransformOptions {
-        control: reshard::exec::OutputControl {
-            progress,
-            ..options.control
-        },
-        ..options
-    };
-    let report = ops::transform::transform(&options);
-    drop(bar);
-    let report = report?;
-    if a.json {
-        return render::json(&report);
-    }
-    a.backend.report(&report.backend);
-    render::transform(&report)
 }
 
 fn strategy(a: StrategyArgs) -> Result<()> {
