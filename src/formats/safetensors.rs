@@ -557,11 +557,22 @@ pub fn layout(
         ));
         offset += len;
     }
-    let meta = safetensors::tensor::Metadata::new(metadata.map(|m| m.into_iter().collect()), infos)
-        .map_err(st_error)?;
-    let mut header = serde_json::to_string(&meta)
-        .map_err(|e| Error::invalid(format!("cannot serialise the header: {e}")))?
-        .into_bytes();
+    let meta = safetensors::tensor::Metadata::new(None, infos).map_err(st_error)?;
+    let ser = |e: serde_json::Error| Error::invalid(format!("cannot serialise the header: {e}"));
+    let mut header = serde_json::to_string(&meta).map_err(ser)?.into_bytes();
+    // `__metadata__` goes first, as the crate writes it, but with its keys
+    // in sorted order: the crate keeps them in a `HashMap`, whose order
+    // changes from one process to the next (MindSpore's files have the
+    // same randomness; spec safetensors-era §1.1), and a header must not.
+    if let Some(m) = metadata {
+        let mut with = br#"{"__metadata__":"#.to_vec();
+        with.extend(serde_json::to_vec(&m).map_err(ser)?);
+        if header.len() > 2 {
+            with.push(b',');
+        }
+        with.extend_from_slice(&header[1..]);
+        header = with;
+    }
     header.resize(header.len().next_multiple_of(8), b' ');
     let mut prefix = (header.len() as u64).to_le_bytes().to_vec();
     prefix.extend_from_slice(&header);

@@ -37,6 +37,7 @@
 
 mod expand;
 mod needed;
+pub mod redundancy;
 #[cfg(test)]
 mod tests;
 

@@ -54,6 +54,13 @@ pub struct TransformOptions {
     pub backend: BackendChoice,
     /// Durability (`fsync`) and progress reporting.
     pub control: OutputControl,
+    /// Whether the source keeps every redundant copy (MindSpore's
+    /// `merge_with_redundancy`); `None`: as the files say. A safetensors
+    /// file's `remove_redundancy` flag overrides it (see [`deduplicated`]).
+    pub has_redundancy: Option<bool>,
+    /// Write each destination rank without redundant copies, as MindSpore's
+    /// `save_checkpoint(..., remove_redundancy=True)` (safetensors output).
+    pub remove_redundancy: bool,
 }
 
 impl TransformOptions {
@@ -82,6 +89,8 @@ impl TransformOptions {
             verify: false,
             backend: BackendChoice::Cpu,
             control: OutputControl::default(),
+            has_redundancy: None,
+            remove_redundancy: false,
         }
     }
 }
@@ -142,6 +151,69 @@ pub(crate) fn index_sources(
         .collect()
 }
 
+/// Whether a source was saved with `remove_redundancy=True`. As in
+/// MindSpore (`_check_remove_redundancy`) and mindformers
+/// (`_revise_remove_redundancy_with_file`), the files' own
+/// `remove_redundancy` metadata decides; the caller's `has_redundancy`
+/// claim only decides for files without it (`.ckpt` files, or safetensors
+/// saved with the flag unset). A claim the files contradict is overridden
+/// and said on stderr, as MindSpore logs a warning. Files that disagree
+/// with each other are an error.
+pub(crate) fn deduplicated(
+    sources: &[(usize, PathBuf, Vec<crate::formats::SourceEntry>)],
+    has_redundancy: Option<bool>,
+) -> Result<bool> {
+    let mut flagged: Option<(bool, &Path)> = None;
+    for (_, path, _) in sources {
+        if FileFormat::of_path(path) != Some(FileFormat::Safetensors) {
+            continue;
+        }
+        let file = crate::formats::safetensors::SafetensorsFile::open(path, false)?;
+        let flag = match file.metadata().get("remove_redundancy").map(String::as_str) {
+            None => continue,
+            Some("True") => true,
+            Some("False") => false,
+            Some(other) => {
+                return Err(Error::invalid(format!(
+                    "remove_redundancy metadata is {other:?}; MindSpore writes \"True\" or \"False\""
+                ))
+                .in_file(path))
+            }
+        };
+        match flagged {
+            Some((f, first)) if f != flag => {
+                return Err(Error::invalid(format!(
+                    "the rank files disagree: {} says remove_redundancy={}, {} says {}; \
+                     they are not one checkpoint",
+                    first.display(),
+                    if f { "True" } else { "False" },
+                    path.display(),
+                    if flag { "True" } else { "False" }
+                )))
+            }
+            _ => flagged = Some((flag, path)),
+        }
+    }
+    match (flagged, has_redundancy) {
+        (Some((dedup, path)), Some(has)) if has == dedup => {
+            eprintln!(
+                "warning: --has-redundancy {has} ignored: {} says remove_redundancy={}, and the \
+                 file's flag wins (as in MindSpore); reading the set as {}",
+                path.display(),
+                if dedup { "True" } else { "False" },
+                if dedup {
+                    "saved with redundancy removed"
+                } else {
+                    "holding every copy"
+                }
+            );
+            Ok(dedup)
+        }
+        (Some((dedup, _)), _) => Ok(dedup),
+        (None, has) => Ok(!has.unwrap_or(true)),
+    }
+}
+
 fn load_strategy(path: &Option<PathBuf>) -> Result<Option<Strategy>> {
     path.as_deref().map(strategy::load).transpose()
 }
@@ -171,7 +243,10 @@ pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
         .in_file(&options.src_checkpoint));
     }
     let sources = index_sources(files, &options.read)?;
+    let deduplicated = deduplicated(&sources, options.has_redundancy)?;
     let plan = plan(&TransformInput {
+        deduplicated,
+        remove_redundancy: options.remove_redundancy,
         sources,
         src_strategy: src.as_ref(),
         dst_strategy: dst.as_ref(),

@@ -177,6 +177,7 @@ fn logical_plan(side: &Side) -> Result<Plan> {
     }
     let strategy = side.strategy.as_deref().map(strategy::load).transpose()?;
     let sources = index_sources(files, &ReadOptions::default())?;
+    let deduplicated = crate::ops::transform::deduplicated(&sources, None)?;
     plan(&TransformInput {
         sources,
         src_strategy: strategy.as_ref(),
@@ -186,6 +187,8 @@ fn logical_plan(side: &Side) -> Result<Plan> {
         ranks: None,
         format,
         lora: None,
+        deduplicated: deduplicated,
+        remove_redundancy: false,
     })
 }
 

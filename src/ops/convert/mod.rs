@@ -479,6 +479,7 @@ fn prepare_forward(options: &ConvertOptions, family: &'static Family) -> Result<
                     path: options.output.clone(),
                     format,
                     tensors,
+                    metadata: None,
                 }],
             }
         }
@@ -537,6 +538,8 @@ fn distributed(
         ranks: None,
         format,
         lora: None,
+        deduplicated: false,
+        remove_redundancy: false,
     })?;
     let by_name: BTreeMap<&str, &TensorPlan> =
         tensors.iter().map(|t| (t.name.as_str(), t)).collect();
@@ -757,6 +760,7 @@ fn prepare_reverse(options: &ConvertOptions, family: &'static Family) -> Result<
             path: options.output.join(&names[k]),
             format: FileFormat::Safetensors,
             tensors: ts,
+            metadata: None,
         });
     }
     let plan = Plan {

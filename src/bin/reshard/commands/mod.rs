@@ -129,6 +129,8 @@ fn transform(a: TransformArgs) -> Result<()> {
         verify: a.output.verify,
         backend: a.backend.backend,
         control: a.output.control(),
+        has_redundancy: a.has_redundancy,
+        remove_redundancy: a.remove_redundancy,
     };
     let (progress, bar) = crate::progress::for_command("transform", a.json || a.dry_run);
     let options = ops::transform::TransformOptions {
