@@ -9,5 +9,6 @@ mod conformance;
 mod convert;
 mod faults;
 pub mod merge_lora;
+mod redundancy;
 pub mod transform;
 mod trust;

@@ -297,9 +297,7 @@ mod tests {
         let mut groups = BTreeMap::new();
         let split = redundancy_groups(&flat(&[4, 2], &[0, -1]), 0).unwrap();
         let whole = redundancy_groups(&flat(&[4, 2], &[-1]), 0).unwrap();
-        for n in [
-            "lm_head", "L0.wk", "L0.wo", "L0.wq", "L0.wv", "L0.w1",
-        ] {
+        for n in ["lm_head", "L0.wk", "L0.wo", "L0.wq", "L0.wv", "L0.w1"] {
             groups.insert(n.to_string(), split.clone());
         }
         for n in ["L0.attention_norm", "L0.ffn_norm", "L1.attention_norm"] {

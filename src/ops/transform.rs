@@ -173,12 +173,10 @@ pub(crate) fn deduplicated(
             None => continue,
             Some("True") => true,
             Some("False") => false,
-            Some(other) => {
-                return Err(Error::invalid(format!(
-                    "remove_redundancy metadata is {other:?}; MindSpore writes \"True\" or \"False\""
-                ))
-                .in_file(path))
-            }
+            Some(other) => return Err(Error::invalid(format!(
+                "remove_redundancy metadata is {other:?}; MindSpore writes \"True\" or \"False\""
+            ))
+            .in_file(path)),
         };
         match flagged {
             Some((f, first)) if f != flag => {
@@ -191,7 +189,8 @@ pub(crate) fn deduplicated(
                     if flag { "True" } else { "False" }
                 )))
             }
-            _ => flagged = Some((flag, path)),
+            Some(_) => {}
+            None => flagged = Some((flag, path)),
         }
     }
     match (flagged, has_redundancy) {

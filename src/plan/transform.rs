@@ -567,7 +567,14 @@ fn plan_rank(
     }
 
     // Load order: needed files in descending rank order.
-    let mut loaded = load_table(input, &needed, src_per_stage, by_rank).map_err(wrap)?;
+    // A missing owner copy keeps its typed error (it names the rank).
+    let mut loaded = load_table(input, &needed, src_per_stage, by_rank).map_err(|e| {
+        if matches!(e.root(), Error::RedundancyOwnerMissing { .. }) {
+            e
+        } else {
+            wrap(e)
+        }
+    })?;
     // A source-strategy parameter this stage needs but no loaded file holds
     // means the strategy is not this checkpoint's.
     if let Some(m) = &src_map {
@@ -669,26 +676,25 @@ fn load_table(
         for (source, entry) in list {
             let e = &input.sources[source].2[entry];
             if !loaded.table.contains_key(&e.name) {
-                    loaded.order.push(e.name.clone());
-                    loaded.first_local.insert(e.name.clone(), local);
-                }
-                let previous = loaded
-                    .table
-                    .entry(e.name.clone())
-                    .or_default()
-                    .insert(local, Held { source, entry });
-                if let Some(prev) =
-                    previous.filter(|p| files.contains(&p.source) && p.source != source)
-                {
-                    return Err(Error::invalid(format!(
-                        "tensor {:?} is in both {} and {}",
-                        e.name,
-                        input.sources[prev.source].1.display(),
-                        input.sources[source].1.display()
-                    )));
-                }
+                loaded.order.push(e.name.clone());
+                loaded.first_local.insert(e.name.clone(), local);
+            }
+            let previous = loaded
+                .table
+                .entry(e.name.clone())
+                .or_default()
+                .insert(local, Held { source, entry });
+            if let Some(prev) = previous.filter(|p| files.contains(&p.source) && p.source != source)
+            {
+                return Err(Error::invalid(format!(
+                    "tensor {:?} is in both {} and {}",
+                    e.name,
+                    input.sources[prev.source].1.display(),
+                    input.sources[source].1.display()
+                )));
             }
         }
+    }
     Ok(loaded)
 }
 

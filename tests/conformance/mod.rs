@@ -5,5 +5,6 @@ mod ckpt;
 mod convert;
 mod layout;
 mod merge_lora;
+mod redundancy;
 mod strategy;
 mod transform;

@@ -211,7 +211,11 @@ pub struct TransformArgs {
     pub dry_run: bool,
     /// Whether the source keeps every redundant copy (true) or was saved with remove_redundancy (false).
     /// A safetensors file's own remove_redundancy flag wins, as in MindSpore. Default: as the files say.
-    #[arg(long = "has-redundancy", alias = "has_redundancy", value_name = "true|false")]
+    #[arg(
+        long = "has-redundancy",
+        alias = "has_redundancy",
+        value_name = "true|false"
+    )]
     pub has_redundancy: Option<bool>,
     /// Save each rank without redundant copies, as MindSpore's save_checkpoint(..., remove_redundancy=True)
     /// (safetensors output, needs --dst-strategy).
