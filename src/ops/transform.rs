@@ -173,10 +173,12 @@ pub(crate) fn deduplicated(
             None => continue,
             Some("True") => true,
             Some("False") => false,
-            Some(other) => return Err(Error::invalid(format!(
+            Some(other) => {
+                return Err(Error::invalid(format!(
                 "remove_redundancy metadata is {other:?}; MindSpore writes \"True\" or \"False\""
             ))
-            .in_file(path)),
+                .in_file(path))
+            }
         };
         match flagged {
             Some((f, first)) if f != flag => {
