@@ -13,7 +13,7 @@ use reshard::ops::transform::{transform, TransformOptions};
 use reshard::{DType, Error};
 
 use crate::transform::{strategies, synthetic_model};
-use crate::util::tempdir;
+use crate::util::{reshard_bin, tempdir};
 
 struct Sets {
     _dir: tempfile::TempDir,
@@ -140,6 +140,14 @@ fn a_deduplicated_set_is_written_flagged_and_reads_back_as_the_full_set() {
         header.starts_with(r#"{"__metadata__":{"format":"ms","remove_redundancy":"True""#),
         "{header}"
     );
+
+    // inspect says what the tree is.
+    let out = std::process::Command::new(reshard_bin())
+        .args(["inspect", s.dedup.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("saved with redundancy removed"), "{text}");
 
     // Back to one full checkpoint, and to another layout: the same bytes
     // as from the set that kept every copy.
