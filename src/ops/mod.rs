@@ -3,6 +3,7 @@
 
 pub mod auto;
 pub mod bench;
+pub(crate) mod checkpoint2;
 pub mod convert;
 pub mod demo;
 pub mod inspect;

@@ -221,6 +221,9 @@ fn load_strategy(path: &Option<PathBuf>) -> Result<Option<Strategy>> {
 
 /// Builds the plan of a transform (reads indexes and strategies only).
 pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
+    if crate::formats::checkpoint2::is_checkpoint2(&options.src_checkpoint) {
+        return plan_checkpoint2(options);
+    }
     let (format, files) = source_files(&options.src_checkpoint)?;
     let src = load_strategy(&options.src_strategy)?;
     let dst = load_strategy(&options.dst_strategy)?;
@@ -257,6 +260,38 @@ pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
         format: options.output_format.unwrap_or(format),
         lora: None,
     })?;
+    if let Some(n) = options.world_size {
+        let all = crate::plan::transform::destination_ranks(dst.as_ref())?.len();
+        if n != all {
+            return Err(Error::invalid(format!(
+                "--world-size {n} does not match the destination strategy, which has {all} ranks"
+            )));
+        }
+    }
+    Ok(plan)
+}
+
+/// [`plan_transform`] of a mindformers Checkpoint 2.0 directory, whose
+/// `metadata.json` describes its own layout.
+fn plan_checkpoint2(options: &TransformOptions) -> Result<Plan> {
+    if options.src_strategy.is_some() {
+        return Err(Error::invalid(
+            "a Checkpoint 2.0 directory describes its layout in metadata.json; drop --src-strategy",
+        )
+        .in_file(&options.src_checkpoint));
+    }
+    let dst = load_strategy(&options.dst_strategy)?;
+    let plan = crate::ops::checkpoint2::plan(
+        &options.src_checkpoint,
+        &crate::ops::checkpoint2::Target {
+            dst: dst.as_ref(),
+            dst_dir: &options.dst_dir,
+            prefix: &options.prefix,
+            ranks: options.ranks.clone(),
+            format: options.output_format.unwrap_or(FileFormat::Safetensors),
+            remove_redundancy: options.remove_redundancy,
+        },
+    )?;
     if let Some(n) = options.world_size {
         let all = crate::plan::transform::destination_ranks(dst.as_ref())?.len();
         if n != all {

@@ -169,6 +169,19 @@ pub struct Comparison {
 }
 
 fn logical_plan(side: &Side) -> Result<Plan> {
+    if crate::formats::checkpoint2::is_checkpoint2(&side.path) {
+        return crate::ops::checkpoint2::plan(
+            &side.path,
+            &crate::ops::checkpoint2::Target {
+                dst: None,
+                dst_dir: Path::new("/nonexistent"),
+                prefix: "",
+                ranks: None,
+                format: crate::formats::tree::FileFormat::Safetensors,
+                remove_redundancy: false,
+            },
+        );
+    }
     let (format, files) = source_files(&side.path)?;
     if files.len() > 1 && side.strategy.is_none() {
         return Err(

@@ -19,7 +19,7 @@
 //!   [`compose`]): rank files come straight from the HuggingFace files,
 //!   identical to converting and then running `reshard transform`.
 
-mod compose;
+pub(crate) mod compose;
 pub mod config;
 mod engine;
 pub mod families;
