@@ -245,7 +245,9 @@ fn parse_param(
             .and_then(Value::as_array)
             .filter(|a| !a.is_empty())
             .ok_or_else(|| {
-                Error::invalid(format!("storage_data has no entry {key:?} for shard {slice_id}"))
+                Error::invalid(format!(
+                    "storage_data has no entry {key:?} for shard {slice_id}"
+                ))
             })?;
         let mut first = None;
         for e in entries {
@@ -391,17 +393,44 @@ mod tests {
             Value::Object(m)
         };
         let err = |m: Value| parse(&m, dir.path()).unwrap_err().to_string();
-        let e = err(meta([2, 1], json!([one(0, [4, 4]), one(1, [4, 4])]), st(&[0, 1], "gone.safetensors")));
-        assert!(e.contains("gone.safetensors") && e.contains("missing") && e.contains("\"w\""), "{e}");
-        let e = err(meta([2, 1], json!([one(0, [4, 4])]), st(&[0], "a.safetensors")));
+        let e = err(meta(
+            [2, 1],
+            json!([one(0, [4, 4]), one(1, [4, 4])]),
+            st(&[0, 1], "gone.safetensors"),
+        ));
+        assert!(
+            e.contains("gone.safetensors") && e.contains("missing") && e.contains("\"w\""),
+            "{e}"
+        );
+        let e = err(meta(
+            [2, 1],
+            json!([one(0, [4, 4])]),
+            st(&[0], "a.safetensors"),
+        ));
         assert!(e.contains("missing"), "{e}");
-        let e = err(meta([2, 1], json!([one(0, [8, 4]), one(1, [4, 4])]), st(&[0, 1], "a.safetensors")));
+        let e = err(meta(
+            [2, 1],
+            json!([one(0, [8, 4]), one(1, [4, 4])]),
+            st(&[0, 1], "a.safetensors"),
+        ));
         assert!(e.contains("reaches past") || e.contains("overlap"), "{e}");
-        let e = err(meta([1, 1], json!([one(0, [8, 4]), one(0, [8, 4])]), st(&[0], "a.safetensors")));
+        let e = err(meta(
+            [1, 1],
+            json!([one(0, [8, 4]), one(0, [8, 4])]),
+            st(&[0], "a.safetensors"),
+        ));
         assert!(e.contains("overlap"), "{e}");
-        let e = err(meta([2, 1], json!([one(0, [4, 4]), one(1, [4, 4])]), st(&[0], "a.safetensors")));
+        let e = err(meta(
+            [2, 1],
+            json!([one(0, [4, 4]), one(1, [4, 4])]),
+            st(&[0], "a.safetensors"),
+        ));
         assert!(e.contains("no entry"), "{e}");
-        let e = err(meta([2, 1], json!([one(5, [4, 4])]), st(&[5], "a.safetensors")));
+        let e = err(meta(
+            [2, 1],
+            json!([one(5, [4, 4])]),
+            st(&[5], "a.safetensors"),
+        ));
         assert!(e.contains("outside the grid"), "{e}");
     }
 }

@@ -91,9 +91,8 @@ pub(crate) fn assemble(ck: &Checkpoint2) -> Result<(Vec<SourceFile>, Vec<TensorP
                 },
             });
         }
-        let dtype = dtype.ok_or_else(|| {
-            Error::invalid("metadata.json lists no shard").in_tensor(&p.name)
-        })?;
+        let dtype = dtype
+            .ok_or_else(|| Error::invalid("metadata.json lists no shard").in_tensor(&p.name))?;
         tensors.push(TensorPlan {
             name: p.name.clone(),
             content: Content::Tensor {

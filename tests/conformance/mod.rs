@@ -1,6 +1,7 @@
 //! Conformance tests against real MindSpore 2.10 (`RESHARD_MINDSPORE_PYTHON`).
 
 mod auto;
+mod checkpoint2;
 mod ckpt;
 mod convert;
 mod layout;
