@@ -119,6 +119,168 @@ pub fn tree_checkpoints(dir: &Path) -> Result<(FileFormat, Vec<(usize, PathBuf)>
     Ok((format, files))
 }
 
+/// The integers in `s`, as digit strings without leading zeros (so that
+/// comparing (length, text) compares values of any size).
+fn integers(s: &str) -> Vec<&str> {
+    s.split(|c: char| !c.is_ascii_digit())
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            let z = t.trim_start_matches('0');
+            if z.is_empty() {
+                "0"
+            } else {
+                z
+            }
+        })
+        .collect()
+}
+
+/// MindSpore's `_extract_last_two_numbers` sort key: the last two integers
+/// of the full path, compared as Python compares lists of ints.
+fn last_two_numbers(path: &Path) -> Vec<(usize, String)> {
+    let s = path.to_string_lossy();
+    let all = integers(&s);
+    all[all.len().saturating_sub(2)..]
+        .iter()
+        .map(|t| (t.len(), t.to_string()))
+        .collect()
+}
+
+/// How `file_suffix` narrows the files of a rank directory
+/// (`transform_safetensors._find_most_matching_file`).
+fn suffix_rule(suffix: &str) -> Option<(String, Option<String>)> {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let epoch_step = |s: &str| s.split_once('_').is_some_and(|(e, st)| digits(e) && digits(st));
+    let task = |s: &str| s.split_once('-').is_some_and(|(t, es)| digits(t) && epoch_step(es));
+    // `_T-E_S` / `T-E_S`: names ending `_T-E_S` but not `rank_T-E_S`.
+    if let Some(rest) = suffix.strip_prefix('_').filter(|r| task(r)) {
+        return Some((format!("_{rest}"), Some(format!("rank_{rest}"))));
+    }
+    if task(suffix) {
+        return Some((format!("_{suffix}"), Some(format!("rank_{suffix}"))));
+    }
+    // `-E_S` / `E_S`.
+    if let Some(rest) = suffix.strip_prefix('-').filter(|r| epoch_step(r)) {
+        return Some((format!("-{rest}"), None));
+    }
+    if epoch_step(suffix) {
+        return Some((format!("-{suffix}"), None));
+    }
+    // `_S` / `S`.
+    if let Some(rest) = suffix.strip_prefix('_').filter(|r| digits(r)) {
+        return Some((format!("_{rest}"), None));
+    }
+    if digits(suffix) {
+        return Some((format!("_{suffix}"), None));
+    }
+    None
+}
+
+/// The `.safetensors` file MindSpore's safetensors paths
+/// (`_collect_safetensor_files`: `unified_safetensors`, transform) take in
+/// one rank directory. Without `suffix`, of several files the one whose
+/// path ends in the largest pair of integers (`-E_S`); with it, the files
+/// matching `*{suffix}.safetensors`, narrowed by the suffix's form, the
+/// shortest name winning. `Ok(None)`: no file and no suffix (the rank is
+/// simply absent, as in MindSpore); a suffix matching nothing is an error.
+pub fn pick_safetensors(rank_dir: &Path, suffix: Option<&str>) -> Result<Option<PathBuf>> {
+    let ext = ".safetensors";
+    let mut files: Vec<PathBuf> = std::fs::read_dir(rank_dir)
+        .in_file(rank_dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
+                return false;
+            };
+            // A glob `*` does not match a leading dot.
+            !name.starts_with('.')
+                && name.ends_with(ext)
+                && suffix.is_none_or(|s| name.ends_with(&format!("{s}{ext}")))
+        })
+        .collect();
+    files.sort();
+    let Some(suffix) = suffix else {
+        // Stable: ties keep (here: name) order, the last one wins.
+        files.sort_by_key(|p| last_two_numbers(p));
+        return Ok(files.pop());
+    };
+    match files.len() {
+        0 => {
+            return Err(Error::invalid(format!(
+                "no *{suffix}.safetensors file; set the file suffix to the longest common suffix of the files"
+            ))
+            .in_file(rank_dir))
+        }
+        1 => return Ok(files.pop()),
+        _ => {}
+    }
+    let (ending, not_ending) = suffix_rule(suffix).ok_or_else(|| {
+        Error::invalid(format!(
+            "several *{suffix}.safetensors files and the suffix has none of the forms _T-E_S, -E_S or _S; \
+             cannot tell which is meant"
+        ))
+        .in_file(rank_dir)
+    })?;
+    let name = |p: &PathBuf| p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let matched: Vec<&PathBuf> = files
+        .iter()
+        .filter(|p| {
+            let n = name(p);
+            n.ends_with(&format!("{ending}{ext}"))
+                && not_ending
+                    .as_ref()
+                    .is_none_or(|x| !n.ends_with(&format!("{x}{ext}")))
+        })
+        .collect();
+    let shortest = matched.iter().map(|p| name(p).len()).min();
+    let best: Vec<&&PathBuf> = matched
+        .iter()
+        .filter(|p| Some(name(p).len()) == shortest)
+        .collect();
+    match best.as_slice() {
+        [one] => Ok(Some((**one).clone())),
+        _ => Err(Error::invalid(format!(
+            "{} files end with {ending:?}{}; set the file suffix to the longest common suffix of the files",
+            best.len(),
+            if best.is_empty() { "" } else { " and are equally short" }
+        ))
+        .in_file(rank_dir)),
+    }
+}
+
+/// The safetensors file of every rank of a tree as MindSpore's safetensors
+/// paths pick them ([`pick_safetensors`]), by rank. A rank directory that
+/// also holds a `.ckpt` is an error naming both files (MindSpore refuses a
+/// source mixing the two formats).
+pub fn tree_safetensors(dir: &Path, suffix: Option<&str>) -> Result<Vec<(usize, PathBuf)>> {
+    let ranks = rank_dirs(dir)?;
+    if ranks.is_empty() {
+        return Err(Error::invalid("no rank_<n> directories").in_file(dir));
+    }
+    let mut out = Vec::new();
+    let mut ckpt = None;
+    for (rank, path) in &ranks {
+        if let Some(f) = pick_safetensors(path, suffix)? {
+            out.push((*rank, f));
+        }
+        if ckpt.is_none() {
+            ckpt = pick_checkpoint(path, FileFormat::Ckpt)?;
+        }
+    }
+    if let (Some(c), Some((_, s))) = (&ckpt, out.first()) {
+        return Err(Error::invalid(format!(
+            "the source mixes .ckpt and .safetensors files ({} and {}); keep one format",
+            c.display(),
+            s.display()
+        ))
+        .in_file(dir));
+    }
+    if out.is_empty() {
+        return Err(Error::invalid("the rank directories hold no .safetensors file").in_file(dir));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,5 +319,37 @@ mod tests {
         fs::write(dir.path().join("rank_1/a.safetensors"), b"").unwrap();
         let err = tree_checkpoints(dir.path()).unwrap_err().to_string();
         assert!(err.contains("mix"), "{err}");
+        let err = tree_safetensors(dir.path(), None).unwrap_err().to_string();
+        assert!(err.contains("mixes") && err.contains("rank_0/a.ckpt"), "{err}");
+    }
+
+    /// The cases of spec safetensors-era §3.1, checked against MindSpore.
+    #[test]
+    fn safetensors_pick_follows_mindspore_suffix_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let rank = dir.path().join("rank_0");
+        fs::create_dir(&rank).unwrap();
+        for n in [
+            "net_rank_0-1_2",
+            "net_rank_0-1_10",
+            "net_rank_0-network-1_10",
+            "net_rank_0-2_1",
+            "net_rank_0_3-1_10",
+        ] {
+            fs::write(rank.join(format!("{n}.safetensors")), b"").unwrap();
+        }
+        let pick = |s: Option<&str>| {
+            pick_safetensors(&rank, s)
+                .map(|p| p.unwrap().file_name().unwrap().to_string_lossy().into_owned())
+        };
+        assert_eq!(pick(None).unwrap(), "net_rank_0-2_1.safetensors");
+        for s in ["1_10", "-1_10", "10"] {
+            assert_eq!(pick(Some(s)).unwrap(), "net_rank_0-1_10.safetensors", "{s}");
+        }
+        for s in ["3-1_10", "_3-1_10"] {
+            assert_eq!(pick(Some(s)).unwrap(), "net_rank_0_3-1_10.safetensors", "{s}");
+        }
+        assert!(pick(Some("9_9")).unwrap_err().to_string().contains("no *9_9"));
+        assert!(pick(Some("x")).is_err());
     }
 }

@@ -687,6 +687,7 @@ pub fn merge_peft(o: &MergePeftOptions) -> Result<MergeLoraReport> {
             path: o.dst_dir.join(f.file_name().expect("a file")),
             format: FileFormat::Safetensors,
             tensors: Vec::new(),
+            metadata: None,
         })
         .collect();
     for t in whole.tensors {

@@ -986,5 +986,6 @@ fn build_file(
         path,
         format: input.format,
         tensors,
+        metadata: None,
     })
 }

@@ -36,6 +36,8 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Time split, N → M, merge, HF → MS convert and LoRA merge on a synthetic model, against the copy bound (and MindSpore).
     Bench(BenchArgs),
+    /// Merge a distributed safetensors checkpoint into MindSpore's unified layout, like mindspore.unified_safetensors.
+    Unify(crate::commands::unify::UnifyArgs),
 }
 
 #[derive(Debug, Args)]

@@ -479,6 +479,7 @@ fn prepare_forward(options: &ConvertOptions, family: &'static Family) -> Result<
                     path: options.output.clone(),
                     format,
                     tensors,
+                    metadata: None,
                 }],
             }
         }
@@ -757,6 +758,7 @@ fn prepare_reverse(options: &ConvertOptions, family: &'static Family) -> Result<
             path: options.output.join(&names[k]),
             format: FileFormat::Safetensors,
             tensors: ts,
+            metadata: None,
         });
     }
     let plan = Plan {

@@ -4,6 +4,7 @@
 pub mod auto;
 pub mod convert;
 pub mod merge_lora;
+pub mod unify;
 
 use anyhow::Result;
 use reshard::formats::ckpt::{crypt, ReadOptions, SplitMode};
@@ -27,6 +28,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Auto(a) => auto::run(a),
         Command::Verify(a) => verify(a),
         Command::Bench(a) => bench(a),
+        Command::Unify(a) => unify::run(a),
     }
 }
 
