@@ -35,6 +35,16 @@ impl FileFormat {
 /// The `rank_<digits>` subdirectories of `dir`, sorted by rank. Entries whose
 /// suffix after `rank_` is not all digits are skipped, as MindSpore does.
 pub fn rank_dirs(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let mut out = rank_dirs_in_listing_order(dir)?;
+    out.sort();
+    Ok(out)
+}
+
+/// [`rank_dirs`] in the order the directory lists them (`readdir`, which is
+/// Python's `glob` order): where MindSpore's result depends on that order
+/// (ties in `unified_safetensors`' part balancing), following it gives the
+/// same bytes on the same directory.
+pub fn rank_dirs_in_listing_order(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).in_file(dir)? {
         let entry = entry.in_file(dir)?;
@@ -51,7 +61,6 @@ pub fn rank_dirs(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
             out.push((rank, entry.path()));
         }
     }
-    out.sort();
     Ok(out)
 }
 

@@ -16,12 +16,16 @@
 //! only distributes its tensors into parts and runs the one executor, so
 //! every tensor streams from the mapped sources into its part.
 //!
+//! Ties between equal-size parameters go by first-seen order, which
+//! MindSpore takes from `glob` (the directory's listing order); reshard
+//! visits the rank folders in that same order, so the parts are the same
+//! as MindSpore's on the same directory (and may differ from a copy of it
+//! listed in another order, as MindSpore's do).
+//!
 //! Deviations, on purpose: MindSpore copies the sources' `crc_num` into
 //! every part, where it no longer matches (a `crc_check` load then fails);
-//! reshard drops it. MindSpore visits ranks in `glob` order (filesystem
-//! order), which only matters for ties between equal-size parameters;
-//! reshard visits them in ascending rank order. MindSpore's metadata key
-//! order is random per process; reshard's is sorted.
+//! reshard drops it. MindSpore's metadata key order is random per
+//! process; reshard's is sorted.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
@@ -365,7 +369,11 @@ pub fn plan_unify(o: &UnifyOptions) -> Result<UnifyPlan> {
     let mut names: Vec<(&str, &str)> = Vec::new();
     let mut sizes: Vec<u64> = Vec::new();
     let mut kept: HashSet<&str> = HashSet::new();
-    for (_, path, entries) in &sources {
+    let listing = tree::rank_dirs_in_listing_order(&o.src_dir)?;
+    let visit = listing
+        .iter()
+        .filter_map(|(rank, _)| sources.iter().find(|s| s.0 == *rank));
+    for (_, path, entries) in visit {
         for e in entries {
             let name = e.name.as_str();
             if !table.contains(name) || name.starts_with("accu_grads") || !seen.insert(name) {

@@ -7,3 +7,4 @@ mod layout;
 mod merge_lora;
 mod strategy;
 mod transform;
+mod unify;
