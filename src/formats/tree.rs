@@ -1,5 +1,6 @@
 //! The `model_dir/rank_x/*.ckpt` layout conventions (spec §4).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result, ResultExt};
@@ -288,6 +289,145 @@ pub fn tree_safetensors(dir: &Path, suffix: Option<&str>) -> Result<Vec<(usize, 
         return Err(Error::invalid("the rank directories hold no .safetensors file").in_file(dir));
     }
     Ok(out)
+}
+
+/// Whether `path` is a part of MindSpore's unified layout
+/// (`part<k>.safetensors` beside a `param_name_map.json`). MindSpore 2.10
+/// copies a source rank's `crc_num` into every part, where it no longer
+/// matches the content (spec safetensors-era §3.5), so such a part's CRC
+/// says nothing and is not checked.
+pub fn is_unified_part(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let is_part = name
+        .strip_prefix("part")
+        .and_then(|r| r.strip_suffix(".safetensors"))
+        .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()));
+    is_part && path.with_file_name("param_name_map.json").is_file()
+}
+
+/// How a complete checkpoint kept as several safetensors files says which
+/// file holds which tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompleteKind {
+    /// MindSpore's unified layout (`mindspore.unified_safetensors`):
+    /// `param_name_map.json`, `part{i}.safetensors`, `hyper_param.safetensors`.
+    Unified,
+    /// HuggingFace's sharded layout: `model.safetensors.index.json`.
+    HfIndex,
+    /// A directory holding one `.safetensors` file (it maps every name, as
+    /// in `load_distributed_checkpoint`).
+    SingleFile,
+}
+
+/// A complete (unsharded) checkpoint stored as a directory of files.
+#[derive(Debug, Clone)]
+pub struct CompleteDir {
+    /// Which layout.
+    pub kind: CompleteKind,
+    /// The map file (`param_name_map.json` or the HF index), if any.
+    pub map_file: Option<PathBuf>,
+    /// Tensor name → file, from the map.
+    pub weight_map: BTreeMap<String, PathBuf>,
+    /// The data files in first-mentioned order, then
+    /// `hyper_param.safetensors` (whose entries every rank gets) if present.
+    pub files: Vec<PathBuf>,
+    /// `hyper_param.safetensors`, if present.
+    pub hyper: Option<PathBuf>,
+}
+
+/// The name map of `param_name_map.json` or an HF index: its `weight_map`
+/// object, or (mindformers' flat form) the whole object.
+fn read_weight_map(map_file: &Path) -> Result<Vec<(String, String)>> {
+    let bytes = std::fs::read(map_file).in_file(map_file)?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::invalid(format!("not valid JSON: {e}")).in_file(map_file))?;
+    let obj = v
+        .get("weight_map")
+        .unwrap_or(&v)
+        .as_object()
+        .ok_or_else(|| Error::invalid("the name map is not a JSON object").in_file(map_file))?;
+    obj.iter()
+        .map(|(k, v)| {
+            v.as_str()
+                .filter(|f| !f.is_empty() && !f.contains(['/', '\\']) && *f != "..")
+                .map(|f| (k.clone(), f.to_string()))
+                .ok_or_else(|| {
+                    Error::invalid(format!("the entry of {k:?} is not a file name in this directory"))
+                        .in_file(map_file)
+                })
+        })
+        .collect()
+}
+
+/// Recognises a directory that holds one complete checkpoint in several
+/// files (or one): MindSpore's unified layout, HuggingFace's sharded layout,
+/// or a single `.safetensors` file. `Ok(None)` for anything else (a rank
+/// tree, a strategy directory, …). A map naming a file that is not there
+/// is an error naming the file and a tensor mapped to it.
+pub fn complete_dir(dir: &Path) -> Result<Option<CompleteDir>> {
+    if !dir.is_dir() || is_rank_tree(dir) {
+        return Ok(None);
+    }
+    let unified = dir.join("param_name_map.json");
+    let hf = dir.join("model.safetensors.index.json");
+    let hyper = Some(dir.join("hyper_param.safetensors")).filter(|p| p.is_file());
+    let (kind, map_file) = if unified.is_file() {
+        (CompleteKind::Unified, unified)
+    } else if hf.is_file() {
+        (CompleteKind::HfIndex, hf)
+    } else {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .in_file(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && FileFormat::of_path(p) == Some(FileFormat::Safetensors))
+            .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+            .collect();
+        if files.len() != 1 {
+            return Ok(None);
+        }
+        let file = files.pop().expect("one file");
+        return Ok(Some(CompleteDir {
+            kind: CompleteKind::SingleFile,
+            map_file: None,
+            weight_map: BTreeMap::new(),
+            files: vec![file],
+            hyper: None,
+        }));
+    };
+    let mut weight_map = BTreeMap::new();
+    let mut files: Vec<PathBuf> = Vec::new();
+    for (name, file) in read_weight_map(&map_file)? {
+        let path = dir.join(&file);
+        if !files.contains(&path) {
+            if !path.is_file() {
+                return Err(Error::invalid(format!(
+                    "{} maps tensor {name:?} to {file}, which is not there",
+                    map_file.file_name().unwrap_or_default().to_string_lossy()
+                ))
+                .in_file(dir));
+            }
+            files.push(path.clone());
+        }
+        weight_map.insert(name, path);
+    }
+    if let Some(h) = &hyper {
+        if !files.contains(h) {
+            files.push(h.clone());
+        }
+    }
+    if files.is_empty() {
+        return Err(Error::invalid("the name map lists no tensor").in_file(&map_file));
+    }
+    Ok(Some(CompleteDir {
+        kind,
+        map_file: Some(map_file),
+        weight_map,
+        files,
+        hyper,
+    }))
 }
 
 #[cfg(test)]

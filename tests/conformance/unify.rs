@@ -6,10 +6,17 @@
 //! machines of `split_dst_file=(k, 3)`. Our output must be byte-identical
 //! (part metadata compared as a map: MindSpore's key order is random, and
 //! reshard leaves out the stale `crc_num` MindSpore copies).
+//!
+//! MindSpore's unified directory, split for a destination strategy by
+//! `transform --src-checkpoint <unified dir> --file-name net`, must equal
+//! `mindspore.load_distributed_checkpoint(None, predict_strategy=…,
+//! unified_safetensors_dir=…, dst_safetensors_dir=…)` byte for byte, all
+//! ranks and one rank (`--rank-id`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use reshard::ops::transform::{transform, TransformOptions};
 use reshard::ops::unify::{unify, Choice, UnifyOptions};
 use serde_json::{json, Value};
 
@@ -18,12 +25,13 @@ use crate::util::{mindspore_python, run_py, tempdir};
 fn cases() -> Value {
     let split = |k: u64| json!({"out": format!("split{k}"), "part_bytes": 3000, "split": [k, 3]});
     json!([
-        {"name": "u_dp2mp2", "dtype": "bfloat16", "src": {"dev": [2, 2]}, "runs": [
+        {"name": "u_dp2mp2", "dtype": "bfloat16", "src": {"dev": [2, 2]}, "dst": {"dev": [4]}, "runs": [
             {"out": "unified"},
             {"out": "parts", "part_bytes": 3000, "drop_prefix": "model.layers.1.",
              "rename": {"lm_head.weight": "output.weight"}},
             split(1), split(2), split(3)]},
-        {"name": "u_mp2pp2", "dtype": "float32", "src": {"dev": [2], "pp": 2}, "runs": [{"out": "unified"}]},
+        {"name": "u_mp2pp2", "dtype": "float32", "src": {"dev": [2], "pp": 2},
+         "dst": {"dev": [2, 2], "opt": 2, "pp": 2}, "runs": [{"out": "unified"}]},
         {"name": "u_dp2mp2opt", "dtype": "float16", "src": {"dev": [2, 2], "opt": 2},
          "runs": [{"out": "unified", "part_bytes": 5000}]}
     ])
@@ -111,6 +119,44 @@ fn unify_is_byte_identical_to_mindspore_unified_safetensors() {
             let report = unify(&o).unwrap_or_else(|e| panic!("{out}: {e}"));
             assert!(report.parts >= 1);
             assert_same(&mine, &d.join(out), &format!("{}/{out}", case["name"]));
+        }
+        if !case["dst"].is_null() {
+            check_split_of_unified(&d);
+        }
+    }
+}
+
+/// `transform` of MindSpore's unified dir against `load_distributed_checkpoint`.
+fn check_split_of_unified(d: &Path) {
+    let theirs = d.join("loaded");
+    let ranks = std::fs::read_dir(&theirs).unwrap().count();
+    assert!(ranks >= 4);
+    for one in [None, Some(ranks - 1)] {
+        let mine = d.join(format!("ours-loaded-{one:?}"));
+        let o = TransformOptions {
+            file_name: Some("net".into()),
+            ranks: one.map(|r| vec![r]),
+            workers: 2,
+            ..TransformOptions::new(
+                d.join("unified"),
+                &mine,
+                None,
+                Some(d.join("dst_strategy_merged.ckpt")),
+            )
+        };
+        transform(&o).unwrap_or_else(|e| panic!("{}: {e}", d.display()));
+        for r in 0..ranks {
+            let f = PathBuf::from(format!("rank_{r}/net.safetensors"));
+            if one.is_some_and(|o| o != r) {
+                assert!(!mine.join(&f).exists());
+                continue;
+            }
+            assert!(
+                std::fs::read(mine.join(&f)).unwrap() == std::fs::read(theirs.join(&f)).unwrap(),
+                "{}: {} differs from load_distributed_checkpoint's",
+                d.display(),
+                f.display()
+            );
         }
     }
 }

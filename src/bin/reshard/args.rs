@@ -181,6 +181,10 @@ pub struct TransformArgs {
     /// Output file name prefix.
     #[arg(long, default_value = "checkpoint_")]
     pub prefix: String,
+    /// Name every output rank_{r}/NAME.{ext} instead of rank_{r}/{prefix}{r}.{ext}; `net` gives
+    /// mindspore.load_distributed_checkpoint's naming.
+    #[arg(long = "file-name", value_name = "NAME")]
+    pub file_name: Option<String>,
     /// Only these destination ranks (comma-separated), like transform_checkpoint_by_rank.
     #[arg(
         long = "rank-id",

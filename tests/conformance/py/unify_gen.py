@@ -2,7 +2,7 @@
 
 usage: unify_gen.py OUT_DIR CASES_JSON
 
-CASES_JSON: [{"name", "dtype", "src": SIDE, "runs": [RUN]}]  (SIDE as in transform_gen.py)
+CASES_JSON: [{"name", "dtype", "src": SIDE, "dst": SIDE|null, "runs": [RUN]}]  (SIDE as in transform_gen.py)
 RUN: {"out": "<dir name>", "part_bytes": N|null, "drop_prefix": P|null, "rename": {OLD: NEW}|null,
       "split": [K, N]|null, "file_suffix": S|null}
 
@@ -12,7 +12,9 @@ For each case OUT_DIR/<name>/ gets (transform_gen.make_case):
                                      "crc_num": <its CRC>} as MindFormers' CheckpointMonitor leaves them
   src_strategy_merged.ckpt           the source strategy
   full/rank_0/full.ckpt              the full model
-and for each run OUT_DIR/<name>/<out>/ is ms.unified_safetensors' output. "part_bytes" replaces the
+and for each run OUT_DIR/<name>/<out>/ is ms.unified_safetensors' output. With a "dst" side,
+OUT_DIR/<name>/loaded/rank_{r}/net.safetensors is ms.load_distributed_checkpoint(None, predict_strategy=dst,
+unified_safetensors_dir=<name>/unified) (the first run must write "unified"). "part_bytes" replaces the
 3 GiB of split_num = ceil(total / 3 GiB) (MindSpore's own code, with math.ceil patched), so small
 models give several parts.
 """
@@ -85,7 +87,7 @@ def run(d, strategy, r):
 def main():
     root, cases = sys.argv[1], json.load(open(sys.argv[2]))
     for case in cases:
-        case = dict(case, format="safetensors", dst=None)
+        case = dict(case, format="safetensors")
         make_case(root, case)
         d = os.path.join(root, case["name"])
         for rank_dir in sorted(os.listdir(os.path.join(d, "src"))):
@@ -94,6 +96,11 @@ def main():
         strategy = os.path.join(d, "src_strategy_merged.ckpt")
         for r in case["runs"]:
             run(d, strategy, r)
+        if case.get("dst"):
+            # Splitting the unified dir for the destination strategy, as MindFormers does.
+            ms.load_distributed_checkpoint(None, predict_strategy=os.path.join(d, "dst_strategy_merged.ckpt"),
+                                           format="safetensors", unified_safetensors_dir=os.path.join(d, "unified"),
+                                           dst_safetensors_dir=os.path.join(d, "loaded"), max_process_num=1)
     print("ok", len(cases))
 
 

@@ -123,6 +123,7 @@ fn transform(a: TransformArgs) -> Result<()> {
         ranks: a.rank_id,
         world_size: a.world_size,
         workers: a.process_num.max(1),
+        file_name: a.file_name,
         output_format,
         dry_run: a.dry_run,
         read: read_options(&a.read)?,
