@@ -11,3 +11,4 @@ mod faults;
 pub mod merge_lora;
 pub mod transform;
 mod trust;
+mod unify;

@@ -62,12 +62,12 @@ impl Source {
     pub fn open(path: &Path, read: &ckpt::ReadOptions) -> Result<Source> {
         let before = stamp(path)?;
         let file = match tree::FileFormat::of_path(path) {
-            Some(tree::FileFormat::Safetensors) => SourceFile::Safetensors(
-                safetensors::SafetensorsFile::open(
+            Some(tree::FileFormat::Safetensors) => {
+                SourceFile::Safetensors(safetensors::SafetensorsFile::open(
                     path,
                     read.verify_crc && !tree::is_unified_part(path),
-                )?,
-            ),
+                )?)
+            }
             _ => SourceFile::Ckpt(ckpt::Checkpoint::open(path, read)?),
         };
         let source = Source {

@@ -160,8 +160,14 @@ fn last_two_numbers(path: &Path) -> Vec<(usize, String)> {
 /// (`transform_safetensors._find_most_matching_file`).
 fn suffix_rule(suffix: &str) -> Option<(String, Option<String>)> {
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    let epoch_step = |s: &str| s.split_once('_').is_some_and(|(e, st)| digits(e) && digits(st));
-    let task = |s: &str| s.split_once('-').is_some_and(|(t, es)| digits(t) && epoch_step(es));
+    let epoch_step = |s: &str| {
+        s.split_once('_')
+            .is_some_and(|(e, st)| digits(e) && digits(st))
+    };
+    let task = |s: &str| {
+        s.split_once('-')
+            .is_some_and(|(t, es)| digits(t) && epoch_step(es))
+    };
     // `_T-E_S` / `T-E_S`: names ending `_T-E_S` but not `rank_T-E_S`.
     if let Some(rest) = suffix.strip_prefix('_').filter(|r| task(r)) {
         return Some((format!("_{rest}"), Some(format!("rank_{rest}"))));
@@ -231,7 +237,12 @@ pub fn pick_safetensors(rank_dir: &Path, suffix: Option<&str>) -> Result<Option<
         ))
         .in_file(rank_dir)
     })?;
-    let name = |p: &PathBuf| p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let name = |p: &PathBuf| {
+        p.file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned()
+    };
     let matched: Vec<&PathBuf> = files
         .iter()
         .filter(|p| {
@@ -355,8 +366,10 @@ fn read_weight_map(map_file: &Path) -> Result<Vec<(String, String)>> {
                 .filter(|f| !f.is_empty() && !f.contains(['/', '\\']) && *f != "..")
                 .map(|f| (k.clone(), f.to_string()))
                 .ok_or_else(|| {
-                    Error::invalid(format!("the entry of {k:?} is not a file name in this directory"))
-                        .in_file(map_file)
+                    Error::invalid(format!(
+                        "the entry of {k:?} is not a file name in this directory"
+                    ))
+                    .in_file(map_file)
                 })
         })
         .collect()
@@ -383,7 +396,10 @@ pub fn complete_dir(dir: &Path) -> Result<Option<CompleteDir>> {
             .in_file(dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.is_file() && FileFormat::of_path(p) == Some(FileFormat::Safetensors))
-            .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+            .filter(|p| {
+                !p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
             .collect();
         if files.len() != 1 {
             return Ok(None);
@@ -469,7 +485,10 @@ mod tests {
         let err = tree_checkpoints(dir.path()).unwrap_err().to_string();
         assert!(err.contains("mix"), "{err}");
         let err = tree_safetensors(dir.path(), None).unwrap_err().to_string();
-        assert!(err.contains("mixes") && err.contains("rank_0/a.ckpt"), "{err}");
+        assert!(
+            err.contains("mixes") && err.contains("rank_0/a.ckpt"),
+            "{err}"
+        );
     }
 
     /// The cases of spec safetensors-era §3.1, checked against MindSpore.
@@ -488,17 +507,29 @@ mod tests {
             fs::write(rank.join(format!("{n}.safetensors")), b"").unwrap();
         }
         let pick = |s: Option<&str>| {
-            pick_safetensors(&rank, s)
-                .map(|p| p.unwrap().file_name().unwrap().to_string_lossy().into_owned())
+            pick_safetensors(&rank, s).map(|p| {
+                p.unwrap()
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            })
         };
         assert_eq!(pick(None).unwrap(), "net_rank_0-2_1.safetensors");
         for s in ["1_10", "-1_10", "10"] {
             assert_eq!(pick(Some(s)).unwrap(), "net_rank_0-1_10.safetensors", "{s}");
         }
         for s in ["3-1_10", "_3-1_10"] {
-            assert_eq!(pick(Some(s)).unwrap(), "net_rank_0_3-1_10.safetensors", "{s}");
+            assert_eq!(
+                pick(Some(s)).unwrap(),
+                "net_rank_0_3-1_10.safetensors",
+                "{s}"
+            );
         }
-        assert!(pick(Some("9_9")).unwrap_err().to_string().contains("no *9_9"));
+        assert!(pick(Some("9_9"))
+            .unwrap_err()
+            .to_string()
+            .contains("no *9_9"));
         assert!(pick(Some("x")).is_err());
     }
 }

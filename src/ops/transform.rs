@@ -15,7 +15,7 @@ use crate::formats::strategy::{self, Strategy};
 use crate::formats::tree::{self, FileFormat};
 use crate::formats::Source;
 use crate::plan::transform::{plan, TransformInput};
-use crate::plan::{Plan, PlanSummary};
+use crate::plan::{Content, Plan, PlanSummary};
 
 /// Options of [`transform`].
 #[derive(Debug, Clone)]
@@ -253,7 +253,11 @@ pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
 /// of the tensors the name map lists, only those the strategy names are
 /// written; the other entries (`hyper_param.safetensors`: `global_step`, …)
 /// go to every rank, as transform copies them.
-fn complete_to_strategy(plan: &mut Plan, complete: &tree::CompleteDir, dst: &Strategy) -> Result<()> {
+fn complete_to_strategy(
+    plan: &mut Plan,
+    complete: &tree::CompleteDir,
+    dst: &Strategy,
+) -> Result<()> {
     let table = dst.layout_table(None)?;
     let hyper: std::collections::HashSet<&str> = match &complete.hyper {
         Some(h) => plan
@@ -264,7 +268,10 @@ fn complete_to_strategy(plan: &mut Plan, complete: &tree::CompleteDir, dst: &Str
                 plan.files
                     .iter()
                     .flat_map(|f| &f.tensors)
-                    .filter(|t| t.content.steps().iter().any(|s| s.source == i))
+                    .filter(|t| match &t.content {
+                        Content::Str { source, .. } => *source == i,
+                        c => c.steps().iter().any(|s| s.source == i),
+                    })
                     .map(|t| t.name.as_str())
                     .collect()
             })

@@ -311,10 +311,10 @@ fn effective_redundancy(
 /// Plans a unify (reads the strategy and the files' headers only).
 pub fn plan_unify(o: &UnifyOptions) -> Result<UnifyPlan> {
     if o.src_dir.is_file() {
-        return Err(Error::invalid(
-            "unify reads a directory of rank_<n>/ folders, not a file",
-        )
-        .in_file(&o.src_dir));
+        return Err(
+            Error::invalid("unify reads a directory of rank_<n>/ folders, not a file")
+                .in_file(&o.src_dir),
+        );
     }
     if !o.src_dir.is_dir() {
         return Err(Error::invalid("no such directory").in_file(&o.src_dir));
@@ -335,7 +335,13 @@ pub fn plan_unify(o: &UnifyOptions) -> Result<UnifyPlan> {
     let mut warnings = Vec::new();
     let with_meta: Vec<(usize, PathBuf, BTreeMap<String, String>)> = files
         .iter()
-        .map(|(r, p)| Ok((*r, p.clone(), SafetensorsFile::open(p, false)?.metadata().clone())))
+        .map(|(r, p)| {
+            Ok((
+                *r,
+                p.clone(),
+                SafetensorsFile::open(p, false)?.metadata().clone(),
+            ))
+        })
         .collect::<Result<_>>()?;
     if !effective_redundancy(&with_meta, o.has_redundancy, &mut warnings) {
         return Err(Error::invalid(
@@ -507,9 +513,11 @@ fn hyper_file(
                 tensor: e.name.clone(),
             },
             EntryValue::MapTensor => {
-                return Err(Error::invalid("a map tensor cannot be stored in safetensors")
-                    .in_tensor(&e.name)
-                    .in_file(&plan.sources[source].path))
+                return Err(
+                    Error::invalid("a map tensor cannot be stored in safetensors")
+                        .in_tensor(&e.name)
+                        .in_file(&plan.sources[source].path),
+                )
             }
         };
         tensors.push(TensorPlan {
@@ -553,10 +561,9 @@ pub fn unify(o: &UnifyOptions) -> Result<UnifyReport> {
         .chain(planned.name_map.as_ref().map(|_| map_path.as_path()));
     for p in outputs {
         if p.exists() {
-            return Err(Error::invalid(
-                "already exists; remove it or choose another --dst-dir",
-            )
-            .in_file(p));
+            return Err(
+                Error::invalid("already exists; remove it or choose another --dst-dir").in_file(p),
+            );
         }
     }
     std::fs::create_dir_all(&o.dst_dir).in_file(&o.dst_dir)?;
@@ -634,7 +641,10 @@ mod tests {
 
     #[test]
     fn globs() {
-        assert!(glob_match("model.layers.3.*", "model.layers.3.attention.wq.weight"));
+        assert!(glob_match(
+            "model.layers.3.*",
+            "model.layers.3.attention.wq.weight"
+        ));
         assert!(!glob_match("model.layers.3.*", "model.layers.30"));
         assert!(glob_match("*norm*", "model.norm_out.weight"));
         assert!(glob_match("a?c", "abc"));

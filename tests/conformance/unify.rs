@@ -62,7 +62,11 @@ fn split_st(bytes: &[u8]) -> (Value, BTreeMap<String, String>, &[u8]) {
 
 /// Our output against MindSpore's, file by file.
 fn assert_same(ours: &Path, theirs: &Path, what: &str) {
-    assert_eq!(data_files(ours), data_files(theirs), "{what}: different files");
+    assert_eq!(
+        data_files(ours),
+        data_files(theirs),
+        "{what}: different files"
+    );
     for f in data_files(theirs) {
         let (a, b) = (
             std::fs::read(ours.join(&f)).unwrap(),
@@ -75,7 +79,10 @@ fn assert_same(ours: &Path, theirs: &Path, what: &str) {
         let ((ha, ma, da), (hb, mut mb, db)) = (split_st(&a), split_st(&b));
         assert_eq!(ha, hb, "{what}: {f}: tensor headers differ");
         assert!(da == db, "{what}: {f}: tensor bytes differ");
-        assert!(mb.remove("crc_num").is_some(), "{what}: {f}: MindSpore copied crc_num");
+        assert!(
+            mb.remove("crc_num").is_some(),
+            "{what}: {f}: MindSpore copied crc_num"
+        );
         assert_eq!(ma, mb, "{what}: {f}: metadata differs");
     }
 }

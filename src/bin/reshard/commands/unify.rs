@@ -11,16 +11,22 @@ use crate::render;
 
 /// Flags of `reshard unify` (mindformers' `unified_safetensors.py` spellings accepted).
 #[derive(Debug, Args)]
-#[command(after_help = "Output, as mindspore.unified_safetensors: DST/part{i}.safetensors (full tensors, \
+#[command(
+    after_help = "Output, as mindspore.unified_safetensors: DST/part{i}.safetensors (full tensors, \
 parts of about 3 GiB), DST/param_name_map.json, DST/hyper_param.safetensors (rank 0's entries that are \
 not unified). With --output_dir (mindformers' spelling) DST is OUTPUT_DIR/<file_suffix>_ckpt_convert/unified_safe \
-and the file suffix defaults to 1_1, as in mindformers' toolkit/safetensors/unified_safetensors.py.")]
+and the file suffix defaults to 1_1, as in mindformers' toolkit/safetensors/unified_safetensors.py."
+)]
 pub struct UnifyArgs {
     /// Directory of rank_x/ folders holding the .safetensors files.
     #[arg(long = "src-dir", alias = "mindspore_ckpt_dir", value_name = "DIR")]
     pub src_dir: PathBuf,
     /// Source strategy: file, merged file or directory of per-rank files.
-    #[arg(long = "src-strategy", alias = "src_strategy_dirs", value_name = "PATH")]
+    #[arg(
+        long = "src-strategy",
+        alias = "src_strategy_dirs",
+        value_name = "PATH"
+    )]
     pub src_strategy: PathBuf,
     /// Output directory.
     #[arg(
@@ -119,7 +125,8 @@ pub fn run(a: UnifyArgs) -> Result<()> {
         (Some(d), _) => d.clone(),
         (None, Some(o)) => {
             let suffix = file_suffix.get_or_insert_with(|| "1_1".into()).clone();
-            o.join(format!("{suffix}_ckpt_convert")).join("unified_safe")
+            o.join(format!("{suffix}_ckpt_convert"))
+                .join("unified_safe")
         }
         (None, None) => bail!("give --dst-dir"),
     };
