@@ -12,3 +12,4 @@ pub mod merge_lora;
 mod redundancy;
 pub mod transform;
 mod trust;
+mod unify;

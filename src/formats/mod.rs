@@ -64,7 +64,10 @@ impl Source {
         let before = stamp(path)?;
         let file = match tree::FileFormat::of_path(path) {
             Some(tree::FileFormat::Safetensors) => {
-                SourceFile::Safetensors(safetensors::SafetensorsFile::open(path, read.verify_crc)?)
+                SourceFile::Safetensors(safetensors::SafetensorsFile::open(
+                    path,
+                    read.verify_crc && !tree::is_unified_part(path),
+                )?)
             }
             _ => SourceFile::Ckpt(ckpt::Checkpoint::open(path, read)?),
         };

@@ -557,22 +557,23 @@ pub fn layout(
         ));
         offset += len;
     }
-    let meta = safetensors::tensor::Metadata::new(None, infos).map_err(st_error)?;
-    let ser = |e: serde_json::Error| Error::invalid(format!("cannot serialise the header: {e}"));
-    let mut header = serde_json::to_string(&meta).map_err(ser)?.into_bytes();
-    // `__metadata__` goes first, as the crate writes it, but with its keys
-    // in sorted order: the crate keeps them in a `HashMap`, whose order
-    // changes from one process to the next (MindSpore's files have the
-    // same randomness; spec safetensors-era §1.1), and a header must not.
-    if let Some(m) = metadata {
-        let mut with = br#"{"__metadata__":"#.to_vec();
-        with.extend(serde_json::to_vec(&m).map_err(ser)?);
-        if header.len() > 2 {
-            with.push(b',');
-        }
-        with.extend_from_slice(&header[1..]);
-        header = with;
+    let meta = safetensors::tensor::Metadata::new(metadata.map(|m| m.into_iter().collect()), infos)
+        .map_err(st_error)?;
+    // The crate keeps `__metadata__` in a HashMap, whose order changes from
+    // one map to the next (MindSpore's, through the same crate, is random
+    // per process too); reshard writes the keys sorted, so its output is
+    // reproducible.
+    let mut value = serde_json::to_value(&meta)
+        .map_err(|e| Error::invalid(format!("cannot serialise the header: {e}")))?;
+    if let Some(m) = value
+        .get_mut("__metadata__")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        m.sort_keys();
     }
+    let mut header = serde_json::to_string(&value)
+        .map_err(|e| Error::invalid(format!("cannot serialise the header: {e}")))?
+        .into_bytes();
     header.resize(header.len().next_multiple_of(8), b' ');
     let mut prefix = (header.len() as u64).to_le_bytes().to_vec();
     prefix.extend_from_slice(&header);

@@ -167,7 +167,7 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
         )));
     }
     let (_, files) = source_files(&o.src)?;
-    if files.len() > 1 && o.src_strategy.is_none() {
+    if crate::ops::transform::rank_count(&files) > 1 && o.src_strategy.is_none() {
         return Err(
             Error::invalid("a distributed source needs --src-ckpt-strategy").in_file(&o.src),
         );

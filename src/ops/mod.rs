@@ -11,4 +11,5 @@ pub mod merge_lora;
 pub mod rewrite;
 pub mod strategy_gen;
 pub mod transform;
+pub mod unify;
 pub mod verify;

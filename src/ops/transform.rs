@@ -15,7 +15,7 @@ use crate::formats::strategy::{self, Strategy};
 use crate::formats::tree::{self, FileFormat};
 use crate::formats::Source;
 use crate::plan::transform::{plan, TransformInput};
-use crate::plan::{Plan, PlanSummary};
+use crate::plan::{Content, Plan, PlanSummary};
 
 /// Options of [`transform`].
 #[derive(Debug, Clone)]
@@ -36,6 +36,10 @@ pub struct TransformOptions {
     pub world_size: Option<usize>,
     /// Worker threads: each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
     pub workers: usize,
+    /// Name every output `rank_{r}/{file_name}.{ext}` instead of
+    /// `rank_{r}/{prefix}{r}.{ext}` (`net` gives
+    /// `load_distributed_checkpoint`'s naming).
+    pub file_name: Option<String>,
     /// Output format (`None`: the source's format).
     pub output_format: Option<FileFormat>,
     /// Plan only; write nothing.
@@ -81,6 +85,7 @@ impl TransformOptions {
             ranks: None,
             world_size: None,
             workers: 1,
+            file_name: None,
             output_format: None,
             dry_run: false,
             read: ReadOptions::default(),
@@ -107,8 +112,18 @@ pub struct TransformReport {
     pub backend: String,
 }
 
-/// The source files by rank: a tree's picked files, or a single file as rank 0.
+/// The source files by rank: a tree's picked files, a single file as rank
+/// 0, or the files of a complete checkpoint kept in a directory (MindSpore's
+/// unified layout, HuggingFace's sharded one: [`tree::complete_dir`]), all
+/// as rank 0.
 pub fn source_files(src: &Path) -> Result<(FileFormat, Vec<(usize, PathBuf)>)> {
+    if let Some(dir) = tree::complete_dir(src)? {
+        check_complete(&dir)?;
+        return Ok((
+            FileFormat::Safetensors,
+            dir.files.into_iter().map(|f| (0, f)).collect(),
+        ));
+    }
     if src.is_dir() {
         return tree::tree_checkpoints(src);
     }
@@ -119,6 +134,33 @@ pub fn source_files(src: &Path) -> Result<(FileFormat, Vec<(usize, PathBuf)>)> {
         Error::invalid("a source file must end in .ckpt or .safetensors").in_file(src)
     })?;
     Ok((format, vec![(0, src.to_path_buf())]))
+}
+
+/// Every tensor a complete directory's name map lists must be in the file
+/// it names (headers only are read).
+fn check_complete(dir: &tree::CompleteDir) -> Result<()> {
+    let mut by_file: std::collections::BTreeMap<&Path, Vec<&str>> = Default::default();
+    for (name, file) in &dir.weight_map {
+        by_file.entry(file).or_default().push(name);
+    }
+    for (file, names) in by_file {
+        let f = crate::formats::safetensors::SafetensorsFile::open(file, false)?;
+        if let Some(missing) = names.iter().find(|n| f.get(n).is_none()) {
+            return Err(Error::TensorNotFound((*missing).to_string())
+                .in_file(file)
+                .in_file(dir.map_file.as_deref().unwrap_or(file)));
+        }
+    }
+    Ok(())
+}
+
+/// The number of distinct ranks among source files (the files of one
+/// complete checkpoint share rank 0).
+pub(crate) fn rank_count(files: &[(usize, PathBuf)]) -> usize {
+    let mut ranks: Vec<usize> = files.iter().map(|f| f.0).collect();
+    ranks.sort_unstable();
+    ranks.dedup();
+    ranks.len()
 }
 
 /// The entries of a checkpoint file, from its index only: planning needs no
@@ -232,15 +274,16 @@ pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
             "give --src-strategy, --dst-strategy or both: without either there is nothing to transform",
         ));
     }
-    if files.len() > 1 && src.is_none() {
+    if rank_count(&files) > 1 && src.is_none() {
         return Err(Error::invalid(format!(
             "{} holds {} rank directories: a sharded source needs --src-strategy",
             options.src_checkpoint.display(),
             files.len()
         )));
     }
-    if let Some((i, (rank, _))) = files.iter().enumerate().find(|(i, (r, _))| r != i) {
-        let _ = rank;
+    let mut ranks: Vec<usize> = files.iter().map(|f| f.0).collect();
+    ranks.dedup();
+    if let Some((i, _)) = ranks.iter().enumerate().find(|(i, r)| *r != i) {
         return Err(Error::invalid(format!(
             "rank_{i} is missing: source rank directories must run from rank_0 without gaps"
         ))
@@ -248,7 +291,7 @@ pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
     }
     let sources = index_sources(files, &options.read)?;
     let deduplicated = deduplicated(&sources, options.has_redundancy)?;
-    let plan = plan(&TransformInput {
+    let mut plan = plan(&TransformInput {
         deduplicated,
         remove_redundancy: options.remove_redundancy,
         sources,
@@ -260,6 +303,20 @@ pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
         format: options.output_format.unwrap_or(format),
         lora: None,
     })?;
+    if let (Some(complete), Some(dst)) = (tree::complete_dir(&options.src_checkpoint)?, &dst) {
+        complete_to_strategy(&mut plan, &complete, dst)?;
+    }
+    if let Some(name) = &options.file_name {
+        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with("..") {
+            return Err(Error::invalid(format!(
+                "--file-name {name:?} is not a plain file name"
+            )));
+        }
+        for f in &mut plan.files {
+            let file = format!("{name}.{}", f.format.extension());
+            f.path.set_file_name(file);
+        }
+    }
     if let Some(n) = options.world_size {
         let all = crate::plan::transform::destination_ranks(dst.as_ref())?.len();
         if n != all {
@@ -301,6 +358,52 @@ fn plan_checkpoint2(options: &TransformOptions) -> Result<Plan> {
         }
     }
     Ok(plan)
+}
+
+/// `load_distributed_checkpoint(predict_strategy=S, unified_safetensors_dir=U)`:
+/// of the tensors the name map lists, only those the strategy names are
+/// written; the other entries (`hyper_param.safetensors`: `global_step`, …)
+/// go to every rank, as transform copies them.
+fn complete_to_strategy(
+    plan: &mut Plan,
+    complete: &tree::CompleteDir,
+    dst: &Strategy,
+) -> Result<()> {
+    let table = dst.layout_table(None)?;
+    let hyper: std::collections::HashSet<&str> = match &complete.hyper {
+        Some(h) => plan
+            .sources
+            .iter()
+            .position(|s| &s.path == h)
+            .map(|i| {
+                plan.files
+                    .iter()
+                    .flat_map(|f| &f.tensors)
+                    .filter(|t| match &t.content {
+                        Content::Str { source, .. } => *source == i,
+                        c => c.steps().iter().any(|s| s.source == i),
+                    })
+                    .map(|t| t.name.as_str())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        None => Default::default(),
+    };
+    let keep: Vec<Vec<bool>> = plan
+        .files
+        .iter()
+        .map(|f| {
+            f.tensors
+                .iter()
+                .map(|t| table.contains(&t.name) || hyper.contains(t.name.as_str()))
+                .collect()
+        })
+        .collect();
+    for (f, keep) in plan.files.iter_mut().zip(keep) {
+        let mut k = keep.into_iter();
+        f.tensors.retain(|_| k.next().unwrap_or(true));
+    }
+    Ok(())
 }
 
 /// The first entry of `dir` that a transform writing `output` must not

@@ -183,7 +183,7 @@ fn logical_plan(side: &Side) -> Result<Plan> {
         );
     }
     let (format, files) = source_files(&side.path)?;
-    if files.len() > 1 && side.strategy.is_none() {
+    if crate::ops::transform::rank_count(&files) > 1 && side.strategy.is_none() {
         return Err(
             Error::invalid("a rank_x tree needs its strategy to be compared").in_file(&side.path),
         );

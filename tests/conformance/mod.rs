@@ -9,3 +9,4 @@ mod merge_lora;
 mod redundancy;
 mod strategy;
 mod transform;
+mod unify;

@@ -6,6 +6,8 @@
 //!
 //! - Reading: a de-duplicated source transforms to the same bytes as
 //!   MindSpore's `transform_checkpoints` of the set that kept every copy.
+//! - Unifying: `reshard unify` gives `unified_safetensors(...,
+//!   merge_with_redundancy=False)`'s files.
 //! - Writing: `--remove-redundancy` keeps on each rank exactly the tensors
 //!   MindSpore keeps, with the same bytes and the same header (compared as
 //!   JSON: MindSpore's metadata key order is random per process).
@@ -14,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use reshard::formats::tree::FileFormat;
 use reshard::ops::transform::{transform, TransformOptions};
+use reshard::ops::unify::{unify, UnifyOptions};
 use reshard::ops::verify;
 use serde_json::{json, Value};
 
@@ -146,6 +149,27 @@ fn remove_redundancy_sets_read_and_written_like_mindspore() {
             transform(&o).unwrap_or_else(|e| panic!("{name} from {src}, deduplicated: {e}"));
             assert_same_st_tree(&out, &case_dir.join("expect_dedup"), name);
         }
+
+        // unify: MindSpore's unified_safetensors(merge_with_redundancy=False).
+        let out = dir.path().join(format!("unify-{name}"));
+        let mut o = UnifyOptions::new(
+            case_dir.join("src_dedup"),
+            case_dir.join("src_strategy_merged.ckpt"),
+            &out,
+        );
+        o.has_redundancy = false;
+        unify(&o).unwrap_or_else(|e| panic!("{name} unify: {e}"));
+        let theirs = case_dir.join("unified_dedup");
+        for f in ["param_name_map.json", "hyper_param.safetensors"] {
+            assert!(
+                std::fs::read(out.join(f)).unwrap() == std::fs::read(theirs.join(f)).unwrap(),
+                "{name}: {f} differs from MindSpore's"
+            );
+        }
+        let (ha, da) = split_st(&out.join("part0.safetensors"));
+        let (hb, db) = split_st(&theirs.join("part0.safetensors"));
+        assert_eq!(ha, hb, "{name}: unified part header");
+        assert!(da == db, "{name}: unified part data");
 
         // verify: the de-duplicated set holds the same model as the full one.
         let c = verify::compare(

@@ -36,6 +36,8 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Time split, N → M, merge, HF → MS convert and LoRA merge on a synthetic model, against the copy bound (and MindSpore).
     Bench(BenchArgs),
+    /// Merge a distributed safetensors checkpoint into MindSpore's unified layout, like mindspore.unified_safetensors.
+    Unify(crate::commands::unify::UnifyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -179,6 +181,10 @@ pub struct TransformArgs {
     /// Output file name prefix.
     #[arg(long, default_value = "checkpoint_")]
     pub prefix: String,
+    /// Name every output rank_{r}/NAME.{ext} instead of rank_{r}/{prefix}{r}.{ext}; `net` gives
+    /// mindspore.load_distributed_checkpoint's naming.
+    #[arg(long = "file-name", value_name = "NAME")]
+    pub file_name: Option<String>,
     /// Only these destination ranks (comma-separated), like transform_checkpoint_by_rank.
     #[arg(
         long = "rank-id",

@@ -8,6 +8,7 @@ strategies), plus:
   src_dedup/rank_{r}/...     src/ saved again with remove_redundancy=True
   expect_dedup/rank_{r}/...  expect/ saved again with remove_redundancy=True
   kept.json                  {"src"|"dst": {rank: [names kept]}}
+  unified_dedup/             ms.unified_safetensors(src_dedup, ..., merge_with_redundancy=False)
 
 "Saved again" is what ModelCheckpoint(remove_redundancy=True) does on each rank
 (train/callback/_checkpoint.py), with the strategy file standing for the net's
@@ -61,6 +62,10 @@ def main():
         }
         with open(os.path.join(d, "kept.json"), "w") as f:
             json.dump(kept, f)
+        # MindSpore's offline merge of the de-duplicated set.
+        ms.unified_safetensors(os.path.join(d, "src_dedup"), os.path.join(d, "src_strategy_merged.ckpt"),
+                               os.path.join(d, "unified_dedup"), merge_with_redundancy=False,
+                               max_process_num=1)
     print("ok", len(cases))
 
 

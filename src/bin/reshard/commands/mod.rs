@@ -4,6 +4,7 @@
 pub mod auto;
 pub mod convert;
 pub mod merge_lora;
+pub mod unify;
 
 use anyhow::Result;
 use reshard::formats::ckpt::{crypt, ReadOptions, SplitMode};
@@ -27,6 +28,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Auto(a) => auto::run(a),
         Command::Verify(a) => verify(a),
         Command::Bench(a) => bench(a),
+        Command::Unify(a) => unify::run(a),
     }
 }
 
@@ -121,6 +123,7 @@ fn transform(a: TransformArgs) -> Result<()> {
         ranks: a.rank_id,
         world_size: a.world_size,
         workers: a.process_num.max(1),
+        file_name: a.file_name,
         output_format,
         dry_run: a.dry_run,
         read: read_options(&a.read)?,
