@@ -11,6 +11,7 @@
 use std::path::Path;
 
 use reshard::formats::strategy::{self, LayoutItem, Strategy};
+use reshard::ops::inspect::{inspect, DirForm, InspectOptions, Report};
 use reshard::ops::transform::{transform, TransformOptions};
 use reshard::ops::verify;
 
@@ -125,6 +126,14 @@ fn checkpoint2_directories_read_through_mindformers_metadata() {
         )
         .unwrap();
         assert!(c.differences.is_empty() && c.tensors == 6, "{tag}: {c:?}");
+    }
+    // inspect says what it is and lists the files by storage rank.
+    match inspect(&root.join("v21"), &InspectOptions::default()).unwrap() {
+        Report::Tree { form, ranks, .. } => {
+            assert_eq!(form, DirForm::Checkpoint2);
+            assert_eq!(ranks.len(), 4);
+        }
+        other => panic!("not a tree: {other:?}"),
     }
     // A --src-strategy is refused: metadata.json is the layout.
     let mut o = TransformOptions::new(root.join("v21"), root.join("x"), Some(dst.clone()), None);
