@@ -35,6 +35,7 @@
 //! Ranks here are local to one pipeline stage (spec 3.4); callers add
 //! `stage * device_num`.
 
+pub mod balanced;
 mod expand;
 mod needed;
 pub mod redundancy;

@@ -65,6 +65,9 @@ pub struct TransformOptions {
     /// Write each destination rank without redundant copies, as MindSpore's
     /// `save_checkpoint(..., remove_redundancy=True)` (safetensors output).
     pub remove_redundancy: bool,
+    /// Write a mindformers Checkpoint 2.0 directory for this iteration
+    /// instead of `rank_x/` files (`--output-format checkpoint2`).
+    pub checkpoint2_iteration: Option<u64>,
 }
 
 impl TransformOptions {
@@ -96,6 +99,7 @@ impl TransformOptions {
             control: OutputControl::default(),
             has_redundancy: None,
             remove_redundancy: false,
+            checkpoint2_iteration: None,
         }
     }
 }
@@ -511,6 +515,9 @@ pub(crate) fn write_plan(plan: &Plan, s: &WriteSettings<'_>) -> Result<(ExecRepo
 
 /// Runs a transform.
 pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
+    if let Some(iteration) = options.checkpoint2_iteration {
+        return transform_to_checkpoint2(options, iteration);
+    }
     let plan = plan_transform(options)?;
     let summary = plan.summary(options.workers);
     if options.dry_run {
@@ -533,6 +540,73 @@ pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
             dst_flag: "--dst-checkpoint-dir",
         },
     )?;
+    Ok(TransformReport {
+        plan: summary,
+        executed: Some(report),
+        backend,
+    })
+}
+
+/// [`transform`] into a mindformers Checkpoint 2.0 directory: the per-rank
+/// plan, cut down to one saved copy of each shard (see
+/// [`crate::ops::checkpoint2_write`]), then `metadata.json` and the tracker.
+fn transform_to_checkpoint2(options: &TransformOptions, iteration: u64) -> Result<TransformReport> {
+    let Some(dst_path) = &options.dst_strategy else {
+        return Err(Error::invalid(
+            "--output-format checkpoint2 needs --dst-strategy (the layout the directory describes)",
+        ));
+    };
+    if options.ranks.is_some() || options.remove_redundancy || options.resume {
+        return Err(Error::invalid(
+            "--output-format checkpoint2 writes every rank's shards at once, de-duplicated: \
+             --rank-id, --remove-redundancy and --resume do not apply",
+        ));
+    }
+    let per_rank = plan_transform(&TransformOptions {
+        output_format: Some(FileFormat::Safetensors),
+        checkpoint2_iteration: None,
+        ..options.clone()
+    })?;
+    let dst = strategy::load(dst_path)?;
+    let job = crate::ops::checkpoint2_write::balanced(per_rank, &dst, &options.dst_dir, iteration)?;
+    let summary = job.plan.summary(options.workers);
+    if options.dry_run {
+        return Ok(TransformReport {
+            plan: summary,
+            executed: None,
+            backend: options.backend.to_string(),
+        });
+    }
+    for (path, _) in [&job.metadata, &job.tracker] {
+        if path.exists() {
+            return Err(Error::invalid(
+                "already exists; remove it or choose another --dst-checkpoint-dir",
+            )
+            .in_file(path));
+        }
+    }
+    if let Some(dir) = job.metadata.0.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::from(e).in_file(dir))?;
+    }
+    let (report, backend) = write_plan(
+        &job.plan,
+        &WriteSettings {
+            workers: options.workers,
+            read: &options.read,
+            manifest: options.manifest,
+            resume: false,
+            verify: options.verify,
+            backend: options.backend,
+            control: &options.control,
+            dst_flag: "--dst-checkpoint-dir",
+        },
+    )?;
+    // metadata.json, then the tracker last, as mindformers writes them.
+    for (path, bytes) in [&job.metadata, &job.tracker] {
+        let mut f = crate::formats::atomic::AtomicFile::create(path)?;
+        f.write_all(bytes)?;
+        f.commit()?;
+    }
     Ok(TransformReport {
         plan: summary,
         executed: Some(report),

@@ -6,7 +6,9 @@
 //! `get_total_params_file_mapping_info` and `save_metadata`, in the 2.1
 //! schema and the 1.7/1.8 one. The rank files hold slices cut from the
 //! device coordinates, so reading them through the slice ids must give the
-//! full model back.
+//! full model back. Writing (`--output-format checkpoint2`) is checked
+//! against mindformers' balanced save plan (`_compute_balanced_assignment_on_rank0`,
+//! `distribute_shards`) and `save_balanced_metadata`.
 
 use std::path::Path;
 
@@ -135,6 +137,46 @@ fn checkpoint2_directories_read_through_mindformers_metadata() {
         }
         other => panic!("not a tree: {other:?}"),
     }
+    // Writing: the balanced save mindformers plans for the destination
+    // layouts — the same files, the same bytes, the same metadata.json
+    // (compared as JSON: objects unordered, lists ordered).
+    let out = root.join("written");
+    let mut o = TransformOptions::new(&full, &out, None, Some(dst.clone()));
+    o.checkpoint2_iteration = Some(1);
+    transform(&o).unwrap_or_else(|e| panic!("checkpoint2 output: {e}"));
+    let (ours, theirs) = (
+        out.join("iteration_00000001"),
+        root.join("balanced/iteration_00000001"),
+    );
+    let (a, b) = (files_under(&ours), files_under(&theirs));
+    assert_eq!(a, b, "checkpoint2 output: different files");
+    for f in &a {
+        let (x, y) = (
+            std::fs::read(ours.join(f)).unwrap(),
+            std::fs::read(theirs.join(f)).unwrap(),
+        );
+        if f.ends_with("metadata.json") {
+            let (x, y): (serde_json::Value, serde_json::Value) = (
+                serde_json::from_slice(&x).unwrap(),
+                serde_json::from_slice(&y).unwrap(),
+            );
+            assert_eq!(x, y, "metadata.json differs from mindformers'");
+        } else {
+            assert!(x == y, "{} differs from mindformers'", f.display());
+        }
+    }
+    assert_eq!(
+        std::fs::read(out.join("latest_checkpointed_iteration.txt")).unwrap(),
+        b"1"
+    );
+    // And it reads back as the model.
+    let back = root.join("back");
+    transform(&TransformOptions::new(&out, &back, None, None)).unwrap();
+    assert!(
+        std::fs::read(back.join("rank_0/checkpoint_0.safetensors")).unwrap()
+            == std::fs::read(&full).unwrap()
+    );
+
     // A --src-strategy is refused: metadata.json is the layout.
     let mut o = TransformOptions::new(root.join("v21"), root.join("x"), Some(dst.clone()), None);
     o.dst_strategy = None;

@@ -205,11 +205,12 @@ pub struct TransformArgs {
         value_name = "K"
     )]
     pub process_num: usize,
-    /// Output format (default: the source's).
+    /// Output format (default: the source's); checkpoint2: a mindformers Checkpoint 2.0 directory
+    /// (balanced de-duplicated save, metadata.json, latest_checkpointed_iteration.txt).
     #[arg(
         long = "output-format",
         alias = "output_format",
-        value_name = "ckpt|safetensors"
+        value_name = "ckpt|safetensors|checkpoint2"
     )]
     pub output_format: Option<String>,
     /// Print the plan (files per rank, bytes, largest tensor, peak memory) and write nothing.
@@ -227,6 +228,9 @@ pub struct TransformArgs {
     /// (safetensors output, needs --dst-strategy).
     #[arg(long = "remove-redundancy", alias = "remove_redundancy")]
     pub remove_redundancy: bool,
+    /// With --output-format checkpoint2: the iteration (DST/iteration_XXXXXXXX/).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub iteration: u64,
     #[command(flatten)]
     pub output: OutputArgs,
     #[command(flatten)]

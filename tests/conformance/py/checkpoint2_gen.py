@@ -16,6 +16,11 @@ OUT_DIR gets:
   full.safetensors                       the full model
   v21/iteration_00000001/...             metadata.json (2.1) + files, latest_checkpointed_iteration.txt
   v17/iteration_00000001/...             metadata.json (1.7/1.8 schema) + the same files
+  balanced/iteration_00000001/...        a balanced (de-duplicated) save for the layouts of DST, as
+                                         mindformers' BalancedSaveStrategy plans it on rank 0
+                                         (_compute_balanced_assignment_on_rank0, i.e. distribute_shards)
+                                         and save_balanced_metadata writes metadata.json; each saving
+                                         rank's file holds its shards (alias names axis0, axis1)
 """
 import json
 import logging
@@ -47,7 +52,9 @@ def load_mindformers(src):
     stub("mindformers.checkpoint", __path__=[os.path.join(src, "2.1.0", "mindformers", "checkpoint")])
     import mindformers.checkpoint.metadata as metadata
     import mindformers.checkpoint.sharded_tensor as sharded
-    return metadata, sharded
+    import mindformers.checkpoint.fully_parallel as balanced
+    import mindformers.checkpoint.utils as utils
+    return metadata, sharded, balanced, utils
 
 
 WORLD = 4
@@ -65,9 +72,40 @@ def save(tensors, path):
     ms.save_checkpoint([{"name": n, "data": t} for n, t in tensors.items()], path, format="safetensors")
 
 
+# The destination of the balanced save: flat maps on (2, 2), axis 0 the rightmost.
+DST = {"model.embed": [0, -1], "layers.0.w_row": [-1, 0], "layers.0.w_col": [1, -1],
+       "layers.0.w_both": [1, 0], "layers.0.norm": [0], "head": [-1, -1]}
+
+
+def balanced_save(full, sharded, balanced, utils, out):
+    alias = ("axis0", "axis1")
+    base = Layout((2, 2), alias)
+    names = {n: tuple("None" if a == -1 else alias[1 - a] for a in m) for n, m in DST.items()}
+    infos = {n: [base(*names[n]), full[n].dtype, tuple(full[n].shape)] for n in DST}
+    metas = {r: sharded.get_sharded_tensor_from_strategy_metadata(infos, r) for r in range(WORLD)}
+    _, assignment = balanced._compute_balanced_assignment_on_rank0(metas, WORLD)
+    plan = balanced.BalancedShardPlan(full_assignment=assignment, total_files_num=len(assignment))
+    it = os.path.join(out, "iteration_00000001")
+    os.makedirs(it)
+    for file_id, (rank, shards) in enumerate(assignment.items()):
+        coord = {"axis0": rank // 2, "axis1": rank % 2, "None": 0}
+        local = {}
+        for shard_id in shards:
+            name, _ = utils._reverse_sharded_tensor_shard_id(shard_id)
+            arr = full[name]
+            idx = tuple(slice(coord[a] * (d // (2 if a != "None" else 1)),
+                              (coord[a] + 1) * (d // (2 if a != "None" else 1)))
+                        for a, d in zip(names[name], arr.shape))
+            local[name] = ms.Tensor(np.ascontiguousarray(arr.asnumpy()[idx]))
+        save(local, os.path.join(it, f"model-{file_id:07d}-{len(assignment):07d}.safetensors"))
+    balanced.save_balanced_metadata(out, 1, None, [(plan, utils.FileType.MODEL, None)], metas)
+    with open(os.path.join(out, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("1")
+
+
 def main():
     src, out = sys.argv[1], sys.argv[2]
-    metadata, sharded = load_mindformers(src)
+    metadata, sharded, balanced, utils = load_mindformers(src)
     metadata.get_group_size = lambda: WORLD
     rng = np.random.default_rng(7)
     full = {n: ms.Tensor(rng.standard_normal(s).astype(np.float32)).astype(d) for n, s, _, d in PARAMS}
@@ -110,6 +148,7 @@ def main():
             del e["rank_group"]
     with open(os.path.join(old, "metadata.json"), "w") as f:
         json.dump(m, f, ensure_ascii=False, indent=4)
+    balanced_save(full, sharded, balanced, utils, os.path.join(out, "balanced"))
     print("ok")
 
 
