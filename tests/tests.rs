@@ -5,6 +5,7 @@ mod util;
 mod ascend;
 mod auto;
 mod bench;
+mod checkpoint2;
 mod conformance;
 mod convert;
 mod faults;
