@@ -35,6 +35,10 @@ fn is_optimizer(name: &str) -> bool {
         || name == "global_step"
 }
 
+/// A parameter's description in `metadata.json`: global shape,
+/// `axis_fragmentations`, layout, replica ids, dtype name.
+type ParamInfo = (Vec<u64>, Vec<u64>, Value, Value, String);
+
 /// One parameter as a rank holds it.
 struct Held {
     slice_id: u64,
@@ -72,7 +76,7 @@ pub(crate) fn balanced(
     let it_dir = dst_dir.join(format!("iteration_{iteration:08}"));
     // Per parameter: (global shape, fragmentation, layout JSON, replica ids, dtype).
     let mut params: Vec<String> = Vec::new();
-    let mut info: HashMap<String, (Vec<u64>, Vec<u64>, Value, Value, String)> = HashMap::new();
+    let mut info: HashMap<String, ParamInfo> = HashMap::new();
     let mut held: BTreeMap<usize, Vec<(String, Held)>> = BTreeMap::new();
     let mut content: HashMap<(usize, String), crate::plan::TensorPlan> = HashMap::new();
     for f in &per_rank.files {

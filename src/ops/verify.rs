@@ -200,7 +200,7 @@ fn logical_plan(side: &Side) -> Result<Plan> {
         ranks: None,
         format,
         lora: None,
-        deduplicated: deduplicated,
+        deduplicated,
         remove_redundancy: false,
     })
 }

@@ -45,8 +45,9 @@ pub struct TransformInput<'a> {
     pub deduplicated: bool,
     /// Write each destination rank with only the tensors MindSpore's
     /// `remove_redundancy=True` save keeps there (`get_parameter_redundancy`
-    /// + `remove_param_redundancy` on the destination strategy), with the
-    /// `remove_redundancy: "True"` metadata flag. Safetensors output only.
+    /// then `remove_param_redundancy` on the destination strategy), with
+    /// the `remove_redundancy: "True"` metadata flag. Safetensors output
+    /// only.
     pub remove_redundancy: bool,
 }
 
