@@ -15,6 +15,7 @@
 use std::path::{Path, PathBuf};
 
 use reshard::formats::tree::FileFormat;
+use reshard::ops::auto::{auto_convert, AutoOptions};
 use reshard::ops::transform::{transform, TransformOptions};
 use reshard::ops::unify::{unify, UnifyOptions};
 use reshard::ops::verify;
@@ -170,6 +171,37 @@ fn remove_redundancy_sets_read_and_written_like_mindspore() {
         let (hb, db) = split_st(&theirs.join("part0.safetensors"));
         assert_eq!(ha, hb, "{name}: unified part header");
         assert!(da == db, "{name}: unified part data");
+
+        // MindFormers' auto_trans_ckpt flow for distributed safetensors
+        // (unify into output/unified_checkpoint, then
+        // load_distributed_checkpoint for the job's strategy): transform
+        // goes straight from the rank set to the same per-rank bytes, and so
+        // does `auto` with load_ckpt_format: safetensors.
+        let loaded = case_dir.join("loaded_dedup");
+        let out = dir.path().join(format!("direct-{name}"));
+        let mut o = options(&case_dir, "src_dedup", &out, merged);
+        o.file_name = Some("net".into());
+        transform(&o).unwrap_or_else(|e| panic!("{name} direct: {e}"));
+        assert_same_tree(&out, &loaded, name);
+        let world = files_under(&loaded).len();
+        let job = dir.path().join(format!("job-{name}"));
+        let mut a = AutoOptions::new(case_dir.join("src_dedup"), 0, world);
+        a.src_strategy = Some(case_dir.join("src_strategy"));
+        a.dst_strategy = Some(case_dir.join("dst_strategy_merged.ckpt"));
+        a.load_ckpt_format = FileFormat::Safetensors;
+        a.remove_redundancy = Some(true);
+        a.output_dir = job.join("output");
+        a.parallel.pipeline_stage = if case["dst"]["pp"].is_null() { 1 } else { 2 };
+        let report = auto_convert(&a).unwrap_or_else(|e| panic!("{name} auto: {e}"));
+        let root = report.load_checkpoint.expect("auto loads converted files");
+        for r in 0..world {
+            let ours = root.join(format!("rank_{r}/checkpoint_{r}.safetensors"));
+            let theirs = loaded.join(format!("rank_{r}/net.safetensors"));
+            assert!(
+                std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(),
+                "{name}: auto's rank {r} differs from load_distributed_checkpoint's"
+            );
+        }
 
         // verify: the de-duplicated set holds the same model as the full one.
         let c = verify::compare(

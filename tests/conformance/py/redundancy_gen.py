@@ -9,6 +9,7 @@ strategies), plus:
   expect_dedup/rank_{r}/...  expect/ saved again with remove_redundancy=True
   kept.json                  {"src"|"dst": {rank: [names kept]}}
   unified_dedup/             ms.unified_safetensors(src_dedup, ..., merge_with_redundancy=False)
+  loaded_dedup/rank_{r}/net.safetensors  ms.load_distributed_checkpoint(None, dst strategy, unified_dedup)
 
 "Saved again" is what ModelCheckpoint(remove_redundancy=True) does on each rank
 (train/callback/_checkpoint.py), with the strategy file standing for the net's
@@ -66,6 +67,12 @@ def main():
         ms.unified_safetensors(os.path.join(d, "src_dedup"), os.path.join(d, "src_strategy_merged.ckpt"),
                                os.path.join(d, "unified_dedup"), merge_with_redundancy=False,
                                max_process_num=1)
+        # ... then split for the job's strategy: MindFormers' auto_trans_ckpt flow for
+        # distributed safetensors weights (load_checkpoint_with_safetensors).
+        ms.load_distributed_checkpoint(None, predict_strategy=os.path.join(d, "dst_strategy_merged.ckpt"),
+                                       format="safetensors",
+                                       unified_safetensors_dir=os.path.join(d, "unified_dedup"),
+                                       dst_safetensors_dir=os.path.join(d, "loaded_dedup"), max_process_num=1)
     print("ok", len(cases))
 
 
