@@ -203,6 +203,25 @@ fn remove_redundancy_sets_read_and_written_like_mindspore() {
             );
         }
 
+        // The complete-weights flow: load_checkpoint is the unified folder
+        // itself (load_distributed_checkpoint straight on it).
+        let job = dir.path().join(format!("job-unified-{name}"));
+        let mut a = AutoOptions::new(case_dir.join("unified_dedup"), 0, world);
+        a.dst_strategy = Some(case_dir.join("dst_strategy_merged.ckpt"));
+        a.load_ckpt_format = FileFormat::Safetensors;
+        a.output_dir = job.join("output");
+        a.parallel.pipeline_stage = if case["dst"]["pp"].is_null() { 1 } else { 2 };
+        let report = auto_convert(&a).unwrap_or_else(|e| panic!("{name} auto unified: {e}"));
+        let root = report.load_checkpoint.expect("auto loads converted files");
+        for r in 0..world {
+            let ours = root.join(format!("rank_{r}/checkpoint_{r}.safetensors"));
+            let theirs = loaded.join(format!("rank_{r}/net.safetensors"));
+            assert!(
+                std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(),
+                "{name}: auto's rank {r} from the unified folder differs"
+            );
+        }
+
         // verify: the de-duplicated set holds the same model as the full one.
         let c = verify::compare(
             &verify::Side {

@@ -1129,7 +1129,7 @@ fn run_block(
     std::fs::create_dir_all(&inputs).in_file(&inputs)?;
     let (src_path, farm) = match &entry.kind {
         EntryKind::Complete(f) => {
-            if !f.is_file() {
+            if !f.exists() {
                 return Err(
                     Error::invalid(format!("the checkpoint is not here{}", o.here())).in_file(f),
                 );

@@ -107,6 +107,20 @@ pub(crate) fn entries(path: &Path, format: FileFormat, here: &str) -> Result<Vec
             },
         }]);
     }
+    // MindFormers' safetensors flow (`load_checkpoint_with_safetensors`)
+    // loads a folder of complete weights as one checkpoint: a unified
+    // folder (`param_name_map.json`, as `load_distributed_checkpoint` reads
+    // it) or a HuggingFace one (`model.safetensors.index.json`).
+    if format == FileFormat::Safetensors {
+        if let Some(dir) = tree::complete_dir(path)? {
+            if dir.kind != tree::CompleteKind::SingleFile {
+                return Ok(vec![Entry {
+                    name: dir_name(path),
+                    kind: EntryKind::Complete(path.to_path_buf()),
+                }]);
+            }
+        }
+    }
     let mut found: Vec<PathBuf> = std::fs::read_dir(path)
         .in_file(path)?
         .filter_map(|e| e.ok().map(|e| e.path()))
