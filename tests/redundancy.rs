@@ -141,6 +141,10 @@ fn a_deduplicated_set_is_written_flagged_and_reads_back_as_the_full_set() {
         "{header}"
     );
 
+    // verify DIR --strategy S: complete and consistent.
+    let problems = reshard::ops::verify::check_distributed(&s.dedup, &s.strategy).unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+
     // inspect says what the tree is.
     let out = std::process::Command::new(reshard_bin())
         .args(["inspect", s.dedup.to_str().unwrap()])
@@ -204,6 +208,14 @@ fn a_missing_owner_copy_names_the_parameter_and_the_rank() {
     }
     let text = err.to_string();
     assert!(text.contains(&victim) && text.contains("rank 0"), "{text}");
+    // verify DIR --strategy S names it for every rank of the group.
+    let problems = reshard::ops::verify::check_distributed(&s.dedup, &s.strategy).unwrap();
+    assert!(
+        problems.iter().any(|p| p.rank == 2
+            && p.tensor.as_deref() == Some(victim.as_str())
+            && p.problem.contains("rank 0, which owns it")),
+        "{problems:?}"
+    );
     assert!(!out.exists(), "output left behind");
 }
 

@@ -81,7 +81,11 @@ pub(crate) fn entries(path: &Path, format: FileFormat, here: &str) -> Result<Vec
         let mut files = BTreeMap::new();
         let mut other_format = false;
         for (r, d) in &ranks {
-            if let Some(f) = tree::pick_checkpoint(d, format)? {
+            let picked = match format {
+                FileFormat::Ckpt => tree::pick_checkpoint(d, format)?,
+                FileFormat::Safetensors => tree::pick_safetensors(d, None)?,
+            };
+            if let Some(f) = picked {
                 files.insert(*r, f);
             } else {
                 let other = match format {
