@@ -211,7 +211,7 @@ pub fn pick_safetensors(rank_dir: &Path, suffix: Option<&str>) -> Result<Option<
             // A glob `*` does not match a leading dot.
             !name.starts_with('.')
                 && name.ends_with(ext)
-                && suffix.is_none_or(|s| name.ends_with(&format!("{s}{ext}")))
+                && suffix.map_or(true, |s| name.ends_with(&format!("{s}{ext}")))
         })
         .collect();
     files.sort();
@@ -250,7 +250,7 @@ pub fn pick_safetensors(rank_dir: &Path, suffix: Option<&str>) -> Result<Option<
             n.ends_with(&format!("{ending}{ext}"))
                 && not_ending
                     .as_ref()
-                    .is_none_or(|x| !n.ends_with(&format!("{x}{ext}")))
+                    .map_or(true, |x| !n.ends_with(&format!("{x}{ext}")))
         })
         .collect();
     let shortest = matched.iter().map(|p| name(p).len()).min();

@@ -418,7 +418,7 @@ pub fn plan_unify(o: &UnifyOptions) -> Result<UnifyPlan> {
         Some((k, n)) => machine_parts(split_num, k, n),
         None => 0..split_num,
     };
-    let first_machine = o.split_dst_file.is_none_or(|(k, _)| k == 1);
+    let first_machine = o.split_dst_file.map_or(true, |(k, _)| k == 1);
 
     // The parts' metadata: {"format": "ms"} updated with each needed file's
     // metadata, the highest rank first (so the lowest wins); a

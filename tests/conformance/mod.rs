@@ -5,6 +5,7 @@ mod ckpt;
 mod convert;
 mod layout;
 mod merge_lora;
+mod rewrite;
 mod strategy;
 mod transform;
 mod unify;
