@@ -108,9 +108,12 @@ pub fn tree_checkpoints(dir: &Path) -> Result<(FileFormat, Vec<(usize, PathBuf)>
             )
         }
         (false, false) => {
-            return Err(
-                Error::invalid("rank directories mix .ckpt and .safetensors files").in_file(dir),
-            )
+            return Err(Error::invalid(format!(
+                "rank directories mix .ckpt and .safetensors files ({} and {}); keep one format",
+                ckpt[0].1.display(),
+                st[0].1.display()
+            ))
+            .in_file(dir))
         }
     };
     if files.len() != ranks.len() {
@@ -483,7 +486,12 @@ mod tests {
         assert!(err.contains("no .ckpt file in rank_1"), "{err}");
         fs::write(dir.path().join("rank_1/a.safetensors"), b"").unwrap();
         let err = tree_checkpoints(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("mix"), "{err}");
+        assert!(
+            err.contains("mix")
+                && err.contains("rank_0/a.ckpt")
+                && err.contains("rank_1/a.safetensors"),
+            "{err}"
+        );
         let err = tree_safetensors(dir.path(), None).unwrap_err().to_string();
         assert!(
             err.contains("mixes") && err.contains("rank_0/a.ckpt"),
