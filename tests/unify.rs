@@ -296,3 +296,54 @@ fn existing_outputs_are_not_overwritten() {
     );
     assert_eq!(files_in(&unified), 1);
 }
+
+#[test]
+fn mindformers_spellings_and_file_suffix_work_on_the_command_line() {
+    let f = fixture();
+    // Names as MindFormers' CheckpointMonitor writes them, with an older step beside.
+    for r in 0..4 {
+        let dir = f.ranks.join(format!("rank_{r}"));
+        let old = dir.join(format!("checkpoint_{r}.safetensors"));
+        std::fs::copy(&old, dir.join(format!("llama_rank_{r}-1_2.safetensors"))).unwrap();
+        std::fs::rename(&old, dir.join(format!("llama_rank_{r}-1_1.safetensors"))).unwrap();
+        std::fs::remove_file(dir.join(format!("checkpoint_{r}.safetensors.manifest.json"))).ok();
+    }
+    let out = f.dir.path().join("mf");
+    let run = std::process::Command::new(crate::util::reshard_bin())
+        .args(["unify", "--mindspore_ckpt_dir"])
+        .arg(&f.ranks)
+        .arg("--src_strategy_dirs")
+        .arg(&f.strategy)
+        .arg("--output_dir")
+        .arg(&out)
+        .args([
+            "--has_redundancy",
+            "True",
+            "--filter_out_param_prefix",
+            "adam_m.",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    // The script's layout: <output_dir>/<file_suffix, default 1_1>_ckpt_convert/unified_safe.
+    let unified = out.join("1_1_ckpt_convert/unified_safe");
+    let map = std::fs::read_to_string(unified.join("param_name_map.json")).unwrap();
+    assert!(
+        map.contains("\"lm_head.weight\"") && !map.contains("adam_m."),
+        "{map}"
+    );
+    // Filtered parameters land in hyper_param.safetensors as rank 0's slices.
+    let Report::Checkpoint(h) = inspect(
+        &unified.join("hyper_param.safetensors"),
+        &InspectOptions::default(),
+    )
+    .unwrap() else {
+        panic!("not a file")
+    };
+    assert!(h.tensors.iter().any(|t| t.name == "adam_m.lm_head.weight"));
+    assert!(h.tensors.iter().any(|t| t.name == "global_step"));
+}

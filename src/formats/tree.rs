@@ -110,9 +110,12 @@ pub fn tree_checkpoints(dir: &Path) -> Result<(FileFormat, Vec<(usize, PathBuf)>
             )
         }
         (false, false) => {
-            return Err(
-                Error::invalid("rank directories mix .ckpt and .safetensors files").in_file(dir),
-            )
+            return Err(Error::invalid(format!(
+                "rank directories mix .ckpt and .safetensors files ({} and {}); keep one format",
+                ckpt[0].1.display(),
+                st[0].1.display()
+            ))
+            .in_file(dir))
         }
     };
     if files.len() != ranks.len() {
@@ -485,12 +488,59 @@ mod tests {
         assert!(err.contains("no .ckpt file in rank_1"), "{err}");
         fs::write(dir.path().join("rank_1/a.safetensors"), b"").unwrap();
         let err = tree_checkpoints(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("mix"), "{err}");
+        assert!(
+            err.contains("mix")
+                && err.contains("rank_0/a.ckpt")
+                && err.contains("rank_1/a.safetensors"),
+            "{err}"
+        );
         let err = tree_safetensors(dir.path(), None).unwrap_err().to_string();
         assert!(
             err.contains("mixes") && err.contains("rank_0/a.ckpt"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn complete_dirs_are_recognised_with_both_map_forms() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs::write(d.join("part0.safetensors"), b"").unwrap();
+        fs::write(d.join("hyper_param.safetensors"), b"").unwrap();
+        // MindFormers' flat form (HF conversion, indent=2).
+        fs::write(
+            d.join("param_name_map.json"),
+            b"{\n  \"w\": \"part0.safetensors\"\n}",
+        )
+        .unwrap();
+        let c = complete_dir(d).unwrap().unwrap();
+        assert_eq!(c.kind, CompleteKind::Unified);
+        assert_eq!(c.weight_map["w"], d.join("part0.safetensors"));
+        assert_eq!(c.files.len(), 2, "{:?}", c.files);
+        assert!(is_unified_part(&d.join("part0.safetensors")));
+        assert!(!is_unified_part(&d.join("hyper_param.safetensors")));
+        // MindSpore's form, naming a file that is not there.
+        fs::write(
+            d.join("param_name_map.json"),
+            br#"{"metadata": {"total_size": 4}, "weight_map": {"w": "part1.safetensors"}}"#,
+        )
+        .unwrap();
+        let err = complete_dir(d).unwrap_err().to_string();
+        assert!(
+            err.contains("\"w\"") && err.contains("part1.safetensors"),
+            "{err}"
+        );
+        // A path outside the directory is refused.
+        fs::write(
+            d.join("param_name_map.json"),
+            br#"{"w": "../x.safetensors"}"#,
+        )
+        .unwrap();
+        assert!(complete_dir(d).is_err());
+        // A rank tree is not a complete directory.
+        let tree = tempfile::tempdir().unwrap();
+        fs::create_dir(tree.path().join("rank_0")).unwrap();
+        assert!(complete_dir(tree.path()).unwrap().is_none());
     }
 
     /// The cases of spec safetensors-era §3.1, checked against MindSpore.

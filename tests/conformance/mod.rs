@@ -7,6 +7,7 @@ mod convert;
 mod layout;
 mod merge_lora;
 mod redundancy;
+mod rewrite;
 mod strategy;
 mod transform;
 mod unify;

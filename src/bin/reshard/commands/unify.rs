@@ -44,7 +44,8 @@ pub struct UnifyArgs {
         alias = "has_redundancy",
         value_name = "true|false",
         default_value = "true",
-        value_parser = parse_bool
+        value_parser = parse_bool,
+        action = clap::ArgAction::Set
     )]
     pub has_redundancy: bool,
     /// Only files ending {suffix}.safetensors in each rank folder (MindSpore's rules: _T-E_S, -E_S, _S).
