@@ -13,8 +13,10 @@ py=$(ci/mindspore-venv.sh 2>/dev/null || command -v python3)
 mkdir -p "$cache"
 fetch() { # version, files...
   local v=$1; shift
-  local dir=$cache/$v
-  if [ -f "$dir/.complete" ]; then return; fi
+  local dir=$cache/$v n
+  local have=1
+  for n in "$@"; do [ -f "$dir/$n" ] || have=0; done
+  if [ -f "$dir/.complete" ] && [ "$have" = 1 ]; then return; fi
   local tmp; tmp=$(mktemp -d)
   "$py" -m pip download --quiet --disable-pip-version-check --no-deps "mindformers==$v" -d "$tmp" >&2
   mkdir -p "$dir"
@@ -42,5 +44,11 @@ fetch 2.1.0 \
   mindformers/models/qwen3/utils.py \
   mindformers/models/qwen3_moe/utils.py \
   mindformers/parallel_core/utils/model_mixin.py \
-  mindformers/checkpoint/converter/convert_op.py
+  mindformers/checkpoint/converter/convert_op.py \
+  mindformers/checkpoint/metadata.py \
+  mindformers/checkpoint/sharded_tensor.py \
+  mindformers/checkpoint/utils.py \
+  mindformers/checkpoint/layout_adapter.py \
+  mindformers/checkpoint/safetensors_utils.py \
+  mindformers/checkpoint/fully_parallel.py
 echo "$cache"

@@ -2,6 +2,7 @@
 //! parses or writes checkpoint and strategy bytes.
 
 pub mod atomic;
+pub mod checkpoint2;
 pub mod ckpt;
 pub mod hash;
 pub mod manifest;

@@ -95,7 +95,9 @@ pub fn tree_checkpoints(dir: &Path) -> Result<(FileFormat, Vec<(usize, PathBuf)>
         if let Some(f) = pick_checkpoint(path, FileFormat::Ckpt)? {
             ckpt.push((*rank, f));
         }
-        if let Some(f) = pick_checkpoint(path, FileFormat::Safetensors)? {
+        // Safetensors: MindSpore's `_collect_safetensor_files` rule (the
+        // last two integers of the path), not the ckpt path's last name.
+        if let Some(f) = pick_safetensors(path, None)? {
             st.push((*rank, f));
         }
     }
@@ -566,6 +568,10 @@ mod tests {
             })
         };
         assert_eq!(pick(None).unwrap(), "net_rank_0-2_1.safetensors");
+        // A tree's safetensors pick is the same (transform, auto).
+        let (fmt, files) = tree_checkpoints(dir.path()).unwrap();
+        assert_eq!(fmt, FileFormat::Safetensors);
+        assert!(files[0].1.ends_with("rank_0/net_rank_0-2_1.safetensors"));
         for s in ["1_10", "-1_10", "10"] {
             assert_eq!(pick(Some(s)).unwrap(), "net_rank_0-1_10.safetensors", "{s}");
         }

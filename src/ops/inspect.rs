@@ -155,6 +155,9 @@ pub enum DirForm {
     HfSharded,
     /// One `.safetensors` file in a directory.
     SingleSafetensors,
+    /// mindformers Checkpoint 2.0: `iteration_XXXXXXXX/` with
+    /// `metadata.json` (or the directory holding the tracker).
+    Checkpoint2,
 }
 
 impl DirForm {
@@ -171,6 +174,9 @@ impl DirForm {
             }
             DirForm::HfSharded => "complete weights, HuggingFace sharded (model.safetensors.index.json)",
             DirForm::SingleSafetensors => "complete weights, one .safetensors file",
+            DirForm::Checkpoint2 => {
+                "mindformers Checkpoint 2.0 (iteration_XXXXXXXX/ with metadata.json; files by storage rank)"
+            }
         }
     }
 }
@@ -220,6 +226,23 @@ pub fn detect(path: &Path) -> Result<Detected> {
 
 /// Inspects a checkpoint, strategy file, strategy directory or `rank_x` tree.
 pub fn inspect(path: &Path, options: &InspectOptions) -> Result<Report> {
+    if crate::formats::checkpoint2::is_checkpoint2(path) {
+        let ck = crate::formats::checkpoint2::open(path)?;
+        let ranks = crate::formats::checkpoint2::files(&ck.params)
+            .into_iter()
+            .map(|(rank, file)| {
+                Ok(RankReport {
+                    rank,
+                    file: inspect_checkpoint(&file, options)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        return Ok(Report::Tree {
+            path: ck.dir,
+            form: DirForm::Checkpoint2,
+            ranks,
+        });
+    }
     if path.is_dir() {
         if tree::is_rank_tree(path) {
             let (format, files) = tree::tree_checkpoints(path)?;

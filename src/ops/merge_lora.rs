@@ -173,6 +173,7 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
         );
     }
     let sources = index_sources(files, &o.read)?;
+    let deduplicated = crate::ops::transform::deduplicated(&sources, None)?;
     let names: BTreeSet<String> = sources
         .iter()
         .flat_map(|s| s.2.iter().map(|e| e.name.clone()))
@@ -210,6 +211,8 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
             fan_in_fan_out: o.fan_in_fan_out,
             transposed: Default::default(),
         }),
+        deduplicated,
+        remove_redundancy: false,
     })?;
     // Every base weight must have been merged on every rank that holds it.
     for f in &plan.files {
@@ -530,6 +533,8 @@ fn merge_peft_into_mindspore(
             fan_in_fan_out: adapter.fan_in_fan_out,
             transposed,
         }),
+        deduplicated: false,
+        remove_redundancy: false,
     })?;
     let summary = plan.summary(o.workers);
     let (executed, backend) = write_plan(
@@ -677,6 +682,8 @@ pub fn merge_peft(o: &MergePeftOptions) -> Result<MergeLoraReport> {
             fan_in_fan_out: adapter.fan_in_fan_out,
             transposed: Default::default(),
         }),
+        deduplicated: false,
+        remove_redundancy: false,
     })?;
     // One planned file holds the whole model: split it back into the base's shards.
     let whole = plan.files.pop().expect("one destination");

@@ -3,6 +3,8 @@
 
 pub mod auto;
 pub mod bench;
+pub(crate) mod checkpoint2;
+pub(crate) mod checkpoint2_write;
 pub mod convert;
 pub mod demo;
 pub mod inspect;

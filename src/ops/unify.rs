@@ -343,13 +343,9 @@ pub fn plan_unify(o: &UnifyOptions) -> Result<UnifyPlan> {
             ))
         })
         .collect::<Result<_>>()?;
-    if !effective_redundancy(&with_meta, o.has_redundancy, &mut warnings) {
-        return Err(Error::invalid(
-            "the source was saved with remove_redundancy=True (each rank holds only the parameters it owns); \
-             this build of reshard unifies complete rank sets only",
-        )
-        .in_file(&o.src_dir));
-    }
+    // A set saved with redundancy removed: the planner reads each
+    // parameter from the rank that owns it (spec safetensors-era §3.6).
+    let deduplicated = !effective_redundancy(&with_meta, o.has_redundancy, &mut warnings);
     let sources = crate::ops::transform::index_sources(files.clone(), &o.read)?;
     // The merge to one full checkpoint, as `transform` plans it.
     let mut whole = plan(&TransformInput {
@@ -361,6 +357,8 @@ pub fn plan_unify(o: &UnifyOptions) -> Result<UnifyPlan> {
         ranks: None,
         format: FileFormat::Safetensors,
         lora: None,
+        deduplicated,
+        remove_redundancy: false,
     })?;
     let merged = whole.files.pop().expect("one destination file");
     let mut by_name: HashMap<String, TensorPlan> = merged

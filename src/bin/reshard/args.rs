@@ -206,16 +206,32 @@ pub struct TransformArgs {
         value_name = "K"
     )]
     pub process_num: usize,
-    /// Output format (default: the source's).
+    /// Output format (default: the source's); checkpoint2: a mindformers Checkpoint 2.0 directory
+    /// (balanced de-duplicated save, metadata.json, latest_checkpointed_iteration.txt).
     #[arg(
         long = "output-format",
         alias = "output_format",
-        value_name = "ckpt|safetensors"
+        value_name = "ckpt|safetensors|checkpoint2"
     )]
     pub output_format: Option<String>,
     /// Print the plan (files per rank, bytes, largest tensor, peak memory) and write nothing.
     #[arg(long = "dry-run")]
     pub dry_run: bool,
+    /// Whether the source keeps every redundant copy (true) or was saved with remove_redundancy (false).
+    /// A safetensors file's own remove_redundancy flag wins, as in MindSpore. Default: as the files say.
+    #[arg(
+        long = "has-redundancy",
+        alias = "has_redundancy",
+        value_name = "true|false"
+    )]
+    pub has_redundancy: Option<bool>,
+    /// Save each rank without redundant copies, as MindSpore's save_checkpoint(..., remove_redundancy=True)
+    /// (safetensors output, needs --dst-strategy).
+    #[arg(long = "remove-redundancy", alias = "remove_redundancy")]
+    pub remove_redundancy: bool,
+    /// With --output-format checkpoint2: the iteration (DST/iteration_XXXXXXXX/).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub iteration: u64,
     #[command(flatten)]
     pub output: OutputArgs,
     #[command(flatten)]

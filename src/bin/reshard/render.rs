@@ -199,6 +199,19 @@ pub fn inspect(report: &Report, verbose: bool) -> Result<()> {
                 ranks.len(),
                 human_bytes(total)
             )?;
+            let dedup = ranks.iter().any(|r| {
+                r.file
+                    .metadata
+                    .iter()
+                    .any(|(k, v)| k == "remove_redundancy" && v == "True")
+            });
+            if dedup {
+                writeln!(
+                    out,
+                    "saved with redundancy removed (remove_redundancy=True): each parameter is kept by \
+                     one rank of its redundancy group; commands given the strategy read it from that rank"
+                )?;
+            }
         }
     }
     Ok(())

@@ -19,7 +19,7 @@
 //!   [`compose`]): rank files come straight from the HuggingFace files,
 //!   identical to converting and then running `reshard transform`.
 
-mod compose;
+pub(crate) mod compose;
 pub mod config;
 mod engine;
 pub mod families;
@@ -538,6 +538,8 @@ fn distributed(
         ranks: None,
         format,
         lora: None,
+        deduplicated: false,
+        remove_redundancy: false,
     })?;
     let by_name: BTreeMap<&str, &TensorPlan> =
         tensors.iter().map(|t| (t.name.as_str(), t)).collect();

@@ -164,9 +164,15 @@ fn transform(a: TransformArgs) -> Result<()> {
     let output_format = match a.output_format.as_deref() {
         None => None,
         Some("ckpt") => Some(reshard::formats::tree::FileFormat::Ckpt),
-        Some("safetensors") => Some(reshard::formats::tree::FileFormat::Safetensors),
-        Some(other) => anyhow::bail!("--output-format must be ckpt or safetensors, not {other:?}"),
+        Some("safetensors" | "checkpoint2") => {
+            Some(reshard::formats::tree::FileFormat::Safetensors)
+        }
+        Some(other) => {
+            anyhow::bail!("--output-format must be ckpt, safetensors or checkpoint2, not {other:?}")
+        }
     };
+    let checkpoint2_iteration =
+        (a.output_format.as_deref() == Some("checkpoint2")).then_some(a.iteration);
     let options = ops::transform::TransformOptions {
         src_checkpoint: a.src_checkpoint,
         dst_dir: a.dst_checkpoint_dir,
@@ -185,6 +191,9 @@ fn transform(a: TransformArgs) -> Result<()> {
         verify: a.output.verify,
         backend: a.backend.backend,
         control: a.output.control(),
+        has_redundancy: a.has_redundancy,
+        remove_redundancy: a.remove_redundancy,
+        checkpoint2_iteration,
     };
     let (progress, bar) = crate::progress::for_command("transform", a.json || a.dry_run);
     let options = ops::transform::TransformOptions {
