@@ -13,9 +13,10 @@ py=$(ci/mindspore-venv.sh 2>/dev/null || command -v python3)
 mkdir -p "$cache"
 fetch() { # version, files...
   local v=$1; shift
-  local dir=$cache/$v
-  # .complete records the file list: a cache made for another list is redone.
-  if [ -f "$dir/.complete" ] && [ "$(cat "$dir/.complete")" = "$*" ]; then return; fi
+  local dir=$cache/$v n
+  local have=1
+  for n in "$@"; do [ -f "$dir/$n" ] || have=0; done
+  if [ -f "$dir/.complete" ] && [ "$have" = 1 ]; then return; fi
   local tmp; tmp=$(mktemp -d)
   "$py" -m pip download --quiet --disable-pip-version-check --no-deps "mindformers==$v" -d "$tmp" >&2
   mkdir -p "$dir"
@@ -49,5 +50,11 @@ fetch 2.1.0 \
   mindformers/checkpoint/converter/convert_op.py \
   mindformers/tools/ckpt_transform/__init__.py \
   mindformers/tools/ckpt_transform/transform_checkpoint.py \
-  mindformers/tools/ckpt_transform/utils.py
+  mindformers/tools/ckpt_transform/utils.py \
+  mindformers/checkpoint/metadata.py \
+  mindformers/checkpoint/sharded_tensor.py \
+  mindformers/checkpoint/utils.py \
+  mindformers/checkpoint/layout_adapter.py \
+  mindformers/checkpoint/safetensors_utils.py \
+  mindformers/checkpoint/fully_parallel.py
 echo "$cache"

@@ -128,6 +128,23 @@ pub enum Error {
     #[error("no tensor named {0:?}")]
     TensorNotFound(String),
 
+    /// A rank set saved with `remove_redundancy=True` lacks the one saved
+    /// copy of a parameter that a rank needs: the rank that owns it under
+    /// MindSpore's rule (spec safetensors-era §2.4) does not hold it.
+    #[error("parameter {param:?} of rank {rank}: the checkpoint was saved with redundancy removed, {}", match owner {
+        Some(o) if o == rank => "and this rank, which owns it, does not hold it".to_string(),
+        Some(o) => format!("so it is read from rank {o}, which owns it, but rank {o} does not hold it"),
+        None => "and no rank of its redundancy group owns it (MindSpore drops groups the optimizer-shard size does not divide)".to_string(),
+    })]
+    RedundancyOwnerMissing {
+        /// The parameter.
+        param: String,
+        /// The rank whose copy is needed.
+        rank: u64,
+        /// The rank that owns the parameter for `rank`, if any.
+        owner: Option<u64>,
+    },
+
     /// A caller error: bad option combination, bad argument.
     #[error("{0}")]
     Invalid(String),

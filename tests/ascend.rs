@@ -96,6 +96,8 @@ pub mod distributed {
                 fan_in_fan_out: false,
                 transposed: Default::default(),
             }),
+            deduplicated: false,
+            remove_redundancy: false,
         })
         .unwrap()
     }

@@ -1187,3 +1187,43 @@ fn safetensors_checkpoints_convert_to_safetensors() {
     assert_eq!(code, Some(1));
     assert!(err.contains("load_ckpt_format is ckpt"), "{err}");
 }
+
+#[test]
+fn deduplicated_safetensors_set_merges_to_one_device() {
+    // A dp2·mp2 rank set saved with redundancy removed (safetensors), read
+    // by a one-device job: each parameter comes from the rank that owns it.
+    let (_d, job) = shared_job();
+    let m = job.join("model.ckpt");
+    job_strategies(&m, &job.join("src_strategy"), 2, 2, 1, 0, true);
+    let mut o = TransformOptions::new(&m, job.join("ckpt"), None, Some(job.join("src_strategy")));
+    o.output_format = Some(reshard::formats::tree::FileFormat::Safetensors);
+    o.remove_redundancy = true;
+    transform(&o).unwrap();
+    let yaml_for = |extra: &str| {
+        yaml("./ckpt", "./src_strategy", 1, 1, extra)
+            .replace("use_parallel: True", "use_parallel: False")
+            .replace(
+                "load_ckpt_format: 'ckpt'",
+                "load_ckpt_format: 'safetensors'",
+            )
+    };
+    // `remove_redundancy: False` is a claim the files' flag overrides.
+    std::fs::write(job.join("run.yaml"), yaml_for("remove_redundancy: False\n")).unwrap();
+    let expect = job.join("../expect");
+    // The expected full file: the model itself, as safetensors, through a
+    // transform of the set that kept every copy.
+    let plain = job.join("../plain");
+    let mut p = TransformOptions::new(&m, &plain, None, Some(job.join("src_strategy")));
+    p.output_format = Some(reshard::formats::tree::FileFormat::Safetensors);
+    transform(&p).unwrap();
+    reshard(&plain, &expect, Some(&job.join("src_strategy")), None);
+    let out = run_job(1, &|_| job.clone(), &[]);
+    let o = &out[0];
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    assert_eq!(o.action(), "converted", "{:?}", o.report);
+    assert!(o.stderr.contains("file's flag wins"), "{}", o.stderr);
+    assert!(
+        std::fs::read(o.path()).unwrap()
+            == std::fs::read(expect.join("rank_0/checkpoint_0.safetensors")).unwrap()
+    );
+}

@@ -2254,3 +2254,61 @@ fn peft_adapter_into_mindspore_equals_merge_then_convert() {
         assert!(ta.1[name] == tb.1[name], "{name} differs");
     }
 }
+
+/// MindSpore → HuggingFace from MindSpore's unified layout (two parts, a
+/// name map, the hyper parameters apart) equals the conversion of the one
+/// file holding the same tensors.
+#[test]
+fn reverse_from_a_unified_directory_equals_reverse_from_one_file() {
+    use reshard::formats::safetensors::{write, StWriteOptions, TensorRef};
+    let c = forward("llama", |_| {});
+    let unified = c.ckpt.parent().unwrap().parent().unwrap().join("unified");
+    std::fs::create_dir(&unified).unwrap();
+    let names: Vec<&String> = c.tensors.keys().collect();
+    let mut map = serde_json::Map::new();
+    for (k, part) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("part{k}.safetensors");
+        let tensors: Vec<(String, TensorRef)> = part
+            .iter()
+            .map(|n| {
+                let (dtype, dims, bytes) = &c.tensors[*n];
+                map.insert((*n).clone(), json!(file));
+                let shape = dims.iter().map(|&d| d as usize).collect();
+                let t = TensorRef {
+                    dtype: *dtype,
+                    shape,
+                    data: bytes,
+                };
+                ((*n).clone(), t)
+            })
+            .collect();
+        write(unified.join(&file), &tensors, &StWriteOptions::default()).unwrap();
+    }
+    let step = 7i32.to_le_bytes();
+    write(
+        unified.join("hyper_param.safetensors"),
+        &[(
+            "global_step".to_string(),
+            TensorRef {
+                dtype: DType::I32,
+                shape: vec![1],
+                data: &step,
+            },
+        )],
+        &StWriteOptions::default(),
+    )
+    .unwrap();
+    std::fs::write(
+        unified.join("param_name_map.json"),
+        serde_json::to_vec(&json!({"metadata": {"total_size": 0}, "weight_map": map})).unwrap(),
+    )
+    .unwrap();
+    let from_file = back(&c, |_| {});
+    let out = unified.parent().unwrap().join("hf_from_unified");
+    let mut o = options(&c.spec, &unified, &out);
+    o.reversed = true;
+    o.config = Some(c.hf.join("config.json"));
+    let report = convert(&o).unwrap();
+    assert_eq!(report.inputs.len(), 3, "{:?}", report.inputs);
+    assert_eq!(read_hf(&out), from_file);
+}

@@ -223,12 +223,10 @@ fn rewrite(
 ) -> PyResult<String> {
     let o = RewriteOptions {
         crc,
+        name_map,
         ..Default::default()
     };
-    let names = name_map.unwrap_or_default();
-    run(py, None, move || {
-        ops::rewrite::rewrite_renamed(&src, &dst, &o, &names)
-    })
+    run(py, None, move || ops::rewrite::rewrite(&src, &dst, &o))
 }
 
 /// HuggingFace ⇄ MindSpore conversion of a model family.

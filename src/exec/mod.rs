@@ -396,7 +396,10 @@ impl<'p, B: Backend> Job<'p, B> {
             }
             FileFormat::Safetensors => {
                 // Strings travel in the metadata, not as tensors.
-                let mut metadata = self.options.safetensors_metadata.clone();
+                let mut metadata = file
+                    .metadata
+                    .clone()
+                    .unwrap_or_else(|| self.options.safetensors_metadata.clone());
                 let mut specs = Vec::new();
                 for (t, s) in file.tensors.iter().zip(&strings) {
                     match (&t.content, s) {

@@ -2,6 +2,7 @@
 //! parses or writes checkpoint and strategy bytes.
 
 pub mod atomic;
+pub mod checkpoint2;
 pub mod ckpt;
 pub mod hash;
 pub mod manifest;
@@ -67,7 +68,10 @@ impl Source {
         let file = match tree::FileFormat::of_path(path) {
             _ if torch::is_torch_path(path) => SourceFile::Torch(torch::TorchFile::open(path)?),
             Some(tree::FileFormat::Safetensors) => {
-                SourceFile::Safetensors(safetensors::SafetensorsFile::open(path, read.verify_crc)?)
+                SourceFile::Safetensors(safetensors::SafetensorsFile::open(
+                    path,
+                    read.verify_crc && !tree::is_unified_part(path),
+                )?)
             }
             _ => SourceFile::Ckpt(ckpt::Checkpoint::open(path, read)?),
         };

@@ -559,7 +559,19 @@ pub fn layout(
     }
     let meta = safetensors::tensor::Metadata::new(metadata.map(|m| m.into_iter().collect()), infos)
         .map_err(st_error)?;
-    let mut header = serde_json::to_string(&meta)
+    // The crate keeps `__metadata__` in a HashMap, whose order changes from
+    // one map to the next (MindSpore's, through the same crate, is random
+    // per process too); reshard writes the keys sorted, so its output is
+    // reproducible.
+    let mut value = serde_json::to_value(&meta)
+        .map_err(|e| Error::invalid(format!("cannot serialise the header: {e}")))?;
+    if let Some(m) = value
+        .get_mut("__metadata__")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        m.sort_keys();
+    }
+    let mut header = serde_json::to_string(&value)
         .map_err(|e| Error::invalid(format!("cannot serialise the header: {e}")))?
         .into_bytes();
     header.resize(header.len().next_multiple_of(8), b' ');

@@ -35,8 +35,10 @@
 //! Ranks here are local to one pipeline stage (spec 3.4); callers add
 //! `stage * device_num`.
 
+pub mod balanced;
 mod expand;
 mod needed;
+pub mod redundancy;
 #[cfg(test)]
 mod tests;
 

@@ -4,9 +4,10 @@
 //!
 //! Steps ([`BenchStepKind`], each selectable): `split` (full → 8 ranks,
 //! dp2·mp2·pp2 with optimizer sharding), `transform` (8 → 4 ranks, mp4),
-//! `merge` (4 ranks → full), `convert` (HuggingFace safetensors → MindSpore
-//! `.ckpt`, llama) and `lora` (rank-r factors on `wq` and `wv` merged into
-//! a full checkpoint). A step whose input comes from an earlier step that
+//! `merge` (4 ranks → full), `unify` (8 ranks of safetensors → MindSpore's
+//! unified layout, against `mindspore.unified_safetensors`), `convert`
+//! (HuggingFace safetensors → MindSpore `.ckpt`, llama) and `lora` (rank-r
+//! factors on `wq` and `wv` merged into a full checkpoint). A step whose input comes from an earlier step that
 //! was not selected gets that input made, untimed.
 //!
 //! - **Two figures per step.** *Cache warm* (the primary one): reshard
@@ -67,6 +68,7 @@ use crate::ops::demo::{
 use crate::ops::merge_lora::{merge_lora, MergeLoraOptions};
 use crate::ops::strategy_gen::{write_strategies, StrategyOptions};
 use crate::ops::transform::{transform, TransformOptions};
+use crate::ops::unify::{unify, UnifyOptions};
 
 /// The scale of the LoRA merge (`W + s·B·A`), the same for MindSpore.
 const LORA_SCALE: f32 = 0.5;
@@ -85,14 +87,18 @@ pub enum BenchStepKind {
     Convert,
     /// LoRA factors merged into their base weights.
     Lora,
+    /// 8 ranks of safetensors (dp2·mp2·pp2) → MindSpore's unified layout
+    /// (runs after merge, before convert).
+    Unify,
 }
 
 impl BenchStepKind {
     /// Every step, in the order they run.
-    pub const ALL: [BenchStepKind; 5] = [
+    pub const ALL: [BenchStepKind; 6] = [
         BenchStepKind::Split,
         BenchStepKind::Transform,
         BenchStepKind::Merge,
+        BenchStepKind::Unify,
         BenchStepKind::Convert,
         BenchStepKind::Lora,
     ];
@@ -105,6 +111,7 @@ impl BenchStepKind {
             BenchStepKind::Merge => "merge",
             BenchStepKind::Convert => "convert",
             BenchStepKind::Lora => "lora",
+            BenchStepKind::Unify => "unify",
         }
     }
 }
@@ -466,6 +473,8 @@ enum Op<'p> {
     Convert { hf: &'p Path },
     /// `merge-lora` of a full checkpoint.
     Lora { src: &'p Path },
+    /// `unify` of a safetensors rank tree.
+    Unify { src: &'p Path, s: &'p Path },
 }
 
 impl Op<'_> {
@@ -475,6 +484,7 @@ impl Op<'_> {
             Op::Transform { src, .. } => src,
             Op::Convert { hf } => hf,
             Op::Lora { src } => src,
+            Op::Unify { src, .. } => src,
         }
     }
 
@@ -518,6 +528,17 @@ impl Op<'_> {
                 })?;
                 (r.plan, r.executed, Some(r.backend))
             }
+            Op::Unify { src, s } => {
+                let r = unify(&UnifyOptions {
+                    workers: o.workers,
+                    backend: o.backend,
+                    dry_run: dry,
+                    control,
+                    manifest: o.manifest,
+                    ..UnifyOptions::new(*src, *s, out)
+                })?;
+                (r.plan, r.executed, Some(r.backend))
+            }
         };
         Ok(match executed {
             Some(e) => Ran {
@@ -546,6 +567,8 @@ enum MsJob<'p> {
     Convert { hf: &'p Path },
     /// mindformers' LoRA recipe → `out/model.ckpt`.
     Lora { src: &'p Path },
+    /// `unified_safetensors(src_dir, s, out)`.
+    Unify { src_dir: &'p Path, s: PathBuf },
 }
 
 /// `transform_checkpoints`, timed without the imports.
@@ -720,6 +743,11 @@ impl MsJob<'_> {
                     ],
                 )
             }
+            MsJob::Unify { src_dir, s } => run_python(
+                python,
+                include_str!("py/bench_unify.py"),
+                &[src_dir.as_os_str(), s.as_os_str(), out.as_os_str()],
+            ),
             MsJob::Lora { src } => {
                 std::fs::create_dir_all(out).in_file(out)?;
                 let file = out.join("model.ckpt");
@@ -1062,8 +1090,10 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
         })?;
         Ok(out)
     };
-    let resharding =
-        want(BenchStepKind::Split) || want(BenchStepKind::Transform) || want(BenchStepKind::Merge);
+    let resharding = want(BenchStepKind::Split)
+        || want(BenchStepKind::Transform)
+        || want(BenchStepKind::Merge)
+        || want(BenchStepKind::Unify);
     let (eight, four) = if resharding {
         (
             strategy("s_dp2mp2pp2", 2, 2, 2, -1)?,
@@ -1151,6 +1181,35 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
         )?;
         steps.push(step);
         remove(ranks4)?;
+    }
+
+    // unify: 8 ranks of safetensors → unified, from a safetensors split
+    // of the model (untimed).
+    if want(BenchStepKind::Unify) {
+        let ranks8 = b.fresh("ranks8-safetensors");
+        transform(&TransformOptions {
+            workers: o.workers,
+            backend: o.backend,
+            manifest: false,
+            output_format: Some(crate::formats::tree::FileFormat::Safetensors),
+            ..TransformOptions::new(&full, &ranks8, None, Some(eight.clone()))
+        })
+        .map_err(|e| in_step("unify", e))?;
+        let (step, _) = b.step(
+            BenchStepKind::Unify,
+            "unify 8 → unified (dp2·mp2·pp2, opt shard; safetensors)".into(),
+            &Op::Unify {
+                src: &ranks8,
+                s: &eight,
+            },
+            Some(MsJob::Unify {
+                src_dir: &ranks8,
+                s: strategy_file(&eight),
+            }),
+            false,
+        )?;
+        steps.push(step);
+        remove(&ranks8)?;
     }
 
     // convert: HuggingFace → MindSpore, from a HuggingFace directory made

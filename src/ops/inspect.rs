@@ -121,9 +121,64 @@ pub enum Report {
     Tree {
         /// The directory.
         path: PathBuf,
+        /// Which form it is in.
+        form: DirForm,
         /// Per-rank files.
         ranks: Vec<RankReport>,
     },
+    /// A complete checkpoint kept as a directory of files.
+    Complete {
+        /// The directory.
+        path: PathBuf,
+        /// Which form it is in.
+        form: DirForm,
+        /// Its files (data files, then `hyper_param.safetensors`).
+        files: Vec<FileReport>,
+    },
+}
+
+/// The form a checkpoint directory is in (MindSpore's and HuggingFace's
+/// conventions; `inspect` says which).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DirForm {
+    /// `rank_x/*.ckpt`: distributed, ckpt era.
+    DistributedCkpt,
+    /// `rank_x/*.safetensors`, each rank complete for its slice.
+    DistributedSafetensors,
+    /// `rank_x/*.safetensors` saved with `remove_redundancy=True` (each rank
+    /// holds only the parameters it owns).
+    DistributedSafetensorsDeduplicated,
+    /// MindSpore's unified layout (`mindspore.unified_safetensors`).
+    Unified,
+    /// HuggingFace's sharded layout (`model.safetensors.index.json`).
+    HfSharded,
+    /// One `.safetensors` file in a directory.
+    SingleSafetensors,
+    /// mindformers Checkpoint 2.0: `iteration_XXXXXXXX/` with
+    /// `metadata.json` (or the directory holding the tracker).
+    Checkpoint2,
+}
+
+impl DirForm {
+    /// A one-line description for people.
+    pub fn describe(self) -> &'static str {
+        match self {
+            DirForm::DistributedCkpt => "distributed .ckpt (rank_x/ folders)",
+            DirForm::DistributedSafetensors => "distributed safetensors (rank_x/ folders)",
+            DirForm::DistributedSafetensorsDeduplicated => {
+                "distributed safetensors saved with remove_redundancy=True (rank_x/ folders; each rank holds only what it owns)"
+            }
+            DirForm::Unified => {
+                "unified safetensors (mindspore.unified_safetensors: param_name_map.json, part*.safetensors)"
+            }
+            DirForm::HfSharded => "complete weights, HuggingFace sharded (model.safetensors.index.json)",
+            DirForm::SingleSafetensors => "complete weights, one .safetensors file",
+            DirForm::Checkpoint2 => {
+                "mindformers Checkpoint 2.0 (iteration_XXXXXXXX/ with metadata.json; files by storage rank)"
+            }
+        }
+    }
 }
 
 /// What `path` is, judged by its bytes rather than its name (strategy
@@ -171,10 +226,27 @@ pub fn detect(path: &Path) -> Result<Detected> {
 
 /// Inspects a checkpoint, strategy file, strategy directory or `rank_x` tree.
 pub fn inspect(path: &Path, options: &InspectOptions) -> Result<Report> {
+    if crate::formats::checkpoint2::is_checkpoint2(path) {
+        let ck = crate::formats::checkpoint2::open(path)?;
+        let ranks = crate::formats::checkpoint2::files(&ck.params)
+            .into_iter()
+            .map(|(rank, file)| {
+                Ok(RankReport {
+                    rank,
+                    file: inspect_checkpoint(&file, options)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        return Ok(Report::Tree {
+            path: ck.dir,
+            form: DirForm::Checkpoint2,
+            ranks,
+        });
+    }
     if path.is_dir() {
         if tree::is_rank_tree(path) {
-            let (_, files) = tree::tree_checkpoints(path)?;
-            let ranks = files
+            let (format, files) = tree::tree_checkpoints(path)?;
+            let ranks: Vec<RankReport> = files
                 .into_iter()
                 .map(|(rank, file)| {
                     Ok(RankReport {
@@ -183,9 +255,38 @@ pub fn inspect(path: &Path, options: &InspectOptions) -> Result<Report> {
                     })
                 })
                 .collect::<Result<_>>()?;
+            let dedup = ranks.iter().any(|r| {
+                r.file
+                    .metadata
+                    .iter()
+                    .any(|(k, v)| k == "remove_redundancy" && v == "True")
+            });
+            let form = match (format, dedup) {
+                (FileFormat::Ckpt, _) => DirForm::DistributedCkpt,
+                (FileFormat::Safetensors, false) => DirForm::DistributedSafetensors,
+                (FileFormat::Safetensors, true) => DirForm::DistributedSafetensorsDeduplicated,
+            };
             return Ok(Report::Tree {
                 path: path.to_path_buf(),
+                form,
                 ranks,
+            });
+        }
+        if let Some(dir) = tree::complete_dir(path)? {
+            let form = match dir.kind {
+                tree::CompleteKind::Unified => DirForm::Unified,
+                tree::CompleteKind::HfIndex => DirForm::HfSharded,
+                tree::CompleteKind::SingleFile => DirForm::SingleSafetensors,
+            };
+            let files = dir
+                .files
+                .iter()
+                .map(|f| inspect_checkpoint(f, options))
+                .collect::<Result<_>>()?;
+            return Ok(Report::Complete {
+                path: path.to_path_buf(),
+                form,
+                files,
             });
         }
         return Ok(Report::Strategy(inspect_strategy(path)?));

@@ -167,12 +167,13 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
         )));
     }
     let (_, files) = source_files(&o.src)?;
-    if files.len() > 1 && o.src_strategy.is_none() {
+    if crate::ops::transform::rank_count(&files) > 1 && o.src_strategy.is_none() {
         return Err(
             Error::invalid("a distributed source needs --src-ckpt-strategy").in_file(&o.src),
         );
     }
     let sources = index_sources(files, &o.read)?;
+    let deduplicated = crate::ops::transform::deduplicated(&sources, None)?;
     let names: BTreeSet<String> = sources
         .iter()
         .flat_map(|s| s.2.iter().map(|e| e.name.clone()))
@@ -210,6 +211,8 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
             fan_in_fan_out: o.fan_in_fan_out,
             transposed: Default::default(),
         }),
+        deduplicated,
+        remove_redundancy: false,
     })?;
     // Every base weight must have been merged on every rank that holds it.
     for f in &plan.files {
@@ -529,6 +532,8 @@ fn merge_peft_into_mindspore(
             fan_in_fan_out: adapter.fan_in_fan_out,
             transposed,
         }),
+        deduplicated: false,
+        remove_redundancy: false,
     })?;
     let summary = plan.summary(o.workers);
     let (executed, backend) = write_plan(
@@ -677,6 +682,8 @@ pub fn merge_peft(o: &MergePeftOptions) -> Result<MergeLoraReport> {
             fan_in_fan_out: adapter.fan_in_fan_out,
             transposed: Default::default(),
         }),
+        deduplicated: false,
+        remove_redundancy: false,
     })?;
     // One planned file holds the whole model: split it back into the base's shards.
     let whole = plan.files.pop().expect("one destination");
@@ -687,6 +694,7 @@ pub fn merge_peft(o: &MergePeftOptions) -> Result<MergeLoraReport> {
             path: o.dst_dir.join(f.file_name().expect("a file")),
             format: FileFormat::Safetensors,
             tensors: Vec::new(),
+            metadata: None,
         })
         .collect();
     for t in whole.tensors {

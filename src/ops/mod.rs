@@ -4,6 +4,8 @@
 pub mod auto;
 pub mod bench;
 pub mod by_rank;
+pub(crate) mod checkpoint2;
+pub(crate) mod checkpoint2_write;
 pub mod convert;
 pub mod demo;
 pub mod inspect;
@@ -11,4 +13,5 @@ pub mod merge_lora;
 pub mod rewrite;
 pub mod strategy_gen;
 pub mod transform;
+pub mod unify;
 pub mod verify;

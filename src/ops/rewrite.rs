@@ -31,6 +31,9 @@ pub struct RewriteOptions {
     pub encryption: Option<(Vec<u8>, EncMode)>,
     /// How `.ckpt` output cuts tensors above 512 MiB.
     pub split: SplitMode,
+    /// Rename entries (old → new; others keep their names), as
+    /// `ckpt_to_safetensors(name_map=…)`.
+    pub name_map: Option<BTreeMap<String, String>>,
 }
 
 /// What [`rewrite`] did.
@@ -49,36 +52,8 @@ enum Item<'a> {
     Str(String),
 }
 
-/// Applies `map` to the entry names; two entries may not end up with one name.
-fn rename_items(items: &mut [(String, Item)], map: &BTreeMap<String, String>) -> Result<()> {
-    let mut seen = std::collections::HashSet::new();
-    for (name, _) in items.iter_mut() {
-        if let Some(new) = map.get(name.as_str()) {
-            name.clone_from(new);
-        }
-        if !seen.insert(name.clone()) {
-            return Err(Error::invalid(format!(
-                "the name map gives two entries the name {name:?}"
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// Copies `src` into `dst`.
 pub fn rewrite(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<RewriteReport> {
-    rewrite_renamed(src, dst, options, &BTreeMap::new())
-}
-
-/// [`rewrite`], renaming entries on the way (`rename`: old → new; the others
-/// keep their names) once the source order is fixed — the `name_map` of
-/// MindSpore's `ckpt_to_safetensors` / `safetensors_to_ckpt`.
-pub fn rewrite_renamed(
-    src: &Path,
-    dst: &Path,
-    options: &RewriteOptions,
-    rename: &BTreeMap<String, String>,
-) -> Result<RewriteReport> {
     let out_format = FileFormat::of_path(dst)
         .ok_or_else(|| Error::invalid("output must end in .ckpt or .safetensors").in_file(dst))?;
     if src
@@ -139,8 +114,18 @@ pub fn rewrite_renamed(
             return Err(Error::invalid("this is a strategy file, not a checkpoint").in_file(src))
         }
     }
-    if !rename.is_empty() {
-        rename_items(&mut items, rename).in_file(src)?;
+    if let Some(map) = &options.name_map {
+        let mut seen = std::collections::HashSet::new();
+        for (name, _) in items.iter_mut() {
+            if let Some(new) = map.get(name.as_str()) {
+                *name = new.clone();
+            }
+            if !seen.insert(name.clone()) {
+                return Err(Error::invalid("the name map gives two entries this name")
+                    .in_tensor(name.as_str())
+                    .in_file(src));
+            }
+        }
     }
     let bytes: u64 = items
         .iter()
@@ -228,6 +213,109 @@ pub fn rewrite_renamed(
     })
 }
 
+/// Options of [`rewrite_tree`].
+#[derive(Debug, Clone)]
+pub struct TreeRewriteOptions {
+    /// The format written (the other one is read).
+    pub to: FileFormat,
+    /// Only files whose name this regular expression matches (searched
+    /// anywhere in the name, as Python's `re.search`).
+    pub file_name_regex: Option<String>,
+    /// How each file is rewritten.
+    pub file: RewriteOptions,
+}
+
+/// `mindspore.ckpt_to_safetensors` / `safetensors_to_ckpt` on a directory:
+/// every file of the other format in each top-level folder whose name
+/// starts with `rank` is rewritten to `dst/<folder>/<name with the
+/// extension replaced>`. Existing outputs are refused; if one file fails,
+/// the files this run wrote are removed.
+pub fn rewrite_tree(
+    src: &Path,
+    dst: &Path,
+    options: &TreeRewriteOptions,
+) -> Result<Vec<RewriteReport>> {
+    let (from, to) = match options.to {
+        FileFormat::Safetensors => (".ckpt", ".safetensors"),
+        FileFormat::Ckpt => (".safetensors", ".ckpt"),
+    };
+    let regex = options
+        .file_name_regex
+        .as_deref()
+        .map(|r| {
+            regex::Regex::new(r).map_err(|e| {
+                Error::invalid(format!(
+                    "--file-name-regex {r:?} is not a valid regular expression: {e}"
+                ))
+            })
+        })
+        .transpose()?;
+    let mut rank_dirs: Vec<PathBuf> = std::fs::read_dir(src)
+        .in_file(src)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("rank") && e.path().is_dir())
+        .map(|e| e.path())
+        .collect();
+    rank_dirs.sort();
+    if rank_dirs.is_empty() {
+        return Err(Error::invalid("no directories starting with 'rank' here").in_file(src));
+    }
+    let mut tasks = Vec::new();
+    for dir in &rank_dirs {
+        let out_dir = dst.join(dir.file_name().expect("a directory name"));
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .in_file(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let name = p.file_name().unwrap_or_default().to_string_lossy();
+                p.is_file()
+                    && name.ends_with(from)
+                    && regex.as_ref().map_or(true, |r| r.is_match(&name))
+            })
+            .collect();
+        files.sort();
+        for f in files {
+            let name = f
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .replace(from, to);
+            let out = out_dir.join(name);
+            if out.exists() {
+                return Err(Error::invalid(
+                    "already exists; remove it or choose another destination",
+                )
+                .in_file(&out));
+            }
+            tasks.push((f, out));
+        }
+    }
+    if tasks.is_empty() {
+        return Err(Error::invalid(format!(
+            "no {from} file{} in the rank directories",
+            if regex.is_some() {
+                " matching --file-name-regex"
+            } else {
+                ""
+            }
+        ))
+        .in_file(src));
+    }
+    let mut done = Vec::new();
+    for (input, output) in &tasks {
+        match rewrite(input, output, &options.file) {
+            Ok(r) => done.push(r),
+            Err(e) => {
+                for r in &done {
+                    let _ = std::fs::remove_file(&r.output);
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(done)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,14 +328,24 @@ mod tests {
         w.finish().unwrap();
     }
 
+    fn renamed(map: &[(&str, &str)]) -> RewriteOptions {
+        RewriteOptions {
+            name_map: Some(
+                map.iter()
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn renamed_entries_keep_their_place_and_duplicates_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("m.ckpt");
         small_ckpt(&src);
         let out = dir.path().join("r.ckpt");
-        let map: BTreeMap<String, String> = [("b.w".to_string(), "z.w".to_string())].into();
-        rewrite_renamed(&src, &out, &RewriteOptions::default(), &map).unwrap();
+        rewrite(&src, &out, &renamed(&[("b.w", "z.w")])).unwrap();
         let names: Vec<String> = Checkpoint::open(&out, &ReadOptions::default())
             .unwrap()
             .entries()
@@ -256,9 +354,8 @@ mod tests {
             .collect();
         assert_eq!(names, ["z.w", "a.w", "note"]);
 
-        let dup: BTreeMap<String, String> = [("b.w".to_string(), "a.w".to_string())].into();
         let bad = dir.path().join("d.safetensors");
-        let e = rewrite_renamed(&src, &bad, &RewriteOptions::default(), &dup)
+        let e = rewrite(&src, &bad, &renamed(&[("b.w", "a.w")]))
             .unwrap_err()
             .to_string();
         assert!(e.contains("m.ckpt") && e.contains("\"a.w\""), "{e}");

@@ -15,7 +15,7 @@ use crate::formats::strategy::{self, Strategy};
 use crate::formats::tree::{self, FileFormat};
 use crate::formats::Source;
 use crate::plan::transform::{plan, TransformInput};
-use crate::plan::{Plan, PlanSummary};
+use crate::plan::{Content, Plan, PlanSummary};
 
 /// Options of [`transform`].
 #[derive(Debug, Clone)]
@@ -36,6 +36,10 @@ pub struct TransformOptions {
     pub world_size: Option<usize>,
     /// Worker threads: each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
     pub workers: usize,
+    /// Name every output `rank_{r}/{file_name}.{ext}` instead of
+    /// `rank_{r}/{prefix}{r}.{ext}` (`net` gives
+    /// `load_distributed_checkpoint`'s naming).
+    pub file_name: Option<String>,
     /// Output format (`None`: the source's format).
     pub output_format: Option<FileFormat>,
     /// Plan only; write nothing.
@@ -54,6 +58,16 @@ pub struct TransformOptions {
     pub backend: BackendChoice,
     /// Durability (`fsync`) and progress reporting.
     pub control: OutputControl,
+    /// Whether the source keeps every redundant copy (MindSpore's
+    /// `merge_with_redundancy`); `None`: as the files say. A safetensors
+    /// file's `remove_redundancy` flag overrides it (see [`deduplicated`]).
+    pub has_redundancy: Option<bool>,
+    /// Write each destination rank without redundant copies, as MindSpore's
+    /// `save_checkpoint(..., remove_redundancy=True)` (safetensors output).
+    pub remove_redundancy: bool,
+    /// Write a mindformers Checkpoint 2.0 directory for this iteration
+    /// instead of `rank_x/` files (`--output-format checkpoint2`).
+    pub checkpoint2_iteration: Option<u64>,
 }
 
 impl TransformOptions {
@@ -74,6 +88,7 @@ impl TransformOptions {
             ranks: None,
             world_size: None,
             workers: 1,
+            file_name: None,
             output_format: None,
             dry_run: false,
             read: ReadOptions::default(),
@@ -82,6 +97,9 @@ impl TransformOptions {
             verify: false,
             backend: BackendChoice::Cpu,
             control: OutputControl::default(),
+            has_redundancy: None,
+            remove_redundancy: false,
+            checkpoint2_iteration: None,
         }
     }
 }
@@ -98,8 +116,18 @@ pub struct TransformReport {
     pub backend: String,
 }
 
-/// The source files by rank: a tree's picked files, or a single file as rank 0.
+/// The source files by rank: a tree's picked files, a single file as rank
+/// 0, or the files of a complete checkpoint kept in a directory (MindSpore's
+/// unified layout, HuggingFace's sharded one: [`tree::complete_dir`]), all
+/// as rank 0.
 pub fn source_files(src: &Path) -> Result<(FileFormat, Vec<(usize, PathBuf)>)> {
+    if let Some(dir) = tree::complete_dir(src)? {
+        check_complete(&dir)?;
+        return Ok((
+            FileFormat::Safetensors,
+            dir.files.into_iter().map(|f| (0, f)).collect(),
+        ));
+    }
     if src.is_dir() {
         return tree::tree_checkpoints(src);
     }
@@ -110,6 +138,33 @@ pub fn source_files(src: &Path) -> Result<(FileFormat, Vec<(usize, PathBuf)>)> {
         Error::invalid("a source file must end in .ckpt or .safetensors").in_file(src)
     })?;
     Ok((format, vec![(0, src.to_path_buf())]))
+}
+
+/// Every tensor a complete directory's name map lists must be in the file
+/// it names (headers only are read).
+fn check_complete(dir: &tree::CompleteDir) -> Result<()> {
+    let mut by_file: std::collections::BTreeMap<&Path, Vec<&str>> = Default::default();
+    for (name, file) in &dir.weight_map {
+        by_file.entry(file).or_default().push(name);
+    }
+    for (file, names) in by_file {
+        let f = crate::formats::safetensors::SafetensorsFile::open(file, false)?;
+        if let Some(missing) = names.iter().find(|n| f.get(n).is_none()) {
+            return Err(Error::TensorNotFound((*missing).to_string())
+                .in_file(file)
+                .in_file(dir.map_file.as_deref().unwrap_or(file)));
+        }
+    }
+    Ok(())
+}
+
+/// The number of distinct ranks among source files (the files of one
+/// complete checkpoint share rank 0).
+pub(crate) fn rank_count(files: &[(usize, PathBuf)]) -> usize {
+    let mut ranks: Vec<usize> = files.iter().map(|f| f.0).collect();
+    ranks.sort_unstable();
+    ranks.dedup();
+    ranks.len()
 }
 
 /// The entries of a checkpoint file, from its index only: planning needs no
@@ -142,12 +197,79 @@ pub(crate) fn index_sources(
         .collect()
 }
 
+/// Whether a source was saved with `remove_redundancy=True`. As in
+/// MindSpore (`_check_remove_redundancy`) and mindformers
+/// (`_revise_remove_redundancy_with_file`), the files' own
+/// `remove_redundancy` metadata decides; the caller's `has_redundancy`
+/// claim only decides for files without it (`.ckpt` files, or safetensors
+/// saved with the flag unset). A claim the files contradict is overridden
+/// and said on stderr, as MindSpore logs a warning. Files that disagree
+/// with each other are an error.
+pub(crate) fn deduplicated(
+    sources: &[(usize, PathBuf, Vec<crate::formats::SourceEntry>)],
+    has_redundancy: Option<bool>,
+) -> Result<bool> {
+    let mut flagged: Option<(bool, &Path)> = None;
+    for (_, path, _) in sources {
+        if FileFormat::of_path(path) != Some(FileFormat::Safetensors) {
+            continue;
+        }
+        let file = crate::formats::safetensors::SafetensorsFile::open(path, false)?;
+        let flag = match file.metadata().get("remove_redundancy").map(String::as_str) {
+            None => continue,
+            Some("True") => true,
+            Some("False") => false,
+            Some(other) => {
+                return Err(Error::invalid(format!(
+                "remove_redundancy metadata is {other:?}; MindSpore writes \"True\" or \"False\""
+            ))
+                .in_file(path))
+            }
+        };
+        match flagged {
+            Some((f, first)) if f != flag => {
+                return Err(Error::invalid(format!(
+                    "the rank files disagree: {} says remove_redundancy={}, {} says {}; \
+                     they are not one checkpoint",
+                    first.display(),
+                    if f { "True" } else { "False" },
+                    path.display(),
+                    if flag { "True" } else { "False" }
+                )))
+            }
+            Some(_) => {}
+            None => flagged = Some((flag, path)),
+        }
+    }
+    match (flagged, has_redundancy) {
+        (Some((dedup, path)), Some(has)) if has == dedup => {
+            eprintln!(
+                "warning: --has-redundancy {has} ignored: {} says remove_redundancy={}, and the \
+                 file's flag wins (as in MindSpore); reading the set as {}",
+                path.display(),
+                if dedup { "True" } else { "False" },
+                if dedup {
+                    "saved with redundancy removed"
+                } else {
+                    "holding every copy"
+                }
+            );
+            Ok(dedup)
+        }
+        (Some((dedup, _)), _) => Ok(dedup),
+        (None, has) => Ok(!has.unwrap_or(true)),
+    }
+}
+
 fn load_strategy(path: &Option<PathBuf>) -> Result<Option<Strategy>> {
     path.as_deref().map(strategy::load).transpose()
 }
 
 /// Builds the plan of a transform (reads indexes and strategies only).
 pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
+    if crate::formats::checkpoint2::is_checkpoint2(&options.src_checkpoint) {
+        return plan_checkpoint2(options);
+    }
     let (format, files) = source_files(&options.src_checkpoint)?;
     let src = load_strategy(&options.src_strategy)?;
     let dst = load_strategy(&options.dst_strategy)?;
@@ -156,22 +278,26 @@ pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
             "give --src-strategy, --dst-strategy or both: without either there is nothing to transform",
         ));
     }
-    if files.len() > 1 && src.is_none() {
+    if rank_count(&files) > 1 && src.is_none() {
         return Err(Error::invalid(format!(
             "{} holds {} rank directories: a sharded source needs --src-strategy",
             options.src_checkpoint.display(),
             files.len()
         )));
     }
-    if let Some((i, (rank, _))) = files.iter().enumerate().find(|(i, (r, _))| r != i) {
-        let _ = rank;
+    let mut ranks: Vec<usize> = files.iter().map(|f| f.0).collect();
+    ranks.dedup();
+    if let Some((i, _)) = ranks.iter().enumerate().find(|(i, r)| *r != i) {
         return Err(Error::invalid(format!(
             "rank_{i} is missing: source rank directories must run from rank_0 without gaps"
         ))
         .in_file(&options.src_checkpoint));
     }
     let sources = index_sources(files, &options.read)?;
-    let plan = plan(&TransformInput {
+    let deduplicated = deduplicated(&sources, options.has_redundancy)?;
+    let mut plan = plan(&TransformInput {
+        deduplicated,
+        remove_redundancy: options.remove_redundancy,
         sources,
         src_strategy: src.as_ref(),
         dst_strategy: dst.as_ref(),
@@ -181,6 +307,20 @@ pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
         format: options.output_format.unwrap_or(format),
         lora: None,
     })?;
+    if let (Some(complete), Some(dst)) = (tree::complete_dir(&options.src_checkpoint)?, &dst) {
+        complete_to_strategy(&mut plan, &complete, dst)?;
+    }
+    if let Some(name) = &options.file_name {
+        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with("..") {
+            return Err(Error::invalid(format!(
+                "--file-name {name:?} is not a plain file name"
+            )));
+        }
+        for f in &mut plan.files {
+            let file = format!("{name}.{}", f.format.extension());
+            f.path.set_file_name(file);
+        }
+    }
     if let Some(n) = options.world_size {
         let all = crate::plan::transform::destination_ranks(dst.as_ref())?.len();
         if n != all {
@@ -190,6 +330,84 @@ pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
         }
     }
     Ok(plan)
+}
+
+/// [`plan_transform`] of a mindformers Checkpoint 2.0 directory, whose
+/// `metadata.json` describes its own layout.
+fn plan_checkpoint2(options: &TransformOptions) -> Result<Plan> {
+    if options.src_strategy.is_some() {
+        return Err(Error::invalid(
+            "a Checkpoint 2.0 directory describes its layout in metadata.json; drop --src-strategy",
+        )
+        .in_file(&options.src_checkpoint));
+    }
+    let dst = load_strategy(&options.dst_strategy)?;
+    let plan = crate::ops::checkpoint2::plan(
+        &options.src_checkpoint,
+        &crate::ops::checkpoint2::Target {
+            dst: dst.as_ref(),
+            dst_dir: &options.dst_dir,
+            prefix: &options.prefix,
+            ranks: options.ranks.clone(),
+            format: options.output_format.unwrap_or(FileFormat::Safetensors),
+            remove_redundancy: options.remove_redundancy,
+        },
+    )?;
+    if let Some(n) = options.world_size {
+        let all = crate::plan::transform::destination_ranks(dst.as_ref())?.len();
+        if n != all {
+            return Err(Error::invalid(format!(
+                "--world-size {n} does not match the destination strategy, which has {all} ranks"
+            )));
+        }
+    }
+    Ok(plan)
+}
+
+/// `load_distributed_checkpoint(predict_strategy=S, unified_safetensors_dir=U)`:
+/// of the tensors the name map lists, only those the strategy names are
+/// written; the other entries (`hyper_param.safetensors`: `global_step`, …)
+/// go to every rank, as transform copies them.
+fn complete_to_strategy(
+    plan: &mut Plan,
+    complete: &tree::CompleteDir,
+    dst: &Strategy,
+) -> Result<()> {
+    let table = dst.layout_table(None)?;
+    let hyper: std::collections::HashSet<&str> = match &complete.hyper {
+        Some(h) => plan
+            .sources
+            .iter()
+            .position(|s| &s.path == h)
+            .map(|i| {
+                plan.files
+                    .iter()
+                    .flat_map(|f| &f.tensors)
+                    .filter(|t| match &t.content {
+                        Content::Str { source, .. } => *source == i,
+                        c => c.steps().iter().any(|s| s.source == i),
+                    })
+                    .map(|t| t.name.as_str())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        None => Default::default(),
+    };
+    let keep: Vec<Vec<bool>> = plan
+        .files
+        .iter()
+        .map(|f| {
+            f.tensors
+                .iter()
+                .map(|t| table.contains(&t.name) || hyper.contains(t.name.as_str()))
+                .collect()
+        })
+        .collect();
+    for (f, keep) in plan.files.iter_mut().zip(keep) {
+        let mut k = keep.into_iter();
+        f.tensors.retain(|_| k.next().unwrap_or(true));
+    }
+    Ok(())
 }
 
 /// The first entry of `dir` that a transform writing `output` must not
@@ -297,6 +515,9 @@ pub(crate) fn write_plan(plan: &Plan, s: &WriteSettings<'_>) -> Result<(ExecRepo
 
 /// Runs a transform.
 pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
+    if let Some(iteration) = options.checkpoint2_iteration {
+        return transform_to_checkpoint2(options, iteration);
+    }
     let plan = plan_transform(options)?;
     let summary = plan.summary(options.workers);
     if options.dry_run {
@@ -319,6 +540,73 @@ pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
             dst_flag: "--dst-checkpoint-dir",
         },
     )?;
+    Ok(TransformReport {
+        plan: summary,
+        executed: Some(report),
+        backend,
+    })
+}
+
+/// [`transform`] into a mindformers Checkpoint 2.0 directory: the per-rank
+/// plan, cut down to one saved copy of each shard (see
+/// [`crate::ops::checkpoint2_write`]), then `metadata.json` and the tracker.
+fn transform_to_checkpoint2(options: &TransformOptions, iteration: u64) -> Result<TransformReport> {
+    let Some(dst_path) = &options.dst_strategy else {
+        return Err(Error::invalid(
+            "--output-format checkpoint2 needs --dst-strategy (the layout the directory describes)",
+        ));
+    };
+    if options.ranks.is_some() || options.remove_redundancy || options.resume {
+        return Err(Error::invalid(
+            "--output-format checkpoint2 writes every rank's shards at once, de-duplicated: \
+             --rank-id, --remove-redundancy and --resume do not apply",
+        ));
+    }
+    let per_rank = plan_transform(&TransformOptions {
+        output_format: Some(FileFormat::Safetensors),
+        checkpoint2_iteration: None,
+        ..options.clone()
+    })?;
+    let dst = strategy::load(dst_path)?;
+    let job = crate::ops::checkpoint2_write::balanced(per_rank, &dst, &options.dst_dir, iteration)?;
+    let summary = job.plan.summary(options.workers);
+    if options.dry_run {
+        return Ok(TransformReport {
+            plan: summary,
+            executed: None,
+            backend: options.backend.to_string(),
+        });
+    }
+    for (path, _) in [&job.metadata, &job.tracker] {
+        if path.exists() {
+            return Err(Error::invalid(
+                "already exists; remove it or choose another --dst-checkpoint-dir",
+            )
+            .in_file(path));
+        }
+    }
+    if let Some(dir) = job.metadata.0.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::from(e).in_file(dir))?;
+    }
+    let (report, backend) = write_plan(
+        &job.plan,
+        &WriteSettings {
+            workers: options.workers,
+            read: &options.read,
+            manifest: options.manifest,
+            resume: false,
+            verify: options.verify,
+            backend: options.backend,
+            control: &options.control,
+            dst_flag: "--dst-checkpoint-dir",
+        },
+    )?;
+    // metadata.json, then the tracker last, as mindformers writes them.
+    for (path, bytes) in [&job.metadata, &job.tracker] {
+        let mut f = crate::formats::atomic::AtomicFile::create(path)?;
+        f.write_all(bytes)?;
+        f.commit()?;
+    }
     Ok(TransformReport {
         plan: summary,
         executed: Some(report),

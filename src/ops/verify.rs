@@ -169,14 +169,28 @@ pub struct Comparison {
 }
 
 fn logical_plan(side: &Side) -> Result<Plan> {
+    if crate::formats::checkpoint2::is_checkpoint2(&side.path) {
+        return crate::ops::checkpoint2::plan(
+            &side.path,
+            &crate::ops::checkpoint2::Target {
+                dst: None,
+                dst_dir: Path::new("/nonexistent"),
+                prefix: "",
+                ranks: None,
+                format: crate::formats::tree::FileFormat::Safetensors,
+                remove_redundancy: false,
+            },
+        );
+    }
     let (format, files) = source_files(&side.path)?;
-    if files.len() > 1 && side.strategy.is_none() {
+    if crate::ops::transform::rank_count(&files) > 1 && side.strategy.is_none() {
         return Err(
             Error::invalid("a rank_x tree needs its strategy to be compared").in_file(&side.path),
         );
     }
     let strategy = side.strategy.as_deref().map(strategy::load).transpose()?;
     let sources = index_sources(files, &ReadOptions::default())?;
+    let deduplicated = crate::ops::transform::deduplicated(&sources, None)?;
     plan(&TransformInput {
         sources,
         src_strategy: strategy.as_ref(),
@@ -186,6 +200,8 @@ fn logical_plan(side: &Side) -> Result<Plan> {
         ranks: None,
         format,
         lora: None,
+        deduplicated,
+        remove_redundancy: false,
     })
 }
 
@@ -470,10 +486,11 @@ pub fn check_distributed(dir: &Path, strategy_path: &Path) -> Result<Vec<Inconsi
     // Per rank: its file, its entries with content hashes.
     type Held = HashMap<String, (DType, Vec<u64>, u64)>;
     let mut held: BTreeMap<usize, Held> = BTreeMap::new();
+    let mut files = Vec::new();
     for (r, rank_dir) in &ranks {
-        let Some(file) = tree::pick_checkpoint(rank_dir, tree::FileFormat::Ckpt)?.or(
-            tree::pick_checkpoint(rank_dir, tree::FileFormat::Safetensors)?,
-        ) else {
+        let Some(file) = tree::pick_checkpoint(rank_dir, tree::FileFormat::Ckpt)?
+            .or(tree::pick_safetensors(rank_dir, None)?)
+        else {
             problems.push(Inconsistency {
                 rank: *r,
                 tensor: None,
@@ -481,6 +498,7 @@ pub fn check_distributed(dir: &Path, strategy_path: &Path) -> Result<Vec<Inconsi
             });
             continue;
         };
+        files.push((*r, file.clone(), Vec::new()));
         let s = Source::open(&file, &ReadOptions::default())?;
         let mut m = Held::new();
         for e in s.entries() {
@@ -506,6 +524,13 @@ pub fn check_distributed(dir: &Path, strategy_path: &Path) -> Result<Vec<Inconsi
         }
         held.insert(*r, m);
     }
+    // A set saved with redundancy removed keeps each parameter on the rank
+    // that owns it for its group (spec safetensors-era §2.4).
+    let owners = if crate::ops::transform::deduplicated(&files, None)? {
+        Some(crate::layout::redundancy::Ownership::from_table(&table, 0)?)
+    } else {
+        None
+    };
     // Strategy parameters: present on their stage's ranks, with the layout's
     // shape; replicas (same slice) byte-identical.
     let mut replicas: HashMap<(String, String), (usize, u64)> = HashMap::new();
@@ -517,10 +542,29 @@ pub fn check_distributed(dir: &Path, strategy_path: &Path) -> Result<Vec<Inconsi
         let rank_table = strategy.layout_table(Some(r as u64))?;
         for (name, l) in rank_table.iter().filter(|(_, l)| l.stages.contains(&stage)) {
             let Some((_, shape, hash)) = m.get(name) else {
+                use crate::layout::redundancy::Holder;
+                let problem = match owners.as_ref().map(|o| o.holder(name, r as u64)) {
+                    Some(Holder::Owner(o)) if o as usize != r => {
+                        if held
+                            .get(&(o as usize))
+                            .is_some_and(|h| h.contains_key(name))
+                        {
+                            continue; // its owner's copy is checked there
+                        }
+                        format!(
+                            "saved with redundancy removed: rank {o}, which owns it for this \
+                             rank, does not hold it"
+                        )
+                    }
+                    Some(Holder::Nobody) => {
+                        "saved with redundancy removed, and no rank of its group owns it".into()
+                    }
+                    _ => "missing from this rank's file".into(),
+                };
                 problems.push(Inconsistency {
                     rank: r,
                     tensor: Some(name.clone()),
-                    problem: "missing from this rank's file".into(),
+                    problem,
                 });
                 continue;
             };

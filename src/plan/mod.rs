@@ -134,6 +134,12 @@ pub struct FilePlan {
     pub format: FileFormat,
     /// Tensors in the order they are written.
     pub tensors: Vec<TensorPlan>,
+    /// The `__metadata__` of a safetensors output when it differs from the
+    /// executor's ([`crate::exec::ExecOptions::safetensors_metadata`]), e.g.
+    /// `unify`'s parts, which carry their sources' metadata. `None`: the
+    /// executor's.
+    #[serde(skip)]
+    pub metadata: Option<std::collections::BTreeMap<String, String>>,
 }
 
 impl FilePlan {

@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::formats::strategy::{LayoutTable, Strategy};
 use crate::formats::tree::FileFormat;
 use crate::formats::{EntryValue, SourceEntry};
+use crate::layout::redundancy::{Holder, Ownership};
 use crate::layout::{needed_source_ranks, Layout, RankSlice};
 
 /// What the transform planner needs to know; no tensor bytes.
@@ -38,6 +39,16 @@ pub struct TransformInput<'a> {
     /// Merge LoRA factors into their base weights on the way (drops every
     /// `lora_` tensor from the output).
     pub lora: Option<LoraSpec>,
+    /// The source rank set was saved with `remove_redundancy=True`: a
+    /// strategy parameter a source rank does not hold is read from the rank
+    /// of its redundancy group that owns it (spec safetensors-era §2.4).
+    pub deduplicated: bool,
+    /// Write each destination rank with only the tensors MindSpore's
+    /// `remove_redundancy=True` save keeps there (`get_parameter_redundancy`
+    /// then `remove_param_redundancy` on the destination strategy), with
+    /// the `remove_redundancy: "True"` metadata flag. Safetensors output
+    /// only.
+    pub remove_redundancy: bool,
 }
 
 /// Device count per stage and stage count of a strategy (1, 1 for none).
@@ -236,12 +247,30 @@ pub fn plan(input: &TransformInput<'_>) -> Result<Plan> {
             path: path.clone(),
         })
         .collect();
+    let keep = output_ownership(input, dst_full.as_ref())?;
     if let (Some(src_s), Some(src_t), Some(dst_t)) = (input.src_strategy, &src_table, &dst_full) {
         if is_by_stage(src_t, dst_t)? {
-            let files = plan_by_stage(input, src_s, src_t, dst_t, &by_rank)?;
-            return Ok(Plan { sources, files });
+            let dedup = source_ownership(input, src_t, u64::from(src_s.stage().unwrap_or(0)))?;
+            let by = ByRank {
+                files: &by_rank,
+                dedup: dedup.as_ref(),
+            };
+            let files = plan_by_stage(input, src_s, src_t, dst_t, &by)?;
+            return Ok(Plan {
+                sources,
+                files: deduplicate_outputs(files, keep.as_ref()),
+            });
         }
     }
+    let dedup = match &src_table {
+        Some(t) => source_ownership(input, t, 0)?,
+        None => None,
+    };
+    let by = ByRank {
+        files: &by_rank,
+        dedup: dedup.as_ref(),
+    };
+    let by_rank = &by;
     if let Some(t) = &src_table {
         let described = (src_per_stage * t.stage_num()? as u64) as usize;
         if by_rank.len() != described {
@@ -261,11 +290,94 @@ pub fn plan(input: &TransformInput<'_>) -> Result<Plan> {
             src_table.as_ref(),
             src_per_stage,
             dst_per_stage,
-            &by_rank,
+            by_rank,
         )?;
         files.push(file);
     }
-    Ok(Plan { sources, files })
+    Ok(Plan {
+        sources,
+        files: deduplicate_outputs(files, keep.as_ref()),
+    })
+}
+
+/// The source files of each rank, and the owner rule when the set was saved
+/// with redundancy removed.
+struct ByRank<'a> {
+    files: &'a HashMap<usize, Vec<usize>>,
+    dedup: Option<&'a Ownership>,
+}
+
+impl ByRank<'_> {
+    fn len(&self) -> usize {
+        self.files.len()
+    }
+    fn contains_key(&self, rank: &usize) -> bool {
+        self.files.contains_key(rank)
+    }
+}
+
+impl std::ops::Index<&usize> for ByRank<'_> {
+    type Output = Vec<usize>;
+    fn index(&self, rank: &usize) -> &Vec<usize> {
+        &self.files[rank]
+    }
+}
+
+/// The owner rule of a de-duplicated source (`None` for a source that keeps
+/// every copy).
+fn source_ownership(
+    input: &TransformInput<'_>,
+    table: &LayoutTable,
+    stage_base: u64,
+) -> Result<Option<Ownership>> {
+    if !input.deduplicated {
+        return Ok(None);
+    }
+    Ownership::from_table(table, stage_base).map(Some)
+}
+
+/// The owner rule of the destination when it is written without redundancy.
+fn output_ownership(
+    input: &TransformInput<'_>,
+    dst: Option<&LayoutTable>,
+) -> Result<Option<Ownership>> {
+    if !input.remove_redundancy {
+        return Ok(None);
+    }
+    if input.format != FileFormat::Safetensors {
+        return Err(Error::invalid(
+            "--remove-redundancy writes safetensors only (MindSpore flags such sets in the \
+             safetensors metadata; a .ckpt has no place for the flag, and mindformers refuses \
+             remove_redundancy with checkpoint_format ckpt)",
+        ));
+    }
+    let Some(dst) = dst else {
+        return Err(Error::invalid(
+            "--remove-redundancy needs a destination strategy: a single full checkpoint has no \
+             redundant copies (MindSpore refuses it in stand-alone mode)",
+        ));
+    };
+    Ownership::from_table(dst, 0).map(Some)
+}
+
+/// Drops from each destination file the tensors its rank does not own, and
+/// flags the file as MindSpore does.
+fn deduplicate_outputs(mut files: Vec<FilePlan>, keep: Option<&Ownership>) -> Vec<FilePlan> {
+    let Some(keep) = keep else {
+        return files;
+    };
+    for f in &mut files {
+        let rank = f.rank as u64;
+        f.tensors.retain(|t| keep.keeps(&t.name, rank));
+        f.metadata = Some(
+            [
+                ("format".to_string(), "ms".to_string()),
+                ("remove_redundancy".to_string(), "True".to_string()),
+            ]
+            .into(),
+        );
+    }
+    files
 }
 
 /// `_extract_src_dst_layout_map`: the source and destination layouts that
@@ -372,7 +484,7 @@ fn plan_by_stage(
     src_strategy: &Strategy,
     src: &LayoutTable,
     dst: &LayoutTable,
-    by_rank: &HashMap<usize, Vec<usize>>,
+    by_rank: &ByRank<'_>,
 ) -> Result<Vec<FilePlan>> {
     let stage = src_strategy.stage().ok_or_else(|| {
         Error::Strategy(
@@ -434,7 +546,7 @@ fn plan_rank(
     src_table: Option<&LayoutTable>,
     src_per_stage: u64,
     dst_per_stage: u64,
-    by_rank: &HashMap<usize, Vec<usize>>,
+    by_rank: &ByRank<'_>,
 ) -> Result<FilePlan> {
     let wrap = |e: Error| Error::invalid(format!("destination rank {rank}: {e}"));
     let (src_map, dst_map) =
@@ -456,7 +568,14 @@ fn plan_rank(
     }
 
     // Load order: needed files in descending rank order.
-    let mut loaded = load_table(input, &needed, src_per_stage, by_rank).map_err(wrap)?;
+    // A missing owner copy keeps its typed error (it names the rank).
+    let mut loaded = load_table(input, &needed, src_per_stage, by_rank).map_err(|e| {
+        if matches!(e.root(), Error::RedundancyOwnerMissing { .. }) {
+            e
+        } else {
+            wrap(e)
+        }
+    })?;
     // A source-strategy parameter this stage needs but no loaded file holds
     // means the strategy is not this checkpoint's.
     if let Some(m) = &src_map {
@@ -531,41 +650,131 @@ fn load_table(
     input: &TransformInput<'_>,
     ranks: &[u64],
     src_per_stage: u64,
-    by_rank: &HashMap<usize, Vec<usize>>,
+    by_rank: &ByRank<'_>,
 ) -> Result<Loaded> {
     let mut loaded = Loaded {
         order: Vec::new(),
         table: HashMap::new(),
         first_local: HashMap::new(),
     };
+    let all_names: Option<HashSet<&str>> = by_rank.dedup.map(|_| {
+        input
+            .sources
+            .iter()
+            .flat_map(|s| s.2.iter().map(|e| e.name.as_str()))
+            .collect()
+    });
     for &k in ranks {
         let local = k % src_per_stage;
         let files = &by_rank[&(k as usize)];
-        for &source in files {
-            for (entry, e) in input.sources[source].2.iter().enumerate() {
-                if !loaded.table.contains_key(&e.name) {
-                    loaded.order.push(e.name.clone());
-                    loaded.first_local.insert(e.name.clone(), local);
-                }
-                let previous = loaded
-                    .table
-                    .entry(e.name.clone())
-                    .or_default()
-                    .insert(local, Held { source, entry });
-                if let Some(prev) =
-                    previous.filter(|p| files.contains(&p.source) && p.source != source)
-                {
-                    return Err(Error::invalid(format!(
-                        "tensor {:?} is in both {} and {}",
-                        e.name,
-                        input.sources[prev.source].1.display(),
-                        input.sources[source].1.display()
-                    )));
-                }
+        let mut list: Vec<(usize, usize)> = files
+            .iter()
+            .flat_map(|&s| (0..input.sources[s].2.len()).map(move |e| (s, e)))
+            .collect();
+        if let (Some(own), Some(all)) = (by_rank.dedup, &all_names) {
+            borrow_owned(input, own, all, k, by_rank, &mut list)?;
+        }
+        for (source, entry) in list {
+            let e = &input.sources[source].2[entry];
+            if !loaded.table.contains_key(&e.name) {
+                loaded.order.push(e.name.clone());
+                loaded.first_local.insert(e.name.clone(), local);
+            }
+            let previous = loaded
+                .table
+                .entry(e.name.clone())
+                .or_default()
+                .insert(local, Held { source, entry });
+            if let Some(prev) = previous.filter(|p| files.contains(&p.source) && p.source != source)
+            {
+                return Err(Error::invalid(format!(
+                    "tensor {:?} is in both {} and {}",
+                    e.name,
+                    input.sources[prev.source].1.display(),
+                    input.sources[source].1.display()
+                )));
             }
         }
     }
     Ok(loaded)
+}
+
+/// For source rank `k` of a set saved with redundancy removed, adds to its
+/// entries `list` the strategy parameters of its stage that its own files
+/// do not hold, each taken from the rank that owns it, and orders the whole
+/// as a file that kept every copy would be (MindSpore's safetensors order:
+/// dtype rank descending, then name), so the output does not depend on
+/// which copies were saved. Parameters no file of the set holds are left to
+/// the strategy check, which names them.
+fn borrow_owned(
+    input: &TransformInput<'_>,
+    own: &Ownership,
+    all_names: &HashSet<&str>,
+    k: u64,
+    by_rank: &ByRank<'_>,
+    list: &mut Vec<(usize, usize)>,
+) -> Result<()> {
+    let held: HashSet<&str> = list
+        .iter()
+        .map(|&(s, e)| input.sources[s].2[e].name.as_str())
+        .collect();
+    let missing = |owner: Option<u64>, name: &str| Error::RedundancyOwnerMissing {
+        param: name.to_string(),
+        rank: k,
+        owner,
+    };
+    let mut borrowed = false;
+    for name in own.stage_params(k) {
+        if held.contains(name) || !all_names.contains(name) {
+            continue;
+        }
+        let owner = match own.holder(name, k) {
+            Holder::Everyone => continue,
+            Holder::Nobody => return Err(missing(None, name)),
+            Holder::Owner(o) if o == k => {
+                let file = by_rank[&(k as usize)][0];
+                return Err(missing(Some(k), name).in_file(&input.sources[file].1));
+            }
+            Holder::Owner(o) => o,
+        };
+        let Some(files) = by_rank.files.get(&(owner as usize)) else {
+            return Err(Error::invalid(format!(
+                "parameter {name:?} of rank {k}: the checkpoint was saved with redundancy \
+                 removed and rank {owner}, which owns it, has no checkpoint (rank_{owner}/ is missing)"
+            )));
+        };
+        let found = files.iter().find_map(|&s| {
+            input.sources[s]
+                .2
+                .iter()
+                .position(|e| e.name == name)
+                .map(|e| (s, e))
+        });
+        match found {
+            Some(at) => {
+                list.push(at);
+                borrowed = true;
+            }
+            None => {
+                return Err(missing(Some(owner), name).in_file(&input.sources[files[0]].1));
+            }
+        }
+    }
+    if borrowed {
+        let key = |&(s, e): &(usize, usize)| {
+            let entry = &input.sources[s].2[e];
+            match entry.value {
+                EntryValue::Tensor(d) => (
+                    0u8,
+                    std::cmp::Reverse(crate::formats::safetensors::to_st_dtype(d).ok()),
+                    entry.name.clone(),
+                ),
+                _ => (1, std::cmp::Reverse(None), String::new()),
+            }
+        };
+        list.sort_by_cached_key(key);
+    }
+    Ok(())
 }
 
 /// A tensor as the source layout sees it: its global shape, the shape each
@@ -986,5 +1195,6 @@ fn build_file(
         path,
         format: input.format,
         tensors,
+        metadata: None,
     })
 }

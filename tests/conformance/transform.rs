@@ -48,7 +48,7 @@ fn cases() -> Vec<Value> {
 }
 
 /// Every data file under `dir` (manifests aside), relative, sorted.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn files_under(dir: &Path) -> Vec<PathBuf> {
     fn walk(base: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
         for e in std::fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
@@ -67,7 +67,7 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn assert_same_tree(ours: &Path, theirs: &Path, case: &str) {
+pub(crate) fn assert_same_tree(ours: &Path, theirs: &Path, case: &str) {
     let (a, b) = (files_under(ours), files_under(theirs));
     assert_eq!(a, b, "{case}: different files");
     for f in &a {

@@ -36,12 +36,15 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Time split, N → M, merge, HF → MS convert and LoRA merge on a synthetic model, against the copy bound (and MindSpore).
     Bench(BenchArgs),
+    /// Merge a distributed safetensors checkpoint into MindSpore's unified layout, like mindspore.unified_safetensors.
+    Unify(crate::commands::unify::UnifyArgs),
 }
 
 #[derive(Debug, Args)]
 #[command(
     after_help = "Steps: split (full → 8 ranks, dp2·mp2·pp2 with optimizer sharding), transform (8 → 4, mp4), \
-merge (4 → full), convert (HuggingFace → MindSpore, llama), lora (merge-lora into a full checkpoint).\n\
+merge (4 → full), convert (HuggingFace → MindSpore, llama), lora (merge-lora into a full checkpoint), \
+unify (8 ranks of safetensors → MindSpore's unified layout; not in the default list).\n\
 Each is timed twice: cache warm (no fsync), against a plain 8 MiB copy of the model without fsync, and \
 end to end (fsync, the default), against the copy with fsync. Medians of --repeat runs; --json keeps every sample.\n\
 MindSpore does not fsync; its speedup is taken against reshard's time with fsync."
@@ -260,9 +263,9 @@ pub struct InspectArgs {
 
 #[derive(Debug, Args)]
 pub struct RewriteArgs {
-    /// Source .ckpt or .safetensors.
+    /// Source .ckpt or .safetensors, or a directory of rank*/ folders.
     pub src: PathBuf,
-    /// Destination; its extension (.ckpt or .safetensors) picks the format.
+    /// Destination; its extension (.ckpt or .safetensors) picks the format (a directory for a directory SRC).
     pub dst: PathBuf,
     #[command(flatten)]
     pub read: ReadArgs,
@@ -283,6 +286,17 @@ pub struct RewriteArgs {
     /// Cut tensors above 512 MiB along dim 0 like async_save, not in 512 MiB byte chunks.
     #[arg(long = "split-rows")]
     pub split_rows: bool,
+    /// For a directory SRC: the format written (default: the other one of what the rank folders hold).
+    /// Every file of the other format in SRC/rank*/ goes to DST/rank*/, as mindspore.ckpt_to_safetensors
+    /// and safetensors_to_ckpt do on directories.
+    #[arg(long, value_name = "ckpt|safetensors")]
+    pub to: Option<String>,
+    /// Rename entries: a JSON object {"old name": "new name", …} (name_map).
+    #[arg(long = "name-map", alias = "name_map", value_name = "FILE.json")]
+    pub name_map: Option<PathBuf>,
+    /// Only files whose name this regular expression matches (file_name_regex).
+    #[arg(long = "file-name-regex", alias = "file_name_regex", value_name = "R")]
+    pub file_name_regex: Option<String>,
     /// Print JSON for scripts.
     #[arg(long)]
     pub json: bool,

@@ -146,7 +146,31 @@ pub fn inspect(report: &Report, verbose: bool) -> Result<()> {
     match report {
         Report::Checkpoint(f) => file(&mut out, f)?,
         Report::Strategy(s) => strategy(&mut out, s)?,
-        Report::Tree { path, ranks } => {
+        Report::Complete { path, form, files } => {
+            if verbose {
+                for f in files {
+                    file(&mut out, f)?;
+                    writeln!(out)?;
+                }
+            }
+            let rows: Vec<Vec<String>> = files
+                .iter()
+                .map(|f| {
+                    vec![
+                        f.path.display().to_string(),
+                        f.tensors.len().to_string(),
+                        human_bytes(f.total_bytes),
+                    ]
+                })
+                .collect();
+            table(&mut out, &["file", "entries", "bytes"], &rows)?;
+            let total: u64 = files.iter().map(|f| f.total_bytes).sum();
+            writeln!(out)?;
+            writeln!(out, "{}: {}", path.display(), form.describe())?;
+            writeln!(out, "{} files, {}", files.len(), human_bytes(total))?;
+        }
+        Report::Tree { path, form, ranks } => {
+            writeln!(out, "form: {}", form.describe())?;
             if verbose {
                 for r in ranks {
                     writeln!(out, "== rank {}", r.rank)?;
@@ -175,6 +199,19 @@ pub fn inspect(report: &Report, verbose: bool) -> Result<()> {
                 ranks.len(),
                 human_bytes(total)
             )?;
+            let dedup = ranks.iter().any(|r| {
+                r.file
+                    .metadata
+                    .iter()
+                    .any(|(k, v)| k == "remove_redundancy" && v == "True")
+            });
+            if dedup {
+                writeln!(
+                    out,
+                    "saved with redundancy removed (remove_redundancy=True): each parameter is kept by \
+                     one rank of its redundancy group; commands given the strategy read it from that rank"
+                )?;
+            }
         }
     }
     Ok(())

@@ -33,6 +33,7 @@ pub const YAML_KEYS: &[&str] = &[
     "output_dir",
     "load_ckpt_format",
     "parallel_config",
+    "remove_redundancy",
 ];
 
 /// reshard's own settings, given as CLI flags or in the C ABI's JSON (not
@@ -273,6 +274,7 @@ impl Settings {
                 .path_opt("output_dir")?
                 .unwrap_or_else(|| absolute(Path::new("./output"))),
             load_ckpt_format,
+            remove_redundancy: self.bool_opt("remove_redundancy")?,
             parallel,
             rank,
             world_size: world,

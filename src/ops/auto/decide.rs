@@ -42,21 +42,28 @@ fn no(reason: impl Into<String>) -> Result<Verdict> {
     })
 }
 
-/// Tensor shapes of a checkpoint, from its index only.
+/// Tensor shapes of a checkpoint (a file, or a complete folder's files),
+/// from the indexes only.
 fn shapes(path: &Path) -> Result<HashMap<String, Vec<u64>>> {
-    let source = Source::open(
-        path,
-        &ReadOptions {
-            verify_crc: false,
-            ..ReadOptions::default()
-        },
-    )?;
-    Ok(source
-        .entries()
-        .into_iter()
-        .filter(|e| matches!(e.value, EntryValue::Tensor(_)))
-        .map(|e| (e.name, e.dims.iter().map(|&d| d.max(0) as u64).collect()))
-        .collect())
+    let (_, files) = crate::ops::transform::source_files(path)?;
+    let mut out = HashMap::new();
+    for (_, file) in files {
+        let source = Source::open(
+            &file,
+            &ReadOptions {
+                verify_crc: false,
+                ..ReadOptions::default()
+            },
+        )?;
+        out.extend(
+            source
+                .entries()
+                .into_iter()
+                .filter(|e| matches!(e.value, EntryValue::Tensor(_)))
+                .map(|e| (e.name, e.dims.iter().map(|&d| d.max(0) as u64).collect())),
+        );
+    }
+    Ok(out)
 }
 
 /// Compares the entry's layout (its source strategy `src`, `None` for a

@@ -119,6 +119,10 @@ pub struct AutoOptions {
     pub output_dir: PathBuf,
     /// `load_ckpt_format`: `.ckpt` or `.safetensors` files.
     pub load_ckpt_format: FileFormat,
+    /// `remove_redundancy` (top level): the checkpoint was saved with
+    /// redundancy removed. As in mindformers, a safetensors file's own
+    /// `remove_redundancy` flag overrides it; `None`: as the files say.
+    pub remove_redundancy: Option<bool>,
     /// `parallel_config`.
     pub parallel: ParallelConfig,
     /// This process's rank.
@@ -163,6 +167,7 @@ impl AutoOptions {
             only_save_strategy: false,
             output_dir: config::absolute(Path::new("./output")),
             load_ckpt_format: FileFormat::Ckpt,
+            remove_redundancy: None,
             parallel: ParallelConfig::default(),
             rank,
             world_size,
@@ -1124,7 +1129,7 @@ fn run_block(
     std::fs::create_dir_all(&inputs).in_file(&inputs)?;
     let (src_path, farm) = match &entry.kind {
         EntryKind::Complete(f) => {
-            if !f.is_file() {
+            if !f.exists() {
                 return Err(
                     Error::invalid(format!("the checkpoint is not here{}", o.here())).in_file(f),
                 );
@@ -1209,6 +1214,7 @@ fn run_block(
     options.ranks = Some(block.ranks.clone());
     options.workers = o.workers;
     options.world_size = Some(o.world_size);
+    options.has_redundancy = o.remove_redundancy.map(|removed| !removed);
     let unfarm = |e: Error| match &farm {
         Some((f, real)) => Error::invalid(
             e.to_string()

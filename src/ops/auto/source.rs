@@ -81,7 +81,11 @@ pub(crate) fn entries(path: &Path, format: FileFormat, here: &str) -> Result<Vec
         let mut files = BTreeMap::new();
         let mut other_format = false;
         for (r, d) in &ranks {
-            if let Some(f) = tree::pick_checkpoint(d, format)? {
+            let picked = match format {
+                FileFormat::Ckpt => tree::pick_checkpoint(d, format)?,
+                FileFormat::Safetensors => tree::pick_safetensors(d, None)?,
+            };
+            if let Some(f) = picked {
                 files.insert(*r, f);
             } else {
                 let other = match format {
@@ -106,6 +110,20 @@ pub(crate) fn entries(path: &Path, format: FileFormat, here: &str) -> Result<Vec
                 rank_dirs: ranks.into_iter().map(|(r, _)| r).collect(),
             },
         }]);
+    }
+    // MindFormers' safetensors flow (`load_checkpoint_with_safetensors`)
+    // loads a folder of complete weights as one checkpoint: a unified
+    // folder (`param_name_map.json`, as `load_distributed_checkpoint` reads
+    // it) or a HuggingFace one (`model.safetensors.index.json`).
+    if format == FileFormat::Safetensors {
+        if let Some(dir) = tree::complete_dir(path)? {
+            if dir.kind != tree::CompleteKind::SingleFile {
+                return Ok(vec![Entry {
+                    name: dir_name(path),
+                    kind: EntryKind::Complete(path.to_path_buf()),
+                }]);
+            }
+        }
     }
     let mut found: Vec<PathBuf> = std::fs::read_dir(path)
         .in_file(path)?

@@ -19,7 +19,7 @@
 //!   [`compose`]): rank files come straight from the HuggingFace files,
 //!   identical to converting and then running `reshard transform`.
 
-mod compose;
+pub(crate) mod compose;
 pub mod config;
 mod engine;
 pub mod families;
@@ -493,6 +493,7 @@ fn prepare_forward(options: &ConvertOptions, family: &'static Family) -> Result<
                     path: options.output.clone(),
                     format,
                     tensors,
+                    metadata: None,
                 }],
             }
         }
@@ -551,6 +552,8 @@ fn distributed(
         ranks: None,
         format,
         lora: None,
+        deduplicated: false,
+        remove_redundancy: false,
     })?;
     let by_name: BTreeMap<&str, &TensorPlan> =
         tensors.iter().map(|t| (t.name.as_str(), t)).collect();
@@ -601,9 +604,36 @@ fn distributed(
     Ok(Plan { sources, files })
 }
 
-/// Opens the MindSpore input of a reverse conversion.
-fn open_ms(options: &ConvertOptions) -> Result<(PathBuf, Source)> {
+/// Opens the MindSpore input of a reverse conversion: one file, or the
+/// files of a complete checkpoint kept as a directory (MindSpore's unified
+/// layout, an index, a directory of one file: `tree::complete_dir`).
+fn open_ms(options: &ConvertOptions) -> Result<Vec<(PathBuf, Source)>> {
     let p = &options.input;
+    let (_, files) = crate::ops::transform::source_files(p).or_else(|e| {
+        if p.is_dir() && crate::formats::tree::complete_dir(p)?.is_none() {
+            Ok((FileFormat::Ckpt, vec![(0, open_ms_file(p)?)]))
+        } else {
+            Err(e)
+        }
+    })?;
+    if crate::ops::transform::rank_count(&files) > 1 {
+        return Err(Error::invalid(
+            "a rank_x tree is distributed: merge it first (reshard transform without --dst-strategy, or reshard unify)",
+        )
+        .in_file(p));
+    }
+    files
+        .into_iter()
+        .map(|(_, f)| {
+            let source = Source::open(&f, &options.read)?;
+            Ok((f, source))
+        })
+        .collect()
+}
+
+/// The one checkpoint file of a directory that is not a complete
+/// multi-file checkpoint.
+fn open_ms_file(p: &Path) -> Result<PathBuf> {
     let file = if p.is_dir() {
         let mut found = Vec::new();
         for e in std::fs::read_dir(p).in_file(p)? {
@@ -631,18 +661,17 @@ fn open_ms(options: &ConvertOptions) -> Result<(PathBuf, Source)> {
                     .in_file(p),
             );
         }
-        p.clone()
+        p.to_path_buf()
     } else {
         return Err(Error::invalid("no such file or directory").in_file(p));
     };
-    let source = Source::open(&file, &options.read)?;
-    Ok((file, source))
+    Ok(file)
 }
 
 /// The MindSpore checkpoint's tensors mapped to HuggingFace names
 /// (`engine::reverse`), with what is needed to plan the conversion.
 struct ReverseMapping {
-    file: PathBuf,
+    files: Vec<PathBuf>,
     inputs: Vec<InTensor>,
     dropped: Vec<Dropped>,
     cfg: ModelConfig,
@@ -653,16 +682,23 @@ struct ReverseMapping {
 }
 
 fn reverse_mapping(options: &ConvertOptions, family: &'static Family) -> Result<ReverseMapping> {
-    let (file, source) = open_ms(options)?;
+    let opened = open_ms(options)?;
     let mut dropped = Vec::new();
     let mut inputs = Vec::new();
-    for e in source.entries() {
+    let entries: Vec<(usize, crate::formats::SourceEntry)> = opened
+        .iter()
+        .enumerate()
+        .flat_map(|(shard, (_, source))| source.entries().into_iter().map(move |e| (shard, e)))
+        .collect();
+    let files: Vec<PathBuf> = opened.into_iter().map(|(f, _)| f).collect();
+    let file = files[0].clone();
+    for (shard, e) in entries {
         match e.value {
             EntryValue::Tensor(dtype) if !is_training_state(&e.name) => inputs.push(InTensor {
                 name: e.name,
                 dtype,
                 shape: e.dims.iter().map(|&d| d.max(0) as u64).collect(),
-                shard: 0,
+                shard,
             }),
             EntryValue::Tensor(_) => dropped.push(Dropped {
                 name: e.name,
@@ -674,7 +710,6 @@ fn reverse_mapping(options: &ConvertOptions, family: &'static Family) -> Result<
             }),
         }
     }
-    drop(source);
     let beside = file
         .parent()
         .map(|d| d.join("config.json"))
@@ -689,7 +724,7 @@ fn reverse_mapping(options: &ConvertOptions, family: &'static Family) -> Result<
         return Err(Error::invalid("the checkpoint holds no model weight").in_file(&file));
     }
     Ok(ReverseMapping {
-        file,
+        files,
         inputs,
         dropped,
         cfg,
@@ -743,7 +778,7 @@ pub fn hf_to_ms_weights(
 
 fn prepare_reverse(options: &ConvertOptions, family: &'static Family) -> Result<Prepared> {
     let ReverseMapping {
-        file,
+        files: inputs_files,
         inputs,
         dropped,
         cfg,
@@ -771,13 +806,17 @@ fn prepare_reverse(options: &ConvertOptions, family: &'static Family) -> Result<
             path: options.output.join(&names[k]),
             format: FileFormat::Safetensors,
             tensors: ts,
+            metadata: None,
         });
     }
     let plan = Plan {
-        sources: vec![SourceFile {
-            rank: 0,
-            path: file.clone(),
-        }],
+        sources: inputs_files
+            .iter()
+            .map(|f| SourceFile {
+                rank: 0,
+                path: f.clone(),
+            })
+            .collect(),
         files,
     };
     let total = sizes.iter().sum();
@@ -793,7 +832,7 @@ fn prepare_reverse(options: &ConvertOptions, family: &'static Family) -> Result<
             variant: variant.into(),
             direction: "ms-to-hf",
             qkv_concat: concat,
-            inputs: vec![file],
+            inputs: inputs_files,
             tensors_in: inputs.len(),
             tensors_out,
             dropped,

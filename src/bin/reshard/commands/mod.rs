@@ -5,6 +5,7 @@ pub mod auto;
 pub mod convert;
 pub mod merge_lora;
 pub mod transform;
+pub mod unify;
 
 use anyhow::Result;
 use reshard::formats::ckpt::{crypt, ReadOptions, SplitMode};
@@ -27,6 +28,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Auto(a) => auto::run(a),
         Command::Verify(a) => verify(a),
         Command::Bench(a) => bench(a),
+        Command::Unify(a) => unify::run(a),
     }
 }
 
@@ -62,6 +64,13 @@ fn inspect(a: InspectArgs) -> Result<()> {
 }
 
 fn rewrite(a: RewriteArgs) -> Result<()> {
+    let name_map = match &a.name_map {
+        Some(p) => Some(
+            serde_json::from_slice(&std::fs::read(p)?)
+                .map_err(|e| anyhow::anyhow!("{}: not a JSON object of names: {e}", p.display()))?,
+        ),
+        None => None,
+    };
     let options = ops::rewrite::RewriteOptions {
         read: read_options(&a.read)?,
         crc: a.crc,
@@ -71,7 +80,19 @@ fn rewrite(a: RewriteArgs) -> Result<()> {
         } else {
             SplitMode::Bytes
         },
+        name_map,
     };
+    if a.src.is_dir() {
+        return rewrite_tree(&a, options);
+    }
+    if let Some(r) = &a.file_name_regex {
+        if !regex::Regex::new(r)?.is_match(&a.src.to_string_lossy()) {
+            anyhow::bail!(
+                "{}: the file name does not match --file-name-regex",
+                a.src.display()
+            );
+        }
+    }
     let report = ops::rewrite::rewrite(&a.src, &a.dst, &options)?;
     if a.json {
         render::json(&report)
@@ -84,6 +105,40 @@ fn rewrite(a: RewriteArgs) -> Result<()> {
         );
         Ok(())
     }
+}
+
+fn rewrite_tree(a: &RewriteArgs, file: ops::rewrite::RewriteOptions) -> Result<()> {
+    use reshard::formats::tree::FileFormat;
+    let to = match a.to.as_deref() {
+        Some("ckpt") => FileFormat::Ckpt,
+        Some("safetensors") => FileFormat::Safetensors,
+        Some(other) => anyhow::bail!("--to must be ckpt or safetensors, not {other:?}"),
+        None => match reshard::formats::tree::tree_checkpoints(&a.src)?.0 {
+            FileFormat::Ckpt => FileFormat::Safetensors,
+            FileFormat::Safetensors => FileFormat::Ckpt,
+        },
+    };
+    let reports = ops::rewrite::rewrite_tree(
+        &a.src,
+        &a.dst,
+        &ops::rewrite::TreeRewriteOptions {
+            to,
+            file_name_regex: a.file_name_regex.clone(),
+            file,
+        },
+    )?;
+    if a.json {
+        return render::json(&reports);
+    }
+    for r in &reports {
+        eprintln!(
+            "wrote {} ({} entries, {})",
+            r.output.display(),
+            r.entries,
+            render::human_bytes(r.bytes)
+        );
+    }
+    Ok(())
 }
 
 fn demo(a: DemoArgs) -> Result<()> {

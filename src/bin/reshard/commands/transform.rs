@@ -73,16 +73,36 @@ pub struct TransformArgs {
     /// Worker threads: each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
     #[arg(long = "process-num", short = 'j', value_name = "K")]
     pub process_num: Option<usize>,
-    /// Output format (default: the source's).
+    /// Name every output rank_{r}/NAME.{ext} instead of rank_{r}/{prefix}{r}.{ext}; `net` gives
+    /// mindspore.load_distributed_checkpoint's naming.
+    #[arg(long = "file-name", value_name = "NAME")]
+    pub file_name: Option<String>,
+    /// Output format (default: the source's); checkpoint2: a mindformers Checkpoint 2.0 directory
+    /// (balanced de-duplicated save, metadata.json, latest_checkpointed_iteration.txt).
     #[arg(
         long = "output-format",
         alias = "output_format",
-        value_name = "ckpt|safetensors"
+        value_name = "ckpt|safetensors|checkpoint2"
     )]
     pub output_format: Option<String>,
     /// Print the plan (files per rank, bytes, largest tensor, peak memory) and write nothing.
     #[arg(long = "dry-run")]
     pub dry_run: bool,
+    /// Whether the source keeps every redundant copy (true) or was saved with remove_redundancy (false).
+    /// A safetensors file's own remove_redundancy flag wins, as in MindSpore. Default: as the files say.
+    #[arg(
+        long = "has-redundancy",
+        alias = "has_redundancy",
+        value_name = "true|false"
+    )]
+    pub has_redundancy: Option<bool>,
+    /// Save each rank without redundant copies, as MindSpore's save_checkpoint(..., remove_redundancy=True)
+    /// (safetensors output, needs --dst-strategy).
+    #[arg(long = "remove-redundancy", alias = "remove_redundancy")]
+    pub remove_redundancy: bool,
+    /// With --output-format checkpoint2: the iteration (DST/iteration_XXXXXXXX/).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub iteration: u64,
     #[command(flatten)]
     pub output: OutputArgs,
     #[command(flatten)]
@@ -362,9 +382,13 @@ pub fn run(a: TransformArgs) -> Result<()> {
     let output_format = match a.output_format.as_deref() {
         None => None,
         Some("ckpt") => Some(FileFormat::Ckpt),
-        Some("safetensors") => Some(FileFormat::Safetensors),
-        Some(other) => bail!("--output-format must be ckpt or safetensors, not {other:?}"),
+        Some("safetensors" | "checkpoint2") => Some(FileFormat::Safetensors),
+        Some(other) => {
+            bail!("--output-format must be ckpt, safetensors or checkpoint2, not {other:?}")
+        }
     };
+    let checkpoint2_iteration =
+        (a.output_format.as_deref() == Some("checkpoint2")).then_some(a.iteration);
     let job = job(&a)?;
     let sources = match &job.mindformers {
         Some(_) => mindformers_sources(&job.src)?
@@ -383,6 +407,7 @@ pub fn run(a: TransformArgs) -> Result<()> {
             ranks: job.ranks.clone(),
             world_size: job.world_size,
             workers: job.workers,
+            file_name: a.file_name.clone(),
             output_format,
             dry_run: a.dry_run,
             read: super::read_options(&a.read)?,
@@ -391,6 +416,9 @@ pub fn run(a: TransformArgs) -> Result<()> {
             verify: a.output.verify,
             backend: a.backend.choice(),
             control: a.output.control(),
+            has_redundancy: a.has_redundancy,
+            remove_redundancy: a.remove_redundancy,
+            checkpoint2_iteration,
         };
         let (progress, bar) = crate::progress::for_command("transform", a.json || a.dry_run);
         let options = ops::transform::TransformOptions {

@@ -1,0 +1,196 @@
+//! mindformers Checkpoint 2.0 directories without MindSpore: written by
+//! `--output-format checkpoint2`, read back by transform and verify; every
+//! bad directory (a referenced file missing, overlapping or missing shards,
+//! a file without its tensor) and every impossible option is an error that
+//! names the file and the parameter, with nothing written. The bytes are
+//! checked against mindformers in `conformance::checkpoint2`.
+
+use std::path::{Path, PathBuf};
+
+use reshard::ops::transform::{transform, TransformOptions};
+use reshard::ops::verify;
+use reshard::DType;
+use serde_json::Value;
+
+use crate::transform::{strategies, synthetic_model};
+use crate::util::tempdir;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    model: PathBuf,
+    strategy: PathBuf,
+    written: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempdir();
+    let root = dir.path().to_path_buf();
+    let model = root.join("full.ckpt");
+    crate::auto::model(&model, 2, 16, 9);
+    let strategy = strategies(&model, &root.join("s"), 2, 2, 1, 0);
+    let written = root.join("ck2");
+    let mut o = TransformOptions::new(&model, &written, None, Some(strategy.clone()));
+    o.checkpoint2_iteration = Some(12);
+    transform(&o).unwrap();
+    Fixture {
+        _dir: dir,
+        root,
+        model,
+        strategy,
+        written,
+    }
+}
+
+fn iteration(f: &Fixture) -> PathBuf {
+    f.written.join("iteration_00000012")
+}
+
+fn edit_metadata(f: &Fixture, edit: impl FnOnce(&mut Value)) {
+    let p = iteration(f).join("metadata.json");
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+}
+
+fn read_err(src: &Path, out: &Path) -> String {
+    let e = transform(&TransformOptions::new(src, out, None, None))
+        .unwrap_err()
+        .to_string();
+    assert!(!out.exists(), "output left behind: {e}");
+    e
+}
+
+#[test]
+fn written_directory_reads_back_as_the_model() {
+    let f = fixture();
+    assert_eq!(
+        std::fs::read_to_string(f.written.join("latest_checkpointed_iteration.txt")).unwrap(),
+        "12"
+    );
+    let c = verify::compare(
+        &verify::Side {
+            path: f.written.clone(),
+            strategy: None,
+        },
+        &verify::Side {
+            path: f.model.clone(),
+            strategy: None,
+        },
+        verify::Tolerance {
+            rtol: 0.0,
+            atol: 0.0,
+        },
+    )
+    .unwrap();
+    assert!(c.differences.is_empty(), "{:?}", c.differences);
+    assert!(c.tensors > 30);
+    // Back to the strategy: the same bytes as the plain split.
+    let (a, b) = (f.root.join("a"), f.root.join("b"));
+    let mut o = TransformOptions::new(&f.written, &a, None, Some(f.strategy.clone()));
+    o.output_format = Some(reshard::formats::tree::FileFormat::Safetensors);
+    transform(&o).unwrap();
+    let mut o = TransformOptions::new(&f.model, &b, None, Some(f.strategy.clone()));
+    o.output_format = Some(reshard::formats::tree::FileFormat::Safetensors);
+    transform(&o).unwrap();
+    for r in 0..4 {
+        let p = format!("rank_{r}/checkpoint_{r}.safetensors");
+        assert!(std::fs::read(a.join(&p)).unwrap() == std::fs::read(b.join(&p)).unwrap());
+    }
+}
+
+#[test]
+fn bad_directories_name_the_file_and_the_parameter() {
+    let f = fixture();
+    let out = f.root.join("out");
+    // Overlapping shards: a second chunk on top of the first.
+    edit_metadata(&f, |v| {
+        let sd = v["state_dict_metadata"].as_object_mut().unwrap();
+        let (name, m) = sd
+            .iter_mut()
+            .find(|(_, m)| m["chunk"].as_array().unwrap().len() == 2)
+            .unwrap();
+        let _ = name;
+        let first = m["chunk"][0].clone();
+        m["chunk"][1] = first;
+    });
+    let e = read_err(&f.written, &out);
+    assert!(e.contains("overlap") && e.contains("metadata.json"), "{e}");
+    // A shard missing: only one of two chunks listed.
+    let f = fixture();
+    edit_metadata(&f, |v| {
+        let m = v["state_dict_metadata"]
+            .as_object_mut()
+            .unwrap()
+            .values_mut()
+            .find(|m| m["chunk"].as_array().unwrap().len() == 2)
+            .unwrap();
+        m["chunk"].as_array_mut().unwrap().pop();
+    });
+    let e = read_err(&f.written, &out);
+    assert!(e.contains("some are missing"), "{e}");
+    // A referenced file missing.
+    let f = fixture();
+    std::fs::remove_file(iteration(&f).join("model-0000001-0000004.safetensors")).unwrap();
+    let e = read_err(&f.written, &out);
+    assert!(
+        e.contains("model-0000001-0000004.safetensors") && e.contains("missing"),
+        "{e}"
+    );
+    // A file that does not hold the tensor metadata.json puts there.
+    let f = fixture();
+    edit_metadata(&f, |v| {
+        let (_, entries) = v["storage_data"]
+            .as_object_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|(k, _)| k.contains("model.layers.0.attention.wq.weight"))
+            .unwrap();
+        entries[0]["file_name"] = "opt-0000000-0000004.safetensors".into();
+    });
+    let e = read_err(&f.written, &out);
+    assert!(
+        e.contains("opt-0000000-0000004.safetensors") && e.contains("no such tensor"),
+        "{e}"
+    );
+    // A tracker naming an iteration that is not there.
+    let f = fixture();
+    std::fs::write(f.written.join("latest_checkpointed_iteration.txt"), "13").unwrap();
+    let e = read_err(&f.written, &out);
+    assert!(e.contains("iteration 13"), "{e}");
+}
+
+#[test]
+fn impossible_checkpoint2_outputs_are_refused() {
+    let f = fixture();
+    let out = f.root.join("o");
+    let attempt = |o: TransformOptions| transform(&o).unwrap_err().to_string();
+    let mut o = TransformOptions::new(&f.model, &out, None, None);
+    o.checkpoint2_iteration = Some(1);
+    assert!(attempt(o).contains("needs --dst-strategy"));
+    let mut o = TransformOptions::new(&f.model, &out, None, Some(f.strategy.clone()));
+    o.checkpoint2_iteration = Some(1);
+    o.ranks = Some(vec![0]);
+    assert!(attempt(o).contains("--rank-id"));
+    let opt = strategies(&f.model, &f.root.join("opt"), 2, 2, 1, 2);
+    let mut o = TransformOptions::new(&f.model, &out, None, Some(opt));
+    o.checkpoint2_iteration = Some(1);
+    assert!(attempt(o).contains("optimizer sharding"));
+    let pp = strategies(&f.model, &f.root.join("pp"), 1, 2, 2, 0);
+    let mut o = TransformOptions::new(&f.model, &out, None, Some(pp));
+    o.checkpoint2_iteration = Some(1);
+    assert!(attempt(o).contains("one pipeline stage"));
+    assert!(!out.exists());
+    // String entries have no place in safetensors.
+    let strings = f.root.join("strings.ckpt");
+    synthetic_model(&strings, 1, DType::F16, 1);
+    let s1 = strategies(&strings, &f.root.join("s1"), 2, 2, 1, 0);
+    let mut o = TransformOptions::new(&strings, &out, None, Some(s1));
+    o.checkpoint2_iteration = Some(1);
+    let e = attempt(o);
+    assert!(e.contains("string entry") && e.contains("note"), "{e}");
+    // An existing directory is not overwritten.
+    let mut o = TransformOptions::new(&f.model, &f.written, None, Some(f.strategy.clone()));
+    o.checkpoint2_iteration = Some(12);
+    assert!(attempt(o).contains("already"));
+}

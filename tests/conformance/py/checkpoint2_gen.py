@@ -1,0 +1,156 @@
+"""Builds mindformers Checkpoint 2.0 iteration directories with mindformers' own helpers.
+
+usage: checkpoint2_gen.py MINDFORMERS_SRC OUT_DIR
+
+MINDFORMERS_SRC is ci/mindformers.sh's directory; its 2.1.0/mindformers/checkpoint/ modules
+are loaded from there (mindformers itself is not installed: the few mindformers.tools names
+they import are stubbed, since they only log, set file modes or ask the rank).
+
+On a dp2·mp2 MindSpore Layout, for each rank the ShardedTensors come from
+get_sharded_tensor_from_strategy_metadata (offsets from _get_global_offset_and_replica_id_from_layout),
+the file mapping from get_total_params_file_mapping_info, metadata.json from save_metadata
+(2.1 schema) and, for the 1.7/1.8 schema, the same JSON without rank_group, indent=4. Each
+rank's model-{r:07d}-0000004.safetensors holds its local slices (MindSpore save_checkpoint).
+
+OUT_DIR gets:
+  full.safetensors                       the full model
+  v21/iteration_00000001/...             metadata.json (2.1) + files, latest_checkpointed_iteration.txt
+  v17/iteration_00000001/...             metadata.json (1.7/1.8 schema) + the same files
+  balanced/iteration_00000001/...        a balanced (de-duplicated) save for the layouts of DST, as
+                                         mindformers' BalancedSaveStrategy plans it on rank 0
+                                         (_compute_balanced_assignment_on_rank0, i.e. distribute_shards)
+                                         and save_balanced_metadata writes metadata.json; each saving
+                                         rank's file holds its shards (alias names axis0, axis1)
+"""
+import json
+import logging
+import os
+import shutil
+import sys
+import types
+
+from common import ms, np
+from mindspore.parallel import Layout
+
+
+def stub(name, **attrs):
+    m = types.ModuleType(name)
+    m.__dict__.update(attrs)
+    sys.modules[name] = m
+    return m
+
+
+def load_mindformers(src):
+    stub("mindformers", __path__=[])
+    stub("mindformers.tools", __path__=[], get_output_root_path=lambda: "/nonexistent")
+    stub("mindformers.tools.logger", logger=logging.getLogger("mindformers"))
+    stub("mindformers.tools.utils", set_safe_mode_for_file_or_dir=lambda *a: None,
+         get_real_rank=lambda: 0, get_real_group_size=lambda: 1)
+    stub("mindformers.core", __path__=[])
+    stub("mindformers.core.context", __path__=[])
+    stub("mindformers.core.context.build_context", get_context=lambda *a, **k: None)
+    stub("mindformers.checkpoint", __path__=[os.path.join(src, "2.1.0", "mindformers", "checkpoint")])
+    import mindformers.checkpoint.metadata as metadata
+    import mindformers.checkpoint.sharded_tensor as sharded
+    import mindformers.checkpoint.fully_parallel as balanced
+    import mindformers.checkpoint.utils as utils
+    return metadata, sharded, balanced, utils
+
+
+WORLD = 4
+PARAMS = [  # name, shape, tensor map on (dp, mp), dtype
+    ("model.embed", [16, 8], None, ms.float32),
+    ("layers.0.w_row", [8, 4], ("mp", "None"), ms.bfloat16),
+    ("layers.0.w_col", [4, 8], ("None", "mp"), ms.bfloat16),
+    ("layers.0.w_both", [8, 8], ("mp", "dp"), ms.float16),
+    ("layers.0.norm", [8], ("None",), ms.float32),
+    ("head", [16, 8], ("dp", "mp"), ms.float32),
+]
+
+
+def save(tensors, path):
+    ms.save_checkpoint([{"name": n, "data": t} for n, t in tensors.items()], path, format="safetensors")
+
+
+# The destination of the balanced save: flat maps on (2, 2), axis 0 the rightmost.
+DST = {"model.embed": [0, -1], "layers.0.w_row": [-1, 0], "layers.0.w_col": [1, -1],
+       "layers.0.w_both": [1, 0], "layers.0.norm": [0], "head": [-1, -1]}
+
+
+def balanced_save(full, sharded, balanced, utils, out):
+    alias = ("axis0", "axis1")
+    base = Layout((2, 2), alias)
+    names = {n: tuple("None" if a == -1 else alias[1 - a] for a in m) for n, m in DST.items()}
+    infos = {n: [base(*names[n]), full[n].dtype, tuple(full[n].shape)] for n in DST}
+    metas = {r: sharded.get_sharded_tensor_from_strategy_metadata(infos, r) for r in range(WORLD)}
+    _, assignment = balanced._compute_balanced_assignment_on_rank0(metas, WORLD)
+    plan = balanced.BalancedShardPlan(full_assignment=assignment, total_files_num=len(assignment))
+    it = os.path.join(out, "iteration_00000001")
+    os.makedirs(it)
+    for file_id, (rank, shards) in enumerate(assignment.items()):
+        coord = {"axis0": rank // 2, "axis1": rank % 2, "None": 0}
+        local = {}
+        for shard_id in shards:
+            name, _ = utils._reverse_sharded_tensor_shard_id(shard_id)
+            arr = full[name]
+            idx = tuple(slice(coord[a] * (d // (2 if a != "None" else 1)),
+                              (coord[a] + 1) * (d // (2 if a != "None" else 1)))
+                        for a, d in zip(names[name], arr.shape))
+            local[name] = ms.Tensor(np.ascontiguousarray(arr.asnumpy()[idx]))
+        save(local, os.path.join(it, f"model-{file_id:07d}-{len(assignment):07d}.safetensors"))
+    balanced.save_balanced_metadata(out, 1, None, [(plan, utils.FileType.MODEL, None)], metas)
+    with open(os.path.join(out, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("1")
+
+
+def main():
+    src, out = sys.argv[1], sys.argv[2]
+    metadata, sharded, balanced, utils = load_mindformers(src)
+    metadata.get_group_size = lambda: WORLD
+    rng = np.random.default_rng(7)
+    full = {n: ms.Tensor(rng.standard_normal(s).astype(np.float32)).astype(d) for n, s, _, d in PARAMS}
+    save(full, os.path.join(out, "full.safetensors"))
+    base = Layout((2, 2), ("dp", "mp"))
+    infos = {n: [base(*m) if m else None, d, tuple(s)] for n, s, m, d in PARAMS}
+    metas = {r: sharded.get_sharded_tensor_from_strategy_metadata(infos, r) for r in range(WORLD)}
+    mappings = metadata.get_total_params_file_mapping_info(metas, None, set(full))
+    it = os.path.join(out, "v21", "iteration_00000001")
+    os.makedirs(it)
+    # Each rank's file: its local slice of every parameter, cut from the
+    # rank's device coordinates (dp = r // 2, mp = r % 2) and the tensor
+    # map, independently of mindformers' slice ids.
+    maps = {n: m for n, _, m, _ in PARAMS}
+    for r in range(WORLD):
+        coord = {"dp": r // 2, "mp": r % 2, "None": 0}
+        local = {}
+        for name in metas[r]:
+            arr = full[name]
+            if maps[name]:
+                idx = tuple(slice(coord[a] * (d // (2 if a != "None" else 1)),
+                                  (coord[a] + 1) * (d // (2 if a != "None" else 1)))
+                            for a, d in zip(maps[name], arr.shape))
+                arr = ms.Tensor(np.ascontiguousarray(arr.asnumpy()[idx]))
+            local[name] = arr
+        save(local, os.path.join(it, f"model-{r:07d}-{WORLD:07d}.safetensors"))
+    metadata.save_metadata(metas, mappings, os.path.join(it, "metadata.json"))
+    with open(os.path.join(it, "common.json"), "w") as f:
+        json.dump({"epoch_num": 1, "step_num": 1, "global_step": 1, "loss_scale": 1.0,
+                   "global_batch_size": 8, "consumed_samples": 8, "ckpt_status": 0}, f, indent=4)
+    with open(os.path.join(out, "v21", "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("1")
+    # The 1.7/1.8 schema: no rank_group, indent=4.
+    old = os.path.join(out, "v17", "iteration_00000001")
+    shutil.copytree(it, old)
+    with open(os.path.join(it, "metadata.json")) as f:
+        m = json.load(f)
+    for entries in m["storage_data"].values():
+        for e in entries:
+            del e["rank_group"]
+    with open(os.path.join(old, "metadata.json"), "w") as f:
+        json.dump(m, f, ensure_ascii=False, indent=4)
+    balanced_save(full, sharded, balanced, utils, os.path.join(out, "balanced"))
+    print("ok")
+
+
+if __name__ == "__main__":
+    main()
