@@ -122,6 +122,10 @@ pub fn transform_by_rank(o: &ByRankOptions) -> Result<TransformReport> {
         ranks: Some(vec![o.rank]),
         format,
         lora: None,
+        // transform_checkpoint_by_rank reads whole per-rank files: sets
+        // saved with remove_redundancy go through `transform`.
+        deduplicated: false,
+        remove_redundancy: false,
     })?;
     for f in &mut planned.files {
         for s in f.sources() {
