@@ -30,7 +30,7 @@ pub mod distributed {
     use std::time::Duration;
 
     use reshard::backend::CpuBackend;
-    use reshard::comm::{exchange, InProcess};
+    use reshard::comm::InProcess;
     use reshard::formats::strategy;
     use reshard::formats::tree::FileFormat;
     use reshard::formats::Source;
@@ -118,6 +118,27 @@ pub mod distributed {
         out
     }
 
+    /// The manifests under `dir` without the command line that wrote them.
+    pub fn manifests(dir: &Path) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(p) = stack.pop() {
+            for e in std::fs::read_dir(&p).into_iter().flatten() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.to_string_lossy().ends_with(".manifest.json") {
+                    let mut m: serde_json::Value =
+                        serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+                    m.as_object_mut().unwrap().remove("command");
+                    out.push(m);
+                }
+            }
+        }
+        out.sort_by_key(|m| m["file"].to_string());
+        out
+    }
+
     #[test]
     fn ranks_read_disjoint_sources_and_write_what_one_process_writes() {
         let dir = tempdir();
@@ -141,8 +162,13 @@ pub mod distributed {
                     .map(|c| {
                         let p = &p;
                         s.spawn(move || {
-                            exchange::execute(p, &CpuBackend::new(1), c, &Default::default())
-                                .unwrap()
+                            reshard::exec::execute_on(
+                                p,
+                                &CpuBackend::new(1),
+                                c,
+                                &Default::default(),
+                            )
+                            .unwrap()
                         })
                     })
                     .collect();
@@ -151,17 +177,35 @@ pub mod distributed {
             // Each source read by exactly one rank; each file written once.
             let mut read: Vec<usize> = reports
                 .iter()
-                .flat_map(|r| r.sources_read.clone())
+                .flat_map(|r| r.1.sources_read.clone())
                 .collect();
             read.sort();
             assert_eq!(read, (0..4).collect::<Vec<_>>(), "{tag}");
-            assert!(reports
-                .iter()
-                .all(|r| r.sources_read.iter().all(|s| s % 3 == r.rank)));
-            assert!(reports.iter().map(|r| r.bytes_received).sum::<u64>() > 0);
+            let sent: u64 = reports.iter().map(|r| r.1.bytes_sent).sum();
+            let received: u64 = reports.iter().map(|r| r.1.bytes_received).sum();
+            assert!(
+                received > 0 && sent == received,
+                "{tag}: {sent} sent, {received} received"
+            );
+            // Manifests hashed every source once, by its reader: the same as
+            // a local run's.
+            let source_bytes: u64 = reports.iter().map(|r| r.1.bytes_read).sum();
+            let on_disk: u64 = (0..4)
+                .map(|k| {
+                    let d = shards.join(format!("rank_{k}"));
+                    std::fs::read_dir(&d)
+                        .unwrap()
+                        .map(|e| e.unwrap().path())
+                        .filter(|p| !p.to_string_lossy().ends_with(".json"))
+                        .map(|p| p.metadata().unwrap().len())
+                        .sum::<u64>()
+                })
+                .sum();
+            assert_eq!(source_bytes, on_disk, "{tag}");
             let (a, b) = (tree(&single), tree(&multi));
             assert_eq!(a.len(), 2, "{tag}");
             assert!(a == b, "{tag}: distributed output differs");
+            assert_eq!(manifests(&single), manifests(&multi), "{tag}");
         }
     }
 
@@ -180,7 +224,7 @@ pub mod distributed {
                 .map(|c| {
                     let p = &p;
                     s.spawn(move || {
-                        exchange::execute(p, &CpuBackend::new(1), c, &Default::default())
+                        reshard::exec::execute_on(p, &CpuBackend::new(1), c, &Default::default())
                     })
                 })
                 .collect();
@@ -1560,7 +1604,7 @@ mod emulated {
     #[test]
     fn hccl_ranks_exchange_device_to_device_and_match_one_process() {
         use reshard::comm::hccl::HcclCommunicator;
-        use reshard::comm::{exchange, RootInfo};
+        use reshard::comm::RootInfo;
         let dir = tempdir();
         let root = dir.path();
         let (shards, mp4, mp2) = crate::ascend::distributed::sharded(root, DType::F16);
@@ -1599,13 +1643,13 @@ mod emulated {
                         )
                         .unwrap();
                         let c = HcclCommunicator::new(&b, r as usize, 3, info).unwrap();
-                        exchange::execute(p, &b, &c, &Default::default()).unwrap()
+                        reshard::exec::execute_on(p, &b, &c, &Default::default()).unwrap()
                     })
                 })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        assert!(reports.iter().map(|r| r.bytes_received).sum::<u64>() > 0);
+        assert!(reports.iter().map(|r| r.1.bytes_received).sum::<u64>() > 0);
         let (a, b) = (
             crate::ascend::distributed::tree(&single),
             crate::ascend::distributed::tree(&multi),
@@ -1622,7 +1666,7 @@ mod emulated {
     #[test]
     fn hccl_timeout_when_a_rank_dies_fails_every_rank_and_leaves_no_file() {
         use reshard::comm::hccl::HcclCommunicator;
-        use reshard::comm::{exchange, RootInfo};
+        use reshard::comm::RootInfo;
         let dir = tempdir();
         let root = dir.path();
         let (shards, mp4, mp2) = crate::ascend::distributed::sharded(root, DType::F32);
@@ -1657,7 +1701,7 @@ mod emulated {
                         if r == 2 {
                             return None; // dies after joining
                         }
-                        Some(exchange::execute(p, &b, &c, &Default::default()))
+                        Some(reshard::exec::execute_on(p, &b, &c, &Default::default()))
                     })
                 })
                 .collect();

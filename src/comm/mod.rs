@@ -1,6 +1,7 @@
 //! Communicators: how the N ranks of one job move tensor bytes between
 //! them, so each rank reads only its share of the source files and the
-//! slices it lacks arrive from the rank that read them ([`exchange`]).
+//! slices it lacks arrive from the rank that read them
+//! ([`crate::exec::execute_on`], the one executor, runs such a job).
 //!
 //! A [`Communicator`] moves the buffers of one backend: [`InProcess`]
 //! connects threads over host buffers (CPU backend; tests and single-node
@@ -19,7 +20,6 @@
 //! others poll for it), or handed over directly within one process
 //! ([`RootInfo::Given`]). There is no TCP rendezvous.
 
-pub mod exchange;
 #[cfg(feature = "ascend")]
 pub mod hccl;
 
