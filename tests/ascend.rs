@@ -1663,6 +1663,103 @@ mod emulated {
         );
     }
 
+    /// Ranks on two emulated machines (as in two processes: neither sees
+    /// the other's devices or communicators) meet through the emulated
+    /// network's folder, exchange device to device, and write what one
+    /// process writes.
+    #[test]
+    fn hccl_ranks_on_two_machines_meet_through_the_emulated_network() {
+        use reshard::comm::hccl::HcclCommunicator;
+        use reshard::comm::RootInfo;
+        let dir = tempdir();
+        let root = dir.path();
+        let (shards, mp4, mp2) = crate::ascend::distributed::sharded(root, DType::BF16);
+        let plan = |out: &std::path::Path| {
+            crate::ascend::distributed::the_plan(&shards, &mp4, &mp2, out, true, FileFormat::Ckpt)
+        };
+        let single = root.join("single");
+        exec::execute(&plan(&single), &CpuBackend::new(1), &Default::default()).unwrap();
+        let multi = root.join("multi");
+        let p = plan(&multi);
+        let net = root.join("net");
+        std::fs::create_dir(&net).unwrap();
+        let machines = [Emulator::new(), Emulator::new()];
+        for m in &machines {
+            m.set_hccl_network(&net);
+        }
+        let info = RootInfo::File(root.join("hccl_root_info"), Duration::from_secs(30));
+        let reports: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..3)
+                .map(|r| {
+                    let (p, info) = (&p, &info);
+                    let (api, device) = (machines[r / 2].api(), (r % 2) as i32);
+                    s.spawn(move || {
+                        let b = AscendBackend::with_api(
+                            api,
+                            AscendOptions {
+                                device,
+                                ..opts(CopyPath::Auto, 1 << 16)
+                            },
+                        )
+                        .unwrap();
+                        let c = HcclCommunicator::new(&b, r, 3, info).unwrap();
+                        reshard::exec::execute_on(p, &b, &c, &Default::default()).unwrap()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(reports.iter().map(|r| r.1.bytes_received).sum::<u64>() > 0);
+        let (a, b) = (
+            crate::ascend::distributed::tree(&single),
+            crate::ascend::distributed::tree(&multi),
+        );
+        assert!(a == b && a.len() == 2, "output over the network differs");
+        for m in &machines {
+            assert!(m.violations().is_empty(), "{:?}", m.violations());
+            assert!(m.stats().ops.contains_key("HcclAllGather"));
+        }
+        // The last rank out removed the group's folder.
+        assert_eq!(std::fs::read_dir(&net).unwrap().count(), 0);
+    }
+
+    /// Ranks that disagree on the job's size fail at once, on both sides.
+    #[test]
+    fn hccl_ranks_with_different_world_sizes_fail_to_join() {
+        use reshard::comm::hccl::HcclCommunicator;
+        use reshard::comm::RootInfo;
+        let dir = tempdir();
+        let net = dir.path().join("net");
+        std::fs::create_dir(&net).unwrap();
+        let machines = [Emulator::new(), Emulator::new()];
+        for m in &machines {
+            m.set_hccl_network(&net);
+        }
+        let info = RootInfo::File(dir.path().join("root_info"), Duration::from_secs(30));
+        let t = std::time::Instant::now();
+        let errors: Vec<String> = std::thread::scope(|s| {
+            let hs: Vec<_> = [(0, 2), (1, 3)]
+                .into_iter()
+                .map(|(r, n)| {
+                    let (info, api) = (&info, machines[r].api());
+                    s.spawn(move || {
+                        let b =
+                            AscendBackend::with_api(api, opts(CopyPath::Auto, 1 << 16)).unwrap();
+                        match HcclCommunicator::new(&b, r, n, info) {
+                            Ok(_) => "joined".to_string(),
+                            Err(e) => e.to_string(),
+                        }
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+        for e in &errors {
+            assert!(e.contains("nRanks"), "{e}");
+        }
+    }
+
     #[test]
     fn hccl_timeout_when_a_rank_dies_fails_every_rank_and_leaves_no_file() {
         use reshard::comm::hccl::HcclCommunicator;

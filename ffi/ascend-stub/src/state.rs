@@ -183,6 +183,8 @@ pub(crate) struct State {
     pub next_addr: u64,
     pub violations: Vec<String>,
     pub stats: Stats,
+    /// Folder of the emulated HCCL network (else `ASCEND_STUB_HCCL_DIR`).
+    pub hccl_dir: Option<std::path::PathBuf>,
 }
 
 impl State {
@@ -212,6 +214,7 @@ impl State {
                 peak_bytes: 0,
                 ops: BTreeMap::new(),
             },
+            hccl_dir: None,
         }
     }
 
