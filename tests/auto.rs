@@ -434,7 +434,7 @@ pub(crate) fn node_dirs(root: &Path) -> [PathBuf; 2] {
     [root.join("node0"), root.join("node1")]
 }
 
-fn copy_tree(from: &Path, to: &Path) {
+pub(crate) fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
         let p = e.unwrap().path();

@@ -7,6 +7,8 @@ mod auto;
 mod bench;
 mod conformance;
 mod convert;
+#[cfg(feature = "ascend")]
+mod exchange;
 mod faults;
 pub mod merge_lora;
 pub mod transform;

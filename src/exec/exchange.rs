@@ -193,6 +193,46 @@ impl<B: Backend, C: Communicator<Buffer = B::Buffer>> Wire<'_, B, C> {
     }
 }
 
+/// `RESHARD_TEST_STALL_EXCHANGE_MS`: test-only fault injection, a pause
+/// after this rank's first box, so a test can kill a rank mid-exchange.
+fn test_stall(done: &mut bool) {
+    if !*done {
+        *done = true;
+        if let Some(ms) = std::env::var("RESHARD_TEST_STALL_EXCHANGE_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+    }
+}
+
+/// Every rank's `mine` (of any length), in rank order.
+pub fn all_gather_bytes<B, C>(backend: &B, comm: &C, mine: &[u8]) -> Result<Vec<Vec<u8>>>
+where
+    B: Backend,
+    C: Communicator<Buffer = B::Buffer>,
+{
+    let wire = Wire { backend, comm };
+    let lens = wire.all_gather(&(mine.len() as u64).to_le_bytes())?;
+    let lens: Vec<usize> = lens
+        .iter()
+        .map(|l| u64::from_le_bytes(l[..].try_into().expect("8 bytes")) as usize)
+        .collect();
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    let mut padded = mine.to_vec();
+    padded.resize(longest, 0);
+    let all = wire.all_gather(&padded)?;
+    Ok(all
+        .into_iter()
+        .zip(lens)
+        .map(|(mut b, n)| {
+            b.truncate(n);
+            b
+        })
+        .collect())
+}
+
 /// A fingerprint of what decides the exchange (sources, files, tensors,
 /// copies), equal on every rank that planned the same job.
 fn plan_fingerprint(plan: &Plan) -> u64 {
@@ -218,6 +258,7 @@ fn plan_fingerprint(plan: &Plan) -> u64 {
 
 /// Runs this rank's part of `plan` (every rank of `comm` calls it with the
 /// same plan; see the module docs). With one rank it is [`super::execute`].
+/// A rank has the sources whose paths are files here.
 pub fn execute_on<B, C>(
     plan: &Plan,
     backend: &B,
@@ -228,6 +269,30 @@ where
     B: Backend,
     C: Communicator<Buffer = B::Buffer>,
 {
+    let local: Vec<bool> = plan.sources.iter().map(|s| s.path.is_file()).collect();
+    execute_on_local(plan, backend, comm, options, &local)
+}
+
+/// [`execute_on`], where `local[i]` says whether this rank has source `i`
+/// on its disk (at the plan's path for it).
+pub fn execute_on_local<B, C>(
+    plan: &Plan,
+    backend: &B,
+    comm: &C,
+    options: &ExecOptions,
+    local: &[bool],
+) -> Result<(ExecReport, ExchangeReport)>
+where
+    B: Backend,
+    C: Communicator<Buffer = B::Buffer>,
+{
+    if local.len() != plan.sources.len() {
+        return Err(Error::invalid(format!(
+            "{} presence flags for {} sources",
+            local.len(),
+            plan.sources.len()
+        )));
+    }
     let (me, n) = (comm.rank(), comm.size());
     let start = Instant::now();
     if n <= 1 {
@@ -250,7 +315,7 @@ where
     let mine: Vec<usize> = (0..plan.files.len())
         .filter(|f| plan.files[*f].rank % n == me)
         .collect();
-    let outcome = prepare(plan, &wire, options, &mut report).and_then(|received| {
+    let outcome = prepare(plan, &wire, options, &mut report, local).and_then(|received| {
         let subplan = Plan {
             sources: plan.sources.clone(),
             files: mine.iter().map(|&f| plan.files[f].clone()).collect(),
@@ -295,6 +360,7 @@ fn prepare<B, C>(
     wire: &Wire<'_, B, C>,
     options: &ExecOptions,
     report: &mut ExchangeReport,
+    local: &[bool],
 ) -> Result<Received>
 where
     B: Backend,
@@ -321,11 +387,7 @@ where
         });
     }
     // Which sources each rank has.
-    let have: Vec<u8> = plan
-        .sources
-        .iter()
-        .map(|s| s.path.is_file() as u8)
-        .collect();
+    let have: Vec<u8> = local.iter().map(|l| *l as u8).collect();
     let have = wire.all_gather(&have)?;
     // --resume: files already complete are left out.
     let skipped: Vec<bool> = if options.resume {
@@ -436,6 +498,7 @@ where
     }
     // Boxes and strings, in plan order.
     let mut moved: HashSet<(usize, BoxKey)> = HashSet::new();
+    let mut stalled = false;
     let mut touched: HashSet<(usize, String)> = HashSet::new();
     let mut joined: HashMap<(usize, String), Vec<u8>> = HashMap::new();
     for (f, file) in plan.files.iter().enumerate() {
@@ -492,9 +555,11 @@ where
                     wire.comm.send(&buf, bytes, w)?;
                     wire.backend.synchronize()?;
                     report.bytes_sent += bytes as u64;
+                    test_stall(&mut stalled);
                 } else if w == me {
                     let b = wire.recv(bytes, p).map_err(context)?;
                     report.bytes_received += bytes as u64;
+                    test_stall(&mut stalled);
                     received.boxes.insert(BoxKey::of(step), b);
                 }
             }

@@ -35,7 +35,7 @@ use crate::formats::Source;
 use crate::plan::{Content, CopyStep, FilePlan, LoraTerm, Plan, TensorPlan};
 
 mod exchange;
-pub use exchange::{execute_on, ExchangeReport};
+pub use exchange::{all_gather_bytes, execute_on, execute_on_local, ExchangeReport};
 
 /// Options of [`execute`].
 #[derive(Debug, Clone)]
