@@ -160,7 +160,7 @@ impl<'p> Sources<'p> {
     /// The length and hash of source `i`, computed once.
     fn digest(&self, i: usize) -> Result<FileDigest> {
         if let Some(d) = self.remote.and_then(|r| r.digests.get(&i)) {
-            return Ok(d.clone());
+            return Ok(*d);
         }
         self.digests[i]
             .get_or_init(|| {
