@@ -375,3 +375,44 @@ fn a_rank_killed_mid_exchange_fails_every_rank_and_leaves_nothing() {
         assert!(left.is_empty(), "{left:?}");
     }
 }
+
+/// The same job against MindSpore itself: every rank's file is
+/// byte-identical to `mindspore.transform_checkpoints`' for that rank.
+#[test]
+fn eight_ranks_without_a_shared_disk_match_mindspore() {
+    let Some(python) = crate::util::mindspore_python() else {
+        return;
+    };
+    let (d, _) = exchange_job();
+    let job = d.path().join("job");
+    let expect = d.path().join("expect-ms");
+    crate::util::run_py(
+        &python,
+        "transform_run.py",
+        &[
+            job.join("ckpt").to_str().unwrap(),
+            expect.to_str().unwrap(),
+            job.join("src_strategy").to_str().unwrap(),
+            job.join("dst_strategy/ckpt_strategy_rank_0.ckpt")
+                .to_str()
+                .unwrap(),
+        ],
+    );
+    let nodes = node_dirs(d.path());
+    let net = d.path().join("net");
+    std::fs::create_dir(&net).unwrap();
+    let logs = tempdir();
+    let out = collect(
+        spawn(
+            8,
+            &|r| nodes[r / 4].clone(),
+            &|_| 8,
+            &net,
+            logs.path(),
+            &[],
+            &[],
+        ),
+        Duration::from_secs(120),
+    );
+    crate::auto::assert_ranks_match(&out, &expect, "converted");
+}
