@@ -576,3 +576,47 @@ where
     }
     Ok(received)
 }
+
+/// `plan` run as a job of `ranks` ranks, threads of this process over an
+/// [`InProcess`](crate::comm::InProcess) communicator on the CPU backend
+/// (benchmarks, tests): the ranks' reports merged, and each rank's
+/// exchange report.
+pub fn in_process_job(
+    plan: &Plan,
+    ranks: usize,
+    options: &ExecOptions,
+) -> Result<(ExecReport, Vec<ExchangeReport>)> {
+    let comms = crate::comm::InProcess::group(ranks.max(1), std::time::Duration::from_secs(600));
+    let start = Instant::now();
+    let results: Vec<Result<(ExecReport, ExchangeReport)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .iter()
+            .map(|c| {
+                s.spawn(move || execute_on(plan, &crate::backend::CpuBackend::new(1), c, options))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::invalid("a rank's thread panicked")))
+            })
+            .collect()
+    });
+    let mut files = Vec::new();
+    let mut reports = Vec::new();
+    for r in results {
+        let (e, x) = r?;
+        files.extend(e.files);
+        reports.push(x);
+    }
+    files.sort_by_key(|f| f.rank);
+    Ok((
+        ExecReport {
+            bytes_written: files.iter().map(|f| f.bytes).sum(),
+            files,
+            seconds: start.elapsed().as_secs_f64(),
+        },
+        reports,
+    ))
+}

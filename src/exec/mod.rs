@@ -35,7 +35,9 @@ use crate::formats::Source;
 use crate::plan::{Content, CopyStep, FilePlan, LoraTerm, Plan, TensorPlan};
 
 mod exchange;
-pub use exchange::{all_gather_bytes, execute_on, execute_on_local, ExchangeReport};
+pub use exchange::{
+    all_gather_bytes, execute_on, execute_on_local, in_process_job, ExchangeReport,
+};
 
 /// Options of [`execute`].
 #[derive(Debug, Clone)]
