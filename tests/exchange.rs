@@ -45,14 +45,14 @@ pub(crate) fn emulated_bin() -> PathBuf {
         .clone()
 }
 
-/// Two nodes without a shared disk: source dp2·mp4 trained node-locally
-/// (node n has only `rank_{4n..4n+3}`), job dp4·mp2, so most ranks need
-/// slices that only the other node has. Returns (root, expect).
+/// Two nodes without a shared disk: source mp8 trained node-locally (node
+/// n has only `rank_{4n..4n+3}`), job dp2·mp4, so half the ranks of each
+/// node need slices that only the other node has. Returns (root, expect).
 pub(crate) fn exchange_job() -> (tempfile::TempDir, PathBuf) {
     let (d, job) = shared_job();
-    sharded_source(&job, 2, 4, 1, true);
+    sharded_source(&job, 1, 8, 1, true);
     let dst = job.join("dst_strategy");
-    job_strategies(&job.join("model.ckpt"), &dst, 4, 2, 1, 0, false);
+    job_strategies(&job.join("model.ckpt"), &dst, 2, 4, 1, 0, false);
     let expect = d.path().join("expect");
     reshard(
         &job.join("ckpt"),
@@ -195,11 +195,31 @@ fn eight_ranks_on_two_nodes_without_a_shared_disk() {
             assert_eq!(s / 4, o.rank / 4, "rank {} read source {s}", o.rank);
             read.push(s);
         }
+        eprintln!("rank {}: {x}", o.rank);
         sent += x["bytes_sent"].as_u64().unwrap();
         received += x["bytes_received"].as_u64().unwrap();
     }
     read.sort();
     assert_eq!(read, (0..8).collect::<Vec<_>>(), "each source read once");
+    // Slices crossed between the nodes, both ways.
+    let across = |from: usize| -> u64 {
+        out.iter()
+            .filter(|o| o.rank / 4 == from)
+            .map(|o| {
+                let to = &o.report.as_ref().unwrap()["exchange"][0]["sent_to"];
+                (0..8)
+                    .filter(|p| p / 4 != from)
+                    .map(|p| to[p].as_u64().unwrap())
+                    .sum::<u64>()
+            })
+            .sum()
+    };
+    assert!(
+        across(0) > 0 && across(1) > 0,
+        "{} / {}",
+        across(0),
+        across(1)
+    );
     assert!(
         received > 0 && sent == received,
         "{sent} sent, {received} received"

@@ -63,6 +63,10 @@ pub struct ExchangeReport {
     pub bytes_sent: u64,
     /// Bytes received from other ranks.
     pub bytes_received: u64,
+    /// Bytes sent to each rank (this rank's entry is 0).
+    pub sent_to: Vec<u64>,
+    /// Bytes received from each rank.
+    pub received_from: Vec<u64>,
     /// Destination files this rank writes (indexes into the plan's files).
     pub files: Vec<usize>,
     /// Seconds spent before writing (agreeing, hashing, exchanging).
@@ -310,6 +314,8 @@ where
     let mut report = ExchangeReport {
         rank: me,
         world: n,
+        sent_to: vec![0; n],
+        received_from: vec![0; n],
         ..Default::default()
     };
     let mine: Vec<usize> = (0..plan.files.len())
@@ -517,11 +523,13 @@ where
                     wire.send(&(v.len() as u64).to_le_bytes(), w)?;
                     wire.send(v.as_bytes(), w)?;
                     report.bytes_sent += v.len() as u64;
+                    report.sent_to[w] += v.len() as u64;
                 } else if w == me && p != me {
                     let len = wire.recv(8, p)?;
                     let len = u64::from_le_bytes(len[..].try_into().expect("8 bytes")) as usize;
                     let v = wire.recv(len, p)?;
                     report.bytes_received += len as u64;
+                    report.received_from[p] += len as u64;
                     received.strings.insert(
                         (*source, tensor.clone()),
                         String::from_utf8_lossy(&v).into_owned(),
@@ -555,10 +563,12 @@ where
                     wire.comm.send(&buf, bytes, w)?;
                     wire.backend.synchronize()?;
                     report.bytes_sent += bytes as u64;
+                    report.sent_to[w] += bytes as u64;
                     test_stall(&mut stalled);
                 } else if w == me {
                     let b = wire.recv(bytes, p).map_err(context)?;
                     report.bytes_received += bytes as u64;
+                    report.received_from[p] += bytes as u64;
                     test_stall(&mut stalled);
                     received.boxes.insert(BoxKey::of(step), b);
                 }
