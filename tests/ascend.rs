@@ -209,6 +209,102 @@ pub mod distributed {
         }
     }
 
+    /// `--resume` and progress hold for a distributed run: a second run
+    /// finds every file complete (its manifest matches), skips it on every
+    /// rank and exchanges nothing; progress counts what each rank wrote.
+    #[test]
+    fn distributed_runs_resume_and_report_progress() {
+        let dir = tempdir();
+        let root = dir.path();
+        let (shards, mp4, mp2) = sharded(root, DType::F32);
+        let out = root.join("out");
+        let p = the_plan(&shards, &mp4, &mp2, &out, false, FileFormat::Ckpt);
+        let run = |resume: bool| {
+            let comms = InProcess::group(3, Duration::from_secs(30));
+            std::thread::scope(|s| {
+                let hs: Vec<_> = comms
+                    .iter()
+                    .map(|c| {
+                        let p = &p;
+                        s.spawn(move || {
+                            let progress = reshard::exec::Progress::new();
+                            let options = reshard::exec::ExecOptions {
+                                resume,
+                                control: reshard::exec::OutputControl {
+                                    progress: Some(progress.clone()),
+                                    ..Default::default()
+                                },
+                                ..Default::default()
+                            };
+                            let r = reshard::exec::execute_on(p, &CpuBackend::new(1), c, &options)
+                                .unwrap();
+                            (r, progress.bytes(), progress.total())
+                        })
+                    })
+                    .collect();
+                hs.into_iter()
+                    .map(|h| h.join().unwrap())
+                    .collect::<Vec<_>>()
+            })
+        };
+        let first = run(false);
+        let before = tree(&out);
+        assert_eq!(before.len(), 2);
+        for ((e, x), done, total) in &first {
+            assert_eq!(*done, *total, "rank {}", x.rank);
+            assert_eq!(*done, e.bytes_written, "rank {}", x.rank);
+            assert!(e.files.iter().all(|f| !f.skipped));
+        }
+        let second = run(true);
+        for ((e, x), done, total) in &second {
+            assert!(e.files.iter().all(|f| f.skipped), "rank {}: {e:?}", x.rank);
+            assert_eq!(x.bytes_sent + x.bytes_received, 0, "rank {}", x.rank);
+            assert_eq!(*done, *total, "rank {}", x.rank);
+        }
+        assert!(tree(&out) == before);
+    }
+
+    /// A source the plan needs on no rank's disk: every rank fails with
+    /// the same typed error naming it, before anything is written.
+    #[test]
+    fn a_source_on_no_rank_fails_every_rank() {
+        let dir = tempdir();
+        let root = dir.path();
+        let (shards, mp4, mp2) = sharded(root, DType::F32);
+        let out = root.join("out");
+        let p = the_plan(&shards, &mp4, &mp2, &out, false, FileFormat::Ckpt);
+        let gone = p.sources[2].path.clone();
+        std::fs::remove_file(&gone).unwrap();
+        let comms = InProcess::group(2, Duration::from_secs(30));
+        let results: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .iter()
+                .map(|c| {
+                    let p = &p;
+                    s.spawn(move || {
+                        reshard::exec::execute_on(p, &CpuBackend::new(1), c, &Default::default())
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for r in &results {
+            let e = r.as_ref().unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    reshard::Error::Job {
+                        kind: reshard::error::JobErrorKind::SourceMissing,
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            assert!(e.to_string().contains(&gone.display().to_string()), "{e}");
+        }
+        assert!(tree(&out).is_empty());
+    }
+
     #[test]
     fn a_rank_that_dies_fails_the_job_and_leaves_no_file() {
         let dir = tempdir();
