@@ -305,6 +305,55 @@ pub mod distributed {
         assert!(tree(&out).is_empty());
     }
 
+    /// A rank whose check of its written files (`--verify`) fails fails the
+    /// job: every rank removes what it wrote.
+    #[test]
+    fn a_failed_check_on_one_rank_removes_every_ranks_files() {
+        let dir = tempdir();
+        let root = dir.path();
+        let (shards, mp4, mp2) = sharded(root, DType::F32);
+        let out = root.join("out");
+        let p = the_plan(&shards, &mp4, &mp2, &out, false, FileFormat::Ckpt);
+        let local = vec![true; p.sources.len()];
+        let comms = InProcess::group(2, Duration::from_secs(30));
+        let results: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .iter()
+                .map(|c| {
+                    let (p, local) = (&p, &local);
+                    s.spawn(move || {
+                        use reshard::comm::Communicator;
+                        let me = c.rank();
+                        let check = |plan: &reshard::plan::Plan| {
+                            assert!(plan.files.iter().all(|f| f.path.is_file()));
+                            if me == 1 {
+                                Err(reshard::Error::invalid("the check failed"))
+                            } else {
+                                Ok(())
+                            }
+                        };
+                        reshard::exec::execute_on_local(
+                            p,
+                            &CpuBackend::new(1),
+                            c,
+                            &Default::default(),
+                            local,
+                            Some(&check),
+                        )
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let errors: Vec<String> = results
+            .iter()
+            .map(|r| r.as_ref().unwrap_err().to_string())
+            .collect();
+        assert!(errors[1].contains("the check failed"), "{errors:?}");
+        assert!(errors[0].contains("rank(s) [1]"), "{errors:?}");
+        assert!(tree(&out).is_empty(), "{:?}", tree(&out).len());
+    }
+
     #[test]
     fn a_rank_that_dies_fails_the_job_and_leaves_no_file() {
         let dir = tempdir();

@@ -274,17 +274,24 @@ where
     C: Communicator<Buffer = B::Buffer>,
 {
     let local: Vec<bool> = plan.sources.iter().map(|s| s.path.is_file()).collect();
-    execute_on_local(plan, backend, comm, options, &local)
+    execute_on_local(plan, backend, comm, options, &local, None)
 }
 
+/// A check of the files a rank wrote (e.g. `--verify`: re-read them
+/// against their manifests), run before the ranks confirm success to each
+/// other, so its failure fails the whole job.
+pub type Check<'a> = &'a dyn Fn(&Plan) -> Result<()>;
+
 /// [`execute_on`], where `local[i]` says whether this rank has source `i`
-/// on its disk (at the plan's path for it).
+/// on its disk (at the plan's path for it), with an optional `check` of
+/// this rank's written files (given the plan of those files).
 pub fn execute_on_local<B, C>(
     plan: &Plan,
     backend: &B,
     comm: &C,
     options: &ExecOptions,
     local: &[bool],
+    check: Option<Check<'_>>,
 ) -> Result<(ExecReport, ExchangeReport)>
 where
     B: Backend,
@@ -327,7 +334,14 @@ where
             files: mine.iter().map(|&f| plan.files[f].clone()).collect(),
         };
         report.exchange_seconds = start.elapsed().as_secs_f64();
-        execute_with(&subplan, backend, options, Some(&received))
+        let written = execute_with(&subplan, backend, options, Some(&received))?;
+        if let Some(check) = check {
+            if let Err(e) = check(&subplan) {
+                remove_written(&written);
+                return Err(e);
+            }
+        }
+        Ok(written)
     });
     report.files = mine;
     // Everyone learns whether everyone succeeded.
@@ -350,6 +364,12 @@ where
             (r, e)
         }
     };
+    remove_written(&written);
+    Err(e)
+}
+
+/// Removes the files (and manifests) a run wrote, not those it skipped.
+fn remove_written(written: &ExecReport) {
     for f in written.files.iter().filter(|f| !f.skipped) {
         let _ = std::fs::remove_file(manifest::manifest_path(&f.path));
         let _ = std::fs::remove_file(&f.path);
@@ -357,7 +377,6 @@ where
             let _ = std::fs::remove_dir(dir); // only if empty
         }
     }
-    Err(e)
 }
 
 /// Steps 1–3 of the module docs: what this rank writes needs from others.

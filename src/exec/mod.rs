@@ -36,7 +36,7 @@ use crate::plan::{Content, CopyStep, FilePlan, LoraTerm, Plan, TensorPlan};
 
 mod exchange;
 pub use exchange::{
-    all_gather_bytes, execute_on, execute_on_local, in_process_job, ExchangeReport,
+    all_gather_bytes, execute_on, execute_on_local, in_process_job, Check, ExchangeReport,
 };
 
 /// Options of [`execute`].

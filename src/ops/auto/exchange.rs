@@ -323,7 +323,17 @@ impl Job {
         options: &crate::exec::ExecOptions,
         local: &[bool],
     ) -> Result<(crate::exec::ExecReport, ExchangeReport)> {
-        crate::exec::execute_on_local(plan, self.backend, &self.comm, options, local)
+        // Each rank re-reads what it wrote against the manifests before the
+        // ranks confirm success to each other (as `--verify` does).
+        let verify = |p: &crate::plan::Plan| crate::ops::verify::verify_outputs(p);
+        crate::exec::execute_on_local(
+            plan,
+            self.backend,
+            &self.comm,
+            options,
+            local,
+            Some(&verify),
+        )
     }
 }
 
