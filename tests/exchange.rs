@@ -242,6 +242,10 @@ fn eight_ranks_on_two_nodes_without_a_shared_disk() {
             m.check(f).unwrap();
         }
     }
+    // Every rank destroyed its communicator: the last one out removed the
+    // emulated network's group folder.
+    let left: Vec<_> = std::fs::read_dir(&net).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
     eprintln!("8 ranks, two nodes: {seconds:.2} s, {sent} bytes exchanged");
 }
 
