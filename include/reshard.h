@@ -37,7 +37,10 @@ extern "C" {
  * settings_json: a JSON object overriding the YAML: the same keys, plus
  *                "rank_id", "world_size", "node_local" (no shared disk),
  *                "dst_strategy", "workers", "timeout_s",
- *                "heartbeat_timeout_s", "poll_ms", "force"; or NULL.
+ *                "heartbeat_timeout_s", "poll_ms", "force", "exchange"
+ *                ("files" or "hccl": ranks exchange slices over HCCL, no
+ *                shared disk; Ascend builds), "rendezvous" ("host:port"
+ *                where rank 0 serves the HCCL root info); or NULL.
  *                Example: {"rank_id": 3, "world_size": 8, "node_local": true}
  * out_path:      set to the file this rank loads, or to NULL when there is
  *                nothing to load (only_save_strategy, no load_checkpoint).

@@ -6,7 +6,8 @@
 //! the same settings as `reshard auto`: a mindformers YAML and/or a JSON
 //! object of overrides (the YAML keys, plus `rank_id`, `world_size`,
 //! `node_local`, `dst_strategy`, `workers`, `timeout_s`,
-//! `heartbeat_timeout_s`, `poll_ms`, `force`), with `RANK_ID`, `RANK_SIZE`
+//! `heartbeat_timeout_s`, `poll_ms`, `force`, `exchange`, `rendezvous`),
+//! with `RANK_ID`, `RANK_SIZE`
 //! and `DEVICE_NUM_PER_NODE` read from the process environment. Strings
 //! returned to the caller are allocated by reshard and must be released
 //! with [`reshard_string_free`]. Nothing here panics across the boundary:

@@ -162,6 +162,16 @@ pub enum Error {
         message: String,
     },
 
+    /// A rank of a distributed run cannot go on because of the job as a
+    /// whole (see [`JobErrorKind`]); HCCL timeouts are [`Error::Device`].
+    #[error("{message}")]
+    Job {
+        /// What went wrong.
+        kind: JobErrorKind,
+        /// The details (ranks, files).
+        message: String,
+    },
+
     /// Context: the error happened in record `index` (tensor `name`, when known).
     #[error("record {index}{}: {source}", name.as_deref().map(|n| format!(" ({n:?})")).unwrap_or_default())]
     InRecord {
@@ -206,6 +216,18 @@ pub enum DeviceErrorKind {
     Timeout,
     /// Any other failure of a device call.
     Failed,
+}
+
+/// Kinds of [`Error::Job`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum JobErrorKind {
+    /// A source file the plan needs is on no rank's disk.
+    SourceMissing,
+    /// Another rank failed (its files and this rank's were removed).
+    PeerFailed,
+    /// The ranks disagree on the job (world size, plan).
+    Mismatch,
 }
 
 impl Error {

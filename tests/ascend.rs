@@ -33,7 +33,7 @@ pub mod distributed {
     use std::time::Duration;
 
     use reshard::backend::CpuBackend;
-    use reshard::comm::{exchange, InProcess};
+    use reshard::comm::InProcess;
     use reshard::formats::strategy;
     use reshard::formats::tree::FileFormat;
     use reshard::formats::Source;
@@ -123,6 +123,27 @@ pub mod distributed {
         out
     }
 
+    /// The manifests under `dir` without the command line that wrote them.
+    pub fn manifests(dir: &Path) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(p) = stack.pop() {
+            for e in std::fs::read_dir(&p).into_iter().flatten() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.to_string_lossy().ends_with(".manifest.json") {
+                    let mut m: serde_json::Value =
+                        serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+                    m.as_object_mut().unwrap().remove("command");
+                    out.push(m);
+                }
+            }
+        }
+        out.sort_by_key(|m| m["file"].to_string());
+        out
+    }
+
     #[test]
     fn ranks_read_disjoint_sources_and_write_what_one_process_writes() {
         let dir = tempdir();
@@ -146,8 +167,13 @@ pub mod distributed {
                     .map(|c| {
                         let p = &p;
                         s.spawn(move || {
-                            exchange::execute(p, &CpuBackend::new(1), c, &Default::default())
-                                .unwrap()
+                            reshard::exec::execute_on(
+                                p,
+                                &CpuBackend::new(1),
+                                c,
+                                &Default::default(),
+                            )
+                            .unwrap()
                         })
                     })
                     .collect();
@@ -156,18 +182,181 @@ pub mod distributed {
             // Each source read by exactly one rank; each file written once.
             let mut read: Vec<usize> = reports
                 .iter()
-                .flat_map(|r| r.sources_read.clone())
+                .flat_map(|r| r.1.sources_read.clone())
                 .collect();
             read.sort();
             assert_eq!(read, (0..4).collect::<Vec<_>>(), "{tag}");
-            assert!(reports
-                .iter()
-                .all(|r| r.sources_read.iter().all(|s| s % 3 == r.rank)));
-            assert!(reports.iter().map(|r| r.bytes_received).sum::<u64>() > 0);
+            let sent: u64 = reports.iter().map(|r| r.1.bytes_sent).sum();
+            let received: u64 = reports.iter().map(|r| r.1.bytes_received).sum();
+            assert!(
+                received > 0 && sent == received,
+                "{tag}: {sent} sent, {received} received"
+            );
+            // Manifests hashed every source once, by its reader: the same as
+            // a local run's.
+            let source_bytes: u64 = reports.iter().map(|r| r.1.bytes_read).sum();
+            let on_disk: u64 = (0..4)
+                .map(|k| {
+                    let d = shards.join(format!("rank_{k}"));
+                    std::fs::read_dir(&d)
+                        .unwrap()
+                        .map(|e| e.unwrap().path())
+                        .filter(|p| !p.to_string_lossy().ends_with(".json"))
+                        .map(|p| p.metadata().unwrap().len())
+                        .sum::<u64>()
+                })
+                .sum();
+            assert_eq!(source_bytes, on_disk, "{tag}");
             let (a, b) = (tree(&single), tree(&multi));
             assert_eq!(a.len(), 2, "{tag}");
             assert!(a == b, "{tag}: distributed output differs");
+            assert_eq!(manifests(&single), manifests(&multi), "{tag}");
         }
+    }
+
+    /// `--resume` and progress hold for a distributed run: a second run
+    /// finds every file complete (its manifest matches), skips it on every
+    /// rank and exchanges nothing; progress counts what each rank wrote.
+    #[test]
+    fn distributed_runs_resume_and_report_progress() {
+        let dir = tempdir();
+        let root = dir.path();
+        let (shards, mp4, mp2) = sharded(root, DType::F32);
+        let out = root.join("out");
+        let p = the_plan(&shards, &mp4, &mp2, &out, false, FileFormat::Ckpt);
+        let run = |resume: bool| {
+            let comms = InProcess::group(3, Duration::from_secs(30));
+            std::thread::scope(|s| {
+                let hs: Vec<_> = comms
+                    .iter()
+                    .map(|c| {
+                        let p = &p;
+                        s.spawn(move || {
+                            let progress = reshard::exec::Progress::new();
+                            let options = reshard::exec::ExecOptions {
+                                resume,
+                                control: reshard::exec::OutputControl {
+                                    progress: Some(progress.clone()),
+                                    ..Default::default()
+                                },
+                                ..Default::default()
+                            };
+                            let r = reshard::exec::execute_on(p, &CpuBackend::new(1), c, &options)
+                                .unwrap();
+                            (r, progress.bytes(), progress.total())
+                        })
+                    })
+                    .collect();
+                hs.into_iter()
+                    .map(|h| h.join().unwrap())
+                    .collect::<Vec<_>>()
+            })
+        };
+        let first = run(false);
+        let before = tree(&out);
+        assert_eq!(before.len(), 2);
+        for ((e, x), done, total) in &first {
+            assert_eq!(*done, *total, "rank {}", x.rank);
+            assert_eq!(*done, e.bytes_written, "rank {}", x.rank);
+            assert!(e.files.iter().all(|f| !f.skipped));
+        }
+        let second = run(true);
+        for ((e, x), done, total) in &second {
+            assert!(e.files.iter().all(|f| f.skipped), "rank {}: {e:?}", x.rank);
+            assert_eq!(x.bytes_sent + x.bytes_received, 0, "rank {}", x.rank);
+            assert_eq!(*done, *total, "rank {}", x.rank);
+        }
+        assert!(tree(&out) == before);
+    }
+
+    /// A source the plan needs on no rank's disk: every rank fails with
+    /// the same typed error naming it, before anything is written.
+    #[test]
+    fn a_source_on_no_rank_fails_every_rank() {
+        let dir = tempdir();
+        let root = dir.path();
+        let (shards, mp4, mp2) = sharded(root, DType::F32);
+        let out = root.join("out");
+        let p = the_plan(&shards, &mp4, &mp2, &out, false, FileFormat::Ckpt);
+        let gone = p.sources[2].path.clone();
+        std::fs::remove_file(&gone).unwrap();
+        let comms = InProcess::group(2, Duration::from_secs(30));
+        let results: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .iter()
+                .map(|c| {
+                    let p = &p;
+                    s.spawn(move || {
+                        reshard::exec::execute_on(p, &CpuBackend::new(1), c, &Default::default())
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for r in &results {
+            let e = r.as_ref().unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    reshard::Error::Job {
+                        kind: reshard::error::JobErrorKind::SourceMissing,
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            assert!(e.to_string().contains(&gone.display().to_string()), "{e}");
+        }
+        assert!(tree(&out).is_empty());
+    }
+
+    /// A rank whose check of its written files (`--verify`) fails fails the
+    /// job: every rank removes what it wrote.
+    #[test]
+    fn a_failed_check_on_one_rank_removes_every_ranks_files() {
+        let dir = tempdir();
+        let root = dir.path();
+        let (shards, mp4, mp2) = sharded(root, DType::F32);
+        let out = root.join("out");
+        let p = the_plan(&shards, &mp4, &mp2, &out, false, FileFormat::Ckpt);
+        let local = vec![true; p.sources.len()];
+        let comms = InProcess::group(2, Duration::from_secs(30));
+        let results: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .iter()
+                .map(|c| {
+                    let (p, local) = (&p, &local);
+                    s.spawn(move || {
+                        use reshard::comm::Communicator;
+                        let me = c.rank();
+                        let check = |plan: &reshard::plan::Plan| {
+                            assert!(plan.files.iter().all(|f| f.path.is_file()));
+                            if me == 1 {
+                                Err(reshard::Error::invalid("the check failed"))
+                            } else {
+                                Ok(())
+                            }
+                        };
+                        reshard::exec::execute_on_local(
+                            p,
+                            &CpuBackend::new(1),
+                            c,
+                            &Default::default(),
+                            local,
+                            Some(&check),
+                        )
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let errors: Vec<String> = results
+            .iter()
+            .map(|r| r.as_ref().unwrap_err().to_string())
+            .collect();
+        assert!(errors[1].contains("the check failed"), "{errors:?}");
+        assert!(errors[0].contains("rank(s) [1]"), "{errors:?}");
+        assert!(tree(&out).is_empty(), "{:?}", tree(&out).len());
     }
 
     #[test]
@@ -185,7 +374,7 @@ pub mod distributed {
                 .map(|c| {
                     let p = &p;
                     s.spawn(move || {
-                        exchange::execute(p, &CpuBackend::new(1), c, &Default::default())
+                        reshard::exec::execute_on(p, &CpuBackend::new(1), c, &Default::default())
                     })
                 })
                 .collect();
@@ -1924,7 +2113,7 @@ mod emulated {
     #[test]
     fn hccl_ranks_exchange_device_to_device_and_match_one_process() {
         use reshard::comm::hccl::HcclCommunicator;
-        use reshard::comm::{exchange, RootInfo};
+        use reshard::comm::RootInfo;
         let dir = tempdir();
         let root = dir.path();
         let (shards, mp4, mp2) = crate::ascend::distributed::sharded(root, DType::F16);
@@ -1963,13 +2152,13 @@ mod emulated {
                         )
                         .unwrap();
                         let c = HcclCommunicator::new(&b, r as usize, 3, info).unwrap();
-                        exchange::execute(p, &b, &c, &Default::default()).unwrap()
+                        reshard::exec::execute_on(p, &b, &c, &Default::default()).unwrap()
                     })
                 })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        assert!(reports.iter().map(|r| r.bytes_received).sum::<u64>() > 0);
+        assert!(reports.iter().map(|r| r.1.bytes_received).sum::<u64>() > 0);
         let (a, b) = (
             crate::ascend::distributed::tree(&single),
             crate::ascend::distributed::tree(&multi),
@@ -1983,10 +2172,107 @@ mod emulated {
         );
     }
 
+    /// Ranks on two emulated machines (as in two processes: neither sees
+    /// the other's devices or communicators) meet through the emulated
+    /// network's folder, exchange device to device, and write what one
+    /// process writes.
+    #[test]
+    fn hccl_ranks_on_two_machines_meet_through_the_emulated_network() {
+        use reshard::comm::hccl::HcclCommunicator;
+        use reshard::comm::RootInfo;
+        let dir = tempdir();
+        let root = dir.path();
+        let (shards, mp4, mp2) = crate::ascend::distributed::sharded(root, DType::BF16);
+        let plan = |out: &std::path::Path| {
+            crate::ascend::distributed::the_plan(&shards, &mp4, &mp2, out, true, FileFormat::Ckpt)
+        };
+        let single = root.join("single");
+        exec::execute(&plan(&single), &CpuBackend::new(1), &Default::default()).unwrap();
+        let multi = root.join("multi");
+        let p = plan(&multi);
+        let net = root.join("net");
+        std::fs::create_dir(&net).unwrap();
+        let machines = [Emulator::new(), Emulator::new()];
+        for m in &machines {
+            m.set_hccl_network(&net);
+        }
+        let info = RootInfo::File(root.join("hccl_root_info"), Duration::from_secs(30));
+        let reports: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..3)
+                .map(|r| {
+                    let (p, info) = (&p, &info);
+                    let (api, device) = (machines[r / 2].api(), (r % 2) as i32);
+                    s.spawn(move || {
+                        let b = AscendBackend::with_api(
+                            api,
+                            AscendOptions {
+                                device,
+                                ..opts(CopyPath::Auto, 1 << 16)
+                            },
+                        )
+                        .unwrap();
+                        let c = HcclCommunicator::new(&b, r, 3, info).unwrap();
+                        reshard::exec::execute_on(p, &b, &c, &Default::default()).unwrap()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(reports.iter().map(|r| r.1.bytes_received).sum::<u64>() > 0);
+        let (a, b) = (
+            crate::ascend::distributed::tree(&single),
+            crate::ascend::distributed::tree(&multi),
+        );
+        assert!(a == b && a.len() == 2, "output over the network differs");
+        for m in &machines {
+            assert!(m.violations().is_empty(), "{:?}", m.violations());
+            assert!(m.stats().ops.contains_key("HcclAllGather"));
+        }
+        // The last rank out removed the group's folder.
+        assert_eq!(std::fs::read_dir(&net).unwrap().count(), 0);
+    }
+
+    /// Ranks that disagree on the job's size fail at once, on both sides.
+    #[test]
+    fn hccl_ranks_with_different_world_sizes_fail_to_join() {
+        use reshard::comm::hccl::HcclCommunicator;
+        use reshard::comm::RootInfo;
+        let dir = tempdir();
+        let net = dir.path().join("net");
+        std::fs::create_dir(&net).unwrap();
+        let machines = [Emulator::new(), Emulator::new()];
+        for m in &machines {
+            m.set_hccl_network(&net);
+        }
+        let info = RootInfo::File(dir.path().join("root_info"), Duration::from_secs(30));
+        let t = std::time::Instant::now();
+        let errors: Vec<String> = std::thread::scope(|s| {
+            let hs: Vec<_> = [(0, 2), (1, 3)]
+                .into_iter()
+                .map(|(r, n)| {
+                    let (info, api) = (&info, machines[r].api());
+                    s.spawn(move || {
+                        let b =
+                            AscendBackend::with_api(api, opts(CopyPath::Auto, 1 << 16)).unwrap();
+                        match HcclCommunicator::new(&b, r, n, info) {
+                            Ok(_) => "joined".to_string(),
+                            Err(e) => e.to_string(),
+                        }
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+        for e in &errors {
+            assert!(e.contains("nRanks"), "{e}");
+        }
+    }
+
     #[test]
     fn hccl_timeout_when_a_rank_dies_fails_every_rank_and_leaves_no_file() {
         use reshard::comm::hccl::HcclCommunicator;
-        use reshard::comm::{exchange, RootInfo};
+        use reshard::comm::RootInfo;
         let dir = tempdir();
         let root = dir.path();
         let (shards, mp4, mp2) = crate::ascend::distributed::sharded(root, DType::F32);
@@ -2021,7 +2307,7 @@ mod emulated {
                         if r == 2 {
                             return None; // dies after joining
                         }
-                        Some(exchange::execute(p, &b, &c, &Default::default()))
+                        Some(reshard::exec::execute_on(p, &b, &c, &Default::default()))
                     })
                 })
                 .collect();

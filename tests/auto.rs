@@ -434,7 +434,7 @@ pub(crate) fn node_dirs(root: &Path) -> [PathBuf; 2] {
     [root.join("node0"), root.join("node1")]
 }
 
-fn copy_tree(from: &Path, to: &Path) {
+pub(crate) fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
         let p = e.unwrap().path();
@@ -1226,4 +1226,46 @@ fn deduplicated_safetensors_set_merges_to_one_device() {
         std::fs::read(o.path()).unwrap()
             == std::fs::read(expect.join("rank_0/checkpoint_0.safetensors")).unwrap()
     );
+}
+
+/// `--exchange`: an unknown value is refused; `hccl` needs an Ascend build
+/// and runtime, and says so (CI's `reshard` binary has no CANN: the
+/// emulated runs are `tests/exchange.rs`).
+#[test]
+fn exchange_setting_is_checked() {
+    let (_d, job) = shared_job();
+    let m = job.join("model.ckpt");
+    job_strategies(&m, &job.join("output/strategy"), 1, 2, 1, 0, true);
+    std::fs::write(job.join("run.yaml"), yaml("./model.ckpt", "", 1, 1, "")).unwrap();
+    let env = [("RANK_ID", "0"), ("RANK_SIZE", "2")];
+    let (code, _, err) = auto_once(&job, &["--config", "run.yaml", "--exchange", "nccl"], &env);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("exchange must be 'files' or 'hccl'"), "{err}");
+    let (code, _, err) = auto_once(
+        &job,
+        &[
+            "--config",
+            "run.yaml",
+            "--exchange",
+            "hccl",
+            "--rendezvous",
+            "127.0.0.1:1",
+            "--timeout",
+            "1",
+        ],
+        &env,
+    );
+    assert_eq!(code, Some(1));
+    if cfg!(feature = "ascend") {
+        // No CANN here: the Ascend backend is unavailable.
+        assert!(err.contains("ascend") || err.contains("CANN"), "{err}");
+    } else {
+        assert!(
+            err.contains("needs a reshard built with --features ascend"),
+            "{err}"
+        );
+    }
+    assert!(!job
+        .join("output/transformed_checkpoint/model/rank_0")
+        .exists());
 }

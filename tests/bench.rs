@@ -130,6 +130,33 @@ fn bench_times_selected_steps_and_makes_their_inputs() {
     assert_cleaned(&work);
 }
 
+/// `--steps exchange`: the 8 → 4 transform as 4 ranks; each source file is
+/// read by one rank, and what ranks send, others receive.
+#[test]
+fn bench_exchange_reports_bytes_per_rank() {
+    let dir = tempdir();
+    let work = dir.path().join("b");
+    let report = bench(&work, &["--steps", "exchange", "--repeat", "1"]);
+    let steps = report["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 1);
+    let s = &steps[0];
+    check_step(s, 1);
+    let ranks = s["exchange"].as_array().unwrap();
+    assert_eq!(ranks.len(), 4);
+    let mut read: Vec<u64> = ranks
+        .iter()
+        .flat_map(|r| r["sources_read"].as_array().unwrap().clone())
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    read.sort();
+    assert_eq!(read, (0..8).collect::<Vec<_>>(), "{s}");
+    let total = |k: &str| ranks.iter().map(|r| r[k].as_u64().unwrap()).sum::<u64>();
+    assert!(total("bytes_sent") > 0, "{s}");
+    assert_eq!(total("bytes_sent"), total("bytes_received"), "{s}");
+    assert!(total("bytes_read") > 0, "{s}");
+    assert_cleaned(&work);
+}
+
 #[test]
 fn bench_rejects_an_unknown_step() {
     let out = Command::new(reshard_bin())

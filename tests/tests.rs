@@ -10,6 +10,8 @@ mod checkpoint2;
 mod conformance;
 mod convert;
 mod dropin;
+#[cfg(feature = "ascend")]
+mod exchange;
 mod faults;
 pub mod merge_lora;
 mod torch;

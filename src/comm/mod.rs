@@ -1,6 +1,7 @@
 //! Communicators: how the N ranks of one job move tensor bytes between
 //! them, so each rank reads only its share of the source files and the
-//! slices it lacks arrive from the rank that read them ([`exchange`]).
+//! slices it lacks arrive from the rank that read them
+//! ([`crate::exec::execute_on`], the one executor, runs such a job).
 //!
 //! A [`Communicator`] moves the buffers of one backend: [`InProcess`]
 //! connects threads over host buffers (CPU backend; tests and single-node
@@ -16,10 +17,10 @@
 //!
 //! **Root info** of HCCL is exchanged out of band through a file on a path
 //! every rank can read ([`RootInfo::File`]; rank 0 writes it atomically, the
-//! others poll for it), or handed over directly within one process
-//! ([`RootInfo::Given`]). There is no TCP rendezvous.
+//! others poll for it), through a small TCP rendezvous on the job's master
+//! address ([`RootInfo::Tcp`]; rank 0 serves it, the others connect), or
+//! handed over directly within one process ([`RootInfo::Given`]).
 
-pub mod exchange;
 #[cfg(feature = "ascend")]
 pub mod hccl;
 
@@ -75,15 +76,36 @@ pub enum RootInfo {
     File(PathBuf, Duration),
     /// The blob itself (ranks in one process).
     Given(Vec<u8>),
+    /// Rank 0 serves the blob (and the job's size) on `addr` (`host:port`)
+    /// to the other ranks, which connect until `timeout`; a rank whose
+    /// `world` differs from rank 0's fails at once.
+    Tcp {
+        /// `host:port` rank 0 listens on.
+        addr: String,
+        /// Ranks in the job, as this rank was told.
+        world: usize,
+        /// How long ranks wait for rank 0.
+        timeout: Duration,
+    },
 }
+
+const RENDEZVOUS_MAGIC: &[u8; 8] = b"RSHDROOT";
 
 impl RootInfo {
     /// Rank 0 publishes `blob` (only for [`RootInfo::File`]).
     pub fn publish(&self, blob: &[u8]) -> Result<()> {
-        if let RootInfo::File(path, _) = self {
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, blob).map_err(|e| Error::from(e).in_file(&tmp))?;
-            std::fs::rename(&tmp, path).map_err(|e| Error::from(e).in_file(path))?;
+        match self {
+            RootInfo::File(path, _) => {
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, blob).map_err(|e| Error::from(e).in_file(&tmp))?;
+                std::fs::rename(&tmp, path).map_err(|e| Error::from(e).in_file(path))?;
+            }
+            RootInfo::Tcp {
+                addr,
+                world,
+                timeout,
+            } => serve(addr, *world, *timeout, blob)?,
+            RootInfo::Given(_) => {}
         }
         Ok(())
     }
@@ -92,6 +114,11 @@ impl RootInfo {
     pub fn fetch(&self, len: usize) -> Result<Vec<u8>> {
         match self {
             RootInfo::Given(b) => Ok(b.clone()),
+            RootInfo::Tcp {
+                addr,
+                world,
+                timeout,
+            } => fetch_tcp(addr, *world, *timeout, len),
             RootInfo::File(path, timeout) => {
                 let deadline = Instant::now() + *timeout;
                 loop {
@@ -113,6 +140,82 @@ impl RootInfo {
                 }
             }
         }
+    }
+}
+
+/// Rank 0's side of [`RootInfo::Tcp`]: answers `world - 1` connections
+/// (or until `timeout`) from a background thread.
+fn serve(addr: &str, world: usize, timeout: Duration, blob: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+        Error::invalid(format!(
+            "rank 0 cannot listen on {addr} for the HCCL rendezvous: {e}"
+        ))
+    })?;
+    listener.set_nonblocking(true)?;
+    let mut message = RENDEZVOUS_MAGIC.to_vec();
+    message.extend((world as u64).to_le_bytes());
+    message.extend((blob.len() as u64).to_le_bytes());
+    message.extend(blob);
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + timeout;
+        let mut served = 0;
+        while served + 1 < world && Instant::now() < deadline {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    if s.write_all(&message).is_ok() {
+                        served += 1;
+                    }
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The other ranks' side of [`RootInfo::Tcp`].
+fn fetch_tcp(addr: &str, world: usize, timeout: Duration, len: usize) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+            let mut got = Vec::new();
+            if s.read_to_end(&mut got).is_ok() && got.len() >= 24 {
+                if &got[..8] != RENDEZVOUS_MAGIC {
+                    return Err(Error::invalid(format!(
+                        "{addr} answered, but not with reshard's HCCL rendezvous: is the address \
+                         (rendezvous, or MS_SCHED_HOST and MS_SCHED_PORT + 1) another service's?"
+                    )));
+                }
+                let theirs = u64::from_le_bytes(got[8..16].try_into().expect("8 bytes")) as usize;
+                if theirs != world {
+                    return Err(Error::Job {
+                        kind: crate::error::JobErrorKind::Mismatch,
+                        message: format!(
+                            "rank 0 (at {addr}) runs a job of {theirs} ranks, but this rank was \
+                             started for {world} (RANK_SIZE)"
+                        ),
+                    });
+                }
+                let n = u64::from_le_bytes(got[16..24].try_into().expect("8 bytes")) as usize;
+                if n == len && got.len() == 24 + n {
+                    return Ok(got[24..].to_vec());
+                }
+                return Err(Error::invalid(format!(
+                    "the HCCL root info from {addr} has {n} bytes, {len} expected"
+                )));
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(timeout_error(
+                "hccl",
+                format!("no HCCL root info from rank 0 at {addr} after {timeout:?}"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -391,6 +494,34 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("has left"), "{e}");
+    }
+
+    #[test]
+    fn root_info_through_a_tcp_rendezvous_checks_the_world_size() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let addr = format!("127.0.0.1:{port}");
+        let at = |world| RootInfo::Tcp {
+            addr: addr.clone(),
+            world,
+            timeout: Duration::from_secs(10),
+        };
+        at(3).publish(&[7, 8, 9]).unwrap();
+        assert_eq!(at(3).fetch(3).unwrap(), [7, 8, 9]);
+        let e = at(4).fetch(3).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Job {
+                    kind: crate::error::JobErrorKind::Mismatch,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("3 ranks"), "{e}");
     }
 
     #[test]

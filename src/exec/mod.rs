@@ -34,6 +34,11 @@ use crate::formats::tree::FileFormat;
 use crate::formats::Source;
 use crate::plan::{Content, CopyStep, FilePlan, LoraTerm, Plan, TensorPlan};
 
+mod exchange;
+pub use exchange::{
+    all_gather_bytes, execute_on, execute_on_local, in_process_job, Check, ExchangeReport,
+};
+
 /// Options of [`execute`].
 #[derive(Debug, Clone)]
 pub struct ExecOptions {
@@ -149,11 +154,16 @@ struct Sources<'p> {
     read: &'p ReadOptions,
     opened: Vec<OnceLock<std::result::Result<Source, String>>>,
     digests: Vec<OnceLock<std::result::Result<FileDigest, String>>>,
+    /// In a distributed run: what other ranks read for this one.
+    remote: Option<&'p exchange::Received>,
 }
 
 impl<'p> Sources<'p> {
     /// The length and hash of source `i`, computed once.
     fn digest(&self, i: usize) -> Result<FileDigest> {
+        if let Some(d) = self.remote.and_then(|r| r.digests.get(&i)) {
+            return Ok(*d);
+        }
         self.digests[i]
             .get_or_init(|| {
                 manifest::digest_file(&self.plan.sources[i].path).map_err(|e| e.to_string())
@@ -170,10 +180,38 @@ impl<'p> Sources<'p> {
             .as_ref()
             .map_err(|e| Error::invalid(e.clone()))
     }
+
+    /// The box of `step` as another rank cut it (dense, in the
+    /// destination dtype), when that rank reads its source.
+    fn received(&self, step: &CopyStep) -> Option<&'p [u8]> {
+        self.remote.and_then(|r| r.get(step))
+    }
+
+    /// The value of string entry `tensor` of source `i`.
+    fn string(&self, i: usize, tensor: &str) -> Result<String> {
+        if let Some(v) = self
+            .remote
+            .and_then(|r| r.strings.get(&(i, tensor.to_string())))
+        {
+            return Ok(v.clone());
+        }
+        self.get(i)?.string(tensor)
+    }
 }
 
 /// Runs `plan`.
 pub fn execute<B: Backend>(plan: &Plan, backend: &B, options: &ExecOptions) -> Result<ExecReport> {
+    execute_with(plan, backend, options, None)
+}
+
+/// Runs `plan`, with the boxes and strings other ranks read (a rank's part
+/// of a distributed run, [`execute_on`]).
+fn execute_with<B: Backend>(
+    plan: &Plan,
+    backend: &B,
+    options: &ExecOptions,
+    remote: Option<&exchange::Received>,
+) -> Result<ExecReport> {
     let start = Instant::now();
     if let Some(p) = &options.control.progress {
         p.set_total(plan.files.iter().map(FilePlan::bytes).sum());
@@ -189,6 +227,7 @@ pub fn execute<B: Backend>(plan: &Plan, backend: &B, options: &ExecOptions) -> R
             read: &options.read,
             opened: plan.sources.iter().map(|_| OnceLock::new()).collect(),
             digests: plan.sources.iter().map(|_| OnceLock::new()).collect(),
+            remote,
         },
         cursor: Mutex::new(Cursor {
             file: 0,
@@ -200,7 +239,7 @@ pub fn execute<B: Backend>(plan: &Plan, backend: &B, options: &ExecOptions) -> R
         first_error: Mutex::new(None),
     };
     crossbeam::thread::scope(|s| {
-        if options.manifest.is_some() && !options.resume {
+        if options.manifest.is_some() && !options.resume && remote.is_none() {
             // Source hashes (for the manifests) are needed only when a file
             // is finished; computing them meanwhile uses idle time. Not when
             // resuming: files found complete need none of their sources, so
@@ -367,9 +406,7 @@ impl<'p, B: Backend> Job<'p, B> {
             .tensors
             .iter()
             .map(|t| match &t.content {
-                Content::Str { source, tensor } => {
-                    self.sources.get(*source)?.string(tensor).map(Some)
-                }
+                Content::Str { source, tensor } => self.sources.string(*source, tensor).map(Some),
                 _ => Ok(None),
             })
             .collect::<Result<_>>()?;
@@ -535,6 +572,9 @@ impl<'p, B: Backend> Job<'p, B> {
             Content::Str { .. } => unreachable!("string values are read when the file is laid out"),
             Content::Tensor { steps, .. } => {
                 if let [only] = steps.as_slice() {
+                    if let (true, Some(b)) = (is_plain_copy(&only.copy), sources.received(only)) {
+                        return Ok(Filled::Mapped(vec![b]));
+                    }
                     if is_plain_copy(&only.copy) {
                         // Straight from the mapped source: no buffer at all.
                         return Ok(Filled::Mapped(
@@ -731,7 +771,7 @@ fn tensor_digest<Buf>(
 /// Whether `file` is already on disk, complete: its manifest matches the
 /// bytes and lists exactly the planned tensors. Stale temporary files of an
 /// interrupted run are removed on the way.
-fn already_complete(file: &FilePlan) -> bool {
+pub(crate) fn already_complete(file: &FilePlan) -> bool {
     remove_stale_temporaries(&file.path);
     let Ok(Some(m)) = Manifest::read(&file.path) else {
         return false;
@@ -794,6 +834,10 @@ fn gather<B: Backend>(
     let mut buffer = backend.alloc(bytes)?;
     let mut joined: HashMap<(usize, &str), Vec<u8>> = HashMap::new();
     for step in steps {
+        if let Some(b) = sources.received(step) {
+            backend.box_copy(Src::Host(b), &mut buffer, &exchange::placing(&step.copy))?;
+            continue;
+        }
         let chunks = sources.get(step.source)?.chunks(&step.tensor)?;
         let src: &[u8] = match chunks.as_slice() {
             [one] => one,

@@ -90,6 +90,11 @@ pub enum BenchStepKind {
     /// 8 ranks of safetensors (dp2·mp2·pp2) → MindSpore's unified layout
     /// (runs after merge, before convert).
     Unify,
+    /// 8 ranks → 4 ranks (mp4) as a job of 4 ranks exchanging slices
+    /// through a communicator (in-process ranks, CPU buffers): each source
+    /// read by one rank, bytes read/sent/received per rank reported. Not
+    /// in the default set.
+    Exchange,
 }
 
 impl BenchStepKind {
@@ -103,9 +108,13 @@ impl BenchStepKind {
         BenchStepKind::Lora,
     ];
 
+    /// Steps timed only when asked for (`--steps exchange`).
+    pub const OPTIONAL: [BenchStepKind; 1] = [BenchStepKind::Exchange];
+
     /// The step's name on the command line and in reports.
     pub fn name(self) -> &'static str {
         match self {
+            BenchStepKind::Exchange => "exchange",
             BenchStepKind::Split => "split",
             BenchStepKind::Transform => "transform",
             BenchStepKind::Merge => "merge",
@@ -128,10 +137,11 @@ impl FromStr for BenchStepKind {
     fn from_str(s: &str) -> Result<BenchStepKind> {
         BenchStepKind::ALL
             .into_iter()
+            .chain(BenchStepKind::OPTIONAL)
             .find(|k| k.name() == s.trim())
             .ok_or_else(|| {
                 Error::invalid(format!(
-                    "{s:?} is not a bench step: use split, transform, merge, convert or lora"
+                    "{s:?} is not a bench step: use split, transform, merge, convert, lora or exchange"
                 ))
             })
     }
@@ -251,6 +261,9 @@ pub struct BenchStep {
     pub mindspore: Option<MindSporeTiming>,
     /// MindSpore's median over reshard's end-to-end (`fsync`) median.
     pub speedup: Option<f64>,
+    /// `exchange`: what each rank read from disk, sent and received (last run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exchange: Option<Vec<crate::exec::ExchangeReport>>,
 }
 
 /// A copy bound: the model file copied with plain 8 MiB reads and writes.
@@ -458,6 +471,8 @@ struct Ran {
     files: Vec<PathBuf>,
     /// The backend that ran it.
     backend: Option<String>,
+    /// Per rank, for a distributed run.
+    exchange: Option<Vec<crate::exec::ExchangeReport>>,
 }
 
 /// One of reshard's operations as the bench runs it; the output is always
@@ -475,6 +490,13 @@ enum Op<'p> {
     Lora { src: &'p Path },
     /// `unify` of a safetensors rank tree.
     Unify { src: &'p Path, s: &'p Path },
+    /// `transform` as a job of `ranks` in-process ranks.
+    Exchange {
+        src: &'p Path,
+        s: &'p Path,
+        d: &'p Path,
+        ranks: usize,
+    },
 }
 
 impl Op<'_> {
@@ -485,6 +507,7 @@ impl Op<'_> {
             Op::Convert { hf } => hf,
             Op::Lora { src } => src,
             Op::Unify { src, .. } => src,
+            Op::Exchange { src, .. } => src,
         }
     }
 
@@ -539,17 +562,46 @@ impl Op<'_> {
                 })?;
                 (r.plan, r.executed, Some(r.backend))
             }
+            Op::Exchange { src, s, d, ranks } => {
+                let mut options =
+                    TransformOptions::new(*src, out, Some(s.to_path_buf()), Some(d.to_path_buf()));
+                options.workers = o.workers;
+                let plan = crate::ops::transform::plan_transform(&options)?;
+                if dry {
+                    return Ok(Ran {
+                        bytes: plan.summary(o.workers).bytes_written,
+                        files: Vec::new(),
+                        backend: None,
+                        exchange: None,
+                    });
+                }
+                let exec = crate::exec::ExecOptions {
+                    workers: o.workers,
+                    manifest: o.manifest.then(|| vec!["reshard bench".to_string()]),
+                    control,
+                    ..Default::default()
+                };
+                let (e, ranks) = crate::exec::in_process_job(&plan, *ranks, &exec)?;
+                return Ok(Ran {
+                    bytes: e.bytes_written,
+                    files: e.files.into_iter().map(|f| f.path).collect(),
+                    backend: None,
+                    exchange: Some(ranks),
+                });
+            }
         };
         Ok(match executed {
             Some(e) => Ran {
                 bytes: e.bytes_written,
                 files: e.files.into_iter().map(|f| f.path).collect(),
                 backend,
+                exchange: None,
             },
             None => Ran {
                 bytes: plan.bytes_written,
                 files: Vec::new(),
                 backend,
+                exchange: None,
             },
         })
     }
@@ -850,6 +902,7 @@ impl Bench<'_> {
             .in_file(&self.model_file)?
             .len();
         let (mut peak_anon, mut peak_file, mut bytes, mut files) = (0f64, 0f64, 0u64, 0usize);
+        let mut exchange = None;
         let mut kept: Option<PathBuf> = None;
         for rep in 1..=n {
             for durable in [false, true] {
@@ -928,6 +981,7 @@ impl Bench<'_> {
                 peak_file = peak_file.max(file);
                 bytes = ran.bytes;
                 files = ran.files.len();
+                exchange = ran.exchange;
                 if durable { &mut fsync } else { &mut warm }.push(seconds);
                 if keep {
                     kept = Some(out);
@@ -982,6 +1036,7 @@ impl Bench<'_> {
                 peak_file_mib: peak_file,
                 mindspore,
                 speedup,
+                exchange,
             },
             kept,
         ))
@@ -1093,7 +1148,8 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
     let resharding = want(BenchStepKind::Split)
         || want(BenchStepKind::Transform)
         || want(BenchStepKind::Merge)
-        || want(BenchStepKind::Unify);
+        || want(BenchStepKind::Unify)
+        || want(BenchStepKind::Exchange);
     let (eight, four) = if resharding {
         (
             strategy("s_dp2mp2pp2", 2, 2, 2, -1)?,
@@ -1106,6 +1162,7 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
 
     // split: full → 8.
     let need_ranks4 = want(BenchStepKind::Transform) || want(BenchStepKind::Merge);
+    let need_ranks8 = need_ranks4 || want(BenchStepKind::Exchange);
     let split = Op::Transform {
         src: &full,
         s: None,
@@ -1121,11 +1178,11 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
                 s: None,
                 d: Some(strategy_file(&eight)),
             }),
-            need_ranks4,
+            need_ranks8,
         )?;
         steps.push(step);
         kept
-    } else if need_ranks4 {
+    } else if need_ranks8 {
         Some(b.produce("split (untimed, for transform)", "ranks8", &split)?)
     } else {
         None
@@ -1153,9 +1210,27 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
                 )?;
                 steps.push(step);
                 kept
-            } else {
+            } else if need_ranks4 {
                 Some(b.produce("transform (untimed, for merge)", "ranks4", &op)?)
+            } else {
+                None
             };
+            // exchange: the same transform as a job of 4 ranks.
+            if want(BenchStepKind::Exchange) {
+                let (step, _) = b.step(
+                    BenchStepKind::Exchange,
+                    "transform 8 → 4 (mp4) as 4 ranks exchanging slices (in-process, CPU)".into(),
+                    &Op::Exchange {
+                        src: ranks8,
+                        s: &eight,
+                        d: &four,
+                        ranks: 4,
+                    },
+                    None,
+                    false,
+                )?;
+                steps.push(step);
+            }
             remove(ranks8)?;
             ranks4
         }

@@ -6,6 +6,9 @@
 //! synchronize, and by `HcclGetCommAsyncError`). Send blocks until the
 //! matching Recv runs, as HCCL's does, so unpaired or mis-ordered
 //! point-to-point calls time out here as they would hang there.
+//!
+//! With `ASCEND_STUB_HCCL_DIR` set, the root info names a folder through
+//! which ranks in different processes meet ([`crate::hccl_net`]).
 
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void};
@@ -25,6 +28,8 @@ pub(crate) struct CommState {
     pub coll_seq: u64,
     pub send_seq: BTreeMap<u32, u64>,
     pub recv_seq: BTreeMap<u32, u64>,
+    /// Ranks in other processes: the group's folder.
+    pub net: Option<crate::hccl_net::Net>,
 }
 
 struct Coll {
@@ -86,6 +91,8 @@ pub(crate) struct HcclOp {
 }
 
 const MAGIC: &[u8; 8] = b"RSEMUHCC";
+/// Where a cross-process group's folder is written in the root info.
+const NET_AT: usize = 16;
 
 fn hfail(code: HcclResult, msg: String) -> HcclResult {
     set_recent(&msg);
@@ -130,6 +137,26 @@ pub(crate) fn get_root_info(e: Emu, out: *mut HcclRootInfo) -> HcclResult {
     let mut info = HcclRootInfo::default();
     for (i, b) in MAGIC.iter().chain(&id.to_le_bytes()).enumerate() {
         info.internal[i] = *b as c_char;
+    }
+    if let Some(base) = g.hccl_dir.clone().or_else(crate::hccl_net::base_dir) {
+        match crate::hccl_net::new_group(&base, id) {
+            Ok(dir) if crate::hccl_net::encode(&mut info, NET_AT, &dir) => {}
+            Ok(dir) => {
+                return hfail(
+                    HCCL_E_PARA,
+                    format!("HcclGetRootInfo: {} is too long a path", dir.display()),
+                )
+            }
+            Err(e) => {
+                return hfail(
+                    HCCL_E_INTERNAL,
+                    format!(
+                        "HcclGetRootInfo: cannot create the group under {}: {e}",
+                        base.display()
+                    ),
+                )
+            }
+        }
     }
     // SAFETY: caller's out-pointer.
     unsafe { *out = info };
@@ -176,6 +203,33 @@ pub(crate) fn init_root_info(
         );
     }
     let gid = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
+    if let Some(dir) = crate::hccl_net::decode(bytes, NET_AT) {
+        let timeout = g.config(d).hccl_timeout;
+        let (g2, joined) = crate::hccl_net::join(e.inst, g, &dir, n, rank, timeout);
+        g = g2;
+        return match joined {
+            Ok(net) => {
+                let id = g.id();
+                g.comms.insert(
+                    id,
+                    CommState {
+                        group: 0,
+                        rank,
+                        device: d,
+                        async_error: None,
+                        coll_seq: 0,
+                        send_seq: BTreeMap::new(),
+                        recv_seq: BTreeMap::new(),
+                        net: Some(net),
+                    },
+                );
+                // SAFETY: caller's out-pointer.
+                unsafe { *out = id as HcclComm };
+                HCCL_SUCCESS
+            }
+            Err((code, m)) => hfail(code, m),
+        };
+    }
     let Some(group) = g.groups.get_mut(&gid) else {
         return hfail(
             HCCL_E_PARA,
@@ -219,6 +273,7 @@ pub(crate) fn init_root_info(
             coll_seq: 0,
             send_seq: BTreeMap::new(),
             recv_seq: BTreeMap::new(),
+            net: None,
         },
     );
     let group = g.groups.get_mut(&gid).expect("exists");
@@ -265,6 +320,10 @@ pub(crate) fn destroy(e: Emu, comm: HcclComm) -> HcclResult {
             "HcclCommDestroy: not a live communicator".into(),
         );
     };
+    if let Some(net) = &c.net {
+        crate::hccl_net::leave(net);
+        return HCCL_SUCCESS;
+    }
     let unsent: Vec<String> = g
         .groups
         .get(&c.group)
@@ -320,8 +379,12 @@ pub(crate) fn rank_size(e: Emu, comm: HcclComm, out: *mut u32) -> HcclResult {
     let Some(c) = g.comms.get(&(comm as u64)) else {
         return hfail(HCCL_E_PARA, "not a live communicator".into());
     };
+    let n = match &c.net {
+        Some(net) => net.n,
+        None => g.groups[&c.group].n,
+    };
     // SAFETY: caller's out-pointer.
-    unsafe { *out = g.groups[&c.group].n };
+    unsafe { *out = n };
     HCCL_SUCCESS
 }
 
@@ -365,7 +428,10 @@ fn submit(
     let Some(mut c) = g.comms.remove(&(comm as u64)) else {
         return hfail(HCCL_E_PARA, format!("{name}: not a live communicator"));
     };
-    let n = g.groups[&c.group].n;
+    let n = match &c.net {
+        Some(net) => net.n,
+        None => g.groups[&c.group].n,
+    };
     if g.streams[&sid].device != c.device {
         g.comms.insert(comm as u64, c);
         let v = g.violation(format!(
@@ -627,6 +693,17 @@ pub(crate) fn run<'a>(
             )),
         );
     };
+    if let Some(net) = c.net.clone() {
+        let device = c.device;
+        let timeout = g.config(device).hccl_timeout;
+        let (mut g, r) = crate::hccl_net::run(e, g, &net, op.seq, op.kind, timeout);
+        if r.is_err() {
+            if let Some(c) = g.comms.get_mut(&op.comm) {
+                c.async_error = Some(HCCL_E_TIMEOUT);
+            }
+        }
+        return (g, r);
+    }
     let (gid, rank) = (c.group, c.rank);
     let Some(group) = g.groups.get(&gid) else {
         return (

@@ -41,6 +41,7 @@ mod aclnn;
 mod compute;
 mod exec;
 mod hccl;
+mod hccl_net;
 mod runtime;
 mod state;
 
@@ -234,6 +235,13 @@ impl Emulator {
     /// The function table of this machine.
     pub fn api(&self) -> &'static Api {
         self.api
+    }
+
+    /// Makes this machine's HCCL groups span processes (and machines)
+    /// through files under `dir` (as `ASCEND_STUB_HCCL_DIR` does for every
+    /// machine); see `hccl_net`.
+    pub fn set_hccl_network(&self, dir: &std::path::Path) {
+        POOL[self.idx].lock().hccl_dir = Some(dir.to_path_buf());
     }
 
     /// Changes device `device`'s knobs.

@@ -30,7 +30,8 @@ pub struct DeviceConfig {
     /// Fail the n-th stream operation executed on the device (1-based),
     /// reported at the next synchronize (an AI Core exception).
     pub fail_op_at: Option<u64>,
-    /// How long HCCL waits for peers before `HCCL_E_TIMEOUT`.
+    /// How long HCCL waits for peers before `HCCL_E_TIMEOUT` (default:
+    /// `$HCCL_EXEC_TIMEOUT` seconds, else 60).
     pub hccl_timeout: Duration,
     /// Whether `aclrtMemcpy2dAsync` accepts device-to-device. Default
     /// `false`: the documented contract of CANN 8.0–8.5 is host-to-device
@@ -45,7 +46,12 @@ impl Default for DeviceConfig {
             memory: 32 << 30,
             malloc_budget: None,
             fail_op_at: None,
-            hccl_timeout: Duration::from_secs(60),
+            // HCCL's own knob (seconds), for tests running processes.
+            hccl_timeout: std::env::var("HCCL_EXEC_TIMEOUT")
+                .ok()
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|v| v.is_finite() && *v > 0.0)
+                .map_or(Duration::from_secs(60), Duration::from_secs_f64),
             memcpy2d_d2d: false,
         }
     }
@@ -194,6 +200,8 @@ pub(crate) struct State {
     pub next_addr: u64,
     pub violations: Vec<String>,
     pub stats: Stats,
+    /// Folder of the emulated HCCL network (else `ASCEND_STUB_HCCL_DIR`).
+    pub hccl_dir: Option<std::path::PathBuf>,
 }
 
 impl State {
@@ -225,6 +233,7 @@ impl State {
                 h2d_bytes: 0,
                 d2h_bytes: 0,
             },
+            hccl_dir: None,
         }
     }
 

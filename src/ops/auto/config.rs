@@ -48,6 +48,8 @@ pub const RESHARD_KEYS: &[&str] = &[
     "heartbeat_timeout_s",
     "poll_ms",
     "force",
+    "exchange",
+    "rendezvous",
 ];
 
 /// The `parallel_config` keys reshard reads.
@@ -286,6 +288,11 @@ impl Settings {
             poll: Duration::from_millis(self.usize_opt("poll_ms")?.unwrap_or(1000).max(1) as u64),
             force: self.bool_opt("force")?.unwrap_or(false),
             notes,
+            exchange: super::Exchange::parse(
+                self.string_opt("exchange")?.as_deref(),
+                self.string_opt("rendezvous")?,
+            )
+            .map_err(|e| self.err(e.to_string()))?,
         };
         Ok(options)
     }
@@ -369,7 +376,8 @@ impl JobEnv {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
         JobEnv {
             rank_id: var("RANK_ID"),
-            rank_size: var("RANK_SIZE"),
+            // msrun exports MS_WORKER_NUM (and RANK_ID).
+            rank_size: var("RANK_SIZE").or_else(|| var("MS_WORKER_NUM")),
             device_num_per_node: var("DEVICE_NUM_PER_NODE"),
         }
     }

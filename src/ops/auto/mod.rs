@@ -48,6 +48,7 @@
 
 mod config;
 mod decide;
+mod exchange;
 
 mod source;
 mod split;
@@ -60,6 +61,7 @@ use std::time::{Instant, SystemTime};
 use serde::Serialize;
 
 pub use config::{JobEnv, Settings, RESHARD_KEYS, YAML_KEYS};
+pub use exchange::Exchange;
 pub use split::{Block, WorkSplit};
 
 use crate::error::{Error, Result, ResultExt};
@@ -148,6 +150,9 @@ pub struct AutoOptions {
     pub force: bool,
     /// Remarks made while resolving the settings (copied into the report).
     pub notes: Vec<String>,
+    /// `exchange`: how ranks get source bytes that are not on their disk
+    /// (`hccl`: every rank converts its own file, exchanging with the others).
+    pub exchange: Exchange,
 }
 
 impl AutoOptions {
@@ -179,6 +184,7 @@ impl AutoOptions {
             poll: std::time::Duration::from_secs(1),
             force: false,
             notes: Vec::new(),
+            exchange: Exchange::Files,
         }
     }
 
@@ -282,6 +288,10 @@ pub struct AutoReport {
     pub notes: Vec<String>,
     /// Wall time.
     pub seconds: f64,
+    /// With `exchange: hccl`: what this rank read from its disk, sent and
+    /// received, per converted entry.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exchange: Vec<crate::exec::ExchangeReport>,
 }
 
 /// The job's strategy, as this rank reads it.
@@ -312,6 +322,7 @@ pub fn auto_convert(o: &AutoOptions) -> Result<AutoReport> {
         entries: Vec::new(),
         notes: Vec::new(),
         seconds: 0.0,
+        exchange: Vec::new(),
     };
     let finish = |mut r: AutoReport, notes: Vec<String>| {
         r.notes = notes;
@@ -365,6 +376,7 @@ pub fn auto_convert(o: &AutoOptions) -> Result<AutoReport> {
     let dst_strategy = dst.as_ref().map(|d| &d.strategy);
 
     let mut converted = false;
+    let mut job: Option<exchange::Job> = None;
     for entry in &entries {
         let src = effective_src(entry, src_strategy.as_ref(), &mut notes)?;
         let verdict = if src.is_none()
@@ -432,6 +444,23 @@ pub fn auto_convert(o: &AutoOptions) -> Result<AutoReport> {
             continue;
         }
         converted = true;
+        if let Exchange::Hccl { rendezvous } = &o.exchange {
+            if job.is_none() {
+                job = Some(exchange::Job::open(o, rendezvous)?);
+            }
+            let c = exchange::convert(
+                o,
+                job.as_ref().expect("opened"),
+                entry,
+                src,
+                dst_strategy,
+                &verdict.reason,
+            )?;
+            report.converted_here.push(o.rank);
+            report.entries.push(c.entry);
+            report.exchange.push(c.exchange);
+            continue;
+        }
         let split = split.as_ref().expect("split when auto_trans_ckpt is on");
         let e = convert_entry(
             o,
@@ -448,10 +477,13 @@ pub fn auto_convert(o: &AutoOptions) -> Result<AutoReport> {
     report.paths = report.entries.iter().map(|e| e.path.clone()).collect();
     if converted {
         report.action = Action::Converted;
-        report.converters = split
-            .as_ref()
-            .map(WorkSplit::converters)
-            .unwrap_or_default();
+        report.converters = match o.exchange {
+            Exchange::Hccl { .. } => (0..o.world_size).collect(),
+            Exchange::Files => split
+                .as_ref()
+                .map(WorkSplit::converters)
+                .unwrap_or_default(),
+        };
         report.load_checkpoint = Some(match report.entries.as_slice() {
             [one] if one.action == Action::Converted => o.transformed_dir().join(&one.name),
             _ => o.transformed_dir(),

@@ -103,6 +103,15 @@ pub struct AutoArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// files (default): converting ranks read what they need from their disk; hccl: every rank
+    /// converts its own file, reading only what is on its node and exchanging slices card to card
+    /// (builds with --features ascend).
+    #[arg(long, value_name = "files|hccl")]
+    pub exchange: Option<String>,
+    /// host:port where rank 0 serves the HCCL root info (default: MS_SCHED_HOST and
+    /// MS_SCHED_PORT + 1 as msrun sets them, else a file under output_dir, which must be shared).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub rendezvous: Option<String>,
 }
 
 fn path_value(p: &std::path::Path) -> Value {
@@ -157,6 +166,12 @@ fn overrides(a: &AutoArgs) -> Result<Settings> {
     }
     if a.force {
         set("force", true.into())?;
+    }
+    if let Some(x) = &a.exchange {
+        set("exchange", x.as_str().into())?;
+    }
+    if let Some(x) = &a.rendezvous {
+        set("rendezvous", x.as_str().into())?;
     }
     for kv in &a.set {
         let Some((k, v)) = kv.split_once('=') else {
