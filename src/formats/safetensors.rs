@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
+use crate::formats::mapped::Mapped;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorInfo, View};
 
 use crate::dtype::DType;
@@ -38,7 +38,7 @@ pub struct StEntry {
 /// An opened, memory-mapped safetensors file.
 pub struct SafetensorsFile {
     path: PathBuf,
-    map: Mmap,
+    map: Mapped,
     entries: Vec<StEntry>,
     metadata: BTreeMap<String, String>,
     has_metadata: bool,
@@ -161,6 +161,13 @@ impl SafetensorsFile {
     /// The tensor named `name`.
     pub fn get(&self, name: &str) -> Option<&StEntry> {
         self.entries.iter().find(|e| e.name == name)
+    }
+
+    /// Errors if the mapped file changed since it was opened (or a read hit
+    /// pages cut off by truncation): call after reading, before trusting
+    /// what was read.
+    pub fn check(&self) -> Result<()> {
+        self.map.check()
     }
 
     /// A tensor's bytes, borrowed from the map.
