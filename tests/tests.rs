@@ -9,5 +9,6 @@ mod conformance;
 mod convert;
 mod faults;
 pub mod merge_lora;
+mod robust;
 pub mod transform;
 mod trust;

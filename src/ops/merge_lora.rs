@@ -245,6 +245,7 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
             backend: o.backend,
             control: &o.control,
             dst_flag: "--dst-ckpt-dir",
+            destination: Some(&o.dst_dir),
         },
     )?;
     Ok(MergeLoraReport {
@@ -543,6 +544,7 @@ fn merge_peft_into_mindspore(
             backend: o.backend,
             control: &o.control,
             dst_flag: "--dst-ckpt-dir",
+            destination: Some(&o.dst_dir),
         },
     )?;
     Ok(MergeLoraReport {

@@ -214,6 +214,13 @@ pub(crate) fn foreign_entry(dir: &Path, output: &Path, resume: bool) -> Result<O
         let e = e.map_err(|e| Error::from(e).in_file(dir))?;
         let other = e.file_name();
         let other = other.to_string_lossy();
+        // Lock files (a crashed run's are stale, a live run's lock is
+        // reported by the lock itself).
+        if other == crate::formats::destination::LOCK_NAME
+            || (other.starts_with('.') && other.ends_with(".reshard.lock"))
+        {
+            continue;
+        }
         let data = other
             .strip_suffix(crate::formats::manifest::MANIFEST_SUFFIX)
             .unwrap_or(&other);
@@ -265,12 +272,24 @@ pub(crate) struct WriteSettings<'a> {
     pub control: &'a OutputControl,
     /// The flag naming the output directory, for the error message.
     pub dst_flag: &'a str,
+    /// The output directory: locked for the run, and no directory below
+    /// it is created through a link (`None`: the outputs' common parent).
+    pub destination: Option<&'a Path>,
 }
 
 /// Writes a planned job: refuses outputs that would mix with files already
 /// there, runs the plan on the chosen backend, and re-checks the outputs on
 /// request. Returns the execution and the backend's description.
 pub(crate) fn write_plan(plan: &Plan, s: &WriteSettings<'_>) -> Result<(ExecReport, String)> {
+    // Lock first: a concurrent run's temporaries are then reported as that
+    // run ("another reshard run is writing here"), not as foreign files.
+    let _lock = match s.destination {
+        Some(d) if !plan.files.is_empty() => {
+            crate::formats::destination::create_dir_within(d, d)?;
+            Some(crate::formats::destination::DestinationLock::directory(d)?)
+        }
+        _ => None,
+    };
     for f in &plan.files {
         if let Some(dir) = f.path.parent() {
             if let Some(other) = foreign_entry(dir, &f.path, s.resume)? {
@@ -287,7 +306,10 @@ pub(crate) fn write_plan(plan: &Plan, s: &WriteSettings<'_>) -> Result<(ExecRepo
     let report = exec::execute(
         plan,
         &backend,
-        &exec_options(s.workers, s.read, s.manifest, s.resume, s.control),
+        &ExecOptions {
+            destination: s.destination.map(Path::to_path_buf),
+            ..exec_options(s.workers, s.read, s.manifest, s.resume, s.control)
+        },
     )?;
     if s.verify {
         crate::ops::verify::verify_outputs(plan)?;
@@ -317,6 +339,7 @@ pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
             backend: options.backend,
             control: &options.control,
             dst_flag: "--dst-checkpoint-dir",
+            destination: Some(&options.dst_dir),
         },
     )?;
     Ok(TransformReport {

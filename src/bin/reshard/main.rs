@@ -13,6 +13,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // First, before any thread: SIGINT/SIGTERM remove temporaries and locks.
+    reshard::formats::destination::install_signal_cleanup();
     let cli = args::Cli::parse();
     match commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,

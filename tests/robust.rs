@@ -1,0 +1,178 @@
+//! Robustness (issue 19): hostile destinations, stale resumes, concurrent
+//! runs, sources that change or shrink under a run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use reshard::formats::destination::DestinationLock;
+use reshard::formats::Source;
+use reshard::ops::transform::{transform, TransformOptions};
+use reshard::{DType, Error};
+
+use crate::transform::{strategies, synthetic_model};
+use crate::util::{reshard_bin, tempdir};
+
+fn ckpts(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for r in 0..8 {
+        let d = dir.join(format!("rank_{r}"));
+        if let Ok(entries) = std::fs::read_dir(&d) {
+            for e in entries {
+                let p = e.unwrap().path();
+                if p.extension().is_some_and(|e| e == "ckpt") {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Item 2: `--resume` kept outputs made from a source that has changed.
+#[test]
+fn resume_rewrites_outputs_of_a_changed_source() {
+    let dir = tempdir();
+    let model = dir.path().join("model.ckpt");
+    synthetic_model(&model, 2, DType::F32, 5);
+    let s = strategies(&model, &dir.path().join("s"), 1, 2, 1, 0);
+    let out = dir.path().join("out");
+    transform(&TransformOptions::new(&model, &out, None, Some(s.clone()))).unwrap();
+    // Same names and shapes, other values.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    synthetic_model(&model, 2, DType::F32, 6);
+    let mut o = TransformOptions::new(&model, &out, None, Some(s.clone()));
+    o.resume = true;
+    let report = transform(&o).unwrap();
+    assert!(report.executed.unwrap().files.iter().all(|f| !f.skipped));
+    let fresh = dir.path().join("fresh");
+    transform(&TransformOptions::new(&model, &fresh, None, Some(s))).unwrap();
+    let (a, b) = (ckpts(&out), ckpts(&fresh));
+    assert_eq!(a.len(), 2);
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            std::fs::read(x).unwrap() == std::fs::read(y).unwrap(),
+            "{} is stale after --resume",
+            x.display()
+        );
+    }
+}
+
+/// Item 2: `--resume` with other settings (here another output dtype)
+/// writes again instead of keeping files made with the old ones.
+#[test]
+fn resume_rewrites_outputs_made_with_other_settings() {
+    let dir = tempdir();
+    let model = dir.path().join("model.ckpt");
+    synthetic_model(&model, 1, DType::F32, 5);
+    let s = strategies(&model, &dir.path().join("s"), 1, 2, 1, 0);
+    let out = dir.path().join("out");
+    transform(&TransformOptions::new(&model, &out, None, Some(s.clone()))).unwrap();
+    let mut o = TransformOptions::new(&model, &out, None, Some(s.clone()));
+    o.resume = true;
+    o.output_format = Some(reshard::formats::tree::FileFormat::Ckpt);
+    // Unchanged settings: everything is kept.
+    let kept = transform(&o).unwrap().executed.unwrap();
+    assert!(kept.files.iter().all(|f| f.skipped));
+    // A manifest recording other settings (as written by a run with other
+    // options) is not trusted.
+    let data = &ckpts(&out)[0];
+    let mut m = reshard::formats::manifest::Manifest::read(data)
+        .unwrap()
+        .unwrap();
+    m.settings = Some("0000000000000000".into());
+    m.write(data).unwrap();
+    let again = transform(&o).unwrap().executed.unwrap();
+    assert_eq!(again.files.iter().filter(|f| !f.skipped).count(), 1);
+}
+
+/// Item 6: two runs into one destination: the second is refused, naming
+/// the first run's pid.
+#[test]
+fn a_destination_another_run_writes_to_is_refused() {
+    let dir = tempdir();
+    let model = dir.path().join("model.ckpt");
+    synthetic_model(&model, 1, DType::F32, 5);
+    let s = strategies(&model, &dir.path().join("s"), 1, 2, 1, 0);
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let held = DestinationLock::directory(&out).unwrap();
+    let o = Command::new(reshard_bin())
+        .args(["transform", "--src-checkpoint"])
+        .arg(&model)
+        .arg("--dst-checkpoint-dir")
+        .arg(&out)
+        .arg("--dst-strategy")
+        .arg(&s)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains(&format!(
+            "another reshard run is writing here (pid {})",
+            std::process::id()
+        )),
+        "{err}"
+    );
+    assert!(ckpts(&out).is_empty());
+    drop(held);
+    assert!(!out.join(".reshard.lock").exists());
+    // Once released, the destination can be written (a stale lock file of a
+    // killed run does not block it either).
+    std::fs::write(out.join(".reshard.lock"), b"999999").unwrap();
+    transform(&TransformOptions::new(&model, &out, None, Some(s))).unwrap();
+    assert_eq!(ckpts(&out).len(), 2);
+    assert!(!out.join(".reshard.lock").exists());
+}
+
+/// Item 9: an existing `rank_0` link in the destination is not followed.
+#[test]
+fn outputs_are_not_written_through_a_planted_rank_link() {
+    let dir = tempdir();
+    let model = dir.path().join("model.ckpt");
+    synthetic_model(&model, 1, DType::F32, 5);
+    for mp in [1, 2] {
+        let s = strategies(&model, &dir.path().join(format!("s{mp}")), 1, mp, 1, 0);
+        let out = dir.path().join(format!("out{mp}"));
+        let outside = dir.path().join(format!("outside{mp}"));
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, out.join("rank_0")).unwrap();
+        let err = transform(&TransformOptions::new(&model, &out, None, Some(s))).unwrap_err();
+        assert!(
+            matches!(err.root(), Error::UnsafeDestination { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("rank_0"), "{err}");
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+    }
+}
+
+/// Items 3 and 4: a source truncated after its tensors were handed out: a
+/// read of the lost pages used to raise SIGBUS (killing the process and
+/// leaving temporaries); now it reads zeros and the check every writer makes
+/// before committing reports the file.
+#[test]
+fn a_source_truncated_under_its_readers_is_an_error_naming_it() {
+    let dir = tempdir();
+    let model = dir.path().join("model.ckpt");
+    synthetic_model(&model, 2, DType::F32, 5);
+    let source = Source::open(&model, &Default::default()).unwrap();
+    let chunks = source.chunks("model.layers.1.attention.wq.weight").unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&model)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let sum: u64 = chunks
+        .iter()
+        .flat_map(|c| c.iter())
+        .map(|&b| b as u64)
+        .sum();
+    assert_eq!(sum, 0);
+    let err = source.unchanged().unwrap_err();
+    assert!(matches!(err.root(), Error::SourceChanged { .. }), "{err}");
+    assert!(err.to_string().contains("model.ckpt"), "{err}");
+}
