@@ -176,3 +176,26 @@ fn a_source_truncated_under_its_readers_is_an_error_naming_it() {
     assert!(matches!(err.root(), Error::SourceChanged { .. }), "{err}");
     assert!(err.to_string().contains("model.ckpt"), "{err}");
 }
+
+/// Item 8: a non-UTF-8 argument panicked in the executor (it read
+/// `std::env::args`, which panics on one).
+#[test]
+fn a_non_utf8_destination_argument_is_accepted() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempdir();
+    let model = dir.path().join("model.ckpt");
+    synthetic_model(&model, 1, DType::F32, 5);
+    let s = strategies(&model, &dir.path().join("s"), 1, 2, 1, 0);
+    let out = dir.path().join(std::ffi::OsStr::from_bytes(b"out\xff"));
+    let o = Command::new(reshard_bin())
+        .args(["transform", "--src-checkpoint"])
+        .arg(&model)
+        .arg("--dst-checkpoint-dir")
+        .arg(&out)
+        .arg("--dst-strategy")
+        .arg(&s)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(ckpts(&out).len(), 2);
+}
