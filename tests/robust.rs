@@ -199,3 +199,31 @@ fn a_non_utf8_destination_argument_is_accepted() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(ckpts(&out).len(), 2);
 }
+
+/// Item 9: `auto` wrote through an existing
+/// `output/transformed_checkpoint/<name>` link.
+#[test]
+fn auto_does_not_write_through_a_planted_output_link() {
+    use crate::auto::{run_job, sharded_source, shared_job, yaml};
+    let (_d, job) = shared_job();
+    sharded_source(&job, 2, 2, 2, true);
+    std::fs::write(
+        job.join("run.yaml"),
+        yaml("./ckpt", "./src_strategy", 1, 1, "")
+            .replace("use_parallel: True", "use_parallel: False"),
+    )
+    .unwrap();
+    let outside = job.join("../outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::create_dir_all(job.join("output/transformed_checkpoint")).unwrap();
+    std::os::unix::fs::symlink(&outside, job.join("output/transformed_checkpoint/ckpt")).unwrap();
+    let out = run_job(1, &|_| job.clone(), &[]);
+    assert_ne!(out[0].code, Some(0));
+    assert!(
+        out[0].stderr.contains("symbolic link")
+            && out[0].stderr.contains("transformed_checkpoint/ckpt"),
+        "{}",
+        out[0].stderr
+    );
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+}

@@ -402,12 +402,18 @@ mod tests {
         table(
             &mut out,
             &["name", "dtype"],
-            &[vec![long.clone(), "F32".into()], vec!["a\x1b[2Jb".into(), "F16".into()]],
+            &[
+                vec![long.clone(), "F32".into()],
+                vec!["a\x1b[2Jb".into(), "F16".into()],
+            ],
         )
         .unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains(&long));
-        assert!(!text.contains('\x1b') && text.contains("a\\u{1b}[2Jb"), "{text}");
+        assert!(
+            !text.contains('\x1b') && text.contains("a\\u{1b}[2Jb"),
+            "{text}"
+        );
         let row = text.lines().nth(2).unwrap();
         assert_eq!(row.find("F16"), Some(70_002));
     }

@@ -581,9 +581,7 @@ impl yaml_rust2::parser::EventReceiver for NodeCounter {
 /// aliases are expanded, or nesting deeper than [`MAX_YAML_DEPTH`].
 fn check_yaml_limits(text: &str) -> Result<()> {
     if text.contains('\0') {
-        return Err(Error::invalid(
-            "contains a NUL byte: not a YAML text file",
-        ));
+        return Err(Error::invalid("contains a NUL byte: not a YAML text file"));
     }
     if text.len() as u64 > MAX_YAML_BYTES {
         return Err(Error::LimitExceeded {
@@ -813,7 +811,11 @@ micro_batch_interleave_num: 1
         assert!(ok.is_ok(), "{:?}", ok.err());
         // Item 10: empty and NUL files are errors naming the file.
         let dir = tempfile::tempdir().unwrap();
-        for (name, bytes) in [("empty.yaml", &b""[..]), ("nul.yaml", &[0u8; 64][..]), ("comments.yaml", &b"# nothing\n"[..])] {
+        for (name, bytes) in [
+            ("empty.yaml", &b""[..]),
+            ("nul.yaml", &[0u8; 64][..]),
+            ("comments.yaml", &b"# nothing\n"[..]),
+        ] {
             let p = dir.path().join(name);
             std::fs::write(&p, bytes).unwrap();
             let err = Settings::from_yaml_file(&p).unwrap_err().to_string();
