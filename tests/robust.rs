@@ -227,3 +227,100 @@ fn auto_does_not_write_through_a_planted_output_link() {
     );
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
 }
+
+/// Rewrites every strategy file of `dir` into `out`, changing the layout of
+/// `param` with `edit`.
+fn edit_strategies(
+    dir: &Path,
+    out: &Path,
+    param: &str,
+    edit: &dyn Fn(&mut reshard::formats::strategy::LayoutItem),
+) {
+    std::fs::create_dir_all(out).unwrap();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let mut s = reshard::formats::strategy::load_file(&p).unwrap();
+        for item in &mut s.layout_items {
+            if item.param_name.ends_with(param) {
+                edit(item);
+            }
+        }
+        reshard::formats::strategy::write(&s, &out.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+/// Items 5 and 7: a source strategy with one layout covering 3 of the 4
+/// devices merged without rank 3, exit 0; one declaring 2^32 devices made
+/// the planner allocate 32 GiB.
+#[test]
+fn strategies_disagreeing_with_themselves_are_refused() {
+    let dir = tempdir();
+    let model = dir.path().join("model.ckpt");
+    synthetic_model(&model, 1, DType::F32, 5);
+    let s = strategies(&model, &dir.path().join("s"), 1, 4, 1, 0);
+    let shards = dir.path().join("shards");
+    transform(&TransformOptions::new(
+        &model,
+        &shards,
+        None,
+        Some(s.clone()),
+    ))
+    .unwrap();
+    let wq = "model.layers.0.attention.wq.weight";
+    let bad = dir.path().join("bad");
+    edit_strategies(&s, &bad, wq, &|item| item.dev_matrix = vec![vec![1, 3]]);
+    let err = transform(&TransformOptions::new(
+        &shards,
+        dir.path().join("merged"),
+        Some(bad.clone()),
+        None,
+    ))
+    .unwrap_err();
+    assert!(matches!(err.root(), Error::Strategy(_)), "{err}");
+    assert!(err.to_string().contains(wq), "{err}");
+    assert!(!dir.path().join("merged").exists());
+    let huge = dir.path().join("huge");
+    edit_strategies(&s, &huge, "", &|item| {
+        item.dev_matrix = vec![vec![1 << 16, 1 << 16]];
+    });
+    let err = transform(&TransformOptions::new(
+        &shards,
+        dir.path().join("merged"),
+        Some(huge),
+        None,
+    ))
+    .unwrap_err();
+    assert!(matches!(err.root(), Error::LimitExceeded { .. }), "{err}");
+}
+
+/// Item 13: an empty `.ckpt` among the ranks was reported as a strategy
+/// mismatch ("the loaded source ranks cover 16384 of the 32768 elements").
+#[test]
+fn an_empty_rank_file_is_named_as_empty() {
+    let dir = tempdir();
+    let model = dir.path().join("model.ckpt");
+    synthetic_model(&model, 1, DType::F32, 5);
+    let s = strategies(&model, &dir.path().join("s"), 1, 2, 1, 0);
+    let shards = dir.path().join("shards");
+    transform(&TransformOptions::new(
+        &model,
+        &shards,
+        None,
+        Some(s.clone()),
+    ))
+    .unwrap();
+    std::fs::write(shards.join("rank_1/checkpoint_1.ckpt"), b"").unwrap();
+    std::fs::remove_file(shards.join("rank_1/checkpoint_1.ckpt.manifest.json")).unwrap();
+    let err = transform(&TransformOptions::new(
+        &shards,
+        dir.path().join("m"),
+        Some(s),
+        None,
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("rank_1/checkpoint_1.ckpt") && err.contains("holds no tensors (0 bytes)"),
+        "{err}"
+    );
+}

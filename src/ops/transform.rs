@@ -125,7 +125,17 @@ pub(crate) fn index_entries(
             ..read.clone()
         },
     )?;
-    Ok(source.entries())
+    let entries = source.entries();
+    if entries.is_empty() {
+        // Issue 19 item 13: an empty file was reported later as a
+        // strategy mismatch ("the loaded source ranks cover … of …").
+        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        return Err(Error::invalid(format!(
+            "holds no tensors ({len} bytes): an empty or truncated checkpoint"
+        ))
+        .in_file(path));
+    }
+    Ok(entries)
 }
 
 /// [`index_entries`] of every file of a source, as the planner takes them.
