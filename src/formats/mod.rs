@@ -18,6 +18,10 @@ use std::path::Path;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 
+/// The most dimensions a tensor may have in any file reshard reads
+/// (NumPy allows 32 in 1.x, 64 in 2.x; MindSpore's checkpoints use ≤ 8).
+pub const MAX_DIMS: usize = 64;
+
 /// What an entry of a source file holds, format-independently.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntryValue {

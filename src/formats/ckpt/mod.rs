@@ -75,6 +75,19 @@ pub struct Checkpoint {
     bytes: Backing,
     index: CkptIndex,
     encryption: Option<EncMode>,
+    /// Entry position by name (first occurrence): `get` is called once per
+    /// tensor, and a linear search made 100,000-tensor files quadratic.
+    by_name: std::collections::HashMap<String, usize>,
+}
+
+fn name_index<'a>(
+    names: impl Iterator<Item = &'a str>,
+) -> std::collections::HashMap<String, usize> {
+    let mut m = std::collections::HashMap::new();
+    for (i, n) in names.enumerate() {
+        m.entry(n.to_string()).or_insert(i);
+    }
+    m
 }
 
 impl Checkpoint {
@@ -107,6 +120,7 @@ impl Checkpoint {
         Ok(Checkpoint {
             path: path.to_path_buf(),
             bytes,
+            by_name: name_index(index.entries.iter().map(|e| e.name.as_str())),
             index,
             encryption,
         })
@@ -121,6 +135,7 @@ impl Checkpoint {
         Ok(Checkpoint {
             path: PathBuf::from("<memory>"),
             bytes: Backing::Owned(bytes),
+            by_name: name_index(index.entries.iter().map(|e| e.name.as_str())),
             index,
             encryption: None,
         })
@@ -153,7 +168,7 @@ impl Checkpoint {
 
     /// The entry named `name`.
     pub fn get(&self, name: &str) -> Option<&CkptEntry> {
-        self.index.entries.iter().find(|e| e.name == name)
+        self.by_name.get(name).map(|&i| &self.index.entries[i])
     }
 
     /// The cipher mode, for an encrypted file.
