@@ -369,3 +369,43 @@ fn huge_dimension_counts_are_refused_and_many_tensors_are_fast() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("20000 tensors compared"));
     assert!(t.elapsed().as_secs() < 60, "{:?}", t.elapsed());
 }
+
+/// Item 5: a `dp4mp2` checkpoint read with the `mp8` strategy (same rank
+/// count, every slice shape plausible) merged to wrong shapes, exit 0, and
+/// `verify --strategy` called it consistent. Replicas give it away.
+#[test]
+fn another_layouts_strategy_with_the_same_rank_count_is_refused() {
+    use reshard::ops::verify::check_distributed;
+    let dir = tempdir();
+    let model = dir.path().join("model.ckpt");
+    synthetic_model(&model, 1, DType::F32, 5);
+    let s42 = strategies(&model, &dir.path().join("s42"), 4, 2, 1, 0);
+    let s8 = strategies(&model, &dir.path().join("s8"), 1, 8, 1, 0);
+    let shards = dir.path().join("shards");
+    transform(&TransformOptions::new(
+        &model,
+        &shards,
+        None,
+        Some(s42.clone()),
+    ))
+    .unwrap();
+    let problems = check_distributed(&shards, &s8).unwrap();
+    assert!(
+        problems.iter().any(|p| p
+            .problem
+            .contains("hold the same bytes where this strategy says")),
+        "{problems:?}"
+    );
+    assert!(check_distributed(&shards, &s42).unwrap().is_empty());
+    let merged = dir.path().join("merged");
+    let err = transform(&TransformOptions::new(&shards, &merged, Some(s8), None)).unwrap_err();
+    assert!(matches!(err.root(), Error::Strategy(_)), "{err}");
+    assert!(err.to_string().contains("is this its strategy"), "{err}");
+    assert!(!merged.exists());
+    // The right strategy still merges to the model.
+    transform(&TransformOptions::new(&shards, &merged, Some(s42), None)).unwrap();
+    assert!(
+        std::fs::read(merged.join("rank_0/checkpoint_0.ckpt")).unwrap()
+            == std::fs::read(&model).unwrap()
+    );
+}

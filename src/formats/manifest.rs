@@ -127,6 +127,13 @@ impl Manifest {
         Ok(Some(m))
     }
 
+    /// Whether `data` still has the length this manifest records (a cheap
+    /// check, before trusting the manifest's tensor hashes without reading
+    /// the file).
+    pub fn check_length(&self, data: &Path) -> bool {
+        std::fs::metadata(data).is_ok_and(|m| m.len() == self.digest.bytes)
+    }
+
     /// Checks `data` against this manifest: same length, same hash.
     pub fn check(&self, data: &Path) -> Result<()> {
         let got = digest_file(data)?;

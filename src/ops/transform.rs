@@ -181,6 +181,9 @@ pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
         .in_file(&options.src_checkpoint));
     }
     let sources = index_sources(files, &options.read)?;
+    if let Some(src) = &src {
+        check_source_strategy(src, &sources)?;
+    }
     let plan = plan(&TransformInput {
         sources,
         src_strategy: src.as_ref(),
@@ -200,6 +203,87 @@ pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
         }
     }
     Ok(plan)
+}
+
+/// Checks the source strategy against the source files (issue 19 item 5):
+/// every slice's shape and, where the files have manifests (reshard wrote
+/// them), their tensor hashes: replicas equal, and not every split
+/// parameter a copy across ranks said to differ (another layout's strategy
+/// with the same rank count). Only for a whole tree (one file per rank of
+/// every stage); other cases are checked by the planner.
+fn check_source_strategy(
+    src: &Strategy,
+    sources: &[(usize, PathBuf, Vec<crate::formats::SourceEntry>)],
+) -> Result<()> {
+    use crate::plan::consistency::{check_layouts, Held, HeldTensor};
+    let Ok(table) = src.layout_table(None) else {
+        return Ok(());
+    };
+    let (Ok(per), Ok(stages)) = (table.device_num_per_stage(), table.stage_num()) else {
+        return Ok(());
+    };
+    if sources.len() < 2 || per.saturating_mul(stages as u64) != sources.len() as u64 {
+        return Ok(());
+    }
+    let mut held = Held::new();
+    for (rank, path, entries) in sources {
+        let hashes: std::collections::HashMap<String, u64> =
+            crate::formats::manifest::Manifest::read(path)
+                .ok()
+                .flatten()
+                .filter(|m| m.check_length(path))
+                .map(|m| m.tensors.into_iter().map(|t| (t.name, t.xxh3)).collect())
+                .unwrap_or_default();
+        held.insert(
+            *rank,
+            entries
+                .iter()
+                .map(|e| {
+                    (
+                        e.name.clone(),
+                        HeldTensor {
+                            shape: e.dims.iter().map(|&d| d.max(0) as u64).collect(),
+                            hash: hashes.get(&e.name).copied(),
+                        },
+                    )
+                })
+                .collect(),
+        );
+    }
+    // A parameter missing from a file is reported by the planner, which
+    // knows whether the destination needs it.
+    let problems: Vec<_> = check_layouts(src, &held)?
+        .into_iter()
+        .filter(|p| {
+            p.tensor.as_ref().map_or(true, |t| {
+                held.get(&p.rank).is_some_and(|m| m.contains_key(t))
+            })
+        })
+        .collect();
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<String> = problems
+        .iter()
+        .take(3)
+        .map(|p| {
+            format!(
+                "rank {}{}: {}",
+                p.rank,
+                p.tensor
+                    .as_deref()
+                    .map(|t| format!(" {t:?}"))
+                    .unwrap_or_default(),
+                p.problem
+            )
+        })
+        .collect();
+    Err(Error::Strategy(format!(
+        "the source strategy does not fit the source files ({} problem(s)): {}{}",
+        problems.len(),
+        shown.join("; "),
+        if problems.len() > 3 { "; …" } else { "" }
+    )))
 }
 
 /// The first entry of `dir` that a transform writing `output` must not

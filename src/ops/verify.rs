@@ -25,7 +25,6 @@ use crate::formats::manifest::{self, Manifest};
 use crate::formats::strategy;
 use crate::formats::tree;
 use crate::formats::{EntryValue, Source};
-use crate::layout::Layout;
 use crate::ops::transform::{index_sources, source_files};
 use crate::plan::transform::{plan, TransformInput};
 use crate::plan::{Content, CopyStep, Plan};
@@ -431,16 +430,7 @@ pub fn compare(a: &Side, b: &Side, tol: Tolerance) -> Result<Comparison> {
     })
 }
 
-/// A problem found by [`check_distributed`].
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Inconsistency {
-    /// The rank concerned (or the first of a group).
-    pub rank: usize,
-    /// The tensor concerned, if any.
-    pub tensor: Option<String>,
-    /// What is wrong.
-    pub problem: String,
-}
+pub use crate::plan::consistency::Inconsistency;
 
 /// Checks a `rank_x` tree against its strategy. Returns every problem found.
 pub fn check_distributed(dir: &Path, strategy_path: &Path) -> Result<Vec<Inconsistency>> {
@@ -507,59 +497,26 @@ pub fn check_distributed(dir: &Path, strategy_path: &Path) -> Result<Vec<Inconsi
         held.insert(*r, m);
     }
     // Strategy parameters: present on their stage's ranks, with the layout's
-    // shape; replicas (same slice) byte-identical.
-    let mut replicas: HashMap<(String, String), (usize, u64)> = HashMap::new();
-    for (&r, m) in &held {
-        if r >= total {
-            continue;
-        }
-        let stage = (r as u64 / per_stage) as u32;
-        let rank_table = strategy.layout_table(Some(r as u64))?;
-        for (name, l) in rank_table.iter().filter(|(_, l)| l.stages.contains(&stage)) {
-            let Some((_, shape, hash)) = m.get(name) else {
-                problems.push(Inconsistency {
-                    rank: r,
-                    tensor: Some(name.clone()),
-                    problem: "missing from this rank's file".into(),
-                });
-                continue;
-            };
-            let layout = Layout::from_param(l);
-            let local = r as u64 % per_stage;
-            let check = layout.global_shape(shape).and_then(|g| {
-                let want = layout.slice_shape(&g)?;
-                Ok((g.clone(), want, layout.rank_slice(&g, local)?))
-            });
-            match check {
-                Err(e) => problems.push(Inconsistency {
-                    rank: r,
-                    tensor: Some(name.clone()),
-                    problem: e.to_string(),
-                }),
-                Ok((_, want, _)) if &want != shape => problems.push(Inconsistency {
-                    rank: r,
-                    tensor: Some(name.clone()),
-                    problem: format!("shape {shape:?}, the layout implies {want:?}"),
-                }),
-                Ok((g, _, slice)) => {
-                    let key = (name.clone(), format!("{g:?}{:?}", slice.dims));
-                    match replicas.get(&key) {
-                        Some(&(other, h)) if h != *hash => problems.push(Inconsistency {
-                            rank: r,
-                            tensor: Some(name.clone()),
-                            problem: format!(
-                                "differs from its data-parallel replica on rank {other}"
-                            ),
-                        }),
-                        Some(_) => {}
-                        None => {
-                            replicas.insert(key, (r, *hash));
-                        }
-                    }
-                }
-            }
-        }
-    }
+    // shape; replicas byte-identical; not every split parameter a copy.
+    let shapes: crate::plan::consistency::Held = held
+        .iter()
+        .map(|(&r, m)| {
+            let m = m
+                .iter()
+                .map(|(n, (_, shape, h))| {
+                    (
+                        n.clone(),
+                        crate::plan::consistency::HeldTensor {
+                            shape: shape.clone(),
+                            hash: Some(*h),
+                        },
+                    )
+                })
+                .collect();
+            (r, m)
+        })
+        .collect();
+    problems.extend(crate::plan::consistency::check_layouts(&strategy, &shapes)?);
     // Hyper-parameters (not in the strategy): equal on every rank holding them.
     let mut hyper: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
     for (&r, m) in &held {
