@@ -409,3 +409,87 @@ fn another_layouts_strategy_with_the_same_rank_count_is_refused() {
             == std::fs::read(&model).unwrap()
     );
 }
+
+/// Item 13: `verify` on an encrypted file said "pass --dec-key", an option
+/// it does not have.
+#[test]
+fn verify_of_an_encrypted_file_says_how_to_decrypt_it() {
+    let dir = tempdir();
+    let model = dir.path().join("model.ckpt");
+    synthetic_model(&model, 1, DType::F32, 5);
+    let enc = dir.path().join("enc.ckpt");
+    let o = Command::new(reshard_bin())
+        .arg("rewrite")
+        .arg(&model)
+        .arg(&enc)
+        .args(["--enc-key", "0123456789abcdef"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(reshard_bin())
+        .arg("verify")
+        .arg(&enc)
+        .arg(&model)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("enc.ckpt")
+            && err.contains("reshard rewrite")
+            && !err.contains("pass the key"),
+        "{err}"
+    );
+}
+
+/// Item 12: a checkpoint cut at a record boundary reads as a shorter one:
+/// transform wrote what was left, exit 0, no word. Now a warning (what is
+/// missing), an error with `--strict`.
+#[test]
+fn a_checkpoint_cut_at_a_record_boundary_is_reported() {
+    use reshard::formats::ckpt::Checkpoint;
+    let dir = tempdir();
+    let model = dir.path().join("model.ckpt");
+    synthetic_model(&model, 2, DType::F32, 5);
+    let s = strategies(&model, &dir.path().join("s"), 1, 2, 1, 0);
+    // Keep the first two records only.
+    let ck = Checkpoint::open(&model, &Default::default()).unwrap();
+    let cut = ck.entries()[2].chunks[0].start;
+    drop(ck);
+    let bytes = std::fs::read(&model).unwrap();
+    let cut_at = (0..cut)
+        .rev()
+        .find(|&i| {
+            let mut b = bytes[..i].to_vec();
+            b.truncate(i);
+            Checkpoint::from_bytes(b, false).is_ok_and(|c| c.entries().len() == 2)
+        })
+        .unwrap();
+    let short = dir.path().join("short.ckpt");
+    std::fs::write(&short, &bytes[..cut_at]).unwrap();
+    let run = |strict: bool, out: &str| {
+        let mut c = Command::new(reshard_bin());
+        c.args(["transform", "--src-checkpoint"])
+            .arg(&short)
+            .arg("--dst-checkpoint-dir")
+            .arg(dir.path().join(out))
+            .arg("--dst-strategy")
+            .arg(&s);
+        if strict {
+            c.arg("--strict");
+        }
+        c.output().unwrap()
+    };
+    let o = run(false, "warned");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("warning: the destination strategy names") && err.contains("short.ckpt"),
+        "{err}"
+    );
+    let o = run(true, "strict");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("is the checkpoint truncated"), "{err}");
+    assert!(!dir.path().join("strict").exists());
+}

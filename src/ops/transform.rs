@@ -54,6 +54,24 @@ pub struct TransformOptions {
     pub backend: BackendChoice,
     /// Durability (`fsync`) and progress reporting.
     pub control: OutputControl,
+    /// Destination-strategy parameters the source does not hold (a file cut
+    /// at a record boundary reads as a shorter checkpoint): a warning by
+    /// default, an error with `--strict`.
+    pub absent: AbsentParameters,
+}
+
+/// What [`transform`] does with destination-strategy parameters that the
+/// source checkpoint does not hold (optimizer states aside: a weights-only
+/// checkpoint with a training strategy is normal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AbsentParameters {
+    /// A warning in the report (MindSpore ignores them silently).
+    #[default]
+    Warn,
+    /// An error when they are most of the strategy's parameters (`auto`).
+    ErrorIfMost,
+    /// Always an error (`--strict`).
+    Error,
 }
 
 impl TransformOptions {
@@ -82,6 +100,7 @@ impl TransformOptions {
             verify: false,
             backend: BackendChoice::Cpu,
             control: OutputControl::default(),
+            absent: AbsentParameters::Warn,
         }
     }
 }
@@ -96,6 +115,10 @@ pub struct TransformReport {
     /// The backend that ran it (`cpu`, or the Ascend device; with the
     /// reason when `--backend auto` fell back to the CPU).
     pub backend: String,
+    /// Things the user should know that did not stop the run (parameters
+    /// of the destination strategy that the source does not hold).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// The source files by rank: a tree's picked files, or a single file as rank 0.
@@ -158,6 +181,63 @@ fn load_strategy(path: &Option<PathBuf>) -> Result<Option<Strategy>> {
 
 /// Builds the plan of a transform (reads indexes and strategies only).
 pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
+    plan_transform_with_warnings(options).map(|(plan, _)| plan)
+}
+
+/// Names of optimizer states (mindformers' prefixes): a training strategy
+/// lists them, a weights-only checkpoint does not hold them.
+fn is_optimizer_state(name: &str) -> bool {
+    ["adam_m.", "adam_v.", "accu_grads.", "moments.", "accum."]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
+/// Destination-strategy parameters (optimizer states aside) that no source
+/// file holds: a warning, or an error by `policy` (issue 19 item 12).
+fn absent_parameters(
+    dst: &Strategy,
+    sources: &[(usize, PathBuf, Vec<crate::formats::SourceEntry>)],
+    src_path: &Path,
+    policy: AbsentParameters,
+) -> Result<Option<String>> {
+    let table = dst.layout_table(None)?;
+    let held: std::collections::HashSet<&str> = sources
+        .iter()
+        .flat_map(|(_, _, e)| e.iter().map(|e| e.name.as_str()))
+        .collect();
+    let weights: Vec<&str> = table.names().filter(|n| !is_optimizer_state(n)).collect();
+    let absent: Vec<&str> = weights
+        .iter()
+        .copied()
+        .filter(|n| !held.contains(n))
+        .collect();
+    if absent.is_empty() {
+        return Ok(None);
+    }
+    let shown: Vec<&str> = absent.iter().take(3).copied().collect();
+    let msg = format!(
+        "the destination strategy names {} of its {} parameters that {} does not hold ({}{}): \
+         they are not written; is the checkpoint truncated, or another model's?",
+        absent.len(),
+        weights.len(),
+        src_path.display(),
+        shown.join(", "),
+        if absent.len() > 3 { ", …" } else { "" }
+    );
+    let error = match policy {
+        AbsentParameters::Warn => false,
+        AbsentParameters::ErrorIfMost => absent.len() * 2 > weights.len(),
+        AbsentParameters::Error => true,
+    };
+    if error {
+        return Err(Error::Strategy(msg));
+    }
+    Ok(Some(msg))
+}
+
+/// [`plan_transform`], with the warnings the run should report.
+pub fn plan_transform_with_warnings(options: &TransformOptions) -> Result<(Plan, Vec<String>)> {
+    let mut warnings = Vec::new();
     let (format, files) = source_files(&options.src_checkpoint)?;
     let src = load_strategy(&options.src_strategy)?;
     let dst = load_strategy(&options.dst_strategy)?;
@@ -184,6 +264,14 @@ pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
     if let Some(src) = &src {
         check_source_strategy(src, &sources)?;
     }
+    if let (None, Some(d)) = (&src, &dst) {
+        warnings.extend(absent_parameters(
+            d,
+            &sources,
+            &options.src_checkpoint,
+            options.absent,
+        )?);
+    }
     let plan = plan(&TransformInput {
         sources,
         src_strategy: src.as_ref(),
@@ -202,7 +290,7 @@ pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
             )));
         }
     }
-    Ok(plan)
+    Ok((plan, warnings))
 }
 
 /// Checks the source strategy against the source files (issue 19 item 5):
@@ -413,13 +501,14 @@ pub(crate) fn write_plan(plan: &Plan, s: &WriteSettings<'_>) -> Result<(ExecRepo
 
 /// Runs a transform.
 pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
-    let plan = plan_transform(options)?;
+    let (plan, warnings) = plan_transform_with_warnings(options)?;
     let summary = plan.summary(options.workers);
     if options.dry_run {
         return Ok(TransformReport {
             plan: summary,
             executed: None,
             backend: options.backend.to_string(),
+            warnings,
         });
     }
     let (report, backend) = write_plan(
@@ -440,5 +529,6 @@ pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
         plan: summary,
         executed: Some(report),
         backend,
+        warnings,
     })
 }

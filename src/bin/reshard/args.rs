@@ -209,6 +209,9 @@ pub struct TransformArgs {
     /// Print the plan (files per rank, bytes, largest tensor, peak memory) and write nothing.
     #[arg(long = "dry-run")]
     pub dry_run: bool,
+    /// Make it an error (not a warning) when the destination strategy names parameters the source does not hold (a truncated or another model's checkpoint).
+    #[arg(long)]
+    pub strict: bool,
     #[command(flatten)]
     pub output: OutputArgs,
     #[command(flatten)]

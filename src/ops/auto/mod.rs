@@ -1213,6 +1213,9 @@ fn run_block(
         None => None,
     };
     let mut options = TransformOptions::new(&src_path, staging, src_strategy_path, dst_path);
+    // A checkpoint missing most of its strategy's parameters is not this
+    // job's (or is truncated): an error, not a silently smaller model.
+    options.absent = crate::ops::transform::AbsentParameters::ErrorIfMost;
     options.ranks = Some(block.ranks.clone());
     options.workers = o.workers;
     options.world_size = Some(o.world_size);
