@@ -493,3 +493,77 @@ fn a_checkpoint_cut_at_a_record_boundary_is_reported() {
     assert!(err.contains("is the checkpoint truncated"), "{err}");
     assert!(!dir.path().join("strict").exists());
 }
+
+/// Item 12: SIGINT and SIGTERM left `.tmp` files; now they are removed, as
+/// is the lock, and the exit status is 128 + the signal.
+#[test]
+fn sigint_and_sigterm_remove_temporaries_and_the_lock() {
+    let dir = tempdir();
+    let model = dir.path().join("model.ckpt");
+    synthetic_model(&model, 24, DType::F32, 9);
+    let s = strategies(&model, &dir.path().join("s"), 2, 4, 1, 0);
+    fn all_files(d: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(all_files(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out
+    }
+    let mut interrupted = 0;
+    for (signal, status) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
+        let out = dir.path().join(format!("out{signal}"));
+        let mut child = Command::new(reshard_bin())
+            .args(["transform", "--src-checkpoint"])
+            .arg(&model)
+            .arg("--dst-checkpoint-dir")
+            .arg(&out)
+            .arg("--dst-strategy")
+            .arg(&s)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait for a temporary file, then interrupt.
+        let t = std::time::Instant::now();
+        while !all_files(&out)
+            .iter()
+            .any(|p| p.to_string_lossy().ends_with(".tmp"))
+        {
+            if t.elapsed().as_secs() > 60 || child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if child.try_wait().unwrap().is_some() {
+            // Finished before a temporary was seen (a very fast machine):
+            // nothing to interrupt.
+            continue;
+        }
+        interrupted += 1;
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let o = child.wait_with_output().unwrap();
+        let left: Vec<PathBuf> = all_files(&out)
+            .into_iter()
+            .filter(|p| {
+                let n = p.to_string_lossy();
+                n.ends_with(".tmp") || n.ends_with(".reshard.lock")
+            })
+            .collect();
+        assert_eq!(
+            o.status.code(),
+            Some(status),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(left.is_empty(), "left behind: {left:?}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("temporary files removed"));
+    }
+    assert!(
+        interrupted > 0,
+        "every run finished before it could be interrupted"
+    );
+}
