@@ -567,3 +567,39 @@ fn sigint_and_sigterm_remove_temporaries_and_the_lock() {
         "every run finished before it could be interrupted"
     );
 }
+
+/// Sources re-checked against their own manifests (reshard outputs used as
+/// sources): a shard changed since it was written is an error naming it,
+/// not merged silently.
+#[test]
+fn a_source_that_no_longer_matches_its_manifest_is_refused() {
+    use reshard::formats::ckpt::Checkpoint;
+    let dir = tempdir();
+    let model = dir.path().join("model.ckpt");
+    synthetic_model(&model, 1, DType::F32, 5);
+    let s = strategies(&model, &dir.path().join("s"), 1, 2, 1, 0);
+    let shards = dir.path().join("shards");
+    transform(&TransformOptions::new(
+        &model,
+        &shards,
+        None,
+        Some(s.clone()),
+    ))
+    .unwrap();
+    let shard = shards.join("rank_1/checkpoint_1.ckpt");
+    let ck = Checkpoint::open(&shard, &Default::default()).unwrap();
+    let at = ck.get("model.layers.0.attention.wq.weight").unwrap().chunks[0].start + 5;
+    drop(ck);
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[at] ^= 0x40;
+    std::fs::write(&shard, bytes).unwrap();
+    let merged = dir.path().join("merged");
+    let err = transform(&TransformOptions::new(&shards, &merged, Some(s), None))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("rank_1/checkpoint_1.ckpt") && err.contains("does not match its manifest"),
+        "{err}"
+    );
+    assert!(!merged.join("rank_0/checkpoint_0.ckpt").exists());
+}

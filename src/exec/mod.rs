@@ -165,10 +165,28 @@ struct Sources<'p> {
 
 impl<'p> Sources<'p> {
     /// The length and hash of source `i`, computed once.
+    ///
+    /// A source with a manifest of its own (a reshard output) must match
+    /// it: a source changed since it was written is an error naming it.
     fn digest(&self, i: usize) -> Result<FileDigest> {
         self.digests[i]
             .get_or_init(|| {
-                manifest::digest_file(&self.plan.sources[i].path).map_err(|e| e.to_string())
+                let path = &self.plan.sources[i].path;
+                let d = manifest::digest_file(path).map_err(|e| e.to_string())?;
+                if let Ok(Some(m)) = Manifest::read(path) {
+                    if m.digest != d {
+                        return Err(Error::SourceChanged {
+                            what: format!(
+                                "it does not match its manifest ({} bytes with xxh3 {:016x}; the \
+                                 manifest says {} bytes with xxh3 {:016x})",
+                                d.bytes, d.xxh3, m.digest.bytes, m.digest.xxh3
+                            ),
+                        }
+                        .in_file(path)
+                        .to_string());
+                    }
+                }
+                Ok(d)
             })
             .clone()
             .map_err(Error::invalid)
