@@ -280,7 +280,7 @@ pub fn plan_outcome(
     writeln!(
         out,
         "largest tensor {} ({}); predicted peak memory {}",
-        p.largest_tensor.0,
+        printable(&p.largest_tensor.0),
         human_bytes(p.largest_tensor.1),
         human_bytes(p.predicted_peak_bytes)
     )?;
@@ -306,7 +306,7 @@ pub fn plan_outcome(
 
 pub fn difference(d: &reshard::ops::verify::Difference) -> String {
     use reshard::ops::verify::Difference;
-    match d {
+    let text = match d {
         Difference::Missing { name, missing_in } => format!("{name}: missing in {missing_in}"),
         Difference::Layout { name, a, b } => format!("{name}: {a} vs {b}"),
         Difference::Value {
@@ -318,7 +318,9 @@ pub fn difference(d: &reshard::ops::verify::Difference) -> String {
         } => {
             format!("{name}: {count} element(s) differ, first at {index:?}: {a} vs {b}")
         }
-    }
+    };
+    // Names and string values come from the files.
+    printable(&text)
 }
 
 pub fn bench(r: &reshard::ops::bench::BenchReport) -> Result<()> {
