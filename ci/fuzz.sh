@@ -11,7 +11,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked --quiet
 fi
 export RUSTC_BOOTSTRAP=1
-for target in ckpt_index strategy safetensors_header layout torch_archive; do
+for target in ckpt_index strategy safetensors_header layout auto_config strategy_consistency torch_archive; do
   echo "ci: fuzzing $target for ${secs}s" >&2
   # A private copy of the corpus: CI does not modify the checkout.
   work=$(mktemp -d)

@@ -172,6 +172,46 @@ pub enum Error {
         message: String,
     },
 
+    /// A source file changed (length, modification time, inode, or pages
+    /// cut off by truncation) while it was being read: output made from it
+    /// is not written.
+    #[error("changed while being read: {what}; was another process writing it?")]
+    SourceChanged {
+        /// What changed.
+        what: String,
+    },
+
+    /// Another reshard run holds the destination's lock.
+    #[error("another reshard run is writing here{}", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    Locked {
+        /// The process holding the lock, when it could be read.
+        pid: Option<u32>,
+    },
+
+    /// A destination reshard refuses to write through (a symbolic link it
+    /// did not create, a non-directory where a directory belongs).
+    #[error("refusing to write through {reason}")]
+    UnsafeDestination {
+        /// What was found.
+        reason: String,
+    },
+
+    /// An input declares more of something than reshard accepts.
+    #[error("{what} is {got}, above the limit of {limit}")]
+    LimitExceeded {
+        /// What is counted.
+        what: &'static str,
+        /// The limit.
+        limit: u64,
+        /// What the input declares.
+        got: u64,
+    },
+
+    /// The run was interrupted by a signal (SIGINT, SIGTERM); temporaries
+    /// were removed.
+    #[error("interrupted by signal {0}")]
+    Interrupted(i32),
+
     /// Context: the error happened in record `index` (tensor `name`, when known).
     #[error("record {index}{}: {source}", name.as_deref().map(|n| format!(" ({n:?})")).unwrap_or_default())]
     InRecord {

@@ -15,6 +15,7 @@ mod exchange;
 mod faults;
 pub mod merge_lora;
 mod redundancy;
+mod robust;
 mod torch;
 pub mod transform;
 mod trust;

@@ -63,6 +63,10 @@ pub fn shared_fixtures() -> PathBuf {
 }
 
 /// Path of the built `reshard` binary.
+/// (`RESHARD_TEST_BIN` overrides it: run the CLI tests against another
+/// build, e.g. to show a regression test fails without its fix.)
 pub fn reshard_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_reshard"))
+    std::env::var_os("RESHARD_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_reshard")))
 }

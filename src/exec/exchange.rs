@@ -417,7 +417,10 @@ where
     // --resume: files already complete are left out.
     let skipped: Vec<bool> = if options.resume {
         let flags: Vec<u8> = (0..plan.files.len())
-            .map(|f| (writer(f) == me && super::already_complete(&plan.files[f])) as u8)
+            .map(|f| {
+                (writer(f) == me && super::resume::already_complete(plan, options, &plan.files[f]))
+                    as u8
+            })
             .collect();
         let all = wire.all_gather(&flags)?;
         (0..plan.files.len())

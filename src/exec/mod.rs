@@ -24,10 +24,11 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::backend::{Backend, BoxCopy, Src};
-use crate::error::{Error, Result, ResultExt};
+use crate::error::{Error, Result};
 use crate::formats::atomic::FileDigest;
 use crate::formats::ckpt::writer::LayoutEntry;
 use crate::formats::ckpt::ReadOptions;
+use crate::formats::destination;
 use crate::formats::manifest::{self, Manifest, SourceDigest, TensorDigest};
 use crate::formats::placed::{FileLayout, PlacedFile};
 use crate::formats::tree::FileFormat;
@@ -38,6 +39,7 @@ mod exchange;
 pub use exchange::{
     all_gather_bytes, execute_on, execute_on_local, in_process_job, Check, ExchangeReport,
 };
+mod resume;
 
 /// Options of [`execute`].
 #[derive(Debug, Clone)]
@@ -56,6 +58,11 @@ pub struct ExecOptions {
     pub resume: bool,
     /// Durability and progress reporting.
     pub control: OutputControl,
+    /// The destination directory the plan writes into (locked for the run;
+    /// no directory below it is created through a symbolic link). `None`:
+    /// the deepest directory holding every output (for one output, that
+    /// file alone is locked).
+    pub destination: Option<PathBuf>,
 }
 
 /// How outputs are made durable and how progress is reported; the same for
@@ -115,9 +122,15 @@ impl Default for ExecOptions {
             workers: 1,
             read: ReadOptions::default(),
             safetensors_metadata: [("format".to_string(), "ms".to_string())].into(),
-            manifest: Some(std::env::args().collect()),
+            // args_os: a non-UTF-8 argument must not panic (issue 19 item 8).
+            manifest: Some(
+                std::env::args_os()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect(),
+            ),
             resume: false,
             control: OutputControl::default(),
+            destination: None,
         }
     }
 }
@@ -160,13 +173,31 @@ struct Sources<'p> {
 
 impl<'p> Sources<'p> {
     /// The length and hash of source `i`, computed once.
+    ///
+    /// A source with a manifest of its own (a reshard output) must match
+    /// it: a source changed since it was written is an error naming it.
     fn digest(&self, i: usize) -> Result<FileDigest> {
         if let Some(d) = self.remote.and_then(|r| r.digests.get(&i)) {
             return Ok(*d);
         }
         self.digests[i]
             .get_or_init(|| {
-                manifest::digest_file(&self.plan.sources[i].path).map_err(|e| e.to_string())
+                let path = &self.plan.sources[i].path;
+                let d = manifest::digest_file(path).map_err(|e| e.to_string())?;
+                if let Ok(Some(m)) = Manifest::read(path) {
+                    if m.digest != d {
+                        return Err(Error::SourceChanged {
+                            what: format!(
+                                "it does not match its manifest ({} bytes with xxh3 {:016x}; the \
+                                 manifest says {} bytes with xxh3 {:016x})",
+                                d.bytes, d.xxh3, m.digest.bytes, m.digest.xxh3
+                            ),
+                        }
+                        .in_file(path)
+                        .to_string());
+                    }
+                }
+                Ok(d)
             })
             .clone()
             .map_err(Error::invalid)
@@ -218,7 +249,25 @@ fn execute_with<B: Backend>(
     }
     let units: usize = plan.files.iter().map(|f| f.tensors.len().max(1)).sum();
     let workers = options.workers.clamp(1, units.max(1));
+    // One run per destination: the lock is held until the job ends.
+    let root = options
+        .destination
+        .clone()
+        .or_else(|| destination::common_parent(plan.files.iter().map(|f| f.path.as_path())))
+        .unwrap_or_default();
+    let _lock = match (&options.destination, plan.files.as_slice()) {
+        (_, []) => None,
+        (None, [only]) => {
+            destination::create_dir_within(&root, &root)?;
+            Some(destination::DestinationLock::file(&only.path)?)
+        }
+        _ => {
+            destination::create_dir_within(&root, &root)?;
+            Some(destination::DestinationLock::directory(&root)?)
+        }
+    };
     let job = Job {
+        root: &root,
         plan,
         backend,
         options,
@@ -285,6 +334,9 @@ fn execute_with<B: Backend>(
 /// file is written by every worker at once and memory stays at one
 /// destination tensor per worker.
 struct Job<'p, B> {
+    /// The destination: directories below it are created without
+    /// following links.
+    root: &'p std::path::Path,
     plan: &'p Plan,
     backend: &'p B,
     options: &'p ExecOptions,
@@ -357,7 +409,7 @@ impl<'p, B: Backend> Job<'p, B> {
             if c.open.len() < self.workers {
                 if let Some(file) = self.plan.files.get(c.file) {
                     c.file += 1;
-                    if self.options.resume && already_complete(file) {
+                    if self.options.resume && self.already_complete(file) {
                         if let Some(p) = &self.options.control.progress {
                             p.add(file.bytes());
                         }
@@ -400,7 +452,7 @@ impl<'p, B: Backend> Job<'p, B> {
     /// Lays out `file` and creates its temporary file.
     fn open(&self, file: &'p FilePlan) -> Result<OpenFile<'p>> {
         if let Some(dir) = file.path.parent() {
-            std::fs::create_dir_all(dir).in_file(dir)?;
+            destination::create_dir_within(self.root, dir)?;
         }
         let strings: Vec<Option<String>> = file
             .tensors
@@ -613,6 +665,12 @@ impl<'p, B: Backend> Job<'p, B> {
     /// Syncs and renames a completely written file, then writes its manifest.
     fn finish(&self, file: &OpenFile<'p>) -> Result<()> {
         let path = &file.plan.path;
+        // Every byte of this file has been read from its sources: if one
+        // changed meanwhile (or shrank under its map), the file is not
+        // trustworthy and is not committed (issue 19 items 3 and 4).
+        for i in file.plan.sources() {
+            self.sources.get(i)?.unchanged()?;
+        }
         let digest = FileDigest {
             bytes: file.layout.len,
             xxh3: file.hasher.lock().unwrap().digest(),
@@ -652,9 +710,11 @@ impl<'p, B: Backend> Job<'p, B> {
                             Ok(SourceDigest {
                                 path: self.plan.sources[i].path.clone(),
                                 digest: self.sources.digest(i)?,
+                                modified_ns: Some(self.sources.get(i)?.stamp_modified_ns()),
                             })
                         })
                         .collect::<Result<_>>()?,
+                    settings: Some(self.settings(file.plan)),
                 })
             })();
             // A data file is trusted only with its manifest: without one, remove it.
@@ -765,53 +825,6 @@ fn tensor_digest<Buf>(
         shape,
         bytes,
         xxh3,
-    }
-}
-
-/// Whether `file` is already on disk, complete: its manifest matches the
-/// bytes and lists exactly the planned tensors. Stale temporary files of an
-/// interrupted run are removed on the way.
-pub(crate) fn already_complete(file: &FilePlan) -> bool {
-    remove_stale_temporaries(&file.path);
-    let Ok(Some(m)) = Manifest::read(&file.path) else {
-        return false;
-    };
-    let planned: Vec<(&str, Vec<i64>)> = file
-        .tensors
-        .iter()
-        .map(|t| match &t.content {
-            Content::Tensor { shape, .. } | Content::Merged { shape, .. } => {
-                (t.name.as_str(), shape.clone())
-            }
-            Content::Str { .. } => (t.name.as_str(), vec![0]),
-        })
-        .collect();
-    let mut recorded: Vec<(&str, Vec<i64>)> = m
-        .tensors
-        .iter()
-        .map(|t| (t.name.as_str(), t.shape.clone()))
-        .collect();
-    let mut planned_sorted = planned.clone();
-    planned_sorted.sort();
-    recorded.sort();
-    planned_sorted == recorded && m.check(&file.path).is_ok()
-}
-
-/// Removes `.{name}.{pid}.tmp` files an interrupted run left beside `path`.
-fn remove_stale_temporaries(path: &std::path::Path) {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
-        return;
-    };
-    let prefix = format!(".{name}.");
-    let own = format!(".{name}.{}.tmp", std::process::id());
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let n = e.file_name();
-            let n = n.to_string_lossy();
-            if n.starts_with(&prefix) && n.ends_with(".tmp") && n != own {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
     }
 }
 

@@ -39,6 +39,11 @@ pub struct SourceDigest {
     pub path: PathBuf,
     /// Its length and hash when it was read.
     pub digest: FileDigest,
+    /// Its modification time when it was read, in nanoseconds since the
+    /// epoch: `--resume` compares it (with the length) to the file now, so
+    /// an output made from a source that changed since is written again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modified_ns: Option<u64>,
 }
 
 /// The manifest of one data file.
@@ -58,6 +63,14 @@ pub struct Manifest {
     pub tensors: Vec<TensorDigest>,
     /// The files it was made from.
     pub sources: Vec<SourceDigest>,
+    /// A fingerprint (xxh3-64, hex) of everything that decides the file's
+    /// bytes besides the sources' contents: every planned tensor with its
+    /// copies and casts, LoRA scaling and blocks, format, source paths,
+    /// safetensors metadata. `--resume` keeps a file only when the run it
+    /// would finish has the same fingerprint. Absent in manifests written
+    /// before it existed (such files are written again on `--resume`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<String>,
 }
 
 /// The manifest path of a data file.
@@ -112,6 +125,13 @@ impl Manifest {
             );
         }
         Ok(Some(m))
+    }
+
+    /// Whether `data` still has the length this manifest records (a cheap
+    /// check, before trusting the manifest's tensor hashes without reading
+    /// the file).
+    pub fn check_length(&self, data: &Path) -> bool {
+        std::fs::metadata(data).is_ok_and(|m| m.len() == self.digest.bytes)
     }
 
     /// Checks `data` against this manifest: same length, same hash.
@@ -185,6 +205,7 @@ mod tests {
             digest: digest_file(&data).unwrap(),
             tensors: vec![],
             sources: vec![],
+            settings: None,
         };
         assert!(!is_complete(&data));
         m.write(&data).unwrap();

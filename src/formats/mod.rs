@@ -4,8 +4,10 @@
 pub mod atomic;
 pub mod checkpoint2;
 pub mod ckpt;
+pub mod destination;
 pub mod hash;
 pub mod manifest;
+pub mod mapped;
 pub mod placed;
 pub mod safetensors;
 pub mod strategy;
@@ -17,6 +19,10 @@ use std::path::Path;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+
+/// The most dimensions a tensor may have in any file reshard reads
+/// (NumPy allows 32 in 1.x, 64 in 2.x; MindSpore's checkpoints use ≤ 8).
+pub const MAX_DIMS: usize = 64;
 
 /// What an entry of a source file holds, format-independently.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,18 +90,35 @@ impl Source {
     }
 
     /// Errors if the file changed (length or modification time) since it
-    /// was opened: its bytes can no longer be trusted, and reading a mapped
-    /// file that shrank would crash.
+    /// was opened, or a read hit pages cut off by truncation: its bytes can
+    /// no longer be trusted. Checked before each read and, by writers,
+    /// after reading and before committing what was read.
     pub fn unchanged(&self) -> Result<()> {
+        match &self.file {
+            SourceFile::Ckpt(c) => c.check()?,
+            SourceFile::Safetensors(s) => s.check()?,
+            SourceFile::Torch(t) => t.check()?,
+        }
         let now = stamp(self.path())?;
         if now != self.stamp {
-            return Err(Error::invalid(format!(
-                "changed while being read (was {} bytes, now {}); was another process writing it?",
-                self.stamp.0, now.0
-            ))
+            return Err(Error::SourceChanged {
+                what: format!(
+                    "its length or modification time changed (was {} bytes, now {})",
+                    self.stamp.0, now.0
+                ),
+            }
             .in_file(self.path()));
         }
         Ok(())
+    }
+
+    /// Its modification time when opened, in nanoseconds since the epoch
+    /// (0 when unknown).
+    pub fn stamp_modified_ns(&self) -> u64 {
+        self.stamp
+            .1
+            .and_then(|t| t.duration_since(std::time::SystemTime::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as u64)
     }
 
     /// The file path.

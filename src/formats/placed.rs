@@ -15,7 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
-use crate::error::{Error, Result, ResultExt};
+use crate::error::{Error, Result};
 
 /// Where every byte of an output file goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,7 +163,7 @@ impl<'a, 'c> ChunkCursor<'a, 'c> {
 }
 
 /// A file written at known offsets under a temporary name
-/// (`.<name>.<pid>.tmp`, as [`crate::formats::atomic::AtomicFile`]).
+/// (created exclusively, as [`crate::formats::atomic::AtomicFile`]'s).
 pub struct PlacedFile {
     dest: PathBuf,
     tmp: PathBuf,
@@ -175,8 +175,7 @@ impl PlacedFile {
     /// Creates the temporary file beside `dest` (whose parent must exist).
     pub fn create(dest: impl AsRef<Path>) -> Result<PlacedFile> {
         let dest = dest.as_ref().to_path_buf();
-        let tmp = crate::formats::atomic::temporary_path(&dest)?;
-        let file = File::create(&tmp).in_file(&tmp)?;
+        let (file, tmp) = crate::formats::atomic::create_temporary(&dest)?;
         Ok(PlacedFile {
             dest,
             tmp,
@@ -218,10 +217,11 @@ impl PlacedFile {
             }
             std::fs::rename(&self.tmp, &self.dest)
         })();
-        result.map_err(|e| {
+        if result.is_err() {
             let _ = std::fs::remove_file(&self.tmp);
-            Error::Io(e).in_file(&self.dest)
-        })
+        }
+        crate::formats::atomic::forget_temporary(&self.tmp);
+        result.map_err(|e| Error::Io(e).in_file(&self.dest))
     }
 }
 
@@ -229,6 +229,7 @@ impl Drop for PlacedFile {
     fn drop(&mut self) {
         if !*self.committed.get_mut() {
             let _ = std::fs::remove_file(&self.tmp);
+            crate::formats::atomic::forget_temporary(&self.tmp);
         }
     }
 }

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
+use crate::formats::mapped::Mapped;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorInfo, View};
 
 use crate::dtype::DType;
@@ -38,10 +38,12 @@ pub struct StEntry {
 /// An opened, memory-mapped safetensors file.
 pub struct SafetensorsFile {
     path: PathBuf,
-    map: Mmap,
+    map: Mapped,
     entries: Vec<StEntry>,
     metadata: BTreeMap<String, String>,
     has_metadata: bool,
+    /// Entry position by name (`get` is called once per tensor).
+    by_name: HashMap<String, usize>,
 }
 
 /// safetensors dtype → reshard dtype.
@@ -121,6 +123,15 @@ impl SafetensorsFile {
         for name in meta.offset_keys() {
             let info: &TensorInfo = meta.info(&name).expect("offset_keys lists known names");
             let dtype = from_st_dtype(info.dtype).map_err(|e| e.in_tensor(&name).in_file(path))?;
+            if info.shape.len() > crate::formats::MAX_DIMS {
+                return Err(Error::LimitExceeded {
+                    what: "tensor dimensions",
+                    limit: crate::formats::MAX_DIMS as u64,
+                    got: info.shape.len() as u64,
+                }
+                .in_tensor(&name)
+                .in_file(path));
+            }
             entries.push(StEntry {
                 dtype,
                 shape: info.shape.clone(),
@@ -135,9 +146,15 @@ impl SafetensorsFile {
             .unwrap_or_default()
             .into_iter()
             .collect();
+        let by_name = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.name.clone(), i))
+            .collect();
         let file = SafetensorsFile {
             path: path.to_path_buf(),
             map,
+            by_name,
             entries,
             metadata,
             has_metadata,
@@ -160,7 +177,14 @@ impl SafetensorsFile {
 
     /// The tensor named `name`.
     pub fn get(&self, name: &str) -> Option<&StEntry> {
-        self.entries.iter().find(|e| e.name == name)
+        self.by_name.get(name).map(|&i| &self.entries[i])
+    }
+
+    /// Errors if the mapped file changed since it was opened (or a read hit
+    /// pages cut off by truncation): call after reading, before trusting
+    /// what was read.
+    pub fn check(&self) -> Result<()> {
+        self.map.check()
     }
 
     /// A tensor's bytes, borrowed from the map.

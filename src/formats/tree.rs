@@ -89,6 +89,24 @@ pub fn tree_checkpoints(dir: &Path) -> Result<(FileFormat, Vec<(usize, PathBuf)>
     if ranks.is_empty() {
         return Err(Error::invalid("no rank_<n> directories").in_file(dir));
     }
+    // `rank_01` and `rank_1` both read as rank 1 (issue 19 item 13).
+    for pair in ranks.windows(2) {
+        if pair[0].0 == pair[1].0 {
+            let name = |p: &Path| {
+                p.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned()
+            };
+            return Err(Error::invalid(format!(
+                "{} and {} both name rank {}; remove one",
+                name(&pair[0].1),
+                name(&pair[1].1),
+                pair[0].0
+            ))
+            .in_file(dir));
+        }
+    }
     let mut ckpt = Vec::new();
     let mut st = Vec::new();
     for (rank, path) in &ranks {
@@ -122,7 +140,12 @@ pub fn tree_checkpoints(dir: &Path) -> Result<(FileFormat, Vec<(usize, PathBuf)>
         let missing: Vec<String> = ranks
             .iter()
             .filter(|(r, _)| !files.iter().any(|(f, _)| f == r))
-            .map(|(r, _)| format!("rank_{r}"))
+            .map(|(_, p)| {
+                p.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned()
+            })
             .collect();
         return Err(Error::invalid(format!(
             "no .{} file in {}",
@@ -486,6 +509,11 @@ mod tests {
         fs::write(dir.path().join("rank_0/a.ckpt"), b"").unwrap();
         let err = tree_checkpoints(dir.path()).unwrap_err().to_string();
         assert!(err.contains("no .ckpt file in rank_1"), "{err}");
+        // A stray `rank_01` beside `rank_1`: named, not an empty list.
+        fs::create_dir(dir.path().join("rank_01")).unwrap();
+        let err = tree_checkpoints(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("rank_01 and rank_1 both name rank 1"), "{err}");
+        fs::remove_dir(dir.path().join("rank_01")).unwrap();
         fs::write(dir.path().join("rank_1/a.safetensors"), b"").unwrap();
         let err = tree_checkpoints(dir.path()).unwrap_err().to_string();
         assert!(

@@ -150,5 +150,6 @@ pub fn transform_by_rank(o: &ByRankOptions) -> Result<TransformReport> {
         plan: planned.summary(o.workers),
         executed: Some(report),
         backend: backend.describe(),
+        warnings: Vec::new(),
     })
 }

@@ -248,6 +248,7 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
             backend: o.backend,
             control: &o.control,
             dst_flag: "--dst-ckpt-dir",
+            destination: Some(&o.dst_dir),
         },
     )?;
     Ok(MergeLoraReport {
@@ -547,6 +548,7 @@ fn merge_peft_into_mindspore(
             backend: o.backend,
             control: &o.control,
             dst_flag: "--dst-ckpt-dir",
+            destination: Some(&o.dst_dir),
         },
     )?;
     Ok(MergeLoraReport {

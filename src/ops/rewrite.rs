@@ -66,14 +66,19 @@ pub fn rewrite(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<Rewri
     if let Some(parent) = dst.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).in_file(parent)?;
     }
+    // One run per output file.
+    let _lock = crate::formats::destination::DestinationLock::file(dst)?;
     let detected = detect(src)?;
     let ckpt;
     let stf;
+    // Re-checks the source once its bytes have been read.
+    let check_source: Box<dyn Fn() -> Result<()> + '_>;
     let mut metadata = BTreeMap::new();
     let mut items: Vec<(String, Item)> = Vec::new();
     match detected {
         Detected::Ckpt => {
             ckpt = Checkpoint::open(src, &options.read)?;
+            check_source = Box::new(|| ckpt.check());
             for e in ckpt.entries() {
                 let item = match &e.kind {
                     EntryKind::Tensor(d) => Item::Tensor(*d, e.dims.clone(), ckpt.chunks(e)),
@@ -92,6 +97,7 @@ pub fn rewrite(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<Rewri
         }
         Detected::Safetensors => {
             stf = SafetensorsFile::open(src, options.read.verify_crc)?;
+            check_source = Box::new(|| stf.check());
             for e in stf.entries() {
                 let dims = e.shape.iter().map(|&d| d as i64).collect();
                 items.push((
@@ -152,6 +158,9 @@ pub fn rewrite(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<Rewri
                     Item::Str(s) => w.write_string(name, s)?,
                 }
             }
+            // Every byte has been read: a source that changed meanwhile
+            // (or shrank under its map) is not copied (issue 19 item 3).
+            check_source()?;
             w.finish()?;
         }
         FileFormat::Safetensors => {
@@ -204,6 +213,12 @@ pub fn rewrite(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<Rewri
                     crc: options.crc,
                 },
             )?;
+            // Read while writing: if the source changed meanwhile, what was
+            // written is not a copy of it; remove it.
+            if let Err(e) = check_source() {
+                let _ = std::fs::remove_file(dst);
+                return Err(e);
+            }
         }
     }
     Ok(RewriteReport {

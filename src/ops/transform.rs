@@ -68,6 +68,24 @@ pub struct TransformOptions {
     /// Write a mindformers Checkpoint 2.0 directory for this iteration
     /// instead of `rank_x/` files (`--output-format checkpoint2`).
     pub checkpoint2_iteration: Option<u64>,
+    /// Destination-strategy parameters the source does not hold (a file cut
+    /// at a record boundary reads as a shorter checkpoint): a warning by
+    /// default, an error with `--strict`.
+    pub absent: AbsentParameters,
+}
+
+/// What [`transform`] does with destination-strategy parameters that the
+/// source checkpoint does not hold (optimizer states aside: a weights-only
+/// checkpoint with a training strategy is normal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AbsentParameters {
+    /// A warning in the report (MindSpore ignores them silently).
+    #[default]
+    Warn,
+    /// An error when they are most of the strategy's parameters (`auto`).
+    ErrorIfMost,
+    /// Always an error (`--strict`).
+    Error,
 }
 
 impl TransformOptions {
@@ -100,6 +118,7 @@ impl TransformOptions {
             has_redundancy: None,
             remove_redundancy: false,
             checkpoint2_iteration: None,
+            absent: AbsentParameters::Warn,
         }
     }
 }
@@ -114,6 +133,10 @@ pub struct TransformReport {
     /// The backend that ran it (`cpu`, or the Ascend device; with the
     /// reason when `--backend auto` fell back to the CPU).
     pub backend: String,
+    /// Things the user should know that did not stop the run (parameters
+    /// of the destination strategy that the source does not hold).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// The source files by rank: a tree's picked files, a single file as rank
@@ -180,7 +203,17 @@ pub(crate) fn index_entries(
             ..read.clone()
         },
     )?;
-    Ok(source.entries())
+    let entries = source.entries();
+    if entries.is_empty() {
+        // Issue 19 item 13: an empty file was reported later as a
+        // strategy mismatch ("the loaded source ranks cover … of …").
+        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        return Err(Error::invalid(format!(
+            "holds no tensors ({len} bytes): an empty or truncated checkpoint"
+        ))
+        .in_file(path));
+    }
+    Ok(entries)
 }
 
 /// [`index_entries`] of every file of a source, as the planner takes them.
@@ -267,9 +300,66 @@ fn load_strategy(path: &Option<PathBuf>) -> Result<Option<Strategy>> {
 
 /// Builds the plan of a transform (reads indexes and strategies only).
 pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
-    if crate::formats::checkpoint2::is_checkpoint2(&options.src_checkpoint) {
-        return plan_checkpoint2(options);
+    plan_transform_with_warnings(options).map(|(plan, _)| plan)
+}
+
+/// Names of optimizer states (mindformers' prefixes): a training strategy
+/// lists them, a weights-only checkpoint does not hold them.
+fn is_optimizer_state(name: &str) -> bool {
+    ["adam_m.", "adam_v.", "accu_grads.", "moments.", "accum."]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
+/// Destination-strategy parameters (optimizer states aside) that no source
+/// file holds: a warning, or an error by `policy` (issue 19 item 12).
+fn absent_parameters(
+    dst: &Strategy,
+    sources: &[(usize, PathBuf, Vec<crate::formats::SourceEntry>)],
+    src_path: &Path,
+    policy: AbsentParameters,
+) -> Result<Option<String>> {
+    let table = dst.layout_table(None)?;
+    let held: std::collections::HashSet<&str> = sources
+        .iter()
+        .flat_map(|(_, _, e)| e.iter().map(|e| e.name.as_str()))
+        .collect();
+    let weights: Vec<&str> = table.names().filter(|n| !is_optimizer_state(n)).collect();
+    let absent: Vec<&str> = weights
+        .iter()
+        .copied()
+        .filter(|n| !held.contains(n))
+        .collect();
+    if absent.is_empty() {
+        return Ok(None);
     }
+    let shown: Vec<&str> = absent.iter().take(3).copied().collect();
+    let msg = format!(
+        "the destination strategy names {} of its {} parameters that {} does not hold ({}{}): \
+         they are not written; is the checkpoint truncated, or another model's?",
+        absent.len(),
+        weights.len(),
+        src_path.display(),
+        shown.join(", "),
+        if absent.len() > 3 { ", …" } else { "" }
+    );
+    let error = match policy {
+        AbsentParameters::Warn => false,
+        AbsentParameters::ErrorIfMost => absent.len() * 2 > weights.len(),
+        AbsentParameters::Error => true,
+    };
+    if error {
+        return Err(Error::Strategy(msg));
+    }
+    Ok(Some(msg))
+}
+
+/// [`plan_transform`], with the warnings the run should report.
+pub fn plan_transform_with_warnings(options: &TransformOptions) -> Result<(Plan, Vec<String>)> {
+    if crate::formats::checkpoint2::is_checkpoint2(&options.src_checkpoint) {
+        return plan_checkpoint2(options).map(|plan| (plan, Vec::new()));
+    }
+    let mut warnings = Vec::new();
     let (format, files) = source_files(&options.src_checkpoint)?;
     let src = load_strategy(&options.src_strategy)?;
     let dst = load_strategy(&options.dst_strategy)?;
@@ -294,6 +384,17 @@ pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
         .in_file(&options.src_checkpoint));
     }
     let sources = index_sources(files, &options.read)?;
+    if let Some(src) = &src {
+        check_source_strategy(src, &sources)?;
+    }
+    if let (None, Some(d)) = (&src, &dst) {
+        warnings.extend(absent_parameters(
+            d,
+            &sources,
+            &options.src_checkpoint,
+            options.absent,
+        )?);
+    }
     let deduplicated = deduplicated(&sources, options.has_redundancy)?;
     let mut plan = plan(&TransformInput {
         deduplicated,
@@ -329,7 +430,88 @@ pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
             )));
         }
     }
-    Ok(plan)
+    Ok((plan, warnings))
+}
+
+/// Checks the source strategy against the source files (issue 19 item 5):
+/// every slice's shape and, where the files have manifests (reshard wrote
+/// them), their tensor hashes: replicas equal, and not every split
+/// parameter a copy across ranks said to differ (another layout's strategy
+/// with the same rank count). Only for a whole tree (one file per rank of
+/// every stage); other cases are checked by the planner.
+fn check_source_strategy(
+    src: &Strategy,
+    sources: &[(usize, PathBuf, Vec<crate::formats::SourceEntry>)],
+) -> Result<()> {
+    use crate::plan::consistency::{check_layouts, Held, HeldTensor};
+    let Ok(table) = src.layout_table(None) else {
+        return Ok(());
+    };
+    let (Ok(per), Ok(stages)) = (table.device_num_per_stage(), table.stage_num()) else {
+        return Ok(());
+    };
+    if sources.len() < 2 || per.saturating_mul(stages as u64) != sources.len() as u64 {
+        return Ok(());
+    }
+    let mut held = Held::new();
+    for (rank, path, entries) in sources {
+        let hashes: std::collections::HashMap<String, u64> =
+            crate::formats::manifest::Manifest::read(path)
+                .ok()
+                .flatten()
+                .filter(|m| m.check_length(path))
+                .map(|m| m.tensors.into_iter().map(|t| (t.name, t.xxh3)).collect())
+                .unwrap_or_default();
+        held.insert(
+            *rank,
+            entries
+                .iter()
+                .map(|e| {
+                    (
+                        e.name.clone(),
+                        HeldTensor {
+                            shape: e.dims.iter().map(|&d| d.max(0) as u64).collect(),
+                            hash: hashes.get(&e.name).copied(),
+                        },
+                    )
+                })
+                .collect(),
+        );
+    }
+    // A parameter missing from a file is reported by the planner, which
+    // knows whether the destination needs it.
+    let problems: Vec<_> = check_layouts(src, &held)?
+        .into_iter()
+        .filter(|p| {
+            p.tensor.as_ref().map_or(true, |t| {
+                held.get(&p.rank).is_some_and(|m| m.contains_key(t))
+            })
+        })
+        .collect();
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<String> = problems
+        .iter()
+        .take(3)
+        .map(|p| {
+            format!(
+                "rank {}{}: {}",
+                p.rank,
+                p.tensor
+                    .as_deref()
+                    .map(|t| format!(" {t:?}"))
+                    .unwrap_or_default(),
+                p.problem
+            )
+        })
+        .collect();
+    Err(Error::Strategy(format!(
+        "the source strategy does not fit the source files ({} problem(s)): {}{}",
+        problems.len(),
+        shown.join("; "),
+        if problems.len() > 3 { "; …" } else { "" }
+    )))
 }
 
 /// [`plan_transform`] of a mindformers Checkpoint 2.0 directory, whose
@@ -432,6 +614,13 @@ pub(crate) fn foreign_entry(dir: &Path, output: &Path, resume: bool) -> Result<O
         let e = e.map_err(|e| Error::from(e).in_file(dir))?;
         let other = e.file_name();
         let other = other.to_string_lossy();
+        // Lock files (a crashed run's are stale, a live run's lock is
+        // reported by the lock itself).
+        if other == crate::formats::destination::LOCK_NAME
+            || (other.starts_with('.') && other.ends_with(".reshard.lock"))
+        {
+            continue;
+        }
         let data = other
             .strip_suffix(crate::formats::manifest::MANIFEST_SUFFIX)
             .unwrap_or(&other);
@@ -483,12 +672,24 @@ pub(crate) struct WriteSettings<'a> {
     pub control: &'a OutputControl,
     /// The flag naming the output directory, for the error message.
     pub dst_flag: &'a str,
+    /// The output directory: locked for the run, and no directory below
+    /// it is created through a link (`None`: the outputs' common parent).
+    pub destination: Option<&'a Path>,
 }
 
 /// Writes a planned job: refuses outputs that would mix with files already
 /// there, runs the plan on the chosen backend, and re-checks the outputs on
 /// request. Returns the execution and the backend's description.
 pub(crate) fn write_plan(plan: &Plan, s: &WriteSettings<'_>) -> Result<(ExecReport, String)> {
+    // Lock first: a concurrent run's temporaries are then reported as that
+    // run ("another reshard run is writing here"), not as foreign files.
+    let _lock = match s.destination {
+        Some(d) if !plan.files.is_empty() => {
+            crate::formats::destination::create_dir_within(d, d)?;
+            Some(crate::formats::destination::DestinationLock::directory(d)?)
+        }
+        _ => None,
+    };
     for f in &plan.files {
         if let Some(dir) = f.path.parent() {
             if let Some(other) = foreign_entry(dir, &f.path, s.resume)? {
@@ -505,7 +706,10 @@ pub(crate) fn write_plan(plan: &Plan, s: &WriteSettings<'_>) -> Result<(ExecRepo
     let report = exec::execute(
         plan,
         &backend,
-        &exec_options(s.workers, s.read, s.manifest, s.resume, s.control),
+        &ExecOptions {
+            destination: s.destination.map(Path::to_path_buf),
+            ..exec_options(s.workers, s.read, s.manifest, s.resume, s.control)
+        },
     )?;
     if s.verify {
         crate::ops::verify::verify_outputs(plan)?;
@@ -518,13 +722,14 @@ pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
     if let Some(iteration) = options.checkpoint2_iteration {
         return transform_to_checkpoint2(options, iteration);
     }
-    let plan = plan_transform(options)?;
+    let (plan, warnings) = plan_transform_with_warnings(options)?;
     let summary = plan.summary(options.workers);
     if options.dry_run {
         return Ok(TransformReport {
             plan: summary,
             executed: None,
             backend: options.backend.to_string(),
+            warnings,
         });
     }
     let (report, backend) = write_plan(
@@ -538,12 +743,14 @@ pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
             backend: options.backend,
             control: &options.control,
             dst_flag: "--dst-checkpoint-dir",
+            destination: Some(&options.dst_dir),
         },
     )?;
     Ok(TransformReport {
         plan: summary,
         executed: Some(report),
         backend,
+        warnings,
     })
 }
 
@@ -575,6 +782,7 @@ fn transform_to_checkpoint2(options: &TransformOptions, iteration: u64) -> Resul
             plan: summary,
             executed: None,
             backend: options.backend.to_string(),
+            warnings: Vec::new(),
         });
     }
     for (path, _) in [&job.metadata, &job.tracker] {
@@ -599,6 +807,7 @@ fn transform_to_checkpoint2(options: &TransformOptions, iteration: u64) -> Resul
             backend: options.backend,
             control: &options.control,
             dst_flag: "--dst-checkpoint-dir",
+            destination: Some(&options.dst_dir),
         },
     )?;
     // metadata.json, then the tracker last, as mindformers writes them.
@@ -611,5 +820,6 @@ fn transform_to_checkpoint2(options: &TransformOptions, iteration: u64) -> Resul
         plan: summary,
         executed: Some(report),
         backend,
+        warnings: Vec::new(),
     })
 }

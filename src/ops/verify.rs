@@ -25,7 +25,6 @@ use crate::formats::manifest::{self, Manifest};
 use crate::formats::strategy;
 use crate::formats::tree;
 use crate::formats::{EntryValue, Source};
-use crate::layout::Layout;
 use crate::ops::transform::{index_sources, source_files};
 use crate::plan::transform::{plan, TransformInput};
 use crate::plan::{Content, CopyStep, Plan};
@@ -447,16 +446,7 @@ pub fn compare(a: &Side, b: &Side, tol: Tolerance) -> Result<Comparison> {
     })
 }
 
-/// A problem found by [`check_distributed`].
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Inconsistency {
-    /// The rank concerned (or the first of a group).
-    pub rank: usize,
-    /// The tensor concerned, if any.
-    pub tensor: Option<String>,
-    /// What is wrong.
-    pub problem: String,
-}
+pub use crate::plan::consistency::Inconsistency;
 
 /// Checks a `rank_x` tree against its strategy. Returns every problem found.
 pub fn check_distributed(dir: &Path, strategy_path: &Path) -> Result<Vec<Inconsistency>> {
@@ -532,77 +522,54 @@ pub fn check_distributed(dir: &Path, strategy_path: &Path) -> Result<Vec<Inconsi
         None
     };
     // Strategy parameters: present on their stage's ranks, with the layout's
-    // shape; replicas (same slice) byte-identical.
-    let mut replicas: HashMap<(String, String), (usize, u64)> = HashMap::new();
-    for (&r, m) in &held {
-        if r >= total {
+    // shape; replicas byte-identical; not every split parameter a copy.
+    let shapes: crate::plan::consistency::Held = held
+        .iter()
+        .map(|(&r, m)| {
+            let m = m
+                .iter()
+                .map(|(n, (_, shape, h))| {
+                    (
+                        n.clone(),
+                        crate::plan::consistency::HeldTensor {
+                            shape: shape.clone(),
+                            hash: Some(*h),
+                        },
+                    )
+                })
+                .collect();
+            (r, m)
+        })
+        .collect();
+    for p in crate::plan::consistency::check_layouts(&strategy, &shapes)? {
+        let (Some(owners), Some(name)) = (&owners, p.tensor.as_deref()) else {
+            problems.push(p);
+            continue;
+        };
+        if p.problem != crate::plan::consistency::MISSING {
+            problems.push(p);
             continue;
         }
-        let stage = (r as u64 / per_stage) as u32;
-        let rank_table = strategy.layout_table(Some(r as u64))?;
-        for (name, l) in rank_table.iter().filter(|(_, l)| l.stages.contains(&stage)) {
-            let Some((_, shape, hash)) = m.get(name) else {
-                use crate::layout::redundancy::Holder;
-                let problem = match owners.as_ref().map(|o| o.holder(name, r as u64)) {
-                    Some(Holder::Owner(o)) if o as usize != r => {
-                        if held
-                            .get(&(o as usize))
-                            .is_some_and(|h| h.contains_key(name))
-                        {
-                            continue; // its owner's copy is checked there
-                        }
-                        format!(
-                            "saved with redundancy removed: rank {o}, which owns it for this \
-                             rank, does not hold it"
-                        )
-                    }
-                    Some(Holder::Nobody) => {
-                        "saved with redundancy removed, and no rank of its group owns it".into()
-                    }
-                    _ => "missing from this rank's file".into(),
-                };
-                problems.push(Inconsistency {
-                    rank: r,
-                    tensor: Some(name.clone()),
-                    problem,
-                });
-                continue;
-            };
-            let layout = Layout::from_param(l);
-            let local = r as u64 % per_stage;
-            let check = layout.global_shape(shape).and_then(|g| {
-                let want = layout.slice_shape(&g)?;
-                Ok((g.clone(), want, layout.rank_slice(&g, local)?))
-            });
-            match check {
-                Err(e) => problems.push(Inconsistency {
-                    rank: r,
-                    tensor: Some(name.clone()),
-                    problem: e.to_string(),
-                }),
-                Ok((_, want, _)) if &want != shape => problems.push(Inconsistency {
-                    rank: r,
-                    tensor: Some(name.clone()),
-                    problem: format!("shape {shape:?}, the layout implies {want:?}"),
-                }),
-                Ok((g, _, slice)) => {
-                    let key = (name.clone(), format!("{g:?}{:?}", slice.dims));
-                    match replicas.get(&key) {
-                        Some(&(other, h)) if h != *hash => problems.push(Inconsistency {
-                            rank: r,
-                            tensor: Some(name.clone()),
-                            problem: format!(
-                                "differs from its data-parallel replica on rank {other}"
-                            ),
-                        }),
-                        Some(_) => {}
-                        None => {
-                            replicas.insert(key, (r, *hash));
-                        }
-                    }
+        use crate::layout::redundancy::Holder;
+        let problem = match owners.holder(name, p.rank as u64) {
+            Holder::Owner(o) if o as usize != p.rank => {
+                if held
+                    .get(&(o as usize))
+                    .is_some_and(|h| h.contains_key(name))
+                {
+                    continue; // its owner's copy is checked there
                 }
+                format!(
+                    "saved with redundancy removed: rank {o}, which owns it for this rank, \
+                     does not hold it"
+                )
             }
-        }
+            Holder::Nobody => {
+                "saved with redundancy removed, and no rank of its group owns it".into()
+            }
+            _ => p.problem,
+        };
+        problems.push(Inconsistency { problem, ..p });
     }
     // Hyper-parameters (not in the strategy): equal on every rank holding them.
     let mut hyper: BTreeMap<&str, (usize, u64)> = BTreeMap::new();

@@ -23,6 +23,8 @@ impl std::error::Error for Usage {}
 
 /// Parses the process's arguments, runs the command, prints an error once.
 pub fn run() -> ExitCode {
+    // First, before any thread: SIGINT/SIGTERM remove temporaries and locks.
+    reshard::formats::destination::install_signal_cleanup();
     let (argv, extra) = commands::convert::split_known_args(std::env::args_os().collect());
     let mut cli = args::Cli::parse_from(argv);
     if let args::Command::Convert(a) = &mut cli.command {

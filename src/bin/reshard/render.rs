@@ -40,10 +40,32 @@ fn shape(s: &[i64]) -> String {
     )
 }
 
-/// Prints rows with columns padded to their widest cell.
+/// `text` with control characters escaped (`\n`, `\u{1b}`): names and
+/// strings come from input files and must not drive the terminal.
+pub fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_string();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// Prints rows with columns padded to their widest cell (padded by hand:
+/// `format!` widths above 65,535 panic, and a name can be that long).
 fn table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> Result<()> {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| printable(c)).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
+    for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
@@ -52,14 +74,17 @@ fn table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> Result<
         cells
             .iter()
             .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
+            .map(|(c, w)| {
+                let pad = w.saturating_sub(c.chars().count());
+                format!("{c}{}", " ".repeat(pad))
+            })
             .collect::<Vec<_>>()
             .join("  ")
             .trim_end()
             .to_string()
     };
     writeln!(out, "{}", line(header.to_vec()))?;
-    for row in rows {
+    for row in &rows {
         writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
     }
     Ok(())
@@ -98,7 +123,11 @@ fn summary(f: &FileReport) -> String {
         human_bytes(f.total_bytes)
     );
     if !f.metadata.is_empty() {
-        let meta: Vec<String> = f.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let meta: Vec<String> = f
+            .metadata
+            .iter()
+            .map(|(k, v)| format!("{}={}", printable(k), printable(v)))
+            .collect();
         s.push_str(&format!("; metadata {}", meta.join(", ")));
     }
     s
@@ -288,7 +317,7 @@ pub fn plan_outcome(
     writeln!(
         out,
         "largest tensor {} ({}); predicted peak memory {}",
-        p.largest_tensor.0,
+        printable(&p.largest_tensor.0),
         human_bytes(p.largest_tensor.1),
         human_bytes(p.predicted_peak_bytes)
     )?;
@@ -314,7 +343,7 @@ pub fn plan_outcome(
 
 pub fn difference(d: &reshard::ops::verify::Difference) -> String {
     use reshard::ops::verify::Difference;
-    match d {
+    let text = match d {
         Difference::Missing { name, missing_in } => format!("{name}: missing in {missing_in}"),
         Difference::Layout { name, a, b } => format!("{name}: {a} vs {b}"),
         Difference::Value {
@@ -326,7 +355,9 @@ pub fn difference(d: &reshard::ops::verify::Difference) -> String {
         } => {
             format!("{name}: {count} element(s) differ, first at {index:?}: {a} vs {b}")
         }
-    }
+    };
+    // Names and string values come from the files.
+    printable(&text)
 }
 
 pub fn bench(r: &reshard::ops::bench::BenchReport) -> Result<()> {
@@ -395,4 +426,34 @@ fastest of {2} copies; times are medians of {2} runs; each step's ratio uses the
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_cells_do_not_panic_and_control_characters_are_escaped() {
+        // Issue 19 items 8 and 12: a 70,000-character name panicked in
+        // `format!("{c:<w$}")`; an ESC in a name reached the terminal.
+        let long = "n".repeat(70_000);
+        let mut out = Vec::new();
+        table(
+            &mut out,
+            &["name", "dtype"],
+            &[
+                vec![long.clone(), "F32".into()],
+                vec!["a\x1b[2Jb".into(), "F16".into()],
+            ],
+        )
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains(&long));
+        assert!(
+            !text.contains('\x1b') && text.contains("a\\u{1b}[2Jb"),
+            "{text}"
+        );
+        let row = text.lines().nth(2).unwrap();
+        assert_eq!(row.find("F16"), Some(70_002));
+    }
 }

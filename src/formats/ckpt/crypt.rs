@@ -344,6 +344,44 @@ mod tests {
         assert!(err.to_string().contains("tampered"), "{err}");
     }
 
+    /// Issue 19 item 11: what each mode can detect. GCM authenticates every
+    /// byte; CBC has no MAC: only the padding of each block's last 16 bytes
+    /// is checked here, a change elsewhere decrypts to different plaintext
+    /// (garbling one 16-byte block and flipping the same bit of the next),
+    /// which only the record structure can catch (see README, Trust).
+    #[test]
+    fn what_each_mode_detects() {
+        let plain: Vec<u8> = (0..200u8).collect();
+        let key = [7u8; 16];
+        let gcm = encrypt_block(&plain, &key, EncMode::AesGcm, &[9u8; 16]).unwrap();
+        for at in [4, 20, 30, gcm.len() / 2, gcm.len() - 1] {
+            let mut f = gcm.clone();
+            f[at] ^= 0x10;
+            assert!(decrypt(&f, &key, EncMode::AesGcm).is_err(), "GCM byte {at}");
+        }
+        // The IV field's last 4 bytes are not part of MindSpore 2.10's
+        // 12-byte nonce: changing them changes nothing that is read.
+        let mut f = gcm.clone();
+        f[4 + 16 + 4 + 4 + 13] ^= 0x10;
+        assert_eq!(decrypt(&f, &key, EncMode::AesGcm).unwrap(), plain);
+        for mode in [EncMode::AesCbc, EncMode::Sm4Cbc] {
+            let file = encrypt_block(&plain, &key, mode, &[9u8; 16]).unwrap();
+            // The last block holds the padding: a change there is caught
+            // (unless it happens to leave valid padding: 1 in ~256).
+            let mut f = file.clone();
+            let last = f.len() - 1;
+            f[last] ^= 0x10;
+            assert!(decrypt(&f, &key, mode).is_err(), "{mode}: padding");
+            // A change in an earlier block is not: the plaintext differs.
+            let mut f = file.clone();
+            let early = f.len() - 100;
+            f[early] ^= 0x10;
+            let got = decrypt(&f, &key, mode).unwrap();
+            assert_eq!(got.len(), plain.len());
+            assert_ne!(got, plain, "{mode}");
+        }
+    }
+
     #[test]
     fn truncated_block_and_wrong_mode_are_errors() {
         let file = encrypt_block(PLAIN, &[1u8; 16], EncMode::AesCbc, &[9u8; 16]).unwrap();

@@ -228,6 +228,19 @@ fn parse_value(buf: &[u8], range: Range<usize>) -> Result<(String, ValueRec)> {
     Ok((tag, value))
 }
 
+/// Refuses more dimensions than [`crate::formats::MAX_DIMS`] (a
+/// 100,000-dimension tensor made `verify` run for minutes).
+fn check_ndim(n: usize) -> Result<()> {
+    if n > crate::formats::MAX_DIMS {
+        return Err(Error::LimitExceeded {
+            what: "tensor dimensions",
+            limit: crate::formats::MAX_DIMS as u64,
+            got: n as u64,
+        });
+    }
+    Ok(())
+}
+
 fn parse_tensor(buf: &[u8], range: Range<usize>) -> Result<TensorRec> {
     let mut r = Reader::new(buf, range.start, range.end);
     let mut dims = Vec::new();
@@ -237,7 +250,10 @@ fn parse_tensor(buf: &[u8], range: Range<usize>) -> Result<TensorRec> {
         let at = r.pos();
         let (field, wire) = r.key()?;
         match (field, wire) {
-            (1, VARINT) => dims.push(r.varint("dims")? as i64),
+            (1, VARINT) => {
+                dims.push(r.varint("dims")? as i64);
+                check_ndim(dims.len())?;
+            }
             (1, LEN) => {
                 // Packed encoding: parsers must accept it even though
                 // MindSpore writes unpacked dims.
@@ -245,6 +261,7 @@ fn parse_tensor(buf: &[u8], range: Range<usize>) -> Result<TensorRec> {
                 let mut pr = Reader::new(buf, p.start, p.end);
                 while !pr.at_end() {
                     dims.push(pr.varint("dims")? as i64);
+                    check_ndim(dims.len())?;
                 }
             }
             (2, LEN) => {

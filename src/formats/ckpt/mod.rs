@@ -12,10 +12,9 @@ pub mod index;
 pub mod writer;
 
 use std::borrow::Cow;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
+use crate::formats::mapped::Mapped;
 
 pub use crypt::EncMode;
 pub use index::{CkptEntry, CkptIndex, EntryKind, MapPart};
@@ -46,7 +45,7 @@ impl Default for ReadOptions {
 /// The bytes behind a checkpoint: a read-only map of the file, or the
 /// decrypted plaintext.
 enum Backing {
-    Mapped(Mmap),
+    Mapped(Mapped),
     Owned(Vec<u8>),
 }
 
@@ -60,17 +59,14 @@ impl std::ops::Deref for Backing {
     }
 }
 
-/// Maps `file` read-only.
+/// Maps `path` read-only, guarded against the file shrinking under the
+/// map (see [`crate::formats::mapped`]): a read past a new end yields zeros
+/// and [`Mapped::check`] reports the change.
 ///
-/// Every input reshard reads is mapped. The contract the OS cannot enforce:
-/// the file must not be truncated or rewritten while reshard runs (another
-/// process doing so can raise SIGBUS or change bytes under us). Outputs are
-/// always new files renamed into place, so reshard never maps a file it is
-/// writing.
-pub fn map_file(path: &Path) -> Result<Mmap> {
-    let file = File::open(path).in_file(path)?;
-    // SAFETY: read-only mapping; see the contract above.
-    unsafe { Mmap::map(&file) }.in_file(path)
+/// Outputs are always new files renamed into place, so reshard never maps
+/// a file it is writing.
+pub fn map_file(path: &Path) -> Result<Mapped> {
+    Mapped::open(path)
 }
 
 /// An opened `.ckpt` file and its index.
@@ -79,6 +75,19 @@ pub struct Checkpoint {
     bytes: Backing,
     index: CkptIndex,
     encryption: Option<EncMode>,
+    /// Entry position by name (first occurrence): `get` is called once per
+    /// tensor, and a linear search made 100,000-tensor files quadratic.
+    by_name: std::collections::HashMap<String, usize>,
+}
+
+fn name_index<'a>(
+    names: impl Iterator<Item = &'a str>,
+) -> std::collections::HashMap<String, usize> {
+    let mut m = std::collections::HashMap::new();
+    for (i, n) in names.enumerate() {
+        m.entry(n.to_string()).or_insert(i);
+    }
+    m
 }
 
 impl Checkpoint {
@@ -111,6 +120,7 @@ impl Checkpoint {
         Ok(Checkpoint {
             path: path.to_path_buf(),
             bytes,
+            by_name: name_index(index.entries.iter().map(|e| e.name.as_str())),
             index,
             encryption,
         })
@@ -125,6 +135,7 @@ impl Checkpoint {
         Ok(Checkpoint {
             path: PathBuf::from("<memory>"),
             bytes: Backing::Owned(bytes),
+            by_name: name_index(index.entries.iter().map(|e| e.name.as_str())),
             index,
             encryption: None,
         })
@@ -133,6 +144,16 @@ impl Checkpoint {
     /// The file path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Errors if the mapped file changed since it was opened (or a read hit
+    /// pages cut off by truncation): call after reading, before trusting
+    /// what was read. A decrypted file is held in memory: nothing to check.
+    pub fn check(&self) -> Result<()> {
+        match &self.bytes {
+            Backing::Mapped(m) => m.check(),
+            Backing::Owned(_) => Ok(()),
+        }
     }
 
     /// The index.
@@ -147,7 +168,7 @@ impl Checkpoint {
 
     /// The entry named `name`.
     pub fn get(&self, name: &str) -> Option<&CkptEntry> {
-        self.index.entries.iter().find(|e| e.name == name)
+        self.by_name.get(name).map(|&i| &self.index.entries[i])
     }
 
     /// The cipher mode, for an encrypted file.

@@ -132,6 +132,10 @@ impl ParamLayout {
     }
 }
 
+/// The most devices per pipeline stage reshard accepts (a strategy
+/// declaring 2^32 made the planner allocate per-rank tables of 32 GiB).
+pub const MAX_DEVICES: u64 = 1 << 20;
+
 /// One [`ParamLayout`] per parameter, in MindSpore's order (first appearance
 /// of the name without its stage prefix).
 ///
@@ -237,6 +241,12 @@ impl LayoutTable {
 
     /// Devices per pipeline stage: the device count of the first parameter's
     /// dev matrix (`_get_device_num_from_strategy`).
+    ///
+    /// Unlike MindSpore, every other parameter's dev matrix must have the
+    /// same device count (MindSpore's layouts always cover every device of
+    /// the stage; a layout covering fewer, such as `[1, 3]` in a set of
+    /// `[1, 4]`, made ranks silently disappear from the result), and the
+    /// count is at most [`MAX_DEVICES`].
     pub fn device_num_per_stage(&self) -> Result<u64> {
         let Some((_, first)) = self.entries.first() else {
             return Err(Error::Strategy("the strategy has no parameters".into()));
@@ -248,11 +258,33 @@ impl LayoutTable {
                     .into(),
             ));
         }
-        first
+        let n = first
             .dev_matrix
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| Error::Strategy("the dev_matrix has more than 2^64 devices".into()))
+            .ok_or_else(|| Error::Strategy("the dev_matrix has more than 2^64 devices".into()))?;
+        if n > MAX_DEVICES {
+            return Err(Error::LimitExceeded {
+                what: "devices per pipeline stage",
+                limit: MAX_DEVICES,
+                got: n,
+            }
+            .in_tensor(&self.entries[0].0));
+        }
+        for (name, l) in &self.entries[1..] {
+            if !l.dev_matrix.is_empty() && l.device_num() != n {
+                return Err(Error::Strategy(format!(
+                    "its dev_matrix {:?} covers {} devices but the strategy's first parameter {:?} \
+                     covers {n}: every layout of a stage covers all its devices; is the strategy \
+                     file damaged or assembled from different jobs?",
+                    l.dev_matrix,
+                    l.device_num(),
+                    self.entries[0].0
+                ))
+                .in_tensor(name));
+            }
+        }
+        Ok(n)
     }
 
     /// Number of pipeline stages: the number of distinct stages in the stage
@@ -525,7 +557,7 @@ mod tests {
 
     #[test]
     fn device_num_uses_first_param() {
-        let s = strategy(vec![item("a", &[2, 3], &[0]), item("b", &[8], &[0])]);
+        let s = strategy(vec![item("a", &[2, 3], &[0]), item("b", &[6], &[0])]);
         assert_eq!(
             s.layout_table(None)
                 .unwrap()
@@ -533,6 +565,27 @@ mod tests {
                 .unwrap(),
             6
         );
+        // Issue 19 item 5: a layout covering other devices than the first
+        // (MindSpore takes the first and silently drops ranks).
+        let s = strategy(vec![item("a", &[2, 3], &[0]), item("b", &[8], &[0])]);
+        let err = s
+            .layout_table(None)
+            .unwrap()
+            .device_num_per_stage()
+            .unwrap_err();
+        assert!(matches!(err.root(), Error::Strategy(_)), "{err}");
+        assert!(
+            err.to_string().contains("\"b\"") && err.to_string().contains("covers 8 devices"),
+            "{err}"
+        );
+        // Item 7: 2^32 devices is refused before anything is sized by it.
+        let s = strategy(vec![item("a", &[1 << 16, 1 << 16], &[0])]);
+        let err = s
+            .layout_table(None)
+            .unwrap()
+            .device_num_per_stage()
+            .unwrap_err();
+        assert!(matches!(err.root(), Error::LimitExceeded { .. }), "{err}");
         let empty = LayoutTable::default();
         assert!(empty.device_num_per_stage().is_err());
         assert_eq!(empty.stage_num().unwrap(), 0);

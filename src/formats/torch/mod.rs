@@ -17,10 +17,9 @@ pub mod zip;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
-
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::formats::mapped::Mapped;
 use pickle::{TensorRef, Value};
 
 /// One tensor of a PyTorch file.
@@ -39,7 +38,7 @@ pub struct TorchEntry {
 /// An opened PyTorch zip checkpoint.
 pub struct TorchFile {
     path: PathBuf,
-    map: Mmap,
+    map: Mapped,
     entries: Vec<TorchEntry>,
 }
 
@@ -67,6 +66,13 @@ impl TorchFile {
     /// The file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Errors if the mapped file changed since it was opened (or a read hit
+    /// pages cut off by truncation): call after reading, before trusting
+    /// what was read.
+    pub fn check(&self) -> Result<()> {
+        self.map.check()
     }
 
     /// Tensors in the state dict's order.

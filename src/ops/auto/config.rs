@@ -478,8 +478,25 @@ fn read_yaml_tree(path: &Path, depth: usize) -> Result<Map<String, Value>> {
             Error::invalid("base_config nests more than 8 levels (a cycle?)").in_file(path),
         );
     }
+    let len = std::fs::metadata(path).in_file(path)?.len();
+    if len > MAX_YAML_BYTES {
+        return Err(Error::LimitExceeded {
+            what: "YAML file length (bytes)",
+            limit: MAX_YAML_BYTES,
+            got: len,
+        }
+        .in_file(path));
+    }
     let text = std::fs::read_to_string(path).in_file(path)?;
     let own = yaml_text_to_map(&text).map_err(|e| e.in_file(path))?;
+    if own.is_empty() {
+        // Issue 19 item 10: an empty (or NUL-filled) file used to read as
+        // "nothing to load" and exit 0.
+        return Err(Error::invalid(
+            "holds no settings (an empty YAML document); is this the right file?",
+        )
+        .in_file(path));
+    }
     let bases: Vec<String> = match own.get("base_config") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) if is_unset(s) => Vec::new(),
@@ -515,7 +532,97 @@ fn deep_merge(into: &mut Map<String, Value>, from: Map<String, Value>) {
     }
 }
 
+/// The largest YAML file read (a mindformers run file is a few KiB).
+pub const MAX_YAML_BYTES: u64 = 16 << 20;
+/// The most nodes a YAML document may expand to, aliases included (a
+/// 700-byte "billion laughs" document expands to billions).
+pub const MAX_YAML_NODES: u64 = 1_000_000;
+/// The deepest nesting of sequences and mappings.
+pub const MAX_YAML_DEPTH: u64 = 128;
+
+/// Counts the nodes a YAML stream expands to (each alias counts as the
+/// size of what it names) and its nesting depth, without building it.
+#[derive(Default)]
+struct NodeCounter {
+    total: u64,
+    depth: u64,
+    max_depth: u64,
+    /// Open collections: anchor id and the node count at their start.
+    open: Vec<(usize, u64)>,
+    /// Expanded size of each anchor.
+    sizes: std::collections::HashMap<usize, u64>,
+}
+
+impl yaml_rust2::parser::EventReceiver for NodeCounter {
+    fn on_event(&mut self, ev: yaml_rust2::parser::Event) {
+        use yaml_rust2::parser::Event;
+        match ev {
+            Event::Scalar(_, _, anchor, _) => {
+                self.total = self.total.saturating_add(1);
+                if anchor > 0 {
+                    self.sizes.insert(anchor, 1);
+                }
+            }
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                self.open.push((anchor, self.total));
+                self.total = self.total.saturating_add(1);
+                self.depth += 1;
+                self.max_depth = self.max_depth.max(self.depth);
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                self.depth = self.depth.saturating_sub(1);
+                if let Some((anchor, start)) = self.open.pop() {
+                    if anchor > 0 {
+                        self.sizes.insert(anchor, self.total - start);
+                    }
+                }
+            }
+            Event::Alias(id) => {
+                let size = self.sizes.get(&id).copied().unwrap_or(1);
+                self.total = self.total.saturating_add(size);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Refuses YAML that would be too large to build: a NUL byte (binary
+/// data, not a text config), more than [`MAX_YAML_NODES`] nodes once
+/// aliases are expanded, or nesting deeper than [`MAX_YAML_DEPTH`].
+fn check_yaml_limits(text: &str) -> Result<()> {
+    if text.contains('\0') {
+        return Err(Error::invalid("contains a NUL byte: not a YAML text file"));
+    }
+    if text.len() as u64 > MAX_YAML_BYTES {
+        return Err(Error::LimitExceeded {
+            what: "YAML text length (bytes)",
+            limit: MAX_YAML_BYTES,
+            got: text.len() as u64,
+        });
+    }
+    let mut counter = NodeCounter::default();
+    yaml_rust2::parser::Parser::new_from_str(text)
+        .load(&mut counter, true)
+        .map_err(|e| Error::invalid(format!("not valid YAML: {e}")))?;
+    if counter.max_depth > MAX_YAML_DEPTH {
+        return Err(Error::LimitExceeded {
+            what: "YAML nesting depth",
+            limit: MAX_YAML_DEPTH,
+            got: counter.max_depth,
+        });
+    }
+    if counter.total > MAX_YAML_NODES {
+        return Err(Error::LimitExceeded {
+            what: "YAML node count with aliases expanded",
+            limit: MAX_YAML_NODES,
+            got: counter.total,
+        });
+    }
+    Ok(())
+}
+
 fn yaml_text_to_map(text: &str) -> Result<Map<String, Value>> {
+    check_yaml_limits(text)?;
     let docs = YamlLoader::load_from_str(text)
         .map_err(|e| Error::invalid(format!("not valid YAML: {e}")))?;
     match docs.into_iter().next().map(yaml_to_json) {
@@ -687,6 +794,43 @@ micro_batch_interleave_num: 1
         assert_eq!(o.notes.len(), 1);
         let e = s.resolve(&env("3", "8")).unwrap_err().to_string();
         assert!(e.contains("run one process"), "{e}");
+    }
+
+    #[test]
+    fn yaml_bombs_empty_and_nul_files_are_refused() {
+        // Issue 19 item 7: a 700-byte alias bomb made `auto` take 4 GB.
+        let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..10 {
+            let prev = (b'a' + i - 1) as char;
+            let name = (b'a' + i) as char;
+            bomb.push_str(&format!(
+                "{name}: &{name} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"
+            ));
+        }
+        assert!(bomb.len() < 1000);
+        let err = Settings::from_yaml_str(&bomb).unwrap_err();
+        assert!(matches!(err.root(), Error::LimitExceeded { .. }), "{err}");
+        let deep = format!("a: {}{}\n", "[".repeat(200), "]".repeat(200));
+        let err = Settings::from_yaml_str(&deep).unwrap_err();
+        assert!(err.to_string().contains("nesting depth"), "{err}");
+        // Deeper still: the parser's own recursion limit answers first.
+        let deeper = format!("a: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(Settings::from_yaml_str(&deeper).is_err());
+        // Small legitimate aliases still work.
+        let ok = Settings::from_yaml_str("base: &b {data_parallel: 2}\nparallel_config: *b\n");
+        assert!(ok.is_ok(), "{:?}", ok.err());
+        // Item 10: empty and NUL files are errors naming the file.
+        let dir = tempfile::tempdir().unwrap();
+        for (name, bytes) in [
+            ("empty.yaml", &b""[..]),
+            ("nul.yaml", &[0u8; 64][..]),
+            ("comments.yaml", &b"# nothing\n"[..]),
+        ] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            let err = Settings::from_yaml_file(&p).unwrap_err().to_string();
+            assert!(err.contains(name), "{err}");
+        }
     }
 
     #[test]

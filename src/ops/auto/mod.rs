@@ -1027,12 +1027,19 @@ fn convert_entry(
     })
 }
 
-/// Creates `dir` (and parents) with mode 0o750 for new folders.
-fn make_dir(dir: &Path) -> Result<()> {
-    if dir.is_dir() {
+/// Creates `dir` (and parents) with mode 0o750 for new folders, inside
+/// `root` (the output directory): no folder below `root` is followed
+/// through a symbolic link reshard did not create (issue 19 item 9).
+fn make_dir(root: &Path, dir: &Path) -> Result<()> {
+    let existed = dir.is_dir();
+    if dir.starts_with(root) {
+        crate::formats::destination::create_dir_within(root, dir)?;
+    } else {
+        std::fs::create_dir_all(dir).in_file(dir)?;
+    }
+    if existed {
         return Ok(());
     }
-    std::fs::create_dir_all(dir).in_file(dir)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -1052,7 +1059,7 @@ fn convert_block(
     fp: &str,
     out: &Path,
 ) -> Result<bool> {
-    make_dir(out)?;
+    make_dir(&o.output_dir, out)?;
     let c = block.converter;
     if !o.force {
         if let Some((m, _)) = sync::read_marker::<Succeeded>(&sync::succeed_path(out, c)) {
@@ -1243,6 +1250,9 @@ fn run_block(
         None => None,
     };
     let mut options = TransformOptions::new(&src_path, staging, src_strategy_path, dst_path);
+    // A checkpoint missing most of its strategy's parameters is not this
+    // job's (or is truncated): an error, not a silently smaller model.
+    options.absent = crate::ops::transform::AbsentParameters::ErrorIfMost;
     options.ranks = Some(block.ranks.clone());
     options.workers = o.workers;
     options.world_size = Some(o.world_size);
@@ -1335,7 +1345,7 @@ pub fn clean_outputs(o: &AutoOptions) -> Result<CleanReport> {
         if d.exists() {
             std::fs::remove_dir_all(&d).in_file(&d)?;
         }
-        make_dir(&d)?;
+        make_dir(&o.output_dir, &d)?;
         recreated.push(d);
     }
     Ok(CleanReport { recreated })

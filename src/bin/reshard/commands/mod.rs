@@ -26,7 +26,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Convert(a) => convert::run(a),
         Command::MergeLora(a) => merge_lora::run(a),
         Command::Auto(a) => auto::run(a),
-        Command::Verify(a) => verify(a),
+        Command::Verify(a) => verify(a).map_err(verify_error),
         Command::Bench(a) => bench(a),
         Command::Unify(a) => unify::run(a),
     }
@@ -189,6 +189,24 @@ fn strategy(a: StrategyArgs) -> Result<()> {
             .unwrap_or_default()
     );
     Ok(())
+}
+
+/// `verify` has no `--dec-key`: an encrypted input's error must not tell
+/// the user to pass one (issue 19 item 13).
+fn verify_error(e: anyhow::Error) -> anyhow::Error {
+    match e.downcast_ref::<reshard::Error>() {
+        Some(re) if matches!(re.root(), reshard::Error::EncryptedWithoutKey { .. }) => {
+            anyhow::anyhow!(
+                "{}",
+                re.to_string().replace(
+                    "pass the key with --dec-key (and --dec-mode)",
+                    "verify reads no encrypted files; decrypt it first with \
+                     `reshard rewrite SRC PLAIN.ckpt --dec-key KEY --dec-mode MODE`"
+                )
+            )
+        }
+        _ => e,
+    }
 }
 
 fn verify(a: VerifyArgs) -> Result<()> {

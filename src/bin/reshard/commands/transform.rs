@@ -103,6 +103,9 @@ pub struct TransformArgs {
     /// With --output-format checkpoint2: the iteration (DST/iteration_XXXXXXXX/).
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub iteration: u64,
+    /// Make it an error (not a warning) when the destination strategy names parameters the source does not hold (a truncated or another model's checkpoint).
+    #[arg(long)]
+    pub strict: bool,
     #[command(flatten)]
     pub output: OutputArgs,
     #[command(flatten)]
@@ -419,6 +422,11 @@ pub fn run(a: TransformArgs) -> Result<()> {
             has_redundancy: a.has_redundancy,
             remove_redundancy: a.remove_redundancy,
             checkpoint2_iteration,
+            absent: if a.strict {
+                ops::transform::AbsentParameters::Error
+            } else {
+                ops::transform::AbsentParameters::Warn
+            },
         };
         let (progress, bar) = crate::progress::for_command("transform", a.json || a.dry_run);
         let options = ops::transform::TransformOptions {
@@ -431,6 +439,9 @@ pub fn run(a: TransformArgs) -> Result<()> {
         let report = ops::transform::transform(&options);
         drop(bar);
         let report = report?;
+        for w in &report.warnings {
+            eprintln!("warning: {}", render::printable(w));
+        }
         if let (Some(converting), false) = (&job.mindformers, a.dry_run) {
             // mindformers' marker of a finished block (an empty file).
             for r in converting {
