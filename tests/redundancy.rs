@@ -91,6 +91,8 @@ fn rewrite(path: &Path, drop: &str, flag: Option<&str>) {
     .unwrap();
     drop_file(path);
     std::fs::rename(&tmp, path).unwrap();
+    // No longer the file reshard wrote: its manifest would (rightly) refuse it.
+    let _ = std::fs::remove_file(reshard::formats::manifest::manifest_path(path));
 }
 
 fn drop_file(path: &Path) {

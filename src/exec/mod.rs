@@ -189,8 +189,13 @@ impl<'p> Sources<'p> {
                         return Err(Error::SourceChanged {
                             what: format!(
                                 "it does not match its manifest ({} bytes with xxh3 {:016x}; the \
-                                 manifest says {} bytes with xxh3 {:016x})",
-                                d.bytes, d.xxh3, m.digest.bytes, m.digest.xxh3
+                                 manifest says {} bytes with xxh3 {:016x}; if it was changed on \
+                                 purpose, remove {})",
+                                d.bytes,
+                                d.xxh3,
+                                m.digest.bytes,
+                                m.digest.xxh3,
+                                manifest::manifest_path(path).display()
                             ),
                         }
                         .in_file(path)
