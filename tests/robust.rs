@@ -126,6 +126,52 @@ fn a_destination_another_run_writes_to_is_refused() {
     assert!(!out.join(".reshard.lock").exists());
 }
 
+/// Runs writing different ranks of one destination may run at once
+/// (mindformers' offline tool runs one process per block of ranks); runs
+/// writing the same rank, or the whole destination, may not.
+#[test]
+fn runs_writing_other_ranks_of_a_destination_share_it() {
+    let dir = tempdir();
+    let model = dir.path().join("model.ckpt");
+    synthetic_model(&model, 1, DType::F32, 5);
+    let s = strategies(&model, &dir.path().join("s"), 1, 2, 1, 0);
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let held = DestinationLock::ranks(&out, &[0]).unwrap();
+    let run = |extra: &[&str]| {
+        Command::new(reshard_bin())
+            .args(["transform", "--src-checkpoint"])
+            .arg(&model)
+            .arg("--dst-checkpoint-dir")
+            .arg(&out)
+            .arg("--dst-strategy")
+            .arg(&s)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let other = run(&["--rank-id", "1"]);
+    assert!(
+        other.status.success(),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    assert!(out.join("rank_1").is_dir());
+    for extra in [&["--rank-id", "0"][..], &[]] {
+        let o = run(extra);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success());
+        assert!(err.contains("another reshard run is writing here"), "{err}");
+    }
+    assert!(!out.join("rank_0").exists());
+    drop(held);
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.ends_with(".lock")), "{names:?}");
+}
+
 /// Item 9: an existing `rank_0` link in the destination is not followed.
 #[test]
 fn outputs_are_not_written_through_a_planted_rank_link() {

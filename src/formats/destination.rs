@@ -16,10 +16,10 @@ use crate::error::{Error, Result, ResultExt};
 /// The lock file of a destination directory.
 pub const LOCK_NAME: &str = ".reshard.lock";
 
-/// Locks held by this process: path, open file, holders. A second
+/// Locks held by this process: path, open file, holders, shared. A second
 /// acquisition in the same process (a command calling another) shares the
 /// lock instead of failing against itself.
-static HELD: Mutex<Vec<(PathBuf, File, usize)>> = Mutex::new(Vec::new());
+static HELD: Mutex<Vec<(PathBuf, File, usize, bool)>> = Mutex::new(Vec::new());
 
 /// An advisory lock (`flock`) on a destination, held until dropped: a
 /// second reshard run writing to the same place fails at once with
@@ -35,7 +35,29 @@ pub struct DestinationLock {
 impl DestinationLock {
     /// Locks the destination directory `dir` (which must exist).
     pub fn directory(dir: &Path) -> Result<DestinationLock> {
-        DestinationLock::at(dir.join(LOCK_NAME), dir)
+        DestinationLock::at(dir.join(LOCK_NAME), dir, false)
+    }
+
+    /// Locks destination ranks `ranks` of `dir` (which must exist) for a
+    /// run that writes only those: several such runs may write one
+    /// destination at once when their ranks differ (mindformers' offline
+    /// tool runs one process per block of ranks), while a run writing the
+    /// whole destination ([`DestinationLock::directory`]) excludes them all.
+    /// The directory's lock is taken shared, each rank's exclusively
+    /// (`.rank_<r>.reshard.lock`).
+    pub fn ranks(dir: &Path, ranks: &[usize]) -> Result<Vec<DestinationLock>> {
+        let mut locks = vec![DestinationLock::at(dir.join(LOCK_NAME), dir, true)?];
+        let mut ranks = ranks.to_vec();
+        ranks.sort_unstable();
+        ranks.dedup();
+        for r in ranks {
+            locks.push(DestinationLock::at(
+                dir.join(format!(".rank_{r}.reshard.lock")),
+                &dir.join(format!("rank_{r}")),
+                false,
+            )?);
+        }
+        Ok(locks)
     }
 
     /// Locks the single output file `file` (its parent must exist).
@@ -44,14 +66,14 @@ impl DestinationLock {
             .file_name()
             .ok_or_else(|| Error::invalid("output path has no file name").in_file(file))?;
         let lock = file.with_file_name(format!(".{}.reshard.lock", name.to_string_lossy()));
-        DestinationLock::at(lock, file)
+        DestinationLock::at(lock, file, false)
     }
 
-    fn at(path: PathBuf, what: &Path) -> Result<DestinationLock> {
+    fn at(path: PathBuf, what: &Path, shared: bool) -> Result<DestinationLock> {
         use std::os::fd::AsRawFd;
         use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = held.iter_mut().find(|(p, _, _)| *p == path) {
+        if let Some(entry) = held.iter_mut().find(|(p, ..)| *p == path) {
             entry.2 += 1;
             return Ok(DestinationLock { path });
         }
@@ -65,8 +87,9 @@ impl DestinationLock {
                 .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                 .open(&path)
                 .in_file(&path)?;
+            let mode = if shared { libc::LOCK_SH } else { libc::LOCK_EX };
             // SAFETY: flock on a valid descriptor.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
                 let e = std::io::Error::last_os_error();
                 if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
                     let mut text = String::new();
@@ -88,7 +111,7 @@ impl DestinationLock {
             file.set_len(0).in_file(&path)?;
             file.rewind().in_file(&path)?;
             write!(file, "{}", std::process::id()).in_file(&path)?;
-            held.push((path.clone(), file, 1));
+            held.push((path.clone(), file, 1, shared));
             return Ok(DestinationLock { path });
         }
     }
@@ -102,11 +125,20 @@ impl DestinationLock {
 impl Drop for DestinationLock {
     fn drop(&mut self) {
         let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = held.iter().position(|(p, _, _)| *p == self.path) {
+        if let Some(i) = held.iter().position(|(p, ..)| *p == self.path) {
             held[i].2 -= 1;
             if held[i].2 == 0 {
-                // Unlink while still locked, then close (which unlocks).
-                let _ = fs::remove_file(&self.path);
+                // Unlink while still locked, then close (which unlocks). A
+                // shared lock is unlinked only by its last holder: the one
+                // that can turn it exclusive.
+                use std::os::fd::AsRawFd;
+                let (_, file, _, shared) = &held[i];
+                // SAFETY: flock on a valid descriptor.
+                let last = !*shared
+                    || unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+                if last {
+                    let _ = fs::remove_file(&self.path);
+                }
                 held.swap_remove(i);
             }
         }
@@ -216,8 +248,10 @@ pub fn install_signal_cleanup() {
                 }
                 crate::formats::atomic::remove_all_temporaries();
                 let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
-                for (p, _, _) in held.drain(..) {
-                    let _ = fs::remove_file(p);
+                for (p, _, _, shared) in held.drain(..) {
+                    if !shared {
+                        let _ = fs::remove_file(p);
+                    }
                 }
                 eprintln!(
                     "reshard: {}; temporary files removed",

@@ -249,6 +249,7 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
             control: &o.control,
             dst_flag: "--dst-ckpt-dir",
             destination: Some(&o.dst_dir),
+            ranks: None,
         },
     )?;
     Ok(MergeLoraReport {
@@ -549,6 +550,7 @@ fn merge_peft_into_mindspore(
             control: &o.control,
             dst_flag: "--dst-ckpt-dir",
             destination: Some(&o.dst_dir),
+            ranks: None,
         },
     )?;
     Ok(MergeLoraReport {

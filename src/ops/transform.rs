@@ -675,6 +675,12 @@ pub(crate) struct WriteSettings<'a> {
     /// The output directory: locked for the run, and no directory below
     /// it is created through a link (`None`: the outputs' common parent).
     pub destination: Option<&'a Path>,
+    /// The run writes only these destination ranks (`--rank-id`): it locks
+    /// them, so that runs writing other ranks of the destination may run at
+    /// the same time (see [`DestinationLock::ranks`]).
+    ///
+    /// [`DestinationLock::ranks`]: crate::formats::destination::DestinationLock::ranks
+    pub ranks: Option<&'a [usize]>,
 }
 
 /// Writes a planned job: refuses outputs that would mix with files already
@@ -683,12 +689,16 @@ pub(crate) struct WriteSettings<'a> {
 pub(crate) fn write_plan(plan: &Plan, s: &WriteSettings<'_>) -> Result<(ExecReport, String)> {
     // Lock first: a concurrent run's temporaries are then reported as that
     // run ("another reshard run is writing here"), not as foreign files.
-    let _lock = match s.destination {
-        Some(d) if !plan.files.is_empty() => {
-            crate::formats::destination::create_dir_within(d, d)?;
-            Some(crate::formats::destination::DestinationLock::directory(d)?)
+    use crate::formats::destination::{create_dir_within, DestinationLock};
+    let _lock = match (s.destination, s.ranks) {
+        (Some(d), ranks) if !plan.files.is_empty() => {
+            create_dir_within(d, d)?;
+            match ranks {
+                Some(r) => DestinationLock::ranks(d, r)?,
+                None => vec![DestinationLock::directory(d)?],
+            }
         }
-        _ => None,
+        _ => Vec::new(),
     };
     for f in &plan.files {
         if let Some(dir) = f.path.parent() {
@@ -744,6 +754,7 @@ pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
             control: &options.control,
             dst_flag: "--dst-checkpoint-dir",
             destination: Some(&options.dst_dir),
+            ranks: options.ranks.as_deref(),
         },
     )?;
     Ok(TransformReport {
@@ -808,6 +819,7 @@ fn transform_to_checkpoint2(options: &TransformOptions, iteration: u64) -> Resul
             control: &options.control,
             dst_flag: "--dst-checkpoint-dir",
             destination: Some(&options.dst_dir),
+            ranks: None,
         },
     )?;
     // metadata.json, then the tracker last, as mindformers writes them.
