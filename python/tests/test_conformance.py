@@ -282,12 +282,6 @@ class Formats(Base):
 
 
 class Library(Base):
-    def test_safetensors_era_functions_name_issue_13(self):
-        with self.assertRaisesRegex(NotImplementedError, "issue 13"):
-            reshard.unified_safetensors(self.tmp, None, self.tmp)
-        with self.assertRaisesRegex(NotImplementedError, "issue 13"):
-            reshard.load_distributed_checkpoint(None, predict_strategy="s.ckpt")
-
     def test_no_panic_crosses_into_python(self):
         with self.assertRaises(errors.InternalError) as cm:
             reshard._native._panic_for_test()
