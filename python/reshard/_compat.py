@@ -29,6 +29,24 @@ __all__ = [
     "load_distributed_checkpoint",
 ]
 
+def _path(value, func, what, optional=False):
+    """A path argument as text; anything else (a number given where a path
+    goes, arguments in the wrong order) is a TypeError naming the argument,
+    raised before anything is written. (os.path functions would take an
+    int as a file descriptor.)"""
+    if value is None and optional:
+        return None
+    if isinstance(value, bytes):
+        value = os.fsdecode(value)
+    if not isinstance(value, (str, os.PathLike)) or isinstance(value, bool):
+        raise TypeError(f"For '{func}', '{what}' must be a path (str or os.PathLike), "
+                        f"but got {type(value).__name__}: {value!r}.")
+    value = os.fspath(value)
+    if isinstance(value, bytes):
+        value = os.fsdecode(value)
+    return value
+
+
 def _strategy(path, what):
     """MindSpore's strategy argument checks; returns the path or None."""
     if path is None or path == "":
@@ -79,6 +97,8 @@ def transform_checkpoints(src_checkpoints_dir, dst_checkpoints_dir, ckpt_prefix,
     by-stage variant (a one-stage source strategy that is a strict subset of
     the destination's) is not implemented; string entries are carried over.
     """
+    src_checkpoints_dir = _path(src_checkpoints_dir, "transform_checkpoints", "src_checkpoints_dir")
+    dst_checkpoints_dir = _path(dst_checkpoints_dir, "transform_checkpoints", "dst_checkpoints_dir")
     st = _collect(src_checkpoints_dir, ".safetensors")
     ck = _collect(src_checkpoints_dir, ".ckpt")
     if st and ck:
@@ -90,6 +110,9 @@ def transform_checkpoints(src_checkpoints_dir, dst_checkpoints_dir, ckpt_prefix,
         raise ValueError("For 'transform_checkpoints', the 'src_checkpoints_dir' can not be empty.")
     if not isinstance(ckpt_prefix, str):
         raise TypeError("The ckpt_prefix should be a str.")
+    if "/" in ckpt_prefix or os.sep in ckpt_prefix:
+        raise ValueError(f"For 'transform_checkpoints', 'ckpt_prefix' must be the start of a file name, but got "
+                         f"the path {ckpt_prefix!r} (arguments in the wrong order?).")
     if output_format not in ("ckpt", "safetensors"):
         raise ValueError(f"For 'transform_checkpoints', 'output_format' must be 'ckpt' or 'safetensors', "
                          f"but got {output_format!r}.")
@@ -158,15 +181,22 @@ def rank_list_for_transform(rank_id, src_strategy_file=None, dst_strategy_file=N
 def merge_pipeline_strategys(src_strategy_dirs, dst_strategy_file):
     """Merge the strategy files of every pipeline stage in ``src_strategy_dirs``
     into ``dst_strategy_file`` (``mindspore.merge_pipeline_strategys``)."""
+    src_strategy_dirs = _path(src_strategy_dirs, "merge_pipeline_strategys", "src_strategy_dirs")
+    dst_strategy_file = _path(dst_strategy_file, "merge_pipeline_strategys", "dst_strategy_file")
     dst_strategy_file = os.path.abspath(os.path.normpath(dst_strategy_file))
-    os.makedirs(os.path.dirname(dst_strategy_file), exist_ok=True)
     if not os.path.isdir(src_strategy_dirs):
         raise NotADirectoryError("src_strategy_dirs {} is not a directory.".format(src_strategy_dirs))
+    os.makedirs(os.path.dirname(dst_strategy_file), exist_ok=True)
     _native.merge_pipeline_strategys(os.fspath(src_strategy_dirs), dst_strategy_file)
 
 
 def _convert_files(func, file_path, save_path, name_map, file_name_regex, processes_num, src_suffix, dst_suffix):
     """MindSpore's `_convert_checkpoint_file`: the same tasks and file names."""
+    file_path = _path(file_path, func, "file_path")
+    save_path = _path(save_path, func, "save_path", optional=True)
+    if file_name_regex is not None and not isinstance(file_name_regex, (str, re.Pattern)):
+        raise TypeError(f"For '{func}', 'file_name_regex' must be a str or a compiled pattern, "
+                        f"but got {type(file_name_regex).__name__}: {file_name_regex!r}.")
     if not os.path.isdir(file_path) and not os.path.isfile(file_path):
         raise ValueError(f"For {func}, the input path must be a valid path or file, but got {file_path}")
     if save_path and os.path.splitext(save_path)[1]:
@@ -290,7 +320,14 @@ def unified_safetensors(src_dir, src_strategy_file, dst_dir, merge_with_redundan
     :func:`transform_checkpoints`). Output files of an earlier run are
     overwritten, as MindSpore does.
     """
+    src_dir = _path(src_dir, "unified_safetensors", "src_dir")
+    src_strategy_file = _path(src_strategy_file, "unified_safetensors", "src_strategy_file")
+    dst_dir = _path(dst_dir, "unified_safetensors", "dst_dir")
+    if os.path.exists(dst_dir) and not os.path.isdir(dst_dir):
+        raise NotADirectoryError(f"For 'unified_safetensors', 'dst_dir' {dst_dir} is not a directory.")
     _check_strategy_dir(src_strategy_file, "src_strategy_file")
+    if not os.path.isfile(src_strategy_file) and not os.path.isdir(src_strategy_file):
+        raise ValueError(f"For 'unified_safetensors', the 'src_strategy_file' {src_strategy_file} does not exist.")
     if os.path.isfile(src_dir):
         raise ValueError("For 'unified_safetensors', the 'src_dir' can not be a file.")
     st = _collect(src_dir, ".safetensors")
@@ -385,6 +422,8 @@ def load_distributed_checkpoint(network, checkpoint_filenames=None, predict_stra
         raise ValueError("reshard.load_distributed_checkpoint does not support 'name_map' yet; rename the "
                          "unified files' entries first (reshard.safetensors_to_ckpt / ckpt_to_safetensors "
                          "take a name_map) or use mindspore.load_distributed_checkpoint")
+    unified_safetensors_dir = _path(unified_safetensors_dir, "load_distributed_checkpoint", "unified_safetensors_dir")
+    dst_safetensors_dir = _path(dst_safetensors_dir, "load_distributed_checkpoint", "dst_safetensors_dir")
     if not os.path.isdir(unified_safetensors_dir):
         raise NotADirectoryError(f"unified_safetensors_dir {unified_safetensors_dir} is not a directory.")
     if rank_id is not None and (not isinstance(rank_id, int) or isinstance(rank_id, bool) or rank_id < 0):

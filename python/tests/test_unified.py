@@ -214,6 +214,59 @@ class Unified(Base):
         self.assertEqual(files_under(out) if os.path.isdir(out) else [], [])
 
 
+class WrongArguments(Base):
+    """The issue's bad input for the Python side: positional arguments in the
+    wrong order, a number where a path goes. Each is a clear exception naming
+    the argument, raised before anything is written."""
+
+    def test_a_number_where_a_path_goes(self):
+        src, strat = d("src"), d("src_strategy_merged.ckpt")
+        out = os.path.join(self.tmp, "out")
+        calls = {
+            "src_checkpoints_dir": lambda: reshard.transform_checkpoints(8, out, "p"),
+            "dst_checkpoints_dir": lambda: reshard.transform_checkpoints(src, 8, "p", strat),
+            "ckpt_prefix": lambda: reshard.transform_checkpoints(src, out, 8, strat),
+            "src_strategy_file": lambda: reshard.transform_checkpoints(src, out, "p", 4, 8),
+            "checkpoint_files_map": lambda: reshard.transform_checkpoint_by_rank({0: "a.ckpt"}, 0, out + ".ckpt"),
+            "save_checkpoint_file_name": lambda: reshard.transform_checkpoint_by_rank(0, {}, 5),
+            "rank_id": lambda: reshard.rank_list_for_transform(strat, 0),
+            "src_strategy_dirs": lambda: reshard.merge_pipeline_strategys(3, os.path.join(out, "m.ckpt")),
+            "save_path": lambda: reshard.ckpt_to_safetensors(src, 2),
+            "file_path": lambda: reshard.safetensors_to_ckpt(2, out),
+            "file_name_regex": lambda: reshard.safetensors_to_ckpt(src, out, None, 5),
+            "src_dir": lambda: reshard.unified_safetensors(3, strat, out),
+            "dst_dir": lambda: reshard.unified_safetensors(src, strat, 4),
+            "'src_strategy_file'": lambda: reshard.unified_safetensors(src, 7, out),
+            "unified_safetensors_dir": lambda: reshard.load_distributed_checkpoint(
+                None, predict_strategy=strat, format="safetensors", unified_safetensors_dir=3,
+                dst_safetensors_dir=out),
+        }
+        for what, call in calls.items():
+            with self.subTest(argument=what):
+                with self.assertRaises(TypeError) as cm:
+                    call()
+                self.assertIn(what.split("_")[0].strip("'"), str(cm.exception))
+        self.assertFalse(os.path.exists(out))
+
+    def test_arguments_swapped(self):
+        src, strat = d("src"), d("src_strategy_merged.ckpt")
+        out = os.path.join(self.tmp, "out")
+        # The strategy where the destination goes, the destination where the strategy goes.
+        with self.assertRaisesRegex(NotADirectoryError, "dst_dir.*src_strategy_merged.ckpt"):
+            reshard.unified_safetensors(src, out, strat)
+        # The merged strategy file given as the folder of per-stage files.
+        with self.assertRaises(NotADirectoryError):
+            reshard.merge_pipeline_strategys(strat, os.path.join(out, "merged.ckpt"))
+        # Source and destination swapped: the destination does not exist.
+        with self.assertRaises(NotADirectoryError):
+            reshard.transform_checkpoints(out, src, "checkpoint_", strat)
+        self.assertFalse(os.path.exists(out))
+        # The strategy given where the prefix goes.
+        with self.assertRaisesRegex(ValueError, "ckpt_prefix"):
+            reshard.transform_checkpoints(src, out, strat)
+        self.assertFalse(os.path.exists(out))
+
+
 class SafetensorsTransform(Base):
     def test_safetensors_source_to_ckpt_as_mindspore(self):
         """transform_checkpoints of a safetensors tree with output_format='ckpt' (MindSpore's default)."""
