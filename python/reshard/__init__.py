@@ -6,10 +6,9 @@ memory; the Rust engine runs with the GIL released.
 
 - :func:`transform_checkpoints`, :func:`transform_checkpoint_by_rank`,
   :func:`rank_list_for_transform`, :func:`merge_pipeline_strategys`,
-  :func:`ckpt_to_safetensors`, :func:`safetensors_to_ckpt`: MindSpore 2.10's
-  signatures and semantics;
-- :func:`unified_safetensors`, :func:`load_distributed_checkpoint`: not yet
-  (they raise ``NotImplementedError`` naming reshard issue 13);
+  :func:`ckpt_to_safetensors`, :func:`safetensors_to_ckpt`,
+  :func:`unified_safetensors`, :func:`load_distributed_checkpoint` (its
+  save mode, ``network=None``): MindSpore 2.10's signatures and semantics;
 - command-line modules with mindformers' flags: ``python -m
   reshard.transform_checkpoint``, ``python -m reshard.convert_weight``,
   ``python -m reshard.transform_ckpt_lora``;

@@ -24,10 +24,13 @@ def none_if_empty(value):
 
 
 def run(main):
-    """Runs ``main()``; a reshard error becomes one ``error: ...`` line and exit status 1."""
+    """Runs ``main()``; a reshard error, or a bad argument the script's own
+    checks refuse (mindformers' ``ValueError``s: a path that does not exist,
+    a process count that does not divide the world size…, and OS errors
+    naming a path), becomes one ``error: ...`` line and exit status 1."""
     try:
         main()
-    except ReshardError as e:
+    except (ReshardError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -13,6 +13,7 @@ Deliberate differences are listed in each docstring.
 import json
 import os
 import re
+import struct
 from concurrent.futures import ThreadPoolExecutor
 
 from . import _native
@@ -28,10 +29,22 @@ __all__ = [
     "load_distributed_checkpoint",
 ]
 
-_SAFETENSORS_ERA = (
-    "reshard issue 13 (\"safetensors-era\": unified/deduplicated safetensors) is not merged yet; "
-    "until it is, use mindspore.{name}"
-)
+def _path(value, func, what, optional=False):
+    """A path argument as text; anything else (a number given where a path
+    goes, arguments in the wrong order) is a TypeError naming the argument,
+    raised before anything is written. (os.path functions would take an
+    int as a file descriptor.)"""
+    if value is None and optional:
+        return None
+    if isinstance(value, bytes):
+        value = os.fsdecode(value)
+    if not isinstance(value, (str, os.PathLike)) or isinstance(value, bool):
+        raise TypeError(f"For '{func}', '{what}' must be a path (str or os.PathLike), "
+                        f"but got {type(value).__name__}: {value!r}.")
+    value = os.fspath(value)
+    if isinstance(value, bytes):
+        value = os.fsdecode(value)
+    return value
 
 
 def _strategy(path, what):
@@ -84,6 +97,8 @@ def transform_checkpoints(src_checkpoints_dir, dst_checkpoints_dir, ckpt_prefix,
     by-stage variant (a one-stage source strategy that is a strict subset of
     the destination's) is not implemented; string entries are carried over.
     """
+    src_checkpoints_dir = _path(src_checkpoints_dir, "transform_checkpoints", "src_checkpoints_dir")
+    dst_checkpoints_dir = _path(dst_checkpoints_dir, "transform_checkpoints", "dst_checkpoints_dir")
     st = _collect(src_checkpoints_dir, ".safetensors")
     ck = _collect(src_checkpoints_dir, ".ckpt")
     if st and ck:
@@ -95,6 +110,9 @@ def transform_checkpoints(src_checkpoints_dir, dst_checkpoints_dir, ckpt_prefix,
         raise ValueError("For 'transform_checkpoints', the 'src_checkpoints_dir' can not be empty.")
     if not isinstance(ckpt_prefix, str):
         raise TypeError("The ckpt_prefix should be a str.")
+    if "/" in ckpt_prefix or os.sep in ckpt_prefix:
+        raise ValueError(f"For 'transform_checkpoints', 'ckpt_prefix' must be the start of a file name, but got "
+                         f"the path {ckpt_prefix!r} (arguments in the wrong order?).")
     if output_format not in ("ckpt", "safetensors"):
         raise ValueError(f"For 'transform_checkpoints', 'output_format' must be 'ckpt' or 'safetensors', "
                          f"but got {output_format!r}.")
@@ -163,15 +181,22 @@ def rank_list_for_transform(rank_id, src_strategy_file=None, dst_strategy_file=N
 def merge_pipeline_strategys(src_strategy_dirs, dst_strategy_file):
     """Merge the strategy files of every pipeline stage in ``src_strategy_dirs``
     into ``dst_strategy_file`` (``mindspore.merge_pipeline_strategys``)."""
+    src_strategy_dirs = _path(src_strategy_dirs, "merge_pipeline_strategys", "src_strategy_dirs")
+    dst_strategy_file = _path(dst_strategy_file, "merge_pipeline_strategys", "dst_strategy_file")
     dst_strategy_file = os.path.abspath(os.path.normpath(dst_strategy_file))
-    os.makedirs(os.path.dirname(dst_strategy_file), exist_ok=True)
     if not os.path.isdir(src_strategy_dirs):
         raise NotADirectoryError("src_strategy_dirs {} is not a directory.".format(src_strategy_dirs))
+    os.makedirs(os.path.dirname(dst_strategy_file), exist_ok=True)
     _native.merge_pipeline_strategys(os.fspath(src_strategy_dirs), dst_strategy_file)
 
 
 def _convert_files(func, file_path, save_path, name_map, file_name_regex, processes_num, src_suffix, dst_suffix):
     """MindSpore's `_convert_checkpoint_file`: the same tasks and file names."""
+    file_path = _path(file_path, func, "file_path")
+    save_path = _path(save_path, func, "save_path", optional=True)
+    if file_name_regex is not None and not isinstance(file_name_regex, (str, re.Pattern)):
+        raise TypeError(f"For '{func}', 'file_name_regex' must be a str or a compiled pattern, "
+                        f"but got {type(file_name_regex).__name__}: {file_name_regex!r}.")
     if not os.path.isdir(file_path) and not os.path.isfile(file_path):
         raise ValueError(f"For {func}, the input path must be a valid path or file, but got {file_path}")
     if save_path and os.path.splitext(save_path)[1]:
@@ -225,20 +250,201 @@ def safetensors_to_ckpt(file_path, save_path=None, name_map=None, file_name_rege
                    ".safetensors", ".ckpt")
 
 
+def _safetensors_keys(path):
+    """The tensor names of a safetensors file (its JSON header only)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return []
+        n = struct.unpack("<Q", head)[0]
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return []  # the engine reports the damaged file with its name
+    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
+
+
+def _glob_regex(pattern):
+    """The engine's shell patterns (`*`, `?`) as a regular expression."""
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern) + r"\Z",
+                      re.S)
+
+
+def _evaluate_choice(choice_func, names):
+    """``choice_func`` over ``names`` as MindSpore applies it: ``False``
+    drops a parameter, a string renames it, ``True`` keeps it; anything
+    else is MindSpore's ValueError. Returns (drop, rename) for the engine."""
+    drop, rename = [], {}
+    for name in names:
+        out = choice_func(name)
+        if isinstance(out, bool):
+            if not out:
+                drop.append(name)
+        elif isinstance(out, str):
+            if out != name:
+                rename[name] = out
+        else:
+            raise ValueError(f"For 'unified_safetensors', the return value type of the function "
+                             f"'choice_func' must be bool or str, but got {type(out)}.")
+    # The engine reads `drop` as shell patterns: a dropped name holding `*`
+    # or `?` must not match a parameter that is kept.
+    kept = [n for n in names if n not in set(drop)]
+    for d in drop:
+        if "*" in d or "?" in d:
+            rx = _glob_regex(d)
+            clash = [k for k in kept if rx.match(k)]
+            if clash:
+                raise ValueError(f"For 'unified_safetensors', the parameter name {d!r} that 'choice_func' "
+                                 f"drops contains '*' or '?' and would also drop {clash[0]!r}; reshard "
+                                 f"cannot express this choice")
+    return drop, rename
+
+
 def unified_safetensors(src_dir, src_strategy_file, dst_dir, merge_with_redundancy=True, file_suffix=None,
-                        max_process_num=64, choice_func=None, split_dst_file=()):
-    """``mindspore.unified_safetensors`` — not available yet (reshard issue 13)."""
-    raise NotImplementedError(_SAFETENSORS_ERA.format(name="unified_safetensors"))
+                        max_process_num=64, choice_func=None, split_dst_file=(), *, part_bytes=None,
+                        progress=None):
+    """Merge a distributed safetensors checkpoint into MindSpore's unified
+    layout (``mindspore.unified_safetensors``): ``dst_dir/part{i}.safetensors``
+    (parts of about 3 GiB, MindSpore's assignment), ``param_name_map.json`` and
+    ``hyper_param.safetensors``, byte-identical with MindSpore's but for the
+    parts' metadata (reshard leaves out the sources' stale ``crc_num`` and
+    writes the keys sorted).
+
+    ``choice_func`` is called in Python on every parameter name of the
+    source files (``False``: leave it out, a string: write it under that
+    name, ``True``: keep it), as MindSpore calls it; the resulting choice is
+    handed to the engine. ``split_dst_file=(k, n)``: this is task ``k`` of
+    ``n`` and writes only its share of the parts. ``max_process_num`` bounds
+    the worker threads. reshard's own keywords: ``part_bytes`` (the part size
+    the part count is computed from, default 3 GiB), ``progress`` (as for
+    :func:`transform_checkpoints`). Output files of an earlier run are
+    overwritten, as MindSpore does.
+    """
+    src_dir = _path(src_dir, "unified_safetensors", "src_dir")
+    src_strategy_file = _path(src_strategy_file, "unified_safetensors", "src_strategy_file")
+    dst_dir = _path(dst_dir, "unified_safetensors", "dst_dir")
+    if os.path.exists(dst_dir) and not os.path.isdir(dst_dir):
+        raise NotADirectoryError(f"For 'unified_safetensors', 'dst_dir' {dst_dir} is not a directory.")
+    _check_strategy_dir(src_strategy_file, "src_strategy_file")
+    if not os.path.isfile(src_strategy_file) and not os.path.isdir(src_strategy_file):
+        raise ValueError(f"For 'unified_safetensors', the 'src_strategy_file' {src_strategy_file} does not exist.")
+    if os.path.isfile(src_dir):
+        raise ValueError("For 'unified_safetensors', the 'src_dir' can not be a file.")
+    st = _collect(src_dir, ".safetensors")
+    ck = _collect(src_dir, ".ckpt")
+    if st and ck:
+        raise ValueError("For 'unified_safetensors', the 'src_dir' cannot contain "
+                         "both ckpt file and safetensors file simultaneously")
+    if split_dst_file:
+        if (not isinstance(split_dst_file, (tuple, list)) or len(split_dst_file) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in split_dst_file)
+                or not 1 <= split_dst_file[0] <= split_dst_file[1]):
+            raise ValueError(f"For 'unified_safetensors', 'split_dst_file' must be a tuple (k, n) of two ints "
+                             f"with 1 <= k <= n, but got {split_dst_file!r}.")
+        split = (int(split_dst_file[0]), int(split_dst_file[1]))
+    else:
+        split = None
+    if choice_func is not None and not callable(choice_func):
+        raise TypeError(f"For 'unified_safetensors', 'choice_func' must be callable, but got {type(choice_func)}.")
+    drop, rename = None, None
+    if choice_func is not None:
+        names, seen = [], set()
+        for rank in sorted(st):
+            for f in sorted(st[rank]):
+                for k in _safetensors_keys(os.path.join(src_dir, f"rank_{rank}", f)):
+                    if k not in seen and not k.startswith("accu_grads"):
+                        seen.add(k)
+                        names.append(k)
+        drop, rename = _evaluate_choice(choice_func, names)
+    if dst_dir is None or dst_dir == "":
+        raise ValueError("For 'unified_safetensors', the 'dst_dir' can not be empty.")
+    os.makedirs(dst_dir, exist_ok=True)
+    workers = max(1, min(int(max_process_num or 1), os.cpu_count() or 1))
+    kw = dict(has_redundancy=bool(merge_with_redundancy), file_suffix=file_suffix, drop=drop, rename=rename,
+              split_dst_file=split, part_bytes=part_bytes, manifest=False)
+    args = (os.fspath(src_dir), os.fspath(src_strategy_file), os.fspath(dst_dir))
+    planned = json.loads(_native.unify(*args, dry_run=True, **kw))
+    stale = [f["path"] for f in planned["plan"]["files"]]
+    if planned.get("name_map"):
+        stale.append(planned["name_map"])
+    for f in stale:
+        if os.path.isfile(f):
+            os.remove(f)
+    _native.unify(*args, workers=workers, progress=progress, **kw)
+
+
+def _check_strategy_dir(path, what):
+    if path and os.path.dirname(path) and not os.path.exists(os.path.dirname(path)):
+        raise ValueError("The director of {}: {} is not exists.".format(what, os.path.dirname(path)))
 
 
 def load_distributed_checkpoint(network, checkpoint_filenames=None, predict_strategy=None,
                                 train_strategy_filename=None, strict_load=False, dec_key=None, dec_mode='AES-GCM',
                                 format='ckpt', unified_safetensors_dir=None, dst_safetensors_dir=None, rank_id=None,
                                 output_format='safetensors', name_map=None, max_process_num=64,
-                                return_param_dict=False):
-    """``mindspore.load_distributed_checkpoint`` with ``network=None`` — not
-    available yet (reshard issue 13); with a network, use MindSpore's."""
-    if network is not None:
-        raise ValueError("reshard.load_distributed_checkpoint only supports network=None "
-                         "(writing the destination safetensors); load into a network with mindspore's")
-    raise NotImplementedError(_SAFETENSORS_ERA.format(name="load_distributed_checkpoint"))
+                                return_param_dict=False, *, progress=None):
+    """``mindspore.load_distributed_checkpoint``'s save mode (``network=None``,
+    ``format='safetensors'``): splits the complete checkpoint in
+    ``unified_safetensors_dir`` (``unified_safetensors``' output, or one
+    ``.safetensors`` file) for ``predict_strategy`` into
+    ``dst_safetensors_dir/rank_{r}/net.{output_format}`` — every rank of the
+    strategy, or only ``rank_id`` — byte-identical with MindSpore's files.
+    Returns ``True`` as MindSpore does.
+
+    Differences, on purpose: loading into a network (``network`` not
+    ``None``) is MindSpore's job (a ``TypeError`` says so); ``name_map`` is
+    not supported yet, nor ``predict_strategy=None`` (MindSpore then copies
+    the whole checkpoint into ``rank_{rank_id}/net.*``): each is a
+    ``ValueError``; ``max_process_num`` bounds the worker threads.
+    """
+    if format not in ['safetensors', 'ckpt'] or output_format not in ['safetensors', 'ckpt']:
+        raise ValueError(
+            "For 'load_distributed_checkpoint', 'format' and 'output_format' "
+            f"must be 'ckpt' or 'safetensors', but got {format}.")
+    if network is not None or format != 'safetensors':
+        raise TypeError("reshard.load_distributed_checkpoint only writes files: it needs network=None and "
+                        "format='safetensors' (MindSpore's save mode); to load weights into a network, use "
+                        "mindspore.load_distributed_checkpoint")
+    if unified_safetensors_dir is None:
+        raise ValueError("For 'load_distributed_checkpoint', 'unified_safetensors_dir' can not be None "
+                         "when format is 'safetensors'.")
+    for param in [checkpoint_filenames, train_strategy_filename, dec_key]:
+        if param is not None:
+            raise ValueError(f"For 'load_distributed_checkpoint', {param} must be None "
+                             "when format is 'safetensors'.")
+    if strict_load or dec_mode != 'AES-GCM':
+        raise ValueError("For 'load_distributed_checkpoint', strict_load and dec_mode must be default "
+                         "when format is 'safetensors'.")
+    if dst_safetensors_dir is None:
+        raise ValueError("For 'load_distributed_checkpoint', 'dst_safetensors_dir' can not be None "
+                         "when network is None.")
+    if name_map:
+        raise ValueError("reshard.load_distributed_checkpoint does not support 'name_map' yet; rename the "
+                         "unified files' entries first (reshard.safetensors_to_ckpt / ckpt_to_safetensors "
+                         "take a name_map) or use mindspore.load_distributed_checkpoint")
+    unified_safetensors_dir = _path(unified_safetensors_dir, "load_distributed_checkpoint", "unified_safetensors_dir")
+    dst_safetensors_dir = _path(dst_safetensors_dir, "load_distributed_checkpoint", "dst_safetensors_dir")
+    if not os.path.isdir(unified_safetensors_dir):
+        raise NotADirectoryError(f"unified_safetensors_dir {unified_safetensors_dir} is not a directory.")
+    if rank_id is not None and (not isinstance(rank_id, int) or isinstance(rank_id, bool) or rank_id < 0):
+        raise TypeError(f"For 'load_distributed_checkpoint', 'rank_id' must be a non-negative int, "
+                        f"but got {rank_id!r}.")
+    if predict_strategy is not None and not isinstance(predict_strategy, (str, os.PathLike)):
+        raise TypeError("reshard.load_distributed_checkpoint takes 'predict_strategy' as a strategy file "
+                        f"path, not {type(predict_strategy).__name__}")
+    dst = _strategy(predict_strategy, "predict_strategy")
+    if dst is None:
+        raise ValueError("reshard.load_distributed_checkpoint needs 'predict_strategy' (a strategy file): "
+                         "the unified directory is already the whole checkpoint")
+    os.makedirs(dst_safetensors_dir, exist_ok=True)
+    workers = max(1, min(int(max_process_num or 1), os.cpu_count() or 1))
+    kw = dict(output_format=output_format, manifest=False, file_name="net")
+    if rank_id is not None:
+        kw["ranks"] = [rank_id]
+    args = (os.fspath(unified_safetensors_dir), os.fspath(dst_safetensors_dir), None, dst)
+    planned = json.loads(_native.transform(*args, dry_run=True, **kw))
+    for f in planned["plan"]["files"]:
+        if os.path.isfile(f["path"]):
+            os.remove(f["path"])
+    _native.transform(*args, workers=workers, progress=progress, **kw)
+    return True

@@ -29,6 +29,7 @@ use reshard::ops::convert::ConvertOptions;
 use reshard::ops::merge_lora::MergeLoraOptions;
 use reshard::ops::rewrite::RewriteOptions;
 use reshard::ops::transform::TransformOptions;
+use reshard::ops::unify::{Choice, UnifyOptions};
 use reshard::DType;
 
 mod errors;
@@ -123,7 +124,7 @@ fn version() -> &'static str {
 #[pyfunction]
 #[pyo3(signature = (src_checkpoint, dst_dir, src_strategy=None, dst_strategy=None,
                     prefix="checkpoint_".to_string(), ranks=None, world_size=None, workers=1,
-                    output_format=None, manifest=true, dry_run=false, progress=None))]
+                    output_format=None, manifest=true, dry_run=false, file_name=None, progress=None))]
 fn transform(
     py: Python<'_>,
     src_checkpoint: PathBuf,
@@ -137,6 +138,7 @@ fn transform(
     output_format: Option<&str>,
     manifest: bool,
     dry_run: bool,
+    file_name: Option<String>,
     progress: Option<PyObject>,
 ) -> PyResult<String> {
     let (counter, watch) = watch(progress);
@@ -148,6 +150,7 @@ fn transform(
     o.output_format = format_of(output_format)?;
     o.manifest = manifest;
     o.dry_run = dry_run;
+    o.file_name = file_name;
     o.control.progress = counter;
     run(py, watch, move || ops::transform::transform(&o))
 }
@@ -227,6 +230,48 @@ fn rewrite(
         ..Default::default()
     };
     run(py, None, move || ops::rewrite::rewrite(&src, &dst, &o))
+}
+
+/// Merges a `rank_x/` safetensors tree into MindSpore's unified layout
+/// (`part{i}.safetensors`, `param_name_map.json`, `hyper_param.safetensors`).
+/// `drop`: parameter names (shell patterns) left out; `rename`: old → new.
+#[pyfunction]
+#[pyo3(signature = (src_dir, src_strategy, dst_dir, has_redundancy=true, file_suffix=None, drop=None,
+                    rename=None, split_dst_file=None, part_bytes=None, workers=1, manifest=true,
+                    dry_run=false, progress=None))]
+fn unify(
+    py: Python<'_>,
+    src_dir: PathBuf,
+    src_strategy: PathBuf,
+    dst_dir: PathBuf,
+    has_redundancy: bool,
+    file_suffix: Option<String>,
+    drop: Option<Vec<String>>,
+    rename: Option<BTreeMap<String, String>>,
+    split_dst_file: Option<(usize, usize)>,
+    part_bytes: Option<u64>,
+    workers: usize,
+    manifest: bool,
+    dry_run: bool,
+    progress: Option<PyObject>,
+) -> PyResult<String> {
+    let (counter, watch) = watch(progress);
+    let mut o = UnifyOptions::new(src_dir, src_strategy, dst_dir);
+    o.has_redundancy = has_redundancy;
+    o.file_suffix = file_suffix;
+    o.choice = Choice {
+        drop: drop.unwrap_or_default(),
+        rename: rename.unwrap_or_default(),
+    };
+    o.split_dst_file = split_dst_file;
+    if let Some(b) = part_bytes {
+        o.part_bytes = b;
+    }
+    o.workers = workers.max(1);
+    o.manifest = manifest;
+    o.dry_run = dry_run;
+    o.control.progress = counter;
+    run(py, watch, move || ops::unify::unify(&o))
 }
 
 /// HuggingFace ⇄ MindSpore conversion of a model family.
@@ -355,6 +400,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rank_list_for_transform, m)?)?;
     m.add_function(wrap_pyfunction!(merge_pipeline_strategys, m)?)?;
     m.add_function(wrap_pyfunction!(rewrite, m)?)?;
+    m.add_function(wrap_pyfunction!(unify, m)?)?;
     m.add_function(wrap_pyfunction!(convert, m)?)?;
     m.add_function(wrap_pyfunction!(merge_lora, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;

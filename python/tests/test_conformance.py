@@ -282,12 +282,6 @@ class Formats(Base):
 
 
 class Library(Base):
-    def test_safetensors_era_functions_name_issue_13(self):
-        with self.assertRaisesRegex(NotImplementedError, "issue 13"):
-            reshard.unified_safetensors(self.tmp, None, self.tmp)
-        with self.assertRaisesRegex(NotImplementedError, "issue 13"):
-            reshard.load_distributed_checkpoint(None, predict_strategy="s.ckpt")
-
     def test_no_panic_crosses_into_python(self):
         with self.assertRaises(errors.InternalError) as cm:
             reshard._native._panic_for_test()
@@ -388,6 +382,45 @@ class Scripts(Base):
                        "--src_strategy", strategy("st_mp2_to_full", "src"), check=False)
         self.assertEqual(r.returncode, 1, r.stderr)
         self.assertTrue(r.stderr.startswith("error: "), r.stderr)
+
+    def test_scripts_refuse_arguments_in_the_wrong_order(self):
+        """The issue's bad input: positional arguments, a number where a path
+        goes, a process count that does not divide the world size. A usage
+        error (2) or one ``error:`` line (1), and nothing written."""
+        d = case_dir("dp2mp2_to_mp4")
+        out = os.path.join(self.tmp, "out")
+        usage = [
+            # transform_checkpoint.sh's positional form is the reshard CLI's, not the module's.
+            ("reshard.transform_checkpoint", os.path.join(d, "src"), out),
+            ("reshard.transform_checkpoint", "--src_checkpoint", os.path.join(d, "src"),
+             "--dst_checkpoint_dir", out, "--rank_id", out),
+            ("reshard.transform_ckpt_lora", "--src_ckpt_path_or_dir", os.path.join(d, "src"), "--dst_ckpt_dir",
+             out, "--lora_scaling", out),
+        ]
+        for args in usage:
+            with self.subTest(args=args[1:3]):
+                r = run_module(*args, check=False)
+                self.assertEqual(r.returncode, 2, r.stderr)
+                self.assertIn("usage:", r.stderr)
+        refused = [
+            ("reshard.transform_checkpoint", "--src_checkpoint", "8", "--dst_checkpoint_dir", out,
+             "--src_strategy", strategy("dp2mp2_to_mp4", "src")),
+            ("reshard.transform_checkpoint", "--src_checkpoint", os.path.join(d, "src"), "--dst_checkpoint_dir",
+             out, "--src_strategy", "4", "--dst_strategy", strategy("dp2mp2_to_mp4", "dst")),
+            ("reshard.transform_checkpoint", "--src_checkpoint", os.path.join(d, "src"), "--dst_checkpoint_dir",
+             out, "--src_strategy", strategy("dp2mp2_to_mp4", "src"), "--world_size", "4",
+             "--transform_process_num", "3", "--transform_by_rank", "True"),
+            ("reshard.transform_ckpt_lora", "--src_ckpt_path_or_dir", "3", "--dst_ckpt_dir", out),
+            ("reshard.convert_weight", "--model", "llama", "--input_path", "3", "--output_path",
+             os.path.join(out, "o.ckpt")),
+        ]
+        for args in refused:
+            with self.subTest(args=args[1:5]):
+                r = run_module(*args, check=False)
+                self.assertEqual(r.returncode, 1, r.stderr)
+                self.assertTrue(r.stderr.startswith("error: "), r.stderr)
+                self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+        self.assertEqual(files_under(out) if os.path.isdir(out) else [], [])
 
     def test_transform_ckpt_lora_matches_mindformers_recipe(self):
         from mindspore import Parameter, Tensor

@@ -585,9 +585,15 @@ fn complete_to_strategy(
                 .collect()
         })
         .collect();
+    // MindSpore writes the strategy's parameters in the strategy's order,
+    // then the hyper parameters (the order a ckpt output keeps).
+    let order: std::collections::HashMap<&str, usize> =
+        table.names().enumerate().map(|(i, n)| (n, i)).collect();
     for (f, keep) in plan.files.iter_mut().zip(keep) {
         let mut k = keep.into_iter();
         f.tensors.retain(|_| k.next().unwrap_or(true));
+        f.tensors
+            .sort_by_key(|t| order.get(t.name.as_str()).copied().unwrap_or(usize::MAX));
     }
     Ok(())
 }
