@@ -3,6 +3,8 @@
 mod util;
 
 mod ascend;
+#[cfg(feature = "ascend")]
+mod ascend_traffic;
 mod auto;
 mod bench;
 mod by_rank;
@@ -14,8 +16,8 @@ mod dropin;
 mod exchange;
 mod faults;
 pub mod merge_lora;
-mod torch;
 mod redundancy;
+mod torch;
 pub mod transform;
 mod trust;
 mod unify;

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::backend::{Backend, BoxCopy, Src};
+use crate::backend::{Backend, BoxCopy, SourceKey, Src};
 use crate::error::{Error, Result, ResultExt};
 use crate::formats::atomic::FileDigest;
 use crate::formats::ckpt::writer::LayoutEntry;
@@ -156,6 +156,9 @@ struct Sources<'p> {
     digests: Vec<OnceLock<std::result::Result<FileDigest, String>>>,
     /// In a distributed run: what other ranks read for this one.
     remote: Option<&'p exchange::Received>,
+    /// This run's [`SourceKey`] job: a device backend keeps what it uploads
+    /// of a source tensor under it until the run ends.
+    job: u64,
 }
 
 impl<'p> Sources<'p> {
@@ -228,6 +231,7 @@ fn execute_with<B: Backend>(
             opened: plan.sources.iter().map(|_| OnceLock::new()).collect(),
             digests: plan.sources.iter().map(|_| OnceLock::new()).collect(),
             remote,
+            job: SourceKey::new_job(),
         },
         cursor: Mutex::new(Cursor {
             file: 0,
@@ -258,6 +262,7 @@ fn execute_with<B: Backend>(
         }
     })
     .expect("a worker panicked");
+    backend.forget_sources(job.sources.job);
     let Job {
         done, first_error, ..
     } = job;
@@ -845,7 +850,12 @@ fn gather<B: Backend>(
                 .entry((step.source, step.tensor.as_str()))
                 .or_insert_with(|| many.concat()),
         };
-        backend.box_copy(Src::Host(src), &mut buffer, &step.copy)?;
+        let key = SourceKey {
+            job: sources.job,
+            source: step.source,
+            tensor: step.tensor.clone(),
+        };
+        backend.box_copy_source(&key, src, &mut buffer, &step.copy)?;
     }
     Ok(buffer)
 }
