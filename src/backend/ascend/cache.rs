@@ -111,8 +111,8 @@ pub struct CacheStats {
 
 /// The parts of a source box: served from entries, or to upload.
 pub(crate) struct Lookup {
-    /// (entry's region, its device address, the part it serves).
-    pub hits: Vec<(Region, *mut std::ffi::c_void, Region)>,
+    /// (entry id, entry's region, the part it serves).
+    pub hits: Vec<(u64, Region, Region)>,
     pub misses: Vec<Region>,
 }
 
@@ -125,6 +125,9 @@ pub(crate) struct SourceCache {
     entries: HashMap<u64, Entry>,
     /// Recency order: stamp → entry id, oldest first.
     lru: BTreeMap<u64, u64>,
+    /// The entry a device copy is being enqueued from: [`SourceCache::clear`]
+    /// (on out of memory, in the middle of that copy) keeps it.
+    pub in_use: Option<u64>,
     pub stats: CacheStats,
 }
 
@@ -137,6 +140,7 @@ impl SourceCache {
             by_key: HashMap::new(),
             entries: HashMap::new(),
             lru: BTreeMap::new(),
+            in_use: None,
             stats: CacheStats {
                 budget_bytes: budget as u64,
                 ..CacheStats::default()
@@ -170,7 +174,7 @@ impl SourceCache {
                     Some(part) => {
                         used = true;
                         self.stats.hit_bytes += part.elements() * es;
-                        out.hits.push((e.region.clone(), e.block.mem().ptr(), part));
+                        out.hits.push((id, e.region.clone(), part));
                         rest.extend(m.subtract(&e.region));
                     }
                     None => rest.push(m),
@@ -208,7 +212,13 @@ impl SourceCache {
         true
     }
 
-    pub fn insert(&mut self, key: &SourceKey, region: Region, block: Block, bytes: usize) {
+    /// The device address of entry `id`, if it is still cached.
+    pub fn ptr(&self, id: u64) -> Option<*mut std::ffi::c_void> {
+        self.entries.get(&id).map(|e| e.block.mem().ptr())
+    }
+
+    /// Adds an entry; its id.
+    pub fn insert(&mut self, key: &SourceKey, region: Region, block: Block, bytes: usize) -> u64 {
         let (id, stamp) = (self.tick(), self.tick());
         self.held += block.mem().len();
         self.stats.held_bytes = self.held as u64;
@@ -224,6 +234,7 @@ impl SourceCache {
                 stamp,
             },
         );
+        id
     }
 
     /// Removes entry `id` (not its recency stamp); its device bytes.
@@ -256,11 +267,15 @@ impl SourceCache {
         }
     }
 
-    /// Drops every entry (out of device memory).
+    /// Drops every entry but the one in use (out of device memory).
     pub fn clear(&mut self) {
-        while let Some((_, id)) = self.lru.pop_first() {
-            let n = self.remove(id);
-            self.stats.evicted_bytes += n as u64;
+        let ids: Vec<(u64, u64)> = self.lru.iter().map(|(s, i)| (*s, *i)).collect();
+        for (stamp, id) in ids {
+            if Some(id) != self.in_use {
+                self.lru.remove(&stamp);
+                let n = self.remove(id);
+                self.stats.evicted_bytes += n as u64;
+            }
         }
     }
 }

@@ -18,6 +18,11 @@
 //!   staging buffers (and two device staging blocks) alternate: the host
 //!   gathers chunk k+1 while chunk k is in flight (double buffering). The
 //!   same pinned pair double-buffers `upload` and `download`.
+//! * **Source cache** (`cache.rs`, `source.rs`): box copies from source
+//!   tensors ([`Backend::box_copy_source`](super::Backend::box_copy_source))
+//!   keep the boxes they upload in device memory, keyed by source tensor,
+//!   within a budget (LRU), and serve later copies of the same bytes on the
+//!   device, so each source byte crosses host→device once.
 //! * **Box copy + cast** (device to device), first that applies: a plain
 //!   `aclrtMemcpyAsync` for one contiguous run with 64-byte aligned ends; an
 //!   `aclrtMemcpy2dAsync` for rows (where a start-up probe found that this
@@ -27,14 +32,14 @@
 //!   where contiguous, same-dtype copies typed as integers of the element
 //!   size so bytes — NaN payloads included — move unchanged); otherwise the
 //!   host. Each fallback is counted in [`AscendBackend::stats`].
-//! * **LoRA GEMM-add.** [`LoraMode::HostGemm`] (default) computes each
+//! * **LoRA GEMM-add.** [`LoraMode::HostGemm`] (`--lora-bit-exact`) computes each
 //!   [`LORA_TILE`](super::LORA_TILE) product on the host with the CPU
 //!   backend's own code — from `B` and `A` downloaded once per call — and
 //!   adds the scaled tile block into `W` on the device with
 //!   `aclnnInplaceAdd` (α = 1: one IEEE f32 add per element), which makes the
 //!   result bit-identical to the CPU backend. A device GEMM cannot promise
 //!   that: its accumulation order (cube unit, k-blocking, fused multiply-add)
-//!   is not ours to choose. [`LoraMode::DeviceAddmm`] uses
+//!   is not ours to choose. [`LoraMode::DeviceAddmm`] (the default) uses
 //!   `aclnnInplaceAddmm` (exact-f32 `cubeMathType` 0) for speed; it agrees
 //!   within a few ulp but not bitwise, and falls back to the host GEMM where
 //!   this CANN lacks the op.

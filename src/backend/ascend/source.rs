@@ -58,46 +58,70 @@ impl AscendBackend {
     ) -> Result<()> {
         let es = copy.src_dtype.size() as u64;
         let need = source_region(copy);
-        let found = inner.cache.lookup(key, &need, es);
-        for (base, ptr, part) in found.hits {
-            self.place_from_entry(inner, ptr, &base, dst, &restrict(copy, &base, &part), es)?;
+        let mut found = inner.cache.lookup(key, &need, es);
+        for (id, base, part) in std::mem::take(&mut found.hits) {
+            let c = restrict(copy, &base, &part);
+            if !self.place_from_entry(inner, id, &base, dst, &c, es)? {
+                // Dropped meanwhile (out of device memory): upload it again.
+                found.misses.push(part);
+            }
         }
         let whole = Region {
             lo: vec![0; copy.src_shape.len()],
             len: copy.src_shape.clone(),
         };
         for miss in found.misses {
-            match self.cache_upload(inner, key, src, copy, &miss)? {
-                Some(ptr) => self.place_from_entry(
-                    inner,
-                    ptr,
-                    &miss,
-                    dst,
-                    &restrict(copy, &miss, &miss),
-                    es,
-                )?,
-                None => {
-                    // Not cacheable: streamed through the stages as before.
-                    inner.cache.stats.uncached_bytes += miss.elements() * es;
-                    self.copy_from_host(inner, src, dst, &restrict(copy, &whole, &miss))?;
+            let placed = match self.cache_upload(inner, key, src, copy, &miss)? {
+                Some(id) => {
+                    let c = restrict(copy, &miss, &miss);
+                    self.place_from_entry(inner, id, &miss, dst, &c, es)?
                 }
+                None => false,
+            };
+            if !placed {
+                // Not cacheable: streamed through the stages as before.
+                inner.cache.stats.uncached_bytes += miss.elements() * es;
+                self.copy_from_host(inner, src, dst, &restrict(copy, &whole, &miss))?;
             }
         }
         Ok(())
     }
 
-    /// Places `c` (reading the dense entry `base` at `ptr`) into `dst` on the
-    /// device; where no device path applies, on the host.
+    /// Places `c` (reading entry `id`, the dense box `base`) into `dst` on
+    /// the device; where no device path applies, on the host. `false` when
+    /// the entry is no longer cached.
     fn place_from_entry(
         &self,
         inner: &mut Inner,
-        ptr: *mut c_void,
+        id: u64,
         base: &Region,
         dst: &AscendBuffer,
         c: &BoxCopy,
         es: u64,
-    ) -> Result<()> {
+    ) -> Result<bool> {
+        let Some(ptr) = inner.cache.ptr(id) else {
+            return Ok(false);
+        };
         let daddr = dst.addr().expect("device buffer");
+        // An out-of-memory clear inside the copy (a kernel descriptor's
+        // allocation) must not free the entry it reads.
+        inner.cache.in_use = Some(id);
+        let r = self.place_from(inner, ptr, base, daddr, dst, c, es);
+        inner.cache.in_use = None;
+        r.map(|()| true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn place_from(
+        &self,
+        inner: &mut Inner,
+        ptr: *mut c_void,
+        base: &Region,
+        daddr: *mut c_void,
+        dst: &AscendBuffer,
+        c: &BoxCopy,
+        es: u64,
+    ) -> Result<()> {
         if self.device_copy(inner, ptr, daddr, c)? {
             return Ok(());
         }
@@ -107,8 +131,8 @@ impl AscendBackend {
     }
 
     /// Uploads box `miss` of the source tensor in `src` into a new cache
-    /// entry; its device address, or `None` when it is not cached (larger
-    /// than the budget, or no device memory for it).
+    /// entry; its id, or `None` when it is not cached (larger than the
+    /// budget, or no device memory for it).
     fn cache_upload(
         &self,
         inner: &mut Inner,
@@ -116,7 +140,7 @@ impl AscendBackend {
         src: &[u8],
         copy: &BoxCopy,
         miss: &Region,
-    ) -> Result<Option<*mut c_void>> {
+    ) -> Result<Option<u64>> {
         let es = copy.src_dtype.size();
         let bytes = miss.elements() as usize * es;
         if bytes > inner.cache.budget() {
@@ -182,8 +206,7 @@ impl AscendBackend {
         }
         inner.loaded.record(&inner.copy).dev()?;
         inner.compute.wait(&inner.loaded).dev()?;
-        inner.cache.insert(key, miss.clone(), block, bytes);
-        Ok(Some(base))
+        Ok(Some(inner.cache.insert(key, miss.clone(), block, bytes)))
     }
 }
 
