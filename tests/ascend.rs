@@ -1229,6 +1229,27 @@ mod emulated {
             &dir.path().join("budget"),
             "budget",
         );
+        // A source cache allowed more than the device has: allocations for
+        // the job's buffers fail until the cache is dropped (issue 15 item
+        // 4's rule: the cache yields), and the bytes are the same.
+        let emu = Emulator::new();
+        emu.configure(0, |c| c.memory = 512 << 10);
+        let o = AscendOptions {
+            cache_bytes: Some(1 << 30),
+            ..opts(CopyPath::Auto, 64 << 10)
+        };
+        let b = AscendBackend::with_api(emu.api(), o).unwrap();
+        run_plan(&model, &s2, &dir.path().join("cache"), &b).unwrap();
+        let s = b.stats().cache;
+        assert!(s.evicted_bytes > 0 && s.uploaded_bytes > 0, "{s:?}");
+        assert_eq!(s.held_bytes, 0, "{s:?}");
+        drop(b);
+        assert!(emu.violations().is_empty(), "{:?}", emu.violations());
+        assert_same_outputs(
+            &dir.path().join("cpu"),
+            &dir.path().join("cache"),
+            "cache over the device",
+        );
     }
 
     #[test]
