@@ -3,6 +3,8 @@
 mod util;
 
 mod ascend;
+#[cfg(feature = "ascend")]
+mod ascend_traffic;
 mod auto;
 mod bench;
 mod by_rank;

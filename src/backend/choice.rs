@@ -7,7 +7,7 @@
 
 use super::ascend::{AscendBackend, AscendBuffer, AscendOptions};
 use super::cpu::{CpuBackend, HostBuffer};
-use super::{Backend, BoxCopy, LoraAdd, Src};
+use super::{Backend, BoxCopy, LoraAdd, SourceKey, Src};
 use crate::error::{Error, Result};
 
 /// Which backend runs a plan.
@@ -174,6 +174,29 @@ impl Backend for AnyBackend {
                 Src::Buffer(_) => Err(mismatch("box copy")),
             },
             _ => Err(mismatch("box copy")),
+        }
+    }
+
+    fn box_copy_source(
+        &self,
+        key: &SourceKey,
+        src: &[u8],
+        dst: &mut AnyBuffer,
+        copy: &BoxCopy,
+    ) -> Result<()> {
+        match (self, dst) {
+            (AnyBackend::Cpu(b, _), AnyBuffer::Cpu(d)) => b.box_copy_source(key, src, d, copy),
+            (AnyBackend::Ascend(b, _), AnyBuffer::Ascend(d)) => {
+                b.box_copy_source(key, src, d, copy)
+            }
+            _ => Err(mismatch("box copy")),
+        }
+    }
+
+    fn forget_sources(&self, job: u64) {
+        match self {
+            AnyBackend::Cpu(b, _) => b.forget_sources(job),
+            AnyBackend::Ascend(b, _) => b.forget_sources(job),
         }
     }
 

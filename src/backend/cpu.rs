@@ -2,7 +2,7 @@
 //! thread, and large copies are split across scoped threads.
 
 use super::cast::{cast_slice, supported};
-use super::{Backend, BoxCopy, LoraAdd, Src, LORA_TILE};
+use super::{Backend, BoxCopy, LoraAdd, SourceKey, Src, LORA_TILE};
 use crate::error::{Error, Result};
 
 /// Copies above this many bytes are split across threads.
@@ -347,6 +347,19 @@ impl Backend for CpuBackend {
         }
         Ok(())
     }
+
+    /// Host memory is read in place: nothing to keep between copies.
+    fn box_copy_source(
+        &self,
+        _key: &SourceKey,
+        src: &[u8],
+        dst: &mut HostBuffer,
+        copy: &BoxCopy,
+    ) -> Result<()> {
+        self.box_copy(Src::Host(src), dst, copy)
+    }
+
+    fn forget_sources(&self, _job: u64) {}
 
     fn box_copy(
         &self,

@@ -4,7 +4,7 @@
 //! in [`super::AnyBackend`] compiles the same either way and its Ascend
 //! arms are unreachable.
 
-use super::{Backend, BoxCopy, LoraAdd, Src};
+use super::{Backend, BoxCopy, LoraAdd, SourceKey, Src};
 use crate::error::{DeviceErrorKind, Error, Result};
 
 /// Uninhabited: no value of the disabled backend exists.
@@ -80,6 +80,20 @@ impl Backend for AscendBackend {
         _dst: &mut AscendBuffer,
         _copy: &BoxCopy,
     ) -> Result<()> {
+        match self.never {}
+    }
+
+    fn box_copy_source(
+        &self,
+        _key: &SourceKey,
+        _src: &[u8],
+        _dst: &mut AscendBuffer,
+        _copy: &BoxCopy,
+    ) -> Result<()> {
+        match self.never {}
+    }
+
+    fn forget_sources(&self, _job: u64) {
         match self.never {}
     }
 

@@ -24,8 +24,20 @@
 //! ([`Src::Host`], e.g. a memory-mapped checkpoint). The CPU backend reads
 //! host memory in place; a device backend stages it through pinned memory.
 //!
+//! **Source tensors.** [`Backend::box_copy_source`] is a box copy from host
+//! memory that also names what the bytes are (a [`SourceKey`]: job, source
+//! file, tensor). It exists so that a device backend can keep what it
+//! uploads of a source tensor and serve every later copy of the same bytes
+//! (a range that several destination files need, a replicated tensor) from
+//! device memory: each source byte then crosses host→device once, however
+//! many destination files read it. A plain `Src::Host` slice cannot be
+//! cached, since nothing says its bytes stay the same. The CPU backend reads
+//! the host memory in place, as for `Src::Host`; [`Backend::forget_sources`]
+//! ends a job's keys.
+//!
 //! The primitive set is deliberately narrow: alloc, upload, download,
-//! box-copy-with-cast, GEMM-add (`lora_add`, for LoRA merges), synchronize.
+//! box-copy-with-cast (from a buffer, host memory or a named source tensor),
+//! GEMM-add (`lora_add`, for LoRA merges), synchronize.
 
 #[cfg(feature = "ascend")]
 pub mod ascend;
@@ -244,6 +256,28 @@ impl LoraAdd {
     }
 }
 
+/// The bytes of one source tensor, for [`Backend::box_copy_source`]: the
+/// same key stands for the same bytes until [`Backend::forget_sources`] is
+/// called with its `job`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SourceKey {
+    /// The job ([`SourceKey::new_job`]): keys of different jobs never match,
+    /// so source indexes need only be unique within one.
+    pub job: u64,
+    /// The source file (an index of the job's own numbering).
+    pub source: usize,
+    /// The tensor's name in that file.
+    pub tensor: String,
+}
+
+impl SourceKey {
+    /// A job number never returned before in this process.
+    pub fn new_job() -> u64 {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// Where a box copy reads from.
 pub enum Src<'a, B> {
     /// Host memory (a mapped file, a host vector).
@@ -280,6 +314,26 @@ pub trait Backend: Send + Sync {
         dst: &mut Self::Buffer,
         copy: &BoxCopy,
     ) -> Result<()>;
+
+    /// Enqueues a box copy from host memory holding the whole source
+    /// tensor `key` (its bytes, row-major, as `copy.src_shape` says): the
+    /// same result as `box_copy(Src::Host(src), dst, copy)`. The caller
+    /// promises that `src` holds the same bytes every time it passes `key`
+    /// (it may be a different host copy of them), until
+    /// [`Backend::forget_sources`]`(key.job)`. A device backend may keep what
+    /// it uploads of `src` under `key` and serve later copies from it (the
+    /// Ascend backend's source cache); the CPU backend reads `src` in place.
+    fn box_copy_source(
+        &self,
+        key: &SourceKey,
+        src: &[u8],
+        dst: &mut Self::Buffer,
+        copy: &BoxCopy,
+    ) -> Result<()>;
+
+    /// Ends job `job`'s [`SourceKey`]s: the backend lets go of whatever it
+    /// kept of them (after work already enqueued).
+    fn forget_sources(&self, job: u64);
 
     /// Enqueues `W_block += scale · (B·A)_block` (see [`LoraAdd`]): the
     /// GEMM-add of a LoRA merge, all three buffers `f32`.

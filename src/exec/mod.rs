@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::backend::{Backend, BoxCopy, Src};
+use crate::backend::{Backend, BoxCopy, SourceKey, Src};
 use crate::error::{Error, Result};
 use crate::formats::atomic::FileDigest;
 use crate::formats::ckpt::writer::LayoutEntry;
@@ -169,6 +169,9 @@ struct Sources<'p> {
     digests: Vec<OnceLock<std::result::Result<FileDigest, String>>>,
     /// In a distributed run: what other ranks read for this one.
     remote: Option<&'p exchange::Received>,
+    /// This run's [`SourceKey`] job: a device backend keeps what it uploads
+    /// of a source tensor under it until the run ends.
+    job: u64,
 }
 
 impl<'p> Sources<'p> {
@@ -282,6 +285,7 @@ fn execute_with<B: Backend>(
             opened: plan.sources.iter().map(|_| OnceLock::new()).collect(),
             digests: plan.sources.iter().map(|_| OnceLock::new()).collect(),
             remote,
+            job: SourceKey::new_job(),
         },
         cursor: Mutex::new(Cursor {
             file: 0,
@@ -312,6 +316,7 @@ fn execute_with<B: Backend>(
         }
     })
     .expect("a worker panicked");
+    backend.forget_sources(job.sources.job);
     let Job {
         done, first_error, ..
     } = job;
@@ -863,7 +868,12 @@ fn gather<B: Backend>(
                 .entry((step.source, step.tensor.as_str()))
                 .or_insert_with(|| many.concat()),
         };
-        backend.box_copy(Src::Host(src), &mut buffer, &step.copy)?;
+        let key = SourceKey {
+            job: sources.job,
+            source: step.source,
+            tensor: step.tensor.clone(),
+        };
+        backend.box_copy_source(&key, src, &mut buffer, &step.copy)?;
     }
     Ok(buffer)
 }

@@ -18,6 +18,11 @@
 //!   staging buffers (and two device staging blocks) alternate: the host
 //!   gathers chunk k+1 while chunk k is in flight (double buffering). The
 //!   same pinned pair double-buffers `upload` and `download`.
+//! * **Source cache** (`cache.rs`, `source.rs`): box copies from source
+//!   tensors ([`Backend::box_copy_source`](super::Backend::box_copy_source))
+//!   keep the boxes they upload in device memory, keyed by source tensor,
+//!   within a budget (LRU), and serve later copies of the same bytes on the
+//!   device, so each source byte crosses host→device once.
 //! * **Box copy + cast** (device to device), first that applies: a plain
 //!   `aclrtMemcpyAsync` for one contiguous run with 64-byte aligned ends; an
 //!   `aclrtMemcpy2dAsync` for rows (where a start-up probe found that this
@@ -27,14 +32,14 @@
 //!   where contiguous, same-dtype copies typed as integers of the element
 //!   size so bytes — NaN payloads included — move unchanged); otherwise the
 //!   host. Each fallback is counted in [`AscendBackend::stats`].
-//! * **LoRA GEMM-add.** [`LoraMode::HostGemm`] (default) computes each
+//! * **LoRA GEMM-add.** [`LoraMode::HostGemm`] (`--lora-bit-exact`) computes each
 //!   [`LORA_TILE`](super::LORA_TILE) product on the host with the CPU
 //!   backend's own code — from `B` and `A` downloaded once per call — and
 //!   adds the scaled tile block into `W` on the device with
 //!   `aclnnInplaceAdd` (α = 1: one IEEE f32 add per element), which makes the
 //!   result bit-identical to the CPU backend. A device GEMM cannot promise
 //!   that: its accumulation order (cube unit, k-blocking, fused multiply-add)
-//!   is not ours to choose. [`LoraMode::DeviceAddmm`] uses
+//!   is not ours to choose. [`LoraMode::DeviceAddmm`] (the default) uses
 //!   `aclnnInplaceAddmm` (exact-f32 `cubeMathType` 0) for speed; it agrees
 //!   within a few ulp but not bitwise, and falls back to the host GEMM where
 //!   this CANN lacks the op.
@@ -44,8 +49,12 @@
 //! * **Threads.** Every entry point makes the backend's context current on
 //!   the calling thread; device work is serialised by one lock.
 
+mod cache;
 mod pool;
+mod source;
 mod startup;
+
+pub use cache::CacheStats;
 
 use std::collections::BTreeMap;
 use std::ffi::c_void;
@@ -56,9 +65,10 @@ use ascendcl_sys::sys::{self as acl, aclDataType, Api, ReshardBoxDesc};
 
 use super::cast::supported;
 use super::cpu::{CpuBackend, HostBuffer};
-use super::{Backend, BoxCopy, LoraAdd, Src};
+use super::{Backend, BoxCopy, LoraAdd, SourceKey, Src};
 use crate::dtype::DType;
 use crate::error::{DeviceErrorKind, Error, Result};
+use cache::SourceCache;
 use pool::{Block, Pool};
 
 /// How box copies run on the device (tests force each path).
@@ -104,6 +114,10 @@ pub struct AscendOptions {
     /// opt-in (`RESHARD_ASCEND_KERNEL=1`) until `examples/npu_smoke.rs` has
     /// passed on hardware; `CopyPath::Kernel` uses it regardless.
     pub kernel: bool,
+    /// Device bytes the source cache may hold (see `cache.rs`): `None`, a
+    /// quarter of the HBM free when the backend opens; `Some(0)` turns the
+    /// cache off. Default: `$RESHARD_ASCEND_CACHE_BYTES` if set, else `None`.
+    pub cache_bytes: Option<usize>,
 }
 
 impl Default for AscendOptions {
@@ -124,6 +138,9 @@ impl Default for AscendOptions {
                 .map(|n| n.get())
                 .unwrap_or(1),
             kernel: std::env::var("RESHARD_ASCEND_KERNEL").as_deref() == Ok("1"),
+            cache_bytes: std::env::var("RESHARD_ASCEND_CACHE_BYTES")
+                .ok()
+                .and_then(|v| v.trim().parse().ok()),
         }
     }
 }
@@ -138,6 +155,8 @@ pub struct AscendStats {
     pub paths: BTreeMap<&'static str, u64>,
     /// Why a path was abandoned (each reason once).
     pub fallbacks: Vec<String>,
+    /// The device-resident source cache.
+    pub cache: CacheStats,
 }
 
 /// Maps an `ascendcl-sys` error into reshard's.
@@ -226,6 +245,14 @@ struct Inner {
     memcpy2d_d2d: bool,
     copy: Stream,
     compute: Stream,
+    /// Uploaded source boxes (see `cache.rs`).
+    cache: SourceCache,
+    /// Recorded on the compute stream before the copy stream writes a
+    /// fresh cache block (which the pool may have handed out again).
+    tail: Event,
+    /// Recorded on the copy stream after a cache upload; the compute
+    /// stream waits for it before reading the entry.
+    loaded: Event,
 }
 
 #[allow(dead_code)] // held for their Drop
@@ -330,6 +357,13 @@ impl AscendBackend {
             }
         };
         let memcpy2d_d2d = Self::probe_memcpy2d_d2d(api, &pool, &compute);
+        let budget = options
+            .cache_bytes
+            .unwrap_or_else(|| ctx.mem_info().map(|(free, _)| free / 4).unwrap_or(0));
+        let (tail, loaded) = (
+            Event::new(&ctx).map_err(opening)?,
+            Event::new(&ctx).map_err(opening)?,
+        );
         let backend = AscendBackend {
             api,
             cpu: CpuBackend::new(options.threads),
@@ -341,6 +375,9 @@ impl AscendBackend {
                 memcpy2d_d2d: memcpy2d_d2d.is_ok(),
                 copy,
                 compute,
+                cache: SourceCache::new(budget),
+                tail,
+                loaded,
             }),
             ctx,
             pool,
@@ -468,7 +505,15 @@ impl AscendBackend {
 
     /// Counters of paths taken, spills and fallbacks.
     pub fn stats(&self) -> AscendStats {
-        self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        s.cache = self
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .cache
+            .stats
+            .clone();
+        s
     }
 
     /// Bytes per staging chunk in use (smaller than asked after an OOM).
@@ -534,12 +579,15 @@ impl AscendBackend {
         Ok(())
     }
 
-    /// A pool block, trimming the pool once on OOM.
+    /// A pool block; on OOM, drops the source cache and trims the pool,
+    /// once.
     fn device_block(&self, inner: &mut Inner, bytes: usize) -> ascendcl_sys::Result<Block> {
         match self.pool.alloc(bytes) {
             Err(e) if e.is_out_of_memory() => {
+                inner.copy.synchronize()?;
                 inner.compute.synchronize()?;
                 inner.retired.clear();
+                inner.cache.clear();
                 self.pool.trim();
                 self.pool.alloc(bytes)
             }
@@ -1514,6 +1562,39 @@ impl Backend for AscendBackend {
         }
     }
 
+    /// Through the device-resident source cache (`cache.rs`): each byte of
+    /// a source tensor crosses host→device once while its entry lives.
+    fn box_copy_source(
+        &self,
+        key: &SourceKey,
+        src: &[u8],
+        dst: &mut AscendBuffer,
+        copy: &BoxCopy,
+    ) -> Result<()> {
+        let direct = !dst.on_device()
+            || self.options.path == CopyPath::Host
+            || copy.elements() == 0
+            || self.lock()?.cache.budget() == 0;
+        if direct {
+            return self.box_copy(Src::Host(src), dst, copy);
+        }
+        copy.validate(src.len(), dst.len)?;
+        if !supported(copy.src_dtype, copy.dst_dtype) {
+            return Err(Error::UnsupportedDtype {
+                dtype: format!("{} → {}", copy.src_dtype, copy.dst_dtype),
+                op: "box copy",
+            });
+        }
+        let mut inner = self.lock()?;
+        self.copy_from_source(&mut inner, key, src, dst, copy)
+    }
+
+    fn forget_sources(&self, job: u64) {
+        if let Ok(mut inner) = self.lock() {
+            inner.cache.forget(job);
+        }
+    }
+
     fn lora_add(
         &self,
         w: &mut AscendBuffer,
@@ -1544,6 +1625,7 @@ impl Drop for AscendBackend {
             let _ = inner.copy.synchronize();
             let _ = inner.compute.synchronize();
             inner.retired.clear();
+            inner.cache.clear();
             inner.stages.clear();
         }
         self.pool.trim();
