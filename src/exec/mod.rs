@@ -39,6 +39,15 @@ pub use exchange::{
     all_gather_bytes, execute_on, execute_on_local, in_process_job, Check, ExchangeReport,
 };
 
+/// The command line's default number of workers: the cores this process
+/// may run on (`std::thread::available_parallelism`), 1 if unknown. The
+/// bytes written never depend on the number of workers.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(std::num::NonZeroUsize::get)
+        .unwrap_or(1)
+}
+
 /// Options of [`execute`].
 #[derive(Debug, Clone)]
 pub struct ExecOptions {
