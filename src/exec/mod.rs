@@ -11,7 +11,10 @@
 //! manifest) is taken front to back, each worker adding its tensor's span
 //! in turn.
 //!
-//! Outputs are written under temporary names and renamed when complete. If
+//! Outputs are written under temporary names and renamed when complete:
+//! with fsync on (the default), each tensor's range is handed to the disk
+//! (`sync_file_range`) as soon as it is written, each file is `fsync`ed
+//! once before its rename, and each output directory once at the end. If
 //! any file fails, the files this run already finished are removed too, so a
 //! failed job leaves nothing behind.
 
@@ -282,6 +285,9 @@ fn execute_with<B: Backend>(
         return Err(e);
     }
     files.sort_by_key(|f| f.rank);
+    if options.control.fsync {
+        sync_directories(&files)?;
+    }
     Ok(ExecReport {
         bytes_written: files.iter().map(|f| f.bytes).sum(),
         files,
@@ -548,6 +554,18 @@ impl<'p, B: Backend> Job<'p, B> {
             file.out.write_at(piece.at, piece.bytes)?;
         }
         file.written.pass(written);
+        if self.options.control.fsync {
+            // The disk writes this tensor back while the next ones are
+            // filled; the file's one fsync, before its rename, waits for
+            // what is left.
+            let lo = pieces.iter().map(|p| p.at).min().unwrap_or(0);
+            let hi = pieces
+                .iter()
+                .map(|p| p.at + p.bytes.len() as u64)
+                .max()
+                .unwrap_or(0);
+            file.out.start_writeback(lo, hi - lo);
+        }
         if hashing {
             let Some(hashed) = file.hashed.wait_for(pos, &self.failed) else {
                 return Ok(());
@@ -675,6 +693,32 @@ impl<'p, B: Backend> Job<'p, B> {
         self.done.lock().unwrap().push(written);
         Ok(())
     }
+}
+
+/// Syncs, once each, the directories the written files were renamed into,
+/// so the renames (of data files and manifests) are durable too. Each file
+/// was synced before its rename.
+fn sync_directories(files: &[WrittenFile]) -> Result<()> {
+    let mut dirs: Vec<&std::path::Path> = files
+        .iter()
+        .filter(|f| !f.skipped)
+        .filter_map(|f| f.path.parent())
+        .map(|d| {
+            if d.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                d
+            }
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    for dir in dirs {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::Io(e).in_file(dir))?;
+    }
+    Ok(())
 }
 
 /// Whose turn it is, for work that must go front to back through a file.
