@@ -920,7 +920,50 @@ fn merged<B: Backend>(
     backend: &B,
 ) -> Result<B::Buffer> {
     let count: u64 = shape.iter().product::<i64>().max(0) as u64;
+    // A weight whose pieces are all stored in its own dtype is gathered in
+    // that dtype (a plain copy) and merged in place, widening, adding and
+    // rounding tile by tile: the same bits as the f32 route below, with
+    // each weight byte touched once and no f32 copy of the weight.
+    let fused = sources.remote.is_none()
+        && matches!(dtype, crate::DType::BF16 | crate::DType::F16)
+        && steps
+            .iter()
+            .all(|s| s.copy.src_dtype == dtype && s.copy.dst_dtype == crate::DType::F32);
+    if fused {
+        let steps: Vec<CopyStep> = steps
+            .iter()
+            .map(|s| {
+                let mut s = s.clone();
+                s.copy.dst_dtype = dtype;
+                s
+            })
+            .collect();
+        let mut w = gather(backend, sources, &steps, count as usize * dtype.size())?;
+        let (b, a) = lora_operands(lora, sources, backend)?;
+        backend.lora_add_rounded(&mut w, dtype, &b, &a, &lora.blocks)?;
+        return Ok(w);
+    }
     let mut w = gather(backend, sources, steps, count as usize * 4)?;
+    let (b, a) = lora_operands(lora, sources, backend)?;
+    for block in &lora.blocks {
+        backend.lora_add(&mut w, &b, &a, block)?;
+    }
+    drop((a, b));
+    let mut out = backend.alloc(count as usize * dtype.size())?;
+    backend.box_copy(
+        Src::Buffer(&w),
+        &mut out,
+        &BoxCopy::whole(&[count], crate::DType::F32, dtype),
+    )?;
+    Ok(out)
+}
+
+/// The `B` and `A` operands of a LoRA merge, gathered in `f32`.
+fn lora_operands<B: Backend>(
+    lora: &LoraTerm,
+    sources: &Sources<'_>,
+    backend: &B,
+) -> Result<(B::Buffer, B::Buffer)> {
     let b = gather(
         backend,
         sources,
@@ -933,17 +976,7 @@ fn merged<B: Backend>(
         &lora.a_steps,
         (lora.a_shape[0] * lora.a_shape[1]) as usize * 4,
     )?;
-    for block in &lora.blocks {
-        backend.lora_add(&mut w, &b, &a, block)?;
-    }
-    drop((a, b));
-    let mut out = backend.alloc(count as usize * dtype.size())?;
-    backend.box_copy(
-        Src::Buffer(&w),
-        &mut out,
-        &BoxCopy::whole(&[count], crate::DType::F32, dtype),
-    )?;
-    Ok(out)
+    Ok((b, a))
 }
 
 #[cfg(test)]
