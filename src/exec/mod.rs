@@ -7,10 +7,9 @@
 //! about one destination tensor per worker (plus a joined copy of a source
 //! tensor that MindSpore stored in several 512 MiB records). A tensor that
 //! is a plain copy of a whole source tensor goes from the mapped source
-//! straight to the file, with no buffer at all. Each worker hashes its
-//! tensor (for the manifest) and writes it in one pass, stride by stride;
-//! the file's hash is taken front to back, each worker adding its tensor's
-//! span in turn.
+//! straight to the file, with no buffer at all. The file's hash (for its
+//! manifest) is taken front to back, each worker adding its tensor's span
+//! in turn.
 //!
 //! Outputs are written under temporary names and renamed when complete:
 //! with fsync on (the default), each tensor's range is handed to the disk
@@ -331,7 +330,8 @@ struct OpenFile<'p> {
     /// lay the file out).
     strings: Vec<Option<String>>,
     out: PlacedFile,
-    /// Placements are hashed front to back (written in any order).
+    /// Placements are written, and then hashed, front to back.
+    written: Turn,
     hashed: Turn,
     /// The file's hash so far (taken by the holder of the turn).
     hasher: Mutex<crate::formats::hash::Hasher>,
@@ -509,6 +509,7 @@ impl<'p, B: Backend> Job<'p, B> {
             tensors,
             strings: placed_strings,
             out,
+            written: Turn::default(),
             hashed: Turn::default(),
             hasher: Mutex::new(hasher),
             started: Instant::now(),
@@ -533,27 +534,26 @@ impl<'p, B: Backend> Job<'p, B> {
         // Hashes are for the manifest: without one, nothing to compute.
         let hashing = self.options.manifest.is_some();
         let mut tensor_hash = crate::formats::hash::Hasher::new();
-        if !hashing {
-            if let Filled::Mapped(chunks) = &filled {
-                // Hashing reads mapped sources below, before each write;
-                // without it, map their pages here all the same, in
-                // parallel, not inside the write.
-                touch_pages(chunks);
+        if hashing {
+            for piece in pieces.iter().filter(|p| p.data) {
+                tensor_hash.update(piece.bytes);
             }
+        } else if let Filled::Mapped(chunks) = &filled {
+            // Hashing reads mapped sources here; without it, map their
+            // pages here all the same.
+            touch_pages(chunks);
         }
-        // Workers write their tensors at their own offsets at once, in
-        // cache-sized strides: each stride is added to the tensor's hash
-        // and written while it is in cache (one pass over the bytes).
+        // Tensors are filled in parallel, written in file order (the kernel
+        // serialises writes to one file anyway), then added to the file's
+        // hash in file order: while one worker hashes tensor i, another can
+        // write tensor i + 1.
+        let Some(written) = file.written.wait_for(pos, &self.failed) else {
+            return Ok(());
+        };
         for piece in &pieces {
-            let mut at = piece.at;
-            for part in piece.bytes.chunks(WRITE_STRIDE) {
-                if hashing && piece.data {
-                    tensor_hash.update(part);
-                }
-                file.out.write_at(at, part)?;
-                at += part.len() as u64;
-            }
+            file.out.write_at(piece.at, piece.bytes)?;
         }
+        file.written.pass(written);
         if self.options.control.fsync {
             // The disk writes this tensor back while the next ones are
             // filled; the file's one fsync, before its rename, waits for
@@ -566,8 +566,6 @@ impl<'p, B: Backend> Job<'p, B> {
                 .unwrap_or(0);
             file.out.start_writeback(lo, hi - lo);
         }
-        // The file's hash goes front to back: tensors are added in file
-        // order, while the next tensors are filled and written.
         if hashing {
             let Some(hashed) = file.hashed.wait_for(pos, &self.failed) else {
                 return Ok(());
@@ -722,10 +720,6 @@ fn sync_directories(files: &[WrittenFile]) -> Result<()> {
     }
     Ok(())
 }
-
-/// Bytes a worker hashes and writes at a time: small enough to stay in
-/// cache between the two.
-const WRITE_STRIDE: usize = 1 << 20;
 
 /// Whose turn it is, for work that must go front to back through a file.
 #[derive(Default)]
