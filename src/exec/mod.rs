@@ -14,7 +14,8 @@
 //! Outputs are written under temporary names and renamed when complete:
 //! with fsync on (the default), each tensor's range is handed to the disk
 //! (`sync_file_range`) as soon as it is written, each file is `fsync`ed
-//! once before its rename, and each output directory once at the end. If
+//! once before its rename (by a thread of its own, so no worker waits for
+//! the disk), and each output directory once at the end. If
 //! any file fails, the files this run already finished are removed too, so a
 //! failed job leaves nothing behind.
 
@@ -230,6 +231,7 @@ fn execute_with<B: Backend>(
     }
     let units: usize = plan.files.iter().map(|f| f.tensors.len().max(1)).sum();
     let workers = options.workers.clamp(1, units.max(1));
+    let (flush_tx, flush_rx) = crossbeam::channel::unbounded();
     let job = Job {
         plan,
         backend,
@@ -249,6 +251,8 @@ fn execute_with<B: Backend>(
         failed: AtomicBool::new(false),
         done: Mutex::new(Vec::new()),
         first_error: Mutex::new(None),
+        flush: flush_tx,
+        working: AtomicUsize::new(workers),
     };
     crossbeam::thread::scope(|s| {
         if options.manifest.is_some() && !options.resume && remote.is_none() {
@@ -265,8 +269,19 @@ fn execute_with<B: Backend>(
                 }
             });
         }
+        // Completed files are synced, renamed and given their manifests
+        // by one thread of their own, so no worker waits for the disk.
+        s.spawn(|_| job.flusher(&flush_rx));
         for _ in 0..workers {
-            s.spawn(|_| job.work());
+            s.spawn(|_| {
+                // Also when a worker panics, so the flusher stops.
+                let _stopped = OnDrop(|| {
+                    if job.working.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        let _ = job.flush.send(None);
+                    }
+                });
+                job.work();
+            });
         }
     })
     .expect("a worker panicked");
@@ -310,6 +325,11 @@ struct Job<'p, B> {
     failed: AtomicBool,
     done: Mutex<Vec<WrittenFile>>,
     first_error: Mutex<Option<Error>>,
+    /// Files whose every tensor is written, for [`Job::flusher`]; `None`
+    /// when the last worker has stopped.
+    flush: crossbeam::channel::Sender<Option<Arc<OpenFile<'p>>>>,
+    /// Workers still taking tensors.
+    working: AtomicUsize,
 }
 
 /// The next tensor to hand out.
@@ -353,10 +373,30 @@ impl<'p, B: Backend> Job<'p, B> {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(e) => {
-                    self.failed.store(true, Ordering::Relaxed);
-                    self.first_error.lock().unwrap().get_or_insert(e);
+                    self.fail(e);
                     return;
                 }
+            }
+        }
+    }
+
+    /// Records the job's first error; every thread stops at its next step.
+    fn fail(&self, e: Error) {
+        self.failed.store(true, Ordering::Relaxed);
+        self.first_error.lock().unwrap().get_or_insert(e);
+    }
+
+    /// Finishes ([`Job::finish`]: fsync, rename, manifest) each completely
+    /// written file, in the order they complete, until the workers stop.
+    /// After a failure the rest are dropped, which removes their temporary
+    /// files.
+    fn flusher(&self, files: &crossbeam::channel::Receiver<Option<Arc<OpenFile<'p>>>>) {
+        while let Ok(Some(file)) = files.recv() {
+            if self.failed.load(Ordering::Relaxed) {
+                continue;
+            }
+            if let Err(e) = self.finish(&file) {
+                self.fail(e);
             }
         }
     }
@@ -517,8 +557,8 @@ impl<'p, B: Backend> Job<'p, B> {
     }
 
     /// Fills placement `pos` of `file`, writes it at its offsets, hashes it
-    /// in file order, and finishes the file if it was the last.
-    fn place(&self, file: &OpenFile<'p>, pos: usize) -> Result<()> {
+    /// in file order, and hands the file to the flusher if it was the last.
+    fn place(&self, file: &Arc<OpenFile<'p>>, pos: usize) -> Result<()> {
         let t = file.tensors[pos];
         let placement = &file.layout.tensors[pos];
         let context = |e: Error| match e {
@@ -587,7 +627,8 @@ impl<'p, B: Backend> Job<'p, B> {
         drop(pieces);
         drop(filled);
         if file.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.finish(file)?;
+            // The receiver lives until every thread of the job has ended.
+            let _ = self.flush.send(Some(file.clone()));
         }
         Ok(())
     }
@@ -719,6 +760,15 @@ fn sync_directories(files: &[WrittenFile]) -> Result<()> {
             .map_err(|e| Error::Io(e).in_file(dir))?;
     }
     Ok(())
+}
+
+/// Runs its closure when dropped.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
 }
 
 /// Whose turn it is, for work that must go front to back through a file.
