@@ -215,59 +215,84 @@ fn run_transform(model: &Path, out: &Path, s: &Path, resume: bool) -> std::proce
 fn killed_runs_resume_to_identical_outputs() {
     let dir = tempdir();
     let model = dir.path().join("model.ckpt");
-    synthetic_model(&model, 24, DType::F32, 9); // ~ 8 MiB, 8 output files
-    let s = strategies(&model, &dir.path().join("s"), 2, 4, 1, 0);
-    let clean = dir.path().join("clean");
-    transform(&TransformOptions::new(
-        &model,
-        &clean,
-        None,
-        Some(s.clone()),
-    ))
-    .unwrap();
+    synthetic_model(&model, 24, DType::F32, 9); // ~ 8 MiB
+                                                // Random kill points besides the fixed ones; the seed is in the message.
+    let seed: u64 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    // 8 output files (workers on distinct files), then one output file
+    // (every worker writing into it at once).
+    for (case, (dp, mp)) in [(2, 4), (1, 1)].into_iter().enumerate() {
+        let s = strategies(&model, &dir.path().join(format!("s{case}")), dp, mp, 1, 0);
+        let clean = dir.path().join(format!("clean{case}"));
+        transform(&TransformOptions::new(
+            &model,
+            &clean,
+            None,
+            Some(s.clone()),
+        ))
+        .unwrap();
+        let delays = [
+            5u64,
+            40,
+            120,
+            rand::Rng::gen_range(&mut rng, 0..150),
+            rand::Rng::gen_range(&mut rng, 0..150),
+        ];
+        for (i, delay) in delays.into_iter().enumerate() {
+            let out = dir.path().join(format!("killed{case}_{i}"));
+            kill_and_resume(&model, &out, &s, &clean, delay, seed);
+        }
+    }
+}
+
+/// Runs transform into `out` with the default settings (every core, fsync
+/// on), kills it (SIGKILL) after `delay_ms`, checks that every file with a
+/// manifest is complete, resumes, and compares with `clean`.
+fn kill_and_resume(model: &Path, out: &Path, s: &Path, clean: &Path, delay_ms: u64, seed: u64) {
     let data = |d: &Path| {
         files(d)
             .into_iter()
             .filter(|p| p.extension().is_some_and(|e| e == "ckpt"))
             .collect::<Vec<_>>()
     };
-    for (i, delay) in [5u64, 40, 120].into_iter().enumerate() {
-        let out = dir.path().join(format!("killed{i}"));
-        let mut child = run_transform(&model, &out, &s, false);
-        std::thread::sleep(Duration::from_millis(delay));
-        let _ = child.kill(); // SIGKILL
-        let _ = child.wait();
-        // Whatever the moment, a file that has a manifest is complete.
-        for f in data(&out) {
-            if let Some(m) = Manifest::read(&f).unwrap() {
-                m.check(&f).unwrap();
-            }
+    let at = format!("killed after {delay_ms} ms (random seed {seed})");
+    let mut child = run_transform(model, out, s, false);
+    std::thread::sleep(Duration::from_millis(delay_ms));
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+    // Whatever the moment, a file that has a manifest is complete.
+    for f in data(out) {
+        if let Some(m) = Manifest::read(&f).unwrap() {
+            m.check(&f).unwrap_or_else(|e| panic!("{at}: {e}"));
         }
-        let status = run_transform(&model, &out, &s, true)
-            .wait_with_output()
-            .unwrap();
-        assert!(
-            status.status.success(),
-            "{}",
-            String::from_utf8_lossy(&status.stderr)
-        );
-        let (a, b) = (data(&out), data(&clean));
-        assert_eq!(a.len(), b.len());
-        for (x, y) in a.iter().zip(&b) {
-            assert!(
-                std::fs::read(x).unwrap() == std::fs::read(y).unwrap(),
-                "{} differs after resume",
-                x.display()
-            );
-            assert!(manifest_path(x).exists());
-        }
-        assert!(
-            files(&out)
-                .iter()
-                .all(|p| !p.to_string_lossy().ends_with(".tmp")),
-            "temporary files left"
-        );
     }
+    let status = run_transform(model, out, s, true)
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{at}: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let (a, b) = (data(out), data(clean));
+    assert_eq!(a.len(), b.len(), "{at}");
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            std::fs::read(x).unwrap() == std::fs::read(y).unwrap(),
+            "{at}: {} differs after resume",
+            x.display()
+        );
+        assert!(manifest_path(x).exists(), "{at}");
+    }
+    assert!(
+        files(out)
+            .iter()
+            .all(|p| !p.to_string_lossy().ends_with(".tmp")),
+        "{at}: temporary files left"
+    );
 }
 
 #[test]

@@ -3,6 +3,7 @@
 
 use super::cast::{cast_slice, supported};
 use super::{Backend, BoxCopy, LoraAdd, SourceKey, Src, LORA_TILE};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 
 /// Copies above this many bytes are split across threads.
@@ -241,109 +242,106 @@ impl Backend for CpuBackend {
         op: &LoraAdd,
     ) -> Result<()> {
         op.validate(w.len, b.len, a.len)?;
-        let [rows, cols] = LoraAdd::needed(op.global, op.origin, op.block);
-        let tiles: Vec<(usize, usize)> = (rows.start..rows.end)
-            .step_by(LORA_TILE[0])
-            .flat_map(|r| {
-                (cols.start..cols.end)
-                    .step_by(LORA_TILE[1])
-                    .map(move |c| (r, c))
-            })
-            .collect();
-        let (bs, as_) = (b.f32s(), a.f32s());
         let w_ptr = DstPtr(w.f32s_mut().as_mut_ptr().cast());
-        let run = |range: std::ops::Range<usize>| {
-            let mut product = Vec::new();
-            for &(r0, c0) in &tiles[range] {
-                let tm = LORA_TILE[0].min(op.global[0] - r0);
-                let tn = LORA_TILE[1].min(op.global[1] - c0);
-                product.clear();
-                product.resize(tm * tn, 0.0f32);
-                let lhs = &bs[(r0 - op.b_rows.start) * op.k..];
-                let rhs = &as_[c0 - op.a_cols.start..];
-                // SAFETY: the operands cover this tile (validated): lhs is
-                // [tm × k] with row stride k, rhs [k × tn] with row stride
-                // len(a_cols); `product` is [tm × tn].
-                unsafe {
-                    gemm::gemm(
-                        tm,
-                        tn,
-                        op.k,
-                        product.as_mut_ptr(),
-                        1,
-                        tn as isize,
-                        false,
-                        lhs.as_ptr(),
-                        1,
-                        op.k as isize,
-                        rhs.as_ptr(),
-                        1,
-                        op.a_cols.len() as isize,
-                        0.0f32,
-                        1.0f32,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
+        self.lora_tiles(b, a, op, |lr, lc0, p_row| {
+            let w = w_ptr.get().cast::<f32>();
+            if op.w_transposed {
+                for (j, p) in p_row.iter().enumerate() {
+                    // SAFETY: `validate` checked the block lies in W; tiles
+                    // are disjoint, so threads write disjoint elements.
+                    unsafe { *w.add((lc0 + j) * op.w_shape[1] + lr) += op.scale * p };
                 }
-                // Add the part of the tile inside the block.
-                let (lo_r, hi_r) = (
-                    r0.max(op.origin[0]),
-                    (r0 + tm).min(op.origin[0] + op.block[0]),
-                );
-                let (lo_c, hi_c) = (
-                    c0.max(op.origin[1]),
-                    (c0 + tn).min(op.origin[1] + op.block[1]),
-                );
-                if lo_r >= hi_r || lo_c >= hi_c {
-                    continue;
-                }
-                let width = hi_c - lo_c;
-                for gr in lo_r..hi_r {
-                    let p_row = &product[(gr - r0) * tn + lo_c - c0..][..width];
-                    let lr = op.w_offset[0] + gr - op.origin[0];
-                    let lc0 = op.w_offset[1] + lo_c - op.origin[1];
-                    if op.w_transposed {
-                        for (j, p) in p_row.iter().enumerate() {
-                            // SAFETY: `validate` checked the block lies in W;
-                            // tiles are disjoint, so threads write disjoint elements.
-                            unsafe {
-                                *w_ptr
-                                    .get()
-                                    .cast::<f32>()
-                                    .add((lc0 + j) * op.w_shape[1] + lr) += op.scale * p
-                            };
-                        }
-                    } else {
-                        // SAFETY: as above; this row segment of W is `width`
-                        // contiguous f32s owned by this tile.
-                        let w_row = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                w_ptr.get().cast::<f32>().add(lr * op.w_shape[1] + lc0),
-                                width,
-                            )
-                        };
-                        for (w, p) in w_row.iter_mut().zip(p_row) {
-                            *w += op.scale * p;
-                        }
-                    }
+            } else {
+                // SAFETY: as above; this row segment of W is `p_row.len()`
+                // contiguous f32s owned by this tile.
+                let w_row = unsafe {
+                    std::slice::from_raw_parts_mut(w.add(lr * op.w_shape[1] + lc0), p_row.len())
+                };
+                for (w, p) in w_row.iter_mut().zip(p_row) {
+                    *w += op.scale * p;
                 }
             }
-        };
-        let threads = self.threads.min(tiles.len()).max(1);
-        if threads == 1 {
-            run(0..tiles.len());
-        } else {
-            let per = tiles.len().div_ceil(threads);
-            crossbeam::thread::scope(|s| {
-                for t in 0..threads {
-                    let range = (t * per).min(tiles.len())..((t + 1) * per).min(tiles.len());
-                    let run = &run;
-                    s.spawn(move |_| run(range));
+        })
+    }
+
+    fn lora_add_rounded(
+        &self,
+        w: &mut HostBuffer,
+        dtype: DType,
+        b: &HostBuffer,
+        a: &HostBuffer,
+        blocks: &[LoraAdd],
+    ) -> Result<()> {
+        let size = dtype.size();
+        if dtype == DType::F32 {
+            return blocks.iter().try_for_each(|op| self.lora_add(w, b, a, op));
+        }
+        if !supported(dtype, DType::F32) || !supported(DType::F32, dtype) || w.len % size != 0 {
+            return Err(Error::UnsupportedDtype {
+                dtype: dtype.to_string(),
+                op: "LoRA merge",
+            });
+        }
+        let w_len = w.len;
+        let w_ptr = DstPtr(w.bytes_mut().as_mut_ptr());
+        for op in blocks {
+            // Sizes as the f32 weight the two-pass route would have.
+            op.validate(w_len / size * 4, b.len, a.len)?;
+            self.lora_tiles(b, a, op, |lr, lc0, p_row| {
+                let n = p_row.len();
+                let mut wide = [0f32; LORA_TILE[1]];
+                let mut narrow = [0u8; LORA_TILE[1] * 8];
+                let (wide, narrow) = (&mut wide[..n], &mut narrow[..n * size]);
+                let at = |j: usize| {
+                    if op.w_transposed {
+                        ((lc0 + j) * op.w_shape[1] + lr) * size
+                    } else {
+                        (lr * op.w_shape[1] + lc0 + j) * size
+                    }
+                };
+                let base = w_ptr.get();
+                // SAFETY: `validate` checked the block lies in W (`w_len`
+                // bytes); tiles are disjoint, so threads touch disjoint
+                // elements, each read here and written back below.
+                unsafe {
+                    if op.w_transposed {
+                        for j in 0..n {
+                            std::ptr::copy_nonoverlapping(
+                                base.add(at(j)),
+                                narrow[j * size..].as_mut_ptr(),
+                                size,
+                            );
+                        }
+                    } else {
+                        std::ptr::copy_nonoverlapping(
+                            base.add(at(0)),
+                            narrow.as_mut_ptr(),
+                            n * size,
+                        );
+                    }
                 }
-            })
-            .expect("merge thread panicked");
+                // The casts of the two-pass route: exact widening, then one
+                // rounding to nearest even after the add.
+                cast_slice(dtype, narrow, DType::F32, f32_bytes(wide)).expect("supported");
+                for (w, p) in wide.iter_mut().zip(p_row) {
+                    *w += op.scale * p;
+                }
+                cast_slice(DType::F32, f32_bytes(wide), dtype, narrow).expect("supported");
+                // SAFETY: as above.
+                unsafe {
+                    if op.w_transposed {
+                        for j in 0..n {
+                            std::ptr::copy_nonoverlapping(
+                                narrow[j * size..].as_ptr(),
+                                base.add(at(j)),
+                                size,
+                            );
+                        }
+                    } else {
+                        std::ptr::copy_nonoverlapping(narrow.as_ptr(), base.add(at(0)), n * size);
+                    }
+                }
+            })?;
         }
         Ok(())
     }
@@ -410,6 +408,109 @@ impl Backend for CpuBackend {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+}
+
+impl CpuBackend {
+    /// Runs the tiles of the global `B·A` grid that block `op` touches
+    /// (threads take whole tiles), computing each tile's product and
+    /// handing `apply` each row of it that lies in the block: the block's
+    /// local P row, its first local P column, and the products.
+    fn lora_tiles(
+        &self,
+        b: &HostBuffer,
+        a: &HostBuffer,
+        op: &LoraAdd,
+        apply: impl Fn(usize, usize, &[f32]) + Sync,
+    ) -> Result<()> {
+        let [rows, cols] = LoraAdd::needed(op.global, op.origin, op.block);
+        let tiles: Vec<(usize, usize)> = (rows.start..rows.end)
+            .step_by(LORA_TILE[0])
+            .flat_map(|r| {
+                (cols.start..cols.end)
+                    .step_by(LORA_TILE[1])
+                    .map(move |c| (r, c))
+            })
+            .collect();
+        let (bs, as_) = (b.f32s(), a.f32s());
+        let run = |range: std::ops::Range<usize>| {
+            let mut product = Vec::new();
+            for &(r0, c0) in &tiles[range] {
+                let tm = LORA_TILE[0].min(op.global[0] - r0);
+                let tn = LORA_TILE[1].min(op.global[1] - c0);
+                product.clear();
+                product.resize(tm * tn, 0.0f32);
+                let lhs = &bs[(r0 - op.b_rows.start) * op.k..];
+                let rhs = &as_[c0 - op.a_cols.start..];
+                // SAFETY: the operands cover this tile (validated): lhs is
+                // [tm × k] with row stride k, rhs [k × tn] with row stride
+                // len(a_cols); `product` is [tm × tn].
+                unsafe {
+                    gemm::gemm(
+                        tm,
+                        tn,
+                        op.k,
+                        product.as_mut_ptr(),
+                        1,
+                        tn as isize,
+                        false,
+                        lhs.as_ptr(),
+                        1,
+                        op.k as isize,
+                        rhs.as_ptr(),
+                        1,
+                        op.a_cols.len() as isize,
+                        0.0f32,
+                        1.0f32,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                // The part of the tile inside the block.
+                let (lo_r, hi_r) = (
+                    r0.max(op.origin[0]),
+                    (r0 + tm).min(op.origin[0] + op.block[0]),
+                );
+                let (lo_c, hi_c) = (
+                    c0.max(op.origin[1]),
+                    (c0 + tn).min(op.origin[1] + op.block[1]),
+                );
+                if lo_r >= hi_r || lo_c >= hi_c {
+                    continue;
+                }
+                let width = hi_c - lo_c;
+                for gr in lo_r..hi_r {
+                    let p_row = &product[(gr - r0) * tn + lo_c - c0..][..width];
+                    let lr = op.w_offset[0] + gr - op.origin[0];
+                    let lc0 = op.w_offset[1] + lo_c - op.origin[1];
+                    apply(lr, lc0, p_row);
+                }
+            }
+        };
+        let threads = self.threads.min(tiles.len()).max(1);
+        if threads == 1 {
+            run(0..tiles.len());
+        } else {
+            let per = tiles.len().div_ceil(threads);
+            crossbeam::thread::scope(|s| {
+                for t in 0..threads {
+                    let range = (t * per).min(tiles.len())..((t + 1) * per).min(tiles.len());
+                    let run = &run;
+                    s.spawn(move |_| run(range));
+                }
+            })
+            .expect("merge thread panicked");
+        }
+        Ok(())
+    }
+}
+
+/// The bytes of an f32 scratch array.
+fn f32_bytes(v: &mut [f32]) -> &mut [u8] {
+    // SAFETY: f32 has no invalid bit patterns and no padding; u8 has
+    // alignment 1; the length covers exactly the same memory.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), v.len() * 4) }
 }
 
 #[cfg(test)]
@@ -701,6 +802,92 @@ mod tests {
         assert!(CpuBackend::new(1)
             .lora_add(&mut f32_buf(&w), &f32_buf(&b), &f32_buf(&a), &bad)
             .is_err());
+    }
+
+    /// The fused tile loop on a bf16/f16 weight gives the bits of the f32
+    /// route: widen the whole weight, `lora_add` each block, round once.
+    #[test]
+    fn fused_rounded_merge_equals_the_f32_route_bit_for_bit() {
+        let (m, n, k) = (300usize, 270usize, 16usize);
+        let b: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 23) as f32 * 0.013 - 0.15)
+            .collect();
+        let a: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 104729) % 19) as f32 * 0.021 - 0.2)
+            .collect();
+        let wide: Vec<f32> = (0..m * n)
+            .map(|i| ((i * 2654435761usize) % 1000) as f32 * 0.0037 - 1.7)
+            .collect();
+        for dtype in [DType::BF16, DType::F16] {
+            let mut w = vec![0u8; m * n * dtype.size()];
+            cast_slice(DType::F32, f32_buf(&wide).bytes(), dtype, &mut w).unwrap();
+            for transposed in [false, true] {
+                // Two blocks split at a row that is not a tile edge.
+                let blocks: Vec<LoraAdd> = [(0, 150), (150, m - 150)]
+                    .into_iter()
+                    .map(|(r0, rows)| LoraAdd {
+                        global: [m, n],
+                        k,
+                        w_shape: if transposed { [n, m] } else { [m, n] },
+                        w_transposed: transposed,
+                        w_offset: [r0, 0],
+                        origin: [r0, 0],
+                        block: [rows, n],
+                        b_rows: 0..m,
+                        a_cols: 0..n,
+                        scale: 0.37,
+                    })
+                    .collect();
+                let (bb, ab) = (f32_buf(&b), f32_buf(&a));
+                let mut f32_route = vec![0u8; m * n * 4];
+                cast_slice(dtype, &w, DType::F32, &mut f32_route).unwrap();
+                let mut f32_route = buf(&f32_route);
+                for op in &blocks {
+                    CpuBackend::new(2)
+                        .lora_add(&mut f32_route, &bb, &ab, op)
+                        .unwrap();
+                }
+                let mut expected = vec![0u8; w.len()];
+                cast_slice(DType::F32, f32_route.bytes(), dtype, &mut expected).unwrap();
+                for threads in [1, 3] {
+                    let mut fused = buf(&w);
+                    CpuBackend::new(threads)
+                        .lora_add_rounded(&mut fused, dtype, &bb, &ab, &blocks)
+                        .unwrap();
+                    assert!(
+                        fused.bytes() == &expected[..],
+                        "{dtype} transposed {transposed} threads {threads}"
+                    );
+                    assert!(fused.bytes() != &w[..], "the merge changed nothing");
+                }
+            }
+        }
+        // A block outside the weight is refused, as by `lora_add`.
+        let mut bad = vec![LoraAdd {
+            global: [m, n],
+            k,
+            w_shape: [m, n],
+            w_transposed: false,
+            w_offset: [1, 0],
+            origin: [0, 0],
+            block: [m, n],
+            b_rows: 0..m,
+            a_cols: 0..n,
+            scale: 1.0,
+        }];
+        let mut w = buf(&vec![0u8; m * n * 2]);
+        let err = CpuBackend::new(1)
+            .lora_add_rounded(&mut w, DType::BF16, &f32_buf(&b), &f32_buf(&a), &bad)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("inconsistent LoRA merge block"),
+            "{err}"
+        );
+        bad[0].w_offset = [0, 0];
+        let err = CpuBackend::new(1)
+            .lora_add_rounded(&mut w, DType::I32, &f32_buf(&b), &f32_buf(&a), &bad)
+            .unwrap_err();
+        assert!(matches!(err, Error::UnsupportedDtype { .. }), "{err}");
     }
 
     proptest! {

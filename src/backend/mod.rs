@@ -345,6 +345,41 @@ pub trait Backend: Send + Sync {
         op: &LoraAdd,
     ) -> Result<()>;
 
+    /// Enqueues `W_block += scale · (B·A)_block` for each of `blocks`
+    /// (disjoint) on a weight `w` stored in `dtype`, each element widened
+    /// to `f32`, added to, and rounded once back to `dtype`: the bits of
+    /// widening the whole weight to `f32`, [`Backend::lora_add`] for each
+    /// block and casting back, which is what this default does. The CPU
+    /// backend fuses the three in one tile loop that touches each weight
+    /// byte once.
+    fn lora_add_rounded(
+        &self,
+        w: &mut Self::Buffer,
+        dtype: DType,
+        b: &Self::Buffer,
+        a: &Self::Buffer,
+        blocks: &[LoraAdd],
+    ) -> Result<()> {
+        let Some(op) = blocks.first() else {
+            return Ok(());
+        };
+        let count = (op.w_shape[0] * op.w_shape[1]) as u64;
+        let mut wide = self.alloc(count as usize * 4)?;
+        self.box_copy(
+            Src::Buffer(w),
+            &mut wide,
+            &BoxCopy::whole(&[count], dtype, DType::F32),
+        )?;
+        for op in blocks {
+            self.lora_add(&mut wide, b, a, op)?;
+        }
+        self.box_copy(
+            Src::Buffer(&wide),
+            w,
+            &BoxCopy::whole(&[count], DType::F32, dtype),
+        )
+    }
+
     /// Waits for every enqueued operation and reports the first failure.
     fn synchronize(&self) -> Result<()>;
 }

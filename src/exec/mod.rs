@@ -11,7 +11,11 @@
 //! manifest) is taken front to back, each worker adding its tensor's span
 //! in turn.
 //!
-//! Outputs are written under temporary names and renamed when complete. If
+//! Outputs are written under temporary names and renamed when complete:
+//! with fsync on (the default), each tensor's range is handed to the disk
+//! (`sync_file_range`) as soon as it is written, each file is `fsync`ed
+//! once before its rename (by a thread of its own, so no worker waits for
+//! the disk), and each output directory once at the end. If
 //! any file fails, the files this run already finished are removed too, so a
 //! failed job leaves nothing behind.
 
@@ -40,6 +44,15 @@ pub use exchange::{
     all_gather_bytes, execute_on, execute_on_local, in_process_job, Check, ExchangeReport,
 };
 mod resume;
+
+/// The command line's default number of workers: the cores this process
+/// may run on (`std::thread::available_parallelism`), 1 if unknown. The
+/// bytes written never depend on the number of workers.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(std::num::NonZeroUsize::get)
+        .unwrap_or(1)
+}
 
 /// Options of [`execute`].
 #[derive(Debug, Clone)]
@@ -274,6 +287,7 @@ fn execute_with<B: Backend>(
             Some(destination::DestinationLock::directory(&root)?)
         }
     };
+    let (flush_tx, flush_rx) = crossbeam::channel::unbounded();
     let job = Job {
         root: &root,
         plan,
@@ -295,6 +309,8 @@ fn execute_with<B: Backend>(
         failed: AtomicBool::new(false),
         done: Mutex::new(Vec::new()),
         first_error: Mutex::new(None),
+        flush: flush_tx,
+        working: AtomicUsize::new(workers),
     };
     crossbeam::thread::scope(|s| {
         if options.manifest.is_some() && !options.resume && remote.is_none() {
@@ -311,8 +327,19 @@ fn execute_with<B: Backend>(
                 }
             });
         }
+        // Completed files are synced, renamed and given their manifests
+        // by one thread of their own, so no worker waits for the disk.
+        s.spawn(|_| job.flusher(&flush_rx));
         for _ in 0..workers {
-            s.spawn(|_| job.work());
+            s.spawn(|_| {
+                // Also when a worker panics, so the flusher stops.
+                let _stopped = OnDrop(|| {
+                    if job.working.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        let _ = job.flush.send(None);
+                    }
+                });
+                job.work();
+            });
         }
     })
     .expect("a worker panicked");
@@ -332,6 +359,9 @@ fn execute_with<B: Backend>(
         return Err(e);
     }
     files.sort_by_key(|f| f.rank);
+    if options.control.fsync {
+        sync_directories(&files)?;
+    }
     Ok(ExecReport {
         bytes_written: files.iter().map(|f| f.bytes).sum(),
         files,
@@ -357,6 +387,11 @@ struct Job<'p, B> {
     failed: AtomicBool,
     done: Mutex<Vec<WrittenFile>>,
     first_error: Mutex<Option<Error>>,
+    /// Files whose every tensor is written, for [`Job::flusher`]; `None`
+    /// when the last worker has stopped.
+    flush: crossbeam::channel::Sender<Option<Arc<OpenFile<'p>>>>,
+    /// Workers still taking tensors.
+    working: AtomicUsize,
 }
 
 /// The next tensor to hand out.
@@ -400,10 +435,30 @@ impl<'p, B: Backend> Job<'p, B> {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(e) => {
-                    self.failed.store(true, Ordering::Relaxed);
-                    self.first_error.lock().unwrap().get_or_insert(e);
+                    self.fail(e);
                     return;
                 }
+            }
+        }
+    }
+
+    /// Records the job's first error; every thread stops at its next step.
+    fn fail(&self, e: Error) {
+        self.failed.store(true, Ordering::Relaxed);
+        self.first_error.lock().unwrap().get_or_insert(e);
+    }
+
+    /// Finishes ([`Job::finish`]: fsync, rename, manifest) each completely
+    /// written file, in the order they complete, until the workers stop.
+    /// After a failure the rest are dropped, which removes their temporary
+    /// files.
+    fn flusher(&self, files: &crossbeam::channel::Receiver<Option<Arc<OpenFile<'p>>>>) {
+        while let Ok(Some(file)) = files.recv() {
+            if self.failed.load(Ordering::Relaxed) {
+                continue;
+            }
+            if let Err(e) = self.finish(&file) {
+                self.fail(e);
             }
         }
     }
@@ -564,8 +619,8 @@ impl<'p, B: Backend> Job<'p, B> {
     }
 
     /// Fills placement `pos` of `file`, writes it at its offsets, hashes it
-    /// in file order, and finishes the file if it was the last.
-    fn place(&self, file: &OpenFile<'p>, pos: usize) -> Result<()> {
+    /// in file order, and hands the file to the flusher if it was the last.
+    fn place(&self, file: &Arc<OpenFile<'p>>, pos: usize) -> Result<()> {
         let t = file.tensors[pos];
         let placement = &file.layout.tensors[pos];
         let context = |e: Error| match e {
@@ -601,6 +656,18 @@ impl<'p, B: Backend> Job<'p, B> {
             file.out.write_at(piece.at, piece.bytes)?;
         }
         file.written.pass(written);
+        if self.options.control.fsync {
+            // The disk writes this tensor back while the next ones are
+            // filled; the file's one fsync, before its rename, waits for
+            // what is left.
+            let lo = pieces.iter().map(|p| p.at).min().unwrap_or(0);
+            let hi = pieces
+                .iter()
+                .map(|p| p.at + p.bytes.len() as u64)
+                .max()
+                .unwrap_or(0);
+            file.out.start_writeback(lo, hi - lo);
+        }
         if hashing {
             let Some(hashed) = file.hashed.wait_for(pos, &self.failed) else {
                 return Ok(());
@@ -622,7 +689,8 @@ impl<'p, B: Backend> Job<'p, B> {
         drop(pieces);
         drop(filled);
         if file.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.finish(file)?;
+            // The receiver lives until every thread of the job has ended.
+            let _ = self.flush.send(Some(file.clone()));
         }
         Ok(())
     }
@@ -735,6 +803,41 @@ impl<'p, B: Backend> Job<'p, B> {
         }
         self.done.lock().unwrap().push(written);
         Ok(())
+    }
+}
+
+/// Syncs, once each, the directories the written files were renamed into,
+/// so the renames (of data files and manifests) are durable too. Each file
+/// was synced before its rename.
+fn sync_directories(files: &[WrittenFile]) -> Result<()> {
+    let mut dirs: Vec<&std::path::Path> = files
+        .iter()
+        .filter(|f| !f.skipped)
+        .filter_map(|f| f.path.parent())
+        .map(|d| {
+            if d.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                d
+            }
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    for dir in dirs {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::Io(e).in_file(dir))?;
+    }
+    Ok(())
+}
+
+/// Runs its closure when dropped.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
     }
 }
 
@@ -889,7 +992,50 @@ fn merged<B: Backend>(
     backend: &B,
 ) -> Result<B::Buffer> {
     let count: u64 = shape.iter().product::<i64>().max(0) as u64;
+    // A weight whose pieces are all stored in its own dtype is gathered in
+    // that dtype (a plain copy) and merged in place, widening, adding and
+    // rounding tile by tile: the same bits as the f32 route below, with
+    // each weight byte touched once and no f32 copy of the weight.
+    let fused = sources.remote.is_none()
+        && matches!(dtype, crate::DType::BF16 | crate::DType::F16)
+        && steps
+            .iter()
+            .all(|s| s.copy.src_dtype == dtype && s.copy.dst_dtype == crate::DType::F32);
+    if fused {
+        let steps: Vec<CopyStep> = steps
+            .iter()
+            .map(|s| {
+                let mut s = s.clone();
+                s.copy.dst_dtype = dtype;
+                s
+            })
+            .collect();
+        let mut w = gather(backend, sources, &steps, count as usize * dtype.size())?;
+        let (b, a) = lora_operands(lora, sources, backend)?;
+        backend.lora_add_rounded(&mut w, dtype, &b, &a, &lora.blocks)?;
+        return Ok(w);
+    }
     let mut w = gather(backend, sources, steps, count as usize * 4)?;
+    let (b, a) = lora_operands(lora, sources, backend)?;
+    for block in &lora.blocks {
+        backend.lora_add(&mut w, &b, &a, block)?;
+    }
+    drop((a, b));
+    let mut out = backend.alloc(count as usize * dtype.size())?;
+    backend.box_copy(
+        Src::Buffer(&w),
+        &mut out,
+        &BoxCopy::whole(&[count], crate::DType::F32, dtype),
+    )?;
+    Ok(out)
+}
+
+/// The `B` and `A` operands of a LoRA merge, gathered in `f32`.
+fn lora_operands<B: Backend>(
+    lora: &LoraTerm,
+    sources: &Sources<'_>,
+    backend: &B,
+) -> Result<(B::Buffer, B::Buffer)> {
     let b = gather(
         backend,
         sources,
@@ -902,17 +1048,7 @@ fn merged<B: Backend>(
         &lora.a_steps,
         (lora.a_shape[0] * lora.a_shape[1]) as usize * 4,
     )?;
-    for block in &lora.blocks {
-        backend.lora_add(&mut w, &b, &a, block)?;
-    }
-    drop((a, b));
-    let mut out = backend.alloc(count as usize * dtype.size())?;
-    backend.box_copy(
-        Src::Buffer(&w),
-        &mut out,
-        &BoxCopy::whole(&[count], crate::DType::F32, dtype),
-    )?;
-    Ok(out)
+    Ok((b, a))
 }
 
 #[cfg(test)]

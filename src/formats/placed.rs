@@ -200,6 +200,35 @@ impl PlacedFile {
             .map_err(|e| Error::Io(e).in_file(&self.dest))
     }
 
+    /// Starts writing back `len` bytes from `offset` to the disk without
+    /// waiting (`sync_file_range(SYNC_FILE_RANGE_WRITE)` on Linux, nothing
+    /// elsewhere): the disk works while the next tensors are filled, and
+    /// the `fsync` of [`PlacedFile::commit`] only waits for the rest. It is
+    /// a hint, not a guarantee of durability: errors are left to `fsync`.
+    pub fn start_writeback(&self, offset: u64, len: u64) {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+                return;
+            };
+            if len == 0 {
+                return;
+            }
+            // SAFETY: a valid open descriptor; the call reads no memory.
+            unsafe {
+                libc::sync_file_range(
+                    self.file.as_raw_fd(),
+                    offset,
+                    len,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (offset, len);
+    }
+
     /// Checks the length, syncs when asked, and renames over the
     /// destination. On failure the temporary file is removed.
     pub fn commit(&self, len: u64, fsync: bool) -> Result<()> {

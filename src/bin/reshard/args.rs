@@ -70,8 +70,8 @@ pub struct BenchArgs {
     /// Working directory (replaced; default: a new temporary directory, removed afterwards).
     #[arg(long)]
     pub dir: Option<PathBuf>,
-    /// Worker threads: each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
-    #[arg(short = 'j', long = "jobs", default_value_t = 2)]
+    /// Worker threads (default: the available cores): each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
+    #[arg(short = 'j', long = "jobs", default_value_t = reshard::exec::default_workers())]
     pub jobs: usize,
     /// Rank of the LoRA factors in the lora step.
     #[arg(long = "lora-rank", default_value_t = 16)]

@@ -282,7 +282,10 @@ impl Settings {
             world_size: world,
             node_local: self.bool_opt("node_local")?.unwrap_or(false),
             dst_strategy: self.path_opt("dst_strategy")?,
-            workers: self.usize_opt("workers")?.unwrap_or(1).max(1),
+            workers: self
+                .usize_opt("workers")?
+                .unwrap_or_else(crate::exec::default_workers)
+                .max(1),
             timeout: seconds("timeout_s", 7200.0)?,
             heartbeat_timeout: seconds("heartbeat_timeout_s", 120.0)?,
             poll: Duration::from_millis(self.usize_opt("poll_ms")?.unwrap_or(1000).max(1) as u64),

@@ -80,7 +80,7 @@ pub struct AutoArgs {
     /// Any other setting, e.g. --set parallel_config.pipeline_stage=2 (VALUE is JSON, or a string).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// Destination files a converting rank writes concurrently.
+    /// Worker threads of a converting rank (default: the available cores).
     #[arg(short = 'j', long = "workers", value_name = "N")]
     pub workers: Option<usize>,
     /// Longest wait, in seconds, for strategy files or a converting rank that has not started (default 7200).

@@ -88,11 +88,11 @@ pub struct ConvertArgs {
         value_name = "ckpt|safetensors"
     )]
     pub output_format: Option<String>,
-    /// Worker threads: each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
+    /// Worker threads (default: the available cores): each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
     #[arg(
         long = "process-num",
         short = 'j',
-        default_value_t = 1,
+        default_value_t = reshard::exec::default_workers(),
         value_name = "K"
     )]
     pub process_num: usize,

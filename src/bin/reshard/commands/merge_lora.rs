@@ -88,8 +88,8 @@ pub struct MergeLoraArgs {
         value_name = "ckpt|safetensors"
     )]
     pub save_format: String,
-    /// Worker threads: each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
-    #[arg(short = 'j', long = "jobs", default_value_t = 1)]
+    /// Worker threads (default: the available cores): each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
+    #[arg(short = 'j', long = "jobs", default_value_t = reshard::exec::default_workers())]
     pub jobs: usize,
     /// Print the plan and write nothing.
     #[arg(long = "dry-run")]

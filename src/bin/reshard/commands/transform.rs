@@ -70,7 +70,7 @@ pub struct TransformArgs {
     #[arg(long = "transform_by_rank", alias = "transform-by-rank", value_name = "BOOL",
           value_parser = crate::commands::convert::parse_bool)]
     pub transform_by_rank: Option<bool>,
-    /// Worker threads: each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
+    /// Worker threads (default: the available cores): each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
     #[arg(long = "process-num", short = 'j', value_name = "K")]
     pub process_num: Option<usize>,
     /// Name every output rank_{r}/NAME.{ext} instead of rank_{r}/{prefix}{r}.{ext}; `net` gives
@@ -334,7 +334,10 @@ pub(crate) fn job(a: &TransformArgs) -> Result<Job> {
         prefix: a.prefix.clone().unwrap_or_else(|| "checkpoint_".into()),
         ranks,
         world_size,
-        workers: a.process_num.unwrap_or(1).max(1),
+        workers: a
+            .process_num
+            .unwrap_or_else(reshard::exec::default_workers)
+            .max(1),
         mindformers: a.mf_dst_checkpoint_dir.as_ref().map(|_| converting),
     })
 }
@@ -552,6 +555,45 @@ mod tests {
         let j = job(&a).unwrap();
         assert_eq!((j.src_strategy, j.dst_strategy), (None, None));
         assert_eq!(j.mindformers, Some(vec![0]));
+    }
+
+    #[test]
+    fn workers_default_to_the_available_cores_and_transform_process_num_stays_mindformers() {
+        let cores = reshard::exec::default_workers();
+        let j = job(&parse(&[
+            "--src-checkpoint",
+            "m.ckpt",
+            "--dst-checkpoint-dir",
+            "d",
+        ]))
+        .unwrap();
+        assert_eq!(j.workers, cores);
+        let j = job(&parse(&[
+            "--src-checkpoint",
+            "m.ckpt",
+            "--dst-checkpoint-dir",
+            "d",
+            "-j",
+            "3",
+        ]))
+        .unwrap();
+        assert_eq!(j.workers, 3);
+        // mindformers' process count picks the converting blocks, not the threads.
+        let j = job(&parse(&[
+            "--src_checkpoint",
+            "m.ckpt",
+            "--dst_checkpoint_dir",
+            "d",
+            "--world_size",
+            "8",
+            "--transform_process_num",
+            "2",
+            "--rank_id",
+            "4",
+        ]))
+        .unwrap();
+        assert_eq!(j.ranks, Some((4..8).collect()));
+        assert_eq!(j.workers, cores);
     }
 
     #[test]

@@ -68,8 +68,8 @@ pub struct UnifyArgs {
     /// Part size the part count is computed from (default 3 GiB, as MindSpore).
     #[arg(long = "part-bytes", value_name = "BYTES", default_value_t = PART_BYTES)]
     pub part_bytes: u64,
-    /// Worker threads.
-    #[arg(short = 'j', long = "jobs", default_value_t = 1)]
+    /// Worker threads (default: the available cores).
+    #[arg(short = 'j', long = "jobs", default_value_t = reshard::exec::default_workers())]
     pub jobs: usize,
     /// Accepted for mindformers' command lines; the output does not depend on it (use -j).
     #[arg(long = "max_process_num", alias = "max-process-num", hide = true)]
