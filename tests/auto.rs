@@ -781,7 +781,11 @@ fn full_disk_fails_every_rank_with_the_converters_error() {
 }
 
 /// One process, no coordination: `reshard auto` with flags.
-fn auto_once(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+pub(crate) fn auto_once(
+    cwd: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Option<i32>, String, String) {
     let out = Command::new(reshard_bin())
         .arg("auto")
         .args(args)

@@ -4,6 +4,7 @@ mod util;
 
 mod ascend;
 mod auto;
+mod auto_safetensors;
 mod bench;
 mod by_rank;
 mod checkpoint2;
@@ -14,8 +15,8 @@ mod dropin;
 mod exchange;
 mod faults;
 pub mod merge_lora;
-mod torch;
 mod redundancy;
+mod torch;
 pub mod transform;
 mod trust;
 mod unify;

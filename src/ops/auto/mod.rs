@@ -125,6 +125,10 @@ pub struct AutoOptions {
     /// redundancy removed. As in mindformers, a safetensors file's own
     /// `remove_redundancy` flag overrides it; `None`: as the files say.
     pub remove_redundancy: Option<bool>,
+    /// `resume_training` when it names a checkpoint file: with
+    /// `load_ckpt_format: safetensors` its stem is mindformers' `file_suffix`
+    /// (which file of each rank folder is read). `None` for a bool.
+    pub resume_training: Option<String>,
     /// `parallel_config`.
     pub parallel: ParallelConfig,
     /// This process's rank.
@@ -173,6 +177,7 @@ impl AutoOptions {
             output_dir: config::absolute(Path::new("./output")),
             load_ckpt_format: FileFormat::Ckpt,
             remove_redundancy: None,
+            resume_training: None,
             parallel: ParallelConfig::default(),
             rank,
             world_size,
@@ -368,6 +373,11 @@ pub fn auto_convert(o: &AutoOptions) -> Result<AutoReport> {
         notes.push("transform_by_rank is ignored for a one-device job, as in mindformers".into());
     }
     let entries = source::entries(load, o.load_ckpt_format, o.here())?;
+    let entries = if o.load_ckpt_format == FileFormat::Safetensors {
+        source::mindformers_safetensors_pick(entries, o, &mut notes)?
+    } else {
+        entries
+    };
     let src_strategy = o.src_strategy.as_deref().map(strategy::load).transpose()?;
     if o.auto_trans_ckpt {
         guard_outputs(o)?;

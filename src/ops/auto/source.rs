@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use crate::error::{Error, Result, ResultExt};
 use crate::formats::tree::{self, FileFormat};
@@ -183,6 +184,29 @@ pub(crate) fn transform_source(
 ) -> Result<Option<PathBuf>> {
     let complete =
         files.len() == count && rank_dirs.len() == count && files.keys().copied().eq(0..count);
+    // The transform reading `dir` picks each rank's file by MindSpore's
+    // rule; a file chosen otherwise (mindformers' `file_suffix`) goes
+    // through the link folder.
+    let default_pick = |f: &Path| -> Result<bool> {
+        let Some(d) = f.parent() else {
+            return Ok(false);
+        };
+        let picked = match FileFormat::of_path(f) {
+            Some(FileFormat::Safetensors) => tree::pick_safetensors(d, None)?,
+            Some(format) => tree::pick_checkpoint(d, format)?,
+            None => None,
+        };
+        Ok(picked.as_deref() == Some(f))
+    };
+    let mut complete = complete;
+    if complete {
+        for f in files.values() {
+            if !default_pick(f)? {
+                complete = false;
+                break;
+            }
+        }
+    }
     if complete {
         return Ok(None);
     }
@@ -222,4 +246,159 @@ fn link(target: &Path, at: &Path) -> Result<()> {
     std::fs::hard_link(target, at)
         .or_else(|_| std::fs::copy(target, at).map(|_| ()))
         .in_file(at)
+}
+
+/// `-E_S` of a safetensors file name (mindformers' regex
+/// `-(\d+)_(\d+)\.safetensors`), as `E_S`.
+fn epoch_step_suffix(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    let stem = name.strip_suffix(".safetensors")?;
+    let (_, es) = stem.rsplit_once('-')?;
+    let (e, s) = es.split_once('_')?;
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    (digits(e) && digits(s)).then(|| es.to_string())
+}
+
+/// The newest (by modification time) `*.safetensors` file of a folder.
+fn newest_safetensors(dir: &Path) -> Result<Option<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .in_file(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| !n.starts_with('.') && n.ends_with(".safetensors"))
+        })
+        .collect();
+    files.sort();
+    let mut best: Option<(SystemTime, PathBuf)> = None;
+    for f in files {
+        let t = std::fs::metadata(&f)
+            .and_then(|m| m.modified())
+            .in_file(&f)?;
+        if best.as_ref().map_or(true, |(b, _)| t > *b) {
+            best = Some((t, f));
+        }
+    }
+    Ok(best.map(|(_, f)| f))
+}
+
+/// MindFormers' safetensors flow (`load_checkpoint_with_safetensors`, spec
+/// §5.2–§5.3) applied to the entries of `load_checkpoint`:
+/// - a `.safetensors` file inside a `rank_*` folder means the distributed
+///   checkpoint of the folder above (`_get_checkpoint_mode`), read with the
+///   file's `-E_S` as `file_suffix`;
+/// - `file_suffix` is the stem of `resume_training` when it names a file;
+///   else, with `auto_trans_ckpt`, the `E_S` of the newest file in the main
+///   rank's source folder (what mindformers hands `unified_safetensors`);
+/// - with a suffix, each rank folder's file is picked by MindSpore's
+///   `file_suffix` rules (a rank folder without such a file is an error).
+pub(crate) fn mindformers_safetensors_pick(
+    entries: Vec<Entry>,
+    o: &super::AutoOptions,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Entry>> {
+    let resume = o.resume_training.as_deref().map(|r| {
+        let p = Path::new(r);
+        p.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| r.to_string())
+    });
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let (dir, from_file) = match &entry.kind {
+            EntryKind::Complete(f) if f.is_file() => {
+                let parent = f.parent().filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("rank_"))
+                });
+                match parent.and_then(Path::parent) {
+                    Some(tree_dir) => {
+                        let tree_dir = if tree_dir.as_os_str().is_empty() {
+                            Path::new(".")
+                        } else {
+                            tree_dir
+                        };
+                        (tree_dir.to_path_buf(), Some(f.clone()))
+                    }
+                    None => {
+                        out.push(entry);
+                        continue;
+                    }
+                }
+            }
+            EntryKind::Tree { dir, .. } => (dir.clone(), None),
+            EntryKind::Complete(_) => {
+                out.push(entry);
+                continue;
+            }
+        };
+        let ranks = tree::rank_dirs(&dir)?;
+        let suffix = match (&resume, &from_file) {
+            (Some(r), _) => Some((r.clone(), "the stem of resume_training".to_string())),
+            (None, Some(f)) => epoch_step_suffix(f).map(|s| {
+                (
+                    s,
+                    format!("from load_checkpoint's file name {}", f.display()),
+                )
+            }),
+            (None, None) if o.auto_trans_ckpt => {
+                let main = if o.node_local {
+                    o.rank - o.rank % o.npu_num_per_node.max(1)
+                } else {
+                    0
+                };
+                match ranks.iter().find(|(r, _)| *r == main) {
+                    Some((_, d)) => newest_safetensors(d)?.and_then(|f| {
+                        epoch_step_suffix(&f).map(|s| {
+                            (
+                                s,
+                                format!("from the newest file of rank_{main}, {}", f.display()),
+                            )
+                        })
+                    }),
+                    None => None,
+                }
+            }
+            (None, None) => None,
+        };
+        if from_file.is_some() {
+            notes.push(format!(
+                "load_checkpoint is a file inside a rank folder: the distributed checkpoint {} \
+                 is loaded, as mindformers does",
+                dir.display()
+            ));
+        }
+        let mut files = BTreeMap::new();
+        for (r, d) in &ranks {
+            let picked = tree::pick_safetensors(d, suffix.as_ref().map(|(s, _)| s.as_str()))
+                .map_err(|e| match &suffix {
+                    Some((s, why)) => Error::invalid(format!(
+                        "rank_{r}: no file for file_suffix {s:?} ({why}): {e}"
+                    ))
+                    .in_file(d),
+                    None => e,
+                })?;
+            if let Some(f) = picked {
+                files.insert(*r, f);
+            }
+        }
+        if let Some((s, why)) = &suffix {
+            notes.push(format!(
+                "file_suffix {s:?} ({why}) picks each rank folder's file, as mindformers' \
+                 safetensors flow does"
+            ));
+        }
+        out.push(Entry {
+            name: dir_name(&dir),
+            kind: EntryKind::Tree {
+                dir: dir.clone(),
+                files,
+                rank_dirs: ranks.into_iter().map(|(r, _)| r).collect(),
+            },
+        });
+    }
+    Ok(out)
 }
