@@ -137,3 +137,52 @@ fn safetensors_flow_picks_files_as_mindformers() {
         "{err}"
     );
 }
+
+/// A mindformers Checkpoint 2.0 directory as `load_checkpoint`: one
+/// complete checkpoint, each rank's file as transform cuts it from the
+/// directory for the job's strategy; `load_ckpt_format: ckpt` is refused.
+#[test]
+fn checkpoint2_directory_is_a_source() {
+    let (_d, job) = shared_job();
+    let m = job.join("model.ckpt");
+    job_strategies(&m, &job.join("src_strategy"), 1, 2, 1, 0, true);
+    job_strategies(&m, &job.join("output/strategy"), 2, 2, 1, 0, true);
+    let ck2 = job.join("ck2");
+    let mut o = TransformOptions::new(&m, &ck2, None, Some(job.join("src_strategy")));
+    o.checkpoint2_iteration = Some(5);
+    transform(&o).unwrap();
+    let expect = job.join("../expect");
+    let mut o = TransformOptions::new(&ck2, &expect, None, Some(job.join("output/strategy")));
+    o.output_format = Some(FileFormat::Safetensors);
+    transform(&o).unwrap();
+    std::fs::write(
+        job.join("run.yaml"),
+        yaml("./ck2", "", 1, 1, "").replace(
+            "load_ckpt_format: 'ckpt'",
+            "load_ckpt_format: 'safetensors'",
+        ),
+    )
+    .unwrap();
+    let out = run_job(4, &|_| job.clone(), &[]);
+    for o in &out {
+        assert_eq!(o.code, Some(0), "rank {}: {}", o.rank, o.stderr);
+        assert_eq!(o.action(), "converted", "{:?}", o.report);
+        let r = o.rank;
+        let want = expect.join(format!("rank_{r}/checkpoint_{r}.safetensors"));
+        assert!(
+            std::fs::read(o.path()).unwrap() == std::fs::read(&want).unwrap(),
+            "rank {r}"
+        );
+    }
+    std::fs::write(job.join("run.yaml"), yaml("./ck2", "", 1, 1, "")).unwrap();
+    let (code, _, err) = auto_once(
+        &job,
+        &["--config", "run.yaml"],
+        &[("RANK_ID", "0"), ("RANK_SIZE", "4")],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("Checkpoint 2.0") && err.contains("ck2"),
+        "{err}"
+    );
+}

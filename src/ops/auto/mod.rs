@@ -937,6 +937,24 @@ fn input_digest(
         }
     };
     match &entry.kind {
+        EntryKind::Complete(f) if f.is_dir() => {
+            // A complete folder (unified, HuggingFace, Checkpoint 2.0):
+            // every file of it (of the iteration a tracker names).
+            let dir = if crate::formats::checkpoint2::is_checkpoint2(f) {
+                crate::formats::checkpoint2::iteration_dir(f)?
+            } else {
+                f.clone()
+            };
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .in_file(&dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
+            files.sort();
+            for p in files {
+                text += &describe(&p);
+                text += ";";
+            }
+        }
         EntryKind::Complete(f) => text += &describe(f),
         EntryKind::Tree { files, .. } => {
             for (r, f) in files {

@@ -77,6 +77,22 @@ pub(crate) fn entries(path: &Path, format: FileFormat, here: &str) -> Result<Vec
             kind: EntryKind::Complete(path.to_path_buf()),
         }]);
     }
+    // A mindformers Checkpoint 2.0 directory (`metadata.json`, or the
+    // folder holding `latest_checkpointed_iteration.txt`) is one complete
+    // checkpoint whose layout its metadata describes.
+    if crate::formats::checkpoint2::is_checkpoint2(path) {
+        if format != FileFormat::Safetensors {
+            return Err(Error::invalid(
+                "load_checkpoint is a Checkpoint 2.0 directory (safetensors files): set \
+                 load_ckpt_format: safetensors",
+            )
+            .in_file(path));
+        }
+        return Ok(vec![Entry {
+            name: dir_name(path),
+            kind: EntryKind::Complete(path.to_path_buf()),
+        }]);
+    }
     let ranks = tree::rank_dirs(path)?;
     if !ranks.is_empty() {
         let mut files = BTreeMap::new();
