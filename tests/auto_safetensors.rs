@@ -114,28 +114,57 @@ fn safetensors_flow_picks_files_as_mindformers() {
     let out = run_job(4, &|_| job.clone(), &[]);
     check(&out, &eb);
 
-    // `resume_training` naming a file: its stem is the suffix, so only the
-    // rank folder holding that name matches (mindformers' ValueError).
-    std::fs::write(
-        job.join("run.yaml"),
+    // `resume_training` naming a file: its `E_S` is the suffix (B again,
+    // through a fresh output folder).
+    let resume = |name: &str, out: &str| {
         st(yaml("./ckpt", "./src_strategy", 1, 1, ""))
             .replace(
                 "resume_training: False",
-                "resume_training: 'net_rank_0-2_1.safetensors'",
+                &format!("resume_training: '{name}'"),
             )
-            .replace("output_dir: './output'", "output_dir: './output2'"),
+            .replace("output_dir: './output'", &format!("output_dir: './{out}'"))
+    };
+    job_strategies(&a, &job.join("output3/strategy"), 2, 2, 1, 0, true);
+    std::fs::write(
+        job.join("run.yaml"),
+        resume("net_rank_0-2_1.safetensors", "output3"),
+    )
+    .unwrap();
+    let out = run_job(4, &|_| job.clone(), &[]);
+    check(&out, &eb);
+    // A suffix no rank folder has: mindformers' ValueError, named.
+    std::fs::write(
+        job.join("run.yaml"),
+        resume("net_rank_0-5_5.safetensors", "output4"),
     )
     .unwrap();
     let (code, _, err) = auto_once(
         &job,
-        &["--config", "run.yaml", "--force"],
+        &["--config", "run.yaml"],
         &[("RANK_ID", "0"), ("RANK_SIZE", "4")],
     );
     assert_eq!(code, Some(1), "{err}");
     assert!(
-        err.contains("rank_1") && err.contains("net_rank_0-2_1") && err.contains("resume_training"),
+        err.contains("rank_0") && err.contains("\"5_5\"") && err.contains("resume_training"),
         "{err}"
     );
+    // Without auto_trans_ckpt, each rank's newest file is loaded as it is
+    // (mindformers' `_get_src_file`); a rank-folder file is refused.
+    std::fs::write(
+        job.join("run.yaml"),
+        st(yaml("./ckpt", "./src_strategy", 1, 1, ""))
+            .replace("auto_trans_ckpt: True", "auto_trans_ckpt: False")
+            .replace("output_dir: './output'", "output_dir: './output5'"),
+    )
+    .unwrap();
+    job_strategies(&a, &job.join("output5/strategy"), 1, 2, 1, 0, true);
+    let (code, out, err) = auto_once(
+        &job,
+        &["--config", "run.yaml", "--json"],
+        &[("RANK_ID", "1"), ("RANK_SIZE", "2")],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("net_rank_1-1_10.safetensors"), "{out}");
 }
 
 /// A mindformers Checkpoint 2.0 directory as `load_checkpoint`: one

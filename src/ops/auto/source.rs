@@ -264,63 +264,91 @@ fn link(target: &Path, at: &Path) -> Result<()> {
         .in_file(at)
 }
 
-/// `-E_S` of a safetensors file name (mindformers' regex
-/// `-(\d+)_(\d+)\.safetensors`), as `E_S`.
-fn epoch_step_suffix(path: &Path) -> Option<String> {
-    let name = path.file_name()?.to_str()?;
-    let stem = name.strip_suffix(".safetensors")?;
-    let (_, es) = stem.rsplit_once('-')?;
-    let (e, s) = es.split_once('_')?;
+/// mindformers 2.1's `extract_suffix`: the file name without its last
+/// extension, `E_S` (or `T-E_S`) when it matches
+/// `^.+_rank_\d+(?:_(\d+))?-(\d+)_(\d+)$`, else the whole base name.
+fn extract_suffix(name: &str) -> String {
+    let base = Path::new(name)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let base = match base.rfind('.') {
+        Some(i) if i > 0 => base[..i].to_string(),
+        _ => base,
+    };
     let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
-    (digits(e) && digits(s)).then(|| es.to_string())
+    let parsed = (|| {
+        let (head, es) = base.rsplit_once('-')?;
+        let (e, st) = es.split_once('_')?;
+        if !(digits(e) && digits(st)) {
+            return None;
+        }
+        // `head` = `.+_rank_\d+` or `.+_rank_\d+_\d+` (the regex is
+        // greedy: a task id is taken when `head` ends `_rank_R_T`).
+        let with_task = head.rsplit_once('_').and_then(|(h, t)| {
+            let (pre, r) = h.rsplit_once("_rank_")?;
+            (digits(t) && digits(r) && !pre.is_empty()).then(|| format!("{t}-{es}"))
+        });
+        if let Some(s) = with_task {
+            return Some(s);
+        }
+        let (pre, r) = head.rsplit_once("_rank_")?;
+        (digits(r) && !pre.is_empty()).then(|| es.to_string())
+    })();
+    parsed.unwrap_or(base)
 }
 
-/// The newest (by modification time) `*.safetensors` file of a folder.
+/// Whether a suffix has `extract_suffix`'s matched forms (`E_S`, `T-E_S`).
+fn is_epoch_step(s: &str) -> bool {
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    let es = s
+        .split_once('-')
+        .map_or(s, |(t, es)| if digits(t) { es } else { "" });
+    es.split_once('_')
+        .is_some_and(|(e, st)| digits(e) && digits(st))
+}
+
+/// mindformers' `get_last_checkpoint`: the `*.safetensors` file of a folder
+/// with the latest modification time (the last in listing order on ties).
 fn newest_safetensors(dir: &Path) -> Result<Option<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .in_file(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_file()
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| !n.starts_with('.') && n.ends_with(".safetensors"))
-        })
-        .collect();
-    files.sort();
     let mut best: Option<(SystemTime, PathBuf)> = None;
-    for f in files {
-        let t = std::fs::metadata(&f)
+    for e in std::fs::read_dir(dir).in_file(dir)? {
+        let p = e.in_file(dir)?.path();
+        if !p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(".safetensors"))
+        {
+            continue;
+        }
+        let t = std::fs::metadata(&p)
             .and_then(|m| m.modified())
-            .in_file(&f)?;
-        if best.as_ref().map_or(true, |(b, _)| t > *b) {
-            best = Some((t, f));
+            .in_file(&p)?;
+        if best.as_ref().map_or(true, |(b, _)| t >= *b) {
+            best = Some((t, p));
         }
     }
     Ok(best.map(|(_, f)| f))
 }
 
-/// MindFormers' safetensors flow (`load_checkpoint_with_safetensors`, spec
-/// §5.2–§5.3) applied to the entries of `load_checkpoint`:
-/// - a `.safetensors` file inside a `rank_*` folder means the distributed
-///   checkpoint of the folder above (`_get_checkpoint_mode`), read with the
-///   file's `-E_S` as `file_suffix`;
-/// - `file_suffix` is the stem of `resume_training` when it names a file;
-///   else, with `auto_trans_ckpt`, the `E_S` of the newest file in the main
-///   rank's source folder (what mindformers hands `unified_safetensors`);
-/// - with a suffix, each rank folder's file is picked by MindSpore's
-///   `file_suffix` rules (a rank folder without such a file is an error).
+/// MindFormers 2.1's safetensors flow (`load_checkpoint_with_safetensors`,
+/// `utils/load_checkpoint_utils.py`) applied to the entries of
+/// `load_checkpoint`. With `auto_trans_ckpt` (`_get_src_file_suffix`, then
+/// `unified_safetensors(file_suffix=…)`):
+/// - the checkpoint name is `resume_training` (up to its first `.`) when it
+///   is a string; else a `.safetensors` file inside a `rank_*` folder
+///   (`_get_checkpoint_mode`: the rank tree two levels up); else the newest
+///   file of `rank_0`;
+/// - `file_suffix` = `extract_suffix(name)`, and MindSpore's `file_suffix`
+///   rules pick each rank folder's file (none: an error naming the folder).
+///
+/// Without it (`_get_src_file`), each rank loads `rank_{r}/<resume_training>`
+/// or the newest file of `rank_{r}`.
 pub(crate) fn mindformers_safetensors_pick(
     entries: Vec<Entry>,
     o: &super::AutoOptions,
     notes: &mut Vec<String>,
 ) -> Result<Vec<Entry>> {
-    let resume = o.resume_training.as_deref().map(|r| {
-        let p = Path::new(r);
-        p.file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| r.to_string())
-    });
     let mut out = Vec::with_capacity(entries.len());
     for entry in entries {
         let (dir, from_file) = match &entry.kind {
@@ -332,6 +360,14 @@ pub(crate) fn mindformers_safetensors_pick(
                 });
                 match parent.and_then(Path::parent) {
                     Some(tree_dir) => {
+                        if !o.auto_trans_ckpt {
+                            return Err(Error::invalid(
+                                "load_checkpoint is a file inside a rank folder: mindformers' \
+                                 safetensors flow reads it as the rank tree above only with \
+                                 auto_trans_ckpt: True (else give the tree's folder)",
+                            )
+                            .in_file(f));
+                        }
                         let tree_dir = if tree_dir.as_os_str().is_empty() {
                             Path::new(".")
                         } else {
@@ -352,59 +388,93 @@ pub(crate) fn mindformers_safetensors_pick(
             }
         };
         let ranks = tree::rank_dirs(&dir)?;
-        let suffix = match (&resume, &from_file) {
-            (Some(r), _) => Some((r.clone(), "the stem of resume_training".to_string())),
-            (None, Some(f)) => epoch_step_suffix(f).map(|s| {
-                (
-                    s,
-                    format!("from load_checkpoint's file name {}", f.display()),
-                )
-            }),
-            (None, None) if o.auto_trans_ckpt => {
-                let main = if o.node_local {
-                    o.rank - o.rank % o.npu_num_per_node.max(1)
-                } else {
-                    0
-                };
-                match ranks.iter().find(|(r, _)| *r == main) {
-                    Some((_, d)) => newest_safetensors(d)?.and_then(|f| {
-                        epoch_step_suffix(&f).map(|s| {
-                            (
-                                s,
-                                format!("from the newest file of rank_{main}, {}", f.display()),
-                            )
-                        })
+        let mut files = BTreeMap::new();
+        if o.auto_trans_ckpt {
+            let name = match (&o.resume_training, &from_file) {
+                (Some(r), _) => Some((
+                    format!("{}.safetensors", r.split('.').next().unwrap_or_default()),
+                    "resume_training".to_string(),
+                )),
+                (None, Some(f)) => Some((
+                    f.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    format!("load_checkpoint {}", f.display()),
+                )),
+                (None, None) => match ranks.iter().find(|(r, _)| *r == 0) {
+                    Some((_, d)) => newest_safetensors(d)?.map(|f| {
+                        (
+                            f.file_name()
+                                .map(|n| n.to_string_lossy().into_owned())
+                                .unwrap_or_default(),
+                            format!("the newest file of rank_0, {}", f.display()),
+                        )
                     }),
                     None => None,
+                },
+            };
+            let mut suffix = name.map(|(n, why)| (extract_suffix(&n), why));
+            let pick_all = |suffix: Option<&str>| -> Result<BTreeMap<usize, PathBuf>> {
+                let mut files = BTreeMap::new();
+                for (r, d) in &ranks {
+                    if let Some(f) = tree::pick_safetensors(d, suffix)
+                        .map_err(|e| Error::invalid(format!("rank_{r}: {e}")).in_file(d))?
+                    {
+                        files.insert(*r, f);
+                    }
+                }
+                Ok(files)
+            };
+            files = match pick_all(suffix.as_ref().map(|(s, _)| s.as_str())) {
+                Ok(f) => f,
+                // A name without `_rank_R-E_S`: mindformers hands its whole
+                // stem to `unified_safetensors`, which fails on the other
+                // ranks' folders; reshard picks as MindSpore does without
+                // a suffix, and says so.
+                Err(_)
+                    if suffix.as_ref().is_some_and(|(s, why)| {
+                        !is_epoch_step(s) && {
+                            notes.push(format!(
+                        "{why} gives no _rank_R-E_S name, so mindformers' file_suffix would be \
+                         {s:?}, which not every rank folder matches (its unified_safetensors \
+                         fails); each folder's file is picked as MindSpore does without a suffix"
+                    ));
+                            true
+                        }
+                    }) =>
+                {
+                    suffix = None;
+                    pick_all(None)?
+                }
+                Err(e) => {
+                    let (s, why) = suffix.as_ref().expect("errors only with a suffix");
+                    return Err(Error::invalid(format!(
+                        "file_suffix {s:?} (from {why}) as mindformers derives it: {e}"
+                    )));
+                }
+            };
+            if let Some((s, why)) = &suffix {
+                notes.push(format!(
+                    "file_suffix {s:?} (from {why}) picks each rank folder's file, as mindformers' \
+                     safetensors flow does"
+                ));
+            }
+        } else {
+            for (r, d) in &ranks {
+                let picked = match &o.resume_training {
+                    Some(name) => Some(d.join(name)).filter(|p| p.is_file()),
+                    None => newest_safetensors(d)?,
+                };
+                if let Some(f) = picked {
+                    files.insert(*r, f);
                 }
             }
-            (None, None) => None,
-        };
+        }
         if from_file.is_some() {
             notes.push(format!(
                 "load_checkpoint is a file inside a rank folder: the distributed checkpoint {} \
                  is loaded, as mindformers does",
                 dir.display()
-            ));
-        }
-        let mut files = BTreeMap::new();
-        for (r, d) in &ranks {
-            let picked = tree::pick_safetensors(d, suffix.as_ref().map(|(s, _)| s.as_str()))
-                .map_err(|e| match &suffix {
-                    Some((s, why)) => Error::invalid(format!(
-                        "rank_{r}: no file for file_suffix {s:?} ({why}): {e}"
-                    ))
-                    .in_file(d),
-                    None => e,
-                })?;
-            if let Some(f) = picked {
-                files.insert(*r, f);
-            }
-        }
-        if let Some((s, why)) = &suffix {
-            notes.push(format!(
-                "file_suffix {s:?} ({why}) picks each rank folder's file, as mindformers' \
-                 safetensors flow does"
             ));
         }
         out.push(Entry {
@@ -417,4 +487,23 @@ pub(crate) fn mindformers_safetensors_pick(
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::extract_suffix;
+
+    #[test]
+    fn suffix_as_mindformers_extracts_it() {
+        for (name, want) in [
+            ("llama_rank_0-3_1.safetensors", "3_1"),
+            ("net_rank_12_4-10_2.safetensors", "4-10_2"),
+            ("/a/b/net_rank_1-2_1.safetensors", "2_1"),
+            ("checkpoint_0.safetensors", "checkpoint_0"),
+            ("net-1_10.safetensors", "net-1_10"),
+            ("_rank_0-1_1.safetensors", "_rank_0-1_1"),
+        ] {
+            assert_eq!(extract_suffix(name), want, "{name}");
+        }
+    }
 }
