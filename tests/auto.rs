@@ -1226,6 +1226,10 @@ fn deduplicated_safetensors_set_merges_to_one_device() {
     assert_eq!(o.code, Some(0), "{}", o.stderr);
     assert_eq!(o.action(), "converted", "{:?}", o.report);
     assert!(o.stderr.contains("file's flag wins"), "{}", o.stderr);
+    // `checkpoint_0.safetensors` has no `_rank_R-E_S` name: mindformers'
+    // suffix would be its stem, which rank_1's folder lacks.
+    let notes = o.report.as_ref().unwrap()["notes"].to_string();
+    assert!(notes.contains("no _rank_R-E_S name"), "{notes}");
     assert!(
         std::fs::read(o.path()).unwrap()
             == std::fs::read(expect.join("rank_0/checkpoint_0.safetensors")).unwrap()
