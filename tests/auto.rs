@@ -1170,6 +1170,11 @@ fn safetensors_checkpoints_convert_to_safetensors() {
     let out = collect(spawn(&ranks, logs.path()), Duration::from_secs(60));
     for o in &out {
         assert_eq!(o.code, Some(0), "{}", o.stderr);
+        let notes = o.report.as_ref().unwrap()["notes"].to_string();
+        assert!(
+            notes.contains("MindFormers refuses a single file"),
+            "{notes}"
+        );
         let r = o.rank;
         let want = expect.join(format!("rank_{r}/checkpoint_{r}.safetensors"));
         assert_eq!(

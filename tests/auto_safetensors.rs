@@ -215,3 +215,38 @@ fn checkpoint2_directory_is_a_source() {
         "{err}"
     );
 }
+
+/// MindFormers' `validate_config_with_file_mode`: a folder of complete
+/// safetensors weights under `use_parallel` needs `auto_trans_ckpt`.
+#[test]
+fn complete_folder_without_auto_trans_is_refused_as_mindformers_does() {
+    let (_d, job) = shared_job();
+    let full = job.join("full");
+    std::fs::create_dir_all(&full).unwrap();
+    reshard::ops::rewrite::rewrite(
+        &job.join("model.ckpt"),
+        &full.join("model.safetensors"),
+        &Default::default(),
+    )
+    .unwrap();
+    std::fs::write(
+        job.join("run.yaml"),
+        yaml("./full", "", 1, 1, "")
+            .replace(
+                "load_ckpt_format: 'ckpt'",
+                "load_ckpt_format: 'safetensors'",
+            )
+            .replace("auto_trans_ckpt: True", "auto_trans_ckpt: False"),
+    )
+    .unwrap();
+    let (code, _, err) = auto_once(
+        &job,
+        &["--config", "run.yaml"],
+        &[("RANK_ID", "0"), ("RANK_SIZE", "4")],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("set auto_trans_ckpt: True") && err.contains("full"),
+        "{err}"
+    );
+}

@@ -372,6 +372,9 @@ pub fn auto_convert(o: &AutoOptions) -> Result<AutoReport> {
     if o.transform_by_rank && o.world_size == 1 {
         notes.push("transform_by_rank is ignored for a one-device job, as in mindformers".into());
     }
+    if o.load_ckpt_format == FileFormat::Safetensors {
+        source::check_mindformers_mode(load, o, &mut notes)?;
+    }
     let entries = source::entries(load, o.load_ckpt_format, o.here())?;
     let entries = if o.load_ckpt_format == FileFormat::Safetensors {
         source::mindformers_safetensors_pick(entries, o, &mut notes)?

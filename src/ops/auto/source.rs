@@ -507,3 +507,69 @@ mod tests {
         }
     }
 }
+
+/// MindFormers 2.1's `_get_checkpoint_mode` and
+/// `validate_config_with_file_mode` for `load_ckpt_format: safetensors`: a
+/// folder of complete weights under `use_parallel` needs `auto_trans_ckpt`
+/// (MindFormers' ValueError: nothing would be loaded, so an error here). A
+/// single file under `use_parallel`, and a rank tree (or a file in a
+/// `rank_*` folder) without it, are MindFormers' ValueErrors too, but
+/// reshard's output for them is loadable (the report's `load_checkpoint`):
+/// a note says so. A Checkpoint 2.0 directory is none of these modes.
+pub(crate) fn check_mindformers_mode(
+    path: &Path,
+    o: &super::AutoOptions,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    if crate::formats::checkpoint2::is_checkpoint2(path) {
+        return Ok(());
+    }
+    let rank_mode = if path.is_file() {
+        let in_rank_dir = path
+            .parent()
+            .and_then(Path::file_name)
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("rank_"));
+        if !in_rank_dir {
+            if o.use_parallel {
+                notes.push(
+                    "MindFormers refuses a single file as load_checkpoint with use_parallel: True \
+                     (it asks for the directory where only this file is located); load the \
+                     converted checkpoint reshard reports instead"
+                        .into(),
+                );
+            }
+            return Ok(());
+        }
+        true
+    } else if path.is_dir() {
+        let names: Vec<String> = std::fs::read_dir(path)
+            .in_file(path)?
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect();
+        if names.iter().any(|n| n.starts_with("rank_")) {
+            true
+        } else if names.iter().any(|n| n.ends_with("safetensors")) {
+            if o.use_parallel && !o.auto_trans_ckpt {
+                return Err(Error::invalid(
+                    "load_checkpoint is complete and use_parallel is True: as MindFormers asks, \
+                     set auto_trans_ckpt: True to slice it",
+                )
+                .in_file(path));
+            }
+            return Ok(());
+        } else {
+            return Ok(());
+        }
+    } else {
+        return Ok(());
+    };
+    if rank_mode && !o.use_parallel {
+        notes.push(
+            "MindFormers refuses a rank tree as load_checkpoint with use_parallel: False; load the \
+             converted file reshard reports instead"
+                .into(),
+        );
+    }
+    Ok(())
+}
