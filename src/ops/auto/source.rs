@@ -489,25 +489,6 @@ pub(crate) fn mindformers_safetensors_pick(
     Ok(out)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::extract_suffix;
-
-    #[test]
-    fn suffix_as_mindformers_extracts_it() {
-        for (name, want) in [
-            ("llama_rank_0-3_1.safetensors", "3_1"),
-            ("net_rank_12_4-10_2.safetensors", "4-10_2"),
-            ("/a/b/net_rank_1-2_1.safetensors", "2_1"),
-            ("checkpoint_0.safetensors", "checkpoint_0"),
-            ("net-1_10.safetensors", "net-1_10"),
-            ("_rank_0-1_1.safetensors", "_rank_0-1_1"),
-        ] {
-            assert_eq!(extract_suffix(name), want, "{name}");
-        }
-    }
-}
-
 /// MindFormers 2.1's `_get_checkpoint_mode` and
 /// `validate_config_with_file_mode` for `load_ckpt_format: safetensors`: a
 /// folder of complete weights under `use_parallel` needs `auto_trans_ckpt`
@@ -572,4 +553,23 @@ pub(crate) fn check_mindformers_mode(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::extract_suffix;
+
+    #[test]
+    fn suffix_as_mindformers_extracts_it() {
+        for (name, want) in [
+            ("llama_rank_0-3_1.safetensors", "3_1"),
+            ("net_rank_12_4-10_2.safetensors", "4-10_2"),
+            ("/a/b/net_rank_1-2_1.safetensors", "2_1"),
+            ("checkpoint_0.safetensors", "checkpoint_0"),
+            ("net-1_10.safetensors", "net-1_10"),
+            ("_rank_0-1_1.safetensors", "_rank_0-1_1"),
+        ] {
+            assert_eq!(extract_suffix(name), want, "{name}");
+        }
+    }
 }
