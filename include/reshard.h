@@ -33,7 +33,8 @@ extern "C" {
  * config_path:   a mindformers YAML (load_checkpoint, src_strategy_path_or_dir,
  *                auto_trans_ckpt, transform_process_num, transform_by_rank,
  *                npu_num_per_node, use_parallel, only_save_strategy, output_dir,
- *                load_ckpt_format, parallel_config), or NULL.
+ *                load_ckpt_format, remove_redundancy, resume_training,
+ *                parallel_config), or NULL.
  * settings_json: a JSON object overriding the YAML: the same keys, plus
  *                "rank_id", "world_size", "node_local" (no shared disk),
  *                "dst_strategy", "workers", "timeout_s",

@@ -781,7 +781,11 @@ fn full_disk_fails_every_rank_with_the_converters_error() {
 }
 
 /// One process, no coordination: `reshard auto` with flags.
-fn auto_once(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+pub(crate) fn auto_once(
+    cwd: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Option<i32>, String, String) {
     let out = Command::new(reshard_bin())
         .arg("auto")
         .args(args)
@@ -1166,6 +1170,11 @@ fn safetensors_checkpoints_convert_to_safetensors() {
     let out = collect(spawn(&ranks, logs.path()), Duration::from_secs(60));
     for o in &out {
         assert_eq!(o.code, Some(0), "{}", o.stderr);
+        let notes = o.report.as_ref().unwrap()["notes"].to_string();
+        assert!(
+            notes.contains("MindFormers refuses a single file"),
+            "{notes}"
+        );
         let r = o.rank;
         let want = expect.join(format!("rank_{r}/checkpoint_{r}.safetensors"));
         assert_eq!(
@@ -1222,6 +1231,10 @@ fn deduplicated_safetensors_set_merges_to_one_device() {
     assert_eq!(o.code, Some(0), "{}", o.stderr);
     assert_eq!(o.action(), "converted", "{:?}", o.report);
     assert!(o.stderr.contains("file's flag wins"), "{}", o.stderr);
+    // `checkpoint_0.safetensors` has no `_rank_R-E_S` name: mindformers'
+    // suffix would be its stem, which rank_1's folder lacks.
+    let notes = o.report.as_ref().unwrap()["notes"].to_string();
+    assert!(notes.contains("no _rank_R-E_S name"), "{notes}");
     assert!(
         std::fs::read(o.path()).unwrap()
             == std::fs::read(expect.join("rank_0/checkpoint_0.safetensors")).unwrap()

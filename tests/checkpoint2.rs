@@ -194,3 +194,30 @@ fn impossible_checkpoint2_outputs_are_refused() {
     o.checkpoint2_iteration = Some(12);
     assert!(attempt(o).contains("already"));
 }
+
+#[test]
+fn common_json_carries_the_training_counters() {
+    let f = fixture();
+    // As `CommonInfo.save_common` writes it (json.dumps, indent=4): the
+    // model's global_step (7), counters it lacks null, healthy status.
+    let want =
+        "{\n    \"epoch_num\": null,\n    \"step_num\": null,\n    \"global_step\": 7,\n    \
+                \"loss_scale\": null,\n    \"global_batch_size\": null,\n    \
+                \"consumed_samples\": null,\n    \"ckpt_status\": 0\n}";
+    let common = iteration(&f).join("common.json");
+    assert_eq!(std::fs::read_to_string(&common).unwrap(), want);
+    // A Checkpoint 2.0 source's own common.json goes to the new directory.
+    let theirs = "{\n    \"epoch_num\": 2,\n    \"step_num\": 40,\n    \"global_step\": 7,\n    \
+                  \"loss_scale\": 1024.0,\n    \"global_batch_size\": 64,\n    \
+                  \"consumed_samples\": 2560,\n    \"ckpt_status\": 0\n}";
+    std::fs::write(&common, theirs).unwrap();
+    let out = f.root.join("again");
+    let s1 = strategies(&f.model, &f.root.join("s_mp4"), 1, 4, 1, 0);
+    let mut o = TransformOptions::new(&f.written, &out, None, Some(s1));
+    o.checkpoint2_iteration = Some(13);
+    transform(&o).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(out.join("iteration_00000013/common.json")).unwrap(),
+        theirs
+    );
+}

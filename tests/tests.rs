@@ -6,6 +6,7 @@ mod ascend;
 #[cfg(feature = "ascend")]
 mod ascend_traffic;
 mod auto;
+mod auto_safetensors;
 mod bench;
 mod by_rank;
 mod checkpoint2;

@@ -12,8 +12,8 @@
 //! parameters are the names starting with `adam_m.`, `adam_v.`,
 //! `accu_grads.` or equal to `global_step`; the layout's `alias_name`s are
 //! `axis0..axisN-1` (left to right); a parameter's metadata order is the
-//! destination ranks' tensor order. `common.json` is not written (its
-//! values are training counters a weight conversion does not know).
+//! destination ranks' tensor order. `common.json`: see
+//! [`crate::ops::checkpoint2_common`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

@@ -5,6 +5,7 @@ pub mod auto;
 pub mod bench;
 pub mod by_rank;
 pub(crate) mod checkpoint2;
+pub(crate) mod checkpoint2_common;
 pub(crate) mod checkpoint2_write;
 pub mod convert;
 pub mod demo;

@@ -792,7 +792,14 @@ fn transform_to_checkpoint2(options: &TransformOptions, iteration: u64) -> Resul
         ..options.clone()
     })?;
     let dst = strategy::load(dst_path)?;
+    let common = crate::ops::checkpoint2_common::common_json(&options.src_checkpoint, &per_rank)?;
     let job = crate::ops::checkpoint2_write::balanced(per_rank, &dst, &options.dst_dir, iteration)?;
+    let common = (
+        job.metadata
+            .0
+            .with_file_name(crate::ops::checkpoint2_common::COMMON),
+        common,
+    );
     let summary = job.plan.summary(options.workers);
     if options.dry_run {
         return Ok(TransformReport {
@@ -802,7 +809,7 @@ fn transform_to_checkpoint2(options: &TransformOptions, iteration: u64) -> Resul
             warnings: Vec::new(),
         });
     }
-    for (path, _) in [&job.metadata, &job.tracker] {
+    for (path, _) in [&common, &job.metadata, &job.tracker] {
         if path.exists() {
             return Err(Error::invalid(
                 "already exists; remove it or choose another --dst-checkpoint-dir",
@@ -828,8 +835,9 @@ fn transform_to_checkpoint2(options: &TransformOptions, iteration: u64) -> Resul
             ranks: None,
         },
     )?;
-    // metadata.json, then the tracker last, as mindformers writes them.
-    for (path, bytes) in [&job.metadata, &job.tracker] {
+    // common.json, metadata.json, then the tracker last, as mindformers
+    // writes them.
+    for (path, bytes) in [&common, &job.metadata, &job.tracker] {
         let mut f = crate::formats::atomic::AtomicFile::create(path)?;
         f.write_all(bytes)?;
         f.commit()?;

@@ -34,6 +34,7 @@ pub const YAML_KEYS: &[&str] = &[
     "load_ckpt_format",
     "parallel_config",
     "remove_redundancy",
+    "resume_training",
 ];
 
 /// reshard's own settings, given as CLI flags or in the C ABI's JSON (not
@@ -277,6 +278,16 @@ impl Settings {
                 .unwrap_or_else(|| absolute(Path::new("./output"))),
             load_ckpt_format,
             remove_redundancy: self.bool_opt("remove_redundancy")?,
+            resume_training: match self.values.get("resume_training") {
+                None | Some(Value::Null) | Some(Value::Bool(_)) => None,
+                Some(v @ Value::String(s)) if as_bool(v).is_some() || is_unset(s) => None,
+                Some(Value::String(s)) => Some(s.trim().to_string()),
+                Some(v) => {
+                    return Err(self.err(format!(
+                        "resume_training must be True, False or a checkpoint file name, not {v}"
+                    )))
+                }
+            },
             parallel,
             rank,
             world_size: world,

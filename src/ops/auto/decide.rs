@@ -45,6 +45,14 @@ fn no(reason: impl Into<String>) -> Result<Verdict> {
 /// Tensor shapes of a checkpoint (a file, or a complete folder's files),
 /// from the indexes only.
 fn shapes(path: &Path) -> Result<HashMap<String, Vec<u64>>> {
+    if crate::formats::checkpoint2::is_checkpoint2(path) {
+        let ck = crate::formats::checkpoint2::open(path)?;
+        return Ok(ck
+            .params
+            .into_iter()
+            .map(|p| (p.name, p.global_shape))
+            .collect());
+    }
     let (_, files) = crate::ops::transform::source_files(path)?;
     let mut out = HashMap::new();
     for (_, file) in files {

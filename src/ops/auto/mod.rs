@@ -125,6 +125,10 @@ pub struct AutoOptions {
     /// redundancy removed. As in mindformers, a safetensors file's own
     /// `remove_redundancy` flag overrides it; `None`: as the files say.
     pub remove_redundancy: Option<bool>,
+    /// `resume_training` when it names a checkpoint file: with
+    /// `load_ckpt_format: safetensors` its stem is mindformers' `file_suffix`
+    /// (which file of each rank folder is read). `None` for a bool.
+    pub resume_training: Option<String>,
     /// `parallel_config`.
     pub parallel: ParallelConfig,
     /// This process's rank.
@@ -173,6 +177,7 @@ impl AutoOptions {
             output_dir: config::absolute(Path::new("./output")),
             load_ckpt_format: FileFormat::Ckpt,
             remove_redundancy: None,
+            resume_training: None,
             parallel: ParallelConfig::default(),
             rank,
             world_size,
@@ -367,7 +372,15 @@ pub fn auto_convert(o: &AutoOptions) -> Result<AutoReport> {
     if o.transform_by_rank && o.world_size == 1 {
         notes.push("transform_by_rank is ignored for a one-device job, as in mindformers".into());
     }
+    if o.load_ckpt_format == FileFormat::Safetensors {
+        source::check_mindformers_mode(load, o, &mut notes)?;
+    }
     let entries = source::entries(load, o.load_ckpt_format, o.here())?;
+    let entries = if o.load_ckpt_format == FileFormat::Safetensors {
+        source::mindformers_safetensors_pick(entries, o, &mut notes)?
+    } else {
+        entries
+    };
     let src_strategy = o.src_strategy.as_deref().map(strategy::load).transpose()?;
     if o.auto_trans_ckpt {
         guard_outputs(o)?;
@@ -927,6 +940,24 @@ fn input_digest(
         }
     };
     match &entry.kind {
+        EntryKind::Complete(f) if f.is_dir() => {
+            // A complete folder (unified, HuggingFace, Checkpoint 2.0):
+            // every file of it (of the iteration a tracker names).
+            let dir = if crate::formats::checkpoint2::is_checkpoint2(f) {
+                crate::formats::checkpoint2::iteration_dir(f)?
+            } else {
+                f.clone()
+            };
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .in_file(&dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
+            files.sort();
+            for p in files {
+                text += &describe(&p);
+                text += ";";
+            }
+        }
         EntryKind::Complete(f) => text += &describe(f),
         EntryKind::Tree { files, .. } => {
             for (r, f) in files {
