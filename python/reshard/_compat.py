@@ -13,7 +13,9 @@ Deliberate differences are listed in each docstring.
 import json
 import os
 import re
+import shutil
 import struct
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 from . import _native
@@ -391,11 +393,16 @@ def load_distributed_checkpoint(network, checkpoint_filenames=None, predict_stra
     strategy, or only ``rank_id`` — byte-identical with MindSpore's files.
     Returns ``True`` as MindSpore does.
 
+    ``predict_strategy=None`` copies the whole checkpoint into
+    ``rank_{rank_id}/net.*`` (``rank_0`` without ``rank_id``), as MindSpore
+    does. ``name_map`` (``{network name: name in the unified files}``, the
+    direction MindSpore reads it in) writes each parameter under its network
+    name; two names mapped to the same entry (MindSpore reads it twice) are
+    a ``ValueError`` here.
+
     Differences, on purpose: loading into a network (``network`` not
-    ``None``) is MindSpore's job (a ``TypeError`` says so); ``name_map`` is
-    not supported yet, nor ``predict_strategy=None`` (MindSpore then copies
-    the whole checkpoint into ``rank_{rank_id}/net.*``): each is a
-    ``ValueError``; ``max_process_num`` bounds the worker threads.
+    ``None``) is MindSpore's job (a ``TypeError`` says so);
+    ``max_process_num`` bounds the worker threads.
     """
     if format not in ['safetensors', 'ckpt'] or output_format not in ['safetensors', 'ckpt']:
         raise ValueError(
@@ -418,10 +425,9 @@ def load_distributed_checkpoint(network, checkpoint_filenames=None, predict_stra
     if dst_safetensors_dir is None:
         raise ValueError("For 'load_distributed_checkpoint', 'dst_safetensors_dir' can not be None "
                          "when network is None.")
-    if name_map:
-        raise ValueError("reshard.load_distributed_checkpoint does not support 'name_map' yet; rename the "
-                         "unified files' entries first (reshard.safetensors_to_ckpt / ckpt_to_safetensors "
-                         "take a name_map) or use mindspore.load_distributed_checkpoint")
+    if name_map is not None and not isinstance(name_map, dict):
+        raise TypeError(f"For 'load_distributed_checkpoint', 'name_map' must be a dict, "
+                        f"but got {type(name_map).__name__}.")
     unified_safetensors_dir = _path(unified_safetensors_dir, "load_distributed_checkpoint", "unified_safetensors_dir")
     dst_safetensors_dir = _path(dst_safetensors_dir, "load_distributed_checkpoint", "dst_safetensors_dir")
     if not os.path.isdir(unified_safetensors_dir):
@@ -433,18 +439,103 @@ def load_distributed_checkpoint(network, checkpoint_filenames=None, predict_stra
         raise TypeError("reshard.load_distributed_checkpoint takes 'predict_strategy' as a strategy file "
                         f"path, not {type(predict_strategy).__name__}")
     dst = _strategy(predict_strategy, "predict_strategy")
-    if dst is None:
-        raise ValueError("reshard.load_distributed_checkpoint needs 'predict_strategy' (a strategy file): "
-                         "the unified directory is already the whole checkpoint")
     os.makedirs(dst_safetensors_dir, exist_ok=True)
     workers = max(1, min(int(max_process_num or 1), os.cpu_count() or 1))
-    kw = dict(output_format=output_format, manifest=False, file_name="net")
-    if rank_id is not None:
-        kw["ranks"] = [rank_id]
-    args = (os.fspath(unified_safetensors_dir), os.fspath(dst_safetensors_dir), None, dst)
-    planned = json.loads(_native.transform(*args, dry_run=True, **kw))
-    for f in planned["plan"]["files"]:
-        if os.path.isfile(f["path"]):
-            os.remove(f["path"])
-    _native.transform(*args, workers=workers, progress=progress, **kw)
+    # Everything the engine writes first goes to a scratch folder inside the
+    # destination, moved into place once complete and removed on error.
+    scratch = tempfile.mkdtemp(prefix=".reshard-load-", dir=dst_safetensors_dir)
+    try:
+        src = unified = os.fspath(unified_safetensors_dir)
+        names = {str(k): str(v) for k, v in name_map.items()} if name_map else None
+        if names:
+            src = _renamed_unified(unified, names, os.path.join(scratch, "unified"))
+        kw = dict(output_format=output_format, manifest=False, file_name="net")
+        if dst is None:
+            # MindSpore's predict_strategy=None: every entry, unsplit, into one rank.
+            dst = os.path.join(scratch, "whole.json")
+            _write_whole_strategy(unified, dst, names, src)
+            kw["ranks"] = [0]
+        elif rank_id is not None:
+            kw["ranks"] = [rank_id]
+        out = os.path.join(scratch, "out")
+        _native.transform(src, out, None, dst, workers=workers, progress=progress, **kw)
+        if predict_strategy is None:
+            r = rank_id or 0
+            if r:
+                os.rename(os.path.join(out, "rank_0"), os.path.join(out, f"rank_{r}"))
+        for rank_dir in sorted(os.listdir(out)):
+            os.makedirs(os.path.join(dst_safetensors_dir, rank_dir), exist_ok=True)
+            for f in os.listdir(os.path.join(out, rank_dir)):
+                os.replace(os.path.join(out, rank_dir, f), os.path.join(dst_safetensors_dir, rank_dir, f))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return True
+
+
+def _st_names(path):
+    """The entry names of a safetensors file, in its header's order."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+def _name_map_of(unified, name_map=None):
+    """MindSpore's `_cal_param_name_map_and_param_list` without a strategy:
+    {name: file}, from ``param_name_map.json`` unless there is one
+    ``.safetensors`` file (then its entries, renamed back by ``name_map``)."""
+    files = [f for f in os.listdir(unified) if f.endswith(".safetensors")]
+    if len(files) == 1:
+        flipped = {v: k for k, v in (name_map or {}).items()}
+        return {flipped.get(k, k): files[0] for k in _st_names(os.path.join(unified, files[0]))}
+    path = os.path.join(unified, "param_name_map.json")
+    if not os.path.isfile(path):
+        raise ValueError("For 'load_parallel_checkpoint', there must be a JSON file named 'param_name_map.json' "
+                         f"in the 'total_safetensors_dir' ({unified}).")
+    with open(path) as f:
+        names = json.load(f)
+    return names.get("weight_map", names)
+
+
+def _write_whole_strategy(unified, path, name_map=None, renamed=None):
+    """A one-device strategy (JSON) holding every entry MindSpore copies when
+    predict_strategy is None, in its order: the engine then writes exactly
+    MindSpore's ``rank_0/net.*``. ``renamed``: ``unified`` with its entries
+    renamed by ``name_map`` (`_renamed_unified`)."""
+    items, headers = {}, {}
+    for name, file in _name_map_of(unified, name_map).items():
+        if file not in headers:
+            headers[file] = _st_names(os.path.join(renamed or unified, file))
+        if name in headers[file]:
+            items[name] = {"dev_matrix": [1], "tensor_map": [-1] * len(headers[file][name]["shape"]),
+                           "field": 0, "opt_weight_shard_size": 0, "opt_weight_shard_step": 0}
+    with open(path, "w") as f:
+        json.dump({"parallel_layout_item": items}, f)
+
+
+def _renamed_unified(unified, name_map, out):
+    """A copy of ``unified`` in ``out`` whose entries carry the network names:
+    MindSpore reads parameter ``k`` from entry ``name_map[k]``, so each file
+    holding such an entry is rewritten with the map reversed; the other
+    files are linked."""
+    pairs = {k: v for k, v in name_map.items() if k != v}
+    back = {}
+    for k, v in pairs.items():
+        if v in back:
+            raise ValueError(f"For 'load_distributed_checkpoint', 'name_map' maps both '{back[v]}' and '{k}' "
+                             f"to '{v}': one entry cannot be written under two names.")
+        back[v] = k
+    os.makedirs(out)
+    for f in os.listdir(unified):
+        src = os.path.join(unified, f)
+        if not os.path.isfile(src):
+            continue
+        if f.endswith(".safetensors") and f != "hyper_param.safetensors":
+            names = _st_names(src)
+            if any(v in names for v in back):
+                _native.rewrite(src, os.path.join(out, f), name_map={v: k for v, k in back.items() if v in names},
+                                verify_crc=False)
+                continue
+        os.symlink(src, os.path.join(out, f))
+    return out

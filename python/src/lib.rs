@@ -215,20 +215,24 @@ fn merge_pipeline_strategys(
 
 /// Copies one checkpoint into another file; `dst`'s extension picks the format.
 #[pyfunction]
-/// `name_map` renames entries (old → new) as MindSpore's does.
-#[pyo3(signature = (src, dst, crc=false, name_map=None))]
+/// `name_map` renames entries (old → new) as MindSpore's does;
+/// `verify_crc=False` reads a file whose `crc_num` is stale (MindSpore's
+/// unified parts carry their sources').
+#[pyo3(signature = (src, dst, crc=false, name_map=None, verify_crc=true))]
 fn rewrite(
     py: Python<'_>,
     src: PathBuf,
     dst: PathBuf,
     crc: bool,
     name_map: Option<BTreeMap<String, String>>,
+    verify_crc: bool,
 ) -> PyResult<String> {
-    let o = RewriteOptions {
+    let mut o = RewriteOptions {
         crc,
         name_map,
         ..Default::default()
     };
+    o.read.verify_crc = verify_crc;
     run(py, None, move || ops::rewrite::rewrite(&src, &dst, &o))
 }
 

@@ -21,7 +21,7 @@ import types
 import unittest
 
 import reshard
-from reshard import errors
+from reshard import _native, errors
 
 from test_conformance import REPO, REQUIRE, Base, files_under, ms
 
@@ -184,6 +184,61 @@ class Unified(Base):
                 self.assertEqual(files_under(rs_out), [f"rank_{rank_id}/net.{fmt}"])
                 self.assertSameTree(rs_out, ms_out)
 
+    def renamed_unified(self, name_map):
+        """d("unified") with entries renamed by name_map (network name ->
+        entry name), as MindSpore's name_map reads them: the several-file
+        directory (param_name_map.json keeps the network names) and its part
+        alone (MindSpore then maps the entries back by name_map)."""
+        multi = os.path.join(self.tmp, "renamed")
+        os.makedirs(multi)
+        for f in os.listdir(d("unified")):
+            if f.startswith("part"):
+                _native.rewrite(d("unified", f), os.path.join(multi, f), name_map=name_map, verify_crc=False)
+            else:
+                shutil.copy(d("unified", f), os.path.join(multi, f))
+        single = os.path.join(self.tmp, "renamed-single")
+        os.makedirs(single)
+        shutil.copy(os.path.join(multi, "part0.safetensors"), single)
+        return multi, single
+
+    def test_load_distributed_checkpoint_name_map_and_no_strategy_as_mindspore(self):
+        name_map = {"lm_head.weight": "output.weight", "model.layers.0.feed_forward.w1.weight": "l0.w1"}
+        multi, single = self.renamed_unified(name_map)
+        dst_s = d("dst_strategy_merged.ckpt")
+        cases = [(d("unified"), None, None, None, "ckpt"), (d("unified"), None, None, 2, "safetensors")]
+        for unified in (multi, single):
+            cases += [(unified, name_map, dst_s, None, "safetensors"), (unified, name_map, dst_s, 2, "ckpt"),
+                      (unified, name_map, None, None, "ckpt"), (unified, name_map, None, 1, "safetensors")]
+        # Without the map, the single file's renamed entries are not the
+        # strategy's: MindSpore leaves them out, so does reshard.
+        cases.append((single, None, dst_s, 0, "ckpt"))
+        for i, (unified, nm, strat, rank_id, fmt) in enumerate(cases):
+            with self.subTest(unified=unified, name_map=nm, strategy=strat, rank_id=rank_id, output_format=fmt):
+                kw = dict(predict_strategy=strat, format="safetensors", unified_safetensors_dir=unified,
+                          rank_id=rank_id, output_format=fmt, name_map=nm)
+                ms_out, rs_out = os.path.join(self.tmp, f"ms-{i}"), os.path.join(self.tmp, f"rs-{i}")
+                ms.load_distributed_checkpoint(None, dst_safetensors_dir=ms_out, **kw)
+                self.assertTrue(reshard.load_distributed_checkpoint(None, dst_safetensors_dir=rs_out, **kw))
+                if strat is None:
+                    self.assertEqual(files_under(rs_out), [f"rank_{rank_id or 0}/net.{fmt}"])
+                self.assertSameTree(rs_out, ms_out)
+        # Without the map, param_name_map.json names entries its files lack:
+        # MindSpore skips them silently, reshard refuses (on purpose).
+        out = os.path.join(self.tmp, "no-map")
+        with self.assertRaises(errors.TensorNotFoundError) as cm:
+            reshard.load_distributed_checkpoint(None, predict_strategy=dst_s, format="safetensors",
+                                                unified_safetensors_dir=multi, dst_safetensors_dir=out)
+        self.assertIn("lm_head.weight", str(cm.exception))
+        self.assertEqual(os.listdir(out), [])
+        # An error after the renamed copy is made (the strategy is a folder):
+        # the destination keeps nothing, the scratch folder included.
+        out = os.path.join(self.tmp, "failed")
+        with self.assertRaises(errors.ReshardError):
+            reshard.load_distributed_checkpoint(None, predict_strategy=d("unified"), format="safetensors",
+                                                unified_safetensors_dir=single, dst_safetensors_dir=out,
+                                                name_map=name_map)
+        self.assertEqual(os.listdir(out), [])
+
     def test_load_distributed_checkpoint_bad_arguments(self):
         out = os.path.join(self.tmp, "o")
         kw = dict(predict_strategy=d("dst_strategy_merged.ckpt"), format="safetensors",
@@ -198,12 +253,12 @@ class Unified(Base):
             reshard.load_distributed_checkpoint(None, **dict(kw, dst_safetensors_dir=None))
         with self.assertRaisesRegex(ValueError, "strict_load"):
             reshard.load_distributed_checkpoint(None, strict_load=True, **kw)
-        with self.assertRaisesRegex(ValueError, "name_map"):
-            reshard.load_distributed_checkpoint(None, name_map={"a": "b"}, **kw)
+        with self.assertRaisesRegex(TypeError, "name_map"):
+            reshard.load_distributed_checkpoint(None, name_map=[("a", "b")], **kw)
+        with self.assertRaisesRegex(ValueError, "'lm_head.weight' and 'output.weight'"):
+            reshard.load_distributed_checkpoint(None, name_map={"lm_head.weight": "x", "output.weight": "x"}, **kw)
         with self.assertRaises(TypeError):
             reshard.load_distributed_checkpoint(None, rank_id="0", **kw)
-        with self.assertRaisesRegex(ValueError, "predict_strategy"):
-            reshard.load_distributed_checkpoint(None, **dict(kw, predict_strategy=None), rank_id=0)
         # Arguments swapped: the strategy file given as the unified dir, and the other way round.
         with self.assertRaisesRegex(NotADirectoryError, "dst_strategy_merged.ckpt"):
             reshard.load_distributed_checkpoint(None, **dict(kw, unified_safetensors_dir=d("dst_strategy_merged.ckpt"),
