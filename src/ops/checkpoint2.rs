@@ -5,7 +5,7 @@
 //! (virtual) full tensor are composed with the assembly, so each rank's
 //! slice is read straight from the shard files. One plan, one executor.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::backend::BoxCopy;
@@ -158,50 +158,6 @@ pub(crate) fn plan(src: &Path, t: &Target<'_>) -> Result<Plan> {
         deduplicated: false,
         remove_redundancy: t.remove_redundancy,
     })?;
-    let by_name: BTreeMap<&str, &TensorPlan> =
-        tensors.iter().map(|t| (t.name.as_str(), t)).collect();
-    let mut files = Vec::with_capacity(planned.files.len());
-    for f in planned.files {
-        let mut out = Vec::with_capacity(f.tensors.len());
-        for tp in f.tensors {
-            let Content::Tensor {
-                dtype,
-                shape,
-                steps,
-            } = tp.content
-            else {
-                return Err(Error::invalid("a non-tensor entry").in_tensor(&tp.name));
-            };
-            let mut composed = Vec::new();
-            for s in &steps {
-                let Some(TensorPlan {
-                    content:
-                        Content::Tensor {
-                            shape: full,
-                            steps: parts,
-                            ..
-                        },
-                    ..
-                }) = by_name.get(s.tensor.as_str()).copied()
-                else {
-                    return Err(Error::TensorNotFound(s.tensor.clone()));
-                };
-                let full: Vec<u64> = full.iter().map(|&d| d as u64).collect();
-                composed.extend(
-                    crate::ops::convert::compose::compose_steps(parts, &full, &s.copy)
-                        .map_err(|e| e.in_tensor(&tp.name))?,
-                );
-            }
-            out.push(TensorPlan {
-                name: tp.name,
-                content: Content::Tensor {
-                    dtype,
-                    shape,
-                    steps: composed,
-                },
-            });
-        }
-        files.push(FilePlan { tensors: out, ..f });
-    }
+    let files = crate::ops::convert::compose::through_virtual(planned.files, &tensors)?;
     Ok(Plan { sources, files })
 }

@@ -353,6 +353,67 @@ pub fn compose_steps(conv: &[CopyStep], shape: &[u64], x: &BoxCopy) -> Result<Ve
     Ok(out)
 }
 
+/// Composes a plan made over a *virtual* source — a checkpoint that exists
+/// only as `virtual_tensors`, each with its own steps over the real sources
+/// (a conversion, an assembled Checkpoint 2.0 directory) — into a plan that
+/// reads the real sources directly: every step of `files` that names a
+/// virtual tensor becomes the steps that produce that region of it.
+pub(crate) fn through_virtual(
+    files: Vec<crate::plan::FilePlan>,
+    virtual_tensors: &[crate::plan::TensorPlan],
+) -> Result<Vec<crate::plan::FilePlan>> {
+    use crate::plan::{Content, FilePlan, TensorPlan};
+    let by_name: std::collections::BTreeMap<&str, &TensorPlan> = virtual_tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    let mut out_files = Vec::with_capacity(files.len());
+    for f in files {
+        let mut out = Vec::with_capacity(f.tensors.len());
+        for t in f.tensors {
+            let Content::Tensor {
+                dtype,
+                shape,
+                steps,
+            } = t.content
+            else {
+                return Err(
+                    Error::invalid("the transform planned a non-tensor entry").in_tensor(&t.name)
+                );
+            };
+            let mut composed = Vec::new();
+            for s in &steps {
+                let Some(TensorPlan {
+                    content:
+                        Content::Tensor {
+                            shape: full,
+                            steps: parts,
+                            ..
+                        },
+                    ..
+                }) = by_name.get(s.tensor.as_str()).copied()
+                else {
+                    return Err(Error::TensorNotFound(s.tensor.clone()));
+                };
+                let full: Vec<u64> = full.iter().map(|&d| d as u64).collect();
+                composed.extend(
+                    compose_steps(parts, &full, &s.copy).map_err(|e| e.in_tensor(&t.name))?,
+                );
+            }
+            out.push(TensorPlan {
+                name: t.name,
+                content: Content::Tensor {
+                    dtype,
+                    shape,
+                    steps: composed,
+                },
+            });
+        }
+        out_files.push(FilePlan { tensors: out, ..f });
+    }
+    Ok(out_files)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

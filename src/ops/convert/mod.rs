@@ -555,52 +555,7 @@ fn distributed(
         deduplicated: false,
         remove_redundancy: false,
     })?;
-    let by_name: BTreeMap<&str, &TensorPlan> =
-        tensors.iter().map(|t| (t.name.as_str(), t)).collect();
-    let mut files = Vec::with_capacity(transform.files.len());
-    for f in transform.files {
-        let mut out = Vec::with_capacity(f.tensors.len());
-        for t in f.tensors {
-            let Content::Tensor {
-                dtype,
-                shape,
-                steps,
-            } = t.content
-            else {
-                return Err(
-                    Error::invalid("the transform planned a non-tensor entry").in_tensor(&t.name)
-                );
-            };
-            let mut composed = Vec::new();
-            for s in &steps {
-                let conv = by_name
-                    .get(s.tensor.as_str())
-                    .ok_or_else(|| Error::TensorNotFound(s.tensor.clone()))?;
-                let Content::Tensor {
-                    shape: full,
-                    steps: conv_steps,
-                    ..
-                } = &conv.content
-                else {
-                    unreachable!("conversions only make tensors")
-                };
-                let full: Vec<u64> = full.iter().map(|&d| d as u64).collect();
-                composed.extend(
-                    compose::compose_steps(conv_steps, &full, &s.copy)
-                        .map_err(|e| e.in_tensor(&t.name))?,
-                );
-            }
-            out.push(TensorPlan {
-                name: t.name,
-                content: Content::Tensor {
-                    dtype,
-                    shape,
-                    steps: composed,
-                },
-            });
-        }
-        files.push(FilePlan { tensors: out, ..f });
-    }
+    let files = crate::ops::convert::compose::through_virtual(transform.files, &tensors)?;
     Ok(Plan { sources, files })
 }
 
