@@ -145,9 +145,52 @@ pub enum Error {
         owner: Option<u64>,
     },
 
-    /// A caller error: bad option combination, bad argument.
+    /// A caller error: bad option combination, bad argument. Deprecated in
+    /// favour of the kinded variants below ([`Error::usage`],
+    /// [`Error::bad_input`], …); being removed.
     #[error("{0}")]
     Invalid(String),
+
+    /// A caller error: an option missing, out of range or contradicting
+    /// another. `option` is the library's name for the setting (the field of
+    /// the options struct, e.g. `src_strategy`); front ends render it in
+    /// their own spelling (the CLI as `--src-strategy`), the library never
+    /// spells a command-line flag.
+    #[error("{}{message}", option.map(|o| format!("{o}: ")).unwrap_or_default())]
+    Usage {
+        /// The setting at fault, by its library (options-struct) name.
+        option: Option<&'static str>,
+        /// What is wrong with it.
+        message: String,
+    },
+
+    /// An input file whose content is not what it must be (a bad header, a
+    /// layout of files that is not a checkpoint, contradicting records),
+    /// where no more specific variant applies.
+    #[error("{0}")]
+    BadInput(String),
+
+    /// A rank, shard, file or tensor the operation needs is not there.
+    #[error("{0}")]
+    Missing(String),
+
+    /// Shapes, dtypes or sizes of inputs that disagree with each other.
+    #[error("{0}")]
+    Mismatch(String),
+
+    /// A well-formed input or request reshard does not handle.
+    #[error("{0}")]
+    Unsupported(String),
+
+    /// The destination holds entries a run did not write (and `resume` or
+    /// `force` was not asked for).
+    #[error("destination is not empty ({}); {hint}", entry.display())]
+    DestinationNotEmpty {
+        /// The first foreign entry found.
+        entry: PathBuf,
+        /// What the caller can do.
+        hint: &'static str,
+    },
 
     /// A device backend failed, or is not available: what kind of failure,
     /// and the vendor's text (for Ascend, the failing C function, its code
@@ -207,6 +250,11 @@ pub enum Error {
         got: u64,
     },
 
+    /// A bug in reshard: a worker thread panicked (its temporaries were
+    /// removed). Please report it with the message.
+    #[error("internal error (please report): {0}")]
+    Internal(String),
+
     /// The run was interrupted by a signal (SIGINT, SIGTERM); temporaries
     /// were removed.
     #[error("interrupted by signal {0}")]
@@ -240,6 +288,71 @@ pub enum Error {
         /// The underlying error.
         source: Box<Error>,
     },
+}
+
+/// What kind of failure an [`Error`] is, for callers that branch on it (the
+/// C ABI's status codes and Python's exception classes are made from it).
+/// [`Error::kind`] looks through the file/record/tensor context wrappers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A caller error: a bad option or option combination.
+    Usage,
+    /// An input file that is not a valid checkpoint/strategy/config (bad
+    /// bytes, a wrong layout of files).
+    BadInput,
+    /// A stored checksum does not match: the file is damaged.
+    Damaged,
+    /// Encrypted input without a key, or a wrong key.
+    Encrypted,
+    /// A strategy that makes no sense or does not fit the checkpoint.
+    Strategy,
+    /// A rank, shard, file or tensor that is needed is missing.
+    Missing,
+    /// Shapes, dtypes or sizes that disagree.
+    Mismatch,
+    /// Something reshard does not handle.
+    Unsupported,
+    /// An operating-system I/O error.
+    Io,
+    /// The destination cannot be written: locked, unsafe, not empty.
+    Destination,
+    /// A source changed while it was read.
+    SourceChanged,
+    /// An input declares more than reshard accepts.
+    Limit,
+    /// A device backend failed or is unavailable.
+    Device,
+    /// A distributed job failed as a whole (peer died, ranks disagree).
+    Job,
+    /// Interrupted by a signal.
+    Interrupted,
+    /// A bug in reshard (a worker panicked).
+    Internal,
+}
+
+impl ErrorKind {
+    /// A stable lower-case name (`bad_input`), used by `--json` output.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::Usage => "usage",
+            ErrorKind::BadInput => "bad_input",
+            ErrorKind::Damaged => "damaged",
+            ErrorKind::Encrypted => "encrypted",
+            ErrorKind::Strategy => "strategy",
+            ErrorKind::Missing => "missing",
+            ErrorKind::Mismatch => "mismatch",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Io => "io",
+            ErrorKind::Destination => "destination",
+            ErrorKind::SourceChanged => "source_changed",
+            ErrorKind::Limit => "limit",
+            ErrorKind::Device => "device",
+            ErrorKind::Job => "job",
+            ErrorKind::Interrupted => "interrupted",
+            ErrorKind::Internal => "internal",
+        }
+    }
 }
 
 /// Kinds of [`Error::Device`].
@@ -306,9 +419,134 @@ impl Error {
         }
     }
 
-    /// Shorthand for [`Error::Invalid`].
+    /// Shorthand for [`Error::Invalid`]; being replaced by the kinded
+    /// constructors ([`Error::usage`], [`Error::bad_input`], …).
     pub fn invalid(msg: impl Into<String>) -> Error {
         Error::Invalid(msg.into())
+    }
+
+    /// A caller error not tied to one setting.
+    pub fn usage(msg: impl Into<String>) -> Error {
+        Error::Usage {
+            option: None,
+            message: msg.into(),
+        }
+    }
+
+    /// A caller error about `option` (the options-struct field name, e.g.
+    /// `src_strategy`; never a CLI flag spelling).
+    pub fn usage_of(option: &'static str, msg: impl Into<String>) -> Error {
+        Error::Usage {
+            option: Some(option),
+            message: msg.into(),
+        }
+    }
+
+    /// See [`Error::BadInput`].
+    pub fn bad_input(msg: impl Into<String>) -> Error {
+        Error::BadInput(msg.into())
+    }
+
+    /// See [`Error::Missing`].
+    pub fn missing(msg: impl Into<String>) -> Error {
+        Error::Missing(msg.into())
+    }
+
+    /// See [`Error::Mismatch`].
+    pub fn mismatch(msg: impl Into<String>) -> Error {
+        Error::Mismatch(msg.into())
+    }
+
+    /// See [`Error::Unsupported`].
+    pub fn unsupported(msg: impl Into<String>) -> Error {
+        Error::Unsupported(msg.into())
+    }
+
+    /// See [`Error::Strategy`].
+    pub fn strategy(msg: impl Into<String>) -> Error {
+        Error::Strategy(msg.into())
+    }
+
+    /// The kind of failure, looking through the context wrappers.
+    pub fn kind(&self) -> ErrorKind {
+        match self.root() {
+            Error::Io(_) => ErrorKind::Io,
+            Error::Truncated { .. }
+            | Error::Malformed { .. }
+            | Error::UnknownDtype(_)
+            | Error::ContentLength { .. }
+            | Error::InvalidShape { .. }
+            | Error::DuplicateName { .. }
+            | Error::PickleRefused { .. }
+            | Error::BadInput(_) => ErrorKind::BadInput,
+            Error::UnsupportedDtype { .. } | Error::Unsupported(_) => ErrorKind::Unsupported,
+            Error::CrcMismatch { .. } => ErrorKind::Damaged,
+            Error::EncryptedWithoutKey { .. } | Error::Decrypt { .. } => ErrorKind::Encrypted,
+            Error::Strategy(_) => ErrorKind::Strategy,
+            Error::TensorNotFound(_) | Error::RedundancyOwnerMissing { .. } | Error::Missing(_) => {
+                ErrorKind::Missing
+            }
+            Error::Mismatch(_) => ErrorKind::Mismatch,
+            Error::Invalid(_) | Error::Usage { .. } => ErrorKind::Usage,
+            Error::DestinationNotEmpty { .. }
+            | Error::Locked { .. }
+            | Error::UnsafeDestination { .. } => ErrorKind::Destination,
+            Error::SourceChanged { .. } => ErrorKind::SourceChanged,
+            Error::LimitExceeded { .. } => ErrorKind::Limit,
+            Error::Device { .. } => ErrorKind::Device,
+            Error::Job { .. } => ErrorKind::Job,
+            Error::Interrupted(_) => ErrorKind::Interrupted,
+            Error::Internal(_) => ErrorKind::Internal,
+            Error::InRecord { .. } | Error::InTensor { .. } | Error::InFile { .. } => {
+                unreachable!("root() looks through every wrapper")
+            }
+        }
+    }
+
+    /// The innermost file the error names, if any.
+    pub fn file(&self) -> Option<&Path> {
+        let mut found = None;
+        let mut cur = self;
+        loop {
+            match cur {
+                Error::InFile { path, source } => {
+                    found = Some(path.as_path());
+                    cur = source;
+                }
+                Error::InRecord { source, .. } | Error::InTensor { source, .. } => cur = source,
+                _ => return found,
+            }
+        }
+    }
+
+    /// The innermost tensor the error names, if any.
+    pub fn tensor(&self) -> Option<&str> {
+        let mut found = None;
+        let mut cur = self;
+        loop {
+            match cur {
+                Error::InRecord { name, source, .. } => {
+                    if let Some(n) = name {
+                        found = Some(n.as_str());
+                    }
+                    cur = source;
+                }
+                Error::InTensor { name, source } => {
+                    found = Some(name.as_str());
+                    cur = source;
+                }
+                Error::InFile { source, .. } => cur = source,
+                _ => return found,
+            }
+        }
+    }
+
+    /// The setting a usage error is about (options-struct field name).
+    pub fn option(&self) -> Option<&'static str> {
+        match self.root() {
+            Error::Usage { option, .. } => *option,
+            _ => None,
+        }
     }
 }
 
@@ -321,5 +559,35 @@ pub trait ResultExt<T> {
 impl<T, E: Into<Error>> ResultExt<T> for std::result::Result<T, E> {
     fn in_file(self, path: impl AsRef<Path>) -> Result<T> {
         self.map_err(|e| e.into().in_file(path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_and_context_look_through_wrappers() {
+        let e = Error::missing("rank 3 has no file")
+            .in_tensor("model.wq.weight")
+            .in_file("/ckpt/rank_3/a.ckpt");
+        assert_eq!(e.kind(), ErrorKind::Missing);
+        assert_eq!(e.file(), Some(Path::new("/ckpt/rank_3/a.ckpt")));
+        assert_eq!(e.tensor(), Some("model.wq.weight"));
+        let u = Error::usage_of("src_strategy", "needed: the source has 4 ranks");
+        assert_eq!(u.kind(), ErrorKind::Usage);
+        assert_eq!(u.option(), Some("src_strategy"));
+        assert_eq!(
+            u.to_string(),
+            "src_strategy: needed: the source has 4 ranks"
+        );
+        assert_eq!(
+            Error::CrcMismatch {
+                stored: 1,
+                computed: 2
+            }
+            .kind(),
+            ErrorKind::Damaged
+        );
     }
 }

@@ -13,4 +13,4 @@ pub mod ops;
 pub mod plan;
 
 pub use dtype::DType;
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
