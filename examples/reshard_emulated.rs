@@ -6,12 +6,12 @@
 //! that folder (the emulated network). `HCCL_EXEC_TIMEOUT` (seconds) sets
 //! the emulated HCCL timeout. Test-only: never shipped.
 
-#[path = "../src/bin/reshard/args.rs"]
-mod args;
 #[path = "../src/bin/reshard/commands/mod.rs"]
 mod commands;
 #[path = "../src/bin/reshard/entry.rs"]
 mod entry;
+#[path = "../src/bin/reshard/flags.rs"]
+mod flags;
 #[path = "../src/bin/reshard/progress.rs"]
 #[allow(dead_code)]
 mod progress;

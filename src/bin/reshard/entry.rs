@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::{args, commands};
+use crate::commands::{self, Cli, Command};
+use crate::render;
 
 /// A command line that cannot run as written (exit status 2, like clap's
 /// own usage errors), for checks clap cannot express.
@@ -26,11 +27,12 @@ pub fn run() -> ExitCode {
     // First, before any thread: SIGINT/SIGTERM remove temporaries and locks.
     reshard::formats::destination::install_signal_cleanup();
     let (argv, extra) = commands::convert::split_known_args(std::env::args_os().collect());
-    let mut cli = args::Cli::parse_from(argv);
-    if let args::Command::Convert(a) = &mut cli.command {
+    let mut cli = Cli::parse_from(argv);
+    if let Command::Convert(a) = &mut cli.command {
         a.extra = extra;
     }
-    match commands::run(cli) {
+    let flags = cli.command.option_flags();
+    match commands::run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             if let Some(io) = err.downcast_ref::<std::io::Error>() {
@@ -38,14 +40,8 @@ pub fn run() -> ExitCode {
                     return ExitCode::SUCCESS;
                 }
             }
-            if err.downcast_ref::<Usage>().is_some() {
-                eprintln!("error: {err}");
-                return ExitCode::from(2);
-            }
-            // reshard's errors already spell out their context chain
-            // (file: record: tensor: cause), so print Display once.
-            eprintln!("error: {err}");
-            ExitCode::from(1)
+            eprintln!("error: {}", render::error(&err, flags));
+            ExitCode::from(render::exit_code(&err))
         }
     }
 }

@@ -3,9 +3,9 @@
 //!
 //! Exit status: 0 success, 1 the operation failed, 2 usage error.
 
-mod args;
 mod commands;
 mod entry;
+mod flags;
 mod progress;
 mod render;
 

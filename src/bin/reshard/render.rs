@@ -1,11 +1,11 @@
-//! Turning reports into text. Results go to stdout, status to stderr.
+//! What every command renders the same way: JSON reports, sizes, tables,
+//! a plan's outcome, and errors. Results go to stdout, status and errors
+//! to stderr. A report only one command prints is rendered in that
+//! command's file.
 
 use std::io::Write;
 
 use anyhow::Result;
-use reshard::ops::demo::DemoReport;
-use reshard::ops::inspect::{CrcState, FileReport, Report, StrategyReport};
-use reshard::ops::transform::TransformReport;
 use serde::Serialize;
 
 pub fn json<T: Serialize>(value: &T) -> Result<()> {
@@ -30,16 +30,6 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
-fn shape(s: &[i64]) -> String {
-    format!(
-        "[{}]",
-        s.iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    )
-}
-
 /// `text` with control characters escaped (`\n`, `\u{1b}`): names and
 /// strings come from input files and must not drive the terminal.
 pub fn printable(text: &str) -> String {
@@ -59,7 +49,7 @@ pub fn printable(text: &str) -> String {
 
 /// Prints rows with columns padded to their widest cell (padded by hand:
 /// `format!` widths above 65,535 panic, and a name can be that long).
-fn table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> Result<()> {
+pub fn table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> Result<()> {
     let rows: Vec<Vec<String>> = rows
         .iter()
         .map(|r| r.iter().map(|c| printable(c)).collect())
@@ -88,200 +78,6 @@ fn table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> Result<
         writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
     }
     Ok(())
-}
-
-fn file(out: &mut impl Write, f: &FileReport) -> Result<()> {
-    let rows: Vec<Vec<String>> = f
-        .tensors
-        .iter()
-        .map(|t| {
-            let dtype = match &t.value {
-                Some(v) => format!("str = {v:?}"),
-                None => t.dtype.clone(),
-            };
-            vec![t.name.clone(), dtype, shape(&t.shape), t.bytes.to_string()]
-        })
-        .collect();
-    table(out, &["name", "dtype", "shape", "bytes"], &rows)?;
-    writeln!(out)?;
-    writeln!(out, "{}", summary(f))?;
-    Ok(())
-}
-
-fn summary(f: &FileReport) -> String {
-    let mut s = format!(
-        "{}: {} ({}), {} entries, {}",
-        f.path.display(),
-        f.format,
-        match (&f.encryption, f.crc) {
-            (Some(mode), _) => format!("encrypted {mode}"),
-            (None, CrcState::Absent) => "no CRC".into(),
-            (None, CrcState::Present) => "CRC present, not verified (--verify-crc)".into(),
-            (None, CrcState::Verified) => "CRC verified".into(),
-        },
-        f.tensors.len(),
-        human_bytes(f.total_bytes)
-    );
-    if !f.metadata.is_empty() {
-        let meta: Vec<String> = f
-            .metadata
-            .iter()
-            .map(|(k, v)| format!("{}={}", printable(k), printable(v)))
-            .collect();
-        s.push_str(&format!("; metadata {}", meta.join(", ")));
-    }
-    s
-}
-
-fn strategy(out: &mut impl Write, s: &StrategyReport) -> Result<()> {
-    let rows: Vec<Vec<String>> = s
-        .layouts
-        .iter()
-        .map(|l| {
-            vec![
-                l.name.clone(),
-                shape(&l.dev_matrix),
-                l.tensor_map.to_string(),
-                format!("{}/{}", l.opt_shard_step, l.opt_shard_size),
-                shape(&l.stages),
-            ]
-        })
-        .collect();
-    table(
-        out,
-        &[
-            "param",
-            "dev_matrix",
-            "tensor_map",
-            "opt step/size",
-            "stages",
-        ],
-        &rows,
-    )?;
-    writeln!(out)?;
-    writeln!(
-        out,
-        "{}: strategy, {} parameters, {} stage(s), {} devices per stage",
-        s.path.display(),
-        s.layouts.len(),
-        s.stages,
-        s.devices_per_stage
-    )?;
-    Ok(())
-}
-
-pub fn inspect(report: &Report, verbose: bool) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    match report {
-        Report::Checkpoint(f) => file(&mut out, f)?,
-        Report::Strategy(s) => strategy(&mut out, s)?,
-        Report::Complete { path, form, files } => {
-            if verbose {
-                for f in files {
-                    file(&mut out, f)?;
-                    writeln!(out)?;
-                }
-            }
-            let rows: Vec<Vec<String>> = files
-                .iter()
-                .map(|f| {
-                    vec![
-                        f.path.display().to_string(),
-                        f.tensors.len().to_string(),
-                        human_bytes(f.total_bytes),
-                    ]
-                })
-                .collect();
-            table(&mut out, &["file", "entries", "bytes"], &rows)?;
-            let total: u64 = files.iter().map(|f| f.total_bytes).sum();
-            writeln!(out)?;
-            writeln!(out, "{}: {}", path.display(), form.describe())?;
-            writeln!(out, "{} files, {}", files.len(), human_bytes(total))?;
-        }
-        Report::Tree { path, form, ranks } => {
-            writeln!(out, "form: {}", form.describe())?;
-            if verbose {
-                for r in ranks {
-                    writeln!(out, "== rank {}", r.rank)?;
-                    file(&mut out, &r.file)?;
-                    writeln!(out)?;
-                }
-            }
-            let rows: Vec<Vec<String>> = ranks
-                .iter()
-                .map(|r| {
-                    vec![
-                        r.rank.to_string(),
-                        r.file.path.display().to_string(),
-                        r.file.tensors.len().to_string(),
-                        human_bytes(r.file.total_bytes),
-                    ]
-                })
-                .collect();
-            table(&mut out, &["rank", "file", "entries", "bytes"], &rows)?;
-            let total: u64 = ranks.iter().map(|r| r.file.total_bytes).sum();
-            writeln!(out)?;
-            writeln!(
-                out,
-                "{}: {} ranks, {}",
-                path.display(),
-                ranks.len(),
-                human_bytes(total)
-            )?;
-            let dedup = ranks.iter().any(|r| {
-                r.file
-                    .metadata
-                    .iter()
-                    .any(|(k, v)| k == "remove_redundancy" && v == "True")
-            });
-            if dedup {
-                writeln!(
-                    out,
-                    "saved with redundancy removed (remove_redundancy=True): each parameter is kept by \
-                     one rank of its redundancy group; commands given the strategy read it from that rank"
-                )?;
-            }
-        }
-    }
-    Ok(())
-}
-
-pub fn demo(report: &DemoReport) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    let rows: Vec<Vec<String>> = report
-        .steps
-        .iter()
-        .map(|s| {
-            vec![
-                s.step.clone(),
-                human_bytes(s.bytes),
-                format!("{:.3} s", s.seconds),
-                format!("{:.0} MB/s", s.bytes as f64 / 1e6 / s.seconds.max(1e-9)),
-                if s.verified {
-                    "bit-exact".into()
-                } else {
-                    String::new()
-                },
-            ]
-        })
-        .collect();
-    table(
-        &mut out,
-        &["step", "bytes", "time", "throughput", "check"],
-        &rows,
-    )?;
-    writeln!(out)?;
-    writeln!(
-        out,
-        "demo: {} tensors in {}; every check passed",
-        report.tensors,
-        report.dir.display()
-    )?;
-    Ok(())
-}
-
-pub fn transform(report: &TransformReport) -> Result<()> {
-    plan_outcome(&report.plan, report.executed.as_ref())
 }
 
 /// The per-file table of a plan (and of its execution), then totals.
@@ -341,96 +137,90 @@ pub fn plan_outcome(
     Ok(())
 }
 
-pub fn difference(d: &reshard::ops::verify::Difference) -> String {
-    use reshard::ops::verify::Difference;
-    let text = match d {
-        Difference::Missing { name, missing_in } => format!("{name}: missing in {missing_in}"),
-        Difference::Layout { name, a, b } => format!("{name}: {a} vs {b}"),
-        Difference::Value {
-            name,
-            index,
-            a,
-            b,
-            count,
-        } => {
-            format!("{name}: {count} element(s) differ, first at {index:?}: {a} vs {b}")
-        }
-    };
-    // Names and string values come from the files.
-    printable(&text)
+/// The flag that sets the library option `option` (an options-struct field
+/// name, as `Error::Usage` carries it): the command's own spelling from
+/// `flags` (its table of options whose flag differs), else `--` + the name
+/// with `_` → `-`. The library never spells flags; this is where they are
+/// spelled.
+pub fn flag(option: &str, flags: &[(&str, &str)]) -> String {
+    match flags.iter().find(|(o, _)| *o == option) {
+        Some((_, f)) => f.to_string(),
+        None => format!("--{}", option.replace('_', "-")),
+    }
 }
 
-pub fn bench(r: &reshard::ops::bench::BenchReport) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    let rows: Vec<Vec<String>> = r
-        .steps
-        .iter()
-        .map(|s| {
-            vec![
-                s.description.clone(),
-                human_bytes(s.bytes),
-                format!("{:.3} s", s.warm.seconds),
-                format!("{:.2} GB/s", s.warm.gb_per_s),
-                format!("{:.2}", s.warm.fraction_of_copy_bound),
-                format!("{:.3} s", s.fsync.seconds),
-                format!("{:.2}", s.fsync.fraction_of_copy_bound),
-                format!("{:.0} MiB", s.peak_anon_mib),
-                s.mindspore
-                    .as_ref()
-                    .map(|m| format!("{:.3} s", m.seconds))
-                    .unwrap_or_default(),
-                s.speedup.map(|x| format!("{x:.1}x")).unwrap_or_default(),
-            ]
-        })
-        .collect();
-    table(
-        &mut out,
-        &[
-            "step",
-            "written",
-            "time (warm)",
-            "throughput",
-            "× copy (warm)",
-            "time (fsync)",
-            "× copy (fsync)",
-            "peak anon",
-            "MindSpore",
-            "speedup",
-        ],
-        &rows,
-    )?;
-    writeln!(out)?;
-    writeln!(
-        out,
-        "model: {} parameters ({}), {} tensors, {} (largest tensor {}); backend {}{}",
-        r.model.params,
-        r.dtype,
-        r.model.tensors,
-        human_bytes(r.model.bytes),
-        human_bytes(r.model.largest),
-        r.backend,
-        if r.manifest { "" } else { "; no manifests" }
-    )?;
-    writeln!(
-        out,
-        "copy bound (8 MiB sequential read+write of the model file): {:.2} GB/s cache warm, {:.2} GB/s with fsync; \
-fastest of {2} copies; times are medians of {2} runs; each step's ratio uses the fastest of copies made right before its runs",
-        r.copy_bound_warm.gb_per_s,
-        r.copy_bound_fsync.gb_per_s,
-        r.repeat
-    )?;
-    if r.steps.iter().any(|s| s.mindspore.is_some()) {
-        writeln!(
-            out,
-            "MindSpore does not fsync; the speedup is its time over reshard's time with fsync"
-        )?;
+/// A failed command's message for stderr (without `error: `). reshard's
+/// errors spell out their context chain (file: record: tensor: cause), so
+/// it is their Display once, except that a usage error's option is named
+/// by its flag (see [`flag`]).
+pub fn error(err: &anyhow::Error, flags: &[(&str, &str)]) -> String {
+    let text = err.to_string();
+    let Some(e) = err.downcast_ref::<reshard::Error>() else {
+        return text;
+    };
+    let root = e.root();
+    let reshard::Error::Usage {
+        option: Some(option),
+        message,
+    } = root
+    else {
+        return text;
+    };
+    match text.strip_suffix(&root.to_string()) {
+        // The wrappers (file, record, tensor) print "<context>: <inner>".
+        Some(context) => format!("{context}{}: {message}", flag(option, flags)),
+        None => text,
     }
-    Ok(())
+}
+
+/// The exit status for a failed command: 2 for a command line the CLI
+/// refuses before calling the library (like clap's own usage errors), 1
+/// for every failure the library reports, whatever its kind (scripts that
+/// branch on the kind read `reshard::ErrorKind`'s name in the text of
+/// `--json` reports, not the status).
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    if err.downcast_ref::<crate::Usage>().is_some() {
+        2
+    } else {
+        1
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_usage_error_names_the_option_by_its_flag() {
+        let flags = &[("dst_dir", "--dst-checkpoint-dir")];
+        let e = anyhow::Error::from(reshard::Error::usage_of(
+            "src_strategy",
+            "needed: the source has 4 ranks",
+        ));
+        assert_eq!(
+            error(&e, flags),
+            "--src-strategy: needed: the source has 4 ranks"
+        );
+        assert_eq!(exit_code(&e), 1);
+        // A command's own spelling wins; context wrappers stay.
+        let e = anyhow::Error::from(
+            reshard::Error::usage_of("dst_dir", "not empty").in_file("/data/out"),
+        );
+        assert_eq!(
+            error(&e, flags),
+            "/data/out: --dst-checkpoint-dir: not empty"
+        );
+        // Other errors, and usage errors about no one option, print as they are.
+        let e = anyhow::Error::from(reshard::Error::usage("two sources"));
+        assert_eq!(error(&e, flags), "two sources");
+        let e = anyhow::Error::from(reshard::Error::missing("rank 3").in_file("/x"));
+        assert_eq!(error(&e, flags), "/x: rank 3");
+        let e = anyhow::Error::from(crate::Usage("--rank-id is wrong".into()));
+        assert_eq!(
+            (error(&e, flags).as_str(), exit_code(&e)),
+            ("--rank-id is wrong", 2)
+        );
+    }
 
     #[test]
     fn long_cells_do_not_panic_and_control_characters_are_escaped() {

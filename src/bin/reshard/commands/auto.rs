@@ -10,6 +10,7 @@ use clap::Args;
 use reshard::ops::auto::{self, JobEnv, Settings};
 use serde_json::Value;
 
+use crate::flags::{parse_bool, Json, Workers};
 use crate::render;
 
 /// Flags of `reshard auto`.
@@ -23,6 +24,9 @@ Prints the file this rank must load (one line per checkpoint; nothing when there
 Output: <output_dir>/transformed_checkpoint/<name>/rank_{r}/checkpoint_{r}.ckpt, byte-identical to \
 mindspore.transform_checkpoints. Move output/strategy and output/transformed_checkpoint away after a \
 run you want to keep: the next run rewrites them.")]
+#[command(mut_arg("jobs", |a| a.help(
+    "Worker threads of a converting rank (default: the available cores)"
+)))]
 pub struct AutoArgs {
     /// The mindformers YAML of the job.
     #[arg(long, value_name = "YAML")]
@@ -67,7 +71,8 @@ pub struct AutoArgs {
     #[arg(
         long = "auto-trans-ckpt",
         alias = "auto_trans_ckpt",
-        value_name = "BOOL"
+        value_name = "BOOL",
+        value_parser = parse_bool
     )]
     pub auto_trans_ckpt: Option<bool>,
     /// Overrides transform_process_num.
@@ -80,9 +85,8 @@ pub struct AutoArgs {
     /// Any other setting, e.g. --set parallel_config.pipeline_stage=2 (VALUE is JSON, or a string).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// Worker threads of a converting rank (default: the available cores).
-    #[arg(short = 'j', long = "workers", value_name = "N")]
-    pub workers: Option<usize>,
+    #[command(flatten)]
+    pub workers: Workers,
     /// Longest wait, in seconds, for strategy files or a converting rank that has not started (default 7200).
     #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<f64>,
@@ -100,12 +104,11 @@ pub struct AutoArgs {
     /// its strategy.
     #[arg(long)]
     pub clean: bool,
-    /// Print the report as JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub report: Json,
     /// files (default): converting ranks read what they need from their disk; hccl: every rank
     /// converts its own file, reading only what is on its node and exchanging slices card to card
-    /// (builds with --features ascend).
+    /// (in builds with the `ascend` cargo feature).
     #[arg(long, value_name = "files|hccl")]
     pub exchange: Option<String>,
     /// host:port where rank 0 serves the HCCL root info (default: MS_SCHED_HOST and
@@ -113,6 +116,14 @@ pub struct AutoArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub rendezvous: Option<String>,
 }
+
+/// Settings (keys of the YAML and of `Settings`) whose flag is spelled otherwise.
+pub const OPTION_FLAGS: &[(&str, &str)] = &[
+    ("src_strategy_path_or_dir", "--src-strategy"),
+    ("timeout_s", "--timeout"),
+    ("heartbeat_timeout_s", "--heartbeat-timeout"),
+    ("workers", "--jobs"),
+];
 
 fn path_value(p: &std::path::Path) -> Value {
     Value::String(p.to_string_lossy().into_owned())
@@ -152,7 +163,7 @@ fn overrides(a: &AutoArgs) -> Result<Settings> {
     if let Some(k) = a.transform_process_num {
         set("transform_process_num", k.into())?;
     }
-    if let Some(j) = a.workers {
+    if let Some(j) = a.workers.jobs {
         set("workers", j.into())?;
     }
     if let Some(t) = a.timeout {
@@ -192,7 +203,7 @@ pub fn run(a: AutoArgs) -> Result<()> {
     let options = settings.resolve(&JobEnv::from_process())?;
     if a.clean {
         let report = auto::clean_outputs(&options)?;
-        if a.json {
+        if a.report.json {
             return render::json(&report);
         }
         for d in &report.recreated {
@@ -201,7 +212,7 @@ pub fn run(a: AutoArgs) -> Result<()> {
         return Ok(());
     }
     let report = auto::auto_convert(&options)?;
-    if a.json {
+    if a.report.json {
         return render::json(&report);
     }
     for p in &report.paths {

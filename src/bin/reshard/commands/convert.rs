@@ -3,17 +3,21 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
-use reshard::formats::tree::FileFormat;
 use reshard::ops::convert::{self, ConvertOptions, ConvertReport};
 use reshard::DType;
 
-use crate::args::ReadArgs;
+use crate::flags::{
+    parse_bool, parse_dtype, BackendArgs, DryRun, Format, Json, ReadArgs, Workers, WriteArgs,
+};
 use crate::render;
 
 /// Flags of `reshard convert`.
 #[derive(Debug, Args)]
+#[command(mut_arg("output_format", |a| a.value_name("ckpt|safetensors").help(
+    "Output format (default: by the output's extension; ckpt for rank shards)"
+)))]
 #[command(after_help = "\
 HuggingFace input: a model directory with config.json and model.safetensors, or sharded \
 model-0000x-of-0000y.safetensors with model.safetensors.index.json. Output: a .ckpt (or MindSpore \
@@ -81,24 +85,12 @@ pub struct ConvertArgs {
     /// File name prefix of rank shards.
     #[arg(long, default_value = "checkpoint_")]
     pub prefix: String,
-    /// Output format: ckpt or safetensors (default: by the output's extension; ckpt for rank shards).
-    #[arg(
-        long = "output-format",
-        alias = "output_format",
-        value_name = "ckpt|safetensors"
-    )]
-    pub output_format: Option<String>,
-    /// Worker threads (default: the available cores): each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
-    #[arg(
-        long = "process-num",
-        short = 'j',
-        default_value_t = reshard::exec::default_workers(),
-        value_name = "K"
-    )]
-    pub process_num: usize,
-    /// Print the plan and write nothing.
-    #[arg(long = "dry-run")]
-    pub dry_run: bool,
+    #[command(flatten)]
+    pub format: Format,
+    #[command(flatten)]
+    pub workers: Workers,
+    #[command(flatten)]
+    pub dry_run: DryRun,
     /// Accepted for compatibility (Swin only in mindformers; no family here uses it).
     #[arg(
         long = "is-pretrain",
@@ -112,27 +104,29 @@ pub struct ConvertArgs {
     /// Accepted for compatibility (TeleChat only in mindformers; no family here uses it).
     #[arg(long = "telechat-type", alias = "telechat_type", value_name = "TYPE")]
     pub telechat_type: Option<String>,
-    /// Re-read every output after writing it and check it against its manifest and the plan.
-    #[arg(long)]
-    pub verify: bool,
-    /// Do not write <file>.manifest.json beside each output (skips hashing the inputs).
-    #[arg(long = "no-manifest")]
-    pub no_manifest: bool,
-    /// Do not fsync outputs before renaming them into place (faster on scratch disks; a crash may leave renamed files whose bytes never reached the disk).
-    #[arg(long = "no-fsync")]
-    pub no_fsync: bool,
     #[command(flatten)]
-    pub backend: crate::args::BackendArgs,
+    pub write: WriteArgs,
+    #[command(flatten)]
+    pub backend: BackendArgs,
     #[command(flatten)]
     pub read: ReadArgs,
-    /// Print JSON for scripts.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub report: Json,
     /// `--key value` pairs this command does not define, kept aside before
     /// parsing as mindformers' `parse_known_args` does (see [`split_known_args`]).
     #[arg(skip)]
     pub extra: Vec<(String, String)>,
 }
+
+/// Library options (`ConvertOptions` fields) whose flag is spelled otherwise.
+pub const OPTION_FLAGS: &[(&str, &str)] = &[
+    ("input", "--input-path"),
+    ("output", "--output-path"),
+    ("workers", "--jobs"),
+    ("read", "--dec-key"),
+    ("decryption", "--dec-key"),
+    ("manifest", "--no-manifest"),
+];
 
 /// mindformers' `convert_weight.py` parses with `parse_known_args` and hands
 /// every other `--key value` (or `--key=value`) pair to the family's
@@ -142,14 +136,10 @@ pub struct ConvertArgs {
 pub(crate) fn split_known_args(
     argv: Vec<std::ffi::OsString>,
 ) -> (Vec<std::ffi::OsString>, Vec<(String, String)>) {
-    use clap::CommandFactory;
     if argv.get(1).map_or(true, |a| a != "convert") {
         return (argv, Vec::new());
     }
-    let cli = crate::args::Cli::command();
-    let Some(cmd) = cli.find_subcommand("convert") else {
-        return (argv, Vec::new());
-    };
+    let cmd = ConvertArgs::augment_args(clap::Command::new("convert"));
     // Long names (and aliases) this command knows, and whether each takes a value.
     let mut known: Vec<(String, bool)> = vec![("help".into(), false), ("version".into(), false)];
     for arg in cmd.get_arguments() {
@@ -221,26 +211,6 @@ fn apply_extras(options: &mut ConvertOptions, extra: &[(String, String)]) {
     }
 }
 
-pub(crate) fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "fp32" | "float32" => Ok(DType::F32),
-        "fp16" | "float16" => Ok(DType::F16),
-        "bf16" | "bfloat16" => Ok(DType::BF16),
-        _ => Err(format!(
-            "{s:?} is not a supported dtype: use fp32, fp16 or bf16"
-        )),
-    }
-}
-
-/// mindformers' `str2bool`, plus 1/0.
-pub(crate) fn parse_bool(s: &str) -> std::result::Result<bool, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "true" | "1" => Ok(true),
-        "false" | "0" => Ok(false),
-        _ => Err(format!("{s:?} is not true or false")),
-    }
-}
-
 pub fn run(a: ConvertArgs) -> Result<()> {
     if a.is_pretrain.is_some() || a.telechat_type.is_some() {
         eprintln!(
@@ -248,12 +218,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
             a.model
         );
     }
-    let output_format = match a.output_format.as_deref() {
-        None => None,
-        Some("ckpt") => Some(FileFormat::Ckpt),
-        Some("safetensors") => Some(FileFormat::Safetensors),
-        Some(other) => bail!("--output-format must be ckpt or safetensors, not {other:?}"),
-    };
+    let output_format = a.format.plain("convert")?;
     let mut options = ConvertOptions::new(a.model, a.input_path, a.output_path);
     options.reversed = a.reversed;
     options.dtype = a.dtype;
@@ -267,20 +232,19 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     options.dst_strategy = a.dst_strategy;
     options.prefix = a.prefix;
     options.output_format = output_format;
-    options.workers = a.process_num.max(1);
-    options.dry_run = a.dry_run;
-    options.read = super::read_options(&a.read)?;
-    options.manifest = !a.no_manifest;
-    options.verify = a.verify;
+    options.workers = a.workers.count();
+    options.dry_run = a.dry_run.dry_run;
+    options.read = a.read.options()?;
+    options.manifest = a.write.manifest();
+    options.verify = a.write.verify;
     options.backend = a.backend.choice();
-    options.control.fsync = !a.no_fsync;
     apply_extras(&mut options, &a.extra);
-    let (progress, bar) = crate::progress::for_command("convert", a.json || a.dry_run);
-    options.control.progress = progress;
+    let (progress, bar) = a.report.progress("convert", options.dry_run);
+    options.control = a.write.control(progress);
     let report = convert::convert(&options);
     drop(bar);
     let report = report?;
-    if a.json {
+    if a.report.json {
         return render::json(&report);
     }
     print_report(&report)

@@ -7,7 +7,10 @@ use clap::Args;
 use reshard::formats::tree::FileFormat;
 use reshard::ops::merge_lora::{merge_lora, merge_peft, MergeLoraOptions, MergePeftOptions};
 
-use crate::args::ReadArgs;
+use crate::flags::{
+    parse_file_format, strategy_value, BackendArgs, DryRun, Json, ReadArgs, Resume, Workers,
+    WriteArgs,
+};
 use crate::render;
 
 /// Flags of `reshard merge-lora` (mindformers' underscore spellings accepted).
@@ -85,25 +88,41 @@ pub struct MergeLoraArgs {
         long = "save-format",
         alias = "save_format",
         default_value = "ckpt",
-        value_name = "ckpt|safetensors"
+        value_name = "ckpt|safetensors",
+        value_parser = parse_file_format
     )]
-    pub save_format: String,
-    /// Worker threads (default: the available cores): each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
-    #[arg(short = 'j', long = "jobs", default_value_t = reshard::exec::default_workers())]
-    pub jobs: usize,
-    /// Print the plan and write nothing.
-    #[arg(long = "dry-run")]
-    pub dry_run: bool,
+    pub save_format: FileFormat,
     #[command(flatten)]
-    pub output: crate::args::OutputArgs,
+    pub workers: Workers,
+    #[command(flatten)]
+    pub dry_run: DryRun,
+    #[command(flatten)]
+    pub write: WriteArgs,
+    #[command(flatten)]
+    pub resume: Resume,
     #[command(flatten)]
     pub read: ReadArgs,
     #[command(flatten)]
-    pub backend: crate::args::BackendArgs,
-    /// Print JSON for scripts.
-    #[arg(long)]
-    pub json: bool,
+    pub backend: BackendArgs,
+    #[command(flatten)]
+    pub report: Json,
 }
+
+/// Library options (`MergeLoraOptions`, `MergePeftOptions` fields) whose
+/// flag is spelled otherwise.
+pub const OPTION_FLAGS: &[(&str, &str)] = &[
+    ("src", "--src-ckpt-path-or-dir"),
+    ("base", "--src-ckpt-path-or-dir"),
+    ("src_strategy", "--src-ckpt-strategy"),
+    ("dst_dir", "--dst-ckpt-dir"),
+    ("dst_strategy", "--dst-ckpt-strategy"),
+    ("scale", "--lora-scaling"),
+    ("format", "--save-format"),
+    ("workers", "--jobs"),
+    ("read", "--dec-key"),
+    ("decryption", "--dec-key"),
+    ("manifest", "--no-manifest"),
+];
 
 /// `--lora_scaling`: a number, or the guide's `lora_alpha/lora_rank` with
 /// the two numbers written in (`16/8`), computed as alpha / rank in f64 and
@@ -126,18 +145,13 @@ pub(crate) fn parse_scaling(s: &str) -> std::result::Result<f32, String> {
     })
 }
 
-/// mindformers passes "" (or None) for an absent strategy.
-fn non_empty(p: Option<std::ffi::OsString>) -> Option<PathBuf> {
-    crate::args::strategy_value(p)
-}
-
 pub fn run(a: MergeLoraArgs) -> Result<()> {
     if let Some(adapter) = &a.adapter {
         for (set, flag) in [
-            (a.output.resume, "--resume"),
-            (a.output.verify, "--verify"),
-            (a.output.no_manifest, "--no-manifest"),
-            (a.dry_run, "--dry-run"),
+            (a.resume.resume, "--resume"),
+            (a.write.verify, "--verify"),
+            (!a.write.manifest(), "--no-manifest"),
+            (a.dry_run.dry_run, "--dry-run"),
         ] {
             if set {
                 bail!("{flag} is not supported with --adapter (a PEFT merge always writes manifests and runs to the end)");
@@ -146,24 +160,21 @@ pub fn run(a: MergeLoraArgs) -> Result<()> {
         let explicit = a
             .lora_scaling
             .or(a.lora_alpha.zip(a.lora_rank).map(|(alpha, r)| alpha / r));
-        let (progress, bar) = crate::progress::for_command("merge-lora", a.json);
+        let (progress, bar) = a.report.progress("merge-lora", false);
         let report = merge_peft(&MergePeftOptions {
             base: a.src.clone(),
             adapter: adapter.clone(),
             dst_dir: a.dst_dir.clone(),
             scale: explicit,
-            workers: a.jobs.max(1),
+            workers: a.workers.count(),
             backend: a.backend.choice(),
             model: a.model.clone(),
             config: a.config.clone(),
-            control: reshard::exec::OutputControl {
-                progress,
-                ..a.output.control()
-            },
+            control: a.write.control(progress),
         });
         drop(bar);
         let report = report?;
-        if a.json {
+        if a.report.json {
             return render::json(&report);
         }
         a.backend.report(&report.backend);
@@ -180,40 +191,30 @@ pub fn run(a: MergeLoraArgs) -> Result<()> {
         (None, Some(_), Some(_)) => bail!("--lora-rank must not be 0"),
         _ => 1.0,
     };
-    let format = match a.save_format.as_str() {
-        "ckpt" => FileFormat::Ckpt,
-        "safetensors" => FileFormat::Safetensors,
-        other => bail!("--save-format must be ckpt or safetensors, not {other:?}"),
-    };
+    let format = a.save_format;
+    let dry_run = a.dry_run.dry_run;
+    let (progress, bar) = a.report.progress("merge-lora", dry_run);
     let options = MergeLoraOptions {
-        src_strategy: non_empty(a.src_strategy),
-        dst_strategy: non_empty(a.dst_strategy),
+        src_strategy: strategy_value(a.src_strategy),
+        dst_strategy: strategy_value(a.dst_strategy),
         prefix: a.prefix,
         scale,
         fan_in_fan_out: a.fan_in_fan_out,
         format,
-        workers: a.jobs.max(1),
-        dry_run: a.dry_run,
-        read: super::read_options(&a.read)?,
-        manifest: !a.output.no_manifest,
-        resume: a.output.resume,
-        verify: a.output.verify,
+        workers: a.workers.count(),
+        dry_run,
+        read: a.read.options()?,
+        manifest: a.write.manifest(),
+        resume: a.resume.resume,
+        verify: a.write.verify,
         backend: a.backend.choice(),
-        control: a.output.control(),
+        control: a.write.control(progress),
         ..MergeLoraOptions::new(a.src, a.dst_dir)
-    };
-    let (progress, bar) = crate::progress::for_command("merge-lora", a.json || a.dry_run);
-    let options = MergeLoraOptions {
-        control: reshard::exec::OutputControl {
-            progress,
-            ..options.control
-        },
-        ..options
     };
     let report = merge_lora(&options);
     drop(bar);
     let report = report?;
-    if a.json {
+    if a.report.json {
         return render::json(&report);
     }
     a.backend.report(&report.backend);

@@ -1,341 +1,256 @@
-//! One function per subcommand: Args → options → `reshard::ops` → render.
-//! Larger commands live in their own file (Args struct + `run`).
+//! The subcommands, one file each: its flags (a clap `Args` struct that
+//! flattens the shared groups of [`crate::flags`]), its `run` (flags →
+//! library options → `reshard::ops` → render), and the rendering only it
+//! uses. No command module imports another.
 
 pub mod auto;
+pub mod bench;
 pub mod convert;
+pub mod demo;
+pub mod inspect;
 pub mod merge_lora;
+pub mod rewrite;
+pub mod strategy;
 pub mod transform;
 pub mod unify;
+pub mod verify;
 
 use anyhow::Result;
-use reshard::formats::ckpt::{crypt, ReadOptions, SplitMode};
-use reshard::ops;
+use clap::{Parser, Subcommand};
 
-use crate::args::{
-    BenchArgs, Cli, Command, DemoArgs, InspectArgs, ReadArgs, RewriteArgs, StrategyArgs, VerifyArgs,
-};
-use crate::render;
+/// Convert, reshard and merge MindSpore / mindformers checkpoints.
+#[derive(Debug, Parser)]
+#[command(name = "reshard", version, about, propagate_version = true)]
+#[command(after_help = "Exit status: 0 success, 1 failure, 2 usage error.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
 
-pub fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Inspect(a) => inspect(a),
-        Command::Rewrite(a) => rewrite(a),
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show what a checkpoint, strategy file or rank_x tree holds (index only).
+    Inspect(inspect::InspectArgs),
+    /// Copy a checkpoint into a new file: .ckpt ⇄ .safetensors, add or drop CRC or encryption.
+    Rewrite(rewrite::RewriteArgs),
+    /// Reshard a checkpoint between strategies (full → N, N → M, N → full), like mindspore.transform_checkpoints.
+    Transform(transform::TransformArgs),
+    /// Write per-rank strategy files for a checkpoint and a dp/mp/pp/optimizer-shard setting.
+    Strategy(strategy::StrategyArgs),
+    /// The main job on built-in synthetic data: split, reshard, merge, convert formats, verify (no network, no Python).
+    Demo(demo::DemoArgs),
+    /// Convert HuggingFace weights to MindSpore and back, like mindformers' convert_weight.py.
+    Convert(convert::ConvertArgs),
+    /// Merge LoRA factors into their base weights (W + s·B·A), full or distributed.
+    MergeLora(merge_lora::MergeLoraArgs),
+    /// Decide whether a training job's checkpoint needs converting, and convert this rank's share.
+    Auto(auto::AutoArgs),
+    /// Check checkpoints: two against each other, one against its strategy, or files against their manifests.
+    Verify(verify::VerifyArgs),
+    /// Time split, N → M, merge, HF → MS convert and LoRA merge on a synthetic model, against the copy bound (and MindSpore).
+    Bench(bench::BenchArgs),
+    /// Merge a distributed safetensors checkpoint into MindSpore's unified layout, like mindspore.unified_safetensors.
+    Unify(unify::UnifyArgs),
+}
+
+impl Command {
+    /// The command's library options whose flag is not `--` + the option
+    /// name with `_` → `-` (see [`crate::render::flag`]).
+    pub fn option_flags(&self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Command::Inspect(_) => inspect::OPTION_FLAGS,
+            Command::Rewrite(_) => rewrite::OPTION_FLAGS,
+            Command::Transform(_) => transform::OPTION_FLAGS,
+            Command::Strategy(_) => strategy::OPTION_FLAGS,
+            Command::Demo(_) => &[],
+            Command::Convert(_) => convert::OPTION_FLAGS,
+            Command::MergeLora(_) => merge_lora::OPTION_FLAGS,
+            Command::Auto(_) => auto::OPTION_FLAGS,
+            Command::Verify(_) => &[],
+            Command::Bench(_) => bench::OPTION_FLAGS,
+            Command::Unify(_) => unify::OPTION_FLAGS,
+        }
+    }
+}
+
+/// Runs the command the line asks for.
+pub fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Inspect(a) => inspect::run(a),
+        Command::Rewrite(a) => rewrite::run(a),
         Command::Transform(a) => transform::run(a),
-        Command::Strategy(a) => strategy(a),
-        Command::Demo(a) => demo(a),
+        Command::Strategy(a) => strategy::run(a),
+        Command::Demo(a) => demo::run(a),
         Command::Convert(a) => convert::run(a),
         Command::MergeLora(a) => merge_lora::run(a),
         Command::Auto(a) => auto::run(a),
-        Command::Verify(a) => verify(a).map_err(verify_error),
-        Command::Bench(a) => bench(a),
+        Command::Verify(a) => verify::run(a),
+        Command::Bench(a) => bench::run(a),
         Command::Unify(a) => unify::run(a),
     }
 }
 
-fn key_and_mode(key: &Option<String>, mode: &str) -> Result<Option<(Vec<u8>, crypt::EncMode)>> {
-    let mode: crypt::EncMode = mode.parse()?;
-    Ok(match key {
-        Some(k) => Some((crypt::parse_key(k)?, mode)),
-        None => None,
+/// A temporary working directory for commands whose `--dir` is optional:
+/// `dir` itself when given, else a new one (removed when the guard drops).
+pub fn work_dir(
+    dir: &Option<std::path::PathBuf>,
+    prefix: &str,
+) -> Result<(std::path::PathBuf, Option<tempfile::TempDir>)> {
+    Ok(match dir {
+        Some(d) => (d.clone(), None),
+        None => {
+            let temp = tempfile::Builder::new().prefix(prefix).tempdir()?;
+            (temp.path().to_path_buf(), Some(temp))
+        }
     })
 }
 
-pub(crate) fn read_options(a: &ReadArgs) -> Result<ReadOptions> {
-    Ok(ReadOptions {
-        decryption: key_and_mode(&a.dec_key, &a.dec_mode)?,
-        ..ReadOptions::default()
-    })
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
 
-fn inspect(a: InspectArgs) -> Result<()> {
-    let read = read_options(&a.read)?;
-    let report = ops::inspect::inspect(
-        &a.path,
-        &ops::inspect::InspectOptions {
-            decryption: read.decryption,
-            verify_crc: a.verify_crc,
-        },
-    )?;
-    if a.json {
-        render::json(&report)
-    } else {
-        render::inspect(&report, a.verbose)
+    #[test]
+    fn clap_definitions_are_consistent() {
+        // Duplicate names, conflicts or requirements naming no argument,
+        // short flags used twice: clap's own checks of the definitions.
+        Cli::command().debug_assert();
     }
-}
 
-fn rewrite(a: RewriteArgs) -> Result<()> {
-    let name_map = match &a.name_map {
-        Some(p) => Some(
-            serde_json::from_slice(&std::fs::read(p)?)
-                .map_err(|e| anyhow::anyhow!("{}: not a JSON object of names: {e}", p.display()))?,
-        ),
-        None => None,
-    };
-    let options = ops::rewrite::RewriteOptions {
-        read: read_options(&a.read)?,
-        crc: a.crc,
-        encryption: key_and_mode(&a.enc_key, &a.enc_mode)?,
-        split: if a.split_rows {
-            SplitMode::Rows
-        } else {
-            SplitMode::Bytes
-        },
-        name_map,
-    };
-    if a.src.is_dir() {
-        return rewrite_tree(&a, options);
-    }
-    if let Some(r) = &a.file_name_regex {
-        if !regex::Regex::new(r)?.is_match(&a.src.to_string_lossy()) {
-            anyhow::bail!(
-                "{}: the file name does not match --file-name-regex",
-                a.src.display()
+    /// Every `--flag` a subcommand's `--help` mentions (options list and
+    /// the text after it) is one that subcommand accepts, by its name or
+    /// an alias.
+    #[test]
+    fn every_flag_in_help_is_accepted() {
+        let mut cli = Cli::command();
+        cli.build();
+        // `help` is clap's own subcommand.
+        for sub in cli.get_subcommands().filter(|s| s.get_name() != "help") {
+            let mut sub = sub.clone();
+            let help = sub.render_long_help().to_string();
+            let mut accepted: Vec<String> = vec!["help".into(), "version".into()];
+            for arg in sub.get_arguments() {
+                accepted.extend(arg.get_long().map(str::to_string));
+                accepted.extend(
+                    arg.get_all_aliases()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(str::to_string),
+                );
+            }
+            let mut mentioned = 0;
+            for (i, _) in help.match_indices("--") {
+                let name: String = help[i + 2..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+                    .collect();
+                if name.is_empty() {
+                    continue;
+                }
+                mentioned += 1;
+                assert!(
+                    accepted.contains(&name),
+                    "`reshard {} --help` mentions --{name}, which it does not accept",
+                    sub.get_name()
+                );
+            }
+            assert!(
+                mentioned > 0,
+                "{}: no flag found in its help",
+                sub.get_name()
             );
         }
     }
-    let report = ops::rewrite::rewrite(&a.src, &a.dst, &options)?;
-    if a.json {
-        render::json(&report)
-    } else {
-        eprintln!(
-            "wrote {} ({} entries, {})",
-            report.output.display(),
-            report.entries,
-            render::human_bytes(report.bytes)
+
+    #[test]
+    fn verify_help_names_only_its_flags() {
+        let mut cli = Cli::command();
+        cli.build();
+        let mut verify = cli.find_subcommand("verify").unwrap().clone();
+        let help = verify.render_long_help().to_string();
+        assert!(!help.contains("--strategy-a"), "{help}");
+        assert!(help.contains("--strategy-b"), "{help}");
+    }
+
+    #[test]
+    fn usage_errors_name_each_command_s_own_flag() {
+        let flags_of = |line: &str| {
+            Cli::try_parse_from(line.split(' '))
+                .unwrap()
+                .command
+                .option_flags()
+        };
+        let transform = flags_of("reshard transform --src-checkpoint s --dst-checkpoint-dir d");
+        let convert = flags_of("reshard convert --model llama --input-path i --output-path o");
+        let merge = flags_of("reshard merge-lora --src-ckpt-path-or-dir s --dst-ckpt-dir d");
+        let shown = |flags, option, msg: &str| {
+            crate::render::error(&reshard::Error::usage_of(option, msg).into(), flags)
+        };
+        // A multi-rank source without its strategy (MindSpore needs one).
+        assert_eq!(
+            shown(transform, "src_strategy", "the source has 4 ranks"),
+            "--src-strategy: the source has 4 ranks"
         );
-        Ok(())
-    }
-}
-
-fn rewrite_tree(a: &RewriteArgs, file: ops::rewrite::RewriteOptions) -> Result<()> {
-    use reshard::formats::tree::FileFormat;
-    let to = match a.to.as_deref() {
-        Some("ckpt") => FileFormat::Ckpt,
-        Some("safetensors") => FileFormat::Safetensors,
-        Some(other) => anyhow::bail!("--to must be ckpt or safetensors, not {other:?}"),
-        None => match reshard::formats::tree::tree_checkpoints(&a.src)?.0 {
-            FileFormat::Ckpt => FileFormat::Safetensors,
-            FileFormat::Safetensors => FileFormat::Ckpt,
-        },
-    };
-    let reports = ops::rewrite::rewrite_tree(
-        &a.src,
-        &a.dst,
-        &ops::rewrite::TreeRewriteOptions {
-            to,
-            file_name_regex: a.file_name_regex.clone(),
-            file,
-        },
-    )?;
-    if a.json {
-        return render::json(&reports);
-    }
-    for r in &reports {
-        eprintln!(
-            "wrote {} ({} entries, {})",
-            r.output.display(),
-            r.entries,
-            render::human_bytes(r.bytes)
+        assert_eq!(
+            shown(transform, "dst_dir", "not empty"),
+            "--dst-checkpoint-dir: not empty"
         );
-    }
-    Ok(())
-}
-
-fn demo(a: DemoArgs) -> Result<()> {
-    let temp;
-    let dir = match &a.dir {
-        Some(d) => d.clone(),
-        None => {
-            temp = tempfile::Builder::new().prefix("reshard-demo-").tempdir()?;
-            temp.path().to_path_buf()
-        }
-    };
-    let report = ops::demo::demo(&ops::demo::DemoOptions {
-        dir,
-        size_mib: a.size_mib,
-    })?;
-    if a.json {
-        return render::json(&report);
-    }
-    render::demo(&report)
-}
-
-fn strategy(a: StrategyArgs) -> Result<()> {
-    let report = ops::strategy_gen::write_strategies(&ops::strategy_gen::StrategyOptions {
-        checkpoint: a.checkpoint,
-        out_dir: a.output_dir,
-        dp: a.dp,
-        mp: a.mp,
-        pp: a.pp,
-        opt_shard: a.opt_shard,
-        vocab_emb_dp: a.vocab_emb_dp,
-    })?;
-    if a.json {
-        return render::json(&report);
-    }
-    eprintln!(
-        "wrote {} strategy files ({} parameters per stage){}",
-        report.files.len(),
-        report
-            .params_per_stage
-            .iter()
-            .map(|n| n.to_string())
-            .collect::<Vec<_>>()
-            .join("/"),
-        report
-            .merged
-            .as_ref()
-            .map(|m| format!(" and {}", m.display()))
-            .unwrap_or_default()
-    );
-    Ok(())
-}
-
-/// `verify` has no `--dec-key`: an encrypted input's error must not tell
-/// the user to pass one (issue 19 item 13).
-fn verify_error(e: anyhow::Error) -> anyhow::Error {
-    match e.downcast_ref::<reshard::Error>() {
-        Some(re) if matches!(re.root(), reshard::Error::EncryptedWithoutKey { .. }) => {
-            anyhow::anyhow!(
-                "{}",
-                re.to_string().replace(
-                    "pass the key with --dec-key (and --dec-mode)",
-                    "verify reads no encrypted files; decrypt it first with \
-                     `reshard rewrite SRC PLAIN.ckpt --dec-key KEY --dec-mode MODE`"
-                )
-            )
-        }
-        _ => e,
-    }
-}
-
-fn verify(a: VerifyArgs) -> Result<()> {
-    use ops::verify;
-    match a.paths.as_slice() {
-        [x, y] => {
-            let c = verify::compare(
-                &verify::Side {
-                    path: x.clone(),
-                    strategy: a.strategy,
-                },
-                &verify::Side {
-                    path: y.clone(),
-                    strategy: a.strategy_b,
-                },
-                verify::Tolerance {
-                    rtol: a.rtol,
-                    atol: a.atol,
-                },
-            )?;
-            if a.json {
-                render::json(&c)?;
-            } else {
-                for d in &c.differences {
-                    println!("{}", render::difference(d));
-                }
-                println!(
-                    "{} tensors compared, {}: {}",
-                    c.tensors,
-                    render::human_bytes(c.bytes),
-                    if c.differences.is_empty() {
-                        "the same"
-                    } else {
-                        "DIFFERENT"
-                    }
+        assert_eq!(
+            shown(convert, "input", "no config.json"),
+            "--input-path: no config.json"
+        );
+        assert_eq!(
+            shown(merge, "src_strategy", "needed"),
+            "--src-ckpt-strategy: needed"
+        );
+        // Every table names flags the command has.
+        let mut cli = Cli::command();
+        cli.build();
+        for (name, flags) in [
+            ("inspect", inspect::OPTION_FLAGS),
+            ("rewrite", rewrite::OPTION_FLAGS),
+            ("transform", transform::OPTION_FLAGS),
+            ("strategy", strategy::OPTION_FLAGS),
+            ("convert", convert::OPTION_FLAGS),
+            ("merge-lora", merge_lora::OPTION_FLAGS),
+            ("auto", auto::OPTION_FLAGS),
+            ("bench", bench::OPTION_FLAGS),
+            ("unify", unify::OPTION_FLAGS),
+        ] {
+            let sub = cli.find_subcommand(name).unwrap();
+            for (option, flag) in flags {
+                let long = flag.trim_start_matches("--");
+                assert!(
+                    sub.get_arguments().any(|a| a.get_long() == Some(long)),
+                    "{name}: option {option} is shown as {flag}, which {name} does not have"
                 );
             }
-            if !c.differences.is_empty() {
-                anyhow::bail!("{} difference(s)", c.differences.len());
-            }
-            Ok(())
         }
-        [dir] => match a.strategy {
-            Some(s) => {
-                let problems = verify::check_distributed(dir, &s)?;
-                if a.json {
-                    render::json(&problems)?;
-                } else {
-                    for p in &problems {
-                        println!(
-                            "rank {}{}: {}",
-                            p.rank,
-                            p.tensor
-                                .as_ref()
-                                .map(|t| format!(" {t:?}"))
-                                .unwrap_or_default(),
-                            p.problem
-                        );
-                    }
-                    println!(
-                        "{}: {}",
-                        dir.display(),
-                        if problems.is_empty() {
-                            "complete and consistent with its strategy"
-                        } else {
-                            "INCONSISTENT"
-                        }
-                    );
-                }
-                if !problems.is_empty() {
-                    anyhow::bail!("{} problem(s)", problems.len());
-                }
-                Ok(())
-            }
-            None => {
-                let checked = verify::check_manifests(dir)?;
-                if a.json {
-                    return render::json(&checked);
-                }
-                println!("{} file(s) match their manifests", checked.len());
-                Ok(())
-            }
-        },
-        _ => unreachable!("clap allows one or two paths"),
     }
-}
 
-fn bench(a: BenchArgs) -> Result<()> {
-    let temp;
-    let dir = match &a.dir {
-        Some(d) => d.clone(),
-        None => {
-            temp = tempfile::Builder::new()
-                .prefix("reshard-bench-")
-                .tempdir()?;
-            temp.path().join("bench")
+    #[test]
+    fn shared_flags_read_the_same_in_every_command() {
+        // -j is --jobs everywhere; the older spellings stay accepted.
+        for line in [
+            "reshard transform --src-checkpoint s --dst-checkpoint-dir d --process-num 3",
+            "reshard convert --model llama --input-path i --output-path o -j 3",
+            "reshard merge-lora --src-ckpt-path-or-dir s --dst-ckpt-dir d --jobs 3",
+            "reshard unify --src-dir s --src-strategy t --dst-dir d -j 3",
+            "reshard auto --workers 3",
+            "reshard bench -j 3",
+        ] {
+            let cli =
+                Cli::try_parse_from(line.split(' ')).unwrap_or_else(|e| panic!("{line}: {e}"));
+            let jobs = match &cli.command {
+                Command::Transform(a) => a.workers.jobs,
+                Command::Convert(a) => a.workers.jobs,
+                Command::MergeLora(a) => a.workers.jobs,
+                Command::Unify(a) => a.workers.jobs,
+                Command::Auto(a) => a.workers.jobs,
+                Command::Bench(a) => a.workers.jobs,
+                _ => unreachable!(),
+            };
+            assert_eq!(jobs, Some(3), "{line}");
         }
-    };
-    let mindspore = if a.vs_mindspore {
-        let py = a
-            .python
-            .clone()
-            .or_else(|| std::env::var_os("RESHARD_MINDSPORE_PYTHON").map(Into::into))
-            .unwrap_or_else(|| ".venv/bin/python".into());
-        Some(py)
-    } else {
-        None
-    };
-    let observer: Option<std::sync::Arc<dyn ops::bench::BenchObserver>> =
-        if crate::progress::wanted(a.json) {
-            Some(std::sync::Arc::new(crate::progress::BenchBars::default()))
-        } else {
-            None
-        };
-    let report = ops::bench::bench(&ops::bench::BenchOptions {
-        params: ops::bench::parse_params(&a.params)?,
-        dtype: a.dtype,
-        dir,
-        workers: a.jobs.max(1),
-        lora_rank: a.lora_rank.max(1),
-        repeat: a.repeat as usize,
-        steps: a.steps,
-        mindspore,
-        backend: a.backend.choice(),
-        manifest: !a.no_manifest,
-        observer,
-    })?;
-    if a.json {
-        return render::json(&report);
     }
-    render::bench(&report)
 }

@@ -9,10 +9,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use clap::Args;
-use reshard::formats::tree::FileFormat;
 use reshard::ops;
 
-use crate::args::{strategy_value, BackendArgs, OutputArgs, ReadArgs};
+use crate::flags::{
+    parse_bool, strategy_value, BackendArgs, DryRun, Format, Json, OutputFormat, ReadArgs, Resume,
+    Workers, WriteArgs,
+};
 use crate::render;
 use crate::Usage;
 
@@ -68,32 +70,25 @@ pub struct TransformArgs {
     pub transform_process_num: Option<usize>,
     /// mindformers' switch between transform_checkpoints and transform_checkpoint_by_rank: the same files either way.
     #[arg(long = "transform_by_rank", alias = "transform-by-rank", value_name = "BOOL",
-          value_parser = crate::commands::convert::parse_bool)]
+          value_parser = parse_bool)]
     pub transform_by_rank: Option<bool>,
-    /// Worker threads (default: the available cores): each fills and writes one tensor at a time, on its own file while there are enough files, else sharing one.
-    #[arg(long = "process-num", short = 'j', value_name = "K")]
-    pub process_num: Option<usize>,
+    #[command(flatten)]
+    pub workers: Workers,
     /// Name every output rank_{r}/NAME.{ext} instead of rank_{r}/{prefix}{r}.{ext}; `net` gives
     /// mindspore.load_distributed_checkpoint's naming.
     #[arg(long = "file-name", value_name = "NAME")]
     pub file_name: Option<String>,
-    /// Output format (default: the source's); checkpoint2: a mindformers Checkpoint 2.0 directory
-    /// (balanced de-duplicated save, metadata.json, latest_checkpointed_iteration.txt).
-    #[arg(
-        long = "output-format",
-        alias = "output_format",
-        value_name = "ckpt|safetensors|checkpoint2"
-    )]
-    pub output_format: Option<String>,
-    /// Print the plan (files per rank, bytes, largest tensor, peak memory) and write nothing.
-    #[arg(long = "dry-run")]
-    pub dry_run: bool,
+    #[command(flatten)]
+    pub format: Format,
+    #[command(flatten)]
+    pub dry_run: DryRun,
     /// Whether the source keeps every redundant copy (true) or was saved with remove_redundancy (false).
     /// A safetensors file's own remove_redundancy flag wins, as in MindSpore. Default: as the files say.
     #[arg(
         long = "has-redundancy",
         alias = "has_redundancy",
-        value_name = "true|false"
+        value_name = "true|false",
+        value_parser = parse_bool
     )]
     pub has_redundancy: Option<bool>,
     /// Save each rank without redundant copies, as MindSpore's save_checkpoint(..., remove_redundancy=True)
@@ -107,15 +102,29 @@ pub struct TransformArgs {
     #[arg(long)]
     pub strict: bool,
     #[command(flatten)]
-    pub output: OutputArgs,
+    pub write: WriteArgs,
+    #[command(flatten)]
+    pub resume: Resume,
     #[command(flatten)]
     pub read: ReadArgs,
     #[command(flatten)]
     pub backend: BackendArgs,
-    /// Print JSON for scripts.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub report: Json,
 }
+
+/// Library options (`TransformOptions` fields) whose flag is spelled otherwise.
+pub const OPTION_FLAGS: &[(&str, &str)] = &[
+    ("src_checkpoint", "--src-checkpoint"),
+    ("dst_dir", "--dst-checkpoint-dir"),
+    ("ranks", "--rank-id"),
+    ("workers", "--jobs"),
+    ("read", "--dec-key"),
+    ("decryption", "--dec-key"),
+    ("manifest", "--no-manifest"),
+    ("checkpoint2_iteration", "--iteration"),
+    ("absent", "--strict"),
+];
 
 /// What the command line asks, once the spellings are resolved.
 #[derive(Debug, PartialEq)]
@@ -246,7 +255,7 @@ fn positional_job(a: &TransformArgs) -> Result<Job> {
             Some((0..world).collect())
         },
         world_size: Some(world),
-        workers: a.process_num.unwrap_or(k).max(1),
+        workers: a.workers.or(k),
         mindformers: Some(blocks),
     })
 }
@@ -334,10 +343,7 @@ pub(crate) fn job(a: &TransformArgs) -> Result<Job> {
         prefix: a.prefix.clone().unwrap_or_else(|| "checkpoint_".into()),
         ranks,
         world_size,
-        workers: a
-            .process_num
-            .unwrap_or_else(reshard::exec::default_workers)
-            .max(1),
+        workers: a.workers.count(),
         mindformers: a.mf_dst_checkpoint_dir.as_ref().map(|_| converting),
     })
 }
@@ -385,16 +391,10 @@ pub fn run(a: TransformArgs) -> Result<()> {
     // transform_checkpoint_by_rank over the same ranks, which write the same
     // files: accepted so that the script's command line runs unchanged.
     let _ = a.transform_by_rank;
-    let output_format = match a.output_format.as_deref() {
-        None => None,
-        Some("ckpt") => Some(FileFormat::Ckpt),
-        Some("safetensors" | "checkpoint2") => Some(FileFormat::Safetensors),
-        Some(other) => {
-            bail!("--output-format must be ckpt, safetensors or checkpoint2, not {other:?}")
-        }
-    };
+    let output_format = a.format.output_format.map(OutputFormat::file_format);
     let checkpoint2_iteration =
-        (a.output_format.as_deref() == Some("checkpoint2")).then_some(a.iteration);
+        (a.format.output_format == Some(OutputFormat::Checkpoint2)).then_some(a.iteration);
+    let dry_run = a.dry_run.dry_run;
     let job = job(&a)?;
     let sources = match &job.mindformers {
         Some(_) => mindformers_sources(&job.src)?
@@ -404,6 +404,7 @@ pub fn run(a: TransformArgs) -> Result<()> {
         None => vec![(job.src.clone(), job.dst.clone())],
     };
     for (src, dst) in sources {
+        let (progress, bar) = a.report.progress("transform", dry_run);
         let options = ops::transform::TransformOptions {
             src_checkpoint: src,
             dst_dir: dst.clone(),
@@ -415,13 +416,13 @@ pub fn run(a: TransformArgs) -> Result<()> {
             workers: job.workers,
             file_name: a.file_name.clone(),
             output_format,
-            dry_run: a.dry_run,
-            read: super::read_options(&a.read)?,
-            manifest: !a.output.no_manifest,
-            resume: a.output.resume,
-            verify: a.output.verify,
+            dry_run,
+            read: a.read.options()?,
+            manifest: a.write.manifest(),
+            resume: a.resume.resume,
+            verify: a.write.verify,
             backend: a.backend.choice(),
-            control: a.output.control(),
+            control: a.write.control(progress),
             has_redundancy: a.has_redundancy,
             remove_redundancy: a.remove_redundancy,
             checkpoint2_iteration,
@@ -431,21 +432,13 @@ pub fn run(a: TransformArgs) -> Result<()> {
                 ops::transform::AbsentParameters::Warn
             },
         };
-        let (progress, bar) = crate::progress::for_command("transform", a.json || a.dry_run);
-        let options = ops::transform::TransformOptions {
-            control: reshard::exec::OutputControl {
-                progress,
-                ..options.control
-            },
-            ..options
-        };
         let report = ops::transform::transform(&options);
         drop(bar);
         let report = report?;
         for w in &report.warnings {
             eprintln!("warning: {}", render::printable(w));
         }
-        if let (Some(converting), false) = (&job.mindformers, a.dry_run) {
+        if let (Some(converting), false) = (&job.mindformers, dry_run) {
             // mindformers' marker of a finished block (an empty file).
             for r in converting {
                 let marker = dst.join(format!("transform_succeed_rank_{r}.txt"));
@@ -453,12 +446,12 @@ pub fn run(a: TransformArgs) -> Result<()> {
                     .map_err(|e| anyhow::anyhow!("{}: {e}", marker.display()))?;
             }
         }
-        if a.json {
+        if a.report.json {
             render::json(&report)?;
             continue;
         }
         a.backend.report(&report.backend);
-        render::transform(&report)?;
+        render::plan_outcome(&report.plan, report.executed.as_ref())?;
     }
     Ok(())
 }
@@ -469,14 +462,14 @@ mod tests {
     use clap::Parser;
 
     fn parse(args: &[&str]) -> TransformArgs {
-        let cli = crate::args::Cli::try_parse_from(
+        let cli = crate::commands::Cli::try_parse_from(
             std::iter::once("reshard")
                 .chain(std::iter::once("transform"))
                 .chain(args.iter().copied()),
         )
         .unwrap();
         match cli.command {
-            crate::args::Command::Transform(a) => a,
+            crate::commands::Command::Transform(a) => a,
             _ => unreachable!(),
         }
     }

@@ -6,8 +6,9 @@ use anyhow::{bail, Result};
 use clap::Args;
 use reshard::ops::unify::{unify, Choice, UnifyOptions, PART_BYTES};
 
-use crate::args::{BackendArgs, ReadArgs};
+use crate::flags::{parse_bool, BackendArgs, DryRun, Json, ReadArgs, Workers, WriteArgs};
 use crate::render;
+use crate::Usage;
 
 /// Flags of `reshard unify` (mindformers' `unified_safetensors.py` spellings accepted).
 #[derive(Debug, Args)]
@@ -68,43 +69,34 @@ pub struct UnifyArgs {
     /// Part size the part count is computed from (default 3 GiB, as MindSpore).
     #[arg(long = "part-bytes", value_name = "BYTES", default_value_t = PART_BYTES)]
     pub part_bytes: u64,
-    /// Worker threads (default: the available cores).
-    #[arg(short = 'j', long = "jobs", default_value_t = reshard::exec::default_workers())]
-    pub jobs: usize,
+    #[command(flatten)]
+    pub workers: Workers,
     /// Accepted for mindformers' command lines; the output does not depend on it (use -j).
     #[arg(long = "max_process_num", alias = "max-process-num", hide = true)]
     pub max_process_num: Option<usize>,
     /// Accepted for mindformers' command lines, which parse and ignore it.
     #[arg(long = "format", hide = true)]
     pub format: Option<String>,
-    /// Print the plan and write nothing.
-    #[arg(long = "dry-run")]
-    pub dry_run: bool,
-    /// Re-read every output after writing it and check it against its manifest.
-    #[arg(long)]
-    pub verify: bool,
-    /// Do not write <file>.manifest.json beside each part.
-    #[arg(long = "no-manifest")]
-    pub no_manifest: bool,
-    /// Do not fsync outputs before renaming them into place.
-    #[arg(long = "no-fsync")]
-    pub no_fsync: bool,
+    #[command(flatten)]
+    pub dry_run: DryRun,
+    #[command(flatten)]
+    pub write: WriteArgs,
     #[command(flatten)]
     pub read: ReadArgs,
     #[command(flatten)]
     pub backend: BackendArgs,
-    /// Print JSON for scripts.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub report: Json,
 }
 
-fn parse_bool(s: &str) -> Result<bool, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "t" | "y" => Ok(true),
-        "false" | "0" | "no" | "f" | "n" => Ok(false),
-        _ => Err(format!("expected true or false, not {s:?}")),
-    }
-}
+/// Library options (`UnifyOptions` fields) whose flag is spelled otherwise.
+pub const OPTION_FLAGS: &[(&str, &str)] = &[
+    ("choice", "--filter"),
+    ("workers", "--jobs"),
+    ("read", "--dec-key"),
+    ("decryption", "--dec-key"),
+    ("manifest", "--no-manifest"),
+];
 
 fn parse_split(s: &str) -> Result<(usize, usize), String> {
     let (k, n) = s
@@ -129,7 +121,7 @@ pub fn run(a: UnifyArgs) -> Result<()> {
             o.join(format!("{suffix}_ckpt_convert"))
                 .join("unified_safe")
         }
-        (None, None) => bail!("give --dst-dir"),
+        (None, None) => bail!(Usage("give --dst-dir (or --output_dir)".into())),
     };
     let mut dropped = a.filter.clone();
     dropped.extend(a.filter_out_param_prefix.iter().map(|p| format!("{p}*")));
@@ -140,7 +132,8 @@ pub fn run(a: UnifyArgs) -> Result<()> {
         };
         rename.insert(old.to_string(), new.to_string());
     }
-    let (progress, bar) = crate::progress::for_command("unify", a.json || a.dry_run);
+    let dry_run = a.dry_run.dry_run;
+    let (progress, bar) = a.report.progress("unify", dry_run);
     let options = UnifyOptions {
         has_redundancy: a.has_redundancy,
         file_suffix,
@@ -150,16 +143,13 @@ pub fn run(a: UnifyArgs) -> Result<()> {
         },
         split_dst_file: a.split_dst_file,
         part_bytes: a.part_bytes,
-        workers: a.jobs.max(1),
-        read: crate::commands::read_options(&a.read)?,
-        manifest: !a.no_manifest,
-        verify: a.verify,
-        dry_run: a.dry_run,
-        backend: a.backend.backend,
-        control: reshard::exec::OutputControl {
-            fsync: !a.no_fsync,
-            progress,
-        },
+        workers: a.workers.count(),
+        read: a.read.options()?,
+        manifest: a.write.manifest(),
+        verify: a.write.verify,
+        dry_run,
+        backend: a.backend.choice(),
+        control: a.write.control(progress),
         ..UnifyOptions::new(&a.src_dir, &a.src_strategy, &dst_dir)
     };
     let report = unify(&options);
@@ -168,7 +158,7 @@ pub fn run(a: UnifyArgs) -> Result<()> {
     for w in &report.warnings {
         eprintln!("warning: {w}");
     }
-    if a.json {
+    if a.report.json {
         return render::json(&report);
     }
     a.backend.report(&report.backend);
