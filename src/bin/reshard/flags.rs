@@ -146,6 +146,36 @@ pub struct Resume {
     pub resume: bool,
 }
 
+/// The flags of every command that plans and writes a job (transform,
+/// convert, merge-lora, unify).
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    #[command(flatten)]
+    pub workers: Workers,
+    #[command(flatten)]
+    pub dry_run: DryRun,
+    #[command(flatten)]
+    pub write: WriteArgs,
+    #[command(flatten)]
+    pub read: ReadArgs,
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    #[command(flatten)]
+    pub report: Json,
+}
+
+impl JobArgs {
+    /// Whether this is a dry run.
+    pub fn dry_run(&self) -> bool {
+        self.dry_run.dry_run
+    }
+
+    /// A progress counter and its bar (none for a dry run or with --json).
+    pub fn progress(&self, what: &str) -> (Option<Progress>, Option<ByteBar>) {
+        self.report.progress(what, self.dry_run())
+    }
+}
+
 /// `--dec-key`, `--dec-mode`: reading encrypted checkpoints. (Stored CRCs
 /// are always verified when tensors are read; `inspect` verifies them with
 /// --verify-crc.)

@@ -8,9 +8,7 @@ use clap::Args;
 use reshard::ops::convert::{self, ConvertOptions, ConvertReport};
 use reshard::DType;
 
-use crate::flags::{
-    parse_bool, parse_dtype, BackendArgs, DryRun, Format, Json, ReadArgs, Workers, WriteArgs,
-};
+use crate::flags::{parse_bool, parse_dtype, Format, JobArgs};
 use crate::render;
 
 /// Flags of `reshard convert`.
@@ -87,10 +85,6 @@ pub struct ConvertArgs {
     pub prefix: String,
     #[command(flatten)]
     pub format: Format,
-    #[command(flatten)]
-    pub workers: Workers,
-    #[command(flatten)]
-    pub dry_run: DryRun,
     /// Accepted for compatibility (Swin only in mindformers; no family here uses it).
     #[arg(
         long = "is-pretrain",
@@ -105,13 +99,7 @@ pub struct ConvertArgs {
     #[arg(long = "telechat-type", alias = "telechat_type", value_name = "TYPE")]
     pub telechat_type: Option<String>,
     #[command(flatten)]
-    pub write: WriteArgs,
-    #[command(flatten)]
-    pub backend: BackendArgs,
-    #[command(flatten)]
-    pub read: ReadArgs,
-    #[command(flatten)]
-    pub report: Json,
+    pub job: JobArgs,
     /// `--key value` pairs this command does not define, kept aside before
     /// parsing as mindformers' `parse_known_args` does (see [`split_known_args`]).
     #[arg(skip)]
@@ -232,19 +220,19 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     options.dst_strategy = a.dst_strategy;
     options.prefix = a.prefix;
     options.output_format = output_format;
-    options.workers = a.workers.count();
-    options.dry_run = a.dry_run.dry_run;
-    options.read = a.read.options()?;
-    options.manifest = a.write.manifest();
-    options.verify = a.write.verify;
-    options.backend = a.backend.choice();
+    options.workers = a.job.workers.count();
+    options.dry_run = a.job.dry_run();
+    options.read = a.job.read.options()?;
+    options.manifest = a.job.write.manifest();
+    options.verify = a.job.write.verify;
+    options.backend = a.job.backend.choice();
     apply_extras(&mut options, &a.extra);
-    let (progress, bar) = a.report.progress("convert", options.dry_run);
-    options.control = a.write.control(progress);
+    let (progress, bar) = a.job.progress("convert");
+    options.control = a.job.write.control(progress);
     let report = convert::convert(&options);
     drop(bar);
     let report = report?;
-    if a.report.json {
+    if a.job.report.json {
         return render::json(&report);
     }
     print_report(&report)

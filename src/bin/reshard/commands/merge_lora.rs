@@ -7,10 +7,7 @@ use clap::Args;
 use reshard::formats::tree::FileFormat;
 use reshard::ops::merge_lora::{merge_lora, merge_peft, MergeLoraOptions, MergePeftOptions};
 
-use crate::flags::{
-    parse_file_format, strategy_value, BackendArgs, DryRun, Json, ReadArgs, Resume, Workers,
-    WriteArgs,
-};
+use crate::flags::{parse_file_format, strategy_value, JobArgs, Resume};
 use crate::render;
 
 /// Flags of `reshard merge-lora` (mindformers' underscore spellings accepted).
@@ -93,19 +90,9 @@ pub struct MergeLoraArgs {
     )]
     pub save_format: FileFormat,
     #[command(flatten)]
-    pub workers: Workers,
-    #[command(flatten)]
-    pub dry_run: DryRun,
-    #[command(flatten)]
-    pub write: WriteArgs,
-    #[command(flatten)]
     pub resume: Resume,
     #[command(flatten)]
-    pub read: ReadArgs,
-    #[command(flatten)]
-    pub backend: BackendArgs,
-    #[command(flatten)]
-    pub report: Json,
+    pub job: JobArgs,
 }
 
 /// Library options (`MergeLoraOptions`, `MergePeftOptions` fields) whose
@@ -149,9 +136,9 @@ pub fn run(a: MergeLoraArgs) -> Result<()> {
     if let Some(adapter) = &a.adapter {
         for (set, flag) in [
             (a.resume.resume, "--resume"),
-            (a.write.verify, "--verify"),
-            (!a.write.manifest(), "--no-manifest"),
-            (a.dry_run.dry_run, "--dry-run"),
+            (a.job.write.verify, "--verify"),
+            (!a.job.write.manifest(), "--no-manifest"),
+            (a.job.dry_run(), "--dry-run"),
         ] {
             if set {
                 bail!("{flag} is not supported with --adapter (a PEFT merge always writes manifests and runs to the end)");
@@ -160,24 +147,24 @@ pub fn run(a: MergeLoraArgs) -> Result<()> {
         let explicit = a
             .lora_scaling
             .or(a.lora_alpha.zip(a.lora_rank).map(|(alpha, r)| alpha / r));
-        let (progress, bar) = a.report.progress("merge-lora", false);
+        let (progress, bar) = a.job.progress("merge-lora");
         let report = merge_peft(&MergePeftOptions {
             base: a.src.clone(),
             adapter: adapter.clone(),
             dst_dir: a.dst_dir.clone(),
             scale: explicit,
-            workers: a.workers.count(),
-            backend: a.backend.choice(),
+            workers: a.job.workers.count(),
+            backend: a.job.backend.choice(),
             model: a.model.clone(),
             config: a.config.clone(),
-            control: a.write.control(progress),
+            control: a.job.write.control(progress),
         });
         drop(bar);
         let report = report?;
-        if a.report.json {
+        if a.job.report.json {
             return render::json(&report);
         }
-        a.backend.report(&report.backend);
+        a.job.backend.report(&report.backend);
         eprintln!(
             "merged {} PEFT LoRA pair(s) into {}",
             report.merged.len(),
@@ -192,8 +179,8 @@ pub fn run(a: MergeLoraArgs) -> Result<()> {
         _ => 1.0,
     };
     let format = a.save_format;
-    let dry_run = a.dry_run.dry_run;
-    let (progress, bar) = a.report.progress("merge-lora", dry_run);
+    let dry_run = a.job.dry_run();
+    let (progress, bar) = a.job.progress("merge-lora");
     let options = MergeLoraOptions {
         src_strategy: strategy_value(a.src_strategy),
         dst_strategy: strategy_value(a.dst_strategy),
@@ -201,23 +188,23 @@ pub fn run(a: MergeLoraArgs) -> Result<()> {
         scale,
         fan_in_fan_out: a.fan_in_fan_out,
         format,
-        workers: a.workers.count(),
+        workers: a.job.workers.count(),
         dry_run,
-        read: a.read.options()?,
-        manifest: a.write.manifest(),
+        read: a.job.read.options()?,
+        manifest: a.job.write.manifest(),
         resume: a.resume.resume,
-        verify: a.write.verify,
-        backend: a.backend.choice(),
-        control: a.write.control(progress),
+        verify: a.job.write.verify,
+        backend: a.job.backend.choice(),
+        control: a.job.write.control(progress),
         ..MergeLoraOptions::new(a.src, a.dst_dir)
     };
     let report = merge_lora(&options);
     drop(bar);
     let report = report?;
-    if a.report.json {
+    if a.job.report.json {
         return render::json(&report);
     }
-    a.backend.report(&report.backend);
+    a.job.backend.report(&report.backend);
     eprintln!(
         "merged {} LoRA pair(s) (scale {scale}), dropped {} lora_ tensor(s)",
         report.merged.len(),

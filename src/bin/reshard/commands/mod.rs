@@ -242,10 +242,10 @@ mod tests {
             let cli =
                 Cli::try_parse_from(line.split(' ')).unwrap_or_else(|e| panic!("{line}: {e}"));
             let jobs = match &cli.command {
-                Command::Transform(a) => a.workers.jobs,
-                Command::Convert(a) => a.workers.jobs,
-                Command::MergeLora(a) => a.workers.jobs,
-                Command::Unify(a) => a.workers.jobs,
+                Command::Transform(a) => a.job.workers.jobs,
+                Command::Convert(a) => a.job.workers.jobs,
+                Command::MergeLora(a) => a.job.workers.jobs,
+                Command::Unify(a) => a.job.workers.jobs,
                 Command::Auto(a) => a.workers.jobs,
                 Command::Bench(a) => a.workers.jobs,
                 _ => unreachable!(),

@@ -11,10 +11,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use reshard::ops;
 
-use crate::flags::{
-    parse_bool, strategy_value, BackendArgs, DryRun, Format, Json, OutputFormat, ReadArgs, Resume,
-    Workers, WriteArgs,
-};
+use crate::flags::{parse_bool, strategy_value, Format, JobArgs, OutputFormat, Resume};
 use crate::render;
 use crate::Usage;
 
@@ -72,16 +69,12 @@ pub struct TransformArgs {
     #[arg(long = "transform_by_rank", alias = "transform-by-rank", value_name = "BOOL",
           value_parser = parse_bool)]
     pub transform_by_rank: Option<bool>,
-    #[command(flatten)]
-    pub workers: Workers,
     /// Name every output rank_{r}/NAME.{ext} instead of rank_{r}/{prefix}{r}.{ext}; `net` gives
     /// mindspore.load_distributed_checkpoint's naming.
     #[arg(long = "file-name", value_name = "NAME")]
     pub file_name: Option<String>,
     #[command(flatten)]
     pub format: Format,
-    #[command(flatten)]
-    pub dry_run: DryRun,
     /// Whether the source keeps every redundant copy (true) or was saved with remove_redundancy (false).
     /// A safetensors file's own remove_redundancy flag wins, as in MindSpore. Default: as the files say.
     #[arg(
@@ -102,15 +95,9 @@ pub struct TransformArgs {
     #[arg(long)]
     pub strict: bool,
     #[command(flatten)]
-    pub write: WriteArgs,
-    #[command(flatten)]
     pub resume: Resume,
     #[command(flatten)]
-    pub read: ReadArgs,
-    #[command(flatten)]
-    pub backend: BackendArgs,
-    #[command(flatten)]
-    pub report: Json,
+    pub job: JobArgs,
 }
 
 /// Library options (`TransformOptions` fields) whose flag is spelled otherwise.
@@ -255,7 +242,7 @@ fn positional_job(a: &TransformArgs) -> Result<Job> {
             Some((0..world).collect())
         },
         world_size: Some(world),
-        workers: a.workers.or(k),
+        workers: a.job.workers.or(k),
         mindformers: Some(blocks),
     })
 }
@@ -343,7 +330,7 @@ pub(crate) fn job(a: &TransformArgs) -> Result<Job> {
         prefix: a.prefix.clone().unwrap_or_else(|| "checkpoint_".into()),
         ranks,
         world_size,
-        workers: a.workers.count(),
+        workers: a.job.workers.count(),
         mindformers: a.mf_dst_checkpoint_dir.as_ref().map(|_| converting),
     })
 }
@@ -394,7 +381,7 @@ pub fn run(a: TransformArgs) -> Result<()> {
     let output_format = a.format.output_format.map(OutputFormat::file_format);
     let checkpoint2_iteration =
         (a.format.output_format == Some(OutputFormat::Checkpoint2)).then_some(a.iteration);
-    let dry_run = a.dry_run.dry_run;
+    let dry_run = a.job.dry_run();
     let job = job(&a)?;
     let sources = match &job.mindformers {
         Some(_) => mindformers_sources(&job.src)?
@@ -404,7 +391,7 @@ pub fn run(a: TransformArgs) -> Result<()> {
         None => vec![(job.src.clone(), job.dst.clone())],
     };
     for (src, dst) in sources {
-        let (progress, bar) = a.report.progress("transform", dry_run);
+        let (progress, bar) = a.job.progress("transform");
         let options = ops::transform::TransformOptions {
             src_checkpoint: src,
             dst_dir: dst.clone(),
@@ -417,12 +404,12 @@ pub fn run(a: TransformArgs) -> Result<()> {
             file_name: a.file_name.clone(),
             output_format,
             dry_run,
-            read: a.read.options()?,
-            manifest: a.write.manifest(),
+            read: a.job.read.options()?,
+            manifest: a.job.write.manifest(),
             resume: a.resume.resume,
-            verify: a.write.verify,
-            backend: a.backend.choice(),
-            control: a.write.control(progress),
+            verify: a.job.write.verify,
+            backend: a.job.backend.choice(),
+            control: a.job.write.control(progress),
             has_redundancy: a.has_redundancy,
             remove_redundancy: a.remove_redundancy,
             checkpoint2_iteration,
@@ -446,11 +433,11 @@ pub fn run(a: TransformArgs) -> Result<()> {
                     .map_err(|e| anyhow::anyhow!("{}: {e}", marker.display()))?;
             }
         }
-        if a.report.json {
+        if a.job.report.json {
             render::json(&report)?;
             continue;
         }
-        a.backend.report(&report.backend);
+        a.job.backend.report(&report.backend);
         render::plan_outcome(&report.plan, report.executed.as_ref())?;
     }
     Ok(())

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use reshard::ops::unify::{unify, Choice, UnifyOptions, PART_BYTES};
 
-use crate::flags::{parse_bool, BackendArgs, DryRun, Json, ReadArgs, Workers, WriteArgs};
+use crate::flags::{parse_bool, JobArgs};
 use crate::render;
 use crate::Usage;
 
@@ -69,8 +69,6 @@ pub struct UnifyArgs {
     /// Part size the part count is computed from (default 3 GiB, as MindSpore).
     #[arg(long = "part-bytes", value_name = "BYTES", default_value_t = PART_BYTES)]
     pub part_bytes: u64,
-    #[command(flatten)]
-    pub workers: Workers,
     /// Accepted for mindformers' command lines; the output does not depend on it (use -j).
     #[arg(long = "max_process_num", alias = "max-process-num", hide = true)]
     pub max_process_num: Option<usize>,
@@ -78,15 +76,7 @@ pub struct UnifyArgs {
     #[arg(long = "format", hide = true)]
     pub format: Option<String>,
     #[command(flatten)]
-    pub dry_run: DryRun,
-    #[command(flatten)]
-    pub write: WriteArgs,
-    #[command(flatten)]
-    pub read: ReadArgs,
-    #[command(flatten)]
-    pub backend: BackendArgs,
-    #[command(flatten)]
-    pub report: Json,
+    pub job: JobArgs,
 }
 
 /// Library options (`UnifyOptions` fields) whose flag is spelled otherwise.
@@ -132,8 +122,8 @@ pub fn run(a: UnifyArgs) -> Result<()> {
         };
         rename.insert(old.to_string(), new.to_string());
     }
-    let dry_run = a.dry_run.dry_run;
-    let (progress, bar) = a.report.progress("unify", dry_run);
+    let dry_run = a.job.dry_run();
+    let (progress, bar) = a.job.progress("unify");
     let options = UnifyOptions {
         has_redundancy: a.has_redundancy,
         file_suffix,
@@ -143,13 +133,13 @@ pub fn run(a: UnifyArgs) -> Result<()> {
         },
         split_dst_file: a.split_dst_file,
         part_bytes: a.part_bytes,
-        workers: a.workers.count(),
-        read: a.read.options()?,
-        manifest: a.write.manifest(),
-        verify: a.write.verify,
+        workers: a.job.workers.count(),
+        read: a.job.read.options()?,
+        manifest: a.job.write.manifest(),
+        verify: a.job.write.verify,
         dry_run,
-        backend: a.backend.choice(),
-        control: a.write.control(progress),
+        backend: a.job.backend.choice(),
+        control: a.job.write.control(progress),
         ..UnifyOptions::new(&a.src_dir, &a.src_strategy, &dst_dir)
     };
     let report = unify(&options);
@@ -158,10 +148,10 @@ pub fn run(a: UnifyArgs) -> Result<()> {
     for w in &report.warnings {
         eprintln!("warning: {w}");
     }
-    if a.report.json {
+    if a.job.report.json {
         return render::json(&report);
     }
-    a.backend.report(&report.backend);
+    a.job.backend.report(&report.backend);
     let written = report
         .plan
         .files
