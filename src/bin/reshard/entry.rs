@@ -32,6 +32,7 @@ pub fn run() -> ExitCode {
         a.extra = extra;
     }
     let flags = cli.command.option_flags();
+    let json = cli.command.json();
     match commands::run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -41,6 +42,10 @@ pub fn run() -> ExitCode {
                 }
             }
             eprintln!("error: {}", render::error(&err, flags));
+            if json {
+                // Best effort: stdout may be the broken pipe itself.
+                let _ = render::json(&render::error_json(&err, flags));
+            }
             ExitCode::from(render::exit_code(&err))
         }
     }

@@ -173,11 +173,41 @@ pub fn error(err: &anyhow::Error, flags: &[(&str, &str)]) -> String {
     }
 }
 
+/// A failed command's report under `--json` (printed to stdout, besides
+/// the `error:` line on stderr): `{"error": {"kind", "message", "option",
+/// "file", "tensor"}}`. `kind` is `reshard::ErrorKind::name()` (`usage`
+/// for the CLI's own usage errors, `io` for I/O errors the CLI meets
+/// itself, null for a failure of no kind); `option` is the flag a usage
+/// error is about.
+pub fn error_json(err: &anyhow::Error, flags: &[(&str, &str)]) -> serde_json::Value {
+    let path = |p: &std::path::Path| p.display().to_string();
+    let (kind, option, file, tensor) = match err.downcast_ref::<reshard::Error>() {
+        Some(e) => (
+            Some(e.kind().name()),
+            e.option().map(|o| flag(o, flags)),
+            e.file().map(path),
+            e.tensor().map(str::to_string),
+        ),
+        None if err.downcast_ref::<crate::Usage>().is_some() => (Some("usage"), None, None, None),
+        None if err.downcast_ref::<std::io::Error>().is_some() => (Some("io"), None, None, None),
+        None => (None, None, None, None),
+    };
+    serde_json::json!({
+        "error": {
+            "kind": kind,
+            "message": error(err, flags),
+            "option": option,
+            "file": file,
+            "tensor": tensor,
+        }
+    })
+}
+
 /// The exit status for a failed command: 2 for a command line the CLI
 /// refuses before calling the library (like clap's own usage errors), 1
 /// for every failure the library reports, whatever its kind (scripts that
-/// branch on the kind read `reshard::ErrorKind`'s name in the text of
-/// `--json` reports, not the status).
+/// branch on the kind read it from the `--json` error report,
+/// [`error_json`]).
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     if err.downcast_ref::<crate::Usage>().is_some() {
         2
@@ -220,6 +250,38 @@ mod tests {
             (error(&e, flags).as_str(), exit_code(&e)),
             ("--rank-id is wrong", 2)
         );
+    }
+
+    #[test]
+    fn json_errors_carry_kind_option_file_and_tensor() {
+        let flags = &[("dst_dir", "--dst-checkpoint-dir")];
+        let e = anyhow::Error::from(
+            reshard::Error::usage_of("dst_dir", "not empty").in_file("/data/out"),
+        );
+        assert_eq!(
+            error_json(&e, flags),
+            serde_json::json!({"error": {
+                "kind": "usage",
+                "message": "/data/out: --dst-checkpoint-dir: not empty",
+                "option": "--dst-checkpoint-dir",
+                "file": "/data/out",
+                "tensor": null,
+            }})
+        );
+        let e = anyhow::Error::from(
+            reshard::Error::missing("rank 3 has no file")
+                .in_tensor("w")
+                .in_file("/c/a.ckpt"),
+        );
+        let j = error_json(&e, flags);
+        assert_eq!(j["error"]["kind"], "missing");
+        assert_eq!(j["error"]["tensor"], "w");
+        assert_eq!(j["error"]["file"], "/c/a.ckpt");
+        let j = error_json(&crate::Usage("bad".into()).into(), flags);
+        assert_eq!(j["error"]["kind"], "usage");
+        assert!(j["error"]["option"].is_null());
+        let j = error_json(&anyhow::anyhow!("something"), flags);
+        assert!(j["error"]["kind"].is_null());
     }
 
     #[test]

@@ -186,7 +186,7 @@ fn overrides(a: &AutoArgs) -> Result<Settings> {
     }
     for kv in &a.set {
         let Some((k, v)) = kv.split_once('=') else {
-            anyhow::bail!("--set takes KEY=VALUE, got {kv:?}");
+            return Err(reshard::Error::usage(format!("--set takes KEY=VALUE, got {kv:?}")).into());
         };
         let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
         set(k.trim(), value)?;

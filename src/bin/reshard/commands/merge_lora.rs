@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 use reshard::formats::tree::FileFormat;
 use reshard::ops::merge_lora::{merge_lora, merge_peft, MergeLoraOptions, MergePeftOptions};
@@ -141,7 +141,11 @@ pub fn run(a: MergeLoraArgs) -> Result<()> {
             (a.job.dry_run(), "--dry-run"),
         ] {
             if set {
-                bail!("{flag} is not supported with --adapter (a PEFT merge always writes manifests and runs to the end)");
+                return Err(reshard::Error::usage(format!(
+                    "{flag} is not supported with --adapter (a PEFT merge always writes manifests \
+                     and runs to the end)"
+                ))
+                .into());
             }
         }
         let explicit = a
@@ -175,7 +179,9 @@ pub fn run(a: MergeLoraArgs) -> Result<()> {
     let scale = match (a.lora_scaling, a.lora_alpha, a.lora_rank) {
         (Some(s), _, _) => s,
         (None, Some(alpha), Some(rank)) if rank != 0.0 => alpha / rank,
-        (None, Some(_), Some(_)) => bail!("--lora-rank must not be 0"),
+        (None, Some(_), Some(_)) => {
+            return Err(reshard::Error::usage("--lora-rank must not be 0").into())
+        }
         _ => 1.0,
     };
     let format = a.save_format;

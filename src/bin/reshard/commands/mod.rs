@@ -73,6 +73,25 @@ impl Command {
     }
 }
 
+impl Command {
+    /// Whether --json asks for a report for scripts.
+    pub fn json(&self) -> bool {
+        match self {
+            Command::Inspect(a) => a.report.json,
+            Command::Rewrite(a) => a.report.json,
+            Command::Transform(a) => a.job.report.json,
+            Command::Strategy(a) => a.report.json,
+            Command::Demo(a) => a.report.json,
+            Command::Convert(a) => a.job.report.json,
+            Command::MergeLora(a) => a.job.report.json,
+            Command::Auto(a) => a.report.json,
+            Command::Verify(a) => a.report.json,
+            Command::Bench(a) => a.report.json,
+            Command::Unify(a) => a.job.report.json,
+        }
+    }
+}
+
 /// Runs the command the line asks for.
 pub fn run(command: Command) -> Result<()> {
     match command {

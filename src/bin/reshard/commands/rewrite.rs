@@ -63,10 +63,9 @@ pub const OPTION_FLAGS: &[(&str, &str)] = &[
 
 pub fn run(a: RewriteArgs) -> Result<()> {
     let name_map = match &a.name_map {
-        Some(p) => Some(
-            serde_json::from_slice(&std::fs::read(p)?)
-                .map_err(|e| anyhow::anyhow!("{}: not a JSON object of names: {e}", p.display()))?,
-        ),
+        Some(p) => Some(serde_json::from_slice(&std::fs::read(p)?).map_err(|e| {
+            reshard::Error::bad_input(format!("not a JSON object of names: {e}")).in_file(p)
+        })?),
         None => None,
     };
     let options = RewriteOptions {
@@ -86,9 +85,10 @@ pub fn run(a: RewriteArgs) -> Result<()> {
     if let Some(r) = &a.file_name_regex {
         let re = regex::Regex::new(r).map_err(|e| Usage(format!("--file-name-regex: {e}")))?;
         if !re.is_match(&a.src.to_string_lossy()) {
-            anyhow::bail!(
-                "{}: the file name does not match --file-name-regex",
-                a.src.display()
+            return Err(
+                reshard::Error::usage("the file name does not match --file-name-regex")
+                    .in_file(&a.src)
+                    .into(),
             );
         }
     }

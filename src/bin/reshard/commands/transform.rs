@@ -359,15 +359,16 @@ pub(crate) fn mindformers_sources(src: &Path) -> Result<Vec<(String, PathBuf)>> 
         return Ok(vec![(name, src.to_path_buf())]);
     }
     let mut files: Vec<PathBuf> = std::fs::read_dir(src)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", src.display()))?
+        .map_err(|e| reshard::Error::from(e).in_file(src))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "ckpt"))
         .collect();
     files.sort();
     if files.is_empty() {
-        bail!(
-            "{}: no rank_0 folder or .ckpt files are found under it",
-            src.display()
+        return Err(
+            reshard::Error::missing("no rank_0 folder or .ckpt files are found under it")
+                .in_file(src)
+                .into(),
         );
     }
     Ok(files.into_iter().map(|f| (stem(&f), f)).collect())
@@ -430,7 +431,7 @@ pub fn run(a: TransformArgs) -> Result<()> {
             for r in converting {
                 let marker = dst.join(format!("transform_succeed_rank_{r}.txt"));
                 std::fs::write(&marker, b"")
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", marker.display()))?;
+                    .map_err(|e| reshard::Error::from(e).in_file(&marker))?;
             }
         }
         if a.job.report.json {

@@ -118,7 +118,7 @@ pub fn run(a: UnifyArgs) -> Result<()> {
     let mut rename = std::collections::BTreeMap::new();
     for r in &a.rename {
         let Some((old, new)) = r.split_once('=') else {
-            bail!("--rename takes OLD=NEW, not {r:?}");
+            return Err(reshard::Error::usage(format!("--rename takes OLD=NEW, not {r:?}")).into());
         };
         rename.insert(old.to_string(), new.to_string());
     }

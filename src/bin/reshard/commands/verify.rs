@@ -82,7 +82,8 @@ fn compare(a: &VerifyArgs, x: &Path, y: &Path) -> Result<()> {
         );
     }
     if !c.differences.is_empty() {
-        anyhow::bail!("{} difference(s)", c.differences.len());
+        let n = c.differences.len();
+        return Err(reshard::Error::mismatch(format!("{n} difference(s)")).into());
     }
     Ok(())
 }
@@ -114,7 +115,8 @@ fn against_strategy(a: &VerifyArgs, dir: &Path, strategy: &Path) -> Result<()> {
         );
     }
     if !problems.is_empty() {
-        anyhow::bail!("{} problem(s)", problems.len());
+        let n = problems.len();
+        return Err(reshard::Error::strategy(format!("{n} problem(s)")).into());
     }
     Ok(())
 }
@@ -133,14 +135,13 @@ fn manifests(a: &VerifyArgs, dir: &Path) -> Result<()> {
 fn without_key_hint(e: anyhow::Error) -> anyhow::Error {
     match e.downcast_ref::<reshard::Error>() {
         Some(re) if matches!(re.root(), reshard::Error::EncryptedWithoutKey { .. }) => {
-            anyhow::anyhow!(
-                "{}",
-                re.to_string().replace(
-                    "pass the key with --dec-key (and --dec-mode)",
-                    "verify reads no encrypted files; decrypt it first with \
-                     `reshard rewrite SRC PLAIN.ckpt --dec-key KEY --dec-mode MODE`"
-                )
-            )
+            // As context, so that the error keeps its kind (`encrypted`).
+            let text = re.to_string().replace(
+                "pass the key with --dec-key (and --dec-mode)",
+                "verify reads no encrypted files; decrypt it first with \
+                 `reshard rewrite SRC PLAIN.ckpt --dec-key KEY --dec-mode MODE`",
+            );
+            e.context(text)
         }
         _ => e,
     }
