@@ -176,6 +176,21 @@ impl JobArgs {
     }
 }
 
+/// `--has-redundancy`: how a distributed source was saved.
+#[derive(Debug, Args)]
+pub struct Redundancy {
+    /// Whether the source keeps every redundant copy (true) or was saved with remove_redundancy
+    /// (false). A safetensors file's own remove_redundancy flag wins, as in MindSpore (a warning
+    /// says so). Default: as the files say.
+    #[arg(
+        long = "has-redundancy",
+        alias = "has_redundancy",
+        value_name = "true|false",
+        value_parser = parse_bool
+    )]
+    pub has_redundancy: Option<bool>,
+}
+
 /// `--dec-key`, `--dec-mode`: reading encrypted checkpoints. (Stored CRCs
 /// are always verified when tensors are read; `inspect` verifies them with
 /// --verify-crc.)

@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use reshard::ops;
 
-use crate::flags::{parse_bool, strategy_value, Format, JobArgs, OutputFormat, Resume};
+use crate::flags::{parse_bool, strategy_value, Format, JobArgs, OutputFormat, Redundancy, Resume};
 use crate::render;
 use crate::Usage;
 
@@ -75,15 +75,8 @@ pub struct TransformArgs {
     pub file_name: Option<String>,
     #[command(flatten)]
     pub format: Format,
-    /// Whether the source keeps every redundant copy (true) or was saved with remove_redundancy (false).
-    /// A safetensors file's own remove_redundancy flag wins, as in MindSpore. Default: as the files say.
-    #[arg(
-        long = "has-redundancy",
-        alias = "has_redundancy",
-        value_name = "true|false",
-        value_parser = parse_bool
-    )]
-    pub has_redundancy: Option<bool>,
+    #[command(flatten)]
+    pub redundancy: Redundancy,
     /// Save each rank without redundant copies, as MindSpore's save_checkpoint(..., remove_redundancy=True)
     /// (safetensors output, needs --dst-strategy).
     #[arg(long = "remove-redundancy", alias = "remove_redundancy")]
@@ -411,7 +404,7 @@ pub fn run(a: TransformArgs) -> Result<()> {
             verify: a.job.write.verify,
             backend: a.job.backend.choice(),
             control: a.job.write.control(progress),
-            has_redundancy: a.has_redundancy,
+            has_redundancy: a.redundancy.has_redundancy,
             remove_redundancy: a.remove_redundancy,
             checkpoint2_iteration,
             absent: if a.strict {

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use reshard::ops::unify::{unify, Choice, UnifyOptions, PART_BYTES};
 
-use crate::flags::{parse_bool, JobArgs};
+use crate::flags::{JobArgs, Redundancy};
 use crate::render;
 use crate::Usage;
 
@@ -39,16 +39,8 @@ pub struct UnifyArgs {
     /// mindformers' output directory: the result goes to OUTPUT_DIR/<file_suffix>_ckpt_convert/unified_safe.
     #[arg(long = "output_dir", value_name = "DIR", conflicts_with = "dst_dir")]
     pub output_dir: Option<PathBuf>,
-    /// false: the files were saved with remove_redundancy=True. A file's own flag wins (a warning says so).
-    #[arg(
-        long = "has-redundancy",
-        alias = "has_redundancy",
-        value_name = "true|false",
-        default_value = "true",
-        value_parser = parse_bool,
-        action = clap::ArgAction::Set
-    )]
-    pub has_redundancy: bool,
+    #[command(flatten)]
+    pub redundancy: Redundancy,
     /// Only files ending {suffix}.safetensors in each rank folder (MindSpore's rules: _T-E_S, -E_S, _S).
     #[arg(long = "file-suffix", alias = "file_suffix", value_name = "X")]
     pub file_suffix: Option<String>,
@@ -125,7 +117,8 @@ pub fn run(a: UnifyArgs) -> Result<()> {
     let dry_run = a.job.dry_run();
     let (progress, bar) = a.job.progress("unify");
     let options = UnifyOptions {
-        has_redundancy: a.has_redundancy,
+        // MindSpore's merge_with_redundancy=True, unless a file says otherwise.
+        has_redundancy: a.redundancy.has_redundancy.unwrap_or(true),
         file_suffix,
         choice: Choice {
             drop: dropped,
