@@ -94,7 +94,7 @@ pub enum Error {
     },
 
     /// A file that is encrypted, read without a key.
-    #[error("the file is encrypted ({mode}); pass the key with --dec-key (and --dec-mode)")]
+    #[error("the file is encrypted ({mode}) and no decryption key was given")]
     EncryptedWithoutKey {
         /// Cipher mode found in the header.
         mode: &'static str,

@@ -159,6 +159,13 @@ pub fn error(err: &anyhow::Error, flags: &[(&str, &str)]) -> String {
         return text;
     };
     let root = e.root();
+    if let reshard::Error::EncryptedWithoutKey { .. } = root {
+        // The library names no flags; the hint is the command's own.
+        return match flags.iter().find(|(option, _)| *option == "decryption") {
+            Some((_, flag)) => format!("{text}; pass the key with {flag} (and --dec-mode)"),
+            None => text,
+        };
+    }
     let reshard::Error::Usage {
         option: Some(option),
         message,
@@ -249,6 +256,22 @@ mod tests {
         assert_eq!(
             (error(&e, flags).as_str(), exit_code(&e)),
             ("--rank-id is wrong", 2)
+        );
+    }
+
+    #[test]
+    fn an_encrypted_file_without_key_gets_the_commands_key_flag() {
+        let e = anyhow::Error::from(
+            reshard::Error::EncryptedWithoutKey { mode: "AES-GCM" }.in_file("/m.ckpt"),
+        );
+        assert_eq!(
+            error(&e, &[("decryption", "--dec-key")]),
+            "/m.ckpt: the file is encrypted (AES-GCM) and no decryption key was given; \
+             pass the key with --dec-key (and --dec-mode)"
+        );
+        assert_eq!(
+            error(&e, &[]),
+            "/m.ckpt: the file is encrypted (AES-GCM) and no decryption key was given"
         );
     }
 

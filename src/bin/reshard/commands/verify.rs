@@ -136,10 +136,9 @@ fn without_key_hint(e: anyhow::Error) -> anyhow::Error {
     match e.downcast_ref::<reshard::Error>() {
         Some(re) if matches!(re.root(), reshard::Error::EncryptedWithoutKey { .. }) => {
             // As context, so that the error keeps its kind (`encrypted`).
-            let text = re.to_string().replace(
-                "pass the key with --dec-key (and --dec-mode)",
-                "verify reads no encrypted files; decrypt it first with \
-                 `reshard rewrite SRC PLAIN.ckpt --dec-key KEY --dec-mode MODE`",
+            let text = format!(
+                "{re}; verify reads no encrypted files: decrypt it first with \
+                 `reshard rewrite SRC PLAIN.ckpt --dec-key KEY --dec-mode MODE`"
             );
             e.context(text)
         }
