@@ -14,10 +14,10 @@ use crate::error::{Error, Result};
 use crate::exec;
 use crate::formats::ckpt::ReadOptions;
 use crate::formats::strategy;
-use crate::formats::tree::FileFormat;
+use crate::formats::tree::{index_entries, FileFormat};
+use crate::ops::transform::TransformReport;
+use crate::ops::write::{write_job, DestinationCheck, Job, WriteSettings};
 use crate::plan::transform::{needed_sources, plan, source_rank_count, TransformInput};
-
-use super::transform::{exec_options, index_entries, TransformReport};
 
 /// Options of [`transform_by_rank`].
 #[derive(Debug, Clone)]
@@ -140,16 +140,29 @@ pub fn transform_by_rank(o: &ByRankOptions) -> Result<TransformReport> {
         f.path = o.output.clone();
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::from(e).in_file(dir))?;
-    let backend = crate::backend::BackendChoice::Cpu.open()?;
-    let report = exec::execute(
+    let (report, backend) = write_job(
         &planned,
-        &backend,
-        &exec_options(o.workers, &o.read, o.manifest, false, &o.control),
+        &WriteSettings {
+            workers: o.workers,
+            read: &o.read,
+            manifest: o.manifest,
+            resume: false,
+            verify: false,
+            backend: crate::backend::BackendChoice::Cpu,
+            control: &o.control,
+            dst_flag: "output",
+            destination: None,
+            ranks: None,
+        },
+        &Job {
+            check: DestinationCheck::Replace,
+            ..Job::default()
+        },
     )?;
     Ok(TransformReport {
         plan: planned.summary(o.workers),
         executed: Some(report),
-        backend: backend.describe(),
+        backend,
         warnings: Vec::new(),
     })
 }

@@ -41,7 +41,7 @@ pub(crate) fn assemble(ck: &Checkpoint2) -> Result<(Vec<SourceFile>, Vec<TensorP
     let mut index: HashMap<PathBuf, (usize, HashMap<String, SourceEntry>)> = HashMap::new();
     let mut sources = Vec::with_capacity(files.len());
     for (i, (rank, path)) in files.into_iter().enumerate() {
-        let entries = crate::ops::transform::index_entries(&path, &Default::default())?;
+        let entries = crate::formats::tree::index_entries(&path, &Default::default())?;
         let by_name = entries.into_iter().map(|e| (e.name.clone(), e)).collect();
         index.insert(path.clone(), (i, by_name));
         sources.push(SourceFile { rank, path });

@@ -26,12 +26,14 @@ use serde::Serialize;
 
 use crate::backend::BackendChoice;
 use crate::error::{Error, Result};
-use crate::exec::{self, ExecOptions, ExecReport, OutputControl};
+use crate::exec::{ExecReport, OutputControl};
 use crate::formats::ckpt::ReadOptions;
 use crate::formats::strategy;
-use crate::formats::tree::FileFormat;
-use crate::ops::transform::{
-    index_entries, index_sources, source_files, write_plan, WriteSettings,
+use crate::formats::tree::{
+    deduplicated, index_entries, index_sources, rank_count, source_files, FileFormat,
+};
+use crate::ops::write::{
+    write_job, write_plan, DestinationCheck, ExtraContent, ExtraFile, Job, WriteSettings,
 };
 use crate::plan::transform::{plan, LoraSpec, TransformInput};
 use crate::plan::{Content, PlanSummary};
@@ -167,13 +169,13 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
         )));
     }
     let (_, files) = source_files(&o.src)?;
-    if crate::ops::transform::rank_count(&files) > 1 && o.src_strategy.is_none() {
+    if rank_count(&files) > 1 && o.src_strategy.is_none() {
         return Err(
             Error::invalid("a distributed source needs --src-ckpt-strategy").in_file(&o.src),
         );
     }
     let sources = index_sources(files, &o.read)?;
-    let deduplicated = crate::ops::transform::deduplicated(&sources, None)?;
+    let deduplicated = deduplicated(&sources, None)?;
     let names: BTreeSet<String> = sources
         .iter()
         .flat_map(|s| s.2.iter().map(|e| e.name.clone()))
@@ -247,7 +249,7 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
             verify: o.verify,
             backend: o.backend,
             control: &o.control,
-            dst_flag: "--dst-ckpt-dir",
+            dst_flag: "dst_dir",
             destination: Some(&o.dst_dir),
             ranks: None,
         },
@@ -548,7 +550,7 @@ fn merge_peft_into_mindspore(
             verify: false,
             backend: o.backend,
             control: &o.control,
-            dst_flag: "--dst-ckpt-dir",
+            dst_flag: "dst_dir",
             destination: Some(&o.dst_dir),
             ranks: None,
         },
@@ -707,51 +709,43 @@ pub fn merge_peft(o: &MergePeftOptions) -> Result<MergeLoraReport> {
     }
     plan.files = shards;
     let summary = plan.summary(o.workers);
-    std::fs::create_dir_all(&o.dst_dir).map_err(|e| Error::from(e).in_file(&o.dst_dir))?;
-    if let Some(first) = std::fs::read_dir(&o.dst_dir)
-        .map_err(|e| Error::from(e).in_file(&o.dst_dir))?
-        .next()
-    {
-        let first = first.map_err(|e| Error::from(e).in_file(&o.dst_dir))?;
-        return Err(Error::invalid(format!(
-            "the output directory already holds {}",
-            first.path().display()
-        ))
-        .in_file(&o.dst_dir));
+    // Everything else of the model directory (config, tokenizer, index).
+    let mut extra = Vec::new();
+    for e in std::fs::read_dir(&o.base).map_err(|e| Error::from(e).in_file(&o.base))? {
+        let path = e.map_err(|e| Error::from(e).in_file(&o.base))?.path();
+        if path.is_file() && !files.contains(&path) {
+            extra.push(ExtraFile {
+                path: o.dst_dir.join(path.file_name().expect("a file")),
+                content: ExtraContent::Copy(path),
+            });
+        }
     }
-    let metadata = [("format".to_string(), "pt".to_string())].into();
-    let backend = o.backend.open()?;
-    let executed = exec::execute(
+    let (executed, backend) = write_job(
         &plan,
-        &backend,
-        &ExecOptions {
+        &WriteSettings {
             workers: o.workers,
-            safetensors_metadata: metadata,
-            control: o.control.clone(),
-            ..Default::default()
+            read: &ReadOptions::default(),
+            manifest: true,
+            resume: false,
+            verify: false,
+            backend: o.backend,
+            control: &o.control,
+            dst_flag: "dst_dir",
+            destination: Some(&o.dst_dir),
+            ranks: None,
+        },
+        &Job {
+            check: DestinationCheck::Empty,
+            safetensors_metadata: Some([("format".to_string(), "pt".to_string())].into()),
+            extra,
         },
     )?;
-    // Everything else of the model directory (config, tokenizer, index).
-    let copied = (|| -> Result<()> {
-        for e in std::fs::read_dir(&o.base).map_err(|e| Error::from(e).in_file(&o.base))? {
-            let path = e.map_err(|e| Error::from(e).in_file(&o.base))?.path();
-            if path.is_file() && !files.contains(&path) {
-                let to = o.dst_dir.join(path.file_name().expect("a file"));
-                std::fs::copy(&path, &to).map_err(|e| Error::from(e).in_file(&to))?;
-            }
-        }
-        Ok(())
-    })();
-    if let Err(e) = copied {
-        let _ = std::fs::remove_dir_all(&o.dst_dir);
-        return Err(e);
-    }
     let dropped = adapter_names.into_iter().collect();
     Ok(MergeLoraReport {
         merged,
         dropped,
         plan: summary,
         executed: Some(executed),
-        backend: backend.describe(),
+        backend,
     })
 }

@@ -9,13 +9,23 @@ use serde::Serialize;
 
 use crate::backend::BackendChoice;
 use crate::error::{Error, Result};
-use crate::exec::{self, ExecOptions, ExecReport, OutputControl};
+use crate::exec::{ExecReport, OutputControl};
 use crate::formats::ckpt::ReadOptions;
 use crate::formats::strategy::{self, Strategy};
 use crate::formats::tree::{self, FileFormat};
-use crate::formats::Source;
+use crate::ops::write::{write_job, ExtraContent, ExtraFile, Job};
 use crate::plan::transform::{plan, TransformInput};
 use crate::plan::{Content, Plan, PlanSummary};
+
+// Source indexing lives in `formats::tree`, writing in `ops::write`; these
+// names stay here, with the same signatures, for callers not yet moved
+// (ops/auto), until the merge.
+#[allow(unused_imports)]
+pub(crate) use crate::formats::tree::{
+    deduplicated, index_entries, index_sources, rank_count, source_files,
+};
+#[allow(unused_imports)]
+pub(crate) use crate::ops::write::{exec_options, write_plan, WriteSettings};
 
 /// Options of [`transform`].
 #[derive(Debug, Clone)]
@@ -137,161 +147,6 @@ pub struct TransformReport {
     /// of the destination strategy that the source does not hold).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
-}
-
-/// The source files by rank: a tree's picked files, a single file as rank
-/// 0, or the files of a complete checkpoint kept in a directory (MindSpore's
-/// unified layout, HuggingFace's sharded one: [`tree::complete_dir`]), all
-/// as rank 0.
-pub fn source_files(src: &Path) -> Result<(FileFormat, Vec<(usize, PathBuf)>)> {
-    if let Some(dir) = tree::complete_dir(src)? {
-        check_complete(&dir)?;
-        return Ok((
-            FileFormat::Safetensors,
-            dir.files.into_iter().map(|f| (0, f)).collect(),
-        ));
-    }
-    if src.is_dir() {
-        return tree::tree_checkpoints(src);
-    }
-    if !src.exists() {
-        return Err(Error::invalid("no such file or directory").in_file(src));
-    }
-    let format = FileFormat::of_path(src).ok_or_else(|| {
-        Error::invalid("a source file must end in .ckpt or .safetensors").in_file(src)
-    })?;
-    Ok((format, vec![(0, src.to_path_buf())]))
-}
-
-/// Every tensor a complete directory's name map lists must be in the file
-/// it names (headers only are read).
-fn check_complete(dir: &tree::CompleteDir) -> Result<()> {
-    let mut by_file: std::collections::BTreeMap<&Path, Vec<&str>> = Default::default();
-    for (name, file) in &dir.weight_map {
-        by_file.entry(file).or_default().push(name);
-    }
-    for (file, names) in by_file {
-        let f = crate::formats::safetensors::SafetensorsFile::open(file, false)?;
-        if let Some(missing) = names.iter().find(|n| f.get(n).is_none()) {
-            return Err(Error::TensorNotFound((*missing).to_string())
-                .in_file(file)
-                .in_file(dir.map_file.as_deref().unwrap_or(file)));
-        }
-    }
-    Ok(())
-}
-
-/// The number of distinct ranks among source files (the files of one
-/// complete checkpoint share rank 0).
-pub(crate) fn rank_count(files: &[(usize, PathBuf)]) -> usize {
-    let mut ranks: Vec<usize> = files.iter().map(|f| f.0).collect();
-    ranks.sort_unstable();
-    ranks.dedup();
-    ranks.len()
-}
-
-/// The entries of a checkpoint file, from its index only: planning needs no
-/// tensor byte, and CRCs are checked when the bytes are read.
-pub(crate) fn index_entries(
-    path: &Path,
-    read: &ReadOptions,
-) -> Result<Vec<crate::formats::SourceEntry>> {
-    let source = Source::open(
-        path,
-        &ReadOptions {
-            verify_crc: false,
-            ..read.clone()
-        },
-    )?;
-    let entries = source.entries();
-    if entries.is_empty() {
-        // Issue 19 item 13: an empty file was reported later as a
-        // strategy mismatch ("the loaded source ranks cover … of …").
-        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        return Err(Error::invalid(format!(
-            "holds no tensors ({len} bytes): an empty or truncated checkpoint"
-        ))
-        .in_file(path));
-    }
-    Ok(entries)
-}
-
-/// [`index_entries`] of every file of a source, as the planner takes them.
-pub(crate) fn index_sources(
-    files: Vec<(usize, PathBuf)>,
-    read: &ReadOptions,
-) -> Result<Vec<(usize, PathBuf, Vec<crate::formats::SourceEntry>)>> {
-    files
-        .into_iter()
-        .map(|(rank, path)| {
-            let entries = index_entries(&path, read)?;
-            Ok((rank, path, entries))
-        })
-        .collect()
-}
-
-/// Whether a source was saved with `remove_redundancy=True`. As in
-/// MindSpore (`_check_remove_redundancy`) and mindformers
-/// (`_revise_remove_redundancy_with_file`), the files' own
-/// `remove_redundancy` metadata decides; the caller's `has_redundancy`
-/// claim only decides for files without it (`.ckpt` files, or safetensors
-/// saved with the flag unset). A claim the files contradict is overridden
-/// and said on stderr, as MindSpore logs a warning. Files that disagree
-/// with each other are an error.
-pub(crate) fn deduplicated(
-    sources: &[(usize, PathBuf, Vec<crate::formats::SourceEntry>)],
-    has_redundancy: Option<bool>,
-) -> Result<bool> {
-    let mut flagged: Option<(bool, &Path)> = None;
-    for (_, path, _) in sources {
-        if FileFormat::of_path(path) != Some(FileFormat::Safetensors) {
-            continue;
-        }
-        let file = crate::formats::safetensors::SafetensorsFile::open(path, false)?;
-        let flag = match file.metadata().get("remove_redundancy").map(String::as_str) {
-            None => continue,
-            Some("True") => true,
-            Some("False") => false,
-            Some(other) => {
-                return Err(Error::invalid(format!(
-                "remove_redundancy metadata is {other:?}; MindSpore writes \"True\" or \"False\""
-            ))
-                .in_file(path))
-            }
-        };
-        match flagged {
-            Some((f, first)) if f != flag => {
-                return Err(Error::invalid(format!(
-                    "the rank files disagree: {} says remove_redundancy={}, {} says {}; \
-                     they are not one checkpoint",
-                    first.display(),
-                    if f { "True" } else { "False" },
-                    path.display(),
-                    if flag { "True" } else { "False" }
-                )))
-            }
-            Some(_) => {}
-            None => flagged = Some((flag, path)),
-        }
-    }
-    match (flagged, has_redundancy) {
-        (Some((dedup, path)), Some(has)) if has == dedup => {
-            eprintln!(
-                "warning: --has-redundancy {has} ignored: {} says remove_redundancy={}, and the \
-                 file's flag wins (as in MindSpore); reading the set as {}",
-                path.display(),
-                if dedup { "True" } else { "False" },
-                if dedup {
-                    "saved with redundancy removed"
-                } else {
-                    "holding every copy"
-                }
-            );
-            Ok(dedup)
-        }
-        (Some((dedup, _)), _) => Ok(dedup),
-        (None, has) => Ok(!has.unwrap_or(true)),
-    }
 }
 
 fn load_strategy(path: &Option<PathBuf>) -> Result<Option<Strategy>> {
@@ -598,139 +453,24 @@ fn complete_to_strategy(
     Ok(())
 }
 
-/// The first entry of `dir` that a transform writing `output` must not
-/// overwrite or mix with. Other stages' parts of a by-stage transform
-/// (`{prefix}{r}_part{k}.{ext}` and their manifests, written by separate
-/// runs) are expected; with `resume`, so are `output` itself, its manifest
-/// and temporary files an interrupted run left.
-pub(crate) fn foreign_entry(dir: &Path, output: &Path, resume: bool) -> Result<Option<PathBuf>> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(None);
-    };
-    let name = output
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default();
-    let part_stem = name.find("_part").map(|i| &name[..i + 5]);
-    let ext = output
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or_default();
-    for e in entries {
-        let e = e.map_err(|e| Error::from(e).in_file(dir))?;
-        let other = e.file_name();
-        let other = other.to_string_lossy();
-        // Lock files (a crashed run's are stale, a live run's lock is
-        // reported by the lock itself).
-        if other == crate::formats::destination::LOCK_NAME
-            || (other.starts_with('.') && other.ends_with(".reshard.lock"))
-        {
-            continue;
-        }
-        let data = other
-            .strip_suffix(crate::formats::manifest::MANIFEST_SUFFIX)
-            .unwrap_or(&other);
-        let sibling_part = part_stem.is_some_and(|stem| {
-            data.strip_prefix(stem)
-                .and_then(|rest| rest.strip_suffix(&format!(".{ext}")))
-                .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
-        });
-        if data != name && sibling_part {
-            continue;
-        }
-        let leftover =
-            data == name || (other.starts_with(&format!(".{name}.")) && other.ends_with(".tmp"));
-        if resume && leftover {
-            continue;
-        }
-        return Ok(Some(e.path()));
-    }
-    Ok(None)
-}
-
-/// Executor options shared by the commands that write checkpoints.
-pub(crate) fn exec_options(
-    workers: usize,
-    read: &ReadOptions,
-    manifest: bool,
+/// How a transform's plan is written.
+fn settings<'a>(
+    options: &'a TransformOptions,
     resume: bool,
-    control: &OutputControl,
-) -> ExecOptions {
-    let defaults = ExecOptions::default();
-    ExecOptions {
-        workers,
-        read: read.clone(),
-        manifest: defaults.manifest.filter(|_| manifest),
+    ranks: Option<&'a [usize]>,
+) -> WriteSettings<'a> {
+    WriteSettings {
+        workers: options.workers,
+        read: &options.read,
+        manifest: options.manifest,
         resume,
-        control: control.clone(),
-        ..defaults
+        verify: options.verify,
+        backend: options.backend,
+        control: &options.control,
+        dst_flag: "dst_dir",
+        destination: Some(&options.dst_dir),
+        ranks,
     }
-}
-
-/// How a planned job is written (shared by the commands that write checkpoints).
-pub(crate) struct WriteSettings<'a> {
-    pub workers: usize,
-    pub read: &'a ReadOptions,
-    pub manifest: bool,
-    pub resume: bool,
-    pub verify: bool,
-    pub backend: BackendChoice,
-    pub control: &'a OutputControl,
-    /// The flag naming the output directory, for the error message.
-    pub dst_flag: &'a str,
-    /// The output directory: locked for the run, and no directory below
-    /// it is created through a link (`None`: the outputs' common parent).
-    pub destination: Option<&'a Path>,
-    /// The run writes only these destination ranks (`--rank-id`): it locks
-    /// them, so that runs writing other ranks of the destination may run at
-    /// the same time (see [`DestinationLock::ranks`]).
-    ///
-    /// [`DestinationLock::ranks`]: crate::formats::destination::DestinationLock::ranks
-    pub ranks: Option<&'a [usize]>,
-}
-
-/// Writes a planned job: refuses outputs that would mix with files already
-/// there, runs the plan on the chosen backend, and re-checks the outputs on
-/// request. Returns the execution and the backend's description.
-pub(crate) fn write_plan(plan: &Plan, s: &WriteSettings<'_>) -> Result<(ExecReport, String)> {
-    // Lock first: a concurrent run's temporaries are then reported as that
-    // run ("another reshard run is writing here"), not as foreign files.
-    use crate::formats::destination::{create_dir_within, DestinationLock};
-    let _lock = match (s.destination, s.ranks) {
-        (Some(d), ranks) if !plan.files.is_empty() => {
-            create_dir_within(d, d)?;
-            match ranks {
-                Some(r) => DestinationLock::ranks(d, r)?,
-                None => vec![DestinationLock::directory(d)?],
-            }
-        }
-        _ => Vec::new(),
-    };
-    for f in &plan.files {
-        if let Some(dir) = f.path.parent() {
-            if let Some(other) = foreign_entry(dir, &f.path, s.resume)? {
-                return Err(Error::invalid(format!(
-                    "the output directory already holds {}; remove it or choose another {}",
-                    other.display(),
-                    s.dst_flag
-                ))
-                .in_file(dir));
-            }
-        }
-    }
-    let backend = s.backend.open()?;
-    let report = exec::execute(
-        plan,
-        &backend,
-        &ExecOptions {
-            destination: s.destination.map(Path::to_path_buf),
-            ..exec_options(s.workers, s.read, s.manifest, s.resume, s.control)
-        },
-    )?;
-    if s.verify {
-        crate::ops::verify::verify_outputs(plan)?;
-    }
-    Ok((report, backend.describe()))
 }
 
 /// Runs a transform.
@@ -750,18 +490,7 @@ pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
     }
     let (report, backend) = write_plan(
         &plan,
-        &WriteSettings {
-            workers: options.workers,
-            read: &options.read,
-            manifest: options.manifest,
-            resume: options.resume,
-            verify: options.verify,
-            backend: options.backend,
-            control: &options.control,
-            dst_flag: "--dst-checkpoint-dir",
-            destination: Some(&options.dst_dir),
-            ranks: options.ranks.as_deref(),
-        },
+        &settings(options, options.resume, options.ranks.as_deref()),
     )?;
     Ok(TransformReport {
         plan: summary,
@@ -773,17 +502,27 @@ pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
 
 /// [`transform`] into a mindformers Checkpoint 2.0 directory: the per-rank
 /// plan, cut down to one saved copy of each shard (see
-/// [`crate::ops::checkpoint2_write`]), then `metadata.json` and the tracker.
+/// [`crate::ops::checkpoint2_write`]), then `common.json`, `metadata.json`
+/// and the tracker, written after the shards, as mindformers writes them.
 fn transform_to_checkpoint2(options: &TransformOptions, iteration: u64) -> Result<TransformReport> {
     let Some(dst_path) = &options.dst_strategy else {
-        return Err(Error::invalid(
-            "--output-format checkpoint2 needs --dst-strategy (the layout the directory describes)",
+        return Err(Error::usage_of(
+            "dst_strategy",
+            "needed for Checkpoint 2.0 output (the layout the directory describes)",
         ));
     };
     if options.ranks.is_some() || options.remove_redundancy || options.resume {
-        return Err(Error::invalid(
-            "--output-format checkpoint2 writes every rank's shards at once, de-duplicated: \
-             --rank-id, --remove-redundancy and --resume do not apply",
+        let option = if options.ranks.is_some() {
+            "ranks"
+        } else if options.remove_redundancy {
+            "remove_redundancy"
+        } else {
+            "resume"
+        };
+        return Err(Error::usage_of(
+            option,
+            "does not apply to Checkpoint 2.0 output, which writes every rank's shards at once, \
+             de-duplicated",
         ));
     }
     let per_rank = plan_transform(&TransformOptions {
@@ -809,39 +548,21 @@ fn transform_to_checkpoint2(options: &TransformOptions, iteration: u64) -> Resul
             warnings: Vec::new(),
         });
     }
-    for (path, _) in [&common, &job.metadata, &job.tracker] {
-        if path.exists() {
-            return Err(Error::invalid(
-                "already exists; remove it or choose another --dst-checkpoint-dir",
-            )
-            .in_file(path));
-        }
-    }
-    if let Some(dir) = job.metadata.0.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::from(e).in_file(dir))?;
-    }
-    let (report, backend) = write_plan(
+    let extra = [common, job.metadata, job.tracker]
+        .into_iter()
+        .map(|(path, bytes)| ExtraFile {
+            path,
+            content: ExtraContent::Bytes(bytes),
+        })
+        .collect();
+    let (report, backend) = write_job(
         &job.plan,
-        &WriteSettings {
-            workers: options.workers,
-            read: &options.read,
-            manifest: options.manifest,
-            resume: false,
-            verify: options.verify,
-            backend: options.backend,
-            control: &options.control,
-            dst_flag: "--dst-checkpoint-dir",
-            destination: Some(&options.dst_dir),
-            ranks: None,
+        &settings(options, false, None),
+        &Job {
+            extra,
+            ..Job::default()
         },
     )?;
-    // common.json, metadata.json, then the tracker last, as mindformers
-    // writes them.
-    for (path, bytes) in [&common, &job.metadata, &job.tracker] {
-        let mut f = crate::formats::atomic::AtomicFile::create(path)?;
-        f.write_all(bytes)?;
-        f.commit()?;
-    }
     Ok(TransformReport {
         plan: summary,
         executed: Some(report),

@@ -34,13 +34,14 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::backend::{BackendChoice, BoxCopy};
-use crate::error::{Error, Result, ResultExt};
-use crate::exec::{self, ExecReport, OutputControl};
+use crate::error::{Error, Result};
+use crate::exec::{ExecReport, OutputControl};
 use crate::formats::ckpt::ReadOptions;
 use crate::formats::safetensors::{SafetensorsFile, STRING_KEY_PREFIX};
 use crate::formats::strategy;
 use crate::formats::tree::{self, FileFormat};
 use crate::formats::EntryValue;
+use crate::ops::write::{write_job, DestinationCheck, ExtraContent, ExtraFile, Job, WriteSettings};
 use crate::plan::transform::{needed_sources, plan, TransformInput};
 use crate::plan::{Content, CopyStep, FilePlan, Plan, PlanSummary, TensorPlan};
 
@@ -346,7 +347,7 @@ pub fn plan_unify(o: &UnifyOptions) -> Result<UnifyPlan> {
     // A set saved with redundancy removed: the planner reads each
     // parameter from the rank that owns it (spec safetensors-era §3.6).
     let deduplicated = !effective_redundancy(&with_meta, o.has_redundancy, &mut warnings);
-    let sources = crate::ops::transform::index_sources(files.clone(), &o.read)?;
+    let sources = tree::index_sources(files.clone(), &o.read)?;
     // The merge to one full checkpoint, as `transform` plans it.
     let mut whole = plan(&TransformInput {
         sources: sources.clone(),
@@ -551,44 +552,39 @@ pub fn unify(o: &UnifyOptions) -> Result<UnifyReport> {
     if o.dry_run {
         return Ok(report(None, o.backend.to_string()));
     }
-    let outputs = planned
-        .plan
-        .files
-        .iter()
-        .map(|f| f.path.as_path())
-        .chain(planned.name_map.as_ref().map(|_| map_path.as_path()));
-    for p in outputs {
-        if p.exists() {
-            return Err(
-                Error::invalid("already exists; remove it or choose another --dst-dir").in_file(p),
-            );
-        }
-    }
-    std::fs::create_dir_all(&o.dst_dir).in_file(&o.dst_dir)?;
-    // The name map is staged first and committed only once every tensor
-    // file is written, so a failed run leaves nothing.
-    let staged = planned
+    // The name map is written once every tensor file is, so a failed run
+    // leaves nothing.
+    let extra = planned
         .name_map
         .as_ref()
-        .map(|text| -> Result<crate::formats::atomic::AtomicFile> {
-            let mut f = crate::formats::atomic::AtomicFile::create(&map_path)?;
-            f.write_all(text.as_bytes())?;
-            Ok(f)
+        .map(|text| ExtraFile {
+            path: map_path.clone(),
+            content: ExtraContent::Bytes(text.clone().into_bytes()),
         })
-        .transpose()?;
-    let backend = o.backend.open()?;
-    let executed = exec::execute(
+        .into_iter()
+        .collect();
+    let (executed, backend) = write_job(
         &planned.plan,
-        &backend,
-        &crate::ops::transform::exec_options(o.workers, &o.read, o.manifest, false, &o.control),
+        &WriteSettings {
+            workers: o.workers,
+            read: &o.read,
+            manifest: o.manifest,
+            resume: false,
+            verify: o.verify,
+            backend: o.backend,
+            control: &o.control,
+            dst_flag: "dst_dir",
+            destination: Some(&o.dst_dir),
+            ranks: None,
+        },
+        // Machines of a split job each write their share of the parts.
+        &Job {
+            check: DestinationCheck::Absent,
+            extra,
+            ..Job::default()
+        },
     )?;
-    if o.verify {
-        crate::ops::verify::verify_outputs(&planned.plan)?;
-    }
-    if let Some(f) = staged {
-        f.commit_with_digest()?;
-    }
-    Ok(report(Some(executed), backend.describe()))
+    Ok(report(Some(executed), backend))
 }
 
 /// Whether `dir` is a unified directory (holds `param_name_map.json`).

@@ -23,9 +23,8 @@ use crate::error::{Error, Result};
 use crate::formats::ckpt::ReadOptions;
 use crate::formats::manifest::{self, Manifest};
 use crate::formats::strategy;
-use crate::formats::tree;
+use crate::formats::tree::{self, deduplicated, index_sources, rank_count, source_files};
 use crate::formats::{EntryValue, Source};
-use crate::ops::transform::{index_sources, source_files};
 use crate::plan::transform::{plan, TransformInput};
 use crate::plan::{Content, CopyStep, Plan};
 
@@ -182,14 +181,14 @@ fn logical_plan(side: &Side) -> Result<Plan> {
         );
     }
     let (format, files) = source_files(&side.path)?;
-    if crate::ops::transform::rank_count(&files) > 1 && side.strategy.is_none() {
+    if rank_count(&files) > 1 && side.strategy.is_none() {
         return Err(
             Error::invalid("a rank_x tree needs its strategy to be compared").in_file(&side.path),
         );
     }
     let strategy = side.strategy.as_deref().map(strategy::load).transpose()?;
     let sources = index_sources(files, &ReadOptions::default())?;
-    let deduplicated = crate::ops::transform::deduplicated(&sources, None)?;
+    let deduplicated = deduplicated(&sources, None)?;
     plan(&TransformInput {
         sources,
         src_strategy: strategy.as_ref(),
@@ -516,7 +515,7 @@ pub fn check_distributed(dir: &Path, strategy_path: &Path) -> Result<Vec<Inconsi
     }
     // A set saved with redundancy removed keeps each parameter on the rank
     // that owns it for its group (spec safetensors-era §2.4).
-    let owners = if crate::ops::transform::deduplicated(&files, None)? {
+    let owners = if deduplicated(&files, None)? {
         Some(crate::layout::redundancy::Ownership::from_table(&table, 0)?)
     } else {
         None

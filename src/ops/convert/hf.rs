@@ -11,7 +11,6 @@ use serde_json::{Map, Value};
 use super::engine::InTensor;
 use crate::dtype::DType;
 use crate::error::{Error, Result, ResultExt};
-use crate::formats::atomic::AtomicFile;
 use crate::formats::safetensors::SafetensorsFile;
 
 /// `model.safetensors.index.json`.
@@ -293,13 +292,9 @@ pub fn shard_names(n: usize) -> Vec<String> {
         .collect()
 }
 
-/// Writes `model.safetensors.index.json` as transformers does
+/// `model.safetensors.index.json` as transformers writes it
 /// (`json.dumps(index, indent=2, sort_keys=True)` plus a newline).
-pub fn write_index(
-    dir: &Path,
-    total_size: u64,
-    weight_map: &BTreeMap<String, String>,
-) -> Result<PathBuf> {
+pub fn index_json(total_size: u64, weight_map: &BTreeMap<String, String>) -> Result<Vec<u8>> {
     let mut metadata = Map::new();
     metadata.insert("total_size".into(), total_size.into());
     let mut root = BTreeMap::new();
@@ -313,14 +308,10 @@ pub fn write_index(
                 .collect(),
         ),
     );
-    let mut text =
-        serde_json::to_string_pretty(&root).map_err(|e| Error::invalid(e.to_string()))?;
+    let mut text = serde_json::to_string_pretty(&root)
+        .map_err(|e| Error::Internal(format!("cannot serialise {INDEX}: {e}")))?;
     text.push('\n');
-    let path = dir.join(INDEX);
-    let mut f = AtomicFile::create(&path)?;
-    f.write_all(text.as_bytes())?;
-    f.commit()?;
-    Ok(path)
+    Ok(text.into_bytes())
 }
 
 /// transformers' `torch_dtype` spelling of a dtype.
@@ -345,21 +336,17 @@ pub fn dtype_of_torch_name(s: &str) -> Option<DType> {
     }
 }
 
-/// Writes `config.json`: `raw` as given, with `torch_dtype` set when `dtype`
-/// is. Four-space-free JSON with two-space indent, like `to_json_string`.
-pub fn write_config(dir: &Path, raw: &Map<String, Value>, dtype: Option<DType>) -> Result<PathBuf> {
+/// `config.json`: `raw` as given, with `torch_dtype` set when `dtype` is.
+/// Four-space-free JSON with two-space indent, like `to_json_string`.
+pub fn config_json(raw: &Map<String, Value>, dtype: Option<DType>) -> Result<Vec<u8>> {
     let mut raw = raw.clone();
     if let Some(name) = dtype.and_then(torch_dtype_name) {
         raw.insert("torch_dtype".into(), Value::String(name.into()));
     }
     let mut text = serde_json::to_string_pretty(&Value::Object(raw))
-        .map_err(|e| Error::invalid(e.to_string()))?;
+        .map_err(|e| Error::Internal(format!("cannot serialise config.json: {e}")))?;
     text.push('\n');
-    let path = dir.join("config.json");
-    let mut f = AtomicFile::create(&path)?;
-    f.write_all(text.as_bytes())?;
-    f.commit()?;
-    Ok(path)
+    Ok(text.into_bytes())
 }
 
 #[cfg(test)]
