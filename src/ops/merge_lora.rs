@@ -142,17 +142,17 @@ pub fn lora_pairs(names: &BTreeSet<String>) -> Result<HashMap<String, (String, S
             continue;
         };
         if !names.contains(&base) {
-            return Err(Error::invalid(format!(
+            return Err(Error::missing(format!(
                 "LoRA factor {a:?} has no base weight: {base:?} is not in the checkpoint"
             )));
         }
         if !names.contains(&b) {
-            return Err(Error::invalid(format!(
+            return Err(Error::missing(format!(
                 "LoRA factor {a:?} has no B factor: {b:?} is not in the checkpoint"
             )));
         }
         if let Some((other, _)) = pairs.insert(base.clone(), (a.clone(), b)) {
-            return Err(Error::invalid(format!(
+            return Err(Error::bad_input(format!(
                 "two LoRA factors, {other:?} and {a:?}, target {base:?}"
             )));
         }
@@ -163,15 +163,15 @@ pub fn lora_pairs(names: &BTreeSet<String>) -> Result<HashMap<String, (String, S
 /// Merges the LoRA factors of a checkpoint into its base weights.
 pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
     if !o.scale.is_finite() {
-        return Err(Error::invalid(format!(
-            "the LoRA scaling must be a finite number, not {}",
-            o.scale
-        )));
+        return Err(Error::usage_of(
+            "scale",
+            format!("must be a finite number, not {}", o.scale),
+        ));
     }
     let (_, files) = source_files(&o.src)?;
     if rank_count(&files) > 1 && o.src_strategy.is_none() {
         return Err(
-            Error::invalid("a distributed source needs --src-ckpt-strategy").in_file(&o.src),
+            Error::usage_of("src_strategy", "needed: the source is distributed").in_file(&o.src),
         );
     }
     let sources = index_sources(files, &o.read)?;
@@ -182,7 +182,7 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
         .collect();
     let pairs = lora_pairs(&names)?;
     if pairs.is_empty() {
-        return Err(Error::invalid(
+        return Err(Error::bad_input(
             "the checkpoint holds no LoRA factor (no name contains lora_a or lora_A)",
         )
         .in_file(&o.src));
@@ -221,8 +221,8 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
         for (w, _, _) in &merged {
             if let Some(t) = f.tensors.iter().find(|t| &t.name == w) {
                 if !matches!(t.content, Content::Merged { .. }) {
-                    return Err(Error::invalid(format!(
-                        "internal: {w:?} was not merged on rank {}",
+                    return Err(Error::Internal(format!(
+                        "{w:?} was not merged on rank {}",
                         f.rank
                     )));
                 }
@@ -358,20 +358,20 @@ impl PeftAdapter {
         let config_path = dir.join("adapter_config.json");
         let text = std::fs::read(&config_path).map_err(|e| Error::from(e).in_file(&config_path))?;
         let config: serde_json::Value = serde_json::from_slice(&text)
-            .map_err(|e| Error::invalid(format!("not valid JSON: {e}")).in_file(&config_path))?;
+            .map_err(|e| Error::bad_input(format!("not valid JSON: {e}")).in_file(&config_path))?;
         if let Some(kind) = config.get("peft_type").and_then(|v| v.as_str()) {
             if kind != "LORA" {
-                return Err(Error::invalid(format!(
+                return Err(Error::unsupported(format!(
                     "peft_type is {kind:?}; only LORA adapters can be merged"
                 ))
                 .in_file(&config_path));
             }
         }
         if config.get("use_dora").and_then(|v| v.as_bool()) == Some(true) {
-            return Err(
-                Error::invalid("DoRA adapters (use_dora) cannot be merged as W + s·B·A")
-                    .in_file(&config_path),
-            );
+            return Err(Error::unsupported(
+                "DoRA adapters (use_dora) cannot be merged as W + s·B·A",
+            )
+            .in_file(&config_path));
         }
         let number = |key: &str| -> Result<f64> {
             config
@@ -379,7 +379,7 @@ impl PeftAdapter {
                 .and_then(|v| v.as_f64())
                 .filter(|v| v.is_finite() && *v > 0.0)
                 .ok_or_else(|| {
-                    Error::invalid(format!("{key:?} is missing or not a positive number"))
+                    Error::bad_input(format!("{key:?} is missing or not a positive number"))
                         .in_file(&config_path)
                 })
         };
@@ -390,7 +390,7 @@ impl PeftAdapter {
             .map(|n| dir.join(n))
             .find(|p| p.exists())
             .ok_or_else(|| {
-                Error::invalid("no adapter_model.safetensors or adapter_model.bin").in_file(dir)
+                Error::missing("no adapter_model.safetensors or adapter_model.bin").in_file(dir)
             })?;
         let target_modules = match config.get("target_modules") {
             Some(serde_json::Value::Array(v)) => v
@@ -475,10 +475,13 @@ fn merge_peft_into_mindspore(
     scale: f32,
 ) -> Result<MergeLoraReport> {
     let model = o.model.as_deref().ok_or_else(|| {
-        Error::invalid("merging a PEFT adapter into a MindSpore checkpoint needs --model (its family, as for convert)")
+        Error::usage_of(
+            "model",
+            "needed to merge a PEFT adapter into a MindSpore checkpoint (its family, as for convert)",
+        )
     })?;
     let format = FileFormat::of_path(&o.base).ok_or_else(|| {
-        Error::invalid("a MindSpore base must be a .ckpt or .safetensors file").in_file(&o.base)
+        Error::bad_input("a MindSpore base must be a .ckpt or .safetensors file").in_file(&o.base)
     })?;
     let mut convert = crate::ops::convert::ConvertOptions::new(model, &o.base, &o.dst_dir);
     convert.config = o.config.clone();
@@ -492,15 +495,15 @@ fn merge_peft_into_mindspore(
             continue;
         };
         let Some((ms, flipped)) = map.get(&hf) else {
-            return Err(Error::invalid(format!(
-                "adapter tensor {a:?} targets {hf:?}, which is not a whole MindSpore weight of --model {model} \
+            return Err(Error::unsupported(format!(
+                "adapter tensor {a:?} targets {hf:?}, which is not a whole MindSpore weight of model {model} \
                  (fused or rearranged); merge the adapter into the HuggingFace model, then convert"
             ))
             .in_file(&adapter.weights));
         };
         if !adapter_names.contains(&b) {
             return Err(
-                Error::invalid(format!("adapter tensor {a:?} has no B factor {b:?}"))
+                Error::missing(format!("adapter tensor {a:?} has no B factor {b:?}"))
                     .in_file(&adapter.weights),
             );
         }
@@ -511,7 +514,7 @@ fn merge_peft_into_mindspore(
     }
     if pairs.is_empty() {
         return Err(
-            Error::invalid("the adapter holds no .lora_A. tensor").in_file(&adapter.weights)
+            Error::bad_input("the adapter holds no .lora_A. tensor").in_file(&adapter.weights)
         );
     }
     let mut merged: Vec<(String, String, String)> = pairs
@@ -570,15 +573,15 @@ pub fn hf_weight_files(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
     if index.exists() {
         let text = std::fs::read(&index).map_err(|e| Error::from(e).in_file(&index))?;
         let json: serde_json::Value = serde_json::from_slice(&text)
-            .map_err(|e| Error::invalid(format!("not valid JSON: {e}")).in_file(&index))?;
+            .map_err(|e| Error::bad_input(format!("not valid JSON: {e}")).in_file(&index))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::invalid("no \"weight_map\" object").in_file(&index))?;
+            .ok_or_else(|| Error::bad_input("no \"weight_map\" object").in_file(&index))?;
         let mut files: Vec<PathBuf> = Vec::new();
         for file in map.values().filter_map(|v| v.as_str()) {
             if file.contains(['/', '\\']) || file.starts_with("..") {
-                return Err(Error::invalid(format!(
+                return Err(Error::bad_input(format!(
                     "the index names {file:?}, which is not a file in the model directory"
                 ))
                 .in_file(&index));
@@ -586,7 +589,7 @@ pub fn hf_weight_files(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
             let path = dir.join(file);
             if !files.contains(&path) {
                 if !path.exists() {
-                    return Err(Error::invalid(format!(
+                    return Err(Error::missing(format!(
                         "the index names {file}, which is missing"
                     ))
                     .in_file(&index));
@@ -601,14 +604,14 @@ pub fn hf_weight_files(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
         return Ok(vec![single]);
     }
     if dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists() {
-        return Err(Error::invalid(
+        return Err(Error::unsupported(
             "only PyTorch .bin weights are here: the merged model keeps the base's file layout, and \
              reshard writes no pickles. Convert the base once (reshard convert reads .bin, or \
              transformers' model.save_pretrained(dir, safe_serialization=True)) to get model.safetensors",
         )
         .in_file(dir));
     }
-    Err(Error::invalid("no model.safetensors or model.safetensors.index.json").in_file(dir))
+    Err(Error::missing("no model.safetensors or model.safetensors.index.json").in_file(dir))
 }
 
 /// Merges a PEFT adapter into a HuggingFace base model. The output keeps
@@ -618,9 +621,10 @@ pub fn merge_peft(o: &MergePeftOptions) -> Result<MergeLoraReport> {
     let adapter = PeftAdapter::load(&o.adapter)?;
     let scale = o.scale.unwrap_or_else(|| adapter.scale());
     if !scale.is_finite() {
-        return Err(Error::invalid(format!(
-            "the LoRA scaling must be a finite number, not {scale}"
-        )));
+        return Err(Error::usage_of(
+            "scale",
+            format!("must be a finite number, not {scale}"),
+        ));
     }
     if o.base.is_file() {
         return merge_peft_into_mindspore(o, &adapter, scale);
@@ -635,7 +639,7 @@ pub fn merge_peft(o: &MergePeftOptions) -> Result<MergeLoraReport> {
             base_names.insert(e.name.clone());
             if shard_of.insert(e.name.clone(), i).is_some() {
                 return Err(
-                    Error::invalid(format!("tensor {:?} appears in two shards", e.name))
+                    Error::bad_input(format!("tensor {:?} appears in two shards", e.name))
                         .in_file(&o.base),
                 );
             }
@@ -650,14 +654,14 @@ pub fn merge_peft(o: &MergePeftOptions) -> Result<MergeLoraReport> {
             continue;
         };
         if !base_names.contains(&base) {
-            return Err(Error::invalid(format!(
+            return Err(Error::mismatch(format!(
                 "adapter tensor {a:?} targets {base:?}, which the base model does not have"
             ))
             .in_file(&adapter.weights));
         }
         if !adapter_names.contains(&b) {
             return Err(
-                Error::invalid(format!("adapter tensor {a:?} has no B factor {b:?}"))
+                Error::missing(format!("adapter tensor {a:?} has no B factor {b:?}"))
                     .in_file(&adapter.weights),
             );
         }
@@ -665,7 +669,7 @@ pub fn merge_peft(o: &MergePeftOptions) -> Result<MergeLoraReport> {
     }
     if pairs.is_empty() {
         return Err(
-            Error::invalid("the adapter holds no .lora_A. tensor").in_file(&adapter.weights)
+            Error::bad_input("the adapter holds no .lora_A. tensor").in_file(&adapter.weights)
         );
     }
     sources.push((0, adapter.weights.clone(), adapter_entries));

@@ -17,13 +17,15 @@ use crate::ops::write::{write_job, ExtraContent, ExtraFile, Job};
 use crate::plan::transform::{plan, TransformInput};
 use crate::plan::{Content, Plan, PlanSummary};
 
+/// The source files by rank; see [`tree::source_files`], where source
+/// indexing lives.
+pub use crate::formats::tree::source_files;
+
 // Source indexing lives in `formats::tree`, writing in `ops::write`; these
 // names stay here, with the same signatures, for callers not yet moved
 // (ops/auto), until the merge.
 #[allow(unused_imports)]
-pub(crate) use crate::formats::tree::{
-    deduplicated, index_entries, index_sources, rank_count, source_files,
-};
+pub(crate) use crate::formats::tree::{deduplicated, index_entries, index_sources, rank_count};
 #[allow(unused_imports)]
 pub(crate) use crate::ops::write::{exec_options, write_plan, WriteSettings};
 
@@ -219,21 +221,26 @@ pub fn plan_transform_with_warnings(options: &TransformOptions) -> Result<(Plan,
     let src = load_strategy(&options.src_strategy)?;
     let dst = load_strategy(&options.dst_strategy)?;
     if src.is_none() && dst.is_none() {
-        return Err(Error::invalid(
-            "give --src-strategy, --dst-strategy or both: without either there is nothing to transform",
+        return Err(Error::usage_of(
+            "dst_strategy",
+            "give a source strategy, a destination strategy or both: without either there is \
+             nothing to transform",
         ));
     }
     if rank_count(&files) > 1 && src.is_none() {
-        return Err(Error::invalid(format!(
-            "{} holds {} rank directories: a sharded source needs --src-strategy",
-            options.src_checkpoint.display(),
-            files.len()
-        )));
+        return Err(Error::usage_of(
+            "src_strategy",
+            format!(
+                "needed: {} holds {} rank directories, a sharded source",
+                options.src_checkpoint.display(),
+                files.len()
+            ),
+        ));
     }
     let mut ranks: Vec<usize> = files.iter().map(|f| f.0).collect();
     ranks.dedup();
     if let Some((i, _)) = ranks.iter().enumerate().find(|(i, r)| *r != i) {
-        return Err(Error::invalid(format!(
+        return Err(Error::missing(format!(
             "rank_{i} is missing: source rank directories must run from rank_0 without gaps"
         ))
         .in_file(&options.src_checkpoint));
@@ -268,9 +275,10 @@ pub fn plan_transform_with_warnings(options: &TransformOptions) -> Result<(Plan,
     }
     if let Some(name) = &options.file_name {
         if name.is_empty() || name.contains(['/', '\\']) || name.starts_with("..") {
-            return Err(Error::invalid(format!(
-                "--file-name {name:?} is not a plain file name"
-            )));
+            return Err(Error::usage_of(
+                "file_name",
+                format!("{name:?} is not a plain file name"),
+            ));
         }
         for f in &mut plan.files {
             let file = format!("{name}.{}", f.format.extension());
@@ -280,9 +288,10 @@ pub fn plan_transform_with_warnings(options: &TransformOptions) -> Result<(Plan,
     if let Some(n) = options.world_size {
         let all = crate::plan::transform::destination_ranks(dst.as_ref())?.len();
         if n != all {
-            return Err(Error::invalid(format!(
-                "--world-size {n} does not match the destination strategy, which has {all} ranks"
-            )));
+            return Err(Error::usage_of(
+                "world_size",
+                format!("{n} does not match the destination strategy, which has {all} ranks"),
+            ));
         }
     }
     Ok((plan, warnings))
@@ -373,8 +382,9 @@ fn check_source_strategy(
 /// `metadata.json` describes its own layout.
 fn plan_checkpoint2(options: &TransformOptions) -> Result<Plan> {
     if options.src_strategy.is_some() {
-        return Err(Error::invalid(
-            "a Checkpoint 2.0 directory describes its layout in metadata.json; drop --src-strategy",
+        return Err(Error::usage_of(
+            "src_strategy",
+            "not for a Checkpoint 2.0 directory, which describes its layout in metadata.json",
         )
         .in_file(&options.src_checkpoint));
     }
@@ -393,9 +403,10 @@ fn plan_checkpoint2(options: &TransformOptions) -> Result<Plan> {
     if let Some(n) = options.world_size {
         let all = crate::plan::transform::destination_ranks(dst.as_ref())?.len();
         if n != all {
-            return Err(Error::invalid(format!(
-                "--world-size {n} does not match the destination strategy, which has {all} ranks"
-            )));
+            return Err(Error::usage_of(
+                "world_size",
+                format!("{n} does not match the destination strategy, which has {all} ranks"),
+            ));
         }
     }
     Ok(plan)

@@ -291,14 +291,14 @@ fn effective_redundancy(
         match meta.get("remove_redundancy").map(String::as_str) {
             Some("True") if has_redundancy => {
                 warnings.push(format!(
-                    "{} was saved with redundancy removed, but --has-redundancy is true: following the file",
+                    "{} was saved with redundancy removed, but has_redundancy is true: following the file",
                     path.display()
                 ));
                 has_redundancy = false;
             }
             Some("False") if !has_redundancy => {
                 warnings.push(format!(
-                    "{} was saved with redundancy, but --has-redundancy is false: following the file",
+                    "{} was saved with redundancy, but has_redundancy is false: following the file",
                     path.display()
                 ));
                 has_redundancy = true;
@@ -312,23 +312,25 @@ fn effective_redundancy(
 /// Plans a unify (reads the strategy and the files' headers only).
 pub fn plan_unify(o: &UnifyOptions) -> Result<UnifyPlan> {
     if o.src_dir.is_file() {
-        return Err(
-            Error::invalid("unify reads a directory of rank_<n>/ folders, not a file")
-                .in_file(&o.src_dir),
-        );
+        return Err(Error::usage_of(
+            "src_dir",
+            "must be a directory of rank_<n>/ folders, not a file",
+        )
+        .in_file(&o.src_dir));
     }
     if !o.src_dir.is_dir() {
-        return Err(Error::invalid("no such directory").in_file(&o.src_dir));
+        return Err(Error::missing("no such directory").in_file(&o.src_dir));
     }
     if let Some((k, n)) = o.split_dst_file {
         if k == 0 || k > n {
-            return Err(Error::invalid(format!(
-                "--split-dst-file {k}/{n}: the machine number must be between 1 and the machine count"
-            )));
+            return Err(Error::usage_of(
+                "split_dst_file",
+                format!("{k}/{n}: the machine number must be between 1 and the machine count"),
+            ));
         }
     }
     if o.part_bytes == 0 {
-        return Err(Error::invalid("the part size must be positive"));
+        return Err(Error::usage_of("part_bytes", "must be positive"));
     }
     let files = tree::tree_safetensors(&o.src_dir, o.file_suffix.as_deref())?;
     let strategy = strategy::load(&o.src_strategy)?;
@@ -388,7 +390,7 @@ pub fn plan_unify(o: &UnifyOptions) -> Result<UnifyPlan> {
                 continue;
             };
             let t = by_name.get(name).ok_or_else(|| {
-                Error::invalid("the merge of the rank files does not produce it")
+                Error::Internal("the merge of the rank files does not produce it".into())
                     .in_tensor(name)
                     .in_file(path)
             })?;
@@ -406,7 +408,8 @@ pub fn plan_unify(o: &UnifyOptions) -> Result<UnifyPlan> {
     }
     let renamed: HashSet<&str> = names.iter().map(|n| n.1).collect();
     if renamed.len() != names.len() {
-        return Err(Error::invalid(
+        return Err(Error::usage_of(
+            "choice",
             "the renames give two parameters the same name",
         ));
     }
@@ -485,7 +488,7 @@ fn hyper_file(
     kept: &HashSet<&str>,
 ) -> Result<Option<FilePlan>> {
     let Some(source) = plan.sources.iter().position(|s| s.rank == 0) else {
-        return Err(Error::invalid("rank_0 has no .safetensors file").in_file(&o.src_dir));
+        return Err(Error::missing("rank_0 has no .safetensors file").in_file(&o.src_dir));
     };
     let entries = &sources
         .iter()
@@ -513,7 +516,7 @@ fn hyper_file(
             },
             EntryValue::MapTensor => {
                 return Err(
-                    Error::invalid("a map tensor cannot be stored in safetensors")
+                    Error::unsupported("a map tensor cannot be stored in safetensors")
                         .in_tensor(&e.name)
                         .in_file(&plan.sources[source].path),
                 )

@@ -34,7 +34,7 @@ use crate::plan::{Content, CopyStep, Plan};
 pub fn verify_outputs(plan: &Plan) -> Result<()> {
     for f in &plan.files {
         let m = Manifest::read(&f.path)?.ok_or_else(|| {
-            Error::invalid("has no manifest to verify against (was it written with --no-manifest?)")
+            Error::missing("has no manifest to verify against (was it written without one?)")
                 .in_file(&f.path)
         })?;
         m.check(&f.path)?;
@@ -43,7 +43,7 @@ pub fn verify_outputs(plan: &Plan) -> Result<()> {
             m.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
         for t in &f.tensors {
             let d = recorded.get(t.name.as_str()).ok_or_else(|| {
-                Error::invalid("planned but missing from the manifest")
+                Error::mismatch("planned but missing from the manifest")
                     .in_tensor(&t.name)
                     .in_file(&f.path)
             })?;
@@ -53,7 +53,7 @@ pub fn verify_outputs(plan: &Plan) -> Result<()> {
                 }
                 Content::Tensor { shape, .. } | Content::Merged { shape, .. } => {
                     if &d.shape != shape {
-                        return Err(Error::invalid(format!(
+                        return Err(Error::mismatch(format!(
                             "shape {:?}, planned {shape:?}",
                             d.shape
                         ))
@@ -69,14 +69,14 @@ pub fn verify_outputs(plan: &Plan) -> Result<()> {
             };
             if got != d.xxh3 {
                 return Err(
-                    Error::invalid("the bytes on disk differ from the bytes computed")
+                    Error::mismatch("the bytes on disk differ from the bytes computed")
                         .in_tensor(&t.name)
                         .in_file(&f.path),
                 );
             }
         }
         if recorded.len() != f.tensors.len() {
-            return Err(Error::invalid(format!(
+            return Err(Error::mismatch(format!(
                 "{} tensors recorded, {} planned",
                 recorded.len(),
                 f.tensors.len()
@@ -91,13 +91,13 @@ pub fn verify_outputs(plan: &Plan) -> Result<()> {
 pub fn check_manifests(dir: &Path) -> Result<Vec<PathBuf>> {
     if dir.is_file() {
         let m =
-            Manifest::read(dir)?.ok_or_else(|| Error::invalid("has no manifest").in_file(dir))?;
+            Manifest::read(dir)?.ok_or_else(|| Error::missing("has no manifest").in_file(dir))?;
         m.check(dir)?;
         return Ok(vec![dir.to_path_buf()]);
     }
     let checked = manifest::check_tree(dir)?;
     if checked.is_empty() {
-        return Err(Error::invalid("no file here has a manifest").in_file(dir));
+        return Err(Error::missing("no file here has a manifest").in_file(dir));
     }
     Ok(checked)
 }
@@ -183,7 +183,7 @@ fn logical_plan(side: &Side) -> Result<Plan> {
     let (format, files) = source_files(&side.path)?;
     if rank_count(&files) > 1 && side.strategy.is_none() {
         return Err(
-            Error::invalid("a rank_x tree needs its strategy to be compared").in_file(&side.path),
+            Error::usage_of("strategy", "needed to compare a rank_x tree").in_file(&side.path),
         );
     }
     let strategy = side.strategy.as_deref().map(strategy::load).transpose()?;

@@ -122,10 +122,12 @@ pub fn deduplicated(
             None => continue,
             Some("True") => true,
             Some("False") => false,
-            Some(other) => return Err(Error::bad_input(format!(
+            Some(other) => {
+                return Err(Error::bad_input(format!(
                 "remove_redundancy metadata is {other:?}; MindSpore writes \"True\" or \"False\""
             ))
-            .in_file(path)),
+                .in_file(path))
+            }
         };
         match flagged {
             Some((f, first)) if f != flag => {

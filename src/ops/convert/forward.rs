@@ -55,7 +55,7 @@ pub(super) fn prepare_forward(
         }
     }
     if mapped.tensors.is_empty() {
-        return Err(Error::invalid(format!(
+        return Err(Error::mismatch(format!(
             "no tensor of {} is a {} tensor",
             options.input.display(),
             family.name
@@ -75,8 +75,9 @@ pub(super) fn prepare_forward(
             let format = match options.output_format {
                 Some(f) => f,
                 None => FileFormat::of_path(&options.output).ok_or_else(|| {
-                    Error::invalid(
-                        "the output must end in .ckpt or .safetensors (or give --dst-strategy for rank_x/ shards)",
+                    Error::usage_of(
+                        "output",
+                        "must end in .ckpt or .safetensors (or give a destination strategy for rank_x/ shards)",
                     )
                     .in_file(&options.output)
                 })?,

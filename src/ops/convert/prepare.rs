@@ -42,11 +42,14 @@ pub(super) fn pick_variant<'a>(
             .find(|v| v.name == m.as_str())
             .ok_or_else(|| {
                 let names: Vec<&str> = family.variants.iter().map(|v| v.name).collect();
-                Error::invalid(format!(
-                    "--modal {m:?} is not a variant of --model {}; use one of {}",
-                    family.name,
-                    names.join(", ")
-                ))
+                Error::usage_of(
+                    "modal",
+                    format!(
+                        "{m:?} is not a variant of model {}; use one of {}",
+                        family.name,
+                        names.join(", ")
+                    ),
+                )
             });
     }
     if let Some(mt) = cfg.model_type() {
@@ -91,10 +94,13 @@ pub(super) fn load_config(
 pub(super) fn concat_of(table: &Table, family: &Family, options: &ConvertOptions) -> Result<bool> {
     match (table.concat, options.qkv_concat) {
         (Concat::Default(d), q) => Ok(q.unwrap_or(d)),
-        (Concat::None, Some(true)) => Err(Error::invalid(format!(
-            "--qkv-concat is not a switch of --model {}: its layout is fixed",
-            family.name
-        ))),
+        (Concat::None, Some(true)) => Err(Error::usage_of(
+            "qkv_concat",
+            format!(
+                "is not a switch of model {}: its layout is fixed",
+                family.name
+            ),
+        )),
         (Concat::None, _) => Ok(false),
     }
 }
@@ -133,10 +139,13 @@ pub(super) fn tensor_plans(
             Some(d) if srcs.iter().all(|&s| is_float(s)) => d,
             _ => {
                 if srcs.iter().any(|&s| s != src) {
-                    return Err(Error::invalid(format!(
-                        "the parts of {:?} have different dtypes {srcs:?}; pass --dtype",
-                        t.name
-                    )));
+                    return Err(Error::usage_of(
+                        "dtype",
+                        format!(
+                            "needed: the parts of {:?} have different dtypes {srcs:?}",
+                            t.name
+                        ),
+                    ));
                 }
                 src
             }

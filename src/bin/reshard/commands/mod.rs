@@ -81,6 +81,7 @@ fn rewrite(a: RewriteArgs) -> Result<()> {
             SplitMode::Bytes
         },
         name_map,
+        ..Default::default()
     };
     if a.src.is_dir() {
         return rewrite_tree(&a, options);
