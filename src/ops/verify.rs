@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::backend::{Backend, CpuBackend, Src};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::formats::ckpt::ReadOptions;
@@ -26,7 +25,7 @@ use crate::formats::strategy;
 use crate::formats::tree::{self, deduplicated, index_sources, rank_count, source_files};
 use crate::formats::{EntryValue, Source};
 use crate::plan::transform::{plan, TransformInput};
-use crate::plan::{Content, CopyStep, Plan};
+use crate::plan::{Content, CopyStep, FilePlan, Plan, TensorPlan};
 
 /// Re-reads every file of `plan` and checks it: the manifest matches the
 /// bytes, the file parses (CRC included), and its tensors are the planned
@@ -229,6 +228,7 @@ fn restrict(step: &CopyStep, lo: u64, hi: u64) -> Option<CopyStep> {
     })
 }
 
+/// The sources of a plan, opened when first read (string entries).
 struct Opened<'p> {
     plan: &'p Plan,
     sources: Vec<Option<Source>>,
@@ -244,25 +244,102 @@ impl Opened<'_> {
         }
         Ok(self.sources[i].as_ref().expect("just opened"))
     }
+}
 
-    /// Rows `lo..hi` of a full tensor, assembled from its steps.
-    fn block(&mut self, steps: &[CopyStep], row_bytes: u64, lo: u64, hi: u64) -> Result<Vec<u8>> {
-        let backend = CpuBackend::new(1);
-        let mut buf = backend.alloc(((hi - lo) * row_bytes) as usize)?;
-        for step in steps.iter().filter_map(|s| restrict(s, lo, hi)) {
-            let source = self.get(step.source)?;
-            let chunks = source.chunks(&step.tensor)?;
-            let joined;
-            let src: &[u8] = match chunks.as_slice() {
-                [one] => one,
-                many => {
-                    joined = many.concat();
-                    &joined
-                }
-            };
-            backend.box_copy(Src::Host(src), &mut buf, &step.copy)?;
+/// Rows `lo..hi` of one full tensor of both sides.
+struct Block<'p> {
+    name: &'p str,
+    dtype: DType,
+    shape: Vec<u64>,
+    lo: u64,
+    hi: u64,
+    steps: [Vec<CopyStep>; 2],
+}
+
+impl Block<'_> {
+    fn row_elems(&self) -> u64 {
+        self.shape.iter().skip(1).product()
+    }
+
+    /// The block's own shape (a scalar stays a scalar).
+    fn block_shape(&self) -> Vec<i64> {
+        let mut s: Vec<i64> = self.shape.iter().map(|&d| d as i64).collect();
+        if let Some(first) = s.first_mut() {
+            *first = (self.hi - self.lo) as i64;
         }
-        Ok(buf.bytes().to_vec())
+        s
+    }
+}
+
+/// Blocks of both sides, assembled by the executor (each side's plan,
+/// restricted to the blocks' rows, written to a scratch safetensors file
+/// and read back): verify reads through the one executor, never through a
+/// backend of its own.
+struct Assembled {
+    _dir: tempfile::TempDir,
+    files: [crate::formats::safetensors::SafetensorsFile; 2],
+}
+
+impl Assembled {
+    fn run(plans: [&Plan; 2], blocks: &[(usize, Block<'_>)]) -> Result<Assembled> {
+        let dir = tempfile::tempdir().map_err(Error::from)?;
+        let backend = crate::backend::BackendChoice::Cpu.open()?;
+        let mut files = Vec::with_capacity(2);
+        for (side, plan) in plans.into_iter().enumerate() {
+            let path = dir.path().join(format!("{side}.safetensors"));
+            let job = Plan {
+                sources: plan.sources.clone(),
+                files: vec![FilePlan {
+                    rank: 0,
+                    path: path.clone(),
+                    format: tree::FileFormat::Safetensors,
+                    tensors: blocks
+                        .iter()
+                        .enumerate()
+                        .map(|(k, (_, b))| TensorPlan {
+                            name: k.to_string(),
+                            content: Content::Tensor {
+                                dtype: b.dtype,
+                                shape: b.block_shape(),
+                                steps: b.steps[side].clone(),
+                            },
+                        })
+                        .collect(),
+                    metadata: None,
+                }],
+            };
+            crate::exec::execute(
+                &job,
+                &backend,
+                &crate::exec::ExecOptions {
+                    manifest: None,
+                    control: crate::exec::OutputControl {
+                        fsync: false,
+                        progress: None,
+                    },
+                    ..Default::default()
+                },
+            )?;
+            files.push(crate::formats::safetensors::SafetensorsFile::open(
+                &path, false,
+            )?);
+        }
+        let [a, b]: [_; 2] = files
+            .try_into()
+            .map_err(|_| Error::Internal("two sides assembled, not two files".into()))?;
+        Ok(Assembled {
+            _dir: dir,
+            files: [a, b],
+        })
+    }
+
+    /// Block `k` of side `side`.
+    fn bytes(&self, side: usize, k: usize) -> Result<&[u8]> {
+        let f = &self.files[side];
+        let e = f
+            .get(&k.to_string())
+            .ok_or_else(|| Error::Internal(format!("block {k} was not assembled")))?;
+        Ok(f.bytes(e))
     }
 }
 
@@ -291,6 +368,67 @@ fn unravel(mut i: u64, shape: &[u64]) -> Vec<u64> {
         i /= shape[d].max(1);
     }
     idx
+}
+
+/// Bytes of each side assembled at once.
+const BLOCK_BYTES: u64 = 64 << 20;
+
+/// A tensor's outcome, in name order.
+enum Slot {
+    /// Decided without comparing values.
+    Done(Option<Difference>),
+    /// Values compared block by block: the first difference and how many.
+    Values {
+        name: String,
+        first: Option<(Vec<u64>, String, String)>,
+        count: u64,
+    },
+}
+
+/// Assembles a batch of blocks on both sides and compares them element by
+/// element; returns the bytes compared (each side).
+fn compare_batch(
+    pa: &Plan,
+    pb: &Plan,
+    batch: &[(usize, Block<'_>)],
+    slots: &mut [Slot],
+    tol: Tolerance,
+) -> Result<u64> {
+    let assembled = Assembled::run([pa, pb], batch)?;
+    let mut bytes = 0;
+    for (k, (slot, block)) in batch.iter().enumerate() {
+        let (ba, bb) = (assembled.bytes(0, k)?, assembled.bytes(1, k)?);
+        bytes += ba.len() as u64;
+        if ba == bb {
+            continue;
+        }
+        let Slot::Values { first, count, .. } = &mut slots[*slot] else {
+            return Err(Error::Internal(format!(
+                "{:?} has values but no value slot",
+                block.name
+            )));
+        };
+        let da = block.dtype;
+        let es = da.size();
+        for (i, (x, y)) in ba.chunks_exact(es).zip(bb.chunks_exact(es)).enumerate() {
+            let same = x == y
+                || ((tol.rtol > 0.0 || tol.atol > 0.0)
+                    && matches!((element(da, x), element(da, y)), (Some(p), Some(q)) if (p - q).abs() <= tol.atol + tol.rtol * q.abs()));
+            if !same {
+                *count += 1;
+                if first.is_none() {
+                    let flat = block.lo * block.row_elems() + i as u64;
+                    let show = |v: &[u8]| {
+                        element(da, v)
+                            .map(|f| f.to_string())
+                            .unwrap_or_else(|| format!("{v:02x?}"))
+                    };
+                    *first = Some((unravel(flat, &block.shape), show(x), show(y)));
+                }
+            }
+        }
+    }
+    Ok(bytes)
 }
 
 /// Compares two checkpoints tensor by tensor. Memory stays near one block
@@ -331,6 +469,11 @@ pub fn compare(a: &Side, b: &Side, tol: Tolerance) -> Result<Comparison> {
             sources: pb.sources.iter().map(|_| None).collect(),
         },
     );
+    // Differences in name order; a tensor's values are compared once the
+    // batch holding its last block has been assembled.
+    let mut slots: Vec<Slot> = Vec::new();
+    let mut batch: Vec<(usize, Block)> = Vec::new();
+    let mut batch_bytes = 0u64;
     let (mut tensors, mut bytes) = (0usize, 0u64);
     for (name, ca) in &ta {
         let Some(cb) = tb.get(name) else { continue };
@@ -347,15 +490,13 @@ pub fn compare(a: &Side, b: &Side, tol: Tolerance) -> Result<Comparison> {
                 },
             ) => {
                 let (va, vb) = (oa.get(*sa)?.string(na)?, ob.get(*sb)?.string(nb)?);
-                if va != vb {
-                    differences.push(Difference::Value {
-                        name: name.to_string(),
-                        index: vec![],
-                        a: va,
-                        b: vb,
-                        count: 1,
-                    });
-                }
+                slots.push(Slot::Done((va != vb).then(|| Difference::Value {
+                    name: name.to_string(),
+                    index: vec![],
+                    a: va,
+                    b: vb,
+                    count: 1,
+                })));
             }
             (
                 Content::Tensor {
@@ -370,74 +511,82 @@ pub fn compare(a: &Side, b: &Side, tol: Tolerance) -> Result<Comparison> {
                 },
             ) => {
                 if da != db || sa != sb {
-                    differences.push(Difference::Layout {
+                    slots.push(Slot::Done(Some(Difference::Layout {
                         name: name.to_string(),
                         a: format!("{da} {sa:?}"),
                         b: format!("{db} {sb:?}"),
-                    });
+                    })));
                     continue;
                 }
                 let shape: Vec<u64> = sa.iter().map(|&d| d as u64).collect();
+                let slot = slots.len();
+                slots.push(Slot::Values {
+                    name: name.to_string(),
+                    first: None,
+                    count: 0,
+                });
+                if shape.iter().product::<u64>() == 0 && !shape.is_empty() {
+                    continue; // no element to compare
+                }
                 let rows = shape.first().copied().unwrap_or(1);
-                let row_elems: u64 = shape.iter().skip(1).product();
-                let row_bytes = row_elems * da.size() as u64;
-                let per_block = ((64u64 << 20) / row_bytes.max(1)).max(1);
-                let (mut first, mut count) = (None, 0u64);
+                let row_bytes = shape.iter().skip(1).product::<u64>() * da.size() as u64;
+                let per_block = (BLOCK_BYTES / row_bytes.max(1)).max(1);
                 let mut lo = 0;
-                while lo < rows.max(1) {
-                    let hi = (lo + per_block).min(rows.max(1));
-                    let (ba, bb) = if shape.is_empty() {
-                        (
-                            oa.block(xa, da.size() as u64, 0, 1)?,
-                            ob.block(xb, da.size() as u64, 0, 1)?,
-                        )
-                    } else {
-                        (
-                            oa.block(xa, row_bytes, lo, hi)?,
-                            ob.block(xb, row_bytes, lo, hi)?,
-                        )
-                    };
-                    bytes += ba.len() as u64;
-                    if ba != bb {
-                        let es = da.size();
-                        for (i, (x, y)) in ba.chunks_exact(es).zip(bb.chunks_exact(es)).enumerate()
-                        {
-                            let same = x == y
-                                || ((tol.rtol > 0.0 || tol.atol > 0.0)
-                                    && matches!((element(*da, x), element(*da, y)), (Some(p), Some(q)) if (p - q).abs() <= tol.atol + tol.rtol * q.abs()));
-                            if !same {
-                                count += 1;
-                                if first.is_none() {
-                                    let flat = lo * row_elems + i as u64;
-                                    let show = |v: &[u8]| {
-                                        element(*da, v)
-                                            .map(|f| f.to_string())
-                                            .unwrap_or_else(|| format!("{v:02x?}"))
-                                    };
-                                    first = Some((unravel(flat, &shape), show(x), show(y)));
-                                }
-                            }
+                while lo < rows {
+                    let hi = (lo + per_block).min(rows);
+                    let restricted = |steps: &[CopyStep]| -> Vec<CopyStep> {
+                        if shape.is_empty() {
+                            steps.to_vec()
+                        } else {
+                            steps.iter().filter_map(|s| restrict(s, lo, hi)).collect()
                         }
+                    };
+                    let block_bytes = (hi - lo) * row_bytes.max(da.size() as u64);
+                    if batch_bytes + block_bytes > BLOCK_BYTES && !batch.is_empty() {
+                        bytes += compare_batch(&pa, &pb, &batch, &mut slots, tol)?;
+                        batch.clear();
+                        batch_bytes = 0;
                     }
+                    batch.push((
+                        slot,
+                        Block {
+                            name,
+                            dtype: *da,
+                            shape: shape.clone(),
+                            lo,
+                            hi,
+                            steps: [restricted(xa), restricted(xb)],
+                        },
+                    ));
+                    batch_bytes += block_bytes;
                     lo = hi;
                 }
-                if let Some((index, a, b)) = first {
-                    differences.push(Difference::Value {
-                        name: name.to_string(),
-                        index,
-                        a,
-                        b,
-                        count,
-                    });
-                }
             }
-            _ => differences.push(Difference::Layout {
+            _ => slots.push(Slot::Done(Some(Difference::Layout {
                 name: name.to_string(),
                 a: "string or tensor".into(),
                 b: "the other".into(),
-            }),
+            }))),
         }
     }
+    if !batch.is_empty() {
+        bytes += compare_batch(&pa, &pb, &batch, &mut slots, tol)?;
+    }
+    differences.extend(slots.into_iter().filter_map(|s| match s {
+        Slot::Done(d) => d,
+        Slot::Values {
+            first: Some((index, a, b)),
+            name,
+            count,
+        } => Some(Difference::Value {
+            name,
+            index,
+            a,
+            b,
+            count,
+        }),
+        Slot::Values { first: None, .. } => None,
+    }));
     Ok(Comparison {
         tensors,
         bytes,
