@@ -581,4 +581,65 @@ mod tests {
         assert!(e.contains("m.ckpt") && e.contains("\"a.w\""), "{e}");
         assert!(!bad.exists());
     }
+
+    #[test]
+    fn the_planned_path_writes_what_the_format_writers_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("m.ckpt");
+        small_ckpt(&src);
+        for ext in ["ckpt", "safetensors"] {
+            let planned = dir.path().join(format!("p.{ext}"));
+            let progress = crate::exec::Progress::new();
+            let o = RewriteOptions {
+                manifest: true,
+                verify: true,
+                control: OutputControl {
+                    fsync: false,
+                    progress: Some(progress.clone()),
+                },
+                ..Default::default()
+            };
+            let r = rewrite(&src, &planned, &o).unwrap();
+            assert_eq!((r.entries, r.bytes), (3, 12));
+            assert_eq!(progress.bytes(), 12);
+            assert!(crate::formats::manifest::manifest_path(&planned).is_file());
+            // Row-cut records (the same as byte-cut ones below 512 MiB)
+            // take the format writers' path.
+            let streamed = dir.path().join(format!("s.{ext}"));
+            let o = RewriteOptions {
+                split: SplitMode::Rows,
+                ..Default::default()
+            };
+            rewrite(&src, &streamed, &o).unwrap();
+            assert_eq!(
+                std::fs::read(&planned).unwrap(),
+                std::fs::read(&streamed).unwrap(),
+                "{ext}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_tree_rewrite_refuses_existing_outputs_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        for r in 0..2 {
+            std::fs::create_dir_all(dir.path().join(format!("src/rank_{r}"))).unwrap();
+            small_ckpt(&dir.path().join(format!("src/rank_{r}/c{r}.ckpt")));
+        }
+        let dst = dir.path().join("dst");
+        std::fs::create_dir_all(dst.join("rank_1")).unwrap();
+        std::fs::write(dst.join("rank_1/c1.safetensors"), b"keep").unwrap();
+        let o = TreeRewriteOptions {
+            to: FileFormat::Safetensors,
+            file_name_regex: None,
+            file: RewriteOptions::default(),
+        };
+        let e = rewrite_tree(&dir.path().join("src"), &dst, &o).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Destination, "{e}");
+        assert!(!dst.join("rank_0/c0.safetensors").exists());
+        assert_eq!(
+            std::fs::read(dst.join("rank_1/c1.safetensors")).unwrap(),
+            b"keep"
+        );
+    }
 }
