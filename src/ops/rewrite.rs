@@ -30,7 +30,7 @@ use crate::formats::safetensors::{
 use crate::formats::tree::FileFormat;
 use crate::formats::{EntryValue, Source};
 use crate::ops::inspect::{detect, Detected};
-use crate::ops::write::{write_job, DestinationCheck, Job, WriteSettings};
+use crate::ops::write::{refuse_existing, write_job, DestinationCheck, Job, WriteSettings};
 use crate::plan::{Content, CopyStep, FilePlan, Plan, SourceFile, TensorPlan};
 
 /// Options of [`rewrite`].
@@ -515,12 +515,7 @@ pub fn rewrite_tree(
         write(&plan, &options.file, Some(dst), DestinationCheck::Absent)?;
         return Ok(done);
     }
-    if let Some((_, out)) = tasks.iter().find(|(_, out)| out.exists()) {
-        return Err(Error::DestinationNotEmpty {
-            entry: out.clone(),
-            hint: "it already exists; remove it or write elsewhere",
-        });
-    }
+    refuse_existing(tasks.iter().map(|(_, out)| out.as_path()))?;
     let mut done = Vec::new();
     for (input, output) in &tasks {
         match rewrite_encoded(input, output, &options.file) {

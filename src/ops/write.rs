@@ -216,28 +216,22 @@ fn check_destination(plan: &Plan, s: &WriteSettings<'_>, job: &Job) -> Result<()
                 );
             }
         }
-        DestinationCheck::Absent => {
-            for f in &plan.files {
-                if f.path.exists() {
-                    return refuse(
-                        f.path.clone(),
-                        "it already exists; remove it or write elsewhere",
-                    );
-                }
-            }
-        }
+        DestinationCheck::Absent => refuse_existing(plan.files.iter().map(|f| f.path.as_path()))?,
         DestinationCheck::Replace => return Ok(()),
     }
     // The job's other files are never replaced either.
-    for e in &job.extra {
-        if e.path.exists() {
-            return refuse(
-                e.path.clone(),
-                "it already exists; remove it or write elsewhere",
-            );
-        }
+    refuse_existing(job.extra.iter().map(|e| e.path.as_path()))
+}
+
+/// Refuses the first of `outputs` that exists.
+pub(crate) fn refuse_existing<'a>(outputs: impl IntoIterator<Item = &'a Path>) -> Result<()> {
+    match outputs.into_iter().find(|p| p.exists()) {
+        Some(p) => Err(Error::DestinationNotEmpty {
+            entry: p.to_path_buf(),
+            hint: "it already exists; remove it or write elsewhere",
+        }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Writes a planned job: refuses outputs that would mix with files already
@@ -310,8 +304,18 @@ fn write_extra(extra: &ExtraFile, fsync: bool) -> Result<()> {
     match &extra.content {
         ExtraContent::Bytes(b) => f.write_all(b)?,
         ExtraContent::Copy(from) => {
-            let bytes = std::fs::read(from).map_err(|e| Error::from(e).in_file(from))?;
-            f.write_all(&bytes)?;
+            use std::io::Read;
+            let mut input = std::fs::File::open(from).map_err(|e| Error::from(e).in_file(from))?;
+            let mut buf = vec![0u8; 8 << 20];
+            loop {
+                let n = input
+                    .read(&mut buf)
+                    .map_err(|e| Error::from(e).in_file(from))?;
+                if n == 0 {
+                    break;
+                }
+                f.write_all(&buf[..n])?;
+            }
         }
     }
     if fsync {
