@@ -400,3 +400,42 @@ fn transform_to_checkpoint2(options: &TransformOptions, iteration: u64) -> Resul
         warnings: Vec::new(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    #[test]
+    fn usage_errors_name_the_setting_not_a_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("m.ckpt");
+        let mut w = crate::formats::ckpt::CkptWriter::create(&src, Default::default()).unwrap();
+        w.write_tensor("w", crate::dtype::DType::F32, &[1], &[0u8; 4])
+            .unwrap();
+        w.finish().unwrap();
+        let out = dir.path().join("out");
+        let e = transform(&TransformOptions::new(&src, &out, None, None)).unwrap_err();
+        assert_eq!(
+            (e.kind(), e.option()),
+            (ErrorKind::Usage, Some("dst_strategy"))
+        );
+        assert!(!e.to_string().contains("--"), "{e}");
+        let mut o = TransformOptions::new(&src, &out, None, None);
+        o.checkpoint2_iteration = Some(1);
+        let e = transform(&o).unwrap_err();
+        assert_eq!(
+            (e.kind(), e.option()),
+            (ErrorKind::Usage, Some("dst_strategy"))
+        );
+        let e = transform(&TransformOptions::new(
+            dir.path().join("nothing.ckpt"),
+            &out,
+            None,
+            None,
+        ))
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Missing, "{e}");
+        assert!(!out.exists());
+    }
+}

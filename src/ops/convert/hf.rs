@@ -360,8 +360,11 @@ mod tests {
         assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
         assert_eq!(parse_size("100").unwrap(), 100);
         assert_eq!(parse_size("1.5MB").unwrap(), 1_500_000);
-        assert!(parse_size("5 parsecs").is_err());
-        assert!(parse_size("0").is_err());
+        for bad in ["5 parsecs", "0", "five"] {
+            let e = parse_size(bad).unwrap_err();
+            assert_eq!(e.kind(), crate::error::ErrorKind::Usage, "{e}");
+            assert_eq!(e.option(), Some("max_shard_size"), "{e}");
+        }
     }
 
     #[test]

@@ -299,3 +299,25 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertReport> {
     p.report.executed = Some(executed);
     Ok(p.report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    #[test]
+    fn usage_errors_name_the_setting_not_a_flag() {
+        let e = plan_convert(&ConvertOptions::new("no-such-family", "in", "out.ckpt")).unwrap_err();
+        assert_eq!((e.kind(), e.option()), (ErrorKind::Usage, Some("model")));
+        assert!(e.to_string().contains("supported: llama"), "{e}");
+        let mut o = ConvertOptions::new("llama", "in", "out");
+        o.reversed = true;
+        o.dst_strategy = Some("s.ckpt".into());
+        let e = plan_convert(&o).unwrap_err();
+        assert_eq!(
+            (e.kind(), e.option()),
+            (ErrorKind::Usage, Some("dst_strategy"))
+        );
+        assert!(!e.to_string().contains("--"), "{e}");
+    }
+}
