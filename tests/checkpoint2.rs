@@ -165,13 +165,18 @@ fn impossible_checkpoint2_outputs_are_refused() {
     let f = fixture();
     let out = f.root.join("o");
     let attempt = |o: TransformOptions| transform(&o).unwrap_err().to_string();
+    let usage = |o: TransformOptions| {
+        let e = transform(&o).unwrap_err();
+        assert_eq!(e.kind(), reshard::error::ErrorKind::Usage, "{e}");
+        e.option()
+    };
     let mut o = TransformOptions::new(&f.model, &out, None, None);
     o.checkpoint2_iteration = Some(1);
-    assert!(attempt(o).contains("needs --dst-strategy"));
+    assert_eq!(usage(o), Some("dst_strategy"));
     let mut o = TransformOptions::new(&f.model, &out, None, Some(f.strategy.clone()));
     o.checkpoint2_iteration = Some(1);
     o.ranks = Some(vec![0]);
-    assert!(attempt(o).contains("--rank-id"));
+    assert_eq!(usage(o), Some("ranks"));
     let opt = strategies(&f.model, &f.root.join("opt"), 2, 2, 1, 2);
     let mut o = TransformOptions::new(&f.model, &out, None, Some(opt));
     o.checkpoint2_iteration = Some(1);

@@ -1940,8 +1940,9 @@ fn half_written_output_leaves_nothing_behind() {
     std::fs::write(back.join("keep.txt"), b"x").unwrap();
     let mut o = ConvertOptions::new("qwen", &ckpt, &back);
     o.reversed = true;
-    let e = err_of(&o);
-    assert!(e.contains("keep.txt"), "{e}");
+    let e = convert(&o).unwrap_err();
+    assert_eq!(e.kind(), reshard::ErrorKind::Destination, "{e}");
+    assert!(e.to_string().contains("keep.txt"), "{e}");
 }
 
 #[test]

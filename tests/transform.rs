@@ -314,9 +314,9 @@ fn output_directory_with_files_is_refused() {
     let out = dir.path().join("out");
     std::fs::create_dir_all(out.join("rank_0")).unwrap();
     std::fs::write(out.join("rank_0/old.ckpt"), b"keep me").unwrap();
-    let e = transform(&options(&dir.path().join("src"), &out, Some(&s), None))
-        .unwrap_err()
-        .to_string();
+    let e = transform(&options(&dir.path().join("src"), &out, Some(&s), None)).unwrap_err();
+    assert_eq!(e.kind(), reshard::ErrorKind::Destination, "{e}");
+    let e = e.to_string();
     assert!(e.contains("already holds") && e.contains("old.ckpt"), "{e}");
     assert_eq!(
         std::fs::read(out.join("rank_0/old.ckpt")).unwrap(),

@@ -289,9 +289,9 @@ fn existing_outputs_are_not_overwritten() {
     let unified = f.dir.path().join("unified");
     std::fs::create_dir(&unified).unwrap();
     std::fs::write(unified.join("param_name_map.json"), b"{}").unwrap();
-    let e = unify(&UnifyOptions::new(&f.ranks, &f.strategy, &unified))
-        .expect_err("should refuse")
-        .to_string();
+    let e = unify(&UnifyOptions::new(&f.ranks, &f.strategy, &unified)).expect_err("should refuse");
+    assert_eq!(e.kind(), reshard::ErrorKind::Destination, "{e}");
+    let e = e.to_string();
     assert!(
         e.contains("param_name_map.json") && e.contains("already exists"),
         "{e}"

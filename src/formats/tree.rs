@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result, ResultExt};
 
+mod index;
+pub use index::{deduplicated, index_entries, index_sources, rank_count, source_files};
+
 /// Checkpoint file format, by extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileFormat {
@@ -87,7 +90,7 @@ pub fn pick_checkpoint(rank_dir: &Path, format: FileFormat) -> Result<Option<Pat
 pub fn tree_checkpoints(dir: &Path) -> Result<(FileFormat, Vec<(usize, PathBuf)>)> {
     let ranks = rank_dirs(dir)?;
     if ranks.is_empty() {
-        return Err(Error::invalid("no rank_<n> directories").in_file(dir));
+        return Err(Error::missing("no rank_<n> directories").in_file(dir));
     }
     // `rank_01` and `rank_1` both read as rank 1 (issue 19 item 13).
     for pair in ranks.windows(2) {
@@ -98,7 +101,7 @@ pub fn tree_checkpoints(dir: &Path) -> Result<(FileFormat, Vec<(usize, PathBuf)>
                     .to_string_lossy()
                     .into_owned()
             };
-            return Err(Error::invalid(format!(
+            return Err(Error::bad_input(format!(
                 "{} and {} both name rank {}; remove one",
                 name(&pair[0].1),
                 name(&pair[1].1),
@@ -124,11 +127,11 @@ pub fn tree_checkpoints(dir: &Path) -> Result<(FileFormat, Vec<(usize, PathBuf)>
         (true, false) => (FileFormat::Safetensors, st),
         (true, true) => {
             return Err(
-                Error::invalid("rank directories hold no .ckpt or .safetensors file").in_file(dir),
+                Error::missing("rank directories hold no .ckpt or .safetensors file").in_file(dir),
             )
         }
         (false, false) => {
-            return Err(Error::invalid(format!(
+            return Err(Error::bad_input(format!(
                 "rank directories mix .ckpt and .safetensors files ({} and {}); keep one format",
                 ckpt[0].1.display(),
                 st[0].1.display()
@@ -147,7 +150,7 @@ pub fn tree_checkpoints(dir: &Path) -> Result<(FileFormat, Vec<(usize, PathBuf)>
                     .into_owned()
             })
             .collect();
-        return Err(Error::invalid(format!(
+        return Err(Error::missing(format!(
             "no .{} file in {}",
             format.extension(),
             missing.join(", ")
@@ -250,19 +253,25 @@ pub fn pick_safetensors(rank_dir: &Path, suffix: Option<&str>) -> Result<Option<
     };
     match files.len() {
         0 => {
-            return Err(Error::invalid(format!(
-                "no *{suffix}.safetensors file; set the file suffix to the longest common suffix of the files"
-            ))
+            return Err(Error::usage_of(
+                "file_suffix",
+                format!(
+                    "no *{suffix}.safetensors file; give the longest common suffix of the files"
+                ),
+            )
             .in_file(rank_dir))
         }
         1 => return Ok(files.pop()),
         _ => {}
     }
     let (ending, not_ending) = suffix_rule(suffix).ok_or_else(|| {
-        Error::invalid(format!(
-            "several *{suffix}.safetensors files and the suffix has none of the forms _T-E_S, -E_S or _S; \
-             cannot tell which is meant"
-        ))
+        Error::usage_of(
+            "file_suffix",
+            format!(
+                "several *{suffix}.safetensors files and the suffix has none of the forms _T-E_S, \
+                 -E_S or _S; cannot tell which is meant"
+            ),
+        )
         .in_file(rank_dir)
     })?;
     let name = |p: &PathBuf| {
@@ -288,11 +297,18 @@ pub fn pick_safetensors(rank_dir: &Path, suffix: Option<&str>) -> Result<Option<
         .collect();
     match best.as_slice() {
         [one] => Ok(Some((**one).clone())),
-        _ => Err(Error::invalid(format!(
-            "{} files end with {ending:?}{}; set the file suffix to the longest common suffix of the files",
-            best.len(),
-            if best.is_empty() { "" } else { " and are equally short" }
-        ))
+        _ => Err(Error::usage_of(
+            "file_suffix",
+            format!(
+                "{} files end with {ending:?}{}; give the longest common suffix of the files",
+                best.len(),
+                if best.is_empty() {
+                    ""
+                } else {
+                    " and are equally short"
+                }
+            ),
+        )
         .in_file(rank_dir)),
     }
 }
@@ -304,7 +320,7 @@ pub fn pick_safetensors(rank_dir: &Path, suffix: Option<&str>) -> Result<Option<
 pub fn tree_safetensors(dir: &Path, suffix: Option<&str>) -> Result<Vec<(usize, PathBuf)>> {
     let ranks = rank_dirs(dir)?;
     if ranks.is_empty() {
-        return Err(Error::invalid("no rank_<n> directories").in_file(dir));
+        return Err(Error::missing("no rank_<n> directories").in_file(dir));
     }
     let mut out = Vec::new();
     let mut ckpt = None;
@@ -317,7 +333,7 @@ pub fn tree_safetensors(dir: &Path, suffix: Option<&str>) -> Result<Vec<(usize, 
         }
     }
     if let (Some(c), Some((_, s))) = (&ckpt, out.first()) {
-        return Err(Error::invalid(format!(
+        return Err(Error::bad_input(format!(
             "the source mixes .ckpt and .safetensors files ({} and {}); keep one format",
             c.display(),
             s.display()
@@ -325,7 +341,7 @@ pub fn tree_safetensors(dir: &Path, suffix: Option<&str>) -> Result<Vec<(usize, 
         .in_file(dir));
     }
     if out.is_empty() {
-        return Err(Error::invalid("the rank directories hold no .safetensors file").in_file(dir));
+        return Err(Error::missing("the rank directories hold no .safetensors file").in_file(dir));
     }
     Ok(out)
 }
@@ -382,19 +398,19 @@ pub struct CompleteDir {
 fn read_weight_map(map_file: &Path) -> Result<Vec<(String, String)>> {
     let bytes = std::fs::read(map_file).in_file(map_file)?;
     let v: serde_json::Value = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::invalid(format!("not valid JSON: {e}")).in_file(map_file))?;
+        .map_err(|e| Error::bad_input(format!("not valid JSON: {e}")).in_file(map_file))?;
     let obj = v
         .get("weight_map")
         .unwrap_or(&v)
         .as_object()
-        .ok_or_else(|| Error::invalid("the name map is not a JSON object").in_file(map_file))?;
+        .ok_or_else(|| Error::bad_input("the name map is not a JSON object").in_file(map_file))?;
     obj.iter()
         .map(|(k, v)| {
             v.as_str()
                 .filter(|f| !f.is_empty() && !f.contains(['/', '\\']) && *f != "..")
                 .map(|f| (k.clone(), f.to_string()))
                 .ok_or_else(|| {
-                    Error::invalid(format!(
+                    Error::bad_input(format!(
                         "the entry of {k:?} is not a file name in this directory"
                     ))
                     .in_file(map_file)
@@ -447,7 +463,7 @@ pub fn complete_dir(dir: &Path) -> Result<Option<CompleteDir>> {
         let path = dir.join(&file);
         if !files.contains(&path) {
             if !path.is_file() {
-                return Err(Error::invalid(format!(
+                return Err(Error::missing(format!(
                     "{} maps tensor {name:?} to {file}, which is not there",
                     map_file.file_name().unwrap_or_default().to_string_lossy()
                 ))
@@ -463,7 +479,7 @@ pub fn complete_dir(dir: &Path) -> Result<Option<CompleteDir>> {
         }
     }
     if files.is_empty() {
-        return Err(Error::invalid("the name map lists no tensor").in_file(&map_file));
+        return Err(Error::bad_input("the name map lists no tensor").in_file(&map_file));
     }
     Ok(Some(CompleteDir {
         kind,

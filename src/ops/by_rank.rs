@@ -14,10 +14,10 @@ use crate::error::{Error, Result};
 use crate::exec;
 use crate::formats::ckpt::ReadOptions;
 use crate::formats::strategy;
-use crate::formats::tree::FileFormat;
+use crate::formats::tree::{index_entries, FileFormat};
+use crate::ops::transform::TransformReport;
+use crate::ops::write::{write_job, DestinationCheck, Job, WriteSettings};
 use crate::plan::transform::{needed_sources, plan, source_rank_count, TransformInput};
-
-use super::transform::{exec_options, index_entries, TransformReport};
 
 /// Options of [`transform_by_rank`].
 #[derive(Debug, Clone)]
@@ -59,29 +59,34 @@ pub fn rank_list_for_transform(
 /// Writes destination rank `o.rank` into `o.output`.
 pub fn transform_by_rank(o: &ByRankOptions) -> Result<TransformReport> {
     let format = FileFormat::of_path(&o.output).ok_or_else(|| {
-        Error::invalid("the output file must end in .ckpt or .safetensors").in_file(&o.output)
+        Error::usage_of("output", "must end in .ckpt or .safetensors").in_file(&o.output)
     })?;
     let src = o.src_strategy.as_deref().map(strategy::load).transpose()?;
     let dst = o.dst_strategy.as_deref().map(strategy::load).transpose()?;
     if src.is_none() && dst.is_none() {
-        return Err(Error::invalid(
-            "give a source strategy, a destination strategy or both: without either there is nothing to transform",
+        return Err(Error::usage_of(
+            "dst_strategy",
+            "give a source strategy, a destination strategy or both: without either there is \
+             nothing to transform",
         ));
     }
     let needed = needed_sources(src.as_ref(), dst.as_ref(), &[o.rank])?
         .remove(&o.rank)
         .unwrap_or_default();
     if let Some(missing) = needed.iter().find(|r| !o.files.contains_key(r)) {
-        return Err(Error::invalid(format!(
+        return Err(Error::missing(format!(
             "destination rank {} needs source rank {missing} (it needs {needed:?}), which the checkpoint file map does not name",
             o.rank
         )));
     }
     let described = source_rank_count(src.as_ref())?;
     if let Some(bad) = o.files.keys().find(|&&r| r >= described) {
-        return Err(Error::invalid(format!(
-            "the checkpoint file map names source rank {bad}, but the source strategy describes {described} rank(s)"
-        )));
+        return Err(Error::usage_of(
+            "files",
+            format!(
+                "names source rank {bad}, but the source strategy describes {described} rank(s)"
+            ),
+        ));
     }
     // The planner takes every source rank the strategy describes; the ones
     // this destination rank does not read are never opened, so they are
@@ -90,7 +95,7 @@ pub fn transform_by_rank(o: &ByRankOptions) -> Result<TransformReport> {
     let mut indexed: BTreeMap<usize, (PathBuf, Vec<crate::formats::SourceEntry>)> = BTreeMap::new();
     for (&r, path) in &o.files {
         if !path.is_file() {
-            return Err(Error::invalid(format!(
+            return Err(Error::missing(format!(
                 "the checkpoint file of source rank {r} does not exist"
             ))
             .in_file(path));
@@ -101,7 +106,7 @@ pub fn transform_by_rank(o: &ByRankOptions) -> Result<TransformReport> {
         .first()
         .or_else(|| o.files.keys().next())
         .copied()
-        .ok_or_else(|| Error::invalid("the checkpoint file map is empty"))?;
+        .ok_or_else(|| Error::usage_of("files", "the checkpoint file map is empty"))?;
     let sources = (0..described)
         .map(|r| {
             let (p, e) = indexed.get(&r).unwrap_or(&indexed[&stand_in]);
@@ -131,7 +136,7 @@ pub fn transform_by_rank(o: &ByRankOptions) -> Result<TransformReport> {
         for s in f.sources() {
             let r = planned.sources[s].rank;
             if !o.files.contains_key(&r) {
-                return Err(Error::invalid(format!(
+                return Err(Error::missing(format!(
                     "destination rank {} reads source rank {r}, which the checkpoint file map does not name",
                     o.rank
                 )));
@@ -140,16 +145,29 @@ pub fn transform_by_rank(o: &ByRankOptions) -> Result<TransformReport> {
         f.path = o.output.clone();
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::from(e).in_file(dir))?;
-    let backend = crate::backend::BackendChoice::Cpu.open()?;
-    let report = exec::execute(
+    let (report, backend) = write_job(
         &planned,
-        &backend,
-        &exec_options(o.workers, &o.read, o.manifest, false, &o.control),
+        &WriteSettings {
+            workers: o.workers,
+            read: &o.read,
+            manifest: o.manifest,
+            resume: false,
+            verify: false,
+            backend: crate::backend::BackendChoice::Cpu,
+            control: &o.control,
+            dst_flag: "output",
+            destination: None,
+            ranks: None,
+        },
+        &Job {
+            check: DestinationCheck::Replace,
+            ..Job::default()
+        },
     )?;
     Ok(TransformReport {
         plan: planned.summary(o.workers),
         executed: Some(report),
-        backend: backend.describe(),
+        backend,
         warnings: Vec::new(),
     })
 }

@@ -41,7 +41,7 @@ pub(crate) fn assemble(ck: &Checkpoint2) -> Result<(Vec<SourceFile>, Vec<TensorP
     let mut index: HashMap<PathBuf, (usize, HashMap<String, SourceEntry>)> = HashMap::new();
     let mut sources = Vec::with_capacity(files.len());
     for (i, (rank, path)) in files.into_iter().enumerate() {
-        let entries = crate::ops::transform::index_entries(&path, &Default::default())?;
+        let entries = crate::formats::tree::index_entries(&path, &Default::default())?;
         let by_name = entries.into_iter().map(|e| (e.name.clone(), e)).collect();
         index.insert(path.clone(), (i, by_name));
         sources.push(SourceFile { rank, path });
@@ -53,7 +53,7 @@ pub(crate) fn assemble(ck: &Checkpoint2) -> Result<(Vec<SourceFile>, Vec<TensorP
         let mut steps = Vec::with_capacity(p.shards.len());
         for s in &p.shards {
             let (source, entries) = &index[&s.file];
-            let err = |msg: String| Error::invalid(msg).in_tensor(&p.name).in_file(&s.file);
+            let err = |msg: String| Error::bad_input(msg).in_tensor(&p.name).in_file(&s.file);
             let e = entries.get(&p.name).ok_or_else(|| {
                 err(format!(
                     "metadata.json says shard {} is here, but the file has no such tensor",
@@ -92,7 +92,7 @@ pub(crate) fn assemble(ck: &Checkpoint2) -> Result<(Vec<SourceFile>, Vec<TensorP
             });
         }
         let dtype = dtype
-            .ok_or_else(|| Error::invalid("metadata.json lists no shard").in_tensor(&p.name))?;
+            .ok_or_else(|| Error::bad_input("metadata.json lists no shard").in_tensor(&p.name))?;
         tensors.push(TensorPlan {
             name: p.name.clone(),
             content: Content::Tensor {
@@ -123,9 +123,9 @@ pub(crate) fn plan(src: &Path, t: &Target<'_>) -> Result<Plan> {
         .collect();
     let Some(dst) = t.dst else {
         if t.remove_redundancy {
-            return Err(Error::invalid(
-                "--remove-redundancy needs a destination strategy: a single full checkpoint has \
-                 no redundant copies",
+            return Err(Error::usage_of(
+                "remove_redundancy",
+                "needs a destination strategy: a single full checkpoint has no redundant copies",
             ));
         }
         let path = t

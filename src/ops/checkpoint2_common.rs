@@ -105,7 +105,7 @@ fn counter(per_rank: &Plan, name: &str) -> Result<Option<Num>> {
         .map_err(|e| e.in_tensor(name))?
         .concat();
     decode(*dtype, &bytes).map(Some).ok_or_else(|| {
-        Error::invalid(format!(
+        Error::unsupported(format!(
             "{dtype} cannot be a training counter in common.json"
         ))
         .in_tensor(name)

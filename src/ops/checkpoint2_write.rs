@@ -67,7 +67,7 @@ pub(crate) fn balanced(
 ) -> Result<Checkpoint2Job> {
     let table = dst.layout_table(None)?;
     if table.stage_num()? != 1 {
-        return Err(Error::invalid(
+        return Err(Error::unsupported(
             "Checkpoint 2.0 output supports one pipeline stage only (the rank_list of a stage's \
              layouts is not in the strategy file)",
         ));
@@ -82,7 +82,7 @@ pub(crate) fn balanced(
     for f in &per_rank.files {
         for t in &f.tensors {
             let Content::Tensor { dtype, shape, .. } = &t.content else {
-                return Err(Error::invalid(
+                return Err(Error::unsupported(
                     "a string entry cannot be stored in a Checkpoint 2.0 directory",
                 )
                 .in_tensor(&t.name));
@@ -143,8 +143,9 @@ pub(crate) fn balanced(
         }
     }
     if held.len() as u64 != world {
-        return Err(Error::invalid(
-            "Checkpoint 2.0 output needs every destination rank (drop --rank-id)",
+        return Err(Error::usage_of(
+            "ranks",
+            "Checkpoint 2.0 output needs every destination rank",
         ));
     }
     // The balanced plan of each file type.
@@ -224,7 +225,7 @@ pub(crate) fn balanced(
         );
     }
     let metadata = serde_json::to_vec(&json!({"state_dict_metadata": sd, "storage_data": storage}))
-        .map_err(|e| Error::invalid(format!("cannot serialise metadata.json: {e}")))?;
+        .map_err(|e| Error::Internal(format!("cannot serialise metadata.json: {e}")))?;
     Ok(Checkpoint2Job {
         plan: Plan {
             sources: per_rank.sources,

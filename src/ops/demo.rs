@@ -366,7 +366,7 @@ pub fn demo(options: &DemoOptions) -> Result<DemoReport> {
         verified: same,
     });
     if !same {
-        return Err(Error::invalid(format!(
+        return Err(Error::Internal(format!(
             "resharding round trip was not bit-exact; files left in {}",
             dir.display()
         )));
@@ -447,7 +447,7 @@ pub fn demo(options: &DemoOptions) -> Result<DemoReport> {
     });
 
     if !(ok && ok2) {
-        return Err(Error::invalid(format!(
+        return Err(Error::Internal(format!(
             "demo round trip was not bit-exact; files left in {}",
             dir.display()
         )));

@@ -213,10 +213,10 @@ pub fn detect(path: &Path) -> Result<Detected> {
     match head.first() {
         Some(0x0a) => Ok(Detected::Ckpt),
         Some(0x08) => Ok(Detected::Strategy),
-        None => Err(Error::invalid("empty file").in_file(path)),
+        None => Err(Error::bad_input("empty file").in_file(path)),
         _ => match FileFormat::of_path(path) {
             Some(FileFormat::Safetensors) => Ok(Detected::Safetensors),
-            _ => Err(Error::invalid(
+            _ => Err(Error::bad_input(
                 "not a MindSpore checkpoint, safetensors or strategy file (unrecognised first bytes)",
             )
             .in_file(path)),

@@ -1,5 +1,8 @@
 //! One module per user operation. Each takes an options struct, does the
 //! work through the library, and returns a report value; none prints.
+//! Every operation that writes checkpoints plans its job as one
+//! [`crate::plan::Plan`] and writes it through [`write`] (destination
+//! checks, backend, executor, manifests, verification).
 
 pub mod auto;
 pub mod bench;
@@ -16,3 +19,4 @@ pub mod strategy_gen;
 pub mod transform;
 pub mod unify;
 pub mod verify;
+pub(crate) mod write;

@@ -3,14 +3,24 @@
 //! The tensors move losslessly; the order rules follow MindSpore's
 //! `ckpt_to_safetensors` / `safetensors_to_ckpt` (safetensors → ckpt writes
 //! names in sorted order, as `safe_open().keys()` yields them).
+//!
+//! A rewrite is planned like every other job: one [`Plan`] whose tensors
+//! are whole copies out of the source (renamed by the name map), written
+//! by [`crate::ops::write`] — so it has manifests, progress and
+//! verification, and a source that changes while it is read is not
+//! copied. Outputs the executor's writer does not make (a CRC, an
+//! encrypted `.ckpt`, records cut by rows) are streamed by the format
+//! writers ([`rewrite_encoded`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::backend::{BackendChoice, BoxCopy};
 use crate::dtype::DType;
 use crate::error::{Error, Result, ResultExt};
+use crate::exec::OutputControl;
 use crate::formats::ckpt::{
     Checkpoint, CkptWriter, EncMode, EntryKind, ReadOptions, SplitMode, WriteOptions,
 };
@@ -18,7 +28,10 @@ use crate::formats::safetensors::{
     self as st, SafetensorsFile, StWriteOptions, TensorRef, STRING_KEY_PREFIX,
 };
 use crate::formats::tree::FileFormat;
+use crate::formats::{EntryValue, Source};
 use crate::ops::inspect::{detect, Detected};
+use crate::ops::write::{refuse_existing, write_job, DestinationCheck, Job, WriteSettings};
+use crate::plan::{Content, CopyStep, FilePlan, Plan, SourceFile, TensorPlan};
 
 /// Options of [`rewrite`].
 #[derive(Debug, Clone, Default)]
@@ -34,6 +47,14 @@ pub struct RewriteOptions {
     /// Rename entries (old → new; others keep their names), as
     /// `ckpt_to_safetensors(name_map=…)`.
     pub name_map: Option<BTreeMap<String, String>>,
+    /// Write `<file>.manifest.json` beside each output (off by default:
+    /// MindSpore's functions write none).
+    pub manifest: bool,
+    /// Re-read every output and check it against its manifest and the
+    /// plan (needs `manifest`).
+    pub verify: bool,
+    /// Durability (`fsync`) and progress reporting.
+    pub control: OutputControl,
 }
 
 /// What [`rewrite`] did.
@@ -47,22 +68,184 @@ pub struct RewriteReport {
     pub bytes: u64,
 }
 
-enum Item<'a> {
-    Tensor(DType, Vec<i64>, Vec<&'a [u8]>),
-    Str(String),
+/// Whether the executor's writer makes the outputs `options` asks for: it
+/// writes no CRC, does not encrypt, and cuts large tensors into 512 MiB
+/// byte records.
+fn planned(options: &RewriteOptions) -> bool {
+    !options.crc && options.encryption.is_none() && options.split == SplitMode::Bytes
 }
 
-/// Copies `src` into `dst`.
-pub fn rewrite(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<RewriteReport> {
-    let out_format = FileFormat::of_path(dst)
-        .ok_or_else(|| Error::invalid("output must end in .ckpt or .safetensors").in_file(dst))?;
+/// The output format of `dst`, and a refusal to write over `src`.
+fn check_paths(src: &Path, dst: &Path) -> Result<FileFormat> {
+    let format = FileFormat::of_path(dst)
+        .ok_or_else(|| Error::usage_of("dst", "must end in .ckpt or .safetensors").in_file(dst))?;
     if src
         .canonicalize()
         .ok()
         .is_some_and(|s| Some(s) == dst.canonicalize().ok())
     {
-        return Err(Error::invalid("output is the input file").in_file(dst));
+        return Err(Error::usage_of("dst", "output is the input file").in_file(dst));
     }
+    Ok(format)
+}
+
+/// Refuses a strategy file as a source.
+fn check_source_kind(src: &Path) -> Result<()> {
+    if let Detected::Strategy = detect(src)? {
+        return Err(Error::bad_input("this is a strategy file, not a checkpoint").in_file(src));
+    }
+    Ok(())
+}
+
+/// Adds to `plan` the rewrite of `src` into `dst`: every entry, in
+/// MindSpore's order, as a whole copy out of `src` under its (renamed)
+/// name. Returns the entries and tensor bytes written.
+fn plan_file(
+    src: &Path,
+    dst: &Path,
+    format: FileFormat,
+    options: &RewriteOptions,
+    plan: &mut Plan,
+) -> Result<(usize, u64)> {
+    check_source_kind(src)?;
+    let source = Source::open(src, &options.read)?;
+    let mut entries = source.entries();
+    let from_safetensors = FileFormat::of_path(src) == Some(FileFormat::Safetensors);
+    let mut metadata = BTreeMap::new();
+    if from_safetensors {
+        // safe_open().keys() order, strings among the tensors.
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        metadata = SafetensorsFile::open(src, false)?
+            .metadata()
+            .iter()
+            .filter(|(k, _)| !k.starts_with(STRING_KEY_PREFIX) && k.as_str() != "crc_num")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+    }
+    metadata
+        .entry("format".into())
+        .or_insert_with(|| "ms".into());
+    let index = plan.sources.len();
+    plan.sources.push(SourceFile {
+        rank: 0,
+        path: src.to_path_buf(),
+    });
+    let mut seen = std::collections::HashSet::new();
+    let mut tensors = Vec::with_capacity(entries.len());
+    let mut bytes = 0;
+    for e in entries {
+        let name = options
+            .name_map
+            .as_ref()
+            .and_then(|m| m.get(&e.name))
+            .cloned()
+            .unwrap_or_else(|| e.name.clone());
+        if !seen.insert(name.clone()) {
+            return Err(Error::usage_of("name_map", "gives two entries this name")
+                .in_tensor(name)
+                .in_file(src));
+        }
+        let content = match e.value {
+            EntryValue::Tensor(dtype) => {
+                let shape: Vec<u64> = e.dims.iter().map(|&d| d.max(0) as u64).collect();
+                Content::Tensor {
+                    dtype,
+                    shape: e.dims.clone(),
+                    steps: vec![CopyStep {
+                        source: index,
+                        tensor: e.name.clone(),
+                        copy: BoxCopy::whole(&shape, dtype, dtype),
+                    }],
+                }
+            }
+            EntryValue::Str => Content::Str {
+                source: index,
+                tensor: e.name.clone(),
+            },
+            EntryValue::MapTensor => {
+                return Err(Error::UnsupportedDtype {
+                    dtype: "MapTensor".into(),
+                    op: "rewrite",
+                }
+                .in_tensor(&e.name)
+                .in_file(src))
+            }
+        };
+        let t = TensorPlan { name, content };
+        bytes += t.bytes();
+        tensors.push(t);
+    }
+    let entries = tensors.len();
+    plan.files.push(FilePlan {
+        rank: 0,
+        path: dst.to_path_buf(),
+        format,
+        tensors,
+        metadata: (format == FileFormat::Safetensors).then_some(metadata),
+    });
+    Ok((entries, bytes))
+}
+
+/// Writes a planned rewrite.
+fn write(
+    plan: &Plan,
+    options: &RewriteOptions,
+    destination: Option<&Path>,
+    check: DestinationCheck,
+) -> Result<()> {
+    write_job(
+        plan,
+        &WriteSettings {
+            workers: 1,
+            read: &options.read,
+            manifest: options.manifest,
+            resume: false,
+            verify: options.verify,
+            backend: BackendChoice::Cpu,
+            control: &options.control,
+            dst_flag: "dst",
+            destination,
+            ranks: None,
+        },
+        &Job {
+            check,
+            ..Job::default()
+        },
+    )
+    .map(|_| ())
+}
+
+/// Copies `src` into `dst` (replaced if it exists).
+pub fn rewrite(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<RewriteReport> {
+    let format = check_paths(src, dst)?;
+    if !planned(options) {
+        return rewrite_encoded(src, dst, options);
+    }
+    let mut plan = Plan {
+        sources: Vec::new(),
+        files: Vec::new(),
+    };
+    let (entries, bytes) = plan_file(src, dst, format, options, &mut plan)?;
+    if let Some(parent) = dst.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).in_file(parent)?;
+    }
+    write(&plan, options, None, DestinationCheck::Replace)?;
+    Ok(RewriteReport {
+        output: dst.to_path_buf(),
+        entries,
+        bytes,
+    })
+}
+
+enum Item<'a> {
+    Tensor(DType, Vec<i64>, Vec<&'a [u8]>),
+    Str(String),
+}
+
+/// [`rewrite`] with a CRC, encryption or row-cut records, which the
+/// executor's writer does not make: streamed by the format writers.
+fn rewrite_encoded(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<RewriteReport> {
+    let out_format = check_paths(src, dst)?;
     if let Some(parent) = dst.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).in_file(parent)?;
     }
@@ -117,7 +300,7 @@ pub fn rewrite(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<Rewri
             items.sort_by(|a, b| a.0.cmp(&b.0));
         }
         Detected::Strategy => {
-            return Err(Error::invalid("this is a strategy file, not a checkpoint").in_file(src))
+            return Err(Error::bad_input("this is a strategy file, not a checkpoint").in_file(src))
         }
     }
     if let Some(map) = &options.name_map {
@@ -127,7 +310,7 @@ pub fn rewrite(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<Rewri
                 *name = new.clone();
             }
             if !seen.insert(name.clone()) {
-                return Err(Error::invalid("the name map gives two entries this name")
+                return Err(Error::usage_of("name_map", "gives two entries this name")
                     .in_tensor(name.as_str())
                     .in_file(src));
             }
@@ -165,7 +348,10 @@ pub fn rewrite(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<Rewri
         }
         FileFormat::Safetensors => {
             if options.encryption.is_some() {
-                return Err(Error::invalid("safetensors files cannot be encrypted").in_file(dst));
+                return Err(
+                    Error::usage_of("encryption", "safetensors files cannot be encrypted")
+                        .in_file(dst),
+                );
             }
             metadata
                 .entry("format".into())
@@ -259,9 +445,10 @@ pub fn rewrite_tree(
         .as_deref()
         .map(|r| {
             regex::Regex::new(r).map_err(|e| {
-                Error::invalid(format!(
-                    "--file-name-regex {r:?} is not a valid regular expression: {e}"
-                ))
+                Error::usage_of(
+                    "file_name_regex",
+                    format!("{r:?} is not a valid regular expression: {e}"),
+                )
             })
         })
         .transpose()?;
@@ -273,7 +460,7 @@ pub fn rewrite_tree(
         .collect();
     rank_dirs.sort();
     if rank_dirs.is_empty() {
-        return Err(Error::invalid("no directories starting with 'rank' here").in_file(src));
+        return Err(Error::missing("no directories starting with 'rank' here").in_file(src));
     }
     let mut tasks = Vec::new();
     for dir in &rank_dirs {
@@ -296,29 +483,42 @@ pub fn rewrite_tree(
                 .to_string_lossy()
                 .replace(from, to);
             let out = out_dir.join(name);
-            if out.exists() {
-                return Err(Error::invalid(
-                    "already exists; remove it or choose another destination",
-                )
-                .in_file(&out));
-            }
             tasks.push((f, out));
         }
     }
     if tasks.is_empty() {
-        return Err(Error::invalid(format!(
+        return Err(Error::missing(format!(
             "no {from} file{} in the rank directories",
             if regex.is_some() {
-                " matching --file-name-regex"
+                " matching the file name pattern"
             } else {
                 ""
             }
         ))
         .in_file(src));
     }
+    if planned(&options.file) {
+        // One plan, one write: every output or none.
+        let mut plan = Plan {
+            sources: Vec::new(),
+            files: Vec::new(),
+        };
+        let mut done = Vec::with_capacity(tasks.len());
+        for (input, output) in &tasks {
+            let (entries, bytes) = plan_file(input, output, options.to, &options.file, &mut plan)?;
+            done.push(RewriteReport {
+                output: output.clone(),
+                entries,
+                bytes,
+            });
+        }
+        write(&plan, &options.file, Some(dst), DestinationCheck::Absent)?;
+        return Ok(done);
+    }
+    refuse_existing(tasks.iter().map(|(_, out)| out.as_path()))?;
     let mut done = Vec::new();
     for (input, output) in &tasks {
-        match rewrite(input, output, &options.file) {
+        match rewrite_encoded(input, output, &options.file) {
             Ok(r) => done.push(r),
             Err(e) => {
                 for r in &done {
@@ -375,5 +575,83 @@ mod tests {
             .to_string();
         assert!(e.contains("m.ckpt") && e.contains("\"a.w\""), "{e}");
         assert!(!bad.exists());
+    }
+
+    #[test]
+    fn the_planned_path_writes_what_the_format_writers_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("m.ckpt");
+        small_ckpt(&src);
+        for ext in ["ckpt", "safetensors"] {
+            let planned = dir.path().join(format!("p.{ext}"));
+            let progress = crate::exec::Progress::new();
+            let o = RewriteOptions {
+                manifest: true,
+                verify: true,
+                control: OutputControl {
+                    fsync: false,
+                    progress: Some(progress.clone()),
+                },
+                ..Default::default()
+            };
+            let r = rewrite(&src, &planned, &o).unwrap();
+            assert_eq!((r.entries, r.bytes), (3, 12));
+            assert_eq!(progress.bytes(), 12);
+            assert!(crate::formats::manifest::manifest_path(&planned).is_file());
+            // Row-cut records (the same as byte-cut ones below 512 MiB)
+            // take the format writers' path.
+            let streamed = dir.path().join(format!("s.{ext}"));
+            let o = RewriteOptions {
+                split: SplitMode::Rows,
+                ..Default::default()
+            };
+            rewrite(&src, &streamed, &o).unwrap();
+            if ext == "ckpt" {
+                assert_eq!(
+                    std::fs::read(&planned).unwrap(),
+                    std::fs::read(&streamed).unwrap()
+                );
+            } else {
+                // The same header and data, but for the order of the
+                // `__metadata__` keys: the executor's layout sorts them
+                // (reproducible), `st::write` keeps the safetensors crate's
+                // HashMap order (random per process, as MindSpore's).
+                let (p, s) = (
+                    SafetensorsFile::open(&planned, false).unwrap(),
+                    SafetensorsFile::open(&streamed, false).unwrap(),
+                );
+                assert_eq!(p.metadata(), s.metadata());
+                for e in p.entries() {
+                    let other = s.get(&e.name).unwrap();
+                    assert_eq!((e.dtype, &e.shape), (other.dtype, &other.shape));
+                    assert_eq!(p.bytes(e), s.bytes(other));
+                }
+                assert_eq!(p.entries().len(), s.entries().len());
+            }
+        }
+    }
+
+    #[test]
+    fn a_tree_rewrite_refuses_existing_outputs_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        for r in 0..2 {
+            std::fs::create_dir_all(dir.path().join(format!("src/rank_{r}"))).unwrap();
+            small_ckpt(&dir.path().join(format!("src/rank_{r}/c{r}.ckpt")));
+        }
+        let dst = dir.path().join("dst");
+        std::fs::create_dir_all(dst.join("rank_1")).unwrap();
+        std::fs::write(dst.join("rank_1/c1.safetensors"), b"keep").unwrap();
+        let o = TreeRewriteOptions {
+            to: FileFormat::Safetensors,
+            file_name_regex: None,
+            file: RewriteOptions::default(),
+        };
+        let e = rewrite_tree(&dir.path().join("src"), &dst, &o).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Destination, "{e}");
+        assert!(!dst.join("rank_0/c0.safetensors").exists());
+        assert_eq!(
+            std::fs::read(dst.join("rank_1/c1.safetensors")).unwrap(),
+            b"keep"
+        );
     }
 }

@@ -149,13 +149,23 @@ fn layer_index(name: &str) -> Option<usize> {
 /// Writes the per-rank strategy files (and the merged one for pp > 1).
 pub fn write_strategies(o: &StrategyOptions) -> Result<StrategyReport> {
     if o.dp == 0 || o.mp == 0 || o.pp == 0 {
-        return Err(Error::invalid("--dp, --mp and --pp must be at least 1"));
+        let zero = if o.dp == 0 {
+            "dp"
+        } else if o.mp == 0 {
+            "mp"
+        } else {
+            "pp"
+        };
+        return Err(Error::usage_of(zero, "must be at least 1"));
     }
     if o.opt_shard > 0 && o.dp % o.opt_shard as u32 != 0 {
-        return Err(Error::invalid(format!(
-            "--opt-shard {} does not divide --dp {}",
-            o.opt_shard, o.dp
-        )));
+        return Err(Error::usage_of(
+            "opt_shard",
+            format!(
+                "{} does not divide the data-parallel size {}",
+                o.opt_shard, o.dp
+            ),
+        ));
     }
     let source = Source::open(&o.checkpoint, &ReadOptions::default())?;
     let params: Vec<(String, Vec<i64>)> = source
@@ -166,7 +176,7 @@ pub fn write_strategies(o: &StrategyOptions) -> Result<StrategyReport> {
         .collect();
     if params.is_empty() {
         return Err(
-            Error::invalid("the checkpoint has no floating-point tensors to shard")
+            Error::bad_input("the checkpoint has no floating-point tensors to shard")
                 .in_file(&o.checkpoint),
         );
     }
@@ -176,10 +186,13 @@ pub fn write_strategies(o: &StrategyOptions) -> Result<StrategyReport> {
         .max()
         .map_or(0, |m| m + 1);
     if o.pp > 1 && (layers as u32) < o.pp {
-        return Err(Error::invalid(format!(
-            "--pp {} needs at least as many layers; the checkpoint has {layers}",
-            o.pp
-        )));
+        return Err(Error::usage_of(
+            "pp",
+            format!(
+                "{} stages need at least as many layers; the checkpoint has {layers}",
+                o.pp
+            ),
+        ));
     }
     let stage_of = |name: &str| -> u32 {
         match layer_index(name) {
@@ -205,7 +218,7 @@ pub fn write_strategies(o: &StrategyOptions) -> Result<StrategyReport> {
         for (d, &axis) in map.iter().enumerate() {
             if axis == 0 && dims[d] as u64 % mp != 0 {
                 return Err(Error::Strategy(format!(
-                    "dim {d} ({}) is not divisible by --mp {mp}",
+                    "dim {d} ({}) is not divisible by the model-parallel size {mp}",
                     dims[d]
                 ))
                 .in_tensor(name));
@@ -231,9 +244,10 @@ pub fn write_strategies(o: &StrategyOptions) -> Result<StrategyReport> {
     let mut files = Vec::new();
     for (s, st) in stages.iter().enumerate() {
         if st.layout_items.is_empty() {
-            return Err(Error::invalid(format!(
-                "pipeline stage {s} would hold no parameter"
-            )));
+            return Err(Error::usage_of(
+                "pp",
+                format!("pipeline stage {s} would hold no parameter"),
+            ));
         }
         for local in 0..per_stage {
             let path = o.out_dir.join(format!(

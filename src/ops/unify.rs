@@ -34,13 +34,14 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::backend::{BackendChoice, BoxCopy};
-use crate::error::{Error, Result, ResultExt};
-use crate::exec::{self, ExecReport, OutputControl};
+use crate::error::{Error, Result};
+use crate::exec::{ExecReport, OutputControl};
 use crate::formats::ckpt::ReadOptions;
 use crate::formats::safetensors::{SafetensorsFile, STRING_KEY_PREFIX};
 use crate::formats::strategy;
 use crate::formats::tree::{self, FileFormat};
 use crate::formats::EntryValue;
+use crate::ops::write::{write_job, DestinationCheck, ExtraContent, ExtraFile, Job, WriteSettings};
 use crate::plan::transform::{needed_sources, plan, TransformInput};
 use crate::plan::{Content, CopyStep, FilePlan, Plan, PlanSummary, TensorPlan};
 
@@ -290,14 +291,14 @@ fn effective_redundancy(
         match meta.get("remove_redundancy").map(String::as_str) {
             Some("True") if has_redundancy => {
                 warnings.push(format!(
-                    "{} was saved with redundancy removed, but --has-redundancy is true: following the file",
+                    "{} was saved with redundancy removed, but has_redundancy is true: following the file",
                     path.display()
                 ));
                 has_redundancy = false;
             }
             Some("False") if !has_redundancy => {
                 warnings.push(format!(
-                    "{} was saved with redundancy, but --has-redundancy is false: following the file",
+                    "{} was saved with redundancy, but has_redundancy is false: following the file",
                     path.display()
                 ));
                 has_redundancy = true;
@@ -311,23 +312,25 @@ fn effective_redundancy(
 /// Plans a unify (reads the strategy and the files' headers only).
 pub fn plan_unify(o: &UnifyOptions) -> Result<UnifyPlan> {
     if o.src_dir.is_file() {
-        return Err(
-            Error::invalid("unify reads a directory of rank_<n>/ folders, not a file")
-                .in_file(&o.src_dir),
-        );
+        return Err(Error::usage_of(
+            "src_dir",
+            "must be a directory of rank_<n>/ folders, not a file",
+        )
+        .in_file(&o.src_dir));
     }
     if !o.src_dir.is_dir() {
-        return Err(Error::invalid("no such directory").in_file(&o.src_dir));
+        return Err(Error::missing("no such directory").in_file(&o.src_dir));
     }
     if let Some((k, n)) = o.split_dst_file {
         if k == 0 || k > n {
-            return Err(Error::invalid(format!(
-                "--split-dst-file {k}/{n}: the machine number must be between 1 and the machine count"
-            )));
+            return Err(Error::usage_of(
+                "split_dst_file",
+                format!("{k}/{n}: the machine number must be between 1 and the machine count"),
+            ));
         }
     }
     if o.part_bytes == 0 {
-        return Err(Error::invalid("the part size must be positive"));
+        return Err(Error::usage_of("part_bytes", "must be positive"));
     }
     let files = tree::tree_safetensors(&o.src_dir, o.file_suffix.as_deref())?;
     let strategy = strategy::load(&o.src_strategy)?;
@@ -346,7 +349,7 @@ pub fn plan_unify(o: &UnifyOptions) -> Result<UnifyPlan> {
     // A set saved with redundancy removed: the planner reads each
     // parameter from the rank that owns it (spec safetensors-era §3.6).
     let deduplicated = !effective_redundancy(&with_meta, o.has_redundancy, &mut warnings);
-    let sources = crate::ops::transform::index_sources(files.clone(), &o.read)?;
+    let sources = tree::index_sources(files.clone(), &o.read)?;
     // The merge to one full checkpoint, as `transform` plans it.
     let mut whole = plan(&TransformInput {
         sources: sources.clone(),
@@ -387,7 +390,7 @@ pub fn plan_unify(o: &UnifyOptions) -> Result<UnifyPlan> {
                 continue;
             };
             let t = by_name.get(name).ok_or_else(|| {
-                Error::invalid("the merge of the rank files does not produce it")
+                Error::Internal("the merge of the rank files does not produce it".into())
                     .in_tensor(name)
                     .in_file(path)
             })?;
@@ -405,7 +408,8 @@ pub fn plan_unify(o: &UnifyOptions) -> Result<UnifyPlan> {
     }
     let renamed: HashSet<&str> = names.iter().map(|n| n.1).collect();
     if renamed.len() != names.len() {
-        return Err(Error::invalid(
+        return Err(Error::usage_of(
+            "choice",
             "the renames give two parameters the same name",
         ));
     }
@@ -484,7 +488,7 @@ fn hyper_file(
     kept: &HashSet<&str>,
 ) -> Result<Option<FilePlan>> {
     let Some(source) = plan.sources.iter().position(|s| s.rank == 0) else {
-        return Err(Error::invalid("rank_0 has no .safetensors file").in_file(&o.src_dir));
+        return Err(Error::missing("rank_0 has no .safetensors file").in_file(&o.src_dir));
     };
     let entries = &sources
         .iter()
@@ -512,7 +516,7 @@ fn hyper_file(
             },
             EntryValue::MapTensor => {
                 return Err(
-                    Error::invalid("a map tensor cannot be stored in safetensors")
+                    Error::unsupported("a map tensor cannot be stored in safetensors")
                         .in_tensor(&e.name)
                         .in_file(&plan.sources[source].path),
                 )
@@ -551,44 +555,39 @@ pub fn unify(o: &UnifyOptions) -> Result<UnifyReport> {
     if o.dry_run {
         return Ok(report(None, o.backend.to_string()));
     }
-    let outputs = planned
-        .plan
-        .files
-        .iter()
-        .map(|f| f.path.as_path())
-        .chain(planned.name_map.as_ref().map(|_| map_path.as_path()));
-    for p in outputs {
-        if p.exists() {
-            return Err(
-                Error::invalid("already exists; remove it or choose another --dst-dir").in_file(p),
-            );
-        }
-    }
-    std::fs::create_dir_all(&o.dst_dir).in_file(&o.dst_dir)?;
-    // The name map is staged first and committed only once every tensor
-    // file is written, so a failed run leaves nothing.
-    let staged = planned
+    // The name map is written once every tensor file is, so a failed run
+    // leaves nothing.
+    let extra = planned
         .name_map
         .as_ref()
-        .map(|text| -> Result<crate::formats::atomic::AtomicFile> {
-            let mut f = crate::formats::atomic::AtomicFile::create(&map_path)?;
-            f.write_all(text.as_bytes())?;
-            Ok(f)
+        .map(|text| ExtraFile {
+            path: map_path.clone(),
+            content: ExtraContent::Bytes(text.clone().into_bytes()),
         })
-        .transpose()?;
-    let backend = o.backend.open()?;
-    let executed = exec::execute(
+        .into_iter()
+        .collect();
+    let (executed, backend) = write_job(
         &planned.plan,
-        &backend,
-        &crate::ops::transform::exec_options(o.workers, &o.read, o.manifest, false, &o.control),
+        &WriteSettings {
+            workers: o.workers,
+            read: &o.read,
+            manifest: o.manifest,
+            resume: false,
+            verify: o.verify,
+            backend: o.backend,
+            control: &o.control,
+            dst_flag: "dst_dir",
+            destination: Some(&o.dst_dir),
+            ranks: None,
+        },
+        // Machines of a split job each write their share of the parts.
+        &Job {
+            check: DestinationCheck::Absent,
+            extra,
+            ..Job::default()
+        },
     )?;
-    if o.verify {
-        crate::ops::verify::verify_outputs(&planned.plan)?;
-    }
-    if let Some(f) = staged {
-        f.commit_with_digest()?;
-    }
-    Ok(report(Some(executed), backend.describe()))
+    Ok(report(Some(executed), backend))
 }
 
 /// Whether `dir` is a unified directory (holds `param_name_map.json`).

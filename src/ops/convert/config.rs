@@ -28,9 +28,9 @@ impl ModelConfig {
     pub fn read(path: &Path) -> Result<ModelConfig> {
         let bytes = std::fs::read(path).in_file(path)?;
         let value: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::invalid(format!("not valid JSON: {e}")).in_file(path))?;
+            .map_err(|e| Error::bad_input(format!("not valid JSON: {e}")).in_file(path))?;
         let Value::Object(raw) = value else {
-            return Err(Error::invalid("config.json must hold a JSON object").in_file(path));
+            return Err(Error::bad_input("config.json must hold a JSON object").in_file(path));
         };
         Ok(ModelConfig {
             path: Some(path.to_path_buf()),
@@ -109,11 +109,11 @@ impl ModelConfig {
     pub fn require(&self, n: Num, why: &str) -> Result<u64> {
         self.get(n).filter(|&v| v > 0).ok_or_else(|| {
             let field = match n {
-                Num::Heads => "num_attention_heads (or --n-head)",
+                Num::Heads => "num_attention_heads (or the n_head setting)",
                 Num::KvHeads => "num_key_value_heads",
                 Num::HeadDim => "head_dim (or hidden_size and num_attention_heads)",
-                Num::Hidden => "hidden_size (or --hidden-size)",
-                Num::Layers => "num_hidden_layers (or --layers)",
+                Num::Hidden => "hidden_size (or the hidden_size setting)",
+                Num::Layers => "num_hidden_layers (or the layers setting)",
                 Num::Experts => "n_routed_experts / num_local_experts",
                 Num::VitHeads => "visual.heads",
                 Num::QkNope => "qk_nope_head_dim",
@@ -126,7 +126,7 @@ impl ModelConfig {
                 Some(p) => format!("{} does not give {field}", p.display()),
                 None => format!("no config.json gives {field}"),
             };
-            Error::invalid(format!("{from}, needed to {why}"))
+            Error::missing(format!("{from}, needed to {why}"))
         })
     }
 }

@@ -11,7 +11,6 @@ use serde_json::{Map, Value};
 use super::engine::InTensor;
 use crate::dtype::DType;
 use crate::error::{Error, Result, ResultExt};
-use crate::formats::atomic::AtomicFile;
 use crate::formats::safetensors::SafetensorsFile;
 
 /// `model.safetensors.index.json`.
@@ -45,7 +44,7 @@ fn indexed_files(dir: &Path, index: &Path, map: &BTreeMap<String, String>) -> Re
         let p = dir.join(f);
         if !p.is_file() {
             let first = map.iter().find(|(_, v)| *v == f).map(|(k, _)| k.as_str());
-            return Err(Error::invalid(format!(
+            return Err(Error::missing(format!(
                 "shard {f:?} named in the index (for {:?} and others) is missing",
                 first.unwrap_or("")
             ))
@@ -60,16 +59,16 @@ fn indexed_files(dir: &Path, index: &Path, map: &BTreeMap<String, String>) -> Re
 /// `.safetensors` file.
 pub fn open(path: &Path) -> Result<HfInput> {
     if !path.exists() {
-        return Err(Error::invalid("no such file or directory").in_file(path));
+        return Err(Error::missing("no such file or directory").in_file(path));
     }
     if path.is_file() {
         if !is_pytorch(path) && path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
             let hint = if path.extension().and_then(|e| e.to_str()) == Some("ckpt") {
-                "this is a MindSpore checkpoint; add --reversed to convert it to HuggingFace"
+                "this is a MindSpore checkpoint; convert it reversed, to HuggingFace"
             } else {
                 "give a HuggingFace model directory, a .safetensors file or PyTorch .bin/.pt weights"
             };
-            return Err(Error::invalid(hint).in_file(path));
+            return Err(Error::bad_input(hint).in_file(path));
         }
         let config = path
             .parent()
@@ -115,7 +114,7 @@ pub fn open(path: &Path) -> Result<HfInput> {
     if !pickles.is_empty() {
         return read_files(pickles, None, config);
     }
-    Err(Error::invalid(
+    Err(Error::missing(
         "no model.safetensors, model.safetensors.index.json, *.safetensors, pytorch_model.bin \
          or pytorch_model.bin.index.json here",
     )
@@ -125,18 +124,18 @@ pub fn open(path: &Path) -> Result<HfInput> {
 fn read_index(index: &Path) -> Result<BTreeMap<String, String>> {
     let bytes = std::fs::read(index).in_file(index)?;
     let v: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::invalid(format!("not valid JSON: {e}")).in_file(index))?;
+        .map_err(|e| Error::bad_input(format!("not valid JSON: {e}")).in_file(index))?;
     let map = v
         .get("weight_map")
         .and_then(Value::as_object)
-        .ok_or_else(|| Error::invalid("no \"weight_map\" object").in_file(index))?;
+        .ok_or_else(|| Error::bad_input("no \"weight_map\" object").in_file(index))?;
     map.iter()
         .map(|(k, v)| {
             v.as_str()
                 .filter(|f| !f.contains('/') && !f.contains('\\') && *f != ".." && !f.is_empty())
                 .map(|f| (k.clone(), f.to_string()))
                 .ok_or_else(|| {
-                    Error::invalid(format!("weight_map[{k:?}] is not a shard file name"))
+                    Error::bad_input(format!("weight_map[{k:?}] is not a shard file name"))
                         .in_file(index)
                 })
         })
@@ -180,7 +179,7 @@ fn read_files(
         for (name, dtype, shape) in listed {
             let e = Listed { name, dtype, shape };
             if let Some(&other) = seen.get(&e.name) {
-                return Err(Error::invalid(format!(
+                return Err(Error::bad_input(format!(
                     "tensor {:?} is in both {} and {}",
                     e.name,
                     files[other].display(),
@@ -191,14 +190,14 @@ fn read_files(
                 match map.get(&e.name) {
                     Some(f) if f == file_name => {}
                     Some(f) => {
-                        return Err(Error::invalid(format!(
+                        return Err(Error::bad_input(format!(
                             "the index puts {:?} in {f:?} but it is in {file_name:?} (a duplicate or a stale index)",
                             e.name
                         ))
                         .in_file(index_path))
                     }
                     None => {
-                        return Err(Error::invalid(format!(
+                        return Err(Error::bad_input(format!(
                             "{:?} (in {file_name:?}) is not in the index",
                             e.name
                         ))
@@ -217,7 +216,7 @@ fn read_files(
     }
     if let Some((index_path, map)) = index {
         if let Some(missing) = map.keys().find(|k| !seen.contains_key(*k)) {
-            return Err(Error::invalid(format!(
+            return Err(Error::missing(format!(
                 "the index names {missing:?} in {:?} but that shard does not hold it",
                 map[missing]
             ))
@@ -241,7 +240,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
     let (num, unit) = t.split_at(split);
     let n: f64 = num
         .parse()
-        .map_err(|_| Error::invalid(format!("--max-shard-size {s:?}: not a size like 5GB")))?;
+        .map_err(|_| Error::usage_of("max_shard_size", format!("{s:?} is not a size like 5GB")))?;
     let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 1,
         "KB" => 1_000,
@@ -253,14 +252,15 @@ pub fn parse_size(s: &str) -> Result<u64> {
         "GIB" => 1 << 30,
         "TIB" => 1 << 40,
         other => {
-            return Err(Error::invalid(format!(
-                "--max-shard-size {s:?}: unknown unit {other:?} (B, KB, MB, GB, KiB, MiB, GiB)"
-            )))
+            return Err(Error::usage_of(
+                "max_shard_size",
+                format!("{s:?}: unknown unit {other:?} (B, KB, MB, GB, KiB, MiB, GiB)"),
+            ))
         }
     };
     let bytes = (n * mult as f64) as u64;
     if bytes == 0 {
-        return Err(Error::invalid("--max-shard-size must be positive"));
+        return Err(Error::usage_of("max_shard_size", "must be positive"));
     }
     Ok(bytes)
 }
@@ -293,13 +293,9 @@ pub fn shard_names(n: usize) -> Vec<String> {
         .collect()
 }
 
-/// Writes `model.safetensors.index.json` as transformers does
+/// `model.safetensors.index.json` as transformers writes it
 /// (`json.dumps(index, indent=2, sort_keys=True)` plus a newline).
-pub fn write_index(
-    dir: &Path,
-    total_size: u64,
-    weight_map: &BTreeMap<String, String>,
-) -> Result<PathBuf> {
+pub fn index_json(total_size: u64, weight_map: &BTreeMap<String, String>) -> Result<Vec<u8>> {
     let mut metadata = Map::new();
     metadata.insert("total_size".into(), total_size.into());
     let mut root = BTreeMap::new();
@@ -313,14 +309,10 @@ pub fn write_index(
                 .collect(),
         ),
     );
-    let mut text =
-        serde_json::to_string_pretty(&root).map_err(|e| Error::invalid(e.to_string()))?;
+    let mut text = serde_json::to_string_pretty(&root)
+        .map_err(|e| Error::Internal(format!("cannot serialise {INDEX}: {e}")))?;
     text.push('\n');
-    let path = dir.join(INDEX);
-    let mut f = AtomicFile::create(&path)?;
-    f.write_all(text.as_bytes())?;
-    f.commit()?;
-    Ok(path)
+    Ok(text.into_bytes())
 }
 
 /// transformers' `torch_dtype` spelling of a dtype.
@@ -345,21 +337,17 @@ pub fn dtype_of_torch_name(s: &str) -> Option<DType> {
     }
 }
 
-/// Writes `config.json`: `raw` as given, with `torch_dtype` set when `dtype`
-/// is. Four-space-free JSON with two-space indent, like `to_json_string`.
-pub fn write_config(dir: &Path, raw: &Map<String, Value>, dtype: Option<DType>) -> Result<PathBuf> {
+/// `config.json`: `raw` as given, with `torch_dtype` set when `dtype` is.
+/// Four-space-free JSON with two-space indent, like `to_json_string`.
+pub fn config_json(raw: &Map<String, Value>, dtype: Option<DType>) -> Result<Vec<u8>> {
     let mut raw = raw.clone();
     if let Some(name) = dtype.and_then(torch_dtype_name) {
         raw.insert("torch_dtype".into(), Value::String(name.into()));
     }
     let mut text = serde_json::to_string_pretty(&Value::Object(raw))
-        .map_err(|e| Error::invalid(e.to_string()))?;
+        .map_err(|e| Error::Internal(format!("cannot serialise config.json: {e}")))?;
     text.push('\n');
-    let path = dir.join("config.json");
-    let mut f = AtomicFile::create(&path)?;
-    f.write_all(text.as_bytes())?;
-    f.commit()?;
-    Ok(path)
+    Ok(text.into_bytes())
 }
 
 #[cfg(test)]
@@ -372,8 +360,11 @@ mod tests {
         assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
         assert_eq!(parse_size("100").unwrap(), 100);
         assert_eq!(parse_size("1.5MB").unwrap(), 1_500_000);
-        assert!(parse_size("5 parsecs").is_err());
-        assert!(parse_size("0").is_err());
+        for bad in ["5 parsecs", "0", "five"] {
+            let e = parse_size(bad).unwrap_err();
+            assert_eq!(e.kind(), crate::error::ErrorKind::Usage, "{e}");
+            assert_eq!(e.option(), Some("max_shard_size"), "{e}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use reshard::formats::ckpt::SplitMode;
 use reshard::formats::tree::FileFormat;
 use reshard::ops::rewrite::{self, RewriteOptions, RewriteReport, TreeRewriteOptions};
 
-use crate::flags::{key_and_mode, parse_file_format, Json, ReadArgs};
+use crate::flags::{key_and_mode, parse_file_format, Json, ReadArgs, WriteArgs};
 use crate::render;
 use crate::Usage;
 
@@ -50,6 +50,11 @@ pub struct RewriteArgs {
     /// Only files whose name this regular expression matches (file_name_regex).
     #[arg(long = "file-name-regex", alias = "file_name_regex", value_name = "R")]
     pub file_name_regex: Option<String>,
+    /// `--verify` re-reads each output against the plan (and writes the
+    /// manifests it needs; rewrite writes none otherwise, as MindSpore's
+    /// functions do); `--no-fsync` skips the flush before renaming.
+    #[command(flatten)]
+    pub write: WriteArgs,
     #[command(flatten)]
     pub report: Json,
 }
@@ -78,6 +83,9 @@ pub fn run(a: RewriteArgs) -> Result<()> {
             SplitMode::Bytes
         },
         name_map,
+        manifest: a.write.verify,
+        verify: a.write.verify,
+        control: a.write.control(None),
     };
     if a.src.is_dir() {
         return run_tree(&a, options);

@@ -156,7 +156,7 @@ const IMAGE: Table = Table {
 pub const COGVLM2: Family = Family {
     name: "cogvlm2",
     aliases: &["cogvlm2_video", "cogvlm2_image"],
-    covers: "CogVLM2-Video, CogVLM2-Image (--modal video|image)",
+    covers: "CogVLM2-Video, CogVLM2-Image (modal video|image)",
     variants: &[
         Variant {
             name: "video",

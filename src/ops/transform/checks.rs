@@ -1,0 +1,194 @@
+//! Checks of a transform's inputs against each other, and the cut of a
+//! complete directory's plan to a destination strategy.
+
+use std::path::{Path, PathBuf};
+
+use super::AbsentParameters;
+use crate::error::{Error, Result};
+use crate::formats::strategy::Strategy;
+use crate::formats::tree;
+use crate::plan::{Content, Plan};
+
+/// Names of optimizer states (mindformers' prefixes): a training strategy
+/// lists them, a weights-only checkpoint does not hold them.
+fn is_optimizer_state(name: &str) -> bool {
+    ["adam_m.", "adam_v.", "accu_grads.", "moments.", "accum."]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
+/// Destination-strategy parameters (optimizer states aside) that no source
+/// file holds: a warning, or an error by `policy` (issue 19 item 12).
+pub(super) fn absent_parameters(
+    dst: &Strategy,
+    sources: &[(usize, PathBuf, Vec<crate::formats::SourceEntry>)],
+    src_path: &Path,
+    policy: AbsentParameters,
+) -> Result<Option<String>> {
+    let table = dst.layout_table(None)?;
+    let held: std::collections::HashSet<&str> = sources
+        .iter()
+        .flat_map(|(_, _, e)| e.iter().map(|e| e.name.as_str()))
+        .collect();
+    let weights: Vec<&str> = table.names().filter(|n| !is_optimizer_state(n)).collect();
+    let absent: Vec<&str> = weights
+        .iter()
+        .copied()
+        .filter(|n| !held.contains(n))
+        .collect();
+    if absent.is_empty() {
+        return Ok(None);
+    }
+    let shown: Vec<&str> = absent.iter().take(3).copied().collect();
+    let msg = format!(
+        "the destination strategy names {} of its {} parameters that {} does not hold ({}{}): \
+         they are not written; is the checkpoint truncated, or another model's?",
+        absent.len(),
+        weights.len(),
+        src_path.display(),
+        shown.join(", "),
+        if absent.len() > 3 { ", …" } else { "" }
+    );
+    let error = match policy {
+        AbsentParameters::Warn => false,
+        AbsentParameters::ErrorIfMost => absent.len() * 2 > weights.len(),
+        AbsentParameters::Error => true,
+    };
+    if error {
+        return Err(Error::Strategy(msg));
+    }
+    Ok(Some(msg))
+}
+
+/// Checks the source strategy against the source files (issue 19 item 5):
+/// every slice's shape and, where the files have manifests (reshard wrote
+/// them), their tensor hashes: replicas equal, and not every split
+/// parameter a copy across ranks said to differ (another layout's strategy
+/// with the same rank count). Only for a whole tree (one file per rank of
+/// every stage); other cases are checked by the planner.
+pub(super) fn check_source_strategy(
+    src: &Strategy,
+    sources: &[(usize, PathBuf, Vec<crate::formats::SourceEntry>)],
+) -> Result<()> {
+    use crate::plan::consistency::{check_layouts, Held, HeldTensor};
+    let Ok(table) = src.layout_table(None) else {
+        return Ok(());
+    };
+    let (Ok(per), Ok(stages)) = (table.device_num_per_stage(), table.stage_num()) else {
+        return Ok(());
+    };
+    if sources.len() < 2 || per.saturating_mul(stages as u64) != sources.len() as u64 {
+        return Ok(());
+    }
+    let mut held = Held::new();
+    for (rank, path, entries) in sources {
+        let hashes: std::collections::HashMap<String, u64> =
+            crate::formats::manifest::Manifest::read(path)
+                .ok()
+                .flatten()
+                .filter(|m| m.check_length(path))
+                .map(|m| m.tensors.into_iter().map(|t| (t.name, t.xxh3)).collect())
+                .unwrap_or_default();
+        held.insert(
+            *rank,
+            entries
+                .iter()
+                .map(|e| {
+                    (
+                        e.name.clone(),
+                        HeldTensor {
+                            shape: e.dims.iter().map(|&d| d.max(0) as u64).collect(),
+                            hash: hashes.get(&e.name).copied(),
+                        },
+                    )
+                })
+                .collect(),
+        );
+    }
+    // A parameter missing from a file is reported by the planner, which
+    // knows whether the destination needs it.
+    let problems: Vec<_> = check_layouts(src, &held)?
+        .into_iter()
+        .filter(|p| {
+            p.tensor.as_ref().map_or(true, |t| {
+                held.get(&p.rank).is_some_and(|m| m.contains_key(t))
+            })
+        })
+        .collect();
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<String> = problems
+        .iter()
+        .take(3)
+        .map(|p| {
+            format!(
+                "rank {}{}: {}",
+                p.rank,
+                p.tensor
+                    .as_deref()
+                    .map(|t| format!(" {t:?}"))
+                    .unwrap_or_default(),
+                p.problem
+            )
+        })
+        .collect();
+    Err(Error::Strategy(format!(
+        "the source strategy does not fit the source files ({} problem(s)): {}{}",
+        problems.len(),
+        shown.join("; "),
+        if problems.len() > 3 { "; …" } else { "" }
+    )))
+}
+
+/// `load_distributed_checkpoint(predict_strategy=S, unified_safetensors_dir=U)`:
+/// of the tensors the name map lists, only those the strategy names are
+/// written; the other entries (`hyper_param.safetensors`: `global_step`, …)
+/// go to every rank, as transform copies them.
+pub(super) fn complete_to_strategy(
+    plan: &mut Plan,
+    complete: &tree::CompleteDir,
+    dst: &Strategy,
+) -> Result<()> {
+    let table = dst.layout_table(None)?;
+    let hyper: std::collections::HashSet<&str> = match &complete.hyper {
+        Some(h) => plan
+            .sources
+            .iter()
+            .position(|s| &s.path == h)
+            .map(|i| {
+                plan.files
+                    .iter()
+                    .flat_map(|f| &f.tensors)
+                    .filter(|t| match &t.content {
+                        Content::Str { source, .. } => *source == i,
+                        c => c.steps().iter().any(|s| s.source == i),
+                    })
+                    .map(|t| t.name.as_str())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        None => Default::default(),
+    };
+    let keep: Vec<Vec<bool>> = plan
+        .files
+        .iter()
+        .map(|f| {
+            f.tensors
+                .iter()
+                .map(|t| table.contains(&t.name) || hyper.contains(t.name.as_str()))
+                .collect()
+        })
+        .collect();
+    // MindSpore writes the strategy's parameters in the strategy's order,
+    // then the hyper parameters (the order a ckpt output keeps).
+    let order: std::collections::HashMap<&str, usize> =
+        table.names().enumerate().map(|(i, n)| (n, i)).collect();
+    for (f, keep) in plan.files.iter_mut().zip(keep) {
+        let mut k = keep.into_iter();
+        f.tensors.retain(|_| k.next().unwrap_or(true));
+        f.tensors
+            .sort_by_key(|t| order.get(t.name.as_str()).copied().unwrap_or(usize::MAX));
+    }
+    Ok(())
+}
