@@ -27,7 +27,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::backend::{Backend, BoxCopy, SourceKey, Src};
+use crate::backend::{Backend, SourceKey, Src};
+use crate::layout::boxes::BoxCopy;
 use crate::error::{Error, Result};
 use crate::formats::atomic::FileDigest;
 use crate::formats::ckpt::writer::LayoutEntry;

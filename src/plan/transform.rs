@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use super::{Content, CopyStep, FilePlan, LoraTerm, Plan, SourceFile, TensorPlan};
-use crate::backend::{BoxCopy, LoraAdd};
+use crate::layout::boxes::{BoxCopy, LoraAdd};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::formats::strategy::{LayoutTable, Strategy};
