@@ -28,7 +28,6 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::backend::{Backend, SourceKey, Src};
-use crate::layout::boxes::BoxCopy;
 use crate::error::{Error, Result};
 use crate::formats::atomic::FileDigest;
 use crate::formats::ckpt::writer::LayoutEntry;
@@ -38,6 +37,7 @@ use crate::formats::manifest::{self, Manifest, SourceDigest, TensorDigest};
 use crate::formats::placed::{FileLayout, PlacedFile};
 use crate::formats::tree::FileFormat;
 use crate::formats::Source;
+use crate::layout::boxes::BoxCopy;
 use crate::plan::{Content, CopyStep, FilePlan, LoraTerm, Plan, TensorPlan};
 
 mod exchange;

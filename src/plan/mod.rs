@@ -10,9 +10,9 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::layout::boxes::BoxCopy;
 use crate::dtype::DType;
 use crate::formats::tree::FileFormat;
+use crate::layout::boxes::BoxCopy;
 
 /// A source checkpoint the plan reads.
 #[derive(Debug, Clone, Serialize)]

@@ -11,12 +11,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use super::{Content, CopyStep, FilePlan, LoraTerm, Plan, SourceFile, TensorPlan};
-use crate::layout::boxes::{BoxCopy, LoraAdd};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::formats::strategy::{LayoutTable, Strategy};
 use crate::formats::tree::FileFormat;
 use crate::formats::{EntryValue, SourceEntry};
+use crate::layout::boxes::{BoxCopy, LoraAdd};
 use crate::layout::redundancy::{Holder, Ownership};
 use crate::layout::{needed_source_ranks, Layout, RankSlice};
 

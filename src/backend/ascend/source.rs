@@ -12,7 +12,9 @@ use std::ffi::c_void;
 use ascendcl_sys::sys as acl;
 
 use super::cache::Region;
-use super::{acl_call, chunks, gather, strides, AclExt, AscendBackend, AscendBuffer, Inner};
+use super::error::{acl_call, AclExt};
+use super::geometry::{chunks, gather, strides};
+use super::{AscendBackend, AscendBuffer, Inner};
 use crate::backend::{BoxCopy, SourceKey};
 use crate::error::Result;
 
