@@ -1,0 +1,147 @@
+//! Scheduling of a running plan: workers take tensors one at a time, in
+//! file order, spreading over files while there are files to open; a
+//! flusher thread finishes each completely written file; the first error
+//! stops every thread.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::output::OpenFile;
+use super::sources::Sources;
+use super::{ExecOptions, WrittenFile};
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::plan::Plan;
+
+/// A running [`execute`]: workers take tensors one at a time, in file
+/// order, and write each at its precomputed place in its file, so one large
+/// file is written by every worker at once and memory stays at one
+/// destination tensor per worker.
+pub(super) struct Job<'p, B> {
+    /// The destination: directories below it are created without
+    /// following links.
+    pub(super) root: &'p std::path::Path,
+    pub(super) plan: &'p Plan,
+    pub(super) backend: &'p B,
+    pub(super) options: &'p ExecOptions,
+    pub(super) sources: Sources<'p>,
+    pub(super) cursor: Mutex<Cursor<'p>>,
+    /// Threads taking tensors.
+    pub(super) workers: usize,
+    pub(super) failed: AtomicBool,
+    pub(super) done: Mutex<Vec<WrittenFile>>,
+    pub(super) first_error: Mutex<Option<Error>>,
+    /// Files whose every tensor is written, for [`Job::flusher`]; `None`
+    /// when the last worker has stopped.
+    pub(super) flush: crossbeam::channel::Sender<Option<Arc<OpenFile<'p>>>>,
+    /// Workers still taking tensors.
+    pub(super) working: AtomicUsize,
+}
+
+/// The next tensor to hand out.
+pub(super) struct Cursor<'p> {
+    /// The next file to open.
+    pub(super) file: usize,
+    /// Files with tensors not yet handed out, and the next one's position.
+    pub(super) open: Vec<(Arc<OpenFile<'p>>, usize)>,
+}
+
+impl<'p, B: Backend> Job<'p, B> {
+    pub(super) fn work(&self) {
+        while !self.failed.load(Ordering::Relaxed) {
+            let step = self.next_unit().and_then(|unit| match unit {
+                None => Ok(false),
+                Some((file, pos)) => self.place(&file, pos).map(|()| true),
+            });
+            match step {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    self.fail(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Records the job's first error; every thread stops at its next step.
+    pub(super) fn fail(&self, e: Error) {
+        self.failed.store(true, Ordering::Relaxed);
+        self.first_error.lock().unwrap().get_or_insert(e);
+    }
+
+    /// Finishes ([`Job::finish`]: fsync, rename, manifest) each completely
+    /// written file, in the order they complete, until the workers stop.
+    /// After a failure the rest are dropped, which removes their temporary
+    /// files.
+    pub(super) fn flusher(&self, files: &crossbeam::channel::Receiver<Option<Arc<OpenFile<'p>>>>) {
+        while let Ok(Some(file)) = files.recv() {
+            if self.failed.load(Ordering::Relaxed) {
+                continue;
+            }
+            if let Err(e) = self.finish(&file) {
+                self.fail(e);
+            }
+        }
+    }
+
+    /// The next tensor to write. Workers spread over distinct files while
+    /// there are files left to open (writes to one file serialise in the
+    /// kernel anyway), and share the last ones, taking each file's tensors
+    /// in order.
+    pub(super) fn next_unit(&self) -> Result<Option<(Arc<OpenFile<'p>>, usize)>> {
+        let mut c = self.cursor.lock().unwrap();
+        loop {
+            c.open.retain(|(f, next)| *next < f.layout.tensors.len());
+            if c.open.len() < self.workers {
+                if let Some(file) = self.plan.files.get(c.file) {
+                    c.file += 1;
+                    if self.options.resume && self.already_complete(file) {
+                        if let Some(p) = &self.options.control.progress {
+                            p.add(file.bytes());
+                        }
+                        self.done.lock().unwrap().push(WrittenFile {
+                            rank: file.rank,
+                            path: file.path.clone(),
+                            bytes: file.bytes(),
+                            seconds: 0.0,
+                            skipped: true,
+                        });
+                        continue;
+                    }
+                    let open = self.open(file).map_err(|e| match e {
+                        e @ Error::InFile { .. } => e,
+                        e => e.in_file(&file.path),
+                    })?;
+                    if open.layout.tensors.is_empty() {
+                        self.finish(&open)?;
+                    } else {
+                        c.open.push((Arc::new(open), 0));
+                    }
+                    continue;
+                }
+            }
+            // The open file with the fewest workers on it.
+            let Some(slot) = c
+                .open
+                .iter_mut()
+                .min_by_key(|(f, _)| f.active.load(Ordering::Relaxed))
+            else {
+                return Ok(None);
+            };
+            let pos = slot.1;
+            slot.1 += 1;
+            slot.0.active.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some((slot.0.clone(), pos)));
+        }
+    }
+}
+
+/// Runs its closure when dropped.
+pub(super) struct OnDrop<F: FnMut()>(pub(super) F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
