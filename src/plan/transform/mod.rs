@@ -1,0 +1,262 @@
+//! Planning `transform`: which bytes of which source rank land where in each
+//! destination rank, reproducing `mindspore.transform_checkpoints` exactly —
+//! the needed-rank list, the load order (which fixes the record order), the
+//! pipeline-stage cuts, and the parameters copied untransformed.
+//!
+//! Source: `parallel/checkpoint_transform.py::_transform_checkpoints` and
+//! `parallel/_parallel_serialization.py::_transform_parallel_checkpoint`
+//! (MindSpore 2.10); spec §3.3–3.6.
+//!
+//! # Files
+//!
+//! This file holds the input, the entry points ([`plan`],
+//! [`needed_sources`], the rank counts) and the LoRA request; `ranks.rs`
+//! decides which source ranks each destination rank reads and plans one
+//! destination rank; `load.rs` loads sources in MindSpore's order (and
+//! the owner rules of de-duplicated sets); `place.rs` turns one tensor's
+//! layouts into box copies; `build.rs` builds one destination file.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use super::{Plan, SourceFile};
+use crate::error::{Error, Result};
+use crate::formats::strategy::{LayoutTable, Strategy};
+use crate::formats::tree::FileFormat;
+use crate::formats::SourceEntry;
+
+mod build;
+mod load;
+mod place;
+mod ranks;
+
+use load::{deduplicate_outputs, output_ownership, source_ownership, ByRank};
+use ranks::{is_by_stage, needed_ranks, plan_by_stage, plan_rank, stage_maps};
+
+/// What the transform planner needs to know; no tensor bytes.
+pub struct TransformInput<'a> {
+    /// Source files by global source rank, with their indexes.
+    pub sources: Vec<(usize, PathBuf, Vec<SourceEntry>)>,
+    /// Source strategy (`None`: the source is one full checkpoint).
+    pub src_strategy: Option<&'a Strategy>,
+    /// Destination strategy (`None`: merge into one full checkpoint).
+    pub dst_strategy: Option<&'a Strategy>,
+    /// Output directory; files go to `rank_{r}/{prefix}{r}.{ext}`.
+    pub dst_dir: &'a Path,
+    /// File name prefix.
+    pub prefix: &'a str,
+    /// Only these destination ranks (`None`: all).
+    pub ranks: Option<Vec<usize>>,
+    /// Output format.
+    pub format: FileFormat,
+    /// Merge LoRA factors into their base weights on the way (drops every
+    /// `lora_` tensor from the output).
+    pub lora: Option<LoraSpec>,
+    /// The source rank set was saved with `remove_redundancy=True`: a
+    /// strategy parameter a source rank does not hold is read from the rank
+    /// of its redundancy group that owns it (spec safetensors-era §2.4).
+    pub deduplicated: bool,
+    /// Write each destination rank with only the tensors MindSpore's
+    /// `remove_redundancy=True` save keeps there (`get_parameter_redundancy`
+    /// then `remove_param_redundancy` on the destination strategy), with
+    /// the `remove_redundancy: "True"` metadata flag. Safetensors output
+    /// only.
+    pub remove_redundancy: bool,
+}
+
+/// Device count per stage and stage count of a strategy (1, 1 for none).
+fn stage_geometry(table: Option<&LayoutTable>) -> Result<(u64, u64)> {
+    match table {
+        None => Ok((1, 1)),
+        Some(t) => Ok((t.device_num_per_stage()?, t.stage_num()? as u64)),
+    }
+}
+
+/// The destination ranks a transform writes.
+pub fn destination_ranks(dst: Option<&Strategy>) -> Result<Vec<usize>> {
+    let table = dst.map(|s| s.layout_table(None)).transpose()?;
+    let (per_stage, stages) = stage_geometry(table.as_ref())?;
+    Ok((0..(per_stage * stages) as usize).collect())
+}
+
+fn to_u64(dims: &[i64]) -> Vec<u64> {
+    dims.iter().map(|&d| d.max(0) as u64).collect()
+}
+
+/// Where one parameter's value for one local source rank comes from.
+#[derive(Clone, Copy)]
+struct Held {
+    source: usize,
+    entry: usize,
+}
+
+/// Plans the whole transform.
+pub fn plan(input: &TransformInput<'_>) -> Result<Plan> {
+    // Output names are `rank_{r}/{prefix}{r}.{ext}`: a prefix with a path
+    // separator or a parent reference could write outside the output directory.
+    if input.prefix.contains(['/', '\\']) || input.prefix.starts_with("..") {
+        return Err(Error::invalid(format!(
+            "the prefix {:?} is not a plain file-name prefix; it would write outside {}",
+            input.prefix,
+            input.dst_dir.display()
+        )));
+    }
+    let src_table = input
+        .src_strategy
+        .map(|s| s.layout_table(None))
+        .transpose()?;
+    let dst_full = input
+        .dst_strategy
+        .map(|s| s.layout_table(None))
+        .transpose()?;
+    let (src_per_stage, _) = stage_geometry(src_table.as_ref())?;
+    let (dst_per_stage, dst_stages) = stage_geometry(dst_full.as_ref())?;
+    let all_ranks = (dst_per_stage * dst_stages) as usize;
+    let ranks = match &input.ranks {
+        Some(r) => {
+            if let Some(bad) = r.iter().find(|&&r| r >= all_ranks) {
+                return Err(Error::invalid(format!(
+                    "destination rank {bad} does not exist: the destination strategy has {all_ranks} ranks"
+                )));
+            }
+            r.clone()
+        }
+        None => (0..all_ranks).collect(),
+    };
+    // Several files may share a rank: the shards of one full checkpoint
+    // (HF `model-0000x-of-0000y`), or a base model and its LoRA adapter.
+    let mut by_rank: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (i, s) in input.sources.iter().enumerate() {
+        by_rank.entry(s.0).or_default().push(i);
+    }
+    let sources: Vec<SourceFile> = input
+        .sources
+        .iter()
+        .map(|(rank, path, _)| SourceFile {
+            rank: *rank,
+            path: path.clone(),
+        })
+        .collect();
+    let keep = output_ownership(input, dst_full.as_ref())?;
+    if let (Some(src_s), Some(src_t), Some(dst_t)) = (input.src_strategy, &src_table, &dst_full) {
+        if is_by_stage(src_t, dst_t)? {
+            let dedup = source_ownership(input, src_t, u64::from(src_s.stage().unwrap_or(0)))?;
+            let by = ByRank {
+                files: &by_rank,
+                dedup: dedup.as_ref(),
+            };
+            let files = plan_by_stage(input, src_s, src_t, dst_t, &by)?;
+            return Ok(Plan {
+                sources,
+                files: deduplicate_outputs(files, keep.as_ref()),
+            });
+        }
+    }
+    let dedup = match &src_table {
+        Some(t) => source_ownership(input, t, 0)?,
+        None => None,
+    };
+    let by = ByRank {
+        files: &by_rank,
+        dedup: dedup.as_ref(),
+    };
+    let by_rank = &by;
+    if let Some(t) = &src_table {
+        let described = (src_per_stage * t.stage_num()? as u64) as usize;
+        if by_rank.len() != described {
+            return Err(Error::Strategy(format!(
+                "the source strategy describes {described} ranks ({} stage(s) × {src_per_stage}) but the source holds {} rank(s); \
+                 pass the directory of every rank's strategy file, or the merged file",
+                t.stage_num()?,
+                by_rank.len()
+            )));
+        }
+    }
+    let mut files = Vec::with_capacity(ranks.len());
+    for &rank in &ranks {
+        let file = plan_rank(
+            input,
+            rank as u64,
+            src_table.as_ref(),
+            src_per_stage,
+            dst_per_stage,
+            by_rank,
+        )?;
+        files.push(file);
+    }
+    Ok(Plan {
+        sources,
+        files: deduplicate_outputs(files, keep.as_ref()),
+    })
+}
+
+/// The number of source ranks a strategy describes (1 for none).
+pub fn source_rank_count(src: Option<&Strategy>) -> Result<usize> {
+    let table = src.map(|s| s.layout_table(None)).transpose()?;
+    let (per, stages) = stage_geometry(table.as_ref())?;
+    Ok((per * stages) as usize)
+}
+
+/// For each destination rank of `ranks`, the global source ranks a
+/// transform loads for it, descending (MindSpore's `rank_list_for_transform`,
+/// or the source stage's ranks for the by-stage variant). Strategies only:
+/// no file is read.
+pub fn needed_sources(
+    src: Option<&Strategy>,
+    dst: Option<&Strategy>,
+    ranks: &[usize],
+) -> Result<BTreeMap<usize, Vec<usize>>> {
+    let src_table = src.map(|s| s.layout_table(None)).transpose()?;
+    let dst_full = dst.map(|s| s.layout_table(None)).transpose()?;
+    let (src_per_stage, _) = stage_geometry(src_table.as_ref())?;
+    let (dst_per_stage, _) = stage_geometry(dst_full.as_ref())?;
+    if let (Some(s), Some(st), Some(dt)) = (src, &src_table, &dst_full) {
+        if is_by_stage(st, dt)? {
+            let stage = u64::from(s.stage().unwrap_or(0));
+            let all: Vec<usize> = (0..src_per_stage)
+                .rev()
+                .map(|l| (stage * src_per_stage + l) as usize)
+                .collect();
+            return Ok(ranks.iter().map(|&r| (r, all.clone())).collect());
+        }
+    }
+    let mut out = BTreeMap::new();
+    for &rank in ranks {
+        let wrap = |e: Error| Error::invalid(format!("destination rank {rank}: {e}"));
+        let (src_map, dst_map) =
+            stage_maps(rank as u64, src_table.as_ref(), dst, dst_per_stage).map_err(wrap)?;
+        let needed = needed_ranks(
+            rank as u64,
+            src_map.as_ref(),
+            dst_map.as_ref(),
+            src_per_stage,
+            dst_per_stage,
+        )
+        .map_err(wrap)?;
+        out.insert(rank, needed.into_iter().map(|k| k as usize).collect());
+    }
+    Ok(out)
+}
+
+/// A LoRA merge request: base weight name → (A name, B name).
+#[derive(Debug, Clone, Default)]
+pub struct LoraSpec {
+    /// Base weight → (`lora_a` factor, `lora_b` factor).
+    pub pairs: HashMap<String, (String, String)>,
+    /// The scale applied to `B·A`.
+    pub scale: f32,
+    /// Weights are stored `[in, out]` (PEFT `fan_in_fan_out`).
+    pub fan_in_fan_out: bool,
+    /// Base weights stored the other way round from `fan_in_fan_out` (a
+    /// MindSpore weight that is the transpose of the HuggingFace one its
+    /// adapter was trained on).
+    pub transposed: HashSet<String>,
+}
+
+impl LoraSpec {
+    /// Whether `name` is dropped from the output (every `lora_` tensor,
+    /// including factors' optimizer states), as mindformers does.
+    pub fn drops(name: &str) -> bool {
+        name.contains("lora_")
+    }
+}
