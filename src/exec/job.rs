@@ -67,7 +67,23 @@ impl<'p, B: Backend> Job<'p, B> {
     /// Records the job's first error; every thread stops at its next step.
     pub(super) fn fail(&self, e: Error) {
         self.failed.store(true, Ordering::Relaxed);
-        self.first_error.lock().unwrap().get_or_insert(e);
+        self.first_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(e);
+    }
+
+    /// Runs `f` (the body of one of the job's threads); a panic in it fails
+    /// the job with [`Error::Internal`] instead of unwinding into the
+    /// caller, so the other threads stop and every temporary is removed as
+    /// for any failure.
+    pub(super) fn guarded(&self, thread: &str, f: impl FnOnce()) {
+        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            self.fail(Error::Internal(format!(
+                "{thread} panicked: {}",
+                panic_message(panic.as_ref())
+            )));
+        }
     }
 
     /// Finishes ([`Job::finish`]: fsync, rename, manifest) each completely
@@ -144,4 +160,14 @@ impl<F: FnMut()> Drop for OnDrop<F> {
     fn drop(&mut self) {
         (self.0)()
     }
+}
+
+/// The text of a panic's payload (a `&str` or `String` for `panic!` with a
+/// message).
+pub(super) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }

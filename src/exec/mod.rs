@@ -38,7 +38,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::backend::{Backend, SourceKey};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::formats::ckpt::ReadOptions;
 use crate::formats::destination;
 use crate::formats::manifest;
@@ -67,6 +67,18 @@ pub fn default_workers() -> usize {
         .unwrap_or(1)
 }
 
+/// The command line [`ExecOptions::default`] records in manifests; set
+/// once by the host program ([`record_command_line`]).
+static COMMAND_LINE: OnceLock<Vec<String>> = OnceLock::new();
+
+/// Declares the command line of this process, for the manifests of every
+/// later run made with [`ExecOptions::default`] (the CLI passes its argv;
+/// the first call wins). A library that never calls it records an empty
+/// command: it never reads the process's own argv.
+pub fn record_command_line(argv: Vec<String>) {
+    let _ = COMMAND_LINE.set(argv);
+}
+
 /// Options of [`execute`].
 #[derive(Debug, Clone)]
 pub struct ExecOptions {
@@ -77,7 +89,9 @@ pub struct ExecOptions {
     /// Metadata of safetensors outputs.
     pub safetensors_metadata: std::collections::BTreeMap<String, String>,
     /// Write `<file>.manifest.json` beside each output, recording this
-    /// command line (`None`: no manifests).
+    /// command line (`None`: no manifests). The default records what the
+    /// host program declared with [`record_command_line`] (the CLI: its
+    /// argv), else nothing: the library never reads the process's argv.
     pub manifest: Option<Vec<String>>,
     /// Skip destination files that are already complete: a manifest that
     /// matches the file and lists exactly the planned tensors.
@@ -148,12 +162,9 @@ impl Default for ExecOptions {
             workers: 1,
             read: ReadOptions::default(),
             safetensors_metadata: [("format".to_string(), "ms".to_string())].into(),
-            // args_os: a non-UTF-8 argument must not panic (issue 19 item 8).
-            manifest: Some(
-                std::env::args_os()
-                    .map(|a| a.to_string_lossy().into_owned())
-                    .collect(),
-            ),
+            // Never the process's own argv: a library call (C ABI, Python)
+            // records what its host program declared, if anything.
+            manifest: Some(COMMAND_LINE.get().cloned().unwrap_or_default()),
             resume: false,
             control: OutputControl::default(),
             destination: None,
@@ -248,24 +259,26 @@ fn execute_with<B: Backend>(
         flush: flush_tx,
         working: AtomicUsize::new(workers),
     };
-    crossbeam::thread::scope(|s| {
+    let scoped = crossbeam::thread::scope(|s| {
         if options.manifest.is_some() && !options.resume && remote.is_none() {
             // Source hashes (for the manifests) are needed only when a file
             // is finished; computing them meanwhile uses idle time. Not when
             // resuming: files found complete need none of their sources, so
             // hashes are taken on demand as before.
             s.spawn(|_| {
-                for i in 0..plan.sources.len() {
-                    if job.failed.load(Ordering::Relaxed) {
-                        return;
+                job.guarded("the source hashing thread", || {
+                    for i in 0..plan.sources.len() {
+                        if job.failed.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        let _ = job.sources.digest(i);
                     }
-                    let _ = job.sources.digest(i);
-                }
+                })
             });
         }
         // Completed files are synced, renamed and given their manifests
         // by one thread of their own, so no worker waits for the disk.
-        s.spawn(|_| job.flusher(&flush_rx));
+        s.spawn(|_| job.guarded("the flusher thread", || job.flusher(&flush_rx)));
         for _ in 0..workers {
             s.spawn(|_| {
                 // Also when a worker panics, so the flusher stops.
@@ -274,17 +287,24 @@ fn execute_with<B: Backend>(
                         let _ = job.flush.send(None);
                     }
                 });
-                job.work();
+                job.guarded("a worker thread", || job.work());
             });
         }
-    })
-    .expect("a worker panicked");
+    });
+    // Every thread catches its own panic (`Job::guarded`); one that still
+    // escaped is a failure like any other, with the same cleanup.
+    if let Err(panic) = scoped {
+        job.fail(Error::Internal(format!(
+            "a thread of the executor panicked: {}",
+            job::panic_message(panic.as_ref())
+        )));
+    }
     backend.forget_sources(job.sources.job);
     let Job {
         done, first_error, ..
     } = job;
-    let mut files = done.into_inner().unwrap();
-    if let Some(e) = first_error.into_inner().unwrap() {
+    let mut files = done.into_inner().unwrap_or_else(|e| e.into_inner());
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
         for f in files.iter().filter(|f| !f.skipped) {
             let _ = std::fs::remove_file(manifest::manifest_path(&f.path));
             let _ = std::fs::remove_file(&f.path);
@@ -303,4 +323,149 @@ fn execute_with<B: Backend>(
         files,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{CpuBackend, HostBuffer, LoraAdd, Src};
+    use crate::error::ErrorKind;
+    use crate::formats::safetensors::{write, StWriteOptions, TensorRef};
+    use crate::formats::tree::FileFormat;
+    use crate::layout::boxes::BoxCopy;
+    use crate::plan::{Content, CopyStep, SourceFile, TensorPlan};
+    use crate::DType;
+
+    /// The CPU backend, except that every box copy panics (a bug in a
+    /// backend, as seen by the executor).
+    struct Panicking(CpuBackend);
+
+    impl Backend for Panicking {
+        type Buffer = HostBuffer;
+        fn name(&self) -> &'static str {
+            "panicking"
+        }
+        fn alloc(&self, bytes: usize) -> Result<HostBuffer> {
+            self.0.alloc(bytes)
+        }
+        fn upload(&self, host: &[u8], dst: &mut HostBuffer, offset: usize) -> Result<()> {
+            self.0.upload(host, dst, offset)
+        }
+        fn download(&self, src: &HostBuffer, offset: usize, host: &mut [u8]) -> Result<()> {
+            self.0.download(src, offset, host)
+        }
+        fn host_bytes<'a>(&self, buffer: &'a HostBuffer) -> Option<&'a [u8]> {
+            self.0.host_bytes(buffer)
+        }
+        fn box_copy(&self, _: Src<'_, HostBuffer>, _: &mut HostBuffer, _: &BoxCopy) -> Result<()> {
+            panic!("box copy exploded")
+        }
+        fn box_copy_source(
+            &self,
+            _: &SourceKey,
+            _: &[u8],
+            _: &mut HostBuffer,
+            _: &BoxCopy,
+        ) -> Result<()> {
+            panic!("box copy exploded")
+        }
+        fn forget_sources(&self, _: u64) {}
+        fn lora_add(
+            &self,
+            w: &mut HostBuffer,
+            b: &HostBuffer,
+            a: &HostBuffer,
+            op: &LoraAdd,
+        ) -> Result<()> {
+            self.0.lora_add(w, b, a, op)
+        }
+        fn synchronize(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_panicking_worker_is_an_internal_error_and_leaves_no_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.safetensors");
+        let data: Vec<u8> = (0..16u8).collect();
+        let tensors = [(
+            "w".to_string(),
+            TensorRef {
+                dtype: DType::F32,
+                shape: vec![2, 2],
+                data: &data,
+            },
+        )];
+        write(&src, &tensors, &StWriteOptions::default()).unwrap();
+        let out = dir.path().join("out");
+        // Several files, each a transpose (a box copy, never a plain copy),
+        // so every worker reaches the backend.
+        let files = (0..4)
+            .map(|r| FilePlan {
+                rank: r,
+                path: out.join(format!("rank_{r}/x{r}.safetensors")),
+                format: FileFormat::Safetensors,
+                tensors: vec![TensorPlan {
+                    name: "w".into(),
+                    content: Content::Tensor {
+                        dtype: DType::F32,
+                        shape: vec![2, 2],
+                        steps: vec![CopyStep {
+                            source: 0,
+                            tensor: "w".into(),
+                            copy: BoxCopy {
+                                src_axes: vec![1, 0],
+                                ..BoxCopy::whole(&[2, 2], DType::F32, DType::F32)
+                            },
+                        }],
+                    },
+                }],
+                metadata: None,
+            })
+            .collect();
+        let plan = Plan {
+            sources: vec![SourceFile { rank: 0, path: src }],
+            files,
+        };
+        let options = ExecOptions {
+            workers: 3,
+            ..ExecOptions::default()
+        };
+        let e = execute(&plan, &Panicking(CpuBackend::new(1)), &options).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Internal, "{e}");
+        let left = files_under(&out);
+        assert!(
+            left.iter().all(|p| !p.to_string_lossy().ends_with(".tmp")),
+            "temporaries left: {left:?}"
+        );
+        assert!(
+            !left
+                .iter()
+                .any(|p| matches!(p.extension(), Some(x) if x == "safetensors")),
+            "outputs left: {left:?}"
+        );
+        // The same plan on a sound backend writes every file.
+        let report = execute(&plan, &CpuBackend::new(1), &options).unwrap();
+        assert_eq!(report.files.len(), 4);
+    }
+
+    #[test]
+    fn default_options_do_not_record_the_process_argv() {
+        // Nothing in the library declares a command line (only the CLI does).
+        assert_eq!(ExecOptions::default().manifest, Some(Vec::new()));
+    }
 }
