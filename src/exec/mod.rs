@@ -53,6 +53,7 @@ pub use exchange::{
     all_gather_bytes, execute_on, execute_on_local, in_process_job, Check, ExchangeReport,
 };
 mod fill;
+pub(crate) mod hooks;
 mod job;
 mod output;
 mod resume;
