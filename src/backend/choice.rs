@@ -31,9 +31,10 @@ impl std::str::FromStr for BackendChoice {
             "cpu" => Ok(BackendChoice::Cpu),
             "ascend" | "npu" => Ok(BackendChoice::Ascend),
             "auto" => Ok(BackendChoice::Auto),
-            other => Err(Error::invalid(format!(
-                "--backend must be cpu, ascend or auto, not {other:?}"
-            ))),
+            other => Err(Error::usage_of(
+                "backend",
+                format!("must be cpu, ascend or auto, not {other:?}"),
+            )),
         }
     }
 }
@@ -62,13 +63,13 @@ impl BackendChoice {
                 Ok(b) => Ok(AnyBackend::Ascend(
                     b,
                     Some(
-                        "--backend auto: chose Ascend (a CANN runtime loaded and the device opened)"
+                        "backend auto: chose Ascend (a CANN runtime loaded and the device opened)"
                             .into(),
                     ),
                 )),
                 Err(e) => Ok(AnyBackend::Cpu(
                     CpuBackend::default(),
-                    Some(format!("--backend auto: using the CPU ({e})")),
+                    Some(format!("backend auto: using the CPU ({e})")),
                 )),
             },
         }
@@ -115,8 +116,8 @@ pub enum AnyBuffer {
 }
 
 fn mismatch(op: &str) -> Error {
-    Error::invalid(format!(
-        "{op}: a buffer of one backend was passed to another (internal error)"
+    Error::Internal(format!(
+        "{op}: a buffer of one backend was passed to another"
     ))
 }
 
@@ -240,7 +241,9 @@ mod tests {
             "auto".parse::<BackendChoice>().unwrap(),
             BackendChoice::Auto
         );
-        assert!("gpu".parse::<BackendChoice>().is_err());
+        let e = "gpu".parse::<BackendChoice>().unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Usage);
+        assert_eq!(e.option(), Some("backend"));
         let b = BackendChoice::Cpu.open().unwrap();
         assert_eq!(b.describe(), "cpu");
         let mut out = b.alloc(8).unwrap();

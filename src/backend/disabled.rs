@@ -33,7 +33,7 @@ pub struct AscendBuffer {
 /// The message of every attempt to use the backend in this build.
 pub const NOT_COMPILED: &str = "this reshard was built without Ascend support; rebuild it with \
 `cargo build --release --features ascend` (the CANN toolkit is only needed at run time) or use \
---backend cpu (--backend auto falls back to the CPU by itself)";
+the cpu backend (backend auto falls back to the CPU by itself)";
 
 impl AscendBackend {
     /// Always fails: the `ascend` feature is off.

@@ -244,8 +244,8 @@ fn execute_with<B: Backend>(
         sources: Sources {
             plan,
             read: &options.read,
-            opened: plan.sources.iter().map(|_| OnceLock::new()).collect(),
-            digests: plan.sources.iter().map(|_| OnceLock::new()).collect(),
+            opened: plan.sources.iter().map(|_| Default::default()).collect(),
+            digests: plan.sources.iter().map(|_| Default::default()).collect(),
             remote,
             job: SourceKey::new_job(),
         },

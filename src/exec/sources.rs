@@ -2,7 +2,7 @@
 //! the workers; their digests (for manifests) taken once; in a distributed
 //! run, what other ranks read for this one.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use super::exchange;
 use crate::error::{Error, Result};
@@ -16,8 +16,8 @@ use crate::plan::{CopyStep, Plan};
 pub(super) struct Sources<'p> {
     pub(super) plan: &'p Plan,
     pub(super) read: &'p ReadOptions,
-    pub(super) opened: Vec<OnceLock<std::result::Result<Source, String>>>,
-    pub(super) digests: Vec<OnceLock<std::result::Result<FileDigest, String>>>,
+    pub(super) opened: Vec<Once<Source>>,
+    pub(super) digests: Vec<Once<FileDigest>>,
     /// In a distributed run: what other ranks read for this one.
     pub(super) remote: Option<&'p exchange::Received>,
     /// This run's [`SourceKey`] job: a device backend keeps what it uploads
@@ -35,16 +35,16 @@ impl<'p> Sources<'p> {
             return Ok(*d);
         }
         self.digests[i]
-            .get_or_init(|| {
+            .get_or_try(|| {
                 let path = &self.plan.sources[i].path;
-                let d = manifest::digest_file(path).map_err(|e| e.to_string())?;
+                let d = manifest::digest_file(path)?;
                 if let Ok(Some(m)) = Manifest::read(path) {
                     if m.digest != d {
                         return Err(Error::SourceChanged {
                             what: format!(
                                 "it does not match its manifest ({} bytes with xxh3 {:016x}; the \
-                                 manifest says {} bytes with xxh3 {:016x}; if it was changed on \
-                                 purpose, remove {})",
+                             manifest says {} bytes with xxh3 {:016x}; if it was changed on \
+                             purpose, remove {})",
                                 d.bytes,
                                 d.xxh3,
                                 m.digest.bytes,
@@ -52,23 +52,16 @@ impl<'p> Sources<'p> {
                                 manifest::manifest_path(path).display()
                             ),
                         }
-                        .in_file(path)
-                        .to_string());
+                        .in_file(path));
                     }
                 }
                 Ok(d)
             })
-            .clone()
-            .map_err(Error::invalid)
+            .copied()
     }
 
     pub(super) fn get(&self, i: usize) -> Result<&Source> {
-        self.opened[i]
-            .get_or_init(|| {
-                Source::open(&self.plan.sources[i].path, self.read).map_err(|e| e.to_string())
-            })
-            .as_ref()
-            .map_err(|e| Error::invalid(e.clone()))
+        self.opened[i].get_or_try(|| Source::open(&self.plan.sources[i].path, self.read))
     }
 
     /// The box of `step` as another rank cut it (dense, in the
@@ -86,5 +79,38 @@ impl<'p> Sources<'p> {
             return Ok(v.clone());
         }
         self.get(i)?.string(tensor)
+    }
+}
+
+/// A value computed once by whichever thread asks first, the others
+/// waiting for it. A failure is not kept: it goes, typed, to the thread that
+/// computed it, and the next caller tries again (and fails the same way, so
+/// every thread sees the real error, not a copy of its text).
+pub(super) struct Once<T> {
+    value: OnceLock<T>,
+    computing: Mutex<()>,
+}
+
+impl<T> Default for Once<T> {
+    fn default() -> Self {
+        Once {
+            value: OnceLock::new(),
+            computing: Mutex::new(()),
+        }
+    }
+}
+
+impl<T> Once<T> {
+    /// The value, computing it with `f` if no call has yet succeeded.
+    pub(super) fn get_or_try(&self, f: impl FnOnce() -> Result<T>) -> Result<&T> {
+        if let Some(v) = self.value.get() {
+            return Ok(v);
+        }
+        let _one_at_a_time = self.computing.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = self.value.get() {
+            return Ok(v);
+        }
+        let v = f()?;
+        Ok(self.value.get_or_init(|| v))
     }
 }

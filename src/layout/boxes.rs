@@ -76,7 +76,7 @@ impl BoxCopy {
             || self.src_offset.len() != n
             || self.dst_offset.len() != n
         {
-            return Err(Error::invalid(format!(
+            return Err(Error::mismatch(format!(
                 "box copy rank mismatch: extent {:?}, source {:?} at {:?}, destination {:?} at {:?}",
                 self.extent, self.src_shape, self.src_offset, self.dst_shape, self.dst_offset
             )));
@@ -85,7 +85,7 @@ impl BoxCopy {
             let mut seen = self.src_axes.clone();
             seen.sort_unstable();
             if seen != (0..n).collect::<Vec<_>>() {
-                return Err(Error::invalid(format!(
+                return Err(Error::mismatch(format!(
                     "box copy axes {:?} are not a permutation of 0..{n}",
                     self.src_axes
                 )));
@@ -96,7 +96,7 @@ impl BoxCopy {
             if self.src_offset[s] + self.extent[d] > self.src_shape[s]
                 || self.dst_offset[d] + self.extent[d] > self.dst_shape[d]
             {
-                return Err(Error::invalid(format!(
+                return Err(Error::mismatch(format!(
                     "box copy out of bounds in dim {d}: extent {:?}, source {:?} at {:?}, destination {:?} at {:?}",
                     self.extent, self.src_shape, self.src_offset, self.dst_shape, self.dst_offset
                 )));
@@ -105,7 +105,7 @@ impl BoxCopy {
         let src_bytes = self.src_shape.iter().product::<u64>() * self.src_dtype.size() as u64;
         let dst_bytes = self.dst_shape.iter().product::<u64>() * self.dst_dtype.size() as u64;
         if src_bytes != src_len as u64 || dst_bytes != dst_len as u64 {
-            return Err(Error::invalid(format!(
+            return Err(Error::mismatch(format!(
                 "box copy buffers are {src_len} and {dst_len} bytes, shapes need {src_bytes} and {dst_bytes}"
             )));
         }
@@ -184,7 +184,7 @@ impl LoraAdd {
             && b == self.b_rows.len() * self.k * 4
             && a == self.a_cols.len() * self.k * 4;
         if !(fits && covered && sizes) {
-            return Err(Error::invalid(format!(
+            return Err(Error::mismatch(format!(
                 "inconsistent LoRA merge block {self:?} (buffers of {w}, {b} and {a} bytes)"
             )));
         }

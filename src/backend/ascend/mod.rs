@@ -501,7 +501,7 @@ impl Backend for AscendBackend {
         let end = offset
             .checked_add(host.len())
             .filter(|&e| e <= dst.len)
-            .ok_or_else(|| Error::invalid("upload past the end of the buffer"))?;
+            .ok_or_else(|| Error::mismatch("upload past the end of the buffer"))?;
         match &mut dst.mem {
             Mem::Host(h) => {
                 h.bytes_mut()[offset..end].copy_from_slice(host);
@@ -519,7 +519,7 @@ impl Backend for AscendBackend {
         let end = offset
             .checked_add(host.len())
             .filter(|&e| e <= src.len)
-            .ok_or_else(|| Error::invalid("download past the end of the buffer"))?;
+            .ok_or_else(|| Error::mismatch("download past the end of the buffer"))?;
         match &src.mem {
             Mem::Host(h) => {
                 host.copy_from_slice(&h.bytes()[offset..end]);

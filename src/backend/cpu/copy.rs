@@ -163,6 +163,7 @@ mod tests {
     use crate::backend::cpu::buf;
     use crate::backend::Backend;
     use crate::dtype::DType;
+    use crate::error::ErrorKind;
     use proptest::prelude::*;
 
     /// Element-by-element reference copy.
@@ -307,9 +308,10 @@ mod tests {
             src_axes: vec![0, 0],
             ..c
         };
-        assert!(CpuBackend::new(1)
+        let err = CpuBackend::new(1)
             .box_copy(Src::Host(&src), &mut out, &bad)
-            .is_err());
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Mismatch, "{err}");
     }
 
     #[test]
@@ -320,11 +322,18 @@ mod tests {
         let err = backend
             .box_copy(Src::Host(&[0; 16]), &mut buf(&[0; 16]), &c)
             .unwrap_err();
-        assert!(err.to_string().contains("out of bounds"), "{err}");
+        assert_eq!(err.kind(), ErrorKind::Mismatch, "{err}");
         let c = BoxCopy::whole(&[2], DType::I32, DType::F32);
-        assert!(backend
+        let err = backend
             .box_copy(Src::Host(&[0; 8]), &mut buf(&[0; 8]), &c)
-            .is_err());
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+        // Past the end of a buffer.
+        let mut b = buf(&[0; 4]);
+        let err = backend.upload(&[0; 4], &mut b, 1).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Mismatch, "{err}");
+        let err = backend.download(&b, 2, &mut [0; 4]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Mismatch, "{err}");
         let c = BoxCopy::whole(&[2], DType::F32, DType::BF16);
         let mut out = buf(&[0; 4]);
         backend

@@ -7,7 +7,7 @@
 
 use super::{Backend, BoxCopy, LoraAdd, SourceKey, Src};
 use crate::dtype::DType;
-use crate::error::{Error, Result};
+use crate::error::{DeviceErrorKind, Error, Result};
 
 mod copy;
 mod lora;
@@ -111,7 +111,11 @@ impl Backend for CpuBackend {
         let mut words = Vec::new();
         words
             .try_reserve_exact(bytes.div_ceil(8))
-            .map_err(|_| Error::invalid(format!("cannot allocate {bytes} bytes of host memory")))?;
+            .map_err(|_| Error::Device {
+                backend: "cpu",
+                kind: DeviceErrorKind::OutOfMemory,
+                message: format!("cannot allocate {bytes} bytes of host memory"),
+            })?;
         words.resize(bytes.div_ceil(8), 0);
         Ok(HostBuffer { words, len: bytes })
     }
@@ -120,7 +124,7 @@ impl Backend for CpuBackend {
         let end = offset
             .checked_add(host.len())
             .filter(|&e| e <= dst.len)
-            .ok_or_else(|| Error::invalid("upload past the end of the buffer"))?;
+            .ok_or_else(|| Error::mismatch("upload past the end of the buffer"))?;
         dst.bytes_mut()[offset..end].copy_from_slice(host);
         Ok(())
     }
@@ -129,7 +133,7 @@ impl Backend for CpuBackend {
         let end = offset
             .checked_add(host.len())
             .filter(|&e| e <= src.len)
-            .ok_or_else(|| Error::invalid("download past the end of the buffer"))?;
+            .ok_or_else(|| Error::mismatch("download past the end of the buffer"))?;
         host.copy_from_slice(&src.bytes()[offset..end]);
         Ok(())
     }

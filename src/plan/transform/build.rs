@@ -29,7 +29,7 @@ pub(super) fn fill(
 ) -> Result<Content> {
     let err = |e: Error| e.in_tensor(p.name);
     let own_held = *p.held.get(&own).ok_or_else(|| {
-        err(Error::invalid(format!(
+        err(Error::missing(format!(
             "the checkpoint of source rank {own} (local to its stage) is missing"
         )))
     })?;
@@ -48,7 +48,7 @@ pub(super) fn fill(
         });
     };
     if !dtype.is_float() || p.global.len() != 2 {
-        return Err(err(Error::invalid(format!(
+        return Err(err(Error::unsupported(format!(
             "a LoRA base weight must be a 2-d float tensor, not {dtype} {:?}",
             p.global
         ))));
@@ -60,13 +60,13 @@ pub(super) fn fill(
     let (w_rows, w_cols) = if fan_in_fan_out { (1, 0) } else { (0, 1) };
     let (out, inp) = (p.global[w_rows], p.global[w_cols]);
     if b.global.len() != 2 || a.global.len() != 2 || b.global[1] != a.global[0] {
-        return Err(err(Error::invalid(format!(
+        return Err(err(Error::mismatch(format!(
             "LoRA rank mismatch: {b_name} is {:?} and {a_name} is {:?}; B's columns must equal A's rows",
             b.global, a.global
         ))));
     }
     if b.global[0] != out || a.global[1] != inp {
-        return Err(err(Error::invalid(format!(
+        return Err(err(Error::mismatch(format!(
             "{b_name} {:?} · {a_name} {:?} does not multiply to the weight's {:?}{}",
             b.global,
             a.global,
@@ -224,7 +224,7 @@ pub(super) fn build_file(
         }
         let h = *loaded.table[name].get(&own).ok_or_else(|| {
             wrap(
-                Error::invalid(format!(
+                Error::missing(format!(
                     "the checkpoint of source rank {own} does not hold it"
                 ))
                 .in_tensor(name),
@@ -266,7 +266,7 @@ pub(super) fn build_file(
             },
             EntryValue::MapTensor => {
                 return Err(wrap(
-                    Error::invalid("map tensors cannot be resharded").in_tensor(name),
+                    Error::unsupported("map tensors cannot be resharded").in_tensor(name),
                 ))
             }
         };

@@ -58,15 +58,17 @@ pub(super) fn output_ownership(
         return Ok(None);
     }
     if input.format != FileFormat::Safetensors {
-        return Err(Error::invalid(
-            "--remove-redundancy writes safetensors only (MindSpore flags such sets in the \
+        return Err(Error::usage_of(
+            "remove_redundancy",
+            "writes safetensors only (MindSpore flags such sets in the \
              safetensors metadata; a .ckpt has no place for the flag, and mindformers refuses \
              remove_redundancy with checkpoint_format ckpt)",
         ));
     }
     let Some(dst) = dst else {
-        return Err(Error::invalid(
-            "--remove-redundancy needs a destination strategy: a single full checkpoint has no \
+        return Err(Error::usage_of(
+            "remove_redundancy",
+            "needs a destination strategy: a single full checkpoint has no \
              redundant copies (MindSpore refuses it in stand-alone mode)",
         ));
     };
@@ -148,7 +150,7 @@ pub(super) fn load_table(
                 .insert(local, Held { source, entry });
             if let Some(prev) = previous.filter(|p| files.contains(&p.source) && p.source != source)
             {
-                return Err(Error::invalid(format!(
+                return Err(Error::bad_input(format!(
                     "tensor {:?} is in both {} and {}",
                     e.name,
                     input.sources[prev.source].1.display(),
@@ -199,7 +201,7 @@ pub(super) fn borrow_owned(
             Holder::Owner(o) => o,
         };
         let Some(files) = by_rank.files.get(&(owner as usize)) else {
-            return Err(Error::invalid(format!(
+            return Err(Error::missing(format!(
                 "parameter {name:?} of rank {k}: the checkpoint was saved with redundancy \
                  removed and rank {owner}, which owns it, has no checkpoint (rank_{owner}/ is missing)"
             )));

@@ -95,11 +95,14 @@ pub fn plan(input: &TransformInput<'_>) -> Result<Plan> {
     // Output names are `rank_{r}/{prefix}{r}.{ext}`: a prefix with a path
     // separator or a parent reference could write outside the output directory.
     if input.prefix.contains(['/', '\\']) || input.prefix.starts_with("..") {
-        return Err(Error::invalid(format!(
-            "the prefix {:?} is not a plain file-name prefix; it would write outside {}",
-            input.prefix,
-            input.dst_dir.display()
-        )));
+        return Err(Error::usage_of(
+            "prefix",
+            format!(
+                "the prefix {:?} is not a plain file-name prefix; it would write outside {}",
+                input.prefix,
+                input.dst_dir.display()
+            ),
+        ));
     }
     let src_table = input
         .src_strategy
@@ -115,7 +118,9 @@ pub fn plan(input: &TransformInput<'_>) -> Result<Plan> {
     let ranks = match &input.ranks {
         Some(r) => {
             if let Some(bad) = r.iter().find(|&&r| r >= all_ranks) {
-                return Err(Error::invalid(format!(
+                return Err(Error::usage_of(
+                    "ranks",
+                    format!(
                     "destination rank {bad} does not exist: the destination strategy has {all_ranks} ranks"
                 )));
             }
@@ -222,9 +227,9 @@ pub fn needed_sources(
     }
     let mut out = BTreeMap::new();
     for &rank in ranks {
-        let wrap = |e: Error| Error::invalid(format!("destination rank {rank}: {e}"));
+        let wrap = in_destination(rank.to_string());
         let (src_map, dst_map) =
-            stage_maps(rank as u64, src_table.as_ref(), dst, dst_per_stage).map_err(wrap)?;
+            stage_maps(rank as u64, src_table.as_ref(), dst, dst_per_stage).map_err(&wrap)?;
         let needed = needed_ranks(
             rank as u64,
             src_map.as_ref(),
@@ -232,7 +237,7 @@ pub fn needed_sources(
             src_per_stage,
             dst_per_stage,
         )
-        .map_err(wrap)?;
+        .map_err(&wrap)?;
         out.insert(rank, needed.into_iter().map(|k| k as usize).collect());
     }
     Ok(out)
@@ -258,5 +263,117 @@ impl LoraSpec {
     /// including factors' optimizer states), as mindformers does.
     pub fn drops(name: &str) -> bool {
         name.contains("lora_")
+    }
+}
+
+/// Context for the errors of destination rank `what`: prefixes
+/// "destination rank {what}: " to the error's message, keeping its kind and
+/// its file/record/tensor context (a wrapper passes the prefix on to the
+/// error it wraps). Errors without a message of their own (a truncated
+/// file, a CRC mismatch) name their file already and are left as they are.
+pub(super) fn in_destination(what: String) -> impl Fn(Error) -> Error {
+    move |e| prefixed(e, &format!("destination rank {what}: "))
+}
+
+fn prefixed(e: Error, p: &str) -> Error {
+    match e {
+        Error::Strategy(m) => Error::Strategy(format!("{p}{m}")),
+        Error::BadInput(m) => Error::BadInput(format!("{p}{m}")),
+        Error::Missing(m) => Error::Missing(format!("{p}{m}")),
+        Error::Mismatch(m) => Error::Mismatch(format!("{p}{m}")),
+        Error::Unsupported(m) => Error::Unsupported(format!("{p}{m}")),
+        Error::Usage { option, message } => Error::Usage {
+            option,
+            message: format!("{p}{message}"),
+        },
+        Error::InTensor { name, source } => Error::InTensor {
+            name,
+            source: Box::new(prefixed(*source, p)),
+        },
+        Error::InRecord {
+            index,
+            name,
+            source,
+        } => Error::InRecord {
+            index,
+            name,
+            source: Box::new(prefixed(*source, p)),
+        },
+        Error::InFile { path, source } => Error::InFile {
+            path,
+            source: Box::new(prefixed(*source, p)),
+        },
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    fn input(dir: &Path) -> TransformInput<'_> {
+        TransformInput {
+            sources: Vec::new(),
+            src_strategy: None,
+            dst_strategy: None,
+            dst_dir: dir,
+            prefix: "checkpoint_",
+            ranks: None,
+            format: FileFormat::Ckpt,
+            lora: None,
+            deduplicated: false,
+            remove_redundancy: false,
+        }
+    }
+
+    #[test]
+    fn bad_requests_are_usage_errors_naming_the_setting() {
+        let dir = Path::new("out");
+        let e = plan(&TransformInput {
+            prefix: "../up",
+            ..input(dir)
+        })
+        .unwrap_err();
+        assert_eq!((e.kind(), e.option()), (ErrorKind::Usage, Some("prefix")));
+        let e = plan(&TransformInput {
+            ranks: Some(vec![1]),
+            ..input(dir)
+        })
+        .unwrap_err();
+        assert_eq!((e.kind(), e.option()), (ErrorKind::Usage, Some("ranks")));
+        for format in [FileFormat::Ckpt, FileFormat::Safetensors] {
+            // ckpt: no place for the flag; safetensors without a
+            // destination strategy: nothing is redundant.
+            let e = plan(&TransformInput {
+                remove_redundancy: true,
+                format,
+                ..input(dir)
+            })
+            .unwrap_err();
+            assert_eq!(
+                (e.kind(), e.option()),
+                (ErrorKind::Usage, Some("remove_redundancy")),
+                "{e}"
+            );
+            assert!(!e.to_string().contains("--"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_missing_source_rank_is_missing() {
+        let e = plan(&input(Path::new("out"))).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Missing, "{e}");
+    }
+
+    #[test]
+    fn destination_context_keeps_the_kind_and_the_tensor() {
+        let wrap = in_destination("3".into());
+        let e = wrap(Error::strategy("bad map").in_tensor("w"));
+        assert_eq!(e.kind(), ErrorKind::Strategy);
+        assert_eq!(e.tensor(), Some("w"));
+        assert!(e.to_string().contains("destination rank 3: bad map"), "{e}");
+        let e = wrap(Error::Io(std::io::Error::other("disk")));
+        assert_eq!(e.kind(), ErrorKind::Io);
     }
 }

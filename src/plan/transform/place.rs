@@ -91,7 +91,7 @@ pub(super) fn entry<'a>(input: &'a TransformInput<'_>, h: Held) -> &'a SourceEnt
 pub(super) fn tensor_dtype(e: &SourceEntry) -> Result<DType> {
     match e.value {
         EntryValue::Tensor(d) => Ok(d),
-        EntryValue::Str | EntryValue::MapTensor => Err(Error::invalid(
+        EntryValue::Str | EntryValue::MapTensor => Err(Error::unsupported(
             "a string or map-tensor entry cannot be resharded",
         )),
     }
@@ -108,7 +108,7 @@ pub(super) fn place<'a>(
     let held = loaded
         .table
         .get(name)
-        .ok_or_else(|| Error::invalid("no loaded source file holds it").in_tensor(name))?;
+        .ok_or_else(|| Error::missing("no loaded source file holds it").in_tensor(name))?;
     let first = entry(input, held[&loaded.first_local[name]]);
     let ndim = first.dims.len();
     let from = src_map
@@ -166,7 +166,7 @@ pub(super) fn region_steps(
         }
         let src_dtype = tensor_dtype(e).map_err(err)?;
         if src_dtype != first_dtype {
-            return Err(err(Error::invalid(format!(
+            return Err(err(Error::mismatch(format!(
                 "dtype differs between source ranks: {src_dtype} on rank {k}, {first_dtype} elsewhere"
             ))));
         }
@@ -197,7 +197,7 @@ pub(super) fn region_steps(
         .map(|d| d.iter().map(|p| p.len).sum::<u64>())
         .product();
     if covered != wanted {
-        return Err(err(Error::invalid(format!(
+        return Err(err(Error::missing(format!(
             "the loaded source ranks cover {covered} of the {wanted} elements needed"
         ))));
     }

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 
 use super::build::build_file;
 use super::load::{load_table, ByRank};
-use super::TransformInput;
+use super::{in_destination, TransformInput};
 use crate::error::{Error, Result};
 use crate::formats::strategy::{LayoutTable, Strategy};
 use crate::layout::{needed_source_ranks, Layout};
@@ -146,7 +146,7 @@ pub(super) fn plan_by_stage(
         .collect();
     for &k in &ranks {
         if !by_rank.contains_key(&(k as usize)) {
-            return Err(Error::invalid(format!(
+            return Err(Error::missing(format!(
                 "the source strategy is stage {stage}'s, whose ranks are {}..{}, but rank_{k}/ is missing",
                 ranks[0],
                 ranks[ranks.len() - 1]
@@ -172,7 +172,9 @@ pub(super) fn plan_by_stage(
         .into_iter()
         .map(|local| {
             if local >= dst_per_stage {
-                return Err(Error::invalid(format!(
+                return Err(Error::usage_of(
+                    "ranks",
+                    format!(
                     "destination rank {local} does not exist: the destination strategy has {dst_per_stage} ranks"
                 )));
             }
@@ -181,7 +183,7 @@ pub(super) fn plan_by_stage(
                 .dst_dir
                 .join(format!("rank_{r}"))
                 .join(format!("{}{r}_part{stage}.{}", input.prefix, input.format.extension()));
-            let wrap = |e: Error| Error::invalid(format!("destination rank {r} (stage {stage} part): {e}"));
+            let wrap = in_destination(format!("{r} (stage {stage} part)"));
             build_file(input, &loaded, Some(src), Some(&dst_map), local, r, path, &wrap)
         })
         .collect()
@@ -195,9 +197,9 @@ pub(super) fn plan_rank(
     dst_per_stage: u64,
     by_rank: &ByRank<'_>,
 ) -> Result<FilePlan> {
-    let wrap = |e: Error| Error::invalid(format!("destination rank {rank}: {e}"));
+    let wrap = in_destination(rank.to_string());
     let (src_map, dst_map) =
-        stage_maps(rank, src_table, input.dst_strategy, dst_per_stage).map_err(wrap)?;
+        stage_maps(rank, src_table, input.dst_strategy, dst_per_stage).map_err(&wrap)?;
     let needed = needed_ranks(
         rank,
         src_map.as_ref(),
@@ -205,10 +207,10 @@ pub(super) fn plan_rank(
         src_per_stage,
         dst_per_stage,
     )
-    .map_err(wrap)?;
+    .map_err(&wrap)?;
     for &k in &needed {
         if !by_rank.contains_key(&(k as usize)) {
-            return Err(Error::invalid(format!(
+            return Err(Error::missing(format!(
                 "the checkpoint of source rank {k} (rank_{k}/) is needed for destination rank {rank}, but it is missing"
             )));
         }
@@ -249,7 +251,7 @@ pub(super) fn plan_rank(
                 .map(|t| t.names().map(str::to_owned).collect())
         })
         .transpose()
-        .map_err(wrap)?;
+        .map_err(&wrap)?;
     let not_in_local_src = |n: &str| match (origin_src, &src_map) {
         (Some(o), Some(m)) => o.contains(n) && !m.contains(n),
         _ => true,
