@@ -4,7 +4,7 @@
 //!
 //! # Design
 //!
-//! * **Memory.** Buffers live in HBM, from a caching [`pool`]. When the
+//! * **Memory.** Buffers live in HBM, from a caching pool (`pool.rs`). When the
 //!   device is out of memory the pool is trimmed (after a synchronize) and
 //!   the allocation retried; if it still fails the buffer *spills* to host
 //!   memory and every operation on it runs on the host (the CPU backend's
@@ -19,7 +19,7 @@
 //!   gathers chunk k+1 while chunk k is in flight (double buffering). The
 //!   same pinned pair double-buffers `upload` and `download`.
 //! * **Source cache** (`cache.rs`, `source.rs`): box copies from source
-//!   tensors ([`Backend::box_copy_source`](super::Backend::box_copy_source))
+//!   tensors ([`Backend::box_copy_source`])
 //!   keep the boxes they upload in device memory, keyed by source tensor,
 //!   within a budget (LRU), and serve later copies of the same bytes on the
 //!   device, so each source byte crosses host→device once.
@@ -45,14 +45,14 @@
 //!   this CANN lacks the op.
 //! * **Errors** carry the C function, the code's name and
 //!   `aclGetRecentErrMsg`; failures of asynchronous work surface at
-//!   [`Backend::synchronize`](super::Backend::synchronize).
+//!   [`Backend::synchronize`].
 //! * **Threads.** Every entry point makes the backend's context current on
 //!   the calling thread; device work is serialised by one lock.
 //!
 //! # Files
 //!
 //! This file holds the options, the buffer and backend types, opening a
-//! device and the [`Backend`](super::Backend) implementation; each concern
+//! device and the [`Backend`] implementation; each concern
 //! behind it has one file: `error.rs` (vendor errors → [`Error::Device`]),
 //! `startup.rs` (start-up checks, the memcpy2d probe, the kernel library),
 //! `pool.rs` (device memory), `staging.rs` (pinned double buffers,
