@@ -43,7 +43,14 @@ pub(super) struct Cursor<'p> {
     /// The next file to open.
     pub(super) file: usize,
     /// Files with tensors not yet handed out, and the next one's position.
-    pub(super) open: Vec<(Arc<OpenFile<'p>>, usize)>,
+    pub(super) open: Vec<Unit<'p>>,
+}
+
+/// A tensor of an open file: its placement `pos` in the file's layout
+/// (for [`Cursor::open`], the next one to hand out).
+pub(super) struct Unit<'p> {
+    pub(super) file: Arc<OpenFile<'p>>,
+    pub(super) pos: usize,
 }
 
 impl<'p, B: Backend> Job<'p, B> {
@@ -51,7 +58,7 @@ impl<'p, B: Backend> Job<'p, B> {
         while !self.failed.load(Ordering::Relaxed) {
             let step = self.next_unit().and_then(|unit| match unit {
                 None => Ok(false),
-                Some((file, pos)) => self.place(&file, pos).map(|()| true),
+                Some(Unit { file, pos }) => self.place(&file, pos).map(|()| true),
             });
             match step {
                 Ok(true) => {}
@@ -105,10 +112,10 @@ impl<'p, B: Backend> Job<'p, B> {
     /// there are files left to open (writes to one file serialise in the
     /// kernel anyway), and share the last ones, taking each file's tensors
     /// in order.
-    pub(super) fn next_unit(&self) -> Result<Option<(Arc<OpenFile<'p>>, usize)>> {
+    pub(super) fn next_unit(&self) -> Result<Option<Unit<'p>>> {
         let mut c = self.cursor.lock().unwrap();
         loop {
-            c.open.retain(|(f, next)| *next < f.layout.tensors.len());
+            c.open.retain(|u| u.pos < u.file.layout.tensors.len());
             if c.open.len() < self.workers {
                 if let Some(file) = self.plan.files.get(c.file) {
                     c.file += 1;
@@ -132,7 +139,10 @@ impl<'p, B: Backend> Job<'p, B> {
                     if open.layout.tensors.is_empty() {
                         self.finish(&open)?;
                     } else {
-                        c.open.push((Arc::new(open), 0));
+                        c.open.push(Unit {
+                            file: Arc::new(open),
+                            pos: 0,
+                        });
                     }
                     continue;
                 }
@@ -141,14 +151,17 @@ impl<'p, B: Backend> Job<'p, B> {
             let Some(slot) = c
                 .open
                 .iter_mut()
-                .min_by_key(|(f, _)| f.active.load(Ordering::Relaxed))
+                .min_by_key(|u| u.file.active.load(Ordering::Relaxed))
             else {
                 return Ok(None);
             };
-            let pos = slot.1;
-            slot.1 += 1;
-            slot.0.active.fetch_add(1, Ordering::Relaxed);
-            return Ok(Some((slot.0.clone(), pos)));
+            let pos = slot.pos;
+            slot.pos += 1;
+            slot.file.active.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(Unit {
+                file: slot.file.clone(),
+                pos,
+            }));
         }
     }
 }

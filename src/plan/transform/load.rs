@@ -130,14 +130,17 @@ pub(super) fn load_table(
     for &k in ranks {
         let local = k % src_per_stage;
         let files = &by_rank[&(k as usize)];
-        let mut list: Vec<(usize, usize)> = files
+        let mut list: Vec<Held> = files
             .iter()
-            .flat_map(|&s| (0..input.sources[s].2.len()).map(move |e| (s, e)))
+            .flat_map(|&source| {
+                (0..input.sources[source].2.len()).map(move |entry| Held { source, entry })
+            })
             .collect();
         if let (Some(own), Some(all)) = (by_rank.dedup, &all_names) {
             borrow_owned(input, own, all, k, by_rank, &mut list)?;
         }
-        for (source, entry) in list {
+        for held in list {
+            let Held { source, entry } = held;
             let e = &input.sources[source].2[entry];
             if !loaded.table.contains_key(&e.name) {
                 loaded.order.push(e.name.clone());
@@ -147,7 +150,7 @@ pub(super) fn load_table(
                 .table
                 .entry(e.name.clone())
                 .or_default()
-                .insert(local, Held { source, entry });
+                .insert(local, held);
             if let Some(prev) = previous.filter(|p| files.contains(&p.source) && p.source != source)
             {
                 return Err(Error::bad_input(format!(
@@ -175,11 +178,11 @@ pub(super) fn borrow_owned(
     all_names: &HashSet<&str>,
     k: u64,
     by_rank: &ByRank<'_>,
-    list: &mut Vec<(usize, usize)>,
+    list: &mut Vec<Held>,
 ) -> Result<()> {
     let held: HashSet<&str> = list
         .iter()
-        .map(|&(s, e)| input.sources[s].2[e].name.as_str())
+        .map(|h| input.sources[h.source].2[h.entry].name.as_str())
         .collect();
     let missing = |owner: Option<u64>, name: &str| Error::RedundancyOwnerMissing {
         param: name.to_string(),
@@ -211,7 +214,7 @@ pub(super) fn borrow_owned(
                 .2
                 .iter()
                 .position(|e| e.name == name)
-                .map(|e| (s, e))
+                .map(|entry| Held { source: s, entry })
         });
         match found {
             Some(at) => {
@@ -224,8 +227,8 @@ pub(super) fn borrow_owned(
         }
     }
     if borrowed {
-        let key = |&(s, e): &(usize, usize)| {
-            let entry = &input.sources[s].2[e];
+        let key = |h: &Held| {
+            let entry = &input.sources[h.source].2[h.entry];
             match entry.value {
                 EntryValue::Tensor(d) => (
                     0u8,

@@ -31,7 +31,7 @@ mod place;
 mod ranks;
 
 use load::{deduplicate_outputs, output_ownership, source_ownership, ByRank};
-use ranks::{is_by_stage, needed_ranks, plan_by_stage, plan_rank, stage_maps};
+use ranks::{is_by_stage, needed_ranks, plan_by_stage, plan_rank, stage_maps, StageMaps};
 
 /// What the transform planner needs to know; no tensor bytes.
 pub struct TransformInput<'a> {
@@ -64,26 +64,42 @@ pub struct TransformInput<'a> {
     pub remove_redundancy: bool,
 }
 
-/// Device count per stage and stage count of a strategy (1, 1 for none).
-fn stage_geometry(table: Option<&LayoutTable>) -> Result<(u64, u64)> {
+/// How a strategy's ranks divide into pipeline stages.
+#[derive(Debug, Clone, Copy)]
+struct StageGeometry {
+    /// Devices per stage.
+    per_stage: u64,
+    /// Number of stages.
+    stages: u64,
+}
+
+/// The stage geometry of a strategy (1 × 1 for none).
+fn stage_geometry(table: Option<&LayoutTable>) -> Result<StageGeometry> {
     match table {
-        None => Ok((1, 1)),
-        Some(t) => Ok((t.device_num_per_stage()?, t.stage_num()? as u64)),
+        None => Ok(StageGeometry {
+            per_stage: 1,
+            stages: 1,
+        }),
+        Some(t) => Ok(StageGeometry {
+            per_stage: t.device_num_per_stage()?,
+            stages: t.stage_num()? as u64,
+        }),
     }
 }
 
 /// The destination ranks a transform writes.
 pub fn destination_ranks(dst: Option<&Strategy>) -> Result<Vec<usize>> {
     let table = dst.map(|s| s.layout_table(None)).transpose()?;
-    let (per_stage, stages) = stage_geometry(table.as_ref())?;
-    Ok((0..(per_stage * stages) as usize).collect())
+    let g = stage_geometry(table.as_ref())?;
+    Ok((0..(g.per_stage * g.stages) as usize).collect())
 }
 
 fn to_u64(dims: &[i64]) -> Vec<u64> {
     dims.iter().map(|&d| d.max(0) as u64).collect()
 }
 
-/// Where one parameter's value for one local source rank comes from.
+/// An entry of a source file: where one parameter's value for one local
+/// source rank comes from.
 #[derive(Clone, Copy)]
 struct Held {
     source: usize,
@@ -112,8 +128,11 @@ pub fn plan(input: &TransformInput<'_>) -> Result<Plan> {
         .dst_strategy
         .map(|s| s.layout_table(None))
         .transpose()?;
-    let (src_per_stage, _) = stage_geometry(src_table.as_ref())?;
-    let (dst_per_stage, dst_stages) = stage_geometry(dst_full.as_ref())?;
+    let src_per_stage = stage_geometry(src_table.as_ref())?.per_stage;
+    let StageGeometry {
+        per_stage: dst_per_stage,
+        stages: dst_stages,
+    } = stage_geometry(dst_full.as_ref())?;
     let all_ranks = (dst_per_stage * dst_stages) as usize;
     let ranks = match &input.ranks {
         Some(r) => {
@@ -198,8 +217,8 @@ pub fn plan(input: &TransformInput<'_>) -> Result<Plan> {
 /// The number of source ranks a strategy describes (1 for none).
 pub fn source_rank_count(src: Option<&Strategy>) -> Result<usize> {
     let table = src.map(|s| s.layout_table(None)).transpose()?;
-    let (per, stages) = stage_geometry(table.as_ref())?;
-    Ok((per * stages) as usize)
+    let g = stage_geometry(table.as_ref())?;
+    Ok((g.per_stage * g.stages) as usize)
 }
 
 /// For each destination rank of `ranks`, the global source ranks a
@@ -213,8 +232,8 @@ pub fn needed_sources(
 ) -> Result<BTreeMap<usize, Vec<usize>>> {
     let src_table = src.map(|s| s.layout_table(None)).transpose()?;
     let dst_full = dst.map(|s| s.layout_table(None)).transpose()?;
-    let (src_per_stage, _) = stage_geometry(src_table.as_ref())?;
-    let (dst_per_stage, _) = stage_geometry(dst_full.as_ref())?;
+    let src_per_stage = stage_geometry(src_table.as_ref())?.per_stage;
+    let dst_per_stage = stage_geometry(dst_full.as_ref())?.per_stage;
     if let (Some(s), Some(st), Some(dt)) = (src, &src_table, &dst_full) {
         if is_by_stage(st, dt)? {
             let stage = u64::from(s.stage().unwrap_or(0));
@@ -228,8 +247,10 @@ pub fn needed_sources(
     let mut out = BTreeMap::new();
     for &rank in ranks {
         let wrap = in_destination(rank.to_string());
-        let (src_map, dst_map) =
-            stage_maps(rank as u64, src_table.as_ref(), dst, dst_per_stage).map_err(&wrap)?;
+        let StageMaps {
+            src: src_map,
+            dst: dst_map,
+        } = stage_maps(rank as u64, src_table.as_ref(), dst, dst_per_stage).map_err(&wrap)?;
         let needed = needed_ranks(
             rank as u64,
             src_map.as_ref(),

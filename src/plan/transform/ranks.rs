@@ -75,6 +75,14 @@ pub(super) fn needed_ranks(
     Ok(out)
 }
 
+/// The layouts that matter for one destination rank (see [`stage_maps`]).
+pub(super) struct StageMaps {
+    /// The source's layouts (`None`: no source strategy).
+    pub(super) src: Option<LayoutTable>,
+    /// The destination's layouts (`None`: no destination strategy).
+    pub(super) dst: Option<LayoutTable>,
+}
+
 /// `_extract_src_dst_layout_map`: the source and destination layouts that
 /// matter for destination rank `rank` — the destination's (chosen for this
 /// rank) restricted to its stage, and the source's without the parameters
@@ -84,10 +92,13 @@ pub(super) fn stage_maps(
     src_table: Option<&LayoutTable>,
     dst: Option<&Strategy>,
     dst_per_stage: u64,
-) -> Result<(Option<LayoutTable>, Option<LayoutTable>)> {
+) -> Result<StageMaps> {
     let mut src_map = src_table.cloned();
     let Some(dst) = dst else {
-        return Ok((src_map, None));
+        return Ok(StageMaps {
+            src: src_map,
+            dst: None,
+        });
     };
     let mut t = dst.layout_table(Some(rank))?;
     let stage = (rank / dst_per_stage) as u32;
@@ -100,7 +111,10 @@ pub(super) fn stage_maps(
     if let Some(src) = &mut src_map {
         src.retain(|n, _| !removed.contains(n));
     }
-    Ok((src_map, Some(t)))
+    Ok(StageMaps {
+        src: src_map,
+        dst: Some(t),
+    })
 }
 
 /// MindSpore's dispatch (`transform_checkpoints`): both strategies have one
@@ -198,8 +212,10 @@ pub(super) fn plan_rank(
     by_rank: &ByRank<'_>,
 ) -> Result<FilePlan> {
     let wrap = in_destination(rank.to_string());
-    let (src_map, dst_map) =
-        stage_maps(rank, src_table, input.dst_strategy, dst_per_stage).map_err(&wrap)?;
+    let StageMaps {
+        src: src_map,
+        dst: dst_map,
+    } = stage_maps(rank, src_table, input.dst_strategy, dst_per_stage).map_err(&wrap)?;
     let needed = needed_ranks(
         rank,
         src_map.as_ref(),
