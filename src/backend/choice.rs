@@ -7,8 +7,9 @@
 
 use super::ascend::{AscendBackend, AscendBuffer, AscendOptions};
 use super::cpu::{CpuBackend, HostBuffer};
-use super::{Backend, BoxCopy, LoraAdd, SourceKey, Src};
+use super::{Backend, SourceKey, Src};
 use crate::error::{Error, Result};
+use crate::layout::boxes::{BoxCopy, LoraAdd};
 
 /// Which backend runs a plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]

@@ -4,8 +4,9 @@
 //! in [`super::AnyBackend`] compiles the same either way and its Ascend
 //! arms are unreachable.
 
-use super::{Backend, BoxCopy, LoraAdd, SourceKey, Src};
+use super::{Backend, SourceKey, Src};
 use crate::error::{DeviceErrorKind, Error, Result};
+use crate::layout::boxes::{BoxCopy, LoraAdd};
 
 /// Uninhabited: no value of the disabled backend exists.
 #[derive(Debug, Clone, Copy)]

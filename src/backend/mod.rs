@@ -73,6 +73,10 @@ pub fn lora_bit_exact() -> bool {
 use crate::dtype::DType;
 use crate::error::Result;
 
+// The geometry of both primitives lives below the planner, in
+// `layout::boxes`. Re-exported here only until every caller imports it from
+// there (the merge of issue 17 removes this line; this module then needs
+// `use crate::layout::boxes::{BoxCopy, LoraAdd};`).
 pub use crate::layout::boxes::{BoxCopy, LoraAdd, LORA_TILE};
 
 /// The bytes of one source tensor, for [`Backend::box_copy_source`]: the

@@ -329,11 +329,11 @@ fn execute_with<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{CpuBackend, HostBuffer, LoraAdd, Src};
+    use crate::backend::{CpuBackend, HostBuffer, Src};
     use crate::error::ErrorKind;
     use crate::formats::safetensors::{write, StWriteOptions, TensorRef};
     use crate::formats::tree::FileFormat;
-    use crate::layout::boxes::BoxCopy;
+    use crate::layout::boxes::{BoxCopy, LoraAdd};
     use crate::plan::{Content, CopyStep, SourceFile, TensorPlan};
     use crate::DType;
 

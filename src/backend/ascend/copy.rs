@@ -11,9 +11,10 @@ use ascendcl_sys::sys::{self as acl, aclDataType, ReshardBoxDesc};
 use super::error::{acl_call, AclExt};
 use super::geometry::{chunks, gather, Flat};
 use super::{AscendBackend, AscendBuffer, CopyPath, Inner, Retired};
-use crate::backend::{Backend, BoxCopy, Src};
+use crate::backend::{Backend, Src};
 use crate::dtype::DType;
 use crate::error::Result;
+use crate::layout::boxes::BoxCopy;
 
 impl AscendBackend {
     /// Enqueues a device-to-device box copy from `src` (a tensor of

@@ -2,7 +2,7 @@
 //! contiguous ([`Flat`]), a large box cut into chunks that fit a staging
 //! buffer ([`chunks`]), and the host gather of a sub-box into a dense run.
 
-use crate::backend::BoxCopy;
+use crate::layout::boxes::BoxCopy;
 
 pub(super) fn strides(shape: &[u64]) -> Vec<u64> {
     let mut s = vec![1u64; shape.len()];

@@ -8,8 +8,9 @@ use ascendcl_sys::sys as acl;
 use super::error::{device_error, AclExt};
 use super::{AscendBackend, AscendBuffer, Inner, LoraMode, Retired};
 use crate::backend::cpu::HostBuffer;
-use crate::backend::{Backend, LoraAdd};
+use crate::backend::Backend;
 use crate::error::Result;
+use crate::layout::boxes::LoraAdd;
 
 impl AscendBackend {
     /// `lora_add` on the device (W in device memory).

@@ -33,7 +33,7 @@
 //!   size so bytes — NaN payloads included — move unchanged); otherwise the
 //!   host. Each fallback is counted in [`AscendBackend::stats`].
 //! * **LoRA GEMM-add.** [`LoraMode::HostGemm`] (`--lora-bit-exact`) computes each
-//!   [`LORA_TILE`](super::LORA_TILE) product on the host with the CPU
+//!   [`LORA_TILE`](crate::layout::boxes::LORA_TILE) product on the host with the CPU
 //!   backend's own code — from `B` and `A` downloaded once per call — and
 //!   adds the scaled tile block into `W` on the device with
 //!   `aclnnInplaceAdd` (α = 1: one IEEE f32 add per element), which makes the
@@ -82,8 +82,9 @@ use ascendcl_sys::sys::{Api, ReshardBoxDesc};
 
 use super::cast::supported;
 use super::cpu::{CpuBackend, HostBuffer};
-use super::{Backend, BoxCopy, LoraAdd, SourceKey, Src};
+use super::{Backend, SourceKey, Src};
 use crate::error::{DeviceErrorKind, Error, Result};
+use crate::layout::boxes::{BoxCopy, LoraAdd};
 use cache::SourceCache;
 use error::AclExt;
 use pool::{Block, Pool};

@@ -15,8 +15,9 @@ use super::cache::Region;
 use super::error::{acl_call, AclExt};
 use super::geometry::{chunks, gather, strides};
 use super::{AscendBackend, AscendBuffer, Inner};
-use crate::backend::{BoxCopy, SourceKey};
+use crate::backend::SourceKey;
 use crate::error::Result;
+use crate::layout::boxes::BoxCopy;
 
 /// The box of the source tensor a copy reads (source axis order).
 pub(super) fn source_region(c: &BoxCopy) -> Region {

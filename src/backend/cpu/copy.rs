@@ -4,8 +4,9 @@
 
 use super::{CpuBackend, DstPtr, HostBuffer};
 use crate::backend::cast::{cast_slice, supported};
-use crate::backend::{BoxCopy, Src};
+use crate::backend::Src;
 use crate::error::{Error, Result};
+use crate::layout::boxes::BoxCopy;
 
 /// Copies above this many bytes are split across threads.
 const PARALLEL_BYTES: u64 = 8 << 20;

@@ -4,9 +4,9 @@
 
 use super::{CpuBackend, DstPtr, HostBuffer};
 use crate::backend::cast::{cast_slice, supported};
-use crate::backend::{LoraAdd, LORA_TILE};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::layout::boxes::{LoraAdd, LORA_TILE};
 
 impl CpuBackend {
     pub(super) fn add_lora(

@@ -5,9 +5,10 @@
 //! implementation; the box copy lives in `copy.rs`, the LoRA GEMM-add in
 //! `lora.rs` (the Ascend backend's host fallbacks call both).
 
-use super::{Backend, BoxCopy, LoraAdd, SourceKey, Src};
+use super::{Backend, SourceKey, Src};
 use crate::dtype::DType;
 use crate::error::{DeviceErrorKind, Error, Result};
+use crate::layout::boxes::{BoxCopy, LoraAdd};
 
 mod copy;
 mod lora;
