@@ -51,16 +51,18 @@ impl std::fmt::Display for BackendChoice {
 }
 
 impl BackendChoice {
-    /// Opens the chosen backend. `Auto` never fails for want of a device:
-    /// it falls back to the CPU and says why in [`AnyBackend::note`].
+    /// Opens the chosen backend, Ascend with [`AscendOptions::from_env`]
+    /// (the user's `RESHARD_ASCEND_*` settings). `Auto` never fails for
+    /// want of a device: it falls back to the CPU and says why in
+    /// [`AnyBackend::note`].
     pub fn open(self) -> Result<AnyBackend> {
         match self {
             BackendChoice::Cpu => Ok(AnyBackend::Cpu(CpuBackend::default(), None)),
             BackendChoice::Ascend => Ok(AnyBackend::Ascend(
-                AscendBackend::new(AscendOptions::default())?,
+                AscendBackend::new(AscendOptions::from_env())?,
                 None,
             )),
-            BackendChoice::Auto => match AscendBackend::new(AscendOptions::default()) {
+            BackendChoice::Auto => match AscendBackend::new(AscendOptions::from_env()) {
                 Ok(b) => Ok(AnyBackend::Ascend(
                     b,
                     Some(

@@ -19,6 +19,13 @@ pub struct AscendOptions {
     pub device: i32,
 }
 
+impl AscendOptions {
+    /// The defaults (nothing to read in this build).
+    pub fn from_env() -> Self {
+        AscendOptions::default()
+    }
+}
+
 /// The Ascend backend, compiled out.
 #[derive(Debug)]
 pub struct AscendBackend {

@@ -119,7 +119,8 @@ pub enum LoraMode {
 /// Options of [`AscendBackend`].
 #[derive(Debug, Clone)]
 pub struct AscendOptions {
-    /// Device id (default: `$RESHARD_ASCEND_DEVICE`, else 0).
+    /// Device id (default 0; [`AscendOptions::from_env`]:
+    /// `$RESHARD_ASCEND_DEVICE`).
     pub device: i32,
     /// Bytes per pinned staging chunk (two are allocated).
     pub stage_bytes: usize,
@@ -135,31 +136,55 @@ pub struct AscendOptions {
     pub kernel: bool,
     /// Device bytes the source cache may hold (see `cache.rs`): `None`, a
     /// quarter of the HBM free when the backend opens; `Some(0)` turns the
-    /// cache off. Default: `$RESHARD_ASCEND_CACHE_BYTES` if set, else `None`.
+    /// cache off. Default `None`; [`AscendOptions::from_env`]:
+    /// `$RESHARD_ASCEND_CACHE_BYTES` if set.
     pub cache_bytes: Option<usize>,
 }
 
 impl Default for AscendOptions {
+    /// Device 0, 8 MiB stages, the first copy path that applies, the
+    /// device GEMM for LoRA, a thread per core, no kernel, the cache sized
+    /// from free HBM. Reads nothing from the environment (see
+    /// [`AscendOptions::from_env`]).
     fn default() -> Self {
+        AscendOptions {
+            device: 0,
+            stage_bytes: 8 << 20,
+            path: CopyPath::Auto,
+            lora: LoraMode::DeviceAddmm,
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            kernel: false,
+            cache_bytes: None,
+        }
+    }
+}
+
+impl AscendOptions {
+    /// The defaults with the settings a user gives the command line
+    /// through the environment: `RESHARD_ASCEND_DEVICE`,
+    /// `RESHARD_ASCEND_KERNEL=1`, `RESHARD_ASCEND_CACHE_BYTES`, and
+    /// bit-exact LoRA products ([`set_lora_bit_exact`](super::set_lora_bit_exact)
+    /// or `RESHARD_LORA_BIT_EXACT=1`). What
+    /// [`BackendChoice::open`](super::BackendChoice::open) opens.
+    pub fn from_env() -> Self {
+        let defaults = AscendOptions::default();
         AscendOptions {
             device: std::env::var("RESHARD_ASCEND_DEVICE")
                 .ok()
                 .and_then(|d| d.parse().ok())
-                .unwrap_or(0),
-            stage_bytes: 8 << 20,
-            path: CopyPath::Auto,
+                .unwrap_or(defaults.device),
             lora: if super::lora_bit_exact() {
                 LoraMode::HostGemm
             } else {
-                LoraMode::DeviceAddmm
+                defaults.lora
             },
-            threads: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
             kernel: std::env::var("RESHARD_ASCEND_KERNEL").as_deref() == Ok("1"),
             cache_bytes: std::env::var("RESHARD_ASCEND_CACHE_BYTES")
                 .ok()
                 .and_then(|v| v.trim().parse().ok()),
+            ..defaults
         }
     }
 }
