@@ -191,3 +191,49 @@ impl LoraAdd {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    #[test]
+    fn inconsistent_boxes_are_mismatches() {
+        let whole = BoxCopy::whole(&[2, 3], DType::F32, DType::F32);
+        assert!(whole.validate(24, 24).is_ok());
+        let bad = [
+            // A rank the shapes do not have.
+            BoxCopy {
+                extent: vec![2],
+                ..whole.clone()
+            },
+            // Axes that are not a permutation.
+            BoxCopy {
+                src_axes: vec![0, 0],
+                ..whole.clone()
+            },
+            // Past the end of the source.
+            BoxCopy {
+                src_offset: vec![1, 0],
+                ..whole.clone()
+            },
+        ];
+        for c in &bad {
+            let e = c.validate(24, 24).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Mismatch, "{e}");
+        }
+        // Buffers of the wrong size.
+        let e = whole.validate(24, 20).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Mismatch, "{e}");
+    }
+
+    #[test]
+    fn lora_blocks_cover_whole_tiles() {
+        let [rows, cols] = LoraAdd::needed([300, 600], [130, 10], [10, 300]);
+        assert_eq!(rows, 128..256);
+        assert_eq!(cols, 0..512);
+        // Clipped to the global product.
+        let [rows, _] = LoraAdd::needed([200, 600], [130, 10], [10, 300]);
+        assert_eq!(rows, 128..200);
+    }
+}
