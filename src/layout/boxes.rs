@@ -113,6 +113,15 @@ impl BoxCopy {
     }
 }
 
+/// Element strides of a row-major tensor of `shape` (the last axis 1).
+pub fn strides(shape: &[u64]) -> Vec<u64> {
+    let mut s = vec![1u64; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        s[d] = s[d + 1] * shape[d + 1];
+    }
+    s
+}
+
 /// Tile of the global product `B·A` (rows × columns). Products are always
 /// computed one whole tile of this fixed global grid at a time, so an
 /// element's bits do not depend on which shard of `W` it lands in: merging

@@ -2,15 +2,7 @@
 //! contiguous ([`Flat`]), a large box cut into chunks that fit a staging
 //! buffer ([`chunks`]), and the host gather of a sub-box into a dense run.
 
-use crate::layout::boxes::BoxCopy;
-
-pub(super) fn strides(shape: &[u64]) -> Vec<u64> {
-    let mut s = vec![1u64; shape.len()];
-    for d in (0..shape.len().saturating_sub(1)).rev() {
-        s[d] = s[d + 1] * shape[d + 1];
-    }
-    s
-}
+use crate::layout::boxes::{strides, BoxCopy};
 
 /// A box copy in elements, dims in destination order, size-1 dims dropped
 /// and dims contiguous on both sides merged (at least one dim).

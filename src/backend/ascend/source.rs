@@ -13,11 +13,11 @@ use ascendcl_sys::sys as acl;
 
 use super::cache::Region;
 use super::error::{acl_call, AclExt};
-use super::geometry::{chunks, gather, strides};
+use super::geometry::{chunks, gather};
 use super::{AscendBackend, AscendBuffer, Inner};
 use crate::backend::SourceKey;
 use crate::error::Result;
-use crate::layout::boxes::BoxCopy;
+use crate::layout::boxes::{strides, BoxCopy};
 
 /// The box of the source tensor a copy reads (source axis order).
 pub(super) fn source_region(c: &BoxCopy) -> Region {

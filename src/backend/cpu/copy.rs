@@ -6,7 +6,7 @@ use super::{CpuBackend, DstPtr, HostBuffer};
 use crate::backend::cast::{cast_slice, supported};
 use crate::backend::Src;
 use crate::error::{Error, Result};
-use crate::layout::boxes::BoxCopy;
+use crate::layout::boxes::{strides, BoxCopy};
 
 /// Copies above this many bytes are split across threads.
 const PARALLEL_BYTES: u64 = 8 << 20;
@@ -20,14 +20,6 @@ struct Runs {
     src_base: u64,
     dst_base: u64,
     run: u64,
-}
-
-pub(super) fn strides(shape: &[u64]) -> Vec<u64> {
-    let mut s = vec![1u64; shape.len()];
-    for d in (0..shape.len().saturating_sub(1)).rev() {
-        s[d] = s[d + 1] * shape[d + 1];
-    }
-    s
 }
 
 impl Runs {
