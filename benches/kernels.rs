@@ -4,7 +4,8 @@
 //! `cargo bench --bench kernels`
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use reshard::backend::{cast_slice, Backend, BoxCopy, CpuBackend, LoraAdd, Src};
+use reshard::backend::{cast_slice, Backend, CpuBackend, Src};
+use reshard::layout::boxes::{BoxCopy, LoraAdd};
 use reshard::DType;
 
 fn copies(c: &mut Criterion) {

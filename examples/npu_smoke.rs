@@ -21,7 +21,8 @@ use std::time::Instant;
 use ascendcl_sys::safe::{self, Comm, Context, DeviceMem, Event, PinnedHost, Stream};
 use ascendcl_sys::sys::{self as acl, Api};
 use reshard::backend::ascend::{AscendOptions, CopyPath, LoraMode};
-use reshard::backend::{AscendBackend, Backend, BoxCopy, CpuBackend, LoraAdd, Src};
+use reshard::backend::{AscendBackend, Backend, CpuBackend, Src};
+use reshard::layout::boxes::{BoxCopy, LoraAdd};
 use reshard::DType;
 
 type R<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;

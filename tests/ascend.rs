@@ -675,7 +675,7 @@ mod emulated {
         let b = BackendChoice::Auto.open().unwrap();
         let d = b.describe();
         assert!(
-            d.starts_with("ascend") && d.contains("--backend auto: chose Ascend"),
+            d.starts_with("ascend") && d.contains("backend auto: chose Ascend"),
             "{d}"
         );
         assert!(

@@ -7,8 +7,9 @@
 
 use super::ascend::{AscendBackend, AscendBuffer, AscendOptions};
 use super::cpu::{CpuBackend, HostBuffer};
-use super::{Backend, BoxCopy, LoraAdd, SourceKey, Src};
+use super::{Backend, SourceKey, Src};
 use crate::error::{Error, Result};
+use crate::layout::boxes::{BoxCopy, LoraAdd};
 
 /// Which backend runs a plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -31,9 +32,10 @@ impl std::str::FromStr for BackendChoice {
             "cpu" => Ok(BackendChoice::Cpu),
             "ascend" | "npu" => Ok(BackendChoice::Ascend),
             "auto" => Ok(BackendChoice::Auto),
-            other => Err(Error::invalid(format!(
-                "--backend must be cpu, ascend or auto, not {other:?}"
-            ))),
+            other => Err(Error::usage_of(
+                "backend",
+                format!("must be cpu, ascend or auto, not {other:?}"),
+            )),
         }
     }
 }
@@ -49,26 +51,28 @@ impl std::fmt::Display for BackendChoice {
 }
 
 impl BackendChoice {
-    /// Opens the chosen backend. `Auto` never fails for want of a device:
-    /// it falls back to the CPU and says why in [`AnyBackend::note`].
+    /// Opens the chosen backend, Ascend with [`AscendOptions::from_env`]
+    /// (the user's `RESHARD_ASCEND_*` settings). `Auto` never fails for
+    /// want of a device: it falls back to the CPU and says why in
+    /// [`AnyBackend::note`].
     pub fn open(self) -> Result<AnyBackend> {
         match self {
             BackendChoice::Cpu => Ok(AnyBackend::Cpu(CpuBackend::default(), None)),
             BackendChoice::Ascend => Ok(AnyBackend::Ascend(
-                AscendBackend::new(AscendOptions::default())?,
+                AscendBackend::new(AscendOptions::from_env())?,
                 None,
             )),
-            BackendChoice::Auto => match AscendBackend::new(AscendOptions::default()) {
+            BackendChoice::Auto => match AscendBackend::new(AscendOptions::from_env()) {
                 Ok(b) => Ok(AnyBackend::Ascend(
                     b,
                     Some(
-                        "--backend auto: chose Ascend (a CANN runtime loaded and the device opened)"
+                        "backend auto: chose Ascend (a CANN runtime loaded and the device opened)"
                             .into(),
                     ),
                 )),
                 Err(e) => Ok(AnyBackend::Cpu(
                     CpuBackend::default(),
-                    Some(format!("--backend auto: using the CPU ({e})")),
+                    Some(format!("backend auto: using the CPU ({e})")),
                 )),
             },
         }
@@ -115,8 +119,8 @@ pub enum AnyBuffer {
 }
 
 fn mismatch(op: &str) -> Error {
-    Error::invalid(format!(
-        "{op}: a buffer of one backend was passed to another (internal error)"
+    Error::Internal(format!(
+        "{op}: a buffer of one backend was passed to another"
     ))
 }
 
@@ -240,7 +244,9 @@ mod tests {
             "auto".parse::<BackendChoice>().unwrap(),
             BackendChoice::Auto
         );
-        assert!("gpu".parse::<BackendChoice>().is_err());
+        let e = "gpu".parse::<BackendChoice>().unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Usage);
+        assert_eq!(e.option(), Some("backend"));
         let b = BackendChoice::Cpu.open().unwrap();
         assert_eq!(b.describe(), "cpu");
         let mut out = b.alloc(8).unwrap();

@@ -4,8 +4,9 @@
 //! in [`super::AnyBackend`] compiles the same either way and its Ascend
 //! arms are unreachable.
 
-use super::{Backend, BoxCopy, LoraAdd, SourceKey, Src};
+use super::{Backend, SourceKey, Src};
 use crate::error::{DeviceErrorKind, Error, Result};
+use crate::layout::boxes::{BoxCopy, LoraAdd};
 
 /// Uninhabited: no value of the disabled backend exists.
 #[derive(Debug, Clone, Copy)]
@@ -16,6 +17,13 @@ enum Never {}
 pub struct AscendOptions {
     /// Device id.
     pub device: i32,
+}
+
+impl AscendOptions {
+    /// The defaults (nothing to read in this build).
+    pub fn from_env() -> Self {
+        AscendOptions::default()
+    }
 }
 
 /// The Ascend backend, compiled out.
@@ -33,7 +41,7 @@ pub struct AscendBuffer {
 /// The message of every attempt to use the backend in this build.
 pub const NOT_COMPILED: &str = "this reshard was built without Ascend support; rebuild it with \
 `cargo build --release --features ascend` (the CANN toolkit is only needed at run time) or use \
---backend cpu (--backend auto falls back to the CPU by itself)";
+the cpu backend (backend auto falls back to the CPU by itself)";
 
 impl AscendBackend {
     /// Always fails: the `ascend` feature is off.

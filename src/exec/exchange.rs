@@ -202,11 +202,8 @@ impl<B: Backend, C: Communicator<Buffer = B::Buffer>> Wire<'_, B, C> {
 fn test_stall(done: &mut bool) {
     if !*done {
         *done = true;
-        if let Some(ms) = std::env::var("RESHARD_TEST_STALL_EXCHANGE_MS")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            std::thread::sleep(std::time::Duration::from_millis(ms));
+        if let Some(pause) = super::hooks::pause("RESHARD_TEST_STALL_EXCHANGE_MS") {
+            std::thread::sleep(pause);
         }
     }
 }

@@ -18,32 +18,46 @@
 //! the disk), and each output directory once at the end. If
 //! any file fails, the files this run already finished are removed too, so a
 //! failed job leaves nothing behind.
+//!
+//! # Files
+//!
+//! This file holds the options, the reports and [`execute`] itself (lock
+//! the destination, start the workers and the flusher, clean up on
+//! failure). `job.rs` schedules tensors over the workers; `output.rs`
+//! lays out, writes, hashes and commits one destination file (manifest
+//! included); `fill.rs` fills one tensor (mapped source, box copies, LoRA
+//! merge); `sources.rs` opens and hashes sources once; `resume.rs` decides
+//! which outputs are already complete; `exchange.rs` is the distributed
+//! run ([`execute_on`]).
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::backend::{Backend, BoxCopy, SourceKey, Src};
+use crate::backend::{Backend, SourceKey};
 use crate::error::{Error, Result};
-use crate::formats::atomic::FileDigest;
-use crate::formats::ckpt::writer::LayoutEntry;
 use crate::formats::ckpt::ReadOptions;
 use crate::formats::destination;
-use crate::formats::manifest::{self, Manifest, SourceDigest, TensorDigest};
-use crate::formats::placed::{FileLayout, PlacedFile};
-use crate::formats::tree::FileFormat;
-use crate::formats::Source;
-use crate::plan::{Content, CopyStep, FilePlan, LoraTerm, Plan, TensorPlan};
+use crate::formats::manifest;
+use crate::plan::{FilePlan, Plan};
+
+use job::{Cursor, Job, OnDrop};
+use output::sync_directories;
+use sources::Sources;
 
 mod exchange;
 pub use exchange::{
     all_gather_bytes, execute_on, execute_on_local, in_process_job, Check, ExchangeReport,
 };
+mod fill;
+pub(crate) mod hooks;
+mod job;
+mod output;
 mod resume;
+mod sources;
 
 /// The command line's default number of workers: the cores this process
 /// may run on (`std::thread::available_parallelism`), 1 if unknown. The
@@ -52,6 +66,18 @@ pub fn default_workers() -> usize {
     std::thread::available_parallelism()
         .map(std::num::NonZeroUsize::get)
         .unwrap_or(1)
+}
+
+/// The command line [`ExecOptions::default`] records in manifests; set
+/// once by the host program ([`record_command_line`]).
+static COMMAND_LINE: OnceLock<Vec<String>> = OnceLock::new();
+
+/// Declares the command line of this process, for the manifests of every
+/// later run made with [`ExecOptions::default`] (the CLI passes its argv;
+/// the first call wins). A library that never calls it records an empty
+/// command: it never reads the process's own argv.
+pub fn record_command_line(argv: Vec<String>) {
+    let _ = COMMAND_LINE.set(argv);
 }
 
 /// Options of [`execute`].
@@ -64,7 +90,9 @@ pub struct ExecOptions {
     /// Metadata of safetensors outputs.
     pub safetensors_metadata: std::collections::BTreeMap<String, String>,
     /// Write `<file>.manifest.json` beside each output, recording this
-    /// command line (`None`: no manifests).
+    /// command line (`None`: no manifests). The default records what the
+    /// host program declared with [`record_command_line`] (the CLI: its
+    /// argv), else nothing: the library never reads the process's argv.
     pub manifest: Option<Vec<String>>,
     /// Skip destination files that are already complete: a manifest that
     /// matches the file and lists exactly the planned tensors.
@@ -135,12 +163,9 @@ impl Default for ExecOptions {
             workers: 1,
             read: ReadOptions::default(),
             safetensors_metadata: [("format".to_string(), "ms".to_string())].into(),
-            // args_os: a non-UTF-8 argument must not panic (issue 19 item 8).
-            manifest: Some(
-                std::env::args_os()
-                    .map(|a| a.to_string_lossy().into_owned())
-                    .collect(),
-            ),
+            // Never the process's own argv: a library call (C ABI, Python)
+            // records what its host program declared, if anything.
+            manifest: Some(COMMAND_LINE.get().cloned().unwrap_or_default()),
             resume: false,
             control: OutputControl::default(),
             destination: None,
@@ -172,83 +197,6 @@ pub struct ExecReport {
     pub bytes_written: u64,
     /// Wall time.
     pub seconds: f64,
-}
-
-/// Sources opened once, on first use, shared by the workers.
-struct Sources<'p> {
-    plan: &'p Plan,
-    read: &'p ReadOptions,
-    opened: Vec<OnceLock<std::result::Result<Source, String>>>,
-    digests: Vec<OnceLock<std::result::Result<FileDigest, String>>>,
-    /// In a distributed run: what other ranks read for this one.
-    remote: Option<&'p exchange::Received>,
-    /// This run's [`SourceKey`] job: a device backend keeps what it uploads
-    /// of a source tensor under it until the run ends.
-    job: u64,
-}
-
-impl<'p> Sources<'p> {
-    /// The length and hash of source `i`, computed once.
-    ///
-    /// A source with a manifest of its own (a reshard output) must match
-    /// it: a source changed since it was written is an error naming it.
-    fn digest(&self, i: usize) -> Result<FileDigest> {
-        if let Some(d) = self.remote.and_then(|r| r.digests.get(&i)) {
-            return Ok(*d);
-        }
-        self.digests[i]
-            .get_or_init(|| {
-                let path = &self.plan.sources[i].path;
-                let d = manifest::digest_file(path).map_err(|e| e.to_string())?;
-                if let Ok(Some(m)) = Manifest::read(path) {
-                    if m.digest != d {
-                        return Err(Error::SourceChanged {
-                            what: format!(
-                                "it does not match its manifest ({} bytes with xxh3 {:016x}; the \
-                                 manifest says {} bytes with xxh3 {:016x}; if it was changed on \
-                                 purpose, remove {})",
-                                d.bytes,
-                                d.xxh3,
-                                m.digest.bytes,
-                                m.digest.xxh3,
-                                manifest::manifest_path(path).display()
-                            ),
-                        }
-                        .in_file(path)
-                        .to_string());
-                    }
-                }
-                Ok(d)
-            })
-            .clone()
-            .map_err(Error::invalid)
-    }
-
-    fn get(&self, i: usize) -> Result<&Source> {
-        self.opened[i]
-            .get_or_init(|| {
-                Source::open(&self.plan.sources[i].path, self.read).map_err(|e| e.to_string())
-            })
-            .as_ref()
-            .map_err(|e| Error::invalid(e.clone()))
-    }
-
-    /// The box of `step` as another rank cut it (dense, in the
-    /// destination dtype), when that rank reads its source.
-    fn received(&self, step: &CopyStep) -> Option<&'p [u8]> {
-        self.remote.and_then(|r| r.get(step))
-    }
-
-    /// The value of string entry `tensor` of source `i`.
-    fn string(&self, i: usize, tensor: &str) -> Result<String> {
-        if let Some(v) = self
-            .remote
-            .and_then(|r| r.strings.get(&(i, tensor.to_string())))
-        {
-            return Ok(v.clone());
-        }
-        self.get(i)?.string(tensor)
-    }
 }
 
 /// Runs `plan`.
@@ -296,8 +244,8 @@ fn execute_with<B: Backend>(
         sources: Sources {
             plan,
             read: &options.read,
-            opened: plan.sources.iter().map(|_| OnceLock::new()).collect(),
-            digests: plan.sources.iter().map(|_| OnceLock::new()).collect(),
+            opened: plan.sources.iter().map(|_| Default::default()).collect(),
+            digests: plan.sources.iter().map(|_| Default::default()).collect(),
             remote,
             job: SourceKey::new_job(),
         },
@@ -312,24 +260,26 @@ fn execute_with<B: Backend>(
         flush: flush_tx,
         working: AtomicUsize::new(workers),
     };
-    crossbeam::thread::scope(|s| {
+    let scoped = crossbeam::thread::scope(|s| {
         if options.manifest.is_some() && !options.resume && remote.is_none() {
             // Source hashes (for the manifests) are needed only when a file
             // is finished; computing them meanwhile uses idle time. Not when
             // resuming: files found complete need none of their sources, so
             // hashes are taken on demand as before.
             s.spawn(|_| {
-                for i in 0..plan.sources.len() {
-                    if job.failed.load(Ordering::Relaxed) {
-                        return;
+                job.guarded("the source hashing thread", || {
+                    for i in 0..plan.sources.len() {
+                        if job.failed.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        let _ = job.sources.digest(i);
                     }
-                    let _ = job.sources.digest(i);
-                }
+                })
             });
         }
         // Completed files are synced, renamed and given their manifests
         // by one thread of their own, so no worker waits for the disk.
-        s.spawn(|_| job.flusher(&flush_rx));
+        s.spawn(|_| job.guarded("the flusher thread", || job.flusher(&flush_rx)));
         for _ in 0..workers {
             s.spawn(|_| {
                 // Also when a worker panics, so the flusher stops.
@@ -338,17 +288,24 @@ fn execute_with<B: Backend>(
                         let _ = job.flush.send(None);
                     }
                 });
-                job.work();
+                job.guarded("a worker thread", || job.work());
             });
         }
-    })
-    .expect("a worker panicked");
+    });
+    // Every thread catches its own panic (`Job::guarded`); one that still
+    // escaped is a failure like any other, with the same cleanup.
+    if let Err(panic) = scoped {
+        job.fail(Error::Internal(format!(
+            "a thread of the executor panicked: {}",
+            job::panic_message(panic.as_ref())
+        )));
+    }
     backend.forget_sources(job.sources.job);
     let Job {
         done, first_error, ..
     } = job;
-    let mut files = done.into_inner().unwrap();
-    if let Some(e) = first_error.into_inner().unwrap() {
+    let mut files = done.into_inner().unwrap_or_else(|e| e.into_inner());
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
         for f in files.iter().filter(|f| !f.skipped) {
             let _ = std::fs::remove_file(manifest::manifest_path(&f.path));
             let _ = std::fs::remove_file(&f.path);
@@ -369,708 +326,147 @@ fn execute_with<B: Backend>(
     })
 }
 
-/// A running [`execute`]: workers take tensors one at a time, in file
-/// order, and write each at its precomputed place in its file, so one large
-/// file is written by every worker at once and memory stays at one
-/// destination tensor per worker.
-struct Job<'p, B> {
-    /// The destination: directories below it are created without
-    /// following links.
-    root: &'p std::path::Path,
-    plan: &'p Plan,
-    backend: &'p B,
-    options: &'p ExecOptions,
-    sources: Sources<'p>,
-    cursor: Mutex<Cursor<'p>>,
-    /// Threads taking tensors.
-    workers: usize,
-    failed: AtomicBool,
-    done: Mutex<Vec<WrittenFile>>,
-    first_error: Mutex<Option<Error>>,
-    /// Files whose every tensor is written, for [`Job::flusher`]; `None`
-    /// when the last worker has stopped.
-    flush: crossbeam::channel::Sender<Option<Arc<OpenFile<'p>>>>,
-    /// Workers still taking tensors.
-    working: AtomicUsize,
-}
-
-/// The next tensor to hand out.
-struct Cursor<'p> {
-    /// The next file to open.
-    file: usize,
-    /// Files with tensors not yet handed out, and the next one's position.
-    open: Vec<(Arc<OpenFile<'p>>, usize)>,
-}
-
-/// A destination file being written.
-struct OpenFile<'p> {
-    plan: &'p FilePlan,
-    layout: FileLayout,
-    /// The planned tensor of each placement.
-    tensors: Vec<&'p TensorPlan>,
-    /// The value of each placement that is a string entry (read once, to
-    /// lay the file out).
-    strings: Vec<Option<String>>,
-    out: PlacedFile,
-    /// Placements are written, and then hashed, front to back.
-    written: Turn,
-    hashed: Turn,
-    /// The file's hash so far (taken by the holder of the turn).
-    hasher: Mutex<crate::formats::hash::Hasher>,
-    digests: Mutex<Vec<Option<TensorDigest>>>,
-    remaining: AtomicUsize,
-    /// Workers filling one of its tensors now.
-    active: AtomicUsize,
-    started: Instant,
-}
-
-impl<'p, B: Backend> Job<'p, B> {
-    fn work(&self) {
-        while !self.failed.load(Ordering::Relaxed) {
-            let step = self.next_unit().and_then(|unit| match unit {
-                None => Ok(false),
-                Some((file, pos)) => self.place(&file, pos).map(|()| true),
-            });
-            match step {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err(e) => {
-                    self.fail(e);
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Records the job's first error; every thread stops at its next step.
-    fn fail(&self, e: Error) {
-        self.failed.store(true, Ordering::Relaxed);
-        self.first_error.lock().unwrap().get_or_insert(e);
-    }
-
-    /// Finishes ([`Job::finish`]: fsync, rename, manifest) each completely
-    /// written file, in the order they complete, until the workers stop.
-    /// After a failure the rest are dropped, which removes their temporary
-    /// files.
-    fn flusher(&self, files: &crossbeam::channel::Receiver<Option<Arc<OpenFile<'p>>>>) {
-        while let Ok(Some(file)) = files.recv() {
-            if self.failed.load(Ordering::Relaxed) {
-                continue;
-            }
-            if let Err(e) = self.finish(&file) {
-                self.fail(e);
-            }
-        }
-    }
-
-    /// The next tensor to write. Workers spread over distinct files while
-    /// there are files left to open (writes to one file serialise in the
-    /// kernel anyway), and share the last ones, taking each file's tensors
-    /// in order.
-    fn next_unit(&self) -> Result<Option<(Arc<OpenFile<'p>>, usize)>> {
-        let mut c = self.cursor.lock().unwrap();
-        loop {
-            c.open.retain(|(f, next)| *next < f.layout.tensors.len());
-            if c.open.len() < self.workers {
-                if let Some(file) = self.plan.files.get(c.file) {
-                    c.file += 1;
-                    if self.options.resume && self.already_complete(file) {
-                        if let Some(p) = &self.options.control.progress {
-                            p.add(file.bytes());
-                        }
-                        self.done.lock().unwrap().push(WrittenFile {
-                            rank: file.rank,
-                            path: file.path.clone(),
-                            bytes: file.bytes(),
-                            seconds: 0.0,
-                            skipped: true,
-                        });
-                        continue;
-                    }
-                    let open = self.open(file).map_err(|e| match e {
-                        e @ Error::InFile { .. } => e,
-                        e => e.in_file(&file.path),
-                    })?;
-                    if open.layout.tensors.is_empty() {
-                        self.finish(&open)?;
-                    } else {
-                        c.open.push((Arc::new(open), 0));
-                    }
-                    continue;
-                }
-            }
-            // The open file with the fewest workers on it.
-            let Some(slot) = c
-                .open
-                .iter_mut()
-                .min_by_key(|(f, _)| f.active.load(Ordering::Relaxed))
-            else {
-                return Ok(None);
-            };
-            let pos = slot.1;
-            slot.1 += 1;
-            slot.0.active.fetch_add(1, Ordering::Relaxed);
-            return Ok(Some((slot.0.clone(), pos)));
-        }
-    }
-
-    /// Lays out `file` and creates its temporary file.
-    fn open(&self, file: &'p FilePlan) -> Result<OpenFile<'p>> {
-        if let Some(dir) = file.path.parent() {
-            destination::create_dir_within(self.root, dir)?;
-        }
-        let strings: Vec<Option<String>> = file
-            .tensors
-            .iter()
-            .map(|t| match &t.content {
-                Content::Str { source, tensor } => self.sources.string(*source, tensor).map(Some),
-                _ => Ok(None),
-            })
-            .collect::<Result<_>>()?;
-        let layout = match file.format {
-            FileFormat::Ckpt => {
-                let entries: Vec<LayoutEntry<'_>> = file
-                    .tensors
-                    .iter()
-                    .zip(&strings)
-                    .map(|(t, s)| match (&t.content, s) {
-                        (Content::Tensor { dtype, shape, .. }, _)
-                        | (Content::Merged { dtype, shape, .. }, _) => LayoutEntry::Tensor {
-                            name: &t.name,
-                            dtype: *dtype,
-                            dims: shape,
-                        },
-                        (Content::Str { .. }, value) => LayoutEntry::Str {
-                            name: &t.name,
-                            value: value.as_deref().unwrap_or_default(),
-                        },
-                    })
-                    .collect();
-                crate::formats::ckpt::writer::layout(&entries)?
-            }
-            FileFormat::Safetensors => {
-                // Strings travel in the metadata, not as tensors.
-                let mut metadata = file
-                    .metadata
-                    .clone()
-                    .unwrap_or_else(|| self.options.safetensors_metadata.clone());
-                let mut specs = Vec::new();
-                for (t, s) in file.tensors.iter().zip(&strings) {
-                    match (&t.content, s) {
-                        (Content::Tensor { dtype, shape, .. }, _)
-                        | (Content::Merged { dtype, shape, .. }, _) => specs.push((
-                            t.name.clone(),
-                            *dtype,
-                            shape.iter().map(|&d| d as usize).collect(),
-                        )),
-                        (Content::Str { .. }, value) => {
-                            metadata.insert(
-                                format!(
-                                    "{}{}",
-                                    crate::formats::safetensors::STRING_KEY_PREFIX,
-                                    t.name
-                                ),
-                                value.clone().unwrap_or_default(),
-                            );
-                        }
-                    }
-                }
-                crate::formats::safetensors::layout(&specs, Some(metadata))?
-            }
-        };
-        let by_name: HashMap<&str, &TensorPlan> =
-            file.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
-        let values: HashMap<&str, &String> = file
-            .tensors
-            .iter()
-            .zip(&strings)
-            .filter_map(|(t, v)| Some((t.name.as_str(), v.as_ref()?)))
-            .collect();
-        let placed_strings = layout
-            .tensors
-            .iter()
-            .map(|p| values.get(p.name.as_str()).map(|v| (*v).clone()))
-            .collect();
-        let tensors = layout
-            .tensors
-            .iter()
-            .map(|p| by_name[p.name.as_str()])
-            .collect();
-        let out = PlacedFile::create(&file.path)?;
-        if !layout.prefix.is_empty() {
-            out.write_at(0, &layout.prefix)?;
-        }
-        let mut hasher = crate::formats::hash::Hasher::new();
-        hasher.update(&layout.prefix);
-        Ok(OpenFile {
-            plan: file,
-            digests: Mutex::new(vec![None; layout.tensors.len()]),
-            remaining: AtomicUsize::new(layout.tensors.len()),
-            active: AtomicUsize::new(0),
-            layout,
-            tensors,
-            strings: placed_strings,
-            out,
-            written: Turn::default(),
-            hashed: Turn::default(),
-            hasher: Mutex::new(hasher),
-            started: Instant::now(),
-        })
-    }
-
-    /// Fills placement `pos` of `file`, writes it at its offsets, hashes it
-    /// in file order, and hands the file to the flusher if it was the last.
-    fn place(&self, file: &Arc<OpenFile<'p>>, pos: usize) -> Result<()> {
-        let t = file.tensors[pos];
-        let placement = &file.layout.tensors[pos];
-        let context = |e: Error| match e {
-            e @ Error::InFile { .. } => e,
-            e => e.in_tensor(&t.name).in_file(&file.plan.path),
-        };
-        let filled = match &file.strings[pos] {
-            Some(value) => Filled::Str(value.clone()),
-            None => self.fill(t).map_err(context)?,
-        };
-        let chunks = filled.chunks(self.backend);
-        let pieces = placement.pieces(&chunks).map_err(context)?;
-        // Hashes are for the manifest: without one, nothing to compute.
-        let hashing = self.options.manifest.is_some();
-        let mut tensor_hash = crate::formats::hash::Hasher::new();
-        if hashing {
-            for piece in pieces.iter().filter(|p| p.data) {
-                tensor_hash.update(piece.bytes);
-            }
-        } else if let Filled::Mapped(chunks) = &filled {
-            // Hashing reads mapped sources here; without it, map their
-            // pages here all the same.
-            touch_pages(chunks);
-        }
-        // Tensors are filled in parallel, written in file order (the kernel
-        // serialises writes to one file anyway), then added to the file's
-        // hash in file order: while one worker hashes tensor i, another can
-        // write tensor i + 1.
-        let Some(written) = file.written.wait_for(pos, &self.failed) else {
-            return Ok(());
-        };
-        for piece in &pieces {
-            file.out.write_at(piece.at, piece.bytes)?;
-        }
-        file.written.pass(written);
-        if self.options.control.fsync {
-            // The disk writes this tensor back while the next ones are
-            // filled; the file's one fsync, before its rename, waits for
-            // what is left.
-            let lo = pieces.iter().map(|p| p.at).min().unwrap_or(0);
-            let hi = pieces
-                .iter()
-                .map(|p| p.at + p.bytes.len() as u64)
-                .max()
-                .unwrap_or(0);
-            file.out.start_writeback(lo, hi - lo);
-        }
-        if hashing {
-            let Some(hashed) = file.hashed.wait_for(pos, &self.failed) else {
-                return Ok(());
-            };
-            let mut hasher = file.hasher.lock().unwrap();
-            for piece in &pieces {
-                hasher.update(piece.bytes);
-            }
-            drop(hasher);
-            file.hashed.pass(hashed);
-        }
-        file.active.fetch_sub(1, Ordering::Relaxed);
-        if let Some(p) = &self.options.control.progress {
-            p.add(t.bytes());
-        }
-        if hashing {
-            file.digests.lock().unwrap()[pos] = Some(tensor_digest(t, &filled, &tensor_hash));
-        }
-        drop(pieces);
-        drop(filled);
-        if file.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // The receiver lives until every thread of the job has ended.
-            let _ = self.flush.send(Some(file.clone()));
-        }
-        Ok(())
-    }
-
-    /// The bytes of tensor `t` (not a string entry), by the cheapest route.
-    fn fill(&self, t: &TensorPlan) -> Result<Filled<'_, B::Buffer>> {
-        let sources = &self.sources;
-        match &t.content {
-            Content::Str { .. } => unreachable!("string values are read when the file is laid out"),
-            Content::Tensor { steps, .. } => {
-                if let [only] = steps.as_slice() {
-                    if let (true, Some(b)) = (is_plain_copy(&only.copy), sources.received(only)) {
-                        return Ok(Filled::Mapped(vec![b]));
-                    }
-                    if is_plain_copy(&only.copy) {
-                        // Straight from the mapped source: no buffer at all.
-                        return Ok(Filled::Mapped(
-                            sources.get(only.source)?.chunks(&only.tensor)?,
-                        ));
-                    }
-                }
-                let bytes = t.bytes() as usize;
-                let buffer = gather(self.backend, sources, steps, bytes)?;
-                self.on_host(buffer, bytes)
-            }
-            Content::Merged {
-                dtype,
-                shape,
-                steps,
-                lora,
-            } => {
-                let out = merged(*dtype, shape, steps, lora, sources, self.backend)?;
-                self.on_host(out, t.bytes() as usize)
-            }
-        }
-    }
-
-    /// A filled buffer, readable from the host.
-    fn on_host(&self, buffer: B::Buffer, bytes: usize) -> Result<Filled<'_, B::Buffer>> {
-        self.backend.synchronize()?;
-        if self.backend.host_bytes(&buffer).is_some() {
-            return Ok(Filled::Buffer(buffer));
-        }
-        let mut host = vec![0u8; bytes];
-        self.backend.download(&buffer, 0, &mut host)?;
-        self.backend.synchronize()?;
-        Ok(Filled::Host(host))
-    }
-
-    /// Syncs and renames a completely written file, then writes its manifest.
-    fn finish(&self, file: &OpenFile<'p>) -> Result<()> {
-        let path = &file.plan.path;
-        // Every byte of this file has been read from its sources: if one
-        // changed meanwhile (or shrank under its map), the file is not
-        // trustworthy and is not committed (issue 19 items 3 and 4).
-        for i in file.plan.sources() {
-            self.sources.get(i)?.unchanged()?;
-        }
-        let digest = FileDigest {
-            bytes: file.layout.len,
-            xxh3: file.hasher.lock().unwrap().digest(),
-        };
-        file.out
-            .commit(file.layout.len, self.options.control.fsync)?;
-        let written = WrittenFile {
-            rank: file.plan.rank,
-            path: path.clone(),
-            bytes: file.plan.bytes(),
-            seconds: file.started.elapsed().as_secs_f64(),
-            skipped: false,
-        };
-        if let Some(command) = &self.options.manifest {
-            let manifest = (|| -> Result<Manifest> {
-                Ok(Manifest {
-                    format: manifest::MANIFEST_FORMAT.into(),
-                    reshard_version: env!("CARGO_PKG_VERSION").into(),
-                    command: command.clone(),
-                    file: path
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                    digest,
-                    tensors: file
-                        .digests
-                        .lock()
-                        .unwrap()
-                        .iter()
-                        .map(|d| d.clone().expect("every tensor hashed"))
-                        .collect(),
-                    sources: file
-                        .plan
-                        .sources()
-                        .into_iter()
-                        .map(|i| {
-                            Ok(SourceDigest {
-                                path: self.plan.sources[i].path.clone(),
-                                digest: self.sources.digest(i)?,
-                                modified_ns: Some(self.sources.get(i)?.stamp_modified_ns()),
-                            })
-                        })
-                        .collect::<Result<_>>()?,
-                    settings: Some(self.settings(file.plan)),
-                })
-            })();
-            // A data file is trusted only with its manifest: without one, remove it.
-            if let Err(e) = manifest.and_then(|m| m.write_with(path, self.options.control.fsync)) {
-                let _ = std::fs::remove_file(path);
-                return Err(e);
-            }
-        }
-        self.done.lock().unwrap().push(written);
-        Ok(())
-    }
-}
-
-/// Syncs, once each, the directories the written files were renamed into,
-/// so the renames (of data files and manifests) are durable too. Each file
-/// was synced before its rename.
-fn sync_directories(files: &[WrittenFile]) -> Result<()> {
-    let mut dirs: Vec<&std::path::Path> = files
-        .iter()
-        .filter(|f| !f.skipped)
-        .filter_map(|f| f.path.parent())
-        .map(|d| {
-            if d.as_os_str().is_empty() {
-                std::path::Path::new(".")
-            } else {
-                d
-            }
-        })
-        .collect();
-    dirs.sort();
-    dirs.dedup();
-    for dir in dirs {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::Io(e).in_file(dir))?;
-    }
-    Ok(())
-}
-
-/// Runs its closure when dropped.
-struct OnDrop<F: FnMut()>(F);
-
-impl<F: FnMut()> Drop for OnDrop<F> {
-    fn drop(&mut self) {
-        (self.0)()
-    }
-}
-
-/// Whose turn it is, for work that must go front to back through a file.
-#[derive(Default)]
-struct Turn {
-    next: Mutex<usize>,
-    changed: Condvar,
-}
-
-impl Turn {
-    /// Waits until it is `pos`'s turn; `None` if the job failed meanwhile.
-    fn wait_for(
-        &self,
-        pos: usize,
-        failed: &AtomicBool,
-    ) -> Option<std::sync::MutexGuard<'_, usize>> {
-        let mut next = self.next.lock().unwrap();
-        while *next != pos {
-            if failed.load(Ordering::Relaxed) {
-                return None;
-            }
-            next = self
-                .changed
-                .wait_timeout(next, std::time::Duration::from_millis(20))
-                .unwrap()
-                .0;
-        }
-        Some(next)
-    }
-
-    /// Hands the turn to the next position.
-    fn pass(&self, mut guard: std::sync::MutexGuard<'_, usize>) {
-        *guard += 1;
-        drop(guard);
-        self.changed.notify_all();
-    }
-}
-
-/// Reads one byte per page of `chunks`, so their pages are mapped (many
-/// per fault) by this worker, in parallel with the others, rather than one
-/// by one inside the serial `write` that copies them to the output.
-fn touch_pages(chunks: &[&[u8]]) {
-    let mut sum = 0u8;
-    for c in chunks {
-        for b in c.iter().step_by(4096) {
-            // SAFETY: a valid reference to an initialised byte.
-            sum = sum.wrapping_add(unsafe { std::ptr::read_volatile(b) });
-        }
-    }
-    std::hint::black_box(sum);
-}
-
-/// A tensor's bytes, wherever they are.
-enum Filled<'s, Buf> {
-    /// Parts of a mapped source.
-    Mapped(Vec<&'s [u8]>),
-    /// A backend buffer the host can read.
-    Buffer(Buf),
-    /// Downloaded from the device.
-    Host(Vec<u8>),
-    /// A string entry (its bytes are in the layout).
-    Str(String),
-}
-
-impl<Buf> Filled<'_, Buf> {
-    fn chunks<B: Backend<Buffer = Buf>>(&self, backend: &B) -> Vec<&[u8]> {
-        match self {
-            Filled::Mapped(chunks) => chunks.clone(),
-            Filled::Buffer(b) => vec![backend.host_bytes(b).expect("checked in on_host")],
-            Filled::Host(h) => vec![h],
-            Filled::Str(_) => Vec::new(),
-        }
-    }
-}
-
-/// What the manifest records of a tensor.
-fn tensor_digest<Buf>(
-    t: &TensorPlan,
-    filled: &Filled<'_, Buf>,
-    data: &crate::formats::hash::Hasher,
-) -> TensorDigest {
-    let (dtype, shape, bytes, xxh3) = match (&t.content, filled) {
-        (_, Filled::Str(value)) => (
-            "str".to_string(),
-            vec![0],
-            value.len() as u64,
-            crate::formats::hash::hash(value.as_bytes()),
-        ),
-        (Content::Tensor { dtype, shape, .. } | Content::Merged { dtype, shape, .. }, _) => {
-            (dtype.to_string(), shape.clone(), t.bytes(), data.digest())
-        }
-        (Content::Str { .. }, _) => unreachable!("a string entry is filled with its value"),
-    };
-    TensorDigest {
-        name: t.name.clone(),
-        dtype,
-        shape,
-        bytes,
-        xxh3,
-    }
-}
-
-/// A copy that is the whole source tensor, unchanged: same dtype, same
-/// shape, no axis permutation (a square transpose has equal shapes).
-fn is_plain_copy(c: &BoxCopy) -> bool {
-    c.src_dtype == c.dst_dtype
-        && c.src_shape == c.dst_shape
-        && c.extent == c.src_shape
-        && c.src_axes.iter().enumerate().all(|(d, &a)| d == a)
-}
-
-/// A buffer of `bytes` filled by `steps` from the sources.
-fn gather<B: Backend>(
-    backend: &B,
-    sources: &Sources<'_>,
-    steps: &[CopyStep],
-    bytes: usize,
-) -> Result<B::Buffer> {
-    let mut buffer = backend.alloc(bytes)?;
-    let mut joined: HashMap<(usize, &str), Vec<u8>> = HashMap::new();
-    for step in steps {
-        if let Some(b) = sources.received(step) {
-            backend.box_copy(Src::Host(b), &mut buffer, &exchange::placing(&step.copy))?;
-            continue;
-        }
-        let chunks = sources.get(step.source)?.chunks(&step.tensor)?;
-        let src: &[u8] = match chunks.as_slice() {
-            [one] => one,
-            many => joined
-                .entry((step.source, step.tensor.as_str()))
-                .or_insert_with(|| many.concat()),
-        };
-        let key = SourceKey {
-            job: sources.job,
-            source: step.source,
-            tensor: step.tensor.clone(),
-        };
-        backend.box_copy_source(&key, src, &mut buffer, &step.copy)?;
-    }
-    Ok(buffer)
-}
-
-/// A merged weight: gathers W, B rows and A columns as `f32`, adds
-/// `scale · B·A` block by block, and rounds once to the weight's dtype.
-fn merged<B: Backend>(
-    dtype: crate::DType,
-    shape: &[i64],
-    steps: &[CopyStep],
-    lora: &LoraTerm,
-    sources: &Sources<'_>,
-    backend: &B,
-) -> Result<B::Buffer> {
-    let count: u64 = shape.iter().product::<i64>().max(0) as u64;
-    // A weight whose pieces are all stored in its own dtype is gathered in
-    // that dtype (a plain copy) and merged in place, widening, adding and
-    // rounding tile by tile: the same bits as the f32 route below, with
-    // each weight byte touched once and no f32 copy of the weight.
-    let fused = sources.remote.is_none()
-        && matches!(dtype, crate::DType::BF16 | crate::DType::F16)
-        && steps
-            .iter()
-            .all(|s| s.copy.src_dtype == dtype && s.copy.dst_dtype == crate::DType::F32);
-    if fused {
-        let steps: Vec<CopyStep> = steps
-            .iter()
-            .map(|s| {
-                let mut s = s.clone();
-                s.copy.dst_dtype = dtype;
-                s
-            })
-            .collect();
-        let mut w = gather(backend, sources, &steps, count as usize * dtype.size())?;
-        let (b, a) = lora_operands(lora, sources, backend)?;
-        backend.lora_add_rounded(&mut w, dtype, &b, &a, &lora.blocks)?;
-        return Ok(w);
-    }
-    let mut w = gather(backend, sources, steps, count as usize * 4)?;
-    let (b, a) = lora_operands(lora, sources, backend)?;
-    for block in &lora.blocks {
-        backend.lora_add(&mut w, &b, &a, block)?;
-    }
-    drop((a, b));
-    let mut out = backend.alloc(count as usize * dtype.size())?;
-    backend.box_copy(
-        Src::Buffer(&w),
-        &mut out,
-        &BoxCopy::whole(&[count], crate::DType::F32, dtype),
-    )?;
-    Ok(out)
-}
-
-/// The `B` and `A` operands of a LoRA merge, gathered in `f32`.
-fn lora_operands<B: Backend>(
-    lora: &LoraTerm,
-    sources: &Sources<'_>,
-    backend: &B,
-) -> Result<(B::Buffer, B::Buffer)> {
-    let b = gather(
-        backend,
-        sources,
-        &lora.b_steps,
-        (lora.b_shape[0] * lora.b_shape[1]) as usize * 4,
-    )?;
-    let a = gather(
-        backend,
-        sources,
-        &lora.a_steps,
-        (lora.a_shape[0] * lora.a_shape[1]) as usize * 4,
-    )?;
-    Ok((b, a))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::{CpuBackend, HostBuffer, Src};
+    use crate::error::ErrorKind;
+    use crate::formats::safetensors::{write, StWriteOptions, TensorRef};
+    use crate::formats::tree::FileFormat;
+    use crate::layout::boxes::{BoxCopy, LoraAdd};
+    use crate::plan::{Content, CopyStep, SourceFile, TensorPlan};
     use crate::DType;
 
+    /// The CPU backend, except that every box copy panics (a bug in a
+    /// backend, as seen by the executor).
+    struct Panicking(CpuBackend);
+
+    impl Backend for Panicking {
+        type Buffer = HostBuffer;
+        fn name(&self) -> &'static str {
+            "panicking"
+        }
+        fn alloc(&self, bytes: usize) -> Result<HostBuffer> {
+            self.0.alloc(bytes)
+        }
+        fn upload(&self, host: &[u8], dst: &mut HostBuffer, offset: usize) -> Result<()> {
+            self.0.upload(host, dst, offset)
+        }
+        fn download(&self, src: &HostBuffer, offset: usize, host: &mut [u8]) -> Result<()> {
+            self.0.download(src, offset, host)
+        }
+        fn host_bytes<'a>(&self, buffer: &'a HostBuffer) -> Option<&'a [u8]> {
+            self.0.host_bytes(buffer)
+        }
+        fn box_copy(&self, _: Src<'_, HostBuffer>, _: &mut HostBuffer, _: &BoxCopy) -> Result<()> {
+            panic!("box copy exploded")
+        }
+        fn box_copy_source(
+            &self,
+            _: &SourceKey,
+            _: &[u8],
+            _: &mut HostBuffer,
+            _: &BoxCopy,
+        ) -> Result<()> {
+            panic!("box copy exploded")
+        }
+        fn forget_sources(&self, _: u64) {}
+        fn lora_add(
+            &self,
+            w: &mut HostBuffer,
+            b: &HostBuffer,
+            a: &HostBuffer,
+            op: &LoraAdd,
+        ) -> Result<()> {
+            self.0.lora_add(w, b, a, op)
+        }
+        fn synchronize(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out
+    }
+
     #[test]
-    fn a_square_transpose_is_not_a_plain_copy() {
-        let whole = BoxCopy::whole(&[4, 4], DType::F32, DType::F32);
-        assert!(is_plain_copy(&whole));
-        assert!(is_plain_copy(&BoxCopy {
-            src_axes: vec![0, 1],
-            ..whole.clone()
-        }));
-        assert!(!is_plain_copy(&BoxCopy {
-            src_axes: vec![1, 0],
-            ..whole.clone()
-        }));
-        assert!(!is_plain_copy(&BoxCopy {
-            dst_dtype: DType::BF16,
-            ..whole
-        }));
+    fn a_panicking_worker_is_an_internal_error_and_leaves_no_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.safetensors");
+        let data: Vec<u8> = (0..16u8).collect();
+        let tensors = [(
+            "w".to_string(),
+            TensorRef {
+                dtype: DType::F32,
+                shape: vec![2, 2],
+                data: &data,
+            },
+        )];
+        write(&src, &tensors, &StWriteOptions::default()).unwrap();
+        let out = dir.path().join("out");
+        // Several files, each a transpose (a box copy, never a plain copy),
+        // so every worker reaches the backend.
+        let files = (0..4)
+            .map(|r| FilePlan {
+                rank: r,
+                path: out.join(format!("rank_{r}/x{r}.safetensors")),
+                format: FileFormat::Safetensors,
+                tensors: vec![TensorPlan {
+                    name: "w".into(),
+                    content: Content::Tensor {
+                        dtype: DType::F32,
+                        shape: vec![2, 2],
+                        steps: vec![CopyStep {
+                            source: 0,
+                            tensor: "w".into(),
+                            copy: BoxCopy {
+                                src_axes: vec![1, 0],
+                                ..BoxCopy::whole(&[2, 2], DType::F32, DType::F32)
+                            },
+                        }],
+                    },
+                }],
+                metadata: None,
+            })
+            .collect();
+        let plan = Plan {
+            sources: vec![SourceFile { rank: 0, path: src }],
+            files,
+        };
+        let options = ExecOptions {
+            workers: 3,
+            ..ExecOptions::default()
+        };
+        let e = execute(&plan, &Panicking(CpuBackend::new(1)), &options).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Internal, "{e}");
+        let left = files_under(&out);
+        assert!(
+            left.iter().all(|p| !p.to_string_lossy().ends_with(".tmp")),
+            "temporaries left: {left:?}"
+        );
+        assert!(
+            !left
+                .iter()
+                .any(|p| matches!(p.extension(), Some(x) if x == "safetensors")),
+            "outputs left: {left:?}"
+        );
+        // The same plan on a sound backend writes every file.
+        let report = execute(&plan, &CpuBackend::new(1), &options).unwrap();
+        assert_eq!(report.files.len(), 4);
+    }
+
+    #[test]
+    fn default_options_do_not_record_the_process_argv() {
+        // Nothing in the library declares a command line (only the CLI does).
+        assert_eq!(ExecOptions::default().manifest, Some(Vec::new()));
     }
 }

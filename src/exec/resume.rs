@@ -2,7 +2,8 @@
 //! by the run being resumed (same sources, same settings), so the executor
 //! can skip them.
 
-use super::{ExecOptions, Job};
+use super::job::Job;
+use super::ExecOptions;
 use crate::formats::manifest::Manifest;
 use crate::formats::tree::FileFormat;
 use crate::plan::{Content, FilePlan, Plan};

@@ -110,7 +110,8 @@ mod tests {
             slice_ids(&l).unwrap(),
             (vec![0; 4], vec![0, 1, 2, 3], vec![1, 1])
         );
-        assert!(slice_ids(&Layout::flat(vec![2, 2], &[0, -1]).with_opt_shard(2, 2)).is_err());
+        let e = slice_ids(&Layout::flat(vec![2, 2], &[0, -1]).with_opt_shard(2, 2)).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Strategy, "{e}");
     }
 
     #[test]

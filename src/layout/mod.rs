@@ -36,6 +36,7 @@
 //! `stage * device_num`.
 
 pub mod balanced;
+pub mod boxes;
 mod expand;
 mod needed;
 pub mod redundancy;

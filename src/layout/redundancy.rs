@@ -286,9 +286,11 @@ mod tests {
 
     #[test]
     fn bad_axes_are_errors() {
-        assert!(redundancy_groups(&flat(&[2], &[1]), 0).is_err());
+        let e = redundancy_groups(&flat(&[2], &[1]), 0).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Strategy, "{e}");
         let l = flat(&[2, 2], &[0, -1]).with_opt_shard(0, -1);
-        assert!(redundancy_groups(&l, 0).is_err());
+        let e = redundancy_groups(&l, 0).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Strategy, "{e}");
     }
 
     /// The spec's dp4·mp2 example (§2.4 B).

@@ -26,10 +26,15 @@ fn flat(dev: &[u64], map: &[i32]) -> Layout {
     Layout::flat(dev.to_vec(), map)
 }
 
+/// The text of an expected error, which must be a strategy error (every
+/// layout error is: the strategy describes something impossible).
 fn err_text(r: Result<impl std::fmt::Debug>) -> String {
     match r {
         Ok(v) => panic!("expected an error, got {v:?}"),
-        Err(e) => e.to_string(),
+        Err(e) => {
+            assert_eq!(e.kind(), crate::error::ErrorKind::Strategy, "{e}");
+            e.to_string()
+        }
     }
 }
 

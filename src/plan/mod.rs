@@ -10,9 +10,9 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::backend::BoxCopy;
 use crate::dtype::DType;
 use crate::formats::tree::FileFormat;
+use crate::layout::boxes::BoxCopy;
 
 /// A source checkpoint the plan reads.
 #[derive(Debug, Clone, Serialize)]
@@ -84,7 +84,7 @@ pub struct LoraTerm {
     pub a_steps: Vec<CopyStep>,
     /// GEMM-add blocks, one per pair of row and column pieces of the weight.
     #[serde(skip)]
-    pub blocks: Vec<crate::backend::LoraAdd>,
+    pub blocks: Vec<crate::layout::boxes::LoraAdd>,
 }
 
 /// One tensor of a destination file.

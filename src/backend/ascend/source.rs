@@ -12,9 +12,12 @@ use std::ffi::c_void;
 use ascendcl_sys::sys as acl;
 
 use super::cache::Region;
-use super::{acl_call, chunks, gather, strides, AclExt, AscendBackend, AscendBuffer, Inner};
-use crate::backend::{BoxCopy, SourceKey};
+use super::error::{acl_call, AclExt};
+use super::geometry::{chunks, gather};
+use super::{AscendBackend, AscendBuffer, Inner};
+use crate::backend::SourceKey;
 use crate::error::Result;
+use crate::layout::boxes::{strides, BoxCopy};
 
 /// The box of the source tensor a copy reads (source axis order).
 pub(super) fn source_region(c: &BoxCopy) -> Region {

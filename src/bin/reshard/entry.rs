@@ -26,6 +26,13 @@ impl std::error::Error for Usage {}
 pub fn run() -> ExitCode {
     // First, before any thread: SIGINT/SIGTERM remove temporaries and locks.
     reshard::formats::destination::install_signal_cleanup();
+    // Manifests record the command line that made each output; the library
+    // never reads argv itself. args_os: a non-UTF-8 argument must not panic.
+    reshard::exec::record_command_line(
+        std::env::args_os()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect(),
+    );
     let (argv, extra) = commands::convert::split_known_args(std::env::args_os().collect());
     let mut cli = Cli::parse_from(argv);
     if let Command::Convert(a) = &mut cli.command {

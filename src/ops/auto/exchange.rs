@@ -192,7 +192,7 @@ impl Job {
                 .unwrap_or((o.rank % o.npu_num_per_node.max(1)) as i32);
             let backend = crate::backend::AscendBackend::new(AscendOptions {
                 device,
-                ..Default::default()
+                ..AscendOptions::from_env()
             })?;
             // One per process, alive until it exits (HCCL's communicator
             // borrows it).

@@ -1336,11 +1336,7 @@ fn run_block(
 /// `RESHARD_TEST_STALL_AFTER_FILE_MS`: test-only fault injection (see
 /// [`run_block`]).
 fn test_stall() -> Option<std::time::Duration> {
-    std::env::var("RESHARD_TEST_STALL_AFTER_FILE_MS")
-        .ok()?
-        .parse()
-        .ok()
-        .map(std::time::Duration::from_millis)
+    crate::exec::hooks::pause("RESHARD_TEST_STALL_AFTER_FILE_MS")
 }
 
 fn join(ranks: &[usize]) -> String {

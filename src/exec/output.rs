@@ -1,0 +1,394 @@
+//! One destination file being written: laid out from the plan before any
+//! tensor is filled, each tensor written at its own offsets and hashed in
+//! file order ([`Turn`]), then synced, renamed and given its manifest.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use super::fill::Filled;
+use super::job::Job;
+use super::WrittenFile;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::formats::atomic::FileDigest;
+use crate::formats::ckpt::writer::LayoutEntry;
+use crate::formats::destination;
+use crate::formats::manifest::{self, Manifest, SourceDigest, TensorDigest};
+use crate::formats::placed::{FileLayout, PlacedFile};
+use crate::formats::tree::FileFormat;
+use crate::plan::{Content, FilePlan, TensorPlan};
+
+/// A destination file being written.
+pub(super) struct OpenFile<'p> {
+    pub(super) plan: &'p FilePlan,
+    pub(super) layout: FileLayout,
+    /// The planned tensor of each placement.
+    pub(super) tensors: Vec<&'p TensorPlan>,
+    /// The value of each placement that is a string entry (read once, to
+    /// lay the file out).
+    pub(super) strings: Vec<Option<String>>,
+    pub(super) out: PlacedFile,
+    /// Placements are written, and then hashed, front to back.
+    pub(super) written: Turn,
+    pub(super) hashed: Turn,
+    /// The file's hash so far (taken by the holder of the turn).
+    pub(super) hasher: Mutex<crate::formats::hash::Hasher>,
+    pub(super) digests: Mutex<Vec<Option<TensorDigest>>>,
+    pub(super) remaining: AtomicUsize,
+    /// Workers filling one of its tensors now.
+    pub(super) active: AtomicUsize,
+    pub(super) started: Instant,
+}
+
+impl<'p, B: Backend> Job<'p, B> {
+    /// Lays out `file` and creates its temporary file.
+    pub(super) fn open(&self, file: &'p FilePlan) -> Result<OpenFile<'p>> {
+        if let Some(dir) = file.path.parent() {
+            destination::create_dir_within(self.root, dir)?;
+        }
+        let strings: Vec<Option<String>> = file
+            .tensors
+            .iter()
+            .map(|t| match &t.content {
+                Content::Str { source, tensor } => self.sources.string(*source, tensor).map(Some),
+                _ => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        let layout = match file.format {
+            FileFormat::Ckpt => {
+                let entries: Vec<LayoutEntry<'_>> = file
+                    .tensors
+                    .iter()
+                    .zip(&strings)
+                    .map(|(t, s)| match (&t.content, s) {
+                        (Content::Tensor { dtype, shape, .. }, _)
+                        | (Content::Merged { dtype, shape, .. }, _) => LayoutEntry::Tensor {
+                            name: &t.name,
+                            dtype: *dtype,
+                            dims: shape,
+                        },
+                        (Content::Str { .. }, value) => LayoutEntry::Str {
+                            name: &t.name,
+                            value: value.as_deref().unwrap_or_default(),
+                        },
+                    })
+                    .collect();
+                crate::formats::ckpt::writer::layout(&entries)?
+            }
+            FileFormat::Safetensors => {
+                // Strings travel in the metadata, not as tensors.
+                let mut metadata = file
+                    .metadata
+                    .clone()
+                    .unwrap_or_else(|| self.options.safetensors_metadata.clone());
+                let mut specs = Vec::new();
+                for (t, s) in file.tensors.iter().zip(&strings) {
+                    match (&t.content, s) {
+                        (Content::Tensor { dtype, shape, .. }, _)
+                        | (Content::Merged { dtype, shape, .. }, _) => specs.push((
+                            t.name.clone(),
+                            *dtype,
+                            shape.iter().map(|&d| d as usize).collect(),
+                        )),
+                        (Content::Str { .. }, value) => {
+                            metadata.insert(
+                                format!(
+                                    "{}{}",
+                                    crate::formats::safetensors::STRING_KEY_PREFIX,
+                                    t.name
+                                ),
+                                value.clone().unwrap_or_default(),
+                            );
+                        }
+                    }
+                }
+                crate::formats::safetensors::layout(&specs, Some(metadata))?
+            }
+        };
+        let by_name: HashMap<&str, &TensorPlan> =
+            file.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+        let values: HashMap<&str, &String> = file
+            .tensors
+            .iter()
+            .zip(&strings)
+            .filter_map(|(t, v)| Some((t.name.as_str(), v.as_ref()?)))
+            .collect();
+        let placed_strings = layout
+            .tensors
+            .iter()
+            .map(|p| values.get(p.name.as_str()).map(|v| (*v).clone()))
+            .collect();
+        let tensors = layout
+            .tensors
+            .iter()
+            .map(|p| by_name[p.name.as_str()])
+            .collect();
+        let out = PlacedFile::create(&file.path)?;
+        if !layout.prefix.is_empty() {
+            out.write_at(0, &layout.prefix)?;
+        }
+        let mut hasher = crate::formats::hash::Hasher::new();
+        hasher.update(&layout.prefix);
+        Ok(OpenFile {
+            plan: file,
+            digests: Mutex::new(vec![None; layout.tensors.len()]),
+            remaining: AtomicUsize::new(layout.tensors.len()),
+            active: AtomicUsize::new(0),
+            layout,
+            tensors,
+            strings: placed_strings,
+            out,
+            written: Turn::default(),
+            hashed: Turn::default(),
+            hasher: Mutex::new(hasher),
+            started: Instant::now(),
+        })
+    }
+
+    /// Fills placement `pos` of `file`, writes it at its offsets, hashes it
+    /// in file order, and hands the file to the flusher if it was the last.
+    pub(super) fn place(&self, file: &Arc<OpenFile<'p>>, pos: usize) -> Result<()> {
+        let t = file.tensors[pos];
+        let placement = &file.layout.tensors[pos];
+        let context = |e: Error| match e {
+            e @ Error::InFile { .. } => e,
+            e => e.in_tensor(&t.name).in_file(&file.plan.path),
+        };
+        let filled = match &file.strings[pos] {
+            Some(value) => Filled::Str(value.clone()),
+            None => self.fill(t).map_err(context)?,
+        };
+        let chunks = filled.chunks(self.backend);
+        let pieces = placement.pieces(&chunks).map_err(context)?;
+        // Hashes are for the manifest: without one, nothing to compute.
+        let hashing = self.options.manifest.is_some();
+        let mut tensor_hash = crate::formats::hash::Hasher::new();
+        if hashing {
+            for piece in pieces.iter().filter(|p| p.data) {
+                tensor_hash.update(piece.bytes);
+            }
+        } else if let Filled::Mapped(chunks) = &filled {
+            // Hashing reads mapped sources here; without it, map their
+            // pages here all the same.
+            touch_pages(chunks);
+        }
+        // Tensors are filled in parallel, written in file order (the kernel
+        // serialises writes to one file anyway), then added to the file's
+        // hash in file order: while one worker hashes tensor i, another can
+        // write tensor i + 1.
+        let Some(written) = file.written.wait_for(pos, &self.failed) else {
+            return Ok(());
+        };
+        for piece in &pieces {
+            file.out.write_at(piece.at, piece.bytes)?;
+        }
+        file.written.pass(written);
+        if self.options.control.fsync {
+            // The disk writes this tensor back while the next ones are
+            // filled; the file's one fsync, before its rename, waits for
+            // what is left.
+            let lo = pieces.iter().map(|p| p.at).min().unwrap_or(0);
+            let hi = pieces
+                .iter()
+                .map(|p| p.at + p.bytes.len() as u64)
+                .max()
+                .unwrap_or(0);
+            file.out.start_writeback(lo, hi - lo);
+        }
+        if hashing {
+            let Some(hashed) = file.hashed.wait_for(pos, &self.failed) else {
+                return Ok(());
+            };
+            let mut hasher = file.hasher.lock().unwrap();
+            for piece in &pieces {
+                hasher.update(piece.bytes);
+            }
+            drop(hasher);
+            file.hashed.pass(hashed);
+        }
+        file.active.fetch_sub(1, Ordering::Relaxed);
+        if let Some(p) = &self.options.control.progress {
+            p.add(t.bytes());
+        }
+        if hashing {
+            file.digests.lock().unwrap()[pos] = Some(tensor_digest(t, &filled, &tensor_hash));
+        }
+        drop(pieces);
+        drop(filled);
+        if file.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The receiver lives until every thread of the job has ended.
+            let _ = self.flush.send(Some(file.clone()));
+        }
+        Ok(())
+    }
+
+    /// Syncs and renames a completely written file, then writes its manifest.
+    pub(super) fn finish(&self, file: &OpenFile<'p>) -> Result<()> {
+        let path = &file.plan.path;
+        // Every byte of this file has been read from its sources: if one
+        // changed meanwhile (or shrank under its map), the file is not
+        // trustworthy and is not committed (issue 19 items 3 and 4).
+        for i in file.plan.sources() {
+            self.sources.get(i)?.unchanged()?;
+        }
+        let digest = FileDigest {
+            bytes: file.layout.len,
+            xxh3: file.hasher.lock().unwrap().digest(),
+        };
+        file.out
+            .commit(file.layout.len, self.options.control.fsync)?;
+        let written = WrittenFile {
+            rank: file.plan.rank,
+            path: path.clone(),
+            bytes: file.plan.bytes(),
+            seconds: file.started.elapsed().as_secs_f64(),
+            skipped: false,
+        };
+        if let Some(command) = &self.options.manifest {
+            let manifest = (|| -> Result<Manifest> {
+                Ok(Manifest {
+                    format: manifest::MANIFEST_FORMAT.into(),
+                    reshard_version: env!("CARGO_PKG_VERSION").into(),
+                    command: command.clone(),
+                    file: path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    digest,
+                    tensors: file
+                        .digests
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .map(|d| d.clone().expect("every tensor hashed"))
+                        .collect(),
+                    sources: file
+                        .plan
+                        .sources()
+                        .into_iter()
+                        .map(|i| {
+                            Ok(SourceDigest {
+                                path: self.plan.sources[i].path.clone(),
+                                digest: self.sources.digest(i)?,
+                                modified_ns: Some(self.sources.get(i)?.stamp_modified_ns()),
+                            })
+                        })
+                        .collect::<Result<_>>()?,
+                    settings: Some(self.settings(file.plan)),
+                })
+            })();
+            // A data file is trusted only with its manifest: without one, remove it.
+            if let Err(e) = manifest.and_then(|m| m.write_with(path, self.options.control.fsync)) {
+                let _ = std::fs::remove_file(path);
+                return Err(e);
+            }
+        }
+        self.done.lock().unwrap().push(written);
+        Ok(())
+    }
+}
+
+/// Syncs, once each, the directories the written files were renamed into,
+/// so the renames (of data files and manifests) are durable too. Each file
+/// was synced before its rename.
+pub(super) fn sync_directories(files: &[WrittenFile]) -> Result<()> {
+    let mut dirs: Vec<&std::path::Path> = files
+        .iter()
+        .filter(|f| !f.skipped)
+        .filter_map(|f| f.path.parent())
+        .map(|d| {
+            if d.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                d
+            }
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    for dir in dirs {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::Io(e).in_file(dir))?;
+    }
+    Ok(())
+}
+
+/// Whose turn it is, for work that must go front to back through a file.
+#[derive(Default)]
+pub(super) struct Turn {
+    next: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl Turn {
+    /// Waits until it is `pos`'s turn; `None` if the job failed meanwhile.
+    pub(super) fn wait_for(
+        &self,
+        pos: usize,
+        failed: &AtomicBool,
+    ) -> Option<std::sync::MutexGuard<'_, usize>> {
+        let mut next = self.next.lock().unwrap();
+        while *next != pos {
+            if failed.load(Ordering::Relaxed) {
+                return None;
+            }
+            next = self
+                .changed
+                .wait_timeout(next, std::time::Duration::from_millis(20))
+                .unwrap()
+                .0;
+        }
+        Some(next)
+    }
+
+    /// Hands the turn to the next position.
+    pub(super) fn pass(&self, mut guard: std::sync::MutexGuard<'_, usize>) {
+        *guard += 1;
+        drop(guard);
+        self.changed.notify_all();
+    }
+}
+
+/// Reads one byte per page of `chunks`, so their pages are mapped (many
+/// per fault) by this worker, in parallel with the others, rather than one
+/// by one inside the serial `write` that copies them to the output.
+pub(super) fn touch_pages(chunks: &[&[u8]]) {
+    let mut sum = 0u8;
+    for c in chunks {
+        for b in c.iter().step_by(4096) {
+            // SAFETY: a valid reference to an initialised byte.
+            sum = sum.wrapping_add(unsafe { std::ptr::read_volatile(b) });
+        }
+    }
+    std::hint::black_box(sum);
+}
+
+/// What the manifest records of a tensor.
+pub(super) fn tensor_digest<Buf>(
+    t: &TensorPlan,
+    filled: &Filled<'_, Buf>,
+    data: &crate::formats::hash::Hasher,
+) -> TensorDigest {
+    let (dtype, shape, bytes, xxh3) = match (&t.content, filled) {
+        (_, Filled::Str(value)) => (
+            "str".to_string(),
+            vec![0],
+            value.len() as u64,
+            crate::formats::hash::hash(value.as_bytes()),
+        ),
+        (Content::Tensor { dtype, shape, .. } | Content::Merged { dtype, shape, .. }, _) => {
+            (dtype.to_string(), shape.clone(), t.bytes(), data.digest())
+        }
+        (Content::Str { .. }, _) => unreachable!("a string entry is filled with its value"),
+    };
+    TensorDigest {
+        name: t.name.clone(),
+        dtype,
+        shape,
+        bytes,
+        xxh3,
+    }
+}

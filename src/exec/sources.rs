@@ -1,0 +1,116 @@
+//! The sources of a running plan: opened once, on first use, shared by
+//! the workers; their digests (for manifests) taken once; in a distributed
+//! run, what other ranks read for this one.
+
+use std::sync::{Mutex, OnceLock};
+
+use super::exchange;
+use crate::error::{Error, Result};
+use crate::formats::atomic::FileDigest;
+use crate::formats::ckpt::ReadOptions;
+use crate::formats::manifest::{self, Manifest};
+use crate::formats::Source;
+use crate::plan::{CopyStep, Plan};
+
+/// Sources opened once, on first use, shared by the workers.
+pub(super) struct Sources<'p> {
+    pub(super) plan: &'p Plan,
+    pub(super) read: &'p ReadOptions,
+    pub(super) opened: Vec<Once<Source>>,
+    pub(super) digests: Vec<Once<FileDigest>>,
+    /// In a distributed run: what other ranks read for this one.
+    pub(super) remote: Option<&'p exchange::Received>,
+    /// This run's [`SourceKey`] job: a device backend keeps what it uploads
+    /// of a source tensor under it until the run ends.
+    pub(super) job: u64,
+}
+
+impl<'p> Sources<'p> {
+    /// The length and hash of source `i`, computed once.
+    ///
+    /// A source with a manifest of its own (a reshard output) must match
+    /// it: a source changed since it was written is an error naming it.
+    pub(super) fn digest(&self, i: usize) -> Result<FileDigest> {
+        if let Some(d) = self.remote.and_then(|r| r.digests.get(&i)) {
+            return Ok(*d);
+        }
+        self.digests[i]
+            .get_or_try(|| {
+                let path = &self.plan.sources[i].path;
+                let d = manifest::digest_file(path)?;
+                if let Ok(Some(m)) = Manifest::read(path) {
+                    if m.digest != d {
+                        return Err(Error::SourceChanged {
+                            what: format!(
+                                "it does not match its manifest ({} bytes with xxh3 {:016x}; the \
+                             manifest says {} bytes with xxh3 {:016x}; if it was changed on \
+                             purpose, remove {})",
+                                d.bytes,
+                                d.xxh3,
+                                m.digest.bytes,
+                                m.digest.xxh3,
+                                manifest::manifest_path(path).display()
+                            ),
+                        }
+                        .in_file(path));
+                    }
+                }
+                Ok(d)
+            })
+            .copied()
+    }
+
+    pub(super) fn get(&self, i: usize) -> Result<&Source> {
+        self.opened[i].get_or_try(|| Source::open(&self.plan.sources[i].path, self.read))
+    }
+
+    /// The box of `step` as another rank cut it (dense, in the
+    /// destination dtype), when that rank reads its source.
+    pub(super) fn received(&self, step: &CopyStep) -> Option<&'p [u8]> {
+        self.remote.and_then(|r| r.get(step))
+    }
+
+    /// The value of string entry `tensor` of source `i`.
+    pub(super) fn string(&self, i: usize, tensor: &str) -> Result<String> {
+        if let Some(v) = self
+            .remote
+            .and_then(|r| r.strings.get(&(i, tensor.to_string())))
+        {
+            return Ok(v.clone());
+        }
+        self.get(i)?.string(tensor)
+    }
+}
+
+/// A value computed once by whichever thread asks first, the others
+/// waiting for it. A failure is not kept: it goes, typed, to the thread that
+/// computed it, and the next caller tries again (and fails the same way, so
+/// every thread sees the real error, not a copy of its text).
+pub(super) struct Once<T> {
+    value: OnceLock<T>,
+    computing: Mutex<()>,
+}
+
+impl<T> Default for Once<T> {
+    fn default() -> Self {
+        Once {
+            value: OnceLock::new(),
+            computing: Mutex::new(()),
+        }
+    }
+}
+
+impl<T> Once<T> {
+    /// The value, computing it with `f` if no call has yet succeeded.
+    pub(super) fn get_or_try(&self, f: impl FnOnce() -> Result<T>) -> Result<&T> {
+        if let Some(v) = self.value.get() {
+            return Ok(v);
+        }
+        let _one_at_a_time = self.computing.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = self.value.get() {
+            return Ok(v);
+        }
+        let v = f()?;
+        Ok(self.value.get_or_init(|| v))
+    }
+}
