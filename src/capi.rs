@@ -309,7 +309,24 @@ mod tests {
         .collect();
         assert_eq!(defined, rust);
         // Every kind has its own code; only an internal error is the generic one.
-        let kinds = [ErrorKind::Usage, ErrorKind::BadInput, ErrorKind::Damaged, ErrorKind::Encrypted, ErrorKind::Strategy, ErrorKind::Missing, ErrorKind::Mismatch, ErrorKind::Unsupported, ErrorKind::Io, ErrorKind::Destination, ErrorKind::SourceChanged, ErrorKind::Limit, ErrorKind::Device, ErrorKind::Job, ErrorKind::Interrupted, ErrorKind::Internal];
+        let kinds = [
+            ErrorKind::Usage,
+            ErrorKind::BadInput,
+            ErrorKind::Damaged,
+            ErrorKind::Encrypted,
+            ErrorKind::Strategy,
+            ErrorKind::Missing,
+            ErrorKind::Mismatch,
+            ErrorKind::Unsupported,
+            ErrorKind::Io,
+            ErrorKind::Destination,
+            ErrorKind::SourceChanged,
+            ErrorKind::Limit,
+            ErrorKind::Device,
+            ErrorKind::Job,
+            ErrorKind::Interrupted,
+            ErrorKind::Internal,
+        ];
         let codes: BTreeSet<c_int> = kinds.iter().map(|&k| status_of(k)).collect();
         assert_eq!(codes.len(), kinds.len());
         assert_eq!(status_of(ErrorKind::Internal), RESHARD_FAILED);

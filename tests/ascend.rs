@@ -43,7 +43,7 @@ pub mod distributed {
     use reshard::plan::Plan;
     use reshard::DType;
 
-    use crate::merge_lora::{lora_model, strategies};
+    use crate::util::lora::{lora_model, strategies};
     use crate::util::tempdir;
 
     /// A sharded (mp4) LoRA model under `root`: (shards, mp4, mp2).
@@ -415,7 +415,7 @@ mod emulated {
     use reshard::ops::transform::{plan_transform, transform, TransformOptions};
     use reshard::DType;
 
-    use crate::merge_lora::{lora_model, strategies};
+    use crate::util::lora::{lora_model, strategies};
     use crate::util::tempdir;
 
     fn opts(path: CopyPath, stage: usize) -> AscendOptions {
@@ -1269,23 +1269,9 @@ mod emulated {
                 e.to_string().contains("ACL_ERROR_RT_AICORE_EXCEPTION"),
                 "{e}"
             );
-            let left: Vec<_> = walk(&out).into_iter().filter(|p| !p.is_dir()).collect();
+            let left = crate::util::fs::walk(&out);
             assert!(left.is_empty(), "left behind: {left:?}");
         }
-    }
-
-    fn walk(d: &Path) -> Vec<PathBuf> {
-        let mut out = Vec::new();
-        if let Ok(rd) = std::fs::read_dir(d) {
-            for e in rd {
-                let p = e.unwrap().path();
-                if p.is_dir() {
-                    out.extend(walk(&p));
-                }
-                out.push(p);
-            }
-        }
-        out
     }
 
     #[test]

@@ -70,22 +70,15 @@ fn check_step(s: &Value, repeat: usize) {
 /// Everything left in the working directory is a strategy file: every
 /// checkpoint the steps wrote was removed.
 fn assert_cleaned(dir: &Path) {
-    fn walk(p: &Path, left: &mut Vec<String>) {
-        for e in std::fs::read_dir(p).unwrap() {
-            let path = e.unwrap().path();
-            if path.is_dir() {
-                walk(&path, left);
-            } else if !path
+    let left: Vec<std::path::PathBuf> = crate::util::fs::walk(dir)
+        .into_iter()
+        .filter(|path| {
+            !path
                 .parent()
                 .and_then(Path::file_name)
                 .is_some_and(|n| n.to_string_lossy().starts_with("s_"))
-            {
-                left.push(path.display().to_string());
-            }
-        }
-    }
-    let mut left = Vec::new();
-    walk(dir, &mut left);
+        })
+        .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 

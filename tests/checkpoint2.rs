@@ -12,7 +12,7 @@ use reshard::ops::verify;
 use reshard::DType;
 use serde_json::Value;
 
-use crate::transform::{strategies, synthetic_model};
+use crate::util::model::{strategies, synthetic_model};
 use crate::util::tempdir;
 
 struct Fixture {
@@ -27,7 +27,7 @@ fn fixture() -> Fixture {
     let dir = tempdir();
     let root = dir.path().to_path_buf();
     let model = root.join("full.ckpt");
-    crate::auto::model(&model, 2, 16, 9);
+    crate::util::job::model(&model, 2, 16, 9);
     let strategy = strategies(&model, &root.join("s"), 2, 2, 1, 0);
     let written = root.join("ck2");
     let mut o = TransformOptions::new(&model, &written, None, Some(strategy.clone()));

@@ -9,7 +9,7 @@ use reshard::formats::Source;
 use reshard::ops::transform::{transform, TransformOptions};
 use reshard::{DType, Error};
 
-use crate::transform::{strategies, synthetic_model};
+use crate::util::model::{strategies, synthetic_model};
 use crate::util::{reshard_bin, tempdir};
 
 fn ckpts(dir: &Path) -> Vec<PathBuf> {
@@ -250,7 +250,7 @@ fn a_non_utf8_destination_argument_is_accepted() {
 /// `output/transformed_checkpoint/<name>` link.
 #[test]
 fn auto_does_not_write_through_a_planted_output_link() {
-    use crate::auto::{run_job, sharded_source, shared_job, yaml};
+    use crate::util::job::{run_job, sharded_source, shared_job, yaml};
     let (_d, job) = shared_job();
     sharded_source(&job, 2, 2, 2, true);
     std::fs::write(

@@ -8,66 +8,12 @@ use std::process::Command;
 use proptest::prelude::*;
 use reshard::formats::ckpt::{Checkpoint, CkptWriter, WriteOptions};
 use reshard::formats::strategy::{self, LayoutItem, Strategy, StrategyItem};
-use reshard::ops::strategy_gen::{write_strategies, StrategyOptions};
 use reshard::ops::transform::{transform, TransformOptions};
 use reshard::DType;
 
+use crate::util::fs::data_files;
+use crate::util::model::{strategies, synthetic_model};
 use crate::util::{reshard_bin, tempdir};
-
-/// A llama-shaped full checkpoint: `layers` layers, hidden 16, ffn 48, vocab 48.
-pub fn synthetic_model(path: &Path, layers: usize, dtype: DType, seed: u8) {
-    let mut shapes: Vec<(String, Vec<i64>)> =
-        vec![("model.tok_embeddings.embedding_weight".into(), vec![48, 16])];
-    for l in 0..layers {
-        for w in ["wq", "wk", "wv", "wo"] {
-            shapes.push((
-                format!("model.layers.{l}.attention.{w}.weight"),
-                vec![16, 16],
-            ));
-        }
-        shapes.push((
-            format!("model.layers.{l}.feed_forward.w1.weight"),
-            vec![48, 16],
-        ));
-        shapes.push((
-            format!("model.layers.{l}.feed_forward.w2.weight"),
-            vec![16, 48],
-        ));
-        shapes.push((format!("model.layers.{l}.attention_norm.weight"), vec![16]));
-    }
-    shapes.push(("lm_head.weight".into(), vec![48, 16]));
-    let states: Vec<(String, Vec<i64>)> = shapes
-        .iter()
-        .map(|(n, s)| (format!("adam_m.{n}"), s.clone()))
-        .collect();
-    shapes.extend(states);
-    let mut w = CkptWriter::create(path, WriteOptions::default()).unwrap();
-    for (i, (name, shape)) in shapes.iter().enumerate() {
-        let n = shape.iter().product::<i64>() as usize * dtype.size();
-        let data: Vec<u8> = (0..n)
-            .map(|b| (b as u8).wrapping_mul(31).wrapping_add(i as u8 ^ seed))
-            .collect();
-        w.write_tensor(name, dtype, shape, &data).unwrap();
-    }
-    w.write_tensor("global_step", DType::I32, &[1], &7i32.to_le_bytes())
-        .unwrap();
-    w.write_string("note", "kept").unwrap();
-    w.finish().unwrap();
-}
-
-pub fn strategies(model: &Path, dir: &Path, dp: u32, mp: u32, pp: u32, opt: i32) -> PathBuf {
-    write_strategies(&StrategyOptions {
-        checkpoint: model.to_path_buf(),
-        out_dir: dir.to_path_buf(),
-        dp,
-        mp,
-        pp,
-        opt_shard: opt,
-        vocab_emb_dp: mp % 2 == 1,
-    })
-    .unwrap();
-    dir.to_path_buf()
-}
 
 fn options(src: &Path, dst: &Path, s: Option<&Path>, d: Option<&Path>) -> TransformOptions {
     TransformOptions {
@@ -77,23 +23,7 @@ fn options(src: &Path, dst: &Path, s: Option<&Path>, d: Option<&Path>) -> Transf
 }
 
 fn count_files(dir: &Path) -> usize {
-    if !dir.exists() {
-        return 0;
-    }
-    walk(dir).len()
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else if !p.to_string_lossy().ends_with(".manifest.json") {
-            out.push(p);
-        }
-    }
-    out
+    data_files(dir).len()
 }
 
 proptest! {
@@ -394,7 +324,7 @@ fn full_disk_leaves_nothing_behind() {
         count_files(&out),
         0,
         "partial output left: {:?}",
-        walk(&out)
+        data_files(&out)
     );
 }
 

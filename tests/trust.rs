@@ -14,8 +14,8 @@ use reshard::ops::transform::{transform, TransformOptions};
 use reshard::ops::verify::{check_distributed, compare, Difference, Side, Tolerance};
 use reshard::DType;
 
-use crate::transform::{strategies, synthetic_model};
-use crate::util::{reshard_bin, tempdir};
+use crate::util::model::{strategies, synthetic_model};
+use crate::util::{reshard_bin, skip, tempdir};
 
 fn files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -355,7 +355,10 @@ fn unwritable_destinations_and_escaping_paths_are_refused() {
         assert!(err.contains("locked"), "{err}");
         assert!(files(&locked).is_empty());
     } else {
-        eprintln!("chattr +i unsupported here: immutable-directory case skipped");
+        skip(
+            "RESHARD_REQUIRE_CHATTR",
+            "`chattr +i` is missing or unsupported here (needs root and a filesystem with the immutable flag): immutable-directory case",
+        );
     }
 }
 

@@ -12,7 +12,7 @@ use reshard::ops::unify::{unify, UnifyOptions};
 use reshard::ops::verify::{compare, Side, Tolerance};
 use reshard::DType;
 
-use crate::transform::{strategies, synthetic_model};
+use crate::util::model::{strategies, synthetic_model};
 use crate::util::tempdir;
 
 /// A full model, its dp2·mp2 strategy, and the model split into rank_x

@@ -121,7 +121,8 @@ impl Manifest {
             .map_err(|e| Error::bad_input(format!("not a reshard manifest: {e}")).in_file(&path))?;
         if m.format != MANIFEST_FORMAT {
             return Err(
-                Error::unsupported(format!("unknown manifest format {:?}", m.format)).in_file(&path),
+                Error::unsupported(format!("unknown manifest format {:?}", m.format))
+                    .in_file(&path),
             );
         }
         Ok(Some(m))

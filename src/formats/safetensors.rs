@@ -398,14 +398,13 @@ pub fn write(
                 .in_file(path));
         }
     }
-    safetensors::serialize_to_file(views, metadata, path)
-        .map_err(|e| {
-            match e {
-                safetensors::SafeTensorError::IoError(io) => Error::Io(io),
-                other => Error::mismatch(format!("cannot write safetensors: {other}")),
-            }
-            .in_file(path)
-        })
+    safetensors::serialize_to_file(views, metadata, path).map_err(|e| {
+        match e {
+            safetensors::SafeTensorError::IoError(io) => Error::Io(io),
+            other => Error::mismatch(format!("cannot write safetensors: {other}")),
+        }
+        .in_file(path)
+    })
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use reshard::ops::merge_lora::{merge_lora, MergeLoraOptions};
 use reshard::ops::transform::{transform, TransformOptions};
 use reshard::DType;
 
-use crate::merge_lora::{lora_model, strategies};
+use crate::util::lora::{lora_model, strategies};
 use crate::util::{mindspore_python, run_py, tempdir};
 
 /// |ours - theirs| in units of the last place of `dtype` at `scale`: the

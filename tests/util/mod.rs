@@ -1,4 +1,13 @@
-//! Helpers shared by the integration tests.
+//! Helpers and fixtures shared by the integration tests: finding MindSpore,
+//! mindformers and the built binaries, guarded skips, and (in the
+//! submodules) file listings and the synthetic models every test module
+//! builds on.
+
+pub mod fs;
+pub mod hf;
+pub mod job;
+pub mod lora;
+pub mod model;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,15 +20,52 @@ pub fn mindspore_python() -> Option<PathBuf> {
     match std::env::var_os("RESHARD_MINDSPORE_PYTHON") {
         Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
         _ => {
-            if std::env::var("RESHARD_REQUIRE_MINDSPORE").as_deref() == Ok("1") {
-                panic!("RESHARD_REQUIRE_MINDSPORE=1 but RESHARD_MINDSPORE_PYTHON is not set");
-            }
-            eprintln!(
-                "skipped: set RESHARD_MINDSPORE_PYTHON to run conformance tests (ci/test.sh does)"
+            skip(
+                "RESHARD_REQUIRE_MINDSPORE",
+                "RESHARD_MINDSPORE_PYTHON is not set: set it to run conformance tests (ci/test.sh does)",
             );
             None
         }
     }
+}
+
+/// The mindformers sources extracted from its wheels, from
+/// `RESHARD_MINDFORMERS_SRC` (`ci/mindformers.sh` prints the folder).
+/// `None` (the comparison with mindformers' own code is skipped) when
+/// unset, unless `RESHARD_REQUIRE_MINDFORMERS=1`, where a missing folder
+/// fails the test.
+pub fn mindformers_src() -> Option<PathBuf> {
+    match std::env::var_os("RESHARD_MINDFORMERS_SRC") {
+        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+        _ => {
+            skip(
+                "RESHARD_REQUIRE_MINDFORMERS",
+                "RESHARD_MINDFORMERS_SRC is not set: set it to $(ci/mindformers.sh) to compare with mindformers' code",
+            );
+            None
+        }
+    }
+}
+
+/// A test case that cannot run here (a tool or oracle is missing): says
+/// so on stderr and returns, so the caller can skip; panics instead when
+/// the `guard` variable (`RESHARD_REQUIRE_…`) is `1`, so a CI machine that
+/// must run the case never skips it silently.
+pub fn skip(guard: &str, why: &str) {
+    if std::env::var(guard).as_deref() == Ok("1") {
+        panic!("{guard}=1 but {why}");
+    }
+    eprintln!("skipped: {why} (set {guard}=1 to make this a failure)");
+}
+
+/// Whether `program` can be started (`program --version` runs). When it
+/// cannot, the case is skipped through [`skip`] with `guard`.
+pub fn have_tool(program: &str, guard: &str) -> bool {
+    if Command::new(program).arg("--version").output().is_ok() {
+        return true;
+    }
+    skip(guard, &format!("`{program}` is not installed"));
+    false
 }
 
 /// Path of a helper script under `tests/conformance/py/`.

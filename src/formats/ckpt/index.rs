@@ -353,7 +353,9 @@ fn add_record(
                 }
                 (EntryKind::MapTensor(_), ValueRec::Tensor(_)) | (_, ValueRec::Map(_)) => {
                     return Err((
-                        Error::bad_input("tensor and map-tensor records share one name".to_string()),
+                        Error::bad_input(
+                            "tensor and map-tensor records share one name".to_string(),
+                        ),
                         name,
                     ));
                 }
