@@ -186,10 +186,12 @@ fn checkpoint2_directories_read_through_mindformers_metadata() {
         None,
         None,
     ))
-    .unwrap_err()
-    .to_string();
+    .unwrap_err();
+    assert_eq!(err.kind(), reshard::error::ErrorKind::Missing, "{err}");
+    assert!(err.tensor().is_some(), "{err}");
     assert!(
-        err.contains("model-0000001-0000004.safetensors") && err.contains("missing"),
+        err.to_string()
+            .contains("model-0000001-0000004.safetensors"),
         "{err}"
     );
     assert!(!root.join("y").exists());
