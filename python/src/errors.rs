@@ -12,9 +12,7 @@ use reshard::error::{Error, ErrorKind};
 fn class_of(e: &Error) -> &'static str {
     match e.kind() {
         ErrorKind::Io => match e.root() {
-            Error::Io(io) if io.kind() == std::io::ErrorKind::NotFound => {
-                "CheckpointNotFoundError"
-            }
+            Error::Io(io) if io.kind() == std::io::ErrorKind::NotFound => "CheckpointNotFoundError",
             Error::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
                 "CheckpointPermissionError"
             }
