@@ -195,7 +195,7 @@ fn bench_vs_mindspore_times_every_step() {
 fn bench_runs_every_step_on_each_backend() {
     use reshard::ops::bench::{bench, BenchOptions};
     let backends = std::iter::once((reshard::backend::BackendChoice::Cpu, "cpu"))
-        .chain(crate::ascend::extra_backends());
+        .chain(crate::util::extra_backends());
     for (backend, label) in backends {
         let dir = tempdir();
         let report = bench(&BenchOptions {

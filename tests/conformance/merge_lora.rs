@@ -101,7 +101,7 @@ fn merge_matches_mindformers_recipe_within_the_bound() {
         let report = merge_lora(&o).unwrap_or_else(|e| panic!("{dtype}: {e}"));
         // On the other compiled backends (Ascend on the host emulator with
         // `--features ascend`): the very bytes of the CPU merge.
-        for (backend, tag) in crate::ascend::extra_backends() {
+        for (backend, tag) in crate::util::extra_backends() {
             let again = root.join(format!("ours-{tag}"));
             merge_lora(&MergeLoraOptions {
                 dst_dir: again.clone(),

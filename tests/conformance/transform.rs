@@ -111,7 +111,7 @@ fn transform_matrix_is_byte_identical_to_mindspore() {
         assert_same_tree(&out, &case_dir.join("expect"), name);
         // The same case on the other compiled backends (Ascend on the host
         // emulator with `--features ascend`): the same bytes.
-        for (backend, tag) in crate::ascend::extra_backends() {
+        for (backend, tag) in crate::util::extra_backends() {
             let out = dir.path().join(format!("{tag}-{name}"));
             let mut o = options(&case_dir, case, &out, i % 2 == 0);
             o.backend = backend;
@@ -203,7 +203,7 @@ fn check_against_mindspore(
     };
     transform(&o).unwrap_or_else(|e| panic!("{tag}: {e}"));
     assert_same_tree(&ours, &expect, tag);
-    for (backend, name) in crate::ascend::extra_backends() {
+    for (backend, name) in crate::util::extra_backends() {
         let ours = work.join(format!("{tag}-{name}"));
         let o = TransformOptions {
             backend,

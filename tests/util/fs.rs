@@ -42,6 +42,19 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Every file under `dir` but JSON ones (manifests, metadata), relative,
+/// with its bytes, sorted.
+pub fn contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    walk(dir)
+        .into_iter()
+        .filter(|p| !p.to_string_lossy().ends_with(".json"))
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p.strip_prefix(dir).unwrap().to_path_buf(), bytes)
+        })
+        .collect()
+}
+
 /// `ours` and `theirs` hold the same data files with the same bytes.
 pub fn assert_same_tree(ours: &Path, theirs: &Path, case: &str) {
     let (a, b) = (files_under(ours), files_under(theirs));

@@ -3,6 +3,7 @@
 //! submodules) file listings and the synthetic models every test module
 //! builds on.
 
+pub mod distributed;
 pub mod fs;
 pub mod hf;
 pub mod job;
@@ -66,6 +67,24 @@ pub fn have_tool(program: &str, guard: &str) -> bool {
     }
     skip(guard, &format!("`{program}` is not installed"));
     false
+}
+
+/// Backends a conformance body runs on besides the CPU: with the `ascend`
+/// feature, Ascend on the shared host emulator (installed here as the
+/// process-wide CANN table); none otherwise.
+pub fn extra_backends() -> Vec<(reshard::backend::BackendChoice, &'static str)> {
+    #[cfg(feature = "ascend")]
+    {
+        ascend_stub::install_shared();
+        // Conformance compares bytes with the CPU backend: the promise of
+        // --lora-bit-exact (the device GEMM default is within a few ulp).
+        reshard::backend::set_lora_bit_exact(true);
+        vec![(reshard::backend::BackendChoice::Ascend, "ascend-emulated")]
+    }
+    #[cfg(not(feature = "ascend"))]
+    {
+        Vec::new()
+    }
 }
 
 /// Path of a helper script under `tests/conformance/py/`.
