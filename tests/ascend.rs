@@ -895,31 +895,12 @@ mod emulated {
 
     /// Every output file (not manifests) of two trees is byte-identical.
     fn assert_same_outputs(a: &Path, b: &Path, what: &str) {
-        let files = |d: &Path| -> Vec<PathBuf> {
-            let mut out = Vec::new();
-            let mut stack = vec![d.to_path_buf()];
-            while let Some(p) = stack.pop() {
-                for e in std::fs::read_dir(&p).unwrap() {
-                    let p = e.unwrap().path();
-                    if p.is_dir() {
-                        stack.push(p);
-                    } else if !p.to_string_lossy().ends_with(".json") {
-                        out.push(p.strip_prefix(d).unwrap().to_path_buf());
-                    }
-                }
-            }
-            out.sort();
-            out
-        };
-        let (fa, fb) = (files(a), files(b));
-        assert_eq!(fa, fb, "{what}: different files");
+        let (fa, fb) = (crate::util::fs::contents(a), crate::util::fs::contents(b));
+        let names = |f: &[(PathBuf, Vec<u8>)]| f.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&fa), names(&fb), "{what}: different files");
         assert!(!fa.is_empty(), "{what}: no output");
-        for f in fa {
-            assert!(
-                std::fs::read(a.join(&f)).unwrap() == std::fs::read(b.join(&f)).unwrap(),
-                "{what}: {} differs",
-                f.display()
-            );
+        for ((f, x), (_, y)) in fa.iter().zip(&fb) {
+            assert!(x == y, "{what}: {} differs", f.display());
         }
     }
 

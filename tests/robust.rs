@@ -548,18 +548,6 @@ fn sigint_and_sigterm_remove_temporaries_and_the_lock() {
     let model = dir.path().join("model.ckpt");
     synthetic_model(&model, 24, DType::F32, 9);
     let s = strategies(&model, &dir.path().join("s"), 2, 4, 1, 0);
-    fn all_files(d: &Path) -> Vec<PathBuf> {
-        let mut out = Vec::new();
-        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(all_files(&p));
-            } else {
-                out.push(p);
-            }
-        }
-        out
-    }
     let mut interrupted = 0;
     for (signal, status) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
         let out = dir.path().join(format!("out{signal}"));
@@ -575,7 +563,7 @@ fn sigint_and_sigterm_remove_temporaries_and_the_lock() {
             .unwrap();
         // Wait for a temporary file, then interrupt.
         let t = std::time::Instant::now();
-        while !all_files(&out)
+        while !crate::util::fs::walk(&out)
             .iter()
             .any(|p| p.to_string_lossy().ends_with(".tmp"))
         {
@@ -592,7 +580,7 @@ fn sigint_and_sigterm_remove_temporaries_and_the_lock() {
         interrupted += 1;
         unsafe { libc::kill(child.id() as i32, signal) };
         let o = child.wait_with_output().unwrap();
-        let left: Vec<PathBuf> = all_files(&out)
+        let left: Vec<PathBuf> = crate::util::fs::walk(&out)
             .into_iter()
             .filter(|p| {
                 let n = p.to_string_lossy();

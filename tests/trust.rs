@@ -15,24 +15,9 @@ use reshard::ops::transform::{transform, TransformOptions};
 use reshard::ops::verify::{check_distributed, compare, Difference, Side, Tolerance};
 use reshard::DType;
 
+use crate::util::fs::walk as files;
 use crate::util::model::{strategies, synthetic_model};
 use crate::util::{reshard_bin, skip, tempdir};
-
-fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                out.extend(files(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
-}
 
 /// Flips one byte of tensor `name` in a `.ckpt` file.
 fn corrupt(path: &Path, name: &str) {
