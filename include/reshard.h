@@ -24,10 +24,31 @@
 extern "C" {
 #endif
 
-/* Return codes of reshard_auto_convert. */
+/*
+ * Return codes of reshard_auto_convert. Every failure also sets *out_error
+ * to the message (naming the file and tensor where it applies). A failure
+ * returns the code of its kind, so a caller can branch on it; code 1 is an
+ * internal error (a bug in reshard). Codes may be added in later versions:
+ * treat any unknown non-zero code as a failure.
+ */
 #define RESHARD_OK 0            /* success */
-#define RESHARD_FAILED 1        /* the conversion or the wait failed: see *out_error */
+#define RESHARD_FAILED 1        /* internal error (a bug in reshard; please report) */
 #define RESHARD_BAD_ARGUMENTS 2 /* not UTF-8, settings not a JSON object, unknown key */
+#define RESHARD_E_USAGE 3 /* a bad setting or combination of settings (the YAML/JSON keys) */
+#define RESHARD_E_BAD_INPUT 4 /* an input file that is not a valid checkpoint, strategy or config */
+#define RESHARD_E_DAMAGED 5 /* a stored checksum does not match: the file is damaged */
+#define RESHARD_E_ENCRYPTED 6 /* encrypted input without a key, or a wrong key or mode */
+#define RESHARD_E_STRATEGY 7 /* a strategy that makes no sense or does not fit the checkpoint */
+#define RESHARD_E_MISSING 8 /* a rank, shard, file or tensor that is needed is missing */
+#define RESHARD_E_MISMATCH 9 /* shapes, dtypes or sizes that disagree */
+#define RESHARD_E_UNSUPPORTED 10 /* a well-formed input or request reshard does not handle */
+#define RESHARD_E_IO 11 /* an operating-system I/O error */
+#define RESHARD_E_DESTINATION 12 /* the destination cannot be written: locked, unsafe, not empty */
+#define RESHARD_E_SOURCE_CHANGED 13 /* a source file changed while it was read */
+#define RESHARD_E_LIMIT 14 /* an input declares more than reshard accepts */
+#define RESHARD_E_DEVICE 15 /* a device backend failed or is unavailable */
+#define RESHARD_E_JOB 16 /* the distributed job failed as a whole (a peer died, ranks disagree) */
+#define RESHARD_E_INTERRUPTED 17 /* interrupted by a signal */
 
 /*
  * config_path:   a mindformers YAML (load_checkpoint, src_strategy_path_or_dir,

@@ -5,141 +5,34 @@
 //! byte, exercise the faults of the issue, and show each emulator rule
 //! firing.
 
-use reshard::backend::BackendChoice;
-
-/// Backends a conformance body runs on besides the CPU: with the `ascend`
-/// feature, Ascend on the shared host emulator (installed here as the
-/// process-wide CANN table); none otherwise.
-pub fn extra_backends() -> Vec<(BackendChoice, &'static str)> {
-    #[cfg(feature = "ascend")]
-    {
-        ascend_stub::install_shared();
-        // Conformance compares bytes with the CPU backend: the promise of
-        // --lora-bit-exact (the device GEMM default is within a few ulp).
-        reshard::backend::set_lora_bit_exact(true);
-        vec![(BackendChoice::Ascend, "ascend-emulated")]
-    }
-    #[cfg(not(feature = "ascend"))]
-    {
-        Vec::new()
-    }
-}
-
 /// N ranks, each reading only its share of the sources: the plan's plain
 /// and LoRA-merged tensors, in ckpt and safetensors, exchanged between
 /// ranks (in-process communicator, CPU backend).
-pub mod distributed {
-    use std::path::{Path, PathBuf};
+mod distributed {
+    use std::path::Path;
     use std::time::Duration;
 
     use reshard::backend::CpuBackend;
     use reshard::comm::InProcess;
-    use reshard::formats::strategy;
     use reshard::formats::tree::FileFormat;
-    use reshard::formats::Source;
-    use reshard::ops::merge_lora::lora_pairs;
-    use reshard::ops::transform::{source_files, transform, TransformOptions};
-    use reshard::plan::transform::{plan, LoraSpec, TransformInput};
-    use reshard::plan::Plan;
     use reshard::DType;
 
-    use crate::merge_lora::{lora_model, strategies};
+    use crate::util::distributed::{sharded, the_plan};
+    use crate::util::fs::contents as tree;
     use crate::util::tempdir;
-
-    /// A sharded (mp4) LoRA model under `root`: (shards, mp4, mp2).
-    pub fn sharded(root: &Path, dtype: DType) -> (PathBuf, PathBuf, PathBuf) {
-        let model = root.join("model.ckpt");
-        lora_model(&model, dtype, 9);
-        let (mp4, mp2) = (
-            strategies(&model, &root.join("mp4"), 4),
-            strategies(&model, &root.join("mp2"), 2),
-        );
-        transform(&TransformOptions::new(
-            &model,
-            root.join("shards"),
-            None,
-            Some(mp4.clone()),
-        ))
-        .unwrap();
-        (root.join("shards"), mp4, mp2)
-    }
-
-    /// The plan of shards (mp4) → `out` (mp2), merging LoRA when `lora`.
-    pub fn the_plan(
-        shards: &Path,
-        mp4: &Path,
-        mp2: &Path,
-        out: &Path,
-        lora: bool,
-        format: FileFormat,
-    ) -> Plan {
-        let (_, files) = source_files(shards).unwrap();
-        let mut sources = Vec::new();
-        let mut names = std::collections::BTreeSet::new();
-        for (rank, path) in files {
-            let entries = Source::open(&path, &Default::default()).unwrap().entries();
-            names.extend(entries.iter().map(|e| e.name.clone()));
-            sources.push((rank, path, entries));
-        }
-        let (s, d) = (strategy::load(mp4).unwrap(), strategy::load(mp2).unwrap());
-        plan(&TransformInput {
-            sources,
-            src_strategy: Some(&s),
-            dst_strategy: Some(&d),
-            dst_dir: out,
-            prefix: "checkpoint_",
-            ranks: None,
-            format,
-            lora: lora.then(|| LoraSpec {
-                pairs: lora_pairs(&names).unwrap(),
-                scale: 0.3,
-                fan_in_fan_out: false,
-                transposed: Default::default(),
-            }),
-            deduplicated: false,
-            remove_redundancy: false,
-        })
-        .unwrap()
-    }
-
-    /// Every file under `dir`, relative, with its bytes.
-    pub fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-        let mut out = Vec::new();
-        let mut stack = vec![dir.to_path_buf()];
-        while let Some(p) = stack.pop() {
-            for e in std::fs::read_dir(&p).into_iter().flatten() {
-                let p = e.unwrap().path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else if !p.to_string_lossy().ends_with(".json") {
-                    out.push((
-                        p.strip_prefix(dir).unwrap().to_path_buf(),
-                        std::fs::read(&p).unwrap(),
-                    ));
-                }
-            }
-        }
-        out.sort();
-        out
-    }
 
     /// The manifests under `dir` without the command line that wrote them.
     pub fn manifests(dir: &Path) -> Vec<serde_json::Value> {
-        let mut out = Vec::new();
-        let mut stack = vec![dir.to_path_buf()];
-        while let Some(p) = stack.pop() {
-            for e in std::fs::read_dir(&p).into_iter().flatten() {
-                let p = e.unwrap().path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else if p.to_string_lossy().ends_with(".manifest.json") {
-                    let mut m: serde_json::Value =
-                        serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
-                    m.as_object_mut().unwrap().remove("command");
-                    out.push(m);
-                }
-            }
-        }
+        let mut out: Vec<serde_json::Value> = crate::util::fs::walk(dir)
+            .into_iter()
+            .filter(|p| crate::util::fs::is_manifest(p))
+            .map(|p| {
+                let mut m: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+                m.as_object_mut().unwrap().remove("command");
+                m
+            })
+            .collect();
         out.sort_by_key(|m| m["file"].to_string());
         out
     }
@@ -415,7 +308,7 @@ mod emulated {
     use reshard::ops::transform::{plan_transform, transform, TransformOptions};
     use reshard::DType;
 
-    use crate::merge_lora::{lora_model, strategies};
+    use crate::util::lora::{lora_model, strategies};
     use crate::util::tempdir;
 
     fn opts(path: CopyPath, stage: usize) -> AscendOptions {
@@ -671,7 +564,7 @@ mod emulated {
 
     #[test]
     fn backend_auto_says_why_it_chose_ascend() {
-        crate::ascend::extra_backends();
+        crate::util::extra_backends();
         let b = BackendChoice::Auto.open().unwrap();
         let d = b.describe();
         assert!(
@@ -1002,31 +895,12 @@ mod emulated {
 
     /// Every output file (not manifests) of two trees is byte-identical.
     fn assert_same_outputs(a: &Path, b: &Path, what: &str) {
-        let files = |d: &Path| -> Vec<PathBuf> {
-            let mut out = Vec::new();
-            let mut stack = vec![d.to_path_buf()];
-            while let Some(p) = stack.pop() {
-                for e in std::fs::read_dir(&p).unwrap() {
-                    let p = e.unwrap().path();
-                    if p.is_dir() {
-                        stack.push(p);
-                    } else if !p.to_string_lossy().ends_with(".json") {
-                        out.push(p.strip_prefix(d).unwrap().to_path_buf());
-                    }
-                }
-            }
-            out.sort();
-            out
-        };
-        let (fa, fb) = (files(a), files(b));
-        assert_eq!(fa, fb, "{what}: different files");
+        let (fa, fb) = (crate::util::fs::contents(a), crate::util::fs::contents(b));
+        let names = |f: &[(PathBuf, Vec<u8>)]| f.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&fa), names(&fb), "{what}: different files");
         assert!(!fa.is_empty(), "{what}: no output");
-        for f in fa {
-            assert!(
-                std::fs::read(a.join(&f)).unwrap() == std::fs::read(b.join(&f)).unwrap(),
-                "{what}: {} differs",
-                f.display()
-            );
+        for ((f, x), (_, y)) in fa.iter().zip(&fb) {
+            assert!(x == y, "{what}: {} differs", f.display());
         }
     }
 
@@ -1035,7 +909,7 @@ mod emulated {
     /// the very bytes of the CPU run, for fp32, bf16 and fp16.
     #[test]
     fn transforms_and_merges_through_ops_are_byte_identical_on_ascend() {
-        crate::ascend::extra_backends();
+        crate::util::extra_backends();
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let dir = tempdir();
             let root = dir.path();
@@ -1269,23 +1143,9 @@ mod emulated {
                 e.to_string().contains("ACL_ERROR_RT_AICORE_EXCEPTION"),
                 "{e}"
             );
-            let left: Vec<_> = walk(&out).into_iter().filter(|p| !p.is_dir()).collect();
+            let left = crate::util::fs::walk(&out);
             assert!(left.is_empty(), "left behind: {left:?}");
         }
-    }
-
-    fn walk(d: &Path) -> Vec<PathBuf> {
-        let mut out = Vec::new();
-        if let Ok(rd) = std::fs::read_dir(d) {
-            for e in rd {
-                let p = e.unwrap().path();
-                if p.is_dir() {
-                    out.extend(walk(&p));
-                }
-                out.push(p);
-            }
-        }
-        out
     }
 
     #[test]
@@ -2000,9 +1860,9 @@ mod emulated {
         use reshard::comm::RootInfo;
         let dir = tempdir();
         let root = dir.path();
-        let (shards, mp4, mp2) = crate::ascend::distributed::sharded(root, DType::F16);
+        let (shards, mp4, mp2) = crate::util::distributed::sharded(root, DType::F16);
         let single = root.join("single");
-        let p = crate::ascend::distributed::the_plan(
+        let p = crate::util::distributed::the_plan(
             &shards,
             &mp4,
             &mp2,
@@ -2012,14 +1872,8 @@ mod emulated {
         );
         exec::execute(&p, &CpuBackend::new(1), &Default::default()).unwrap();
         let multi = root.join("multi");
-        let p = crate::ascend::distributed::the_plan(
-            &shards,
-            &mp4,
-            &mp2,
-            &multi,
-            true,
-            FileFormat::Ckpt,
-        );
+        let p =
+            crate::util::distributed::the_plan(&shards, &mp4, &mp2, &multi, true, FileFormat::Ckpt);
         let emu = Emulator::new();
         let info = RootInfo::File(root.join("hccl_root_info"), Duration::from_secs(30));
         let reports: Vec<_> = std::thread::scope(|s| {
@@ -2044,8 +1898,8 @@ mod emulated {
         });
         assert!(reports.iter().map(|r| r.1.bytes_received).sum::<u64>() > 0);
         let (a, b) = (
-            crate::ascend::distributed::tree(&single),
-            crate::ascend::distributed::tree(&multi),
+            crate::util::fs::contents(&single),
+            crate::util::fs::contents(&multi),
         );
         assert!(a == b && a.len() == 2, "HCCL-distributed output differs");
         assert!(emu.violations().is_empty(), "{:?}", emu.violations());
@@ -2066,9 +1920,9 @@ mod emulated {
         use reshard::comm::RootInfo;
         let dir = tempdir();
         let root = dir.path();
-        let (shards, mp4, mp2) = crate::ascend::distributed::sharded(root, DType::BF16);
+        let (shards, mp4, mp2) = crate::util::distributed::sharded(root, DType::BF16);
         let plan = |out: &std::path::Path| {
-            crate::ascend::distributed::the_plan(&shards, &mp4, &mp2, out, true, FileFormat::Ckpt)
+            crate::util::distributed::the_plan(&shards, &mp4, &mp2, out, true, FileFormat::Ckpt)
         };
         let single = root.join("single");
         exec::execute(&plan(&single), &CpuBackend::new(1), &Default::default()).unwrap();
@@ -2104,8 +1958,8 @@ mod emulated {
         });
         assert!(reports.iter().map(|r| r.1.bytes_received).sum::<u64>() > 0);
         let (a, b) = (
-            crate::ascend::distributed::tree(&single),
-            crate::ascend::distributed::tree(&multi),
+            crate::util::fs::contents(&single),
+            crate::util::fs::contents(&multi),
         );
         assert!(a == b && a.len() == 2, "output over the network differs");
         for m in &machines {
@@ -2159,16 +2013,10 @@ mod emulated {
         use reshard::comm::RootInfo;
         let dir = tempdir();
         let root = dir.path();
-        let (shards, mp4, mp2) = crate::ascend::distributed::sharded(root, DType::F32);
+        let (shards, mp4, mp2) = crate::util::distributed::sharded(root, DType::F32);
         let out = root.join("out");
-        let p = crate::ascend::distributed::the_plan(
-            &shards,
-            &mp4,
-            &mp2,
-            &out,
-            false,
-            FileFormat::Ckpt,
-        );
+        let p =
+            crate::util::distributed::the_plan(&shards, &mp4, &mp2, &out, false, FileFormat::Ckpt);
         let emu = Emulator::new();
         for d in 0..3 {
             emu.configure(d, |c| c.hccl_timeout = Duration::from_secs(2));
@@ -2210,6 +2058,6 @@ mod emulated {
                 "{e}"
             );
         }
-        assert!(crate::ascend::distributed::tree(&out).is_empty());
+        assert!(crate::util::fs::contents(&out).is_empty());
     }
 }

@@ -23,7 +23,7 @@ use reshard::ops::transform::{plan_transform, TransformOptions};
 use reshard::plan::{Content, Plan};
 use reshard::DType;
 
-use crate::ascend::distributed::{sharded, the_plan};
+use crate::util::distributed::{sharded, the_plan};
 use crate::util::tempdir;
 
 /// Whether the executor writes this copy straight from the mapped source
@@ -277,10 +277,7 @@ fn each_byte_crosses_host_and_device_at_most_once() {
 
 /// Every output file (manifests aside) under two directories, byte for byte.
 fn same_tree(a: &Path, b: &Path, what: &str) {
-    let (ta, tb) = (
-        crate::ascend::distributed::tree(a),
-        crate::ascend::distributed::tree(b),
-    );
+    let (ta, tb) = (crate::util::fs::contents(a), crate::util::fs::contents(b));
     assert!(!ta.is_empty(), "{what}: no output");
     assert!(ta == tb, "{what}: outputs differ from the CPU's");
 }

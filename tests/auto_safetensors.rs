@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use reshard::formats::tree::FileFormat;
 use reshard::ops::transform::{transform, TransformOptions};
 
-use crate::auto::{auto_once, job_strategies, model, run_job, shared_job, yaml};
+use crate::util::job::{auto_once, job_strategies, model, run_job, shared_job, yaml};
 
 /// `model` resharded for `strategy` as safetensors, under `out`.
 fn safetensors_tree(model: &Path, strategy: &Path, out: &Path) {
@@ -73,7 +73,7 @@ fn safetensors_flow_picks_files_as_mindformers() {
         ))
         .unwrap();
     }
-    let check = |out: &[crate::auto::Outcome], expect: &Path| {
+    let check = |out: &[crate::util::job::Outcome], expect: &Path| {
         for o in out {
             assert_eq!(o.code, Some(0), "rank {}: {}", o.rank, o.stderr);
             assert_eq!(o.action(), "converted", "{:?}", o.report);

@@ -70,22 +70,15 @@ fn check_step(s: &Value, repeat: usize) {
 /// Everything left in the working directory is a strategy file: every
 /// checkpoint the steps wrote was removed.
 fn assert_cleaned(dir: &Path) {
-    fn walk(p: &Path, left: &mut Vec<String>) {
-        for e in std::fs::read_dir(p).unwrap() {
-            let path = e.unwrap().path();
-            if path.is_dir() {
-                walk(&path, left);
-            } else if !path
+    let left: Vec<std::path::PathBuf> = crate::util::fs::walk(dir)
+        .into_iter()
+        .filter(|path| {
+            !path
                 .parent()
                 .and_then(Path::file_name)
                 .is_some_and(|n| n.to_string_lossy().starts_with("s_"))
-            {
-                left.push(path.display().to_string());
-            }
-        }
-    }
-    let mut left = Vec::new();
-    walk(dir, &mut left);
+        })
+        .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
@@ -202,7 +195,7 @@ fn bench_vs_mindspore_times_every_step() {
 fn bench_runs_every_step_on_each_backend() {
     use reshard::ops::bench::{bench, BenchOptions};
     let backends = std::iter::once((reshard::backend::BackendChoice::Cpu, "cpu"))
-        .chain(crate::ascend::extra_backends());
+        .chain(crate::util::extra_backends());
     for (backend, label) in backends {
         let dir = tempdir();
         let report = bench(&BenchOptions {

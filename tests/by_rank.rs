@@ -12,7 +12,7 @@ use reshard::ops::by_rank::{rank_list_for_transform, transform_by_rank, ByRankOp
 use reshard::ops::transform::{transform, TransformOptions};
 use reshard::DType;
 
-use crate::transform::{strategies, synthetic_model};
+use crate::util::model::{strategies, synthetic_model};
 use crate::util::tempdir;
 
 fn source_map(src: &Path, ranks: impl IntoIterator<Item = usize>) -> BTreeMap<usize, PathBuf> {

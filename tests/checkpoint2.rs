@@ -7,12 +7,13 @@
 
 use std::path::{Path, PathBuf};
 
+use reshard::error::ErrorKind;
 use reshard::ops::transform::{transform, TransformOptions};
 use reshard::ops::verify;
 use reshard::DType;
 use serde_json::Value;
 
-use crate::transform::{strategies, synthetic_model};
+use crate::util::model::{strategies, synthetic_model};
 use crate::util::tempdir;
 
 struct Fixture {
@@ -27,7 +28,7 @@ fn fixture() -> Fixture {
     let dir = tempdir();
     let root = dir.path().to_path_buf();
     let model = root.join("full.ckpt");
-    crate::auto::model(&model, 2, 16, 9);
+    crate::util::job::model(&model, 2, 16, 9);
     let strategy = strategies(&model, &root.join("s"), 2, 2, 1, 0);
     let written = root.join("ck2");
     let mut o = TransformOptions::new(&model, &written, None, Some(strategy.clone()));
@@ -53,10 +54,8 @@ fn edit_metadata(f: &Fixture, edit: impl FnOnce(&mut Value)) {
     std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
 }
 
-fn read_err(src: &Path, out: &Path) -> String {
-    let e = transform(&TransformOptions::new(src, out, None, None))
-        .unwrap_err()
-        .to_string();
+fn read_err(src: &Path, out: &Path) -> reshard::Error {
+    let e = transform(&TransformOptions::new(src, out, None, None)).unwrap_err();
     assert!(!out.exists(), "output left behind: {e}");
     e
 }
@@ -115,7 +114,9 @@ fn bad_directories_name_the_file_and_the_parameter() {
         m["chunk"][1] = first;
     });
     let e = read_err(&f.written, &out);
-    assert!(e.contains("overlap") && e.contains("metadata.json"), "{e}");
+    assert_eq!(e.kind(), ErrorKind::BadInput, "{e}");
+    assert!(e.file().unwrap().ends_with("metadata.json"), "{e}");
+    assert!(e.tensor().is_some(), "{e}");
     // A shard missing: only one of two chunks listed.
     let f = fixture();
     edit_metadata(&f, |v| {
@@ -128,13 +129,16 @@ fn bad_directories_name_the_file_and_the_parameter() {
         m["chunk"].as_array_mut().unwrap().pop();
     });
     let e = read_err(&f.written, &out);
-    assert!(e.contains("some are missing"), "{e}");
+    assert_eq!(e.kind(), ErrorKind::Missing, "{e}");
+    assert!(e.file().unwrap().ends_with("metadata.json"), "{e}");
+    assert!(e.tensor().is_some(), "{e}");
     // A referenced file missing.
     let f = fixture();
     std::fs::remove_file(iteration(&f).join("model-0000001-0000004.safetensors")).unwrap();
     let e = read_err(&f.written, &out);
+    assert_eq!(e.kind(), ErrorKind::Missing, "{e}");
     assert!(
-        e.contains("model-0000001-0000004.safetensors") && e.contains("missing"),
+        e.to_string().contains("model-0000001-0000004.safetensors"),
         "{e}"
     );
     // A file that does not hold the tensor metadata.json puts there.
@@ -148,7 +152,7 @@ fn bad_directories_name_the_file_and_the_parameter() {
             .unwrap();
         entries[0]["file_name"] = "opt-0000000-0000004.safetensors".into();
     });
-    let e = read_err(&f.written, &out);
+    let e = read_err(&f.written, &out).to_string();
     assert!(
         e.contains("opt-0000000-0000004.safetensors") && e.contains("no such tensor"),
         "{e}"
@@ -157,7 +161,13 @@ fn bad_directories_name_the_file_and_the_parameter() {
     let f = fixture();
     std::fs::write(f.written.join("latest_checkpointed_iteration.txt"), "13").unwrap();
     let e = read_err(&f.written, &out);
-    assert!(e.contains("iteration 13"), "{e}");
+    assert_eq!(e.kind(), ErrorKind::Missing, "{e}");
+    assert!(
+        e.file()
+            .unwrap()
+            .ends_with("latest_checkpointed_iteration.txt"),
+        "{e}"
+    );
 }
 
 #[test]

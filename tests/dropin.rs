@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use crate::convert::fixtures::{spec, write_hf};
+use crate::util::hf::{spec, write_hf};
 use crate::util::{reshard_bin, tempdir};
 
 /// convert_weight.py's `parse_known_args`: extra `--key value` pairs do not
@@ -45,7 +45,7 @@ fn convert_warns_about_extra_pairs_and_converts() {
 fn merge_lora_scaling_expression() {
     let dir = tempdir();
     let src = dir.path().join("lora.ckpt");
-    crate::merge_lora::lora_model(&src, reshard::DType::F32, 7);
+    crate::util::lora::lora_model(&src, reshard::DType::F32, 7);
     let run = |out: &str, scaling: &str| {
         Command::new(reshard_bin())
             .args(["merge-lora", "--src_ckpt_path_or_dir"])

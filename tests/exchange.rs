@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::auto::{
+use crate::util::job::{
     collect, copy_tree, job_strategies, node_dirs, reshard, sharded_source, shared_job, yaml,
     Outcome,
 };
@@ -171,7 +171,7 @@ fn eight_ranks_on_two_nodes_without_a_shared_disk() {
         Duration::from_secs(120),
     );
     let seconds = t.elapsed().as_secs_f64();
-    crate::auto::assert_ranks_match(&out, &expect, "converted");
+    crate::util::job::assert_ranks_match(&out, &expect, "converted");
     let mut read = Vec::new();
     let (mut sent, mut received) = (0, 0);
     for o in &out {
@@ -438,5 +438,5 @@ fn eight_ranks_without_a_shared_disk_match_mindspore() {
         ),
         Duration::from_secs(120),
     );
-    crate::auto::assert_ranks_match(&out, &expect, "converted");
+    crate::util::job::assert_ranks_match(&out, &expect, "converted");
 }

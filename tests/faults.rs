@@ -322,13 +322,10 @@ fn strategy_that_is_not_a_strategy() {
     );
     // A checkpoint handed where a strategy is expected.
     let ckpt = valid_ckpt(dir.path(), WriteOptions::default());
-    let err = reshard::formats::strategy::load(&ckpt)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("good.ckpt") && err.contains("not a strategy file"),
-        "{err}"
-    );
+    let err = reshard::formats::strategy::load(&ckpt).unwrap_err();
+    assert_eq!(err.kind(), reshard::error::ErrorKind::BadInput, "{err}");
+    assert_eq!(err.file(), Some(ckpt.as_path()));
+    assert!(err.to_string().contains("not a strategy file"), "{err}");
     // A directory with no strategy files.
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();

@@ -12,7 +12,7 @@ use reshard::formats::tree::FileFormat;
 use reshard::ops::transform::{transform, TransformOptions};
 use reshard::{DType, Error};
 
-use crate::transform::{strategies, synthetic_model};
+use crate::util::model::{strategies, synthetic_model};
 use crate::util::{reshard_bin, tempdir};
 
 struct Sets {

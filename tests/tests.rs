@@ -16,10 +16,10 @@ mod dropin;
 #[cfg(feature = "ascend")]
 mod exchange;
 mod faults;
-pub mod merge_lora;
+mod merge_lora;
 mod redundancy;
 mod robust;
 mod torch;
-pub mod transform;
+mod transform;
 mod trust;
 mod unify;

@@ -12,7 +12,7 @@ use std::process::Command;
 use reshard::formats::torch::{TorchEntry, TorchFile};
 use reshard::DType;
 
-use crate::convert::fixtures::{bytes, spec, write_hf};
+use crate::util::hf::{bytes, spec, write_hf};
 use crate::util::{reshard_bin, tempdir};
 
 pub mod writer;
@@ -362,7 +362,7 @@ fn llama_bin_converts_like_its_safetensors_twin() {
 fn peft_bin_adapter_merges_like_its_safetensors_twin() {
     use reshard::formats::safetensors::SafetensorsFile;
     let dir = tempdir();
-    let (base, adapter) = crate::merge_lora::hf_model_and_adapter(dir.path(), false);
+    let (base, adapter) = crate::util::lora::hf_model_and_adapter(dir.path(), false);
     let st = SafetensorsFile::open(adapter.join("adapter_model.safetensors"), false).unwrap();
     let tensors: Vec<(String, DType, Vec<u64>, Vec<u8>)> = st
         .entries()

@@ -6,68 +6,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use proptest::prelude::*;
+use reshard::error::ErrorKind;
 use reshard::formats::ckpt::{Checkpoint, CkptWriter, WriteOptions};
 use reshard::formats::strategy::{self, LayoutItem, Strategy, StrategyItem};
-use reshard::ops::strategy_gen::{write_strategies, StrategyOptions};
 use reshard::ops::transform::{transform, TransformOptions};
 use reshard::DType;
 
+use crate::util::fs::data_files;
+use crate::util::model::{strategies, synthetic_model};
 use crate::util::{reshard_bin, tempdir};
-
-/// A llama-shaped full checkpoint: `layers` layers, hidden 16, ffn 48, vocab 48.
-pub fn synthetic_model(path: &Path, layers: usize, dtype: DType, seed: u8) {
-    let mut shapes: Vec<(String, Vec<i64>)> =
-        vec![("model.tok_embeddings.embedding_weight".into(), vec![48, 16])];
-    for l in 0..layers {
-        for w in ["wq", "wk", "wv", "wo"] {
-            shapes.push((
-                format!("model.layers.{l}.attention.{w}.weight"),
-                vec![16, 16],
-            ));
-        }
-        shapes.push((
-            format!("model.layers.{l}.feed_forward.w1.weight"),
-            vec![48, 16],
-        ));
-        shapes.push((
-            format!("model.layers.{l}.feed_forward.w2.weight"),
-            vec![16, 48],
-        ));
-        shapes.push((format!("model.layers.{l}.attention_norm.weight"), vec![16]));
-    }
-    shapes.push(("lm_head.weight".into(), vec![48, 16]));
-    let states: Vec<(String, Vec<i64>)> = shapes
-        .iter()
-        .map(|(n, s)| (format!("adam_m.{n}"), s.clone()))
-        .collect();
-    shapes.extend(states);
-    let mut w = CkptWriter::create(path, WriteOptions::default()).unwrap();
-    for (i, (name, shape)) in shapes.iter().enumerate() {
-        let n = shape.iter().product::<i64>() as usize * dtype.size();
-        let data: Vec<u8> = (0..n)
-            .map(|b| (b as u8).wrapping_mul(31).wrapping_add(i as u8 ^ seed))
-            .collect();
-        w.write_tensor(name, dtype, shape, &data).unwrap();
-    }
-    w.write_tensor("global_step", DType::I32, &[1], &7i32.to_le_bytes())
-        .unwrap();
-    w.write_string("note", "kept").unwrap();
-    w.finish().unwrap();
-}
-
-pub fn strategies(model: &Path, dir: &Path, dp: u32, mp: u32, pp: u32, opt: i32) -> PathBuf {
-    write_strategies(&StrategyOptions {
-        checkpoint: model.to_path_buf(),
-        out_dir: dir.to_path_buf(),
-        dp,
-        mp,
-        pp,
-        opt_shard: opt,
-        vocab_emb_dp: mp % 2 == 1,
-    })
-    .unwrap();
-    dir.to_path_buf()
-}
 
 fn options(src: &Path, dst: &Path, s: Option<&Path>, d: Option<&Path>) -> TransformOptions {
     TransformOptions {
@@ -76,24 +23,13 @@ fn options(src: &Path, dst: &Path, s: Option<&Path>, d: Option<&Path>) -> Transf
     }
 }
 
-fn count_files(dir: &Path) -> usize {
-    if !dir.exists() {
-        return 0;
-    }
-    walk(dir).len()
+/// The message of [`err_of`]'s error, for cases whose error is not kinded yet.
+fn text_of_err(o: &TransformOptions) -> String {
+    err_of(o).to_string()
 }
 
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else if !p.to_string_lossy().ends_with(".manifest.json") {
-            out.push(p);
-        }
-    }
-    out
+fn count_files(dir: &Path) -> usize {
+    data_files(dir).len()
 }
 
 proptest! {
@@ -143,8 +79,8 @@ fn setup(dp: u32, mp: u32, pp: u32) -> (tempfile::TempDir, PathBuf, PathBuf) {
     (dir, model, s)
 }
 
-fn err_of(o: &TransformOptions) -> String {
-    let e = transform(o).expect_err("transform should fail").to_string();
+fn err_of(o: &TransformOptions) -> reshard::Error {
+    let e = transform(o).expect_err("transform should fail");
     assert_eq!(count_files(&o.dst_dir), 0, "output left behind after: {e}");
     e
 }
@@ -154,7 +90,7 @@ fn missing_rank_says_who_needs_what() {
     let (dir, model, s) = setup(1, 4, 1);
     let single = strategies(&model, &dir.path().join("full_s"), 1, 1, 1, 0);
     std::fs::remove_file(dir.path().join("src/rank_2/checkpoint_2.ckpt")).unwrap();
-    let e = err_of(&options(
+    let e = text_of_err(&options(
         &dir.path().join("src"),
         &dir.path().join("out"),
         Some(&s),
@@ -162,7 +98,7 @@ fn missing_rank_says_who_needs_what() {
     ));
     assert!(e.contains("rank_2") && e.contains("no .ckpt file"), "{e}");
     std::fs::remove_dir_all(dir.path().join("src/rank_2")).unwrap();
-    let e = err_of(&options(
+    let e = text_of_err(&options(
         &dir.path().join("src"),
         &dir.path().join("out"),
         Some(&s),
@@ -184,7 +120,7 @@ fn needed_source_rank_missing_names_both_ranks() {
     .unwrap();
     std::fs::create_dir(dir.path().join("src/rank_3")).unwrap();
     std::fs::write(dir.path().join("src/rank_3/other.txt"), b"x").unwrap();
-    let e = err_of(&options(
+    let e = text_of_err(&options(
         &dir.path().join("src"),
         &dir.path().join("out"),
         Some(&s),
@@ -199,7 +135,7 @@ fn strategy_of_another_model_is_refused() {
     let other = dir.path().join("other.ckpt");
     synthetic_model(&other, 4, DType::F32, 9); // more layers: unknown parameters
     let wrong = strategies(&other, &dir.path().join("wrong"), 1, 2, 1, 0);
-    let e = err_of(&options(
+    let e = text_of_err(&options(
         &dir.path().join("src"),
         &dir.path().join("out"),
         Some(&wrong),
@@ -221,8 +157,9 @@ fn source_rank_count_must_match_the_strategy() {
         Some(&four),
         Some(&s),
     ));
+    assert_eq!(e.kind(), ErrorKind::Strategy, "{e}");
     assert!(
-        e.contains("describes 4 ranks") && e.contains("holds 2"),
+        e.to_string().contains("describes 4 ranks") && e.to_string().contains("holds 2"),
         "{e}"
     );
 }
@@ -262,7 +199,7 @@ fn shape_not_divisible_names_the_tensor() {
     one_tensor_model(&model, &[6, 4]);
     let s = dir.path().join("s.ckpt");
     one_tensor_strategy(&s, vec![4], vec![0, -1], 0);
-    let e = err_of(&options(&model, &dir.path().join("out"), None, Some(&s)));
+    let e = text_of_err(&options(&model, &dir.path().join("out"), None, Some(&s)));
     assert!(e.contains("\"w\"") && e.contains('6'), "{e}");
 }
 
@@ -275,7 +212,7 @@ fn device_counts_that_do_not_divide() {
     one_tensor_strategy(&s2, vec![2], vec![0, -1], 0);
     one_tensor_strategy(&s3, vec![3], vec![-1, 0], 0);
     transform(&options(&model, &dir.path().join("two"), None, Some(&s2))).unwrap();
-    let e = err_of(&options(
+    let e = text_of_err(&options(
         &dir.path().join("two"),
         &dir.path().join("out"),
         Some(&s2),
@@ -305,7 +242,7 @@ fn missing_pipeline_stage_is_refused() {
         2,
     );
     let e = err_of(&options(&model, &dir.path().join("out"), None, Some(&sdir)));
-    assert!(e.contains("stage"), "{e}");
+    assert_eq!(e.kind(), ErrorKind::Strategy, "{e}");
 }
 
 #[test]
@@ -394,7 +331,7 @@ fn full_disk_leaves_nothing_behind() {
         count_files(&out),
         0,
         "partial output left: {:?}",
-        walk(&out)
+        data_files(&out)
     );
 }
 

@@ -3,6 +3,7 @@
 //! that cannot be written, output paths escaping the destination, symlinked
 //! rank directories).
 
+use reshard::error::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -14,24 +15,9 @@ use reshard::ops::transform::{transform, TransformOptions};
 use reshard::ops::verify::{check_distributed, compare, Difference, Side, Tolerance};
 use reshard::DType;
 
-use crate::transform::{strategies, synthetic_model};
-use crate::util::{reshard_bin, tempdir};
-
-fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                out.extend(files(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
-}
+use crate::util::fs::walk as files;
+use crate::util::model::{strategies, synthetic_model};
+use crate::util::{reshard_bin, skip, tempdir};
 
 /// Flips one byte of tensor `name` in a `.ckpt` file.
 fn corrupt(path: &Path, name: &str) {
@@ -311,12 +297,9 @@ fn a_source_changed_while_being_read_is_an_error() {
         .unwrap();
     let err = source
         .chunks("model.layers.1.attention.wq.weight")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("changed while being read") && err.contains("model.ckpt"),
-        "{err}"
-    );
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::SourceChanged, "{err}");
+    assert_eq!(err.file(), Some(model.as_path()));
     drop(dir);
 }
 
@@ -327,10 +310,9 @@ fn unwritable_destinations_and_escaping_paths_are_refused() {
     let out = dir.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("rank_1"), b"not a directory").unwrap();
-    let err = transform(&TransformOptions::new(&model, &out, None, Some(s.clone())))
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("rank_1"), "{err}");
+    let err = transform(&TransformOptions::new(&model, &out, None, Some(s.clone()))).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Destination, "{err}");
+    assert_eq!(err.file(), Some(out.join("rank_1").as_path()));
     assert_eq!(files(&out), vec![out.join("rank_1")], "partial output left");
     // A prefix that climbs out of the destination.
     let out2 = dir.path().join("out2");
@@ -348,14 +330,16 @@ fn unwritable_destinations_and_escaping_paths_are_refused() {
         .status()
         .is_ok_and(|s| s.success())
     {
-        let err = transform(&TransformOptions::new(&model, &locked, None, Some(s)))
-            .unwrap_err()
-            .to_string();
+        let err = transform(&TransformOptions::new(&model, &locked, None, Some(s))).unwrap_err();
         let _ = Command::new("chattr").arg("-i").arg(&locked).status();
-        assert!(err.contains("locked"), "{err}");
+        assert_eq!(err.kind(), ErrorKind::Io, "{err}");
+        assert!(err.file().is_some_and(|f| f.starts_with(&locked)), "{err}");
         assert!(files(&locked).is_empty());
     } else {
-        eprintln!("chattr +i unsupported here: immutable-directory case skipped");
+        skip(
+            "RESHARD_REQUIRE_CHATTR",
+            "`chattr +i` is missing or unsupported here (needs root and a filesystem with the immutable flag): immutable-directory case",
+        );
     }
 }
 

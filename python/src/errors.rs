@@ -1,31 +1,44 @@
-//! Library errors → the exception classes of `reshard/errors.py`.
+//! Library errors → the exception classes of `reshard/errors.py`, by
+//! [`ErrorKind`]; each exception also carries the kind's name (`kind`) and,
+//! for a usage error, the setting at fault (`option`).
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
-use reshard::error::Error;
+use reshard::error::{Error, ErrorKind};
 
-/// The class name (in `reshard.errors`) for an error, by its innermost kind.
+/// The class name (in `reshard.errors`) for an error, by its kind (an I/O
+/// error by its OS kind, a tensor not found by its own class).
 fn class_of(e: &Error) -> &'static str {
-    match e.root() {
-        Error::Io(io) => match io.kind() {
-            std::io::ErrorKind::NotFound => "CheckpointNotFoundError",
-            std::io::ErrorKind::PermissionDenied => "CheckpointPermissionError",
+    match e.kind() {
+        ErrorKind::Io => match e.root() {
+            Error::Io(io) if io.kind() == std::io::ErrorKind::NotFound => "CheckpointNotFoundError",
+            Error::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+                "CheckpointPermissionError"
+            }
             _ => "CheckpointIOError",
         },
-        Error::Truncated { .. }
-        | Error::Malformed { .. }
-        | Error::ContentLength { .. }
-        | Error::InvalidShape { .. }
-        | Error::DuplicateName { .. }
-        | Error::UnknownDtype(_) => "CheckpointFormatError",
-        Error::CrcMismatch { .. } => "CrcMismatchError",
-        Error::EncryptedWithoutKey { .. } | Error::Decrypt { .. } => "DecryptionError",
-        Error::UnsupportedDtype { .. } => "UnsupportedError",
-        Error::Strategy(_) => "StrategyError",
-        Error::TensorNotFound(_) => "TensorNotFoundError",
-        Error::Device { .. } => "DeviceError",
-        _ => "InvalidArgumentError",
+        ErrorKind::Usage => "InvalidArgumentError",
+        ErrorKind::BadInput => "CheckpointFormatError",
+        ErrorKind::Damaged => "CrcMismatchError",
+        ErrorKind::Encrypted => "DecryptionError",
+        ErrorKind::Strategy => "StrategyError",
+        ErrorKind::Missing => match e.root() {
+            Error::TensorNotFound(_) => "TensorNotFoundError",
+            _ => "MissingError",
+        },
+        ErrorKind::Mismatch => "MismatchError",
+        ErrorKind::Unsupported => "UnsupportedError",
+        ErrorKind::Destination => "DestinationError",
+        ErrorKind::SourceChanged => "SourceChangedError",
+        ErrorKind::Limit => "LimitError",
+        ErrorKind::Device => "DeviceError",
+        ErrorKind::Job => "JobError",
+        ErrorKind::Interrupted => "SignalInterruptedError",
+        ErrorKind::Internal => "InternalError",
+        // A kind added to the library later: the generic class, its name
+        // still in `kind`.
+        _ => "ReshardError",
     }
 }
 
@@ -67,6 +80,9 @@ fn build(py: Python<'_>, class: &str, message: &str, e: Option<&Error>) -> PyRes
     exc.setattr("path", path)?;
     exc.setattr("record", record)?;
     exc.setattr("tensor", tensor)?;
+    let kind = e.map_or(ErrorKind::Internal, Error::kind);
+    exc.setattr("kind", kind.name())?;
+    exc.setattr("option", e.and_then(Error::option))?;
     Ok(PyErr::from_value(exc))
 }
 

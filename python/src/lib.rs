@@ -387,7 +387,16 @@ fn _error_for_test(py: Python<'_>, kind: &str) -> PyResult<()> {
             computed: 2,
         },
         "strategy" => Error::Strategy("bad layout".into()),
-        _ => Error::invalid(format!("unknown test kind {kind:?}")),
+        "missing" => Error::missing("rank 3 has no file"),
+        "tensor_not_found" => Error::TensorNotFound("w".into()),
+        "mismatch" => Error::mismatch("shapes [2] and [3] differ"),
+        "destination" => Error::DestinationNotEmpty {
+            entry: "out/x".into(),
+            hint: "pass force",
+        },
+        "usage" => Error::usage_of("src_strategy", "needed: the source has 4 ranks"),
+        "unsupported" => Error::unsupported("a non-contiguous view"),
+        _ => Error::Internal(format!("unknown test kind {kind:?}")),
     };
     Err(errors::to_py(
         py,

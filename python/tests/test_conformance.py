@@ -298,6 +298,29 @@ class Library(Base):
             self.assertEqual((cm.exception.path, cm.exception.record, cm.exception.tensor), ("m.ckpt", 3, "w"))
             self.assertTrue(str(cm.exception).startswith('m.ckpt: record 3 ("w"): '), str(cm.exception))
 
+    def test_each_kind_has_its_class_kind_and_option(self):
+        for kind, cls, name, base in (
+                ("not_found", errors.CheckpointNotFoundError, "io", FileNotFoundError),
+                ("crc", errors.CrcMismatchError, "damaged", ValueError),
+                ("missing", errors.MissingError, "missing", ValueError),
+                ("tensor_not_found", errors.TensorNotFoundError, "missing", KeyError),
+                ("mismatch", errors.MismatchError, "mismatch", ValueError),
+                ("destination", errors.DestinationError, "destination", ValueError),
+                ("usage", errors.InvalidArgumentError, "usage", ValueError),
+                ("unsupported", errors.UnsupportedError, "unsupported", ValueError)):
+            with self.assertRaises(cls) as cm:
+                reshard._native._error_for_test(kind)
+            self.assertIsInstance(cm.exception, base)
+            self.assertIs(type(cm.exception), cls)
+            self.assertEqual(cm.exception.kind, name)
+            self.assertEqual(cm.exception.option, "src_strategy" if kind == "usage" else None)
+        # Classes split from InvalidArgumentError are still caught by it.
+        self.assertTrue(issubclass(errors.MissingError, errors.InvalidArgumentError))
+        self.assertTrue(issubclass(errors.TensorNotFoundError, errors.MissingError))
+        with self.assertRaises(errors.InternalError) as cm:
+            reshard._native._panic_for_test()
+        self.assertEqual(cm.exception.kind, "internal")
+
     def test_gil_released_during_conversions(self):
         # With a 100 s switch interval the interpreter never preempts: the
         # counting thread can run while this one is inside the engine only

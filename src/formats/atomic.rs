@@ -30,7 +30,7 @@ pub struct FileDigest {
 pub fn temporary_path(dest: &Path) -> Result<PathBuf> {
     let name = dest
         .file_name()
-        .ok_or_else(|| Error::invalid("output path has no file name").in_file(dest))?;
+        .ok_or_else(|| Error::usage("output path has no file name").in_file(dest))?;
     Ok(dest.with_file_name(format!(
         ".{}.{}.tmp",
         name.to_string_lossy(),
@@ -52,7 +52,7 @@ pub fn create_temporary(dest: &Path) -> Result<(File, PathBuf)> {
     use std::os::unix::fs::OpenOptionsExt;
     let name = dest
         .file_name()
-        .ok_or_else(|| Error::invalid("output path has no file name").in_file(dest))?;
+        .ok_or_else(|| Error::usage("output path has no file name").in_file(dest))?;
     let mut last = None;
     for _ in 0..16 {
         let tmp = dest.with_file_name(format!(

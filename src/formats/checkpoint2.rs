@@ -87,11 +87,11 @@ pub fn iteration_dir(path: &Path) -> Result<PathBuf> {
     let tracker = path.join(TRACKER);
     let text = std::fs::read_to_string(&tracker).in_file(&tracker)?;
     let it: u64 = text.trim().parse().map_err(|_| {
-        Error::invalid(format!("{text:?} is not an iteration number")).in_file(&tracker)
+        Error::bad_input(format!("{text:?} is not an iteration number")).in_file(&tracker)
     })?;
     let dir = path.join(format!("iteration_{it:08}"));
     if !dir.join(METADATA).is_file() {
-        return Err(Error::invalid(format!(
+        return Err(Error::missing(format!(
             "the tracker names iteration {it}, but {} has no {METADATA}",
             dir.display()
         ))
@@ -145,7 +145,7 @@ pub fn storage_key(name: &str, offset: &[u64]) -> String {
 fn u64s(v: &Value, what: &str) -> Result<Vec<u64>> {
     v.as_array()
         .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<u64>>>())
-        .ok_or_else(|| Error::invalid(format!("{what} must be a list of non-negative integers")))
+        .ok_or_else(|| Error::bad_input(format!("{what} must be a list of non-negative integers")))
 }
 
 /// Parses an iteration directory's `metadata.json` and checks it against
@@ -155,7 +155,7 @@ pub fn open(path: &Path) -> Result<Checkpoint2> {
     let meta_path = dir.join(METADATA);
     let bytes = std::fs::read(&meta_path).in_file(&meta_path)?;
     let meta: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::invalid(format!("not valid JSON: {e}")).in_file(&meta_path))?;
+        .map_err(|e| Error::bad_input(format!("not valid JSON: {e}")).in_file(&meta_path))?;
     let params = parse(&meta, &dir).map_err(|e| e.in_file(&meta_path))?;
     Ok(Checkpoint2 { dir, params })
 }
@@ -165,11 +165,11 @@ pub fn parse(meta: &Value, dir: &Path) -> Result<Vec<Param>> {
     let sd = meta
         .get("state_dict_metadata")
         .and_then(Value::as_object)
-        .ok_or_else(|| Error::invalid("no state_dict_metadata object"))?;
+        .ok_or_else(|| Error::bad_input("no state_dict_metadata object"))?;
     let storage = meta
         .get("storage_data")
         .and_then(Value::as_object)
-        .ok_or_else(|| Error::invalid("no storage_data object"))?;
+        .ok_or_else(|| Error::bad_input("no storage_data object"))?;
     let mut exists: HashMap<String, bool> = HashMap::new();
     let mut params = Vec::with_capacity(sd.len());
     for (name, m) in sd {
@@ -189,30 +189,30 @@ fn parse_param(
     let dtype = m
         .pointer("/properties/dtype")
         .and_then(Value::as_str)
-        .ok_or_else(|| Error::invalid("no properties.dtype"))?
+        .ok_or_else(|| Error::bad_input("no properties.dtype"))?
         .to_string();
     let global = u64s(&m["global_shape"], "global_shape")?;
     let frags = u64s(&m["axis_fragmentations"], "axis_fragmentations")?;
     if frags.len() != global.len() || frags.contains(&0) {
-        return Err(Error::invalid(format!(
+        return Err(Error::bad_input(format!(
             "axis_fragmentations {frags:?} does not fit global_shape {global:?}"
         )));
     }
     let chunks = m
         .get("chunk")
         .and_then(Value::as_array)
-        .ok_or_else(|| Error::invalid("no chunk list"))?;
+        .ok_or_else(|| Error::bad_input("no chunk list"))?;
     let mut shards: Vec<Shard> = Vec::with_capacity(chunks.len());
     for c in chunks {
         let offset = u64s(&c["global_offset"], "global_offset")?;
         let shape = u64s(&c["local_shape"], "local_shape")?;
         let [slice_id] = offset[..] else {
-            return Err(Error::invalid(format!(
+            return Err(Error::unsupported(format!(
                 "global_offset {offset:?} is not mindformers' (slice_id,)"
             )));
         };
         if shape.len() != global.len() {
-            return Err(Error::invalid(format!(
+            return Err(Error::bad_input(format!(
                 "local_shape {shape:?} does not fit global_shape {global:?}"
             )));
         }
@@ -224,7 +224,7 @@ fn parse_param(
             rest /= frags[d];
         }
         if rest != 0 {
-            return Err(Error::invalid(format!(
+            return Err(Error::bad_input(format!(
                 "shard {slice_id} is outside the grid axis_fragmentations {frags:?}"
             )));
         }
@@ -235,7 +235,7 @@ fn parse_param(
             .zip(&global)
             .any(|((b, l), g)| b + l > *g)
         {
-            return Err(Error::invalid(format!(
+            return Err(Error::bad_input(format!(
                 "shard {slice_id} (local_shape {shape:?}) reaches past global_shape {global:?}"
             )));
         }
@@ -245,7 +245,7 @@ fn parse_param(
             .and_then(Value::as_array)
             .filter(|a| !a.is_empty())
             .ok_or_else(|| {
-                Error::invalid(format!(
+                Error::bad_input(format!(
                     "storage_data has no entry {key:?} for shard {slice_id}"
                 ))
             })?;
@@ -256,7 +256,7 @@ fn parse_param(
                 .and_then(Value::as_str)
                 .filter(|f| !f.contains(['/', '\\']) && *f != ".." && !f.is_empty())
                 .ok_or_else(|| {
-                    Error::invalid(format!(
+                    Error::bad_input(format!(
                         "storage entry of shard {slice_id} has no plain file_name"
                     ))
                 })?;
@@ -265,7 +265,7 @@ fn parse_param(
                 .entry(file.to_string())
                 .or_insert_with(|| dir.join(file).is_file());
             if !present {
-                return Err(Error::invalid(format!(
+                return Err(Error::missing(format!(
                     "metadata.json says shard {slice_id} is in {file}, which is missing from {}",
                     dir.display()
                 )));
@@ -301,7 +301,7 @@ fn check_tiling(global: &[u64], shards: &[Shard]) -> Result<()> {
                 .zip(b.start.iter().zip(&b.shape))
                 .all(|((&sa, &la), (&sb, &lb))| sa < sb + lb && sb < sa + la);
             if overlap && !a.shape.contains(&0) {
-                return Err(Error::invalid(format!(
+                return Err(Error::bad_input(format!(
                     "shards {} and {} overlap (starts {:?} and {:?}, shapes {:?} and {:?})",
                     b.slice_id, a.slice_id, b.start, a.start, b.shape, a.shape
                 )));
@@ -311,7 +311,7 @@ fn check_tiling(global: &[u64], shards: &[Shard]) -> Result<()> {
     let covered: u64 = shards.iter().map(|s| s.shape.iter().product::<u64>()).sum();
     let total: u64 = global.iter().product();
     if covered != total {
-        return Err(Error::invalid(format!(
+        return Err(Error::missing(format!(
             "the shards cover {covered} of the {total} elements of global_shape {global:?}: some are missing"
         )));
     }
@@ -334,6 +334,7 @@ pub fn files(params: &[Param]) -> Vec<(usize, PathBuf)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
     use serde_json::json;
 
     #[test]
@@ -392,45 +393,47 @@ mod tests {
             }
             Value::Object(m)
         };
-        let err = |m: Value| parse(&m, dir.path()).unwrap_err().to_string();
+        let err = |m: Value| parse(&m, dir.path()).unwrap_err();
         let e = err(meta(
             [2, 1],
             json!([one(0, [4, 4]), one(1, [4, 4])]),
             st(&[0, 1], "gone.safetensors"),
         ));
-        assert!(
-            e.contains("gone.safetensors") && e.contains("missing") && e.contains("\"w\""),
-            "{e}"
-        );
+        assert_eq!(e.kind(), ErrorKind::Missing, "{e}");
+        assert_eq!(e.tensor(), Some("w"));
+        assert!(e.to_string().contains("gone.safetensors"), "{e}");
         let e = err(meta(
             [2, 1],
             json!([one(0, [4, 4])]),
             st(&[0], "a.safetensors"),
         ));
-        assert!(e.contains("missing"), "{e}");
+        assert_eq!(e.kind(), ErrorKind::Missing, "{e}");
         let e = err(meta(
             [2, 1],
             json!([one(0, [8, 4]), one(1, [4, 4])]),
             st(&[0, 1], "a.safetensors"),
         ));
-        assert!(e.contains("reaches past") || e.contains("overlap"), "{e}");
+        assert_eq!(e.kind(), ErrorKind::BadInput, "{e}");
         let e = err(meta(
             [1, 1],
             json!([one(0, [8, 4]), one(0, [8, 4])]),
             st(&[0], "a.safetensors"),
         ));
-        assert!(e.contains("overlap"), "{e}");
+        assert_eq!(e.kind(), ErrorKind::BadInput, "{e}");
+        assert!(e.to_string().contains("overlap"), "{e}");
         let e = err(meta(
             [2, 1],
             json!([one(0, [4, 4]), one(1, [4, 4])]),
             st(&[0], "a.safetensors"),
         ));
-        assert!(e.contains("no entry"), "{e}");
+        assert_eq!(e.kind(), ErrorKind::BadInput, "{e}");
+        assert!(e.to_string().contains("no entry"), "{e}");
         let e = err(meta(
             [2, 1],
             json!([one(5, [4, 4])]),
             st(&[5], "a.safetensors"),
         ));
-        assert!(e.contains("outside the grid"), "{e}");
+        assert_eq!(e.kind(), ErrorKind::BadInput, "{e}");
+        assert!(e.to_string().contains("outside the grid"), "{e}");
     }
 }

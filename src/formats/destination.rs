@@ -64,7 +64,7 @@ impl DestinationLock {
     pub fn file(file: &Path) -> Result<DestinationLock> {
         let name = file
             .file_name()
-            .ok_or_else(|| Error::invalid("output path has no file name").in_file(file))?;
+            .ok_or_else(|| Error::usage("output path has no file name").in_file(file))?;
         let lock = file.with_file_name(format!(".{}.reshard.lock", name.to_string_lossy()));
         DestinationLock::at(lock, file, false)
     }
@@ -153,7 +153,7 @@ impl Drop for DestinationLock {
 pub fn create_dir_within(root: &Path, dir: &Path) -> Result<()> {
     fs::create_dir_all(root).in_file(root)?;
     let rest = dir.strip_prefix(root).map_err(|_| {
-        Error::invalid(format!("is not inside the destination {}", root.display())).in_file(dir)
+        Error::usage(format!("is not inside the destination {}", root.display())).in_file(dir)
     })?;
     let mut at = root.to_path_buf();
     for c in rest.components() {

@@ -100,7 +100,7 @@ impl Manifest {
         let path = manifest_path(data);
         let mut f = AtomicFile::create(&path)?;
         let text = serde_json::to_vec_pretty(self)
-            .map_err(|e| Error::invalid(e.to_string()).in_file(&path))?;
+            .map_err(|e| Error::Internal(e.to_string()).in_file(&path))?;
         f.write_all(&text)?;
         if fsync {
             f.commit()
@@ -118,10 +118,11 @@ impl Manifest {
             Err(e) => return Err(Error::from(e).in_file(&path)),
         };
         let m: Manifest = serde_json::from_slice(&text)
-            .map_err(|e| Error::invalid(format!("not a reshard manifest: {e}")).in_file(&path))?;
+            .map_err(|e| Error::bad_input(format!("not a reshard manifest: {e}")).in_file(&path))?;
         if m.format != MANIFEST_FORMAT {
             return Err(
-                Error::invalid(format!("unknown manifest format {:?}", m.format)).in_file(&path),
+                Error::unsupported(format!("unknown manifest format {:?}", m.format))
+                    .in_file(&path),
             );
         }
         Ok(Some(m))
@@ -138,7 +139,7 @@ impl Manifest {
     pub fn check(&self, data: &Path) -> Result<()> {
         let got = digest_file(data)?;
         if got != self.digest {
-            return Err(Error::invalid(format!(
+            return Err(Error::mismatch(format!(
                 "does not match its manifest: {} bytes with xxh3 {:016x}, the manifest says {} bytes with xxh3 {:016x}",
                 got.bytes, got.xxh3, self.digest.bytes, self.digest.xxh3
             ))
@@ -177,7 +178,7 @@ pub fn check_tree(dir: &Path) -> Result<Vec<PathBuf>> {
                 let m = Manifest::read(&data)?.expect("the manifest exists");
                 if !data.exists() {
                     return Err(
-                        Error::invalid("has a manifest but the file is missing").in_file(&data)
+                        Error::missing("has a manifest but the file is missing").in_file(&data)
                     );
                 }
                 m.check(&data)?;
@@ -214,11 +215,9 @@ mod tests {
         assert_eq!(check_tree(dir.path()).unwrap(), vec![data.clone()]);
         std::fs::write(&data, b"hellO").unwrap();
         assert!(!is_complete(&data));
-        let err = check_tree(dir.path()).unwrap_err().to_string();
-        assert!(
-            err.contains("x.ckpt") && err.contains("does not match its manifest"),
-            "{err}"
-        );
+        let err = check_tree(dir.path()).unwrap_err();
+        assert_eq!(err.kind(), crate::error::ErrorKind::Mismatch, "{err}");
+        assert_eq!(err.file(), Some(data.as_path()));
         std::fs::write(manifest_path(&data), b"{").unwrap();
         assert!(Manifest::read(&data)
             .unwrap_err()

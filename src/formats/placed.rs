@@ -68,7 +68,7 @@ impl Placement {
     pub fn pieces<'a>(&'a self, chunks: &[&'a [u8]]) -> Result<Vec<Piece<'a>>> {
         let got: usize = chunks.iter().map(|c| c.len()).sum();
         if got != self.data_len {
-            return Err(Error::invalid(format!(
+            return Err(Error::mismatch(format!(
                 "{got} bytes of data, the layout expects {}",
                 self.data_len
             ))

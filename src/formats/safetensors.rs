@@ -216,7 +216,7 @@ impl SafetensorsFile {
             return Ok(());
         };
         let stored: u64 = stored.parse().map_err(|_| {
-            Error::invalid(format!("crc_num metadata {stored:?} is not a number"))
+            Error::bad_input(format!("crc_num metadata {stored:?} is not a number"))
                 .in_file(&self.path)
         })?;
         let mut sorted: Vec<&StEntry> = self.entries.iter().collect();
@@ -260,15 +260,17 @@ pub fn mindspore_crc<'a>(
         if shape.is_empty() && is_int {
             let value = int_scalar(dtype, bytes);
             let zeros = u64::try_from(value).map_err(|_| {
-                Error::invalid("MindSpore cannot compute a CRC over a negative 0-d integer")
+                Error::unsupported("MindSpore cannot compute a CRC over a negative 0-d integer")
                     .in_tensor(name)
             })?;
             // Python materialises those bytes; past 4 GiB neither it nor a
             // reader of untrusted files should try.
             if zeros > MAX_CRC_SCALAR {
-                return Err(Error::invalid(format!(
-                    "the CRC rule would hash {zeros} zero bytes for this 0-d integer; refusing (limit {MAX_CRC_SCALAR})"
-                ))
+                return Err(Error::LimitExceeded {
+                    what: "the zero bytes the CRC rule hashes for this 0-d integer",
+                    limit: MAX_CRC_SCALAR,
+                    got: zeros,
+                }
                 .in_tensor(name));
             }
             let block = [0u8; 8192];
@@ -391,13 +393,18 @@ pub fn write(
     let mut seen = std::collections::HashSet::new();
     for (name, _) in tensors {
         if !seen.insert(name.as_str()) {
-            return Err(Error::invalid("tensor written twice")
+            return Err(Error::usage("tensor written twice")
                 .in_tensor(name)
                 .in_file(path));
         }
     }
-    safetensors::serialize_to_file(views, metadata, path)
-        .map_err(|e| Error::invalid(format!("cannot write safetensors: {e}")).in_file(path))
+    safetensors::serialize_to_file(views, metadata, path).map_err(|e| {
+        match e {
+            safetensors::SafeTensorError::IoError(io) => Error::Io(io),
+            other => Error::mismatch(format!("cannot write safetensors: {other}")),
+        }
+        .in_file(path)
+    })
 }
 
 #[cfg(test)]
@@ -519,14 +526,10 @@ mod tests {
         )
         .unwrap();
         let t = std::time::Instant::now();
-        let err = SafetensorsFile::open(&path, true)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(
-            err.contains("refusing") && err.contains("\"step\""),
-            "{err}"
-        );
+        let err = SafetensorsFile::open(&path, true).err().unwrap();
+        assert_eq!(err.kind(), crate::error::ErrorKind::Limit, "{err}");
+        assert_eq!(err.tensor(), Some("step"));
+        assert_eq!(err.file(), Some(path.as_path()));
         assert!(t.elapsed() < std::time::Duration::from_secs(5));
     }
 
@@ -588,7 +591,7 @@ pub fn layout(
     // per process too); reshard writes the keys sorted, so its output is
     // reproducible.
     let mut value = serde_json::to_value(&meta)
-        .map_err(|e| Error::invalid(format!("cannot serialise the header: {e}")))?;
+        .map_err(|e| Error::Internal(format!("cannot serialise the header: {e}")))?;
     if let Some(m) = value
         .get_mut("__metadata__")
         .and_then(serde_json::Value::as_object_mut)
@@ -596,7 +599,7 @@ pub fn layout(
         m.sort_keys();
     }
     let mut header = serde_json::to_string(&value)
-        .map_err(|e| Error::invalid(format!("cannot serialise the header: {e}")))?
+        .map_err(|e| Error::Internal(format!("cannot serialise the header: {e}")))?
         .into_bytes();
     header.resize(header.len().next_multiple_of(8), b' ');
     let mut prefix = (header.len() as u64).to_le_bytes().to_vec();
@@ -651,13 +654,13 @@ impl StreamWriter {
     pub fn write(&mut self, name: &str, chunks: &[&[u8]]) -> Result<()> {
         let path = self.file.path().to_path_buf();
         let Some((want, len)) = self.order.get(self.next) else {
-            return Err(Error::invalid("more tensors than announced")
+            return Err(Error::usage("more tensors than announced")
                 .in_tensor(name)
                 .in_file(&path));
         };
         if want != name {
             return Err(
-                Error::invalid(format!("written out of order (expected {want:?})"))
+                Error::usage(format!("written out of order (expected {want:?})"))
                     .in_tensor(name)
                     .in_file(&path),
             );
@@ -665,7 +668,7 @@ impl StreamWriter {
         let got: usize = chunks.iter().map(|c| c.len()).sum();
         if got != *len {
             return Err(
-                Error::invalid(format!("{got} bytes given, {len} announced"))
+                Error::mismatch(format!("{got} bytes given, {len} announced"))
                     .in_tensor(name)
                     .in_file(&path),
             );
@@ -685,7 +688,7 @@ impl StreamWriter {
     /// [`StreamWriter::finish`], returning the file's length and hash.
     pub fn finish_with_digest(self) -> Result<crate::formats::atomic::FileDigest> {
         if self.next != self.order.len() {
-            return Err(Error::invalid(format!(
+            return Err(Error::usage(format!(
                 "only {} of {} tensors written",
                 self.next,
                 self.order.len()

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::auto::{
+use crate::util::job::{
     assert_ranks_match, job_strategies, libreshard, model, node_dirs, node_local_job, run_job,
     sharded_source, shared_job, yaml,
 };

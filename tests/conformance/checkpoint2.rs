@@ -17,21 +17,8 @@ use reshard::ops::inspect::{inspect, DirForm, InspectOptions, Report};
 use reshard::ops::transform::{transform, TransformOptions};
 use reshard::ops::verify;
 
-use super::transform::files_under;
-use crate::util::{mindspore_python, run_py, tempdir};
-
-fn mindformers_src() -> Option<std::path::PathBuf> {
-    match std::env::var_os("RESHARD_MINDFORMERS_SRC") {
-        Some(p) if !p.is_empty() => Some(p.into()),
-        _ => {
-            if std::env::var("RESHARD_REQUIRE_MINDFORMERS").as_deref() == Ok("1") {
-                panic!("RESHARD_REQUIRE_MINDFORMERS=1 but RESHARD_MINDFORMERS_SRC is not set (run ci/mindformers.sh)");
-            }
-            eprintln!("skipped: set RESHARD_MINDFORMERS_SRC=$(ci/mindformers.sh) to compare with mindformers' code");
-            None
-        }
-    }
-}
+use crate::util::fs::files_under;
+use crate::util::{mindformers_src, mindspore_python, run_py, tempdir};
 
 /// A dp2·mp2 destination that cuts differently from the source.
 fn destination(path: &Path) {
@@ -199,10 +186,12 @@ fn checkpoint2_directories_read_through_mindformers_metadata() {
         None,
         None,
     ))
-    .unwrap_err()
-    .to_string();
+    .unwrap_err();
+    assert_eq!(err.kind(), reshard::error::ErrorKind::Missing, "{err}");
+    assert!(err.tensor().is_some(), "{err}");
     assert!(
-        err.contains("model-0000001-0000004.safetensors") && err.contains("missing"),
+        err.to_string()
+            .contains("model-0000001-0000004.safetensors"),
         "{err}"
     );
     assert!(!root.join("y").exists());

@@ -14,8 +14,8 @@ use reshard::ops::convert::{convert, ConvertOptions};
 use reshard::DType;
 use serde_json::{json, Value};
 
-use crate::convert::fixtures::{options, spec, write_hf, ALL};
-use crate::util::{mindspore_python, run_py, tempdir};
+use crate::util::hf::{options, spec, write_hf, ALL};
+use crate::util::{mindformers_src, mindspore_python, run_py, tempdir};
 
 /// The conversions checked: (fixture, --qkv-concat, --dtype).
 fn cases() -> Vec<(&'static str, Option<bool>, Option<DType>)> {
@@ -220,20 +220,6 @@ fn casts_equal_mindsporas_own() {
                 "{dtype} of {}: ours {a:02x?}, MindSpore {b:02x?}",
                 values[i]
             );
-        }
-    }
-}
-
-/// The extracted mindformers sources, or `None` (skip) when not fetched.
-fn mindformers_src() -> Option<PathBuf> {
-    match std::env::var_os("RESHARD_MINDFORMERS_SRC") {
-        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
-        _ => {
-            if std::env::var("RESHARD_REQUIRE_MINDFORMERS").as_deref() == Ok("1") {
-                panic!("RESHARD_REQUIRE_MINDFORMERS=1 but RESHARD_MINDFORMERS_SRC is not set (run ci/mindformers.sh)");
-            }
-            eprintln!("skipped: set RESHARD_MINDFORMERS_SRC=$(ci/mindformers.sh) to compare with mindformers' code");
-            None
         }
     }
 }

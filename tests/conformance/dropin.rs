@@ -14,22 +14,10 @@ use crate::util::{mindspore_python, reshard_bin, run_py, tempdir};
 /// Every checkpoint file under `dir`, relative, sorted (manifests and
 /// mindformers' markers aside).
 fn ckpt_files(dir: &Path) -> Vec<PathBuf> {
-    fn walk(base: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                walk(base, &p, out);
-            } else if p.extension().is_some_and(|x| x == "ckpt") {
-                out.push(p.strip_prefix(base).unwrap().to_path_buf());
-            }
-        }
-    }
-    let mut out = Vec::new();
-    if dir.exists() {
-        walk(dir, dir, &mut out);
-    }
-    out.sort();
-    out
+    crate::util::fs::files_under(dir)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|x| x == "ckpt"))
+        .collect()
 }
 
 fn assert_same(ours: &Path, theirs: &Path, what: &str) {

@@ -9,7 +9,7 @@ use reshard::ops::merge_lora::{merge_lora, MergeLoraOptions};
 use reshard::ops::transform::{transform, TransformOptions};
 use reshard::DType;
 
-use crate::merge_lora::{lora_model, strategies};
+use crate::util::lora::{lora_model, strategies};
 use crate::util::{mindspore_python, run_py, tempdir};
 
 /// |ours - theirs| in units of the last place of `dtype` at `scale`: the
@@ -101,7 +101,7 @@ fn merge_matches_mindformers_recipe_within_the_bound() {
         let report = merge_lora(&o).unwrap_or_else(|e| panic!("{dtype}: {e}"));
         // On the other compiled backends (Ascend on the host emulator with
         // `--features ascend`): the very bytes of the CPU merge.
-        for (backend, tag) in crate::ascend::extra_backends() {
+        for (backend, tag) in crate::util::extra_backends() {
             let again = root.join(format!("ours-{tag}"));
             merge_lora(&MergeLoraOptions {
                 dst_dir: again.clone(),

@@ -21,7 +21,7 @@ use reshard::ops::unify::{unify, UnifyOptions};
 use reshard::ops::verify;
 use serde_json::{json, Value};
 
-use super::transform::{assert_same_tree, files_under};
+use crate::util::fs::{assert_same_tree, files_under};
 use crate::util::{mindspore_python, run_py, tempdir};
 
 /// dp2·mp2 with optimizer shard, dp4·mp2 and a pipeline layout, on each

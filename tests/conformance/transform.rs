@@ -9,6 +9,7 @@ use reshard::formats::tree::FileFormat;
 use reshard::ops::transform::{transform, TransformOptions};
 use serde_json::{json, Value};
 
+use crate::util::fs::{assert_same_tree, files_under};
 use crate::util::{mindspore_python, run_py, tempdir};
 
 fn side(dev: &[u64]) -> Value {
@@ -45,44 +46,6 @@ fn cases() -> Vec<Value> {
         json!({"name": "by_stage_mp2_pp2_to_mp2", "dtype": "float32", "src": pp(&[2], 2), "dst": side(&[2]),
                "by_stage": true}),
     ]
-}
-
-/// Every data file under `dir` (manifests aside), relative, sorted.
-pub(crate) fn files_under(dir: &Path) -> Vec<PathBuf> {
-    fn walk(base: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                walk(base, &p, out);
-            } else if !p.to_string_lossy().ends_with(".manifest.json") {
-                out.push(p.strip_prefix(base).unwrap().to_path_buf());
-            }
-        }
-    }
-    let mut out = Vec::new();
-    if dir.exists() {
-        walk(dir, dir, &mut out);
-    }
-    out.sort();
-    out
-}
-
-pub(crate) fn assert_same_tree(ours: &Path, theirs: &Path, case: &str) {
-    let (a, b) = (files_under(ours), files_under(theirs));
-    assert_eq!(a, b, "{case}: different files");
-    for f in &a {
-        let (x, y) = (
-            std::fs::read(ours.join(f)).unwrap(),
-            std::fs::read(theirs.join(f)).unwrap(),
-        );
-        assert!(
-            x == y,
-            "{case}: {} differs from MindSpore's ({} vs {} bytes)",
-            f.display(),
-            x.len(),
-            y.len()
-        );
-    }
 }
 
 fn options(case_dir: &Path, case: &Value, out: &Path, strategy_as_dir: bool) -> TransformOptions {
@@ -148,7 +111,7 @@ fn transform_matrix_is_byte_identical_to_mindspore() {
         assert_same_tree(&out, &case_dir.join("expect"), name);
         // The same case on the other compiled backends (Ascend on the host
         // emulator with `--features ascend`): the same bytes.
-        for (backend, tag) in crate::ascend::extra_backends() {
+        for (backend, tag) in crate::util::extra_backends() {
             let out = dir.path().join(format!("{tag}-{name}"));
             let mut o = options(&case_dir, case, &out, i % 2 == 0);
             o.backend = backend;
@@ -240,7 +203,7 @@ fn check_against_mindspore(
     };
     transform(&o).unwrap_or_else(|e| panic!("{tag}: {e}"));
     assert_same_tree(&ours, &expect, tag);
-    for (backend, name) in crate::ascend::extra_backends() {
+    for (backend, name) in crate::util::extra_backends() {
         let ours = work.join(format!("{tag}-{name}"));
         let o = TransformOptions {
             backend,

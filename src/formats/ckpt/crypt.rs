@@ -70,7 +70,7 @@ impl EncMode {
         if ok {
             Ok(())
         } else {
-            Err(Error::invalid(format!(
+            Err(Error::usage(format!(
                 "a {} key must be {} bytes, got {}",
                 self.name(),
                 if self == EncMode::Sm4Cbc {
@@ -97,7 +97,7 @@ impl FromStr for EncMode {
             "AES-GCM" => Ok(EncMode::AesGcm),
             "AES-CBC" => Ok(EncMode::AesCbc),
             "SM4-CBC" => Ok(EncMode::Sm4Cbc),
-            _ => Err(Error::invalid(format!(
+            _ => Err(Error::usage(format!(
                 "unknown encryption mode {s:?} (expected AES-GCM, AES-CBC or SM4-CBC)"
             ))),
         }
@@ -139,7 +139,7 @@ pub fn decrypt(buf: &[u8], key: &[u8], mode: EncMode) -> Result<Vec<u8>> {
         if magic != mode.magic() {
             let found = detect(&magic.to_le_bytes());
             return Err(fail(match found {
-                Some(m) => format!("block is {m}, not {mode}: pass --dec-mode {m}"),
+                Some(m) => format!("block is {m}, not {mode}: decrypt it with mode {m}"),
                 None => format!("bad block magic {magic:#010x}; the file is damaged"),
             }));
         }
@@ -195,12 +195,15 @@ pub fn encrypt_block(plain: &[u8], key: &[u8], mode: EncMode, iv: &[u8; 16]) -> 
         EncMode::Sm4Cbc => (
             None,
             cbc::Encryptor::<sm4::Sm4>::new_from_slices(key, iv)
-                .map_err(|e| Error::invalid(e.to_string()))?
+                .map_err(|e| Error::Internal(e.to_string()))?
                 .encrypt_padded_vec_mut::<cipher::block_padding::Pkcs7>(plain),
         ),
     };
-    let cipher_len = i32::try_from(cipher.len())
-        .map_err(|_| Error::invalid("encryption block larger than 2 GiB"))?;
+    let cipher_len = i32::try_from(cipher.len()).map_err(|_| Error::LimitExceeded {
+        what: "an encrypted block's size in bytes",
+        limit: i32::MAX as u64,
+        got: cipher.len() as u64,
+    })?;
     let mut out = Vec::with_capacity(cipher.len() + 64);
     out.extend_from_slice(&mode.magic().to_le_bytes());
     if let Some(tag) = tag {
@@ -258,9 +261,9 @@ fn gcm_decrypt(
 
 fn gcm_encrypt(key: &[u8], nonce: &[u8], buf: &mut [u8]) -> Result<[u8; 16]> {
     let tag = by_aes_key!(key, K => AesGcm::<K, U12>::new_from_slice(key)
-        .map_err(|e| Error::invalid(e.to_string()))?
+        .map_err(|e| Error::Internal(e.to_string()))?
         .encrypt_in_place_detached(nonce.into(), b"", buf)
-        .map_err(|e| Error::invalid(e.to_string()))?);
+        .map_err(|e| Error::Internal(e.to_string()))?);
     Ok(tag.into())
 }
 
@@ -274,7 +277,7 @@ fn cbc_decrypt_aes(key: &[u8], iv: &[u8], cipher: &[u8]) -> std::result::Result<
 fn cbc_encrypt_aes(key: &[u8], iv: &[u8], plain: &[u8]) -> Result<Vec<u8>> {
     Ok(
         by_aes_key!(key, K => cbc::Encryptor::<K>::new_from_slices(key, iv)
-        .map_err(|e| Error::invalid(e.to_string()))?
+        .map_err(|e| Error::Internal(e.to_string()))?
         .encrypt_padded_vec_mut::<cipher::block_padding::Pkcs7>(plain)),
     )
 }
@@ -288,7 +291,7 @@ pub fn parse_key(text: &str) -> Result<Vec<u8>> {
         return Ok(text.as_bytes().to_vec());
     };
     if hex.is_empty() || hex.len() % 2 != 0 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(Error::invalid(
+        return Err(Error::usage(
             "key after 'hex:' is not an even number of hex digits",
         ));
     }
@@ -386,9 +389,11 @@ mod tests {
     fn truncated_block_and_wrong_mode_are_errors() {
         let file = encrypt_block(PLAIN, &[1u8; 16], EncMode::AesCbc, &[9u8; 16]).unwrap();
         let err = decrypt(&file[..file.len() - 3], &[1u8; 16], EncMode::AesCbc).unwrap_err();
+        assert_eq!(err.kind(), crate::error::ErrorKind::Encrypted, "{err}");
         assert!(err.to_string().contains("truncated"), "{err}");
         let err = decrypt(&file, &[1u8; 16], EncMode::AesGcm).unwrap_err();
-        assert!(err.to_string().contains("--dec-mode AES-CBC"), "{err}");
+        assert_eq!(err.kind(), crate::error::ErrorKind::Encrypted, "{err}");
+        assert!(err.to_string().contains("with mode AES-CBC"), "{err}");
     }
 
     #[test]

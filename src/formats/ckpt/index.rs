@@ -336,7 +336,7 @@ fn add_record(
                 (EntryKind::MapTensor(parts), ValueRec::Map(recs)) => {
                     if parts.len() != recs.len() {
                         return Err((
-                            Error::invalid(format!(
+                            Error::bad_input(format!(
                                 "map-tensor slice has {} arrays, earlier slices have {}",
                                 recs.len(),
                                 parts.len()
@@ -353,7 +353,9 @@ fn add_record(
                 }
                 (EntryKind::MapTensor(_), ValueRec::Tensor(_)) | (_, ValueRec::Map(_)) => {
                     return Err((
-                        Error::invalid("tensor and map-tensor records share one name".to_string()),
+                        Error::bad_input(
+                            "tensor and map-tensor records share one name".to_string(),
+                        ),
                         name,
                     ));
                 }
@@ -414,7 +416,7 @@ fn finish_entry(entry: &mut CkptEntry) -> Result<()> {
         entry.kind = EntryKind::Str;
         let n = entry.nbytes();
         if n % 4 != 0 {
-            return Err(Error::invalid(format!(
+            return Err(Error::bad_input(format!(
                 "string content is {n} bytes, not a whole number of UTF-32 code units"
             )));
         }
@@ -459,7 +461,7 @@ pub fn decode_string(bytes: &[u8]) -> Result<String> {
     for (i, unit) in bytes.chunks_exact(4).enumerate() {
         let cp = u32::from_le_bytes([unit[0], unit[1], unit[2], unit[3]]);
         let c = char::from_u32(cp).ok_or_else(|| {
-            Error::invalid(format!(
+            Error::bad_input(format!(
                 "string code unit {i} is not a Unicode scalar value ({cp:#x})"
             ))
         })?;

@@ -105,7 +105,7 @@ impl Checkpoint {
             }
             None => {
                 if options.decryption.is_some() {
-                    return Err(Error::invalid(
+                    return Err(Error::usage(
                         "a decryption key was given but the file is not encrypted",
                     )
                     .in_file(path));
@@ -211,7 +211,7 @@ impl Checkpoint {
     /// The value of a string entry.
     pub fn string_value(&self, entry: &CkptEntry) -> Result<String> {
         if entry.kind != EntryKind::Str {
-            return Err(Error::invalid("not a string entry").in_tensor(&entry.name));
+            return Err(Error::mismatch("not a string entry").in_tensor(&entry.name));
         }
         index::decode_string(&self.tensor_bytes(entry)).map_err(|e| e.in_tensor(&entry.name))
     }

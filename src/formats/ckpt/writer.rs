@@ -67,7 +67,7 @@ impl CkptWriter {
     pub fn create(path: impl AsRef<Path>, options: WriteOptions) -> Result<CkptWriter> {
         let path = path.as_ref();
         if options.crc && options.encryption.is_some() {
-            return Err(Error::invalid(
+            return Err(Error::usage(
                 "CRC and encryption cannot be combined (MindSpore cannot read such a file)",
             )
             .in_file(path));
@@ -127,7 +127,7 @@ impl CkptWriter {
 
     fn check_name(&mut self, name: &str) -> Result<()> {
         if !self.names.insert(name.to_string()) {
-            return Err(Error::invalid("tensor written twice")
+            return Err(Error::usage("tensor written twice")
                 .in_tensor(name)
                 .in_file(self.path()));
         }
@@ -305,7 +305,7 @@ pub fn layout(entries: &[LayoutEntry<'_>]) -> Result<FileLayout> {
             LayoutEntry::Tensor { name, .. } | LayoutEntry::Str { name, .. } => *name,
         };
         if !names.insert(name) {
-            return Err(Error::invalid("tensor written twice").in_tensor(name));
+            return Err(Error::usage("tensor written twice").in_tensor(name));
         }
         match e {
             LayoutEntry::Tensor { dtype, dims, .. } => {
@@ -498,7 +498,8 @@ mod tests {
         let err = w
             .write_tensor("t", DType::F32, &[1], &[0u8; 4])
             .unwrap_err();
-        assert!(err.to_string().contains("written twice"), "{err}");
+        assert_eq!(err.kind(), crate::error::ErrorKind::Usage, "{err}");
+        assert_eq!(err.tensor(), Some("t"));
         drop(w);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }

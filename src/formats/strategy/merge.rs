@@ -85,7 +85,7 @@ pub fn strategy_files_in(dir: &Path) -> Result<Vec<PathBuf>> {
 /// JSON or protobuf according to its name.
 pub fn merge_pipeline(files: &[PathBuf]) -> Result<Strategy> {
     if files.is_empty() {
-        return Err(Error::invalid("no strategy files to merge"));
+        return Err(Error::usage("no strategy files to merge"));
     }
     let mut paths: Vec<&PathBuf> = files.iter().collect();
     paths.sort();
@@ -140,7 +140,7 @@ pub fn merge_pipeline(files: &[PathBuf]) -> Result<Strategy> {
 pub fn merge_pipeline_strategys(src_dir: &Path, dst_file: &Path) -> Result<Strategy> {
     let meta = fs::metadata(src_dir).in_file(src_dir)?;
     if !meta.is_dir() {
-        return Err(Error::invalid("not a directory").in_file(src_dir));
+        return Err(Error::usage("not a directory").in_file(src_dir));
     }
     let files = strategy_files_in(src_dir)?;
     let merged = merge_pipeline(&files)?;

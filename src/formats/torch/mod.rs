@@ -149,10 +149,10 @@ fn entries(value: Value, storages: &[(String, Range<usize>)]) -> Result<Vec<Torc
     let mut out = Vec::with_capacity(flat.len());
     for (name, t) in flat {
         if !seen.insert(name.clone()) {
-            return Err(Error::invalid(format!("tensor {name:?} appears twice")));
+            return Err(Error::bad_input(format!("tensor {name:?} appears twice")));
         }
         let storage = storages.iter().find(|(k, _)| *k == t.key).ok_or_else(|| {
-            Error::invalid(format!("its storage {:?} is not in the file", t.key)).in_tensor(&name)
+            Error::bad_input(format!("its storage {:?} is not in the file", t.key)).in_tensor(&name)
         })?;
         let range = view(&t, storage.1.clone()).map_err(|e| e.in_tensor(&name))?;
         out.push(TorchEntry {
@@ -180,7 +180,7 @@ fn view(t: &TensorRef, storage: Range<usize>) -> Result<Range<usize>> {
     let mut expect = 1u64;
     for (d, s) in t.shape.iter().zip(&t.stride).rev() {
         if *d != 1 && *s != expect && numel > 0 {
-            return Err(Error::invalid(format!(
+            return Err(Error::unsupported(format!(
                 "a non-contiguous view (size {:?}, stride {:?}); save the state dict with \
                  contiguous tensors (t.contiguous())",
                 t.shape, t.stride
@@ -210,7 +210,7 @@ fn view(t: &TensorRef, storage: Range<usize>) -> Result<Range<usize>> {
 /// left out; a non-dict top level is refused.
 fn flatten(prefix: String, v: Value, out: &mut Vec<(String, TensorRef)>) -> Result<()> {
     let Value::Dict(items) = v else {
-        return Err(Error::invalid(
+        return Err(Error::bad_input(
             "the pickle does not hold a dict of tensors (a state dict)",
         ));
     };

@@ -1,0 +1,66 @@
+//! The synthetic llama-shaped model and its strategy files, shared by the
+//! transform, unify, by-rank, redundancy, robust, trust and checkpoint2
+//! tests.
+
+use std::path::{Path, PathBuf};
+
+use reshard::formats::ckpt::{CkptWriter, WriteOptions};
+use reshard::ops::strategy_gen::{write_strategies, StrategyOptions};
+use reshard::DType;
+
+/// A llama-shaped full checkpoint: `layers` layers, hidden 16, ffn 48, vocab 48.
+pub fn synthetic_model(path: &Path, layers: usize, dtype: DType, seed: u8) {
+    let mut shapes: Vec<(String, Vec<i64>)> =
+        vec![("model.tok_embeddings.embedding_weight".into(), vec![48, 16])];
+    for l in 0..layers {
+        for w in ["wq", "wk", "wv", "wo"] {
+            shapes.push((
+                format!("model.layers.{l}.attention.{w}.weight"),
+                vec![16, 16],
+            ));
+        }
+        shapes.push((
+            format!("model.layers.{l}.feed_forward.w1.weight"),
+            vec![48, 16],
+        ));
+        shapes.push((
+            format!("model.layers.{l}.feed_forward.w2.weight"),
+            vec![16, 48],
+        ));
+        shapes.push((format!("model.layers.{l}.attention_norm.weight"), vec![16]));
+    }
+    shapes.push(("lm_head.weight".into(), vec![48, 16]));
+    let states: Vec<(String, Vec<i64>)> = shapes
+        .iter()
+        .map(|(n, s)| (format!("adam_m.{n}"), s.clone()))
+        .collect();
+    shapes.extend(states);
+    let mut w = CkptWriter::create(path, WriteOptions::default()).unwrap();
+    for (i, (name, shape)) in shapes.iter().enumerate() {
+        let n = shape.iter().product::<i64>() as usize * dtype.size();
+        let data: Vec<u8> = (0..n)
+            .map(|b| (b as u8).wrapping_mul(31).wrapping_add(i as u8 ^ seed))
+            .collect();
+        w.write_tensor(name, dtype, shape, &data).unwrap();
+    }
+    w.write_tensor("global_step", DType::I32, &[1], &7i32.to_le_bytes())
+        .unwrap();
+    w.write_string("note", "kept").unwrap();
+    w.finish().unwrap();
+}
+
+/// Strategy files (dp · mp · pp, optimizer shard `opt`) for the model at
+/// `model`, written into `dir`; returns `dir`.
+pub fn strategies(model: &Path, dir: &Path, dp: u32, mp: u32, pp: u32, opt: i32) -> PathBuf {
+    write_strategies(&StrategyOptions {
+        checkpoint: model.to_path_buf(),
+        out_dir: dir.to_path_buf(),
+        dp,
+        mp,
+        pp,
+        opt_shard: opt,
+        vocab_emb_dp: mp % 2 == 1,
+    })
+    .unwrap();
+    dir.to_path_buf()
+}
