@@ -112,14 +112,7 @@ pub(crate) fn plan(src: &Path, t: &Target<'_>) -> Result<Plan> {
     let (sources, tensors) = assemble(&ck)?;
     let entries: Vec<SourceEntry> = tensors
         .iter()
-        .map(|t| match &t.content {
-            Content::Tensor { dtype, shape, .. } => SourceEntry {
-                name: t.name.clone(),
-                value: EntryValue::Tensor(*dtype),
-                dims: shape.clone(),
-            },
-            _ => unreachable!("assembly makes tensors"),
-        })
+        .map(|t| t.as_source_entry().expect("assembly makes tensors"))
         .collect();
     let Some(dst) = t.dst else {
         if t.remove_redundancy {

@@ -121,6 +121,22 @@ impl TensorPlan {
             Content::Str { .. } => 0,
         }
     }
+
+    /// The entry a later plan reads this tensor as, when a plan's output
+    /// is the (virtual) source of another (convert or Checkpoint 2.0
+    /// assembly, then a transform); `None` for strings.
+    pub fn as_source_entry(&self) -> Option<crate::formats::SourceEntry> {
+        match &self.content {
+            Content::Tensor { dtype, shape, .. } | Content::Merged { dtype, shape, .. } => {
+                Some(crate::formats::SourceEntry {
+                    name: self.name.clone(),
+                    value: crate::formats::EntryValue::Tensor(*dtype),
+                    dims: shape.clone(),
+                })
+            }
+            Content::Str { .. } => None,
+        }
+    }
 }
 
 /// One destination file.

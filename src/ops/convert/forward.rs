@@ -11,8 +11,8 @@ use super::{hf, ConvertOptions, ConvertReport};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::formats::tree::FileFormat;
-use crate::formats::{EntryValue, SourceEntry};
-use crate::plan::{Content, FilePlan, Plan, SourceFile, TensorPlan};
+use crate::formats::SourceEntry;
+use crate::plan::{FilePlan, Plan, SourceFile, TensorPlan};
 
 pub(super) fn check_loadable(inputs: &[InTensor], files: &[PathBuf]) -> Result<()> {
     for t in inputs {
@@ -129,14 +129,7 @@ pub(super) fn distributed(
     let dst = crate::formats::strategy::load(strategy)?;
     let entries: Vec<SourceEntry> = tensors
         .iter()
-        .map(|t| match &t.content {
-            Content::Tensor { dtype, shape, .. } => SourceEntry {
-                name: t.name.clone(),
-                value: EntryValue::Tensor(*dtype),
-                dims: shape.clone(),
-            },
-            _ => unreachable!("conversions only make tensors"),
-        })
+        .map(|t| t.as_source_entry().expect("conversions only make tensors"))
         .collect();
     let virtual_path = options.output.join("converted.ckpt");
     let transform = crate::plan::transform::plan(&crate::plan::transform::TransformInput {
