@@ -38,6 +38,28 @@ pub struct TensorRow {
     pub value: Option<String>,
 }
 
+impl TensorRow {
+    /// A tensor stored in one piece at `range` (safetensors, PyTorch).
+    fn stored<D: Copy + TryInto<i64>>(
+        name: &str,
+        dtype: crate::DType,
+        shape: &[D],
+        range: &std::ops::Range<usize>,
+    ) -> TensorRow {
+        TensorRow {
+            name: name.to_string(),
+            dtype: dtype.to_string(),
+            shape: shape
+                .iter()
+                .map(|&d| d.try_into().unwrap_or(i64::MAX))
+                .collect(),
+            bytes: range.len() as u64,
+            records: 1,
+            value: None,
+        }
+    }
+}
+
 /// CRC state of a file.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -308,14 +330,7 @@ pub fn inspect_checkpoint(path: &Path, options: &InspectOptions) -> Result<FileR
         let tensors: Vec<TensorRow> = f
             .entries()
             .iter()
-            .map(|e| TensorRow {
-                name: e.name.clone(),
-                dtype: e.dtype.to_string(),
-                shape: e.shape.iter().map(|&d| d as i64).collect(),
-                bytes: (e.range.end - e.range.start) as u64,
-                records: 1,
-                value: None,
-            })
+            .map(|e| TensorRow::stored(&e.name, e.dtype, &e.shape, &e.range))
             .collect();
         return Ok(FileReport {
             path: path.to_path_buf(),
@@ -332,14 +347,7 @@ pub fn inspect_checkpoint(path: &Path, options: &InspectOptions) -> Result<FileR
         let tensors: Vec<TensorRow> = f
             .entries()
             .iter()
-            .map(|e| TensorRow {
-                name: e.name.clone(),
-                dtype: e.dtype.to_string(),
-                shape: e.shape.iter().map(|&d| d as i64).collect(),
-                bytes: (e.range.end - e.range.start) as u64,
-                records: 1,
-                value: None,
-            })
+            .map(|e| TensorRow::stored(&e.name, e.dtype, &e.shape, &e.range))
             .chain(f.strings().map(|(name, value)| TensorRow {
                 name: name.to_string(),
                 dtype: "str".into(),
