@@ -46,6 +46,20 @@ pub struct SourceEntry {
     pub dims: Vec<i64>,
 }
 
+impl SourceEntry {
+    /// A tensor entry of a format that stores unsigned dimensions.
+    fn tensor<D: Copy + TryInto<i64>>(name: &str, dtype: DType, shape: &[D]) -> SourceEntry {
+        SourceEntry {
+            name: name.to_string(),
+            value: EntryValue::Tensor(dtype),
+            dims: shape
+                .iter()
+                .map(|&d| d.try_into().unwrap_or(i64::MAX))
+                .collect(),
+        }
+    }
+}
+
 /// An opened checkpoint of either format: the one reader interface that
 /// planners and the executor use.
 pub struct Source {
@@ -149,11 +163,7 @@ impl Source {
             SourceFile::Safetensors(s) => s
                 .entries()
                 .iter()
-                .map(|e| SourceEntry {
-                    name: e.name.clone(),
-                    value: EntryValue::Tensor(e.dtype),
-                    dims: e.shape.iter().map(|&d| d as i64).collect(),
-                })
+                .map(|e| SourceEntry::tensor(&e.name, e.dtype, &e.shape))
                 .chain(s.strings().map(|(name, _)| SourceEntry {
                     name: name.to_string(),
                     value: EntryValue::Str,
@@ -163,11 +173,7 @@ impl Source {
             SourceFile::Torch(t) => t
                 .entries()
                 .iter()
-                .map(|e| SourceEntry {
-                    name: e.name.clone(),
-                    value: EntryValue::Tensor(e.dtype),
-                    dims: e.shape.iter().map(|&d| d as i64).collect(),
-                })
+                .map(|e| SourceEntry::tensor(&e.name, e.dtype, &e.shape))
                 .collect(),
         }
     }

@@ -166,15 +166,7 @@ impl CkptWriter {
         chunks: &[&[u8]],
     ) -> Result<()> {
         let nbytes: usize = chunks.iter().map(|c| c.len()).sum();
-        let expected = element_count(dims)
-            .and_then(|n| n.checked_mul(dtype.size() as u64))
-            .ok_or_else(|| {
-                Error::InvalidShape {
-                    shape: dims.to_vec(),
-                    reason: "negative dimension or size overflow",
-                }
-                .in_tensor(name)
-            })?;
+        let expected = content_bytes(name, dtype, dims)?;
         if expected != nbytes as u64 {
             return Err(Error::ContentLength {
                 dtype: dtype.to_string(),
@@ -309,15 +301,7 @@ pub fn layout(entries: &[LayoutEntry<'_>]) -> Result<FileLayout> {
         }
         match e {
             LayoutEntry::Tensor { dtype, dims, .. } => {
-                let nbytes = element_count(dims)
-                    .and_then(|n| n.checked_mul(dtype.size() as u64))
-                    .ok_or_else(|| {
-                        Error::InvalidShape {
-                            shape: dims.to_vec(),
-                            reason: "negative dimension or size overflow",
-                        }
-                        .in_tensor(name)
-                    })? as usize;
+                let nbytes = content_bytes(name, *dtype, dims)? as usize;
                 let mut segments = Vec::new();
                 let mut start = 0;
                 for len in byte_split(nbytes) {
@@ -389,6 +373,19 @@ fn row_split(nbytes: usize, dims: &[i64]) -> Vec<usize> {
     (0..n)
         .map(|i| (base + usize::from(i < extra)) * row_bytes)
         .collect()
+}
+
+/// Bytes of a tensor of `dims` and `dtype`, or the error naming `name`.
+fn content_bytes(name: &str, dtype: DType, dims: &[i64]) -> Result<u64> {
+    element_count(dims)
+        .and_then(|n| n.checked_mul(dtype.size() as u64))
+        .ok_or_else(|| {
+            Error::InvalidShape {
+                shape: dims.to_vec(),
+                reason: "negative dimension or size overflow",
+            }
+            .in_tensor(name)
+        })
 }
 
 #[cfg(test)]
