@@ -104,6 +104,9 @@ pub struct ExecOptions {
     /// the deepest directory holding every output (for one output, that
     /// file alone is locked).
     pub destination: Option<PathBuf>,
+    /// How `.ckpt` outputs are cut and encoded (records cut by rows, a CRC
+    /// trailer, encryption); the default is `save_checkpoint`'s.
+    pub ckpt: crate::formats::ckpt::WriteOptions,
 }
 
 /// How outputs are made durable and how progress is reported; the same for
@@ -169,6 +172,7 @@ impl Default for ExecOptions {
             resume: false,
             control: OutputControl::default(),
             destination: None,
+            ckpt: Default::default(),
         }
     }
 }

@@ -13,12 +13,33 @@ use super::WrittenFile;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::formats::atomic::FileDigest;
-use crate::formats::ckpt::writer::LayoutEntry;
+use crate::formats::ckpt::writer::{CkptEncoding, LayoutEntry};
 use crate::formats::destination;
 use crate::formats::manifest::{self, Manifest, SourceDigest, TensorDigest};
 use crate::formats::placed::{FileLayout, PlacedFile};
 use crate::formats::tree::FileFormat;
 use crate::plan::{Content, FilePlan, TensorPlan};
+
+/// The stream of an encoded `.ckpt`, and where its next bytes go.
+pub(super) struct Encoded {
+    encoding: CkptEncoding,
+    at: u64,
+}
+
+/// Writes what an encoding emits at the end of `out`, adding it to the
+/// file's hash.
+fn emit<'a>(
+    out: &'a PlacedFile,
+    at: &'a mut u64,
+    hasher: &'a Mutex<crate::formats::hash::Hasher>,
+) -> impl FnMut(&[u8]) -> Result<()> + 'a {
+    move |bytes| {
+        out.write_at(*at, bytes)?;
+        *at += bytes.len() as u64;
+        hasher.lock().unwrap().update(bytes);
+        Ok(())
+    }
+}
 
 /// A destination file being written.
 pub(super) struct OpenFile<'p> {
@@ -30,6 +51,9 @@ pub(super) struct OpenFile<'p> {
     /// lay the file out).
     pub(super) strings: Vec<Option<String>>,
     pub(super) out: PlacedFile,
+    /// A `.ckpt` with a CRC or encryption: its bytes go through the
+    /// encoding in file order instead of to their offsets.
+    pub(super) encoded: Option<Mutex<Encoded>>,
     /// Placements are written, and then hashed, front to back.
     pub(super) written: Turn,
     pub(super) hashed: Turn,
@@ -75,7 +99,7 @@ impl<'p, B: Backend> Job<'p, B> {
                         },
                     })
                     .collect();
-                crate::formats::ckpt::writer::layout(&entries)?
+                crate::formats::ckpt::writer::layout(&entries, self.options.ckpt.split)?
             }
             FileFormat::Safetensors => {
                 // Strings travel in the metadata, not as tensors.
@@ -125,12 +149,26 @@ impl<'p, B: Backend> Job<'p, B> {
             .iter()
             .map(|p| by_name[p.name.as_str()])
             .collect();
+        let encoded = (file.format == FileFormat::Ckpt
+            && !CkptEncoding::is_plain(&self.options.ckpt))
+        .then(|| CkptEncoding::new(&self.options.ckpt, &file.path))
+        .transpose()?;
         let out = PlacedFile::create(&file.path)?;
-        if !layout.prefix.is_empty() {
-            out.write_at(0, &layout.prefix)?;
-        }
-        let mut hasher = crate::formats::hash::Hasher::new();
-        hasher.update(&layout.prefix);
+        let hasher = Mutex::new(crate::formats::hash::Hasher::new());
+        let encoded = match encoded {
+            Some(mut encoding) => {
+                let mut at = 0;
+                encoding.push(&layout.prefix, &mut emit(&out, &mut at, &hasher))?;
+                Some(Mutex::new(Encoded { encoding, at }))
+            }
+            None => {
+                if !layout.prefix.is_empty() {
+                    out.write_at(0, &layout.prefix)?;
+                }
+                hasher.lock().unwrap().update(&layout.prefix);
+                None
+            }
+        };
         Ok(OpenFile {
             plan: file,
             digests: Mutex::new(vec![None; layout.tensors.len()]),
@@ -140,9 +178,10 @@ impl<'p, B: Backend> Job<'p, B> {
             tensors,
             strings: placed_strings,
             out,
+            encoded,
             written: Turn::default(),
             hashed: Turn::default(),
-            hasher: Mutex::new(hasher),
+            hasher,
             started: Instant::now(),
         })
     }
@@ -181,11 +220,23 @@ impl<'p, B: Backend> Job<'p, B> {
         let Some(written) = file.written.wait_for(pos, &self.failed) else {
             return Ok(());
         };
-        for piece in &pieces {
-            file.out.write_at(piece.at, piece.bytes)?;
+        match &file.encoded {
+            Some(encoded) => {
+                // The encoding's output is hashed as it is written.
+                let encoded = &mut *encoded.lock().unwrap();
+                let mut out = emit(&file.out, &mut encoded.at, &file.hasher);
+                for piece in &pieces {
+                    encoded.encoding.push(piece.bytes, &mut out)?;
+                }
+            }
+            None => {
+                for piece in &pieces {
+                    file.out.write_at(piece.at, piece.bytes)?;
+                }
+            }
         }
         file.written.pass(written);
-        if self.options.control.fsync {
+        if self.options.control.fsync && file.encoded.is_none() {
             // The disk writes this tensor back while the next ones are
             // filled; the file's one fsync, before its rename, waits for
             // what is left.
@@ -197,7 +248,7 @@ impl<'p, B: Backend> Job<'p, B> {
                 .unwrap_or(0);
             file.out.start_writeback(lo, hi - lo);
         }
-        if hashing {
+        if hashing && file.encoded.is_none() {
             let Some(hashed) = file.hashed.wait_for(pos, &self.failed) else {
                 return Ok(());
             };
@@ -233,12 +284,19 @@ impl<'p, B: Backend> Job<'p, B> {
         for i in file.plan.sources() {
             self.sources.get(i)?.unchanged()?;
         }
+        let len = match &file.encoded {
+            Some(encoded) => {
+                let Encoded { encoding, at } = &mut *encoded.lock().unwrap();
+                encoding.finish(&mut emit(&file.out, at, &file.hasher))?;
+                *at
+            }
+            None => file.layout.len,
+        };
         let digest = FileDigest {
-            bytes: file.layout.len,
+            bytes: len,
             xxh3: file.hasher.lock().unwrap().digest(),
         };
-        file.out
-            .commit(file.layout.len, self.options.control.fsync)?;
+        file.out.commit(len, self.options.control.fsync)?;
         let written = WrittenFile {
             rank: file.plan.rank,
             path: path.clone(),

@@ -35,10 +35,19 @@ pub(super) fn settings(plan: &Plan, options: &ExecOptions, file: &FilePlan) -> S
         FileFormat::Safetensors => Some(&options.safetensors_metadata),
         FileFormat::Ckpt => None,
     };
-    let text = format!(
+    let mut text = format!(
         "{:?}|{:?}|{:?}|{:?}",
         file.format, file.tensors, sources, metadata
     );
+    // (Appended only when asked for, so that plain outputs keep the
+    // fingerprints earlier versions recorded.)
+    let ckpt = &options.ckpt;
+    if file.format == FileFormat::Ckpt
+        && (ckpt.crc || ckpt.encryption.is_some() || ckpt.split != Default::default())
+    {
+        let mode = ckpt.encryption.as_ref().map(|(_, mode)| mode);
+        text.push_str(&format!("|{:?}|{:?}|{mode:?}", ckpt.split, ckpt.crc));
+    }
     format!("{:016x}", crate::formats::hash::hash(text.as_bytes()))
 }
 

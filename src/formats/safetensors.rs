@@ -221,11 +221,12 @@ impl SafetensorsFile {
         })?;
         let mut sorted: Vec<&StEntry> = self.entries.iter().collect();
         sorted.sort_by(|a, b| a.name.cmp(&b.name));
-        let computed = mindspore_crc(
-            sorted
-                .iter()
-                .map(|e| (e.name.as_str(), e.dtype, e.shape.as_slice(), self.bytes(e))),
-        )
+        let computed = mindspore_crc(sorted.iter().map(|e| CrcTensor {
+            name: &e.name,
+            dtype: e.dtype,
+            shape: &e.shape,
+            chunks: vec![self.bytes(e)],
+        }))
         .in_file(&self.path)?;
         if u64::from(computed) != stored {
             return Err(Error::CrcMismatch { stored, computed }.in_file(&self.path));
@@ -237,14 +238,30 @@ impl SafetensorsFile {
 /// The largest 0-d integer whose value-many zero bytes the CRC rule hashes.
 const MAX_CRC_SCALAR: u64 = 1 << 32;
 
+/// A tensor [`mindspore_crc`] covers.
+pub struct CrcTensor<'a> {
+    /// Its name in the file.
+    pub name: &'a str,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: &'a [usize],
+    /// Its bytes, possibly in several chunks (the records of a `.ckpt`).
+    pub chunks: Vec<&'a [u8]>,
+}
+
 /// MindSpore's safetensors CRC over tensors given in **sorted name order**:
 /// `crc32(name)` then `crc32(bytes(array))`, chained. Python's `bytes()` of a
 /// 0-d integer array is *that many zero bytes*, not the buffer; reproduced.
-pub fn mindspore_crc<'a>(
-    tensors: impl Iterator<Item = (&'a str, DType, &'a [usize], &'a [u8])>,
-) -> Result<u32> {
+pub fn mindspore_crc<'a>(tensors: impl Iterator<Item = CrcTensor<'a>>) -> Result<u32> {
     let mut h = crc32fast::Hasher::new();
-    for (name, dtype, shape, bytes) in tensors {
+    for CrcTensor {
+        name,
+        dtype,
+        shape,
+        chunks,
+    } in tensors
+    {
         h.update(name.as_bytes());
         let is_int = matches!(
             dtype,
@@ -258,7 +275,14 @@ pub fn mindspore_crc<'a>(
                 | DType::I64
         );
         if shape.is_empty() && is_int {
-            let value = int_scalar(dtype, bytes);
+            let bytes = chunks.concat();
+            if bytes.len() != dtype.size() {
+                return Err(
+                    Error::bad_input(format!("a 0-d {dtype} of {} bytes", bytes.len()))
+                        .in_tensor(name),
+                );
+            }
+            let value = int_scalar(dtype, &bytes);
             let zeros = u64::try_from(value).map_err(|_| {
                 Error::unsupported("MindSpore cannot compute a CRC over a negative 0-d integer")
                     .in_tensor(name)
@@ -281,7 +305,9 @@ pub fn mindspore_crc<'a>(
                 left -= n as u64;
             }
         } else {
-            h.update(bytes);
+            for c in chunks {
+                h.update(c);
+            }
         }
     }
     Ok(h.finalize())
@@ -380,11 +406,12 @@ pub fn write(
     if options.crc {
         let mut sorted: Vec<&(String, TensorRef)> = tensors.iter().collect();
         sorted.sort_by(|a, b| a.0.cmp(&b.0));
-        let crc = mindspore_crc(
-            sorted
-                .iter()
-                .map(|(n, t)| (n.as_str(), t.dtype, t.shape.as_slice(), t.data)),
-        )
+        let crc = mindspore_crc(sorted.iter().map(|(n, t)| CrcTensor {
+            name: n,
+            dtype: t.dtype,
+            shape: &t.shape,
+            chunks: vec![t.data],
+        }))
         .in_file(path)?;
         metadata
             .get_or_insert_with(HashMap::new)

@@ -8,9 +8,9 @@
 //! are whole copies out of the source (renamed by the name map), written
 //! by [`crate::ops::write`] — so it has manifests, progress and
 //! verification, and a source that changes while it is read is not
-//! copied. Outputs the executor's writer does not make (a CRC, an
-//! encrypted `.ckpt`, records cut by rows) are streamed by the format
-//! writers ([`rewrite_encoded`]).
+//! copied. A `.ckpt` CRC, encryption or records cut by rows are the
+//! executor's `.ckpt` encoding; a safetensors CRC is computed from the
+//! source while planning (it goes into the header, before the data).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,19 +18,15 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::backend::{BackendChoice, BoxCopy};
-use crate::dtype::DType;
 use crate::error::{Error, Result, ResultExt};
 use crate::exec::OutputControl;
-use crate::formats::ckpt::{
-    Checkpoint, CkptWriter, EncMode, EntryKind, ReadOptions, SplitMode, WriteOptions,
-};
-use crate::formats::safetensors::{
-    self as st, SafetensorsFile, StWriteOptions, TensorRef, STRING_KEY_PREFIX,
-};
+use crate::formats::ckpt::writer::CkptEncoding;
+use crate::formats::ckpt::{EncMode, ReadOptions, SplitMode, WriteOptions};
+use crate::formats::safetensors::{self as st, SafetensorsFile, STRING_KEY_PREFIX};
 use crate::formats::tree::FileFormat;
 use crate::formats::{EntryValue, Source};
 use crate::ops::inspect::{detect, Detected};
-use crate::ops::write::{refuse_existing, write_job, DestinationCheck, Job, WriteSettings};
+use crate::ops::write::{write_job, DestinationCheck, Job, WriteSettings};
 use crate::plan::{Content, CopyStep, FilePlan, Plan, SourceFile, TensorPlan};
 
 /// Options of [`rewrite`].
@@ -68,17 +64,22 @@ pub struct RewriteReport {
     pub bytes: u64,
 }
 
-/// Whether the executor's writer makes the outputs `options` asks for: it
-/// writes no CRC, does not encrypt, and cuts large tensors into 512 MiB
-/// byte records.
-fn planned(options: &RewriteOptions) -> bool {
-    !options.crc && options.encryption.is_none() && options.split == SplitMode::Bytes
-}
-
-/// The output format of `dst`, and a refusal to write over `src`.
-fn check_paths(src: &Path, dst: &Path) -> Result<FileFormat> {
+/// The output format of `dst`, and a refusal to write over `src` or to
+/// encode it in a way MindSpore cannot read.
+fn check_paths(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<FileFormat> {
     let format = FileFormat::of_path(dst)
         .ok_or_else(|| Error::usage_of("dst", "must end in .ckpt or .safetensors").in_file(dst))?;
+    match format {
+        FileFormat::Ckpt => {
+            CkptEncoding::new(&ckpt_options(options), dst)?;
+        }
+        FileFormat::Safetensors if options.encryption.is_some() => {
+            return Err(
+                Error::usage_of("encryption", "safetensors files cannot be encrypted").in_file(dst),
+            );
+        }
+        FileFormat::Safetensors => {}
+    }
     if src
         .canonicalize()
         .ok()
@@ -87,6 +88,15 @@ fn check_paths(src: &Path, dst: &Path) -> Result<FileFormat> {
         return Err(Error::usage_of("dst", "output is the input file").in_file(dst));
     }
     Ok(format)
+}
+
+/// How `.ckpt` outputs are encoded.
+fn ckpt_options(options: &RewriteOptions) -> WriteOptions {
+    WriteOptions {
+        crc: options.crc,
+        encryption: options.encryption.clone(),
+        split: options.split,
+    }
 }
 
 /// Refuses a strategy file as a source.
@@ -175,6 +185,12 @@ fn plan_file(
         bytes += t.bytes();
         tensors.push(t);
     }
+    if format == FileFormat::Safetensors && options.crc {
+        metadata.insert(
+            "crc_num".into(),
+            safetensors_crc(&source, &tensors).in_file(src)?.to_string(),
+        );
+    }
     let entries = tensors.len();
     plan.files.push(FilePlan {
         rank: 0,
@@ -184,6 +200,35 @@ fn plan_file(
         metadata: (format == FileFormat::Safetensors).then_some(metadata),
     });
     Ok((entries, bytes))
+}
+
+/// MindSpore's safetensors CRC of `tensors` (whole copies out of
+/// `source`, renamed), read from the source: it goes into the header, which
+/// is written before the data.
+fn safetensors_crc(source: &Source, tensors: &[TensorPlan]) -> Result<u32> {
+    let mut shapes = Vec::new();
+    let mut chunks = Vec::new();
+    let mut sorted = Vec::new();
+    for t in tensors {
+        if let Content::Tensor {
+            dtype,
+            shape,
+            steps,
+        } = &t.content
+        {
+            shapes.push(shape.iter().map(|&d| d.max(0) as usize).collect::<Vec<_>>());
+            chunks.push(source.chunks(&steps[0].tensor)?);
+            sorted.push((t.name.as_str(), *dtype));
+        }
+    }
+    let mut order: Vec<usize> = (0..sorted.len()).collect();
+    order.sort_by_key(|&i| sorted[i].0);
+    st::mindspore_crc(order.into_iter().map(|i| st::CrcTensor {
+        name: sorted[i].0,
+        dtype: sorted[i].1,
+        shape: &shapes[i],
+        chunks: chunks[i].clone(),
+    }))
 }
 
 /// Writes a planned rewrite.
@@ -209,6 +254,7 @@ fn write(
         },
         &Job {
             check,
+            ckpt: ckpt_options(options),
             ..Job::default()
         },
     )
@@ -217,10 +263,7 @@ fn write(
 
 /// Copies `src` into `dst` (replaced if it exists).
 pub fn rewrite(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<RewriteReport> {
-    let format = check_paths(src, dst)?;
-    if !planned(options) {
-        return rewrite_encoded(src, dst, options);
-    }
+    let format = check_paths(src, dst, options)?;
     let mut plan = Plan {
         sources: Vec::new(),
         files: Vec::new(),
@@ -233,183 +276,6 @@ pub fn rewrite(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<Rewri
     Ok(RewriteReport {
         output: dst.to_path_buf(),
         entries,
-        bytes,
-    })
-}
-
-enum Item<'a> {
-    Tensor(DType, Vec<i64>, Vec<&'a [u8]>),
-    Str(String),
-}
-
-/// [`rewrite`] with a CRC, encryption or row-cut records, which the
-/// executor's writer does not make: streamed by the format writers.
-fn rewrite_encoded(src: &Path, dst: &Path, options: &RewriteOptions) -> Result<RewriteReport> {
-    let out_format = check_paths(src, dst)?;
-    if let Some(parent) = dst.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).in_file(parent)?;
-    }
-    // One run per output file.
-    let _lock = crate::formats::destination::DestinationLock::file(dst)?;
-    let detected = detect(src)?;
-    let ckpt;
-    let stf;
-    // Re-checks the source once its bytes have been read.
-    let check_source: Box<dyn Fn() -> Result<()> + '_>;
-    let mut metadata = BTreeMap::new();
-    let mut items: Vec<(String, Item)> = Vec::new();
-    match detected {
-        Detected::Ckpt => {
-            ckpt = Checkpoint::open(src, &options.read)?;
-            check_source = Box::new(|| ckpt.check());
-            for e in ckpt.entries() {
-                let item = match &e.kind {
-                    EntryKind::Tensor(d) => Item::Tensor(*d, e.dims.clone(), ckpt.chunks(e)),
-                    EntryKind::Str => Item::Str(ckpt.string_value(e).in_file(src)?),
-                    EntryKind::MapTensor(_) => {
-                        return Err(Error::UnsupportedDtype {
-                            dtype: "MapTensor".into(),
-                            op: "rewrite",
-                        }
-                        .in_tensor(&e.name)
-                        .in_file(src))
-                    }
-                };
-                items.push((e.name.clone(), item));
-            }
-        }
-        Detected::Safetensors => {
-            stf = SafetensorsFile::open(src, options.read.verify_crc)?;
-            check_source = Box::new(|| stf.check());
-            for e in stf.entries() {
-                let dims = e.shape.iter().map(|&d| d as i64).collect();
-                items.push((
-                    e.name.clone(),
-                    Item::Tensor(e.dtype, dims, vec![stf.bytes(e)]),
-                ));
-            }
-            for (name, value) in stf.strings() {
-                items.push((name.to_string(), Item::Str(value.to_string())));
-            }
-            metadata = stf
-                .metadata()
-                .iter()
-                .filter(|(k, _)| !k.starts_with(STRING_KEY_PREFIX) && k.as_str() != "crc_num")
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            items.sort_by(|a, b| a.0.cmp(&b.0));
-        }
-        Detected::Strategy => {
-            return Err(Error::bad_input("this is a strategy file, not a checkpoint").in_file(src))
-        }
-    }
-    if let Some(map) = &options.name_map {
-        let mut seen = std::collections::HashSet::new();
-        for (name, _) in items.iter_mut() {
-            if let Some(new) = map.get(name.as_str()) {
-                *name = new.clone();
-            }
-            if !seen.insert(name.clone()) {
-                return Err(Error::usage_of("name_map", "gives two entries this name")
-                    .in_tensor(name.as_str())
-                    .in_file(src));
-            }
-        }
-    }
-    let bytes: u64 = items
-        .iter()
-        .map(|(_, i)| match i {
-            Item::Tensor(_, _, c) => c.iter().map(|c| c.len() as u64).sum(),
-            Item::Str(_) => 0,
-        })
-        .sum();
-    match out_format {
-        FileFormat::Ckpt => {
-            let mut w = CkptWriter::create(
-                dst,
-                WriteOptions {
-                    crc: options.crc,
-                    encryption: options.encryption.clone(),
-                    split: options.split,
-                },
-            )?;
-            for (name, item) in &items {
-                match item {
-                    Item::Tensor(d, dims, chunks) => {
-                        w.write_tensor_chunks(name, *d, dims, chunks)?
-                    }
-                    Item::Str(s) => w.write_string(name, s)?,
-                }
-            }
-            // Every byte has been read: a source that changed meanwhile
-            // (or shrank under its map) is not copied (issue 19 item 3).
-            check_source()?;
-            w.finish()?;
-        }
-        FileFormat::Safetensors => {
-            if options.encryption.is_some() {
-                return Err(
-                    Error::usage_of("encryption", "safetensors files cannot be encrypted")
-                        .in_file(dst),
-                );
-            }
-            metadata
-                .entry("format".into())
-                .or_insert_with(|| "ms".into());
-            let mut joined = Vec::new();
-            let mut tensors = Vec::new();
-            for (name, item) in &items {
-                match item {
-                    Item::Tensor(d, dims, chunks) => {
-                        let shape = dims.iter().map(|&x| x as usize).collect();
-                        let data: &[u8] = match chunks.as_slice() {
-                            [one] => one,
-                            many => {
-                                joined.push((name.clone(), many.concat()));
-                                &[]
-                            }
-                        };
-                        tensors.push((
-                            name.clone(),
-                            TensorRef {
-                                dtype: *d,
-                                shape,
-                                data,
-                            },
-                        ));
-                    }
-                    Item::Str(s) => {
-                        metadata.insert(format!("{STRING_KEY_PREFIX}{name}"), s.clone());
-                    }
-                }
-            }
-            // Tensors stored in several records are joined once here.
-            for (name, data) in &joined {
-                let t = tensors
-                    .iter_mut()
-                    .find(|(n, _)| n == name)
-                    .expect("joined tensor is listed");
-                t.1.data = data;
-            }
-            st::write(
-                dst,
-                &tensors,
-                &StWriteOptions {
-                    metadata: Some(metadata),
-                    crc: options.crc,
-                },
-            )?;
-            // Read while writing: if the source changed meanwhile, what was
-            // written is not a copy of it; remove it.
-            if let Err(e) = check_source() {
-                let _ = std::fs::remove_file(dst);
-                return Err(e);
-            }
-        }
-    }
-    Ok(RewriteReport {
-        output: dst.to_path_buf(),
-        entries: items.len(),
         bytes,
     })
 }
@@ -497,50 +363,33 @@ pub fn rewrite_tree(
         ))
         .in_file(src));
     }
-    if planned(&options.file) {
-        // One plan, one write: every output or none.
-        let mut plan = Plan {
-            sources: Vec::new(),
-            files: Vec::new(),
-        };
-        let mut done = Vec::with_capacity(tasks.len());
-        for (input, output) in &tasks {
-            let (entries, bytes) = plan_file(input, output, options.to, &options.file, &mut plan)?;
-            done.push(RewriteReport {
-                output: output.clone(),
-                entries,
-                bytes,
-            });
-        }
-        write(&plan, &options.file, Some(dst), DestinationCheck::Absent)?;
-        return Ok(done);
-    }
-    refuse_existing(tasks.iter().map(|(_, out)| out.as_path()))?;
-    let mut done = Vec::new();
+    // One plan, one write: every output or none.
+    let mut plan = Plan {
+        sources: Vec::new(),
+        files: Vec::new(),
+    };
+    let mut done = Vec::with_capacity(tasks.len());
     for (input, output) in &tasks {
-        match rewrite_encoded(input, output, &options.file) {
-            Ok(r) => done.push(r),
-            Err(e) => {
-                for r in &done {
-                    let _ = std::fs::remove_file(&r.output);
-                }
-                return Err(e);
-            }
-        }
+        check_paths(input, output, &options.file)?;
+        let (entries, bytes) = plan_file(input, output, options.to, &options.file, &mut plan)?;
+        done.push(RewriteReport {
+            output: output.clone(),
+            entries,
+            bytes,
+        });
     }
+    write(&plan, &options.file, Some(dst), DestinationCheck::Absent)?;
     Ok(done)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::formats::ckpt::{Checkpoint, CkptWriter};
+    use crate::DType;
 
     fn small_ckpt(path: &Path) {
-        let mut w = CkptWriter::create(path, WriteOptions::default()).unwrap();
-        w.write_tensor("b.w", DType::F32, &[2], &[0u8; 8]).unwrap();
-        w.write_tensor("a.w", DType::F32, &[1], &[1u8; 4]).unwrap();
-        w.write_string("note", "kept").unwrap();
-        w.finish().unwrap();
+        streamed(path, WriteOptions::default());
     }
 
     fn renamed(map: &[(&str, &str)]) -> RewriteOptions {
@@ -578,7 +427,7 @@ mod tests {
     }
 
     #[test]
-    fn the_planned_path_writes_what_the_format_writers_write() {
+    fn a_rewrite_has_manifests_progress_and_verification() {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("m.ckpt");
         small_ckpt(&src);
@@ -598,37 +447,105 @@ mod tests {
             assert_eq!((r.entries, r.bytes), (3, 12));
             assert_eq!(progress.bytes(), 12);
             assert!(crate::formats::manifest::manifest_path(&planned).is_file());
-            // Row-cut records (the same as byte-cut ones below 512 MiB)
-            // take the format writers' path.
-            let streamed = dir.path().join(format!("s.{ext}"));
+        }
+    }
+
+    /// A small checkpoint written by the streaming `.ckpt` writer with
+    /// these options.
+    fn streamed(path: &Path, options: WriteOptions) {
+        let mut w = CkptWriter::create(path, options).unwrap();
+        w.write_tensor("b.w", DType::F32, &[2], &[0u8; 8]).unwrap();
+        w.write_tensor("a.w", DType::F32, &[1], &[1u8; 4]).unwrap();
+        w.write_string("note", "kept").unwrap();
+        w.finish().unwrap();
+    }
+
+    #[test]
+    fn encoded_outputs_are_the_format_writers_bytes_through_the_executor() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("m.ckpt");
+        small_ckpt(&src);
+        let checked = |o: RewriteOptions| RewriteOptions {
+            manifest: true,
+            verify: true,
+            ..o
+        };
+        // A CRC trailer and records cut by rows: the same bytes.
+        for (crc, split) in [
+            (true, SplitMode::Bytes),
+            (false, SplitMode::Rows),
+            (true, SplitMode::Rows),
+        ] {
+            let planned = dir.path().join("p.ckpt");
             let o = RewriteOptions {
-                split: SplitMode::Rows,
+                crc,
+                split,
                 ..Default::default()
             };
-            rewrite(&src, &streamed, &o).unwrap();
-            if ext == "ckpt" {
-                assert_eq!(
-                    std::fs::read(&planned).unwrap(),
-                    std::fs::read(&streamed).unwrap()
-                );
-            } else {
-                // The same header and data, but for the order of the
-                // `__metadata__` keys: the executor's layout sorts them
-                // (reproducible), `st::write` keeps the safetensors crate's
-                // HashMap order (random per process, as MindSpore's).
-                let (p, s) = (
-                    SafetensorsFile::open(&planned, false).unwrap(),
-                    SafetensorsFile::open(&streamed, false).unwrap(),
-                );
-                assert_eq!(p.metadata(), s.metadata());
-                for e in p.entries() {
-                    let other = s.get(&e.name).unwrap();
-                    assert_eq!((e.dtype, &e.shape), (other.dtype, &other.shape));
-                    assert_eq!(p.bytes(e), s.bytes(other));
-                }
-                assert_eq!(p.entries().len(), s.entries().len());
-            }
+            rewrite(&src, &planned, &checked(o.clone())).unwrap();
+            let reference = dir.path().join("s.ckpt");
+            streamed(&reference, ckpt_options(&o));
+            assert_eq!(
+                std::fs::read(&planned).unwrap(),
+                std::fs::read(&reference).unwrap()
+            );
+            std::fs::remove_file(&planned).unwrap();
+            std::fs::remove_file(crate::formats::manifest::manifest_path(&planned)).unwrap();
         }
+        // Encrypted (a random IV per block): the same entries once
+        // decrypted, and `verify` reads it back with the key.
+        let key = b"0123456789abcdef".to_vec();
+        let o = RewriteOptions {
+            encryption: Some((key.clone(), EncMode::AesGcm)),
+            ..Default::default()
+        };
+        let planned = dir.path().join("e.ckpt");
+        rewrite(&src, &planned, &checked(o)).unwrap();
+        let read = ReadOptions {
+            decryption: Some((key, EncMode::AesGcm)),
+            ..Default::default()
+        };
+        let (a, b) = (
+            Checkpoint::open(&planned, &read).unwrap(),
+            Checkpoint::open(&src, &ReadOptions::default()).unwrap(),
+        );
+        assert_eq!(a.entries().len(), b.entries().len());
+        for (x, y) in a.entries().iter().zip(b.entries()) {
+            assert_eq!((&x.name, &x.dims), (&y.name, &y.dims));
+            assert_eq!(a.chunks(x).concat(), b.chunks(y).concat());
+        }
+        assert!(Checkpoint::open(&planned, &ReadOptions::default()).is_err());
+        // A safetensors CRC: MindSpore's rule, over the renamed tensors.
+        let planned = dir.path().join("c.safetensors");
+        let o = RewriteOptions {
+            crc: true,
+            ..renamed(&[("b.w", "c.w")])
+        };
+        rewrite(&src, &planned, &checked(o)).unwrap();
+        let f = SafetensorsFile::open(&planned, true).unwrap();
+        let mut h = crc32fast::Hasher::new();
+        for (name, bytes) in [("a.w", [1u8; 4].as_slice()), ("c.w", [0u8; 8].as_slice())] {
+            h.update(name.as_bytes());
+            h.update(bytes);
+        }
+        assert_eq!(f.metadata()["crc_num"], h.finalize().to_string());
+        // What MindSpore cannot read back is refused before anything is written.
+        let both = RewriteOptions {
+            crc: true,
+            encryption: Some((b"0123456789abcdef".to_vec(), EncMode::AesGcm)),
+            ..Default::default()
+        };
+        let out = dir.path().join("x.ckpt");
+        assert_eq!(
+            rewrite(&src, &out, &both).unwrap_err().kind(),
+            crate::error::ErrorKind::Usage
+        );
+        let out = dir.path().join("x.safetensors");
+        assert_eq!(
+            rewrite(&src, &out, &both).unwrap_err().kind(),
+            crate::error::ErrorKind::Usage
+        );
+        assert!(!out.exists() && !dir.path().join("x.ckpt").exists());
     }
 
     #[test]

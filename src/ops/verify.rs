@@ -28,13 +28,19 @@ use crate::plan::{Content, Plan};
 /// bytes, the file parses (CRC included), and its tensors are the planned
 /// ones with the digests recorded while they were computed.
 pub fn verify_outputs(plan: &Plan) -> Result<()> {
+    verify_written(plan, &ReadOptions::default())
+}
+
+/// [`verify_outputs`], reading the files with `read` (the key of
+/// encrypted outputs).
+pub(crate) fn verify_written(plan: &Plan, read: &ReadOptions) -> Result<()> {
     for f in &plan.files {
         let m = Manifest::read(&f.path)?.ok_or_else(|| {
             Error::missing("has no manifest to verify against (was it written without one?)")
                 .in_file(&f.path)
         })?;
         m.check(&f.path)?;
-        let source = Source::open(&f.path, &ReadOptions::default())?;
+        let source = Source::open(&f.path, read)?;
         let recorded: HashMap<&str, &manifest::TensorDigest> =
             m.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
         // A safetensors file keeps its string entries in its header, which

@@ -116,6 +116,9 @@ pub(crate) struct Job {
     pub safetensors_metadata: Option<BTreeMap<String, String>>,
     /// Files written after the outputs, in this order.
     pub extra: Vec<ExtraFile>,
+    /// How `.ckpt` outputs are cut and encoded (`save_checkpoint`'s way
+    /// by default).
+    pub ckpt: crate::formats::ckpt::WriteOptions,
 }
 
 /// The first entry of `dir` that a transform writing `output` must not
@@ -272,11 +275,17 @@ pub(crate) fn write_job(
                 .safetensors_metadata
                 .clone()
                 .unwrap_or(defaults.safetensors_metadata.clone()),
+            ckpt: job.ckpt.clone(),
             ..defaults
         },
     )?;
     if s.verify {
-        crate::ops::verify::verify_outputs(plan)?;
+        // Encrypted outputs are read back with their own key.
+        let written = ReadOptions {
+            decryption: job.ckpt.encryption.clone(),
+            ..ReadOptions::default()
+        };
+        crate::ops::verify::verify_written(plan, &written)?;
     }
     let mut committed = Vec::new();
     for extra in &job.extra {

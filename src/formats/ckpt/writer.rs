@@ -43,29 +43,26 @@ pub struct WriteOptions {
     pub split: SplitMode,
 }
 
-enum Sink {
-    Plain(AtomicFile),
-    Encrypted {
-        file: AtomicFile,
-        key: Vec<u8>,
-        mode: EncMode,
-        pending: Vec<u8>,
-    },
-}
-
-/// Writes a `.ckpt` under a temporary name; [`CkptWriter::finish`] renames it.
-/// Dropping an unfinished writer removes the temporary file.
-pub struct CkptWriter {
-    sink: Sink,
+/// What a `.ckpt` goes through after its records are laid out: a CRC
+/// over every byte (appended as the `crc_num` trailer), or encryption in
+/// blocks. Both are streams over the file's bytes in order, fed by
+/// [`CkptWriter`] and by the executor's writer alike.
+pub struct CkptEncoding {
     crc: Option<crc32fast::Hasher>,
-    split: SplitMode,
-    names: std::collections::HashSet<String>,
+    encryption: Option<Encryption>,
 }
 
-impl CkptWriter {
-    /// Starts writing `path`.
-    pub fn create(path: impl AsRef<Path>, options: WriteOptions) -> Result<CkptWriter> {
-        let path = path.as_ref();
+struct Encryption {
+    key: Vec<u8>,
+    mode: EncMode,
+    pending: Vec<u8>,
+}
+
+impl CkptEncoding {
+    /// The encoding `options` ask for, refused for `path` when MindSpore
+    /// could not read it back (a CRC with encryption, a key of the wrong
+    /// length).
+    pub fn new(options: &WriteOptions, path: &Path) -> Result<CkptEncoding> {
         if options.crc && options.encryption.is_some() {
             return Err(Error::usage(
                 "CRC and encryption cannot be combined (MindSpore cannot read such a file)",
@@ -75,54 +72,102 @@ impl CkptWriter {
         if let Some((key, mode)) = &options.encryption {
             mode.check_key(key).map_err(|e| e.in_file(path))?;
         }
-        let file = AtomicFile::create(path)?;
-        let sink = match options.encryption {
-            None => Sink::Plain(file),
-            Some((key, mode)) => Sink::Encrypted {
-                file,
+        Ok(CkptEncoding {
+            crc: options.crc.then(crc32fast::Hasher::new),
+            encryption: options.encryption.clone().map(|(key, mode)| Encryption {
                 key,
                 mode,
                 pending: Vec::new(),
-            },
+            }),
+        })
+    }
+
+    /// Whether the file's bytes are its records as they are (no trailer,
+    /// no encryption), so they can be placed at their offsets.
+    pub fn is_plain(options: &WriteOptions) -> bool {
+        !options.crc && options.encryption.is_none()
+    }
+
+    /// Feeds the next `bytes` of the file; `out` receives what goes to disk.
+    pub fn push(&mut self, bytes: &[u8], out: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        if let Some(h) = &mut self.crc {
+            h.update(bytes);
+        }
+        let Some(e) = &mut self.encryption else {
+            return out(bytes);
         };
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let n = rest.len().min(ENCRYPT_BLOCK_SIZE - e.pending.len());
+            e.pending.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            if e.pending.len() == ENCRYPT_BLOCK_SIZE {
+                out(&e.flush()?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the file: the CRC trailer, or the last encrypted block. The
+    /// encoding is spent: what is pushed afterwards passes through as is.
+    pub fn finish(&mut self, out: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        if let Some(h) = self.crc.take() {
+            let crc = u64::from(h.finalize());
+            let mut trailer = CRC_MAGIC.to_vec();
+            // A 10-byte big-endian integer: two zero bytes, then the u64.
+            trailer.extend_from_slice(&[0, 0]);
+            trailer.extend_from_slice(&crc.to_be_bytes());
+            out(&trailer)?;
+        }
+        if let Some(mut e) = self.encryption.take() {
+            if !e.pending.is_empty() {
+                out(&e.flush()?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Encryption {
+    /// Encrypts the pending bytes as one block (its own random IV).
+    fn flush(&mut self) -> Result<Vec<u8>> {
+        let mut iv = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut iv);
+        let block = crypt::encrypt_block(&self.pending, &self.key, self.mode, &iv)?;
+        self.pending.clear();
+        Ok(block)
+    }
+}
+
+/// Writes a `.ckpt` under a temporary name; [`CkptWriter::finish`] renames it.
+/// Dropping an unfinished writer removes the temporary file.
+pub struct CkptWriter {
+    file: AtomicFile,
+    encoding: CkptEncoding,
+    split: SplitMode,
+    names: std::collections::HashSet<String>,
+}
+
+impl CkptWriter {
+    /// Starts writing `path`.
+    pub fn create(path: impl AsRef<Path>, options: WriteOptions) -> Result<CkptWriter> {
+        let path = path.as_ref();
+        let encoding = CkptEncoding::new(&options, path)?;
         Ok(CkptWriter {
-            sink,
-            crc: options.crc.then(crc32fast::Hasher::new),
+            file: AtomicFile::create(path)?,
+            encoding,
             split: options.split,
             names: Default::default(),
         })
     }
 
     fn path(&self) -> &Path {
-        match &self.sink {
-            Sink::Plain(f) | Sink::Encrypted { file: f, .. } => f.path(),
-        }
+        self.file.path()
     }
 
     fn emit(&mut self, bytes: &[u8]) -> Result<()> {
-        if let Some(h) = &mut self.crc {
-            h.update(bytes);
-        }
-        match &mut self.sink {
-            Sink::Plain(f) => f.write_all(bytes),
-            Sink::Encrypted {
-                file,
-                key,
-                mode,
-                pending,
-            } => {
-                let mut rest = bytes;
-                while !rest.is_empty() {
-                    let n = rest.len().min(ENCRYPT_BLOCK_SIZE - pending.len());
-                    pending.extend_from_slice(&rest[..n]);
-                    rest = &rest[n..];
-                    if pending.len() == ENCRYPT_BLOCK_SIZE {
-                        flush_block(file, key, *mode, pending)?;
-                    }
-                }
-                Ok(())
-            }
-        }
+        let file = &mut self.file;
+        self.encoding.push(bytes, &mut |b| file.write_all(b))
     }
 
     fn check_name(&mut self, name: &str) -> Result<()> {
@@ -205,31 +250,9 @@ impl CkptWriter {
 
     /// [`CkptWriter::finish`], returning the file's length and hash.
     pub fn finish_with_digest(mut self) -> Result<crate::formats::atomic::FileDigest> {
-        if let Some(h) = self.crc.take() {
-            let crc = u64::from(h.finalize());
-            let mut trailer = CRC_MAGIC.to_vec();
-            // A 10-byte big-endian integer: two zero bytes, then the u64.
-            trailer.extend_from_slice(&[0, 0]);
-            trailer.extend_from_slice(&crc.to_be_bytes());
-            match &mut self.sink {
-                Sink::Plain(f) => f.write_all(&trailer)?,
-                Sink::Encrypted { .. } => unreachable!("checked in create"),
-            }
-        }
-        match self.sink {
-            Sink::Plain(f) => f.commit_with_digest(),
-            Sink::Encrypted {
-                mut file,
-                key,
-                mode,
-                mut pending,
-            } => {
-                if !pending.is_empty() {
-                    flush_block(&mut file, &key, mode, &mut pending)?;
-                }
-                file.commit_with_digest()
-            }
-        }
+        let file = &mut self.file;
+        self.encoding.finish(&mut |b| file.write_all(b))?;
+        self.file.commit_with_digest()
     }
 }
 
@@ -286,10 +309,10 @@ pub enum LayoutEntry<'a> {
     },
 }
 
-/// Where every byte of a plain (unencrypted, no CRC) `.ckpt` holding
-/// `entries` in this order goes: the bytes equal [`CkptWriter`]'s with
-/// [`SplitMode::Bytes`].
-pub fn layout(entries: &[LayoutEntry<'_>]) -> Result<FileLayout> {
+/// Where every byte of a `.ckpt` holding `entries` in this order goes,
+/// before any [`CkptEncoding`]: the bytes equal [`CkptWriter`]'s with the
+/// same `split`.
+pub fn layout(entries: &[LayoutEntry<'_>], split: SplitMode) -> Result<FileLayout> {
     let mut names = std::collections::HashSet::new();
     let mut spans = Vec::with_capacity(entries.len());
     for e in entries {
@@ -304,7 +327,11 @@ pub fn layout(entries: &[LayoutEntry<'_>]) -> Result<FileLayout> {
                 let nbytes = content_bytes(name, *dtype, dims)? as usize;
                 let mut segments = Vec::new();
                 let mut start = 0;
-                for len in byte_split(nbytes) {
+                let pieces = match split {
+                    SplitMode::Bytes => byte_split(nbytes),
+                    SplitMode::Rows => row_split(nbytes, dims),
+                };
+                for len in pieces {
                     segments.push(Segment::Fixed(record_head(
                         name,
                         dims,
@@ -336,19 +363,6 @@ fn string_content(value: &str) -> Vec<u8> {
         content.extend_from_slice(&[0; 4]);
     }
     content
-}
-
-fn flush_block(
-    file: &mut AtomicFile,
-    key: &[u8],
-    mode: EncMode,
-    pending: &mut Vec<u8>,
-) -> Result<()> {
-    let mut iv = [0u8; 16];
-    rand::thread_rng().fill_bytes(&mut iv);
-    let block = crypt::encrypt_block(pending, key, mode, &iv)?;
-    pending.clear();
-    file.write_all(&block)
 }
 
 /// Record lengths of the `Bytes` split. Zero bytes give no record at all,
@@ -431,7 +445,7 @@ mod tests {
                 value: "",
             },
         ];
-        let placed = layout(&entries).unwrap();
+        let placed = layout(&entries, SplitMode::Bytes).unwrap();
         let data: [&[u8]; 5] = [&a, &[], &[], &b, &[]];
         let mut bytes = vec![0u8; placed.len as usize];
         // Fill back to front: positions do not depend on order.
@@ -443,7 +457,7 @@ mod tests {
         assert_eq!(bytes, std::fs::read(&streamed).unwrap());
 
         let twice = [entries[0].clone(), entries[0].clone()];
-        assert!(layout(&twice).is_err());
+        assert!(layout(&twice, SplitMode::Bytes).is_err());
     }
 
     #[test]

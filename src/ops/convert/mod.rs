@@ -287,6 +287,7 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertReport> {
             },
             safetensors_metadata: Some([("format".to_string(), format.to_string())].into()),
             extra: extra.clone(),
+            ..Job::default()
         },
     )?;
     for e in extra {

@@ -427,6 +427,7 @@ pub fn merge_peft(o: &MergePeftOptions) -> Result<MergeLoraReport> {
             check: DestinationCheck::Empty,
             safetensors_metadata: Some([("format".to_string(), "pt".to_string())].into()),
             extra,
+            ..Job::default()
         },
     )?;
     let dropped = adapter_names.into_iter().collect();
