@@ -407,6 +407,9 @@ fn _error_for_test(py: Python<'_>, kind: &str) -> PyResult<()> {
 /// The module.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // The user's RESHARD_ASCEND_* settings, as the CLI takes them (the
+    // library reads no environment of its own).
+    reshard::backend::set_ascend_options(reshard::backend::AscendOptions::from_env());
     m.add_function(wrap_pyfunction!(version, m)?)?;
     m.add_function(wrap_pyfunction!(transform, m)?)?;
     m.add_function(wrap_pyfunction!(transform_by_rank, m)?)?;

@@ -5,7 +5,7 @@
 //! reaches them: in a build without the `ascend` feature the Ascend variant
 //! holds an uninhabited type.
 
-use super::ascend::{AscendBackend, AscendBuffer, AscendOptions};
+use super::ascend::{AscendBackend, AscendBuffer};
 use super::cpu::{CpuBackend, HostBuffer};
 use super::{Backend, SourceKey, Src};
 use crate::error::{Error, Result};
@@ -51,18 +51,19 @@ impl std::fmt::Display for BackendChoice {
 }
 
 impl BackendChoice {
-    /// Opens the chosen backend, Ascend with [`AscendOptions::from_env`]
-    /// (the user's `RESHARD_ASCEND_*` settings). `Auto` never fails for
+    /// Opens the chosen backend, Ascend with the settings the host program
+    /// declared ([`super::set_ascend_options`]; the CLI's are the user's
+    /// `RESHARD_ASCEND_*` variables and flags). `Auto` never fails for
     /// want of a device: it falls back to the CPU and says why in
     /// [`AnyBackend::note`].
     pub fn open(self) -> Result<AnyBackend> {
         match self {
             BackendChoice::Cpu => Ok(AnyBackend::Cpu(CpuBackend::default(), None)),
             BackendChoice::Ascend => Ok(AnyBackend::Ascend(
-                AscendBackend::new(AscendOptions::from_env())?,
+                AscendBackend::new(super::ascend_options())?,
                 None,
             )),
-            BackendChoice::Auto => match AscendBackend::new(AscendOptions::from_env()) {
+            BackendChoice::Auto => match AscendBackend::new(super::ascend_options()) {
                 Ok(b) => Ok(AnyBackend::Ascend(
                     b,
                     Some(

@@ -24,6 +24,11 @@ impl AscendOptions {
     pub fn from_env() -> Self {
         AscendOptions::default()
     }
+
+    /// The same options (no LoRA products run in this build).
+    pub fn lora_bit_exact(self) -> Self {
+        self
+    }
 }
 
 /// The Ascend backend, compiled out.

@@ -48,26 +48,30 @@ mod cast;
 mod choice;
 pub mod cpu;
 
-pub use ascend::{AscendBackend, AscendBuffer};
+pub use ascend::{AscendBackend, AscendBuffer, AscendOptions};
 pub use cast::cast_slice;
 pub use choice::{AnyBackend, AnyBuffer, BackendChoice};
 pub use cpu::{CpuBackend, HostBuffer};
 
-static LORA_BIT_EXACT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The Ascend settings the host program declared ([`set_ascend_options`]).
+static ASCEND_OPTIONS: std::sync::RwLock<Option<AscendOptions>> = std::sync::RwLock::new(None);
 
-/// `--lora-bit-exact`: device backends opened from now on compute LoRA
-/// products exactly as the CPU backend does (the Ascend backend's host-tile
-/// path) instead of with a device GEMM (its default, within a few ulp).
-/// Also on with `RESHARD_LORA_BIT_EXACT=1`.
-pub fn set_lora_bit_exact(on: bool) {
-    LORA_BIT_EXACT.store(on, std::sync::atomic::Ordering::Relaxed);
+/// Declares the settings [`BackendChoice::open`] opens Ascend devices with
+/// (device, LoRA mode, cache, kernel), for the whole process. The CLI
+/// declares [`AscendOptions::from_env`] and its flags; without a
+/// declaration a library call gets [`AscendOptions::default`]: the library
+/// never reads the environment itself.
+pub fn set_ascend_options(options: AscendOptions) {
+    *ASCEND_OPTIONS.write().unwrap_or_else(|e| e.into_inner()) = Some(options);
 }
 
-/// Whether [`set_lora_bit_exact`] (or `RESHARD_LORA_BIT_EXACT=1`) asks for
-/// bit-exact LoRA products.
-pub fn lora_bit_exact() -> bool {
-    LORA_BIT_EXACT.load(std::sync::atomic::Ordering::Relaxed)
-        || std::env::var("RESHARD_LORA_BIT_EXACT").as_deref() == Ok("1")
+/// The settings [`set_ascend_options`] declared, else the defaults.
+pub fn ascend_options() -> AscendOptions {
+    ASCEND_OPTIONS
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or_default()
 }
 
 use crate::dtype::DType;

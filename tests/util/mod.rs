@@ -78,7 +78,9 @@ pub fn extra_backends() -> Vec<(reshard::backend::BackendChoice, &'static str)> 
         ascend_stub::install_shared();
         // Conformance compares bytes with the CPU backend: the promise of
         // --lora-bit-exact (the device GEMM default is within a few ulp).
-        reshard::backend::set_lora_bit_exact(true);
+        reshard::backend::set_ascend_options(
+            reshard::backend::ascend::AscendOptions::default().lora_bit_exact(),
+        );
         vec![(reshard::backend::BackendChoice::Ascend, "ascend-emulated")]
     }
     #[cfg(not(feature = "ascend"))]

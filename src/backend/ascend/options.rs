@@ -82,9 +82,10 @@ impl AscendOptions {
     /// The defaults with the settings a user gives the command line
     /// through the environment: `RESHARD_ASCEND_DEVICE`,
     /// `RESHARD_ASCEND_KERNEL=1`, `RESHARD_ASCEND_CACHE_BYTES`, and
-    /// bit-exact LoRA products ([`set_lora_bit_exact`](crate::backend::set_lora_bit_exact)
-    /// or `RESHARD_LORA_BIT_EXACT=1`). What
-    /// [`BackendChoice::open`](crate::backend::BackendChoice::open) opens.
+    /// bit-exact LoRA products (`RESHARD_LORA_BIT_EXACT=1`). Front ends
+    /// (the CLI, the Python module) declare these with
+    /// [`set_ascend_options`](crate::backend::set_ascend_options); the
+    /// library's own defaults never read the environment.
     pub fn from_env() -> Self {
         let defaults = AscendOptions::default();
         AscendOptions {
@@ -92,7 +93,7 @@ impl AscendOptions {
                 .ok()
                 .and_then(|d| d.parse().ok())
                 .unwrap_or(defaults.device),
-            lora: if crate::backend::lora_bit_exact() {
+            lora: if std::env::var("RESHARD_LORA_BIT_EXACT").as_deref() == Ok("1") {
                 LoraMode::HostGemm
             } else {
                 defaults.lora
@@ -102,6 +103,17 @@ impl AscendOptions {
                 .ok()
                 .and_then(|v| v.trim().parse().ok()),
             ..defaults
+        }
+    }
+}
+
+impl AscendOptions {
+    /// These settings with LoRA products computed on the host,
+    /// bit-identical to the CPU backend (`--lora-bit-exact`).
+    pub fn lora_bit_exact(self) -> Self {
+        AscendOptions {
+            lora: LoraMode::HostGemm,
+            ..self
         }
     }
 }

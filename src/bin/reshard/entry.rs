@@ -33,6 +33,9 @@ pub fn run() -> ExitCode {
             .map(|a| a.to_string_lossy().into_owned())
             .collect(),
     );
+    // The user's RESHARD_ASCEND_* settings (the library reads no
+    // environment of its own).
+    reshard::backend::set_ascend_options(reshard::backend::ascend::AscendOptions::from_env());
     let (argv, extra) = commands::convert::split_known_args(std::env::args_os().collect());
     let mut cli = Cli::parse_from(argv);
     if let Command::Convert(a) = &mut cli.command {

@@ -62,7 +62,9 @@ impl BackendArgs {
     /// The backend choice, after applying --lora-bit-exact.
     pub fn choice(&self) -> BackendChoice {
         if self.lora_bit_exact {
-            reshard::backend::set_lora_bit_exact(true);
+            reshard::backend::set_ascend_options(
+                reshard::backend::ascend_options().lora_bit_exact(),
+            );
         }
         self.backend
     }
