@@ -20,7 +20,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::Once;
 use std::time::SystemTime;
 
@@ -28,9 +28,14 @@ use memmap2::Mmap;
 
 use crate::error::{Error, Result, ResultExt};
 
-/// Maps registered at once; more maps still work, unguarded (a fault in
-/// one then behaves as without reshard's handler).
+/// Slots per block of the table. The first block is static; more are
+/// allocated as maps need them (outside the handler, which only reads).
 const SLOTS: usize = 4096;
+
+/// Blocks of the table: 131,072 maps at once, twice Linux's default
+/// `vm.max_map_count` for a whole process, so every map reshard can make
+/// is guarded.
+const BLOCKS: usize = 32;
 
 struct Slot {
     start: AtomicUsize,
@@ -44,7 +49,30 @@ const EMPTY: Slot = Slot {
     len: AtomicUsize::new(0),
     faulted: AtomicBool::new(false),
 };
-static TABLE: [Slot; SLOTS] = [EMPTY; SLOTS];
+type Block = [Slot; SLOTS];
+static FIRST: Block = [EMPTY; SLOTS];
+/// Block `b` (the first one is [`FIRST`]); null until allocated, then never
+/// freed, so the handler may read it at any time.
+static TABLE: [AtomicPtr<Slot>; BLOCKS] = {
+    #[allow(clippy::declare_interior_mutable_const)]
+    const NULL: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
+    [NULL; BLOCKS]
+};
+
+/// Block `b`, if it has been allocated.
+fn block(b: usize) -> Option<&'static Block> {
+    if b == 0 {
+        return Some(&FIRST);
+    }
+    let p = TABLE[b].load(Ordering::Acquire);
+    // SAFETY: a non-null entry points at a leaked `Block` (see `register`).
+    (!p.is_null()).then(|| unsafe { &*p.cast::<Block>() })
+}
+
+/// Slot `i` of the whole table (an index [`register`] gave out).
+fn slot(i: usize) -> &'static Slot {
+    &block(i / SLOTS).expect("a registered slot's block exists")[i % SLOTS]
+}
 static INSTALL: Once = Once::new();
 static mut PREVIOUS: std::mem::MaybeUninit<libc::sigaction> = std::mem::MaybeUninit::uninit();
 
@@ -52,7 +80,7 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut
     // Only async-signal-safe work here: atomics, mmap, sigaction.
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let addr = unsafe { (*info).si_addr() } as usize;
-    for slot in TABLE.iter() {
+    for slot in (0..BLOCKS).map_while(block).flatten() {
         let start = slot.start.load(Ordering::Acquire);
         if start != 0 && addr >= start && addr < start + slot.len.load(Ordering::Acquire) {
             // SAFETY: sysconf and mmap are plain system calls; the page lies
@@ -188,7 +216,7 @@ impl Mapped {
     /// was mapped: bytes read from it can no longer be trusted.
     pub fn check(&self) -> Result<()> {
         if let Some(i) = self.slot {
-            if TABLE[i].faulted.load(Ordering::Acquire) {
+            if slot(i).faulted.load(Ordering::Acquire) {
                 return Err(Error::SourceChanged {
                     what: "it was truncated while being read (a read past its new end was caught)"
                         .into(),
@@ -231,27 +259,51 @@ fn register(start: usize, len: usize) -> Option<usize> {
     if len == 0 {
         return None;
     }
-    for (i, slot) in TABLE.iter().enumerate() {
-        if slot.len.load(Ordering::Relaxed) == 0
-            && slot
-                .len
-                .compare_exchange(0, len, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        {
-            slot.faulted.store(false, Ordering::Release);
-            slot.start.store(start, Ordering::Release);
-            return Some(i);
+    for (b, entry) in TABLE.iter().enumerate() {
+        let slots = match block(b) {
+            Some(slots) => slots,
+            None => {
+                let new: &'static Block = Box::leak(Box::new([EMPTY; SLOTS]));
+                let new = new as *const Block as *mut Slot;
+                match entry.compare_exchange(
+                    std::ptr::null_mut(),
+                    new,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => {}
+                    // Another thread allocated it first: use theirs.
+                    // SAFETY: `new` came from Box::leak above and was never shared.
+                    Err(_) => drop(unsafe { Box::from_raw(new.cast::<Block>()) }),
+                }
+                block(b).expect("just allocated")
+            }
+        };
+        for (i, slot) in slots.iter().enumerate() {
+            if slot.len.load(Ordering::Relaxed) == 0
+                && slot
+                    .len
+                    .compare_exchange(0, len, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            {
+                slot.faulted.store(false, Ordering::Release);
+                slot.start.store(start, Ordering::Release);
+                return Some(b * SLOTS + i);
+            }
         }
     }
+    // More maps than the kernel lets a process have by default: this one
+    // is read unguarded (a fault in it behaves as without reshard).
     None
 }
 
 impl Drop for Mapped {
     fn drop(&mut self) {
         if let Some(i) = self.slot {
-            TABLE[i].start.store(0, Ordering::Release);
-            TABLE[i].faulted.store(false, Ordering::Release);
-            TABLE[i].len.store(0, Ordering::Release);
+            let slot = slot(i);
+            slot.start.store(0, Ordering::Release);
+            slot.faulted.store(false, Ordering::Release);
+            slot.len.store(0, Ordering::Release);
         }
     }
 }
@@ -296,6 +348,28 @@ mod tests {
             text.contains("src.ckpt") && text.contains("truncated"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn maps_beyond_the_first_block_are_guarded_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("many.ckpt");
+        std::fs::write(&path, vec![7u8; 2 * 4096]).unwrap();
+        let maps: Vec<Mapped> = (0..SLOTS + 8)
+            .map(|_| Mapped::open(&path).unwrap())
+            .collect();
+        let last = maps.last().unwrap();
+        assert!(last.slot.is_some_and(|i| i >= SLOTS), "{:?}", last.slot);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(10)
+            .unwrap();
+        // Without a slot this read raises SIGBUS and kills the test binary.
+        assert_eq!(last[4096..].iter().map(|&b| b as u64).sum::<u64>(), 0);
+        let err = last.check().unwrap_err();
+        assert!(matches!(err.root(), Error::SourceChanged { .. }), "{err}");
     }
 
     #[test]
