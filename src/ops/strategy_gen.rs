@@ -240,6 +240,8 @@ pub fn write_strategies(o: &StrategyOptions) -> Result<StrategyReport> {
             });
     }
     std::fs::create_dir_all(&o.out_dir).in_file(&o.out_dir)?;
+    // One run per directory: two would interleave their rank files.
+    let _lock = crate::formats::destination::DestinationLock::directory(&o.out_dir)?;
     let per_stage = o.dp * o.mp;
     let mut files = Vec::new();
     for (s, st) in stages.iter().enumerate() {
@@ -278,6 +280,48 @@ pub fn is_strategy_dir(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_directory_another_run_writes_to_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m.ckpt");
+        let mut w = crate::formats::ckpt::CkptWriter::create(&model, Default::default()).unwrap();
+        w.write_tensor(
+            "model.layers.0.attention.wq.weight",
+            crate::DType::F32,
+            &[2, 2],
+            &[0; 16],
+        )
+        .unwrap();
+        w.finish().unwrap();
+        let out = dir.path().join("s");
+        std::fs::create_dir(&out).unwrap();
+        let o = StrategyOptions {
+            checkpoint: model,
+            out_dir: out.clone(),
+            dp: 1,
+            mp: 2,
+            pp: 1,
+            opt_shard: 0,
+            vocab_emb_dp: true,
+        };
+        // Another process's lock: flock on a descriptor of our own (the
+        // lock is re-entrant within a process).
+        let held = std::fs::File::create(out.join(crate::formats::destination::LOCK_NAME)).unwrap();
+        // SAFETY: flock on a valid descriptor.
+        let locked = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&held),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        };
+        assert_eq!(locked, 0);
+        let err = write_strategies(&o).unwrap_err();
+        assert_eq!(err.kind(), crate::error::ErrorKind::Destination, "{err}");
+        assert!(!out.join("ckpt_strategy_rank_0.ckpt").exists());
+        drop(held);
+        assert_eq!(write_strategies(&o).unwrap().files.len(), 2);
+    }
 
     #[test]
     fn megatron_rules() {
