@@ -24,6 +24,39 @@ use crate::error::{Error, Result};
 /// (NumPy allows 32 in 1.x, 64 in 2.x; MindSpore's checkpoints use ≤ 8).
 pub const MAX_DIMS: usize = 64;
 
+/// The most records (`.ckpt`) or tensors (safetensors) one file may hold.
+/// The largest published models have a few hundred thousand tensors with
+/// their optimizer state; more is a damaged or hostile file, refused
+/// before its index takes gigabytes of memory.
+pub const MAX_ENTRIES: usize = 1 << 22;
+
+/// The longest entry name, in bytes (MindSpore's are below 1 KiB).
+pub const MAX_NAME_BYTES: usize = 64 << 10;
+
+/// Refuses the `n`-th entry of a file past [`MAX_ENTRIES`].
+pub(crate) fn check_entry_count(n: usize) -> Result<()> {
+    if n > MAX_ENTRIES {
+        return Err(Error::LimitExceeded {
+            what: "entries in one file",
+            limit: MAX_ENTRIES as u64,
+            got: n as u64,
+        });
+    }
+    Ok(())
+}
+
+/// Refuses an entry name longer than [`MAX_NAME_BYTES`].
+pub(crate) fn check_name_len(len: usize) -> Result<()> {
+    if len > MAX_NAME_BYTES {
+        return Err(Error::LimitExceeded {
+            what: "bytes of an entry name",
+            limit: MAX_NAME_BYTES as u64,
+            got: len as u64,
+        });
+    }
+    Ok(())
+}
+
 /// What an entry of a source file holds, format-independently.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntryValue {

@@ -119,8 +119,11 @@ impl SafetensorsFile {
         let (header_len, meta) =
             SafeTensors::read_metadata(&map).map_err(|e| st_error(e).in_file(path))?;
         let data_start = 8 + header_len;
+        // (The safetensors crate's 100 MB header cap bounds the tensor
+        // count below crate::formats::MAX_ENTRIES.)
         let mut entries = Vec::with_capacity(meta.tensors().len());
         for name in meta.offset_keys() {
+            crate::formats::check_name_len(name.len()).map_err(|e| e.in_file(path))?;
             let info: &TensorInfo = meta.info(&name).expect("offset_keys lists known names");
             let dtype = from_st_dtype(info.dtype).map_err(|e| e.in_tensor(&name).in_file(path))?;
             if info.shape.len() > crate::formats::MAX_DIMS {
@@ -529,6 +532,25 @@ mod tests {
 
     /// Found by fuzzing: the CRC rule hashes a 0-d integer as that many zero
     /// bytes, so a crafted scalar must not make verification run for ever.
+    #[test]
+    fn name_length_is_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("long.safetensors");
+        let long = "n".repeat(crate::formats::MAX_NAME_BYTES + 1);
+        let data = [0u8; 1];
+        let t = TensorRef {
+            dtype: DType::U8,
+            shape: vec![1],
+            data: &data,
+        };
+        write(&path, &[(long, t.clone())], &StWriteOptions::default()).unwrap();
+        let Err(err) = SafetensorsFile::open(&path, false) else {
+            panic!("read past the limit")
+        };
+        assert_eq!(err.kind(), crate::error::ErrorKind::Limit, "{err}");
+        assert_eq!(err.file(), Some(path.as_path()));
+    }
+
     #[test]
     fn a_huge_scalar_cannot_stall_crc_verification() {
         let dir = tempfile::tempdir().unwrap();

@@ -165,6 +165,7 @@ fn index_records(buf: &[u8], end: usize) -> Result<CkptIndex> {
         add_record(&mut entries, &mut seen, name, value, record)
             .map_err(|(e, name)| e.in_record(record, Some(name)))?;
         record += 1;
+        crate::formats::check_entry_count(record)?;
     }
     for entry in &mut entries {
         finish_entry(entry)
@@ -187,6 +188,9 @@ fn peek_tag(buf: &[u8], at: usize, end: usize) -> Option<String> {
         return None;
     }
     let range = r.len_delimited("tag").ok()?;
+    if range.len() > crate::formats::MAX_NAME_BYTES {
+        return None;
+    }
     std::str::from_utf8(&buf[range]).ok().map(str::to_owned)
 }
 
@@ -200,6 +204,7 @@ fn parse_value(buf: &[u8], range: Range<usize>) -> Result<(String, ValueRec)> {
         match (field, wire) {
             (1, LEN) => {
                 let t = r.len_delimited("tag")?;
+                crate::formats::check_name_len(t.len())?;
                 let s = std::str::from_utf8(&buf[t])
                     .map_err(|_| malformed(at, "tag is not UTF-8".into()))?;
                 tag = Some(s.to_owned());
@@ -544,6 +549,35 @@ mod tests {
             bytes[at] = value;
             let _ = Checkpoint::from_bytes(bytes, true);
         }
+    }
+
+    #[test]
+    fn entry_count_and_name_length_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("one.ckpt");
+        let mut w = CkptWriter::create(&path, WriteOptions::default()).unwrap();
+        w.write_tensor("t", DType::U8, &[1], &[0]).unwrap();
+        w.finish().unwrap();
+        let record = std::fs::read(&path).unwrap();
+        let mut many = Vec::with_capacity(record.len() * (crate::formats::MAX_ENTRIES + 1));
+        for _ in 0..=crate::formats::MAX_ENTRIES {
+            many.extend_from_slice(&record);
+        }
+        let err = CkptIndex::parse(&many).unwrap_err();
+        assert_eq!(err.kind(), crate::error::ErrorKind::Limit, "{err}");
+        drop(many);
+
+        let long = "n".repeat(crate::formats::MAX_NAME_BYTES + 1);
+        let mut w = CkptWriter::create(&path, WriteOptions::default()).unwrap();
+        w.write_tensor(&long, DType::U8, &[1], &[0]).unwrap();
+        w.finish().unwrap();
+        let Err(err) = Checkpoint::open(&path, &Default::default()) else {
+            panic!("a 64 KiB name was read")
+        };
+        assert_eq!(err.kind(), crate::error::ErrorKind::Limit, "{err}");
+        assert_eq!(err.file(), Some(path.as_path()));
+        // The message does not carry the 64 KiB name.
+        assert!(err.to_string().len() < 1024, "{}", err.to_string().len());
     }
 
     #[test]
