@@ -78,18 +78,7 @@ fn lora(c: &mut Criterion) {
     for k in [8usize, 16, 32, 64] {
         let b = backend.alloc(m * k * 4).unwrap();
         let a = backend.alloc(k * n * 4).unwrap();
-        let op = LoraAdd {
-            global: [m, n],
-            k,
-            w_shape: [m, n],
-            w_transposed: false,
-            w_offset: [0, 0],
-            origin: [0, 0],
-            block: [m, n],
-            b_rows: 0..m,
-            a_cols: 0..n,
-            scale: 0.5,
-        };
+        let op = LoraAdd::whole(m, n, k, 0.5);
         let mut w = w0.clone();
         g.bench_function(format!("4096x4096_rank_{k}"), |bn| {
             bn.iter(|| backend.lora_add(&mut w, &b, &a, &op).unwrap())

@@ -246,18 +246,7 @@ fn routes(api: &'static Api, table: &mut Table) -> R<()> {
         bytes((0..m * k).map(|i| val(i + 3)).collect()),
         bytes((0..k * n).map(|i| val(i + 7)).collect()),
     );
-    let op = LoraAdd {
-        global: [m, n],
-        k,
-        w_shape: [m, n],
-        w_transposed: false,
-        w_offset: [0, 0],
-        origin: [0, 0],
-        block: [m, n],
-        b_rows: 0..m,
-        a_cols: 0..n,
-        scale: 0.5,
-    };
+    let op = LoraAdd::whole(m, n, k, 0.5);
     let want = lora(&cpu, &w, &bm, &am, &op)?;
     for mode in [LoraMode::DeviceAddmm, LoraMode::HostGemm] {
         let be = AscendBackend::with_api(

@@ -637,3 +637,31 @@ fn a_source_that_no_longer_matches_its_manifest_is_refused() {
     );
     assert!(!merged.join("rank_0/checkpoint_0.ckpt").exists());
 }
+
+/// Item 5 on a tree without manifests (as MindSpore writes them): the
+/// replicas are recognised from a sample of each tensor's bytes.
+#[test]
+fn another_layouts_strategy_is_refused_on_a_tree_without_manifests() {
+    let dir = tempdir();
+    let model = dir.path().join("model.ckpt");
+    synthetic_model(&model, 1, DType::F32, 5);
+    let s42 = strategies(&model, &dir.path().join("s42"), 4, 2, 1, 0);
+    let s8 = strategies(&model, &dir.path().join("s8"), 1, 8, 1, 0);
+    let shards = dir.path().join("shards");
+    let mut o = TransformOptions::new(&model, &shards, None, Some(s42.clone()));
+    o.manifest = false;
+    transform(&o).unwrap();
+    assert!(crate::util::fs::files_under(&shards)
+        .iter()
+        .all(|f| !f.to_string_lossy().ends_with(".manifest.json")));
+    let merged = dir.path().join("merged");
+    let err = transform(&TransformOptions::new(&shards, &merged, Some(s8), None)).unwrap_err();
+    assert_eq!(err.kind(), reshard::ErrorKind::Strategy, "{err}");
+    assert!(err.to_string().contains("is this its strategy"), "{err}");
+    assert!(!merged.exists());
+    transform(&TransformOptions::new(&shards, &merged, Some(s42), None)).unwrap();
+    assert_eq!(
+        std::fs::read(merged.join("rank_0/checkpoint_0.ckpt")).unwrap(),
+        std::fs::read(&model).unwrap()
+    );
+}

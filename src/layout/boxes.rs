@@ -164,6 +164,23 @@ pub struct LoraAdd {
 }
 
 impl LoraAdd {
+    /// The merge of a whole `[out, in]` weight (stored untransposed) with
+    /// rank-`k` operands covering it, scaled by `scale`.
+    pub fn whole(out: usize, inp: usize, k: usize, scale: f32) -> LoraAdd {
+        LoraAdd {
+            global: [out, inp],
+            k,
+            w_shape: [out, inp],
+            w_transposed: false,
+            w_offset: [0, 0],
+            origin: [0, 0],
+            block: [out, inp],
+            b_rows: 0..out,
+            a_cols: 0..inp,
+            scale,
+        }
+    }
+
     /// The tile-aligned global rows and columns a block needs, clipped.
     pub fn needed(
         global: [usize; 2],

@@ -199,7 +199,7 @@ pub fn plan_transform_with_warnings(options: &TransformOptions) -> Result<(Plan,
     }
     let sources = index_sources(files, &options.read)?;
     if let Some(src) = &src {
-        check_source_strategy(src, &sources)?;
+        check_source_strategy(src, &sources, &options.read)?;
     }
     if let (None, Some(d)) = (&src, &dst) {
         warnings.extend(absent_parameters(

@@ -318,16 +318,8 @@ mod tests {
             }
         }
         let mut bad = LoraAdd {
-            global: [m, n],
-            k,
-            w_shape: [m, n],
-            w_transposed: false,
-            w_offset: [0, 0],
-            origin: [0, 0],
-            block: [m, n],
             b_rows: 0..10,
-            a_cols: 0..n,
-            scale: 1.0,
+            ..LoraAdd::whole(m, n, k, 1.0)
         };
         let err = CpuBackend::new(1)
             .lora_add(&mut f32_buf(&w), &f32_buf(&b[..10 * k]), &f32_buf(&a), &bad)
@@ -401,16 +393,8 @@ mod tests {
         }
         // A block outside the weight is refused, as by `lora_add`.
         let mut bad = vec![LoraAdd {
-            global: [m, n],
-            k,
-            w_shape: [m, n],
-            w_transposed: false,
             w_offset: [1, 0],
-            origin: [0, 0],
-            block: [m, n],
-            b_rows: 0..m,
-            a_cols: 0..n,
-            scale: 1.0,
+            ..LoraAdd::whole(m, n, k, 1.0)
         }];
         let mut w = buf(&vec![0u8; m * n * 2]);
         let err = CpuBackend::new(1)

@@ -60,15 +60,45 @@ pub(super) fn absent_parameters(
     Ok(Some(msg))
 }
 
+/// Bytes of a tensor's head and of its tail that [`sample_digest`] reads.
+const SAMPLE_BYTES: usize = 4096;
+
+/// A digest of a tensor's length, first and last [`SAMPLE_BYTES`] bytes
+/// (all of it when smaller): equal for replicas, and different for two
+/// slices of a trained tensor, while reading a few pages per tensor rather
+/// than the whole checkpoint before the transform reads it.
+fn sample_digest(chunks: &[&[u8]]) -> u64 {
+    let len: usize = chunks.iter().map(|c| c.len()).sum();
+    let mut h = crate::formats::hash::Hasher::new();
+    h.update(&(len as u64).to_le_bytes());
+    let (mut at, tail) = (0usize, len.saturating_sub(SAMPLE_BYTES));
+    for c in chunks {
+        let end = at + c.len();
+        // The parts of this chunk in [0, SAMPLE_BYTES) and [tail, len).
+        let head = at.min(SAMPLE_BYTES)..end.min(SAMPLE_BYTES);
+        let rest = at.max(tail).max(head.end)..end;
+        for r in [head, rest] {
+            if r.start < r.end {
+                h.update(&c[r.start - at..r.end - at]);
+            }
+        }
+        at = end;
+    }
+    h.digest()
+}
+
 /// Checks the source strategy against the source files (issue 19 item 5):
-/// every slice's shape and, where the files have manifests (reshard wrote
-/// them), their tensor hashes: replicas equal, and not every split
+/// every slice's shape and its bytes: replicas equal, and not every split
 /// parameter a copy across ranks said to differ (another layout's strategy
-/// with the same rank count). Only for a whole tree (one file per rank of
-/// every stage); other cases are checked by the planner.
+/// with the same rank count). The bytes are the tensor hashes of the
+/// files' manifests (reshard wrote them), else a sample of each tensor
+/// ([`sample_digest`]: MindSpore's files have no manifest). Only for a
+/// whole tree (one file per rank of every stage); other cases are checked
+/// by the planner.
 pub(super) fn check_source_strategy(
     src: &Strategy,
     sources: &[(usize, PathBuf, Vec<crate::formats::SourceEntry>)],
+    read: &crate::formats::ckpt::ReadOptions,
 ) -> Result<()> {
     use crate::plan::consistency::{check_layouts, Held, HeldTensor};
     let Ok(table) = src.layout_table(None) else {
@@ -82,13 +112,21 @@ pub(super) fn check_source_strategy(
     }
     let mut held = Held::new();
     for (rank, path, entries) in sources {
-        let hashes: std::collections::HashMap<String, u64> =
-            crate::formats::manifest::Manifest::read(path)
-                .ok()
-                .flatten()
-                .filter(|m| m.check_length(path))
-                .map(|m| m.tensors.into_iter().map(|t| (t.name, t.xxh3)).collect())
-                .unwrap_or_default();
+        let manifest = crate::formats::manifest::Manifest::read(path)
+            .ok()
+            .flatten()
+            .filter(|m| m.check_length(path));
+        let hashes: std::collections::HashMap<String, u64> = match manifest {
+            Some(m) => m.tensors.into_iter().map(|t| (t.name, t.xxh3)).collect(),
+            None => {
+                let source = crate::formats::Source::open(path, read)?;
+                entries
+                    .iter()
+                    .filter(|e| matches!(e.value, crate::formats::EntryValue::Tensor(_)))
+                    .map(|e| Ok((e.name.clone(), sample_digest(&source.chunks(&e.name)?))))
+                    .collect::<Result<_>>()?
+            }
+        };
         held.insert(
             *rank,
             entries
@@ -191,4 +229,34 @@ pub(super) fn complete_to_strategy(
             .sort_by_key(|t| order.get(t.name.as_str()).copied().unwrap_or(usize::MAX));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sample_digest_reads_the_head_and_tail_whatever_the_chunks() {
+        let bytes: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let whole = sample_digest(&[&bytes]);
+        assert_eq!(
+            sample_digest(&[&bytes[..3], &bytes[3..9000], &bytes[9000..]]),
+            whole
+        );
+        // The middle is not read; the head, the tail and the length are.
+        let mut middle = bytes.clone();
+        middle[10_000] ^= 1;
+        assert_eq!(sample_digest(&[&middle]), whole);
+        for at in [0, 4095, 20_000 - 4096, 19_999] {
+            let mut other = bytes.clone();
+            other[at] ^= 1;
+            assert_ne!(sample_digest(&[&other]), whole, "{at}");
+        }
+        assert_ne!(sample_digest(&[&bytes[..19_999]]), whole);
+        // A small tensor is read whole.
+        let small = &bytes[..6000];
+        let mut flipped = small.to_vec();
+        flipped[5000] ^= 1;
+        assert_ne!(sample_digest(&[&flipped]), sample_digest(&[small]));
+    }
 }
