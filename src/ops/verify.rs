@@ -204,6 +204,7 @@ pub fn check_distributed(dir: &Path, strategy_path: &Path) -> Result<Vec<Inconsi
                         crate::plan::consistency::HeldTensor {
                             shape: shape.clone(),
                             hash: Some(*h),
+                            sampled: false,
                         },
                     )
                 })
