@@ -95,9 +95,11 @@ def transform_checkpoints(src_checkpoints_dir, dst_checkpoints_dir, ckpt_prefix,
     may be written as safetensors (MindSpore refuses); output files of an
     earlier run are overwritten as MindSpore does, but a ``rank_<r>/``
     destination folder holding any other file is refused (reshard never
-    mixes its output with other files); the
-    by-stage variant (a one-stage source strategy that is a strict subset of
-    the destination's) is not implemented; string entries are carried over.
+    mixes its output with other files); string entries are carried over.
+    MindSpore's by-stage variant is followed too: a one-stage source
+    strategy whose parameters are a strict subset of the destination's (one
+    pipeline stage's file) transforms that stage alone into
+    ``rank_<r>/{ckpt_prefix}<r>_part<stage>.ckpt``.
     """
     src_checkpoints_dir = _path(src_checkpoints_dir, "transform_checkpoints", "src_checkpoints_dir")
     dst_checkpoints_dir = _path(dst_checkpoints_dir, "transform_checkpoints", "dst_checkpoints_dir")

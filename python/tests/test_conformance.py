@@ -38,6 +38,9 @@ CASES = [
     {"name": "full_to_dp2mp2", "dtype": "float32", "src": None, "dst": {"dev": [2, 2]}},
     {"name": "dp2mp2opt_to_full", "dtype": "bfloat16", "src": {"dev": [2, 2], "opt": 2}, "dst": None},
     {"name": "st_mp2_to_full", "dtype": "bfloat16", "src": {"dev": [2]}, "dst": None, "format": "safetensors"},
+    # MindSpore's by-stage dispatch: the source strategy is one stage's file.
+    {"name": "by_stage_mp2_pp2_to_mp2", "dtype": "float32", "src": {"dev": [2], "pp": 2}, "dst": {"dev": [2]},
+     "by_stage": True},
 ]
 ROOT = None
 
@@ -97,7 +100,7 @@ class Base(unittest.TestCase):
 
 class TransformCheckpoints(Base):
     def test_byte_identical_to_mindspore(self):
-        for case in CASES:
+        for case in (c for c in CASES if not c.get("by_stage")):
             with self.subTest(case=case["name"]):
                 out = os.path.join(self.tmp, case["name"])
                 reshard.transform_checkpoints(os.path.join(case_dir(case["name"]), "src"), out, "checkpoint_",
@@ -116,6 +119,18 @@ class TransformCheckpoints(Base):
                                           strategy(case["name"], "src"), strategy(case["name"], "dst"),
                                           output_format=case.get("format", "ckpt"))
         self.assertIn("notes.txt", str(cm.exception))
+
+    def test_by_stage(self):
+        # One call per source stage, each with that stage's strategy file:
+        # rank_<r>/checkpoint_<r>_part<stage>.ckpt, as MindSpore writes them.
+        name = "by_stage_mp2_pp2_to_mp2"
+        out = os.path.join(self.tmp, "by-stage")
+        for stage in range(2):
+            one = os.path.join(case_dir(name), "src_strategy", f"ckpt_strategy_rank_{stage * 2}.ckpt")
+            reshard.transform_checkpoints(os.path.join(case_dir(name), "src"), out, "checkpoint_", one,
+                                          strategy(name, "dst"))
+        self.assertIn(os.path.join("rank_1", "checkpoint_1_part1.ckpt"), files_under(out))
+        self.assertSameTree(out, os.path.join(case_dir(name), "expect"))
 
     def test_progress_callback(self):
         name = "dp2mp2_to_mp4"
