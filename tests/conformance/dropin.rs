@@ -154,6 +154,30 @@ fn guide_command_lines_give_mindspore_bytes() {
     ]);
     assert_same(&out.join("src"), &merge.join("expect"), "merge to full");
 
+    // argparse takes any unique prefix of a long option, so the same merge
+    // with abbreviated flags is the same command; an ambiguous prefix is a
+    // usage error, as argparse's.
+    let out = root.join("abbreviated");
+    ok(&[
+        "--src_checkp",
+        &s(merge.join("src")),
+        "--src_strat",
+        &s(merge.join("src_strategy")),
+        "--dst_checkpoint_d",
+        &s(out.clone()),
+        "--dst_strat",
+        "None",
+    ]);
+    assert_same(&out.join("src"), &merge.join("expect"), "abbreviated flags");
+    let o = reshard(&[
+        "--src",
+        &s(merge.join("src")),
+        "--dst_checkpoint",
+        &s(root.join("x")),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(!root.join("x").exists());
+
     // A number where a path is expected: a usage error, nothing written.
     let bad = root.join("bad");
     let o = reshard(&[&full, "None", "8", &strategy, &s(bad.clone()), "2"]);

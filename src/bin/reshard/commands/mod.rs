@@ -34,6 +34,9 @@ pub enum Command {
     /// Copy a checkpoint into a new file: .ckpt ⇄ .safetensors, add or drop CRC or encryption.
     Rewrite(rewrite::RewriteArgs),
     /// Reshard a checkpoint between strategies (full → N, N → M, N → full), like mindspore.transform_checkpoints.
+    // mindformers' scripts parse with argparse, which takes any unique
+    // prefix of a long option: so do the commands that stand in for them.
+    #[command(infer_long_args = true)]
     Transform(transform::TransformArgs),
     /// Write per-rank strategy files for a checkpoint and a dp/mp/pp/optimizer-shard setting.
     Strategy(strategy::StrategyArgs),
@@ -42,6 +45,7 @@ pub enum Command {
     /// Convert HuggingFace weights to MindSpore and back, like mindformers' convert_weight.py.
     Convert(convert::ConvertArgs),
     /// Merge LoRA factors into their base weights (W + s·B·A), full or distributed.
+    #[command(infer_long_args = true)]
     MergeLora(merge_lora::MergeLoraArgs),
     /// Decide whether a training job's checkpoint needs converting, and convert this rank's share.
     Auto(auto::AutoArgs),
@@ -50,6 +54,7 @@ pub enum Command {
     /// Time split, N → M, merge, HF → MS convert and LoRA merge on a synthetic model, against the copy bound (and MindSpore).
     Bench(bench::BenchArgs),
     /// Merge a distributed safetensors checkpoint into MindSpore's unified layout, like mindspore.unified_safetensors.
+    #[command(infer_long_args = true)]
     Unify(unify::UnifyArgs),
 }
 
