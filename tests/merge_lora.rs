@@ -15,17 +15,8 @@ use reshard::DType;
 use crate::util::lora::{
     decode, encode, hf_model_and_adapter, lora_layout, lora_model, strategies, value, RANK,
 };
+use crate::util::model::shards;
 use crate::util::{reshard_bin, tempdir};
-
-fn split(model: &Path, strategy: &Path, out: &Path) {
-    transform(&TransformOptions::new(
-        model,
-        out,
-        None,
-        Some(strategy.to_path_buf()),
-    ))
-    .unwrap();
-}
 
 #[test]
 fn full_merge_matches_an_f64_reference() {
@@ -94,7 +85,7 @@ fn sharded_merges_equal_merge_then_reshard_bit_for_bit() {
             strategies(&model, &root.join("mp2"), 2),
             strategies(&model, &root.join("mp4"), 4),
         );
-        split(&model, &mp2, &root.join("shards"));
+        shards(&model, &mp2, &root.join("shards"));
         // Reference: merge the full model, then reshard to mp4.
         merge_lora(&MergeLoraOptions::new(&model, root.join("merged"))).unwrap();
         let merged_full = root.join("merged/rank_0/checkpoint_0.ckpt");
@@ -268,7 +259,7 @@ fn bad_inputs_name_the_tensors_and_leave_nothing() {
     let model = dir.path().join("model.ckpt");
     lora_model(&model, DType::F32, 3);
     let mp2 = strategies(&model, &dir.path().join("mp2"), 2);
-    split(&model, &mp2, &dir.path().join("shards"));
+    shards(&model, &mp2, &dir.path().join("shards"));
     std::fs::remove_file(dir.path().join("shards/rank_1/checkpoint_1.ckpt")).unwrap();
     let e = merge_lora(&MergeLoraOptions {
         src_strategy: Some(mp2),
