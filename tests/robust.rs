@@ -29,6 +29,18 @@ fn ckpts(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// `reshard transform` from `src` into `dst` with the destination strategy `s`.
+fn transform_cli(src: &Path, dst: &Path, s: &Path) -> Command {
+    let mut c = Command::new(reshard_bin());
+    c.args(["transform", "--src-checkpoint"])
+        .arg(src)
+        .arg("--dst-checkpoint-dir")
+        .arg(dst)
+        .arg("--dst-strategy")
+        .arg(s);
+    c
+}
+
 /// Item 2: `--resume` kept outputs made from a source that has changed.
 #[test]
 fn resume_rewrites_outputs_of_a_changed_source() {
@@ -93,15 +105,7 @@ fn a_destination_another_run_writes_to_is_refused() {
     let out = dir.path().join("out");
     std::fs::create_dir(&out).unwrap();
     let held = DestinationLock::directory(&out).unwrap();
-    let o = Command::new(reshard_bin())
-        .args(["transform", "--src-checkpoint"])
-        .arg(&model)
-        .arg("--dst-checkpoint-dir")
-        .arg(&out)
-        .arg("--dst-strategy")
-        .arg(&s)
-        .output()
-        .unwrap();
+    let o = transform_cli(&model, &out, &s).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(
@@ -133,13 +137,7 @@ fn runs_writing_other_ranks_of_a_destination_share_it() {
     std::fs::create_dir(&out).unwrap();
     let held = DestinationLock::ranks(&out, &[0]).unwrap();
     let run = |extra: &[&str]| {
-        Command::new(reshard_bin())
-            .args(["transform", "--src-checkpoint"])
-            .arg(&model)
-            .arg("--dst-checkpoint-dir")
-            .arg(&out)
-            .arg("--dst-strategy")
-            .arg(&s)
+        transform_cli(&model, &out, &s)
             .args(extra)
             .output()
             .unwrap()
@@ -226,15 +224,7 @@ fn a_non_utf8_destination_argument_is_accepted() {
     let dir = tempdir();
     let (model, s) = model_and_strategy(dir.path(), 1, 1, 2);
     let out = dir.path().join(std::ffi::OsStr::from_bytes(b"out\xff"));
-    let o = Command::new(reshard_bin())
-        .args(["transform", "--src-checkpoint"])
-        .arg(&model)
-        .arg("--dst-checkpoint-dir")
-        .arg(&out)
-        .arg("--dst-strategy")
-        .arg(&s)
-        .output()
-        .unwrap();
+    let o = transform_cli(&model, &out, &s).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(ckpts(&out).len(), 2);
 }
@@ -487,13 +477,7 @@ fn a_checkpoint_cut_at_a_record_boundary_is_reported() {
     let short = dir.path().join("short.ckpt");
     std::fs::write(&short, &bytes[..cut_at]).unwrap();
     let run = |strict: bool, out: &str| {
-        let mut c = Command::new(reshard_bin());
-        c.args(["transform", "--src-checkpoint"])
-            .arg(&short)
-            .arg("--dst-checkpoint-dir")
-            .arg(dir.path().join(out))
-            .arg("--dst-strategy")
-            .arg(&s);
+        let mut c = transform_cli(&short, &dir.path().join(out), &s);
         if strict {
             c.arg("--strict");
         }
@@ -524,13 +508,7 @@ fn sigint_and_sigterm_remove_temporaries_and_the_lock() {
     let mut interrupted = 0;
     for (signal, status) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
         let out = dir.path().join(format!("out{signal}"));
-        let mut child = Command::new(reshard_bin())
-            .args(["transform", "--src-checkpoint"])
-            .arg(&model)
-            .arg("--dst-checkpoint-dir")
-            .arg(&out)
-            .arg("--dst-strategy")
-            .arg(&s)
+        let mut child = transform_cli(&model, &out, &s)
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
