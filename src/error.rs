@@ -93,6 +93,11 @@ pub enum Error {
         computed: u32,
     },
 
+    /// A file whose bytes are not the ones recorded for it (its manifest's
+    /// length and hash): damaged, or changed since it was written.
+    #[error("{0}")]
+    Damaged(String),
+
     /// A file that is encrypted, read without a key.
     #[error("the file is encrypted ({mode}) and no decryption key was given")]
     EncryptedWithoutKey {
@@ -301,7 +306,8 @@ pub enum ErrorKind {
     /// An input file that is not a valid checkpoint/strategy/config (bad
     /// bytes, a wrong layout of files).
     BadInput,
-    /// A stored checksum does not match: the file is damaged.
+    /// A stored checksum or the file's manifest does not match: the file
+    /// is damaged.
     Damaged,
     /// Encrypted input without a key, or a wrong key.
     Encrypted,
@@ -462,6 +468,11 @@ impl Error {
         Error::Unsupported(msg.into())
     }
 
+    /// See [`Error::Damaged`].
+    pub fn damaged(msg: impl Into<String>) -> Error {
+        Error::Damaged(msg.into())
+    }
+
     /// See [`Error::Strategy`].
     pub fn strategy(msg: impl Into<String>) -> Error {
         Error::Strategy(msg.into())
@@ -480,7 +491,7 @@ impl Error {
             | Error::PickleRefused { .. }
             | Error::BadInput(_) => ErrorKind::BadInput,
             Error::UnsupportedDtype { .. } | Error::Unsupported(_) => ErrorKind::Unsupported,
-            Error::CrcMismatch { .. } => ErrorKind::Damaged,
+            Error::CrcMismatch { .. } | Error::Damaged(_) => ErrorKind::Damaged,
             Error::EncryptedWithoutKey { .. } | Error::Decrypt { .. } => ErrorKind::Encrypted,
             Error::Strategy(_) => ErrorKind::Strategy,
             Error::TensorNotFound(_) | Error::RedundancyOwnerMissing { .. } | Error::Missing(_) => {

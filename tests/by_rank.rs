@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use reshard::error::ErrorKind;
 use reshard::ops::by_rank::{rank_list_for_transform, transform_by_rank, ByRankOptions};
 use reshard::ops::transform::{transform, TransformOptions};
 use reshard::DType;
@@ -104,26 +105,27 @@ fn bad_maps_and_names_are_refused_with_nothing_written() {
     let out = dir.path().join("out/r1.ckpt");
     let missing = needed[0];
     let partial = source_map(&split, (0..4).filter(|&r| r != missing));
-    let e = transform_by_rank(&options(1, partial, out.clone(), &s, &d))
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains(&format!("needs source rank {missing}")), "{e}");
-    let e = transform_by_rank(&options(1, source_map(&split, 0..5), out.clone(), &s, &d))
-        .unwrap_err()
-        .to_string();
+    let e = transform_by_rank(&options(1, partial, out.clone(), &s, &d)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Missing, "{e}");
     assert!(
-        e.contains("source rank 4") && e.contains("describes 4"),
+        e.to_string()
+            .contains(&format!("needs source rank {missing}")),
+        "{e}"
+    );
+    let e =
+        transform_by_rank(&options(1, source_map(&split, 0..5), out.clone(), &s, &d)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("source rank 4") && text.contains("describes 4"),
         "{e}"
     );
     let mut gone = source_map(&split, 0..4);
-    gone.insert(missing, dir.path().join("nowhere.ckpt"));
-    let e = transform_by_rank(&options(1, gone, out.clone(), &s, &d))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("nowhere.ckpt") && e.contains("does not exist"),
-        "{e}"
-    );
+    let nowhere = dir.path().join("nowhere.ckpt");
+    gone.insert(missing, nowhere.clone());
+    let e = transform_by_rank(&options(1, gone, out.clone(), &s, &d)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Missing, "{e}");
+    assert_eq!(e.file(), Some(nowhere.as_path()), "{e}");
     let e = transform_by_rank(&options(
         1,
         source_map(&split, 0..4),
@@ -131,11 +133,8 @@ fn bad_maps_and_names_are_refused_with_nothing_written() {
         &s,
         &d,
     ))
-    .unwrap_err()
-    .to_string();
-    assert!(
-        e.contains("r1.bin") && e.contains(".ckpt or .safetensors"),
-        "{e}"
-    );
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
+    assert!(e.to_string().contains(".ckpt or .safetensors"), "{e}");
     assert!(!dir.path().join("out").exists(), "output left behind");
 }

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use reshard::error::ErrorKind;
 use reshard::formats::ckpt::{Checkpoint, CkptWriter, WriteOptions};
 use reshard::formats::tree::FileFormat;
 use reshard::ops::merge_lora::{merge_lora, MergeLoraOptions};
@@ -14,17 +15,8 @@ use reshard::DType;
 use crate::util::lora::{
     decode, encode, hf_model_and_adapter, lora_layout, lora_model, strategies, value, RANK,
 };
+use crate::util::model::shards;
 use crate::util::{reshard_bin, tempdir};
-
-fn split(model: &Path, strategy: &Path, out: &Path) {
-    transform(&TransformOptions::new(
-        model,
-        out,
-        None,
-        Some(strategy.to_path_buf()),
-    ))
-    .unwrap();
-}
 
 #[test]
 fn full_merge_matches_an_f64_reference() {
@@ -93,7 +85,7 @@ fn sharded_merges_equal_merge_then_reshard_bit_for_bit() {
             strategies(&model, &root.join("mp2"), 2),
             strategies(&model, &root.join("mp4"), 4),
         );
-        split(&model, &mp2, &root.join("shards"));
+        shards(&model, &mp2, &root.join("shards"));
         // Reference: merge the full model, then reshard to mp4.
         merge_lora(&MergeLoraOptions::new(&model, root.join("merged"))).unwrap();
         let merged_full = root.join("merged/rank_0/checkpoint_0.ckpt");
@@ -192,10 +184,9 @@ fn fan_in_fan_out_weights_are_merged_transposed() {
         }
     }
     // Without the flag the shapes do not multiply to W.
-    let err = merge_lora(&MergeLoraOptions::new(&model, dir.path().join("x")))
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("does not multiply"), "{err}");
+    let err = merge_lora(&MergeLoraOptions::new(&model, dir.path().join("x"))).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Mismatch, "{err}");
+    assert!(err.to_string().contains("does not multiply"), "{err}");
 }
 
 fn bad_model(dir: &Path, tweak: impl Fn(&str, Vec<i64>) -> Option<Vec<i64>>) -> PathBuf {
@@ -216,10 +207,8 @@ fn bad_model(dir: &Path, tweak: impl Fn(&str, Vec<i64>) -> Option<Vec<i64>>) -> 
     path
 }
 
-fn merge_err(model: &Path, out: &Path) -> String {
-    let e = merge_lora(&MergeLoraOptions::new(model, out))
-        .expect_err("merge should fail")
-        .to_string();
+fn merge_err(model: &Path, out: &Path) -> reshard::Error {
+    let e = merge_lora(&MergeLoraOptions::new(model, out)).expect_err("merge should fail");
     assert!(
         !out.exists() || std::fs::read_dir(out).unwrap().count() == 0,
         "output left behind: {e}"
@@ -232,11 +221,16 @@ fn bad_inputs_name_the_tensors_and_leave_nothing() {
     let dir = tempdir();
     let out = dir.path().join("out");
     let m = bad_model(dir.path(), |n, s| (n != "x.wq.weight").then_some(s));
-    assert!(merge_err(&m, &out).contains("has no base weight"));
+    let e = merge_err(&m, &out);
+    assert_eq!(e.kind(), ErrorKind::Missing, "{e}");
+    assert!(e.to_string().contains("has no base weight"), "{e}");
     let m = bad_model(dir.path(), |n, s| {
         Some(if n.ends_with("lora_a") { vec![3, 8] } else { s })
     });
     let e = merge_err(&m, &out);
+    assert_eq!(e.kind(), ErrorKind::Mismatch, "{e}");
+    assert_eq!(e.tensor(), Some("x.wq.weight"), "{e}");
+    let e = e.to_string();
     assert!(
         e.contains("rank mismatch") && e.contains("x.wq.mindpet_delta_lora_a"),
         "{e}"
@@ -245,34 +239,35 @@ fn bad_inputs_name_the_tensors_and_leave_nothing() {
         Some(if n.ends_with("lora_a") { vec![2, 4] } else { s })
     });
     let e = merge_err(&m, &out);
-    assert!(
-        e.contains("does not multiply") && e.contains("x.wq.weight"),
-        "{e}"
-    );
+    assert_eq!(e.kind(), ErrorKind::Mismatch, "{e}");
+    assert_eq!(e.tensor(), Some("x.wq.weight"), "{e}");
+    assert!(e.to_string().contains("does not multiply"), "{e}");
     let m = bad_model(dir.path(), |n, s| (!n.ends_with("lora_b")).then_some(s));
-    assert!(merge_err(&m, &out).contains("no B factor"));
+    let e = merge_err(&m, &out);
+    assert_eq!(e.kind(), ErrorKind::Missing, "{e}");
+    assert!(e.to_string().contains("no B factor"), "{e}");
     let m = bad_model(dir.path(), |_, s| Some(s));
     let e = merge_lora(&MergeLoraOptions {
         scale: f32::NAN,
         ..MergeLoraOptions::new(&m, &out)
     })
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("finite number"), "{e}");
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
+    assert_eq!(e.option(), Some("scale"), "{e}");
 
     // A missing shard of a distributed source.
     let model = dir.path().join("model.ckpt");
     lora_model(&model, DType::F32, 3);
     let mp2 = strategies(&model, &dir.path().join("mp2"), 2);
-    split(&model, &mp2, &dir.path().join("shards"));
+    shards(&model, &mp2, &dir.path().join("shards"));
     std::fs::remove_file(dir.path().join("shards/rank_1/checkpoint_1.ckpt")).unwrap();
     let e = merge_lora(&MergeLoraOptions {
         src_strategy: Some(mp2),
         ..MergeLoraOptions::new(dir.path().join("shards"), &out)
     })
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("rank_1"), "{e}");
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Missing, "{e}");
+    assert!(e.to_string().contains("rank_1"), "{e}");
 
     // The CLI: a scaling that is not a number is a usage error (exit 2).
     let status = Command::new(reshard_bin())
@@ -418,7 +413,6 @@ fn bad_peft_adapters_are_refused() {
             control: Default::default(),
         })
         .unwrap_err()
-        .to_string()
     };
     // A .bin adapter that is no torch.save archive: refused, naming it.
     let bin = dir.path().join("bin_adapter");
@@ -430,10 +424,13 @@ fn bad_peft_adapters_are_refused() {
     .unwrap();
     std::fs::write(bin.join("adapter_model.bin"), b"pickle").unwrap();
     let e = run(&bin);
-    assert!(
-        e.contains("adapter_model.bin") && e.contains("not a PyTorch zip archive"),
+    assert_eq!(e.kind(), ErrorKind::BadInput, "{e}");
+    assert_eq!(
+        e.file(),
+        Some(bin.join("adapter_model.bin").as_path()),
         "{e}"
     );
+    assert!(e.to_string().contains("not a PyTorch zip archive"), "{e}");
     // A config without r.
     std::fs::write(bin.join("adapter_config.json"), r#"{"lora_alpha": 8}"#).unwrap();
     std::fs::copy(
@@ -441,7 +438,14 @@ fn bad_peft_adapters_are_refused() {
         bin.join("adapter_model.safetensors"),
     )
     .unwrap();
-    assert!(run(&bin).contains("\"r\" is missing"));
+    let e = run(&bin);
+    assert_eq!(e.kind(), ErrorKind::BadInput, "{e}");
+    assert_eq!(
+        e.file(),
+        Some(bin.join("adapter_config.json").as_path()),
+        "{e}"
+    );
+    assert!(e.to_string().contains("\"r\" is missing"), "{e}");
     // An adapter for another model.
     std::fs::write(
         bin.join("adapter_config.json"),
@@ -474,6 +478,8 @@ fn bad_peft_adapters_are_refused() {
     )
     .unwrap();
     let e = run(&bin);
+    assert_eq!(e.kind(), ErrorKind::Mismatch, "{e}");
+    let e = e.to_string();
     assert!(e.contains("layers.9") && e.contains("does not have"), "{e}");
     assert!(!out.exists() || std::fs::read_dir(&out).unwrap().count() == 0);
 }

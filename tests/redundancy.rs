@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use reshard::formats::safetensors::{self as st, SafetensorsFile, StWriteOptions, TensorRef};
 use reshard::formats::tree::FileFormat;
 use reshard::ops::transform::{transform, TransformOptions};
-use reshard::{DType, Error};
+use reshard::{DType, Error, ErrorKind};
 
 use crate::util::model::{strategies, synthetic_model};
 use crate::util::{reshard_bin, tempdir};
@@ -175,6 +175,7 @@ fn a_deduplicated_set_is_written_flagged_and_reads_back_as_the_full_set() {
     }
     let out = s.root.join("unflagged");
     let err = transform(&options(&s.dedup, &out, Some(&s.strategy), None)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Strategy, "{err}");
     assert!(err.to_string().contains("does not hold"), "{err}");
     let mut o = options(&s.dedup, &out, Some(&s.strategy), None);
     o.has_redundancy = Some(false);
@@ -201,6 +202,7 @@ fn a_missing_owner_copy_names_the_parameter_and_the_rank() {
     let mut o = options(&s.dedup, &out, Some(&s.strategy), None);
     o.ranks = None;
     let err = transform(&o).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Missing, "{err}");
     match err.root() {
         Error::RedundancyOwnerMissing { param, owner, .. } => {
             assert_eq!(param, &victim);
@@ -233,6 +235,7 @@ fn files_that_disagree_on_the_flag_and_impossible_options_are_errors() {
     rewrite(&rank_file(&s.dedup, 5), "", Some("False"));
     let out = s.root.join("mixed");
     let err = transform(&options(&s.dedup, &out, Some(&s.strategy), None)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Mismatch, "{err}");
     let text = err.to_string();
     assert!(
         text.contains("disagree") && text.contains("rank_5"),
@@ -240,6 +243,8 @@ fn files_that_disagree_on_the_flag_and_impossible_options_are_errors() {
     );
     rewrite(&rank_file(&s.dedup, 5), "", Some("maybe"));
     let err = transform(&options(&s.dedup, &out, Some(&s.strategy), None)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::BadInput, "{err}");
+    assert_eq!(err.file(), Some(rank_file(&s.dedup, 5).as_path()), "{err}");
     assert!(err.to_string().contains("\"maybe\""), "{err}");
     assert!(!out.exists());
 
@@ -251,10 +256,14 @@ fn files_that_disagree_on_the_flag_and_impossible_options_are_errors() {
     o.output_format = Some(FileFormat::Ckpt);
     o.remove_redundancy = true;
     let err = transform(&o).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Usage, "{err}");
+    assert_eq!(err.option(), Some("remove_redundancy"), "{err}");
     assert!(err.to_string().contains("safetensors only"), "{err}");
     let mut o = options(&s.plain, &out, Some(&s.strategy), None);
     o.remove_redundancy = true;
     let err = transform(&o).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Usage, "{err}");
+    assert_eq!(err.option(), Some("remove_redundancy"), "{err}");
     assert!(
         err.to_string().contains("needs a destination strategy"),
         "{err}"

@@ -7,9 +7,9 @@ use std::process::Command;
 use reshard::formats::destination::DestinationLock;
 use reshard::formats::Source;
 use reshard::ops::transform::{transform, TransformOptions};
-use reshard::{DType, Error};
+use reshard::{DType, Error, ErrorKind};
 
-use crate::util::model::{strategies, synthetic_model};
+use crate::util::model::{model_and_strategy, shards, strategies, synthetic_model};
 use crate::util::{reshard_bin, tempdir};
 
 fn ckpts(dir: &Path) -> Vec<PathBuf> {
@@ -27,6 +27,18 @@ fn ckpts(dir: &Path) -> Vec<PathBuf> {
     }
     out.sort();
     out
+}
+
+/// `reshard transform` from `src` into `dst` with the destination strategy `s`.
+fn transform_cli(src: &Path, dst: &Path, s: &Path) -> Command {
+    let mut c = Command::new(reshard_bin());
+    c.args(["transform", "--src-checkpoint"])
+        .arg(src)
+        .arg("--dst-checkpoint-dir")
+        .arg(dst)
+        .arg("--dst-strategy")
+        .arg(s);
+    c
 }
 
 /// Item 2: `--resume` kept outputs made from a source that has changed.
@@ -63,9 +75,7 @@ fn resume_rewrites_outputs_of_a_changed_source() {
 #[test]
 fn resume_rewrites_outputs_made_with_other_settings() {
     let dir = tempdir();
-    let model = dir.path().join("model.ckpt");
-    synthetic_model(&model, 1, DType::F32, 5);
-    let s = strategies(&model, &dir.path().join("s"), 1, 2, 1, 0);
+    let (model, s) = model_and_strategy(dir.path(), 1, 1, 2);
     let out = dir.path().join("out");
     transform(&TransformOptions::new(&model, &out, None, Some(s.clone()))).unwrap();
     let mut o = TransformOptions::new(&model, &out, None, Some(s.clone()));
@@ -91,21 +101,11 @@ fn resume_rewrites_outputs_made_with_other_settings() {
 #[test]
 fn a_destination_another_run_writes_to_is_refused() {
     let dir = tempdir();
-    let model = dir.path().join("model.ckpt");
-    synthetic_model(&model, 1, DType::F32, 5);
-    let s = strategies(&model, &dir.path().join("s"), 1, 2, 1, 0);
+    let (model, s) = model_and_strategy(dir.path(), 1, 1, 2);
     let out = dir.path().join("out");
     std::fs::create_dir(&out).unwrap();
     let held = DestinationLock::directory(&out).unwrap();
-    let o = Command::new(reshard_bin())
-        .args(["transform", "--src-checkpoint"])
-        .arg(&model)
-        .arg("--dst-checkpoint-dir")
-        .arg(&out)
-        .arg("--dst-strategy")
-        .arg(&s)
-        .output()
-        .unwrap();
+    let o = transform_cli(&model, &out, &s).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(
@@ -132,20 +132,12 @@ fn a_destination_another_run_writes_to_is_refused() {
 #[test]
 fn runs_writing_other_ranks_of_a_destination_share_it() {
     let dir = tempdir();
-    let model = dir.path().join("model.ckpt");
-    synthetic_model(&model, 1, DType::F32, 5);
-    let s = strategies(&model, &dir.path().join("s"), 1, 2, 1, 0);
+    let (model, s) = model_and_strategy(dir.path(), 1, 1, 2);
     let out = dir.path().join("out");
     std::fs::create_dir(&out).unwrap();
     let held = DestinationLock::ranks(&out, &[0]).unwrap();
     let run = |extra: &[&str]| {
-        Command::new(reshard_bin())
-            .args(["transform", "--src-checkpoint"])
-            .arg(&model)
-            .arg("--dst-checkpoint-dir")
-            .arg(&out)
-            .arg("--dst-strategy")
-            .arg(&s)
+        transform_cli(&model, &out, &s)
             .args(extra)
             .output()
             .unwrap()
@@ -190,6 +182,7 @@ fn outputs_are_not_written_through_a_planted_rank_link() {
             matches!(err.root(), Error::UnsafeDestination { .. }),
             "{err}"
         );
+        assert_eq!(err.kind(), ErrorKind::Destination, "{err}");
         assert!(err.to_string().contains("rank_0"), "{err}");
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
     }
@@ -219,7 +212,7 @@ fn a_source_truncated_under_its_readers_is_an_error_naming_it() {
         .sum();
     assert_eq!(sum, 0);
     let err = source.unchanged().unwrap_err();
-    assert!(matches!(err.root(), Error::SourceChanged { .. }), "{err}");
+    assert_eq!(err.kind(), ErrorKind::SourceChanged, "{err}");
     assert_eq!(err.file(), Some(model.as_path()));
 }
 
@@ -229,19 +222,9 @@ fn a_source_truncated_under_its_readers_is_an_error_naming_it() {
 fn a_non_utf8_destination_argument_is_accepted() {
     use std::os::unix::ffi::OsStrExt;
     let dir = tempdir();
-    let model = dir.path().join("model.ckpt");
-    synthetic_model(&model, 1, DType::F32, 5);
-    let s = strategies(&model, &dir.path().join("s"), 1, 2, 1, 0);
+    let (model, s) = model_and_strategy(dir.path(), 1, 1, 2);
     let out = dir.path().join(std::ffi::OsStr::from_bytes(b"out\xff"));
-    let o = Command::new(reshard_bin())
-        .args(["transform", "--src-checkpoint"])
-        .arg(&model)
-        .arg("--dst-checkpoint-dir")
-        .arg(&out)
-        .arg("--dst-strategy")
-        .arg(&s)
-        .output()
-        .unwrap();
+    let o = transform_cli(&model, &out, &s).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(ckpts(&out).len(), 2);
 }
@@ -301,17 +284,8 @@ fn edit_strategies(
 #[test]
 fn strategies_disagreeing_with_themselves_are_refused() {
     let dir = tempdir();
-    let model = dir.path().join("model.ckpt");
-    synthetic_model(&model, 1, DType::F32, 5);
-    let s = strategies(&model, &dir.path().join("s"), 1, 4, 1, 0);
-    let shards = dir.path().join("shards");
-    transform(&TransformOptions::new(
-        &model,
-        &shards,
-        None,
-        Some(s.clone()),
-    ))
-    .unwrap();
+    let (model, s) = model_and_strategy(dir.path(), 1, 1, 4);
+    let shards = shards(&model, &s, &dir.path().join("shards"));
     let wq = "model.layers.0.attention.wq.weight";
     let bad = dir.path().join("bad");
     edit_strategies(&s, &bad, wq, &|item| item.dev_matrix = vec![vec![1, 3]]);
@@ -322,8 +296,8 @@ fn strategies_disagreeing_with_themselves_are_refused() {
         None,
     ))
     .unwrap_err();
-    assert!(matches!(err.root(), Error::Strategy(_)), "{err}");
-    assert!(err.to_string().contains(wq), "{err}");
+    assert_eq!(err.kind(), ErrorKind::Strategy, "{err}");
+    assert_eq!(err.tensor(), Some(wq), "{err}");
     assert!(!dir.path().join("merged").exists());
     let huge = dir.path().join("huge");
     edit_strategies(&s, &huge, "", &|item| {
@@ -336,7 +310,7 @@ fn strategies_disagreeing_with_themselves_are_refused() {
         None,
     ))
     .unwrap_err();
-    assert!(matches!(err.root(), Error::LimitExceeded { .. }), "{err}");
+    assert_eq!(err.kind(), ErrorKind::Limit, "{err}");
 }
 
 /// Item 13: an empty `.ckpt` among the ranks was reported as a strategy
@@ -344,17 +318,8 @@ fn strategies_disagreeing_with_themselves_are_refused() {
 #[test]
 fn an_empty_rank_file_is_named_as_empty() {
     let dir = tempdir();
-    let model = dir.path().join("model.ckpt");
-    synthetic_model(&model, 1, DType::F32, 5);
-    let s = strategies(&model, &dir.path().join("s"), 1, 2, 1, 0);
-    let shards = dir.path().join("shards");
-    transform(&TransformOptions::new(
-        &model,
-        &shards,
-        None,
-        Some(s.clone()),
-    ))
-    .unwrap();
+    let (model, s) = model_and_strategy(dir.path(), 1, 1, 2);
+    let shards = shards(&model, &s, &dir.path().join("shards"));
     std::fs::write(shards.join("rank_1/checkpoint_1.ckpt"), b"").unwrap();
     std::fs::remove_file(shards.join("rank_1/checkpoint_1.ckpt.manifest.json")).unwrap();
     let err = transform(&TransformOptions::new(
@@ -363,10 +328,15 @@ fn an_empty_rank_file_is_named_as_empty() {
         Some(s),
         None,
     ))
-    .unwrap_err()
-    .to_string();
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::BadInput, "{err}");
+    assert_eq!(
+        err.file(),
+        Some(shards.join("rank_1/checkpoint_1.ckpt").as_path()),
+        "{err}"
+    );
     assert!(
-        err.contains("rank_1/checkpoint_1.ckpt") && err.contains("holds no tensors (0 bytes)"),
+        err.to_string().contains("holds no tensors (0 bytes)"),
         "{err}"
     );
 }
@@ -398,8 +368,8 @@ fn huge_dimension_counts_are_refused_and_many_tensors_are_fast() {
     let err = reshard::formats::ckpt::Checkpoint::open(&deep, &Default::default())
         .err()
         .unwrap();
-    assert!(matches!(err.root(), Error::LimitExceeded { .. }), "{err}");
-    assert!(err.to_string().contains("deep.ckpt"), "{err}");
+    assert_eq!(err.kind(), ErrorKind::Limit, "{err}");
+    assert_eq!(err.file(), Some(deep.as_path()), "{err}");
 
     let (a, b) = (dir.path().join("a.ckpt"), dir.path().join("b.ckpt"));
     many_tensors(&a, 20_000);
@@ -427,14 +397,7 @@ fn another_layouts_strategy_with_the_same_rank_count_is_refused() {
     synthetic_model(&model, 1, DType::F32, 5);
     let s42 = strategies(&model, &dir.path().join("s42"), 4, 2, 1, 0);
     let s8 = strategies(&model, &dir.path().join("s8"), 1, 8, 1, 0);
-    let shards = dir.path().join("shards");
-    transform(&TransformOptions::new(
-        &model,
-        &shards,
-        None,
-        Some(s42.clone()),
-    ))
-    .unwrap();
+    let shards = shards(&model, &s42, &dir.path().join("shards"));
     let problems = check_distributed(&shards, &s8).unwrap();
     assert!(
         problems.iter().any(|p| p
@@ -445,7 +408,7 @@ fn another_layouts_strategy_with_the_same_rank_count_is_refused() {
     assert!(check_distributed(&shards, &s42).unwrap().is_empty());
     let merged = dir.path().join("merged");
     let err = transform(&TransformOptions::new(&shards, &merged, Some(s8), None)).unwrap_err();
-    assert!(matches!(err.root(), Error::Strategy(_)), "{err}");
+    assert_eq!(err.kind(), ErrorKind::Strategy, "{err}");
     assert!(err.to_string().contains("is this its strategy"), "{err}");
     assert!(!merged.exists());
     // The right strategy still merges to the model.
@@ -514,13 +477,7 @@ fn a_checkpoint_cut_at_a_record_boundary_is_reported() {
     let short = dir.path().join("short.ckpt");
     std::fs::write(&short, &bytes[..cut_at]).unwrap();
     let run = |strict: bool, out: &str| {
-        let mut c = Command::new(reshard_bin());
-        c.args(["transform", "--src-checkpoint"])
-            .arg(&short)
-            .arg("--dst-checkpoint-dir")
-            .arg(dir.path().join(out))
-            .arg("--dst-strategy")
-            .arg(&s);
+        let mut c = transform_cli(&short, &dir.path().join(out), &s);
         if strict {
             c.arg("--strict");
         }
@@ -551,13 +508,7 @@ fn sigint_and_sigterm_remove_temporaries_and_the_lock() {
     let mut interrupted = 0;
     for (signal, status) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
         let out = dir.path().join(format!("out{signal}"));
-        let mut child = Command::new(reshard_bin())
-            .args(["transform", "--src-checkpoint"])
-            .arg(&model)
-            .arg("--dst-checkpoint-dir")
-            .arg(&out)
-            .arg("--dst-strategy")
-            .arg(&s)
+        let mut child = transform_cli(&model, &out, &s)
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
@@ -609,17 +560,8 @@ fn sigint_and_sigterm_remove_temporaries_and_the_lock() {
 fn a_source_that_no_longer_matches_its_manifest_is_refused() {
     use reshard::formats::ckpt::Checkpoint;
     let dir = tempdir();
-    let model = dir.path().join("model.ckpt");
-    synthetic_model(&model, 1, DType::F32, 5);
-    let s = strategies(&model, &dir.path().join("s"), 1, 2, 1, 0);
-    let shards = dir.path().join("shards");
-    transform(&TransformOptions::new(
-        &model,
-        &shards,
-        None,
-        Some(s.clone()),
-    ))
-    .unwrap();
+    let (model, s) = model_and_strategy(dir.path(), 1, 1, 2);
+    let shards = shards(&model, &s, &dir.path().join("shards"));
     let shard = shards.join("rank_1/checkpoint_1.ckpt");
     let ck = Checkpoint::open(&shard, &Default::default()).unwrap();
     let at = ck.get("model.layers.0.attention.wq.weight").unwrap().chunks[0].start + 5;
@@ -628,11 +570,11 @@ fn a_source_that_no_longer_matches_its_manifest_is_refused() {
     bytes[at] ^= 0x40;
     std::fs::write(&shard, bytes).unwrap();
     let merged = dir.path().join("merged");
-    let err = transform(&TransformOptions::new(&shards, &merged, Some(s), None))
-        .unwrap_err()
-        .to_string();
+    let err = transform(&TransformOptions::new(&shards, &merged, Some(s), None)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::SourceChanged, "{err}");
+    assert_eq!(err.file(), Some(shard.as_path()), "{err}");
     assert!(
-        err.contains("rank_1/checkpoint_1.ckpt") && err.contains("does not match its manifest"),
+        err.to_string().contains("does not match its manifest"),
         "{err}"
     );
     assert!(!merged.join("rank_0/checkpoint_0.ckpt").exists());

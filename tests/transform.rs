@@ -23,11 +23,6 @@ fn options(src: &Path, dst: &Path, s: Option<&Path>, d: Option<&Path>) -> Transf
     }
 }
 
-/// The message of [`err_of`]'s error, for cases whose error is not kinded yet.
-fn text_of_err(o: &TransformOptions) -> String {
-    err_of(o).to_string()
-}
-
 fn count_files(dir: &Path) -> usize {
     data_files(dir).len()
 }
@@ -90,21 +85,24 @@ fn missing_rank_says_who_needs_what() {
     let (dir, model, s) = setup(1, 4, 1);
     let single = strategies(&model, &dir.path().join("full_s"), 1, 1, 1, 0);
     std::fs::remove_file(dir.path().join("src/rank_2/checkpoint_2.ckpt")).unwrap();
-    let e = text_of_err(&options(
+    let e = err_of(&options(
         &dir.path().join("src"),
         &dir.path().join("out"),
         Some(&s),
         Some(&single),
     ));
+    assert_eq!(e.kind(), ErrorKind::Missing, "{e}");
+    let e = e.to_string();
     assert!(e.contains("rank_2") && e.contains("no .ckpt file"), "{e}");
     std::fs::remove_dir_all(dir.path().join("src/rank_2")).unwrap();
-    let e = text_of_err(&options(
+    let e = err_of(&options(
         &dir.path().join("src"),
         &dir.path().join("out"),
         Some(&s),
         None,
     ));
-    assert!(e.contains("rank_2 is missing"), "{e}");
+    assert_eq!(e.kind(), ErrorKind::Missing, "{e}");
+    assert!(e.to_string().contains("rank_2 is missing"), "{e}");
 }
 
 #[test]
@@ -120,13 +118,14 @@ fn needed_source_rank_missing_names_both_ranks() {
     .unwrap();
     std::fs::create_dir(dir.path().join("src/rank_3")).unwrap();
     std::fs::write(dir.path().join("src/rank_3/other.txt"), b"x").unwrap();
-    let e = text_of_err(&options(
+    let e = err_of(&options(
         &dir.path().join("src"),
         &dir.path().join("out"),
         Some(&s),
         Some(&d),
     ));
-    assert!(e.contains("rank_3"), "{e}");
+    assert_eq!(e.kind(), ErrorKind::Missing, "{e}");
+    assert!(e.to_string().contains("rank_3"), "{e}");
 }
 
 #[test]
@@ -135,14 +134,15 @@ fn strategy_of_another_model_is_refused() {
     let other = dir.path().join("other.ckpt");
     synthetic_model(&other, 4, DType::F32, 9); // more layers: unknown parameters
     let wrong = strategies(&other, &dir.path().join("wrong"), 1, 2, 1, 0);
-    let e = text_of_err(&options(
+    let e = err_of(&options(
         &dir.path().join("src"),
         &dir.path().join("out"),
         Some(&wrong),
         Some(&s),
     ));
+    assert_eq!(e.kind(), ErrorKind::Strategy, "{e}");
     assert!(
-        e.contains("does not hold") && e.contains("model.layers.2"),
+        e.to_string().contains("does not hold") && e.to_string().contains("model.layers.2"),
         "{e}"
     );
 }
@@ -199,8 +199,10 @@ fn shape_not_divisible_names_the_tensor() {
     one_tensor_model(&model, &[6, 4]);
     let s = dir.path().join("s.ckpt");
     one_tensor_strategy(&s, vec![4], vec![0, -1], 0);
-    let e = text_of_err(&options(&model, &dir.path().join("out"), None, Some(&s)));
-    assert!(e.contains("\"w\"") && e.contains('6'), "{e}");
+    let e = err_of(&options(&model, &dir.path().join("out"), None, Some(&s)));
+    assert_eq!(e.kind(), ErrorKind::Strategy, "{e}");
+    assert_eq!(e.tensor(), Some("w"), "{e}");
+    assert!(e.to_string().contains('6'), "{e}");
 }
 
 #[test]
@@ -212,13 +214,18 @@ fn device_counts_that_do_not_divide() {
     one_tensor_strategy(&s2, vec![2], vec![0, -1], 0);
     one_tensor_strategy(&s3, vec![3], vec![-1, 0], 0);
     transform(&options(&model, &dir.path().join("two"), None, Some(&s2))).unwrap();
-    let e = text_of_err(&options(
+    let e = err_of(&options(
         &dir.path().join("two"),
         &dir.path().join("out"),
         Some(&s2),
         Some(&s3),
     ));
-    assert!(e.contains("cannot transform device_num from 2 to 3"), "{e}");
+    assert_eq!(e.kind(), ErrorKind::Strategy, "{e}");
+    assert!(
+        e.to_string()
+            .contains("cannot transform device_num from 2 to 3"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -3,11 +3,11 @@
 //! that cannot be written, output paths escaping the destination, symlinked
 //! rank directories).
 
-use reshard::error::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use reshard::error::ErrorKind;
 use reshard::formats::ckpt::Checkpoint;
 use reshard::formats::manifest::{manifest_path, Manifest};
 use reshard::formats::Source;
@@ -16,7 +16,7 @@ use reshard::ops::verify::{check_distributed, compare, Difference, Side, Toleran
 use reshard::DType;
 
 use crate::util::fs::walk as files;
-use crate::util::model::{strategies, synthetic_model};
+use crate::util::model::{model_and_strategy, shards, strategies, synthetic_model};
 use crate::util::{reshard_bin, skip, tempdir};
 
 /// Flips one byte of tensor `name` in a `.ckpt` file.
@@ -31,9 +31,7 @@ fn corrupt(path: &Path, name: &str) {
 
 fn setup(dp: u32, mp: u32) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempdir();
-    let model = dir.path().join("model.ckpt");
-    synthetic_model(&model, 2, DType::F32, 5);
-    let s = strategies(&model, &dir.path().join("s"), dp, mp, 1, 0);
+    let (model, s) = model_and_strategy(dir.path(), 2, dp, mp);
     (dir, model, s)
 }
 
@@ -75,14 +73,7 @@ fn manifests_are_written_and_verify_catches_tampering() {
 #[test]
 fn compare_finds_the_first_differing_element_across_layouts() {
     let (dir, model, s) = setup(2, 2);
-    let shards = dir.path().join("shards");
-    transform(&TransformOptions::new(
-        &model,
-        &shards,
-        None,
-        Some(s.clone()),
-    ))
-    .unwrap();
+    let shards = shards(&model, &s, &dir.path().join("shards"));
     let full = Side {
         path: model.clone(),
         strategy: None,
@@ -138,14 +129,7 @@ fn compare_finds_the_first_differing_element_across_layouts() {
 #[test]
 fn distributed_checks_find_missing_ranks_replicas_and_hyper_parameters() {
     let (dir, model, s) = setup(2, 2);
-    let shards = dir.path().join("shards");
-    transform(&TransformOptions::new(
-        &model,
-        &shards,
-        None,
-        Some(s.clone()),
-    ))
-    .unwrap();
+    let shards = shards(&model, &s, &dir.path().join("shards"));
     assert_eq!(check_distributed(&shards, &s).unwrap(), vec![]);
     // Ranks 0 and 2 are data-parallel replicas: corrupt rank 2's copy.
     corrupt(
@@ -318,8 +302,9 @@ fn unwritable_destinations_and_escaping_paths_are_refused() {
     let out2 = dir.path().join("out2");
     let mut o = TransformOptions::new(&model, &out2, None, Some(s.clone()));
     o.prefix = "../../escaped_".into();
-    let err = transform(&o).unwrap_err().to_string();
-    assert!(err.contains("not a plain file-name prefix"), "{err}");
+    let err = transform(&o).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Usage, "{err}");
+    assert_eq!(err.option(), Some("prefix"), "{err}");
     assert!(!dir.path().join("escaped_0.ckpt").exists() && !out2.exists());
     // An immutable directory, where the filesystem supports it.
     let locked = dir.path().join("locked");
@@ -346,14 +331,7 @@ fn unwritable_destinations_and_escaping_paths_are_refused() {
 #[test]
 fn symlinked_rank_directories_are_followed() {
     let (dir, model, s) = setup(1, 2);
-    let shards = dir.path().join("shards");
-    transform(&TransformOptions::new(
-        &model,
-        &shards,
-        None,
-        Some(s.clone()),
-    ))
-    .unwrap();
+    let shards = shards(&model, &s, &dir.path().join("shards"));
     let elsewhere = dir.path().join("elsewhere");
     std::fs::rename(shards.join("rank_1"), &elsewhere).unwrap();
     std::os::unix::fs::symlink(&elsewhere, shards.join("rank_1")).unwrap();

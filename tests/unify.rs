@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use reshard::error::ErrorKind;
 use reshard::formats::tree::FileFormat;
 use reshard::ops::inspect::{inspect, DirForm, InspectOptions, Report};
 use reshard::ops::transform::{transform, TransformOptions};
@@ -48,8 +49,15 @@ fn files_in(dir: &Path) -> usize {
 }
 
 /// The message of [`unify_err`]'s error, for cases whose error is not kinded yet.
-fn unify_text_err(o: &UnifyOptions) -> String {
-    unify_err(o).to_string()
+/// `f`'s ranks unified into `unified/`, in parts of 4 KiB (several parts).
+fn unified_in_parts(f: &Fixture) -> PathBuf {
+    let unified = f.dir.path().join("unified");
+    unify(&UnifyOptions {
+        part_bytes: 4096,
+        ..UnifyOptions::new(&f.ranks, &f.strategy, &unified)
+    })
+    .unwrap();
+    unified
 }
 
 fn unify_err(o: &UnifyOptions) -> reshard::Error {
@@ -119,12 +127,7 @@ fn unify_then_split_gives_back_the_model_and_every_rank() {
 #[test]
 fn hf_index_dir_is_a_complete_source() {
     let f = fixture();
-    let unified = f.dir.path().join("unified");
-    unify(&UnifyOptions {
-        part_bytes: 4096,
-        ..UnifyOptions::new(&f.ranks, &f.strategy, &unified)
-    })
-    .unwrap();
+    let unified = unified_in_parts(&f);
     // The same files under HuggingFace's index name.
     let hf = f.dir.path().join("hf");
     std::fs::create_dir(&hf).unwrap();
@@ -165,15 +168,10 @@ fn hf_index_dir_is_a_complete_source() {
 #[test]
 fn name_map_naming_a_missing_part_or_tensor_is_refused() {
     let f = fixture();
-    let unified = f.dir.path().join("unified");
-    unify(&UnifyOptions {
-        part_bytes: 4096,
-        ..UnifyOptions::new(&f.ranks, &f.strategy, &unified)
-    })
-    .unwrap();
+    let unified = unified_in_parts(&f);
     let map = unified.join("param_name_map.json");
     let text = std::fs::read_to_string(&map).unwrap();
-    let split = |dst: &str| -> String {
+    let split = |dst: &str| -> reshard::Error {
         let out = f.dir.path().join(dst);
         let e = transform(&TransformOptions::new(
             &unified,
@@ -181,8 +179,7 @@ fn name_map_naming_a_missing_part_or_tensor_is_refused() {
             None,
             Some(f.strategy.clone()),
         ))
-        .expect_err("should fail")
-        .to_string();
+        .expect_err("should fail");
         assert_eq!(files_in(&out), 0, "output left behind: {e}");
         e
     };
@@ -197,6 +194,8 @@ fn name_map_naming_a_missing_part_or_tensor_is_refused() {
     )
     .unwrap();
     let e = split("o1");
+    assert_eq!(e.kind(), ErrorKind::Missing, "{e}");
+    let e = e.to_string();
     assert!(e.contains("lm_head.weight") && e.contains("part9"), "{e}");
     // A tensor mapped to a part that does not hold it.
     std::fs::write(
@@ -209,6 +208,8 @@ fn name_map_naming_a_missing_part_or_tensor_is_refused() {
     )
     .unwrap();
     let e = split("o2");
+    assert_eq!(e.kind(), ErrorKind::Missing, "{e}");
+    let e = e.to_string();
     assert!(
         e.contains("ghost.weight") && e.contains("part0.safetensors"),
         "{e}"
@@ -219,11 +220,13 @@ fn name_map_naming_a_missing_part_or_tensor_is_refused() {
 fn mixed_formats_in_a_rank_directory_are_refused() {
     let f = fixture();
     std::fs::write(f.ranks.join("rank_1/old.ckpt"), b"x").unwrap();
-    let e = unify_text_err(&UnifyOptions::new(
+    let e = unify_err(&UnifyOptions::new(
         &f.ranks,
         &f.strategy,
         f.dir.path().join("u"),
     ));
+    assert_eq!(e.kind(), ErrorKind::BadInput, "{e}");
+    let e = e.to_string();
     assert!(e.contains("mixes") && e.contains("rank_1/old.ckpt"), "{e}");
 }
 
@@ -234,12 +237,13 @@ fn a_strategy_that_does_not_match_the_files_is_refused() {
     let bigger = f.dir.path().join("bigger.ckpt");
     synthetic_model(&bigger, 3, DType::BF16, 5);
     let other = strategies(&bigger, &f.dir.path().join("s3"), 2, 2, 1, 0);
-    let e = unify_text_err(&UnifyOptions::new(&f.ranks, &other, f.dir.path().join("u")));
-    assert!(e.contains("model.layers.2."), "{e}");
+    let e = unify_err(&UnifyOptions::new(&f.ranks, &other, f.dir.path().join("u")));
+    assert_eq!(e.kind(), ErrorKind::Strategy, "{e}");
+    assert!(e.to_string().contains("model.layers.2."), "{e}");
     // Eight ranks described, four present.
     let eight = strategies(&f.model, &f.dir.path().join("s8"), 2, 4, 1, 0);
     let e = unify_err(&UnifyOptions::new(&f.ranks, &eight, f.dir.path().join("u")));
-    assert_eq!(e.kind(), reshard::error::ErrorKind::Strategy, "{e}");
+    assert_eq!(e.kind(), ErrorKind::Strategy, "{e}");
     assert!(e.to_string().contains("8 ranks"), "{e}");
 }
 
@@ -296,7 +300,7 @@ fn existing_outputs_are_not_overwritten() {
     std::fs::create_dir(&unified).unwrap();
     std::fs::write(unified.join("param_name_map.json"), b"{}").unwrap();
     let e = unify(&UnifyOptions::new(&f.ranks, &f.strategy, &unified)).expect_err("should refuse");
-    assert_eq!(e.kind(), reshard::ErrorKind::Destination, "{e}");
+    assert_eq!(e.kind(), ErrorKind::Destination, "{e}");
     let e = e.to_string();
     assert!(
         e.contains("param_name_map.json") && e.contains("already exists"),

@@ -139,7 +139,7 @@ impl Manifest {
     pub fn check(&self, data: &Path) -> Result<()> {
         let got = digest_file(data)?;
         if got != self.digest {
-            return Err(Error::mismatch(format!(
+            return Err(Error::damaged(format!(
                 "does not match its manifest: {} bytes with xxh3 {:016x}, the manifest says {} bytes with xxh3 {:016x}",
                 got.bytes, got.xxh3, self.digest.bytes, self.digest.xxh3
             ))
@@ -216,7 +216,7 @@ mod tests {
         std::fs::write(&data, b"hellO").unwrap();
         assert!(!is_complete(&data));
         let err = check_tree(dir.path()).unwrap_err();
-        assert_eq!(err.kind(), crate::error::ErrorKind::Mismatch, "{err}");
+        assert_eq!(err.kind(), crate::error::ErrorKind::Damaged, "{err}");
         assert_eq!(err.file(), Some(data.as_path()));
         std::fs::write(manifest_path(&data), b"{").unwrap();
         assert!(Manifest::read(&data)

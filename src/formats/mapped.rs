@@ -379,10 +379,9 @@ mod tests {
         std::fs::write(&path, b"abcdef").unwrap();
         let map = Mapped::open(&path).unwrap();
         std::fs::write(&path, b"abcdefgh").unwrap();
-        let err = map.check().unwrap_err().to_string();
-        assert!(
-            err.contains("a.safetensors") && err.contains("length changed"),
-            "{err}"
-        );
+        let err = map.check().unwrap_err();
+        assert_eq!(err.kind(), crate::error::ErrorKind::SourceChanged, "{err}");
+        assert_eq!(err.file(), Some(path.as_path()), "{err}");
+        assert!(err.to_string().contains("length changed"), "{err}");
     }
 }

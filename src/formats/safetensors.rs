@@ -495,14 +495,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.safetensors");
         std::fs::write(&path, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json").unwrap();
-        let err = SafetensorsFile::open(&path, false)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(
-            err.contains("bad.safetensors") && err.contains("not a valid safetensors"),
-            "{err}"
-        );
+        let err = SafetensorsFile::open(&path, false).err().unwrap();
+        assert_eq!(err.kind(), crate::error::ErrorKind::BadInput, "{err}");
+        assert_eq!(err.file(), Some(path.as_path()), "{err}");
+        assert!(err.to_string().contains("not a valid safetensors"), "{err}");
 
         let a = [5u8; 4];
         let tensors = vec![(

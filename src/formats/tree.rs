@@ -493,6 +493,7 @@ pub fn complete_dir(dir: &Path) -> Result<Option<CompleteDir>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
     use std::fs;
 
     #[test]
@@ -523,22 +524,32 @@ mod tests {
         fs::create_dir(dir.path().join("rank_0")).unwrap();
         fs::create_dir(dir.path().join("rank_1")).unwrap();
         fs::write(dir.path().join("rank_0/a.ckpt"), b"").unwrap();
-        let err = tree_checkpoints(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("no .ckpt file in rank_1"), "{err}");
+        let err = tree_checkpoints(dir.path()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Missing, "{err}");
+        assert!(err.to_string().contains("no .ckpt file in rank_1"), "{err}");
         // A stray `rank_01` beside `rank_1`: named, not an empty list.
         fs::create_dir(dir.path().join("rank_01")).unwrap();
-        let err = tree_checkpoints(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("rank_01 and rank_1 both name rank 1"), "{err}");
+        let err = tree_checkpoints(dir.path()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::BadInput, "{err}");
+        assert!(
+            err.to_string()
+                .contains("rank_01 and rank_1 both name rank 1"),
+            "{err}"
+        );
         fs::remove_dir(dir.path().join("rank_01")).unwrap();
         fs::write(dir.path().join("rank_1/a.safetensors"), b"").unwrap();
-        let err = tree_checkpoints(dir.path()).unwrap_err().to_string();
+        let err = tree_checkpoints(dir.path()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::BadInput, "{err}");
+        let err = err.to_string();
         assert!(
             err.contains("mix")
                 && err.contains("rank_0/a.ckpt")
                 && err.contains("rank_1/a.safetensors"),
             "{err}"
         );
-        let err = tree_safetensors(dir.path(), None).unwrap_err().to_string();
+        let err = tree_safetensors(dir.path(), None).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::BadInput, "{err}");
+        let err = err.to_string();
         assert!(
             err.contains("mixes") && err.contains("rank_0/a.ckpt"),
             "{err}"
@@ -569,7 +580,9 @@ mod tests {
             br#"{"metadata": {"total_size": 4}, "weight_map": {"w": "part1.safetensors"}}"#,
         )
         .unwrap();
-        let err = complete_dir(d).unwrap_err().to_string();
+        let err = complete_dir(d).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Missing, "{err}");
+        let err = err.to_string();
         assert!(
             err.contains("\"w\"") && err.contains("part1.safetensors"),
             "{err}"

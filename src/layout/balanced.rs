@@ -14,9 +14,8 @@ use crate::error::{Error, Result};
 /// a rank counts the earlier ranks with the same slice id.
 pub fn slice_ids(layout: &Layout) -> Result<(Vec<u64>, Vec<u64>, Vec<u64>)> {
     if layout.nested || layout.opt_shard_size != 0 {
-        return Err(Error::Strategy(
-            "Checkpoint 2.0 output supports flat tensor maps without optimizer sharding only"
-                .into(),
+        return Err(Error::unsupported(
+            "Checkpoint 2.0 output supports flat tensor maps without optimizer sharding only",
         ));
     }
     let dev = &layout.dev_matrix;
@@ -111,7 +110,7 @@ mod tests {
             (vec![0; 4], vec![0, 1, 2, 3], vec![1, 1])
         );
         let e = slice_ids(&Layout::flat(vec![2, 2], &[0, -1]).with_opt_shard(2, 2)).unwrap_err();
-        assert_eq!(e.kind(), crate::error::ErrorKind::Strategy, "{e}");
+        assert_eq!(e.kind(), crate::error::ErrorKind::Unsupported, "{e}");
     }
 
     #[test]

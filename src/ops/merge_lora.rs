@@ -321,6 +321,7 @@ mod tests {
             "{err}"
         );
         let err = lora_pairs(&set(&["x.wq.mindpet_delta_lora_a", "x.wq.weight"])).unwrap_err();
+        assert_eq!(err.kind(), crate::error::ErrorKind::Missing, "{err}");
         assert!(err.to_string().contains("no B factor"), "{err}");
         let ok = lora_pairs(&set(&[
             "x.wq.mindpet_delta_lora_a",

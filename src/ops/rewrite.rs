@@ -419,10 +419,10 @@ mod tests {
         assert_eq!(names, ["z.w", "a.w", "note"]);
 
         let bad = dir.path().join("d.safetensors");
-        let e = rewrite(&src, &bad, &renamed(&[("b.w", "a.w")]))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("m.ckpt") && e.contains("\"a.w\""), "{e}");
+        let e = rewrite(&src, &bad, &renamed(&[("b.w", "a.w")])).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Usage, "{e}");
+        assert_eq!(e.tensor(), Some("a.w"), "{e}");
+        assert!(e.to_string().contains("m.ckpt"), "{e}");
         assert!(!bad.exists());
     }
 

@@ -173,10 +173,10 @@ fn checkpoint2_directories_read_through_mindformers_metadata() {
     // A --src-strategy is refused: metadata.json is the layout.
     let mut o = TransformOptions::new(root.join("v21"), root.join("x"), Some(dst.clone()), None);
     o.dst_strategy = None;
-    assert!(transform(&o)
-        .unwrap_err()
-        .to_string()
-        .contains("metadata.json"));
+    let err = transform(&o).unwrap_err();
+    assert_eq!(err.kind(), reshard::ErrorKind::Usage, "{err}");
+    assert_eq!(err.option(), Some("src_strategy"), "{err}");
+    assert!(err.to_string().contains("metadata.json"), "{err}");
     // A referenced file missing: the error names it and the parameter.
     let it = root.join("v21/iteration_00000001");
     std::fs::remove_file(it.join("model-0000001-0000004.safetensors")).unwrap();
@@ -187,7 +187,7 @@ fn checkpoint2_directories_read_through_mindformers_metadata() {
         None,
     ))
     .unwrap_err();
-    assert_eq!(err.kind(), reshard::error::ErrorKind::Missing, "{err}");
+    assert_eq!(err.kind(), reshard::ErrorKind::Missing, "{err}");
     assert!(err.tensor().is_some(), "{err}");
     assert!(
         err.to_string()

@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 
 use serde_json::json;
 
-use crate::util::{mindspore_python, reshard_bin, run_py, tempdir};
+use crate::util::{mindspore_python, reshard_bin, run_py_cases, tempdir};
 
 /// Every checkpoint file under `dir`, relative, sorted (manifests and
 /// mindformers' markers aside).
@@ -71,13 +71,7 @@ fn guide_command_lines_give_mindspore_bytes() {
         {"name": "split", "dtype": "bfloat16", "src": null, "dst": {"dev": [4], "pp": 2}},
         {"name": "merge", "dtype": "float16", "src": {"dev": [2, 2]}, "dst": null},
     ]);
-    let cases_path = root.join("cases.json");
-    std::fs::write(&cases_path, serde_json::to_vec(&cases).unwrap()).unwrap();
-    run_py(
-        &python,
-        "transform_gen.py",
-        &[root.to_str().unwrap(), cases_path.to_str().unwrap()],
-    );
+    run_py_cases(&python, "transform_gen.py", root, &cases);
     let s = |p: PathBuf| p.to_str().unwrap().to_string();
     let split = root.join("split");
     let full = s(split.join("full/rank_0/full.ckpt"));

@@ -229,7 +229,8 @@ fn their_slice(v: &Value) -> Value {
 /// writes (its construction changes the device count; MindSpore's own
 /// transform then fails or duplicates data).
 fn is_rejected(l: &Layout, global: &[u64]) -> bool {
-    matches!(l.expand(global), Err(e) if e.to_string().contains("inconsistent optimizer sharding"))
+    matches!(l.expand(global), Err(e) if e.kind() == reshard::ErrorKind::Strategy
+        && e.to_string().contains("inconsistent optimizer sharding"))
 }
 
 /// Whether MindSpore's needed-rank list should equal ours exactly.

@@ -9,7 +9,7 @@ use reshard::ops::merge_lora::{merge_lora, MergeLoraOptions};
 use reshard::ops::transform::{transform, TransformOptions};
 use reshard::DType;
 
-use crate::util::lora::{lora_model, strategies};
+use crate::util::lora::{decode, lora_model, strategies};
 use crate::util::{mindspore_python, run_py, tempdir};
 
 /// |ours - theirs| in units of the last place of `dtype` at `scale`: the
@@ -24,24 +24,6 @@ fn ulps(dtype: DType, ours: f64, theirs: f64, scale: f64) -> f64 {
     };
     let exp = scale.abs().max(f64::MIN_POSITIVE).log2().floor();
     (ours - theirs).abs() / 2f64.powf(exp - mantissa as f64)
-}
-
-fn values(dtype: DType, bytes: &[u8]) -> Vec<f64> {
-    match dtype {
-        DType::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-            .collect(),
-        DType::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
-            .collect(),
-        DType::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64())
-            .collect(),
-        _ => unreachable!(),
-    }
 }
 
 /// The documented bound, in ulps of max(|W|, |s·B·A|): reshard accumulates
@@ -131,7 +113,7 @@ fn merge_matches_mindformers_recipe_within_the_bound() {
             "{dtype}: parameter list or order differs"
         );
         let src = Checkpoint::open(&full, &Default::default()).unwrap();
-        let read = |n: &str| values(dtype, &src.tensor_bytes(src.get(n).unwrap()));
+        let read = |n: &str| decode(dtype, &src.tensor_bytes(src.get(n).unwrap()));
         let mut worst = 0f64;
         for (e, f) in ours.entries().iter().zip(theirs.entries()) {
             assert_eq!(
@@ -149,9 +131,9 @@ fn merge_matches_mindformers_recipe_within_the_bound() {
             let (_, a_name, b_name) = report.merged.iter().find(|(w, _, _)| w == &e.name).unwrap();
             let (w, fa, fb) = (read(&e.name), read(a_name), read(b_name));
             let (cols, k) = (e.dims[1] as usize, fa.len() / e.dims[1] as usize);
-            for (i, (x, y)) in values(dtype, &a)
+            for (i, (x, y)) in decode(dtype, &a)
                 .into_iter()
-                .zip(values(dtype, &b))
+                .zip(decode(dtype, &b))
                 .enumerate()
             {
                 let (row, col) = (i / cols, i % cols);

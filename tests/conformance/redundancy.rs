@@ -22,7 +22,7 @@ use reshard::ops::verify;
 use serde_json::{json, Value};
 
 use crate::util::fs::{assert_same_tree, files_under};
-use crate::util::{mindspore_python, run_py, tempdir};
+use crate::util::{mindspore_python, run_py_cases, tempdir};
 
 /// dp2·mp2 with optimizer shard, dp4·mp2 and a pipeline layout, on each
 /// side: each case reads its source de-duplicated and writes its destination
@@ -88,13 +88,7 @@ fn remove_redundancy_sets_read_and_written_like_mindspore() {
     };
     let dir = tempdir();
     let cases = cases();
-    let cases_path = dir.path().join("cases.json");
-    std::fs::write(&cases_path, serde_json::to_vec(&cases).unwrap()).unwrap();
-    run_py(
-        &python,
-        "redundancy_gen.py",
-        &[dir.path().to_str().unwrap(), cases_path.to_str().unwrap()],
-    );
+    run_py_cases(&python, "redundancy_gen.py", dir.path(), &cases);
     for (i, case) in cases.iter().enumerate() {
         let name = case["name"].as_str().unwrap();
         let case_dir = dir.path().join(name);
@@ -184,43 +178,33 @@ fn remove_redundancy_sets_read_and_written_like_mindspore() {
         transform(&o).unwrap_or_else(|e| panic!("{name} direct: {e}"));
         assert_same_tree(&out, &loaded, name);
         let world = files_under(&loaded).len();
-        let job = dir.path().join(format!("job-{name}"));
+        // `auto` makes each rank's file load_distributed_checkpoint made.
+        let auto_matches = |job: &str, mut a: AutoOptions| {
+            a.dst_strategy = Some(case_dir.join("dst_strategy_merged.ckpt"));
+            a.load_ckpt_format = FileFormat::Safetensors;
+            a.output_dir = dir.path().join(job).join("output");
+            a.parallel.pipeline_stage = if case["dst"]["pp"].is_null() { 1 } else { 2 };
+            let report = auto_convert(&a).unwrap_or_else(|e| panic!("{job}: {e}"));
+            let root = report.load_checkpoint.expect("auto loads converted files");
+            for r in 0..world {
+                let ours = root.join(format!("rank_{r}/checkpoint_{r}.safetensors"));
+                let theirs = loaded.join(format!("rank_{r}/net.safetensors"));
+                assert!(
+                    std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(),
+                    "{job}: auto's rank {r} differs from load_distributed_checkpoint's"
+                );
+            }
+        };
         let mut a = AutoOptions::new(case_dir.join("src_dedup"), 0, world);
         a.src_strategy = Some(case_dir.join("src_strategy"));
-        a.dst_strategy = Some(case_dir.join("dst_strategy_merged.ckpt"));
-        a.load_ckpt_format = FileFormat::Safetensors;
         a.remove_redundancy = Some(true);
-        a.output_dir = job.join("output");
-        a.parallel.pipeline_stage = if case["dst"]["pp"].is_null() { 1 } else { 2 };
-        let report = auto_convert(&a).unwrap_or_else(|e| panic!("{name} auto: {e}"));
-        let root = report.load_checkpoint.expect("auto loads converted files");
-        for r in 0..world {
-            let ours = root.join(format!("rank_{r}/checkpoint_{r}.safetensors"));
-            let theirs = loaded.join(format!("rank_{r}/net.safetensors"));
-            assert!(
-                std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(),
-                "{name}: auto's rank {r} differs from load_distributed_checkpoint's"
-            );
-        }
-
+        auto_matches(&format!("job-{name}"), a);
         // The complete-weights flow: load_checkpoint is the unified folder
         // itself (load_distributed_checkpoint straight on it).
-        let job = dir.path().join(format!("job-unified-{name}"));
-        let mut a = AutoOptions::new(case_dir.join("unified_dedup"), 0, world);
-        a.dst_strategy = Some(case_dir.join("dst_strategy_merged.ckpt"));
-        a.load_ckpt_format = FileFormat::Safetensors;
-        a.output_dir = job.join("output");
-        a.parallel.pipeline_stage = if case["dst"]["pp"].is_null() { 1 } else { 2 };
-        let report = auto_convert(&a).unwrap_or_else(|e| panic!("{name} auto unified: {e}"));
-        let root = report.load_checkpoint.expect("auto loads converted files");
-        for r in 0..world {
-            let ours = root.join(format!("rank_{r}/checkpoint_{r}.safetensors"));
-            let theirs = loaded.join(format!("rank_{r}/net.safetensors"));
-            assert!(
-                std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(),
-                "{name}: auto's rank {r} from the unified folder differs"
-            );
-        }
+        auto_matches(
+            &format!("job-unified-{name}"),
+            AutoOptions::new(case_dir.join("unified_dedup"), 0, world),
+        );
 
         // verify: the de-duplicated set holds the same model as the full one.
         let c = verify::compare(

@@ -67,7 +67,7 @@ fn tree_rewrite_is_byte_identical_to_mindspore() {
             file: RewriteOptions::default(),
         },
     )
-    .unwrap_err()
-    .to_string();
-    assert!(again.contains("already exists"), "{again}");
+    .unwrap_err();
+    assert_eq!(again.kind(), reshard::ErrorKind::Destination, "{again}");
+    assert!(again.to_string().contains("already exists"), "{again}");
 }

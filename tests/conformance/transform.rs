@@ -10,7 +10,7 @@ use reshard::ops::transform::{transform, TransformOptions};
 use serde_json::{json, Value};
 
 use crate::util::fs::{assert_same_tree, files_under};
-use crate::util::{mindspore_python, run_py, tempdir};
+use crate::util::{mindspore_python, run_py, run_py_cases, tempdir};
 
 fn side(dev: &[u64]) -> Value {
     json!({"dev": dev})
@@ -90,13 +90,7 @@ fn transform_matrix_is_byte_identical_to_mindspore() {
     };
     let dir = tempdir();
     let cases = cases();
-    let cases_path = dir.path().join("cases.json");
-    std::fs::write(&cases_path, serde_json::to_vec(&cases).unwrap()).unwrap();
-    run_py(
-        &python,
-        "transform_gen.py",
-        &[dir.path().to_str().unwrap(), cases_path.to_str().unwrap()],
-    );
+    run_py_cases(&python, "transform_gen.py", dir.path(), &cases);
     for (i, case) in cases.iter().enumerate() {
         if case["by_stage"] == true {
             continue;

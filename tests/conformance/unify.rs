@@ -20,7 +20,7 @@ use reshard::ops::transform::{transform, TransformOptions};
 use reshard::ops::unify::{unify, Choice, UnifyOptions};
 use serde_json::{json, Value};
 
-use crate::util::{mindspore_python, run_py, tempdir};
+use crate::util::{mindspore_python, run_py_cases, tempdir};
 
 fn cases() -> Value {
     let split = |k: u64| json!({"out": format!("split{k}"), "part_bytes": 3000, "split": [k, 3]});
@@ -94,13 +94,7 @@ fn unify_is_byte_identical_to_mindspore_unified_safetensors() {
     };
     let dir = tempdir();
     let cases = cases();
-    let cases_path = dir.path().join("cases.json");
-    std::fs::write(&cases_path, serde_json::to_vec(&cases).unwrap()).unwrap();
-    run_py(
-        &python,
-        "unify_gen.py",
-        &[dir.path().to_str().unwrap(), cases_path.to_str().unwrap()],
-    );
+    run_py_cases(&python, "unify_gen.py", dir.path(), &cases);
     for case in cases.as_array().unwrap() {
         let d = dir.path().join(case["name"].as_str().unwrap());
         for run in case["runs"].as_array().unwrap() {

@@ -116,6 +116,25 @@ pub fn run_py(python: &Path, script: &str, args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("python printed non-UTF-8")
 }
 
+/// Runs a generator script the way every `*_gen.py` is called: `cases`
+/// written to `dir/cases.json`, then `python script dir dir/cases.json`
+/// (the script writes each case's inputs and MindSpore's outputs under
+/// `dir/<case name>/`). Returns stdout.
+pub fn run_py_cases(
+    python: &Path,
+    script: &str,
+    dir: &Path,
+    cases: &impl serde::Serialize,
+) -> String {
+    let cases_path = dir.join("cases.json");
+    std::fs::write(&cases_path, serde_json::to_vec(cases).unwrap()).unwrap();
+    run_py(
+        python,
+        script,
+        &[dir.to_str().unwrap(), cases_path.to_str().unwrap()],
+    )
+}
+
 /// A fresh temporary directory, removed on drop.
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use reshard::formats::ckpt::{CkptWriter, WriteOptions};
 use reshard::ops::strategy_gen::{write_strategies, StrategyOptions};
+use reshard::ops::transform::{transform, TransformOptions};
 use reshard::DType;
 
 /// A llama-shaped full checkpoint: `layers` layers, hidden 16, ffn 48, vocab 48.
@@ -63,4 +64,26 @@ pub fn strategies(model: &Path, dir: &Path, dp: u32, mp: u32, pp: u32, opt: i32)
     })
     .unwrap();
     dir.to_path_buf()
+}
+
+/// A fresh `dir/model.ckpt` (`layers` layers, f32, seed 5) and its
+/// strategy files in `dir/s` (dp · mp, one stage, no optimizer shard).
+pub fn model_and_strategy(dir: &Path, layers: usize, dp: u32, mp: u32) -> (PathBuf, PathBuf) {
+    let model = dir.join("model.ckpt");
+    synthetic_model(&model, layers, DType::F32, 5);
+    let s = strategies(&model, &dir.join("s"), dp, mp, 1, 0);
+    (model, s)
+}
+
+/// `model` split by the strategy `s` into the rank folders of `out`;
+/// returns `out`.
+pub fn shards(model: &Path, s: &Path, out: &Path) -> PathBuf {
+    transform(&TransformOptions::new(
+        model,
+        out,
+        None,
+        Some(s.to_path_buf()),
+    ))
+    .unwrap();
+    out.to_path_buf()
 }

@@ -344,6 +344,7 @@ mod tests {
         let last = file.len() - 1;
         file[last] ^= 1;
         let err = decrypt(&file, &[1u8; 16], EncMode::AesGcm).unwrap_err();
+        assert_eq!(err.kind(), crate::error::ErrorKind::Encrypted, "{err}");
         assert!(err.to_string().contains("tampered"), "{err}");
     }
 

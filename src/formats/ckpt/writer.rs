@@ -504,6 +504,7 @@ mod tests {
         let err = w
             .write_tensor("t", DType::F32, &[2], &[0u8; 4])
             .unwrap_err();
+        assert_eq!(err.kind(), crate::error::ErrorKind::BadInput, "{err}");
         assert!(err.to_string().contains("needs 8"), "{err}");
         w.write_tensor("t", DType::F32, &[1], &[0u8; 4]).unwrap();
         let err = w

@@ -340,8 +340,10 @@ mod tests {
     fn serialize_refuses_what_json_cannot_hold() {
         let mut s = parse(SAMPLE.as_bytes()).unwrap();
         s.layout_items[0].tensor_map = vec![vec![1, 0], vec![]];
-        let e = serialize(&s).unwrap_err().to_string();
-        assert!(e.contains("nested") && e.contains("\"w\""), "{e}");
+        let e = serialize(&s).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Strategy, "{e}");
+        assert_eq!(e.tensor(), Some("w"), "{e}");
+        assert!(e.to_string().contains("nested"), "{e}");
         s.layout_items[0].tensor_map = vec![vec![1]];
         s.layout_items[0].dev_matrix = vec![];
         assert!(serialize(&s).is_err());

@@ -545,6 +545,7 @@ mod tests {
         let s = strategy(vec![item("0-a", &[2], &[0]), item("2-b", &[2], &[0])]);
         let t = s.layout_table(None).unwrap();
         let err = t.stage_num().unwrap_err();
+        assert!(matches!(err.root(), Error::Strategy(_)), "{err}");
         assert!(
             err.to_string().contains("does not contain all stages"),
             "{err}"
