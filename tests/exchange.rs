@@ -301,13 +301,7 @@ fn eight_ranks_on_two_nodes(launcher: Launcher) {
 fn assert_failed_clean(out: &[Outcome], nodes: &[PathBuf], want: &dyn Fn(&Outcome) -> bool) {
     for o in out {
         assert_eq!(o.code, Some(1), "rank {}: {}", o.rank, o.stderr);
-        assert!(
-            want(o),
-            "rank {}: {:?} {}",
-            o.rank,
-            o.error_kind(),
-            o.stderr
-        );
+        assert!(want(o), "rank {}: {:?} {}", o.rank, error_kind(o), o.stderr);
     }
     for node in nodes {
         let left = ckpts_under(&node.join("output/transformed_checkpoint"));
@@ -339,7 +333,7 @@ fn a_source_on_no_node_fails_every_rank() {
     );
     // The message names the missing rank: that is its point.
     assert_failed_clean(&out, &nodes, &|o| {
-        o.error_kind() == Some("job") && o.stderr.contains("source rank(s) [6]")
+        error_kind(o) == Some("job") && o.stderr.contains("source rank(s) [6]")
     });
 }
 
@@ -389,9 +383,9 @@ fn mismatched_world_sizes_fail_every_rank() {
     // learn the job's size from it and refuse.
     assert_failed_clean(&out, &nodes, &|o| {
         if o.rank == 0 {
-            o.error_kind() == Some("device") && o.stderr.contains("did not join")
+            error_kind(o) == Some("device") && o.stderr.contains("did not join")
         } else {
-            o.error_kind() == Some("job") && o.stderr.contains("runs a job of 4 ranks")
+            error_kind(o) == Some("job") && o.stderr.contains("runs a job of 4 ranks")
         }
     });
     assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
@@ -449,10 +443,10 @@ fn a_rank_killed_mid_exchange_fails_every_rank_and_leaves_nothing() {
         // A dead peer is a device timeout (its HCCL operation fails) or a
         // job error (a peer failed); either names the rank.
         assert!(
-            matches!(o.error_kind(), Some("device" | "job")),
+            matches!(error_kind(o), Some("device" | "job")),
             "rank {}: {:?} {}",
             o.rank,
-            o.error_kind(),
+            error_kind(o),
             o.stderr
         );
         assert!(
@@ -509,4 +503,10 @@ fn eight_ranks_without_a_shared_disk_match_mindspore() {
         Duration::from_secs(120),
     );
     crate::util::job::assert_ranks_match(&out, &expect, "converted");
+}
+
+/// The kind of a failed rank's error, from its `--json` report
+/// (`reshard::ErrorKind::name()`).
+fn error_kind(o: &Outcome) -> Option<&str> {
+    o.report.as_ref()?["error"]["kind"].as_str()
 }

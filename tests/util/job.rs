@@ -136,11 +136,6 @@ impl Outcome {
     pub fn action(&self) -> &str {
         self.report.as_ref().unwrap()["action"].as_str().unwrap()
     }
-    /// The kind of a failed rank's error, from its `--json` report
-    /// (`reshard::ErrorKind::name()`).
-    pub fn error_kind(&self) -> Option<&str> {
-        self.report.as_ref()?["error"]["kind"].as_str()
-    }
 }
 
 /// How to start each rank.
