@@ -89,31 +89,61 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// How the job's launcher tells each rank who it is.
+#[derive(Clone, Copy, PartialEq)]
+enum Launcher {
+    /// `RANK_ID` / `RANK_SIZE`, and the rendezvous given as a flag.
+    RankEnv,
+    /// mindformers' `msrun`: `RANK_ID`, `MS_WORKER_NUM`, `MS_NODE_ID`,
+    /// and the scheduler's `MS_SCHED_HOST` / `MS_SCHED_PORT` (the
+    /// rendezvous is on the port after it); no flag names the rendezvous.
+    Msrun,
+}
+
 /// Starts `world` ranks of `reshard auto --exchange hccl` on the emulator,
-/// rank `r` in `cwd(r)` with `RANK_SIZE` `size(r)`.
+/// rank `r` in `cwd(r)`, told it is one of `size(r)`.
+#[allow(clippy::too_many_arguments)]
 fn spawn(
     world: usize,
     cwd: &dyn Fn(usize) -> PathBuf,
     size: &dyn Fn(usize) -> usize,
     net: &Path,
     logs: &Path,
+    launcher: Launcher,
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> Vec<(Child, PathBuf, PathBuf)> {
-    let rendezvous = format!("127.0.0.1:{}", free_port());
+    let port = free_port();
+    let rendezvous = format!("127.0.0.1:{port}");
     std::fs::create_dir_all(logs).unwrap();
     (0..world)
         .map(|rank| {
             let out = logs.join(format!("rank{rank}.out"));
             let err = logs.join(format!("rank{rank}.err"));
-            let child = Command::new(emulated_bin())
-                .args(["auto", "--config", "run.yaml", "--json", "--poll-ms", "20"])
-                .args(["--exchange", "hccl", "--rendezvous", &rendezvous])
-                .args(["--timeout", "60"])
+            let mut cmd = Command::new(emulated_bin());
+            cmd.args(["auto", "--config", "run.yaml", "--json", "--poll-ms", "20"])
+                .args(["--exchange", "hccl", "--timeout", "60"])
+                .env("RANK_ID", rank.to_string())
+                .env_remove("RANK_SIZE")
+                .env_remove("MS_WORKER_NUM")
+                .env_remove("MS_SCHED_HOST")
+                .env_remove("MS_SCHED_PORT");
+            match launcher {
+                Launcher::RankEnv => {
+                    cmd.args(["--rendezvous", &rendezvous])
+                        .env("RANK_SIZE", size(rank).to_string());
+                }
+                Launcher::Msrun => {
+                    cmd.env("MS_WORKER_NUM", size(rank).to_string())
+                        .env("MS_NODE_ID", rank.to_string())
+                        .env("MS_ROLE", "MS_WORKER")
+                        .env("MS_SCHED_HOST", "127.0.0.1")
+                        .env("MS_SCHED_PORT", (port - 1).to_string());
+                }
+            }
+            let child = cmd
                 .args(extra)
                 .current_dir(cwd(rank))
-                .env("RANK_ID", rank.to_string())
-                .env("RANK_SIZE", size(rank).to_string())
                 .env("DEVICE_NUM_PER_NODE", "4")
                 .env("ASCEND_STUB_HCCL_DIR", net)
                 .env("HCCL_EXEC_TIMEOUT", "20")
@@ -152,6 +182,19 @@ fn ckpts_under(dir: &Path) -> Vec<PathBuf> {
 /// read once in the whole job) and receiving the rest card to card.
 #[test]
 fn eight_ranks_on_two_nodes_without_a_shared_disk() {
+    eight_ranks_on_two_nodes(Launcher::RankEnv);
+}
+
+/// The same job started as `msrun` starts it: the world size from
+/// `MS_WORKER_NUM` and the rendezvous from `MS_SCHED_HOST` / `MS_SCHED_PORT`
+/// (the nodes share no folder, so the root info cannot have gone through a
+/// file).
+#[test]
+fn eight_ranks_started_by_msrun_meet_at_the_scheduler_address() {
+    eight_ranks_on_two_nodes(Launcher::Msrun);
+}
+
+fn eight_ranks_on_two_nodes(launcher: Launcher) {
     let (d, expect) = exchange_job();
     let nodes = node_dirs(d.path());
     let net = d.path().join("net");
@@ -165,6 +208,7 @@ fn eight_ranks_on_two_nodes_without_a_shared_disk() {
             &|_| 8,
             &net,
             logs.path(),
+            launcher,
             &[],
             &[],
         ),
@@ -246,13 +290,18 @@ fn eight_ranks_on_two_nodes_without_a_shared_disk() {
     // emulated network's group folder.
     let left: Vec<_> = std::fs::read_dir(&net).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
+    // The root info went through the rendezvous, not a file.
+    for node in &nodes {
+        let file = node.join("output/transformed_checkpoint/.hccl_root_info");
+        assert!(!file.exists(), "{}", file.display());
+    }
     eprintln!("8 ranks, two nodes: {seconds:.2} s, {sent} bytes exchanged");
 }
 
 fn assert_failed_clean(out: &[Outcome], nodes: &[PathBuf], want: &dyn Fn(&Outcome) -> bool) {
     for o in out {
         assert_eq!(o.code, Some(1), "rank {}: {}", o.rank, o.stderr);
-        assert!(want(o), "rank {}: {}", o.rank, o.stderr);
+        assert!(want(o), "rank {}: {:?} {}", o.rank, error_kind(o), o.stderr);
     }
     for node in nodes {
         let left = ckpts_under(&node.join("output/transformed_checkpoint"));
@@ -276,13 +325,15 @@ fn a_source_on_no_node_fails_every_rank() {
             &|_| 8,
             &net,
             logs.path(),
+            Launcher::RankEnv,
             &[],
             &[],
         ),
         Duration::from_secs(120),
     );
+    // The message names the missing rank: that is its point.
     assert_failed_clean(&out, &nodes, &|o| {
-        o.stderr.contains("source rank(s) [6]") && o.stderr.contains("on no node")
+        error_kind(o) == Some("job") && o.stderr.contains("source rank(s) [6]")
     });
 }
 
@@ -322,16 +373,19 @@ fn mismatched_world_sizes_fail_every_rank() {
             &|r| if r == 0 { 4 } else { 8 },
             &net,
             logs.path(),
+            Launcher::RankEnv,
             &[],
             &[("HCCL_EXEC_TIMEOUT", "5")],
         ),
         Duration::from_secs(120),
     );
+    // Rank 0 times out waiting for ranks that will never join; the others
+    // learn the job's size from it and refuse.
     assert_failed_clean(&out, &nodes, &|o| {
         if o.rank == 0 {
-            o.stderr.contains("did not join")
+            error_kind(o) == Some("device") && o.stderr.contains("did not join")
         } else {
-            o.stderr.contains("runs a job of 4 ranks")
+            error_kind(o) == Some("job") && o.stderr.contains("runs a job of 4 ranks")
         }
     });
     assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
@@ -354,6 +408,7 @@ fn a_rank_killed_mid_exchange_fails_every_rank_and_leaves_nothing() {
         &|_| 8,
         &net,
         logs.path(),
+        Launcher::RankEnv,
         &[],
         &[("RESHARD_TEST_STALL_EXCHANGE_MS", "3000")],
     );
@@ -385,7 +440,15 @@ fn a_rank_killed_mid_exchange_fails_every_rank_and_leaves_nothing() {
     let out = collect(children, Duration::from_secs(120));
     for o in out.iter().filter(|o| o.rank != 5) {
         assert_eq!(o.code, Some(1), "rank {}: {}", o.rank, o.stderr);
-        // Rank 5, or a rank that failed because of it and exited.
+        // A dead peer is a device timeout (its HCCL operation fails) or a
+        // job error (a peer failed); either names the rank.
+        assert!(
+            matches!(error_kind(o), Some("device" | "job")),
+            "rank {}: {:?} {}",
+            o.rank,
+            error_kind(o),
+            o.stderr
+        );
         assert!(
             o.stderr.contains("has exited") || o.stderr.contains("rank(s) [5]"),
             "rank {}: {}",
@@ -433,10 +496,17 @@ fn eight_ranks_without_a_shared_disk_match_mindspore() {
             &|_| 8,
             &net,
             logs.path(),
+            Launcher::RankEnv,
             &[],
             &[],
         ),
         Duration::from_secs(120),
     );
     crate::util::job::assert_ranks_match(&out, &expect, "converted");
+}
+
+/// The kind of a failed rank's error, from its `--json` report
+/// (`reshard::ErrorKind::name()`).
+fn error_kind(o: &Outcome) -> Option<&str> {
+    o.report.as_ref()?["error"]["kind"].as_str()
 }

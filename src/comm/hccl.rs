@@ -37,8 +37,9 @@ impl<'b> HcclCommunicator<'b> {
             info
         } else {
             let bytes = root.fetch(HCCL_ROOT_INFO_BYTES)?;
-            HcclRootInfo::from_bytes(&bytes)
-                .ok_or_else(|| Error::invalid("the HCCL root info has the wrong size"))?
+            HcclRootInfo::from_bytes(&bytes).ok_or_else(|| {
+                Error::Internal("the fetched HCCL root info has the wrong size".into())
+            })?
         };
         let comm = Comm::init(ctx, size as u32, &info, rank as u32).map_err(device_error)?;
         Ok(HcclCommunicator { backend, comm })

@@ -30,7 +30,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::backend::HostBuffer;
-use crate::error::{DeviceErrorKind, Error, Result};
+use crate::error::{DeviceErrorKind, Error, JobErrorKind, Result};
 
 /// The collective and point-to-point operations of a job's ranks, on the
 /// buffers of one backend. Counts are in bytes.
@@ -148,9 +148,10 @@ impl RootInfo {
 fn serve(addr: &str, world: usize, timeout: Duration, blob: &[u8]) -> Result<()> {
     use std::io::Write;
     let listener = std::net::TcpListener::bind(addr).map_err(|e| {
-        Error::invalid(format!(
-            "rank 0 cannot listen on {addr} for the HCCL rendezvous: {e}"
-        ))
+        Error::usage_of(
+            "rendezvous",
+            format!("rank 0 cannot listen on {addr} for the HCCL rendezvous: {e}"),
+        )
     })?;
     listener.set_nonblocking(true)?;
     let mut message = RENDEZVOUS_MAGIC.to_vec();
@@ -185,15 +186,19 @@ fn fetch_tcp(addr: &str, world: usize, timeout: Duration, len: usize) -> Result<
             let mut got = Vec::new();
             if s.read_to_end(&mut got).is_ok() && got.len() >= 24 {
                 if &got[..8] != RENDEZVOUS_MAGIC {
-                    return Err(Error::invalid(format!(
-                        "{addr} answered, but not with reshard's HCCL rendezvous: is the address \
-                         (rendezvous, or MS_SCHED_HOST and MS_SCHED_PORT + 1) another service's?"
-                    )));
+                    return Err(Error::usage_of(
+                        "rendezvous",
+                        format!(
+                            "{addr} answered, but not with reshard's HCCL rendezvous: is the \
+                             address (rendezvous, or MS_SCHED_HOST and MS_SCHED_PORT + 1) another \
+                             service's?"
+                        ),
+                    ));
                 }
                 let theirs = u64::from_le_bytes(got[8..16].try_into().expect("8 bytes")) as usize;
                 if theirs != world {
                     return Err(Error::Job {
-                        kind: crate::error::JobErrorKind::Mismatch,
+                        kind: JobErrorKind::Mismatch,
                         message: format!(
                             "rank 0 (at {addr}) runs a job of {theirs} ranks, but this rank was \
                              started for {world} (RANK_SIZE)"
@@ -204,9 +209,13 @@ fn fetch_tcp(addr: &str, world: usize, timeout: Duration, len: usize) -> Result<
                 if n == len && got.len() == 24 + n {
                     return Ok(got[24..].to_vec());
                 }
-                return Err(Error::invalid(format!(
-                    "the HCCL root info from {addr} has {n} bytes, {len} expected"
-                )));
+                return Err(Error::Job {
+                    kind: JobErrorKind::Mismatch,
+                    message: format!(
+                        "the HCCL root info from rank 0 (at {addr}) has {n} bytes, this rank's \
+                         HCCL expects {len}: do all ranks run the same reshard and CANN?"
+                    ),
+                });
             }
         }
         if Instant::now() >= deadline {
@@ -273,11 +282,12 @@ impl InProcess {
             .collect()
     }
 
-    fn put(&self, to: usize, bytes: &[u8]) -> Result<()> {
+    /// Posts `bytes` to rank `to`; returns the message's key.
+    fn put(&self, to: usize, bytes: &[u8]) -> Result<(usize, usize, u64)> {
         if to >= self.size || to == self.rank {
-            return Err(Error::invalid(format!(
-                "send to rank {to} of {}",
-                self.size
+            return Err(Error::Internal(format!(
+                "rank {} sends to rank {to} of {}",
+                self.rank, self.size
             )));
         }
         let mut s = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -286,14 +296,49 @@ impl InProcess {
         let key = (self.rank, to, *seq);
         s.boxes.insert(key, bytes.to_vec());
         self.shared.cv.notify_all();
+        Ok(key)
+    }
+
+    /// Waits until rank `key.1` has taken message `key`: a point-to-point
+    /// send completes when its receive runs, as with HCCL, so a sender
+    /// never runs ahead of its receiver with unbounded memory.
+    fn delivered(&self, key: (usize, usize, u64)) -> Result<()> {
+        let to = key.1;
+        let deadline = Instant::now() + self.shared.timeout;
+        let mut s = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        while s.boxes.contains_key(&key) {
+            let now = Instant::now();
+            if now >= deadline || s.gone[to] {
+                return Err(timeout_error(
+                    "in-process communicator",
+                    format!(
+                        "rank {} waited {:?} for rank {to} to receive message {}, and rank {to} {}",
+                        self.rank,
+                        self.shared.timeout,
+                        key.2,
+                        if s.gone[to] {
+                            "has left"
+                        } else {
+                            "did not receive it"
+                        }
+                    ),
+                ));
+            }
+            s = self
+                .shared
+                .cv
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
         Ok(())
     }
 
     fn take(&self, from: usize, bytes: usize) -> Result<Vec<u8>> {
         if from >= self.size || from == self.rank {
-            return Err(Error::invalid(format!(
-                "recv from rank {from} of {}",
-                self.size
+            return Err(Error::Internal(format!(
+                "rank {} receives from rank {from} of {}",
+                self.rank, self.size
             )));
         }
         let deadline = Instant::now() + self.shared.timeout;
@@ -305,12 +350,16 @@ impl InProcess {
         };
         loop {
             if let Some(b) = s.boxes.remove(&(from, self.rank, seq)) {
+                self.shared.cv.notify_all();
                 if b.len() != bytes {
-                    return Err(Error::invalid(format!(
-                        "rank {from} sent {} bytes, rank {} expected {bytes}",
-                        b.len(),
-                        self.rank
-                    )));
+                    return Err(Error::Job {
+                        kind: JobErrorKind::Mismatch,
+                        message: format!(
+                            "rank {from} sent {} bytes, rank {} expected {bytes}",
+                            b.len(),
+                            self.rank
+                        ),
+                    });
                 }
                 return Ok(b);
             }
@@ -389,7 +438,8 @@ impl Communicator for InProcess {
     }
 
     fn send(&self, buf: &HostBuffer, bytes: usize, to: usize) -> Result<()> {
-        self.put(to, &buf.bytes()[..bytes])
+        let key = self.put(to, &buf.bytes()[..bytes])?;
+        self.delivered(key)
     }
 
     fn recv(&self, buf: &mut HostBuffer, bytes: usize, from: usize) -> Result<()> {
@@ -424,10 +474,14 @@ impl Communicator for InProcess {
                 self.take(peer, *n)?
             };
             if piece.len() != *n {
-                return Err(Error::invalid(format!(
-                    "all_to_all_v: rank {peer} sends {} bytes, {n} expected",
-                    piece.len()
-                )));
+                return Err(Error::Job {
+                    kind: JobErrorKind::Mismatch,
+                    message: format!(
+                        "all_to_all_v: rank {peer} sends {} bytes, rank {} expected {n}",
+                        piece.len(),
+                        self.rank
+                    ),
+                });
             }
             recv.bytes_mut()[at..at + n].copy_from_slice(&piece);
             at += n;
@@ -440,6 +494,7 @@ impl Communicator for InProcess {
 mod tests {
     use super::*;
     use crate::backend::{Backend, CpuBackend};
+    use crate::error::ErrorKind;
 
     fn buf(b: &[u8]) -> HostBuffer {
         let cpu = CpuBackend::new(1);
@@ -522,6 +577,79 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("3 ranks"), "{e}");
+    }
+
+    #[test]
+    fn a_send_completes_when_its_receive_runs_and_fails_when_the_peer_left() {
+        let mut comms = InProcess::group(2, Duration::from_secs(30));
+        std::thread::scope(|s| {
+            let (a, b) = (&comms[0], &comms[1]);
+            let receiver = s.spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                let mut x = buf(&[0; 3]);
+                b.recv(&mut x, 3, 0).unwrap();
+                x.bytes().to_vec()
+            });
+            let t = Instant::now();
+            a.send(&buf(&[1, 2, 3]), 3, 1).unwrap();
+            assert!(t.elapsed() >= Duration::from_millis(40));
+            assert_eq!(receiver.join().unwrap(), [1, 2, 3]);
+        });
+        drop(comms.pop());
+        let e = comms[0].send(&buf(&[1]), 1, 1).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Device, "{e}");
+        assert!(e.to_string().contains("has left"), "{e}");
+    }
+
+    #[test]
+    fn ranks_that_disagree_on_a_message_fail_with_a_job_error() {
+        let comms = InProcess::group(2, Duration::from_secs(30));
+        let (a, b) = (&comms[0], &comms[1]);
+        a.put(1, &[1, 2, 3]).unwrap();
+        let mut x = buf(&[0; 4]);
+        let e = b.recv(&mut x, 4, 0).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Job {
+                    kind: JobErrorKind::Mismatch,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_rendezvous_address_held_by_another_service_is_a_usage_error() {
+        use std::io::Write;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(&[b'x'; 64]).unwrap();
+        });
+        let e = RootInfo::Tcp {
+            addr: addr.clone(),
+            world: 2,
+            timeout: Duration::from_secs(10),
+        }
+        .fetch(4)
+        .unwrap_err();
+        server.join().unwrap();
+        assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
+        assert_eq!(e.option(), Some("rendezvous"));
+        // Rank 0 cannot serve on an address that is taken.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = taken.local_addr().unwrap().to_string();
+        let e = RootInfo::Tcp {
+            addr: at,
+            world: 2,
+            timeout: Duration::from_secs(1),
+        }
+        .publish(&[1])
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
     }
 
     #[test]

@@ -15,36 +15,49 @@
 //!    [`JobErrorKind::SourceMissing`]. With `--resume`, writers say which of
 //!    their files are already complete; those are left out.
 //! 3. **Exchange.** With manifests, each reader hashes its sources once and
-//!    the digests are shared. Then, in plan order, every copy whose source
-//!    another rank reads becomes a send there (the box, cut and cast into a
-//!    dense buffer) and a receive here; string entries travel likewise.
-//! 4. **Write.** The writer runs [`execute`](super::execute) on its files,
-//!    the received boxes standing in for the sources it does not read:
-//!    manifests, `--resume`, progress and temporary names + rename as in a
-//!    local run.
+//!    the digests are shared. Then, file by file in plan order (each file's
+//!    string values first, then its boxes in the order the writer places
+//!    its tensors), every copy whose source another rank reads becomes a
+//!    send there (the box, cut and cast into a dense buffer) and a receive
+//!    here. Every rank walks this one order, so each send meets its
+//!    receive.
+//! 4. **Write**, at the same time as 3: the writer runs
+//!    [`execute`](super::execute) on its files, taking the received boxes
+//!    from the inbox ([`Received`]) in place of the sources it does not
+//!    read: manifests, `--resume`, progress and temporary names + rename as
+//!    in a local run.
 //! 5. **Confirm.** A final status exchange: if any rank failed, every rank
 //!    removes the files it wrote, so a failed job leaves nothing behind. A
 //!    rank that dies makes its peers' next exchange fail after the
 //!    communicator's timeout.
 //!
-//! Memory: a writer holds the boxes it receives for all its files until it
-//! has written them (in an `auto` job, one file: the part of its rank's
-//! checkpoint that other ranks read).
+//! Memory: the exchange runs on its own thread while the writer's workers
+//! place what has arrived, and waits once [`RECEIVE_AHEAD`] bytes of boxes
+//! are held that the writer has not taken. No rank waits on itself: the
+//! writer hands out one file's tensors at a time, in the order their boxes
+//! arrive, so every held box has a worker on its tensor (or gets one when
+//! a worker finishes an earlier tensor, whose boxes arrived before it);
+//! the exchange does not hold an unfinished HCCL operation while it waits
+//! for room; and every peer walks the same order, so the first of the
+//! ranks' pending operations always meets its match.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use serde::Serialize;
 
+pub(crate) use super::received::Received;
+use super::received::{box_bytes, BoxKey, RemoteDigest, RECEIVE_AHEAD};
+pub use super::wire::all_gather_bytes;
+use super::wire::{cutting, test_stall, Wire};
 use super::{execute_with, ExecOptions, ExecReport};
-use crate::backend::{Backend, BoxCopy, Src};
+use crate::backend::{Backend, Src};
 use crate::comm::Communicator;
 use crate::error::{Error, JobErrorKind, Result};
 use crate::formats::atomic::FileDigest;
 use crate::formats::manifest;
 use crate::formats::Source;
-use crate::plan::{Content, CopyStep, Plan};
-use crate::DType;
+use crate::plan::{Content, Plan};
 
 /// What one rank of a distributed run read, sent and received.
 #[derive(Debug, Clone, Serialize, Default)]
@@ -69,169 +82,9 @@ pub struct ExchangeReport {
     pub received_from: Vec<u64>,
     /// Destination files this rank writes (indexes into the plan's files).
     pub files: Vec<usize>,
-    /// Seconds spent before writing (agreeing, hashing, exchanging).
+    /// Seconds until the exchange ended (agreeing, hashing, exchanging;
+    /// the writer writes meanwhile).
     pub exchange_seconds: f64,
-}
-
-/// A box as its reader cut it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct BoxKey {
-    source: usize,
-    tensor: String,
-    offset: Vec<u64>,
-    extent: Vec<u64>,
-    axes: Vec<usize>,
-    dtype: DType,
-}
-
-impl BoxKey {
-    fn of(step: &CopyStep) -> BoxKey {
-        let c = &step.copy;
-        BoxKey {
-            source: step.source,
-            tensor: step.tensor.clone(),
-            offset: c.src_offset.clone(),
-            extent: c.extent.clone(),
-            axes: c.src_axes.clone(),
-            dtype: c.dst_dtype,
-        }
-    }
-}
-
-/// What other ranks read for this one.
-#[derive(Default)]
-pub(crate) struct Received {
-    boxes: HashMap<BoxKey, Vec<u8>>,
-    /// String values, by (source, entry).
-    pub(crate) strings: HashMap<(usize, String), String>,
-    /// Every source's length and hash (for the manifests).
-    pub(crate) digests: HashMap<usize, FileDigest>,
-    /// Sources read here.
-    local: Vec<bool>,
-}
-
-impl Received {
-    /// The received box of `step`, if another rank reads its source.
-    pub(crate) fn get(&self, step: &CopyStep) -> Option<&[u8]> {
-        if self.local.get(step.source).copied().unwrap_or(false) {
-            return None;
-        }
-        self.boxes.get(&BoxKey::of(step)).map(Vec::as_slice)
-    }
-}
-
-/// The copy that cuts `c`'s box out of the source into a dense buffer of
-/// the box's shape (destination axis order and dtype).
-fn cutting(c: &BoxCopy) -> BoxCopy {
-    BoxCopy {
-        dst_shape: c.extent.clone(),
-        dst_offset: vec![0; c.extent.len()],
-        ..c.clone()
-    }
-}
-
-/// The copy that places a box cut by [`cutting`] where `c` puts it.
-pub(crate) fn placing(c: &BoxCopy) -> BoxCopy {
-    BoxCopy {
-        src_shape: c.extent.clone(),
-        src_dtype: c.dst_dtype,
-        src_offset: vec![0; c.extent.len()],
-        src_axes: Vec::new(),
-        ..c.clone()
-    }
-}
-
-fn box_bytes(c: &BoxCopy) -> usize {
-    c.elements() as usize * c.dst_dtype.size()
-}
-
-/// Host bytes over a communicator of device (or host) buffers.
-struct Wire<'a, B: Backend, C> {
-    backend: &'a B,
-    comm: &'a C,
-}
-
-impl<B: Backend, C: Communicator<Buffer = B::Buffer>> Wire<'_, B, C> {
-    fn download(&self, buf: &B::Buffer, len: usize) -> Result<Vec<u8>> {
-        let mut host = vec![0u8; len];
-        if len > 0 {
-            self.backend.download(buf, 0, &mut host)?;
-            self.backend.synchronize()?;
-        }
-        Ok(host)
-    }
-
-    /// Every rank's `mine` (all the same length), in rank order.
-    fn all_gather(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
-        let n = self.comm.size();
-        let len = mine.len().max(1);
-        let mut send = self.backend.alloc(len)?;
-        let mut padded = mine.to_vec();
-        padded.resize(len, 0);
-        self.backend.upload(&padded, &mut send, 0)?;
-        let mut all = self.backend.alloc(len * n)?;
-        self.comm.all_gather(&send, &mut all, len)?;
-        self.backend.synchronize()?;
-        let host = self.download(&all, len * n)?;
-        Ok(host.chunks(len).map(|c| c[..mine.len()].to_vec()).collect())
-    }
-
-    fn send(&self, bytes: &[u8], to: usize) -> Result<()> {
-        if bytes.is_empty() {
-            return Ok(());
-        }
-        let mut b = self.backend.alloc(bytes.len())?;
-        self.backend.upload(bytes, &mut b, 0)?;
-        self.comm.send(&b, bytes.len(), to)?;
-        self.backend.synchronize()
-    }
-
-    fn recv(&self, len: usize, from: usize) -> Result<Vec<u8>> {
-        if len == 0 {
-            return Ok(Vec::new());
-        }
-        let mut b = self.backend.alloc(len)?;
-        self.comm.recv(&mut b, len, from)?;
-        self.backend.synchronize()?;
-        self.download(&b, len)
-    }
-}
-
-/// `RESHARD_TEST_STALL_EXCHANGE_MS`: test-only fault injection, a pause
-/// after this rank's first box, so a test can kill a rank mid-exchange.
-fn test_stall(done: &mut bool) {
-    if !*done {
-        *done = true;
-        if let Some(pause) = super::hooks::pause("RESHARD_TEST_STALL_EXCHANGE_MS") {
-            std::thread::sleep(pause);
-        }
-    }
-}
-
-/// Every rank's `mine` (of any length), in rank order.
-pub fn all_gather_bytes<B, C>(backend: &B, comm: &C, mine: &[u8]) -> Result<Vec<Vec<u8>>>
-where
-    B: Backend,
-    C: Communicator<Buffer = B::Buffer>,
-{
-    let wire = Wire { backend, comm };
-    let lens = wire.all_gather(&(mine.len() as u64).to_le_bytes())?;
-    let lens: Vec<usize> = lens
-        .iter()
-        .map(|l| u64::from_le_bytes(l[..].try_into().expect("8 bytes")) as usize)
-        .collect();
-    let longest = lens.iter().copied().max().unwrap_or(0);
-    let mut padded = mine.to_vec();
-    padded.resize(longest, 0);
-    let all = wire.all_gather(&padded)?;
-    Ok(all
-        .into_iter()
-        .zip(lens)
-        .map(|(mut b, n)| {
-            b.truncate(n);
-            b
-        })
-        .collect())
 }
 
 /// A fingerprint of what decides the exchange (sources, files, tensors,
@@ -294,9 +147,27 @@ where
     B: Backend,
     C: Communicator<Buffer = B::Buffer>,
 {
+    run_rank(plan, backend, comm, options, local, check, RECEIVE_AHEAD)
+}
+
+/// [`execute_on_local`], holding at most `ahead` bytes of received boxes
+/// that the writer has not taken yet (beyond one box).
+pub(super) fn run_rank<B, C>(
+    plan: &Plan,
+    backend: &B,
+    comm: &C,
+    options: &ExecOptions,
+    local: &[bool],
+    check: Option<Check<'_>>,
+    ahead: usize,
+) -> Result<(ExecReport, ExchangeReport)>
+where
+    B: Backend,
+    C: Communicator<Buffer = B::Buffer>,
+{
     if local.len() != plan.sources.len() {
-        return Err(Error::invalid(format!(
-            "{} presence flags for {} sources",
+        return Err(Error::usage(format!(
+            "{} presence flags for the plan's {} sources",
             local.len(),
             plan.sources.len()
         )));
@@ -325,13 +196,41 @@ where
     let mine: Vec<usize> = (0..plan.files.len())
         .filter(|f| plan.files[*f].rank % n == me)
         .collect();
-    let outcome = prepare(plan, &wire, options, &mut report, local).and_then(|received| {
+    let outcome = agree(plan, &wire, options, &mut report, local, ahead).and_then(|agreed| {
         let subplan = Plan {
             sources: plan.sources.clone(),
             files: mine.iter().map(|&f| plan.files[f].clone()).collect(),
         };
-        report.exchange_seconds = start.elapsed().as_secs_f64();
-        let written = execute_with(&subplan, backend, options, Some(&received))?;
+        // Steps 3 and 4 at once: this thread sends and receives while the
+        // writer places what has arrived.
+        let (exchanged, written) = std::thread::scope(|s| {
+            let received = &agreed.received;
+            let writer = s.spawn(|| {
+                let written = execute_with(&subplan, backend, options, Some(received));
+                received.close();
+                written
+            });
+            let exchanged = exchange(plan, &wire, &agreed, &mut report);
+            received.end(&exchanged);
+            report.exchange_seconds = start.elapsed().as_secs_f64();
+            let written = writer.join().unwrap_or_else(|panic| {
+                Err(Error::Internal(format!(
+                    "the writer thread panicked: {}",
+                    super::job::panic_message(panic.as_ref())
+                )))
+            });
+            (exchanged, written)
+        });
+        let written = match (exchanged, written) {
+            (Ok(()), written) => written?,
+            // The exchange's failure is the cause (`execute` removed what it
+            // wrote if it failed too).
+            (Err(e), Ok(written)) => {
+                remove_written(&written);
+                return Err(e);
+            }
+            (Err(e), Err(_)) => return Err(e),
+        };
         if let Some(check) = check {
             if let Err(e) = check(&subplan) {
                 remove_written(&written);
@@ -376,14 +275,30 @@ fn remove_written(written: &ExecReport) {
     }
 }
 
-/// Steps 1–3 of the module docs: what this rank writes needs from others.
-fn prepare<B, C>(
+/// What the ranks agreed on before moving boxes (steps 1–2, and the
+/// digests for the manifests).
+struct Agreed {
+    /// Files already complete (`--resume`), left out everywhere.
+    skipped: Vec<bool>,
+    /// The rank that reads each used source.
+    reader: Vec<usize>,
+    /// The sources this rank reads, opened.
+    opened: HashMap<usize, Source>,
+    /// What other ranks read for this one, as it arrives.
+    received: Received,
+    /// Sources were read whole (hashed for the manifests).
+    hashed: bool,
+}
+
+/// Steps 1–2 of the module docs, and the digests for the manifests.
+fn agree<B, C>(
     plan: &Plan,
     wire: &Wire<'_, B, C>,
     options: &ExecOptions,
     report: &mut ExchangeReport,
     local: &[bool],
-) -> Result<Received>
+    ahead: usize,
+) -> Result<Agreed>
 where
     B: Backend,
     C: Communicator<Buffer = B::Buffer>,
@@ -491,78 +406,110 @@ where
     for &i in &report.sources_read {
         opened.insert(i, Source::open(&plan.sources[i].path, &options.read)?);
     }
-    let open = |i: usize| -> Result<&Source> {
-        opened
-            .get(&i)
-            .ok_or_else(|| Error::invalid(format!("source {i} is not read by this rank")))
-    };
-    let mut received = Received {
-        local: local.clone(),
-        ..Default::default()
-    };
-    // 3. Digests, from each source's reader.
+    // Digests, from each source's reader, with its modification time (which
+    // only its reader can see).
+    let mut digests = HashMap::new();
     if options.manifest.is_some() {
-        let mut mine_d = vec![0u8; 16 * plan.sources.len()];
+        const EACH: usize = 24;
+        let mut mine_d = vec![0u8; EACH * plan.sources.len()];
         for &i in &report.sources_read {
             let d = manifest::digest_file(&plan.sources[i].path)?;
             report.bytes_read += d.bytes;
-            mine_d[16 * i..16 * i + 8].copy_from_slice(&d.bytes.to_le_bytes());
-            mine_d[16 * i + 8..16 * i + 16].copy_from_slice(&d.xxh3.to_le_bytes());
+            let words = [d.bytes, d.xxh3, opened[&i].stamp_modified_ns()];
+            for (k, w) in words.iter().enumerate() {
+                mine_d[EACH * i + 8 * k..EACH * i + 8 * k + 8].copy_from_slice(&w.to_le_bytes());
+            }
         }
         let all = wire.all_gather(&mine_d)?;
         for i in (0..plan.sources.len()).filter(|i| used[*i]) {
-            let d = &all[reader[i]][16 * i..16 * i + 16];
-            received.digests.insert(
+            let d = &all[reader[i]][EACH * i..EACH * (i + 1)];
+            let word = |k: usize| u64::from_le_bytes(d[8 * k..8 * k + 8].try_into().expect("8"));
+            digests.insert(
                 i,
-                FileDigest {
-                    bytes: u64::from_le_bytes(d[..8].try_into().expect("8 bytes")),
-                    xxh3: u64::from_le_bytes(d[8..].try_into().expect("8 bytes")),
+                RemoteDigest {
+                    digest: FileDigest {
+                        bytes: word(0),
+                        xxh3: word(1),
+                    },
+                    modified_ns: word(2),
                 },
             );
         }
     }
-    // Boxes and strings, in plan order.
-    let mut moved: HashSet<(usize, BoxKey)> = HashSet::new();
+    Ok(Agreed {
+        skipped,
+        reader,
+        opened,
+        received: Received::new(local, digests, ahead),
+        hashed: options.manifest.is_some(),
+    })
+}
+
+/// Step 3 of the module docs: file by file in plan order, each file's
+/// string values first, then its boxes in the order the writer places its
+/// tensors; every copy whose source another rank reads becomes a send there
+/// and a receive here.
+fn exchange<B, C>(
+    plan: &Plan,
+    wire: &Wire<'_, B, C>,
+    agreed: &Agreed,
+    report: &mut ExchangeReport,
+) -> Result<()>
+where
+    B: Backend,
+    C: Communicator<Buffer = B::Buffer>,
+{
+    let (me, n) = (wire.comm.rank(), wire.comm.size());
+    let received = &agreed.received;
+    let open = |i: usize| -> Result<&Source> {
+        agreed
+            .opened
+            .get(&i)
+            .ok_or_else(|| Error::Internal(format!("source {i} is not read by rank {me}")))
+    };
     let mut stalled = false;
     let mut touched: HashSet<(usize, String)> = HashSet::new();
-    let mut joined: HashMap<(usize, String), Vec<u8>> = HashMap::new();
+    // The last source tensor stored in several records, joined.
+    let mut joined: Option<((usize, String), Vec<u8>)> = None;
     for (f, file) in plan.files.iter().enumerate() {
-        if skipped[f] {
+        if agreed.skipped[f] {
             continue;
         }
-        let w = writer(f);
+        let w = file.rank % n;
+        // String values first: the writer needs them to lay the file out.
         for t in &file.tensors {
-            let context = |e: Error| e.in_tensor(&t.name).in_file(&file.path);
-            if let Content::Str { source, tensor } = &t.content {
-                let p = reader[*source];
-                if p == me && w != me {
-                    let v = open(*source)
-                        .and_then(|s| s.string(tensor))
-                        .map_err(context)?;
-                    wire.send(&(v.len() as u64).to_le_bytes(), w)?;
-                    wire.send(v.as_bytes(), w)?;
-                    report.bytes_sent += v.len() as u64;
-                    report.sent_to[w] += v.len() as u64;
-                } else if w == me && p != me {
-                    let len = wire.recv(8, p)?;
-                    let len = u64::from_le_bytes(len[..].try_into().expect("8 bytes")) as usize;
-                    let v = wire.recv(len, p)?;
-                    report.bytes_received += len as u64;
-                    report.received_from[p] += len as u64;
-                    received.strings.insert(
-                        (*source, tensor.clone()),
-                        String::from_utf8_lossy(&v).into_owned(),
-                    );
-                }
+            let Content::Str { source, tensor } = &t.content else {
                 continue;
+            };
+            let context = |e: Error| e.in_tensor(&t.name).in_file(&file.path);
+            let p = agreed.reader[*source];
+            if p == me && w != me {
+                let v = open(*source)
+                    .and_then(|s| s.string(tensor))
+                    .map_err(context)?;
+                wire.send(&(v.len() as u64).to_le_bytes(), w)?;
+                wire.send(v.as_bytes(), w)?;
+                report.bytes_sent += v.len() as u64;
+                report.sent_to[w] += v.len() as u64;
+            } else if w == me && p != me {
+                let len = wire.recv(8, p)?;
+                let len = u64::from_le_bytes(len[..].try_into().expect("8 bytes")) as usize;
+                let v = wire.recv(len, p)?;
+                report.bytes_received += len as u64;
+                report.received_from[p] += len as u64;
+                received.put_string(*source, tensor, String::from_utf8_lossy(&v).into_owned());
             }
+        }
+        for pos in super::output::placement_order(file)? {
+            let t = &file.tensors[pos];
+            let context = |e: Error| e.in_tensor(&t.name).in_file(&file.path);
             for step in t.content.steps() {
-                let p = reader[step.source];
+                let p = agreed.reader[step.source];
                 if p == me {
                     touched.insert((step.source, step.tensor.clone()));
                 }
                 let bytes = box_bytes(&step.copy);
-                if p == w || bytes == 0 || !moved.insert((w, BoxKey::of(step))) {
+                if p == w || bytes == 0 {
                     continue;
                 }
                 if p == me {
@@ -572,9 +519,13 @@ where
                         .map_err(context)?;
                     let src: &[u8] = match chunks.as_slice() {
                         [one] => one,
-                        many => joined
-                            .entry((step.source, step.tensor.clone()))
-                            .or_insert_with(|| many.concat()),
+                        many => {
+                            let key = (step.source, step.tensor.clone());
+                            if joined.as_ref().map(|j| &j.0) != Some(&key) {
+                                joined = Some((key, many.concat()));
+                            }
+                            &joined.as_ref().expect("joined above").1
+                        }
                     };
                     wire.backend
                         .box_copy(Src::Host(src), &mut buf, &cutting(&step.copy))
@@ -585,25 +536,34 @@ where
                     report.sent_to[w] += bytes as u64;
                     test_stall(&mut stalled);
                 } else if w == me {
+                    // Room first: no HCCL operation is left pending while
+                    // this thread waits for the writer.
+                    let keep = received.room(bytes);
                     let b = wire.recv(bytes, p).map_err(context)?;
                     report.bytes_received += bytes as u64;
                     report.received_from[p] += bytes as u64;
                     test_stall(&mut stalled);
-                    received.boxes.insert(BoxKey::of(step), b);
+                    if keep {
+                        received.put(BoxKey::of(step), b);
+                    }
                 }
             }
         }
-        // A source tensor stored in several records is joined once per file.
-        joined.clear();
     }
-    if options.manifest.is_none() {
+    drop(joined);
+    // What this rank read for others must not have changed meanwhile (the
+    // writers check the sources they read themselves).
+    for source in agreed.opened.values() {
+        source.unchanged()?;
+    }
+    if !agreed.hashed {
         for (i, tensor) in &touched {
             if let Ok(chunks) = open(*i).and_then(|s| s.chunks(tensor)) {
                 report.bytes_read += chunks.iter().map(|c| c.len() as u64).sum::<u64>();
             }
         }
     }
-    Ok(received)
+    Ok(())
 }
 
 /// `plan` run as a job of `ranks` ranks, threads of this process over an
@@ -628,7 +588,7 @@ pub fn in_process_job(
             .into_iter()
             .map(|h| {
                 h.join()
-                    .unwrap_or_else(|_| Err(Error::invalid("a rank's thread panicked")))
+                    .unwrap_or_else(|_| Err(Error::Internal("a rank's thread panicked".into())))
             })
             .collect()
     });
@@ -648,4 +608,137 @@ pub fn in_process_job(
         },
         reports,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::backend::CpuBackend;
+    use crate::comm::InProcess;
+    use crate::formats::safetensors::{write, StWriteOptions, TensorRef};
+    use crate::formats::tree::FileFormat;
+    use crate::layout::boxes::BoxCopy;
+    use crate::plan::{CopyStep, FilePlan, SourceFile, TensorPlan};
+    use crate::DType;
+
+    /// Two sources (one per rank), two files (one per rank) whose tensors
+    /// are each cut from both sources; plan order is not placement order.
+    fn plan(dir: &Path, out: &Path) -> Plan {
+        let sources: Vec<SourceFile> = (0..2u8)
+            .map(|r| {
+                let path = dir.join(format!("src{r}.safetensors"));
+                let data: Vec<Vec<u8>> = (0..2u8)
+                    .map(|t| (0..64u8).map(|b| b ^ (r * 16 + t * 64)).collect())
+                    .collect();
+                let tensors: Vec<(String, TensorRef<'_>)> = ["p", "q"]
+                    .iter()
+                    .zip(&data)
+                    .map(|(n, d)| {
+                        let r = TensorRef {
+                            dtype: DType::F32,
+                            shape: vec![4, 4],
+                            data: d,
+                        };
+                        (n.to_string(), r)
+                    })
+                    .collect();
+                write(&path, &tensors, &StWriteOptions::default()).unwrap();
+                SourceFile {
+                    rank: r as usize,
+                    path,
+                }
+            })
+            .collect();
+        let whole = BoxCopy::whole(&[4, 4], DType::F32, DType::F32);
+        // Rows 2s..2s+2 of `tensor` of source s into the same rows.
+        let half = |s: usize, tensor: &str, axes: Vec<usize>| CopyStep {
+            source: s,
+            tensor: tensor.into(),
+            copy: BoxCopy {
+                src_offset: vec![2 * s as u64, 0],
+                dst_offset: vec![2 * s as u64, 0],
+                extent: vec![2, 4],
+                src_axes: axes,
+                ..whole.clone()
+            },
+        };
+        let tensor = |name: &str, steps: Vec<CopyStep>| TensorPlan {
+            name: name.into(),
+            content: Content::Tensor {
+                dtype: DType::F32,
+                shape: vec![4, 4],
+                steps,
+            },
+        };
+        let files = (0..2)
+            .map(|r| FilePlan {
+                rank: r,
+                path: out.join(format!("rank_{r}/out.safetensors")),
+                format: FileFormat::Safetensors,
+                tensors: vec![
+                    tensor("z", vec![half(0, "q", vec![]), half(1, "q", vec![])]),
+                    // A plain copy of the other rank's whole tensor.
+                    tensor(
+                        "m",
+                        vec![CopyStep {
+                            source: 1 - r,
+                            tensor: "p".into(),
+                            copy: whole.clone(),
+                        }],
+                    ),
+                    tensor("a", vec![half(0, "p", vec![1, 0]), half(1, "q", vec![])]),
+                ],
+                metadata: None,
+            })
+            .collect();
+        Plan { sources, files }
+    }
+
+    #[test]
+    fn exchange_streams_boxes_in_placement_order_under_a_tiny_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = plan(dir.path(), &dir.path().join("local"));
+        let options = ExecOptions {
+            workers: 1,
+            ..ExecOptions::default()
+        };
+        super::super::execute(&local, &CpuBackend::new(1), &options).unwrap();
+        for workers in [1, 3] {
+            let out = dir.path().join(format!("job{workers}"));
+            let job = plan(dir.path(), &out);
+            let options = ExecOptions {
+                workers,
+                ..ExecOptions::default()
+            };
+            let comms = InProcess::group(2, std::time::Duration::from_secs(30));
+            let reports: Vec<ExchangeReport> = std::thread::scope(|s| {
+                let ranks: Vec<_> = comms
+                    .iter()
+                    .map(|c| {
+                        let (job, options) = (&job, &options);
+                        s.spawn(move || {
+                            let have = [c.rank() == 0, c.rank() == 1];
+                            // One box held at a time: a box sent out of the
+                            // writer's order would never be taken.
+                            let cpu = CpuBackend::new(1);
+                            run_rank(job, &cpu, c, options, &have, None, 1).unwrap().1
+                        })
+                    })
+                    .collect();
+                ranks.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for (r, x) in reports.iter().enumerate() {
+                assert_eq!(x.sources_read, [r]);
+                assert!(x.bytes_received > 0 && x.bytes_sent == x.bytes_received);
+                let name = format!("rank_{r}/out.safetensors");
+                assert_eq!(
+                    std::fs::read(out.join(&name)).unwrap(),
+                    std::fs::read(dir.path().join("local").join(&name)).unwrap(),
+                    "{name}, {workers} workers"
+                );
+            }
+        }
+    }
 }

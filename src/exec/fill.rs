@@ -4,9 +4,9 @@
 
 use std::collections::HashMap;
 
-use super::exchange;
 use super::job::Job;
 use super::sources::Sources;
+use super::wire;
 use crate::backend::{Backend, SourceKey, Src};
 use crate::error::Result;
 use crate::layout::boxes::BoxCopy;
@@ -20,10 +20,10 @@ impl<'p, B: Backend> Job<'p, B> {
             Content::Str { .. } => unreachable!("string values are read when the file is laid out"),
             Content::Tensor { steps, .. } => {
                 if let [only] = steps.as_slice() {
-                    if let (true, Some(b)) = (is_plain_copy(&only.copy), sources.received(only)) {
-                        return Ok(Filled::Mapped(vec![b]));
-                    }
                     if is_plain_copy(&only.copy) {
+                        if let Some(b) = sources.received(only) {
+                            return Ok(Filled::Host(b?));
+                        }
                         // Straight from the mapped source: no buffer at all.
                         return Ok(Filled::Mapped(
                             sources.get(only.source)?.chunks(&only.tensor)?,
@@ -102,7 +102,7 @@ pub(super) fn gather<B: Backend>(
     let mut joined: HashMap<(usize, &str), Vec<u8>> = HashMap::new();
     for step in steps {
         if let Some(b) = sources.received(step) {
-            backend.box_copy(Src::Host(b), &mut buffer, &exchange::placing(&step.copy))?;
+            backend.box_copy(Src::Host(&b?), &mut buffer, &wire::placing(&step.copy))?;
             continue;
         }
         let chunks = sources.get(step.source)?.chunks(&step.tensor)?;

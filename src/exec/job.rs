@@ -78,6 +78,11 @@ impl<'p, B: Backend> Job<'p, B> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get_or_insert(e);
+        // Workers waiting for boxes stop waiting; the exchange drops the
+        // rest (it goes on, so the other ranks are not left waiting).
+        if let Some(r) = self.sources.remote {
+            r.close();
+        }
     }
 
     /// Runs `f` (the body of one of the job's threads); a panic in it fails
@@ -116,7 +121,15 @@ impl<'p, B: Backend> Job<'p, B> {
         let mut c = self.cursor.lock().unwrap();
         loop {
             c.open.retain(|u| u.pos < u.file.layout.tensors.len());
-            if c.open.len() < self.workers {
+            // In a distributed run, tensors are handed out one file at a
+            // time, in the order their boxes arrive, so a box the exchange
+            // holds back always has a worker on its tensor (exchange.rs).
+            let spread = if self.sources.remote.is_some() {
+                1
+            } else {
+                self.workers
+            };
+            if c.open.len() < spread {
                 if let Some(file) = self.plan.files.get(c.file) {
                     c.file += 1;
                     if self.options.resume && self.already_complete(file) {

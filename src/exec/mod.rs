@@ -28,7 +28,8 @@
 //! included); `fill.rs` fills one tensor (mapped source, box copies, LoRA
 //! merge); `sources.rs` opens and hashes sources once; `resume.rs` decides
 //! which outputs are already complete; `exchange.rs` is the distributed
-//! run ([`execute_on`]).
+//! run ([`execute_on`]), `received.rs` its inbox of what other ranks send,
+//! `wire.rs` its bytes over a communicator.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -56,8 +57,10 @@ mod fill;
 pub(crate) mod hooks;
 mod job;
 mod output;
+mod received;
 mod resume;
 mod sources;
+mod wire;
 
 /// The command line's default number of workers: the cores this process
 /// may run on (`std::thread::available_parallelism`), 1 if unknown. The

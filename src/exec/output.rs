@@ -2,7 +2,7 @@
 //! tensor is filled, each tensor written at its own offsets and hashed in
 //! file order ([`Turn`]), then synced, renamed and given its manifest.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
@@ -80,57 +80,12 @@ impl<'p, B: Backend> Job<'p, B> {
                 _ => Ok(None),
             })
             .collect::<Result<_>>()?;
-        let layout = match file.format {
-            FileFormat::Ckpt => {
-                let entries: Vec<LayoutEntry<'_>> = file
-                    .tensors
-                    .iter()
-                    .zip(&strings)
-                    .map(|(t, s)| match (&t.content, s) {
-                        (Content::Tensor { dtype, shape, .. }, _)
-                        | (Content::Merged { dtype, shape, .. }, _) => LayoutEntry::Tensor {
-                            name: &t.name,
-                            dtype: *dtype,
-                            dims: shape,
-                        },
-                        (Content::Str { .. }, value) => LayoutEntry::Str {
-                            name: &t.name,
-                            value: value.as_deref().unwrap_or_default(),
-                        },
-                    })
-                    .collect();
-                crate::formats::ckpt::writer::layout(&entries, self.options.ckpt.split)?
-            }
-            FileFormat::Safetensors => {
-                // Strings travel in the metadata, not as tensors.
-                let mut metadata = file
-                    .metadata
-                    .clone()
-                    .unwrap_or_else(|| self.options.safetensors_metadata.clone());
-                let mut specs = Vec::new();
-                for (t, s) in file.tensors.iter().zip(&strings) {
-                    match (&t.content, s) {
-                        (Content::Tensor { dtype, shape, .. }, _)
-                        | (Content::Merged { dtype, shape, .. }, _) => specs.push((
-                            t.name.clone(),
-                            *dtype,
-                            shape.iter().map(|&d| d as usize).collect(),
-                        )),
-                        (Content::Str { .. }, value) => {
-                            metadata.insert(
-                                format!(
-                                    "{}{}",
-                                    crate::formats::safetensors::STRING_KEY_PREFIX,
-                                    t.name
-                                ),
-                                value.clone().unwrap_or_default(),
-                            );
-                        }
-                    }
-                }
-                crate::formats::safetensors::layout(&specs, Some(metadata))?
-            }
-        };
+        let layout = lay_out(
+            file,
+            &strings,
+            &self.options.safetensors_metadata,
+            self.options.ckpt.split,
+        )?;
         let by_name: HashMap<&str, &TensorPlan> =
             file.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
         let values: HashMap<&str, &String> = file
@@ -282,7 +237,7 @@ impl<'p, B: Backend> Job<'p, B> {
         // changed meanwhile (or shrank under its map), the file is not
         // trustworthy and is not committed (issue 19 items 3 and 4).
         for i in file.plan.sources() {
-            self.sources.get(i)?.unchanged()?;
+            self.sources.unchanged(i)?;
         }
         let len = match &file.encoded {
             Some(encoded) => {
@@ -330,7 +285,7 @@ impl<'p, B: Backend> Job<'p, B> {
                             Ok(SourceDigest {
                                 path: self.plan.sources[i].path.clone(),
                                 digest: self.sources.digest(i)?,
-                                modified_ns: Some(self.sources.get(i)?.stamp_modified_ns()),
+                                modified_ns: Some(self.sources.modified_ns(i)?),
                             })
                         })
                         .collect::<Result<_>>()?,
@@ -346,6 +301,92 @@ impl<'p, B: Backend> Job<'p, B> {
         self.done.lock().unwrap().push(written);
         Ok(())
     }
+}
+
+/// The layout of `file` (record headers and data offsets), given the value
+/// of each of its string entries (`None` for a tensor); a safetensors file
+/// without metadata of its own gets `default_metadata`.
+fn lay_out(
+    file: &FilePlan,
+    strings: &[Option<String>],
+    default_metadata: &BTreeMap<String, String>,
+    split: crate::formats::ckpt::SplitMode,
+) -> Result<FileLayout> {
+    match file.format {
+        FileFormat::Ckpt => {
+            let entries: Vec<LayoutEntry<'_>> = file
+                .tensors
+                .iter()
+                .zip(strings)
+                .map(|(t, s)| match (&t.content, s) {
+                    (Content::Tensor { dtype, shape, .. }, _)
+                    | (Content::Merged { dtype, shape, .. }, _) => LayoutEntry::Tensor {
+                        name: &t.name,
+                        dtype: *dtype,
+                        dims: shape,
+                    },
+                    (Content::Str { .. }, value) => LayoutEntry::Str {
+                        name: &t.name,
+                        value: value.as_deref().unwrap_or_default(),
+                    },
+                })
+                .collect();
+            crate::formats::ckpt::writer::layout(&entries, split)
+        }
+        FileFormat::Safetensors => {
+            // Strings travel in the metadata, not as tensors.
+            let mut metadata = file
+                .metadata
+                .clone()
+                .unwrap_or_else(|| default_metadata.clone());
+            let mut specs = Vec::new();
+            for (t, s) in file.tensors.iter().zip(strings) {
+                match (&t.content, s) {
+                    (Content::Tensor { dtype, shape, .. }, _)
+                    | (Content::Merged { dtype, shape, .. }, _) => specs.push((
+                        t.name.clone(),
+                        *dtype,
+                        shape.iter().map(|&d| d as usize).collect(),
+                    )),
+                    (Content::Str { .. }, value) => {
+                        metadata.insert(
+                            format!(
+                                "{}{}",
+                                crate::formats::safetensors::STRING_KEY_PREFIX,
+                                t.name
+                            ),
+                            value.clone().unwrap_or_default(),
+                        );
+                    }
+                }
+            }
+            crate::formats::safetensors::layout(&specs, Some(metadata))
+        }
+    }
+}
+
+/// The order in which the executor places `file`'s tensors (positions in
+/// `file.tensors`): its layout's order, which string values do not change.
+/// A distributed run sends boxes in this order ([`super::exchange`]).
+pub(super) fn placement_order(file: &FilePlan) -> Result<Vec<usize>> {
+    let layout = lay_out(
+        file,
+        &vec![None; file.tensors.len()],
+        &BTreeMap::new(),
+        Default::default(),
+    )
+    .map_err(|e| e.in_file(&file.path))?;
+    let at: HashMap<&str, usize> = file
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect();
+    Ok(layout
+        .tensors
+        .iter()
+        .filter_map(|p| at.get(p.name.as_str()).copied())
+        .collect())
 }
 
 /// Syncs, once each, the directories the written files were renamed into,

@@ -31,8 +31,8 @@ impl<'p> Sources<'p> {
     /// A source with a manifest of its own (a reshard output) must match
     /// it: a source changed since it was written is an error naming it.
     pub(super) fn digest(&self, i: usize) -> Result<FileDigest> {
-        if let Some(d) = self.remote.and_then(|r| r.digests.get(&i)) {
-            return Ok(*d);
+        if let Some(d) = self.remote.and_then(|r| r.digest(i)) {
+            return Ok(d.digest);
         }
         self.digests[i]
             .get_or_try(|| {
@@ -61,24 +61,46 @@ impl<'p> Sources<'p> {
     }
 
     pub(super) fn get(&self, i: usize) -> Result<&Source> {
+        if self.remote.is_some_and(|r| r.elsewhere(i)) {
+            // Possibly on another node's disk: only its reader opens it.
+            return Err(Error::Internal(format!(
+                "source {} is read by another rank of the job",
+                self.plan.sources[i].path.display()
+            )));
+        }
         self.opened[i].get_or_try(|| Source::open(&self.plan.sources[i].path, self.read))
     }
 
     /// The box of `step` as another rank cut it (dense, in the
-    /// destination dtype), when that rank reads its source.
-    pub(super) fn received(&self, step: &CopyStep) -> Option<&'p [u8]> {
-        self.remote.and_then(|r| r.get(step))
+    /// destination dtype), when that rank reads its source: waits for it
+    /// and takes it (each received box is used once).
+    pub(super) fn received(&self, step: &CopyStep) -> Option<Result<Vec<u8>>> {
+        self.remote.and_then(|r| r.take(step))
     }
 
     /// The value of string entry `tensor` of source `i`.
     pub(super) fn string(&self, i: usize, tensor: &str) -> Result<String> {
-        if let Some(v) = self
-            .remote
-            .and_then(|r| r.strings.get(&(i, tensor.to_string())))
-        {
-            return Ok(v.clone());
+        if let Some(v) = self.remote.and_then(|r| r.string(i, tensor)) {
+            return v;
         }
         self.get(i)?.string(tensor)
+    }
+
+    /// Source `i` has not changed since it was opened (a source another
+    /// rank reads is checked by that rank).
+    pub(super) fn unchanged(&self, i: usize) -> Result<()> {
+        if self.remote.is_some_and(|r| r.elsewhere(i)) {
+            return Ok(());
+        }
+        self.get(i)?.unchanged()
+    }
+
+    /// Source `i`'s modification time (ns) as its reader saw it.
+    pub(super) fn modified_ns(&self, i: usize) -> Result<u64> {
+        if let Some(d) = self.remote.and_then(|r| r.digest(i)) {
+            return Ok(d.modified_ns);
+        }
+        Ok(self.get(i)?.stamp_modified_ns())
     }
 }
 

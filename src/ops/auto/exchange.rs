@@ -53,9 +53,10 @@ impl Exchange {
         match value.map(str::trim) {
             None | Some("") | Some("files") | Some("none") => Ok(Exchange::Files),
             Some("hccl") => Ok(Exchange::Hccl { rendezvous }),
-            Some(other) => Err(Error::invalid(format!(
-                "exchange must be 'files' or 'hccl', not {other:?}"
-            ))),
+            Some(other) => Err(Error::usage_of(
+                "exchange",
+                format!("exchange must be 'files' or 'hccl', not {other:?}"),
+            )),
         }
     }
 }
@@ -138,11 +139,16 @@ fn merge_indexes(
 ) -> Result<BTreeMap<usize, (PathBuf, Vec<SourceEntry>, Option<PathBuf>)>> {
     let mut out: BTreeMap<usize, (PathBuf, Vec<SourceEntry>, Option<PathBuf>)> = BTreeMap::new();
     for (r, bytes) in all.iter().enumerate() {
-        let list: Vec<Value> = serde_json::from_slice(bytes).map_err(|e| {
-            Error::invalid(format!("rank {r} sent a damaged list of its files: {e}"))
-        })?;
+        let damaged = |why: String| Error::Job {
+            kind: JobErrorKind::Mismatch,
+            message: format!(
+                "rank {r} sent a list of its files this rank cannot read ({why}): do all ranks \
+                 run the same reshard?"
+            ),
+        };
+        let list: Vec<Value> = serde_json::from_slice(bytes).map_err(|e| damaged(e.to_string()))?;
         for item in list {
-            let bad = || Error::invalid(format!("rank {r} sent a damaged list of its files"));
+            let bad = || damaged("an entry lacks its rank, path or tensors".into());
             let k = item["rank"].as_u64().ok_or_else(bad)? as usize;
             let path = PathBuf::from(item["path"].as_str().ok_or_else(bad)?);
             let entries = item["entries"]
@@ -248,7 +254,7 @@ pub(super) fn convert(
         });
     }
     if let Some(extra) = merged.keys().find(|&&k| k >= count) {
-        return Err(Error::invalid(format!(
+        return Err(Error::strategy(format!(
             "a node holds rank_{extra}/ but the strategy describes {count} rank(s): is \
              src_strategy_path_or_dir this checkpoint's strategy?"
         ))
@@ -298,7 +304,7 @@ pub(super) fn convert(
         .find(|f| f.rank == o.rank)
         .map(|f| f.path.clone())
         .ok_or_else(|| {
-            Error::invalid(format!(
+            Error::strategy(format!(
                 "the job's strategy has no destination rank {}",
                 o.rank
             ))
