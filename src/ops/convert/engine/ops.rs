@@ -552,6 +552,17 @@ mod tests {
     }
 
     #[test]
+    fn shapes_an_op_cannot_take_are_mismatches() {
+        let cfg = ModelConfig::default();
+        let e = layout(&Op::Transpose, &cfg, &[vec![2, 3, 4]], 1, 0, "t")
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Mismatch, "{e}");
+        let e = hf_shapes(&Op::Unsqueeze(0), &cfg, &[vec![2, 3]], 1, 0, "t").unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Mismatch, "{e}");
+    }
+
+    #[test]
     fn qkv_hf2mg_matches_mindformers() {
         // qkv_concat_hf2mg: heads 4, kv heads 2, head_dim 1, hidden 2.
         let cfg = {
