@@ -8,33 +8,39 @@ use crate::ops::convert::config::ModelConfig;
 use crate::ops::convert::pattern::{captures, rename_forward, rename_reverse};
 use crate::ops::convert::spec::{Num, Table};
 
-/// A renamed name must come back to itself, and must not look like the
-/// output of a rule (which the reverse would treat as such).
-pub(super) fn check_inverse(table: &Table, hf: &str, ms: &str, concat: bool) -> Result<()> {
-    let back = rename_reverse(table.scopes, ms);
-    let claimed = table
-        .rules
-        .iter()
-        .filter(|r| active(r, concat))
-        .any(|r| r.ms.iter().any(|p| captures(p, ms).is_some()));
-    if back != hf || claimed {
-        return Err(Error::bad_input(format!(
-            "tensor {hf:?} maps to {ms:?}, which would not convert back to it; it is not a tensor of this model family"
-        )));
-    }
-    Ok(())
+/// The direction of a plain rename, for [`check_inverse`].
+#[derive(Clone, Copy)]
+pub(super) enum Rename {
+    /// HuggingFace → MindSpore.
+    Forward,
+    /// MindSpore → HuggingFace.
+    Reverse,
 }
 
-pub(super) fn check_inverse_reverse(table: &Table, ms: &str, hf: &str, concat: bool) -> Result<()> {
-    let back = rename_forward(table.scopes, hf);
-    let claimed = table
-        .rules
-        .iter()
-        .filter(|r| active(r, concat))
-        .any(|r| r.hf.iter().any(|p| captures(p, hf).is_some()));
-    if back != ms || claimed {
+/// A renamed name (`from` → `to`, in direction `dir`) must come back to
+/// itself, and must not look like the output of a rule (which the other
+/// direction would treat as such).
+pub(super) fn check_inverse(
+    table: &Table,
+    dir: Rename,
+    from: &str,
+    to: &str,
+    concat: bool,
+) -> Result<()> {
+    let back = match dir {
+        Rename::Forward => rename_reverse(table.scopes, to),
+        Rename::Reverse => rename_forward(table.scopes, to),
+    };
+    let claimed = table.rules.iter().filter(|r| active(r, concat)).any(|r| {
+        let outputs = match dir {
+            Rename::Forward => r.ms,
+            Rename::Reverse => r.hf,
+        };
+        outputs.iter().any(|p| captures(p, to).is_some())
+    });
+    if back != from || claimed {
         return Err(Error::bad_input(format!(
-            "tensor {ms:?} maps to {hf:?}, which would not convert back to it; it is not a tensor of this model family"
+            "tensor {from:?} maps to {to:?}, which would not convert back to it; it is not a tensor of this model family"
         )));
     }
     Ok(())

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 pub use self::boxes::invert;
 use self::boxes::whole;
 pub use self::checks::check_config;
-use self::checks::{check_inverse, check_inverse_reverse, unique};
+use self::checks::{check_inverse, unique, Rename};
 use self::ops::{hf_shapes, layout};
 use super::config::ModelConfig;
 use super::pattern::{captures, format, order_key, rename_forward, rename_reverse};
@@ -176,6 +176,15 @@ struct Match {
     experts: u64,
 }
 
+/// Each input's index, by name.
+fn index_by_name(inputs: &[InTensor]) -> HashMap<&str, usize> {
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect()
+}
+
 /// Maps HuggingFace inputs to MindSpore outputs.
 pub fn forward(
     table: &Table,
@@ -183,11 +192,7 @@ pub fn forward(
     inputs: &[InTensor],
     concat: bool,
 ) -> Result<Mapped> {
-    let by_name: HashMap<&str, usize> = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.name.as_str(), i))
-        .collect();
+    let by_name = index_by_name(inputs);
     let keys = input_keys(&table.order, inputs);
     let mut consumed = vec![false; inputs.len()];
     let mut out: Vec<(RecordKey, OutTensor)> = Vec::new();
@@ -270,7 +275,7 @@ pub fn forward(
             ));
             continue;
         }
-        check_inverse(table, &t.name, &name, concat)?;
+        check_inverse(table, Rename::Forward, &t.name, &name, concat)?;
         let key = match table.order {
             Order::Ms(tm) => RecordKey::at(order_key(tm, &name).unwrap_or(LAST), i as u64, 0),
             _ => keys[i],
@@ -395,11 +400,7 @@ pub fn reverse(
     inputs: &[InTensor],
     concat: bool,
 ) -> Result<Mapped> {
-    let by_name: HashMap<&str, usize> = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.name.as_str(), i))
-        .collect();
+    let by_name = index_by_name(inputs);
     let mut consumed = vec![false; inputs.len()];
     // Keyed by position alone here; the template is filled in below when
     // the table orders by HuggingFace name.
@@ -496,7 +497,7 @@ pub fn reverse(
             continue;
         }
         let name = rename_reverse(table.scopes, &t.name);
-        check_inverse_reverse(table, &t.name, &name, concat)?;
+        check_inverse(table, Rename::Reverse, &t.name, &name, concat)?;
         let name = lora_reverse(name);
         out.push((
             RecordKey::position(i as u64, 0),
