@@ -24,7 +24,7 @@ const LORA_SCRIPT: &str = concat!(include_str!("py/lora_merge.py"), include_str!
 /// `unified_safetensors`.
 const UNIFY_SCRIPT: &str = include_str!("py/unify.py");
 
-/// MindSpore's equivalent of an [`Op`].
+/// MindSpore's equivalent of one of reshard's runs (`runs::Op`).
 pub(super) enum MsJob<'p> {
     /// `transform_checkpoints(src_dir, out, "checkpoint_", s, d)`.
     Transform {
@@ -40,7 +40,7 @@ pub(super) enum MsJob<'p> {
     Unify { src_dir: &'p Path, s: PathBuf },
 }
 
-/// The `--dtype` spelling the convert script takes.
+/// The dtype spelling the convert script takes.
 fn short_dtype(d: DType) -> &'static str {
     match d {
         DType::F16 => "fp16",
