@@ -973,10 +973,6 @@ fn one_pass_handles_every_layout_op() {
 }
 
 /// The message of [`err_of`]'s error, for cases whose error is not kinded yet.
-fn text_of_err(o: &ConvertOptions) -> String {
-    err_of(o).to_string()
-}
-
 fn err_of(o: &ConvertOptions) -> reshard::Error {
     match convert(o) {
         Ok(_) => panic!("should fail"),
@@ -996,7 +992,10 @@ fn unknown_model_lists_the_supported_ones() {
     let (dir, spec, hf) = setup("llama", 1);
     let mut o = options(&spec, &hf, &dir.path().join("x.ckpt"));
     o.model = "llamma".into();
-    let e = text_of_err(&o);
+    let e = err_of(&o);
+    assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
+    assert_eq!(e.option(), Some("model"), "{e}");
+    let e = e.to_string();
     for m in [
         "llama",
         "glm-n",
@@ -1025,12 +1024,16 @@ fn config_that_does_not_match_the_tensors_is_refused() {
     let hf = write_hf(&spec, &dir.path().join("hf3"), 1);
     let mut o = options(&spec, &hf, &dir.path().join("x.ckpt"));
     o.qkv_concat = Some(true);
-    let e = text_of_err(&o);
+    let e = err_of(&o);
+    assert_eq!(e.kind(), ErrorKind::Mismatch, "{e}");
+    let e = e.to_string();
     assert!(e.contains("q_proj") && e.contains("config"), "{e}");
     spec.config["num_key_value_heads"] = json!(2);
     spec.config["hidden_size"] = json!(16);
     let hf = write_hf(&spec, &dir.path().join("hf16"), 1);
-    let e = text_of_err(&options(&spec, &hf, &dir.path().join("x.ckpt")));
+    let e = err_of(&options(&spec, &hf, &dir.path().join("x.ckpt")));
+    assert_eq!(e.kind(), ErrorKind::Mismatch, "{e}");
+    let e = e.to_string();
     assert!(
         e.contains("hidden_size 16") && e.contains("model.embed_tokens.weight"),
         "{e}"
@@ -1038,13 +1041,17 @@ fn config_that_does_not_match_the_tensors_is_refused() {
     spec.config["hidden_size"] = json!(8);
     spec.config["num_hidden_layers"] = json!(1);
     let hf = write_hf(&spec, &dir.path().join("hf1"), 1);
-    let e = text_of_err(&options(&spec, &hf, &dir.path().join("x.ckpt")));
+    let e = err_of(&options(&spec, &hf, &dir.path().join("x.ckpt")));
+    assert_eq!(e.kind(), ErrorKind::Mismatch, "{e}");
+    let e = e.to_string();
     assert!(e.contains("1 layers"), "{e}");
     // A deepseek3 config whose MLA dims are not those of the tensors.
     let (dir2, mut ds, _) = setup("deepseek3", 1);
     ds.config["qk_rope_head_dim"] = json!(2);
     let hf = write_hf(&ds, &dir2.path().join("hf"), 1);
-    let e = text_of_err(&options(&ds, &hf, &dir2.path().join("x.ckpt")));
+    let e = err_of(&options(&ds, &hf, &dir2.path().join("x.ckpt")));
+    assert_eq!(e.kind(), ErrorKind::Mismatch, "{e}");
+    let e = e.to_string();
     assert!(e.contains("q_b_proj") && e.contains("config.json"), "{e}");
     assert_eq!(
         walk(dir.path())
@@ -1060,7 +1067,9 @@ fn broken_shard_sets_are_refused() {
     // A shard named in the index is missing.
     let (dir, spec, hf) = setup("llama", 3);
     std::fs::remove_file(hf.join("model-00002-of-00003.safetensors")).unwrap();
-    let e = text_of_err(&options(&spec, &hf, &dir.path().join("x.ckpt")));
+    let e = err_of(&options(&spec, &hf, &dir.path().join("x.ckpt")));
+    assert_eq!(e.kind(), ErrorKind::Missing, "{e}");
+    let e = e.to_string();
     assert!(
         e.contains("model-00002-of-00003.safetensors")
             && e.contains("missing")
@@ -1121,14 +1130,18 @@ fn broken_shard_sets_are_refused() {
     reshard::formats::safetensors::write(&tmp, &tensors, &Default::default()).unwrap();
     drop(f);
     std::fs::rename(&tmp, &one).unwrap();
-    let e = text_of_err(&options(&spec, &hf, &dir.path().join("x.ckpt")));
+    let e = err_of(&options(&spec, &hf, &dir.path().join("x.ckpt")));
+    assert_eq!(e.kind(), ErrorKind::BadInput, "{e}");
+    let e = e.to_string();
     assert!(
         e.contains(&first_of_2) && (e.contains("both") || e.contains("index")),
         "{e}"
     );
     // Without an index, a duplicate across shards is named too.
     std::fs::remove_file(hf.join("model.safetensors.index.json")).unwrap();
-    let e = text_of_err(&options(&spec, &hf, &dir.path().join("x.ckpt")));
+    let e = err_of(&options(&spec, &hf, &dir.path().join("x.ckpt")));
+    assert_eq!(e.kind(), ErrorKind::BadInput, "{e}");
+    let e = e.to_string();
     assert!(e.contains(&first_of_2) && e.contains("both"), "{e}");
     // A truncated (half-downloaded) shard.
     let (dir, spec, hf) = setup("llama", 2);

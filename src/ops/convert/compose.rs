@@ -16,8 +16,8 @@
 //! slice refined like `C`. For the layouts models use (shards on head or
 //! row boundaries) a conversion copy and a shard meet in one piece.
 
-use crate::backend::BoxCopy;
 use crate::error::{Error, Result};
+use crate::layout::boxes::BoxCopy;
 use crate::plan::CopyStep;
 
 /// A box of the refinement: `(start, len)` per dim of `C`.
@@ -221,7 +221,7 @@ pub fn compose(k: &BoxCopy, a: &[u64], x: &BoxCopy) -> Result<Vec<BoxCopy>> {
     }
     let v = &k.dst_shape;
     let r = refine(a, v).ok_or_else(|| {
-        Error::invalid(format!(
+        Error::unsupported(format!(
             "cannot plan shape {a:?} against the conversion's view {v:?} in one pass; \
              convert to a full checkpoint first, then run reshard transform"
         ))
@@ -378,7 +378,8 @@ pub(crate) fn through_virtual(
             } = t.content
             else {
                 return Err(
-                    Error::invalid("the transform planned a non-tensor entry").in_tensor(&t.name)
+                    Error::Internal("the transform planned a non-tensor entry".into())
+                        .in_tensor(&t.name),
                 );
             };
             let mut composed = Vec::new();

@@ -160,10 +160,9 @@ mod tests {
         assert_eq!(mha.get(Num::Layers), Some(3));
         let vl = cfg(r#"{"visual": {"heads": 16}}"#);
         assert_eq!(vl.get(Num::VitHeads), Some(16));
-        let err = vl
-            .require(Num::Heads, "split q/k/v")
-            .unwrap_err()
-            .to_string();
+        let err = vl.require(Num::Heads, "split q/k/v").unwrap_err();
+        assert_eq!(err.kind(), crate::error::ErrorKind::Missing, "{err}");
+        let err = err.to_string();
         assert!(
             err.contains("num_attention_heads") && err.contains("split q/k/v"),
             "{err}"

@@ -1,6 +1,6 @@
 """`mindspore.unified_safetensors` for `reshard bench`'s unify step, timed without the imports.
 
-usage: bench_unify.py SRC_DIR MERGED_STRATEGY DST_DIR
+usage: unify.py SRC_DIR MERGED_STRATEGY DST_DIR
 """
 import os
 import sys
