@@ -64,7 +64,15 @@ fuzz_target!(|data: &[u8]| {
                     Some(next(4) as u64),
                 ),
             };
-            m.insert(name.clone(), HeldTensor { shape, hash });
+            let sampled = next(2) == 1;
+            m.insert(
+                name.clone(),
+                HeldTensor {
+                    shape,
+                    hash,
+                    sampled,
+                },
+            );
         }
         held.insert(rank, m);
     }
