@@ -227,7 +227,7 @@ impl SafetensorsFile {
         let computed = mindspore_crc(sorted.iter().map(|e| CrcTensor {
             name: &e.name,
             dtype: e.dtype,
-            shape: &e.shape,
+            shape: e.shape.clone(),
             chunks: vec![self.bytes(e)],
         }))
         .in_file(&self.path)?;
@@ -248,7 +248,7 @@ pub struct CrcTensor<'a> {
     /// Element type.
     pub dtype: DType,
     /// Shape.
-    pub shape: &'a [usize],
+    pub shape: Vec<usize>,
     /// Its bytes, possibly in several chunks (the records of a `.ckpt`).
     pub chunks: Vec<&'a [u8]>,
 }
@@ -412,7 +412,7 @@ pub fn write(
         let crc = mindspore_crc(sorted.iter().map(|(n, t)| CrcTensor {
             name: n,
             dtype: t.dtype,
-            shape: &t.shape,
+            shape: t.shape.clone(),
             chunks: vec![t.data],
         }))
         .in_file(path)?;

@@ -206,9 +206,7 @@ fn plan_file(
 /// `source`, renamed), read from the source: it goes into the header, which
 /// is written before the data.
 fn safetensors_crc(source: &Source, tensors: &[TensorPlan]) -> Result<u32> {
-    let mut shapes = Vec::new();
-    let mut chunks = Vec::new();
-    let mut sorted = Vec::new();
+    let mut sorted = Vec::with_capacity(tensors.len());
     for t in tensors {
         if let Content::Tensor {
             dtype,
@@ -216,19 +214,16 @@ fn safetensors_crc(source: &Source, tensors: &[TensorPlan]) -> Result<u32> {
             steps,
         } = &t.content
         {
-            shapes.push(shape.iter().map(|&d| d.max(0) as usize).collect::<Vec<_>>());
-            chunks.push(source.chunks(&steps[0].tensor)?);
-            sorted.push((t.name.as_str(), *dtype));
+            sorted.push(st::CrcTensor {
+                name: &t.name,
+                dtype: *dtype,
+                shape: shape.iter().map(|&d| d.max(0) as usize).collect(),
+                chunks: source.chunks(&steps[0].tensor)?,
+            });
         }
     }
-    let mut order: Vec<usize> = (0..sorted.len()).collect();
-    order.sort_by_key(|&i| sorted[i].0);
-    st::mindspore_crc(order.into_iter().map(|i| st::CrcTensor {
-        name: sorted[i].0,
-        dtype: sorted[i].1,
-        shape: &shapes[i],
-        chunks: chunks[i].clone(),
-    }))
+    sorted.sort_by(|a, b| a.name.cmp(b.name));
+    st::mindspore_crc(sorted.into_iter())
 }
 
 /// Writes a planned rewrite.
