@@ -158,6 +158,58 @@ fn load_strategy(path: &Option<PathBuf>) -> Result<Option<Strategy>> {
     path.as_deref().map(strategy::load).transpose()
 }
 
+/// The source files of a transform, found by the caller: their format and
+/// the files by rank, as [`source_files`] returns them.
+#[derive(Debug, Clone)]
+pub struct SourceFiles {
+    /// The format of the files.
+    pub format: FileFormat,
+    /// `(rank, file)`, ranks from 0 without gaps.
+    pub files: Vec<(usize, PathBuf)>,
+}
+
+/// What a transform reads, in memory: the strategies, and optionally the
+/// source files. [`transform_with`] takes these instead of the option's
+/// strategy paths (`auto` holds its strategies in memory and picks its
+/// own files).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TransformInputs<'a> {
+    /// The source strategy.
+    pub src_strategy: Option<&'a Strategy>,
+    /// The destination strategy (`None`: merge into one full checkpoint).
+    pub dst_strategy: Option<&'a Strategy>,
+    /// The source files (`None`: found in `src_checkpoint` by
+    /// [`source_files`]). Not for a Checkpoint 2.0 source.
+    pub files: Option<&'a SourceFiles>,
+}
+
+/// The strategies named by `options`, loaded.
+struct LoadedStrategies {
+    src: Option<Strategy>,
+    dst: Option<Strategy>,
+}
+
+impl LoadedStrategies {
+    fn load(options: &TransformOptions) -> Result<LoadedStrategies> {
+        if crate::formats::checkpoint2::is_checkpoint2(&options.src_checkpoint) {
+            // Refused before any strategy file is read.
+            refuse_src_strategy(options, options.src_strategy.is_some())?;
+        }
+        Ok(LoadedStrategies {
+            src: load_strategy(&options.src_strategy)?,
+            dst: load_strategy(&options.dst_strategy)?,
+        })
+    }
+
+    fn inputs(&self) -> TransformInputs<'_> {
+        TransformInputs {
+            src_strategy: self.src.as_ref(),
+            dst_strategy: self.dst.as_ref(),
+            files: None,
+        }
+    }
+}
+
 /// Builds the plan of a transform (reads indexes and strategies only).
 pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
     plan_transform_with_warnings(options).map(|(plan, _)| plan)
@@ -165,13 +217,29 @@ pub fn plan_transform(options: &TransformOptions) -> Result<Plan> {
 
 /// [`plan_transform`], with the warnings the run should report.
 pub fn plan_transform_with_warnings(options: &TransformOptions) -> Result<(Plan, Vec<String>)> {
+    let loaded = LoadedStrategies::load(options)?;
+    plan_with(options, &loaded.inputs())
+}
+
+/// The one transform planner: [`plan_transform_with_warnings`] with the
+/// strategies (and optionally the source files) in memory; the strategy
+/// paths of `options` are not read.
+pub fn plan_with(
+    options: &TransformOptions,
+    inputs: &TransformInputs<'_>,
+) -> Result<(Plan, Vec<String>)> {
     if crate::formats::checkpoint2::is_checkpoint2(&options.src_checkpoint) {
-        return plan_checkpoint2(options).map(|plan| (plan, Vec::new()));
+        return plan_checkpoint2(options, inputs).map(|plan| (plan, Vec::new()));
     }
     let mut warnings = Vec::new();
-    let (format, files) = source_files(&options.src_checkpoint)?;
-    let src = load_strategy(&options.src_strategy)?;
-    let dst = load_strategy(&options.dst_strategy)?;
+    let SourceFiles { format, files } = match inputs.files {
+        Some(f) => f.clone(),
+        None => {
+            let (format, files) = source_files(&options.src_checkpoint)?;
+            SourceFiles { format, files }
+        }
+    };
+    let (src, dst) = (inputs.src_strategy, inputs.dst_strategy);
     if src.is_none() && dst.is_none() {
         return Err(Error::usage_of(
             "dst_strategy",
@@ -198,10 +266,10 @@ pub fn plan_transform_with_warnings(options: &TransformOptions) -> Result<(Plan,
         .in_file(&options.src_checkpoint));
     }
     let sources = index_sources(files, &options.read)?;
-    if let Some(src) = &src {
+    if let Some(src) = src {
         check_source_strategy(src, &sources, &options.read)?;
     }
-    if let (None, Some(d)) = (&src, &dst) {
+    if let (None, Some(d)) = (src, dst) {
         warnings.extend(absent_parameters(
             d,
             &sources,
@@ -214,15 +282,15 @@ pub fn plan_transform_with_warnings(options: &TransformOptions) -> Result<(Plan,
         deduplicated,
         remove_redundancy: options.remove_redundancy,
         sources,
-        src_strategy: src.as_ref(),
-        dst_strategy: dst.as_ref(),
+        src_strategy: src,
+        dst_strategy: dst,
         dst_dir: &options.dst_dir,
         prefix: &options.prefix,
         ranks: options.ranks.clone(),
         format: options.output_format.unwrap_or(format),
         lora: None,
     })?;
-    if let (Some(complete), Some(dst)) = (tree::complete_dir(&options.src_checkpoint)?, &dst) {
+    if let (Some(complete), Some(dst)) = (tree::complete_dir(&options.src_checkpoint)?, dst) {
         complete_to_strategy(&mut plan, &complete, dst)?;
     }
     if let Some(name) = &options.file_name {
@@ -237,8 +305,14 @@ pub fn plan_transform_with_warnings(options: &TransformOptions) -> Result<(Plan,
             f.path.set_file_name(file);
         }
     }
+    check_world_size(options, dst)?;
+    Ok((plan, warnings))
+}
+
+/// `world_size`, when given, must be the destination strategy's rank count.
+fn check_world_size(options: &TransformOptions, dst: Option<&Strategy>) -> Result<()> {
     if let Some(n) = options.world_size {
-        let all = crate::plan::transform::destination_ranks(dst.as_ref())?.len();
+        let all = crate::plan::transform::destination_ranks(dst)?.len();
         if n != all {
             return Err(Error::usage_of(
                 "world_size",
@@ -246,24 +320,30 @@ pub fn plan_transform_with_warnings(options: &TransformOptions) -> Result<(Plan,
             ));
         }
     }
-    Ok((plan, warnings))
+    Ok(())
 }
 
-/// [`plan_transform`] of a mindformers Checkpoint 2.0 directory, whose
-/// `metadata.json` describes its own layout.
-fn plan_checkpoint2(options: &TransformOptions) -> Result<Plan> {
-    if options.src_strategy.is_some() {
+/// A Checkpoint 2.0 source describes its own layout: no source strategy.
+fn refuse_src_strategy(options: &TransformOptions, given: bool) -> Result<()> {
+    if given {
         return Err(Error::usage_of(
             "src_strategy",
             "not for a Checkpoint 2.0 directory, which describes its layout in metadata.json",
         )
         .in_file(&options.src_checkpoint));
     }
-    let dst = load_strategy(&options.dst_strategy)?;
+    Ok(())
+}
+
+/// [`plan_with`] of a mindformers Checkpoint 2.0 directory, whose
+/// `metadata.json` describes its own layout.
+fn plan_checkpoint2(options: &TransformOptions, inputs: &TransformInputs<'_>) -> Result<Plan> {
+    refuse_src_strategy(options, inputs.src_strategy.is_some())?;
+    let dst = inputs.dst_strategy;
     let plan = crate::ops::checkpoint2::plan(
         &options.src_checkpoint,
         &crate::ops::checkpoint2::Target {
-            dst: dst.as_ref(),
+            dst,
             dst_dir: &options.dst_dir,
             prefix: &options.prefix,
             ranks: options.ranks.clone(),
@@ -271,15 +351,7 @@ fn plan_checkpoint2(options: &TransformOptions) -> Result<Plan> {
             remove_redundancy: options.remove_redundancy,
         },
     )?;
-    if let Some(n) = options.world_size {
-        let all = crate::plan::transform::destination_ranks(dst.as_ref())?.len();
-        if n != all {
-            return Err(Error::usage_of(
-                "world_size",
-                format!("{n} does not match the destination strategy, which has {all} ranks"),
-            ));
-        }
-    }
+    check_world_size(options, dst)?;
     Ok(plan)
 }
 
@@ -305,10 +377,23 @@ fn settings<'a>(
 
 /// Runs a transform.
 pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
-    if let Some(iteration) = options.checkpoint2_iteration {
-        return transform_to_checkpoint2(options, iteration);
+    if options.checkpoint2_iteration.is_some() && options.dst_strategy.is_none() {
+        return Err(no_checkpoint2_layout());
     }
-    let (plan, warnings) = plan_transform_with_warnings(options)?;
+    let loaded = LoadedStrategies::load(options)?;
+    transform_with(options, &loaded.inputs())
+}
+
+/// [`transform`] with the strategies (and optionally the source files) in
+/// memory: see [`plan_with`].
+pub fn transform_with(
+    options: &TransformOptions,
+    inputs: &TransformInputs<'_>,
+) -> Result<TransformReport> {
+    if let Some(iteration) = options.checkpoint2_iteration {
+        return transform_to_checkpoint2(options, inputs, iteration);
+    }
+    let (plan, warnings) = plan_with(options, inputs)?;
     let summary = plan.summary(options.workers);
     if options.dry_run {
         return Ok(TransformReport {
@@ -330,16 +415,25 @@ pub fn transform(options: &TransformOptions) -> Result<TransformReport> {
     })
 }
 
+/// Checkpoint 2.0 output needs the layout the directory describes.
+fn no_checkpoint2_layout() -> Error {
+    Error::usage_of(
+        "dst_strategy",
+        "needed for Checkpoint 2.0 output (the layout the directory describes)",
+    )
+}
+
 /// [`transform`] into a mindformers Checkpoint 2.0 directory: the per-rank
 /// plan, cut down to one saved copy of each shard (see
 /// [`crate::ops::checkpoint2_write`]), then `common.json`, `metadata.json`
 /// and the tracker, written after the shards, as mindformers writes them.
-fn transform_to_checkpoint2(options: &TransformOptions, iteration: u64) -> Result<TransformReport> {
-    let Some(dst_path) = &options.dst_strategy else {
-        return Err(Error::usage_of(
-            "dst_strategy",
-            "needed for Checkpoint 2.0 output (the layout the directory describes)",
-        ));
+fn transform_to_checkpoint2(
+    options: &TransformOptions,
+    inputs: &TransformInputs<'_>,
+    iteration: u64,
+) -> Result<TransformReport> {
+    let Some(dst) = inputs.dst_strategy else {
+        return Err(no_checkpoint2_layout());
     };
     if options.ranks.is_some() || options.remove_redundancy || options.resume {
         let option = if options.ranks.is_some() {
@@ -355,14 +449,16 @@ fn transform_to_checkpoint2(options: &TransformOptions, iteration: u64) -> Resul
              de-duplicated",
         ));
     }
-    let per_rank = plan_transform(&TransformOptions {
-        output_format: Some(FileFormat::Safetensors),
-        checkpoint2_iteration: None,
-        ..options.clone()
-    })?;
-    let dst = strategy::load(dst_path)?;
+    let (per_rank, _) = plan_with(
+        &TransformOptions {
+            output_format: Some(FileFormat::Safetensors),
+            checkpoint2_iteration: None,
+            ..options.clone()
+        },
+        inputs,
+    )?;
     let common = crate::ops::checkpoint2_common::common_json(&options.src_checkpoint, &per_rank)?;
-    let job = crate::ops::checkpoint2_write::balanced(per_rank, &dst, &options.dst_dir, iteration)?;
+    let job = crate::ops::checkpoint2_write::balanced(per_rank, dst, &options.dst_dir, iteration)?;
     let common = (
         job.metadata
             .0

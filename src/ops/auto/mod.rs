@@ -67,7 +67,7 @@ pub use split::{Block, WorkSplit};
 use crate::error::{Error, Result, ResultExt};
 use crate::formats::strategy::{self, Strategy, MERGED_FILE_NAME};
 use crate::formats::tree::FileFormat;
-use crate::ops::transform::{transform, TransformOptions};
+use crate::ops::transform::{transform_with, AbsentParameters, TransformInputs, TransformOptions};
 use source::{Entry, EntryKind};
 use sync::{Failed, Patience, Running, Succeeded, WrittenFile};
 
@@ -1193,15 +1193,11 @@ fn run_block(
     if staging.exists() {
         std::fs::remove_dir_all(staging).in_file(staging)?;
     }
-    // Inputs made for the transform (strategy files, links) live in the
-    // staging folder, so a killed run leaves nothing outside it.
-    let inputs = staging.join(".inputs");
-    std::fs::create_dir_all(&inputs).in_file(&inputs)?;
-    let (src_path, farm) = match &entry.kind {
+    let (src_path, files) = match &entry.kind {
         EntryKind::Complete(f) => {
             if !f.exists() {
                 return Err(
-                    Error::invalid(format!("the checkpoint is not here{}", o.here())).in_file(f),
+                    Error::missing(format!("the checkpoint is not here{}", o.here())).in_file(f),
                 );
             }
             (f.clone(), None)
@@ -1213,91 +1209,35 @@ fn run_block(
         } => {
             let count = crate::plan::transform::source_rank_count(src)?;
             if let Some(extra) = rank_dirs.iter().find(|&&r| r >= count) {
-                return Err(Error::invalid(format!(
+                return Err(Error::strategy(format!(
                     "load_checkpoint holds rank_{extra}/ but its strategy describes {count} rank(s): \
                      is src_strategy_path_or_dir this checkpoint's strategy?"
                 ))
                 .in_file(dir));
             }
-            let needed = crate::plan::transform::needed_sources(src, dst, &block.ranks)?;
-            let mut missing: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-            for (&d, list) in &needed {
-                for &k in list {
-                    if !files.contains_key(&k) {
-                        missing.entry(k).or_default().push(d);
-                    }
-                }
-            }
-            if !missing.is_empty() {
-                let list: Vec<String> = missing
-                    .iter()
-                    .map(|(k, ds)| {
-                        let what = if rank_dirs.contains(k) {
-                            format!(
-                                "rank_{k}/ (it holds no .{} file)",
-                                o.load_ckpt_format.extension()
-                            )
-                        } else {
-                            format!("rank_{k}/")
-                        };
-                        format!("{what} for destination rank(s) {}", join(ds))
-                    })
-                    .collect();
-                return Err(Error::invalid(format!(
-                    "{who} cannot convert destination ranks {}: {} source file(s) they need are \
-                     missing{}: {}. {}",
-                    sync::range(&block.ranks),
-                    missing.len(),
-                    o.here(),
-                    list.join("; "),
-                    if o.node_local {
-                        "Copy them to this node, or use a shared disk"
-                    } else {
-                        "Is load_checkpoint complete?"
-                    }
-                ))
-                .in_file(dir));
-            }
-            match source::transform_source(dir, files, rank_dirs, count, &inputs)? {
-                Some(farm) => (farm.clone(), Some((farm, dir.clone()))),
-                None => (dir.clone(), None),
-            }
+            check_needed_sources(o, &who, src, dst, block, dir, files, rank_dirs)?;
+            (
+                dir.clone(),
+                source::transform_source(dir, files, rank_dirs, count)?,
+            )
         }
     };
-    let dst_path = match dst {
-        Some(s) => {
-            let p = inputs.join("dst_strategy.ckpt");
-            strategy::write_protobuf(s, &p)?;
-            Some(p)
-        }
-        None => None,
-    };
-    let src_strategy_path = match src {
-        Some(s) => {
-            let p = inputs.join("src_strategy.ckpt");
-            strategy::write_protobuf(s, &p)?;
-            Some(p)
-        }
-        None => None,
-    };
-    let mut options = TransformOptions::new(&src_path, staging, src_strategy_path, dst_path);
+    let mut options = TransformOptions::new(&src_path, staging, None, None);
     // A checkpoint missing most of its strategy's parameters is not this
     // job's (or is truncated): an error, not a silently smaller model.
-    options.absent = crate::ops::transform::AbsentParameters::ErrorIfMost;
+    options.absent = AbsentParameters::ErrorIfMost;
     options.ranks = Some(block.ranks.clone());
     options.workers = o.workers;
     options.world_size = Some(o.world_size);
     options.has_redundancy = o.remove_redundancy.map(|removed| !removed);
-    let unfarm = |e: Error| match &farm {
-        Some((f, real)) => Error::invalid(
-            e.to_string()
-                .replace(&f.display().to_string(), &real.display().to_string()),
-        ),
-        None => e,
+    let inputs = TransformInputs {
+        src_strategy: src,
+        dst_strategy: dst,
+        files: files.as_ref(),
     };
     match test_stall() {
         None => {
-            transform(&options).map_err(unfarm)?;
+            transform_with(&options, &inputs)?;
         }
         Some(pause) => {
             // Fault-injection for the tests: one file at a time, pausing
@@ -1305,7 +1245,7 @@ fn run_block(
             for (i, &r) in block.ranks.iter().enumerate() {
                 let mut one = options.clone();
                 one.ranks = Some(vec![r]);
-                transform(&one).map_err(unfarm)?;
+                transform_with(&one, &inputs)?;
                 if i == 0 {
                     std::thread::sleep(pause);
                 }
@@ -1331,6 +1271,61 @@ fn run_block(
     }
     written.sort_by(|a, b| (a.rank, &a.file).cmp(&(b.rank, &b.file)));
     Ok(written)
+}
+
+/// Every source file the block's destination ranks need must be here (a
+/// node without a shared disk sees only its own ranks' folders).
+#[allow(clippy::too_many_arguments)]
+fn check_needed_sources(
+    o: &AutoOptions,
+    who: &str,
+    src: Option<&Strategy>,
+    dst: Option<&Strategy>,
+    block: &Block,
+    dir: &Path,
+    files: &BTreeMap<usize, PathBuf>,
+    rank_dirs: &std::collections::BTreeSet<usize>,
+) -> Result<()> {
+    let needed = crate::plan::transform::needed_sources(src, dst, &block.ranks)?;
+    let mut missing: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (&d, list) in &needed {
+        for &k in list {
+            if !files.contains_key(&k) {
+                missing.entry(k).or_default().push(d);
+            }
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = missing
+        .iter()
+        .map(|(k, ds)| {
+            let what = if rank_dirs.contains(k) {
+                format!(
+                    "rank_{k}/ (it holds no .{} file)",
+                    o.load_ckpt_format.extension()
+                )
+            } else {
+                format!("rank_{k}/")
+            };
+            format!("{what} for destination rank(s) {}", join(ds))
+        })
+        .collect();
+    Err(Error::missing(format!(
+        "{who} cannot convert destination ranks {}: {} source file(s) they need are \
+         missing{}: {}. {}",
+        sync::range(&block.ranks),
+        missing.len(),
+        o.here(),
+        list.join("; "),
+        if o.node_local {
+            "Copy them to this node, or use a shared disk"
+        } else {
+            "Is load_checkpoint complete?"
+        }
+    ))
+    .in_file(dir))
 }
 
 /// `RESHARD_TEST_STALL_AFTER_FILE_MS`: test-only fault injection (see

@@ -11,6 +11,7 @@ use std::time::SystemTime;
 
 use crate::error::{Error, Result, ResultExt};
 use crate::formats::tree::{self, FileFormat};
+use crate::ops::transform::SourceFiles;
 
 /// One checkpoint to load (and maybe convert).
 #[derive(Debug, Clone)]
@@ -185,24 +186,25 @@ fn dir_name(path: &Path) -> String {
         .unwrap_or_else(|| "checkpoint".into())
 }
 
-/// A folder the transform can read as a complete tree of `count` source
-/// ranks: the tree itself when it is complete here, else (a node without a
-/// shared disk, or unneeded ranks missing) a folder of links under `tmp`.
-/// Ranks missing here get a link to another rank's file as a placeholder:
-/// the transform opens every rank's index but reads only the files the
-/// destination ranks need, which the caller checked are all real.
+/// The source files the transform reads for a tree of `count` source
+/// ranks: `None` when the tree is complete here and every file is the one
+/// the transform would pick itself (it then reads the folder), else the
+/// files by rank (a node without a shared disk, unneeded ranks missing, or
+/// files picked by mindformers' `file_suffix`). A rank missing here reads
+/// another rank's file as a stand-in: the transform indexes every rank but
+/// reads only the files the destination ranks need, which the caller
+/// checked are all real.
 pub(crate) fn transform_source(
     dir: &Path,
     files: &BTreeMap<usize, PathBuf>,
     rank_dirs: &BTreeSet<usize>,
     count: usize,
-    tmp: &Path,
-) -> Result<Option<PathBuf>> {
+) -> Result<Option<SourceFiles>> {
     let complete =
         files.len() == count && rank_dirs.len() == count && files.keys().copied().eq(0..count);
     // The transform reading `dir` picks each rank's file by MindSpore's
-    // rule; a file chosen otherwise (mindformers' `file_suffix`) goes
-    // through the link folder.
+    // rule; a file chosen otherwise (mindformers' `file_suffix`) is passed
+    // explicitly.
     let default_pick = |f: &Path| -> Result<bool> {
         let Some(d) = f.parent() else {
             return Ok(false);
@@ -227,41 +229,15 @@ pub(crate) fn transform_source(
         return Ok(None);
     }
     let Some((_, stand_in)) = files.iter().next() else {
-        return Err(Error::invalid("no rank folder holds a checkpoint").in_file(dir));
+        return Err(Error::missing("no rank folder holds a checkpoint").in_file(dir));
     };
-    let farm = tmp.join("source");
-    for k in 0..count {
-        let rank_dir = farm.join(format!("rank_{k}"));
-        std::fs::create_dir_all(&rank_dir).in_file(&rank_dir)?;
-        let (target, name) = match files.get(&k) {
-            Some(f) => (
-                f.clone(),
-                f.file_name().expect("a picked file has a name").to_owned(),
-            ),
-            None => (
-                stand_in.clone(),
-                std::ffi::OsString::from(format!(
-                    "missing-rank-placeholder.{}",
-                    FileFormat::of_path(stand_in).map_or("ckpt", |f| f.extension())
-                )),
-            ),
-        };
-        let target = target.canonicalize().in_file(&target)?;
-        link(&target, &rank_dir.join(name))?;
-    }
-    Ok(Some(farm))
-}
-
-#[cfg(unix)]
-fn link(target: &Path, at: &Path) -> Result<()> {
-    std::os::unix::fs::symlink(target, at).in_file(at)
-}
-
-#[cfg(not(unix))]
-fn link(target: &Path, at: &Path) -> Result<()> {
-    std::fs::hard_link(target, at)
-        .or_else(|_| std::fs::copy(target, at).map(|_| ()))
-        .in_file(at)
+    let format = FileFormat::of_path(stand_in).ok_or_else(|| {
+        Error::bad_input("a checkpoint file must end in .ckpt or .safetensors").in_file(stand_in)
+    })?;
+    let files = (0..count)
+        .map(|k| (k, files.get(&k).unwrap_or(stand_in).clone()))
+        .collect();
+    Ok(Some(SourceFiles { format, files }))
 }
 
 /// mindformers 2.1's `extract_suffix`: the file name without its last

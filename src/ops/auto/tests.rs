@@ -1,5 +1,5 @@
 //! Unit tests: the layout comparison, the markers and waiting, the needed
-//! source ranks and the link folder of a partial tree.
+//! source ranks and the stand-ins of a partial tree.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -329,7 +329,7 @@ fn needed_sources_follow_the_planner() {
 }
 
 #[test]
-fn partial_trees_are_completed_with_links() {
+fn partial_trees_are_completed_with_stand_ins() {
     let dir = tempfile::tempdir().unwrap();
     let mut files = BTreeMap::new();
     for r in [2usize, 3] {
@@ -339,16 +339,15 @@ fn partial_trees_are_completed_with_links() {
         files.insert(r, p);
     }
     let dirs: BTreeSet<usize> = files.keys().copied().collect();
-    let tmp = tempfile::tempdir().unwrap();
-    let farm = transform_source(dir.path(), &files, &dirs, 4, tmp.path())
+    let picked = transform_source(dir.path(), &files, &dirs, 4)
         .unwrap()
-        .expect("a partial tree needs links");
-    let (_, picked) = crate::formats::tree::tree_checkpoints(&farm).unwrap();
-    assert_eq!(picked.len(), 4);
-    assert_eq!(std::fs::read_to_string(&picked[3].1).unwrap(), "rank 3");
-    assert!(picked[0]
-        .1
-        .ends_with("rank_0/missing-rank-placeholder.ckpt"));
+        .expect("a partial tree needs stand-ins");
+    assert_eq!(picked.format, crate::formats::tree::FileFormat::Ckpt);
+    let ranks: Vec<usize> = picked.files.iter().map(|f| f.0).collect();
+    assert_eq!(ranks, [0, 1, 2, 3]);
+    assert_eq!(picked.files[3].1, files[&3]);
+    // Missing ranks read the first file here.
+    assert_eq!(picked.files[0].1, files[&2]);
     // A complete tree is used as it is.
     for r in [0usize, 1] {
         let p = dir.path().join(format!("rank_{r}/m_{r}.ckpt"));
@@ -357,7 +356,7 @@ fn partial_trees_are_completed_with_links() {
         files.insert(r, p);
     }
     let dirs: BTreeSet<usize> = files.keys().copied().collect();
-    assert!(transform_source(dir.path(), &files, &dirs, 4, tmp.path())
+    assert!(transform_source(dir.path(), &files, &dirs, 4)
         .unwrap()
         .is_none());
 }
