@@ -150,12 +150,6 @@ pub enum Error {
         owner: Option<u64>,
     },
 
-    /// A caller error: bad option combination, bad argument. Deprecated in
-    /// favour of the kinded variants below ([`Error::usage`],
-    /// [`Error::bad_input`], …); being removed.
-    #[error("{0}")]
-    Invalid(String),
-
     /// A caller error: an option missing, out of range or contradicting
     /// another. `option` is the library's name for the setting (the field of
     /// the options struct, e.g. `src_strategy`); front ends render it in
@@ -387,6 +381,9 @@ pub enum JobErrorKind {
     PeerFailed,
     /// The ranks disagree on the job (world size, plan).
     Mismatch,
+    /// Another rank did not do its part in time (it never started, or its
+    /// step did not finish within the job's patience).
+    Timeout,
 }
 
 impl Error {
@@ -423,12 +420,6 @@ impl Error {
             | Error::InFile { source, .. } => source.root(),
             other => other,
         }
-    }
-
-    /// Shorthand for [`Error::Invalid`]; being replaced by the kinded
-    /// constructors ([`Error::usage`], [`Error::bad_input`], …).
-    pub fn invalid(msg: impl Into<String>) -> Error {
-        Error::Invalid(msg.into())
     }
 
     /// A caller error not tied to one setting.
@@ -473,6 +464,14 @@ impl Error {
         Error::Damaged(msg.into())
     }
 
+    /// See [`Error::Job`].
+    pub fn job(kind: JobErrorKind, msg: impl Into<String>) -> Error {
+        Error::Job {
+            kind,
+            message: msg.into(),
+        }
+    }
+
     /// See [`Error::Strategy`].
     pub fn strategy(msg: impl Into<String>) -> Error {
         Error::Strategy(msg.into())
@@ -498,7 +497,7 @@ impl Error {
                 ErrorKind::Missing
             }
             Error::Mismatch(_) => ErrorKind::Mismatch,
-            Error::Invalid(_) | Error::Usage { .. } => ErrorKind::Usage,
+            Error::Usage { .. } => ErrorKind::Usage,
             Error::DestinationNotEmpty { .. }
             | Error::Locked { .. }
             | Error::UnsafeDestination { .. } => ErrorKind::Destination,

@@ -173,7 +173,7 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
         );
     }
     let sources = index_sources(files, &o.read)?;
-    let deduplicated = deduplicated(&sources, None)?;
+    let deduplicated = deduplicated(&sources, None, &mut Vec::new())?;
     let names: BTreeSet<String> = sources
         .iter()
         .flat_map(|s| s.2.iter().map(|e| e.name.clone()))

@@ -277,7 +277,7 @@ pub fn plan_with(
             options.absent,
         )?);
     }
-    let deduplicated = deduplicated(&sources, options.has_redundancy)?;
+    let deduplicated = deduplicated(&sources, options.has_redundancy, &mut warnings)?;
     let mut plan = plan(&TransformInput {
         deduplicated,
         remove_redundancy: options.remove_redundancy,

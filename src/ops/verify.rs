@@ -186,7 +186,7 @@ pub fn check_distributed(dir: &Path, strategy_path: &Path) -> Result<Vec<Inconsi
     }
     // A set saved with redundancy removed keeps each parameter on the rank
     // that owns it for its group (spec safetensors-era §2.4).
-    let owners = if deduplicated(&files, None)? {
+    let owners = if deduplicated(&files, None, &mut Vec::new())? {
         Some(crate::layout::redundancy::Ownership::from_table(&table, 0)?)
     } else {
         None

@@ -341,6 +341,20 @@ pub fn node_local_job(process_num: usize) -> (tempfile::TempDir, PathBuf) {
     (d, expect)
 }
 
+/// `reshard auto` with flags, expected to fail with an error of `kind`
+/// (`reshard::ErrorKind::name()`, read from the `--json` error report);
+/// returns the stderr text.
+pub fn auto_refused(cwd: &Path, args: &[&str], env: &[(&str, &str)], kind: &str) -> String {
+    let mut with_json = args.to_vec();
+    with_json.push("--json");
+    let (code, stdout, stderr) = auto_once(cwd, &with_json, env);
+    assert_eq!(code, Some(1), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("no JSON error report ({e}): {stdout} {stderr}"));
+    assert_eq!(report["error"]["kind"], kind, "{stderr}");
+    stderr
+}
+
 /// One process, no coordination: `reshard auto` with flags.
 pub fn auto_once(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let out = Command::new(reshard_bin())

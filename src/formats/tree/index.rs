@@ -106,11 +106,12 @@ pub fn index_sources(
 /// `remove_redundancy` metadata decides; the caller's `has_redundancy`
 /// claim only decides for files without it (`.ckpt` files, or safetensors
 /// saved with the flag unset). A claim the files contradict is overridden
-/// and said on stderr, as MindSpore logs a warning. Files that disagree
+/// and said in `warnings`, as MindSpore logs a warning. Files that disagree
 /// with each other are an error.
 pub fn deduplicated(
     sources: &[(usize, PathBuf, Vec<SourceEntry>)],
     has_redundancy: Option<bool>,
+    warnings: &mut Vec<String>,
 ) -> Result<bool> {
     let mut flagged: Option<(bool, &Path)> = None;
     for (_, path, _) in sources {
@@ -146,8 +147,8 @@ pub fn deduplicated(
     }
     match (flagged, has_redundancy) {
         (Some((dedup, path)), Some(has)) if has == dedup => {
-            eprintln!(
-                "warning: has_redundancy={has} ignored: {} says remove_redundancy={}, and the \
+            warnings.push(format!(
+                "has_redundancy={has} ignored: {} says remove_redundancy={}, and the \
                  file's flag wins (as in MindSpore); reading the set as {}",
                 path.display(),
                 if dedup { "True" } else { "False" },
@@ -156,7 +157,7 @@ pub fn deduplicated(
                 } else {
                     "holding every copy"
                 }
-            );
+            ));
             Ok(dedup)
         }
         (Some((dedup, _)), _) => Ok(dedup),

@@ -109,9 +109,9 @@ impl Settings {
     /// [`YAML_KEYS`] and [`RESHARD_KEYS`]; an unknown key is an error.
     pub fn from_json_str(text: &str) -> Result<Settings> {
         let value: Value = serde_json::from_str(text)
-            .map_err(|e| Error::invalid(format!("the settings are not valid JSON: {e}")))?;
+            .map_err(|e| Error::usage(format!("the settings are not valid JSON: {e}")))?;
         let Value::Object(map) = value else {
-            return Err(Error::invalid("the settings must be a JSON object"));
+            return Err(Error::usage("the settings must be a JSON object"));
         };
         let mut s = Settings {
             values: Map::new(),
@@ -146,7 +146,7 @@ impl Settings {
         check_key(key, &known)?;
         if key == "parallel_config" {
             let Value::Object(fields) = value else {
-                return Err(Error::invalid("parallel_config must be an object"));
+                return Err(Error::usage("parallel_config must be an object"));
             };
             for (k, v) in fields {
                 self.set(&format!("parallel_config.{k}"), v)?;
@@ -198,7 +198,7 @@ impl Settings {
             None => env_usize(&env.rank_size, "RANK_SIZE")?.unwrap_or(1),
         };
         if world == 0 {
-            return Err(Error::invalid(
+            return Err(Error::usage(
                 "the world size (RANK_SIZE) must be at least 1",
             ));
         }
@@ -225,7 +225,7 @@ impl Settings {
             (0, 1)
         };
         if rank >= world {
-            return Err(Error::invalid(format!(
+            return Err(Error::usage(format!(
                 "rank {rank} does not exist in a job of {world} ranks (RANK_ID must be below RANK_SIZE)"
             )));
         }
@@ -312,7 +312,7 @@ impl Settings {
     }
 
     fn err(&self, msg: String) -> Error {
-        Error::invalid(format!("{}: {msg}", self.origin))
+        Error::usage(format!("{}: {msg}", self.origin))
     }
 
     fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
@@ -403,7 +403,7 @@ fn env_usize(value: &Option<String>, name: &str) -> Result<Option<usize>> {
         .map(|v| {
             v.trim()
                 .parse::<usize>()
-                .map_err(|_| Error::invalid(format!("{name}={v:?} is not a non-negative integer")))
+                .map_err(|_| Error::usage(format!("{name}={v:?} is not a non-negative integer")))
         })
         .transpose()
 }
@@ -457,7 +457,7 @@ fn check_key(key: &str, known: &[&str]) -> Result<()> {
         .iter()
         .min_by_key(|k| edit_distance(k, key))
         .filter(|k| edit_distance(k, key) <= 3);
-    Err(Error::invalid(match closest {
+    Err(Error::usage(match closest {
         Some(k) => format!("unknown setting {key:?}; did you mean {k:?}?"),
         None => format!("unknown setting {key:?}; known: {}", known.join(", ")),
     }))
@@ -489,7 +489,7 @@ pub(crate) fn absolute(path: &Path) -> PathBuf {
 fn read_yaml_tree(path: &Path, depth: usize) -> Result<Map<String, Value>> {
     if depth > 8 {
         return Err(
-            Error::invalid("base_config nests more than 8 levels (a cycle?)").in_file(path),
+            Error::bad_input("base_config nests more than 8 levels (a cycle?)").in_file(path),
         );
     }
     let len = std::fs::metadata(path).in_file(path)?.len();
@@ -506,7 +506,7 @@ fn read_yaml_tree(path: &Path, depth: usize) -> Result<Map<String, Value>> {
     if own.is_empty() {
         // Issue 19 item 10: an empty (or NUL-filled) file used to read as
         // "nothing to load" and exit 0.
-        return Err(Error::invalid(
+        return Err(Error::bad_input(
             "holds no settings (an empty YAML document); is this the right file?",
         )
         .in_file(path));
@@ -521,7 +521,7 @@ fn read_yaml_tree(path: &Path, depth: usize) -> Result<Map<String, Value>> {
             .collect(),
         Some(_) => {
             return Err(
-                Error::invalid("base_config must be a path or a list of paths").in_file(path),
+                Error::bad_input("base_config must be a path or a list of paths").in_file(path),
             )
         }
     };
@@ -605,7 +605,9 @@ impl yaml_rust2::parser::EventReceiver for NodeCounter {
 /// aliases are expanded, or nesting deeper than [`MAX_YAML_DEPTH`].
 fn check_yaml_limits(text: &str) -> Result<()> {
     if text.contains('\0') {
-        return Err(Error::invalid("contains a NUL byte: not a YAML text file"));
+        return Err(Error::bad_input(
+            "contains a NUL byte: not a YAML text file",
+        ));
     }
     if text.len() as u64 > MAX_YAML_BYTES {
         return Err(Error::LimitExceeded {
@@ -617,7 +619,7 @@ fn check_yaml_limits(text: &str) -> Result<()> {
     let mut counter = NodeCounter::default();
     yaml_rust2::parser::Parser::new_from_str(text)
         .load(&mut counter, true)
-        .map_err(|e| Error::invalid(format!("not valid YAML: {e}")))?;
+        .map_err(|e| Error::bad_input(format!("not valid YAML: {e}")))?;
     if counter.max_depth > MAX_YAML_DEPTH {
         return Err(Error::LimitExceeded {
             what: "YAML nesting depth",
@@ -638,11 +640,11 @@ fn check_yaml_limits(text: &str) -> Result<()> {
 fn yaml_text_to_map(text: &str) -> Result<Map<String, Value>> {
     check_yaml_limits(text)?;
     let docs = YamlLoader::load_from_str(text)
-        .map_err(|e| Error::invalid(format!("not valid YAML: {e}")))?;
+        .map_err(|e| Error::bad_input(format!("not valid YAML: {e}")))?;
     match docs.into_iter().next().map(yaml_to_json) {
         None | Some(Value::Null) => Ok(Map::new()),
         Some(Value::Object(m)) => Ok(m),
-        Some(_) => Err(Error::invalid(
+        Some(_) => Err(Error::bad_input(
             "the YAML's top level must be a mapping of keys to values",
         )),
     }

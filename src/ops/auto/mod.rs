@@ -64,7 +64,7 @@ pub use config::{JobEnv, Settings, RESHARD_KEYS, YAML_KEYS};
 pub use exchange::Exchange;
 pub use split::{Block, WorkSplit};
 
-use crate::error::{Error, Result, ResultExt};
+use crate::error::{Error, JobErrorKind, Result, ResultExt};
 use crate::formats::strategy::{self, Strategy, MERGED_FILE_NAME};
 use crate::formats::tree::FileFormat;
 use crate::ops::transform::{transform_with, AbsentParameters, TransformInputs, TransformOptions};
@@ -348,15 +348,13 @@ pub fn auto_convert(o: &AutoOptions) -> Result<AutoReport> {
         return Ok(finish(report, notes));
     };
     if o.world_size == 0 || o.rank >= o.world_size {
-        return Err(Error::invalid(format!(
+        return Err(Error::usage(format!(
             "rank {} does not exist in a job of {} ranks",
             o.rank, o.world_size
         )));
     }
     if o.npu_num_per_node == 0 {
-        return Err(Error::invalid(
-            "npu_num_per_node must be a power of 2, not 0",
-        ));
+        return Err(Error::usage("npu_num_per_node must be a power of 2, not 0"));
     }
     let split = if o.auto_trans_ckpt {
         Some(WorkSplit::new(
@@ -396,7 +394,7 @@ pub fn auto_convert(o: &AutoOptions) -> Result<AutoReport> {
             && matches!(entry.kind, EntryKind::Tree { ref rank_dirs, .. } if rank_dirs.len() > 1)
         {
             if o.auto_trans_ckpt {
-                return Err(Error::invalid(
+                return Err(Error::usage(
                     "load_checkpoint holds several rank folders, so it is sharded: set \
                      src_strategy_path_or_dir to its strategy (a file, the merged file, or the \
                      folder of ckpt_strategy_rank_x.ckpt files saved when it was trained)",
@@ -423,7 +421,7 @@ pub fn auto_convert(o: &AutoOptions) -> Result<AutoReport> {
         if !o.auto_trans_ckpt {
             let e = match verdict {
                 Some(v) if !v.matches && !is_complete_for_mindformers(entry) => {
-                    return Err(Error::invalid(format!(
+                    return Err(Error::strategy(format!(
                         "auto_trans_ckpt is False but the checkpoint does not have the job's \
                          layout ({}); set auto_trans_ckpt: True to convert it",
                         v.reason
@@ -484,6 +482,7 @@ pub fn auto_convert(o: &AutoOptions) -> Result<AutoReport> {
             &verdict.reason,
             started,
             &mut report.converted_here,
+            &mut notes,
         )?;
         report.entries.push(e);
     }
@@ -572,7 +571,7 @@ fn existing_file(o: &AutoOptions, entry: &Entry) -> Result<PathBuf> {
                 o.rank
             };
             files.get(&r).cloned().ok_or_else(|| {
-                Error::invalid(format!(
+                Error::missing(format!(
                     "rank_{r}/ holds no .{} file{}, so rank {} has nothing to load",
                     o.load_ckpt_format.extension(),
                     o.here(),
@@ -631,7 +630,7 @@ fn guard_outputs(o: &AutoOptions) -> Result<()> {
         let p = canon(p);
         for g in &guarded {
             if p.starts_with(canon(g)) {
-                return Err(Error::invalid(format!(
+                return Err(Error::usage(format!(
                     "{what} ({}) is inside {}, which an auto conversion rewrites; move it \
                      elsewhere first (and move output/strategy and \
                      output/transformed_checkpoint away after every run you want to keep)",
@@ -678,7 +677,7 @@ fn job_strategy(
         vec![o.rank]
     } else {
         if w % pp != 0 {
-            return Err(Error::invalid(format!(
+            return Err(Error::usage(format!(
                 "parallel_config.pipeline_stage {pp} does not divide the world size {w}"
             )));
         }
@@ -712,7 +711,7 @@ fn job_strategy(
     let strategies = load_with_retry(&paths, &patience)?;
     for (s, (st, p)) in strategies.iter().zip(&paths).enumerate() {
         if st.stage() != Some(s as u32) {
-            return Err(Error::invalid(format!(
+            return Err(Error::strategy(format!(
                 "this strategy file is of pipeline stage {:?}, but with {w} ranks and \
                  pipeline_stage {pp} its rank is in stage {s}",
                 st.stage()
@@ -776,7 +775,7 @@ fn wait_rank_strategy_files(
                         out.insert(r, one.clone());
                     }
                     Some(many) => {
-                        return Err(Error::invalid(format!(
+                        return Err(Error::bad_input(format!(
                             "there can be only one strategy file for rank {r}, but {} has {}",
                             dir.display(),
                             many.iter()
@@ -852,7 +851,7 @@ fn check_job_geometry(o: &AutoOptions, s: &Strategy, origin: &str) -> Result<()>
     let pp = o.parallel.pipeline_stage.max(1);
     if total != o.world_size || (o.dst_strategy.is_none() && pp == 1 && s.stage().unwrap_or(0) != 0)
     {
-        return Err(Error::invalid(format!(
+        return Err(Error::strategy(format!(
             "the job's strategy ({origin}) describes {total} rank(s) ({stages} stage(s) of {per}, \
              file stage {:?}), but the job has {} ranks and parallel_config.pipeline_stage {pp}{}",
             s.stage(),
@@ -990,6 +989,7 @@ fn convert_entry(
     why: &str,
     started: SystemTime,
     converted_here: &mut Vec<usize>,
+    notes: &mut Vec<String>,
 ) -> Result<EntryReport> {
     let out = o.transformed_dir().join(&entry.name);
     let mine = split.block_of(o.rank);
@@ -1003,7 +1003,16 @@ fn convert_entry(
     let digest = input_digest(o, entry, src, dst.map(|d| &d.strategy))?;
     let mut reused_here = false;
     if let Some(block) = split.block_converted_by(o.rank) {
-        reused_here = convert_block(o, entry, src, block_dst.as_ref(), block, &exact, &out)?;
+        reused_here = convert_block(
+            o,
+            entry,
+            src,
+            block_dst.as_ref(),
+            block,
+            &exact,
+            &out,
+            notes,
+        )?;
         converted_here.extend(&block.ranks);
     }
     // The other blocks are awaited as mindformers awaits them (to fail
@@ -1034,10 +1043,13 @@ fn convert_entry(
         .iter()
         .find(|f| f.rank == o.rank && FileFormat::of_path(Path::new(&f.file)).is_some())
         .ok_or_else(|| {
-            Error::invalid(format!(
-                "converting rank {} reports no file for rank {}",
-                mine.converter, o.rank
-            ))
+            Error::Job {
+                kind: JobErrorKind::Mismatch,
+                message: format!(
+                    "converting rank {} reports no file for rank {}",
+                    mine.converter, o.rank
+                ),
+            }
             .in_file(sync::succeed_path(&out, mine.converter))
         })?;
     let reused = if mine.converter == o.rank {
@@ -1080,7 +1092,9 @@ fn make_dir(root: &Path, dir: &Path) -> Result<()> {
 }
 
 /// Converts one block into `out` (see the module docs); returns whether an
-/// earlier run's intact output was reused instead.
+/// earlier run's intact output was reused instead. The transform's
+/// warnings go to `notes`.
+#[allow(clippy::too_many_arguments)]
 fn convert_block(
     o: &AutoOptions,
     entry: &Entry,
@@ -1089,6 +1103,7 @@ fn convert_block(
     block: &Block,
     fp: &str,
     out: &Path,
+    notes: &mut Vec<String>,
 ) -> Result<bool> {
     make_dir(&o.output_dir, out)?;
     let c = block.converter;
@@ -1116,7 +1131,7 @@ fn convert_block(
     let heartbeat = sync::Heartbeat::start(running.clone(), o.heartbeat_timeout / 8);
     let t = Instant::now();
     let staging = out.join(format!(".staging_rank_{c}"));
-    let result = run_block(o, entry, src, dst, block, out, &staging);
+    let result = run_block(o, entry, src, dst, block, out, &staging, notes);
     drop(heartbeat);
     let _ = std::fs::remove_dir_all(&staging);
     match result {
@@ -1170,6 +1185,7 @@ fn convert_block(
 }
 
 /// The conversion of one block into `staging`, then moved into `out`.
+#[allow(clippy::too_many_arguments)]
 fn run_block(
     o: &AutoOptions,
     entry: &Entry,
@@ -1178,6 +1194,7 @@ fn run_block(
     block: &Block,
     out: &Path,
     staging: &Path,
+    notes: &mut Vec<String>,
 ) -> Result<Vec<WrittenFile>> {
     let who = if o.node_local {
         format!("node {} (rank {})", block.node, block.converter)
@@ -1237,7 +1254,7 @@ fn run_block(
     };
     match test_stall() {
         None => {
-            transform_with(&options, &inputs)?;
+            notes.extend(transform_with(&options, &inputs)?.warnings);
         }
         Some(pause) => {
             // Fault-injection for the tests: one file at a time, pausing
@@ -1245,8 +1262,9 @@ fn run_block(
             for (i, &r) in block.ranks.iter().enumerate() {
                 let mut one = options.clone();
                 one.ranks = Some(vec![r]);
-                transform_with(&one, &inputs)?;
+                let report = transform_with(&one, &inputs)?;
                 if i == 0 {
+                    notes.extend(report.warnings);
                     std::thread::sleep(pause);
                 }
             }

@@ -64,11 +64,11 @@ fn stem(path: &Path) -> String {
 pub(crate) fn entries(path: &Path, format: FileFormat, here: &str) -> Result<Vec<Entry>> {
     let ext = format.extension();
     let meta = std::fs::metadata(path).map_err(|e| {
-        Error::invalid(format!("load_checkpoint does not exist{here} ({e})")).in_file(path)
+        Error::missing(format!("load_checkpoint does not exist{here} ({e})")).in_file(path)
     })?;
     if meta.is_file() {
         if FileFormat::of_path(path) != Some(format) {
-            return Err(Error::invalid(format!(
+            return Err(Error::usage(format!(
                 "load_checkpoint must be a folder or a .{ext} file (load_ckpt_format is {ext})"
             ))
             .in_file(path));
@@ -83,7 +83,7 @@ pub(crate) fn entries(path: &Path, format: FileFormat, here: &str) -> Result<Vec
     // checkpoint whose layout its metadata describes.
     if crate::formats::checkpoint2::is_checkpoint2(path) {
         if format != FileFormat::Safetensors {
-            return Err(Error::invalid(
+            return Err(Error::usage(
                 "load_checkpoint is a Checkpoint 2.0 directory (safetensors files): set \
                  load_ckpt_format: safetensors",
             )
@@ -114,7 +114,7 @@ pub(crate) fn entries(path: &Path, format: FileFormat, here: &str) -> Result<Vec
             }
         }
         if files.is_empty() && other_format {
-            return Err(Error::invalid(format!(
+            return Err(Error::usage(format!(
                 "the rank folders hold no .{ext} file but files of the other format; set \
                  load_ckpt_format to match"
             ))
@@ -150,7 +150,7 @@ pub(crate) fn entries(path: &Path, format: FileFormat, here: &str) -> Result<Vec
         .collect();
     found.sort();
     if found.is_empty() {
-        return Err(Error::invalid(format!(
+        return Err(Error::missing(format!(
             "no rank_0 folder and no .{ext} file in load_checkpoint{here}; it must be a rank_x \
              tree, a folder of complete checkpoints, or a checkpoint file"
         ))
@@ -160,7 +160,7 @@ pub(crate) fn entries(path: &Path, format: FileFormat, here: &str) -> Result<Vec
     for f in found {
         let name = stem(&f);
         if let Some(other) = out.iter().find(|e| e.name == name) {
-            return Err(Error::invalid(format!(
+            return Err(Error::bad_input(format!(
                 "{} and {} would both be converted into transformed_checkpoint/{name}/; rename one",
                 other.source().display(),
                 f.display()
@@ -337,7 +337,7 @@ pub(crate) fn mindformers_safetensors_pick(
                 match parent.and_then(Path::parent) {
                     Some(tree_dir) => {
                         if !o.auto_trans_ckpt {
-                            return Err(Error::invalid(
+                            return Err(Error::usage(
                                 "load_checkpoint is a file inside a rank folder: mindformers' \
                                  safetensors flow reads it as the rank tree above only with \
                                  auto_trans_ckpt: True (else give the tree's folder)",
@@ -393,9 +393,7 @@ pub(crate) fn mindformers_safetensors_pick(
             let pick_all = |suffix: Option<&str>| -> Result<BTreeMap<usize, PathBuf>> {
                 let mut files = BTreeMap::new();
                 for (r, d) in &ranks {
-                    if let Some(f) = tree::pick_safetensors(d, suffix)
-                        .map_err(|e| Error::invalid(format!("rank_{r}: {e}")).in_file(d))?
-                    {
+                    if let Some(f) = tree::pick_safetensors(d, suffix).in_file(d)? {
                         files.insert(*r, f);
                     }
                 }
@@ -424,7 +422,7 @@ pub(crate) fn mindformers_safetensors_pick(
                 }
                 Err(e) => {
                     let (s, why) = suffix.as_ref().expect("errors only with a suffix");
-                    return Err(Error::invalid(format!(
+                    return Err(Error::missing(format!(
                         "file_suffix {s:?} (from {why}) as mindformers derives it: {e}"
                     )));
                 }
@@ -508,7 +506,7 @@ pub(crate) fn check_mindformers_mode(
             true
         } else if names.iter().any(|n| n.ends_with("safetensors")) {
             if o.use_parallel && !o.auto_trans_ckpt {
-                return Err(Error::invalid(
+                return Err(Error::usage(
                     "load_checkpoint is complete and use_parallel is True: as MindFormers asks, \
                      set auto_trans_ckpt: True to slice it",
                 )

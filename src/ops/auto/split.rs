@@ -51,12 +51,12 @@ impl WorkSplit {
         notes: &mut Vec<String>,
     ) -> Result<WorkSplit> {
         if npu_num_per_node == 0 || !npu_num_per_node.is_power_of_two() {
-            return Err(Error::invalid(format!(
+            return Err(Error::usage(format!(
                 "npu_num_per_node (or DEVICE_NUM_PER_NODE) must be a power of 2, not {npu_num_per_node}"
             )));
         }
         if process_num == 0 {
-            return Err(Error::invalid(
+            return Err(Error::usage(
                 "transform_process_num must be at least 1 (1: the first rank converts, the others wait)",
             ));
         }
@@ -68,7 +68,7 @@ impl WorkSplit {
             k = world;
         }
         if world % k != 0 {
-            return Err(Error::invalid(format!(
+            return Err(Error::usage(format!(
                 "transform_process_num {k} must divide the world size {world} (each converting \
                  rank takes world_size / transform_process_num destination ranks); try one of {}",
                 divisors(world)

@@ -26,7 +26,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::split::Block;
-use crate::error::{Error, Result};
+use crate::error::{Error, JobErrorKind, Result};
 use crate::formats::atomic::AtomicFile;
 
 /// `transform_running_rank_{c}.txt`.
@@ -94,7 +94,8 @@ impl Succeeded {
 
 /// Writes a marker atomically.
 pub(crate) fn write_marker<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let bytes = serde_json::to_vec_pretty(value).map_err(|e| Error::invalid(e.to_string()))?;
+    let bytes = serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::Internal(format!("cannot serialise a marker: {e}")))?;
     let mut f = AtomicFile::create(path)?;
     f.write_all(&bytes)?;
     f.write_all(b"\n")?;
@@ -198,11 +199,14 @@ pub(crate) fn poll_until<T>(
             return Ok(v);
         }
         if start.elapsed() >= patience.timeout {
-            return Err(Error::invalid(format!(
-                "timed out after {:.0} s waiting for {}",
-                patience.timeout.as_secs_f64(),
-                what()
-            )));
+            return Err(Error::job(
+                JobErrorKind::Timeout,
+                format!(
+                    "timed out after {:.0} s waiting for {}",
+                    patience.timeout.as_secs_f64(),
+                    what()
+                ),
+            ));
         }
         std::thread::sleep(patience.poll);
     }
@@ -284,11 +288,14 @@ pub(crate) fn wait_for_blocks(
                     let retrying = running.as_ref().is_some_and(|(_, t)| *t > failed_at);
                     let recent = failed_at + START_SKEW >= started;
                     if !retrying && (recent || begin.elapsed() >= STALE_FAILURE_GRACE) {
-                        return Err(Error::invalid(format!(
-                            "converting rank {c} (destination ranks {}) failed: {}",
-                            range(&w.block.ranks),
-                            f.error
-                        )));
+                        return Err(Error::job(
+                            JobErrorKind::PeerFailed,
+                            format!(
+                                "converting rank {c} (destination ranks {}) failed: {}",
+                                range(&w.block.ranks),
+                                f.error
+                            ),
+                        ));
                     }
                 } else {
                     w.foreign = true;
@@ -303,7 +310,7 @@ pub(crate) fn wait_for_blocks(
                     }
                     let (_, changed) = w.beat.expect("just set");
                     if now.duration_since(changed) >= patience.heartbeat_timeout {
-                        return Err(Error::invalid(format!(
+                        return Err(Error::job(JobErrorKind::PeerFailed, format!(
                             "converting rank {c} (pid {} on {}, destination ranks {}) stopped: its \
                              heartbeat {} has not moved for {:.0} s, so it was killed or its node \
                              failed, or it could not write its failure marker (full disk?). No file \
@@ -319,7 +326,7 @@ pub(crate) fn wait_for_blocks(
                 }
                 None => {
                     if begin.elapsed() >= patience.timeout {
-                        return Err(Error::invalid(format!(
+                        return Err(Error::job(JobErrorKind::Timeout, format!(
                             "timed out after {:.0} s: converting rank {c} (destination ranks {}) has \
                              not started; is it running `reshard auto` with the same settings?{}",
                             patience.timeout.as_secs_f64(),

@@ -9,6 +9,7 @@ use super::decide::compare;
 use super::source::{transform_source, EntryKind};
 use super::split::Block;
 use super::sync::{self, Failed, Patience, Running, Succeeded, WrittenFile};
+use crate::error::ErrorKind;
 use crate::formats::ckpt::{CkptWriter, WriteOptions};
 use crate::formats::strategy::{LayoutItem, Strategy, StrategyItem};
 use crate::DType;
@@ -220,6 +221,7 @@ fn waiting_honours_fingerprints_failures_and_heartbeats() {
     let now = SystemTime::now();
     // Nothing there: a timeout saying the rank has not started.
     let e = sync::wait_for_blocks(d, &seen, now, None, &patience(50)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Job, "{e}");
     assert!(e.to_string().contains("has not started"), "{e}");
     // A failure with another fingerprint is ignored (and mentioned).
     let failed = |fp: &str| Failed {
@@ -230,10 +232,12 @@ fn waiting_honours_fingerprints_failures_and_heartbeats() {
     };
     sync::write_marker(&sync::failed_path(d, 0), &failed("other")).unwrap();
     let e = sync::wait_for_blocks(d, &seen, now, None, &patience(50)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Job, "{e}");
     assert!(e.to_string().contains("other inputs"), "{e}");
     // This run's failure: the converting rank's error text, at once.
     sync::write_marker(&sync::failed_path(d, 0), &failed("fp")).unwrap();
     let e = sync::wait_for_blocks(d, &seen, now, None, &patience(5_000)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Job, "{e}");
     assert!(
         e.to_string()
             .contains("converting rank 0 (destination ranks 0–1) failed: disk on fire"),
@@ -242,6 +246,7 @@ fn waiting_honours_fingerprints_failures_and_heartbeats() {
     // A failure from long before this rank started waits for a new attempt.
     let long_ago = SystemTime::now() + Duration::from_secs(3600);
     let e = sync::wait_for_blocks(d, &seen, long_ago, None, &patience(50)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Job, "{e}");
     assert!(e.to_string().contains("has not started"), "{e}");
     sync::remove_file(&sync::failed_path(d, 0)).unwrap();
     // A running marker that never beats: dead.
@@ -258,6 +263,7 @@ fn waiting_honours_fingerprints_failures_and_heartbeats() {
     )
     .unwrap();
     let e = sync::wait_for_blocks(d, &seen, now, None, &patience(60)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Job, "{e}");
     assert!(
         e.to_string().contains("pid 42 on h") && e.to_string().contains("stopped"),
         "{e}"
@@ -302,6 +308,7 @@ fn waiting_honours_fingerprints_failures_and_heartbeats() {
     let later = SystemTime::now() + Duration::from_secs(60);
     sync::remove_file(&sync::running_path(d, 0)).unwrap();
     let e = sync::wait_for_blocks(d, &seen, later, Some(later), &patience(50)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Job, "{e}");
     assert!(e.to_string().contains("has not started"), "{e}");
     // A damaged output is not accepted.
     std::fs::write(d.join("rank_1/checkpoint_1.ckpt"), b"d").unwrap();

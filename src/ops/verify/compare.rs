@@ -103,7 +103,7 @@ fn logical_plan(side: &Side) -> Result<Plan> {
     }
     let strategy = side.strategy.as_deref().map(strategy::load).transpose()?;
     let sources = index_sources(files, &ReadOptions::default())?;
-    let deduplicated = deduplicated(&sources, None)?;
+    let deduplicated = deduplicated(&sources, None, &mut Vec::new())?;
     plan(&TransformInput {
         sources,
         src_strategy: strategy.as_ref(),
