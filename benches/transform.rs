@@ -4,8 +4,9 @@
 //! `cargo bench --bench transform`
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use reshard::backend::{Backend, BoxCopy, CpuBackend, Src};
+use reshard::backend::{Backend, CpuBackend, Src};
 use reshard::formats::ckpt::{CkptWriter, WriteOptions};
+use reshard::layout::boxes::BoxCopy;
 use reshard::ops::strategy_gen::{write_strategies, StrategyOptions};
 use reshard::ops::transform::{transform, TransformOptions};
 use reshard::DType;

@@ -306,13 +306,12 @@ mod emulated {
     use ascendcl_sys::sys::{self as acl, Api};
     use proptest::prelude::*;
     use reshard::backend::ascend::{AscendOptions, CopyPath, LoraMode};
-    use reshard::backend::{
-        AscendBackend, Backend, BackendChoice, BoxCopy, CpuBackend, LoraAdd, Src,
-    };
+    use reshard::backend::{AscendBackend, Backend, BackendChoice, CpuBackend, Src};
     use reshard::error::{DeviceErrorKind, Error};
     use reshard::exec::{self, ExecOptions};
     use reshard::formats::ckpt::{CkptWriter, WriteOptions};
     use reshard::formats::tree::FileFormat;
+    use reshard::layout::boxes::{BoxCopy, LoraAdd};
     use reshard::ops::merge_lora::{merge_lora, MergeLoraOptions};
     use reshard::ops::strategy_gen::{write_strategies, StrategyOptions};
     use reshard::ops::transform::{plan_transform, transform, TransformOptions};

@@ -15,9 +15,10 @@ use std::path::Path;
 
 use ascend_stub::Emulator;
 use reshard::backend::ascend::{AscendOptions, CopyPath, LoraMode};
-use reshard::backend::{AscendBackend, BoxCopy};
+use reshard::backend::AscendBackend;
 use reshard::exec::{self, ExecOptions};
 use reshard::formats::tree::FileFormat;
+use reshard::layout::boxes::BoxCopy;
 use reshard::ops::strategy_gen::{write_strategies, StrategyOptions};
 use reshard::ops::transform::{plan_transform, TransformOptions};
 use reshard::plan::{Content, Plan};

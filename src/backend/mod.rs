@@ -77,11 +77,8 @@ pub fn ascend_options() -> AscendOptions {
 use crate::dtype::DType;
 use crate::error::Result;
 
-// The geometry of both primitives lives below the planner, in
-// `layout::boxes`. Re-exported here only until every caller imports it from
-// there (the merge of issue 17 removes this line; this module then needs
-// `use crate::layout::boxes::{BoxCopy, LoraAdd};`).
-pub use crate::layout::boxes::{BoxCopy, LoraAdd, LORA_TILE};
+// The geometry of both primitives lives below the planner.
+use crate::layout::boxes::{BoxCopy, LoraAdd};
 
 /// The bytes of one source tensor, for [`Backend::box_copy_source`]: the
 /// same key stands for the same bytes until [`Backend::forget_sources`] is

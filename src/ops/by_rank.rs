@@ -149,15 +149,8 @@ pub fn transform_by_rank(o: &ByRankOptions) -> Result<TransformReport> {
         &planned,
         &WriteSettings {
             workers: o.workers,
-            read: &o.read,
             manifest: o.manifest,
-            resume: false,
-            verify: false,
-            backend: crate::backend::BackendChoice::Cpu,
-            control: &o.control,
-            dst_flag: "output",
-            destination: None,
-            ranks: None,
+            ..WriteSettings::new(&o.read, &o.control)
         },
         &Job {
             check: DestinationCheck::Replace,

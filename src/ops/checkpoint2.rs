@@ -8,13 +8,13 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::backend::BoxCopy;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::formats::checkpoint2::{self, Checkpoint2};
 use crate::formats::strategy::Strategy;
 use crate::formats::tree::FileFormat;
 use crate::formats::{EntryValue, SourceEntry};
+use crate::layout::boxes::BoxCopy;
 use crate::plan::transform::{plan as plan_transform, TransformInput};
 use crate::plan::{Content, CopyStep, FilePlan, Plan, SourceFile, TensorPlan};
 

@@ -6,7 +6,7 @@
 //! destination shard of `W` is computed from the rows of `B` and the columns
 //! of `A` it needs, read from whichever source ranks hold them, so the full
 //! `W` is never assembled. Products are computed on a fixed global tile grid
-//! ([`crate::backend::LORA_TILE`]) in `f32` and rounded once to `W`'s dtype,
+//! ([`crate::layout::boxes::LORA_TILE`]) in `f32` and rounded once to `W`'s dtype,
 //! so a shard merged in place equals, bit for bit, the same shard cut from
 //! a merged full weight.
 //!
@@ -241,15 +241,12 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
         &plan,
         &WriteSettings {
             workers: o.workers,
-            read: &o.read,
             manifest: o.manifest,
             resume: o.resume,
             verify: o.verify,
             backend: o.backend,
-            control: &o.control,
-            dst_flag: "dst_dir",
             destination: Some(&o.dst_dir),
-            ranks: None,
+            ..WriteSettings::new(&o.read, &o.control)
         },
     )?;
     Ok(MergeLoraReport {

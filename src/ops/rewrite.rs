@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::backend::{BackendChoice, BoxCopy};
 use crate::error::{Error, Result, ResultExt};
 use crate::exec::OutputControl;
 use crate::formats::ckpt::writer::CkptEncoding;
@@ -25,6 +24,7 @@ use crate::formats::ckpt::{EncMode, ReadOptions, SplitMode, WriteOptions};
 use crate::formats::safetensors::{self as st, SafetensorsFile, STRING_KEY_PREFIX};
 use crate::formats::tree::FileFormat;
 use crate::formats::{EntryValue, Source};
+use crate::layout::boxes::BoxCopy;
 use crate::ops::inspect::{detect, Detected};
 use crate::ops::write::{write_job, DestinationCheck, Job, WriteSettings};
 use crate::plan::{Content, CopyStep, FilePlan, Plan, SourceFile, TensorPlan};
@@ -236,16 +236,10 @@ fn write(
     write_job(
         plan,
         &WriteSettings {
-            workers: 1,
-            read: &options.read,
             manifest: options.manifest,
-            resume: false,
             verify: options.verify,
-            backend: BackendChoice::Cpu,
-            control: &options.control,
-            dst_flag: "dst",
             destination,
-            ranks: None,
+            ..WriteSettings::new(&options.read, &options.control)
         },
         &Job {
             check,

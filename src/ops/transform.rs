@@ -24,13 +24,8 @@ use checks::{absent_parameters, check_source_strategy, complete_to_strategy};
 /// indexing lives.
 pub use crate::formats::tree::source_files;
 
-// Source indexing lives in `formats::tree`, writing in `ops::write`; these
-// names stay here, with the same signatures, for callers not yet moved
-// (ops/auto), until the merge.
-#[allow(unused_imports)]
-pub(crate) use crate::formats::tree::{deduplicated, index_entries, index_sources, rank_count};
-#[allow(unused_imports)]
-pub(crate) use crate::ops::write::{exec_options, write_plan, WriteSettings};
+use crate::formats::tree::{deduplicated, index_sources, rank_count};
+use crate::ops::write::{write_plan, WriteSettings};
 
 /// Options of [`transform`].
 #[derive(Debug, Clone)]
@@ -363,15 +358,13 @@ fn settings<'a>(
 ) -> WriteSettings<'a> {
     WriteSettings {
         workers: options.workers,
-        read: &options.read,
         manifest: options.manifest,
         resume,
         verify: options.verify,
         backend: options.backend,
-        control: &options.control,
-        dst_flag: "dst_dir",
         destination: Some(&options.dst_dir),
         ranks,
+        ..WriteSettings::new(&options.read, &options.control)
     }
 }
 

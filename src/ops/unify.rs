@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::backend::{BackendChoice, BoxCopy};
+use crate::backend::BackendChoice;
 use crate::error::{Error, Result};
 use crate::exec::{ExecReport, OutputControl};
 use crate::formats::ckpt::ReadOptions;
@@ -41,6 +41,7 @@ use crate::formats::safetensors::{SafetensorsFile, STRING_KEY_PREFIX};
 use crate::formats::strategy;
 use crate::formats::tree::{self, FileFormat};
 use crate::formats::EntryValue;
+use crate::layout::boxes::BoxCopy;
 use crate::ops::write::{write_job, DestinationCheck, ExtraContent, ExtraFile, Job, WriteSettings};
 use crate::plan::transform::{needed_sources, plan, TransformInput};
 use crate::plan::{Content, CopyStep, FilePlan, Plan, PlanSummary, TensorPlan};
@@ -570,15 +571,11 @@ pub fn unify(o: &UnifyOptions) -> Result<UnifyReport> {
         &planned.plan,
         &WriteSettings {
             workers: o.workers,
-            read: &o.read,
             manifest: o.manifest,
-            resume: false,
             verify: o.verify,
             backend: o.backend,
-            control: &o.control,
-            dst_flag: "dst_dir",
             destination: Some(&o.dst_dir),
-            ranks: None,
+            ..WriteSettings::new(&o.read, &o.control)
         },
         // Machines of a split job each write their share of the parts.
         &Job {

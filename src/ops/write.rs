@@ -54,12 +54,6 @@ pub(crate) struct WriteSettings<'a> {
     pub verify: bool,
     pub backend: BackendChoice,
     pub control: &'a OutputControl,
-    /// Not used; kept, with its name, for callers that still fill it (to go
-    /// once they are moved). The refusal of a non-empty destination is
-    /// [`Error::DestinationNotEmpty`], which names the entry found; front
-    /// ends name their own option.
-    #[allow(dead_code)]
-    pub dst_flag: &'a str,
     /// The output directory: locked for the run, and no directory below
     /// it is created through a link (`None`: the outputs' common parent).
     pub destination: Option<&'a Path>,
@@ -67,6 +61,24 @@ pub(crate) struct WriteSettings<'a> {
     /// them, so that runs writing other ranks of the destination may run at
     /// the same time (see [`DestinationLock::ranks`]).
     pub ranks: Option<&'a [usize]>,
+}
+
+impl<'a> WriteSettings<'a> {
+    /// One worker on the CPU, with manifests; no resume, no verify; the
+    /// outputs' common parent is the destination.
+    pub fn new(read: &'a ReadOptions, control: &'a OutputControl) -> Self {
+        WriteSettings {
+            workers: 1,
+            read,
+            manifest: true,
+            resume: false,
+            verify: false,
+            backend: BackendChoice::Cpu,
+            control,
+            destination: None,
+            ranks: None,
+        }
+    }
 }
 
 /// What the destination may already hold. Except with `Replace`, the
@@ -345,16 +357,9 @@ mod tests {
         dir: &'a Path,
     ) -> WriteSettings<'a> {
         WriteSettings {
-            workers: 1,
-            read,
             manifest: false,
-            resume: false,
-            verify: false,
-            backend: BackendChoice::Cpu,
-            control,
-            dst_flag: "",
             destination: Some(dir),
-            ranks: None,
+            ..WriteSettings::new(read, control)
         }
     }
 

@@ -304,9 +304,11 @@ impl Settings {
             notes,
             exchange: super::Exchange::parse(
                 self.string_opt("exchange")?.as_deref(),
-                self.string_opt("rendezvous")?,
+                self.string_opt("rendezvous")?
+                    .or_else(|| scheduler_rendezvous(env)),
             )
             .map_err(|e| self.err(e.to_string()))?,
+            device_id: env_usize(&env.device_id, "DEVICE_ID")?,
         };
         Ok(options)
     }
@@ -381,11 +383,17 @@ pub struct JobEnv {
     pub rank_size: Option<String>,
     /// `DEVICE_NUM_PER_NODE`.
     pub device_num_per_node: Option<String>,
+    /// `DEVICE_ID`: the card of this rank (default: the rank modulo the
+    /// cards per node).
+    pub device_id: Option<String>,
+    /// `MS_SCHED_HOST` and `MS_SCHED_PORT`, as msrun sets them: the default
+    /// HCCL rendezvous is the port after the scheduler's.
+    pub scheduler: Option<(String, String)>,
 }
 
 impl JobEnv {
-    /// Reads `RANK_ID`, `RANK_SIZE` and `DEVICE_NUM_PER_NODE` from this
-    /// process's environment (empty values count as unset).
+    /// Reads the variables above from this process's environment (empty
+    /// values count as unset); the library reads no other process global.
     pub fn from_process() -> JobEnv {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
         JobEnv {
@@ -393,8 +401,18 @@ impl JobEnv {
             // msrun exports MS_WORKER_NUM (and RANK_ID).
             rank_size: var("RANK_SIZE").or_else(|| var("MS_WORKER_NUM")),
             device_num_per_node: var("DEVICE_NUM_PER_NODE"),
+            device_id: var("DEVICE_ID"),
+            scheduler: var("MS_SCHED_HOST").zip(var("MS_SCHED_PORT")),
         }
     }
+}
+
+/// msrun's scheduler address with the next port: where the job's ranks
+/// meet to share HCCL's root info.
+fn scheduler_rendezvous(env: &JobEnv) -> Option<String> {
+    let (host, port) = env.scheduler.as_ref()?;
+    let port: u16 = port.trim().parse().ok()?;
+    Some(format!("{host}:{}", port.checked_add(1)?))
 }
 
 fn env_usize(value: &Option<String>, name: &str) -> Result<Option<usize>> {
@@ -719,7 +737,7 @@ micro_batch_interleave_num: 1
         JobEnv {
             rank_id: Some(rank.into()),
             rank_size: Some(size.into()),
-            device_num_per_node: None,
+            ..JobEnv::default()
         }
     }
 

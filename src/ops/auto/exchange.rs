@@ -40,8 +40,9 @@ pub enum Exchange {
     /// Card to card over HCCL (feature `ascend`): each rank reads only what
     /// is on its node's disk.
     Hccl {
-        /// `host:port` of the root-info rendezvous (default: `MS_SCHED_HOST`
-        /// and `MS_SCHED_PORT` + 1, as msrun sets them; else a file under
+        /// `host:port` of the root-info rendezvous (when not set,
+        /// [`super::Settings::resolve`] takes `MS_SCHED_HOST` and
+        /// `MS_SCHED_PORT` + 1, as msrun sets them; else a file under
         /// `output_dir`, which then must be shared).
         rendezvous: Option<String>,
     },
@@ -64,13 +65,7 @@ impl Exchange {
 /// The rendezvous of the job's root info.
 #[cfg_attr(not(feature = "ascend"), allow(dead_code))]
 fn root_info(o: &AutoOptions, rendezvous: &Option<String>) -> crate::comm::RootInfo {
-    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-    let addr = rendezvous.clone().or_else(|| {
-        let host = var("MS_SCHED_HOST")?;
-        let port: u16 = var("MS_SCHED_PORT")?.trim().parse().ok()?;
-        Some(format!("{host}:{}", port.checked_add(1)?))
-    });
-    match addr {
+    match rendezvous.clone() {
         Some(addr) => crate::comm::RootInfo::Tcp {
             addr,
             world: o.world_size,
@@ -192,13 +187,10 @@ impl Job {
         #[cfg(feature = "ascend")]
         {
             use crate::backend::ascend::AscendOptions;
-            let device = std::env::var("DEVICE_ID")
-                .ok()
-                .and_then(|d| d.trim().parse().ok())
-                .unwrap_or((o.rank % o.npu_num_per_node.max(1)) as i32);
+            let device = o.device_id.unwrap_or(o.rank % o.npu_num_per_node.max(1));
             let backend = crate::backend::AscendBackend::new(AscendOptions {
-                device,
-                ..AscendOptions::from_env()
+                device: device as i32,
+                ..crate::backend::ascend_options()
             })?;
             // One per process, alive until it exits (HCCL's communicator
             // borrows it).

@@ -157,6 +157,9 @@ pub struct AutoOptions {
     /// `exchange`: how ranks get source bytes that are not on their disk
     /// (`hccl`: every rank converts its own file, exchanging with the others).
     pub exchange: Exchange,
+    /// `DEVICE_ID`: this rank's card for the HCCL exchange (`None`: the
+    /// rank modulo `npu_num_per_node`).
+    pub device_id: Option<usize>,
 }
 
 impl AutoOptions {
@@ -190,6 +193,7 @@ impl AutoOptions {
             force: false,
             notes: Vec::new(),
             exchange: Exchange::Files,
+            device_id: None,
         }
     }
 

@@ -269,15 +269,11 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertReport> {
         // ignores them); no manifest spares the extra read of the inputs.
         &WriteSettings {
             workers: options.workers,
-            read: &options.read,
             manifest: options.manifest,
-            resume: false,
             verify: options.verify,
             backend: options.backend,
-            control: &options.control,
-            dst_flag: "output",
             destination: whole_dir.then_some(options.output.as_path()),
-            ranks: None,
+            ..WriteSettings::new(&options.read, &options.control)
         },
         &Job {
             check: if whole_dir {

@@ -232,15 +232,9 @@ fn merge_peft_into_mindspore(
         &plan,
         &WriteSettings {
             workers: o.workers,
-            read: &ReadOptions::default(),
-            manifest: true,
-            resume: false,
-            verify: false,
             backend: o.backend,
-            control: &o.control,
-            dst_flag: "dst_dir",
             destination: Some(&o.dst_dir),
-            ranks: None,
+            ..WriteSettings::new(&ReadOptions::default(), &o.control)
         },
     )?;
     Ok(MergeLoraReport {
@@ -413,15 +407,9 @@ pub fn merge_peft(o: &MergePeftOptions) -> Result<MergeLoraReport> {
         &plan,
         &WriteSettings {
             workers: o.workers,
-            read: &ReadOptions::default(),
-            manifest: true,
-            resume: false,
-            verify: false,
             backend: o.backend,
-            control: &o.control,
-            dst_flag: "dst_dir",
             destination: Some(&o.dst_dir),
-            ranks: None,
+            ..WriteSettings::new(&ReadOptions::default(), &o.control)
         },
         &Job {
             check: DestinationCheck::Empty,
