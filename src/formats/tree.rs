@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result, ResultExt};
 
 mod index;
-pub use index::{deduplicated, index_entries, index_sources, rank_count, source_files};
+pub use index::{deduplicated, index_entries, index_sources, rank_count, source_files, RankSource};
 
 /// Checkpoint file format, by extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::exec;
 use crate::formats::ckpt::ReadOptions;
 use crate::formats::strategy;
-use crate::formats::tree::{index_entries, FileFormat};
+use crate::formats::tree::{index_entries, FileFormat, RankSource};
 use crate::ops::transform::TransformReport;
 use crate::ops::write::{write_job, DestinationCheck, Job, WriteSettings};
 use crate::plan::transform::{needed_sources, plan, source_rank_count, TransformInput};
@@ -110,7 +110,7 @@ pub fn transform_by_rank(o: &ByRankOptions) -> Result<TransformReport> {
     let sources = (0..described)
         .map(|r| {
             let (p, e) = indexed.get(&r).unwrap_or(&indexed[&stand_in]);
-            (r, p.clone(), e.clone())
+            RankSource::new(r, p.clone(), e.clone())
         })
         .collect();
     let dir = o

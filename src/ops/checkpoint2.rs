@@ -12,7 +12,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::formats::checkpoint2::{self, Checkpoint2};
 use crate::formats::strategy::Strategy;
-use crate::formats::tree::FileFormat;
+use crate::formats::tree::{FileFormat, RankSource};
 use crate::formats::{EntryValue, SourceEntry};
 use crate::layout::boxes::BoxCopy;
 use crate::plan::transform::{plan as plan_transform, TransformInput};
@@ -140,7 +140,7 @@ pub(crate) fn plan(src: &Path, t: &Target<'_>) -> Result<Plan> {
     // slices out of it.
     let virtual_path = ck.dir.join("assembled.safetensors");
     let planned = plan_transform(&TransformInput {
-        sources: vec![(0, virtual_path, entries)],
+        sources: vec![RankSource::new(0, virtual_path, entries)],
         src_strategy: None,
         dst_strategy: Some(dst),
         dst_dir: t.dst_dir,

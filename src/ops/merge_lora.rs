@@ -176,7 +176,7 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
     let deduplicated = deduplicated(&sources, None, &mut Vec::new())?;
     let names: BTreeSet<String> = sources
         .iter()
-        .flat_map(|s| s.2.iter().map(|e| e.name.clone()))
+        .flat_map(|s| s.entries.iter().map(|e| e.name.clone()))
         .collect();
     let pairs = lora_pairs(&names)?;
     if pairs.is_empty() {

@@ -39,7 +39,7 @@ use crate::exec::{ExecReport, OutputControl};
 use crate::formats::ckpt::ReadOptions;
 use crate::formats::safetensors::{SafetensorsFile, STRING_KEY_PREFIX};
 use crate::formats::strategy;
-use crate::formats::tree::{self, FileFormat};
+use crate::formats::tree::{self, FileFormat, RankSource};
 use crate::formats::EntryValue;
 use crate::layout::boxes::BoxCopy;
 use crate::ops::write::{write_job, DestinationCheck, ExtraContent, ExtraFile, Job, WriteSettings};
@@ -380,8 +380,8 @@ pub fn plan_unify(o: &UnifyOptions) -> Result<UnifyPlan> {
     let listing = tree::rank_dirs_in_listing_order(&o.src_dir)?;
     let visit = listing
         .iter()
-        .filter_map(|(rank, _)| sources.iter().find(|s| s.0 == *rank));
-    for (_, path, entries) in visit {
+        .filter_map(|(rank, _)| sources.iter().find(|s| s.rank == *rank));
+    for RankSource { path, entries, .. } in visit {
         for e in entries {
             let name = e.name.as_str();
             if !table.contains(name) || name.starts_with("accu_grads") || !seen.insert(name) {
@@ -485,7 +485,7 @@ pub fn plan_unify(o: &UnifyOptions) -> Result<UnifyPlan> {
 fn hyper_file(
     o: &UnifyOptions,
     plan: &Plan,
-    sources: &[(usize, PathBuf, Vec<crate::formats::SourceEntry>)],
+    sources: &[RankSource],
     kept: &HashSet<&str>,
 ) -> Result<Option<FilePlan>> {
     let Some(source) = plan.sources.iter().position(|s| s.rank == 0) else {
@@ -493,9 +493,9 @@ fn hyper_file(
     };
     let entries = &sources
         .iter()
-        .find(|s| s.0 == 0)
+        .find(|s| s.rank == 0)
         .expect("rank 0 is a source")
-        .2;
+        .entries;
     let mut tensors = Vec::new();
     for e in entries.iter().filter(|e| !kept.contains(e.name.as_str())) {
         let content = match e.value {

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::formats::ckpt::ReadOptions;
 use crate::formats::manifest::{self, Manifest};
 use crate::formats::strategy;
-use crate::formats::tree::{self, deduplicated};
+use crate::formats::tree::{self, deduplicated, RankSource};
 use crate::formats::{EntryValue, Source};
 use crate::plan::{Content, Plan};
 
@@ -158,7 +158,7 @@ pub fn check_distributed(dir: &Path, strategy_path: &Path) -> Result<Vec<Inconsi
             });
             continue;
         };
-        files.push((*r, file.clone(), Vec::new()));
+        files.push(RankSource::new(*r, file.clone(), Vec::new()));
         let s = Source::open(&file, &ReadOptions::default())?;
         let mut m = Held::new();
         for e in s.entries() {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use reshard::formats::strategy;
-use reshard::formats::tree::FileFormat;
+use reshard::formats::tree::{FileFormat, RankSource};
 use reshard::formats::Source;
 use reshard::ops::merge_lora::lora_pairs;
 use reshard::ops::transform::{source_files, transform, TransformOptions};
@@ -47,7 +47,7 @@ pub fn the_plan(
     for (rank, path) in files {
         let entries = Source::open(&path, &Default::default()).unwrap().entries();
         names.extend(entries.iter().map(|e| e.name.clone()));
-        sources.push((rank, path, entries));
+        sources.push(RankSource::new(rank, path, entries));
     }
     let (s, d) = (strategy::load(mp4).unwrap(), strategy::load(mp2).unwrap());
     plan(&TransformInput {

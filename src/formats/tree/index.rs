@@ -86,18 +86,37 @@ pub fn index_entries(path: &Path, read: &ReadOptions) -> Result<Vec<SourceEntry>
     Ok(entries)
 }
 
+/// One file of a source checkpoint, indexed: what the planner reads.
+#[derive(Debug, Clone)]
+pub struct RankSource {
+    /// The source rank the file holds (0 for a complete checkpoint).
+    pub rank: usize,
+    /// The file.
+    pub path: PathBuf,
+    /// Its entries, indexed without copying their bytes.
+    pub entries: Vec<SourceEntry>,
+}
+
 /// [`index_entries`] of every file of a source, as the planner takes them.
-pub fn index_sources(
-    files: Vec<(usize, PathBuf)>,
-    read: &ReadOptions,
-) -> Result<Vec<(usize, PathBuf, Vec<SourceEntry>)>> {
+pub fn index_sources(files: Vec<(usize, PathBuf)>, read: &ReadOptions) -> Result<Vec<RankSource>> {
     files
         .into_iter()
         .map(|(rank, path)| {
             let entries = index_entries(&path, read)?;
-            Ok((rank, path, entries))
+            Ok(RankSource::new(rank, path, entries))
         })
         .collect()
+}
+
+impl RankSource {
+    /// A source file of `rank` with its indexed `entries`.
+    pub fn new(rank: usize, path: PathBuf, entries: Vec<SourceEntry>) -> Self {
+        RankSource {
+            rank,
+            path,
+            entries,
+        }
+    }
 }
 
 /// Whether a source was saved with `remove_redundancy=True`. As in
@@ -109,12 +128,12 @@ pub fn index_sources(
 /// and said in `warnings`, as MindSpore logs a warning. Files that disagree
 /// with each other are an error.
 pub fn deduplicated(
-    sources: &[(usize, PathBuf, Vec<SourceEntry>)],
+    sources: &[RankSource],
     has_redundancy: Option<bool>,
     warnings: &mut Vec<String>,
 ) -> Result<bool> {
     let mut flagged: Option<(bool, &Path)> = None;
-    for (_, path, _) in sources {
+    for RankSource { path, .. } in sources {
         if FileFormat::of_path(path) != Some(FileFormat::Safetensors) {
             continue;
         }

@@ -28,6 +28,7 @@ use crate::error::DeviceErrorKind;
 use crate::error::{Error, JobErrorKind, Result};
 use crate::exec::ExchangeReport;
 use crate::formats::strategy::Strategy;
+use crate::formats::tree::RankSource;
 use crate::formats::{EntryValue, Source, SourceEntry};
 
 /// How the ranks of a job get the source bytes they lack.
@@ -253,11 +254,11 @@ pub(super) fn convert(
         .in_file(entry.source()));
     }
     let mut local = Vec::new();
-    let sources: Vec<(usize, PathBuf, Vec<SourceEntry>)> = merged
+    let sources: Vec<RankSource> = merged
         .into_iter()
         .map(|(k, (path, entries, mine))| {
             local.push(mine.is_some());
-            (k, mine.unwrap_or(path), entries)
+            RankSource::new(k, mine.unwrap_or(path), entries)
         })
         .collect();
     let plan = crate::plan::transform::plan(&crate::plan::transform::TransformInput {

@@ -133,7 +133,11 @@ pub(super) fn distributed(
         .collect();
     let virtual_path = options.output.join("converted.ckpt");
     let transform = crate::plan::transform::plan(&crate::plan::transform::TransformInput {
-        sources: vec![(0, virtual_path, entries)],
+        sources: vec![crate::formats::tree::RankSource::new(
+            0,
+            virtual_path,
+            entries,
+        )],
         src_strategy: None,
         dst_strategy: Some(&dst),
         dst_dir: &options.output,

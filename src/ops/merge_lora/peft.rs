@@ -13,7 +13,7 @@ use crate::backend::BackendChoice;
 use crate::error::{Error, Result};
 use crate::exec::OutputControl;
 use crate::formats::ckpt::ReadOptions;
-use crate::formats::tree::{index_entries, FileFormat};
+use crate::formats::tree::{index_entries, FileFormat, RankSource};
 use crate::ops::write::{
     write_job, write_plan, DestinationCheck, ExtraContent, ExtraFile, Job, WriteSettings,
 };
@@ -209,8 +209,8 @@ fn merge_peft_into_mindspore(
     merged.sort();
     let plan = plan(&TransformInput {
         sources: vec![
-            (0, o.base.clone(), base_entries),
-            (0, adapter.weights.clone(), adapter_entries),
+            RankSource::new(0, o.base.clone(), base_entries),
+            RankSource::new(0, adapter.weights.clone(), adapter_entries),
         ],
         src_strategy: None,
         dst_strategy: None,
@@ -323,7 +323,7 @@ pub fn merge_peft(o: &MergePeftOptions) -> Result<MergeLoraReport> {
                 );
             }
         }
-        sources.push((0, path.clone(), entries));
+        sources.push(RankSource::new(0, path.clone(), entries));
     }
     let adapter_entries = index_entries(&adapter.weights, &ReadOptions::default())?;
     let adapter_names: BTreeSet<String> = adapter_entries.iter().map(|e| e.name.clone()).collect();
@@ -351,7 +351,7 @@ pub fn merge_peft(o: &MergePeftOptions) -> Result<MergeLoraReport> {
             Error::bad_input("the adapter holds no .lora_A. tensor").in_file(&adapter.weights)
         );
     }
-    sources.push((0, adapter.weights.clone(), adapter_entries));
+    sources.push(RankSource::new(0, adapter.weights.clone(), adapter_entries));
     let mut merged: Vec<(String, String, String)> = pairs
         .iter()
         .map(|(w, (a, b))| (w.clone(), a.clone(), b.clone()))

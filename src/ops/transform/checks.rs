@@ -1,12 +1,12 @@
 //! Checks of a transform's inputs against each other, and the cut of a
 //! complete directory's plan to a destination strategy.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::AbsentParameters;
 use crate::error::{Error, Result};
 use crate::formats::strategy::Strategy;
-use crate::formats::tree;
+use crate::formats::tree::{self, RankSource};
 use crate::plan::{Content, Plan};
 
 /// Names of optimizer states (mindformers' prefixes): a training strategy
@@ -21,14 +21,14 @@ fn is_optimizer_state(name: &str) -> bool {
 /// file holds: a warning, or an error by `policy` (issue 19 item 12).
 pub(super) fn absent_parameters(
     dst: &Strategy,
-    sources: &[(usize, PathBuf, Vec<crate::formats::SourceEntry>)],
+    sources: &[RankSource],
     src_path: &Path,
     policy: AbsentParameters,
 ) -> Result<Option<String>> {
     let table = dst.layout_table(None)?;
     let held: std::collections::HashSet<&str> = sources
         .iter()
-        .flat_map(|(_, _, e)| e.iter().map(|e| e.name.as_str()))
+        .flat_map(|s| s.entries.iter().map(|e| e.name.as_str()))
         .collect();
     let weights: Vec<&str> = table.names().filter(|n| !is_optimizer_state(n)).collect();
     let absent: Vec<&str> = weights
@@ -97,7 +97,7 @@ fn sample_digest(chunks: &[&[u8]]) -> u64 {
 /// by the planner.
 pub(super) fn check_source_strategy(
     src: &Strategy,
-    sources: &[(usize, PathBuf, Vec<crate::formats::SourceEntry>)],
+    sources: &[RankSource],
     read: &crate::formats::ckpt::ReadOptions,
 ) -> Result<()> {
     use crate::plan::consistency::{check_layouts, Held, HeldTensor};
@@ -113,13 +113,18 @@ pub(super) fn check_source_strategy(
     // Ranks that are one file (stand-ins for ranks a run does not read)
     // say nothing about the layout.
     let mut files = std::collections::HashSet::new();
-    for (_, path, _) in sources {
+    for RankSource { path, .. } in sources {
         if !files.insert(std::fs::canonicalize(path).unwrap_or_else(|_| path.clone())) {
             return Ok(());
         }
     }
     let mut held = Held::new();
-    for (rank, path, entries) in sources {
+    for RankSource {
+        rank,
+        path,
+        entries,
+    } in sources
+    {
         let manifest = crate::formats::manifest::Manifest::read(path)
             .ok()
             .flatten()

@@ -124,7 +124,7 @@ pub(super) fn load_table(
         input
             .sources
             .iter()
-            .flat_map(|s| s.2.iter().map(|e| e.name.as_str()))
+            .flat_map(|s| s.entries.iter().map(|e| e.name.as_str()))
             .collect()
     });
     for &k in ranks {
@@ -133,7 +133,7 @@ pub(super) fn load_table(
         let mut list: Vec<Held> = files
             .iter()
             .flat_map(|&source| {
-                (0..input.sources[source].2.len()).map(move |entry| Held { source, entry })
+                (0..input.sources[source].entries.len()).map(move |entry| Held { source, entry })
             })
             .collect();
         if let (Some(own), Some(all)) = (by_rank.dedup, &all_names) {
@@ -141,7 +141,7 @@ pub(super) fn load_table(
         }
         for held in list {
             let Held { source, entry } = held;
-            let e = &input.sources[source].2[entry];
+            let e = &input.sources[source].entries[entry];
             if !loaded.table.contains_key(&e.name) {
                 loaded.order.push(e.name.clone());
                 loaded.first_local.insert(e.name.clone(), local);
@@ -156,8 +156,8 @@ pub(super) fn load_table(
                 return Err(Error::bad_input(format!(
                     "tensor {:?} is in both {} and {}",
                     e.name,
-                    input.sources[prev.source].1.display(),
-                    input.sources[source].1.display()
+                    input.sources[prev.source].path.display(),
+                    input.sources[source].path.display()
                 )));
             }
         }
@@ -182,7 +182,7 @@ pub(super) fn borrow_owned(
 ) -> Result<()> {
     let held: HashSet<&str> = list
         .iter()
-        .map(|h| input.sources[h.source].2[h.entry].name.as_str())
+        .map(|h| input.sources[h.source].entries[h.entry].name.as_str())
         .collect();
     let missing = |owner: Option<u64>, name: &str| Error::RedundancyOwnerMissing {
         param: name.to_string(),
@@ -199,7 +199,7 @@ pub(super) fn borrow_owned(
             Holder::Nobody => return Err(missing(None, name)),
             Holder::Owner(o) if o == k => {
                 let file = by_rank[&(k as usize)][0];
-                return Err(missing(Some(k), name).in_file(&input.sources[file].1));
+                return Err(missing(Some(k), name).in_file(&input.sources[file].path));
             }
             Holder::Owner(o) => o,
         };
@@ -211,7 +211,7 @@ pub(super) fn borrow_owned(
         };
         let found = files.iter().find_map(|&s| {
             input.sources[s]
-                .2
+                .entries
                 .iter()
                 .position(|e| e.name == name)
                 .map(|entry| Held { source: s, entry })
@@ -222,13 +222,13 @@ pub(super) fn borrow_owned(
                 borrowed = true;
             }
             None => {
-                return Err(missing(Some(owner), name).in_file(&input.sources[files[0]].1));
+                return Err(missing(Some(owner), name).in_file(&input.sources[files[0]].path));
             }
         }
     }
     if borrowed {
         let key = |h: &Held| {
-            let entry = &input.sources[h.source].2[h.entry];
+            let entry = &input.sources[h.source].entries[h.entry];
             match entry.value {
                 EntryValue::Tensor(d) => (
                     0u8,

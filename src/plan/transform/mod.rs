@@ -17,13 +17,12 @@
 //! layouts into box copies; `build.rs` builds one destination file.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::{Plan, SourceFile};
 use crate::error::{Error, Result};
 use crate::formats::strategy::{LayoutTable, Strategy};
-use crate::formats::tree::FileFormat;
-use crate::formats::SourceEntry;
+use crate::formats::tree::{FileFormat, RankSource};
 
 mod build;
 mod load;
@@ -36,7 +35,7 @@ use ranks::{is_by_stage, needed_ranks, plan_by_stage, plan_rank, stage_maps, Sta
 /// What the transform planner needs to know; no tensor bytes.
 pub struct TransformInput<'a> {
     /// Source files by global source rank, with their indexes.
-    pub sources: Vec<(usize, PathBuf, Vec<SourceEntry>)>,
+    pub sources: Vec<RankSource>,
     /// Source strategy (`None`: the source is one full checkpoint).
     pub src_strategy: Option<&'a Strategy>,
     /// Destination strategy (`None`: merge into one full checkpoint).
@@ -151,14 +150,14 @@ pub fn plan(input: &TransformInput<'_>) -> Result<Plan> {
     // (HF `model-0000x-of-0000y`), or a base model and its LoRA adapter.
     let mut by_rank: HashMap<usize, Vec<usize>> = HashMap::new();
     for (i, s) in input.sources.iter().enumerate() {
-        by_rank.entry(s.0).or_default().push(i);
+        by_rank.entry(s.rank).or_default().push(i);
     }
     let sources: Vec<SourceFile> = input
         .sources
         .iter()
-        .map(|(rank, path, _)| SourceFile {
-            rank: *rank,
-            path: path.clone(),
+        .map(|s| SourceFile {
+            rank: s.rank,
+            path: s.path.clone(),
         })
         .collect();
     let keep = output_ownership(input, dst_full.as_ref())?;

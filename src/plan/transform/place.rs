@@ -85,7 +85,7 @@ pub(super) struct Placed<'a> {
 }
 
 pub(super) fn entry<'a>(input: &'a TransformInput<'_>, h: Held) -> &'a SourceEntry {
-    &input.sources[h.source].2[h.entry]
+    &input.sources[h.source].entries[h.entry]
 }
 
 pub(super) fn tensor_dtype(e: &SourceEntry) -> Result<DType> {
