@@ -23,11 +23,10 @@ use crate::formats::ckpt::writer::CkptEncoding;
 use crate::formats::ckpt::{EncMode, ReadOptions, SplitMode, WriteOptions};
 use crate::formats::safetensors::{self as st, SafetensorsFile, STRING_KEY_PREFIX};
 use crate::formats::tree::FileFormat;
-use crate::formats::{EntryValue, Source};
-use crate::layout::boxes::BoxCopy;
+use crate::formats::Source;
 use crate::ops::inspect::{detect, Detected};
 use crate::ops::write::{write_job, DestinationCheck, Job, WriteSettings};
-use crate::plan::{Content, CopyStep, FilePlan, Plan, SourceFile, TensorPlan};
+use crate::plan::{Content, FilePlan, Plan, SourceFile, TensorPlan};
 
 /// Options of [`rewrite`].
 #[derive(Debug, Clone, Default)]
@@ -155,31 +154,13 @@ fn plan_file(
                 .in_tensor(name)
                 .in_file(src));
         }
-        let content = match e.value {
-            EntryValue::Tensor(dtype) => {
-                let shape: Vec<u64> = e.dims.iter().map(|&d| d.max(0) as u64).collect();
-                Content::Tensor {
-                    dtype,
-                    shape: e.dims.clone(),
-                    steps: vec![CopyStep {
-                        source: index,
-                        tensor: e.name.clone(),
-                        copy: BoxCopy::whole(&shape, dtype, dtype),
-                    }],
-                }
+        let Some(content) = Content::whole(index, &e) else {
+            return Err(Error::UnsupportedDtype {
+                dtype: "MapTensor".into(),
+                op: "rewrite",
             }
-            EntryValue::Str => Content::Str {
-                source: index,
-                tensor: e.name.clone(),
-            },
-            EntryValue::MapTensor => {
-                return Err(Error::UnsupportedDtype {
-                    dtype: "MapTensor".into(),
-                    op: "rewrite",
-                }
-                .in_tensor(&e.name)
-                .in_file(src))
-            }
+            .in_tensor(&e.name)
+            .in_file(src));
         };
         let t = TensorPlan { name, content };
         bytes += t.bytes();

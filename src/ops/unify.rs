@@ -40,11 +40,9 @@ use crate::formats::ckpt::ReadOptions;
 use crate::formats::safetensors::{SafetensorsFile, STRING_KEY_PREFIX};
 use crate::formats::strategy;
 use crate::formats::tree::{self, FileFormat, RankSource};
-use crate::formats::EntryValue;
-use crate::layout::boxes::BoxCopy;
 use crate::ops::write::{write_job, DestinationCheck, ExtraContent, ExtraFile, Job, WriteSettings};
 use crate::plan::transform::{needed_sources, plan, TransformInput};
-use crate::plan::{Content, CopyStep, FilePlan, Plan, PlanSummary, TensorPlan};
+use crate::plan::{Content, FilePlan, Plan, PlanSummary, TensorPlan};
 
 /// MindSpore's part size: `split_num = ceil(total / 3 GiB)`.
 pub const PART_BYTES: u64 = 3 << 30;
@@ -498,30 +496,12 @@ fn hyper_file(
         .entries;
     let mut tensors = Vec::new();
     for e in entries.iter().filter(|e| !kept.contains(e.name.as_str())) {
-        let content = match e.value {
-            EntryValue::Tensor(dtype) => {
-                let shape: Vec<u64> = e.dims.iter().map(|&d| d.max(0) as u64).collect();
-                Content::Tensor {
-                    dtype,
-                    shape: e.dims.clone(),
-                    steps: vec![CopyStep {
-                        source,
-                        tensor: e.name.clone(),
-                        copy: BoxCopy::whole(&shape, dtype, dtype),
-                    }],
-                }
-            }
-            EntryValue::Str => Content::Str {
-                source,
-                tensor: e.name.clone(),
-            },
-            EntryValue::MapTensor => {
-                return Err(
-                    Error::unsupported("a map tensor cannot be stored in safetensors")
-                        .in_tensor(&e.name)
-                        .in_file(&plan.sources[source].path),
-                )
-            }
+        let Some(content) = Content::whole(source, e) else {
+            return Err(
+                Error::unsupported("a map tensor cannot be stored in safetensors")
+                    .in_tensor(&e.name)
+                    .in_file(&plan.sources[source].path),
+            );
         };
         tensors.push(TensorPlan {
             name: e.name.clone(),

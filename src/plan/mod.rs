@@ -97,6 +97,31 @@ pub struct TensorPlan {
 }
 
 impl Content {
+    /// `entry` of source `source` copied unchanged (a tensor as one whole
+    /// box, a string as it is); `None` for a map tensor, which no plan
+    /// can write.
+    pub fn whole(source: usize, entry: &crate::formats::SourceEntry) -> Option<Content> {
+        match entry.value {
+            crate::formats::EntryValue::Tensor(dtype) => {
+                let shape: Vec<u64> = entry.dims.iter().map(|&d| d.max(0) as u64).collect();
+                Some(Content::Tensor {
+                    dtype,
+                    shape: entry.dims.clone(),
+                    steps: vec![CopyStep {
+                        source,
+                        tensor: entry.name.clone(),
+                        copy: crate::layout::boxes::BoxCopy::whole(&shape, dtype, dtype),
+                    }],
+                })
+            }
+            crate::formats::EntryValue::Str => Some(Content::Str {
+                source,
+                tensor: entry.name.clone(),
+            }),
+            crate::formats::EntryValue::MapTensor => None,
+        }
+    }
+
     /// Every copy this content reads, LoRA operands included.
     pub fn steps(&self) -> Vec<&CopyStep> {
         match self {

@@ -6,14 +6,14 @@ use std::path::PathBuf;
 
 use super::load::Loaded;
 use super::place::{entry, place, region_steps, tensor_dtype, Placed};
-use super::{to_u64, LoraSpec, TransformInput};
+use super::{LoraSpec, TransformInput};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::formats::strategy::LayoutTable;
 use crate::formats::EntryValue;
-use crate::layout::boxes::{BoxCopy, LoraAdd};
+use crate::layout::boxes::LoraAdd;
 use crate::layout::{Layout, RankSlice};
-use crate::plan::{Content, CopyStep, FilePlan, LoraTerm, TensorPlan};
+use crate::plan::{Content, FilePlan, LoraTerm, TensorPlan};
 
 /// What fills the region `dst_slice` (shape `dst_shape`) of `p` in the
 /// output: a copy, or a copy merged with its LoRA factors.
@@ -248,27 +248,9 @@ pub(super) fn build_file(
                 let shape = p.src_shape.clone();
                 fill(input, loaded, &p, &region, &shape, own, src_map).map_err(wrap)?
             }
-            EntryValue::Tensor(dtype) => {
-                let shape = to_u64(&e.dims);
-                Content::Tensor {
-                    dtype,
-                    shape: e.dims.clone(),
-                    steps: vec![CopyStep {
-                        source: h.source,
-                        tensor: name.clone(),
-                        copy: BoxCopy::whole(&shape, dtype, dtype),
-                    }],
-                }
-            }
-            EntryValue::Str => Content::Str {
-                source: h.source,
-                tensor: name.clone(),
-            },
-            EntryValue::MapTensor => {
-                return Err(wrap(
-                    Error::unsupported("map tensors cannot be resharded").in_tensor(name),
-                ))
-            }
+            _ => Content::whole(h.source, e).ok_or_else(|| {
+                wrap(Error::unsupported("map tensors cannot be resharded").in_tensor(name))
+            })?,
         };
         tensors.push(TensorPlan {
             name: name.clone(),

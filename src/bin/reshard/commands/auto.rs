@@ -132,64 +132,41 @@ fn path_value(p: &std::path::Path) -> Value {
 /// The flags as settings overriding the YAML.
 fn overrides(a: &AutoArgs) -> Result<Settings> {
     let mut s = Settings::new();
-    let mut set = |k: &str, v: Value| s.set(k, v);
-    if let Some(r) = a.rank_id {
-        set("rank_id", r.into())?;
-    }
-    if let Some(w) = a.world_size {
-        set("world_size", w.into())?;
-    }
-    if let Some(n) = a.npu_num_per_node {
-        set("npu_num_per_node", n.into())?;
-    }
-    if a.node_local {
-        set("node_local", true.into())?;
-    }
-    if let Some(p) = &a.output_dir {
-        set("output_dir", path_value(p))?;
-    }
-    if let Some(p) = &a.load_checkpoint {
-        set("load_checkpoint", path_value(p))?;
-    }
-    if let Some(p) = &a.src_strategy {
-        set("src_strategy_path_or_dir", path_value(p))?;
-    }
-    if let Some(p) = &a.dst_strategy {
-        set("dst_strategy", path_value(p))?;
-    }
-    if let Some(b) = a.auto_trans_ckpt {
-        set("auto_trans_ckpt", b.into())?;
-    }
-    if let Some(k) = a.transform_process_num {
-        set("transform_process_num", k.into())?;
-    }
-    if let Some(j) = a.workers.jobs {
-        set("workers", j.into())?;
-    }
-    if let Some(t) = a.timeout {
-        set("timeout_s", t.into())?;
-    }
-    if let Some(t) = a.heartbeat_timeout {
-        set("heartbeat_timeout_s", t.into())?;
-    }
-    if let Some(p) = a.poll_ms {
-        set("poll_ms", p.into())?;
-    }
-    if a.force {
-        set("force", true.into())?;
-    }
-    if let Some(x) = &a.exchange {
-        set("exchange", x.as_str().into())?;
-    }
-    if let Some(x) = &a.rendezvous {
-        set("rendezvous", x.as_str().into())?;
+    let path = |p: &Option<std::path::PathBuf>| p.as_deref().map(path_value);
+    let flag = |on: bool| on.then_some(Value::Bool(true));
+    let given = [
+        ("rank_id", a.rank_id.map(Value::from)),
+        ("world_size", a.world_size.map(Value::from)),
+        ("npu_num_per_node", a.npu_num_per_node.map(Value::from)),
+        ("node_local", flag(a.node_local)),
+        ("output_dir", path(&a.output_dir)),
+        ("load_checkpoint", path(&a.load_checkpoint)),
+        ("src_strategy_path_or_dir", path(&a.src_strategy)),
+        ("dst_strategy", path(&a.dst_strategy)),
+        ("auto_trans_ckpt", a.auto_trans_ckpt.map(Value::from)),
+        (
+            "transform_process_num",
+            a.transform_process_num.map(Value::from),
+        ),
+        ("workers", a.workers.jobs.map(Value::from)),
+        ("timeout_s", a.timeout.map(Value::from)),
+        ("heartbeat_timeout_s", a.heartbeat_timeout.map(Value::from)),
+        ("poll_ms", a.poll_ms.map(Value::from)),
+        ("force", flag(a.force)),
+        ("exchange", a.exchange.as_deref().map(Value::from)),
+        ("rendezvous", a.rendezvous.as_deref().map(Value::from)),
+    ];
+    for (key, value) in given {
+        if let Some(value) = value {
+            s.set(key, value)?;
+        }
     }
     for kv in &a.set {
         let Some((k, v)) = kv.split_once('=') else {
             return Err(reshard::Error::usage(format!("--set takes KEY=VALUE, got {kv:?}")).into());
         };
         let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
-        set(k.trim(), value)?;
+        s.set(k.trim(), value)?;
     }
     Ok(s)
 }

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use reshard::formats::tree::FileFormat;
-use reshard::ops::merge_lora::{merge_lora, merge_peft, MergeLoraOptions, MergePeftOptions};
+use reshard::ops::merge_lora::{
+    merge_lora, merge_peft, MergeLoraOptions, MergeLoraReport, MergePeftOptions,
+};
 
 use crate::flags::{parse_file_format, strategy_value, JobArgs, Resume};
 use crate::render;
@@ -165,16 +167,12 @@ pub fn run(a: MergeLoraArgs) -> Result<()> {
         });
         drop(bar);
         let report = report?;
-        if a.job.report.json {
-            return render::json(&report);
-        }
-        a.job.backend.report(&report.backend);
-        eprintln!(
+        let summary = format!(
             "merged {} PEFT LoRA pair(s) into {}",
             report.merged.len(),
             a.dst_dir.display()
         );
-        return render::plan_outcome(&report.plan, report.executed.as_ref());
+        return show(&a.job, &report, &summary);
     }
     let scale = match (a.lora_scaling, a.lora_alpha, a.lora_rank) {
         (Some(s), _, _) => s,
@@ -207,15 +205,21 @@ pub fn run(a: MergeLoraArgs) -> Result<()> {
     let report = merge_lora(&options);
     drop(bar);
     let report = report?;
-    if a.job.report.json {
-        return render::json(&report);
-    }
-    a.job.backend.report(&report.backend);
-    eprintln!(
+    let summary = format!(
         "merged {} LoRA pair(s) (scale {scale}), dropped {} lora_ tensor(s)",
         report.merged.len(),
         report.dropped.len()
     );
+    show(&a.job, &report, &summary)
+}
+
+/// The report as JSON, or the backend, `summary` and the plan's outcome.
+fn show(job: &JobArgs, report: &MergeLoraReport, summary: &str) -> Result<()> {
+    if job.report.json {
+        return render::json(report);
+    }
+    job.backend.report(&report.backend);
+    eprintln!("{summary}");
     render::plan_outcome(&report.plan, report.executed.as_ref())
 }
 
