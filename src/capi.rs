@@ -191,11 +191,7 @@ pub unsafe extern "C" fn reshard_auto_convert(
             status_of(e.kind())
         }
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
+            let what = crate::error::panic_message(panic.as_ref());
             store(out_error, Some(&format!("internal error: {what}")));
             RESHARD_FAILED
         }

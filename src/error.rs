@@ -560,6 +560,17 @@ impl Error {
     }
 }
 
+/// The text of a caught panic's payload (a `&str` or `String` for `panic!`
+/// with a message), for the [`Error::Internal`] a front end or a worker
+/// pool makes of it.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
 /// Adds file context to a `Result`.
 pub trait ResultExt<T> {
     /// Wraps an error with the file it concerns.

@@ -77,11 +77,7 @@ where
             .map_err(|e| errors::internal(py, &format!("cannot serialize the report: {e}"))),
         Ok(Err(e)) => Err(errors::to_py(py, &e)),
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
+            let what = reshard::error::panic_message(panic.as_ref());
             Err(errors::internal(py, &format!("internal error: {what}")))
         }
     };

@@ -216,7 +216,7 @@ where
             let written = writer.join().unwrap_or_else(|panic| {
                 Err(Error::Internal(format!(
                     "the writer thread panicked: {}",
-                    super::job::panic_message(panic.as_ref())
+                    crate::error::panic_message(panic.as_ref())
                 )))
             });
             (exchanged, written)

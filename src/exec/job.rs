@@ -93,7 +93,7 @@ impl<'p, B: Backend> Job<'p, B> {
         if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
             self.fail(Error::Internal(format!(
                 "{thread} panicked: {}",
-                panic_message(panic.as_ref())
+                crate::error::panic_message(panic.as_ref())
             )));
         }
     }
@@ -186,14 +186,4 @@ impl<F: FnMut()> Drop for OnDrop<F> {
     fn drop(&mut self) {
         (self.0)()
     }
-}
-
-/// The text of a panic's payload (a `&str` or `String` for `panic!` with a
-/// message).
-pub(super) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".into())
 }

@@ -304,7 +304,7 @@ fn execute_with<B: Backend>(
     if let Err(panic) = scoped {
         job.fail(Error::Internal(format!(
             "a thread of the executor panicked: {}",
-            job::panic_message(panic.as_ref())
+            crate::error::panic_message(panic.as_ref())
         )));
     }
     backend.forget_sources(job.sources.job);
