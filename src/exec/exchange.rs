@@ -85,6 +85,9 @@ pub struct ExchangeReport {
     /// Seconds until the exchange ended (agreeing, hashing, exchanging;
     /// the writer writes meanwhile).
     pub exchange_seconds: f64,
+    /// The most bytes of received boxes this rank held at once, waiting for
+    /// its writer (bounded by a 64 MiB inbox, or one box when larger).
+    pub inbox_peak_bytes: u64,
 }
 
 /// A fingerprint of what decides the exchange (sources, files, tensors,
@@ -213,6 +216,7 @@ where
             let exchanged = exchange(plan, &wire, &agreed, &mut report);
             received.end(&exchanged);
             report.exchange_seconds = start.elapsed().as_secs_f64();
+            report.inbox_peak_bytes = received.peak_held() as u64;
             let written = writer.join().unwrap_or_else(|panic| {
                 Err(Error::Internal(format!(
                     "the writer thread panicked: {}",

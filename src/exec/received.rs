@@ -74,6 +74,8 @@ struct Inbox {
     boxes: HashMap<BoxKey, VecDeque<Vec<u8>>>,
     /// Bytes of `boxes`, plus a box being received.
     held: usize,
+    /// The most `held` ever was: what the exchange cost in memory.
+    peak_held: usize,
     /// String values, by (source, entry).
     strings: HashMap<(usize, String), String>,
     /// The exchange ended: `Ok` everything arrived, `Err` its failure.
@@ -177,6 +179,7 @@ impl Received {
             }
             if inbox.held == 0 || inbox.held + len <= self.ahead {
                 inbox.held += len;
+                inbox.peak_held = inbox.peak_held.max(inbox.held);
                 return true;
             }
             inbox = self.wait(inbox);
@@ -199,6 +202,12 @@ impl Received {
             .strings
             .insert((source, tensor.to_string()), value);
         self.changed.notify_all();
+    }
+
+    /// The most bytes of received boxes held at once (at most
+    /// [`RECEIVE_AHEAD`], or one box when a box is larger).
+    pub(super) fn peak_held(&self) -> usize {
+        self.lock().peak_held
     }
 
     /// The writer has stopped (done or failed): nothing more is taken, and
