@@ -94,6 +94,15 @@ fn safetensors_flow_picks_files_as_mindformers() {
     .unwrap();
     let out = run_job(4, &|_| job.clone(), &[]);
     check(&out, &ea);
+    // The main rank keeps the merged strategies where mindformers does.
+    let merged = job.join("output/merged_strategy");
+    for (name, from) in [
+        ("src_strategy.ckpt", job.join("src_strategy")),
+        ("dst_strategy.ckpt", job.join("output/strategy")),
+    ] {
+        let load = |p: &Path| reshard::formats::strategy::load(p).unwrap();
+        assert_eq!(load(&merged.join(name)), load(&from), "{name}");
+    }
     let notes = out[0].report.as_ref().unwrap()["notes"].to_string();
     assert!(notes.contains("file_suffix \\\"1_10\\\""), "{notes}");
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::sync::Patience;
 use super::{sync, AutoOptions};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, ResultExt};
 use crate::formats::strategy::{self, Strategy, MERGED_FILE_NAME};
 
 /// The job's strategy, as this rank reads it.
@@ -127,6 +127,37 @@ impl JobStrategy {
             _ => Ok(self.strategy.clone()),
         }
     }
+}
+
+/// mindformers' safetensors flow keeps the merged source and job
+/// strategies in `<output>/merged_strategy/` (`src_strategy.ckpt`,
+/// `dst_strategy.ckpt`: `merge_pipeline_strategys` of each folder, spec
+/// safetensors-era §5.3); the main rank writes them as it does, so tools
+/// that read them there find them. A strategy given as one file is copied.
+pub(super) fn write_merged(o: &AutoOptions, notes: &mut Vec<String>) -> Result<()> {
+    let dir = o.output_dir.join("merged_strategy");
+    super::convert::make_dir(&o.output_dir, &dir)?;
+    let job = o.dst_strategy.clone().unwrap_or_else(|| o.strategy_dir());
+    for (name, from) in [
+        ("src_strategy.ckpt", o.src_strategy.as_ref()),
+        ("dst_strategy.ckpt", Some(&job)),
+    ] {
+        let Some(from) = from else { continue };
+        let merged = if from.is_dir() {
+            // The per-rank files only: `merged_ckpt_strategy.ckpt` beside
+            // them is reshard's (and the ckpt flow's) own merge.
+            let files: Vec<PathBuf> = rank_strategy_files(from).into_values().flatten().collect();
+            strategy::merge_pipeline(&files).in_file(from)?
+        } else {
+            strategy::load(from)?
+        };
+        strategy::write_protobuf(&merged, &dir.join(name))?;
+    }
+    notes.push(format!(
+        "wrote the merged strategies to {} as mindformers does",
+        dir.display()
+    ));
+    Ok(())
 }
 
 /// Waits until `dir` holds exactly one `*_rank_{r}.ckpt` for every rank of

@@ -252,6 +252,9 @@ pub fn auto_convert(o: &AutoOptions) -> Result<AutoReport> {
         report.entries.push(e);
     }
     report.paths = report.entries.iter().map(|e| e.path.clone()).collect();
+    if converted && o.load_ckpt_format == FileFormat::Safetensors && o.is_main() {
+        job_strategy::write_merged(o, &mut notes)?;
+    }
     if converted {
         report.action = Action::Converted;
         report.converters = match o.exchange {
