@@ -7,10 +7,12 @@ Runs `reshard auto --exchange hccl` as 8 processes on the CANN host emulator
 as mp8, read by a dp2·mp4 job, so every rank receives slices only the other
 node has. Samples each process's anonymous resident memory (RssAnon) every
 10 ms and prints, per rank, the peak anonymous and peak total resident
-memory (VmHWM, mapped source pages included), what the exchange report says
-it read, sent, received and held in its inbox, and checks every rank's file
-against `reshard transform`'s. Emulated: the HCCL transport is the
-emulator's (files in a folder), not an NPU's.
+memory (VmHWM, mapped source pages included), the emulated device's peak
+(on the emulator, device memory is host memory, so it is inside the anonymous
+figure; on an NPU it is HBM), what the exchange report says it read, sent,
+received and held in its inbox, and checks every rank's file against
+`reshard transform`'s. Emulated: the HCCL transport is the emulator's (files
+in a folder), not an NPU's.
 
 Usage (from the repository root):
     cargo build --release --bin reshard
@@ -71,7 +73,9 @@ def main():
         if not os.path.exists(b):
             sys.exit(f"{b} is missing: build it first (see the usage above)")
     work = a.keep or tempfile.mkdtemp(prefix="reshard-xchg-mem-")
-    os.makedirs(work, exist_ok=True)
+    if a.keep:
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
     try:
         measure(work, a.size_mib)
     finally:
@@ -101,6 +105,7 @@ def measure(work, size_mib):
         node = os.path.join(work, f"node{n}")
         shutil.copytree(src_s, os.path.join(node, "src_strategy"))
         os.makedirs(os.path.join(node, "output/strategy"))
+        os.makedirs(os.path.join(node, "ckpt"))
         for r in range(4 * n, 4 * n + 4):
             os.replace(os.path.join(ckpt, f"rank_{r}"), os.path.join(node, f"ckpt/rank_{r}"))
             f = f"ckpt_strategy_rank_{r}.ckpt"
@@ -116,7 +121,8 @@ def measure(work, size_mib):
     procs = []
     for r in range(8):
         env = dict(os.environ, RANK_ID=str(r), RANK_SIZE="8", DEVICE_NUM_PER_NODE="4",
-                   ASCEND_STUB_HCCL_DIR=net)
+                   ASCEND_STUB_HCCL_DIR=net,
+                   ASCEND_STUB_STATS_FILE=os.path.join(work, f"rank{r}.device.json"))
         out = open(os.path.join(work, f"rank{r}.json"), "w")
         err = open(os.path.join(work, f"rank{r}.err"), "w")
         p = subprocess.Popen([EMULATED, "auto", "--config", "run.yaml", "--json", "--exchange",
@@ -133,7 +139,8 @@ def measure(work, size_mib):
         time.sleep(0.01)
     print(f"model {size_mib} MiB, largest tensor {largest / 2**20:.1f} MiB; "
           f"8 processes, two nodes of 4 (emulated HCCL)")
-    print("rank  peak anon MiB  peak RSS MiB  read MiB  sent MiB  received MiB  inbox peak MiB  file")
+    print("rank  peak anon MiB  (emulated device)  peak RSS MiB  read MiB  sent MiB  "
+          "received MiB  inbox peak MiB  file")
     ok = True
     for r, p in enumerate(procs):
         text = open(os.path.join(work, f"rank{r}.json")).read()
@@ -149,7 +156,10 @@ def measure(work, size_mib):
                            shallow=False)
         ok &= same
         mib = lambda b: b / 2**20
-        print(f"{r:4}  {peak_anon[r] / 1024:13.1f}  {peak_total[r] / 1024:12.1f}  "
+        with open(os.path.join(work, f"rank{r}.device.json")) as f:
+            device = json.load(f)["peak_device_bytes"]
+        print(f"{r:4}  {peak_anon[r] / 1024:13.1f}  {mib(device):17.1f}  "
+              f"{peak_total[r] / 1024:12.1f}  "
               f"{mib(x['bytes_read']):8.1f}  {mib(x['bytes_sent']):8.1f}  "
               f"{mib(x['bytes_received']):12.1f}  {mib(x['inbox_peak_bytes']):14.1f}  "
               f"{'identical' if same else 'DIFFERS'}")

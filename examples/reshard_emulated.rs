@@ -4,7 +4,11 @@
 //! separate processes, as a job's ranks run. Every process is one emulated
 //! machine; with `ASCEND_STUB_HCCL_DIR` set, their HCCL ranks meet through
 //! that folder (the emulated network). `HCCL_EXEC_TIMEOUT` (seconds) sets
-//! the emulated HCCL timeout. Test-only: never shipped.
+//! the emulated HCCL timeout. With `ASCEND_STUB_STATS_FILE` set, the
+//! emulated device's counters (peak device bytes, host↔device bytes) are
+//! written there as JSON at exit (benches/exchange_memory.py reads them:
+//! emulated device memory is host memory here, and is told apart).
+//! Test-only: never shipped.
 
 #[path = "../src/bin/reshard/commands/mod.rs"]
 mod commands;
@@ -24,5 +28,19 @@ pub use entry::Usage;
 
 fn main() -> ExitCode {
     ascend_stub::install_shared();
-    entry::run()
+    let code = entry::run();
+    if let Some(path) = std::env::var_os("ASCEND_STUB_STATS_FILE") {
+        let s = ascend_stub::shared_stats();
+        let json = format!(
+            "{{\"peak_device_bytes\": {}, \"h2d_bytes\": {}, \"d2h_bytes\": {}}}\n",
+            s.peak_bytes, s.h2d_bytes, s.d2h_bytes
+        );
+        if let Err(e) = std::fs::write(&path, json) {
+            eprintln!(
+                "cannot write {}: {e}",
+                std::path::Path::new(&path).display()
+            );
+        }
+    }
+    code
 }

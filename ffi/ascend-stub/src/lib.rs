@@ -301,6 +301,11 @@ pub fn install_shared() -> &'static Api {
     ascendcl_sys::api().expect("installed")
 }
 
+/// Counters of the shared machine.
+pub fn shared_stats() -> Stats {
+    POOL[0].lock().stats.clone()
+}
+
 /// Violations recorded on the shared machine.
 pub fn shared_violations() -> Vec<String> {
     POOL[0].lock().violations.clone()
