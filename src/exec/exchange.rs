@@ -327,14 +327,32 @@ where
             },
         });
     }
-    // Which sources each rank has.
-    let have: Vec<u8> = local.iter().map(|l| *l as u8).collect();
-    let have = wire.all_gather(&have)?;
+    // Which sources each rank has, with their length and modification
+    // time as it sees them: on --resume, a writer checks its files' sources
+    // on other nodes against these.
+    const HAVE: usize = 17;
+    let mut mine_h = vec![0u8; HAVE * plan.sources.len()];
+    for i in (0..plan.sources.len()).filter(|i| local[*i]) {
+        mine_h[HAVE * i] = 1;
+        if let Some((len, ns)) = super::resume::local_stamp(plan, i) {
+            mine_h[HAVE * i + 1..HAVE * i + 9].copy_from_slice(&len.to_le_bytes());
+            mine_h[HAVE * i + 9..HAVE * i + 17].copy_from_slice(&ns.to_le_bytes());
+        }
+    }
+    let have = wire.all_gather(&mine_h)?;
+    let has = |r: usize, i: usize| have[r][HAVE * i] == 1;
+    let word =
+        |r: usize, at: usize| u64::from_le_bytes(have[r][at..at + 8].try_into().expect("8 bytes"));
+    let stamp = |i: usize| {
+        let r = (0..n).find(|&r| has(r, i))?;
+        Some((word(r, HAVE * i + 1), word(r, HAVE * i + 9)))
+    };
     // --resume: files already complete are left out.
     let skipped: Vec<bool> = if options.resume {
         let flags: Vec<u8> = (0..plan.files.len())
             .map(|f| {
-                (writer(f) == me && super::resume::already_complete(plan, options, &plan.files[f]))
+                (writer(f) == me
+                    && super::resume::already_complete_with(plan, options, &plan.files[f], &stamp))
                     as u8
             })
             .collect();
@@ -372,7 +390,7 @@ where
     let mut missing = Vec::new();
     for i in (0..plan.sources.len()).filter(|i| used[*i]) {
         let best = (0..n)
-            .filter(|r| have[*r][i] == 1)
+            .filter(|r| has(*r, i))
             .max_by_key(|&r| (need[i][r], n - (r + n - i % n) % n));
         match best {
             Some(r) => reader[i] = r,
@@ -440,11 +458,15 @@ where
             );
         }
     }
+    let complete = (0..plan.files.len())
+        .filter(|&f| skipped[f] && writer(f) == me)
+        .map(|f| plan.files[f].path.clone())
+        .collect();
     Ok(Agreed {
         skipped,
         reader,
         opened,
-        received: Received::new(local, digests, ahead),
+        received: Received::new(local, digests, complete, ahead),
         hashed: options.manifest.is_some(),
     })
 }

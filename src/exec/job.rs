@@ -132,7 +132,13 @@ impl<'p, B: Backend> Job<'p, B> {
             if c.open.len() < spread {
                 if let Some(file) = self.plan.files.get(c.file) {
                     c.file += 1;
-                    if self.options.resume && self.already_complete(file) {
+                    // In a distributed run the job has decided (it saw the
+                    // stamps of sources on other nodes).
+                    let complete = match self.sources.remote {
+                        Some(r) => r.is_complete(&file.path),
+                        None => self.already_complete(file),
+                    };
+                    if self.options.resume && complete {
                         if let Some(p) = &self.options.control.progress {
                             p.add(file.bytes());
                         }

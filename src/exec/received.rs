@@ -4,7 +4,8 @@
 //! box once placed. At most [`RECEIVE_AHEAD`] bytes of boxes wait in it, so
 //! a rank's memory does not grow with what it receives.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::error::{Error, JobErrorKind, Result};
@@ -65,6 +66,9 @@ pub(crate) struct Received {
     digests: HashMap<usize, RemoteDigest>,
     /// Sources read by this rank.
     local: Vec<bool>,
+    /// This rank's files the job agreed are already complete
+    /// (`--resume`; their sources may be on other nodes).
+    complete: HashSet<PathBuf>,
 }
 
 #[derive(Default)]
@@ -88,6 +92,7 @@ impl Received {
     pub(super) fn new(
         local: Vec<bool>,
         digests: HashMap<usize, RemoteDigest>,
+        complete: HashSet<PathBuf>,
         ahead: usize,
     ) -> Received {
         Received {
@@ -96,7 +101,14 @@ impl Received {
             ahead,
             digests,
             local,
+            complete,
         }
+    }
+
+    /// Whether the job agreed that `path` is already complete (`--resume`):
+    /// the writer takes the job's answer, which saw every source's stamp.
+    pub(super) fn is_complete(&self, path: &Path) -> bool {
+        self.complete.contains(path)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inbox> {
@@ -269,7 +281,7 @@ mod tests {
 
     #[test]
     fn exchange_inbox_holds_at_most_its_bound_and_hands_boxes_over_in_order() {
-        let r = Received::new(vec![false], HashMap::new(), 8);
+        let r = Received::new(vec![false], HashMap::new(), HashSet::new(), 8);
         std::thread::scope(|s| {
             let taker = s.spawn(|| {
                 let a = r.take(&step(0)).unwrap().unwrap();
@@ -290,13 +302,13 @@ mod tests {
         let e = r.take(&step(0)).unwrap().unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Internal, "{e}");
         // A source read here is not in the inbox.
-        let local = Received::new(vec![true], HashMap::new(), 8);
+        let local = Received::new(vec![true], HashMap::new(), HashSet::new(), 8);
         assert!(local.take(&step(0)).is_none());
     }
 
     #[test]
     fn exchange_inbox_failure_wakes_waiting_workers_with_a_job_error() {
-        let r = Received::new(vec![false], HashMap::new(), 8);
+        let r = Received::new(vec![false], HashMap::new(), HashSet::new(), 8);
         std::thread::scope(|s| {
             let taker = s.spawn(|| r.take(&step(0)).unwrap().unwrap_err());
             let strings = s.spawn(|| r.string(0, "name").unwrap().unwrap_err());

@@ -51,6 +51,21 @@ pub(super) fn settings(plan: &Plan, options: &ExecOptions, file: &FilePlan) -> S
     format!("{:016x}", crate::formats::hash::hash(text.as_bytes()))
 }
 
+/// The length and modification time (ns) of source `i` as this process
+/// sees it: `None` when it cannot be read here.
+pub(super) type SourceStamp<'a> = &'a dyn Fn(usize) -> Option<(u64, u64)>;
+
+/// [`SourceStamp`] from this machine's disk.
+pub(super) fn local_stamp(plan: &Plan, i: usize) -> Option<(u64, u64)> {
+    let s = crate::formats::mapped::FileStamp::of(&plan.sources[i].path).ok()?;
+    Some((s.len, s.modified_ns() as u64))
+}
+
+/// [`already_complete_with`] the sources as this machine's disk has them.
+pub(super) fn already_complete(plan: &Plan, options: &ExecOptions, file: &FilePlan) -> bool {
+    already_complete_with(plan, options, file, &|i| local_stamp(plan, i))
+}
+
 /// Whether `file` is already on disk, complete and made by the run
 /// being resumed: its manifest matches the bytes, lists exactly the
 /// planned tensors, records the same settings fingerprint, and its
@@ -58,7 +73,14 @@ pub(super) fn settings(plan: &Plan, options: &ExecOptions, file: &FilePlan) -> S
 /// Anything else (a different source file, a changed source, another
 /// `--lora-scaling`, dtype or layout) is written again. Stale temporary
 /// files of an interrupted run are removed on the way.
-pub(super) fn already_complete(plan: &Plan, options: &ExecOptions, file: &FilePlan) -> bool {
+/// `stamp` gives each source's length and modification time (in a
+/// distributed run, as the rank that has it sees it).
+pub(super) fn already_complete_with(
+    plan: &Plan,
+    options: &ExecOptions,
+    file: &FilePlan,
+    stamp: SourceStamp<'_>,
+) -> bool {
     remove_stale_temporaries(&file.path);
     let Ok(Some(m)) = Manifest::read(&file.path) else {
         return false;
@@ -66,20 +88,20 @@ pub(super) fn already_complete(plan: &Plan, options: &ExecOptions, file: &FilePl
     if m.settings.as_deref() != Some(settings(plan, options, file).as_str()) {
         return false;
     }
-    let wanted: Vec<&std::path::Path> = file
-        .sources()
-        .into_iter()
-        .map(|i| plan.sources[i].path.as_path())
+    let indices = file.sources();
+    let wanted: Vec<&std::path::Path> = indices
+        .iter()
+        .map(|&i| plan.sources[i].path.as_path())
         .collect();
     let recorded: Vec<&std::path::Path> = m.sources.iter().map(|s| s.path.as_path()).collect();
     if wanted != recorded {
         return false;
     }
-    for s in &m.sources {
-        let Ok(now) = crate::formats::mapped::FileStamp::of(&s.path) else {
+    for (&i, s) in indices.iter().zip(&m.sources) {
+        let Some((len, modified_ns)) = stamp(i) else {
             return false;
         };
-        if now.len != s.digest.bytes || Some(now.modified_ns() as u64) != s.modified_ns {
+        if len != s.digest.bytes || Some(modified_ns) != s.modified_ns {
             return false;
         }
     }
@@ -120,5 +142,73 @@ fn remove_stale_temporaries(path: &std::path::Path) {
                 let _ = std::fs::remove_file(e.path());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::CpuBackend;
+    use crate::formats::safetensors::{write, StWriteOptions, TensorRef};
+    use crate::layout::boxes::BoxCopy;
+    use crate::plan::{CopyStep, SourceFile, TensorPlan};
+    use crate::DType;
+
+    /// A writer whose file's source is on another node cannot stamp it
+    /// itself: with the stamp its reader reported, a complete file is
+    /// recognised (before, such files were always written again); a stamp
+    /// that differs, or none, makes it incomplete.
+    #[test]
+    fn a_source_on_another_node_is_checked_with_its_readers_stamp() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.safetensors");
+        let data: Vec<u8> = (0..16u8).collect();
+        let t = TensorRef {
+            dtype: DType::F32,
+            shape: vec![2, 2],
+            data: &data,
+        };
+        write(&src, &[("w".to_string(), t)], &StWriteOptions::default()).unwrap();
+        let out = dir.path().join("out/rank_0/x.safetensors");
+        let plan = Plan {
+            sources: vec![SourceFile {
+                rank: 0,
+                path: src.clone(),
+            }],
+            files: vec![FilePlan {
+                rank: 0,
+                path: out,
+                format: FileFormat::Safetensors,
+                tensors: vec![TensorPlan {
+                    name: "w".into(),
+                    content: Content::Tensor {
+                        dtype: DType::F32,
+                        shape: vec![2, 2],
+                        steps: vec![CopyStep {
+                            source: 0,
+                            tensor: "w".into(),
+                            copy: BoxCopy::whole(&[2, 2], DType::F32, DType::F32),
+                        }],
+                    },
+                }],
+                metadata: None,
+            }],
+        };
+        let options = ExecOptions::default();
+        crate::exec::execute(&plan, &CpuBackend::new(1), &options).unwrap();
+        let file = &plan.files[0];
+        let seen = local_stamp(&plan, 0).unwrap();
+        assert!(already_complete(&plan, &options, file));
+        // The source leaves this node: only its reader's stamp can tell.
+        let moved = dir.path().join("elsewhere.safetensors");
+        std::fs::rename(&src, &moved).unwrap();
+        assert!(!already_complete(&plan, &options, file));
+        assert!(already_complete_with(&plan, &options, file, &|_| Some(
+            seen
+        )));
+        assert!(!already_complete_with(&plan, &options, file, &|_| {
+            Some((seen.0, seen.1 + 1))
+        }));
+        assert!(!already_complete_with(&plan, &options, file, &|_| None));
     }
 }
