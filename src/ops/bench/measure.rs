@@ -97,6 +97,38 @@ pub(super) fn warm_cache(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Drops the pages of `path` (a directory's files, recursively) from the
+/// page cache, so the next read comes from the disk (`--cold`). Needs no
+/// privilege: `posix_fadvise(DONTNEED)` after an `fsync` (only clean pages
+/// can be dropped).
+pub(super) fn evict_cache(path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    if path.is_dir() {
+        for e in std::fs::read_dir(path).in_file(path)? {
+            evict_cache(&e.in_file(path)?.path())?;
+        }
+        return Ok(());
+    }
+    let f = std::fs::File::open(path).in_file(path)?;
+    f.sync_all().in_file(path)?;
+    // SAFETY: `f` is an open descriptor; offset 0 and length 0 mean the
+    // whole file.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        return Err(Error::from(std::io::Error::from_raw_os_error(rc)).in_file(path));
+    }
+    Ok(())
+}
+
+/// The page cache of `path` as a timed run wants it: warm, or cold.
+pub(super) fn prepare_cache(path: &Path, cold: bool) -> Result<()> {
+    if cold {
+        evict_cache(path)
+    } else {
+        warm_cache(path)
+    }
+}
+
 /// The largest file directly in `dir`.
 pub(super) fn largest_file(dir: &Path) -> Result<PathBuf> {
     let mut best: Option<(u64, PathBuf)> = None;
@@ -150,8 +182,10 @@ pub(super) fn plain_copy(src: &Path, dst: &Path, fsync: bool, progress: &Progres
     Ok(secs)
 }
 
-/// The copy bound: the fastest of `n` plain copies of `src`.
+/// The copy bound: the fastest of `n` plain copies of `src` (with `fsync`
+/// and `--cold`, each from a cold page cache).
 pub(super) fn copy_bound(b: &Bench, src: &Path, fsync: bool) -> Result<CopyBound> {
+    let cold = fsync && b.o.cold;
     let bytes = std::fs::metadata(src).in_file(src)?.len();
     let tmp = b.o.dir.join("copy.tmp");
     let n = b.o.repeat;
@@ -166,6 +200,9 @@ pub(super) fn copy_bound(b: &Bench, src: &Path, fsync: bool) -> Result<CopyBound
             "copy bound {i}/{n} {}",
             if fsync { "with fsync" } else { "cache warm" }
         );
+        if cold {
+            evict_cache(src).map_err(|e| in_step(&what, e))?;
+        }
         let progress = Progress::new();
         let _seen = b.observe(&what, bytes, Some(&progress));
         samples.push(plain_copy(src, &tmp, fsync, &progress).map_err(|e| in_step(&what, e))?);

@@ -357,6 +357,7 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
         repeat: o.repeat,
         copy_bound_warm,
         copy_bound_fsync,
+        cold: o.cold,
         steps,
     })
 }

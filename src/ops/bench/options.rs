@@ -122,6 +122,9 @@ pub struct BenchOptions {
     /// Write manifests, as every command does by default (off: shows what
     /// hashing the inputs and outputs costs).
     pub manifest: bool,
+    /// The runs with `fsync` (and their copy bound) start with their input
+    /// out of the page cache: end to end from the disk.
+    pub cold: bool,
     /// Told when each run starts and ends.
     pub observer: Option<Arc<dyn BenchObserver>>,
 }
@@ -141,6 +144,7 @@ impl BenchOptions {
             mindspore: None,
             backend: BackendChoice::Cpu,
             manifest: true,
+            cold: false,
             observer: None,
         }
     }

@@ -95,8 +95,11 @@ pub struct BenchReport {
     pub manifest: bool,
     /// Copying without `fsync`, page cache warm.
     pub copy_bound_warm: CopyBound,
-    /// Copying followed by `fsync`.
+    /// Copying followed by `fsync` (from a cold page cache with `cold`).
     pub copy_bound_fsync: CopyBound,
+    /// The runs with `fsync` and their copy bound read their input from
+    /// the disk (page cache dropped first).
+    pub cold: bool,
     /// Steps in order.
     pub steps: Vec<BenchStep>,
 }

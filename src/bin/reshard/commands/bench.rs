@@ -61,6 +61,9 @@ pub struct BenchArgs {
     pub backend: BackendArgs,
     #[command(flatten)]
     pub manifest: Manifest,
+    /// The runs with fsync (and their copy bound) start with their input dropped from the page cache: end to end from the disk.
+    #[arg(long)]
+    pub cold: bool,
     #[command(flatten)]
     pub report: Json,
 }
@@ -110,6 +113,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         mindspore,
         backend: a.backend.choice(),
         manifest: !a.manifest.no_manifest,
+        cold: a.cold,
         observer,
     })?;
     if a.report.json {
@@ -171,11 +175,12 @@ fn print(r: &BenchReport) -> Result<()> {
     )?;
     writeln!(
         out,
-        "copy bound (8 MiB sequential read+write of the model file): {:.2} GB/s cache warm, {:.2} GB/s with fsync; \
+        "copy bound (8 MiB sequential read+write of the model file): {:.2} GB/s cache warm, {:.2} GB/s with fsync{3}; \
 fastest of {2} copies; times are medians of {2} runs; each step's ratio uses the fastest of copies made right before its runs",
         r.copy_bound_warm.gb_per_s,
         r.copy_bound_fsync.gb_per_s,
-        r.repeat
+        r.repeat,
+        if r.cold { " from a cold cache (the fsync runs too)" } else { "" }
     )?;
     if r.steps.iter().any(|s| s.mindspore.is_some()) {
         writeln!(
