@@ -22,6 +22,7 @@
 pub(crate) mod compose;
 pub mod config;
 mod engine;
+mod extra;
 pub mod families;
 mod forward;
 mod hf;
@@ -34,8 +35,9 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-pub use config::ModelConfig;
+pub use config::{MfLayout, ModelConfig};
 pub use engine::{invert, InTensor, Mapped, OutTensor};
+pub use extra::apply_extra_args;
 pub use hf::parse_size;
 pub use reverse::hf_to_ms_weights;
 
