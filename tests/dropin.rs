@@ -370,3 +370,40 @@ fn convert_extra_pairs_that_change_the_conversion() {
     assert!(!ok && err.contains("is_lora"), "{err}");
     assert!(!std::path::Path::new(&out("lora.ckpt")).exists());
 }
+
+/// Qwen-VL's extra pairs (mindformers 1.3.2 `research/qwenvl`):
+/// `--vit_num_head` is the vision heads the attention is split by (the
+/// config's count gives the same bytes, another count another split);
+/// `--enable_emb_opt True` (vocabulary padding) is refused, nothing written.
+#[test]
+fn convert_qwenvl_extra_pairs() {
+    let dir = tempdir();
+    let hf = write_hf(&spec("qwenvl"), &dir.path().join("hf"), 1);
+    let hf = hf.to_str().unwrap();
+    let run = |name: &str, more: &[&str]| {
+        let o = dir.path().join(name).to_str().unwrap().to_string();
+        let mut args = strings(&["--model", "qwenvl", "--input_path", hf, "--output_path", &o]);
+        args.extend(strings(more));
+        let (ok, err) = convert_cli(&args);
+        (ok, err, std::fs::read(&o).ok())
+    };
+    let (ok, err, plain) = run("plain.ckpt", &[]);
+    assert!(ok, "{err}");
+    let (ok, err, same) = run(
+        "three.ckpt",
+        &["--vit_num_head", "3", "--enable_emb_opt", "False"],
+    );
+    assert!(ok && !err.contains("warning"), "{err}");
+    assert!(same == plain);
+    let (ok, err, other) = run("one.ckpt", &["--vit_num_head=1"]);
+    assert!(ok, "{err}");
+    assert!(other.is_some() && other != plain);
+    let (ok, err, none) = run(
+        "padded.ckpt",
+        &["--enable_emb_opt", "True", "--emb_strategy", "2"],
+    );
+    assert!(
+        !ok && err.contains("enable_emb_opt") && none.is_none(),
+        "{err}"
+    );
+}

@@ -75,6 +75,8 @@ pub struct ModelConfig {
     pub hidden_size: Option<u64>,
     /// `--layers`.
     pub layers: Option<u64>,
+    /// `vit_num_head` (Qwen-VL).
+    pub vit_heads: Option<u64>,
     /// The layout of a mindformers model YAML given as the config (glm-n).
     pub mf_layout: Option<MfLayout>,
 }
@@ -152,7 +154,9 @@ impl ModelConfig {
                 self.field(&["num_hidden_layers", "n_layer", "num_layers", "n_layers"])
             }),
             Num::Experts => self.field(&["n_routed_experts", "num_local_experts", "num_experts"]),
-            Num::VitHeads => self.field(&["visual/heads", "vision_config/num_heads"]),
+            Num::VitHeads => self
+                .vit_heads
+                .or_else(|| self.field(&["visual/heads", "vision_config/num_heads"])),
             Num::QkNope => self.field(&["qk_nope_head_dim"]),
             Num::QkRope => self.field(&["qk_rope_head_dim"]),
             Num::VHead => self.field(&["v_head_dim"]),

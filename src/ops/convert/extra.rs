@@ -19,7 +19,11 @@
 //!   layers and heads overrides; `max_worker` is the worker count; the other
 //!   sizes are read from `config.json` here (warned about when given);
 //! - CogVLM2 (1.3.2 `kwargs.get('sft')`): `sft lora` moves the language
-//!   model under `llm_model.pet_model.lora_model.`.
+//!   model under `llm_model.pet_model.lora_model.`;
+//! - Qwen-VL (1.3.2 `research/qwenvl/convert_weight.py`): `vit_num_head`
+//!   is the vision heads the attention is split by; `use_qkv_concat` is
+//!   reshard's concat switch (a flag of its own); `enable_emb_opt` pads the
+//!   vocabulary rows (not done here: refused when true).
 
 use super::families;
 use super::ConvertOptions;
@@ -73,7 +77,15 @@ pub fn apply_extra_args(
                      reshard convert converts full weights (merge the adapter with merge-lora first)",
                 ))
             }
-            (_, "concat" | "is_lora") if !is_true(value) => {}
+            (Some("qwenvl"), "vit_num_head") => options.vit_heads = Some(number(&key, value)?),
+            (Some("qwenvl"), "enable_emb_opt") if is_true(value) => {
+                return Err(Error::unsupported(
+                    "mindformers' enable_emb_opt=True pads the embedding and lm_head rows to a \
+                     multiple of 512 x emb_strategy; reshard writes the vocabulary unpadded",
+                ))
+            }
+            (Some("qwenvl"), "emb_strategy") => {}
+            (_, "concat" | "is_lora" | "enable_emb_opt") if !is_true(value) => {}
             (_, "num_layers") => options.layers = Some(number(&key, value)?),
             (_, "num_attention_heads") => options.n_head = Some(number(&key, value)?),
             (_, "max_worker") => options.workers = number(&key, value)?.max(1) as usize,

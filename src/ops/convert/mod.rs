@@ -73,6 +73,9 @@ pub struct ConvertOptions {
     pub hidden_size: Option<u64>,
     /// `--layers`: overrides `num_hidden_layers`.
     pub layers: Option<u64>,
+    /// Qwen-VL's vision heads (mindformers' `vit_num_head`): overrides
+    /// `visual.heads`.
+    pub vit_heads: Option<u64>,
     /// `--modal video|image` (CogVLM2).
     pub modal: Option<String>,
     /// mindformers' `--sft lora` (a keyword its CogVLM2 converter reads from
@@ -128,6 +131,7 @@ impl ConvertOptions {
             n_head: None,
             hidden_size: None,
             layers: None,
+            vit_heads: None,
             modal: None,
             sft: None,
             config: None,

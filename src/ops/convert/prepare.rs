@@ -97,6 +97,7 @@ pub(super) fn load_config(
     cfg.n_head = options.n_head;
     cfg.hidden_size = options.hidden_size;
     cfg.layers = options.layers;
+    cfg.vit_heads = options.vit_heads;
     Ok(cfg)
 }
 
