@@ -163,7 +163,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(w.len(), 3, "{w:?}");
-        assert!(o.sft.is_none() && o.input == std::path::PathBuf::from("in"));
+        assert!(o.sft.is_none() && o.input == std::path::Path::new("in"));
         let err = apply_extra_args(&mut o, &pairs(&[("num_layers", "many")])).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Usage);
         let mut glm = ConvertOptions::new("glm4", "in", "out");
