@@ -254,6 +254,8 @@ class Unified(Base):
             "shadowed": {"lm_head.weight": emb},
             "read_twice": {"lm_head.weight": w1, emb: w1},
             "identity_and_empty": {"lm_head.weight": "lm_head.weight"},
+            # A key no file entry or param_name_map.json names: nothing reads it.
+            "key_not_located": {"net.head": "lm_head.weight"},
         }
         scenarios = [(name, unified, nm) for name, nm in maps.items() for unified in (single, d("unified"))]
         scenarios += [("empty_map", single, {}), ("json_names_missing_entries", multi, None)]
