@@ -467,7 +467,14 @@ def load_distributed_checkpoint(network, checkpoint_filenames=None, predict_stra
         elif rank_id is not None:
             kw["ranks"] = [rank_id]
         out = os.path.join(scratch, "out")
-        _native.transform(src, out, None, dst, workers=workers, progress=progress, **kw)
+        try:
+            _native.transform(src, out, None, dst, workers=workers, progress=progress, **kw)
+        except errors.ReshardError as e:
+            if src != unified:  # name the user's folder, not the scratch copy
+                e.args = tuple(a.replace(src, unified) if isinstance(a, str) else a for a in e.args)
+                if isinstance(e.path, str):
+                    e.path = e.path.replace(src, unified)
+            raise
         if predict_strategy is None:
             r = rank_id or 0
             if r:

@@ -229,11 +229,25 @@ class Unified(Base):
         # An error after the renamed copy is made (the strategy is a folder):
         # the destination keeps nothing, the scratch folder included.
         out = os.path.join(self.tmp, "failed")
-        with self.assertRaises(errors.ReshardError):
+        with self.assertRaises(errors.ReshardError) as cm:
             reshard.load_distributed_checkpoint(None, predict_strategy=d("unified"), format="safetensors",
                                                 unified_safetensors_dir=single, dst_safetensors_dir=out,
                                                 name_map=name_map)
+        self.assertNotIn(".reshard-load-", str(cm.exception))
         self.assertEqual(os.listdir(out), [])
+        # A damaged entry found while reading the scratch copy: the message
+        # and the error's path name the user's folder.
+        broken = os.path.join(self.tmp, "broken")
+        shutil.copytree(single, broken)
+        part = os.path.join(broken, "part0.safetensors")
+        with open(part, "r+b") as f:
+            f.truncate(os.path.getsize(part) - 64)
+        with self.assertRaises(errors.ReshardError) as cm:
+            reshard.load_distributed_checkpoint(None, predict_strategy=d("dst_strategy_merged.ckpt"),
+                                                format="safetensors", unified_safetensors_dir=broken,
+                                                dst_safetensors_dir=os.path.join(self.tmp, "b"),
+                                                name_map={"lm_head.weight": "model.norm_out.weight"})
+        self.assertNotIn(".reshard-load-", str(cm.exception))
 
     def test_load_distributed_checkpoint_name_map_corner_cases_as_mindspore(self):
         """MindSpore 2.10's reading of name_map, case by case: a parameter is
