@@ -402,7 +402,8 @@ def load_distributed_checkpoint(network, checkpoint_filenames=None, predict_stra
     ``name_map.get(p, p)`` of the file ``p`` is located in. With several
     files, ``param_name_map.json`` locates ``p`` (its keys are the names
     written); with one ``.safetensors`` file, its entries renamed back by
-    the flipped map do (the last key wins a shared value). Hence an entry
+    the flipped map do (the last key wins a shared value; a
+    ``param_name_map.json`` beside it is ignored). Hence an entry
     may be written under several names, an entry whose own name the map
     gives to another is left out, and a parameter whose entry is missing is
     skipped without an error — all as MindSpore does.
@@ -525,6 +526,7 @@ class _LoadPlan:
     def __init__(self, unified, name_map):
         self.unified = unified
         self.headers = {}
+        self.ignored_json = False
         files = [f for f in os.listdir(unified) if f.endswith(".safetensors")]
         if len(files) == 1:
             # `_get_param_name_map_by_file`: the file's entries, renamed
@@ -534,6 +536,9 @@ class _LoadPlan:
                 flipped = {v: k for k, v in name_map.items()}
                 keys = [flipped.get(k, k) for k in keys]
             located = dict.fromkeys(keys, files[0])
+            # MindSpore ignores a param_name_map.json beside a single file;
+            # the engine would read it.
+            self.ignored_json = os.path.isfile(os.path.join(unified, "param_name_map.json"))
         else:
             path = os.path.join(unified, "param_name_map.json")
             if not os.path.isfile(path):
@@ -563,6 +568,8 @@ class _LoadPlan:
         """Whether the engine reads ``unified`` itself as MindSpore does:
         every parameter is the entry of its own name and every entry of a
         file read is one such parameter."""
+        if self.ignored_json:
+            return False
         used = {}
         for name, (file, entry) in self.params.items():
             if name != entry:

@@ -272,7 +272,14 @@ class Unified(Base):
             "key_not_located": {"net.head": "lm_head.weight"},
         }
         scenarios = [(name, unified, nm) for name, nm in maps.items() for unified in (single, d("unified"))]
-        scenarios += [("empty_map", single, {}), ("json_names_missing_entries", multi, None)]
+        # One part beside a param_name_map.json naming other entries:
+        # MindSpore reads the part's own names and ignores the JSON.
+        stale_json = os.path.join(self.tmp, "single-stale-json")
+        shutil.copytree(single, stale_json)
+        with open(os.path.join(stale_json, "param_name_map.json"), "w") as f:
+            json.dump({"weight_map": {"lm_head.weight": "part0.safetensors", "no.such": "part0.safetensors"}}, f)
+        scenarios += [("empty_map", single, {}), ("json_names_missing_entries", multi, None),
+                      ("single_file_ignores_json", stale_json, None)]
         dst_s = d("dst_strategy_merged.ckpt")
         for i, (name, unified, nm) in enumerate(scenarios):
             for j, (strat, rank_id, fmt) in enumerate(((dst_s, None, "safetensors"), (dst_s, 2, "ckpt"),
