@@ -29,7 +29,7 @@ fn convert_warns_about_extra_pairs_and_converts() {
     assert!(!quiet.contains("warning"), "{quiet}");
     let noisy = run("extra.ckpt", &["--sft", "lora", "--use_gmm=True"]);
     assert!(
-        noisy.contains("--sft \"lora\" is not an option of reshard convert")
+        noisy.contains("--sft=\"lora\" is not an option of reshard convert")
             && noisy.contains("use_gmm=\"True\""),
         "{noisy}"
     );
@@ -192,4 +192,218 @@ fn convert_passes_sft_lora_to_cogvlm2() {
             "{modal}: {moved}"
         );
     }
+}
+
+/// Runs `reshard convert` with `args`; (success, stderr).
+fn convert_cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String) {
+    let o = Command::new(reshard_bin())
+        .arg("convert")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// mindformers 2.x's glm-n converter reads its layout from the model YAML
+/// given as `--config` (`model.model_config.qkv_concat`/`mlp_concat`,
+/// ChatGLM2Config's defaults true): the same bytes as reshard's switch;
+/// layouts reshard does not write are refused before anything is written.
+#[test]
+fn convert_reads_glm_layout_from_a_mindformers_yaml() {
+    let dir = tempdir();
+    let hf = write_hf(&spec("glm"), &dir.path().join("hf"), 1);
+    let hf = hf.to_str().unwrap();
+    let out = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let yaml = |name: &str, body: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, format!("seed: 0\nmodel:\n  model_config:\n{body}")).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let base = |o: &str, more: &[&str]| {
+        let mut v = strings(&["--model", "glm4", "--input_path", hf, "--output_path", o]);
+        v.extend(strings(more));
+        v
+    };
+    let (split, fused) = (out("split.ckpt"), out("fused.ckpt"));
+    for (o, extra) in [(&split, vec!["--qkv_concat", "false"]), (&fused, vec![])] {
+        let (ok, err) = convert_cli(&base(o, &extra));
+        assert!(ok, "{err}");
+    }
+    let cases = [
+        (
+            "split.yaml",
+            "    qkv_concat: False\n    mlp_concat: False\n",
+            &split,
+        ),
+        ("fused.yaml", "    type: ChatGLM2Config\n", &fused),
+        ("fused2.yml", "    qkv_concat: true\n", &fused),
+    ];
+    for (name, body, expect) in cases {
+        let (cfg, o) = (yaml(name, body), out(&format!("{name}.ckpt")));
+        let (ok, err) = convert_cli(&base(&o, &["--config", &cfg]));
+        assert!(ok && !err.contains("warning"), "{name}: {err}");
+        assert!(
+            std::fs::read(&o).unwrap() == std::fs::read(expect).unwrap(),
+            "{name}"
+        );
+    }
+    for (name, body, said) in [
+        (
+            "rope.yaml",
+            "    qkv_concat: True\n    use_rearrange_rope: True\n",
+            "use_rearrange_rope",
+        ),
+        (
+            "mixed.yaml",
+            "    qkv_concat: False\n    mlp_concat: True\n",
+            "mlp_concat",
+        ),
+    ] {
+        let (cfg, o) = (yaml(name, body), out(&format!("{name}.ckpt")));
+        let (ok, err) = convert_cli(&base(&o, &["--config", &cfg]));
+        assert!(!ok && err.contains(said), "{name}: {err}");
+        assert!(!std::path::Path::new(&o).exists(), "{name}");
+    }
+    // The toolkit converters' --num_attention_heads is the heads setting:
+    // the right count gives the same split, a wrong one is refused.
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("hf/config.json")).unwrap()).unwrap();
+    let heads = cfg["num_attention_heads"].to_string();
+    for (n, fits) in [(heads.as_str(), true), ("7", false)] {
+        let o = out(&format!("heads-{n}.ckpt"));
+        let (ok, err) = convert_cli(&base(
+            &o,
+            &["--qkv_concat", "false", "--num_attention_heads", n],
+        ));
+        assert_eq!(ok, fits, "{n}: {err}");
+        if fits {
+            assert!(
+                !err.contains("warning")
+                    && std::fs::read(&o).unwrap() == std::fs::read(&split).unwrap()
+            );
+        }
+    }
+    // Another family takes config.json: a YAML there is a usage error.
+    let cfg = yaml("llama.yaml", "    qkv_concat: False\n");
+    let llama = write_hf(&spec("llama"), &dir.path().join("llama"), 1);
+    let (ok, err) = convert_cli(&strings(&[
+        "--model",
+        "llama",
+        "--input_path",
+        llama.to_str().unwrap(),
+        "--output_path",
+        &out("llama.ckpt"),
+        "--config",
+        &cfg,
+    ]));
+    assert!(!ok && err.contains("YAML"), "{err}");
+}
+
+/// mindformers 2.x's extra pairs that change a conversion reach it: qwen2.5's
+/// `--torch_ckpt_dir`/`--mindspore_ckpt_path` replace the input and output,
+/// `--num_attention_heads`/`--num_layers` are the heads and layers settings
+/// (no warning; glm's test shows the heads setting in use); `--is_lora True` (a PEFT adapter, not full weights) is
+/// refused with nothing written.
+#[test]
+fn convert_extra_pairs_that_change_the_conversion() {
+    let dir = tempdir();
+    let s = spec("qwen2");
+    let hf = write_hf(&s, &dir.path().join("hf"), 1);
+    let hf = hf.to_str().unwrap();
+    let out = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("hf/config.json")).unwrap()).unwrap();
+    let heads = cfg["num_attention_heads"].to_string();
+    let layers = cfg["num_hidden_layers"].to_string();
+    let plain = out("plain.ckpt");
+    let (ok, err) = convert_cli(&strings(&[
+        "--model",
+        "qwen2_5",
+        "--input_path",
+        hf,
+        "--output_path",
+        &plain,
+        "--qkv_concat",
+        "true",
+    ]));
+    assert!(ok, "{err}");
+    let moved = out("moved.ckpt");
+    let (ok, err) = convert_cli(&strings(&[
+        "--model",
+        "qwen2_5",
+        "--input_path",
+        &out("no-such-dir"),
+        "--output_path",
+        &out("unused.ckpt"),
+        "--qkv_concat",
+        "true",
+        "--torch_ckpt_dir",
+        hf,
+        &format!("--mindspore_ckpt_path={moved}"),
+        "--num_attention_heads",
+        &heads,
+        "--num_layers",
+        &layers,
+        "--is_lora",
+        "False",
+    ]));
+    assert!(ok && !err.contains("warning"), "{err}");
+    assert!(std::fs::read(&moved).unwrap() == std::fs::read(&plain).unwrap());
+    assert!(!std::path::Path::new(&out("unused.ckpt")).exists());
+    let (ok, err) = convert_cli(&strings(&[
+        "--model",
+        "qwen2_5",
+        "--input_path",
+        hf,
+        "--output_path",
+        &out("lora.ckpt"),
+        "--is_lora",
+        "True",
+    ]));
+    assert!(!ok && err.contains("is_lora"), "{err}");
+    assert!(!std::path::Path::new(&out("lora.ckpt")).exists());
+}
+
+/// Qwen-VL's extra pairs (mindformers 1.3.2 `research/qwenvl`):
+/// `--vit_num_head` is the vision heads the attention is split by (the
+/// config's count gives the same bytes, another count another split);
+/// `--enable_emb_opt True` (vocabulary padding) is refused, nothing written.
+#[test]
+fn convert_qwenvl_extra_pairs() {
+    let dir = tempdir();
+    let hf = write_hf(&spec("qwenvl"), &dir.path().join("hf"), 1);
+    let hf = hf.to_str().unwrap();
+    let run = |name: &str, more: &[&str]| {
+        let o = dir.path().join(name).to_str().unwrap().to_string();
+        let mut args = strings(&["--model", "qwenvl", "--input_path", hf, "--output_path", &o]);
+        args.extend(strings(more));
+        let (ok, err) = convert_cli(&args);
+        (ok, err, std::fs::read(&o).ok())
+    };
+    let (ok, err, plain) = run("plain.ckpt", &[]);
+    assert!(ok, "{err}");
+    let (ok, err, same) = run(
+        "three.ckpt",
+        &["--vit_num_head", "3", "--enable_emb_opt", "False"],
+    );
+    assert!(ok && !err.contains("warning"), "{err}");
+    assert!(same == plain);
+    let (ok, err, other) = run("one.ckpt", &["--vit_num_head=1"]);
+    assert!(ok, "{err}");
+    assert!(other.is_some() && other != plain);
+    let (ok, err, none) = run(
+        "padded.ckpt",
+        &["--enable_emb_opt", "True", "--emb_strategy", "2"],
+    );
+    assert!(
+        !ok && err.contains("enable_emb_opt") && none.is_none(),
+        "{err}"
+    );
 }

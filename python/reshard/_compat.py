@@ -18,7 +18,7 @@ import struct
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
-from . import _native
+from . import _native, errors
 
 __all__ = [
     "transform_checkpoints",
@@ -397,14 +397,22 @@ def load_distributed_checkpoint(network, checkpoint_filenames=None, predict_stra
 
     ``predict_strategy=None`` copies the whole checkpoint into
     ``rank_{rank_id}/net.*`` (``rank_0`` without ``rank_id``), as MindSpore
-    does. ``name_map`` (``{network name: name in the unified files}``, the
-    direction MindSpore reads it in) writes each parameter under its network
-    name; two names mapped to the same entry (MindSpore reads it twice) are
-    a ``ValueError`` here.
+    does. ``name_map`` (``{network name: name in the unified files}``) is
+    read as MindSpore 2.10 reads it: parameter ``p`` is the entry
+    ``name_map.get(p, p)`` of the file ``p`` is located in. With several
+    files, ``param_name_map.json`` locates ``p`` (its keys are the names
+    written); with one ``.safetensors`` file, its entries renamed back by
+    the flipped map do (the last key wins a shared value; a
+    ``param_name_map.json`` beside it is ignored). Hence an entry
+    may be written under several names, an entry whose own name the map
+    gives to another is left out, and a parameter whose entry is missing is
+    skipped without an error — all as MindSpore does.
 
     Differences, on purpose: loading into a network (``network`` not
     ``None``) is MindSpore's job (a ``TypeError`` says so);
-    ``max_process_num`` bounds the worker threads.
+    ``max_process_num`` bounds the worker threads; a lone ``.safetensors``
+    file whose ``crc_num`` does not match its content (a unified part copied
+    out of its folder) is refused as damaged, where MindSpore reads no CRC.
     """
     if format not in ['safetensors', 'ckpt'] or output_format not in ['safetensors', 'ckpt']:
         raise ValueError(
@@ -447,20 +455,27 @@ def load_distributed_checkpoint(network, checkpoint_filenames=None, predict_stra
     # destination, moved into place once complete and removed on error.
     scratch = tempfile.mkdtemp(prefix=".reshard-load-", dir=dst_safetensors_dir)
     try:
-        src = unified = os.fspath(unified_safetensors_dir)
-        names = {str(k): str(v) for k, v in name_map.items()} if name_map else None
-        if names:
-            src = _renamed_unified(unified, names, os.path.join(scratch, "unified"))
+        unified = os.fspath(unified_safetensors_dir)
+        names = {str(k): str(v) for k, v in name_map.items()} if name_map is not None else None
+        plan = _LoadPlan(unified, names)
+        src = unified if plan.is_direct() else plan.write_dir(os.path.join(scratch, "unified"))
         kw = dict(output_format=output_format, manifest=False, file_name="net")
         if dst is None:
-            # MindSpore's predict_strategy=None: every entry, unsplit, into one rank.
+            # MindSpore's predict_strategy=None: every parameter, unsplit, into one rank.
             dst = os.path.join(scratch, "whole.json")
-            _write_whole_strategy(unified, dst, names, src)
+            plan.write_whole_strategy(dst)
             kw["ranks"] = [0]
         elif rank_id is not None:
             kw["ranks"] = [rank_id]
         out = os.path.join(scratch, "out")
-        _native.transform(src, out, None, dst, workers=workers, progress=progress, **kw)
+        try:
+            _native.transform(src, out, None, dst, workers=workers, progress=progress, **kw)
+        except errors.ReshardError as e:
+            if src != unified:  # name the user's folder, not the scratch copy
+                e.args = tuple(a.replace(src, unified) if isinstance(a, str) else a for a in e.args)
+                if isinstance(e.path, str):
+                    e.path = e.path.replace(src, unified)
+            raise
         if predict_strategy is None:
             r = rank_id or 0
             if r:
@@ -475,69 +490,145 @@ def load_distributed_checkpoint(network, checkpoint_filenames=None, predict_stra
 
 
 def _st_names(path):
-    """The entry names of a safetensors file, in its header's order."""
+    """The entries of a safetensors file (name → dtype, shape), in its
+    header's order; a file that is no safetensors file is reshard's
+    CheckpointFormatError naming it."""
     with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        try:
+            header = json.loads(f.read(n)) if n else None
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        raise _located(errors.CheckpointFormatError, "bad_input",
+                       "not a safetensors file (no valid JSON header)", path)
     header.pop("__metadata__", None)
     return header
 
 
-def _name_map_of(unified, name_map=None):
-    """MindSpore's `_cal_param_name_map_and_param_list` without a strategy:
-    {name: file}, from ``param_name_map.json`` unless there is one
-    ``.safetensors`` file (then its entries, renamed back by ``name_map``)."""
-    files = [f for f in os.listdir(unified) if f.endswith(".safetensors")]
-    if len(files) == 1:
-        flipped = {v: k for k, v in (name_map or {}).items()}
-        return {flipped.get(k, k): files[0] for k in _st_names(os.path.join(unified, files[0]))}
-    path = os.path.join(unified, "param_name_map.json")
-    if not os.path.isfile(path):
-        raise ValueError("For 'load_parallel_checkpoint', there must be a JSON file named 'param_name_map.json' "
-                         f"in the 'total_safetensors_dir' ({unified}).")
-    with open(path) as f:
-        names = json.load(f)
-    return names.get("weight_map", names)
+def _located(cls, kind, message, path, tensor=None):
+    """A reshard error raised on the Python side, with the engine's message
+    form (``file: ("tensor"): cause``) and attributes."""
+    where = f"{path}: " + (f"({tensor!r}): " if tensor else "")
+    e = cls(where + message)
+    e.path, e.tensor, e.kind = path, tensor, kind
+    return e
 
 
-def _write_whole_strategy(unified, path, name_map=None, renamed=None):
-    """A one-device strategy (JSON) holding every entry MindSpore copies when
-    predict_strategy is None, in its order: the engine then writes exactly
-    MindSpore's ``rank_0/net.*``. ``renamed``: ``unified`` with its entries
-    renamed by ``name_map`` (`_renamed_unified`)."""
-    items, headers = {}, {}
-    for name, file in _name_map_of(unified, name_map).items():
-        if file not in headers:
-            headers[file] = _st_names(os.path.join(renamed or unified, file))
-        if name in headers[file]:
-            items[name] = {"dev_matrix": [1], "tensor_map": [-1] * len(headers[file][name]["shape"]),
+class _LoadPlan:
+    """What MindSpore's `_load_parallel_checkpoint` reads, before the
+    strategy is applied: ``params`` maps each parameter it writes to
+    ``(file, entry)`` — the entry of that file read under the parameter's
+    name — in the order it writes them; ``headers`` holds each file's
+    entries (name → dtype, shape)."""
+
+    def __init__(self, unified, name_map):
+        self.unified = unified
+        self.headers = {}
+        self.ignored_json = False
+        files = [f for f in os.listdir(unified) if f.endswith(".safetensors")]
+        if len(files) == 1:
+            # `_get_param_name_map_by_file`: the file's entries, renamed
+            # back by the flipped name_map (its last key wins a value).
+            keys = list(self.header(files[0]))
+            if name_map:
+                flipped = {v: k for k, v in name_map.items()}
+                keys = [flipped.get(k, k) for k in keys]
+            located = dict.fromkeys(keys, files[0])
+            # MindSpore ignores a param_name_map.json beside a single file;
+            # the engine would read it.
+            self.ignored_json = os.path.isfile(os.path.join(unified, "param_name_map.json"))
+        else:
+            path = os.path.join(unified, "param_name_map.json")
+            if not os.path.isfile(path):
+                raise ValueError("For 'load_parallel_checkpoint', there must be a JSON file named "
+                                 f"'param_name_map.json' in the 'total_safetensors_dir' ({unified}).")
+            with open(path) as f:
+                located = json.load(f)
+            located = located.get("weight_map", located)
+        # The reading loop: parameter p is entry name_map[p] (else p) of the
+        # file p is located in; a missing entry is skipped, not an error.
+        self.params = {}
+        for name, file in located.items():
+            entry = name_map[name] if name_map is not None and name in name_map else name
+            if not os.path.isfile(os.path.join(unified, file)):
+                raise _located(errors.CheckpointNotFoundError, "missing",
+                               f"param_name_map.json maps it to {file}, which is not there",
+                               os.path.join(unified, file), name)
+            if entry in self.header(file):
+                self.params[name] = (file, entry)
+
+    def header(self, file):
+        if file not in self.headers:
+            self.headers[file] = _st_names(os.path.join(self.unified, file))
+        return self.headers[file]
+
+    def is_direct(self):
+        """Whether the engine reads ``unified`` itself as MindSpore does:
+        every parameter is the entry of its own name and every entry of a
+        file read is one such parameter."""
+        if self.ignored_json:
+            return False
+        used = {}
+        for name, (file, entry) in self.params.items():
+            if name != entry:
+                return False
+            used.setdefault(file, set()).add(name)
+        return all(set(self.header(f)) == names for f, names in used.items())
+
+    def write_dir(self, out):
+        """A unified directory in ``out`` that the engine reads as
+        MindSpore reads ``unified`` with the name map: ``param_name_map.json``
+        lists exactly ``params``, each file holds each parameter under its
+        own name. A file whose entries need other names is rewritten (an
+        entry read under two names is in two copies); its entries that no
+        parameter reads get names nothing asks for."""
+        os.makedirs(out)
+        layers = {}  # file → [{entry: parameter}], one per copy
+        for name, (file, entry) in self.params.items():
+            copies = layers.setdefault(file, [])
+            free = next((c for c in copies if entry not in c), None)
+            if free is None:
+                free = {}
+                copies.append(free)
+            free[entry] = name
+        weight_map, taken = {}, set(self.params)
+        for file, copies in layers.items():
+            stem = file[:-len(".safetensors")]
+            for k, chosen in enumerate(copies):
+                target = file if k == 0 else f"{stem}.copy{k}.safetensors"
+                src = os.path.join(self.unified, file)
+                renames = {}
+                for entry in self.header(file):
+                    new = chosen.get(entry)
+                    if new is None:
+                        new = f"reshard-unread.{k}.{entry}"
+                        while new in taken:
+                            new = "_" + new
+                        taken.add(new)
+                    if new != entry:
+                        renames[entry] = new
+                if renames:
+                    _native.rewrite(src, os.path.join(out, target), name_map=renames, verify_crc=False)
+                else:
+                    os.symlink(os.path.abspath(src), os.path.join(out, target))
+                for name in chosen.values():
+                    weight_map[name] = target
+        hyper = os.path.join(self.unified, "hyper_param.safetensors")
+        if os.path.isfile(hyper) and "hyper_param.safetensors" not in layers:
+            os.symlink(os.path.abspath(hyper), os.path.join(out, "hyper_param.safetensors"))
+        with open(os.path.join(out, "param_name_map.json"), "w") as f:
+            json.dump({"weight_map": {name: weight_map[name] for name in self.params}}, f)
+        return out
+
+    def write_whole_strategy(self, path):
+        """A one-device strategy (JSON) holding every parameter, in order:
+        MindSpore's predict_strategy=None copies them unsplit, and the
+        engine then writes exactly its ``rank_*/net.*``."""
+        items = {}
+        for name, (file, entry) in self.params.items():
+            items[name] = {"dev_matrix": [1], "tensor_map": [-1] * len(self.header(file)[entry]["shape"]),
                            "field": 0, "opt_weight_shard_size": 0, "opt_weight_shard_step": 0}
-    with open(path, "w") as f:
-        json.dump({"parallel_layout_item": items}, f)
-
-
-def _renamed_unified(unified, name_map, out):
-    """A copy of ``unified`` in ``out`` whose entries carry the network names:
-    MindSpore reads parameter ``k`` from entry ``name_map[k]``, so each file
-    holding such an entry is rewritten with the map reversed; the other
-    files are linked."""
-    pairs = {k: v for k, v in name_map.items() if k != v}
-    back = {}
-    for k, v in pairs.items():
-        if v in back:
-            raise ValueError(f"For 'load_distributed_checkpoint', 'name_map' maps both '{back[v]}' and '{k}' "
-                             f"to '{v}': one entry cannot be written under two names.")
-        back[v] = k
-    os.makedirs(out)
-    for f in os.listdir(unified):
-        src = os.path.join(unified, f)
-        if not os.path.isfile(src):
-            continue
-        if f.endswith(".safetensors") and f != "hyper_param.safetensors":
-            names = _st_names(src)
-            if any(v in names for v in back):
-                _native.rewrite(src, os.path.join(out, f), name_map={v: k for v, k in back.items() if v in names},
-                                verify_crc=False)
-                continue
-        os.symlink(src, os.path.join(out, f))
-    return out
+        with open(path, "w") as f:
+            json.dump({"parallel_layout_item": items}, f)

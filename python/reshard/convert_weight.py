@@ -7,10 +7,16 @@ reshard (every family of ``reshard convert``; see docs/convert.md).
         --config HF_DIR/config.json
 
 As mindformers, unknown ``--key value`` pairs are parsed with
-``parse_known_args``: those a family's converter uses in mindformers
-(``--qkv_concat``/``--use_qkv_concat``, ``--modal``, ``--config``,
-``--dst_strategy``, ``--prefix``, ``--process_num``) reach reshard; the others
-are warned about and ignored.
+``parse_known_args``: reshard's own settings (``--qkv_concat``/
+``--use_qkv_concat``, ``--modal``, ``--config``, ``--dst_strategy``,
+``--prefix``, ``--process_num``) are taken here; every other pair goes to the
+conversion as mindformers hands it to the family converter, where those
+that change it do (CogVLM2's ``--sft lora``; glm-n's ``--torch_ckpt_path``
+and qwen's ``--torch_ckpt_dir``/``--mindspore_ckpt_path``; the toolkit
+converters' ``--num_layers``, ``--num_attention_heads``, ``--max_worker``;
+see reshard's README) and the rest are warned about and ignored. glm-n's
+``--config`` may be mindformers' model YAML (its ``qkv_concat``/
+``mlp_concat`` switches).
 """
 import argparse
 import sys
@@ -46,9 +52,10 @@ def parser():
 
 
 def extra_options(extra):
-    """``--key value`` / ``--key=value`` pairs → reshard options; warns about the rest."""
+    """``--key value`` / ``--key=value`` pairs → reshard options, and the
+    pairs left for the conversion (``extra``)."""
     tokens = [t for item in extra for t in (item.split("=", 1) if item.startswith("--") else [item])]
-    out, i = {}, 0
+    out, rest, i = {}, [], 0
     while i < len(tokens):
         key = tokens[i]
         if not key.startswith("--"):
@@ -64,7 +71,9 @@ def extra_options(extra):
             field, parse = _EXTRA[name]
             out[field] = parse(value)
         else:
-            print(f"warning: --{name} is not used by reshard's converters; ignored", file=sys.stderr)
+            rest.append((name, value))
+    if rest:
+        out["extra"] = rest
     return out
 
 

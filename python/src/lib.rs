@@ -278,7 +278,8 @@ fn unify(
 #[pyfunction]
 #[pyo3(signature = (model, input, output, reversed=false, dtype=None, qkv_concat=None,
                     n_head=None, hidden_size=None, layers=None, modal=None, config=None,
-                    dst_strategy=None, prefix="checkpoint_".to_string(), workers=1, manifest=true, progress=None))]
+                    dst_strategy=None, prefix="checkpoint_".to_string(), workers=1, manifest=true, progress=None,
+                    extra=None))]
 fn convert(
     py: Python<'_>,
     model: String,
@@ -297,6 +298,7 @@ fn convert(
     workers: usize,
     manifest: bool,
     progress: Option<PyObject>,
+    extra: Option<Vec<(String, String)>>,
 ) -> PyResult<String> {
     let (counter, watch) = watch(progress);
     let mut o = ConvertOptions::new(model, input, output);
@@ -323,6 +325,14 @@ fn convert(
     o.workers = workers.max(1);
     o.manifest = manifest;
     o.control.progress = counter;
+    // mindformers' extra `--key value` pairs (convert_weight.py hands them
+    // to the family converter): applied as the CLI does, the rest warned about.
+    let warnings = ops::convert::apply_extra_args(&mut o, &extra.unwrap_or_default())
+        .map_err(|e| errors::to_py(py, &e))?;
+    let stderr = PyModule::import(py, "sys")?.getattr("stderr")?;
+    for w in warnings {
+        stderr.call_method1("write", (format!("warning: --{w}\n"),))?;
+    }
     run(py, watch, move || ops::convert::convert(&o))
 }
 

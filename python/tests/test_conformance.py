@@ -511,7 +511,8 @@ class Scripts(Base):
             ["--model", "llama", "--input_path", "in", "--output_path", "o.ckpt", "--dtype", "bf16",
              "--qkv_concat", "True", "--modal=video", "--unknown_flag", "3"])
         self.assertEqual((args.model, args.dtype, args.reversed), ("llama", "bf16", False))
-        self.assertEqual(extra_options(extra), {"qkv_concat": True, "modal": "video"})
+        self.assertEqual(extra_options(extra), {"qkv_concat": True, "modal": "video",
+                                                "extra": [("unknown_flag", "3")]})
         r = run_module("reshard.convert_weight", "--model", "llama", "--input_path",
                        os.path.join(self.tmp, "missing"), "--output_path", os.path.join(self.tmp, "o.ckpt"),
                        check=False)
@@ -632,6 +633,35 @@ class ConvertWeight(Base):
         self.assertEqual(check.returncode, 0, check.stderr[-3000:])
         (result,) = json.loads(check.stdout)
         self.assertEqual(result["checked"], len(order))
+
+    def test_extra_pairs_reach_the_conversion(self):
+        """mindformers' extra pairs go to the conversion as the CLI applies
+        them: the ones that change it (here the toolkit's num_attention_heads
+        and max_worker, qwen's path pairs) without a warning, the others with
+        one; a pair asking for another conversion is an error, nothing written."""
+        hf = os.path.join(self.tmp, "hf")
+        write_hf_llama(hf, np.random.default_rng(6))
+        plain, moved = os.path.join(self.tmp, "plain.ckpt"), os.path.join(self.tmp, "moved.ckpt")
+        run_module("reshard.convert_weight", "--model", "llama", "--input_path", hf, "--output_path", plain)
+        r = run_module("reshard.convert_weight", "--model", "llama", "--input_path", hf, "--output_path", moved,
+                       "--num_attention_heads", "2", "--max_worker=2", "--sft", "lora")
+        self.assertIn("warning: --sft=", r.stderr)
+        self.assertNotIn("num_attention_heads", r.stderr)
+        self.assertSameFile(moved, plain)
+        # qwen2.5's path pairs replace input and output (a llama-layout model
+        # is a qwen2 one for the converter's names).
+        qwen = os.path.join(self.tmp, "qwen.ckpt")
+        r = run_module("reshard.convert_weight", "--model", "qwen2_5", "--input_path", "nowhere",
+                       "--output_path", os.path.join(self.tmp, "unused.ckpt"), "--torch_ckpt_dir", hf,
+                       "--mindspore_ckpt_path", qwen, check=False)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertTrue(os.path.isfile(qwen))
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "unused.ckpt")))
+        r = run_module("reshard.convert_weight", "--model", "qwen2_5", "--input_path", hf, "--output_path",
+                       os.path.join(self.tmp, "lora.ckpt"), "--is_lora", "True", check=False)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("is_lora", r.stderr)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "lora.ckpt")))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,60 @@ use serde_json::{Map, Value};
 use super::spec::Num;
 use crate::error::{Error, Result, ResultExt};
 
+/// The layout switches of a mindformers model YAML (`model.model_config`),
+/// which mindformers 2.x's glm-n converter takes as `--config` instead of
+/// `config.json`. Defaults: `ChatGLM2Config`'s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MfLayout {
+    /// `qkv_concat` (default true).
+    pub qkv_concat: bool,
+    /// `mlp_concat` (default true).
+    pub mlp_concat: bool,
+    /// `use_rearrange_rope` (default false).
+    pub use_rearrange_rope: bool,
+}
+
+impl MfLayout {
+    /// Whether `path` names a YAML file (by its extension).
+    pub fn is_yaml(path: &Path) -> bool {
+        path.extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"))
+    }
+
+    /// Reads `model.model_config`'s switches from a mindformers YAML.
+    pub fn read(path: &Path) -> Result<MfLayout> {
+        let text = std::fs::read_to_string(path).in_file(path)?;
+        let docs = yaml_rust2::YamlLoader::load_from_str(&text)
+            .map_err(|e| Error::bad_input(format!("not valid YAML: {e}")).in_file(path))?;
+        let Some(doc) = docs.first() else {
+            return Err(Error::bad_input("an empty YAML file").in_file(path));
+        };
+        let mc = &doc["model"]["model_config"];
+        let switch = |key: &str, default: bool| -> Result<bool> {
+            let v = &mc[key];
+            if v.is_badvalue() || v.is_null() {
+                return Ok(default);
+            }
+            // mindformers' YAMLs spell booleans in Python's way (True/False).
+            match (v.as_bool(), v.as_str()) {
+                (Some(b), _) => Ok(b),
+                (_, Some("True")) => Ok(true),
+                (_, Some("False")) => Ok(false),
+                _ => Err(Error::bad_input(format!(
+                    "model.model_config.{key} is not true or false"
+                ))
+                .in_file(path)),
+            }
+        };
+        Ok(MfLayout {
+            qkv_concat: switch("qkv_concat", true)?,
+            mlp_concat: switch("mlp_concat", true)?,
+            use_rearrange_rope: switch("use_rearrange_rope", false)?,
+        })
+    }
+}
+
 /// A parsed `config.json` plus overrides.
 #[derive(Debug, Clone, Default)]
 pub struct ModelConfig {
@@ -21,6 +75,10 @@ pub struct ModelConfig {
     pub hidden_size: Option<u64>,
     /// `--layers`.
     pub layers: Option<u64>,
+    /// `vit_num_head` (Qwen-VL).
+    pub vit_heads: Option<u64>,
+    /// The layout of a mindformers model YAML given as the config (glm-n).
+    pub mf_layout: Option<MfLayout>,
 }
 
 impl ModelConfig {
@@ -96,7 +154,9 @@ impl ModelConfig {
                 self.field(&["num_hidden_layers", "n_layer", "num_layers", "n_layers"])
             }),
             Num::Experts => self.field(&["n_routed_experts", "num_local_experts", "num_experts"]),
-            Num::VitHeads => self.field(&["visual/heads", "vision_config/num_heads"]),
+            Num::VitHeads => self
+                .vit_heads
+                .or_else(|| self.field(&["visual/heads", "vision_config/num_heads"])),
             Num::QkNope => self.field(&["qk_nope_head_dim"]),
             Num::QkRope => self.field(&["qk_rope_head_dim"]),
             Num::VHead => self.field(&["v_head_dim"]),

@@ -42,7 +42,7 @@ pub(super) fn prepare_forward(
     let names: Vec<&str> = input.tensors.iter().map(|t| t.name.as_str()).collect();
     let variant = pick_variant(family, options, &cfg, &names)?;
     let table = variant.table;
-    let concat = concat_of(table, family, options)?;
+    let concat = concat_of(table, family, options, &cfg)?;
     check_loadable(&input.tensors, &input.files)?;
     engine::check_config(&cfg, &input.tensors)?;
     let mut mapped = engine::forward(table, &cfg, &input.tensors, concat)?;

@@ -22,6 +22,7 @@
 pub(crate) mod compose;
 pub mod config;
 mod engine;
+mod extra;
 pub mod families;
 mod forward;
 mod hf;
@@ -34,8 +35,9 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-pub use config::ModelConfig;
+pub use config::{MfLayout, ModelConfig};
 pub use engine::{invert, InTensor, Mapped, OutTensor};
+pub use extra::apply_extra_args;
 pub use hf::parse_size;
 pub use reverse::hf_to_ms_weights;
 
@@ -71,6 +73,9 @@ pub struct ConvertOptions {
     pub hidden_size: Option<u64>,
     /// `--layers`: overrides `num_hidden_layers`.
     pub layers: Option<u64>,
+    /// Qwen-VL's vision heads (mindformers' `vit_num_head`): overrides
+    /// `visual.heads`.
+    pub vit_heads: Option<u64>,
     /// `--modal video|image` (CogVLM2).
     pub modal: Option<String>,
     /// mindformers' `--sft lora` (a keyword its CogVLM2 converter reads from
@@ -126,6 +131,7 @@ impl ConvertOptions {
             n_head: None,
             hidden_size: None,
             layers: None,
+            vit_heads: None,
             modal: None,
             sft: None,
             config: None,

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use super::config::MfLayout;
 use super::engine::{InTensor, Mapped};
 use super::spec::{Concat, Family, Table, Variant};
 use super::{hf, ConvertOptions, ConvertReport, Dropped, ModelConfig};
@@ -76,7 +77,12 @@ pub(super) fn load_config(
     options: &ConvertOptions,
     beside: Option<PathBuf>,
 ) -> Result<ModelConfig> {
+    // mindformers 2.x's glm-n converter takes the model's YAML as its
+    // config: its layout switches are read, config.json stays the one
+    // beside the input.
+    let yaml = options.config.as_deref().filter(|p| MfLayout::is_yaml(p));
     let path = match &options.config {
+        _ if yaml.is_some() => beside,
         Some(p) if p.is_dir() => Some(p.join("config.json")),
         Some(p) => Some(p.clone()),
         None => beside,
@@ -85,14 +91,37 @@ pub(super) fn load_config(
         Some(p) => ModelConfig::read(&p)?,
         None => ModelConfig::default(),
     };
+    if let Some(y) = yaml {
+        cfg.mf_layout = Some(MfLayout::read(y)?);
+    }
     cfg.n_head = options.n_head;
     cfg.hidden_size = options.hidden_size;
     cfg.layers = options.layers;
+    cfg.vit_heads = options.vit_heads;
     Ok(cfg)
 }
 
-pub(super) fn concat_of(table: &Table, family: &Family, options: &ConvertOptions) -> Result<bool> {
-    match (table.concat, options.qkv_concat) {
+pub(super) fn concat_of(
+    table: &Table,
+    family: &Family,
+    options: &ConvertOptions,
+    cfg: &ModelConfig,
+) -> Result<bool> {
+    let from_yaml = match (cfg.mf_layout, family.name) {
+        (None, _) => None,
+        (Some(y), "glm-n") => Some(yaml_concat(y)?),
+        (Some(_), _) => {
+            return Err(Error::usage_of(
+                "config",
+                format!(
+                    "is a mindformers model YAML, which only glm-n's converter reads; model {} \
+                     takes config.json (or its directory)",
+                    family.name
+                ),
+            ))
+        }
+    };
+    match (table.concat, options.qkv_concat.or(from_yaml)) {
         (Concat::Default(d), q) => Ok(q.unwrap_or(d)),
         (Concat::None, Some(true)) => Err(Error::usage_of(
             "qkv_concat",
@@ -103,6 +132,26 @@ pub(super) fn concat_of(table: &Table, family: &Family, options: &ConvertOptions
         )),
         (Concat::None, _) => Ok(false),
     }
+}
+
+/// The concat switch a glm-n model YAML asks for: mindformers splits q/k/v
+/// unless `qkv_concat` and the ffn unless `mlp_concat`; reshard's one switch
+/// does both, and does not rearrange the rotary halves.
+fn yaml_concat(y: MfLayout) -> Result<bool> {
+    if y.use_rearrange_rope {
+        return Err(Error::unsupported(
+            "the model YAML sets use_rearrange_rope: True (q/k rows regrouped for the rotary \
+             embedding); reshard writes ChatGLM's own row order only",
+        ));
+    }
+    if y.qkv_concat != y.mlp_concat {
+        return Err(Error::unsupported(format!(
+            "the model YAML sets qkv_concat: {} but mlp_concat: {}; reshard fuses or splits both \
+             together",
+            y.qkv_concat, y.mlp_concat
+        )));
+    }
+    Ok(y.qkv_concat)
 }
 
 pub(super) fn is_float(d: DType) -> bool {

@@ -161,7 +161,7 @@ fn reverse_mapping(options: &ConvertOptions, family: &'static Family) -> Result<
     let names: Vec<&str> = inputs.iter().map(|t| t.name.as_str()).collect();
     let variant = pick_variant(family, options, &cfg, &names)?;
     let table = variant.table;
-    let concat = concat_of(table, family, options)?;
+    let concat = concat_of(table, family, options, &cfg)?;
     let mapped = engine::reverse(table, &cfg, &inputs, concat)?;
     if mapped.tensors.is_empty() {
         return Err(Error::bad_input("the checkpoint holds no model weight").in_file(&file));

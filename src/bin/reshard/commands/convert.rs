@@ -182,23 +182,6 @@ pub(crate) fn split_known_args(
     (kept, extra)
 }
 
-/// The extra pairs a family converter of mindformers reads (CogVLM2's
-/// `sft`) go to the conversion; every other one is named in a warning.
-fn apply_extras(options: &mut ConvertOptions, extra: &[(String, String)]) {
-    let model = options.model.clone();
-    for (key, value) in extra {
-        if key == "sft" && model.eq_ignore_ascii_case("cogvlm2") {
-            options.sft = Some(value.clone());
-            continue;
-        }
-        eprintln!(
-            "warning: --{key} {value:?} is not an option of reshard convert; mindformers hands it to \
-             the family converter as {key}={value:?}, and reshard's --model {model} converter has no \
-             such setting: ignored"
-        );
-    }
-}
-
 pub fn run(a: ConvertArgs) -> Result<()> {
     if a.is_pretrain.is_some() || a.telechat_type.is_some() {
         eprintln!(
@@ -226,7 +209,11 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     options.manifest = a.job.write.manifest();
     options.verify = a.job.write.verify;
     options.backend = a.job.backend.choice();
-    apply_extras(&mut options, &a.extra);
+    // mindformers hands extra pairs to the family converter: those that
+    // change the conversion reach it; the others are warned about.
+    for warning in convert::apply_extra_args(&mut options, &a.extra)? {
+        eprintln!("warning: --{warning}");
+    }
     let (progress, bar) = a.job.progress("convert");
     options.control = a.job.write.control(progress);
     let report = convert::convert(&options);
