@@ -125,14 +125,18 @@ pub(crate) fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// This machine's name, for messages.
+/// This machine's name, for messages (the kernel's, not `$HOSTNAME`: the
+/// library reads no process environment of its own accord).
 pub(crate) fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "?".into())
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is writable for its length; gethostname writes at most
+    // that many bytes.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match String::from_utf8_lossy(&buf[..len]).trim() {
+        name if rc == 0 && !name.is_empty() => name.to_string(),
+        _ => "?".into(),
+    }
 }
 
 /// Refreshes the modification time of a file until stopped (or dropped).
