@@ -50,6 +50,8 @@ use output::sync_directories;
 use sources::Sources;
 
 mod exchange;
+#[cfg(test)]
+mod fixture;
 pub use exchange::{
     all_gather_bytes, execute_on, execute_on_local, in_process_job, Check, ExchangeReport,
 };
@@ -338,10 +340,9 @@ mod tests {
     use super::*;
     use crate::backend::{CpuBackend, HostBuffer, Src};
     use crate::error::ErrorKind;
-    use crate::formats::safetensors::{write, StWriteOptions, TensorRef};
-    use crate::formats::tree::FileFormat;
+
     use crate::layout::boxes::{BoxCopy, LoraAdd};
-    use crate::plan::{Content, CopyStep, SourceFile, TensorPlan};
+
     use crate::DType;
 
     /// The CPU backend, except that every box copy panics (a bug in a
@@ -408,47 +409,17 @@ mod tests {
     #[test]
     fn a_panicking_worker_is_an_internal_error_and_leaves_no_temporaries() {
         let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("src.safetensors");
-        let data: Vec<u8> = (0..16u8).collect();
-        let tensors = [(
-            "w".to_string(),
-            TensorRef {
-                dtype: DType::F32,
-                shape: vec![2, 2],
-                data: &data,
-            },
-        )];
-        write(&src, &tensors, &StWriteOptions::default()).unwrap();
         let out = dir.path().join("out");
         // Several files, each a transpose (a box copy, never a plain copy),
         // so every worker reaches the backend.
-        let files = (0..4)
-            .map(|r| FilePlan {
-                rank: r,
-                path: out.join(format!("rank_{r}/x{r}.safetensors")),
-                format: FileFormat::Safetensors,
-                tensors: vec![TensorPlan {
-                    name: "w".into(),
-                    content: Content::Tensor {
-                        dtype: DType::F32,
-                        shape: vec![2, 2],
-                        steps: vec![CopyStep {
-                            source: 0,
-                            tensor: "w".into(),
-                            copy: BoxCopy {
-                                src_axes: vec![1, 0],
-                                ..BoxCopy::whole(&[2, 2], DType::F32, DType::F32)
-                            },
-                        }],
-                    },
-                }],
-                metadata: None,
-            })
+        let outputs: Vec<_> = (0..4)
+            .map(|r| (r, out.join(format!("rank_{r}/x{r}.safetensors"))))
             .collect();
-        let plan = Plan {
-            sources: vec![SourceFile { rank: 0, path: src }],
-            files,
+        let transpose = BoxCopy {
+            src_axes: vec![1, 0],
+            ..BoxCopy::whole(&[2, 2], DType::F32, DType::F32)
         };
+        let plan = fixture::one_tensor_plan(dir.path(), &outputs, &transpose);
         let options = ExecOptions {
             workers: 3,
             ..ExecOptions::default()

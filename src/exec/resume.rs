@@ -149,9 +149,9 @@ fn remove_stale_temporaries(path: &std::path::Path) {
 mod tests {
     use super::*;
     use crate::backend::CpuBackend;
-    use crate::formats::safetensors::{write, StWriteOptions, TensorRef};
+
     use crate::layout::boxes::BoxCopy;
-    use crate::plan::{CopyStep, SourceFile, TensorPlan};
+
     use crate::DType;
 
     /// A writer whose file's source is on another node cannot stamp it
@@ -161,39 +161,10 @@ mod tests {
     #[test]
     fn a_source_on_another_node_is_checked_with_its_readers_stamp() {
         let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("src.safetensors");
-        let data: Vec<u8> = (0..16u8).collect();
-        let t = TensorRef {
-            dtype: DType::F32,
-            shape: vec![2, 2],
-            data: &data,
-        };
-        write(&src, &[("w".to_string(), t)], &StWriteOptions::default()).unwrap();
         let out = dir.path().join("out/rank_0/x.safetensors");
-        let plan = Plan {
-            sources: vec![SourceFile {
-                rank: 0,
-                path: src.clone(),
-            }],
-            files: vec![FilePlan {
-                rank: 0,
-                path: out,
-                format: FileFormat::Safetensors,
-                tensors: vec![TensorPlan {
-                    name: "w".into(),
-                    content: Content::Tensor {
-                        dtype: DType::F32,
-                        shape: vec![2, 2],
-                        steps: vec![CopyStep {
-                            source: 0,
-                            tensor: "w".into(),
-                            copy: BoxCopy::whole(&[2, 2], DType::F32, DType::F32),
-                        }],
-                    },
-                }],
-                metadata: None,
-            }],
-        };
+        let whole = BoxCopy::whole(&[2, 2], DType::F32, DType::F32);
+        let plan = crate::exec::fixture::one_tensor_plan(dir.path(), &[(0, out)], &whole);
+        let src = plan.sources[0].path.clone();
         let options = ExecOptions::default();
         crate::exec::execute(&plan, &CpuBackend::new(1), &options).unwrap();
         let file = &plan.files[0];

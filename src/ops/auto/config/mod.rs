@@ -78,33 +78,25 @@ impl Settings {
     /// Reads the keys of [`YAML_KEYS`] from a mindformers YAML file (and its
     /// `base_config` files).
     pub fn from_yaml_file(path: &Path) -> Result<Settings> {
-        let map = read_yaml_tree(path, 0)?;
-        let mut values = Map::new();
-        for (k, v) in map {
-            if YAML_KEYS.contains(&k.as_str()) {
-                values.insert(k, v);
-            }
-        }
-        Ok(Settings {
-            values,
-            origin: path.display().to_string(),
-        })
+        Ok(Settings::of_yaml(
+            read_yaml_tree(path, 0)?,
+            path.display().to_string(),
+        ))
     }
 
     /// Parses YAML text (no `base_config` handling: there is no file to be
     /// relative to).
     pub fn from_yaml_str(text: &str) -> Result<Settings> {
-        let map = yaml_text_to_map(text)?;
-        let mut values = Map::new();
-        for (k, v) in map {
-            if YAML_KEYS.contains(&k.as_str()) {
-                values.insert(k, v);
-            }
-        }
-        Ok(Settings {
-            values,
-            origin: "YAML".into(),
-        })
+        Ok(Settings::of_yaml(yaml_text_to_map(text)?, "YAML".into()))
+    }
+
+    /// The keys of a YAML that reshard reads ([`YAML_KEYS`]).
+    fn of_yaml(map: Map<String, Value>, origin: String) -> Settings {
+        let values = map
+            .into_iter()
+            .filter(|(k, _)| YAML_KEYS.contains(&k.as_str()))
+            .collect();
+        Settings { values, origin }
     }
 
     /// Parses a JSON object of settings (the C ABI's form): keys of
