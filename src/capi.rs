@@ -20,7 +20,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 use crate::error::ErrorKind;
-use crate::ops::auto::{auto_convert, JobEnv, Settings};
+use crate::ops::auto::{auto_convert_settings, JobEnv, Settings};
 
 /// Success.
 pub const RESHARD_OK: c_int = 0;
@@ -165,15 +165,12 @@ pub unsafe extern "C" fn reshard_auto_convert(
             return RESHARD_BAD_ARGUMENTS;
         }
     };
-    let run = || -> crate::Result<crate::ops::auto::AutoReport> {
-        let mut s = match config {
-            Some(p) => Settings::from_yaml_file(Path::new(p))?,
-            None => Settings::new(),
-        };
-        if let Some(o) = &overrides {
-            s.overlay(o);
-        }
-        auto_convert(&s.resolve(&JobEnv::from_process())?)
+    let run = || {
+        auto_convert_settings(
+            config.map(Path::new),
+            overrides.as_ref(),
+            &JobEnv::from_process(),
+        )
     };
     match catch_unwind(AssertUnwindSafe(run)) {
         Ok(Ok(report)) => {

@@ -13,11 +13,13 @@ memory; the Rust engine runs with the GIL released.
   reshard.transform_checkpoint``, ``python -m reshard.convert_weight``,
   ``python -m reshard.transform_ckpt_lora``;
 - :func:`reshard.mindformers.install` makes a mindformers job's
-  ``auto_trans_ckpt`` use reshard.
+  ``auto_trans_ckpt`` use reshard; :func:`auto_convert` runs ``reshard
+  auto`` as one rank of a job (``exchange="hccl"`` included).
 
 Errors are :mod:`reshard.errors` classes carrying reshard's message.
 """
 from . import errors
+from .auto import auto_convert
 from ._compat import (
     ckpt_to_safetensors,
     load_distributed_checkpoint,
@@ -42,6 +44,7 @@ __all__ = [
     "safetensors_to_ckpt",
     "unified_safetensors",
     "load_distributed_checkpoint",
+    "auto_convert",
     "errors",
     "ReshardError",
 ]

@@ -110,6 +110,31 @@ fn format_of(name: Option<&str>) -> PyResult<Option<FileFormat>> {
 }
 
 /// reshard's version.
+/// `reshard auto` as one rank of a job: the YAML `config` (if any)
+/// overridden by the JSON object `settings_json` (mindformers' YAML keys and
+/// reshard's, as the C ABI takes them), resolved with this process's
+/// `RANK_ID`, `RANK_SIZE`, `DEVICE_NUM_PER_NODE`, `DEVICE_ID` and msrun's
+/// `MS_SCHED_HOST`/`MS_SCHED_PORT`. Returns the report as JSON.
+#[pyfunction]
+#[pyo3(signature = (config=None, settings_json=None))]
+fn auto(
+    py: Python<'_>,
+    config: Option<PathBuf>,
+    settings_json: Option<String>,
+) -> PyResult<String> {
+    run(py, None, move || {
+        let overrides = settings_json
+            .as_deref()
+            .map(ops::auto::Settings::from_json_str)
+            .transpose()?;
+        ops::auto::auto_convert_settings(
+            config.as_deref(),
+            overrides.as_ref(),
+            &ops::auto::JobEnv::from_process(),
+        )
+    })
+}
+
 #[pyfunction]
 fn version() -> &'static str {
     env!("CARGO_PKG_VERSION")
@@ -417,6 +442,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // library reads no environment of its own).
     reshard::backend::set_ascend_options(reshard::backend::AscendOptions::from_env());
     m.add_function(wrap_pyfunction!(version, m)?)?;
+    m.add_function(wrap_pyfunction!(auto, m)?)?;
     m.add_function(wrap_pyfunction!(transform, m)?)?;
     m.add_function(wrap_pyfunction!(transform_by_rank, m)?)?;
     m.add_function(wrap_pyfunction!(rank_list_for_transform, m)?)?;

@@ -98,6 +98,27 @@ class Base(unittest.TestCase):
         self.assertTrue(filecmp.cmp(ours, theirs, shallow=False), f"{ours} differs from {theirs}")
 
 
+class AutoConvert(Base):
+    def test_one_rank_of_a_job(self):
+        # Rank 0 of an mp4 job converting the whole job (transform_process_num
+        # 1): its file is MindSpore's for rank 0.
+        name = "dp2mp2_to_mp4"
+        common = dict(load_checkpoint=os.path.join(case_dir(name), "src"),
+                      src_strategy_path_or_dir=strategy(name, "src"),
+                      dst_strategy=strategy(name, "dst"), use_parallel=True,
+                      auto_trans_ckpt=True, rank_id=0, world_size=4, transform_process_num=1,
+                      npu_num_per_node=4)
+        report = reshard.auto_convert(output_dir=os.path.join(self.tmp, "output"), **common)
+        self.assertEqual(report["action"], "converted")
+        self.assertSameFile(report["path"], os.path.join(case_dir(name), "expect", "rank_0", "checkpoint_0.ckpt"))
+        # The HCCL exchange needs an Ascend build and device: a typed error.
+        with self.assertRaises(errors.DeviceError):
+            reshard.auto_convert(output_dir=os.path.join(self.tmp, "output2"), exchange="hccl",
+                                 rendezvous="127.0.0.1:1", timeout_s=1, **common)
+        with self.assertRaises(errors.InvalidArgumentError):
+            reshard.auto_convert(output_dir=os.path.join(self.tmp, "output3"), load_checkpont="x")
+
+
 class TransformCheckpoints(Base):
     def test_byte_identical_to_mindspore(self):
         for case in (c for c in CASES if not c.get("by_stage")):

@@ -72,6 +72,24 @@ use crate::formats::strategy::{self, Strategy};
 use crate::formats::tree::FileFormat;
 use source::{Entry, EntryKind};
 
+/// [`auto_convert`] as the C ABI and the Python package call it: the
+/// settings of the YAML file `config` (if any), overridden by `overrides`,
+/// resolved with the launcher's environment `env`.
+pub fn auto_convert_settings(
+    config: Option<&Path>,
+    overrides: Option<&Settings>,
+    env: &JobEnv,
+) -> Result<AutoReport> {
+    let mut s = match config {
+        Some(p) => Settings::from_yaml_file(p)?,
+        None => Settings::new(),
+    };
+    if let Some(o) = overrides {
+        s.overlay(o);
+    }
+    auto_convert(&s.resolve(env)?)
+}
+
 /// Decides, converts this rank's share if it is a converting rank, waits
 /// for the others, and returns the path this rank must load.
 pub fn auto_convert(o: &AutoOptions) -> Result<AutoReport> {
