@@ -134,14 +134,24 @@ impl JobStrategy {
 /// `dst_strategy.ckpt`: `merge_pipeline_strategys` of each folder, spec
 /// safetensors-era §5.3); the main rank writes them as it does, so tools
 /// that read them there find them. A strategy given as one file is copied.
-pub(super) fn write_merged(o: &AutoOptions, notes: &mut Vec<String>) -> Result<()> {
+/// A one-device job (`has_job_strategy` false) has no job strategy to
+/// merge.
+pub(super) fn write_merged(
+    o: &AutoOptions,
+    has_job_strategy: bool,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    let job = o.dst_strategy.clone().unwrap_or_else(|| o.strategy_dir());
+    let sources = [
+        ("src_strategy.ckpt", o.src_strategy.as_ref()),
+        ("dst_strategy.ckpt", has_job_strategy.then_some(&job)),
+    ];
+    if sources.iter().all(|(_, from)| from.is_none()) {
+        return Ok(());
+    }
     let dir = o.output_dir.join("merged_strategy");
     super::convert::make_dir(&o.output_dir, &dir)?;
-    let job = o.dst_strategy.clone().unwrap_or_else(|| o.strategy_dir());
-    for (name, from) in [
-        ("src_strategy.ckpt", o.src_strategy.as_ref()),
-        ("dst_strategy.ckpt", Some(&job)),
-    ] {
+    for (name, from) in sources {
         let Some(from) = from else { continue };
         let merged = if from.is_dir() {
             // The per-rank files only: `merged_ckpt_strategy.ckpt` beside

@@ -271,7 +271,7 @@ pub fn auto_convert(o: &AutoOptions) -> Result<AutoReport> {
     }
     report.paths = report.entries.iter().map(|e| e.path.clone()).collect();
     if converted && o.load_ckpt_format == FileFormat::Safetensors && o.is_main() {
-        job_strategy::write_merged(o, &mut notes)?;
+        job_strategy::write_merged(o, dst.is_some(), &mut notes)?;
     }
     if converted {
         report.action = Action::Converted;
