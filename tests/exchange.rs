@@ -13,8 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::util::job::{
-    collect, copy_tree, job_strategies, node_dirs, reshard, sharded_source, shared_job, yaml,
-    Outcome,
+    collect, copy_tree, job_strategies, node_dirs, two_node_job, Outcome, TwoNodeJob,
 };
 use crate::util::{reshard_bin, tempdir};
 
@@ -49,35 +48,14 @@ pub(crate) fn emulated_bin() -> PathBuf {
 /// n has only `rank_{4n..4n+3}`), job dp2·mp4, so half the ranks of each
 /// node need slices that only the other node has. Returns (root, expect).
 pub(crate) fn exchange_job() -> (tempfile::TempDir, PathBuf) {
-    let (d, job) = shared_job();
-    sharded_source(&job, 1, 8, 1, true);
-    let dst = job.join("dst_strategy");
-    job_strategies(&job.join("model.ckpt"), &dst, 2, 4, 1, 0, false);
-    let expect = d.path().join("expect");
-    reshard(
-        &job.join("ckpt"),
-        &expect,
-        Some(&job.join("src_strategy")),
-        Some(&dst.join("ckpt_strategy_rank_0.ckpt")),
-    );
-    for (n, node) in node_dirs(d.path()).iter().enumerate() {
-        copy_tree(&job.join("src_strategy"), &node.join("src_strategy"));
-        std::fs::create_dir_all(node.join("output/strategy")).unwrap();
-        for r in 4 * n..4 * n + 4 {
-            copy_tree(
-                &job.join(format!("ckpt/rank_{r}")),
-                &node.join(format!("ckpt/rank_{r}")),
-            );
-            let f = format!("ckpt_strategy_rank_{r}.ckpt");
-            std::fs::copy(dst.join(&f), node.join("output/strategy").join(&f)).unwrap();
-        }
-        std::fs::write(
-            node.join("run.yaml"),
-            yaml("./ckpt", "./src_strategy", 1, 1, ""),
-        )
-        .unwrap();
-    }
-    (d, expect)
+    two_node_job(&TwoNodeJob {
+        src: [1, 8, 1],
+        dst: [2, 4, 1],
+        dst_vocab_emb_dp: false,
+        strategy_dir: "dst_strategy",
+        whole_source: false,
+        process_num: 1,
+    })
 }
 
 /// A free loopback port for rank 0's rendezvous.
