@@ -18,8 +18,8 @@ use reshard::ops::transform::{transform, TransformOptions};
 use crate::util::fs::walk;
 use crate::util::job::{
     assert_ranks_match, auto_once, auto_refused, collect, job_setup, job_strategies, libreshard,
-    model, node_dirs, node_local_job, reshard, run_job, sharded_source, shared_job, spawn,
-    two_node_job, yaml, Ranks, TwoNodeJob,
+    model, node_dirs, node_local_job, node_rank_files, one_device_job, reshard, run_job,
+    sharded_source, shared_job, spawn, two_node_job, yaml, Ranks, TwoNodeJob,
 };
 use crate::util::{have_tool, tempdir};
 
@@ -143,13 +143,7 @@ fn node_local_one_converter_per_node() {
     // Each node wrote only the ranks it hosts.
     for (n, node) in nodes.iter().enumerate() {
         let files = visible_checkpoints(&node.join("output/transformed_checkpoint"));
-        let want: Vec<PathBuf> = (4 * n..4 * n + 4)
-            .map(|r| {
-                node.join(format!(
-                    "output/transformed_checkpoint/ckpt/rank_{r}/checkpoint_{r}.ckpt"
-                ))
-            })
-            .collect();
+        let want = node_rank_files(node, n);
         assert_eq!(files, want);
     }
 }
@@ -208,14 +202,7 @@ fn distributed_to_full_every_rank_converts_itself_node_local() {
 
 #[test]
 fn distributed_to_full_one_device() {
-    let (_d, job) = shared_job();
-    sharded_source(&job, 2, 2, 2, true);
-    std::fs::write(
-        job.join("run.yaml"),
-        yaml("./ckpt", "./src_strategy", 1, 1, "")
-            .replace("use_parallel: True", "use_parallel: False"),
-    )
-    .unwrap();
+    let (_d, job) = one_device_job([2, 2, 2]);
     let expect = job.join("../expect");
     reshard(
         &job.join("ckpt"),
@@ -627,14 +614,7 @@ fn c_abi_from_a_c_program() {
     if !have_tool("cc", "RESHARD_REQUIRE_CC") {
         return;
     }
-    let (_d, job) = shared_job();
-    sharded_source(&job, 1, 2, 1, true);
-    std::fs::write(
-        job.join("run.yaml"),
-        yaml("./ckpt", "./src_strategy", 1, 1, "")
-            .replace("use_parallel: True", "use_parallel: False"),
-    )
-    .unwrap();
+    let (_d, job) = one_device_job([1, 2, 1]);
     let expect = job.join("../expect");
     reshard(
         &job.join("ckpt"),

@@ -13,7 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::util::job::{
-    collect, copy_tree, job_strategies, node_dirs, two_node_job, Outcome, TwoNodeJob,
+    collect, copy_tree, job_strategies, node_dirs, node_rank_files, two_node_job, Outcome,
+    TwoNodeJob,
 };
 use crate::util::{reshard_bin, tempdir};
 
@@ -175,23 +176,8 @@ fn eight_ranks_started_by_msrun_meet_at_the_scheduler_address() {
 fn eight_ranks_on_two_nodes(launcher: Launcher) {
     let (d, expect) = exchange_job();
     let nodes = node_dirs(d.path());
-    let net = d.path().join("net");
-    std::fs::create_dir(&net).unwrap();
-    let logs = tempdir();
     let t = Instant::now();
-    let out = collect(
-        spawn(
-            8,
-            &|r| nodes[r / 4].clone(),
-            &|_| 8,
-            &net,
-            logs.path(),
-            launcher,
-            &[],
-            &[],
-        ),
-        Duration::from_secs(120),
-    );
+    let out = eight_ranks(d.path(), launcher);
     let seconds = t.elapsed().as_secs_f64();
     crate::util::job::assert_ranks_match(&out, &expect, "converted");
     let mut read = Vec::new();
@@ -249,13 +235,7 @@ fn eight_ranks_on_two_nodes(launcher: Launcher) {
     // Each node holds exactly its ranks' files (and their manifests).
     for (n, node) in nodes.iter().enumerate() {
         let files = ckpts_under(&node.join("output/transformed_checkpoint"));
-        let want: Vec<PathBuf> = (4 * n..4 * n + 4)
-            .map(|r| {
-                node.join(format!(
-                    "output/transformed_checkpoint/ckpt/rank_{r}/checkpoint_{r}.ckpt"
-                ))
-            })
-            .collect();
+        let want = node_rank_files(node, n);
         assert_eq!(files, want);
         for f in &want {
             let m = reshard::formats::manifest::Manifest::read(f)
@@ -266,7 +246,7 @@ fn eight_ranks_on_two_nodes(launcher: Launcher) {
     }
     // Every rank destroyed its communicator: the last one out removed the
     // emulated network's group folder.
-    let left: Vec<_> = std::fs::read_dir(&net).unwrap().collect();
+    let left: Vec<_> = std::fs::read_dir(d.path().join("net")).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
     // The root info went through the rendezvous, not a file.
     for node in &nodes {
@@ -287,28 +267,35 @@ fn assert_failed_clean(out: &[Outcome], nodes: &[PathBuf], want: &dyn Fn(&Outcom
     }
 }
 
-/// A source rank on no node: every rank says which, and nothing is written.
-#[test]
-fn a_source_on_no_node_fails_every_rank() {
-    let (d, _) = exchange_job();
-    let nodes = node_dirs(d.path());
-    std::fs::remove_dir_all(nodes[1].join("ckpt/rank_6")).unwrap();
-    let net = d.path().join("net");
+/// Ranks 0..8 of the job under `root`, four a node ([`node_dirs`]), each
+/// told the world is 8, started by `launcher`; their outcomes.
+fn eight_ranks(root: &Path, launcher: Launcher) -> Vec<Outcome> {
+    let nodes = node_dirs(root);
+    let net = root.join("net");
     std::fs::create_dir(&net).unwrap();
     let logs = tempdir();
-    let out = collect(
+    collect(
         spawn(
             8,
             &|r| nodes[r / 4].clone(),
             &|_| 8,
             &net,
             logs.path(),
-            Launcher::RankEnv,
+            launcher,
             &[],
             &[],
         ),
         Duration::from_secs(120),
-    );
+    )
+}
+
+/// A source rank on no node: every rank says which, and nothing is written.
+#[test]
+fn a_source_on_no_node_fails_every_rank() {
+    let (d, _) = exchange_job();
+    let nodes = node_dirs(d.path());
+    std::fs::remove_dir_all(nodes[1].join("ckpt/rank_6")).unwrap();
+    let out = eight_ranks(d.path(), Launcher::RankEnv);
     // The message names the missing rank: that is its point.
     assert_failed_clean(&out, &nodes, &|o| {
         error_kind(o) == Some("job") && o.stderr.contains("source rank(s) [6]")
@@ -463,23 +450,7 @@ fn eight_ranks_without_a_shared_disk_match_mindspore() {
                 .unwrap(),
         ],
     );
-    let nodes = node_dirs(d.path());
-    let net = d.path().join("net");
-    std::fs::create_dir(&net).unwrap();
-    let logs = tempdir();
-    let out = collect(
-        spawn(
-            8,
-            &|r| nodes[r / 4].clone(),
-            &|_| 8,
-            &net,
-            logs.path(),
-            Launcher::RankEnv,
-            &[],
-            &[],
-        ),
-        Duration::from_secs(120),
-    );
+    let out = eight_ranks(d.path(), Launcher::RankEnv);
     crate::util::job::assert_ranks_match(&out, &expect, "converted");
 }
 

@@ -301,6 +301,18 @@ pub fn node_dirs(root: &Path) -> [PathBuf; 2] {
     [root.join("node0"), root.join("node1")]
 }
 
+/// The converted files node `n` of [`node_dirs`] holds: those of its ranks
+/// 4n..4n+3.
+pub fn node_rank_files(node: &Path, n: usize) -> Vec<PathBuf> {
+    (4 * n..4 * n + 4)
+        .map(|r| {
+            node.join(format!(
+                "output/transformed_checkpoint/ckpt/rank_{r}/checkpoint_{r}.ckpt"
+            ))
+        })
+        .collect()
+}
+
 pub fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
@@ -312,6 +324,17 @@ pub fn copy_tree(from: &Path, to: &Path) {
             std::fs::copy(&p, &target).unwrap();
         }
     }
+}
+
+/// A single-device job (`use_parallel: False`) loading a source sharded
+/// `[dp, mp, pp]` from `./ckpt`. Returns (root, job).
+pub fn one_device_job([dp, mp, pp]: [u32; 3]) -> (tempfile::TempDir, PathBuf) {
+    let (d, job) = shared_job();
+    sharded_source(&job, dp, mp, pp, true);
+    let config = yaml("./ckpt", "./src_strategy", 1, 1, "")
+        .replace("use_parallel: True", "use_parallel: False");
+    std::fs::write(job.join("run.yaml"), config).unwrap();
+    (d, job)
 }
 
 /// A job on two nodes without a shared disk ([`node_dirs`]): the layouts,
