@@ -408,20 +408,17 @@ fn settings_are_checked_with_clear_errors() {
         "usage",
     );
     assert!(err.contains("must be a power of 2, not 6"), "{err}");
-    let err = auto_refused(
-        &job,
-        &["--config", "run.yaml", "--rank-id", "9"],
-        &env,
-        "usage",
-    );
-    assert!(err.contains("rank 9 does not exist"), "{err}");
-    let err = auto_refused(
-        &job,
-        &["--config", "run.yaml", "--set", "load_checkpont=x"],
-        &env,
-        "usage",
-    );
-    assert!(err.contains("did you mean \"load_checkpoint\""), "{err}");
+    for (flags, says) in [
+        (["--rank-id", "9"], "rank 9 does not exist"),
+        (
+            ["--set", "load_checkpont=x"],
+            "did you mean \"load_checkpoint\"",
+        ),
+    ] {
+        let args = [["--config", "run.yaml"], flags].concat();
+        let err = auto_refused(&job, &args, &env, "usage");
+        assert!(err.contains(says), "{err}");
+    }
     // The job's strategy never appears: a timeout naming the files.
     let err = auto_refused(
         &job,

@@ -35,6 +35,15 @@ impl B {
         self.0.push((name.into(), DType::F32, shape.to_vec()));
         self
     }
+    /// The fixture of these tensors (not multimodal).
+    fn into_spec(self, model: &'static str, config: Value) -> Spec {
+        Spec {
+            model,
+            config,
+            tensors: self.0,
+            modal: None,
+        }
+    }
     /// The same bf16 tensors (name after the layer's prefix, shape) in
     /// layers `{prefix}0.` and `{prefix}1.`, layer by layer.
     fn layers(&mut self, prefix: &str, each: &[(&str, &[usize])]) -> &mut Self {
@@ -202,13 +211,11 @@ pub fn spec(name: &str) -> Spec {
                 ],
             );
             b.t("model.norm.weight", &[8]).t("lm_head.weight", &[16, 8]);
-            Spec {
-                model: "baichuan2",
-                config: json!({"model_type": "baichuan", "hidden_size": 8, "num_attention_heads": 4,
+            b.into_spec(
+                "baichuan2",
+                json!({"model_type": "baichuan", "hidden_size": 8, "num_attention_heads": 4,
                                "num_hidden_layers": 2, "vocab_size": 16, "intermediate_size": 12}),
-                tensors: b.0,
-                modal: None,
-            }
+            )
         }
         "qwen1" => {
             b.t("transformer.wte.weight", &[16, 8]);
@@ -227,13 +234,11 @@ pub fn spec(name: &str) -> Spec {
             );
             b.t("transformer.ln_f.weight", &[8])
                 .t("lm_head.weight", &[16, 8]);
-            Spec {
-                model: "qwen",
-                config: json!({"model_type": "qwen", "hidden_size": 8, "num_attention_heads": 4,
+            b.into_spec(
+                "qwen",
+                json!({"model_type": "qwen", "hidden_size": 8, "num_attention_heads": 4,
                                "num_hidden_layers": 2, "vocab_size": 16}),
-                tensors: b.0,
-                modal: None,
-            }
+            )
         }
         "internlm2" => {
             b.t("model.tok_embeddings.weight", &[16, 8]);
@@ -250,13 +255,11 @@ pub fn spec(name: &str) -> Spec {
                 ],
             );
             b.t("model.norm.weight", &[8]).t("output.weight", &[16, 8]);
-            Spec {
-                model: "internlm2",
-                config: json!({"model_type": "internlm2", "hidden_size": 8, "num_attention_heads": 4,
+            b.into_spec(
+                "internlm2",
+                json!({"model_type": "internlm2", "hidden_size": 8, "num_attention_heads": 4,
                                "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 16}),
-                tensors: b.0,
-                modal: None,
-            }
+            )
         }
         "glm" => {
             b.t("transformer.embedding.word_embeddings.weight", &[16, 8])
@@ -275,15 +278,13 @@ pub fn spec(name: &str) -> Spec {
             );
             b.t("transformer.encoder.final_layernorm.weight", &[8])
                 .t("transformer.output_layer.weight", &[16, 8]);
-            Spec {
-                model: "glm-n",
-                config: json!({"model_type": "chatglm", "hidden_size": 8, "num_attention_heads": 4,
+            b.into_spec(
+                "glm-n",
+                json!({"model_type": "chatglm", "hidden_size": 8, "num_attention_heads": 4,
                                "kv_channels": 2, "multi_query_attention": true,
                                "multi_query_group_num": 1, "ffn_hidden_size": 12,
                                "num_layers": 2, "padded_vocab_size": 16}),
-                tensors: b.0,
-                modal: None,
-            }
+            )
         }
         "cogvlm2" | "cogvlm2_image" => {
             let image = name == "cogvlm2_image";
@@ -377,14 +378,9 @@ pub fn spec(name: &str) -> Spec {
                     .t(format!("{p}post_attention_layernorm.weight"), &[8]);
             }
             b.t("model.norm.weight", &[8]).t("lm_head.weight", &[16, 8]);
-            Spec {
-                model: "mixtral",
-                config: json!({"model_type": "mixtral", "hidden_size": 8, "num_attention_heads": 4,
+            b.into_spec("mixtral", json!({"model_type": "mixtral", "hidden_size": 8, "num_attention_heads": 4,
                                "num_key_value_heads": 2, "num_local_experts": 3,
-                               "num_hidden_layers": 2, "vocab_size": 16, "torch_dtype": "bfloat16"}),
-                tensors: b.0,
-                modal: None,
-            }
+                               "num_hidden_layers": 2, "vocab_size": 16, "torch_dtype": "bfloat16"}))
         }
         "deepseek_v2" => {
             b.t("model.embed_tokens.weight", &[16, 8]);
@@ -438,14 +434,12 @@ pub fn spec(name: &str) -> Spec {
                 ],
             );
             b.t("ln_f.weight", &[8]).t("ln_f.bias", &[8]);
-            Spec {
-                model: "gpt",
-                config: json!({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+            b.into_spec(
+                "gpt",
+                json!({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
                                "n_embd": 8, "n_head": 2, "n_layer": 2, "vocab_size": 16,
                                "n_positions": 10}),
-                tensors: b.0,
-                modal: None,
-            }
+            )
         }
         "whisper" => {
             b.t("model.encoder.conv1.weight", &[8, 4, 3])
@@ -490,13 +484,11 @@ pub fn spec(name: &str) -> Spec {
             tail(&mut b, "model.decoder.layers.0.");
             b.t("model.decoder.layer_norm.weight", &[8])
                 .t("model.decoder.layer_norm.bias", &[8]);
-            Spec {
-                model: "whisper",
-                config: json!({"model_type": "whisper", "d_model": 8, "encoder_layers": 1,
+            b.into_spec(
+                "whisper",
+                json!({"model_type": "whisper", "d_model": 8, "encoder_layers": 1,
                                "decoder_layers": 1, "num_hidden_layers": 1, "vocab_size": 16}),
-                tensors: b.0,
-                modal: None,
-            }
+            )
         }
         "qwen3" | "qwen3_moe" => {
             let moe = name == "qwen3_moe";
