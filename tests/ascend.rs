@@ -17,7 +17,7 @@ mod distributed {
     use reshard::formats::tree::FileFormat;
     use reshard::DType;
 
-    use crate::util::distributed::{sharded, the_plan};
+    use crate::util::distributed::{on_every_rank, sharded, the_plan};
     use crate::util::fs::contents as tree;
     use crate::util::tempdir;
 
@@ -54,23 +54,8 @@ mod distributed {
             let multi = root.join(format!("multi-{tag}"));
             let p = the_plan(&shards, &mp4, &mp2, &multi, lora, format);
             let comms = InProcess::group(3, Duration::from_secs(30));
-            let reports: Vec<_> = std::thread::scope(|s| {
-                let hs: Vec<_> = comms
-                    .iter()
-                    .map(|c| {
-                        let p = &p;
-                        s.spawn(move || {
-                            reshard::exec::execute_on(
-                                p,
-                                &CpuBackend::new(1),
-                                c,
-                                &Default::default(),
-                            )
-                            .unwrap()
-                        })
-                    })
-                    .collect();
-                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            let reports = on_every_rank(&comms, |c| {
+                reshard::exec::execute_on(&p, &CpuBackend::new(1), c, &Default::default()).unwrap()
             });
             // Each source read by exactly one rank; each file written once.
             let mut read: Vec<usize> = reports
@@ -119,30 +104,18 @@ mod distributed {
         let p = the_plan(&shards, &mp4, &mp2, &out, false, FileFormat::Ckpt);
         let run = |resume: bool| {
             let comms = InProcess::group(3, Duration::from_secs(30));
-            std::thread::scope(|s| {
-                let hs: Vec<_> = comms
-                    .iter()
-                    .map(|c| {
-                        let p = &p;
-                        s.spawn(move || {
-                            let progress = reshard::exec::Progress::new();
-                            let options = reshard::exec::ExecOptions {
-                                resume,
-                                control: reshard::exec::OutputControl {
-                                    progress: Some(progress.clone()),
-                                    ..Default::default()
-                                },
-                                ..Default::default()
-                            };
-                            let r = reshard::exec::execute_on(p, &CpuBackend::new(1), c, &options)
-                                .unwrap();
-                            (r, progress.bytes(), progress.total())
-                        })
-                    })
-                    .collect();
-                hs.into_iter()
-                    .map(|h| h.join().unwrap())
-                    .collect::<Vec<_>>()
+            on_every_rank(&comms, |c| {
+                let progress = reshard::exec::Progress::new();
+                let options = reshard::exec::ExecOptions {
+                    resume,
+                    control: reshard::exec::OutputControl {
+                        progress: Some(progress.clone()),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                let r = reshard::exec::execute_on(&p, &CpuBackend::new(1), c, &options).unwrap();
+                (r, progress.bytes(), progress.total())
             })
         };
         let first = run(false);
@@ -174,17 +147,8 @@ mod distributed {
         let gone = p.sources[2].path.clone();
         std::fs::remove_file(&gone).unwrap();
         let comms = InProcess::group(2, Duration::from_secs(30));
-        let results: Vec<_> = std::thread::scope(|s| {
-            let hs: Vec<_> = comms
-                .iter()
-                .map(|c| {
-                    let p = &p;
-                    s.spawn(move || {
-                        reshard::exec::execute_on(p, &CpuBackend::new(1), c, &Default::default())
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        let results = on_every_rank(&comms, |c| {
+            reshard::exec::execute_on(&p, &CpuBackend::new(1), c, &Default::default())
         });
         for r in &results {
             let e = r.as_ref().unwrap_err();
@@ -214,34 +178,25 @@ mod distributed {
         let p = the_plan(&shards, &mp4, &mp2, &out, false, FileFormat::Ckpt);
         let local = vec![true; p.sources.len()];
         let comms = InProcess::group(2, Duration::from_secs(30));
-        let results: Vec<_> = std::thread::scope(|s| {
-            let hs: Vec<_> = comms
-                .iter()
-                .map(|c| {
-                    let (p, local) = (&p, &local);
-                    s.spawn(move || {
-                        use reshard::comm::Communicator;
-                        let me = c.rank();
-                        let check = |plan: &reshard::plan::Plan| {
-                            assert!(plan.files.iter().all(|f| f.path.is_file()));
-                            if me == 1 {
-                                Err(reshard::Error::mismatch("the check failed"))
-                            } else {
-                                Ok(())
-                            }
-                        };
-                        reshard::exec::execute_on_local(
-                            p,
-                            &CpuBackend::new(1),
-                            c,
-                            &Default::default(),
-                            local,
-                            Some(&check),
-                        )
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        let results = on_every_rank(&comms, |c| {
+            use reshard::comm::Communicator;
+            let me = c.rank();
+            let check = |plan: &reshard::plan::Plan| {
+                assert!(plan.files.iter().all(|f| f.path.is_file()));
+                if me == 1 {
+                    Err(reshard::Error::mismatch("the check failed"))
+                } else {
+                    Ok(())
+                }
+            };
+            reshard::exec::execute_on_local(
+                &p,
+                &CpuBackend::new(1),
+                c,
+                &Default::default(),
+                &local,
+                Some(&check),
+            )
         });
         let kinds: Vec<reshard::ErrorKind> = results
             .iter()
@@ -269,17 +224,8 @@ mod distributed {
         let p = the_plan(&shards, &mp4, &mp2, &out, true, FileFormat::Ckpt);
         let mut comms = InProcess::group(3, Duration::from_secs(5));
         drop(comms.pop()); // rank 2 dies before the job
-        let results: Vec<_> = std::thread::scope(|s| {
-            let hs: Vec<_> = comms
-                .iter()
-                .map(|c| {
-                    let p = &p;
-                    s.spawn(move || {
-                        reshard::exec::execute_on(p, &CpuBackend::new(1), c, &Default::default())
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        let results = on_every_rank(&comms, |c| {
+            reshard::exec::execute_on(&p, &CpuBackend::new(1), c, &Default::default())
         });
         for r in &results {
             let e = r.as_ref().unwrap_err();

@@ -17,9 +17,9 @@ use reshard::ops::transform::{transform, TransformOptions};
 
 use crate::util::fs::walk;
 use crate::util::job::{
-    assert_ranks_match, auto_once, auto_refused, collect, copy_tree, job_strategies, libreshard,
-    model, node_dirs, node_local_job, reshard, run_job, sharded_source, shared_job, spawn, yaml,
-    Ranks,
+    assert_ranks_match, auto_once, auto_refused, collect, job_setup, job_strategies, libreshard,
+    model, node_dirs, node_local_job, node_rank_files, one_device_job, reshard, run_job,
+    sharded_source, shared_job, spawn, two_node_job, yaml, Ranks, TwoNodeJob,
 };
 use crate::util::{have_tool, tempdir};
 
@@ -42,8 +42,7 @@ fn visible_checkpoints(dir: &Path) -> Vec<PathBuf> {
 fn full_to_distributed_pipeline_one_converter_then_reused() {
     let (_d, job) = shared_job();
     let m = job.join("model.ckpt");
-    job_strategies(&m, &job.join("output/strategy"), 2, 2, 2, -1, true);
-    std::fs::write(job.join("run.yaml"), yaml("./model.ckpt", "", 1, 2, "")).unwrap();
+    job_setup(&job, [2, 2, 2], -1, &yaml("./model.ckpt", "", 1, 2, ""));
     let expect = job.join("../expect");
     reshard(&m, &expect, None, Some(&job.join("output/strategy")));
 
@@ -92,20 +91,12 @@ fn full_to_distributed_pipeline_one_converter_then_reused() {
 fn distributed_to_distributed_two_converters() {
     let (_d, job) = shared_job();
     sharded_source(&job, 2, 4, 1, true);
-    job_strategies(
-        &job.join("model.ckpt"),
-        &job.join("output/strategy"),
-        4,
+    job_setup(
+        &job,
+        [4, 2, 1],
         2,
-        1,
-        2,
-        true,
+        &yaml("./ckpt", "./src_strategy", 2, 1, ""),
     );
-    std::fs::write(
-        job.join("run.yaml"),
-        yaml("./ckpt", "./src_strategy", 2, 1, ""),
-    )
-    .unwrap();
     let expect = job.join("../expect");
     reshard(
         &job.join("ckpt"),
@@ -152,13 +143,7 @@ fn node_local_one_converter_per_node() {
     // Each node wrote only the ranks it hosts.
     for (n, node) in nodes.iter().enumerate() {
         let files = visible_checkpoints(&node.join("output/transformed_checkpoint"));
-        let want: Vec<PathBuf> = (4 * n..4 * n + 4)
-            .map(|r| {
-                node.join(format!(
-                    "output/transformed_checkpoint/ckpt/rank_{r}/checkpoint_{r}.ckpt"
-                ))
-            })
-            .collect();
+        let want = node_rank_files(node, n);
         assert_eq!(files, want);
     }
 }
@@ -194,32 +179,15 @@ fn missing_source_shard_on_one_node() {
 fn distributed_to_full_every_rank_converts_itself_node_local() {
     // Source mp4 (4 ranks) → a data-parallel job of 8: every rank's shard is
     // the full model. transform_process_num 8: every rank converts its own.
-    let (d, job) = shared_job();
-    sharded_source(&job, 1, 4, 1, true);
-    let all_strategy = job.join("all_strategy");
-    job_strategies(&job.join("model.ckpt"), &all_strategy, 8, 1, 1, 0, true);
-    let expect = d.path().join("expect");
-    reshard(
-        &job.join("ckpt"),
-        &expect,
-        Some(&job.join("src_strategy")),
-        Some(&all_strategy.join("ckpt_strategy_rank_0.ckpt")),
-    );
+    let (d, expect) = two_node_job(&TwoNodeJob {
+        src: [1, 4, 1],
+        dst: [8, 1, 1],
+        dst_vocab_emb_dp: true,
+        strategy_dir: "all_strategy",
+        whole_source: true,
+        process_num: 8,
+    });
     let nodes = node_dirs(d.path());
-    for (n, node) in nodes.iter().enumerate() {
-        copy_tree(&job.join("ckpt"), &node.join("ckpt"));
-        copy_tree(&job.join("src_strategy"), &node.join("src_strategy"));
-        std::fs::create_dir_all(node.join("output/strategy")).unwrap();
-        for r in 4 * n..4 * n + 4 {
-            let f = format!("ckpt_strategy_rank_{r}.ckpt");
-            std::fs::copy(all_strategy.join(&f), node.join("output/strategy").join(&f)).unwrap();
-        }
-        std::fs::write(
-            node.join("run.yaml"),
-            yaml("./ckpt", "./src_strategy", 8, 1, ""),
-        )
-        .unwrap();
-    }
     let out = run_job(8, &|r| nodes[r / 4].clone(), &["--node-local"]);
     assert_ranks_match(&out, &expect, "converted");
     let full = std::fs::read(expect.join("rank_0/checkpoint_0.ckpt")).unwrap();
@@ -234,14 +202,7 @@ fn distributed_to_full_every_rank_converts_itself_node_local() {
 
 #[test]
 fn distributed_to_full_one_device() {
-    let (_d, job) = shared_job();
-    sharded_source(&job, 2, 2, 2, true);
-    std::fs::write(
-        job.join("run.yaml"),
-        yaml("./ckpt", "./src_strategy", 1, 1, "")
-            .replace("use_parallel: True", "use_parallel: False"),
-    )
-    .unwrap();
+    let (_d, job) = one_device_job([2, 2, 2]);
     let expect = job.join("../expect");
     reshard(
         &job.join("ckpt"),
@@ -263,20 +224,12 @@ fn checkpoint_that_already_matches_is_not_converted() {
     // Sharded source with the job's own layout (dp2·mp2·pp2).
     let (_d, job) = shared_job();
     sharded_source(&job, 2, 2, 2, true);
-    job_strategies(
-        &job.join("model.ckpt"),
-        &job.join("output/strategy"),
-        2,
-        2,
-        2,
+    job_setup(
+        &job,
+        [2, 2, 2],
         0,
-        true,
+        &yaml("./ckpt", "./src_strategy", 2, 2, ""),
     );
-    std::fs::write(
-        job.join("run.yaml"),
-        yaml("./ckpt", "./src_strategy", 2, 2, ""),
-    )
-    .unwrap();
     let out = run_job(8, &|_| job.clone(), &[]);
     for o in &out {
         assert_eq!(o.code, Some(0), "{}", o.stderr);
@@ -321,8 +274,7 @@ fn checkpoint_that_already_matches_is_not_converted() {
 fn killed_converter_is_reported_and_leaves_no_complete_file() {
     let (_d, job) = shared_job();
     let m = job.join("model.ckpt");
-    job_strategies(&m, &job.join("output/strategy"), 2, 2, 2, 0, true);
-    std::fs::write(job.join("run.yaml"), yaml("./model.ckpt", "", 1, 2, "")).unwrap();
+    job_setup(&job, [2, 2, 2], 0, &yaml("./model.ckpt", "", 1, 2, ""));
     let logs = tempdir();
     let ranks = Ranks {
         world: 8,
@@ -456,20 +408,17 @@ fn settings_are_checked_with_clear_errors() {
         "usage",
     );
     assert!(err.contains("must be a power of 2, not 6"), "{err}");
-    let err = auto_refused(
-        &job,
-        &["--config", "run.yaml", "--rank-id", "9"],
-        &env,
-        "usage",
-    );
-    assert!(err.contains("rank 9 does not exist"), "{err}");
-    let err = auto_refused(
-        &job,
-        &["--config", "run.yaml", "--set", "load_checkpont=x"],
-        &env,
-        "usage",
-    );
-    assert!(err.contains("did you mean \"load_checkpoint\""), "{err}");
+    for (flags, says) in [
+        (["--rank-id", "9"], "rank 9 does not exist"),
+        (
+            ["--set", "load_checkpont=x"],
+            "did you mean \"load_checkpoint\"",
+        ),
+    ] {
+        let args = [["--config", "run.yaml"], flags].concat();
+        let err = auto_refused(&job, &args, &env, "usage");
+        assert!(err.contains(says), "{err}");
+    }
     // The job's strategy never appears: a timeout naming the files.
     let err = auto_refused(
         &job,
@@ -530,21 +479,13 @@ fn nothing_to_load_and_flag_semantics() {
     assert_eq!(stdout.trim(), job.join("model.ckpt").to_str().unwrap());
     // …but a sharded one whose layout provably differs from the job's is refused.
     sharded_source(&job, 1, 2, 1, true);
-    job_strategies(
-        &job.join("model.ckpt"),
-        &job.join("output/strategy"),
-        1,
-        4,
-        1,
+    job_setup(
+        &job,
+        [1, 4, 1],
         0,
-        true,
-    );
-    std::fs::write(
-        job.join("run.yaml"),
-        yaml("./ckpt", "./src_strategy", 1, 1, "")
+        &yaml("./ckpt", "./src_strategy", 1, 1, "")
             .replace("auto_trans_ckpt: True", "auto_trans_ckpt: False"),
-    )
-    .unwrap();
+    );
     let err = auto_refused(&job, &["--config", "run.yaml"], &env, "strategy");
     assert!(err.contains("set auto_trans_ckpt: True"), "{err}");
     // A sharded checkpoint without its strategy cannot be converted.
@@ -670,14 +611,7 @@ fn c_abi_from_a_c_program() {
     if !have_tool("cc", "RESHARD_REQUIRE_CC") {
         return;
     }
-    let (_d, job) = shared_job();
-    sharded_source(&job, 1, 2, 1, true);
-    std::fs::write(
-        job.join("run.yaml"),
-        yaml("./ckpt", "./src_strategy", 1, 1, "")
-            .replace("use_parallel: True", "use_parallel: False"),
-    )
-    .unwrap();
+    let (_d, job) = one_device_job([1, 2, 1]);
     let expect = job.join("../expect");
     reshard(
         &job.join("ckpt"),
@@ -765,23 +699,15 @@ fn safetensors_checkpoints_convert_to_safetensors() {
     let (_d, job) = shared_job();
     let st = job.join("model.safetensors");
     reshard::ops::rewrite::rewrite(&job.join("model.ckpt"), &st, &Default::default()).unwrap();
-    job_strategies(
-        &job.join("model.ckpt"),
-        &job.join("output/strategy"),
-        2,
-        2,
-        1,
+    job_setup(
+        &job,
+        [2, 2, 1],
         0,
-        true,
-    );
-    std::fs::write(
-        job.join("run.yaml"),
-        yaml("./model.safetensors", "", 2, 1, "").replace(
+        &yaml("./model.safetensors", "", 2, 1, "").replace(
             "load_ckpt_format: 'ckpt'",
             "load_ckpt_format: 'safetensors'",
         ),
-    )
-    .unwrap();
+    );
     let expect = job.join("../expect");
     reshard(
         &st,
@@ -879,9 +805,7 @@ fn deduplicated_safetensors_set_merges_to_one_device() {
 #[test]
 fn exchange_setting_is_checked() {
     let (_d, job) = shared_job();
-    let m = job.join("model.ckpt");
-    job_strategies(&m, &job.join("output/strategy"), 1, 2, 1, 0, true);
-    std::fs::write(job.join("run.yaml"), yaml("./model.ckpt", "", 1, 1, "")).unwrap();
+    job_setup(&job, [1, 2, 1], 0, &yaml("./model.ckpt", "", 1, 1, ""));
     let env = [("RANK_ID", "0"), ("RANK_SIZE", "2")];
     let err = auto_refused(
         &job,

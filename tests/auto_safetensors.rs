@@ -213,16 +213,7 @@ fn checkpoint2_directory_is_a_source() {
         );
     }
     std::fs::write(job.join("run.yaml"), yaml("./ck2", "", 1, 1, "")).unwrap();
-    let (code, _, err) = auto_once(
-        &job,
-        &["--config", "run.yaml"],
-        &[("RANK_ID", "0"), ("RANK_SIZE", "4")],
-    );
-    assert_eq!(code, Some(1), "{err}");
-    assert!(
-        err.contains("Checkpoint 2.0") && err.contains("ck2"),
-        "{err}"
-    );
+    rank0_of_4_fails_naming(&job, &["Checkpoint 2.0", "ck2"]);
 }
 
 /// MindFormers' `validate_config_with_file_mode`: a folder of complete
@@ -248,14 +239,16 @@ fn complete_folder_without_auto_trans_is_refused_as_mindformers_does() {
             .replace("auto_trans_ckpt: True", "auto_trans_ckpt: False"),
     )
     .unwrap();
+    rank0_of_4_fails_naming(&job, &["set auto_trans_ckpt: True", "full"]);
+}
+
+/// `reshard auto` on rank 0 of 4 fails, its message naming each of `what`.
+fn rank0_of_4_fails_naming(job: &Path, what: &[&str]) {
     let (code, _, err) = auto_once(
-        &job,
+        job,
         &["--config", "run.yaml"],
         &[("RANK_ID", "0"), ("RANK_SIZE", "4")],
     );
     assert_eq!(code, Some(1), "{err}");
-    assert!(
-        err.contains("set auto_trans_ckpt: True") && err.contains("full"),
-        "{err}"
-    );
+    assert!(what.iter().all(|w| err.contains(w)), "{err}");
 }

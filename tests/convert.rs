@@ -77,10 +77,7 @@ fn as_f32(dtype: DType, b: &[u8]) -> Vec<f32> {
             .chunks(2)
             .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
-        DType::F32 => b
-            .chunks(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
+        DType::F32 => crate::util::f32s(b),
         other => panic!("{other}"),
     }
 }
@@ -821,13 +818,43 @@ fn casts_round_to_nearest_even_both_ways() {
     }
 }
 
+/// The two ways to ranks for `strategy`, next to `full` (HF `spec`
+/// converted to one file): `full` through `reshard transform` into `two`,
+/// and HF straight to ranks in one pass into `one`, its options set by
+/// `like_full` as the full conversion's were. Returns (two, one).
+fn both_ways(
+    name: &str,
+    spec: &Spec,
+    hf: &Path,
+    full: &Path,
+    strategy: &Path,
+    like_full: impl Fn(&mut ConvertOptions),
+) -> (PathBuf, PathBuf) {
+    use reshard::ops::transform::{transform, TransformOptions};
+    let root = full.parent().unwrap();
+    let two = root.join("two");
+    let dst_strategy = Some(strategy.to_path_buf());
+    transform(&TransformOptions::new(
+        full,
+        &two,
+        None,
+        dst_strategy.clone(),
+    ))
+    .unwrap();
+    let one = root.join("one");
+    let mut o1 = options(spec, hf, &one);
+    like_full(&mut o1);
+    o1.dst_strategy = dst_strategy;
+    convert(&o1).unwrap_or_else(|e| panic!("{name}: {e}"));
+    (two, one)
+}
+
 /// One pass HF → rank shards equals HF → full `.ckpt` → `reshard
 /// transform`, byte for byte, with fused q/k/v split by model parallelism,
 /// pipeline stages and optimizer sharding.
 #[test]
 fn one_pass_to_ranks_equals_convert_then_transform() {
     use reshard::ops::strategy_gen::{write_strategies, StrategyOptions};
-    use reshard::ops::transform::{transform, TransformOptions};
     for (name, dp, mp, pp, opt, concat) in [
         ("llama", 1, 2, 2, 0, true),
         ("llama", 2, 2, 1, -1, true),
@@ -854,21 +881,11 @@ fn one_pass_to_ranks_equals_convert_then_transform() {
             vocab_emb_dp: false,
         })
         .unwrap();
-        let two = dir.path().join("two_steps");
-        transform(&TransformOptions::new(
-            &full,
-            &two,
-            None,
-            Some(strategy.clone()),
-        ))
-        .unwrap();
-        let one = dir.path().join("one_pass");
-        let mut o1 = options(&spec, &hf, &one);
-        o1.qkv_concat = o.qkv_concat;
-        o1.dtype = o.dtype;
-        o1.dst_strategy = Some(strategy.clone());
-        o1.workers = 2;
-        convert(&o1).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (two, one) = both_ways(name, &spec, &hf, &full, &strategy, |o1| {
+            o1.qkv_concat = o.qkv_concat;
+            o1.dtype = o.dtype;
+            o1.workers = 2;
+        });
         let ckpts = |d: &Path| -> Vec<PathBuf> {
             walk(d)
                 .into_iter()
@@ -928,7 +945,6 @@ fn split_everything(full: &Path, path: &Path) {
 
 #[test]
 fn one_pass_handles_every_layout_op() {
-    use reshard::ops::transform::{transform, TransformOptions};
     for (name, concat) in [
         ("deepseek3", None),
         ("gpt", None),
@@ -949,19 +965,9 @@ fn one_pass_handles_every_layout_op() {
         convert(&o).unwrap();
         let strategy = dir.path().join("strategy.ckpt");
         split_everything(&full, &strategy);
-        let two = dir.path().join("two");
-        transform(&TransformOptions::new(
-            &full,
-            &two,
-            None,
-            Some(strategy.clone()),
-        ))
-        .unwrap();
-        let one = dir.path().join("one");
-        let mut o1 = options(&spec, &hf, &one);
-        o1.qkv_concat = concat;
-        o1.dst_strategy = Some(strategy);
-        convert(&o1).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (two, one) = both_ways(name, &spec, &hf, &full, &strategy, |o1| {
+            o1.qkv_concat = concat;
+        });
         for r in 0..4 {
             let f = format!("rank_{r}/checkpoint_{r}.ckpt");
             assert!(

@@ -13,8 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::util::job::{
-    collect, copy_tree, job_strategies, node_dirs, reshard, sharded_source, shared_job, yaml,
-    Outcome,
+    collect, copy_tree, job_strategies, node_dirs, node_rank_files, two_node_job, Outcome,
+    TwoNodeJob,
 };
 use crate::util::{reshard_bin, tempdir};
 
@@ -49,35 +49,14 @@ pub(crate) fn emulated_bin() -> PathBuf {
 /// n has only `rank_{4n..4n+3}`), job dp2·mp4, so half the ranks of each
 /// node need slices that only the other node has. Returns (root, expect).
 pub(crate) fn exchange_job() -> (tempfile::TempDir, PathBuf) {
-    let (d, job) = shared_job();
-    sharded_source(&job, 1, 8, 1, true);
-    let dst = job.join("dst_strategy");
-    job_strategies(&job.join("model.ckpt"), &dst, 2, 4, 1, 0, false);
-    let expect = d.path().join("expect");
-    reshard(
-        &job.join("ckpt"),
-        &expect,
-        Some(&job.join("src_strategy")),
-        Some(&dst.join("ckpt_strategy_rank_0.ckpt")),
-    );
-    for (n, node) in node_dirs(d.path()).iter().enumerate() {
-        copy_tree(&job.join("src_strategy"), &node.join("src_strategy"));
-        std::fs::create_dir_all(node.join("output/strategy")).unwrap();
-        for r in 4 * n..4 * n + 4 {
-            copy_tree(
-                &job.join(format!("ckpt/rank_{r}")),
-                &node.join(format!("ckpt/rank_{r}")),
-            );
-            let f = format!("ckpt_strategy_rank_{r}.ckpt");
-            std::fs::copy(dst.join(&f), node.join("output/strategy").join(&f)).unwrap();
-        }
-        std::fs::write(
-            node.join("run.yaml"),
-            yaml("./ckpt", "./src_strategy", 1, 1, ""),
-        )
-        .unwrap();
-    }
-    (d, expect)
+    two_node_job(&TwoNodeJob {
+        src: [1, 8, 1],
+        dst: [2, 4, 1],
+        dst_vocab_emb_dp: false,
+        strategy_dir: "dst_strategy",
+        whole_source: false,
+        process_num: 1,
+    })
 }
 
 /// A free loopback port for rank 0's rendezvous.
@@ -197,23 +176,8 @@ fn eight_ranks_started_by_msrun_meet_at_the_scheduler_address() {
 fn eight_ranks_on_two_nodes(launcher: Launcher) {
     let (d, expect) = exchange_job();
     let nodes = node_dirs(d.path());
-    let net = d.path().join("net");
-    std::fs::create_dir(&net).unwrap();
-    let logs = tempdir();
     let t = Instant::now();
-    let out = collect(
-        spawn(
-            8,
-            &|r| nodes[r / 4].clone(),
-            &|_| 8,
-            &net,
-            logs.path(),
-            launcher,
-            &[],
-            &[],
-        ),
-        Duration::from_secs(120),
-    );
+    let out = eight_ranks(d.path(), launcher);
     let seconds = t.elapsed().as_secs_f64();
     crate::util::job::assert_ranks_match(&out, &expect, "converted");
     let mut read = Vec::new();
@@ -271,13 +235,7 @@ fn eight_ranks_on_two_nodes(launcher: Launcher) {
     // Each node holds exactly its ranks' files (and their manifests).
     for (n, node) in nodes.iter().enumerate() {
         let files = ckpts_under(&node.join("output/transformed_checkpoint"));
-        let want: Vec<PathBuf> = (4 * n..4 * n + 4)
-            .map(|r| {
-                node.join(format!(
-                    "output/transformed_checkpoint/ckpt/rank_{r}/checkpoint_{r}.ckpt"
-                ))
-            })
-            .collect();
+        let want = node_rank_files(node, n);
         assert_eq!(files, want);
         for f in &want {
             let m = reshard::formats::manifest::Manifest::read(f)
@@ -288,7 +246,7 @@ fn eight_ranks_on_two_nodes(launcher: Launcher) {
     }
     // Every rank destroyed its communicator: the last one out removed the
     // emulated network's group folder.
-    let left: Vec<_> = std::fs::read_dir(&net).unwrap().collect();
+    let left: Vec<_> = std::fs::read_dir(d.path().join("net")).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
     // The root info went through the rendezvous, not a file.
     for node in &nodes {
@@ -309,28 +267,35 @@ fn assert_failed_clean(out: &[Outcome], nodes: &[PathBuf], want: &dyn Fn(&Outcom
     }
 }
 
-/// A source rank on no node: every rank says which, and nothing is written.
-#[test]
-fn a_source_on_no_node_fails_every_rank() {
-    let (d, _) = exchange_job();
-    let nodes = node_dirs(d.path());
-    std::fs::remove_dir_all(nodes[1].join("ckpt/rank_6")).unwrap();
-    let net = d.path().join("net");
+/// Ranks 0..8 of the job under `root`, four a node ([`node_dirs`]), each
+/// told the world is 8, started by `launcher`; their outcomes.
+fn eight_ranks(root: &Path, launcher: Launcher) -> Vec<Outcome> {
+    let nodes = node_dirs(root);
+    let net = root.join("net");
     std::fs::create_dir(&net).unwrap();
     let logs = tempdir();
-    let out = collect(
+    collect(
         spawn(
             8,
             &|r| nodes[r / 4].clone(),
             &|_| 8,
             &net,
             logs.path(),
-            Launcher::RankEnv,
+            launcher,
             &[],
             &[],
         ),
         Duration::from_secs(120),
-    );
+    )
+}
+
+/// A source rank on no node: every rank says which, and nothing is written.
+#[test]
+fn a_source_on_no_node_fails_every_rank() {
+    let (d, _) = exchange_job();
+    let nodes = node_dirs(d.path());
+    std::fs::remove_dir_all(nodes[1].join("ckpt/rank_6")).unwrap();
+    let out = eight_ranks(d.path(), Launcher::RankEnv);
     // The message names the missing rank: that is its point.
     assert_failed_clean(&out, &nodes, &|o| {
         error_kind(o) == Some("job") && o.stderr.contains("source rank(s) [6]")
@@ -485,23 +450,7 @@ fn eight_ranks_without_a_shared_disk_match_mindspore() {
                 .unwrap(),
         ],
     );
-    let nodes = node_dirs(d.path());
-    let net = d.path().join("net");
-    std::fs::create_dir(&net).unwrap();
-    let logs = tempdir();
-    let out = collect(
-        spawn(
-            8,
-            &|r| nodes[r / 4].clone(),
-            &|_| 8,
-            &net,
-            logs.path(),
-            Launcher::RankEnv,
-            &[],
-            &[],
-        ),
-        Duration::from_secs(120),
-    );
+    let out = eight_ranks(d.path(), Launcher::RankEnv);
     crate::util::job::assert_ranks_match(&out, &expect, "converted");
 }
 

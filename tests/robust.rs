@@ -233,15 +233,8 @@ fn a_non_utf8_destination_argument_is_accepted() {
 /// `output/transformed_checkpoint/<name>` link.
 #[test]
 fn auto_does_not_write_through_a_planted_output_link() {
-    use crate::util::job::{run_job, sharded_source, shared_job, yaml};
-    let (_d, job) = shared_job();
-    sharded_source(&job, 2, 2, 2, true);
-    std::fs::write(
-        job.join("run.yaml"),
-        yaml("./ckpt", "./src_strategy", 1, 1, "")
-            .replace("use_parallel: True", "use_parallel: False"),
-    )
-    .unwrap();
+    use crate::util::job::{one_device_job, run_job};
+    let (_d, job) = one_device_job([2, 2, 2]);
     let outside = job.join("../outside");
     std::fs::create_dir_all(&outside).unwrap();
     std::fs::create_dir_all(job.join("output/transformed_checkpoint")).unwrap();

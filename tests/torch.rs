@@ -13,7 +13,7 @@ use reshard::formats::torch::{TorchEntry, TorchFile};
 use reshard::DType;
 
 use crate::util::hf::{bytes, spec, write_hf};
-use crate::util::{reshard_bin, tempdir};
+use crate::util::{f32s, json_f32s, reshard_bin, tempdir};
 
 pub mod writer;
 
@@ -462,10 +462,7 @@ fn reads_lpips_weights_shipped_on_pypi() {
                 (DType::F32, vec![1, c, 1, 1]),
                 "{net}"
             );
-            let v: Vec<f32> = b
-                .chunks(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
+            let v = f32s(b);
             assert!(
                 v.iter().all(|x| x.is_finite() && *x >= 0.0),
                 "{net} {}",
@@ -488,16 +485,8 @@ fn reads_lpips_weights_shipped_on_pypi() {
     for (path, got) in &read_all {
         let theirs = &oracle[path.to_str().unwrap()];
         for (e, b) in got {
-            let want: Vec<f32> = theirs[&e.name]["values"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap() as f32)
-                .collect();
-            let ours: Vec<f32> = b
-                .chunks(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
+            let want = json_f32s(&theirs[&e.name]["values"]);
+            let ours = f32s(b);
             assert_eq!(ours, want, "{} {}", path.display(), e.name);
         }
     }
@@ -542,10 +531,7 @@ fn reads_pesto_zip_checkpoint_shipped_on_pypi() {
         .collect();
     assert_eq!(ours, want);
     for (e, b) in &got {
-        let v: Vec<f32> = b
-            .chunks(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let v = f32s(b);
         assert!(v.iter().all(|x| x.is_finite()), "{}", e.name);
         assert!(v.iter().any(|x| *x != 0.0), "{} is all zeros", e.name);
     }
@@ -569,16 +555,8 @@ fn reads_pesto_zip_checkpoint_shipped_on_pypi() {
             "{}",
             e.name
         );
-        let want: Vec<f32> = t["values"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect();
-        let ours: Vec<f32> = b
-            .chunks(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let want = json_f32s(&t["values"]);
+        let ours = f32s(b);
         assert_eq!(ours, want, "{}", e.name);
     }
 }

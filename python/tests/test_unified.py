@@ -14,16 +14,13 @@ import math
 import os
 import shutil
 import struct
-import subprocess
-import sys
-import tempfile
 import types
 import unittest
 
 import reshard
 from reshard import _native, errors
 
-from test_conformance import REPO, REQUIRE, Base, files_under, ms
+from test_conformance import REPO, Base, files_under, generate_cases, ms
 
 GEN = os.path.join(REPO, "tests", "conformance", "py", "unify_gen.py")
 CASE = {"name": "py_dp2mp2", "dtype": "bfloat16", "src": {"dev": [2, 2]}, "dst": {"dev": [4]},
@@ -34,15 +31,7 @@ ROOT = None
 
 def setUpModule():
     global ROOT
-    if ms is None:
-        if REQUIRE:
-            raise RuntimeError("RESHARD_REQUIRE_MINDSPORE=1 but mindspore cannot be imported")
-        raise unittest.SkipTest("mindspore is not installed")
-    ROOT = tempfile.mkdtemp(prefix="reshard-py-unified-")
-    spec = os.path.join(ROOT, "cases.json")
-    with open(spec, "w") as f:
-        json.dump([CASE], f)
-    subprocess.run([sys.executable, GEN, ROOT, spec], check=True, stdout=subprocess.DEVNULL)
+    ROOT = generate_cases("reshard-py-unified-", GEN, [CASE])
 
 
 def tearDownModule():

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::util::job::{
-    assert_ranks_match, job_strategies, libreshard, model, node_dirs, node_local_job, run_job,
-    sharded_source, shared_job, yaml,
+    assert_ranks_match, job_strategies, libreshard, model, node_dirs, node_local_job,
+    one_device_job, run_job, shared_job, yaml,
 };
 use crate::util::{mindspore_python, run_py};
 
@@ -82,14 +82,7 @@ fn auto_jobs_are_byte_identical_to_mindspore() {
     }
 
     // Sharded dp2·mp2·pp2 → one device.
-    let (d, job) = shared_job();
-    sharded_source(&job, 2, 2, 2, true);
-    std::fs::write(
-        job.join("run.yaml"),
-        yaml("./ckpt", "./src_strategy", 1, 1, "")
-            .replace("use_parallel: True", "use_parallel: False"),
-    )
-    .unwrap();
+    let (d, job) = one_device_job([2, 2, 2]);
     let expect = d.path().join("expect-ms");
     oracle(
         &python,

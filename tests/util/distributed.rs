@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use reshard::comm::InProcess;
 use reshard::formats::strategy;
 use reshard::formats::tree::{FileFormat, RankSource};
 use reshard::formats::Source;
@@ -68,4 +69,19 @@ pub fn the_plan(
         remove_redundancy: false,
     })
     .unwrap()
+}
+
+/// Runs `f` once per rank of `comms`, each on its own thread: the results
+/// in rank order (a rank that panics fails the test).
+pub fn on_every_rank<T: Send>(comms: &[InProcess], f: impl Fn(&InProcess) -> T + Sync) -> Vec<T> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .iter()
+            .map(|c| {
+                let f = &f;
+                s.spawn(move || f(c))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
 }

@@ -35,6 +35,25 @@ impl B {
         self.0.push((name.into(), DType::F32, shape.to_vec()));
         self
     }
+    /// The fixture of these tensors (not multimodal).
+    fn into_spec(self, model: &'static str, config: Value) -> Spec {
+        Spec {
+            model,
+            config,
+            tensors: self.0,
+            modal: None,
+        }
+    }
+    /// The same bf16 tensors (name after the layer's prefix, shape) in
+    /// layers `{prefix}0.` and `{prefix}1.`, layer by layer.
+    fn layers(&mut self, prefix: &str, each: &[(&str, &[usize])]) -> &mut Self {
+        for l in 0..2 {
+            for (name, shape) in each {
+                self.t(format!("{prefix}{l}.{name}"), shape);
+            }
+        }
+        self
+    }
 }
 
 /// A finite value per (name, index), in `[-8, 8)`.
@@ -179,96 +198,93 @@ pub fn spec(name: &str) -> Spec {
         }
         "baichuan2" => {
             b.t("model.embed_tokens.weight", &[16, 8]);
-            for l in 0..2 {
-                let p = format!("model.layers.{l}.");
-                b.t(format!("{p}self_attn.W_pack.weight"), &[24, 8])
-                    .t(format!("{p}self_attn.o_proj.weight"), &[8, 8])
-                    .t(format!("{p}mlp.gate_proj.weight"), &[12, 8])
-                    .t(format!("{p}mlp.down_proj.weight"), &[8, 12])
-                    .t(format!("{p}mlp.up_proj.weight"), &[12, 8])
-                    .t(format!("{p}input_layernorm.weight"), &[8])
-                    .t(format!("{p}post_attention_layernorm.weight"), &[8]);
-            }
+            b.layers(
+                "model.layers.",
+                &[
+                    ("self_attn.W_pack.weight", &[24, 8]),
+                    ("self_attn.o_proj.weight", &[8, 8]),
+                    ("mlp.gate_proj.weight", &[12, 8]),
+                    ("mlp.down_proj.weight", &[8, 12]),
+                    ("mlp.up_proj.weight", &[12, 8]),
+                    ("input_layernorm.weight", &[8]),
+                    ("post_attention_layernorm.weight", &[8]),
+                ],
+            );
             b.t("model.norm.weight", &[8]).t("lm_head.weight", &[16, 8]);
-            Spec {
-                model: "baichuan2",
-                config: json!({"model_type": "baichuan", "hidden_size": 8, "num_attention_heads": 4,
+            b.into_spec(
+                "baichuan2",
+                json!({"model_type": "baichuan", "hidden_size": 8, "num_attention_heads": 4,
                                "num_hidden_layers": 2, "vocab_size": 16, "intermediate_size": 12}),
-                tensors: b.0,
-                modal: None,
-            }
+            )
         }
         "qwen1" => {
             b.t("transformer.wte.weight", &[16, 8]);
-            for l in 0..2 {
-                let p = format!("transformer.h.{l}.");
-                b.t(format!("{p}ln_1.weight"), &[8])
-                    .t(format!("{p}attn.c_attn.weight"), &[24, 8])
-                    .t(format!("{p}attn.c_attn.bias"), &[24])
-                    .t(format!("{p}attn.c_proj.weight"), &[8, 8])
-                    .t(format!("{p}ln_2.weight"), &[8])
-                    .t(format!("{p}mlp.w1.weight"), &[6, 8])
-                    .t(format!("{p}mlp.w2.weight"), &[6, 8])
-                    .t(format!("{p}mlp.c_proj.weight"), &[8, 6]);
-            }
+            b.layers(
+                "transformer.h.",
+                &[
+                    ("ln_1.weight", &[8]),
+                    ("attn.c_attn.weight", &[24, 8]),
+                    ("attn.c_attn.bias", &[24]),
+                    ("attn.c_proj.weight", &[8, 8]),
+                    ("ln_2.weight", &[8]),
+                    ("mlp.w1.weight", &[6, 8]),
+                    ("mlp.w2.weight", &[6, 8]),
+                    ("mlp.c_proj.weight", &[8, 6]),
+                ],
+            );
             b.t("transformer.ln_f.weight", &[8])
                 .t("lm_head.weight", &[16, 8]);
-            Spec {
-                model: "qwen",
-                config: json!({"model_type": "qwen", "hidden_size": 8, "num_attention_heads": 4,
+            b.into_spec(
+                "qwen",
+                json!({"model_type": "qwen", "hidden_size": 8, "num_attention_heads": 4,
                                "num_hidden_layers": 2, "vocab_size": 16}),
-                tensors: b.0,
-                modal: None,
-            }
+            )
         }
         "internlm2" => {
             b.t("model.tok_embeddings.weight", &[16, 8]);
-            for l in 0..2 {
-                let p = format!("model.layers.{l}.");
-                b.t(format!("{p}attention.wqkv.weight"), &[16, 8])
-                    .t(format!("{p}attention.wo.weight"), &[8, 8])
-                    .t(format!("{p}feed_forward.w1.weight"), &[12, 8])
-                    .t(format!("{p}feed_forward.w3.weight"), &[12, 8])
-                    .t(format!("{p}feed_forward.w2.weight"), &[8, 12])
-                    .t(format!("{p}attention_norm.weight"), &[8])
-                    .t(format!("{p}ffn_norm.weight"), &[8]);
-            }
+            b.layers(
+                "model.layers.",
+                &[
+                    ("attention.wqkv.weight", &[16, 8]),
+                    ("attention.wo.weight", &[8, 8]),
+                    ("feed_forward.w1.weight", &[12, 8]),
+                    ("feed_forward.w3.weight", &[12, 8]),
+                    ("feed_forward.w2.weight", &[8, 12]),
+                    ("attention_norm.weight", &[8]),
+                    ("ffn_norm.weight", &[8]),
+                ],
+            );
             b.t("model.norm.weight", &[8]).t("output.weight", &[16, 8]);
-            Spec {
-                model: "internlm2",
-                config: json!({"model_type": "internlm2", "hidden_size": 8, "num_attention_heads": 4,
+            b.into_spec(
+                "internlm2",
+                json!({"model_type": "internlm2", "hidden_size": 8, "num_attention_heads": 4,
                                "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 16}),
-                tensors: b.0,
-                modal: None,
-            }
+            )
         }
         "glm" => {
             b.t("transformer.embedding.word_embeddings.weight", &[16, 8])
                 .f("transformer.rotary_pos_emb.inv_freq", &[2]);
-            for l in 0..2 {
-                let p = format!("transformer.encoder.layers.{l}.");
-                b.t(format!("{p}input_layernorm.weight"), &[8])
-                    .t(
-                        format!("{p}self_attention.query_key_value.weight"),
-                        &[12, 8],
-                    )
-                    .t(format!("{p}self_attention.query_key_value.bias"), &[12])
-                    .t(format!("{p}self_attention.dense.weight"), &[8, 8])
-                    .t(format!("{p}post_attention_layernorm.weight"), &[8])
-                    .t(format!("{p}mlp.dense_h_to_4h.weight"), &[24, 8])
-                    .t(format!("{p}mlp.dense_4h_to_h.weight"), &[8, 12]);
-            }
+            b.layers(
+                "transformer.encoder.layers.",
+                &[
+                    ("input_layernorm.weight", &[8]),
+                    ("self_attention.query_key_value.weight", &[12, 8]),
+                    ("self_attention.query_key_value.bias", &[12]),
+                    ("self_attention.dense.weight", &[8, 8]),
+                    ("post_attention_layernorm.weight", &[8]),
+                    ("mlp.dense_h_to_4h.weight", &[24, 8]),
+                    ("mlp.dense_4h_to_h.weight", &[8, 12]),
+                ],
+            );
             b.t("transformer.encoder.final_layernorm.weight", &[8])
                 .t("transformer.output_layer.weight", &[16, 8]);
-            Spec {
-                model: "glm-n",
-                config: json!({"model_type": "chatglm", "hidden_size": 8, "num_attention_heads": 4,
+            b.into_spec(
+                "glm-n",
+                json!({"model_type": "chatglm", "hidden_size": 8, "num_attention_heads": 4,
                                "kv_channels": 2, "multi_query_attention": true,
                                "multi_query_group_num": 1, "ffn_hidden_size": 12,
                                "num_layers": 2, "padded_vocab_size": 16}),
-                tensors: b.0,
-                modal: None,
-            }
+            )
         }
         "cogvlm2" | "cogvlm2_image" => {
             let image = name == "cogvlm2_image";
@@ -362,14 +378,9 @@ pub fn spec(name: &str) -> Spec {
                     .t(format!("{p}post_attention_layernorm.weight"), &[8]);
             }
             b.t("model.norm.weight", &[8]).t("lm_head.weight", &[16, 8]);
-            Spec {
-                model: "mixtral",
-                config: json!({"model_type": "mixtral", "hidden_size": 8, "num_attention_heads": 4,
+            b.into_spec("mixtral", json!({"model_type": "mixtral", "hidden_size": 8, "num_attention_heads": 4,
                                "num_key_value_heads": 2, "num_local_experts": 3,
-                               "num_hidden_layers": 2, "vocab_size": 16, "torch_dtype": "bfloat16"}),
-                tensors: b.0,
-                modal: None,
-            }
+                               "num_hidden_layers": 2, "vocab_size": 16, "torch_dtype": "bfloat16"}))
         }
         "deepseek_v2" => {
             b.t("model.embed_tokens.weight", &[16, 8]);
@@ -404,31 +415,31 @@ pub fn spec(name: &str) -> Spec {
         }
         "gpt" => {
             b.t("wte.weight", &[16, 8]).t("wpe.weight", &[10, 8]);
-            for l in 0..2 {
-                let p = format!("h.{l}.");
-                b.t(format!("{p}ln_1.weight"), &[8])
-                    .t(format!("{p}ln_1.bias"), &[8])
-                    .t(format!("{p}attn.bias"), &[1, 1, 10, 10])
-                    .t(format!("{p}attn.c_attn.weight"), &[8, 24])
-                    .t(format!("{p}attn.c_attn.bias"), &[24])
-                    .t(format!("{p}attn.c_proj.weight"), &[8, 8])
-                    .t(format!("{p}attn.c_proj.bias"), &[8])
-                    .t(format!("{p}ln_2.weight"), &[8])
-                    .t(format!("{p}ln_2.bias"), &[8])
-                    .t(format!("{p}mlp.c_fc.weight"), &[8, 32])
-                    .t(format!("{p}mlp.c_fc.bias"), &[32])
-                    .t(format!("{p}mlp.c_proj.weight"), &[32, 8])
-                    .t(format!("{p}mlp.c_proj.bias"), &[8]);
-            }
+            b.layers(
+                "h.",
+                &[
+                    ("ln_1.weight", &[8]),
+                    ("ln_1.bias", &[8]),
+                    ("attn.bias", &[1, 1, 10, 10]),
+                    ("attn.c_attn.weight", &[8, 24]),
+                    ("attn.c_attn.bias", &[24]),
+                    ("attn.c_proj.weight", &[8, 8]),
+                    ("attn.c_proj.bias", &[8]),
+                    ("ln_2.weight", &[8]),
+                    ("ln_2.bias", &[8]),
+                    ("mlp.c_fc.weight", &[8, 32]),
+                    ("mlp.c_fc.bias", &[32]),
+                    ("mlp.c_proj.weight", &[32, 8]),
+                    ("mlp.c_proj.bias", &[8]),
+                ],
+            );
             b.t("ln_f.weight", &[8]).t("ln_f.bias", &[8]);
-            Spec {
-                model: "gpt",
-                config: json!({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+            b.into_spec(
+                "gpt",
+                json!({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
                                "n_embd": 8, "n_head": 2, "n_layer": 2, "vocab_size": 16,
                                "n_positions": 10}),
-                tensors: b.0,
-                modal: None,
-            }
+            )
         }
         "whisper" => {
             b.t("model.encoder.conv1.weight", &[8, 4, 3])
@@ -473,13 +484,11 @@ pub fn spec(name: &str) -> Spec {
             tail(&mut b, "model.decoder.layers.0.");
             b.t("model.decoder.layer_norm.weight", &[8])
                 .t("model.decoder.layer_norm.bias", &[8]);
-            Spec {
-                model: "whisper",
-                config: json!({"model_type": "whisper", "d_model": 8, "encoder_layers": 1,
+            b.into_spec(
+                "whisper",
+                json!({"model_type": "whisper", "d_model": 8, "encoder_layers": 1,
                                "decoder_layers": 1, "num_hidden_layers": 1, "vocab_size": 16}),
-                tensors: b.0,
-                modal: None,
-            }
+            )
         }
         "qwen3" | "qwen3_moe" => {
             let moe = name == "qwen3_moe";
@@ -522,17 +531,19 @@ pub fn spec(name: &str) -> Spec {
         }
         "qwenvl" => {
             b.t("transformer.wte.weight", &[16, 8]);
-            for l in 0..2 {
-                let p = format!("transformer.h.{l}.");
-                b.t(format!("{p}ln_1.weight"), &[8])
-                    .t(format!("{p}attn.c_attn.weight"), &[24, 8])
-                    .t(format!("{p}attn.c_attn.bias"), &[24])
-                    .t(format!("{p}attn.c_proj.weight"), &[8, 8])
-                    .t(format!("{p}ln_2.weight"), &[8])
-                    .t(format!("{p}mlp.w1.weight"), &[6, 8])
-                    .t(format!("{p}mlp.w2.weight"), &[6, 8])
-                    .t(format!("{p}mlp.c_proj.weight"), &[8, 6]);
-            }
+            b.layers(
+                "transformer.h.",
+                &[
+                    ("ln_1.weight", &[8]),
+                    ("attn.c_attn.weight", &[24, 8]),
+                    ("attn.c_attn.bias", &[24]),
+                    ("attn.c_proj.weight", &[8, 8]),
+                    ("ln_2.weight", &[8]),
+                    ("mlp.w1.weight", &[6, 8]),
+                    ("mlp.w2.weight", &[6, 8]),
+                    ("mlp.c_proj.weight", &[8, 6]),
+                ],
+            );
             let v = "transformer.visual.";
             b.t("transformer.ln_f.weight", &[8])
                 .t(format!("{v}positional_embedding"), &[5, 6])

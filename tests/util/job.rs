@@ -58,6 +58,14 @@ pub fn model(path: &Path, layers: usize, hidden: i64, seed: u8) {
     w.finish().unwrap();
 }
 
+/// A job's own layout (`[dp, mp, pp]`, `opt` as in [`job_strategies`],
+/// vocab_emb_dp) saved under `output/strategy`, and its `run.yaml`.
+pub fn job_setup(job: &Path, [dp, mp, pp]: [u32; 3], opt: i32, config: &str) {
+    let (model, dir) = (job.join("model.ckpt"), job.join("output/strategy"));
+    job_strategies(&model, &dir, dp, mp, pp, opt, true);
+    std::fs::write(job.join("run.yaml"), config).unwrap();
+}
+
 /// The strategy files a job with this layout saves (`ckpt_strategy_rank_{r}.ckpt`,
 /// no merged file).
 pub fn job_strategies(
@@ -293,6 +301,18 @@ pub fn node_dirs(root: &Path) -> [PathBuf; 2] {
     [root.join("node0"), root.join("node1")]
 }
 
+/// The converted files node `n` of [`node_dirs`] holds: those of its ranks
+/// 4n..4n+3.
+pub fn node_rank_files(node: &Path, n: usize) -> Vec<PathBuf> {
+    (4 * n..4 * n + 4)
+        .map(|r| {
+            node.join(format!(
+                "output/transformed_checkpoint/ckpt/rank_{r}/checkpoint_{r}.ckpt"
+            ))
+        })
+        .collect()
+}
+
 pub fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
@@ -306,14 +326,44 @@ pub fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
-/// Node-local job: source dp2·mp4 trained node-locally (node n has only
-/// rank_{4n..4n+3}), job dp2·mp4 with the vocabulary split (each node has
-/// only its own ranks' strategy files). Returns (root, expect).
-pub fn node_local_job(process_num: usize) -> (tempfile::TempDir, PathBuf) {
+/// A single-device job (`use_parallel: False`) loading a source sharded
+/// `[dp, mp, pp]` from `./ckpt`. Returns (root, job).
+pub fn one_device_job([dp, mp, pp]: [u32; 3]) -> (tempfile::TempDir, PathBuf) {
     let (d, job) = shared_job();
-    sharded_source(&job, 2, 4, 1, true);
-    let all_strategy = job.join("all_strategy");
-    job_strategies(&job.join("model.ckpt"), &all_strategy, 2, 4, 1, 0, false);
+    sharded_source(&job, dp, mp, pp, true);
+    let config = yaml("./ckpt", "./src_strategy", 1, 1, "")
+        .replace("use_parallel: True", "use_parallel: False");
+    std::fs::write(job.join("run.yaml"), config).unwrap();
+    (d, job)
+}
+
+/// A job on two nodes without a shared disk ([`node_dirs`]): the layouts,
+/// where the job's strategies for all ranks are kept, and what each node
+/// holds of the source.
+pub struct TwoNodeJob {
+    /// The source's `[dp, mp, pp]` (vocabulary not split).
+    pub src: [u32; 3],
+    /// The job's `[dp, mp, pp]` and its vocab_emb_dp.
+    pub dst: [u32; 3],
+    pub dst_vocab_emb_dp: bool,
+    /// The folder under `job/` with every rank's strategy file (node n
+    /// gets those of ranks 4n..4n+3 in `output/strategy`).
+    pub strategy_dir: &'static str,
+    /// Each node holds the whole sharded source, not only `rank_{4n..4n+3}`.
+    pub whole_source: bool,
+    pub process_num: usize,
+}
+
+/// Builds the job `spec` describes. Returns (root, expect): expect is the
+/// job's layout, converted on one machine.
+pub fn two_node_job(spec: &TwoNodeJob) -> (tempfile::TempDir, PathBuf) {
+    let (d, job) = shared_job();
+    let [dp, mp, pp] = spec.src;
+    sharded_source(&job, dp, mp, pp, true);
+    let all_strategy = job.join(spec.strategy_dir);
+    let [dp, mp, pp] = spec.dst;
+    let m = job.join("model.ckpt");
+    job_strategies(&m, &all_strategy, dp, mp, pp, 0, spec.dst_vocab_emb_dp);
     let expect = d.path().join("expect");
     reshard(
         &job.join("ckpt"),
@@ -322,23 +372,39 @@ pub fn node_local_job(process_num: usize) -> (tempfile::TempDir, PathBuf) {
         Some(&all_strategy.join("ckpt_strategy_rank_0.ckpt")),
     );
     for (n, node) in node_dirs(d.path()).iter().enumerate() {
+        if spec.whole_source {
+            copy_tree(&job.join("ckpt"), &node.join("ckpt"));
+        }
         copy_tree(&job.join("src_strategy"), &node.join("src_strategy"));
         std::fs::create_dir_all(node.join("output/strategy")).unwrap();
         for r in 4 * n..4 * n + 4 {
-            copy_tree(
-                &job.join(format!("ckpt/rank_{r}")),
-                &node.join(format!("ckpt/rank_{r}")),
-            );
+            if !spec.whole_source {
+                copy_tree(
+                    &job.join(format!("ckpt/rank_{r}")),
+                    &node.join(format!("ckpt/rank_{r}")),
+                );
+            }
             let f = format!("ckpt_strategy_rank_{r}.ckpt");
             std::fs::copy(all_strategy.join(&f), node.join("output/strategy").join(&f)).unwrap();
         }
-        std::fs::write(
-            node.join("run.yaml"),
-            yaml("./ckpt", "./src_strategy", process_num, 1, ""),
-        )
-        .unwrap();
+        let config = yaml("./ckpt", "./src_strategy", spec.process_num, 1, "");
+        std::fs::write(node.join("run.yaml"), config).unwrap();
     }
     (d, expect)
+}
+
+/// Node-local job: source dp2·mp4 trained node-locally (node n has only
+/// rank_{4n..4n+3}), job dp2·mp4 with the vocabulary split (each node has
+/// only its own ranks' strategy files). Returns (root, expect).
+pub fn node_local_job(process_num: usize) -> (tempfile::TempDir, PathBuf) {
+    two_node_job(&TwoNodeJob {
+        src: [2, 4, 1],
+        dst: [2, 4, 1],
+        dst_vocab_emb_dp: false,
+        strategy_dir: "all_strategy",
+        whole_source: false,
+        process_num,
+    })
 }
 
 /// `reshard auto` with flags, expected to fail with an error of `kind`

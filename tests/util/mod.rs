@@ -136,6 +136,24 @@ pub fn run_py_cases(
 }
 
 /// A fresh temporary directory, removed on drop.
+/// Little-endian f32 values, as a checkpoint stores them.
+pub fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// A JSON array of numbers (an oracle's `values`) as f32.
+pub fn json_f32s(values: &serde_json::Value) -> Vec<f32> {
+    values
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect()
+}
+
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("reshard-test-")
