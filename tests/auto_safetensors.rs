@@ -252,3 +252,62 @@ fn rank0_of_4_fails_naming(job: &Path, what: &[&str]) {
     assert_eq!(code, Some(1), "{err}");
     assert!(what.iter().all(|w| err.contains(w)), "{err}");
 }
+
+/// A folder of several complete `.safetensors` files without a name map
+/// (MindFormers' "complete weights" folder): one checkpoint, each rank's
+/// file as transform cuts it from the folder.
+#[test]
+fn folder_of_complete_safetensors_is_one_checkpoint() {
+    let (_d, job) = shared_job();
+    let m = job.join("model.ckpt");
+    job_strategies(&m, &job.join("src_strategy"), 1, 2, 1, 0, true);
+    job_strategies(&m, &job.join("output/strategy"), 2, 2, 1, 0, true);
+    let ranks = job.join("../ranks");
+    safetensors_tree(&m, &job.join("src_strategy"), &ranks);
+    let unified = job.join("../unified");
+    reshard::ops::unify::unify(&reshard::ops::unify::UnifyOptions {
+        part_bytes: 4096,
+        ..reshard::ops::unify::UnifyOptions::new(&ranks, job.join("src_strategy"), &unified)
+    })
+    .unwrap();
+    let weights = job.join("weights");
+    std::fs::create_dir(&weights).unwrap();
+    let mut parts = 0;
+    for e in std::fs::read_dir(&unified).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("part") {
+            std::fs::copy(&p, weights.join(&name)).unwrap();
+            parts += 1;
+        }
+    }
+    assert!(parts > 1);
+    let expect = job.join("../expect");
+    transform(&TransformOptions::new(
+        &weights,
+        &expect,
+        None,
+        Some(job.join("output/strategy")),
+    ))
+    .unwrap();
+    std::fs::write(
+        job.join("run.yaml"),
+        yaml("./weights", "", 1, 1, "").replace(
+            "load_ckpt_format: 'ckpt'",
+            "load_ckpt_format: 'safetensors'",
+        ),
+    )
+    .unwrap();
+    for o in run_job(4, &|_| job.clone(), &[]) {
+        assert_eq!(o.code, Some(0), "rank {}: {}", o.rank, o.stderr);
+        assert_eq!(o.action(), "converted", "{:?}", o.report);
+        let r = o.rank;
+        let want = expect.join(format!("rank_{r}/checkpoint_{r}.safetensors"));
+        assert!(
+            std::fs::read(o.path()).unwrap() == std::fs::read(&want).unwrap(),
+            "rank {r}: {} differs from {}",
+            o.path().display(),
+            want.display()
+        );
+    }
+}

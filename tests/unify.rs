@@ -124,22 +124,28 @@ fn unify_then_split_gives_back_the_model_and_every_rank() {
     }
 }
 
+/// The parts of `unified` copied into a new `dir`, with its name map as
+/// HuggingFace's index when `index` (else no map at all).
+fn parts_copy(unified: &Path, dir: &Path, index: bool) {
+    std::fs::create_dir(dir).unwrap();
+    for e in std::fs::read_dir(unified).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if name == "param_name_map.json" && index {
+            std::fs::copy(&p, dir.join("model.safetensors.index.json")).unwrap();
+        } else if name.starts_with("part") && name.ends_with(".safetensors") {
+            std::fs::copy(&p, dir.join(&name)).unwrap();
+        }
+    }
+}
+
 #[test]
 fn hf_index_dir_is_a_complete_source() {
     let f = fixture();
     let unified = unified_in_parts(&f);
     // The same files under HuggingFace's index name.
     let hf = f.dir.path().join("hf");
-    std::fs::create_dir(&hf).unwrap();
-    for e in std::fs::read_dir(&unified).unwrap() {
-        let p = e.unwrap().path();
-        let name = p.file_name().unwrap().to_string_lossy().into_owned();
-        if name == "param_name_map.json" {
-            std::fs::copy(&p, hf.join("model.safetensors.index.json")).unwrap();
-        } else if name.starts_with("part") && name.ends_with(".safetensors") {
-            std::fs::copy(&p, hf.join(&name)).unwrap();
-        }
-    }
+    parts_copy(&unified, &hf, true);
     match inspect(&hf, &InspectOptions::default()).unwrap() {
         Report::Complete { form, .. } => assert_eq!(form, DirForm::HfSharded),
         other => panic!("not a complete dir: {other:?}"),
@@ -163,6 +169,53 @@ fn hf_index_dir_is_a_complete_source() {
     };
     assert!(r0.tensors.iter().all(|t| t.name != "global_step"));
     assert!(r0.tensors.iter().any(|t| t.name == "lm_head.weight"));
+}
+
+/// Several `.safetensors` files and no name map: one checkpoint, as
+/// MindFormers loads a folder of complete weights; the split gives what
+/// the same parts with an index give. A tensor in two files is refused,
+/// naming both.
+#[test]
+fn a_folder_of_safetensors_without_a_map_is_one_checkpoint() {
+    let f = fixture();
+    let unified = unified_in_parts(&f);
+    let (plain, hf) = (f.dir.path().join("plain"), f.dir.path().join("hf"));
+    parts_copy(&unified, &plain, false);
+    parts_copy(&unified, &hf, true);
+    assert!(files_in(&plain) > 1);
+    match inspect(&plain, &InspectOptions::default()).unwrap() {
+        Report::Complete { form, .. } => assert_eq!(form, DirForm::SafetensorsFolder),
+        other => panic!("not a complete dir: {other:?}"),
+    }
+    let split = |src: &Path, out: &str| {
+        let out = f.dir.path().join(out);
+        transform(&TransformOptions::new(
+            src,
+            &out,
+            None,
+            Some(f.strategy.clone()),
+        ))
+        .map(|_| out)
+    };
+    let (a, b) = (split(&plain, "a").unwrap(), split(&hf, "b").unwrap());
+    for r in 0..4 {
+        let file = format!("rank_{r}/checkpoint_{r}.safetensors");
+        assert!(
+            std::fs::read(a.join(&file)).unwrap() == std::fs::read(b.join(&file)).unwrap(),
+            "{file} differs"
+        );
+    }
+    let first = std::fs::read_dir(&plain)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::copy(&first, plain.join("zz_copy.safetensors")).unwrap();
+    let e = split(&plain, "c").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::BadInput, "{e}");
+    assert!(e.to_string().contains("zz_copy.safetensors"), "{e}");
+    assert!(!f.dir.path().join("c").exists());
 }
 
 #[test]

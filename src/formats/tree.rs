@@ -375,6 +375,11 @@ pub enum CompleteKind {
     /// A directory holding one `.safetensors` file (it maps every name, as
     /// in `load_distributed_checkpoint`).
     SingleFile,
+    /// Several `.safetensors` files and no map: one checkpoint spread over
+    /// them, as MindFormers' safetensors flow loads a folder of complete
+    /// weights (every file, in sorted order). A tensor in two files is an
+    /// error naming both.
+    Folder,
 }
 
 /// A complete (unsharded) checkpoint stored as a directory of files.
@@ -445,15 +450,17 @@ pub fn complete_dir(dir: &Path) -> Result<Option<CompleteDir>> {
                     .is_some_and(|n| n.to_string_lossy().starts_with('.'))
             })
             .collect();
-        if files.len() != 1 {
-            return Ok(None);
-        }
-        let file = files.pop().expect("one file");
+        let kind = match files.len() {
+            0 => return Ok(None),
+            1 => CompleteKind::SingleFile,
+            _ => CompleteKind::Folder,
+        };
+        files.sort();
         return Ok(Some(CompleteDir {
-            kind: CompleteKind::SingleFile,
+            kind,
             map_file: None,
             weight_map: BTreeMap::new(),
-            files: vec![file],
+            files,
             hyper: None,
         }));
     };

@@ -177,6 +177,8 @@ pub enum DirForm {
     HfSharded,
     /// One `.safetensors` file in a directory.
     SingleSafetensors,
+    /// Several `.safetensors` files, no map: one checkpoint.
+    SafetensorsFolder,
     /// mindformers Checkpoint 2.0: `iteration_XXXXXXXX/` with
     /// `metadata.json` (or the directory holding the tracker).
     Checkpoint2,
@@ -196,6 +198,9 @@ impl DirForm {
             }
             DirForm::HfSharded => "complete weights, HuggingFace sharded (model.safetensors.index.json)",
             DirForm::SingleSafetensors => "complete weights, one .safetensors file",
+            DirForm::SafetensorsFolder => {
+                "complete weights in several .safetensors files (no name map; read as one)"
+            }
             DirForm::Checkpoint2 => {
                 "mindformers Checkpoint 2.0 (iteration_XXXXXXXX/ with metadata.json; files by storage rank)"
             }
@@ -299,6 +304,7 @@ pub fn inspect(path: &Path, options: &InspectOptions) -> Result<Report> {
                 tree::CompleteKind::Unified => DirForm::Unified,
                 tree::CompleteKind::HfIndex => DirForm::HfSharded,
                 tree::CompleteKind::SingleFile => DirForm::SingleSafetensors,
+                tree::CompleteKind::Folder => DirForm::SafetensorsFolder,
             };
             let files = dir
                 .files
