@@ -19,6 +19,22 @@ fn safetensors_tree(model: &Path, strategy: &Path, out: &Path) {
     transform(&o).unwrap();
 }
 
+/// Every rank converted, and its file is `expect`'s for that rank.
+fn converted_as(out: &[crate::util::job::Outcome], expect: &Path) {
+    for o in out {
+        assert_eq!(o.code, Some(0), "rank {}: {}", o.rank, o.stderr);
+        assert_eq!(o.action(), "converted", "{:?}", o.report);
+        let r = o.rank;
+        let want = expect.join(format!("rank_{r}/checkpoint_{r}.safetensors"));
+        assert!(
+            std::fs::read(o.path()).unwrap() == std::fs::read(&want).unwrap(),
+            "rank {r}: {} differs from {}",
+            o.path().display(),
+            want.display()
+        );
+    }
+}
+
 fn set_mtime(p: &Path, t: SystemTime) {
     std::fs::File::options()
         .write(true)
@@ -73,27 +89,13 @@ fn safetensors_flow_picks_files_as_mindformers() {
         ))
         .unwrap();
     }
-    let check = |out: &[crate::util::job::Outcome], expect: &Path| {
-        for o in out {
-            assert_eq!(o.code, Some(0), "rank {}: {}", o.rank, o.stderr);
-            assert_eq!(o.action(), "converted", "{:?}", o.report);
-            let r = o.rank;
-            let want = expect.join(format!("rank_{r}/checkpoint_{r}.safetensors"));
-            assert!(
-                std::fs::read(o.path()).unwrap() == std::fs::read(&want).unwrap(),
-                "rank {r}: {} differs from {}",
-                o.path().display(),
-                want.display()
-            );
-        }
-    };
     std::fs::write(
         job.join("run.yaml"),
         st(yaml("./ckpt", "./src_strategy", 1, 1, "")),
     )
     .unwrap();
     let out = run_job(4, &|_| job.clone(), &[]);
-    check(&out, &ea);
+    converted_as(&out, &ea);
     // The main rank keeps the merged strategies where mindformers does.
     let merged = job.join("output/merged_strategy");
     for (name, from) in [
@@ -121,7 +123,7 @@ fn safetensors_flow_picks_files_as_mindformers() {
     )
     .unwrap();
     let out = run_job(4, &|_| job.clone(), &[]);
-    check(&out, &eb);
+    converted_as(&out, &eb);
 
     // `resume_training` naming a file: its `E_S` is the suffix (B again,
     // through a fresh output folder).
@@ -140,7 +142,7 @@ fn safetensors_flow_picks_files_as_mindformers() {
     )
     .unwrap();
     let out = run_job(4, &|_| job.clone(), &[]);
-    check(&out, &eb);
+    converted_as(&out, &eb);
     // A suffix no rank folder has: mindformers' ValueError, named.
     std::fs::write(
         job.join("run.yaml"),
@@ -298,16 +300,5 @@ fn folder_of_complete_safetensors_is_one_checkpoint() {
         ),
     )
     .unwrap();
-    for o in run_job(4, &|_| job.clone(), &[]) {
-        assert_eq!(o.code, Some(0), "rank {}: {}", o.rank, o.stderr);
-        assert_eq!(o.action(), "converted", "{:?}", o.report);
-        let r = o.rank;
-        let want = expect.join(format!("rank_{r}/checkpoint_{r}.safetensors"));
-        assert!(
-            std::fs::read(o.path()).unwrap() == std::fs::read(&want).unwrap(),
-            "rank {r}: {} differs from {}",
-            o.path().display(),
-            want.display()
-        );
-    }
+    converted_as(&run_job(4, &|_| job.clone(), &[]), &expect);
 }

@@ -304,34 +304,25 @@ impl InProcess {
     /// never runs ahead of its receiver with unbounded memory.
     fn delivered(&self, key: (usize, usize, u64)) -> Result<()> {
         let to = key.1;
-        let deadline = Instant::now() + self.shared.timeout;
-        let mut s = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
-        while s.boxes.contains_key(&key) {
-            let now = Instant::now();
-            if now >= deadline || s.gone[to] {
-                return Err(timeout_error(
-                    "in-process communicator",
-                    format!(
-                        "rank {} waited {:?} for rank {to} to receive message {}, and rank {to} {}",
-                        self.rank,
-                        self.shared.timeout,
-                        key.2,
-                        if s.gone[to] {
-                            "has left"
-                        } else {
-                            "did not receive it"
-                        }
-                    ),
-                ));
-            }
-            s = self
-                .shared
-                .cv
-                .wait_timeout(s, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        Ok(())
+        let s = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.wait_on(
+            s,
+            to,
+            |s| (!s.boxes.contains_key(&key)).then_some(()),
+            |left| {
+                format!(
+                    "rank {} waited {:?} for rank {to} to receive message {}, and rank {to} {}",
+                    self.rank,
+                    self.shared.timeout,
+                    key.2,
+                    if left {
+                        "has left"
+                    } else {
+                        "did not receive it"
+                    }
+                )
+            },
+        )
     }
 
     fn take(&self, from: usize, bytes: usize) -> Result<Vec<u8>> {
@@ -341,43 +332,56 @@ impl InProcess {
                 self.rank, self.size
             )));
         }
-        let deadline = Instant::now() + self.shared.timeout;
         let mut s = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         let seq = {
             let r = s.received.entry((from, self.rank)).or_default();
             *r += 1;
             *r
         };
+        let b = self.wait_on(
+            s,
+            from,
+            |s| s.boxes.remove(&(from, self.rank, seq)),
+            |left| {
+                format!(
+                    "rank {} waited {:?} for message {seq} from rank {from}, which {}",
+                    self.rank,
+                    self.shared.timeout,
+                    if left { "has left" } else { "did not send it" }
+                )
+            },
+        )?;
+        self.shared.cv.notify_all();
+        if b.len() != bytes {
+            return Err(Error::Job {
+                kind: JobErrorKind::Mismatch,
+                message: format!(
+                    "rank {from} sent {} bytes, rank {} expected {bytes}",
+                    b.len(),
+                    self.rank
+                ),
+            });
+        }
+        Ok(b)
+    }
+
+    /// Waits, within the timeout, until `ready` gives a value; a timeout or
+    /// `peer` leaving is the device timeout error `what(peer has left)`.
+    fn wait_on<T>(
+        &self,
+        mut s: std::sync::MutexGuard<'_, Mailboxes>,
+        peer: usize,
+        mut ready: impl FnMut(&mut Mailboxes) -> Option<T>,
+        what: impl Fn(bool) -> String,
+    ) -> Result<T> {
+        let deadline = Instant::now() + self.shared.timeout;
         loop {
-            if let Some(b) = s.boxes.remove(&(from, self.rank, seq)) {
-                self.shared.cv.notify_all();
-                if b.len() != bytes {
-                    return Err(Error::Job {
-                        kind: JobErrorKind::Mismatch,
-                        message: format!(
-                            "rank {from} sent {} bytes, rank {} expected {bytes}",
-                            b.len(),
-                            self.rank
-                        ),
-                    });
-                }
-                return Ok(b);
+            if let Some(v) = ready(&mut s) {
+                return Ok(v);
             }
             let now = Instant::now();
-            if now >= deadline || s.gone[from] {
-                return Err(timeout_error(
-                    "in-process communicator",
-                    format!(
-                        "rank {} waited {:?} for message {seq} from rank {from}, which {}",
-                        self.rank,
-                        self.shared.timeout,
-                        if s.gone[from] {
-                            "has left"
-                        } else {
-                            "did not send it"
-                        }
-                    ),
-                ));
+            if now >= deadline || s.gone[peer] {
+                return Err(timeout_error("in-process communicator", what(s.gone[peer])));
             }
             s = self
                 .shared
