@@ -1520,6 +1520,73 @@ mod emulated {
         })
     }
 
+    /// `HcclSend` of `count` bytes of `m` to `peer` on `s`.
+    ///
+    /// # Safety
+    /// `m` holds at least `count` bytes.
+    unsafe fn hccl_send(
+        api: &Api,
+        m: &DeviceMem,
+        count: u64,
+        peer: u32,
+        comm: &safe::Comm,
+        s: &Stream,
+    ) -> acl::HcclResult {
+        api.HcclSend.unwrap()(
+            m.ptr(),
+            count,
+            acl::HCCL_DATA_TYPE_UINT8,
+            peer,
+            comm.raw(),
+            s.raw(),
+        )
+    }
+
+    /// `HcclRecv` of `count` bytes into `m` from `peer` on `s`.
+    ///
+    /// # Safety
+    /// `m` holds at least `count` bytes.
+    unsafe fn hccl_recv(
+        api: &Api,
+        m: &DeviceMem,
+        count: u64,
+        peer: u32,
+        comm: &safe::Comm,
+        s: &Stream,
+    ) -> acl::HcclResult {
+        api.HcclRecv.unwrap()(
+            m.ptr(),
+            count,
+            acl::HCCL_DATA_TYPE_UINT8,
+            peer,
+            comm.raw(),
+            s.raw(),
+        )
+    }
+
+    /// `HcclAllGather` of `count` bytes of `send` into `recv` on `s`.
+    ///
+    /// # Safety
+    /// `send` holds `count` bytes and `recv` `count` × ranks (or the call is
+    /// one the emulator refuses before touching memory).
+    unsafe fn hccl_all_gather(
+        api: &Api,
+        send: &DeviceMem,
+        recv: &DeviceMem,
+        count: u64,
+        comm: &safe::Comm,
+        s: &Stream,
+    ) -> acl::HcclResult {
+        api.HcclAllGather.unwrap()(
+            send.ptr(),
+            recv.ptr(),
+            count,
+            acl::HCCL_DATA_TYPE_UINT8,
+            comm.raw(),
+            s.raw(),
+        )
+    }
+
     fn dev_with(ctx: &std::sync::Arc<Context>, bytes: &[u8]) -> DeviceMem {
         let m = DeviceMem::new(ctx, bytes.len()).unwrap();
         // SAFETY: host source, device destination of the same size.
@@ -1574,14 +1641,7 @@ mod emulated {
             // SAFETY: device buffers of the right sizes, host count arrays.
             unsafe {
                 assert_eq!(
-                    api.HcclAllGather.unwrap()(
-                        send.ptr(),
-                        recv.ptr(),
-                        4,
-                        acl::HCCL_DATA_TYPE_UINT8,
-                        comm.raw(),
-                        s.raw()
-                    ),
+                    hccl_all_gather(api, &send, &recv, 4, comm, &s),
                     acl::HCCL_SUCCESS
                 );
                 assert_eq!(
@@ -1613,51 +1673,11 @@ mod emulated {
                 // A ring: send to r+1, receive from r-1 (rank 0 receives first).
                 let (next, prev) = ((r + 1) % 3, (r + 2) % 3);
                 if r == 0 {
-                    assert_eq!(
-                        api.HcclRecv.unwrap()(
-                            p2p.ptr(),
-                            4,
-                            acl::HCCL_DATA_TYPE_UINT8,
-                            prev,
-                            comm.raw(),
-                            s.raw()
-                        ),
-                        acl::HCCL_SUCCESS
-                    );
-                    assert_eq!(
-                        api.HcclSend.unwrap()(
-                            send.ptr(),
-                            4,
-                            acl::HCCL_DATA_TYPE_UINT8,
-                            next,
-                            comm.raw(),
-                            s.raw()
-                        ),
-                        acl::HCCL_SUCCESS
-                    );
+                    assert_eq!(hccl_recv(api, &p2p, 4, prev, comm, &s), acl::HCCL_SUCCESS);
+                    assert_eq!(hccl_send(api, &send, 4, next, comm, &s), acl::HCCL_SUCCESS);
                 } else {
-                    assert_eq!(
-                        api.HcclSend.unwrap()(
-                            send.ptr(),
-                            4,
-                            acl::HCCL_DATA_TYPE_UINT8,
-                            next,
-                            comm.raw(),
-                            s.raw()
-                        ),
-                        acl::HCCL_SUCCESS
-                    );
-                    assert_eq!(
-                        api.HcclRecv.unwrap()(
-                            p2p.ptr(),
-                            4,
-                            acl::HCCL_DATA_TYPE_UINT8,
-                            prev,
-                            comm.raw(),
-                            s.raw()
-                        ),
-                        acl::HCCL_SUCCESS
-                    );
+                    assert_eq!(hccl_send(api, &send, 4, next, comm, &s), acl::HCCL_SUCCESS);
+                    assert_eq!(hccl_recv(api, &p2p, 4, prev, comm, &s), acl::HCCL_SUCCESS);
                 }
             }
             s.synchronize().unwrap();
@@ -1695,23 +1715,9 @@ mod emulated {
             // SAFETY: device buffer of 8 bytes.
             unsafe {
                 if r == 0 {
-                    api.HcclSend.unwrap()(
-                        m.ptr(),
-                        4,
-                        acl::HCCL_DATA_TYPE_UINT8,
-                        1,
-                        comm.raw(),
-                        s.raw(),
-                    );
+                    hccl_send(api, &m, 4, 1, comm, &s);
                 } else {
-                    api.HcclRecv.unwrap()(
-                        m.ptr(),
-                        6,
-                        acl::HCCL_DATA_TYPE_UINT8,
-                        0,
-                        comm.raw(),
-                        s.raw(),
-                    );
+                    hccl_recv(api, &m, 6, 0, comm, &s);
                 }
             }
             s.synchronize().map_err(|e| e.to_string())
@@ -1733,16 +1739,7 @@ mod emulated {
                 DeviceMem::new(ctx, 8).unwrap(),
             );
             // SAFETY: device buffers of the right sizes.
-            unsafe {
-                api.HcclAllGather.unwrap()(
-                    a.ptr(),
-                    b.ptr(),
-                    4,
-                    acl::HCCL_DATA_TYPE_UINT8,
-                    comm.raw(),
-                    s.raw(),
-                )
-            };
+            unsafe { hccl_all_gather(api, &a, &b, 4, comm, &s) };
             let e = s.synchronize().unwrap_err();
             assert!(comm.async_error().unwrap_err().is_timeout());
             Err(e)
@@ -1760,16 +1757,7 @@ mod emulated {
                 DeviceMem::new(ctx, 4).unwrap(),
             );
             // SAFETY: the call is refused before touching memory.
-            unsafe {
-                api.HcclAllGather.unwrap()(
-                    a.ptr(),
-                    b.ptr(),
-                    4,
-                    acl::HCCL_DATA_TYPE_UINT8,
-                    comm.raw(),
-                    s.raw(),
-                )
-            }
+            unsafe { hccl_all_gather(api, &a, &b, 4, comm, &s) }
         });
         assert!(
             r.iter()
