@@ -338,16 +338,7 @@ fn full_disk_fails_every_rank_with_the_converters_error() {
     let job = dir.path().join("job");
     // Hidden 64: every destination file is larger than the 16 KiB limit.
     model(&job.join("model.ckpt"), 2, 64, 2);
-    job_strategies(
-        &job.join("model.ckpt"),
-        &job.join("output/strategy"),
-        2,
-        2,
-        1,
-        0,
-        true,
-    );
-    std::fs::write(job.join("run.yaml"), yaml("./model.ckpt", "", 1, 1, "")).unwrap();
+    job_setup(&job, [2, 2, 1], 0, &yaml("./model.ckpt", "", 1, 1, ""));
     let logs = tempdir();
     let ranks = Ranks {
         world: 4,
