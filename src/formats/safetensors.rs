@@ -500,25 +500,7 @@ mod tests {
         assert_eq!(err.file(), Some(path.as_path()), "{err}");
         assert!(err.to_string().contains("not a valid safetensors"), "{err}");
 
-        let a = [5u8; 4];
-        let tensors = vec![(
-            "w".to_string(),
-            TensorRef {
-                dtype: DType::F32,
-                shape: vec![1],
-                data: &a,
-            },
-        )];
-        let meta = BTreeMap::from([("crc_num".to_string(), "12345".to_string())]);
-        write(
-            &path,
-            &tensors,
-            &StWriteOptions {
-                metadata: Some(meta),
-                crc: false,
-            },
-        )
-        .unwrap();
+        with_crc_num(&path, "w", DType::F32, vec![1], &[5u8; 4], "12345");
         let err = SafetensorsFile::open(&path, true).err().unwrap();
         assert!(
             matches!(err.root(), Error::CrcMismatch { stored: 12345, .. }),
@@ -526,8 +508,25 @@ mod tests {
         );
     }
 
-    /// Found by fuzzing: the CRC rule hashes a 0-d integer as that many zero
-    /// bytes, so a crafted scalar must not make verification run for ever.
+    /// One tensor written with `crc_num` as its stored CRC, whatever the
+    /// content's.
+    fn with_crc_num(
+        path: &Path,
+        name: &str,
+        dtype: DType,
+        shape: Vec<usize>,
+        data: &[u8],
+        crc: &str,
+    ) {
+        let t = TensorRef { dtype, shape, data };
+        let meta = BTreeMap::from([("crc_num".to_string(), crc.to_string())]);
+        let options = StWriteOptions {
+            metadata: Some(meta),
+            crc: false,
+        };
+        write(path, &[(name.to_string(), t)], &options).unwrap();
+    }
+
     #[test]
     fn name_length_is_capped() {
         let dir = tempfile::tempdir().unwrap();
@@ -547,29 +546,20 @@ mod tests {
         assert_eq!(err.file(), Some(path.as_path()));
     }
 
+    /// Found by fuzzing: the CRC rule hashes a 0-d integer as that many zero
+    /// bytes, so a crafted scalar must not make verification run for ever.
     #[test]
     fn a_huge_scalar_cannot_stall_crc_verification() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("huge.safetensors");
-        let v = (1u64 << 60).to_le_bytes();
-        let tensors = vec![(
-            "step".to_string(),
-            TensorRef {
-                dtype: DType::U64,
-                shape: vec![],
-                data: &v,
-            },
-        )];
-        let meta = BTreeMap::from([("crc_num".to_string(), "1".to_string())]);
-        write(
+        with_crc_num(
             &path,
-            &tensors,
-            &StWriteOptions {
-                metadata: Some(meta),
-                crc: false,
-            },
-        )
-        .unwrap();
+            "step",
+            DType::U64,
+            vec![],
+            &(1u64 << 60).to_le_bytes(),
+            "1",
+        );
         let t = std::time::Instant::now();
         let err = SafetensorsFile::open(&path, true).err().unwrap();
         assert_eq!(err.kind(), crate::error::ErrorKind::Limit, "{err}");
