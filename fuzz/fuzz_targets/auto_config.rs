@@ -16,6 +16,8 @@ fuzz_target!(|data: &[u8]| {
             rank_id: Some("3".into()),
             rank_size: Some("8".into()),
             device_num_per_node: Some("4".into()),
+            device_id: Some("1".into()),
+            scheduler: Some(("127.0.0.1".into(), "8118".into())),
         });
     }
 });
