@@ -19,6 +19,14 @@ fn safetensors_tree(model: &Path, strategy: &Path, out: &Path) {
     transform(&o).unwrap();
 }
 
+/// A job YAML (`util::job::yaml`) with `load_ckpt_format: safetensors`.
+fn safetensors_yaml(y: String) -> String {
+    y.replace(
+        "load_ckpt_format: 'ckpt'",
+        "load_ckpt_format: 'safetensors'",
+    )
+}
+
 /// Every rank converted, and its file is `expect`'s for that rank.
 fn converted_as(out: &[crate::util::job::Outcome], expect: &Path) {
     for o in out {
@@ -73,12 +81,6 @@ fn safetensors_flow_picks_files_as_mindformers() {
         )
         .unwrap();
     }
-    let st = |y: String| {
-        y.replace(
-            "load_ckpt_format: 'ckpt'",
-            "load_ckpt_format: 'safetensors'",
-        )
-    };
     let (ea, eb) = (job.join("../expect_a"), job.join("../expect_b"));
     for (src, e) in [(&ta, &ea), (&tb, &eb)] {
         transform(&TransformOptions::new(
@@ -91,7 +93,7 @@ fn safetensors_flow_picks_files_as_mindformers() {
     }
     std::fs::write(
         job.join("run.yaml"),
-        st(yaml("./ckpt", "./src_strategy", 1, 1, "")),
+        safetensors_yaml(yaml("./ckpt", "./src_strategy", 1, 1, "")),
     )
     .unwrap();
     let out = run_job(4, &|_| job.clone(), &[]);
@@ -112,7 +114,7 @@ fn safetensors_flow_picks_files_as_mindformers() {
     // with the file's `-E_S` as file_suffix (here the older B).
     std::fs::write(
         job.join("run.yaml"),
-        st(yaml(
+        safetensors_yaml(yaml(
             "./ckpt/rank_0/net_rank_0-2_1.safetensors",
             "./src_strategy",
             1,
@@ -128,7 +130,7 @@ fn safetensors_flow_picks_files_as_mindformers() {
     // `resume_training` naming a file: its `E_S` is the suffix (B again,
     // through a fresh output folder).
     let resume = |name: &str, out: &str| {
-        st(yaml("./ckpt", "./src_strategy", 1, 1, ""))
+        safetensors_yaml(yaml("./ckpt", "./src_strategy", 1, 1, ""))
             .replace(
                 "resume_training: False",
                 &format!("resume_training: '{name}'"),
@@ -163,7 +165,7 @@ fn safetensors_flow_picks_files_as_mindformers() {
     // (mindformers' `_get_src_file`); a rank-folder file is refused.
     std::fs::write(
         job.join("run.yaml"),
-        st(yaml("./ckpt", "./src_strategy", 1, 1, ""))
+        safetensors_yaml(yaml("./ckpt", "./src_strategy", 1, 1, ""))
             .replace("auto_trans_ckpt: True", "auto_trans_ckpt: False")
             .replace("output_dir: './output'", "output_dir: './output5'"),
     )
@@ -197,23 +199,10 @@ fn checkpoint2_directory_is_a_source() {
     transform(&o).unwrap();
     std::fs::write(
         job.join("run.yaml"),
-        yaml("./ck2", "", 1, 1, "").replace(
-            "load_ckpt_format: 'ckpt'",
-            "load_ckpt_format: 'safetensors'",
-        ),
+        safetensors_yaml(yaml("./ck2", "", 1, 1, "")),
     )
     .unwrap();
-    let out = run_job(4, &|_| job.clone(), &[]);
-    for o in &out {
-        assert_eq!(o.code, Some(0), "rank {}: {}", o.rank, o.stderr);
-        assert_eq!(o.action(), "converted", "{:?}", o.report);
-        let r = o.rank;
-        let want = expect.join(format!("rank_{r}/checkpoint_{r}.safetensors"));
-        assert!(
-            std::fs::read(o.path()).unwrap() == std::fs::read(&want).unwrap(),
-            "rank {r}"
-        );
-    }
+    converted_as(&run_job(4, &|_| job.clone(), &[]), &expect);
     std::fs::write(job.join("run.yaml"), yaml("./ck2", "", 1, 1, "")).unwrap();
     rank0_of_4_fails_naming(&job, &["Checkpoint 2.0", "ck2"]);
 }
@@ -233,11 +222,7 @@ fn complete_folder_without_auto_trans_is_refused_as_mindformers_does() {
     .unwrap();
     std::fs::write(
         job.join("run.yaml"),
-        yaml("./full", "", 1, 1, "")
-            .replace(
-                "load_ckpt_format: 'ckpt'",
-                "load_ckpt_format: 'safetensors'",
-            )
+        safetensors_yaml(yaml("./full", "", 1, 1, ""))
             .replace("auto_trans_ckpt: True", "auto_trans_ckpt: False"),
     )
     .unwrap();
@@ -294,10 +279,7 @@ fn folder_of_complete_safetensors_is_one_checkpoint() {
     .unwrap();
     std::fs::write(
         job.join("run.yaml"),
-        yaml("./weights", "", 1, 1, "").replace(
-            "load_ckpt_format: 'ckpt'",
-            "load_ckpt_format: 'safetensors'",
-        ),
+        safetensors_yaml(yaml("./weights", "", 1, 1, "")),
     )
     .unwrap();
     converted_as(&run_job(4, &|_| job.clone(), &[]), &expect);

@@ -99,6 +99,7 @@ fn bench_runs_every_step_and_reports_json() {
         assert_eq!(report[bound]["samples"].as_array().unwrap().len(), 1);
     }
     assert_eq!(report["repeat"], 1);
+    assert_eq!(report["cold"], false);
     assert_eq!(report["dtype"], "BFloat16");
     assert!(report["model"]["largest"].as_u64().unwrap() > 0);
     assert_cleaned(&work);
@@ -111,7 +112,15 @@ fn bench_times_selected_steps_and_makes_their_inputs() {
     let work = dir.path().join("b");
     let report = bench(
         &work,
-        &["--steps", "merge,lora", "--dtype", "fp16", "--repeat", "2"],
+        &[
+            "--steps",
+            "merge,lora",
+            "--dtype",
+            "fp16",
+            "--repeat",
+            "2",
+            "--cold",
+        ],
     );
     let steps = report["steps"].as_array().unwrap();
     let names: Vec<&str> = steps.iter().map(|s| s["step"].as_str().unwrap()).collect();
@@ -120,6 +129,8 @@ fn bench_times_selected_steps_and_makes_their_inputs() {
         check_step(s, 2);
     }
     assert_eq!(report["dtype"], "Float16");
+    // `--cold`: the runs with fsync started from the disk.
+    assert_eq!(report["cold"], true);
     assert_cleaned(&work);
 }
 
@@ -147,6 +158,14 @@ fn bench_exchange_reports_bytes_per_rank() {
     assert!(total("bytes_sent") > 0, "{s}");
     assert_eq!(total("bytes_sent"), total("bytes_received"), "{s}");
     assert!(total("bytes_read") > 0, "{s}");
+    // Every receiving rank held what it received in its bounded inbox.
+    for r in ranks
+        .iter()
+        .filter(|r| r["bytes_received"].as_u64().unwrap() > 0)
+    {
+        let peak = r["inbox_peak_bytes"].as_u64().unwrap();
+        assert!(peak > 0 && peak <= 64 << 20, "{r}");
+    }
     assert_cleaned(&work);
 }
 

@@ -12,6 +12,18 @@ use reshard::ops::convert::ConvertOptions;
 use reshard::DType;
 use serde_json::{json, Value};
 
+/// A Qwen (1) decoder layer, also Qwen-VL's language model.
+const QWEN_LAYER: &[(&str, &[usize])] = &[
+    ("ln_1.weight", &[8]),
+    ("attn.c_attn.weight", &[24, 8]),
+    ("attn.c_attn.bias", &[24]),
+    ("attn.c_proj.weight", &[8, 8]),
+    ("ln_2.weight", &[8]),
+    ("mlp.w1.weight", &[6, 8]),
+    ("mlp.w2.weight", &[6, 8]),
+    ("mlp.c_proj.weight", &[8, 6]),
+];
+
 /// One family's fixture: `--model`, extra options, config, tensors.
 pub struct Spec {
     /// `--model`.
@@ -219,19 +231,7 @@ pub fn spec(name: &str) -> Spec {
         }
         "qwen1" => {
             b.t("transformer.wte.weight", &[16, 8]);
-            b.layers(
-                "transformer.h.",
-                &[
-                    ("ln_1.weight", &[8]),
-                    ("attn.c_attn.weight", &[24, 8]),
-                    ("attn.c_attn.bias", &[24]),
-                    ("attn.c_proj.weight", &[8, 8]),
-                    ("ln_2.weight", &[8]),
-                    ("mlp.w1.weight", &[6, 8]),
-                    ("mlp.w2.weight", &[6, 8]),
-                    ("mlp.c_proj.weight", &[8, 6]),
-                ],
-            );
+            b.layers("transformer.h.", QWEN_LAYER);
             b.t("transformer.ln_f.weight", &[8])
                 .t("lm_head.weight", &[16, 8]);
             b.into_spec(
@@ -531,19 +531,7 @@ pub fn spec(name: &str) -> Spec {
         }
         "qwenvl" => {
             b.t("transformer.wte.weight", &[16, 8]);
-            b.layers(
-                "transformer.h.",
-                &[
-                    ("ln_1.weight", &[8]),
-                    ("attn.c_attn.weight", &[24, 8]),
-                    ("attn.c_attn.bias", &[24]),
-                    ("attn.c_proj.weight", &[8, 8]),
-                    ("ln_2.weight", &[8]),
-                    ("mlp.w1.weight", &[6, 8]),
-                    ("mlp.w2.weight", &[6, 8]),
-                    ("mlp.c_proj.weight", &[8, 6]),
-                ],
-            );
+            b.layers("transformer.h.", QWEN_LAYER);
             let v = "transformer.visual.";
             b.t("transformer.ln_f.weight", &[8])
                 .t(format!("{v}positional_embedding"), &[5, 6])

@@ -120,15 +120,6 @@ pub(super) fn evict_cache(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The page cache of `path` as a timed run wants it: warm, or cold.
-pub(super) fn prepare_cache(path: &Path, cold: bool) -> Result<()> {
-    if cold {
-        evict_cache(path)
-    } else {
-        warm_cache(path)
-    }
-}
-
 /// The largest file directly in `dir`.
 pub(super) fn largest_file(dir: &Path) -> Result<PathBuf> {
     let mut best: Option<(u64, PathBuf)> = None;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::measure::{
-    fastest, median, plain_copy, prepare_cache, remove, settle, warm_cache, RssSampler,
+    evict_cache, fastest, median, plain_copy, remove, settle, warm_cache, RssSampler,
 };
 use super::mindspore::MsJob;
 use super::report::{BenchStep, MindSporeTiming, Timing};
@@ -302,8 +302,11 @@ impl Bench<'_> {
                 )
                 .map_err(|e| in_step(&what, e))?;
                 settle();
-                if durable && self.o.cold {
-                    prepare_cache(&self.model_file, true).map_err(|e| in_step(&what, e))?;
+                // `--cold`: the copy with fsync and the run with fsync read
+                // their input from the disk.
+                let cold = durable && self.o.cold;
+                if cold {
+                    evict_cache(&self.model_file).map_err(|e| in_step(&what, e))?;
                 }
                 let copied = Progress::new();
                 let seen = self.observe(&format!("{what}: copy bound"), model_bytes, Some(&copied));
@@ -321,9 +324,9 @@ impl Bench<'_> {
                     &mut warm_copies
                 }
                 .push(copy);
-                // `--cold`: the run with fsync reads its input from the disk.
-                let cold = durable && self.o.cold;
-                prepare_cache(op.input(), cold).map_err(|e| in_step(&what, e))?;
+                if cold {
+                    evict_cache(op.input()).map_err(|e| in_step(&what, e))?;
+                }
                 settle();
                 let progress = Progress::new();
                 let control = OutputControl {
