@@ -56,5 +56,6 @@ fetch 2.1.0 \
   mindformers/checkpoint/utils.py \
   mindformers/checkpoint/layout_adapter.py \
   mindformers/checkpoint/safetensors_utils.py \
-  mindformers/checkpoint/fully_parallel.py
+  mindformers/checkpoint/fully_parallel.py \
+  mindformers/checkpoint/checkpoint.py
 echo "$cache"

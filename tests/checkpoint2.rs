@@ -247,3 +247,127 @@ fn common_json_carries_the_training_counters() {
         theirs
     );
 }
+
+/// Every tensor of every `.safetensors` file under `dir`, by (file relative
+/// to `dir`, name): tensor order within a file aside.
+fn safetensors_tensors(dir: &Path) -> std::collections::BTreeMap<(PathBuf, String), Vec<u8>> {
+    use reshard::formats::safetensors::SafetensorsFile;
+    let mut out = std::collections::BTreeMap::new();
+    for p in crate::util::fs::data_files(dir) {
+        if p.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+            continue;
+        }
+        let f = SafetensorsFile::open(&p, false).unwrap();
+        let rel = p.strip_prefix(dir).unwrap().to_path_buf();
+        for t in f.entries() {
+            let key = (rel.clone(), t.name.clone());
+            let mut v = format!("{:?}{:?}", t.dtype, t.shape).into_bytes();
+            v.extend_from_slice(f.bytes(t));
+            assert!(out.insert(key, v).is_none());
+        }
+    }
+    assert!(!out.is_empty(), "no safetensors under {}", dir.display());
+    out
+}
+
+/// `model` as a Checkpoint 2.0 directory (dp1·mp2), iteration 3.
+fn as_checkpoint2(model: &Path, strategy: &Path, out: &Path) -> PathBuf {
+    let mut o = TransformOptions::new(model, out, None, Some(strategy.to_path_buf()));
+    o.checkpoint2_iteration = Some(3);
+    transform(&o).unwrap();
+    out.to_path_buf()
+}
+
+/// merge-lora reads a Checkpoint 2.0 directory as the complete checkpoint
+/// it holds: whole and to a strategy, the same tensors as from the file it
+/// was saved from, read straight from the shard files.
+#[test]
+fn merge_lora_from_checkpoint2_equals_merge_lora_from_the_full_model() {
+    use reshard::ops::merge_lora::{merge_lora, MergeLoraOptions};
+    let dir = tempdir();
+    let root = dir.path();
+    let model = root.join("lora.ckpt");
+    crate::util::lora::lora_model(&model, DType::BF16, 7);
+    let s = crate::util::lora::strategies(&model, &root.join("s"), 2);
+    let ck2 = as_checkpoint2(&model, &s, &root.join("ck2"));
+    for (case, dst) in [("full", None), ("mp2", Some(s.clone()))] {
+        let run = |src: &Path, out: &Path| {
+            let mut o = MergeLoraOptions::new(src, out);
+            o.dst_strategy = dst.clone();
+            o.scale = 0.5;
+            o.format = reshard::formats::tree::FileFormat::Safetensors;
+            let r = merge_lora(&o).unwrap_or_else(|e| panic!("{case}: {e}"));
+            assert_eq!(r.merged.len(), 6, "{case}");
+            r
+        };
+        let (a, b) = (
+            root.join(format!("a_{case}")),
+            root.join(format!("b_{case}")),
+        );
+        run(&model, &a);
+        let from_ck2 = run(&ck2, &b);
+        assert_eq!(safetensors_tensors(&a), safetensors_tensors(&b), "{case}");
+        // Read from both shard files (source ranks 0 and 1), nothing
+        // assembled on disk.
+        let ranks: std::collections::BTreeSet<usize> = from_ck2
+            .plan
+            .files
+            .iter()
+            .flat_map(|f| f.source_ranks.clone())
+            .collect();
+        assert_eq!(ranks, [0, 1].into(), "{case}");
+        assert!(crate::util::fs::walk(&ck2)
+            .iter()
+            .all(|p| !p.to_string_lossy().contains("assembled")));
+    }
+    // The layout is the directory's own: a source strategy is refused.
+    let mut o = MergeLoraOptions::new(&ck2, root.join("refused"));
+    o.src_strategy = Some(s.clone());
+    let e = merge_lora(&o).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
+    assert_eq!(e.option(), Some("src_strategy"), "{e}");
+    assert!(!root.join("refused").exists());
+    // unify has nothing to merge: a clear refusal naming the directory.
+    let e = reshard::ops::unify::unify(&reshard::ops::unify::UnifyOptions::new(
+        &ck2,
+        &s,
+        root.join("unified"),
+    ))
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert_eq!(e.file(), Some(ck2.as_path()), "{e}");
+    assert!(!root.join("unified").exists());
+}
+
+/// MindSpore → HuggingFace from a Checkpoint 2.0 directory gives the
+/// HuggingFace model the complete checkpoint gives.
+#[test]
+fn reverse_convert_from_checkpoint2_equals_reverse_from_the_full_model() {
+    use crate::util::hf::{options, spec, write_hf};
+    use reshard::ops::convert::convert;
+    let dir = tempdir();
+    let root = dir.path();
+    let spec = spec("llama");
+    let hf = write_hf(&spec, &root.join("hf"), 1);
+    let ms = root.join("ms.ckpt");
+    convert(&options(&spec, &hf, &ms)).unwrap();
+    let s = strategies(&ms, &root.join("s"), 1, 2, 1, 0);
+    let ck2 = as_checkpoint2(&ms, &s, &root.join("ck2"));
+    let back = |src: &Path, out: &Path| {
+        let mut o = options(&spec, src, out);
+        o.reversed = true;
+        o.config = Some(hf.join("config.json"));
+        convert(&o).unwrap()
+    };
+    let (a, b) = (root.join("from_file"), root.join("from_ck2"));
+    back(&ms, &a);
+    let report = back(&ck2, &b);
+    assert_eq!(safetensors_tensors(&a), safetensors_tensors(&b));
+    // The report names the shard files read, not the virtual whole.
+    assert!(report.inputs.len() >= 2, "{:?}", report.inputs);
+    assert!(
+        report.inputs.iter().all(|p| p.exists()),
+        "{:?}",
+        report.inputs
+    );
+}

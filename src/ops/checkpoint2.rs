@@ -12,9 +12,10 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::formats::checkpoint2::{self, Checkpoint2};
 use crate::formats::strategy::Strategy;
-use crate::formats::tree::{FileFormat, RankSource};
+use crate::formats::tree::FileFormat;
 use crate::formats::{EntryValue, SourceEntry};
 use crate::layout::boxes::BoxCopy;
+use crate::plan::compose::VirtualSource;
 use crate::plan::transform::{plan as plan_transform, TransformInput};
 use crate::plan::{Content, CopyStep, FilePlan, Plan, SourceFile, TensorPlan};
 
@@ -34,9 +35,28 @@ pub(crate) struct Target<'a> {
     pub remove_redundancy: bool,
 }
 
-/// Each parameter's full tensor as box copies from the shard files, and
-/// the files read (indexes of the steps).
-pub(crate) fn assemble(ck: &Checkpoint2) -> Result<(Vec<SourceFile>, Vec<TensorPlan>)> {
+/// The Checkpoint 2.0 directory at `src`, assembled: each parameter's full
+/// tensor as box copies from its shard files, as one virtual complete
+/// checkpoint that every planner can read (transform, verify, merge-lora,
+/// convert).
+pub(crate) fn open_assembled(src: &Path) -> Result<VirtualSource> {
+    assemble(&checkpoint2::open(src)?)
+}
+
+/// A Checkpoint 2.0 source describes its own layout: no source strategy.
+pub(crate) fn refuse_src_strategy(src: &Path, given: bool) -> Result<()> {
+    if given {
+        return Err(Error::usage_of(
+            "src_strategy",
+            "not for a Checkpoint 2.0 directory, which describes its layout in metadata.json",
+        )
+        .in_file(src));
+    }
+    Ok(())
+}
+
+/// Each parameter's full tensor as box copies from the shard files.
+pub(crate) fn assemble(ck: &Checkpoint2) -> Result<VirtualSource> {
     let files = checkpoint2::files(&ck.params);
     let mut index: HashMap<PathBuf, (usize, HashMap<String, SourceEntry>)> = HashMap::new();
     let mut sources = Vec::with_capacity(files.len());
@@ -102,18 +122,17 @@ pub(crate) fn assemble(ck: &Checkpoint2) -> Result<(Vec<SourceFile>, Vec<TensorP
             },
         });
     }
-    Ok((sources, tensors))
+    Ok(VirtualSource {
+        sources,
+        tensors,
+        path: ck.dir.join("assembled.safetensors"),
+    })
 }
 
 /// The plan of a transform whose source is the Checkpoint 2.0 directory
 /// `src`.
 pub(crate) fn plan(src: &Path, t: &Target<'_>) -> Result<Plan> {
-    let ck = checkpoint2::open(src)?;
-    let (sources, tensors) = assemble(&ck)?;
-    let entries: Vec<SourceEntry> = tensors
-        .iter()
-        .map(|t| t.as_source_entry().expect("assembly makes tensors"))
-        .collect();
+    let assembled = open_assembled(src)?;
     let Some(dst) = t.dst else {
         if t.remove_redundancy {
             return Err(Error::usage_of(
@@ -126,21 +145,20 @@ pub(crate) fn plan(src: &Path, t: &Target<'_>) -> Result<Plan> {
             .join("rank_0")
             .join(format!("{}0.{}", t.prefix, t.format.extension()));
         return Ok(Plan {
-            sources,
+            sources: assembled.sources,
             files: vec![FilePlan {
                 rank: 0,
                 path,
                 format: t.format,
-                tensors,
+                tensors: assembled.tensors,
                 metadata: None,
             }],
         });
     };
     // A full, unsharded source: the transform planner cuts each rank's
     // slices out of it.
-    let virtual_path = ck.dir.join("assembled.safetensors");
     let planned = plan_transform(&TransformInput {
-        sources: vec![RankSource::new(0, virtual_path, entries)],
+        sources: vec![assembled.rank_source()?],
         src_strategy: None,
         dst_strategy: Some(dst),
         dst_dir: t.dst_dir,
@@ -151,6 +169,5 @@ pub(crate) fn plan(src: &Path, t: &Target<'_>) -> Result<Plan> {
         deduplicated: false,
         remove_redundancy: t.remove_redundancy,
     })?;
-    let files = crate::ops::convert::compose::through_virtual(planned.files, &tensors)?;
-    Ok(Plan { sources, files })
+    assembled.compose(planned)
 }

@@ -19,6 +19,11 @@
 //! the output has exactly the base model's parameters, in the order a
 //! transform would write them.
 //!
+//! A mindformers Checkpoint 2.0 directory is a source too: the merge is
+//! planned over the complete checkpoint its shards assemble to
+//! ([`crate::plan::compose::VirtualSource`]) and reads the shard files
+//! directly.
+//!
 //! HuggingFace PEFT adapters ([`merge_peft`]) live in `peft.rs`.
 
 use std::collections::{BTreeSet, HashMap};
@@ -30,8 +35,8 @@ use crate::backend::BackendChoice;
 use crate::error::{Error, Result};
 use crate::exec::{ExecReport, OutputControl};
 use crate::formats::ckpt::ReadOptions;
-use crate::formats::strategy;
 use crate::formats::tree::{deduplicated, index_sources, rank_count, source_files, FileFormat};
+use crate::formats::{checkpoint2, strategy};
 use crate::ops::write::{write_plan, WriteSettings};
 use crate::plan::transform::{plan, LoraSpec, TransformInput};
 use crate::plan::{Content, PlanSummary};
@@ -166,14 +171,29 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
             format!("must be a finite number, not {}", o.scale),
         ));
     }
-    let (_, files) = source_files(&o.src)?;
-    if rank_count(&files) > 1 && o.src_strategy.is_none() {
-        return Err(
-            Error::usage_of("src_strategy", "needed: the source is distributed").in_file(&o.src),
-        );
-    }
-    let sources = index_sources(files, &o.read)?;
-    let deduplicated = deduplicated(&sources, None, &mut Vec::new())?;
+    // A Checkpoint 2.0 directory is planned as the complete checkpoint it
+    // assembles to, then composed to read its shard files.
+    let assembled = if checkpoint2::is_checkpoint2(&o.src) {
+        crate::ops::checkpoint2::refuse_src_strategy(&o.src, o.src_strategy.is_some())?;
+        Some(crate::ops::checkpoint2::open_assembled(&o.src)?)
+    } else {
+        None
+    };
+    let (sources, deduplicated) = match &assembled {
+        Some(a) => (vec![a.rank_source()?], false),
+        None => {
+            let (_, files) = source_files(&o.src)?;
+            if rank_count(&files) > 1 && o.src_strategy.is_none() {
+                return Err(
+                    Error::usage_of("src_strategy", "needed: the source is distributed")
+                        .in_file(&o.src),
+                );
+            }
+            let sources = index_sources(files, &o.read)?;
+            let deduplicated = deduplicated(&sources, None, &mut Vec::new())?;
+            (sources, deduplicated)
+        }
+    };
     let names: BTreeSet<String> = sources
         .iter()
         .flat_map(|s| s.entries.iter().map(|e| e.name.clone()))
@@ -214,6 +234,10 @@ pub fn merge_lora(o: &MergeLoraOptions) -> Result<MergeLoraReport> {
         deduplicated,
         remove_redundancy: false,
     })?;
+    let plan = match &assembled {
+        Some(a) => a.compose(plan)?,
+        None => plan,
+    };
     // Every base weight must have been merged on every rank that holds it.
     for f in &plan.files {
         for (w, _, _) in &merged {

@@ -188,7 +188,10 @@ impl LoadedStrategies {
     fn load(options: &TransformOptions) -> Result<LoadedStrategies> {
         if crate::formats::checkpoint2::is_checkpoint2(&options.src_checkpoint) {
             // Refused before any strategy file is read.
-            refuse_src_strategy(options, options.src_strategy.is_some())?;
+            crate::ops::checkpoint2::refuse_src_strategy(
+                &options.src_checkpoint,
+                options.src_strategy.is_some(),
+            )?;
         }
         Ok(LoadedStrategies {
             src: load_strategy(&options.src_strategy)?,
@@ -318,22 +321,13 @@ fn check_world_size(options: &TransformOptions, dst: Option<&Strategy>) -> Resul
     Ok(())
 }
 
-/// A Checkpoint 2.0 source describes its own layout: no source strategy.
-fn refuse_src_strategy(options: &TransformOptions, given: bool) -> Result<()> {
-    if given {
-        return Err(Error::usage_of(
-            "src_strategy",
-            "not for a Checkpoint 2.0 directory, which describes its layout in metadata.json",
-        )
-        .in_file(&options.src_checkpoint));
-    }
-    Ok(())
-}
-
 /// [`plan_with`] of a mindformers Checkpoint 2.0 directory, whose
 /// `metadata.json` describes its own layout.
 fn plan_checkpoint2(options: &TransformOptions, inputs: &TransformInputs<'_>) -> Result<Plan> {
-    refuse_src_strategy(options, inputs.src_strategy.is_some())?;
+    crate::ops::checkpoint2::refuse_src_strategy(
+        &options.src_checkpoint,
+        inputs.src_strategy.is_some(),
+    )?;
     let dst = inputs.dst_strategy;
     let plan = crate::ops::checkpoint2::plan(
         &options.src_checkpoint,

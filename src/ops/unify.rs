@@ -320,6 +320,13 @@ pub fn plan_unify(o: &UnifyOptions) -> Result<UnifyPlan> {
     if !o.src_dir.is_dir() {
         return Err(Error::missing("no such directory").in_file(&o.src_dir));
     }
+    if crate::formats::checkpoint2::is_checkpoint2(&o.src_dir) {
+        return Err(Error::unsupported(
+            "a Checkpoint 2.0 directory is one complete checkpoint already, read as it is by \
+             every command; to have it as one file, transform it without a destination strategy",
+        )
+        .in_file(&o.src_dir));
+    }
     if let Some((k, n)) = o.split_dst_file {
         if k == 0 || k > n {
             return Err(Error::usage_of(

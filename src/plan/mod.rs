@@ -3,6 +3,7 @@
 //! for every destination file, every tensor and the box copies that fill it.
 //! Planning reads indexes only; [`crate::exec`] runs a plan.
 
+pub mod compose;
 pub mod consistency;
 pub mod transform;
 

@@ -8,7 +8,8 @@
 //! device coordinates, so reading them through the slice ids must give the
 //! full model back. Writing (`--output-format checkpoint2`) is checked
 //! against mindformers' balanced save plan (`_compute_balanced_assignment_on_rank0`,
-//! `distribute_shards`) and `save_balanced_metadata`.
+//! `distribute_shards`) and `save_balanced_metadata`, and `common.json`
+//! against `CommonInfo.save_common` (run from its source).
 
 use std::path::Path;
 
@@ -126,7 +127,8 @@ fn checkpoint2_directories_read_through_mindformers_metadata() {
     }
     // Writing: the balanced save mindformers plans for the destination
     // layouts — the same files, the same bytes, the same metadata.json
-    // (compared as JSON: objects unordered, lists ordered).
+    // (compared as JSON: objects unordered, lists ordered) and the same
+    // common.json as CommonInfo.save_common.
     let out = root.join("written");
     let mut o = TransformOptions::new(&full, &out, None, Some(dst.clone()));
     o.checkpoint2_iteration = Some(1);
@@ -135,12 +137,7 @@ fn checkpoint2_directories_read_through_mindformers_metadata() {
         out.join("iteration_00000001"),
         root.join("balanced/iteration_00000001"),
     );
-    // `common.json` holds the training counters (checked in
-    // tests/checkpoint2.rs); mindformers' helpers here save no CommonInfo.
-    let mut a = files_under(&ours);
-    let common = a.iter().position(|f| f.ends_with("common.json"));
-    assert!(common.is_some(), "no common.json in {a:?}");
-    a.remove(common.unwrap());
+    let a = files_under(&ours);
     let b = files_under(&theirs);
     assert_eq!(a, b, "checkpoint2 output: different files");
     for f in &a {
@@ -168,6 +165,22 @@ fn checkpoint2_directories_read_through_mindformers_metadata() {
     assert!(
         std::fs::read(back.join("rank_0/checkpoint_0.safetensors")).unwrap()
             == std::fs::read(&full).unwrap()
+    );
+    // common.json with the counters CheckpointMonitor appends: the bytes
+    // of mindformers' CommonInfo.save_common for the same values.
+    let out = root.join("counters");
+    let mut o = TransformOptions::new(
+        root.join("counters.safetensors"),
+        &out,
+        None,
+        Some(dst.clone()),
+    );
+    o.checkpoint2_iteration = Some(1);
+    transform(&o).unwrap_or_else(|e| panic!("counters: {e}"));
+    assert_eq!(
+        std::fs::read_to_string(out.join("iteration_00000001/common.json")).unwrap(),
+        std::fs::read_to_string(root.join("counters_common.json")).unwrap(),
+        "common.json differs from CommonInfo.save_common"
     );
 
     // A --src-strategy is refused: metadata.json is the layout.

@@ -11,7 +11,8 @@ use super::{hf, ConvertOptions, ConvertReport};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::formats::tree::FileFormat;
-use crate::formats::SourceEntry;
+
+use crate::plan::compose::VirtualSource;
 use crate::plan::{FilePlan, Plan, SourceFile, TensorPlan};
 
 pub(super) fn check_loadable(inputs: &[InTensor], files: &[PathBuf]) -> Result<()> {
@@ -127,17 +128,13 @@ pub(super) fn distributed(
 ) -> Result<Plan> {
     let format = options.output_format.unwrap_or(FileFormat::Ckpt);
     let dst = crate::formats::strategy::load(strategy)?;
-    let entries: Vec<SourceEntry> = tensors
-        .iter()
-        .map(|t| t.as_source_entry().expect("conversions only make tensors"))
-        .collect();
-    let virtual_path = options.output.join("converted.ckpt");
+    let converted = VirtualSource {
+        sources,
+        tensors,
+        path: options.output.join("converted.ckpt"),
+    };
     let transform = crate::plan::transform::plan(&crate::plan::transform::TransformInput {
-        sources: vec![crate::formats::tree::RankSource::new(
-            0,
-            virtual_path,
-            entries,
-        )],
+        sources: vec![converted.rank_source()?],
         src_strategy: None,
         dst_strategy: Some(&dst),
         dst_dir: &options.output,
@@ -148,6 +145,5 @@ pub(super) fn distributed(
         deduplicated: false,
         remove_redundancy: false,
     })?;
-    let files = crate::ops::convert::compose::through_virtual(transform.files, &tensors)?;
-    Ok(Plan { sources, files })
+    converted.compose(transform)
 }

@@ -19,7 +19,6 @@
 //!   [`compose`]): rank files come straight from the HuggingFace files,
 //!   identical to converting and then running `reshard transform`.
 
-pub(crate) mod compose;
 pub mod config;
 mod engine;
 mod extra;

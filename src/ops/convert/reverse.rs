@@ -13,7 +13,8 @@ use super::{
 };
 use crate::error::{Error, Result, ResultExt};
 use crate::formats::tree::{complete_dir, rank_count, source_files, FileFormat};
-use crate::formats::{EntryValue, Source};
+use crate::formats::{checkpoint2, EntryValue, Source, SourceEntry};
+use crate::plan::compose::VirtualSource;
 use crate::plan::{FilePlan, Plan, SourceFile, TensorPlan};
 
 /// Names in MindSpore training checkpoints that are not model weights.
@@ -114,7 +115,10 @@ pub(super) fn open_ms_file(p: &Path) -> Result<PathBuf> {
 /// The MindSpore checkpoint's tensors mapped to HuggingFace names
 /// (`engine::reverse`), with what is needed to plan the conversion.
 struct ReverseMapping {
+    /// The files planned over (the virtual one of a Checkpoint 2.0 source).
     files: Vec<PathBuf>,
+    /// A Checkpoint 2.0 source, assembled.
+    assembled: Option<VirtualSource>,
     inputs: Vec<InTensor>,
     dropped: Vec<Dropped>,
     cfg: ModelConfig,
@@ -125,15 +129,36 @@ struct ReverseMapping {
 }
 
 fn reverse_mapping(options: &ConvertOptions, family: &'static Family) -> Result<ReverseMapping> {
-    let opened = open_ms(options)?;
     let mut dropped = Vec::new();
     let mut inputs = Vec::new();
-    let entries: Vec<(usize, crate::formats::SourceEntry)> = opened
-        .iter()
-        .enumerate()
-        .flat_map(|(shard, (_, source))| source.entries().into_iter().map(move |e| (shard, e)))
-        .collect();
-    let files: Vec<PathBuf> = opened.into_iter().map(|(f, _)| f).collect();
+    // A Checkpoint 2.0 directory is converted as the complete checkpoint
+    // its shards assemble to (one virtual file), then composed to read them.
+    let assembled = if checkpoint2::is_checkpoint2(&options.input) {
+        Some(crate::ops::checkpoint2::open_assembled(&options.input)?)
+    } else {
+        None
+    };
+    let (files, entries): (Vec<PathBuf>, Vec<(usize, SourceEntry)>) = match &assembled {
+        Some(a) => (
+            vec![a.path.clone()],
+            a.rank_source()?
+                .entries
+                .into_iter()
+                .map(|e| (0, e))
+                .collect(),
+        ),
+        None => {
+            let opened = open_ms(options)?;
+            let entries = opened
+                .iter()
+                .enumerate()
+                .flat_map(|(shard, (_, source))| {
+                    source.entries().into_iter().map(move |e| (shard, e))
+                })
+                .collect();
+            (opened.into_iter().map(|(f, _)| f).collect(), entries)
+        }
+    };
     let file = files[0].clone();
     for (shard, e) in entries {
         match e.value {
@@ -153,10 +178,12 @@ fn reverse_mapping(options: &ConvertOptions, family: &'static Family) -> Result<
             }),
         }
     }
-    let beside = file
-        .parent()
+    // Beside the checkpoint file, or (Checkpoint 2.0) in the directory named.
+    let beside = [file.parent(), Some(options.input.as_path())]
+        .into_iter()
+        .flatten()
         .map(|d| d.join("config.json"))
-        .filter(|c| c.is_file());
+        .find(|c| c.is_file());
     let cfg = load_config(options, beside)?;
     let names: Vec<&str> = inputs.iter().map(|t| t.name.as_str()).collect();
     let variant = pick_variant(family, options, &cfg, &names)?;
@@ -168,6 +195,7 @@ fn reverse_mapping(options: &ConvertOptions, family: &'static Family) -> Result<
     }
     Ok(ReverseMapping {
         files,
+        assembled,
         inputs,
         dropped,
         cfg,
@@ -215,6 +243,7 @@ pub(super) fn prepare_reverse(
 ) -> Result<Prepared> {
     let ReverseMapping {
         files: inputs_files,
+        assembled,
         inputs,
         dropped,
         cfg,
@@ -245,7 +274,7 @@ pub(super) fn prepare_reverse(
             metadata: None,
         });
     }
-    let plan = Plan {
+    let mut plan = Plan {
         sources: inputs_files
             .iter()
             .map(|f| SourceFile {
@@ -255,6 +284,11 @@ pub(super) fn prepare_reverse(
             .collect(),
         files,
     };
+    let mut inputs_files = inputs_files;
+    if let Some(a) = &assembled {
+        plan = a.compose(plan)?;
+        inputs_files = plan.sources.iter().map(|s| s.path.clone()).collect();
+    }
     let total = sizes.iter().sum();
     let config = if cfg.raw.is_empty() {
         minimal_config(family, &mapped, options)

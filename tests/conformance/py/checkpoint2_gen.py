@@ -20,10 +20,21 @@ OUT_DIR gets:
                                          mindformers' BalancedSaveStrategy plans it on rank 0
                                          (_compute_balanced_assignment_on_rank0, i.e. distribute_shards)
                                          and save_balanced_metadata writes metadata.json; each saving
-                                         rank's file holds its shards (alias names axis0, axis1)
+                                         rank's file holds its shards (alias names axis0, axis1);
+                                         common.json from CommonInfo.save_common with global_step 0
+                                         and ckpt_status 0 (the full model holds no counter)
+  counters.safetensors                   the full model plus the counters CheckpointMonitor appends
+  counters_common.json                   CommonInfo.save_common of those counters, typed as
+                                         mindformers' callback sets them (int, float)
+
+CommonInfo is taken from 2.1.0's mindformers/checkpoint/checkpoint.py by its source (that module
+imports half of mindformers), and run as it is.
 """
+import ast
+import dataclasses
 import json
 import logging
+import tempfile
 import os
 import shutil
 import sys
@@ -55,6 +66,19 @@ def load_mindformers(src):
     import mindformers.checkpoint.fully_parallel as balanced
     import mindformers.checkpoint.utils as utils
     return metadata, sharded, balanced, utils
+
+
+def common_info_class(src):
+    """mindformers 2.1.0's CommonInfo dataclass, executed from its source."""
+    path = os.path.join(src, "2.1.0", "mindformers", "checkpoint", "checkpoint.py")
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CommonInfo")
+    scope = {"dataclass": dataclasses.dataclass, "json": json, "os": os, "tempfile": tempfile,
+             "logger": logging.getLogger("mindformers"),
+             "set_safe_mode_for_file_or_dir": lambda *a: None}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), path, "exec"), scope)
+    return scope["CommonInfo"]
 
 
 WORLD = 4
@@ -149,6 +173,23 @@ def main():
     with open(os.path.join(old, "metadata.json"), "w") as f:
         json.dump(m, f, ensure_ascii=False, indent=4)
     balanced_save(full, sharded, balanced, utils, os.path.join(out, "balanced"))
+    common_info = common_info_class(src)
+    info = common_info()
+    info.global_step = 0
+    info.ckpt_status = 0
+    info.save_common(os.path.join(out, "balanced", "iteration_00000001", "common.json"))
+    counters = {"epoch_num": ms.Tensor([2], ms.int32), "step_num": ms.Tensor([40], ms.int32),
+                "global_step": ms.Tensor([7], ms.int32), "loss_scale": ms.Tensor([1024.0], ms.float32),
+                "global_batch_size": ms.Tensor([64], ms.int32)}
+    save({**full, **counters}, os.path.join(out, "counters.safetensors"))
+    info = common_info()
+    info.step_num = 40
+    info.epoch_num = 2
+    info.global_step = 7
+    info.loss_scale = float(1024.0)
+    info.global_batch_size = 64
+    info.ckpt_status = 0
+    info.save_common(os.path.join(out, "counters_common.json"))
     print("ok")
 
 

@@ -16,9 +16,14 @@
 //! slice refined like `C`. For the layouts models use (shards on head or
 //! row boundaries) a conversion copy and a shard meet in one piece.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
 use crate::error::{Error, Result};
+use crate::formats::tree::RankSource;
+use crate::formats::SourceEntry;
 use crate::layout::boxes::BoxCopy;
-use crate::plan::CopyStep;
+use crate::plan::{Content, CopyStep, FilePlan, LoraTerm, Plan, SourceFile, TensorPlan};
 
 /// A box of the refinement: `(start, len)` per dim of `C`.
 type CBox = Vec<(u64, u64)>;
@@ -215,9 +220,27 @@ fn flat(b: &CBox, g: &[usize], c: &[u64]) -> u64 {
 /// Composes conversion copy `k` (a source into a view of `T`) with
 /// transform copy `x` (a box of `T`'s shape `a` into a rank slice).
 pub fn compose(k: &BoxCopy, a: &[u64], x: &BoxCopy) -> Result<Vec<BoxCopy>> {
+    // The composed copy casts once, from `k`'s source type to `x`'s
+    // destination type: the same values only when at most one side casts
+    // (a LoRA weight gathered in f32 from an uncast assembly, say).
+    let casts = |c: &BoxCopy| c.src_dtype != c.dst_dtype;
+    if casts(k) && casts(x) {
+        return Err(Error::unsupported(format!(
+            "two casts in a row ({} → {} → {}) in one pass",
+            k.src_dtype, k.dst_dtype, x.dst_dtype
+        )));
+    }
+    if x.src_axes.iter().enumerate().any(|(i, &s)| i != s) {
+        return Err(Error::Internal(
+            "a permuted copy out of a virtual tensor".into(),
+        ));
+    }
     let whole_t = x.src_offset.iter().all(|&o| o == 0) && x.extent == a && x.dst_shape == a;
     if whole_t {
-        return Ok(vec![k.clone()]);
+        return Ok(vec![BoxCopy {
+            dst_dtype: x.dst_dtype,
+            ..k.clone()
+        }]);
     }
     let v = &k.dst_shape;
     let r = refine(a, v).ok_or_else(|| {
@@ -331,7 +354,7 @@ fn piece(
         src_dtype: k.src_dtype,
         src_offset,
         dst_shape,
-        dst_dtype: k.dst_dtype,
+        dst_dtype: x.dst_dtype,
         dst_offset,
         extent,
         src_axes: if identity { Vec::new() } else { src_axes },
@@ -353,37 +376,47 @@ pub fn compose_steps(conv: &[CopyStep], shape: &[u64], x: &BoxCopy) -> Result<Ve
     Ok(out)
 }
 
-/// Composes a plan made over a *virtual* source — a checkpoint that exists
-/// only as `virtual_tensors`, each with its own steps over the real sources
-/// (a conversion, an assembled Checkpoint 2.0 directory) — into a plan that
-/// reads the real sources directly: every step of `files` that names a
-/// virtual tensor becomes the steps that produce that region of it.
-pub(crate) fn through_virtual(
-    files: Vec<crate::plan::FilePlan>,
-    virtual_tensors: &[crate::plan::TensorPlan],
-) -> Result<Vec<crate::plan::FilePlan>> {
-    use crate::plan::{Content, FilePlan, TensorPlan};
-    let by_name: std::collections::BTreeMap<&str, &TensorPlan> = virtual_tensors
-        .iter()
-        .map(|t| (t.name.as_str(), t))
-        .collect();
-    let mut out_files = Vec::with_capacity(files.len());
-    for f in files {
-        let mut out = Vec::with_capacity(f.tensors.len());
-        for t in f.tensors {
-            let Content::Tensor {
-                dtype,
-                shape,
-                steps,
-            } = t.content
-            else {
-                return Err(
-                    Error::Internal("the transform planned a non-tensor entry".into())
-                        .in_tensor(&t.name),
-                );
-            };
-            let mut composed = Vec::new();
-            for s in &steps {
+/// A checkpoint that exists only as a plan: `tensors`, each with its own
+/// steps over the real `sources` (a conversion, an assembled Checkpoint 2.0
+/// directory). Any planner can plan over it as one complete source file
+/// ([`VirtualSource::rank_source`]); [`VirtualSource::compose`] then turns
+/// that plan into one that reads the real sources directly, so the virtual
+/// checkpoint is never written.
+pub(crate) struct VirtualSource {
+    /// The files the virtual tensors are read from.
+    pub sources: Vec<SourceFile>,
+    /// The virtual checkpoint's tensors, in its order.
+    pub tensors: Vec<TensorPlan>,
+    /// The name it goes by while planning (never opened).
+    pub path: PathBuf,
+}
+
+impl VirtualSource {
+    /// The virtual checkpoint as the one source file of a complete
+    /// checkpoint, as planners take it.
+    pub fn rank_source(&self) -> Result<RankSource> {
+        let entries = self
+            .tensors
+            .iter()
+            .map(|t| {
+                t.as_source_entry().ok_or_else(|| {
+                    Error::Internal("a virtual checkpoint holds only tensors".into())
+                        .in_tensor(&t.name)
+                })
+            })
+            .collect::<Result<Vec<SourceEntry>>>()?;
+        Ok(RankSource::new(0, self.path.clone(), entries))
+    }
+
+    /// `plan`, made over [`Self::rank_source`], reading the real sources:
+    /// every step that names a virtual tensor becomes the steps that produce
+    /// that region of it.
+    pub fn compose(&self, plan: Plan) -> Result<Plan> {
+        let by_name: BTreeMap<&str, &TensorPlan> =
+            self.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+        let through = |name: &str, steps: &[CopyStep]| -> Result<Vec<CopyStep>> {
+            let mut out = Vec::new();
+            for s in steps {
                 let Some(TensorPlan {
                     content:
                         Content::Tensor {
@@ -397,22 +430,58 @@ pub(crate) fn through_virtual(
                     return Err(Error::TensorNotFound(s.tensor.clone()));
                 };
                 let full: Vec<u64> = full.iter().map(|&d| d as u64).collect();
-                composed.extend(
-                    compose_steps(parts, &full, &s.copy).map_err(|e| e.in_tensor(&t.name))?,
-                );
+                out.extend(compose_steps(parts, &full, &s.copy).map_err(|e| e.in_tensor(name))?);
             }
-            out.push(TensorPlan {
-                name: t.name,
-                content: Content::Tensor {
-                    dtype,
-                    shape,
-                    steps: composed,
-                },
-            });
+            Ok(out)
+        };
+        let mut files = Vec::with_capacity(plan.files.len());
+        for f in plan.files {
+            let mut tensors = Vec::with_capacity(f.tensors.len());
+            for t in f.tensors {
+                let content = match t.content {
+                    Content::Tensor {
+                        dtype,
+                        shape,
+                        steps,
+                    } => Content::Tensor {
+                        dtype,
+                        shape,
+                        steps: through(&t.name, &steps)?,
+                    },
+                    Content::Merged {
+                        dtype,
+                        shape,
+                        steps,
+                        lora,
+                    } => Content::Merged {
+                        dtype,
+                        shape,
+                        steps: through(&t.name, &steps)?,
+                        lora: LoraTerm {
+                            b_steps: through(&t.name, &lora.b_steps)?,
+                            a_steps: through(&t.name, &lora.a_steps)?,
+                            ..lora
+                        },
+                    },
+                    Content::Str { .. } => {
+                        return Err(Error::Internal(
+                            "a virtual checkpoint has no string entry".into(),
+                        )
+                        .in_tensor(&t.name))
+                    }
+                };
+                tensors.push(TensorPlan {
+                    name: t.name,
+                    content,
+                });
+            }
+            files.push(FilePlan { tensors, ..f });
         }
-        out_files.push(FilePlan { tensors: out, ..f });
+        Ok(Plan {
+            sources: self.sources.clone(),
+            files,
+        })
     }
-    Ok(out_files)
 }
 
 #[cfg(test)]
