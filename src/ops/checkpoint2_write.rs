@@ -8,11 +8,21 @@
 //! (2.1 schema, compact) is written as `save_balanced_metadata` +
 //! `save_metadata` write it, then the tracker.
 //!
+//! Layouts are what MindSpore's graph mode hands mindformers
+//! (`get_strategy_metadata`, i.e. `_NetStrategyInfo._layout_process`):
+//! optimizer sharding folded into dim 0's tensor-map axes (a device axis
+//! split in two for a partial shard), alias names `a, b, c, …`, and
+//! `rank_list` the ranks of the parameter's pipeline stage (a device matrix
+//! covers one stage; a parameter held by ranks of two stages is refused).
+//! Each rank's slice is the plain cut of that layout, which is the slice the
+//! per-rank transform gives it (checked against mindformers' helpers on
+//! dp·mp, opt-shard full and partial, and pipeline layouts in
+//! `conformance::checkpoint2`).
+//!
 //! What reshard chooses where mindformers has a network to ask: optimizer
 //! parameters are the names starting with `adam_m.`, `adam_v.`,
-//! `accu_grads.` or equal to `global_step`; the layout's `alias_name`s are
-//! `axis0..axisN-1` (left to right); a parameter's metadata order is the
-//! destination ranks' tensor order. `common.json`: see
+//! `accu_grads.` or equal to `global_step`; a parameter's metadata order is
+//! the destination ranks' tensor order. `common.json`: see
 //! [`crate::ops::checkpoint2_common`].
 
 use std::collections::{BTreeMap, HashMap};
@@ -23,7 +33,7 @@ use serde_json::{json, Map, Value};
 use crate::error::{Error, Result};
 use crate::formats::checkpoint2::{storage_key, METADATA, TRACKER};
 use crate::formats::strategy::Strategy;
-use crate::layout::balanced::{distribute_shards, slice_ids};
+use crate::layout::balanced::{distribute_shards, SavedLayout};
 use crate::layout::Layout;
 use crate::plan::{Content, FilePlan, Plan};
 
@@ -66,14 +76,17 @@ pub(crate) fn balanced(
     iteration: u64,
 ) -> Result<Checkpoint2Job> {
     let table = dst.layout_table(None)?;
-    if table.stage_num()? != 1 {
-        return Err(Error::unsupported(
-            "Checkpoint 2.0 output supports one pipeline stage only (the rank_list of a stage's \
-             layouts is not in the strategy file)",
-        ));
-    }
-    let world = table.device_num_per_stage()?;
+    let stage_size = table.device_num_per_stage()?;
+    let world = stage_size * table.stage_num()? as u64;
     let it_dir = dst_dir.join(format!("iteration_{iteration:08}"));
+    // The ranks holding each parameter: its layout's `rank_list`, one
+    // pipeline stage's ranks (a device matrix covers one stage).
+    let mut holders: HashMap<&str, Vec<u64>> = HashMap::new();
+    for f in &per_rank.files {
+        for t in &f.tensors {
+            holders.entry(&t.name).or_default().push(f.rank as u64);
+        }
+    }
     // Per parameter: (global shape, fragmentation, layout JSON, replica ids, dtype).
     let mut params: Vec<String> = Vec::new();
     let mut info: HashMap<String, ParamInfo> = HashMap::new();
@@ -90,27 +103,22 @@ pub(crate) fn balanced(
             let local: Vec<u64> = shape.iter().map(|&d| d.max(0) as u64).collect();
             let slice_id = match table.get(&t.name) {
                 Some(p) => {
-                    let layout = Layout::from_param(p);
+                    let saved = SavedLayout::of(&Layout::from_param(p))
+                        .map_err(|e| e.in_tensor(&t.name))?;
                     let (ids, replicas, frags) =
-                        slice_ids(&layout).map_err(|e| e.in_tensor(&t.name))?;
+                        saved.slice_ids().map_err(|e| e.in_tensor(&t.name))?;
+                    let rank_list = stage_ranks(&holders[t.name.as_str()], stage_size)
+                        .map_err(|e| e.in_tensor(&t.name))?;
                     let id = ids[f.rank % ids.len()];
                     if !info.contains_key(&t.name) {
                         let global: Vec<u64> =
                             local.iter().zip(&frags).map(|(l, f)| l * f).collect();
-                        let n = layout.dev_matrix.len();
-                        let layout_json = json!({
-                            "device_matrix": layout.dev_matrix,
-                            "tensor_map": layout.tensor_map.iter().map(|d| d[0]).collect::<Vec<i32>>(),
-                            "interleaved_parallel": false,
-                            "alias_name": (0..n).map(|i| format!("axis{i}")).collect::<Vec<String>>(),
-                            "rank_list": (0..layout.device_num()).collect::<Vec<u64>>(),
-                        });
                         info.insert(
                             t.name.clone(),
                             (
                                 global,
                                 frags,
-                                layout_json,
+                                saved.to_json(&rank_list),
                                 json!(replicas),
                                 dtype.mindspore_name().into(),
                             ),
@@ -234,6 +242,20 @@ pub(crate) fn balanced(
         metadata: (it_dir.join(METADATA), metadata),
         tracker: (dst_dir.join(TRACKER), iteration.to_string().into_bytes()),
     })
+}
+
+/// The ranks of the one pipeline stage that holds a parameter (`holders`,
+/// ascending): a layout's `rank_list`.
+fn stage_ranks(holders: &[u64], stage_size: u64) -> Result<Vec<u64>> {
+    let stage = holders[0] / stage_size;
+    let ranks: Vec<u64> = (stage * stage_size..(stage + 1) * stage_size).collect();
+    if holders != ranks.as_slice() {
+        return Err(Error::unsupported(format!(
+            "held by ranks {holders:?}, not by one pipeline stage's ranks: a Checkpoint 2.0 \
+             layout covers one stage"
+        )));
+    }
+    Ok(ranks)
 }
 
 /// `MS_TYPE_TO_SIZE` (bits; an unknown dtype counts as 16).

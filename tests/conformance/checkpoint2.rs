@@ -11,7 +11,7 @@
 //! `distribute_shards`) and `save_balanced_metadata`, and `common.json`
 //! against `CommonInfo.save_common` (run from its source).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use reshard::formats::strategy::{self, LayoutItem, Strategy};
 use reshard::ops::inspect::{inspect, DirForm, InspectOptions, Report};
@@ -126,35 +126,19 @@ fn checkpoint2_directories_read_through_mindformers_metadata() {
         other => panic!("not a tree: {other:?}"),
     }
     // Writing: the balanced save mindformers plans for the destination
-    // layouts — the same files, the same bytes, the same metadata.json
-    // (compared as JSON: objects unordered, lists ordered) and the same
-    // common.json as CommonInfo.save_common.
+    // layouts — the same files, the same bytes, the same metadata.json —
+    // and the same common.json as CommonInfo.save_common.
     let out = root.join("written");
     let mut o = TransformOptions::new(&full, &out, None, Some(dst.clone()));
     o.checkpoint2_iteration = Some(1);
     transform(&o).unwrap_or_else(|e| panic!("checkpoint2 output: {e}"));
-    let (ours, theirs) = (
-        out.join("iteration_00000001"),
-        root.join("balanced/iteration_00000001"),
+    let theirs = mindformers_balanced(&python, &src, &full, &dst, &root.join("balanced"));
+    assert_same_checkpoint2(&out.join("iteration_00000001"), &theirs, "dp2·mp2");
+    assert_eq!(
+        std::fs::read_to_string(out.join("iteration_00000001/common.json")).unwrap(),
+        std::fs::read_to_string(root.join("default_common.json")).unwrap(),
+        "common.json differs from CommonInfo.save_common"
     );
-    let a = files_under(&ours);
-    let b = files_under(&theirs);
-    assert_eq!(a, b, "checkpoint2 output: different files");
-    for f in &a {
-        let (x, y) = (
-            std::fs::read(ours.join(f)).unwrap(),
-            std::fs::read(theirs.join(f)).unwrap(),
-        );
-        if f.ends_with("metadata.json") {
-            let (x, y): (serde_json::Value, serde_json::Value) = (
-                serde_json::from_slice(&x).unwrap(),
-                serde_json::from_slice(&y).unwrap(),
-            );
-            assert_eq!(x, y, "metadata.json differs from mindformers'");
-        } else {
-            assert!(x == y, "{} differs from mindformers'", f.display());
-        }
-    }
     assert_eq!(
         std::fs::read(out.join("latest_checkpointed_iteration.txt")).unwrap(),
         b"1"
@@ -208,4 +192,193 @@ fn checkpoint2_directories_read_through_mindformers_metadata() {
         "{err}"
     );
     assert!(!root.join("y").exists());
+}
+
+/// mindformers' balanced save of `full` for the strategy `strategy`
+/// (`checkpoint2_balanced.py`, layouts dumped from the strategy file);
+/// returns its iteration directory.
+fn mindformers_balanced(
+    python: &Path,
+    src: &Path,
+    full: &Path,
+    strategy: &Path,
+    out: &Path,
+) -> PathBuf {
+    let table = strategy::load(strategy)
+        .unwrap()
+        .layout_table(None)
+        .unwrap();
+    let stage_size = table.device_num_per_stage().unwrap();
+    let params: serde_json::Map<String, serde_json::Value> = table
+        .iter()
+        .map(|(name, p)| {
+            let v = serde_json::json!({
+                "dev_matrix": p.dev_matrix,
+                "tensor_map": p.tensor_map.to_nested(),
+                "opt_shard_size": p.opt_weight_shard_size,
+                "stage": p.stages.first().copied().unwrap_or(0),
+            });
+            (name.to_string(), v)
+        })
+        .collect();
+    let spec = serde_json::json!({
+        "world": stage_size * table.stage_num().unwrap() as u64,
+        "stage_size": stage_size,
+        "params": params,
+    });
+    std::fs::create_dir_all(out).unwrap();
+    let layouts = out.join("layouts.json");
+    std::fs::write(&layouts, serde_json::to_vec(&spec).unwrap()).unwrap();
+    run_py(
+        python,
+        "checkpoint2_balanced.py",
+        &[
+            src.to_str().unwrap(),
+            full.to_str().unwrap(),
+            layouts.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
+    out.join("iteration_00000001")
+}
+
+/// Our iteration directory holds mindformers' files (common.json aside,
+/// which its helpers do not write), byte for byte, and the same
+/// metadata.json (compared as JSON: objects unordered, lists ordered).
+fn assert_same_checkpoint2(ours: &Path, theirs: &Path, case: &str) {
+    let mut a = files_under(ours);
+    let common = a.iter().position(|f| f.ends_with("common.json"));
+    assert!(common.is_some(), "{case}: no common.json in {a:?}");
+    a.remove(common.unwrap());
+    assert_eq!(a, files_under(theirs), "{case}: different files");
+    for f in &a {
+        let (x, y) = (
+            std::fs::read(ours.join(f)).unwrap(),
+            std::fs::read(theirs.join(f)).unwrap(),
+        );
+        if f.ends_with("metadata.json") {
+            let (x, y): (serde_json::Value, serde_json::Value) = (
+                serde_json::from_slice(&x).unwrap(),
+                serde_json::from_slice(&y).unwrap(),
+            );
+            assert_eq!(x, y, "{case}: metadata.json differs from mindformers'");
+        } else {
+            assert!(x == y, "{case}: {} differs from mindformers'", f.display());
+        }
+    }
+}
+
+/// A small llama-shaped model (f32 and f16) whose layers
+/// `reshard strategy` puts on two pipeline stages.
+fn staged_model(path: &Path) {
+    use reshard::formats::safetensors::{write, StWriteOptions, TensorRef};
+    use reshard::DType;
+    let specs: [(&str, DType, &[usize]); 7] = [
+        (
+            "model.tok_embeddings.embedding_weight",
+            DType::F32,
+            &[16, 8],
+        ),
+        ("model.layers.0.attention.wq.weight", DType::F16, &[8, 8]),
+        ("model.layers.0.attention.wo.weight", DType::F32, &[8, 8]),
+        (
+            "model.layers.1.feed_forward.w1.weight",
+            DType::F16,
+            &[16, 8],
+        ),
+        (
+            "model.layers.1.feed_forward.w2.weight",
+            DType::F32,
+            &[8, 16],
+        ),
+        ("model.norm_out.weight", DType::F32, &[8]),
+        ("lm_head.weight", DType::F32, &[16, 8]),
+    ];
+    let data: Vec<Vec<u8>> = specs
+        .iter()
+        .enumerate()
+        .map(|(k, (_, d, shape))| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|i| (k * 1000 + i) as f32 / 64.0).collect();
+            crate::util::lora::encode(*d, &v)
+        })
+        .collect();
+    let tensors: Vec<(String, TensorRef)> = specs
+        .iter()
+        .zip(&data)
+        .map(|((name, dtype, shape), bytes)| {
+            let t = TensorRef {
+                dtype: *dtype,
+                shape: shape.to_vec(),
+                data: bytes,
+            };
+            (name.to_string(), t)
+        })
+        .collect();
+    write(path, &tensors, &StWriteOptions::default()).unwrap();
+}
+
+/// Checkpoint 2.0 output for layouts with optimizer sharding (full and
+/// partial, which splits a device axis) and pipeline stages: mindformers'
+/// balanced save of the same layouts, as MindSpore's graph mode describes
+/// them to it, byte for byte; and each reads back as the model.
+#[test]
+fn checkpoint2_output_with_optimizer_shard_and_pipeline_matches_mindformers() {
+    let Some(python) = mindspore_python() else {
+        return;
+    };
+    let Some(src) = mindformers_src() else {
+        return;
+    };
+    let dir = tempdir();
+    let root = dir.path();
+    let full = root.join("full.safetensors");
+    staged_model(&full);
+    for (case, dp, mp, pp, opt) in [
+        ("dp2·mp2·opt", 2, 2, 1, -1),
+        ("mp2·pp2", 1, 2, 2, 0),
+        ("dp2·mp2·pp2·opt2", 2, 2, 2, 2),
+        ("dp4·mp2·opt2", 4, 2, 1, 2),
+    ] {
+        let tag = case.replace('·', "_");
+        let s =
+            crate::util::model::strategies(&full, &root.join(format!("s_{tag}")), dp, mp, pp, opt);
+        let out = root.join(format!("ours_{tag}"));
+        let mut o = TransformOptions::new(&full, &out, None, Some(s.clone()));
+        o.checkpoint2_iteration = Some(1);
+        transform(&o).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let theirs =
+            mindformers_balanced(&python, &src, &full, &s, &root.join(format!("mf_{tag}")));
+        assert_same_checkpoint2(&out.join("iteration_00000001"), &theirs, case);
+        // The cases are what they say: the shard folded into a nested map,
+        // the second stage's layouts over its own ranks.
+        let meta: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(out.join("iteration_00000001/metadata.json")).unwrap(),
+        )
+        .unwrap();
+        let layouts: Vec<&serde_json::Value> = meta["state_dict_metadata"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|p| &p["layout"])
+            .collect();
+        let nested = layouts
+            .iter()
+            .any(|l| l["tensor_map"].as_array().unwrap()[0].is_array());
+        assert_eq!(nested, opt != 0, "{case}: {layouts:?}");
+        let stage1 = layouts
+            .iter()
+            .any(|l| l["rank_list"][0].as_u64() == Some(u64::from(dp * mp)));
+        assert_eq!(stage1, pp == 2, "{case}: {layouts:?}");
+        let side = |path: &Path| verify::Side {
+            path: path.to_path_buf(),
+            strategy: None,
+        };
+        let tolerance = verify::Tolerance {
+            rtol: 0.0,
+            atol: 0.0,
+        };
+        let c = verify::compare(&side(&out), &side(&full), tolerance).unwrap();
+        assert!(c.differences.is_empty() && c.tensors == 7, "{case}: {c:?}");
+    }
 }

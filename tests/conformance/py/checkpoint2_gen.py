@@ -12,17 +12,14 @@ the file mapping from get_total_params_file_mapping_info, metadata.json from sav
 (2.1 schema) and, for the 1.7/1.8 schema, the same JSON without rank_group, indent=4. Each
 rank's model-{r:07d}-0000004.safetensors holds its local slices (MindSpore save_checkpoint).
 
+The balanced save for a destination strategy is checkpoint2_balanced.py.
+
 OUT_DIR gets:
   full.safetensors                       the full model
   v21/iteration_00000001/...             metadata.json (2.1) + files, latest_checkpointed_iteration.txt
   v17/iteration_00000001/...             metadata.json (1.7/1.8 schema) + the same files
-  balanced/iteration_00000001/...        a balanced (de-duplicated) save for the layouts of DST, as
-                                         mindformers' BalancedSaveStrategy plans it on rank 0
-                                         (_compute_balanced_assignment_on_rank0, i.e. distribute_shards)
-                                         and save_balanced_metadata writes metadata.json; each saving
-                                         rank's file holds its shards (alias names axis0, axis1);
-                                         common.json from CommonInfo.save_common with global_step 0
-                                         and ckpt_status 0 (the full model holds no counter)
+  default_common.json                    CommonInfo.save_common with global_step 0 and ckpt_status 0
+                                         (a model holding no counter)
   counters.safetensors                   the full model plus the counters CheckpointMonitor appends
   counters_common.json                   CommonInfo.save_common of those counters, typed as
                                          mindformers' callback sets them (int, float)
@@ -96,40 +93,9 @@ def save(tensors, path):
     ms.save_checkpoint([{"name": n, "data": t} for n, t in tensors.items()], path, format="safetensors")
 
 
-# The destination of the balanced save: flat maps on (2, 2), axis 0 the rightmost.
-DST = {"model.embed": [0, -1], "layers.0.w_row": [-1, 0], "layers.0.w_col": [1, -1],
-       "layers.0.w_both": [1, 0], "layers.0.norm": [0], "head": [-1, -1]}
-
-
-def balanced_save(full, sharded, balanced, utils, out):
-    alias = ("axis0", "axis1")
-    base = Layout((2, 2), alias)
-    names = {n: tuple("None" if a == -1 else alias[1 - a] for a in m) for n, m in DST.items()}
-    infos = {n: [base(*names[n]), full[n].dtype, tuple(full[n].shape)] for n in DST}
-    metas = {r: sharded.get_sharded_tensor_from_strategy_metadata(infos, r) for r in range(WORLD)}
-    _, assignment = balanced._compute_balanced_assignment_on_rank0(metas, WORLD)
-    plan = balanced.BalancedShardPlan(full_assignment=assignment, total_files_num=len(assignment))
-    it = os.path.join(out, "iteration_00000001")
-    os.makedirs(it)
-    for file_id, (rank, shards) in enumerate(assignment.items()):
-        coord = {"axis0": rank // 2, "axis1": rank % 2, "None": 0}
-        local = {}
-        for shard_id in shards:
-            name, _ = utils._reverse_sharded_tensor_shard_id(shard_id)
-            arr = full[name]
-            idx = tuple(slice(coord[a] * (d // (2 if a != "None" else 1)),
-                              (coord[a] + 1) * (d // (2 if a != "None" else 1)))
-                        for a, d in zip(names[name], arr.shape))
-            local[name] = ms.Tensor(np.ascontiguousarray(arr.asnumpy()[idx]))
-        save(local, os.path.join(it, f"model-{file_id:07d}-{len(assignment):07d}.safetensors"))
-    balanced.save_balanced_metadata(out, 1, None, [(plan, utils.FileType.MODEL, None)], metas)
-    with open(os.path.join(out, "latest_checkpointed_iteration.txt"), "w") as f:
-        f.write("1")
-
-
 def main():
     src, out = sys.argv[1], sys.argv[2]
-    metadata, sharded, balanced, utils = load_mindformers(src)
+    metadata, sharded, _, _ = load_mindformers(src)
     metadata.get_group_size = lambda: WORLD
     rng = np.random.default_rng(7)
     full = {n: ms.Tensor(rng.standard_normal(s).astype(np.float32)).astype(d) for n, s, _, d in PARAMS}
@@ -172,12 +138,11 @@ def main():
             del e["rank_group"]
     with open(os.path.join(old, "metadata.json"), "w") as f:
         json.dump(m, f, ensure_ascii=False, indent=4)
-    balanced_save(full, sharded, balanced, utils, os.path.join(out, "balanced"))
     common_info = common_info_class(src)
     info = common_info()
     info.global_step = 0
     info.ckpt_status = 0
-    info.save_common(os.path.join(out, "balanced", "iteration_00000001", "common.json"))
+    info.save_common(os.path.join(out, "default_common.json"))
     counters = {"epoch_num": ms.Tensor([2], ms.int32), "step_num": ms.Tensor([40], ms.int32),
                 "global_step": ms.Tensor([7], ms.int32), "loss_scale": ms.Tensor([1024.0], ms.float32),
                 "global_batch_size": ms.Tensor([64], ms.int32)}
