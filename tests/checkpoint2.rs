@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 
 use reshard::error::ErrorKind;
 use reshard::ops::transform::{transform, TransformOptions};
-use reshard::ops::verify;
 use reshard::DType;
 use serde_json::Value;
 
@@ -67,21 +66,7 @@ fn written_directory_reads_back_as_the_model() {
         std::fs::read_to_string(f.written.join("latest_checkpointed_iteration.txt")).unwrap(),
         "12"
     );
-    let c = verify::compare(
-        &verify::Side {
-            path: f.written.clone(),
-            strategy: None,
-        },
-        &verify::Side {
-            path: f.model.clone(),
-            strategy: None,
-        },
-        verify::Tolerance {
-            rtol: 0.0,
-            atol: 0.0,
-        },
-    )
-    .unwrap();
+    let c = crate::util::exact_compare(&f.written, &f.model);
     assert!(c.differences.is_empty(), "{:?}", c.differences);
     assert!(c.tensors > 30);
     // Back to the strategy: the same bytes as the plain split.
@@ -200,15 +185,7 @@ fn impossible_checkpoint2_outputs_are_refused_and_sharded_ones_written() {
         let mut o = TransformOptions::new(&f.model, &written, None, Some(s));
         o.checkpoint2_iteration = Some(1);
         transform(&o).unwrap_or_else(|e| panic!("{tag}: {e}"));
-        let side = |path: &Path| verify::Side {
-            path: path.to_path_buf(),
-            strategy: None,
-        };
-        let tolerance = verify::Tolerance {
-            rtol: 0.0,
-            atol: 0.0,
-        };
-        let c = verify::compare(&side(&written), &side(&f.model), tolerance).unwrap();
+        let c = crate::util::exact_compare(&written, &f.model);
         assert!(c.differences.is_empty(), "{tag}: {:?}", c.differences);
     }
     // String entries have no place in safetensors.

@@ -16,10 +16,9 @@ use std::path::{Path, PathBuf};
 use reshard::formats::strategy::{self, LayoutItem, Strategy};
 use reshard::ops::inspect::{inspect, DirForm, InspectOptions, Report};
 use reshard::ops::transform::{transform, TransformOptions};
-use reshard::ops::verify;
 
 use crate::util::fs::files_under;
-use crate::util::{mindformers_src, mindspore_python, run_py, tempdir};
+use crate::util::{mindformers_oracle, run_py, tempdir};
 
 /// A dp2·mp2 destination that cuts differently from the source.
 fn destination(path: &Path) {
@@ -48,10 +47,7 @@ fn destination(path: &Path) {
 
 #[test]
 fn checkpoint2_directories_read_through_mindformers_metadata() {
-    let Some(python) = mindspore_python() else {
-        return;
-    };
-    let Some(src) = mindformers_src() else {
+    let Some((python, src)) = mindformers_oracle() else {
         return;
     };
     let dir = tempdir();
@@ -100,21 +96,7 @@ fn checkpoint2_directories_read_through_mindformers_metadata() {
             );
         }
         // verify: the same model.
-        let c = verify::compare(
-            &verify::Side {
-                path: src.clone(),
-                strategy: None,
-            },
-            &verify::Side {
-                path: full.clone(),
-                strategy: None,
-            },
-            verify::Tolerance {
-                rtol: 0.0,
-                atol: 0.0,
-            },
-        )
-        .unwrap();
+        let c = crate::util::exact_compare(&src, &full);
         assert!(c.differences.is_empty() && c.tensors == 6, "{tag}: {c:?}");
     }
     // inspect says what it is and lists the files by storage rank.
@@ -324,10 +306,7 @@ fn staged_model(path: &Path) {
 /// them to it, byte for byte; and each reads back as the model.
 #[test]
 fn checkpoint2_output_with_optimizer_shard_and_pipeline_matches_mindformers() {
-    let Some(python) = mindspore_python() else {
-        return;
-    };
-    let Some(src) = mindformers_src() else {
+    let Some((python, src)) = mindformers_oracle() else {
         return;
     };
     let dir = tempdir();
@@ -370,15 +349,7 @@ fn checkpoint2_output_with_optimizer_shard_and_pipeline_matches_mindformers() {
             .iter()
             .any(|l| l["rank_list"][0].as_u64() == Some(u64::from(dp * mp)));
         assert_eq!(stage1, pp == 2, "{case}: {layouts:?}");
-        let side = |path: &Path| verify::Side {
-            path: path.to_path_buf(),
-            strategy: None,
-        };
-        let tolerance = verify::Tolerance {
-            rtol: 0.0,
-            atol: 0.0,
-        };
-        let c = verify::compare(&side(&out), &side(&full), tolerance).unwrap();
+        let c = crate::util::exact_compare(&out, &full);
         assert!(c.differences.is_empty() && c.tensors == 7, "{case}: {c:?}");
     }
 }

@@ -15,7 +15,7 @@ use reshard::DType;
 use serde_json::{json, Value};
 
 use crate::util::hf::{options, spec, write_hf, ALL};
-use crate::util::{mindformers_src, mindspore_python, run_py, tempdir};
+use crate::util::{mindformers_oracle, mindspore_python, run_py, tempdir};
 
 /// The conversions checked: (fixture, --qkv-concat, --dtype).
 fn cases() -> Vec<(&'static str, Option<bool>, Option<DType>)> {
@@ -226,10 +226,7 @@ fn casts_equal_mindsporas_own() {
 
 #[test]
 fn mindformers_own_functions_agree() {
-    let Some(python) = mindspore_python() else {
-        return;
-    };
-    let Some(src) = mindformers_src() else {
+    let Some((python, src)) = mindformers_oracle() else {
         return;
     };
     let dir = tempdir();

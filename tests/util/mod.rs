@@ -48,6 +48,12 @@ pub fn mindformers_src() -> Option<PathBuf> {
     }
 }
 
+/// MindSpore's Python and mindformers' sources, for the cases that run
+/// mindformers' own functions; `None` (a guarded skip) without either.
+pub fn mindformers_oracle() -> Option<(PathBuf, PathBuf)> {
+    Some((mindspore_python()?, mindformers_src()?))
+}
+
 /// A test case that cannot run here (a tool or oracle is missing): says
 /// so on stderr and returns, so the caller can skip; panics instead when
 /// the `guard` variable (`RESHARD_REQUIRE_…`) is `1`, so a CI machine that
@@ -173,4 +179,20 @@ pub fn reshard_bin() -> PathBuf {
     std::env::var_os("RESHARD_TEST_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_reshard")))
+}
+
+/// `verify::compare` of two complete checkpoints (files, directories,
+/// Checkpoint 2.0) with no strategy and zero tolerance: exactly the same
+/// tensors or not.
+pub fn exact_compare(a: &Path, b: &Path) -> reshard::ops::verify::Comparison {
+    use reshard::ops::verify::{compare, Side, Tolerance};
+    let side = |path: &Path| Side {
+        path: path.to_path_buf(),
+        strategy: None,
+    };
+    let exact = Tolerance {
+        rtol: 0.0,
+        atol: 0.0,
+    };
+    compare(&side(a), &side(b), exact).unwrap_or_else(|e| panic!("compare: {e}"))
 }
