@@ -69,6 +69,11 @@ fn written_directory_reads_back_as_the_model() {
     let c = crate::util::exact_compare(&f.written, &f.model);
     assert!(c.differences.is_empty(), "{:?}", c.differences);
     assert!(c.tensors > 30);
+    // `reshard strategy` reads it as the model too.
+    let (x, y) = (f.root.join("sx"), f.root.join("sy"));
+    strategies(&f.written, &x, 2, 2, 2, 2);
+    strategies(&f.model, &y, 2, 2, 2, 2);
+    assert_eq!(crate::util::fs::contents(&x), crate::util::fs::contents(&y));
     // Back to the strategy: the same bytes as the plain split.
     let (a, b) = (f.root.join("a"), f.root.join("b"));
     let mut o = TransformOptions::new(&f.written, &a, None, Some(f.strategy.clone()));

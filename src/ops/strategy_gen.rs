@@ -25,7 +25,8 @@ use serde::Serialize;
 use crate::error::{Error, Result, ResultExt};
 use crate::formats::ckpt::ReadOptions;
 use crate::formats::strategy::{self, LayoutItem, Strategy, StrategyItem};
-use crate::formats::{EntryValue, Source};
+use crate::formats::tree;
+use crate::formats::{EntryValue, SourceEntry};
 use crate::layout::Layout;
 
 /// Options of [`write_strategies`].
@@ -146,6 +147,28 @@ fn layer_index(name: &str) -> Option<usize> {
     rest.split('.').next()?.parse().ok()
 }
 
+/// The entries of the complete checkpoint at `path`: one file, a directory
+/// holding one (MindSpore's unified layout, HuggingFace's, a folder of
+/// safetensors files) or a mindformers Checkpoint 2.0 directory.
+fn complete_entries(path: &Path) -> Result<Vec<SourceEntry>> {
+    if crate::formats::checkpoint2::is_checkpoint2(path) {
+        return Ok(crate::ops::checkpoint2::open_assembled(path)?
+            .rank_source()?
+            .entries);
+    }
+    let (_, files) = tree::source_files(path)?;
+    if tree::rank_count(&files) > 1 {
+        return Err(Error::unsupported(
+            "a rank_x tree is distributed: name a complete checkpoint (merge it with transform first)",
+        )
+        .in_file(path));
+    }
+    Ok(tree::index_sources(files, &ReadOptions::default())?
+        .into_iter()
+        .flat_map(|s| s.entries)
+        .collect())
+}
+
 /// Writes the per-rank strategy files (and the merged one for pp > 1).
 pub fn write_strategies(o: &StrategyOptions) -> Result<StrategyReport> {
     if o.dp == 0 || o.mp == 0 || o.pp == 0 {
@@ -167,9 +190,7 @@ pub fn write_strategies(o: &StrategyOptions) -> Result<StrategyReport> {
             ),
         ));
     }
-    let source = Source::open(&o.checkpoint, &ReadOptions::default())?;
-    let params: Vec<(String, Vec<i64>)> = source
-        .entries()
+    let params: Vec<(String, Vec<i64>)> = complete_entries(&o.checkpoint)?
         .into_iter()
         .filter(|e| matches!(e.value, EntryValue::Tensor(d) if d.is_float()) && !e.dims.is_empty())
         .map(|e| (e.name, e.dims))
