@@ -270,3 +270,20 @@ fn shard_bits(dtype: &str) -> u64 {
         _ => 16,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_layout_covers_one_pipeline_stage() {
+        assert_eq!(stage_ranks(&[0, 1], 2).unwrap(), vec![0, 1]);
+        assert_eq!(stage_ranks(&[4, 5, 6, 7], 4).unwrap(), vec![4, 5, 6, 7]);
+        // Shared by two stages (an embedding tied to the head), or a stage
+        // with a rank missing: refused.
+        for holders in [&[0u64, 1, 2, 3][..], &[2, 3, 4, 5], &[0]] {
+            let e = stage_ranks(holders, 2).unwrap_err();
+            assert_eq!(e.kind(), crate::error::ErrorKind::Unsupported, "{e}");
+        }
+    }
+}
