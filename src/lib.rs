@@ -39,7 +39,10 @@
 //! `mindspore.transform_checkpoints` (load order, stage cuts, needed
 //! ranks) from indexes and strategies only: no tensor byte is read while
 //! planning. Every operation produces a `Plan`, from in-memory inputs
-//! (`auto` plans in memory too, never through the file system).
+//! (`auto` plans in memory too, never through the file system). A source
+//! that exists only as a plan — a conversion, a Checkpoint 2.0 directory's
+//! shards assembled — is planned over as one complete checkpoint and
+//! composed into a plan that reads the real files ([`plan::compose`]).
 //!
 //! # Executing: [`backend`], [`comm`] and [`exec`]
 //!
