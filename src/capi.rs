@@ -2,7 +2,7 @@
 //! reshard in-process (the header is `include/reshard.h`; the library is
 //! `libreshard.so`, built with the crate's `cdylib` type).
 //!
-//! One entry point, [`reshard_auto_convert`], runs [`auto_convert`] with
+//! One entry point, [`reshard_auto_convert`], runs [`crate::ops::auto::auto_convert`] with
 //! the same settings as `reshard auto`: a mindformers YAML and/or a JSON
 //! object of overrides (the YAML keys, plus `rank_id`, `world_size`,
 //! `node_local`, `dst_strategy`, `workers`, `timeout_s`,

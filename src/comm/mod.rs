@@ -5,7 +5,7 @@
 //!
 //! A [`Communicator`] moves the buffers of one backend: [`InProcess`]
 //! connects threads over host buffers (CPU backend; tests and single-node
-//! jobs), [`hccl::HcclCommunicator`] (feature `ascend`) connects NPUs
+//! jobs), `hccl::HcclCommunicator` (feature `ascend`) connects NPUs
 //! device to device with HCCL, ordered on the Ascend backend's stream.
 //!
 //! **Ordering.** Operations are enqueued in call order; their results are

@@ -361,7 +361,7 @@ impl View for StView<'_> {
     }
 }
 
-/// Options of [`write`].
+/// Options of [`write()`].
 #[derive(Debug, Clone, Default)]
 pub struct StWriteOptions {
     /// `__metadata__`; `None` writes no metadata object.
@@ -588,7 +588,7 @@ mod tests {
 
 /// Where every byte of a safetensors file holding `tensors` goes: the
 /// header first (computed with the safetensors crate's own `Metadata`
-/// serialisation, so the bytes equal [`write`]'s and Python's `save_file`),
+/// serialisation, so the bytes equal [`write()`]'s and Python's `save_file`),
 /// then the data in the crate's order (descending dtype alignment, then
 /// name).
 pub fn layout(
@@ -651,7 +651,7 @@ pub fn layout(
 /// Writes a safetensors file tensor by tensor, so memory stays bounded by
 /// one tensor. The header is computed first, from names, dtypes and shapes,
 /// with the safetensors crate's own `Metadata` serialisation, so the bytes
-/// equal what [`write`] (and Python's `save_file`) produce.
+/// equal what [`write()`] (and Python's `save_file`) produce.
 pub struct StreamWriter {
     file: crate::formats::atomic::AtomicFile,
     order: Vec<(String, usize)>,

@@ -21,7 +21,7 @@
 //!
 //! A mindformers Checkpoint 2.0 directory is a source too: the merge is
 //! planned over the complete checkpoint its shards assemble to
-//! ([`crate::plan::compose::VirtualSource`]) and reads the shard files
+//! (`plan::compose::VirtualSource`) and reads the shard files
 //! directly.
 //!
 //! HuggingFace PEFT adapters ([`merge_peft`]) live in `peft.rs`.

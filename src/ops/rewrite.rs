@@ -6,7 +6,7 @@
 //!
 //! A rewrite is planned like every other job: one [`Plan`] whose tensors
 //! are whole copies out of the source (renamed by the name map), written
-//! by [`crate::ops::write`] — so it has manifests, progress and
+//! by `ops::write` — so it has manifests, progress and
 //! verification, and a source that changes while it is read is not
 //! copied. A `.ckpt` CRC, encryption or records cut by rows are the
 //! executor's `.ckpt` encoding; a safetensors CRC is computed from the

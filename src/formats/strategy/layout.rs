@@ -246,7 +246,7 @@ impl LayoutTable {
     /// same device count (MindSpore's layouts always cover every device of
     /// the stage; a layout covering fewer, such as `[1, 3]` in a set of
     /// `[1, 4]`, made ranks silently disappear from the result), and the
-    /// count is at most [`MAX_DEVICES`].
+    /// count is at most `MAX_DEVICES` (2^20).
     pub fn device_num_per_stage(&self) -> Result<u64> {
         let Some((_, first)) = self.entries.first() else {
             return Err(Error::Strategy("the strategy has no parameters".into()));

@@ -31,7 +31,7 @@ impl Default for ParallelConfig {
 }
 
 /// Everything an auto conversion needs to know, resolved. Build it from a
-/// YAML with [`Settings::resolve`], or fill it in.
+/// YAML with [`super::config::Settings::resolve`], or fill it in.
 #[derive(Debug, Clone)]
 pub struct AutoOptions {
     /// `load_checkpoint`: a rank tree, a folder of complete checkpoints, or
@@ -103,7 +103,7 @@ impl AutoOptions {
     /// Options for rank `rank` of `world_size` with `auto_trans_ckpt` on
     /// and mindformers' other defaults (one converting rank, 8 devices per
     /// node, `.ckpt`, `./output`, `use_parallel` when `world_size > 1`).
-    /// Nothing is checked here: [`auto_convert`] reports bad values.
+    /// Nothing is checked here: [`super::auto_convert`] reports bad values.
     pub fn new(load_checkpoint: impl Into<PathBuf>, rank: usize, world_size: usize) -> AutoOptions {
         AutoOptions {
             load_checkpoint: Some(config::absolute(&load_checkpoint.into())),
@@ -203,7 +203,7 @@ pub struct EntryReport {
     pub reused: bool,
 }
 
-/// What [`auto_convert`] did for this rank.
+/// What [`super::auto_convert`] did for this rank.
 #[derive(Debug, Clone, Serialize)]
 pub struct AutoReport {
     /// This rank.

@@ -6,7 +6,7 @@
 //! - **Tables, not code**: each family is a data table ([`spec::Table`],
 //!   in [`families`]) of renames and structural rules (q/k/v and gate/up
 //!   concatenation with the hf→mg interleave, splits, transposes, expert
-//!   stacking, rotary permutation); [`engine`] turns a table and the
+//!   stacking, rotary permutation); `engine` turns a table and the
 //!   tensors' names and shapes into box copies. The reverse direction
 //!   inverts the same copies, so HF → MS → HF gives back the bytes.
 //! - **Order**: the `.ckpt` records come in the order mindformers'
@@ -16,7 +16,7 @@
 //!   backend's fused cast); tensors mindformers keeps in `float32` stay so.
 //! - **One pass to distributed**: with a destination strategy, the
 //!   conversion plan is composed with the transform planner's (see
-//!   [`compose`]): rank files come straight from the HuggingFace files,
+//!   [`crate::plan::compose`]): rank files come straight from the HuggingFace files,
 //!   identical to converting and then running `reshard transform`.
 
 pub mod config;

@@ -1,7 +1,7 @@
 //! The data model of a conversion table: what one model family's mapping
 //! between HuggingFace and MindSpore/mindformers parameters *is*, with no
 //! code. Each family module (`families/*.rs`) is one [`Table`] (or a few
-//! variants) built from these types; [`super::engine`] interprets them.
+//! variants) built from these types; the convert engine interprets them.
 //!
 //! A table has three parts, after mindformers' own structure:
 //!

@@ -295,7 +295,7 @@ pub fn hf_weight_files(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
 
 /// Merges a PEFT adapter into a HuggingFace base model. The output keeps
 /// the base's shard files and copies its other files (config, tokenizer,
-/// index); merged weights follow the same numerics as [`merge_lora`].
+/// index); merged weights follow the same numerics as [`super::merge_lora`].
 pub fn merge_peft(o: &MergePeftOptions) -> Result<MergeLoraReport> {
     let adapter = PeftAdapter::load(&o.adapter)?;
     let scale = o.scale.unwrap_or_else(|| adapter.scale());
