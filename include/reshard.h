@@ -59,7 +59,9 @@ extern "C" {
  * settings_json: a JSON object overriding the YAML: the same keys, plus
  *                "rank_id", "world_size", "node_local" (no shared disk),
  *                "dst_strategy", "workers", "timeout_s",
- *                "heartbeat_timeout_s", "poll_ms", "force", "exchange"
+ *                "heartbeat_timeout_s", "poll_ms", "force",
+ *                "unified_checkpoint" (also write output/unified_checkpoint/
+ *                as mindformers' safetensors flow does), "exchange"
  *                ("files" or "hccl": ranks exchange slices over HCCL, no
  *                shared disk; Ascend builds), "rendezvous" ("host:port"
  *                where rank 0 serves the HCCL root info); or NULL.

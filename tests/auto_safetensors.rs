@@ -110,6 +110,41 @@ fn safetensors_flow_picks_files_as_mindformers() {
     let notes = out[0].report.as_ref().unwrap()["notes"].to_string();
     assert!(notes.contains("file_suffix \\\"1_10\\\""), "{notes}");
 
+    // unified_checkpoint: True: the main rank also writes mindformers'
+    // output/unified_checkpoint/ (replacing what is there) from the files
+    // the flow picked: `reshard unify`'s bytes for the A files.
+    job_strategies(&a, &job.join("output6/strategy"), 2, 2, 1, 0, true);
+    let stale = job.join("output6/unified_checkpoint/stale.safetensors");
+    std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
+    std::fs::write(&stale, b"old").unwrap();
+    std::fs::write(
+        job.join("run.yaml"),
+        safetensors_yaml(yaml("./ckpt", "./src_strategy", 1, 1, ""))
+            .replace("output_dir: './output'", "output_dir: './output6'"),
+    )
+    .unwrap();
+    let (code, out, err) = auto_once(
+        &job,
+        &["--config", "run.yaml", "--unified-checkpoint", "--json"],
+        &[("RANK_ID", "0"), ("RANK_SIZE", "4")],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let unified = job.join("output6/unified_checkpoint");
+    assert!(out.contains("unified_checkpoint"), "{out}");
+    assert!(!stale.exists());
+    let want = job.join("../unified_a");
+    let mut u = reshard::ops::unify::UnifyOptions::new(&ta, job.join("src_strategy"), &want);
+    u.workers = 2;
+    reshard::ops::unify::unify(&u).unwrap();
+    assert_eq!(
+        crate::util::fs::contents(&unified),
+        crate::util::fs::contents(&want)
+    );
+    assert_eq!(
+        std::fs::read(unified.join("param_name_map.json")).unwrap(),
+        std::fs::read(want.join("param_name_map.json")).unwrap()
+    );
+
     // A file inside a rank folder: the distributed checkpoint above it,
     // with the file's `-E_S` as file_suffix (here the older B).
     std::fs::write(

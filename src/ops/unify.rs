@@ -116,6 +116,9 @@ pub struct UnifyOptions {
     pub has_redundancy: bool,
     /// Only files ending `{suffix}.safetensors`, with MindSpore's rules.
     pub file_suffix: Option<String>,
+    /// The rank files to read, instead of picking them in `src_dir` by
+    /// `file_suffix` (`auto` passes the files it picked).
+    pub files: Option<Vec<(usize, PathBuf)>>,
     /// Which parameters, under which names.
     pub choice: Choice,
     /// `split_dst_file = (k, n)`: this is machine `k` (1-based) of `n`, and
@@ -153,6 +156,7 @@ impl UnifyOptions {
             dst_dir: dst_dir.into(),
             has_redundancy: true,
             file_suffix: None,
+            files: None,
             choice: Choice::default(),
             split_dst_file: None,
             part_bytes: PART_BYTES,
@@ -338,7 +342,10 @@ pub fn plan_unify(o: &UnifyOptions) -> Result<UnifyPlan> {
     if o.part_bytes == 0 {
         return Err(Error::usage_of("part_bytes", "must be positive"));
     }
-    let files = tree::tree_safetensors(&o.src_dir, o.file_suffix.as_deref())?;
+    let files = match &o.files {
+        Some(files) => files.clone(),
+        None => tree::tree_safetensors(&o.src_dir, o.file_suffix.as_deref())?,
+    };
     let strategy = strategy::load(&o.src_strategy)?;
     let table = strategy.layout_table(None)?;
     let mut warnings = Vec::new();

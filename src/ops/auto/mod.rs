@@ -55,6 +55,7 @@ mod options;
 mod source;
 mod split;
 mod sync;
+mod unified;
 
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
@@ -109,6 +110,7 @@ pub fn auto_convert(o: &AutoOptions) -> Result<AutoReport> {
         converted_here: Vec::new(),
         entries: Vec::new(),
         notes: Vec::new(),
+        unified_checkpoint: None,
         seconds: 0.0,
         exchange: Vec::new(),
     };
@@ -169,6 +171,13 @@ pub fn auto_convert(o: &AutoOptions) -> Result<AutoReport> {
     let dst = job_strategy::load(o, o.auto_trans_ckpt, &mut notes)?;
     let dst_strategy = dst.as_ref().map(|d| &d.strategy);
 
+    if o.unified_checkpoint
+        && o.auto_trans_ckpt
+        && o.load_ckpt_format == FileFormat::Safetensors
+        && o.is_main()
+    {
+        report.unified_checkpoint = unified::write(o, &entries, &mut notes)?;
+    }
     let mut converted = false;
     let mut job: Option<exchange::Job> = None;
     for entry in &entries {

@@ -89,6 +89,13 @@ pub struct AutoOptions {
     pub poll: std::time::Duration,
     /// Convert again even when an earlier run's output is intact.
     pub force: bool,
+    /// `unified_checkpoint`: with `load_ckpt_format: safetensors`, the main
+    /// rank also merges a distributed source into
+    /// `<output>/unified_checkpoint/` as mindformers' flow does
+    /// (`unified_safetensors`), replacing what is there. Off by default:
+    /// each rank's file is cut straight from the source, and the unified
+    /// copy is a full extra write of the model.
+    pub unified_checkpoint: bool,
     /// Remarks made while resolving the settings (copied into the report).
     pub notes: Vec<String>,
     /// `exchange`: how ranks get source bytes that are not on their disk
@@ -128,6 +135,7 @@ impl AutoOptions {
             heartbeat_timeout: std::time::Duration::from_secs(120),
             poll: std::time::Duration::from_secs(1),
             force: false,
+            unified_checkpoint: false,
             notes: Vec::new(),
             exchange: Exchange::Files,
             device_id: None,
@@ -232,6 +240,9 @@ pub struct AutoReport {
     pub entries: Vec<EntryReport>,
     /// Remarks: clamped settings, ignored strategies, files picked.
     pub notes: Vec<String>,
+    /// `<output>/unified_checkpoint/` when this rank wrote it
+    /// ([`AutoOptions::unified_checkpoint`]).
+    pub unified_checkpoint: Option<PathBuf>,
     /// Wall time.
     pub seconds: f64,
     /// With `exchange: hccl`: what this rank read from its disk, sent and

@@ -99,6 +99,11 @@ pub struct AutoArgs {
     /// Convert again even if an earlier run's output for the same inputs is intact.
     #[arg(long)]
     pub force: bool,
+    /// With load_ckpt_format: safetensors, also merge a distributed source into
+    /// output/unified_checkpoint/ on the main rank, as mindformers' flow does (a full extra copy
+    /// of the model; each rank's file never needs it).
+    #[arg(long = "unified-checkpoint")]
+    pub unified_checkpoint: bool,
     /// Only clear output/strategy and output/transformed_checkpoint (rank 0, or each node's first
     /// rank with --node-local), as mindformers does when a job starts; run it before the job saves
     /// its strategy.
@@ -153,6 +158,7 @@ fn overrides(a: &AutoArgs) -> Result<Settings> {
         ("heartbeat_timeout_s", a.heartbeat_timeout.map(Value::from)),
         ("poll_ms", a.poll_ms.map(Value::from)),
         ("force", flag(a.force)),
+        ("unified_checkpoint", flag(a.unified_checkpoint)),
         ("exchange", a.exchange.as_deref().map(Value::from)),
         ("rendezvous", a.rendezvous.as_deref().map(Value::from)),
     ];

@@ -51,6 +51,7 @@ pub const RESHARD_KEYS: &[&str] = &[
     "heartbeat_timeout_s",
     "poll_ms",
     "force",
+    "unified_checkpoint",
     "exchange",
     "rendezvous",
 ];
@@ -295,6 +296,7 @@ impl Settings {
             heartbeat_timeout: seconds("heartbeat_timeout_s", 120.0)?,
             poll: Duration::from_millis(self.usize_opt("poll_ms")?.unwrap_or(1000).max(1) as u64),
             force: self.bool_opt("force")?.unwrap_or(false),
+            unified_checkpoint: self.bool_opt("unified_checkpoint")?.unwrap_or(false),
             notes,
             exchange: super::Exchange::parse(
                 self.string_opt("exchange")?.as_deref(),
