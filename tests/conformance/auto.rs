@@ -6,7 +6,7 @@
 //! and a Python launcher calling the C ABI in-process, whose outputs
 //! MindSpore then loads.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde_json::Value;
 
@@ -14,22 +14,7 @@ use crate::util::job::{
     assert_ranks_match, job_strategies, libreshard, model, node_dirs, node_local_job,
     one_device_job, run_job, shared_job, yaml,
 };
-use crate::util::{mindspore_python, run_py};
-
-/// MindSpore's transform of `src` (a rank tree) into `expect`.
-fn oracle(python: &Path, src: &Path, expect: &Path, s: Option<&Path>, d: Option<&Path>) {
-    let arg = |p: Option<&Path>| p.map_or("-".to_string(), |p| p.display().to_string());
-    run_py(
-        python,
-        "transform_run.py",
-        &[
-            src.to_str().unwrap(),
-            expect.to_str().unwrap(),
-            &arg(s),
-            &arg(d),
-        ],
-    );
-}
+use crate::util::{mindspore_python, ms_transform, run_py};
 
 #[test]
 fn auto_jobs_are_byte_identical_to_mindspore() {
@@ -46,7 +31,7 @@ fn auto_jobs_are_byte_identical_to_mindspore() {
     job_strategies(&m, &job.join("output/strategy"), 2, 2, 2, -1, true);
     std::fs::write(job.join("run.yaml"), yaml("./full", "", 2, 2, "")).unwrap();
     let expect = d.path().join("expect-ms");
-    oracle(
+    ms_transform(
         &python,
         &job.join("full"),
         &expect,
@@ -64,7 +49,7 @@ fn auto_jobs_are_byte_identical_to_mindspore() {
     let (d, _) = node_local_job(1);
     let job = d.path().join("job");
     let expect = d.path().join("expect-ms");
-    oracle(
+    ms_transform(
         &python,
         &job.join("ckpt"),
         &expect,
@@ -84,7 +69,7 @@ fn auto_jobs_are_byte_identical_to_mindspore() {
     // Sharded dp2·mp2·pp2 → one device.
     let (d, job) = one_device_job([2, 2, 2]);
     let expect = d.path().join("expect-ms");
-    oracle(
+    ms_transform(
         &python,
         &job.join("ckpt"),
         &expect,
@@ -116,7 +101,7 @@ fn python_launcher_through_the_c_abi() {
     );
     std::fs::write(job.join("run.yaml"), yaml("./full", "", 8, 1, "")).unwrap();
     let expect = dir.path().join("expect-ms");
-    oracle(
+    ms_transform(
         &python,
         &job.join("full"),
         &expect,
