@@ -247,6 +247,7 @@ mod emulated {
     use std::path::{Path, PathBuf};
     use std::time::Duration;
 
+    use crate::util::model::strategy_files;
     use ascend_stub::Emulator;
     use ascendcl_sys::safe::{self, Context, DeviceMem, Stream, Tensor};
     use ascendcl_sys::sys::{self as acl, Api};
@@ -259,7 +260,6 @@ mod emulated {
     use reshard::formats::tree::FileFormat;
     use reshard::layout::boxes::{BoxCopy, LoraAdd};
     use reshard::ops::merge_lora::{merge_lora, MergeLoraOptions};
-    use reshard::ops::strategy_gen::{write_strategies, StrategyOptions};
     use reshard::ops::transform::{plan_transform, transform, TransformOptions};
     use reshard::DType;
 
@@ -973,18 +973,7 @@ mod emulated {
             w.write_tensor(name, DType::BF16, &shape, &bytes).unwrap();
         }
         w.finish().unwrap();
-        let dir = path.parent().unwrap().join("s2");
-        write_strategies(&StrategyOptions {
-            checkpoint: path.to_path_buf(),
-            out_dir: dir.clone(),
-            dp: 1,
-            mp: 2,
-            pp: 1,
-            opt_shard: 0,
-            vocab_emb_dp: true,
-        })
-        .unwrap();
-        dir
+        strategy_files(path, &path.parent().unwrap().join("s2"), 1, 2, 1, 0, true)
     }
 
     fn run_plan<B: Backend>(model: &Path, s2: &Path, out: &Path, b: &B) -> reshard::Result<()> {
@@ -1520,41 +1509,32 @@ mod emulated {
         })
     }
 
-    /// `HcclSend` of `count` bytes of `m` to `peer` on `s`.
-    ///
-    /// # Safety
-    /// `m` holds at least `count` bytes.
-    unsafe fn hccl_send(
-        api: &Api,
-        m: &DeviceMem,
-        count: u64,
-        peer: u32,
-        comm: &safe::Comm,
-        s: &Stream,
-    ) -> acl::HcclResult {
-        api.HcclSend.unwrap()(
-            m.ptr(),
-            count,
-            acl::HCCL_DATA_TYPE_UINT8,
-            peer,
-            comm.raw(),
-            s.raw(),
-        )
+    /// Which side of a point-to-point transfer [`hccl_p2p`] calls.
+    #[derive(Clone, Copy)]
+    enum P2p {
+        Send,
+        Recv,
     }
 
-    /// `HcclRecv` of `count` bytes into `m` from `peer` on `s`.
+    /// `HcclSend` (of `m` to `peer`) or `HcclRecv` (into `m` from `peer`) of
+    /// `count` bytes on `s`.
     ///
     /// # Safety
     /// `m` holds at least `count` bytes.
-    unsafe fn hccl_recv(
+    unsafe fn hccl_p2p(
         api: &Api,
+        op: P2p,
         m: &DeviceMem,
         count: u64,
         peer: u32,
         comm: &safe::Comm,
         s: &Stream,
     ) -> acl::HcclResult {
-        api.HcclRecv.unwrap()(
+        let call = match op {
+            P2p::Send => api.HcclSend,
+            P2p::Recv => api.HcclRecv,
+        };
+        call.unwrap()(
             m.ptr(),
             count,
             acl::HCCL_DATA_TYPE_UINT8,
@@ -1673,11 +1653,23 @@ mod emulated {
                 // A ring: send to r+1, receive from r-1 (rank 0 receives first).
                 let (next, prev) = ((r + 1) % 3, (r + 2) % 3);
                 if r == 0 {
-                    assert_eq!(hccl_recv(api, &p2p, 4, prev, comm, &s), acl::HCCL_SUCCESS);
-                    assert_eq!(hccl_send(api, &send, 4, next, comm, &s), acl::HCCL_SUCCESS);
+                    assert_eq!(
+                        hccl_p2p(api, P2p::Recv, &p2p, 4, prev, comm, &s),
+                        acl::HCCL_SUCCESS
+                    );
+                    assert_eq!(
+                        hccl_p2p(api, P2p::Send, &send, 4, next, comm, &s),
+                        acl::HCCL_SUCCESS
+                    );
                 } else {
-                    assert_eq!(hccl_send(api, &send, 4, next, comm, &s), acl::HCCL_SUCCESS);
-                    assert_eq!(hccl_recv(api, &p2p, 4, prev, comm, &s), acl::HCCL_SUCCESS);
+                    assert_eq!(
+                        hccl_p2p(api, P2p::Send, &send, 4, next, comm, &s),
+                        acl::HCCL_SUCCESS
+                    );
+                    assert_eq!(
+                        hccl_p2p(api, P2p::Recv, &p2p, 4, prev, comm, &s),
+                        acl::HCCL_SUCCESS
+                    );
                 }
             }
             s.synchronize().unwrap();
@@ -1715,9 +1707,9 @@ mod emulated {
             // SAFETY: device buffer of 8 bytes.
             unsafe {
                 if r == 0 {
-                    hccl_send(api, &m, 4, 1, comm, &s);
+                    hccl_p2p(api, P2p::Send, &m, 4, 1, comm, &s);
                 } else {
-                    hccl_recv(api, &m, 6, 0, comm, &s);
+                    hccl_p2p(api, P2p::Recv, &m, 6, 0, comm, &s);
                 }
             }
             s.synchronize().map_err(|e| e.to_string())

@@ -438,35 +438,33 @@ fn settings_are_checked_with_clear_errors() {
 fn nothing_to_load_and_flag_semantics() {
     let (_d, job) = shared_job();
     let env = [("RANK_ID", "2"), ("RANK_SIZE", "4")];
-    std::fs::write(job.join("run.yaml"), yaml("", "", 1, 1, "")).unwrap();
-    let (code, stdout, err) = auto_once(&job, &["--config", "run.yaml"], &env);
-    assert_eq!(code, Some(0), "{err}");
+    // Writes `config` as run.yaml and runs `auto --config run.yaml`, which
+    // must succeed; returns its (stdout, stderr).
+    let auto_ok = |config: String| {
+        std::fs::write(job.join("run.yaml"), config).unwrap();
+        let (code, stdout, err) = auto_once(&job, &["--config", "run.yaml"], &env);
+        assert_eq!(code, Some(0), "{err}");
+        (stdout, err)
+    };
+    let (stdout, err) = auto_ok(yaml("", "", 1, 1, ""));
     assert!(
         stdout.is_empty() && err.contains("nothing to load"),
         "{stdout} {err}"
     );
-    std::fs::write(
-        job.join("run.yaml"),
+    let (stdout, err) = auto_ok(
         yaml("./model.ckpt", "", 1, 1, "")
             .replace("only_save_strategy: False", "only_save_strategy: True"),
-    )
-    .unwrap();
-    let (code, stdout, err) = auto_once(&job, &["--config", "run.yaml"], &env);
-    assert_eq!(code, Some(0), "{err}");
+    );
     assert!(
         stdout.is_empty() && err.contains("only_save_strategy"),
         "{err}"
     );
 
     // auto_trans_ckpt False: a complete checkpoint is loaded as it is…
-    std::fs::write(
-        job.join("run.yaml"),
+    let (stdout, _) = auto_ok(
         yaml("./model.ckpt", "", 1, 1, "")
             .replace("auto_trans_ckpt: True", "auto_trans_ckpt: False"),
-    )
-    .unwrap();
-    let (code, stdout, err) = auto_once(&job, &["--config", "run.yaml"], &env);
-    assert_eq!(code, Some(0), "{err}");
+    );
     assert_eq!(stdout.trim(), job.join("model.ckpt").to_str().unwrap());
     // …but a sharded one whose layout provably differs from the job's is refused.
     sharded_source(&job, 1, 2, 1, true);

@@ -20,7 +20,7 @@ use reshard::DType;
 use serde_json::{json, Value};
 
 use crate::util::fs::walk;
-use crate::util::{reshard_bin, tempdir};
+use crate::util::{reshard_bin, st_tensor, tempdir};
 
 use crate::util::hf::{self as fixtures, options, spec, write_hf, Spec, ALL};
 
@@ -854,7 +854,7 @@ fn both_ways(
 /// pipeline stages and optimizer sharding.
 #[test]
 fn one_pass_to_ranks_equals_convert_then_transform() {
-    use reshard::ops::strategy_gen::{write_strategies, StrategyOptions};
+    use crate::util::model::strategy_files;
     for (name, dp, mp, pp, opt, concat) in [
         ("llama", 1, 2, 2, 0, true),
         ("llama", 2, 2, 1, -1, true),
@@ -870,17 +870,7 @@ fn one_pass_to_ranks_equals_convert_then_transform() {
         o.qkv_concat = if concat { Some(true) } else { None };
         o.dtype = Some(DType::F16);
         convert(&o).unwrap();
-        let strategy = dir.path().join("strategy");
-        write_strategies(&StrategyOptions {
-            checkpoint: full.clone(),
-            out_dir: strategy.clone(),
-            dp,
-            mp,
-            pp,
-            opt_shard: opt,
-            vocab_emb_dp: false,
-        })
-        .unwrap();
+        let strategy = strategy_files(&full, &dir.path().join("strategy"), dp, mp, pp, opt, false);
         let (two, one) = both_ways(name, &spec, &hf, &full, &strategy, |o1| {
             o1.qkv_concat = o.qkv_concat;
             o1.dtype = o.dtype;
@@ -1104,16 +1094,7 @@ fn broken_shard_sets_are_refused() {
     let mut tensors: Vec<(String, reshard::formats::safetensors::TensorRef)> = f
         .entries()
         .iter()
-        .map(|e| {
-            (
-                e.name.clone(),
-                reshard::formats::safetensors::TensorRef {
-                    dtype: e.dtype,
-                    shape: e.shape.clone(),
-                    data: f.bytes(e),
-                },
-            )
-        })
+        .map(|e| st_tensor(e.name.clone(), e.dtype, e.shape.clone(), f.bytes(e)))
         .collect();
     let mut shape_of = None;
     for (n, d, s) in &spec.tensors {
@@ -1123,14 +1104,7 @@ fn broken_shard_sets_are_refused() {
     }
     let (d, s) = shape_of.unwrap();
     let dup = fixtures::bytes(&first_of_2, d, &s);
-    tensors.push((
-        first_of_2.clone(),
-        reshard::formats::safetensors::TensorRef {
-            dtype: d,
-            shape: s,
-            data: &dup,
-        },
-    ));
+    tensors.push(st_tensor(first_of_2.clone(), d, s, &dup));
     let _ = extra;
     let tmp = dir.path().join("dup.safetensors");
     reshard::formats::safetensors::write(&tmp, &tensors, &Default::default()).unwrap();
@@ -1191,16 +1165,7 @@ fn pytorch_and_unsupported_dtypes_are_refused() {
         .tensors
         .iter()
         .zip(&data)
-        .map(|((n, d, s), b)| {
-            (
-                n.clone(),
-                reshard::formats::safetensors::TensorRef {
-                    dtype: *d,
-                    shape: s.clone(),
-                    data: b,
-                },
-            )
-        })
+        .map(|((n, d, s), b)| st_tensor(n.clone(), *d, s.clone(), b))
         .collect();
     reshard::formats::safetensors::write(hf.join("model.safetensors"), &refs, &Default::default())
         .unwrap();
@@ -1457,16 +1422,7 @@ fn peft_adapter_into_mindspore_equals_merge_then_convert() {
     let tensors: Vec<(String, TensorRef)> = factors
         .iter()
         .zip(&data)
-        .map(|((n, d, s), b)| {
-            (
-                n.clone(),
-                TensorRef {
-                    dtype: *d,
-                    shape: s.clone(),
-                    data: b,
-                },
-            )
-        })
+        .map(|((n, d, s), b)| st_tensor(n.clone(), *d, s.clone(), b))
         .collect();
     write(
         adapter.join("adapter_model.safetensors"),
@@ -1549,13 +1505,11 @@ fn reverse_from_a_unified_directory_equals_reverse_from_one_file() {
     let step = 7i32.to_le_bytes();
     write(
         unified.join("hyper_param.safetensors"),
-        &[(
+        &[st_tensor(
             "global_step".to_string(),
-            TensorRef {
-                dtype: DType::I32,
-                shape: vec![1],
-                data: &step,
-            },
+            DType::I32,
+            vec![1],
+            &step,
         )],
         &StWriteOptions::default(),
     )

@@ -322,51 +322,44 @@ fn convert_extra_pairs_that_change_the_conversion() {
         serde_json::from_slice(&std::fs::read(dir.path().join("hf/config.json")).unwrap()).unwrap();
     let heads = cfg["num_attention_heads"].to_string();
     let layers = cfg["num_hidden_layers"].to_string();
+    // `convert --model qwen2_5 --input_path input --output_path output more…`.
+    let qwen = |input: &str, output: &str, more: &[&str]| {
+        let mut args = strings(&[
+            "--model",
+            "qwen2_5",
+            "--input_path",
+            input,
+            "--output_path",
+            output,
+        ]);
+        args.extend(strings(more));
+        convert_cli(&args)
+    };
     let plain = out("plain.ckpt");
-    let (ok, err) = convert_cli(&strings(&[
-        "--model",
-        "qwen2_5",
-        "--input_path",
-        hf,
-        "--output_path",
-        &plain,
-        "--qkv_concat",
-        "true",
-    ]));
+    let (ok, err) = qwen(hf, &plain, &["--qkv_concat", "true"]);
     assert!(ok, "{err}");
     let moved = out("moved.ckpt");
-    let (ok, err) = convert_cli(&strings(&[
-        "--model",
-        "qwen2_5",
-        "--input_path",
+    let (ok, err) = qwen(
         &out("no-such-dir"),
-        "--output_path",
         &out("unused.ckpt"),
-        "--qkv_concat",
-        "true",
-        "--torch_ckpt_dir",
-        hf,
-        &format!("--mindspore_ckpt_path={moved}"),
-        "--num_attention_heads",
-        &heads,
-        "--num_layers",
-        &layers,
-        "--is_lora",
-        "False",
-    ]));
+        &[
+            "--qkv_concat",
+            "true",
+            "--torch_ckpt_dir",
+            hf,
+            &format!("--mindspore_ckpt_path={moved}"),
+            "--num_attention_heads",
+            &heads,
+            "--num_layers",
+            &layers,
+            "--is_lora",
+            "False",
+        ],
+    );
     assert!(ok && !err.contains("warning"), "{err}");
     assert!(std::fs::read(&moved).unwrap() == std::fs::read(&plain).unwrap());
     assert!(!std::path::Path::new(&out("unused.ckpt")).exists());
-    let (ok, err) = convert_cli(&strings(&[
-        "--model",
-        "qwen2_5",
-        "--input_path",
-        hf,
-        "--output_path",
-        &out("lora.ckpt"),
-        "--is_lora",
-        "True",
-    ]));
+    let (ok, err) = qwen(hf, &out("lora.ckpt"), &["--is_lora", "True"]);
     assert!(!ok && err.contains("is_lora"), "{err}");
     assert!(!std::path::Path::new(&out("lora.ckpt")).exists());
 }

@@ -363,14 +363,7 @@ fn peft_bin_adapter_merges_like_its_safetensors_twin() {
             (e.name.clone(), e.dtype, shape, st.bytes(e).to_vec())
         })
         .collect();
-    let bin = dir.path().join("bin_adapter");
-    std::fs::create_dir(&bin).unwrap();
-    std::fs::copy(
-        adapter.join("adapter_config.json"),
-        bin.join("adapter_config.json"),
-    )
-    .unwrap();
-    std::fs::write(bin.join("adapter_model.bin"), writer::save(&tensors)).unwrap();
+    let bin = crate::util::lora::bin_adapter(&adapter, dir.path(), &writer::save(&tensors));
     let merge = |adapter: &Path, out: &str| {
         let o = Command::new(reshard_bin())
             .args(["merge-lora", "--src_ckpt_path_or_dir"])

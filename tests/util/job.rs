@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use reshard::formats::ckpt::{CkptWriter, WriteOptions};
 use reshard::formats::strategy::MERGED_FILE_NAME;
-use reshard::ops::strategy_gen::{write_strategies, StrategyOptions};
 use reshard::ops::transform::{transform, TransformOptions};
 use reshard::DType;
 use serde_json::Value;
 
+use crate::util::model::strategy_files;
 use crate::util::{reshard_bin, tempdir};
 
 /// A llama-shaped full checkpoint: `layers` layers of hidden size
@@ -77,16 +77,7 @@ pub fn job_strategies(
     opt: i32,
     vocab_emb_dp: bool,
 ) {
-    write_strategies(&StrategyOptions {
-        checkpoint: model.to_path_buf(),
-        out_dir: dir.to_path_buf(),
-        dp,
-        mp,
-        pp,
-        opt_shard: opt,
-        vocab_emb_dp,
-    })
-    .unwrap();
+    strategy_files(model, dir, dp, mp, pp, opt, vocab_emb_dp);
     let _ = std::fs::remove_file(dir.join(MERGED_FILE_NAME));
 }
 
