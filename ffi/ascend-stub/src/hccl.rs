@@ -548,38 +548,20 @@ pub(crate) fn barrier(e: Emu, comm: HcclComm, stream: aclrtStream) -> HcclResult
     })
 }
 
-pub(crate) fn send(
-    e: Emu,
-    buf: *mut c_void,
-    count: u64,
-    dt: HcclDataType,
-    peer: u32,
-    comm: HcclComm,
-    stream: aclrtStream,
-) -> HcclResult {
-    submit(e, "HcclSend", comm, stream, |g, c, n| {
-        let bytes = bytes_of(count, dt)?;
-        if peer >= n || peer == c.rank {
-            return Err(format!("destRank {peer} is not another rank of {n}"));
-        }
-        let r = in_alloc(g, buf as u64, bytes, "sendBuf")?;
-        let s = c.send_seq.entry(peer).or_default();
-        *s += 1;
-        Ok((
-            Kind::Send {
-                buf: buf as u64,
-                bytes,
-                peer,
-            },
-            *s,
-            vec![r],
-            vec![],
-        ))
-    })
+/// Which side of a point-to-point transfer [`p2p`] emulates.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    /// `HcclSend`: `buf` is read and sent to `peer`.
+    Send,
+    /// `HcclRecv`: `buf` is written with what `peer` sends.
+    Recv,
 }
 
-pub(crate) fn recv(
+/// `HcclSend` or `HcclRecv` of `count` elements of `buf` with `peer`.
+#[allow(clippy::too_many_arguments)] // the C call's six, and its side
+pub(crate) fn p2p(
     e: Emu,
+    op: Side,
     buf: *mut c_void,
     count: u64,
     dt: HcclDataType,
@@ -587,24 +569,34 @@ pub(crate) fn recv(
     comm: HcclComm,
     stream: aclrtStream,
 ) -> HcclResult {
-    submit(e, "HcclRecv", comm, stream, |g, c, n| {
+    let (api, peer_arg, buf_arg) = match op {
+        Side::Send => ("HcclSend", "destRank", "sendBuf"),
+        Side::Recv => ("HcclRecv", "srcRank", "recvBuf"),
+    };
+    submit(e, api, comm, stream, |g, c, n| {
         let bytes = bytes_of(count, dt)?;
         if peer >= n || peer == c.rank {
-            return Err(format!("srcRank {peer} is not another rank of {n}"));
+            return Err(format!("{peer_arg} {peer} is not another rank of {n}"));
         }
-        let w = in_alloc(g, buf as u64, bytes, "recvBuf")?;
-        let s = c.recv_seq.entry(peer).or_default();
+        let range = in_alloc(g, buf as u64, bytes, buf_arg)?;
+        let buf = buf as u64;
+        let (kind, seqs, reads, writes) = match op {
+            Side::Send => (
+                Kind::Send { buf, bytes, peer },
+                &mut c.send_seq,
+                vec![range],
+                vec![],
+            ),
+            Side::Recv => (
+                Kind::Recv { buf, bytes, peer },
+                &mut c.recv_seq,
+                vec![],
+                vec![range],
+            ),
+        };
+        let s = seqs.entry(peer).or_default();
         *s += 1;
-        Ok((
-            Kind::Recv {
-                buf: buf as u64,
-                bytes,
-                peer,
-            },
-            *s,
-            vec![],
-            vec![w],
-        ))
+        Ok((kind, *s, reads, writes))
     })
 }
 
