@@ -639,11 +639,7 @@ int main(void) {
         .arg(&exe)
         .output()
         .unwrap();
-    assert!(
-        cc.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cc.stderr)
-    );
+    crate::util::assert_success(&cc);
     let run = Command::new(&exe)
         .current_dir(&job)
         .env("LD_LIBRARY_PATH", &lib_dir)

@@ -22,7 +22,7 @@ fn convert_warns_about_extra_pairs_and_converts() {
             .args(extra)
             .output()
             .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        crate::util::assert_success(&o);
         String::from_utf8_lossy(&o.stderr).into_owned()
     };
     let quiet = run("plain.ckpt", &[]);
@@ -59,7 +59,7 @@ fn merge_lora_scaling_expression() {
     };
     for (out, scaling) in [("quotient", "16/8"), ("number", "2")] {
         let o = run(out, scaling);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        crate::util::assert_success(&o);
     }
     let file = "rank_0/checkpoint_0.ckpt";
     assert_eq!(
@@ -164,7 +164,7 @@ fn convert_passes_sft_lora_to_cogvlm2() {
                 .args(extra)
                 .output()
                 .unwrap();
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            crate::util::assert_success(&o);
             assert!(!String::from_utf8_lossy(&o.stderr).contains("warning"));
             let ck = Checkpoint::open(&out, &ReadOptions::default()).unwrap();
             ck.entries()

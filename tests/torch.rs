@@ -310,7 +310,7 @@ fn llama_bin_converts_like_its_safetensors_twin() {
             .arg(dir.path().join(out))
             .output()
             .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        crate::util::assert_success(&o);
         std::fs::read(dir.path().join(out)).unwrap()
     };
     let want = convert(&st, "st.ckpt");
@@ -374,7 +374,7 @@ fn peft_bin_adapter_merges_like_its_safetensors_twin() {
             .arg(dir.path().join(out))
             .output()
             .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        crate::util::assert_success(&o);
     };
     merge(&adapter, "from_st");
     merge(&bin, "from_bin");
@@ -569,7 +569,7 @@ fn inspect_lists_a_bin() {
         .arg(&path)
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    crate::util::assert_success(&o);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let text = v.to_string();
     assert!(

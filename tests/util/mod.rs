@@ -116,6 +116,16 @@ pub fn run_py(python: &Path, script: &str, args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("python printed non-UTF-8")
 }
 
+/// Fails the test with the command's stderr unless it succeeded.
+#[track_caller]
+pub fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A named safetensors tensor, as [`reshard::formats::safetensors::write`]
 /// takes it.
 pub fn st_tensor(
