@@ -254,9 +254,7 @@ fn checkpoint_that_already_matches_is_not_converted() {
     job_strategies(
         &job.join("model.ckpt"),
         &job.join("dp8_strategy"),
-        8,
-        1,
-        1,
+        [8, 1, 1],
         0,
         true,
     );
@@ -553,9 +551,7 @@ fn modelarts_style_node_size_and_remote_root() {
     job_strategies(
         &job.join("model.ckpt"),
         &remote.join("strategy"),
-        1,
-        4,
-        1,
+        [1, 4, 1],
         0,
         true,
     );
@@ -745,7 +741,7 @@ fn deduplicated_safetensors_set_merges_to_one_device() {
     // by a one-device job: each parameter comes from the rank that owns it.
     let (_d, job) = shared_job();
     let m = job.join("model.ckpt");
-    job_strategies(&m, &job.join("src_strategy"), 2, 2, 1, 0, true);
+    job_strategies(&m, &job.join("src_strategy"), [2, 2, 1], 0, true);
     let mut o = TransformOptions::new(&m, job.join("ckpt"), None, Some(job.join("src_strategy")));
     o.output_format = Some(reshard::formats::tree::FileFormat::Safetensors);
     o.remove_redundancy = true;

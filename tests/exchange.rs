@@ -315,9 +315,7 @@ fn mismatched_world_sizes_fail_every_rank() {
     job_strategies(
         &d.path().join("job/model.ckpt"),
         &small.join("output/strategy"),
-        1,
-        4,
-        1,
+        [1, 4, 1],
         0,
         false,
     );

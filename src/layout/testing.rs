@@ -1,8 +1,10 @@
-//! Random layouts for tests: the one tensor-map generator that the
+//! Random layouts for tests: the one generator that the
 //! property tests (proptest picks) and the MindSpore conformance test (a
 //! seeded generator) both draw through.
 
-/// What [`random_tensor_map`] asks its source of randomness for.
+use super::Layout;
+
+/// What [`random_layout`] asks its source of randomness for.
 #[derive(Debug, Clone, Copy)]
 pub enum Draw {
     /// How many device axes dim `dim` tries to take.
@@ -12,16 +14,18 @@ pub enum Draw {
     Axis { dim: usize, k: usize, free: usize },
 }
 
-/// A tensor map over `axes` device axes for `ndim` dims: each dim takes
-/// [`Draw::Count`] axes while any are free, each axis [`Draw::Axis`];
-/// a dim that takes none is `-1` (replicated). No axis is used twice.
-pub fn random_tensor_map(
-    axes: usize,
+/// A layout over `dev_matrix` for `ndim` dims, not optimizer-sharded: each
+/// dim takes [`Draw::Count`] device axes while any are free, each axis
+/// [`Draw::Axis`]; a dim that takes none is `-1` (replicated). No axis is
+/// used twice.
+pub fn random_layout(
+    dev_matrix: Vec<u64>,
+    nested: bool,
     ndim: usize,
     mut draw: impl FnMut(Draw) -> usize,
-) -> Vec<Vec<i32>> {
-    let mut free: Vec<i32> = (0..axes as i32).collect();
-    (0..ndim)
+) -> Layout {
+    let mut free: Vec<i32> = (0..dev_matrix.len() as i32).collect();
+    let tensor_map = (0..ndim)
         .map(|dim| {
             let mut taken = Vec::new();
             for k in 0..draw(Draw::Count { dim }) {
@@ -40,5 +44,12 @@ pub fn random_tensor_map(
             }
             taken
         })
-        .collect()
+        .collect();
+    Layout {
+        dev_matrix,
+        tensor_map,
+        nested,
+        opt_shard_step: 0,
+        opt_shard_size: 0,
+    }
 }

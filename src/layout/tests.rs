@@ -3,7 +3,7 @@
 
 use proptest::prelude::*;
 
-use super::testing::{random_tensor_map, Draw};
+use super::testing::{random_layout, Draw};
 use super::*;
 
 /// Per rank, per dim, `(global_start, len)` of the single piece.
@@ -425,17 +425,10 @@ fn arb_layout_nd(ndim: usize) -> impl Strategy<Value = (Layout, Vec<u64>)> {
         prop::collection::vec(1u64..=2, 3),
     )
         .prop_map(|(dev, ndim, nested, picks, opt, step_pick, mult)| {
-            let map = random_tensor_map(dev.len(), ndim, |d| match d {
+            let mut l = random_layout(dev, nested, ndim, |d| match d {
                 Draw::Count { dim } => picks[dim] as usize % if nested { 3 } else { 2 },
                 Draw::Axis { dim, k, free } => (picks[dim + 3] as usize >> (4 * k)) % free,
             });
-            let mut l = Layout {
-                dev_matrix: dev,
-                tensor_map: map,
-                nested,
-                opt_shard_step: 0,
-                opt_shard_size: 0,
-            };
             let size = [0, -1, 2, 3, 4, -1][opt];
             if size != 0 {
                 // MindSpore's step: the stride of the single repeated axis,

@@ -28,7 +28,7 @@ fn auto_jobs_are_byte_identical_to_mindspore() {
     std::fs::create_dir_all(job.join("full/rank_0")).unwrap();
     std::fs::rename(job.join("model.ckpt"), job.join("full/rank_0/model.ckpt")).unwrap();
     let m = job.join("full/rank_0/model.ckpt");
-    job_strategies(&m, &job.join("output/strategy"), 2, 2, 2, -1, true);
+    job_strategies(&m, &job.join("output/strategy"), [2, 2, 2], -1, true);
     std::fs::write(job.join("run.yaml"), yaml("./full", "", 2, 2, "")).unwrap();
     let expect = d.path().join("expect-ms");
     ms_transform(
@@ -93,9 +93,7 @@ fn python_launcher_through_the_c_abi() {
     job_strategies(
         &job.join("full/rank_0/model.ckpt"),
         &job.join("output/strategy"),
-        2,
-        4,
-        1,
+        [2, 4, 1],
         0,
         true,
     );

@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 use std::fs;
 
-use reshard::layout::testing::{random_tensor_map, Draw};
+use reshard::layout::testing::{self, Draw};
 use reshard::layout::{needed_source_ranks, Layout, RankSlice};
 use serde_json::{json, Value};
 
@@ -71,17 +71,10 @@ const DEVS: &[&[u64]] = &[
 fn random_layout(rng: &mut Rng, ndim: usize) -> Layout {
     let dev: Vec<u64> = rng.pick(DEVS).to_vec();
     let nested = rng.chance(25);
-    let map = random_tensor_map(dev.len(), ndim, |d| match d {
+    let mut l = testing::random_layout(dev, nested, ndim, |d| match d {
         Draw::Count { .. } => rng.below(if nested { 3 } else { 2 }),
         Draw::Axis { free, .. } => rng.below(free),
     });
-    let mut l = Layout {
-        dev_matrix: dev,
-        tensor_map: map,
-        nested,
-        opt_shard_step: 0,
-        opt_shard_size: 0,
-    };
     if rng.chance(60) {
         let repeated = l.repeated_axes();
         let step = match repeated.first() {

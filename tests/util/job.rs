@@ -62,7 +62,7 @@ pub fn model(path: &Path, layers: usize, hidden: i64, seed: u8) {
 /// vocab_emb_dp) saved under `output/strategy`, and its `run.yaml`.
 pub fn job_setup(job: &Path, [dp, mp, pp]: [u32; 3], opt: i32, config: &str) {
     let (model, dir) = (job.join("model.ckpt"), job.join("output/strategy"));
-    job_strategies(&model, &dir, dp, mp, pp, opt, true);
+    job_strategies(&model, &dir, [dp, mp, pp], opt, true);
     std::fs::write(job.join("run.yaml"), config).unwrap();
 }
 
@@ -71,9 +71,7 @@ pub fn job_setup(job: &Path, [dp, mp, pp]: [u32; 3], opt: i32, config: &str) {
 pub fn job_strategies(
     model: &Path,
     dir: &Path,
-    dp: u32,
-    mp: u32,
-    pp: u32,
+    [dp, mp, pp]: [u32; 3],
     opt: i32,
     vocab_emb_dp: bool,
 ) {
@@ -282,7 +280,7 @@ pub fn shared_job() -> (tempfile::TempDir, PathBuf) {
 /// A sharded source: `job/ckpt/rank_x/` and `job/src_strategy/`.
 pub fn sharded_source(job: &Path, dp: u32, mp: u32, pp: u32, vocab_emb_dp: bool) {
     let m = job.join("model.ckpt");
-    job_strategies(&m, &job.join("src_strategy"), dp, mp, pp, 0, vocab_emb_dp);
+    job_strategies(&m, &job.join("src_strategy"), [dp, mp, pp], 0, vocab_emb_dp);
     reshard(&m, &job.join("ckpt"), None, Some(&job.join("src_strategy")));
 }
 
@@ -354,7 +352,7 @@ pub fn two_node_job(spec: &TwoNodeJob) -> (tempfile::TempDir, PathBuf) {
     let all_strategy = job.join(spec.strategy_dir);
     let [dp, mp, pp] = spec.dst;
     let m = job.join("model.ckpt");
-    job_strategies(&m, &all_strategy, dp, mp, pp, 0, spec.dst_vocab_emb_dp);
+    job_strategies(&m, &all_strategy, [dp, mp, pp], 0, spec.dst_vocab_emb_dp);
     let expect = d.path().join("expect");
     reshard(
         &job.join("ckpt"),
