@@ -247,7 +247,6 @@ mod emulated {
     use std::path::{Path, PathBuf};
     use std::time::Duration;
 
-    use crate::util::model::strategy_files;
     use ascend_stub::Emulator;
     use ascendcl_sys::safe::{self, Context, DeviceMem, Stream, Tensor};
     use ascendcl_sys::sys::{self as acl, Api};
@@ -264,6 +263,7 @@ mod emulated {
     use reshard::DType;
 
     use crate::util::lora::{lora_model, strategies};
+    use crate::util::model::strategy_files;
     use crate::util::tempdir;
 
     fn opts(path: CopyPath, stage: usize) -> AscendOptions {
@@ -1171,6 +1171,36 @@ mod emulated {
     // ---- the emulator's rules, each shown firing ----
 
     /// A context on device 0 of a fresh machine.
+    /// Raw `aclrtMemcpy` of `n` bytes (`destMax` = `count` = `n`).
+    ///
+    /// # Safety
+    /// Both ends hold `n` bytes (or the call is one the emulator refuses
+    /// before touching memory).
+    unsafe fn memcpy(
+        api: &Api,
+        dst: *mut c_void,
+        src: *const c_void,
+        n: usize,
+        kind: acl::aclrtMemcpyKind,
+    ) -> acl::aclError {
+        (api.aclrtMemcpy)(dst, n, src, n, kind)
+    }
+
+    /// Raw `aclrtMemcpyAsync` of `n` bytes on `stream`, as [`memcpy`].
+    ///
+    /// # Safety
+    /// As [`memcpy`].
+    unsafe fn memcpy_async(
+        api: &Api,
+        dst: *mut c_void,
+        src: *const c_void,
+        n: usize,
+        kind: acl::aclrtMemcpyKind,
+        stream: acl::aclrtStream,
+    ) -> acl::aclError {
+        (api.aclrtMemcpyAsync)(dst, n, src, n, kind, stream)
+    }
+
     fn machine() -> (Emulator, &'static Api, std::sync::Arc<Context>) {
         let emu = Emulator::new();
         let api = emu.api();
@@ -1268,9 +1298,9 @@ mod emulated {
         );
         // SAFETY: device ranges inside the allocations.
         let code = unsafe {
-            (api.aclrtMemcpyAsync)(
+            memcpy_async(
+                api,
                 b.at(1),
-                64,
                 a.ptr(),
                 64,
                 acl::ACL_MEMCPY_DEVICE_TO_DEVICE,
@@ -1313,9 +1343,9 @@ mod emulated {
         let host = [0u8; 64];
         // SAFETY: as above.
         let code = unsafe {
-            (api.aclrtMemcpyAsync)(
+            memcpy_async(
+                api,
                 b.ptr(),
-                64,
                 host.as_ptr().cast(),
                 64,
                 acl::ACL_MEMCPY_DEVICE_TO_DEVICE,
@@ -1337,9 +1367,9 @@ mod emulated {
         // SAFETY: pinned source, device destination.
         unsafe {
             assert_eq!(
-                (api.aclrtMemcpyAsync)(
+                memcpy_async(
+                    api,
                     m.ptr(),
-                    128,
                     pinned.ptr(),
                     128,
                     acl::ACL_MEMCPY_HOST_TO_DEVICE,
@@ -1352,9 +1382,9 @@ mod emulated {
         let mut out = [0u8; 128];
         // SAFETY: as above.
         let code = unsafe {
-            (api.aclrtMemcpy)(
+            memcpy(
+                api,
                 out.as_mut_ptr().cast(),
-                128,
                 m.ptr(),
                 128,
                 acl::ACL_MEMCPY_DEVICE_TO_HOST,
@@ -1365,9 +1395,9 @@ mod emulated {
         // Another stream writing it with no event in between.
         // SAFETY: as above.
         let code = unsafe {
-            (api.aclrtMemcpyAsync)(
+            memcpy_async(
+                api,
                 m.ptr(),
-                128,
                 pinned.ptr(),
                 128,
                 acl::ACL_MEMCPY_HOST_TO_DEVICE,
@@ -1383,9 +1413,9 @@ mod emulated {
         // SAFETY: as above.
         unsafe {
             assert_eq!(
-                (api.aclrtMemcpyAsync)(
+                memcpy_async(
+                    api,
                     m.ptr(),
-                    128,
                     pinned.ptr(),
                     128,
                     acl::ACL_MEMCPY_HOST_TO_DEVICE,
@@ -1403,9 +1433,9 @@ mod emulated {
         s1.synchronize().unwrap();
         // SAFETY: as above, now synchronised.
         let code = unsafe {
-            (api.aclrtMemcpy)(
+            memcpy(
+                api,
                 out.as_mut_ptr().cast(),
-                128,
                 m.ptr(),
                 128,
                 acl::ACL_MEMCPY_DEVICE_TO_HOST,
@@ -1571,9 +1601,9 @@ mod emulated {
         let m = DeviceMem::new(ctx, bytes.len()).unwrap();
         // SAFETY: host source, device destination of the same size.
         let code = unsafe {
-            (ctx.api().aclrtMemcpy)(
+            memcpy(
+                ctx.api(),
                 m.ptr(),
-                bytes.len(),
                 bytes.as_ptr().cast(),
                 bytes.len(),
                 acl::ACL_MEMCPY_HOST_TO_DEVICE,
@@ -1587,9 +1617,9 @@ mod emulated {
         let mut out = vec![0u8; m.len()];
         // SAFETY: as above.
         let code = unsafe {
-            (ctx.api().aclrtMemcpy)(
+            memcpy(
+                ctx.api(),
                 out.as_mut_ptr().cast(),
-                m.len(),
                 m.ptr(),
                 m.len(),
                 acl::ACL_MEMCPY_DEVICE_TO_HOST,
