@@ -18,8 +18,8 @@ use reshard::ops::transform::{transform, TransformOptions};
 use crate::util::fs::walk;
 use crate::util::job::{
     assert_ranks_match, auto_once, auto_refused, collect, job_setup, job_strategies, libreshard,
-    model, node_dirs, node_local_job, node_rank_files, one_device_job, reshard, run_job,
-    sharded_source, shared_job, spawn, two_node_job, yaml, Ranks, TwoNodeJob,
+    model, node_dirs, node_local_job, node_rank_files, one_device_job, one_device_matches, reshard,
+    run_job, sharded_source, shared_job, spawn, two_node_job, yaml, Ranks, TwoNodeJob,
 };
 use crate::util::{have_tool, tempdir};
 
@@ -202,17 +202,10 @@ fn distributed_to_full_every_rank_converts_itself_node_local() {
 
 #[test]
 fn distributed_to_full_one_device() {
-    let (_d, job) = one_device_job([2, 2, 2]);
-    let expect = job.join("../expect");
-    reshard(
-        &job.join("ckpt"),
-        &expect,
-        Some(&job.join("src_strategy")),
-        None,
-    );
-    let out = run_job(1, &|_| job.clone(), &[]);
-    assert_ranks_match(&out, &expect, "converted");
-    let r = out[0].report.as_ref().unwrap();
+    let (_d, job, out) = one_device_matches([2, 2, 2], |src, expect, s| {
+        reshard(src, expect, Some(s), None)
+    });
+    let r = out.report.as_ref().unwrap();
     assert_eq!(
         PathBuf::from(r["load_checkpoint"].as_str().unwrap()),
         job.join("output/transformed_checkpoint/ckpt")

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::util::job::{
     assert_ranks_match, job_strategies, libreshard, model, node_dirs, node_local_job,
-    one_device_job, run_job, shared_job, yaml,
+    one_device_matches, run_job, shared_job, yaml,
 };
 use crate::util::{mindspore_python, ms_transform, run_py};
 
@@ -67,17 +67,9 @@ fn auto_jobs_are_byte_identical_to_mindspore() {
     }
 
     // Sharded dp2·mp2·pp2 → one device.
-    let (d, job) = one_device_job([2, 2, 2]);
-    let expect = d.path().join("expect-ms");
-    ms_transform(
-        &python,
-        &job.join("ckpt"),
-        &expect,
-        Some(&job.join("src_strategy")),
-        None,
-    );
-    let out = run_job(1, &|_| job.clone(), &[]);
-    assert_ranks_match(&out, &expect, "converted");
+    one_device_matches([2, 2, 2], |src, expect, s| {
+        ms_transform(&python, src, expect, Some(s), None)
+    });
 }
 
 #[test]

@@ -326,6 +326,21 @@ pub fn one_device_job([dp, mp, pp]: [u32; 3]) -> (tempfile::TempDir, PathBuf) {
     (d, job)
 }
 
+/// A [`one_device_job`] from `[dp, mp, pp]`, run: its one rank converts to
+/// exactly what `reference(src, expect, src_strategy)` writes into
+/// `<root>/expect`. Returns (root, job, the rank's outcome).
+pub fn one_device_matches(
+    layout: [u32; 3],
+    reference: impl FnOnce(&Path, &Path, &Path),
+) -> (tempfile::TempDir, PathBuf, Outcome) {
+    let (d, job) = one_device_job(layout);
+    let expect = d.path().join("expect");
+    reference(&job.join("ckpt"), &expect, &job.join("src_strategy"));
+    let mut out = run_job(1, &|_| job.clone(), &[]);
+    assert_ranks_match(&out, &expect, "converted");
+    (d, job, out.remove(0))
+}
+
 /// A job on two nodes without a shared disk ([`node_dirs`]): the layouts,
 /// where the job's strategies for all ranks are kept, and what each node
 /// holds of the source.
