@@ -1309,36 +1309,27 @@ mod emulated {
         };
         assert_eq!(code, acl::ACL_ERROR_INVALID_PARAM);
         assert!(fired(&emu, "64-byte aligned"));
-        // SAFETY: as above.
-        let code = unsafe {
-            (api.aclrtMemcpy2dAsync)(
-                b.ptr(),
-                8,
-                a.ptr(),
-                16,
-                12,
-                4,
-                acl::ACL_MEMCPY_DEVICE_TO_DEVICE,
-                s.raw(),
-            )
-        };
-        assert_eq!(code, acl::ACL_ERROR_INVALID_PARAM);
-        assert!(fired(&emu, "width 12 must be ≤ dpitch 8"));
-        // SAFETY: as above.
-        let code = unsafe {
-            (api.aclrtMemcpy2dAsync)(
-                b.ptr(),
-                1,
-                a.ptr(),
-                1,
-                1,
-                6 << 20,
-                acl::ACL_MEMCPY_DEVICE_TO_DEVICE,
-                s.raw(),
-            )
-        };
-        assert_eq!(code, acl::ACL_ERROR_INVALID_PARAM);
-        assert!(fired(&emu, "height 6291456"));
+        // 2-D copies: a row wider than its pitch, then too many rows.
+        for ([dpitch, spitch, width, height], why) in [
+            ([8, 16, 12, 4], "width 12 must be ≤ dpitch 8"),
+            ([1, 1, 1, 6 << 20], "height 6291456"),
+        ] {
+            // SAFETY: as above.
+            let code = unsafe {
+                (api.aclrtMemcpy2dAsync)(
+                    b.ptr(),
+                    dpitch,
+                    a.ptr(),
+                    spitch,
+                    width,
+                    height,
+                    acl::ACL_MEMCPY_DEVICE_TO_DEVICE,
+                    s.raw(),
+                )
+            };
+            assert_eq!(code, acl::ACL_ERROR_INVALID_PARAM);
+            assert!(fired(&emu, why), "{why}");
+        }
         // A host pointer passed as a device one.
         let host = [0u8; 64];
         // SAFETY: as above.
@@ -1682,24 +1673,9 @@ mod emulated {
                 );
                 // A ring: send to r+1, receive from r-1 (rank 0 receives first).
                 let (next, prev) = ((r + 1) % 3, (r + 2) % 3);
-                if r == 0 {
-                    assert_eq!(
-                        hccl_p2p(api, P2p::Recv, &p2p, 4, prev, comm, &s),
-                        acl::HCCL_SUCCESS
-                    );
-                    assert_eq!(
-                        hccl_p2p(api, P2p::Send, &send, 4, next, comm, &s),
-                        acl::HCCL_SUCCESS
-                    );
-                } else {
-                    assert_eq!(
-                        hccl_p2p(api, P2p::Send, &send, 4, next, comm, &s),
-                        acl::HCCL_SUCCESS
-                    );
-                    assert_eq!(
-                        hccl_p2p(api, P2p::Recv, &p2p, 4, prev, comm, &s),
-                        acl::HCCL_SUCCESS
-                    );
+                let ring = [(P2p::Send, &send, next), (P2p::Recv, &p2p, prev)];
+                for (op, m, peer) in if r == 0 { [ring[1], ring[0]] } else { ring } {
+                    assert_eq!(hccl_p2p(api, op, m, 4, peer, comm, &s), acl::HCCL_SUCCESS);
                 }
             }
             s.synchronize().unwrap();
