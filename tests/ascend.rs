@@ -976,11 +976,7 @@ mod emulated {
         strategy_files(path, &path.parent().unwrap().join("s2"), 1, 2, 1, 0, true)
     }
 
-    fn run_plan<B: Backend>(model: &Path, s2: &Path, out: &Path, b: &B) -> reshard::Result<()> {
-        run_plan_with(model, s2, out, b, 2)
-    }
-
-    /// [`run_plan`] with `workers` workers.
+    /// Reshards `model` to the strategy `s2` into `out` on `b`.
     fn run_plan_with<B: Backend>(
         model: &Path,
         s2: &Path,
@@ -1001,18 +997,51 @@ mod emulated {
         .map(|_| ())
     }
 
+    /// [`big_model`] in a temporary `m/`, resharded to mp2 by each backend
+    /// into its own folder of the same temporary directory.
+    struct BigJob {
+        dir: tempfile::TempDir,
+        model: PathBuf,
+        s2: PathBuf,
+    }
+
+    impl BigJob {
+        fn new() -> Self {
+            let dir = tempdir();
+            let model = dir.path().join("m/model.ckpt");
+            std::fs::create_dir_all(model.parent().unwrap()).unwrap();
+            let s2 = big_model(&model);
+            BigJob { dir, model, s2 }
+        }
+
+        /// With the CPU backend's outputs in `cpu/`: the bytes every device
+        /// run must give.
+        fn with_cpu_outputs() -> Self {
+            let job = Self::new();
+            job.run(&job.dir.path().join("cpu"), &CpuBackend::new(2), 2)
+                .unwrap();
+            job
+        }
+
+        fn run<B: Backend>(&self, out: &Path, b: &B, workers: usize) -> reshard::Result<()> {
+            run_plan_with(&self.model, &self.s2, out, b, workers)
+        }
+
+        /// Runs on `b` into `name/`, which must equal `cpu/`.
+        fn run_as_cpu<B: Backend>(&self, name: &str, b: &B, workers: usize, what: &str) {
+            let out = self.dir.path().join(name);
+            self.run(&out, b, workers).unwrap();
+            assert_same_outputs(&self.dir.path().join("cpu"), &out, what);
+        }
+    }
+
     #[test]
     fn kernel_and_aclnn_paths_with_many_chunks_give_the_cpu_bytes() {
-        let dir = tempdir();
-        let model = dir.path().join("m/model.ckpt");
-        std::fs::create_dir_all(model.parent().unwrap()).unwrap();
-        let s2 = big_model(&model);
-        run_plan(&model, &s2, &dir.path().join("cpu"), &CpuBackend::new(2)).unwrap();
+        let job = BigJob::with_cpu_outputs();
         for (name, emu, path) in configs() {
             let b = AscendBackend::with_api(emu.api(), opts(path, 20_000)).unwrap();
-            run_plan(&model, &s2, &dir.path().join(name), &b).unwrap();
+            job.run_as_cpu(name, &b, 2, name);
             drop(b);
-            assert_same_outputs(&dir.path().join("cpu"), &dir.path().join(name), name);
             assert!(
                 emu.violations().is_empty(),
                 "{name}: {:?}",
@@ -1023,11 +1052,7 @@ mod emulated {
 
     #[test]
     fn device_out_of_memory_spills_and_shrinks_stages_with_the_same_bytes() {
-        let dir = tempdir();
-        let model = dir.path().join("m/model.ckpt");
-        std::fs::create_dir_all(model.parent().unwrap()).unwrap();
-        let s2 = big_model(&model);
-        run_plan(&model, &s2, &dir.path().join("cpu"), &CpuBackend::new(2)).unwrap();
+        let job = BigJob::with_cpu_outputs();
         // 200 KiB of HBM: 8 MiB stages do not fit (they shrink), and the
         // larger tensors do not either (they spill to host memory).
         let emu = Emulator::new();
@@ -1038,28 +1063,16 @@ mod emulated {
             "{}",
             b.stage_bytes()
         );
-        run_plan(&model, &s2, &dir.path().join("small"), &b).unwrap();
+        job.run_as_cpu("small", &b, 2, "spilled");
         let s = b.stats();
         assert!(s.spills > 0, "{s:?}");
         assert!(emu.stats().malloc_failures > 0);
-        drop(b);
-        assert_same_outputs(
-            &dir.path().join("cpu"),
-            &dir.path().join("small"),
-            "spilled",
-        );
         // An allocation budget: every allocation after the 3rd fails.
         let emu = Emulator::new();
         emu.configure(0, |c| c.malloc_budget = Some(3));
         let b = AscendBackend::with_api(emu.api(), opts(CopyPath::Auto, 64 << 10)).unwrap();
-        run_plan(&model, &s2, &dir.path().join("budget"), &b).unwrap();
+        job.run_as_cpu("budget", &b, 2, "budget");
         assert!(b.stats().spills > 0);
-        drop(b);
-        assert_same_outputs(
-            &dir.path().join("cpu"),
-            &dir.path().join("budget"),
-            "budget",
-        );
         // A source cache allowed more than the device has: allocations for
         // the job's buffers fail until the cache is dropped (issue 15 item
         // 4's rule: the cache yields), and the bytes are the same. One
@@ -1072,31 +1085,23 @@ mod emulated {
             ..opts(CopyPath::Auto, 64 << 10)
         };
         let b = AscendBackend::with_api(emu.api(), o).unwrap();
-        run_plan_with(&model, &s2, &dir.path().join("cache"), &b, 1).unwrap();
+        job.run_as_cpu("cache", &b, 1, "cache over the device");
         let s = b.stats().cache;
         assert!(s.evicted_bytes > 0 && s.uploaded_bytes > 0, "{s:?}");
         assert_eq!(s.held_bytes, 0, "{s:?}");
         drop(b);
         assert!(emu.violations().is_empty(), "{:?}", emu.violations());
-        assert_same_outputs(
-            &dir.path().join("cpu"),
-            &dir.path().join("cache"),
-            "cache over the device",
-        );
     }
 
     #[test]
     fn a_device_fault_mid_job_leaves_no_output() {
-        let dir = tempdir();
-        let model = dir.path().join("m/model.ckpt");
-        std::fs::create_dir_all(model.parent().unwrap()).unwrap();
-        let s2 = big_model(&model);
+        let job = BigJob::new();
         for n in [3u64, 25] {
             let emu = Emulator::new();
             emu.configure(0, |c| c.fail_op_at = Some(n));
             let b = AscendBackend::with_api(emu.api(), opts(CopyPath::Auto, 64 << 10)).unwrap();
-            let out = dir.path().join(format!("fault{n}"));
-            let e = run_plan(&model, &s2, &out, &b).unwrap_err();
+            let out = job.dir.path().join(format!("fault{n}"));
+            let e = job.run(&out, &b, 2).unwrap_err();
             assert_eq!(e.kind(), reshard::ErrorKind::Device, "{e}");
             assert!(e.to_string().contains("injected failure"), "{e}");
             assert!(
