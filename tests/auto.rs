@@ -87,16 +87,19 @@ fn full_to_distributed_pipeline_one_converter_then_reused() {
     assert_eq!(before, after);
 }
 
+/// `job`'s model sharded `[dp, mp, pp]` into `./ckpt` (`./src_strategy`),
+/// and the job's own layout `dst` (optimizer shard `opt`) with a run.yaml
+/// loading it on `process_num` converting ranks.
+fn sharded_to(job: &Path, [dp, mp, pp]: [u32; 3], dst: [u32; 3], opt: i32, process_num: usize) {
+    sharded_source(job, dp, mp, pp, true);
+    let config = yaml("./ckpt", "./src_strategy", process_num, dst[2], "");
+    job_setup(job, dst, opt, &config);
+}
+
 #[test]
 fn distributed_to_distributed_two_converters() {
     let (_d, job) = shared_job();
-    sharded_source(&job, 2, 4, 1, true);
-    job_setup(
-        &job,
-        [4, 2, 1],
-        2,
-        &yaml("./ckpt", "./src_strategy", 2, 1, ""),
-    );
+    sharded_to(&job, [2, 4, 1], [4, 2, 1], 2, 2);
     let expect = job.join("../expect");
     reshard(
         &job.join("ckpt"),
@@ -216,13 +219,7 @@ fn distributed_to_full_one_device() {
 fn checkpoint_that_already_matches_is_not_converted() {
     // Sharded source with the job's own layout (dp2·mp2·pp2).
     let (_d, job) = shared_job();
-    sharded_source(&job, 2, 2, 2, true);
-    job_setup(
-        &job,
-        [2, 2, 2],
-        0,
-        &yaml("./ckpt", "./src_strategy", 2, 2, ""),
-    );
+    sharded_to(&job, [2, 2, 2], [2, 2, 2], 0, 2);
     let out = run_job(8, &|_| job.clone(), &[]);
     for o in &out {
         assert_eq!(o.code, Some(0), "{}", o.stderr);
