@@ -6,7 +6,7 @@
 //! and a Python launcher calling the C ABI in-process, whose outputs
 //! MindSpore then loads.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
@@ -16,6 +16,33 @@ use crate::util::job::{
 };
 use crate::util::{mindspore_python, ms_transform, run_py};
 
+/// A job loading the complete `job/full/rank_0/model.ckpt` with its own
+/// layout `[dp, mp, pp]` (optimizer shard `opt`) on `process_num`
+/// converting ranks, and MindSpore's transform of that checkpoint to the
+/// job's strategy (`dst`, under `job`) in `job/../expect-ms`; returns that.
+fn full_job(
+    python: &Path,
+    job: &Path,
+    layout: [u32; 3],
+    opt: i32,
+    process_num: usize,
+    dst: &str,
+) -> PathBuf {
+    let m = job.join("full/rank_0/model.ckpt");
+    job_strategies(&m, &job.join("output/strategy"), layout, opt, true);
+    let config = yaml("./full", "", process_num, layout[2], "");
+    std::fs::write(job.join("run.yaml"), config).unwrap();
+    let expect = job.parent().unwrap().join("expect-ms");
+    ms_transform(
+        python,
+        &job.join("full"),
+        &expect,
+        None,
+        Some(&job.join(dst)),
+    );
+    expect
+}
+
 #[test]
 fn auto_jobs_are_byte_identical_to_mindspore() {
     let Some(python) = mindspore_python() else {
@@ -24,20 +51,10 @@ fn auto_jobs_are_byte_identical_to_mindspore() {
 
     // Full (mindformers' {model_dir}/rank_0/x.ckpt) → dp2·mp2·pp2 with
     // optimizer sharding, two converting ranks, shared disk.
-    let (d, job) = shared_job();
+    let (_d, job) = shared_job();
     std::fs::create_dir_all(job.join("full/rank_0")).unwrap();
     std::fs::rename(job.join("model.ckpt"), job.join("full/rank_0/model.ckpt")).unwrap();
-    let m = job.join("full/rank_0/model.ckpt");
-    job_strategies(&m, &job.join("output/strategy"), [2, 2, 2], -1, true);
-    std::fs::write(job.join("run.yaml"), yaml("./full", "", 2, 2, "")).unwrap();
-    let expect = d.path().join("expect-ms");
-    ms_transform(
-        &python,
-        &job.join("full"),
-        &expect,
-        None,
-        Some(&job.join("output/strategy")),
-    );
+    let expect = full_job(&python, &job, [2, 2, 2], -1, 2, "output/strategy");
     // transform_process_num 2 (the YAML's), then 1 and 8: the same bytes.
     for k in ["2", "1", "8"] {
         let out = run_job(8, &|_| job.clone(), &["--transform-process-num", k]);
@@ -82,22 +99,8 @@ fn python_launcher_through_the_c_abi() {
     let dir = crate::util::tempdir();
     let job = dir.path().join("job");
     model(&job.join("full/rank_0/model.ckpt"), 2, 16, 4);
-    job_strategies(
-        &job.join("full/rank_0/model.ckpt"),
-        &job.join("output/strategy"),
-        [2, 4, 1],
-        0,
-        true,
-    );
-    std::fs::write(job.join("run.yaml"), yaml("./full", "", 8, 1, "")).unwrap();
-    let expect = dir.path().join("expect-ms");
-    ms_transform(
-        &python,
-        &job.join("full"),
-        &expect,
-        None,
-        Some(&job.join("output/strategy/ckpt_strategy_rank_0.ckpt")),
-    );
+    let dst = "output/strategy/ckpt_strategy_rank_0.ckpt";
+    let expect = full_job(&python, &job, [2, 4, 1], 0, 8, dst);
     let stdout = run_py(
         &python,
         "auto_launcher.py",
