@@ -259,11 +259,11 @@ mod emulated {
     use reshard::formats::tree::FileFormat;
     use reshard::layout::boxes::{BoxCopy, LoraAdd};
     use reshard::ops::merge_lora::{merge_lora, MergeLoraOptions};
-    use reshard::ops::strategy_gen::{write_strategies, StrategyOptions};
     use reshard::ops::transform::{plan_transform, transform, TransformOptions};
     use reshard::DType;
 
     use crate::util::lora::{lora_model, strategies};
+    use crate::util::model::strategy_files;
     use crate::util::tempdir;
 
     fn opts(path: CopyPath, stage: usize) -> AscendOptions {
@@ -973,25 +973,10 @@ mod emulated {
             w.write_tensor(name, DType::BF16, &shape, &bytes).unwrap();
         }
         w.finish().unwrap();
-        let dir = path.parent().unwrap().join("s2");
-        write_strategies(&StrategyOptions {
-            checkpoint: path.to_path_buf(),
-            out_dir: dir.clone(),
-            dp: 1,
-            mp: 2,
-            pp: 1,
-            opt_shard: 0,
-            vocab_emb_dp: true,
-        })
-        .unwrap();
-        dir
+        strategy_files(path, &path.parent().unwrap().join("s2"), 1, 2, 1, 0, true)
     }
 
-    fn run_plan<B: Backend>(model: &Path, s2: &Path, out: &Path, b: &B) -> reshard::Result<()> {
-        run_plan_with(model, s2, out, b, 2)
-    }
-
-    /// [`run_plan`] with `workers` workers.
+    /// Reshards `model` to the strategy `s2` into `out` on `b`.
     fn run_plan_with<B: Backend>(
         model: &Path,
         s2: &Path,
@@ -1012,18 +997,51 @@ mod emulated {
         .map(|_| ())
     }
 
+    /// [`big_model`] in a temporary `m/`, resharded to mp2 by each backend
+    /// into its own folder of the same temporary directory.
+    struct BigJob {
+        dir: tempfile::TempDir,
+        model: PathBuf,
+        s2: PathBuf,
+    }
+
+    impl BigJob {
+        fn new() -> Self {
+            let dir = tempdir();
+            let model = dir.path().join("m/model.ckpt");
+            std::fs::create_dir_all(model.parent().unwrap()).unwrap();
+            let s2 = big_model(&model);
+            BigJob { dir, model, s2 }
+        }
+
+        /// With the CPU backend's outputs in `cpu/`: the bytes every device
+        /// run must give.
+        fn with_cpu_outputs() -> Self {
+            let job = Self::new();
+            job.run(&job.dir.path().join("cpu"), &CpuBackend::new(2), 2)
+                .unwrap();
+            job
+        }
+
+        fn run<B: Backend>(&self, out: &Path, b: &B, workers: usize) -> reshard::Result<()> {
+            run_plan_with(&self.model, &self.s2, out, b, workers)
+        }
+
+        /// Runs on `b` into `name/`, which must equal `cpu/`.
+        fn run_as_cpu<B: Backend>(&self, name: &str, b: &B, workers: usize, what: &str) {
+            let out = self.dir.path().join(name);
+            self.run(&out, b, workers).unwrap();
+            assert_same_outputs(&self.dir.path().join("cpu"), &out, what);
+        }
+    }
+
     #[test]
     fn kernel_and_aclnn_paths_with_many_chunks_give_the_cpu_bytes() {
-        let dir = tempdir();
-        let model = dir.path().join("m/model.ckpt");
-        std::fs::create_dir_all(model.parent().unwrap()).unwrap();
-        let s2 = big_model(&model);
-        run_plan(&model, &s2, &dir.path().join("cpu"), &CpuBackend::new(2)).unwrap();
+        let job = BigJob::with_cpu_outputs();
         for (name, emu, path) in configs() {
             let b = AscendBackend::with_api(emu.api(), opts(path, 20_000)).unwrap();
-            run_plan(&model, &s2, &dir.path().join(name), &b).unwrap();
+            job.run_as_cpu(name, &b, 2, name);
             drop(b);
-            assert_same_outputs(&dir.path().join("cpu"), &dir.path().join(name), name);
             assert!(
                 emu.violations().is_empty(),
                 "{name}: {:?}",
@@ -1034,11 +1052,7 @@ mod emulated {
 
     #[test]
     fn device_out_of_memory_spills_and_shrinks_stages_with_the_same_bytes() {
-        let dir = tempdir();
-        let model = dir.path().join("m/model.ckpt");
-        std::fs::create_dir_all(model.parent().unwrap()).unwrap();
-        let s2 = big_model(&model);
-        run_plan(&model, &s2, &dir.path().join("cpu"), &CpuBackend::new(2)).unwrap();
+        let job = BigJob::with_cpu_outputs();
         // 200 KiB of HBM: 8 MiB stages do not fit (they shrink), and the
         // larger tensors do not either (they spill to host memory).
         let emu = Emulator::new();
@@ -1049,28 +1063,16 @@ mod emulated {
             "{}",
             b.stage_bytes()
         );
-        run_plan(&model, &s2, &dir.path().join("small"), &b).unwrap();
+        job.run_as_cpu("small", &b, 2, "spilled");
         let s = b.stats();
         assert!(s.spills > 0, "{s:?}");
         assert!(emu.stats().malloc_failures > 0);
-        drop(b);
-        assert_same_outputs(
-            &dir.path().join("cpu"),
-            &dir.path().join("small"),
-            "spilled",
-        );
         // An allocation budget: every allocation after the 3rd fails.
         let emu = Emulator::new();
         emu.configure(0, |c| c.malloc_budget = Some(3));
         let b = AscendBackend::with_api(emu.api(), opts(CopyPath::Auto, 64 << 10)).unwrap();
-        run_plan(&model, &s2, &dir.path().join("budget"), &b).unwrap();
+        job.run_as_cpu("budget", &b, 2, "budget");
         assert!(b.stats().spills > 0);
-        drop(b);
-        assert_same_outputs(
-            &dir.path().join("cpu"),
-            &dir.path().join("budget"),
-            "budget",
-        );
         // A source cache allowed more than the device has: allocations for
         // the job's buffers fail until the cache is dropped (issue 15 item
         // 4's rule: the cache yields), and the bytes are the same. One
@@ -1083,31 +1085,23 @@ mod emulated {
             ..opts(CopyPath::Auto, 64 << 10)
         };
         let b = AscendBackend::with_api(emu.api(), o).unwrap();
-        run_plan_with(&model, &s2, &dir.path().join("cache"), &b, 1).unwrap();
+        job.run_as_cpu("cache", &b, 1, "cache over the device");
         let s = b.stats().cache;
         assert!(s.evicted_bytes > 0 && s.uploaded_bytes > 0, "{s:?}");
         assert_eq!(s.held_bytes, 0, "{s:?}");
         drop(b);
         assert!(emu.violations().is_empty(), "{:?}", emu.violations());
-        assert_same_outputs(
-            &dir.path().join("cpu"),
-            &dir.path().join("cache"),
-            "cache over the device",
-        );
     }
 
     #[test]
     fn a_device_fault_mid_job_leaves_no_output() {
-        let dir = tempdir();
-        let model = dir.path().join("m/model.ckpt");
-        std::fs::create_dir_all(model.parent().unwrap()).unwrap();
-        let s2 = big_model(&model);
+        let job = BigJob::new();
         for n in [3u64, 25] {
             let emu = Emulator::new();
             emu.configure(0, |c| c.fail_op_at = Some(n));
             let b = AscendBackend::with_api(emu.api(), opts(CopyPath::Auto, 64 << 10)).unwrap();
-            let out = dir.path().join(format!("fault{n}"));
-            let e = run_plan(&model, &s2, &out, &b).unwrap_err();
+            let out = job.dir.path().join(format!("fault{n}"));
+            let e = job.run(&out, &b, 2).unwrap_err();
             assert_eq!(e.kind(), reshard::ErrorKind::Device, "{e}");
             assert!(e.to_string().contains("injected failure"), "{e}");
             assert!(
@@ -1182,6 +1176,36 @@ mod emulated {
     // ---- the emulator's rules, each shown firing ----
 
     /// A context on device 0 of a fresh machine.
+    /// Raw `aclrtMemcpy` of `n` bytes (`destMax` = `count` = `n`).
+    ///
+    /// # Safety
+    /// Both ends hold `n` bytes (or the call is one the emulator refuses
+    /// before touching memory).
+    unsafe fn memcpy(
+        api: &Api,
+        dst: *mut c_void,
+        src: *const c_void,
+        n: usize,
+        kind: acl::aclrtMemcpyKind,
+    ) -> acl::aclError {
+        (api.aclrtMemcpy)(dst, n, src, n, kind)
+    }
+
+    /// Raw `aclrtMemcpyAsync` of `n` bytes on `stream`, as [`memcpy`].
+    ///
+    /// # Safety
+    /// As [`memcpy`].
+    unsafe fn memcpy_async(
+        api: &Api,
+        dst: *mut c_void,
+        src: *const c_void,
+        n: usize,
+        kind: acl::aclrtMemcpyKind,
+        stream: acl::aclrtStream,
+    ) -> acl::aclError {
+        (api.aclrtMemcpyAsync)(dst, n, src, n, kind, stream)
+    }
+
     fn machine() -> (Emulator, &'static Api, std::sync::Arc<Context>) {
         let emu = Emulator::new();
         let api = emu.api();
@@ -1279,9 +1303,9 @@ mod emulated {
         );
         // SAFETY: device ranges inside the allocations.
         let code = unsafe {
-            (api.aclrtMemcpyAsync)(
+            memcpy_async(
+                api,
                 b.at(1),
-                64,
                 a.ptr(),
                 64,
                 acl::ACL_MEMCPY_DEVICE_TO_DEVICE,
@@ -1290,43 +1314,34 @@ mod emulated {
         };
         assert_eq!(code, acl::ACL_ERROR_INVALID_PARAM);
         assert!(fired(&emu, "64-byte aligned"));
-        // SAFETY: as above.
-        let code = unsafe {
-            (api.aclrtMemcpy2dAsync)(
-                b.ptr(),
-                8,
-                a.ptr(),
-                16,
-                12,
-                4,
-                acl::ACL_MEMCPY_DEVICE_TO_DEVICE,
-                s.raw(),
-            )
-        };
-        assert_eq!(code, acl::ACL_ERROR_INVALID_PARAM);
-        assert!(fired(&emu, "width 12 must be ≤ dpitch 8"));
-        // SAFETY: as above.
-        let code = unsafe {
-            (api.aclrtMemcpy2dAsync)(
-                b.ptr(),
-                1,
-                a.ptr(),
-                1,
-                1,
-                6 << 20,
-                acl::ACL_MEMCPY_DEVICE_TO_DEVICE,
-                s.raw(),
-            )
-        };
-        assert_eq!(code, acl::ACL_ERROR_INVALID_PARAM);
-        assert!(fired(&emu, "height 6291456"));
+        // 2-D copies: a row wider than its pitch, then too many rows.
+        for ([dpitch, spitch, width, height], why) in [
+            ([8, 16, 12, 4], "width 12 must be ≤ dpitch 8"),
+            ([1, 1, 1, 6 << 20], "height 6291456"),
+        ] {
+            // SAFETY: as above.
+            let code = unsafe {
+                (api.aclrtMemcpy2dAsync)(
+                    b.ptr(),
+                    dpitch,
+                    a.ptr(),
+                    spitch,
+                    width,
+                    height,
+                    acl::ACL_MEMCPY_DEVICE_TO_DEVICE,
+                    s.raw(),
+                )
+            };
+            assert_eq!(code, acl::ACL_ERROR_INVALID_PARAM);
+            assert!(fired(&emu, why), "{why}");
+        }
         // A host pointer passed as a device one.
         let host = [0u8; 64];
         // SAFETY: as above.
         let code = unsafe {
-            (api.aclrtMemcpyAsync)(
+            memcpy_async(
+                api,
                 b.ptr(),
-                64,
                 host.as_ptr().cast(),
                 64,
                 acl::ACL_MEMCPY_DEVICE_TO_DEVICE,
@@ -1348,9 +1363,9 @@ mod emulated {
         // SAFETY: pinned source, device destination.
         unsafe {
             assert_eq!(
-                (api.aclrtMemcpyAsync)(
+                memcpy_async(
+                    api,
                     m.ptr(),
-                    128,
                     pinned.ptr(),
                     128,
                     acl::ACL_MEMCPY_HOST_TO_DEVICE,
@@ -1363,9 +1378,9 @@ mod emulated {
         let mut out = [0u8; 128];
         // SAFETY: as above.
         let code = unsafe {
-            (api.aclrtMemcpy)(
+            memcpy(
+                api,
                 out.as_mut_ptr().cast(),
-                128,
                 m.ptr(),
                 128,
                 acl::ACL_MEMCPY_DEVICE_TO_HOST,
@@ -1376,9 +1391,9 @@ mod emulated {
         // Another stream writing it with no event in between.
         // SAFETY: as above.
         let code = unsafe {
-            (api.aclrtMemcpyAsync)(
+            memcpy_async(
+                api,
                 m.ptr(),
-                128,
                 pinned.ptr(),
                 128,
                 acl::ACL_MEMCPY_HOST_TO_DEVICE,
@@ -1394,9 +1409,9 @@ mod emulated {
         // SAFETY: as above.
         unsafe {
             assert_eq!(
-                (api.aclrtMemcpyAsync)(
+                memcpy_async(
+                    api,
                     m.ptr(),
-                    128,
                     pinned.ptr(),
                     128,
                     acl::ACL_MEMCPY_HOST_TO_DEVICE,
@@ -1414,9 +1429,9 @@ mod emulated {
         s1.synchronize().unwrap();
         // SAFETY: as above, now synchronised.
         let code = unsafe {
-            (api.aclrtMemcpy)(
+            memcpy(
+                api,
                 out.as_mut_ptr().cast(),
-                128,
                 m.ptr(),
                 128,
                 acl::ACL_MEMCPY_DEVICE_TO_HOST,
@@ -1520,41 +1535,32 @@ mod emulated {
         })
     }
 
-    /// `HcclSend` of `count` bytes of `m` to `peer` on `s`.
-    ///
-    /// # Safety
-    /// `m` holds at least `count` bytes.
-    unsafe fn hccl_send(
-        api: &Api,
-        m: &DeviceMem,
-        count: u64,
-        peer: u32,
-        comm: &safe::Comm,
-        s: &Stream,
-    ) -> acl::HcclResult {
-        api.HcclSend.unwrap()(
-            m.ptr(),
-            count,
-            acl::HCCL_DATA_TYPE_UINT8,
-            peer,
-            comm.raw(),
-            s.raw(),
-        )
+    /// Which side of a point-to-point transfer [`hccl_p2p`] calls.
+    #[derive(Clone, Copy)]
+    enum P2p {
+        Send,
+        Recv,
     }
 
-    /// `HcclRecv` of `count` bytes into `m` from `peer` on `s`.
+    /// `HcclSend` (of `m` to `peer`) or `HcclRecv` (into `m` from `peer`) of
+    /// `count` bytes on `s`.
     ///
     /// # Safety
     /// `m` holds at least `count` bytes.
-    unsafe fn hccl_recv(
+    unsafe fn hccl_p2p(
         api: &Api,
+        op: P2p,
         m: &DeviceMem,
         count: u64,
         peer: u32,
         comm: &safe::Comm,
         s: &Stream,
     ) -> acl::HcclResult {
-        api.HcclRecv.unwrap()(
+        let call = match op {
+            P2p::Send => api.HcclSend,
+            P2p::Recv => api.HcclRecv,
+        };
+        call.unwrap()(
             m.ptr(),
             count,
             acl::HCCL_DATA_TYPE_UINT8,
@@ -1591,9 +1597,9 @@ mod emulated {
         let m = DeviceMem::new(ctx, bytes.len()).unwrap();
         // SAFETY: host source, device destination of the same size.
         let code = unsafe {
-            (ctx.api().aclrtMemcpy)(
+            memcpy(
+                ctx.api(),
                 m.ptr(),
-                bytes.len(),
                 bytes.as_ptr().cast(),
                 bytes.len(),
                 acl::ACL_MEMCPY_HOST_TO_DEVICE,
@@ -1607,9 +1613,9 @@ mod emulated {
         let mut out = vec![0u8; m.len()];
         // SAFETY: as above.
         let code = unsafe {
-            (ctx.api().aclrtMemcpy)(
+            memcpy(
+                ctx.api(),
                 out.as_mut_ptr().cast(),
-                m.len(),
                 m.ptr(),
                 m.len(),
                 acl::ACL_MEMCPY_DEVICE_TO_HOST,
@@ -1672,12 +1678,9 @@ mod emulated {
                 );
                 // A ring: send to r+1, receive from r-1 (rank 0 receives first).
                 let (next, prev) = ((r + 1) % 3, (r + 2) % 3);
-                if r == 0 {
-                    assert_eq!(hccl_recv(api, &p2p, 4, prev, comm, &s), acl::HCCL_SUCCESS);
-                    assert_eq!(hccl_send(api, &send, 4, next, comm, &s), acl::HCCL_SUCCESS);
-                } else {
-                    assert_eq!(hccl_send(api, &send, 4, next, comm, &s), acl::HCCL_SUCCESS);
-                    assert_eq!(hccl_recv(api, &p2p, 4, prev, comm, &s), acl::HCCL_SUCCESS);
+                let ring = [(P2p::Send, &send, next), (P2p::Recv, &p2p, prev)];
+                for (op, m, peer) in if r == 0 { [ring[1], ring[0]] } else { ring } {
+                    assert_eq!(hccl_p2p(api, op, m, 4, peer, comm, &s), acl::HCCL_SUCCESS);
                 }
             }
             s.synchronize().unwrap();
@@ -1715,9 +1718,9 @@ mod emulated {
             // SAFETY: device buffer of 8 bytes.
             unsafe {
                 if r == 0 {
-                    hccl_send(api, &m, 4, 1, comm, &s);
+                    hccl_p2p(api, P2p::Send, &m, 4, 1, comm, &s);
                 } else {
-                    hccl_recv(api, &m, 6, 0, comm, &s);
+                    hccl_p2p(api, P2p::Recv, &m, 6, 0, comm, &s);
                 }
             }
             s.synchronize().map_err(|e| e.to_string())

@@ -19,12 +19,12 @@ use reshard::backend::AscendBackend;
 use reshard::exec::{self, ExecOptions};
 use reshard::formats::tree::FileFormat;
 use reshard::layout::boxes::BoxCopy;
-use reshard::ops::strategy_gen::{write_strategies, StrategyOptions};
 use reshard::ops::transform::{plan_transform, TransformOptions};
 use reshard::plan::{Content, Plan};
 use reshard::DType;
 
 use crate::util::distributed::{sharded, the_plan};
+use crate::util::model::strategy_files;
 use crate::util::tempdir;
 
 /// Whether the executor writes this copy straight from the mapped source
@@ -160,17 +160,7 @@ fn plans(root: &Path) -> Vec<(&'static str, Plan)> {
     let model = root.join("model.ckpt");
     // dp 2 · mp 2: every mp2 slab is held by two destination files, so each
     // source byte of a sharded tensor is needed twice (a replicated slab).
-    let dp2 = root.join("dp2mp2");
-    write_strategies(&StrategyOptions {
-        checkpoint: model.clone(),
-        out_dir: dp2.clone(),
-        dp: 2,
-        mp: 2,
-        pp: 1,
-        opt_shard: 0,
-        vocab_emb_dp: true,
-    })
-    .unwrap();
+    let dp2 = strategy_files(&model, &root.join("dp2mp2"), 2, 2, 1, 0, true);
     vec![
         (
             "split 1→4",
@@ -294,17 +284,15 @@ fn cache_budget_evicts_and_rereads_only_what_it_must() {
     let dir = tempdir();
     let root = dir.path();
     let (shards, mp4, _) = sharded(root, DType::BF16);
-    let dp2 = root.join("dp2mp2");
-    write_strategies(&StrategyOptions {
-        checkpoint: root.join("model.ckpt"),
-        out_dir: dp2.clone(),
-        dp: 2,
-        mp: 2,
-        pp: 1,
-        opt_shard: 0,
-        vocab_emb_dp: true,
-    })
-    .unwrap();
+    let dp2 = strategy_files(
+        &root.join("model.ckpt"),
+        &root.join("dp2mp2"),
+        2,
+        2,
+        1,
+        0,
+        true,
+    );
     let cpu_out = root.join("cpu");
     let cpu_plan = the_plan(&shards, &mp4, &dp2, &cpu_out, true, FileFormat::Ckpt);
     exec::execute(

@@ -18,8 +18,8 @@ use reshard::ops::transform::{transform, TransformOptions};
 use crate::util::fs::walk;
 use crate::util::job::{
     assert_ranks_match, auto_once, auto_refused, collect, job_setup, job_strategies, libreshard,
-    model, node_dirs, node_local_job, node_rank_files, one_device_job, reshard, run_job,
-    sharded_source, shared_job, spawn, two_node_job, yaml, Ranks, TwoNodeJob,
+    model, node_dirs, node_local_job, node_rank_files, one_device_job, one_device_matches, reshard,
+    run_job, sharded_source, shared_job, spawn, two_node_job, yaml, Ranks, TwoNodeJob,
 };
 use crate::util::{have_tool, tempdir};
 
@@ -87,16 +87,19 @@ fn full_to_distributed_pipeline_one_converter_then_reused() {
     assert_eq!(before, after);
 }
 
+/// `job`'s model sharded `[dp, mp, pp]` into `./ckpt` (`./src_strategy`),
+/// and the job's own layout `dst` (optimizer shard `opt`) with a run.yaml
+/// loading it on `process_num` converting ranks.
+fn sharded_to(job: &Path, [dp, mp, pp]: [u32; 3], dst: [u32; 3], opt: i32, process_num: usize) {
+    sharded_source(job, dp, mp, pp, true);
+    let config = yaml("./ckpt", "./src_strategy", process_num, dst[2], "");
+    job_setup(job, dst, opt, &config);
+}
+
 #[test]
 fn distributed_to_distributed_two_converters() {
     let (_d, job) = shared_job();
-    sharded_source(&job, 2, 4, 1, true);
-    job_setup(
-        &job,
-        [4, 2, 1],
-        2,
-        &yaml("./ckpt", "./src_strategy", 2, 1, ""),
-    );
+    sharded_to(&job, [2, 4, 1], [4, 2, 1], 2, 2);
     let expect = job.join("../expect");
     reshard(
         &job.join("ckpt"),
@@ -202,17 +205,10 @@ fn distributed_to_full_every_rank_converts_itself_node_local() {
 
 #[test]
 fn distributed_to_full_one_device() {
-    let (_d, job) = one_device_job([2, 2, 2]);
-    let expect = job.join("../expect");
-    reshard(
-        &job.join("ckpt"),
-        &expect,
-        Some(&job.join("src_strategy")),
-        None,
-    );
-    let out = run_job(1, &|_| job.clone(), &[]);
-    assert_ranks_match(&out, &expect, "converted");
-    let r = out[0].report.as_ref().unwrap();
+    let (_d, job, out) = one_device_matches([2, 2, 2], |src, expect, s| {
+        reshard(src, expect, Some(s), None)
+    });
+    let r = out.report.as_ref().unwrap();
     assert_eq!(
         PathBuf::from(r["load_checkpoint"].as_str().unwrap()),
         job.join("output/transformed_checkpoint/ckpt")
@@ -223,13 +219,7 @@ fn distributed_to_full_one_device() {
 fn checkpoint_that_already_matches_is_not_converted() {
     // Sharded source with the job's own layout (dp2·mp2·pp2).
     let (_d, job) = shared_job();
-    sharded_source(&job, 2, 2, 2, true);
-    job_setup(
-        &job,
-        [2, 2, 2],
-        0,
-        &yaml("./ckpt", "./src_strategy", 2, 2, ""),
-    );
+    sharded_to(&job, [2, 2, 2], [2, 2, 2], 0, 2);
     let out = run_job(8, &|_| job.clone(), &[]);
     for o in &out {
         assert_eq!(o.code, Some(0), "{}", o.stderr);
@@ -254,9 +244,7 @@ fn checkpoint_that_already_matches_is_not_converted() {
     job_strategies(
         &job.join("model.ckpt"),
         &job.join("dp8_strategy"),
-        8,
-        1,
-        1,
+        [8, 1, 1],
         0,
         true,
     );
@@ -438,35 +426,33 @@ fn settings_are_checked_with_clear_errors() {
 fn nothing_to_load_and_flag_semantics() {
     let (_d, job) = shared_job();
     let env = [("RANK_ID", "2"), ("RANK_SIZE", "4")];
-    std::fs::write(job.join("run.yaml"), yaml("", "", 1, 1, "")).unwrap();
-    let (code, stdout, err) = auto_once(&job, &["--config", "run.yaml"], &env);
-    assert_eq!(code, Some(0), "{err}");
+    // Writes `config` as run.yaml and runs `auto --config run.yaml`, which
+    // must succeed; returns its (stdout, stderr).
+    let auto_ok = |config: String| {
+        std::fs::write(job.join("run.yaml"), config).unwrap();
+        let (code, stdout, err) = auto_once(&job, &["--config", "run.yaml"], &env);
+        assert_eq!(code, Some(0), "{err}");
+        (stdout, err)
+    };
+    let (stdout, err) = auto_ok(yaml("", "", 1, 1, ""));
     assert!(
         stdout.is_empty() && err.contains("nothing to load"),
         "{stdout} {err}"
     );
-    std::fs::write(
-        job.join("run.yaml"),
+    let (stdout, err) = auto_ok(
         yaml("./model.ckpt", "", 1, 1, "")
             .replace("only_save_strategy: False", "only_save_strategy: True"),
-    )
-    .unwrap();
-    let (code, stdout, err) = auto_once(&job, &["--config", "run.yaml"], &env);
-    assert_eq!(code, Some(0), "{err}");
+    );
     assert!(
         stdout.is_empty() && err.contains("only_save_strategy"),
         "{err}"
     );
 
     // auto_trans_ckpt False: a complete checkpoint is loaded as it is…
-    std::fs::write(
-        job.join("run.yaml"),
+    let (stdout, _) = auto_ok(
         yaml("./model.ckpt", "", 1, 1, "")
             .replace("auto_trans_ckpt: True", "auto_trans_ckpt: False"),
-    )
-    .unwrap();
-    let (code, stdout, err) = auto_once(&job, &["--config", "run.yaml"], &env);
-    assert_eq!(code, Some(0), "{err}");
+    );
     assert_eq!(stdout.trim(), job.join("model.ckpt").to_str().unwrap());
     // …but a sharded one whose layout provably differs from the job's is refused.
     sharded_source(&job, 1, 2, 1, true);
@@ -555,9 +541,7 @@ fn modelarts_style_node_size_and_remote_root() {
     job_strategies(
         &job.join("model.ckpt"),
         &remote.join("strategy"),
-        1,
-        4,
-        1,
+        [1, 4, 1],
         0,
         true,
     );
@@ -641,11 +625,7 @@ int main(void) {
         .arg(&exe)
         .output()
         .unwrap();
-    assert!(
-        cc.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cc.stderr)
-    );
+    crate::util::assert_success(&cc);
     let run = Command::new(&exe)
         .current_dir(&job)
         .env("LD_LIBRARY_PATH", &lib_dir)
@@ -751,7 +731,7 @@ fn deduplicated_safetensors_set_merges_to_one_device() {
     // by a one-device job: each parameter comes from the rank that owns it.
     let (_d, job) = shared_job();
     let m = job.join("model.ckpt");
-    job_strategies(&m, &job.join("src_strategy"), 2, 2, 1, 0, true);
+    job_strategies(&m, &job.join("src_strategy"), [2, 2, 1], 0, true);
     let mut o = TransformOptions::new(&m, job.join("ckpt"), None, Some(job.join("src_strategy")));
     o.output_format = Some(reshard::formats::tree::FileFormat::Safetensors);
     o.remove_redundancy = true;

@@ -58,9 +58,9 @@ fn safetensors_flow_picks_files_as_mindformers() {
     let a = job.join("model.ckpt");
     let b = job.join("../other.ckpt");
     model(&b, 2, 16, 7);
-    job_strategies(&a, &job.join("src_strategy"), 1, 2, 1, 0, true);
-    job_strategies(&a, &job.join("output/strategy"), 2, 2, 1, 0, true);
-    job_strategies(&a, &job.join("output2/strategy"), 2, 2, 1, 0, true);
+    job_strategies(&a, &job.join("src_strategy"), [1, 2, 1], 0, true);
+    job_strategies(&a, &job.join("output/strategy"), [2, 2, 1], 0, true);
+    job_strategies(&a, &job.join("output2/strategy"), [2, 2, 1], 0, true);
     let (ta, tb) = (job.join("../ta"), job.join("../tb"));
     safetensors_tree(&a, &job.join("src_strategy"), &ta);
     safetensors_tree(&b, &job.join("src_strategy"), &tb);
@@ -172,7 +172,7 @@ fn safetensors_flow_picks_files_as_mindformers() {
             )
             .replace("output_dir: './output'", &format!("output_dir: './{out}'"))
     };
-    job_strategies(&a, &job.join("output3/strategy"), 2, 2, 1, 0, true);
+    job_strategies(&a, &job.join("output3/strategy"), [2, 2, 1], 0, true);
     std::fs::write(
         job.join("run.yaml"),
         resume("net_rank_0-2_1.safetensors", "output3"),
@@ -205,7 +205,7 @@ fn safetensors_flow_picks_files_as_mindformers() {
             .replace("output_dir: './output'", "output_dir: './output5'"),
     )
     .unwrap();
-    job_strategies(&a, &job.join("output5/strategy"), 1, 2, 1, 0, true);
+    job_strategies(&a, &job.join("output5/strategy"), [1, 2, 1], 0, true);
     let (code, out, err) = auto_once(
         &job,
         &["--config", "run.yaml", "--json"],
@@ -222,8 +222,8 @@ fn safetensors_flow_picks_files_as_mindformers() {
 fn checkpoint2_directory_is_a_source() {
     let (_d, job) = shared_job();
     let m = job.join("model.ckpt");
-    job_strategies(&m, &job.join("src_strategy"), 1, 2, 1, 0, true);
-    job_strategies(&m, &job.join("output/strategy"), 2, 2, 1, 0, true);
+    job_strategies(&m, &job.join("src_strategy"), [1, 2, 1], 0, true);
+    job_strategies(&m, &job.join("output/strategy"), [2, 2, 1], 0, true);
     let ck2 = job.join("ck2");
     let mut o = TransformOptions::new(&m, &ck2, None, Some(job.join("src_strategy")));
     o.checkpoint2_iteration = Some(5);
@@ -282,8 +282,8 @@ fn rank0_of_4_fails_naming(job: &Path, what: &[&str]) {
 fn folder_of_complete_safetensors_is_one_checkpoint() {
     let (_d, job) = shared_job();
     let m = job.join("model.ckpt");
-    job_strategies(&m, &job.join("src_strategy"), 1, 2, 1, 0, true);
-    job_strategies(&m, &job.join("output/strategy"), 2, 2, 1, 0, true);
+    job_strategies(&m, &job.join("src_strategy"), [1, 2, 1], 0, true);
+    job_strategies(&m, &job.join("output/strategy"), [2, 2, 1], 0, true);
     let ranks = job.join("../ranks");
     safetensors_tree(&m, &job.join("src_strategy"), &ranks);
     let unified = job.join("../unified");

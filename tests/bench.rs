@@ -26,11 +26,7 @@ fn bench(dir: &Path, args: &[&str]) -> Value {
         .args(args)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::util::assert_success(&out);
     serde_json::from_slice(&out.stdout).expect("bench --json prints JSON")
 }
 

@@ -20,7 +20,7 @@ use reshard::DType;
 use serde_json::{json, Value};
 
 use crate::util::fs::walk;
-use crate::util::{reshard_bin, tempdir};
+use crate::util::{reshard_bin, st_tensor, tempdir};
 
 use crate::util::hf::{self as fixtures, options, spec, write_hf, Spec, ALL};
 
@@ -109,6 +109,16 @@ struct Converted {
     spec: Spec,
     order: Vec<String>,
     tensors: Tensors,
+}
+
+/// Fails naming each of `names` that `tensors` lacks.
+#[track_caller]
+fn assert_has(tensors: &Tensors, names: &[&str]) {
+    let missing: Vec<_> = names
+        .iter()
+        .filter(|n| !tensors.contains_key(**n))
+        .collect();
+    assert!(missing.is_empty(), "missing {missing:?}");
 }
 
 fn forward(name: &str, tweak: impl FnOnce(&mut ConvertOptions)) -> Converted {
@@ -347,13 +357,14 @@ fn splits_follow_the_converters() {
         ms_values(&c.tensors, "transformer.layers.0.attention.wk.bias"),
         w[8..16].to_vec()
     );
-    assert!(c.tensors.contains_key("transformer.wte.embedding_weight"));
-    assert!(c
-        .tensors
-        .contains_key("transformer.layers.1.feed_forward.w3.weight")); // mlp.w2
-    assert!(c
-        .tensors
-        .contains_key("transformer.layers.1.feed_forward.w2.weight")); // mlp.c_proj
+    assert_has(
+        &c.tensors,
+        &[
+            "transformer.wte.embedding_weight",
+            "transformer.layers.1.feed_forward.w3.weight", // mlp.w2
+            "transformer.layers.1.feed_forward.w2.weight", // mlp.c_proj
+        ],
+    );
     let c = forward("internlm2", |_| {});
     let w = hf_values(&c.spec, "model.layers.0.attention.wqkv.weight").0;
     // slices of head_dim·(rep + 2) = 8 rows: [q q q q k k v v] per kv head.
@@ -401,12 +412,13 @@ fn splits_follow_the_converters() {
         rows(&h, 8, 12..24)
     );
     let c = forward("glm", |_| {});
-    assert!(c
-        .tensors
-        .contains_key("transformer.embedding.embedding_weight"));
-    assert!(c
-        .tensors
-        .contains_key("transformer.encoder.layers.1.self_attention.query_key_value.weight"));
+    assert_has(
+        &c.tensors,
+        &[
+            "transformer.embedding.embedding_weight",
+            "transformer.encoder.layers.1.self_attention.query_key_value.weight",
+        ],
+    );
     let c = forward("gpt", |_| {});
     let w = hf_values(&c.spec, "h.1.attn.c_attn.weight").0; // [8, 24]
     let dense2 = ms_values(&c.tensors, "backbone.blocks.1.attention.dense2.weight");
@@ -658,13 +670,18 @@ fn qwen3_uses_the_mcore_layout() {
         t["decoder.layers.0.self_attention.linear_qkv.weight"].1,
         vec![32, 8]
     );
-    assert!(t.contains_key("embedding.word_embeddings.weight"));
-    assert!(t.contains_key("decoder.final_layernorm.weight"));
-    assert!(t.contains_key("output_layer.weight"));
-    assert!(t.contains_key("decoder.layers.1.self_attention.q_layernorm.weight"));
-    assert!(t.contains_key("decoder.layers.1.pre_mlp_layernorm.weight"));
-    assert!(t.contains_key("decoder.layers.1.mlp.router.weight"));
-    assert!(t.contains_key("decoder.layers.0.mlp.linear_fc2.weight"));
+    assert_has(
+        t,
+        &[
+            "embedding.word_embeddings.weight",
+            "decoder.final_layernorm.weight",
+            "output_layer.weight",
+            "decoder.layers.1.self_attention.q_layernorm.weight",
+            "decoder.layers.1.pre_mlp_layernorm.weight",
+            "decoder.layers.1.mlp.router.weight",
+            "decoder.layers.0.mlp.linear_fc2.weight",
+        ],
+    );
     let w1 = ms_values(t, "decoder.layers.1.mlp.experts.weight1");
     assert_eq!(t["decoder.layers.1.mlp.experts.weight1"].1, vec![3 * 8, 8]);
     for e in 0..3 {
@@ -714,26 +731,32 @@ fn qwen3_uses_the_mcore_layout() {
 fn reshapes_and_renames_of_whisper_cogvlm2_qwenvl() {
     let c = forward("whisper", |_| {});
     assert_eq!(c.tensors["model.encoder.conv2.weight"].1, vec![8, 8, 1, 3]);
-    assert!(c
-        .tensors
-        .contains_key("model.decoder.layers.0.encoder_attn_layer_norm.gamma"));
-    assert!(c.tensors.contains_key("model.encoder.layer_norm.beta"));
-    assert!(c
-        .tensors
-        .contains_key("model.decoder.embed_tokens.embedding_weight"));
+    assert_has(
+        &c.tensors,
+        &[
+            "model.decoder.layers.0.encoder_attn_layer_norm.gamma",
+            "model.encoder.layer_norm.beta",
+            "model.decoder.embed_tokens.embedding_weight",
+        ],
+    );
     assert_eq!(c.order[0], "model.encoder.conv1.weight");
     let c = forward("cogvlm2", |_| {});
     let t = &c.tensors;
     assert_eq!(t["vision_encoder.cls_token"].1, vec![1, 1, 6]);
     assert_eq!(t["vision_encoder.pos_embed"].1, vec![1, 5, 6]);
-    assert!(t.contains_key("vision_encoder.blocks.0.attn.qkv.weight"));
-    assert!(t.contains_key("vision_encoder.blocks.0.norm2.beta"));
-    assert!(t.contains_key("vision_encoder.patch_embed.proj.weight"));
-    assert!(t.contains_key("mlp_adapter.linear_proj.norm1.gamma"));
-    assert!(t.contains_key("mlp_adapter.boi"));
-    assert!(t.contains_key("llm_model.model.layers.1.feed_forward.w3.weight"));
-    assert!(t.contains_key("llm_model.model.norm_out.weight"));
-    assert!(t.contains_key("llm_model.lm_head.weight"));
+    assert_has(
+        t,
+        &[
+            "vision_encoder.blocks.0.attn.qkv.weight",
+            "vision_encoder.blocks.0.norm2.beta",
+            "vision_encoder.patch_embed.proj.weight",
+            "mlp_adapter.linear_proj.norm1.gamma",
+            "mlp_adapter.boi",
+            "llm_model.model.layers.1.feed_forward.w3.weight",
+            "llm_model.model.norm_out.weight",
+            "llm_model.lm_head.weight",
+        ],
+    );
     assert_eq!(
         t["llm_model.model.layers.0.attention.wk.weight"].1,
         vec![4, 8]
@@ -744,12 +767,13 @@ fn reshapes_and_renames_of_whisper_cogvlm2_qwenvl() {
     );
     assert!(!t.keys().any(|n| n.contains("inv_freq")));
     let c = forward("cogvlm2_image", |_| {});
-    assert!(c
-        .tensors
-        .contains_key("llm_model.model.layers.0.mlp.vision_mlp.w3.weight"));
-    assert!(c
-        .tensors
-        .contains_key("llm_model.model.layers.0.self_attn.language_expert_query_key_value.weight"));
+    assert_has(
+        &c.tensors,
+        &[
+            "llm_model.model.layers.0.mlp.vision_mlp.w3.weight",
+            "llm_model.model.layers.0.self_attn.language_expert_query_key_value.weight",
+        ],
+    );
     let c = forward("qwenvl", |_| {});
     let t = &c.tensors;
     let w = hf_values(
@@ -770,10 +794,15 @@ fn reshapes_and_renames_of_whisper_cogvlm2_qwenvl() {
     let o = hf_values(&c.spec, "transformer.visual.attn_pool.attn.out_proj.weight").0;
     let p = ms_values(t, "vision_encoder.attn_pool.attn.projection.weight");
     assert_eq!(p[8], o[1]);
-    assert!(t.contains_key("vision_encoder.ln_post.gamma"));
-    assert!(t.contains_key("llm_model.transformer.layers.1.attention.wv.bias"));
-    assert!(t.contains_key("llm_model.transformer.wte.embedding_weight"));
-    assert!(t.contains_key("llm_model.lm_head.weight"));
+    assert_has(
+        t,
+        &[
+            "vision_encoder.ln_post.gamma",
+            "llm_model.transformer.layers.1.attention.wv.bias",
+            "llm_model.transformer.wte.embedding_weight",
+            "llm_model.lm_head.weight",
+        ],
+    );
 }
 
 /// `--dtype` casts with round-to-nearest-even (pt2ms: through float32, then
@@ -854,7 +883,7 @@ fn both_ways(
 /// pipeline stages and optimizer sharding.
 #[test]
 fn one_pass_to_ranks_equals_convert_then_transform() {
-    use reshard::ops::strategy_gen::{write_strategies, StrategyOptions};
+    use crate::util::model::strategy_files;
     for (name, dp, mp, pp, opt, concat) in [
         ("llama", 1, 2, 2, 0, true),
         ("llama", 2, 2, 1, -1, true),
@@ -870,17 +899,7 @@ fn one_pass_to_ranks_equals_convert_then_transform() {
         o.qkv_concat = if concat { Some(true) } else { None };
         o.dtype = Some(DType::F16);
         convert(&o).unwrap();
-        let strategy = dir.path().join("strategy");
-        write_strategies(&StrategyOptions {
-            checkpoint: full.clone(),
-            out_dir: strategy.clone(),
-            dp,
-            mp,
-            pp,
-            opt_shard: opt,
-            vocab_emb_dp: false,
-        })
-        .unwrap();
+        let strategy = strategy_files(&full, &dir.path().join("strategy"), dp, mp, pp, opt, false);
         let (two, one) = both_ways(name, &spec, &hf, &full, &strategy, |o1| {
             o1.qkv_concat = o.qkv_concat;
             o1.dtype = o.dtype;
@@ -1104,16 +1123,7 @@ fn broken_shard_sets_are_refused() {
     let mut tensors: Vec<(String, reshard::formats::safetensors::TensorRef)> = f
         .entries()
         .iter()
-        .map(|e| {
-            (
-                e.name.clone(),
-                reshard::formats::safetensors::TensorRef {
-                    dtype: e.dtype,
-                    shape: e.shape.clone(),
-                    data: f.bytes(e),
-                },
-            )
-        })
+        .map(|e| st_tensor(e.name.clone(), e.dtype, e.shape.clone(), f.bytes(e)))
         .collect();
     let mut shape_of = None;
     for (n, d, s) in &spec.tensors {
@@ -1123,14 +1133,7 @@ fn broken_shard_sets_are_refused() {
     }
     let (d, s) = shape_of.unwrap();
     let dup = fixtures::bytes(&first_of_2, d, &s);
-    tensors.push((
-        first_of_2.clone(),
-        reshard::formats::safetensors::TensorRef {
-            dtype: d,
-            shape: s,
-            data: &dup,
-        },
-    ));
+    tensors.push(st_tensor(first_of_2.clone(), d, s, &dup));
     let _ = extra;
     let tmp = dir.path().join("dup.safetensors");
     reshard::formats::safetensors::write(&tmp, &tensors, &Default::default()).unwrap();
@@ -1191,16 +1194,7 @@ fn pytorch_and_unsupported_dtypes_are_refused() {
         .tensors
         .iter()
         .zip(&data)
-        .map(|((n, d, s), b)| {
-            (
-                n.clone(),
-                reshard::formats::safetensors::TensorRef {
-                    dtype: *d,
-                    shape: s.clone(),
-                    data: b,
-                },
-            )
-        })
+        .map(|((n, d, s), b)| st_tensor(n.clone(), *d, s.clone(), b))
         .collect();
     reshard::formats::safetensors::write(hf.join("model.safetensors"), &refs, &Default::default())
         .unwrap();
@@ -1322,11 +1316,7 @@ fn cli_accepts_mindformers_spellings_and_prints_json() {
         .arg(&out)
         .output()
         .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    crate::util::assert_success(&run);
     let report: Value = serde_json::from_slice(&run.stdout).unwrap();
     assert_eq!(report["model"], "llama");
     assert_eq!(report["qkv_concat"], true);
@@ -1352,11 +1342,7 @@ fn cli_accepts_mindformers_spellings_and_prints_json() {
         .args(["--qkv-concat", "true"])
         .output()
         .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    crate::util::assert_success(&run);
     assert!(String::from_utf8_lossy(&run.stdout).contains("model.safetensors"));
     assert!(!dry.exists());
 }
@@ -1457,16 +1443,7 @@ fn peft_adapter_into_mindspore_equals_merge_then_convert() {
     let tensors: Vec<(String, TensorRef)> = factors
         .iter()
         .zip(&data)
-        .map(|((n, d, s), b)| {
-            (
-                n.clone(),
-                TensorRef {
-                    dtype: *d,
-                    shape: s.clone(),
-                    data: b,
-                },
-            )
-        })
+        .map(|((n, d, s), b)| st_tensor(n.clone(), *d, s.clone(), b))
         .collect();
     write(
         adapter.join("adapter_model.safetensors"),
@@ -1549,13 +1526,11 @@ fn reverse_from_a_unified_directory_equals_reverse_from_one_file() {
     let step = 7i32.to_le_bytes();
     write(
         unified.join("hyper_param.safetensors"),
-        &[(
+        &[st_tensor(
             "global_step".to_string(),
-            TensorRef {
-                dtype: DType::I32,
-                shape: vec![1],
-                data: &step,
-            },
+            DType::I32,
+            vec![1],
+            &step,
         )],
         &StWriteOptions::default(),
     )

@@ -22,7 +22,7 @@ fn convert_warns_about_extra_pairs_and_converts() {
             .args(extra)
             .output()
             .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        crate::util::assert_success(&o);
         String::from_utf8_lossy(&o.stderr).into_owned()
     };
     let quiet = run("plain.ckpt", &[]);
@@ -59,7 +59,7 @@ fn merge_lora_scaling_expression() {
     };
     for (out, scaling) in [("quotient", "16/8"), ("number", "2")] {
         let o = run(out, scaling);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        crate::util::assert_success(&o);
     }
     let file = "rank_0/checkpoint_0.ckpt";
     assert_eq!(
@@ -164,7 +164,7 @@ fn convert_passes_sft_lora_to_cogvlm2() {
                 .args(extra)
                 .output()
                 .unwrap();
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            crate::util::assert_success(&o);
             assert!(!String::from_utf8_lossy(&o.stderr).contains("warning"));
             let ck = Checkpoint::open(&out, &ReadOptions::default()).unwrap();
             ck.entries()
@@ -322,51 +322,44 @@ fn convert_extra_pairs_that_change_the_conversion() {
         serde_json::from_slice(&std::fs::read(dir.path().join("hf/config.json")).unwrap()).unwrap();
     let heads = cfg["num_attention_heads"].to_string();
     let layers = cfg["num_hidden_layers"].to_string();
+    // `convert --model qwen2_5 --input_path input --output_path output more…`.
+    let qwen = |input: &str, output: &str, more: &[&str]| {
+        let mut args = strings(&[
+            "--model",
+            "qwen2_5",
+            "--input_path",
+            input,
+            "--output_path",
+            output,
+        ]);
+        args.extend(strings(more));
+        convert_cli(&args)
+    };
     let plain = out("plain.ckpt");
-    let (ok, err) = convert_cli(&strings(&[
-        "--model",
-        "qwen2_5",
-        "--input_path",
-        hf,
-        "--output_path",
-        &plain,
-        "--qkv_concat",
-        "true",
-    ]));
+    let (ok, err) = qwen(hf, &plain, &["--qkv_concat", "true"]);
     assert!(ok, "{err}");
     let moved = out("moved.ckpt");
-    let (ok, err) = convert_cli(&strings(&[
-        "--model",
-        "qwen2_5",
-        "--input_path",
+    let (ok, err) = qwen(
         &out("no-such-dir"),
-        "--output_path",
         &out("unused.ckpt"),
-        "--qkv_concat",
-        "true",
-        "--torch_ckpt_dir",
-        hf,
-        &format!("--mindspore_ckpt_path={moved}"),
-        "--num_attention_heads",
-        &heads,
-        "--num_layers",
-        &layers,
-        "--is_lora",
-        "False",
-    ]));
+        &[
+            "--qkv_concat",
+            "true",
+            "--torch_ckpt_dir",
+            hf,
+            &format!("--mindspore_ckpt_path={moved}"),
+            "--num_attention_heads",
+            &heads,
+            "--num_layers",
+            &layers,
+            "--is_lora",
+            "False",
+        ],
+    );
     assert!(ok && !err.contains("warning"), "{err}");
     assert!(std::fs::read(&moved).unwrap() == std::fs::read(&plain).unwrap());
     assert!(!std::path::Path::new(&out("unused.ckpt")).exists());
-    let (ok, err) = convert_cli(&strings(&[
-        "--model",
-        "qwen2_5",
-        "--input_path",
-        hf,
-        "--output_path",
-        &out("lora.ckpt"),
-        "--is_lora",
-        "True",
-    ]));
+    let (ok, err) = qwen(hf, &out("lora.ckpt"), &["--is_lora", "True"]);
     assert!(!ok && err.contains("is_lora"), "{err}");
     assert!(!std::path::Path::new(&out("lora.ckpt")).exists());
 }

@@ -315,9 +315,7 @@ fn mismatched_world_sizes_fail_every_rank() {
     job_strategies(
         &d.path().join("job/model.ckpt"),
         &small.join("output/strategy"),
-        1,
-        4,
-        1,
+        [1, 4, 1],
         0,
         false,
     );
@@ -438,17 +436,12 @@ fn eight_ranks_without_a_shared_disk_match_mindspore() {
     let (d, _) = exchange_job();
     let job = d.path().join("job");
     let expect = d.path().join("expect-ms");
-    crate::util::run_py(
+    crate::util::ms_transform(
         &python,
-        "transform_run.py",
-        &[
-            job.join("ckpt").to_str().unwrap(),
-            expect.to_str().unwrap(),
-            job.join("src_strategy").to_str().unwrap(),
-            job.join("dst_strategy/ckpt_strategy_rank_0.ckpt")
-                .to_str()
-                .unwrap(),
-        ],
+        &job.join("ckpt"),
+        &expect,
+        Some(&job.join("src_strategy")),
+        Some(&job.join("dst_strategy/ckpt_strategy_rank_0.ckpt")),
     );
     let out = eight_ranks(d.path(), Launcher::RankEnv);
     crate::util::job::assert_ranks_match(&out, &expect, "converted");

@@ -13,7 +13,7 @@ use reshard::ops::transform::{transform, TransformOptions};
 use reshard::{DType, Error, ErrorKind};
 
 use crate::util::model::{strategies, synthetic_model};
-use crate::util::{reshard_bin, tempdir};
+use crate::util::{reshard_bin, st_tensor, tempdir};
 
 struct Sets {
     _dir: tempfile::TempDir,
@@ -63,16 +63,7 @@ fn rewrite(path: &Path, drop: &str, flag: Option<&str>) {
         .entries()
         .iter()
         .filter(|e| e.name != drop)
-        .map(|e| {
-            (
-                e.name.clone(),
-                TensorRef {
-                    dtype: e.dtype,
-                    shape: e.shape.clone(),
-                    data: f.bytes(e),
-                },
-            )
-        })
+        .map(|e| st_tensor(e.name.clone(), e.dtype, e.shape.clone(), f.bytes(e)))
         .collect();
     let mut metadata: BTreeMap<String, String> = f.metadata().clone();
     metadata.remove("remove_redundancy");

@@ -143,11 +143,7 @@ fn runs_writing_other_ranks_of_a_destination_share_it() {
             .unwrap()
     };
     let other = run(&["--rank-id", "1"]);
-    assert!(
-        other.status.success(),
-        "{}",
-        String::from_utf8_lossy(&other.stderr)
-    );
+    crate::util::assert_success(&other);
     assert!(out.join("rank_1").is_dir());
     for extra in [&["--rank-id", "0"][..], &[]] {
         let o = run(extra);
@@ -225,7 +221,7 @@ fn a_non_utf8_destination_argument_is_accepted() {
     let (model, s) = model_and_strategy(dir.path(), 1, 1, 2);
     let out = dir.path().join(std::ffi::OsStr::from_bytes(b"out\xff"));
     let o = transform_cli(&model, &out, &s).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    crate::util::assert_success(&o);
     assert_eq!(ckpts(&out).len(), 2);
 }
 
@@ -374,7 +370,7 @@ fn huge_dimension_counts_are_refused_and_many_tensors_are_fast() {
         .arg(&b)
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    crate::util::assert_success(&o);
     assert!(String::from_utf8_lossy(&o.stdout).contains("20000 tensors compared"));
     assert!(t.elapsed().as_secs() < 60, "{:?}", t.elapsed());
 }
@@ -427,7 +423,7 @@ fn verify_of_an_encrypted_file_says_how_to_decrypt_it() {
         .args(["--enc-key", "0123456789abcdef"])
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    crate::util::assert_success(&o);
     let o = Command::new(reshard_bin())
         .arg("verify")
         .arg(&enc)

@@ -310,7 +310,7 @@ fn llama_bin_converts_like_its_safetensors_twin() {
             .arg(dir.path().join(out))
             .output()
             .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        crate::util::assert_success(&o);
         std::fs::read(dir.path().join(out)).unwrap()
     };
     let want = convert(&st, "st.ckpt");
@@ -363,14 +363,7 @@ fn peft_bin_adapter_merges_like_its_safetensors_twin() {
             (e.name.clone(), e.dtype, shape, st.bytes(e).to_vec())
         })
         .collect();
-    let bin = dir.path().join("bin_adapter");
-    std::fs::create_dir(&bin).unwrap();
-    std::fs::copy(
-        adapter.join("adapter_config.json"),
-        bin.join("adapter_config.json"),
-    )
-    .unwrap();
-    std::fs::write(bin.join("adapter_model.bin"), writer::save(&tensors)).unwrap();
+    let bin = crate::util::lora::bin_adapter(&adapter, dir.path(), &writer::save(&tensors));
     let merge = |adapter: &Path, out: &str| {
         let o = Command::new(reshard_bin())
             .args(["merge-lora", "--src_ckpt_path_or_dir"])
@@ -381,7 +374,7 @@ fn peft_bin_adapter_merges_like_its_safetensors_twin() {
             .arg(dir.path().join(out))
             .output()
             .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        crate::util::assert_success(&o);
     };
     merge(&adapter, "from_st");
     merge(&bin, "from_bin");
@@ -576,7 +569,7 @@ fn inspect_lists_a_bin() {
         .arg(&path)
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    crate::util::assert_success(&o);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let text = v.to_string();
     assert!(

@@ -301,11 +301,7 @@ fn dry_run_writes_nothing_and_reports_the_plan() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::util::assert_success(&out);
     assert!(
         stdout.contains("dry run: 4 files") && stdout.contains("predicted peak memory"),
         "{stdout}"

@@ -389,11 +389,7 @@ fn mindformers_spellings_and_file_suffix_work_on_the_command_line() {
         ])
         .output()
         .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    crate::util::assert_success(&run);
     // The script's layout: <output_dir>/<file_suffix, default 1_1>_ckpt_convert/unified_safe.
     let unified = out.join("1_1_ckpt_convert/unified_safe");
     let map = std::fs::read_to_string(unified.join("param_name_map.json")).unwrap();

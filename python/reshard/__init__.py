@@ -18,7 +18,7 @@ memory; the Rust engine runs with the GIL released.
 
 Errors are :mod:`reshard.errors` classes carrying reshard's message.
 """
-from . import errors
+from . import _compat, errors
 from .auto import auto_convert
 from ._compat import (
     ckpt_to_safetensors,
@@ -35,16 +35,5 @@ from .errors import ReshardError
 
 __version__ = _version()
 
-__all__ = [
-    "transform_checkpoints",
-    "transform_checkpoint_by_rank",
-    "rank_list_for_transform",
-    "merge_pipeline_strategys",
-    "ckpt_to_safetensors",
-    "safetensors_to_ckpt",
-    "unified_safetensors",
-    "load_distributed_checkpoint",
-    "auto_convert",
-    "errors",
-    "ReshardError",
-]
+# MindSpore's functions (as _compat lists them), then reshard's own.
+__all__ = [*_compat.__all__, "auto_convert", "errors", "ReshardError"]

@@ -400,6 +400,13 @@ def run_module(*args, check=True):
 
 
 class Scripts(Base):
+    def assertTransformedTree(self, ours, expect, ranks=(0,)):
+        """`ours` (mindformers' layout) equals `expect`, once the converting
+        ranks' transform_succeed_rank_{r}.txt markers are taken out."""
+        for r in ranks:
+            os.remove(os.path.join(ours, f"transform_succeed_rank_{r}.txt"))
+        self.assertSameTree(ours, expect)
+
     def test_transform_checkpoint_tree_with_strategy_dirs(self):
         d = case_dir("mp2_pp2_to_dp2mp2")
         out = os.path.join(self.tmp, "out")
@@ -407,9 +414,7 @@ class Scripts(Base):
                        "--dst_checkpoint_dir", out, "--src_strategy", os.path.join(d, "src_strategy"),
                        "--dst_strategy", os.path.join(d, "dst_strategy"))
         self.assertIn("Transform finished", r.stdout)
-        ours = os.path.join(out, "src")
-        os.remove(os.path.join(ours, "transform_succeed_rank_0.txt"))
-        self.assertSameTree(ours, os.path.join(d, "expect"))
+        self.assertTransformedTree(os.path.join(out, "src"), os.path.join(d, "expect"))
 
     def test_transform_checkpoint_full_file_and_none_strategy(self):
         d = case_dir("full_to_dp2mp2")
@@ -418,9 +423,7 @@ class Scripts(Base):
         run_module("reshard.transform_checkpoint", "--src_checkpoint",
                    os.path.join(d, "full", "rank_0", "full.ckpt"), "--dst_checkpoint", out,
                    "--src_strategy", "None", "--dst_strategy", strategy("full_to_dp2mp2", "dst"))
-        ours = os.path.join(out, "full")
-        os.remove(os.path.join(ours, "transform_succeed_rank_0.txt"))
-        self.assertSameTree(ours, os.path.join(d, "expect"))
+        self.assertTransformedTree(os.path.join(out, "full"), os.path.join(d, "expect"))
 
     def test_transform_checkpoint_two_processes(self):
         # transform_checkpoint.sh's per-process command: each converts its block.
@@ -436,10 +439,7 @@ class Scripts(Base):
         for p in procs:
             _, err = p.communicate(timeout=300)
             self.assertEqual(p.returncode, 0, err.decode())
-        ours = os.path.join(out, "src")
-        for r in (0, 2):
-            os.remove(os.path.join(ours, f"transform_succeed_rank_{r}.txt"))
-        self.assertSameTree(ours, os.path.join(d, "expect"))
+        self.assertTransformedTree(os.path.join(out, "src"), os.path.join(d, "expect"), ranks=(0, 2))
 
     def test_transform_checkpoint_error_is_one_line(self):
         d = case_dir("dp2mp2_to_mp4")

@@ -6,6 +6,20 @@ use half::{bf16, f16};
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::layout::boxes::BoxCopy;
+
+/// Checks a box copy against its buffers (`src_len`, `dst_len` bytes) and
+/// that its cast is one the backends do: what every backend checks first.
+pub(crate) fn check_box_copy(copy: &BoxCopy, src_len: usize, dst_len: usize) -> Result<()> {
+    copy.validate(src_len, dst_len)?;
+    if !supported(copy.src_dtype, copy.dst_dtype) {
+        return Err(Error::UnsupportedDtype {
+            dtype: format!("{} → {}", copy.src_dtype, copy.dst_dtype),
+            op: "box copy",
+        });
+    }
+    Ok(())
+}
 
 /// Whether `from → to` is a cast this backend performs.
 pub fn supported(from: DType, to: DType) -> bool {

@@ -177,19 +177,13 @@ pub(super) fn lora_operands<B: Backend>(
     sources: &Sources<'_>,
     backend: &B,
 ) -> Result<(B::Buffer, B::Buffer)> {
-    let b = gather(
-        backend,
-        sources,
-        &lora.b_steps,
-        (lora.b_shape[0] * lora.b_shape[1]) as usize * 4,
-    )?;
-    let a = gather(
-        backend,
-        sources,
-        &lora.a_steps,
-        (lora.a_shape[0] * lora.a_shape[1]) as usize * 4,
-    )?;
-    Ok((b, a))
+    let matrix = |steps: &[CopyStep], [rows, cols]: [u64; 2]| {
+        gather(backend, sources, steps, (rows * cols) as usize * 4)
+    };
+    Ok((
+        matrix(&lora.b_steps, lora.b_shape)?,
+        matrix(&lora.a_steps, lora.a_shape)?,
+    ))
 }
 
 #[cfg(test)]

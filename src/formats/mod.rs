@@ -35,23 +35,20 @@ pub const MAX_NAME_BYTES: usize = 64 << 10;
 
 /// Refuses the `n`-th entry of a file past [`MAX_ENTRIES`].
 pub(crate) fn check_entry_count(n: usize) -> Result<()> {
-    if n > MAX_ENTRIES {
-        return Err(Error::LimitExceeded {
-            what: "entries in one file",
-            limit: MAX_ENTRIES as u64,
-            got: n as u64,
-        });
-    }
-    Ok(())
+    check_limit("entries in one file", MAX_ENTRIES, n)
 }
 
 /// Refuses an entry name longer than [`MAX_NAME_BYTES`].
 pub(crate) fn check_name_len(len: usize) -> Result<()> {
-    if len > MAX_NAME_BYTES {
+    check_limit("bytes of an entry name", MAX_NAME_BYTES, len)
+}
+
+fn check_limit(what: &'static str, limit: usize, got: usize) -> Result<()> {
+    if got > limit {
         return Err(Error::LimitExceeded {
-            what: "bytes of an entry name",
-            limit: MAX_NAME_BYTES as u64,
-            got: len as u64,
+            what,
+            limit: limit as u64,
+            got: got as u64,
         });
     }
     Ok(())

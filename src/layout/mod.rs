@@ -40,6 +40,9 @@ pub mod boxes;
 mod expand;
 mod needed;
 pub mod redundancy;
+#[cfg(any(test, feature = "test-hooks"))]
+#[doc(hidden)]
+pub mod testing;
 #[cfg(test)]
 mod tests;
 

@@ -3,6 +3,7 @@
 
 use proptest::prelude::*;
 
+use super::testing::{random_layout, Draw};
 use super::*;
 
 /// Per rank, per dim, `(global_start, len)` of the single piece.
@@ -424,35 +425,10 @@ fn arb_layout_nd(ndim: usize) -> impl Strategy<Value = (Layout, Vec<u64>)> {
         prop::collection::vec(1u64..=2, 3),
     )
         .prop_map(|(dev, ndim, nested, picks, opt, step_pick, mult)| {
-            let n = dev.len();
-            let mut free: Vec<i32> = (0..n as i32).collect();
-            let mut map = Vec::new();
-            for i in 0..ndim {
-                let want = if nested {
-                    picks[i] as usize % 3
-                } else {
-                    picks[i] as usize % 2
-                };
-                let mut axes = Vec::new();
-                for k in 0..want {
-                    if free.is_empty() {
-                        break;
-                    }
-                    let at = (picks[i + 3] as usize >> (4 * k)) % free.len();
-                    axes.push(free.remove(at));
-                }
-                if axes.is_empty() {
-                    axes.push(-1);
-                }
-                map.push(axes);
-            }
-            let mut l = Layout {
-                dev_matrix: dev,
-                tensor_map: map,
-                nested,
-                opt_shard_step: 0,
-                opt_shard_size: 0,
-            };
+            let mut l = random_layout(dev, nested, ndim, |d| match d {
+                Draw::Count { dim } => picks[dim] as usize % if nested { 3 } else { 2 },
+                Draw::Axis { dim, k, free } => (picks[dim + 3] as usize >> (4 * k)) % free,
+            });
             let size = [0, -1, 2, 3, 4, -1][opt];
             if size != 0 {
                 // MindSpore's step: the stride of the single repeated axis,

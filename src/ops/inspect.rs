@@ -251,19 +251,24 @@ pub fn detect(path: &Path) -> Result<Detected> {
     }
 }
 
+/// Inspects each rank's checkpoint file.
+fn rank_reports(files: Vec<(usize, PathBuf)>, options: &InspectOptions) -> Result<Vec<RankReport>> {
+    files
+        .into_iter()
+        .map(|(rank, file)| {
+            Ok(RankReport {
+                rank,
+                file: inspect_checkpoint(&file, options)?,
+            })
+        })
+        .collect()
+}
+
 /// Inspects a checkpoint, strategy file, strategy directory or `rank_x` tree.
 pub fn inspect(path: &Path, options: &InspectOptions) -> Result<Report> {
     if crate::formats::checkpoint2::is_checkpoint2(path) {
         let ck = crate::formats::checkpoint2::open(path)?;
-        let ranks = crate::formats::checkpoint2::files(&ck.params)
-            .into_iter()
-            .map(|(rank, file)| {
-                Ok(RankReport {
-                    rank,
-                    file: inspect_checkpoint(&file, options)?,
-                })
-            })
-            .collect::<Result<_>>()?;
+        let ranks = rank_reports(crate::formats::checkpoint2::files(&ck.params), options)?;
         return Ok(Report::Tree {
             path: ck.dir,
             form: DirForm::Checkpoint2,
@@ -273,15 +278,7 @@ pub fn inspect(path: &Path, options: &InspectOptions) -> Result<Report> {
     if path.is_dir() {
         if tree::is_rank_tree(path) {
             let (format, files) = tree::tree_checkpoints(path)?;
-            let ranks: Vec<RankReport> = files
-                .into_iter()
-                .map(|(rank, file)| {
-                    Ok(RankReport {
-                        rank,
-                        file: inspect_checkpoint(&file, options)?,
-                    })
-                })
-                .collect::<Result<_>>()?;
+            let ranks = rank_reports(files, options)?;
             let dedup = ranks.iter().any(|r| {
                 r.file
                     .metadata

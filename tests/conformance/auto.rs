@@ -12,23 +12,35 @@ use serde_json::Value;
 
 use crate::util::job::{
     assert_ranks_match, job_strategies, libreshard, model, node_dirs, node_local_job,
-    one_device_job, run_job, shared_job, yaml,
+    one_device_matches, run_job, shared_job, yaml,
 };
-use crate::util::{mindspore_python, run_py};
+use crate::util::{mindspore_python, ms_transform, run_py};
 
-/// MindSpore's transform of `src` (a rank tree) into `expect`.
-fn oracle(python: &Path, src: &Path, expect: &Path, s: Option<&Path>, d: Option<&Path>) {
-    let arg = |p: Option<&Path>| p.map_or("-".to_string(), |p| p.display().to_string());
-    run_py(
+/// A job loading the complete `job/full/rank_0/model.ckpt` with its own
+/// layout `[dp, mp, pp]` (optimizer shard `opt`) on `process_num`
+/// converting ranks, and MindSpore's transform of that checkpoint to the
+/// job's strategy (`dst`, under `job`) in `job/../expect-ms`; returns that.
+fn full_job(
+    python: &Path,
+    job: &Path,
+    layout: [u32; 3],
+    opt: i32,
+    process_num: usize,
+    dst: &str,
+) -> PathBuf {
+    let m = job.join("full/rank_0/model.ckpt");
+    job_strategies(&m, &job.join("output/strategy"), layout, opt, true);
+    let config = yaml("./full", "", process_num, layout[2], "");
+    std::fs::write(job.join("run.yaml"), config).unwrap();
+    let expect = job.parent().unwrap().join("expect-ms");
+    ms_transform(
         python,
-        "transform_run.py",
-        &[
-            src.to_str().unwrap(),
-            expect.to_str().unwrap(),
-            &arg(s),
-            &arg(d),
-        ],
+        &job.join("full"),
+        &expect,
+        None,
+        Some(&job.join(dst)),
     );
+    expect
 }
 
 #[test]
@@ -39,20 +51,10 @@ fn auto_jobs_are_byte_identical_to_mindspore() {
 
     // Full (mindformers' {model_dir}/rank_0/x.ckpt) → dp2·mp2·pp2 with
     // optimizer sharding, two converting ranks, shared disk.
-    let (d, job) = shared_job();
+    let (_d, job) = shared_job();
     std::fs::create_dir_all(job.join("full/rank_0")).unwrap();
     std::fs::rename(job.join("model.ckpt"), job.join("full/rank_0/model.ckpt")).unwrap();
-    let m = job.join("full/rank_0/model.ckpt");
-    job_strategies(&m, &job.join("output/strategy"), 2, 2, 2, -1, true);
-    std::fs::write(job.join("run.yaml"), yaml("./full", "", 2, 2, "")).unwrap();
-    let expect = d.path().join("expect-ms");
-    oracle(
-        &python,
-        &job.join("full"),
-        &expect,
-        None,
-        Some(&job.join("output/strategy")),
-    );
+    let expect = full_job(&python, &job, [2, 2, 2], -1, 2, "output/strategy");
     // transform_process_num 2 (the YAML's), then 1 and 8: the same bytes.
     for k in ["2", "1", "8"] {
         let out = run_job(8, &|_| job.clone(), &["--transform-process-num", k]);
@@ -64,7 +66,7 @@ fn auto_jobs_are_byte_identical_to_mindspore() {
     let (d, _) = node_local_job(1);
     let job = d.path().join("job");
     let expect = d.path().join("expect-ms");
-    oracle(
+    ms_transform(
         &python,
         &job.join("ckpt"),
         &expect,
@@ -82,17 +84,9 @@ fn auto_jobs_are_byte_identical_to_mindspore() {
     }
 
     // Sharded dp2·mp2·pp2 → one device.
-    let (d, job) = one_device_job([2, 2, 2]);
-    let expect = d.path().join("expect-ms");
-    oracle(
-        &python,
-        &job.join("ckpt"),
-        &expect,
-        Some(&job.join("src_strategy")),
-        None,
-    );
-    let out = run_job(1, &|_| job.clone(), &[]);
-    assert_ranks_match(&out, &expect, "converted");
+    one_device_matches([2, 2, 2], |src, expect, s| {
+        ms_transform(&python, src, expect, Some(s), None)
+    });
 }
 
 #[test]
@@ -105,24 +99,8 @@ fn python_launcher_through_the_c_abi() {
     let dir = crate::util::tempdir();
     let job = dir.path().join("job");
     model(&job.join("full/rank_0/model.ckpt"), 2, 16, 4);
-    job_strategies(
-        &job.join("full/rank_0/model.ckpt"),
-        &job.join("output/strategy"),
-        2,
-        4,
-        1,
-        0,
-        true,
-    );
-    std::fs::write(job.join("run.yaml"), yaml("./full", "", 8, 1, "")).unwrap();
-    let expect = dir.path().join("expect-ms");
-    oracle(
-        &python,
-        &job.join("full"),
-        &expect,
-        None,
-        Some(&job.join("output/strategy/ckpt_strategy_rank_0.ckpt")),
-    );
+    let dst = "output/strategy/ckpt_strategy_rank_0.ckpt";
+    let expect = full_job(&python, &job, [2, 4, 1], 0, 8, dst);
     let stdout = run_py(
         &python,
         "auto_launcher.py",

@@ -11,6 +11,7 @@
 use std::collections::BTreeSet;
 use std::fs;
 
+use reshard::layout::testing::{self, Draw};
 use reshard::layout::{needed_source_ranks, Layout, RankSlice};
 use serde_json::{json, Value};
 
@@ -69,31 +70,11 @@ const DEVS: &[&[u64]] = &[
 /// optimizer-sharded (mostly with MindSpore's step, sometimes another).
 fn random_layout(rng: &mut Rng, ndim: usize) -> Layout {
     let dev: Vec<u64> = rng.pick(DEVS).to_vec();
-    let n = dev.len();
     let nested = rng.chance(25);
-    let mut free: Vec<i32> = (0..n as i32).collect();
-    let mut map = Vec::new();
-    for _ in 0..ndim {
-        let want = if nested { rng.below(3) } else { rng.below(2) };
-        let mut axes = Vec::new();
-        for _ in 0..want {
-            if !free.is_empty() {
-                let at = rng.below(free.len());
-                axes.push(free.remove(at));
-            }
-        }
-        if axes.is_empty() {
-            axes.push(-1);
-        }
-        map.push(axes);
-    }
-    let mut l = Layout {
-        dev_matrix: dev,
-        tensor_map: map,
-        nested,
-        opt_shard_step: 0,
-        opt_shard_size: 0,
-    };
+    let mut l = testing::random_layout(dev, nested, ndim, |d| match d {
+        Draw::Count { .. } => rng.below(if nested { 3 } else { 2 }),
+        Draw::Axis { free, .. } => rng.below(free),
+    });
     if rng.chance(60) {
         let repeated = l.repeated_axes();
         let step = match repeated.first() {

@@ -10,7 +10,7 @@ use reshard::ops::transform::{transform, TransformOptions};
 use reshard::DType;
 
 use crate::util::lora::{decode, lora_model, strategies};
-use crate::util::{mindspore_python, run_py, tempdir};
+use crate::util::{mindspore_python, ms_transform, run_py, tempdir};
 
 /// |ours - theirs| in units of the last place of `dtype` at `scale`: the
 /// magnitude of the operands MindSpore rounds (max(|W|, |s·B·A|)), since
@@ -52,16 +52,7 @@ fn merge_matches_mindformers_recipe_within_the_bound() {
         let mp2 = strategies(&full, &root.join("mp2"), 2);
         // MindSpore shards the model with our strategy files.
         let shards = root.join("shards");
-        run_py(
-            &python,
-            "transform_run.py",
-            &[
-                root.join("full").to_str().unwrap(),
-                shards.to_str().unwrap(),
-                "-",
-                mp2.to_str().unwrap(),
-            ],
-        );
+        ms_transform(&python, &root.join("full"), &shards, None, Some(&mp2));
         let expected = root.join("expected.ckpt");
         run_py(
             &python,
@@ -178,15 +169,12 @@ fn merge_matches_mindformers_recipe_within_the_bound() {
         }
         // MindSpore loads what we wrote.
         let _ = Path::new(&direct);
-        run_py(
+        ms_transform(
             &python,
-            "transform_run.py",
-            &[
-                direct.to_str().unwrap(),
-                root.join("ms-gather").to_str().unwrap(),
-                root.join("mp4").to_str().unwrap(),
-                "-",
-            ],
+            &direct,
+            &root.join("ms-gather"),
+            Some(&root.join("mp4")),
+            None,
         );
     }
 }

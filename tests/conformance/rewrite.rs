@@ -31,16 +31,12 @@ fn tree_rewrite_is_byte_identical_to_mindspore() {
     )
     .unwrap();
     assert_eq!(to_st.len(), 2, "other_0.ckpt is not matched by the regex");
-    let to_ck = rewrite_tree(
-        &d.join("st"),
-        &d.join("ours_ck"),
-        &TreeRewriteOptions {
-            to: FileFormat::Ckpt,
-            file_name_regex: None,
-            file: RewriteOptions::default(),
-        },
-    )
-    .unwrap();
+    let st_to_ck = TreeRewriteOptions {
+        to: FileFormat::Ckpt,
+        file_name_regex: None,
+        file: RewriteOptions::default(),
+    };
+    let to_ck = rewrite_tree(&d.join("st"), &d.join("ours_ck"), &st_to_ck).unwrap();
     for (ours, theirs) in [("ours_st", "st"), ("ours_ck", "ck")] {
         for r in 0..2 {
             let ext = if theirs == "st" {
@@ -58,16 +54,7 @@ fn tree_rewrite_is_byte_identical_to_mindspore() {
     }
     assert_eq!(to_ck.len(), 2);
     // Existing outputs are refused, and nothing of this run is left.
-    let again = rewrite_tree(
-        &d.join("st"),
-        &d.join("ours_ck"),
-        &TreeRewriteOptions {
-            to: FileFormat::Ckpt,
-            file_name_regex: None,
-            file: RewriteOptions::default(),
-        },
-    )
-    .unwrap_err();
+    let again = rewrite_tree(&d.join("st"), &d.join("ours_ck"), &st_to_ck).unwrap_err();
     assert_eq!(again.kind(), reshard::ErrorKind::Destination, "{again}");
     assert!(again.to_string().contains("already exists"), "{again}");
 }

@@ -10,7 +10,7 @@ use reshard::ops::transform::{transform, TransformOptions};
 use serde_json::{json, Value};
 
 use crate::util::fs::{assert_same_tree, files_under};
-use crate::util::{mindspore_python, run_py, run_py_cases, tempdir};
+use crate::util::{mindspore_python, run_py_cases, tempdir};
 
 fn side(dev: &[u64]) -> Value {
     json!({"dev": dev})
@@ -171,20 +171,7 @@ fn check_against_mindspore(
     d: Option<&Path>,
 ) {
     let expect = work.join(format!("{tag}-expect"));
-    let arg = |p: Option<&Path>| {
-        p.map(|p| p.to_str().unwrap().to_string())
-            .unwrap_or_else(|| "-".into())
-    };
-    run_py(
-        python,
-        "transform_run.py",
-        &[
-            src.to_str().unwrap(),
-            expect.to_str().unwrap(),
-            &arg(s),
-            &arg(d),
-        ],
-    );
+    crate::util::ms_transform(python, src, &expect, s, d);
     let ours = work.join(format!("{tag}-ours"));
     let o = TransformOptions {
         workers: 2,
@@ -245,20 +232,7 @@ fn fixture_and_generated_strategies_match_mindspore() {
 
     let full = work.join("fixture-to-full-ours/rank_0/checkpoint_0.ckpt");
     let gen = |name: &str, dp: u32, mp: u32, pp: u32, opt: i32| {
-        let out = work.join(name);
-        reshard::ops::strategy_gen::write_strategies(
-            &reshard::ops::strategy_gen::StrategyOptions {
-                checkpoint: full.clone(),
-                out_dir: out.clone(),
-                dp,
-                mp,
-                pp,
-                opt_shard: opt,
-                vocab_emb_dp: true,
-            },
-        )
-        .unwrap();
-        out
+        crate::util::model::strategy_files(&full, &work.join(name), dp, mp, pp, opt, true)
     };
     let eight = gen("dp2mp2pp2", 2, 2, 2, -1);
     let four = gen("mp4", 1, 4, 1, 0);

@@ -12,6 +12,8 @@ use reshard::ops::convert::ConvertOptions;
 use reshard::DType;
 use serde_json::{json, Value};
 
+use crate::util::st_tensor;
+
 /// A Qwen (1) decoder layer, also Qwen-VL's language model.
 const QWEN_LAYER: &[(&str, &[usize])] = &[
     ("ln_1.weight", &[8]),
@@ -629,14 +631,7 @@ pub fn write_hf(spec: &Spec, dir: &Path, shards: usize) -> PathBuf {
             .iter()
             .map(|(n, d, s, b)| {
                 weight_map.insert(n.clone(), Value::String(file.clone()));
-                (
-                    n.clone(),
-                    TensorRef {
-                        dtype: *d,
-                        shape: s.clone(),
-                        data: b,
-                    },
-                )
+                st_tensor(n.clone(), *d, s.clone(), b)
             })
             .collect();
         write(

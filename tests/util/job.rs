@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use reshard::formats::ckpt::{CkptWriter, WriteOptions};
 use reshard::formats::strategy::MERGED_FILE_NAME;
-use reshard::ops::strategy_gen::{write_strategies, StrategyOptions};
 use reshard::ops::transform::{transform, TransformOptions};
 use reshard::DType;
 use serde_json::Value;
 
+use crate::util::model::strategy_files;
 use crate::util::{reshard_bin, tempdir};
 
 /// A llama-shaped full checkpoint: `layers` layers of hidden size
@@ -62,7 +62,7 @@ pub fn model(path: &Path, layers: usize, hidden: i64, seed: u8) {
 /// vocab_emb_dp) saved under `output/strategy`, and its `run.yaml`.
 pub fn job_setup(job: &Path, [dp, mp, pp]: [u32; 3], opt: i32, config: &str) {
     let (model, dir) = (job.join("model.ckpt"), job.join("output/strategy"));
-    job_strategies(&model, &dir, dp, mp, pp, opt, true);
+    job_strategies(&model, &dir, [dp, mp, pp], opt, true);
     std::fs::write(job.join("run.yaml"), config).unwrap();
 }
 
@@ -71,22 +71,11 @@ pub fn job_setup(job: &Path, [dp, mp, pp]: [u32; 3], opt: i32, config: &str) {
 pub fn job_strategies(
     model: &Path,
     dir: &Path,
-    dp: u32,
-    mp: u32,
-    pp: u32,
+    [dp, mp, pp]: [u32; 3],
     opt: i32,
     vocab_emb_dp: bool,
 ) {
-    write_strategies(&StrategyOptions {
-        checkpoint: model.to_path_buf(),
-        out_dir: dir.to_path_buf(),
-        dp,
-        mp,
-        pp,
-        opt_shard: opt,
-        vocab_emb_dp,
-    })
-    .unwrap();
+    strategy_files(model, dir, dp, mp, pp, opt, vocab_emb_dp);
     let _ = std::fs::remove_file(dir.join(MERGED_FILE_NAME));
 }
 
@@ -291,7 +280,7 @@ pub fn shared_job() -> (tempfile::TempDir, PathBuf) {
 /// A sharded source: `job/ckpt/rank_x/` and `job/src_strategy/`.
 pub fn sharded_source(job: &Path, dp: u32, mp: u32, pp: u32, vocab_emb_dp: bool) {
     let m = job.join("model.ckpt");
-    job_strategies(&m, &job.join("src_strategy"), dp, mp, pp, 0, vocab_emb_dp);
+    job_strategies(&m, &job.join("src_strategy"), [dp, mp, pp], 0, vocab_emb_dp);
     reshard(&m, &job.join("ckpt"), None, Some(&job.join("src_strategy")));
 }
 
@@ -337,6 +326,21 @@ pub fn one_device_job([dp, mp, pp]: [u32; 3]) -> (tempfile::TempDir, PathBuf) {
     (d, job)
 }
 
+/// A [`one_device_job`] from `[dp, mp, pp]`, run: its one rank converts to
+/// exactly what `reference(src, expect, src_strategy)` writes into
+/// `<root>/expect`. Returns (root, job, the rank's outcome).
+pub fn one_device_matches(
+    layout: [u32; 3],
+    reference: impl FnOnce(&Path, &Path, &Path),
+) -> (tempfile::TempDir, PathBuf, Outcome) {
+    let (d, job) = one_device_job(layout);
+    let expect = d.path().join("expect");
+    reference(&job.join("ckpt"), &expect, &job.join("src_strategy"));
+    let mut out = run_job(1, &|_| job.clone(), &[]);
+    assert_ranks_match(&out, &expect, "converted");
+    (d, job, out.remove(0))
+}
+
 /// A job on two nodes without a shared disk ([`node_dirs`]): the layouts,
 /// where the job's strategies for all ranks are kept, and what each node
 /// holds of the source.
@@ -363,7 +367,7 @@ pub fn two_node_job(spec: &TwoNodeJob) -> (tempfile::TempDir, PathBuf) {
     let all_strategy = job.join(spec.strategy_dir);
     let [dp, mp, pp] = spec.dst;
     let m = job.join("model.ckpt");
-    job_strategies(&m, &all_strategy, dp, mp, pp, 0, spec.dst_vocab_emb_dp);
+    job_strategies(&m, &all_strategy, [dp, mp, pp], 0, spec.dst_vocab_emb_dp);
     let expect = d.path().join("expect");
     reshard(
         &job.join("ckpt"),

@@ -6,8 +6,10 @@
 use std::path::{Path, PathBuf};
 
 use reshard::formats::ckpt::{CkptWriter, WriteOptions};
-use reshard::ops::strategy_gen::{write_strategies, StrategyOptions};
 use reshard::DType;
+
+use crate::util::model::strategy_files;
+use crate::util::st_tensor;
 
 pub const HIDDEN: i64 = 16;
 pub const FFN: i64 = 32;
@@ -124,23 +126,13 @@ pub fn lora_model(path: &Path, dtype: DType, seed: u32) {
 
 /// Strategy files (dp 1 · mp `mp`) for the model at `model`.
 pub fn strategies(model: &Path, dir: &Path, mp: u32) -> PathBuf {
-    write_strategies(&StrategyOptions {
-        checkpoint: model.to_path_buf(),
-        out_dir: dir.to_path_buf(),
-        dp: 1,
-        mp,
-        pp: 1,
-        opt_shard: 0,
-        vocab_emb_dp: true,
-    })
-    .unwrap();
-    dir.to_path_buf()
+    strategy_files(model, dir, 1, mp, 1, 0, true)
 }
 
 /// A tiny HuggingFace model (two shards + index + config) and a PEFT adapter
 /// on its q_proj and down_proj.
 pub fn hf_model_and_adapter(root: &Path, rslora: bool) -> (PathBuf, PathBuf) {
-    use reshard::formats::safetensors::{write, StWriteOptions, TensorRef};
+    use reshard::formats::safetensors::{write, StWriteOptions};
     let base = root.join("base");
     let adapter = root.join("adapter");
     std::fs::create_dir_all(&base).unwrap();
@@ -156,22 +148,13 @@ pub fn hf_model_and_adapter(root: &Path, rslora: bool) -> (PathBuf, PathBuf) {
     write(
         base.join("model-00001-of-00002.safetensors"),
         &[
-            (
+            st_tensor(
                 "model.layers.0.self_attn.q_proj.weight".into(),
-                TensorRef {
-                    dtype: DType::F32,
-                    shape: vec![8, 8],
-                    data: &q,
-                },
+                DType::F32,
+                vec![8, 8],
+                &q,
             ),
-            (
-                "model.norm.weight".into(),
-                TensorRef {
-                    dtype: DType::F32,
-                    shape: vec![8],
-                    data: &norm,
-                },
-            ),
+            st_tensor("model.norm.weight".into(), DType::F32, vec![8], &norm),
         ],
         &StWriteOptions {
             metadata: meta.clone(),
@@ -181,13 +164,11 @@ pub fn hf_model_and_adapter(root: &Path, rslora: bool) -> (PathBuf, PathBuf) {
     .unwrap();
     write(
         base.join("model-00002-of-00002.safetensors"),
-        &[(
+        &[st_tensor(
             "model.layers.0.mlp.down_proj.weight".into(),
-            TensorRef {
-                dtype: DType::F32,
-                shape: vec![8, 16],
-                data: &down,
-            },
+            DType::F32,
+            vec![8, 16],
+            &down,
         )],
         &StWriteOptions {
             metadata: meta.clone(),
@@ -208,37 +189,29 @@ pub fn hf_model_and_adapter(root: &Path, rslora: bool) -> (PathBuf, PathBuf) {
     write(
         adapter.join("adapter_model.safetensors"),
         &[
-            (
+            st_tensor(
                 "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".into(),
-                TensorRef {
-                    dtype: DType::F32,
-                    shape: vec![2, 8],
-                    data: &qa,
-                },
+                DType::F32,
+                vec![2, 8],
+                &qa,
             ),
-            (
+            st_tensor(
                 "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight".into(),
-                TensorRef {
-                    dtype: DType::F32,
-                    shape: vec![8, 2],
-                    data: &qb,
-                },
+                DType::F32,
+                vec![8, 2],
+                &qb,
             ),
-            (
+            st_tensor(
                 "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight".into(),
-                TensorRef {
-                    dtype: DType::F32,
-                    shape: vec![2, 16],
-                    data: &da,
-                },
+                DType::F32,
+                vec![2, 16],
+                &da,
             ),
-            (
+            st_tensor(
                 "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight".into(),
-                TensorRef {
-                    dtype: DType::F32,
-                    shape: vec![8, 2],
-                    data: &db,
-                },
+                DType::F32,
+                vec![8, 2],
+                &db,
             ),
         ],
         &StWriteOptions {
@@ -251,4 +224,18 @@ pub fn hf_model_and_adapter(root: &Path, rslora: bool) -> (PathBuf, PathBuf) {
         r#"{{"peft_type": "LORA", "r": 2, "lora_alpha": 8, "use_rslora": {rslora}, "fan_in_fan_out": false,
             "target_modules": ["q_proj", "down_proj"]}}"#)).unwrap();
     (base, adapter)
+}
+
+/// `dir/bin_adapter`: the PEFT adapter at `adapter`'s config with
+/// `adapter_model.bin` holding `bin` (a `.bin` adapter); returns its path.
+pub fn bin_adapter(adapter: &Path, dir: &Path, bin: &[u8]) -> PathBuf {
+    let out = dir.join("bin_adapter");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::copy(
+        adapter.join("adapter_config.json"),
+        out.join("adapter_config.json"),
+    )
+    .unwrap();
+    std::fs::write(out.join("adapter_model.bin"), bin).unwrap();
+    out
 }

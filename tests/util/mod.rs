@@ -122,6 +122,45 @@ pub fn run_py(python: &Path, script: &str, args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("python printed non-UTF-8")
 }
 
+/// Fails the test with the command's stderr unless it succeeded.
+#[track_caller]
+pub fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A named safetensors tensor, as [`reshard::formats::safetensors::write`]
+/// takes it.
+pub fn st_tensor(
+    name: String,
+    dtype: reshard::DType,
+    shape: Vec<usize>,
+    data: &[u8],
+) -> (String, reshard::formats::safetensors::TensorRef<'_>) {
+    let t = reshard::formats::safetensors::TensorRef { dtype, shape, data };
+    (name, t)
+}
+
+/// MindSpore's `transform_checkpoints` of the rank tree `src` into `dst`
+/// (`transform_run.py`), from the strategy `s` to `d` (`None`: a complete
+/// checkpoint on that side).
+pub fn ms_transform(python: &Path, src: &Path, dst: &Path, s: Option<&Path>, d: Option<&Path>) {
+    let arg = |p: Option<&Path>| p.map_or("-".to_string(), |p| p.display().to_string());
+    run_py(
+        python,
+        "transform_run.py",
+        &[
+            src.to_str().unwrap(),
+            dst.to_str().unwrap(),
+            &arg(s),
+            &arg(d),
+        ],
+    );
+}
+
 /// Runs a generator script the way every `*_gen.py` is called: `cases`
 /// written to `dir/cases.json`, then `python script dir dir/cases.json`
 /// (the script writes each case's inputs and MindSpore's outputs under

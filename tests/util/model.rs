@@ -53,6 +53,21 @@ pub fn synthetic_model(path: &Path, layers: usize, dtype: DType, seed: u8) {
 /// Strategy files (dp · mp · pp, optimizer shard `opt`) for the model at
 /// `model`, written into `dir`; returns `dir`.
 pub fn strategies(model: &Path, dir: &Path, dp: u32, mp: u32, pp: u32, opt: i32) -> PathBuf {
+    strategy_files(model, dir, dp, mp, pp, opt, mp % 2 == 1)
+}
+
+/// [`write_strategies`] for the checkpoint `model` into `dir` (dp · mp · pp,
+/// optimizer shard `opt`, the vocabulary embedding data-parallel or not);
+/// returns `dir`. Every test's strategy files come through here.
+pub fn strategy_files(
+    model: &Path,
+    dir: &Path,
+    dp: u32,
+    mp: u32,
+    pp: u32,
+    opt: i32,
+    vocab_emb_dp: bool,
+) -> PathBuf {
     write_strategies(&StrategyOptions {
         checkpoint: model.to_path_buf(),
         out_dir: dir.to_path_buf(),
@@ -60,7 +75,7 @@ pub fn strategies(model: &Path, dir: &Path, dp: u32, mp: u32, pp: u32, opt: i32)
         mp,
         pp,
         opt_shard: opt,
-        vocab_emb_dp: mp % 2 == 1,
+        vocab_emb_dp,
     })
     .unwrap();
     dir.to_path_buf()

@@ -32,6 +32,22 @@ pub(crate) struct CommState {
     pub net: Option<crate::hccl_net::Net>,
 }
 
+impl CommState {
+    /// A freshly joined rank: nothing sent, received or failed yet.
+    fn new(group: u64, rank: u32, device: i32, net: Option<crate::hccl_net::Net>) -> Self {
+        CommState {
+            group,
+            rank,
+            device,
+            async_error: None,
+            coll_seq: 0,
+            send_seq: BTreeMap::new(),
+            recv_seq: BTreeMap::new(),
+            net,
+        }
+    }
+}
+
 struct Coll {
     signature: String,
     contrib: Vec<Option<Vec<u8>>>,
@@ -210,19 +226,7 @@ pub(crate) fn init_root_info(
         return match joined {
             Ok(net) => {
                 let id = g.id();
-                g.comms.insert(
-                    id,
-                    CommState {
-                        group: 0,
-                        rank,
-                        device: d,
-                        async_error: None,
-                        coll_seq: 0,
-                        send_seq: BTreeMap::new(),
-                        recv_seq: BTreeMap::new(),
-                        net: Some(net),
-                    },
-                );
+                g.comms.insert(id, CommState::new(0, rank, d, Some(net)));
                 // SAFETY: caller's out-pointer.
                 unsafe { *out = id as HcclComm };
                 HCCL_SUCCESS
@@ -263,19 +267,7 @@ pub(crate) fn init_root_info(
     }
     let timeout = group.timeout.min(g.config(d).hccl_timeout);
     let id = g.id();
-    g.comms.insert(
-        id,
-        CommState {
-            group: gid,
-            rank,
-            device: d,
-            async_error: None,
-            coll_seq: 0,
-            send_seq: BTreeMap::new(),
-            recv_seq: BTreeMap::new(),
-            net: None,
-        },
-    );
+    g.comms.insert(id, CommState::new(gid, rank, d, None));
     let group = g.groups.get_mut(&gid).expect("exists");
     group.joined[rank as usize] = Some((id, d));
     if group.joined.iter().all(Option::is_some) {
@@ -548,38 +540,20 @@ pub(crate) fn barrier(e: Emu, comm: HcclComm, stream: aclrtStream) -> HcclResult
     })
 }
 
-pub(crate) fn send(
-    e: Emu,
-    buf: *mut c_void,
-    count: u64,
-    dt: HcclDataType,
-    peer: u32,
-    comm: HcclComm,
-    stream: aclrtStream,
-) -> HcclResult {
-    submit(e, "HcclSend", comm, stream, |g, c, n| {
-        let bytes = bytes_of(count, dt)?;
-        if peer >= n || peer == c.rank {
-            return Err(format!("destRank {peer} is not another rank of {n}"));
-        }
-        let r = in_alloc(g, buf as u64, bytes, "sendBuf")?;
-        let s = c.send_seq.entry(peer).or_default();
-        *s += 1;
-        Ok((
-            Kind::Send {
-                buf: buf as u64,
-                bytes,
-                peer,
-            },
-            *s,
-            vec![r],
-            vec![],
-        ))
-    })
+/// Which side of a point-to-point transfer [`p2p`] emulates.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    /// `HcclSend`: `buf` is read and sent to `peer`.
+    Send,
+    /// `HcclRecv`: `buf` is written with what `peer` sends.
+    Recv,
 }
 
-pub(crate) fn recv(
+/// `HcclSend` or `HcclRecv` of `count` elements of `buf` with `peer`.
+#[allow(clippy::too_many_arguments)] // the C call's six, and its side
+pub(crate) fn p2p(
     e: Emu,
+    op: Side,
     buf: *mut c_void,
     count: u64,
     dt: HcclDataType,
@@ -587,24 +561,34 @@ pub(crate) fn recv(
     comm: HcclComm,
     stream: aclrtStream,
 ) -> HcclResult {
-    submit(e, "HcclRecv", comm, stream, |g, c, n| {
+    let (api, peer_arg, buf_arg) = match op {
+        Side::Send => ("HcclSend", "destRank", "sendBuf"),
+        Side::Recv => ("HcclRecv", "srcRank", "recvBuf"),
+    };
+    submit(e, api, comm, stream, |g, c, n| {
         let bytes = bytes_of(count, dt)?;
         if peer >= n || peer == c.rank {
-            return Err(format!("srcRank {peer} is not another rank of {n}"));
+            return Err(format!("{peer_arg} {peer} is not another rank of {n}"));
         }
-        let w = in_alloc(g, buf as u64, bytes, "recvBuf")?;
-        let s = c.recv_seq.entry(peer).or_default();
+        let range = in_alloc(g, buf as u64, bytes, buf_arg)?;
+        let buf = buf as u64;
+        let (kind, seqs, reads, writes) = match op {
+            Side::Send => (
+                Kind::Send { buf, bytes, peer },
+                &mut c.send_seq,
+                vec![range],
+                vec![],
+            ),
+            Side::Recv => (
+                Kind::Recv { buf, bytes, peer },
+                &mut c.recv_seq,
+                vec![],
+                vec![range],
+            ),
+        };
+        let s = seqs.entry(peer).or_default();
         *s += 1;
-        Ok((
-            Kind::Recv {
-                buf: buf as u64,
-                bytes,
-                peer,
-            },
-            *s,
-            vec![],
-            vec![w],
-        ))
+        Ok((kind, *s, reads, writes))
     })
 }
 
@@ -905,17 +889,8 @@ pub(crate) fn run<'a>(
                     .collect(),
                 _ => Ok(Vec::new()),
             };
-            let writes = match writes {
-                Ok(w) => w,
-                Err(m) => {
-                    let v = g.violation(m);
-                    return (g, Err((ACL_ERROR_RT_FAILURE, v)));
-                }
-            };
-            for (at, bytes) in writes {
-                if let Err(m) = g.write(at, &bytes) {
-                    return (g, Err((ACL_ERROR_RT_FAILURE, m)));
-                }
+            if let Err(failed) = deliver(&mut g, writes) {
+                return (g, Err(failed));
             }
             let coll = group!().coll.get_mut(&op.seq).expect("exists");
             coll.done += 1;
@@ -925,6 +900,19 @@ pub(crate) fn run<'a>(
             (g, Ok(()))
         }
     }
+}
+
+/// Writes what a collective delivers to this rank (`(address, bytes)`
+/// pieces); pieces that could not be formed (`Err`) are a violation.
+pub(crate) fn deliver(
+    g: &mut State,
+    writes: Result<Vec<(u64, Vec<u8>)>, String>,
+) -> Result<(), (i32, String)> {
+    let writes = writes.map_err(|m| (ACL_ERROR_RT_FAILURE, g.violation(m)))?;
+    for (at, bytes) in writes {
+        g.write(at, &bytes).map_err(|m| (ACL_ERROR_RT_FAILURE, m))?;
+    }
+    Ok(())
 }
 
 trait CompleteExt {

@@ -487,19 +487,8 @@ pub(crate) fn run<'a>(
                     .collect(),
                 _ => Ok(Vec::new()),
             };
-            let writes = match writes {
-                Ok(w) => w,
-                Err(m) => {
-                    let v = g.violation(m);
-                    return (g, Err(fail(v)));
-                }
-            };
-            for (at, bytes) in writes {
-                if let Err(m) = g.write(at, &bytes) {
-                    return (g, Err(fail(m)));
-                }
-            }
-            (g, Ok(()))
+            let delivered = crate::hccl::deliver(&mut g, writes);
+            (g, delivered)
         }
     }
 }

@@ -151,8 +151,8 @@ exports! {
     fn HcclBarrier(c: HcclComm, s: aclrtStream) -> HcclResult => |e| hccl::barrier(e, c, s);
     fn HcclAllGather(sb: *mut c_void, rb: *mut c_void, n: u64, dt: HcclDataType, c: HcclComm, s: aclrtStream) -> HcclResult => |e| hccl::all_gather(e, sb, rb, n, dt, c, s);
     fn HcclBroadcast(b: *mut c_void, n: u64, dt: HcclDataType, root: u32, c: HcclComm, s: aclrtStream) -> HcclResult => |e| hccl::broadcast(e, b, n, dt, root, c, s);
-    fn HcclSend(b: *mut c_void, n: u64, dt: HcclDataType, peer: u32, c: HcclComm, s: aclrtStream) -> HcclResult => |e| hccl::send(e, b, n, dt, peer, c, s);
-    fn HcclRecv(b: *mut c_void, n: u64, dt: HcclDataType, peer: u32, c: HcclComm, s: aclrtStream) -> HcclResult => |e| hccl::recv(e, b, n, dt, peer, c, s);
+    fn HcclSend(b: *mut c_void, n: u64, dt: HcclDataType, peer: u32, c: HcclComm, s: aclrtStream) -> HcclResult => |e| hccl::p2p(e, hccl::Side::Send, b, n, dt, peer, c, s);
+    fn HcclRecv(b: *mut c_void, n: u64, dt: HcclDataType, peer: u32, c: HcclComm, s: aclrtStream) -> HcclResult => |e| hccl::p2p(e, hccl::Side::Recv, b, n, dt, peer, c, s);
     fn HcclAlltoAllV(sb: *const c_void, sc: *const c_void, sd: *const c_void, st: HcclDataType, rb: *const c_void, rc: *const c_void, rd: *const c_void, rt: HcclDataType, c: HcclComm, s: aclrtStream) -> HcclResult => |e| hccl::all_to_all_v(e, sb, sc, sd, st, rb, rc, rd, rt, c, s);
     fn reshard_box_copy(bd: u32, s: aclrtStream, src: *mut c_void, dst: *mut c_void, dd: *mut c_void, d: *const ReshardBoxDesc) -> u32 => |e| aclnn::box_copy_kernel(e, bd, s, src, dst, dd, d);
 }

@@ -633,7 +633,7 @@ fn locations(
     len: usize,
     kind: aclrtMemcpyKind,
     call: &str,
-) -> Result<(Loc, Loc, bool), (i32, String)> {
+) -> Result<Ends, (i32, String)> {
     let dev = |g: &mut State, a: u64, what: &str| -> Result<Loc, (i32, String)> {
         if !State::is_device(a) || g.find(a, len as u64).is_none() {
             let v = g.violation(format!(
@@ -701,6 +701,35 @@ fn ranges(dst: &Loc, src: &Loc, len: usize, op: &mut Op) {
     }
 }
 
+/// A copy's destination and source, and whether its host end is pinned.
+type Ends = (Loc, Loc, bool);
+
+/// What `aclrtMemcpy` and `aclrtMemcpyAsync` check first: `count` fits
+/// `dest_max`, and where both ends are (counted as a transfer). `None`:
+/// nothing to copy.
+fn copy_ends(
+    g: &mut State,
+    dst: *mut c_void,
+    dest_max: usize,
+    src: *const c_void,
+    count: usize,
+    kind: aclrtMemcpyKind,
+    call: &str,
+) -> Result<Option<Ends>, (i32, String)> {
+    if count > dest_max {
+        return Err((
+            ACL_ERROR_INVALID_PARAM,
+            format!("{call}: count {count} > destMax {dest_max}"),
+        ));
+    }
+    if count == 0 {
+        return Ok(None);
+    }
+    let ends = locations(g, dst as u64, src as u64, count, kind, call)?;
+    count_transfer(g, kind, count);
+    Ok(Some(ends))
+}
+
 pub(crate) fn memcpy(
     e: Emu,
     dst: *mut c_void,
@@ -711,24 +740,10 @@ pub(crate) fn memcpy(
 ) -> aclError {
     let mut g = e.inst.lock();
     tri!(current_device(e, &g));
-    if count > dest_max {
-        return fail(
-            ACL_ERROR_INVALID_PARAM,
-            format!("aclrtMemcpy: count {count} > destMax {dest_max}"),
-        );
-    }
-    if count == 0 {
+    let ends = copy_ends(&mut g, dst, dest_max, src, count, kind, "aclrtMemcpy");
+    let Some((d, s, _)) = tri!(ends) else {
         return ACL_SUCCESS;
-    }
-    let (d, s, _) = tri!(locations(
-        &mut g,
-        dst as u64,
-        src as u64,
-        count,
-        kind,
-        "aclrtMemcpy"
-    ));
-    count_transfer(&mut g, kind, count);
+    };
     // A synchronous copy does not wait for streams: touching memory that a
     // queued op writes (or overwriting what it reads) is a missing sync.
     let conflict = match (&s, &d) {
@@ -760,24 +775,10 @@ pub(crate) fn memcpy_async(
 ) -> aclError {
     let mut g = e.inst.lock();
     let sid = tri!(stream_of(e, &g, stream));
-    if count > dest_max {
-        return fail(
-            ACL_ERROR_INVALID_PARAM,
-            format!("aclrtMemcpyAsync: count {count} > destMax {dest_max}"),
-        );
-    }
-    if count == 0 {
+    let ends = copy_ends(&mut g, dst, dest_max, src, count, kind, "aclrtMemcpyAsync");
+    let Some((d, s, pinned)) = tri!(ends) else {
         return ACL_SUCCESS;
-    }
-    let (d, s, pinned) = tri!(locations(
-        &mut g,
-        dst as u64,
-        src as u64,
-        count,
-        kind,
-        "aclrtMemcpyAsync"
-    ));
-    count_transfer(&mut g, kind, count);
+    };
     if kind == ACL_MEMCPY_DEVICE_TO_DEVICE && (dst as u64 % 64 != 0 || src as u64 % 64 != 0) {
         let v = g.violation(format!(
             "device-to-device aclrtMemcpyAsync needs 64-byte aligned addresses ({:#x} → {:#x}); \

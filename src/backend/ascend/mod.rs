@@ -82,7 +82,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use ascendcl_sys::safe::{self, Context, Event, Scalar, Stream, Tensor};
 use ascendcl_sys::sys::{Api, ReshardBoxDesc};
 
-use super::cast::supported;
+use super::cast::check_box_copy;
 use super::cpu::{CpuBackend, HostBuffer};
 use super::{Backend, SourceKey, Src};
 use crate::error::{DeviceErrorKind, Error, Result};
@@ -465,13 +465,7 @@ impl Backend for AscendBackend {
             Src::Host(h) => h.len(),
             Src::Buffer(b) => b.len,
         };
-        copy.validate(src_len, dst.len)?;
-        if !supported(copy.src_dtype, copy.dst_dtype) {
-            return Err(Error::UnsupportedDtype {
-                dtype: format!("{} → {}", copy.src_dtype, copy.dst_dtype),
-                op: "box copy",
-            });
-        }
+        check_box_copy(copy, src_len, dst.len)?;
         if copy.elements() == 0 {
             return Ok(());
         }
@@ -525,13 +519,7 @@ impl Backend for AscendBackend {
         if direct {
             return self.box_copy(Src::Host(src), dst, copy);
         }
-        copy.validate(src.len(), dst.len)?;
-        if !supported(copy.src_dtype, copy.dst_dtype) {
-            return Err(Error::UnsupportedDtype {
-                dtype: format!("{} → {}", copy.src_dtype, copy.dst_dtype),
-                op: "box copy",
-            });
-        }
+        check_box_copy(copy, src.len(), dst.len)?;
         let mut inner = self.lock()?;
         self.copy_from_source(&mut inner, key, src, dst, copy)
     }

@@ -3,9 +3,9 @@
 //! threads.
 
 use super::{CpuBackend, DstPtr, HostBuffer};
-use crate::backend::cast::{cast_slice, supported};
+use crate::backend::cast::{cast_slice, check_box_copy};
 use crate::backend::Src;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::layout::boxes::{strides, BoxCopy};
 
 /// Copies above this many bytes are split across threads.
@@ -113,13 +113,7 @@ impl CpuBackend {
             Src::Host(h) => h,
             Src::Buffer(b) => b.bytes(),
         };
-        copy.validate(src.len(), dst.len)?;
-        if !supported(copy.src_dtype, copy.dst_dtype) {
-            return Err(Error::UnsupportedDtype {
-                dtype: format!("{} → {}", copy.src_dtype, copy.dst_dtype),
-                op: "box copy",
-            });
-        }
+        check_box_copy(copy, src.len(), dst.len)?;
         if copy.elements() == 0 {
             return Ok(());
         }

@@ -260,14 +260,11 @@ impl CkptWriter {
 fn record_head(name: &str, dims: &[i64], type_name: &str, content_len: usize) -> Vec<u8> {
     let mut tensor_head = Vec::with_capacity(64);
     for &d in dims {
-        tensor_head.push(0x08);
-        put_varint(&mut tensor_head, d as u64);
+        put_key_varint(&mut tensor_head, 0x08, d as u64);
     }
-    tensor_head.push(0x12);
-    put_varint(&mut tensor_head, type_name.len() as u64);
+    put_key_varint(&mut tensor_head, 0x12, type_name.len() as u64);
     tensor_head.extend_from_slice(type_name.as_bytes());
-    tensor_head.push(0x1a);
-    put_varint(&mut tensor_head, content_len as u64);
+    put_key_varint(&mut tensor_head, 0x1a, content_len as u64);
     let tensor_len = tensor_head.len() + content_len;
     let value_len = 1
         + varint_len(name.len() as u64)
@@ -277,15 +274,19 @@ fn record_head(name: &str, dims: &[i64], type_name: &str, content_len: usize) ->
         + tensor_len;
 
     let mut head = Vec::with_capacity(tensor_head.len() + name.len() + 24);
-    head.push(0x0a);
-    put_varint(&mut head, value_len as u64);
-    head.push(0x0a);
-    put_varint(&mut head, name.len() as u64);
+    put_key_varint(&mut head, 0x0a, value_len as u64);
+    put_key_varint(&mut head, 0x0a, name.len() as u64);
     head.extend_from_slice(name.as_bytes());
-    head.push(0x12);
-    put_varint(&mut head, tensor_len as u64);
+    put_key_varint(&mut head, 0x12, tensor_len as u64);
     head.extend_from_slice(&tensor_head);
     head
+}
+
+/// A protobuf field key (`tag`, one byte here) and a varint: a number, or
+/// the length of the bytes that follow.
+fn put_key_varint(buf: &mut Vec<u8>, tag: u8, v: u64) {
+    buf.push(tag);
+    put_varint(buf, v);
 }
 
 /// An entry of a [`layout`].

@@ -210,23 +210,35 @@ mod tests {
         let shown = |flags, option, msg: &str| {
             crate::render::error(&reshard::Error::usage_of(option, msg).into(), flags)
         };
-        // A multi-rank source without its strategy (MindSpore needs one).
-        assert_eq!(
-            shown(transform, "src_strategy", "the source has 4 ranks"),
-            "--src-strategy: the source has 4 ranks"
-        );
-        assert_eq!(
-            shown(transform, "dst_dir", "not empty"),
-            "--dst-checkpoint-dir: not empty"
-        );
-        assert_eq!(
-            shown(convert, "input", "no config.json"),
-            "--input-path: no config.json"
-        );
-        assert_eq!(
-            shown(merge, "src_strategy", "needed"),
-            "--src-ckpt-strategy: needed"
-        );
+        for (flags, option, msg, want) in [
+            // A multi-rank source without its strategy (MindSpore needs one).
+            (
+                transform,
+                "src_strategy",
+                "the source has 4 ranks",
+                "--src-strategy: the source has 4 ranks",
+            ),
+            (
+                transform,
+                "dst_dir",
+                "not empty",
+                "--dst-checkpoint-dir: not empty",
+            ),
+            (
+                convert,
+                "input",
+                "no config.json",
+                "--input-path: no config.json",
+            ),
+            (
+                merge,
+                "src_strategy",
+                "needed",
+                "--src-ckpt-strategy: needed",
+            ),
+        ] {
+            assert_eq!(shown(flags, option, msg), want);
+        }
         // Every table names flags the command has.
         let mut cli = Cli::command();
         cli.build();

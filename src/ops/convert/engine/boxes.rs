@@ -52,6 +52,35 @@ impl BoxSpec {
     }
 }
 
+/// All of a source of shape `src` into a destination of shape `dst_shape`
+/// at `dst_offset`, destination axis `d` reading source axis `src_axes[d]`
+/// (empty: identity); the extent is `src` in destination axis order.
+pub(super) fn whole_into(
+    src: Vec<u64>,
+    dst_shape: Vec<u64>,
+    dst_offset: Vec<u64>,
+    src_axes: Vec<usize>,
+) -> BoxCopy {
+    let extent = if src_axes.is_empty() {
+        src.clone()
+    } else {
+        src_axes.iter().map(|&a| src[a]).collect()
+    };
+    BoxSpec {
+        src: Place {
+            offset: vec![0; src.len()],
+            shape: src,
+        },
+        dst: Place {
+            shape: dst_shape,
+            offset: dst_offset,
+        },
+        extent,
+        src_axes,
+    }
+    .copy()
+}
+
 pub(super) fn whole(shape: &[u64]) -> BoxCopy {
     BoxCopy::whole(shape, DType::F32, DType::F32)
 }

@@ -3,7 +3,7 @@
 //! ([`layout`]), and the HuggingFace shapes back from the MindSpore ones
 //! ([`hf_shapes`]) for the reverse direction.
 
-use super::boxes::{link, two_d, whole, BoxSpec, Link, Place};
+use super::boxes::{link, two_d, whole, whole_into, BoxSpec, Link, Place};
 use crate::error::{Error, Result};
 use crate::ops::convert::config::ModelConfig;
 use crate::ops::convert::spec::{Num, Op, Parts, Side};
@@ -72,19 +72,7 @@ pub(super) fn layout(
         }
         Op::Transpose => {
             let [a, b] = two_d(&hf[0]).ok_or_else(|| bad(format!("{:?} is not 2-D", hf[0])))?;
-            let c = BoxSpec {
-                src: Place {
-                    shape: vec![a, b, 1],
-                    offset: vec![0; 3],
-                },
-                dst: Place {
-                    shape: vec![1, b, a],
-                    offset: vec![0; 3],
-                },
-                extent: vec![1, b, a],
-                src_axes: vec![2, 1, 0],
-            }
-            .copy();
+            let c = whole_into(vec![a, b, 1], vec![1, b, a], vec![0; 3], vec![2, 1, 0]);
             Ok((vec![vec![b, a]], vec![link(0, 0, c)]))
         }
         Op::Join {
@@ -276,19 +264,7 @@ pub(super) fn layout(
                         links.push(link(
                             j * e as usize + i as usize,
                             j,
-                            BoxSpec {
-                                src: Place {
-                                    shape: vec![1, a, b],
-                                    offset: vec![0; 3],
-                                },
-                                dst: Place {
-                                    shape: vec![e, b, a],
-                                    offset: vec![i, 0, 0],
-                                },
-                                extent: vec![1, b, a],
-                                src_axes: vec![0, 2, 1],
-                            }
-                            .copy(),
+                            whole_into(vec![1, a, b], vec![e, b, a], vec![i, 0, 0], vec![0, 2, 1]),
                         ));
                     }
                     vec![e, b, a]
@@ -301,19 +277,7 @@ pub(super) fn layout(
                         links.push(link(
                             j * e as usize + i as usize,
                             j,
-                            BoxSpec {
-                                src: Place {
-                                    shape: one.clone(),
-                                    offset: vec![0; ms.len()],
-                                },
-                                dst: Place {
-                                    shape: ms.clone(),
-                                    offset: o,
-                                },
-                                extent: one.clone(),
-                                src_axes: Vec::new(),
-                            }
-                            .copy(),
+                            whole_into(one.clone(), ms.clone(), o, Vec::new()),
                         ));
                     }
                     ms
@@ -335,19 +299,12 @@ pub(super) fn layout(
                     links.push(link(
                         (j * e + i) as usize,
                         0,
-                        BoxSpec {
-                            src: Place {
-                                shape: vec![1, f, 1, h],
-                                offset: vec![0; 4],
-                            },
-                            dst: Place {
-                                shape: vec![e, h, 2, f],
-                                offset: vec![i, 0, j, 0],
-                            },
-                            extent: vec![1, h, 1, f],
-                            src_axes: vec![0, 3, 2, 1],
-                        }
-                        .copy(),
+                        whole_into(
+                            vec![1, f, 1, h],
+                            vec![e, h, 2, f],
+                            vec![i, 0, j, 0],
+                            vec![0, 3, 2, 1],
+                        ),
                     ));
                 }
             }
@@ -364,19 +321,7 @@ pub(super) fn layout(
                     link(
                         i as usize,
                         0,
-                        BoxSpec {
-                            src: Place {
-                                shape: vec![1, h, f],
-                                offset: vec![0; 3],
-                            },
-                            dst: Place {
-                                shape: vec![e, f, h],
-                                offset: vec![i, 0, 0],
-                            },
-                            extent: vec![1, f, h],
-                            src_axes: vec![0, 2, 1],
-                        }
-                        .copy(),
+                        whole_into(vec![1, h, f], vec![e, f, h], vec![i, 0, 0], vec![0, 2, 1]),
                     )
                 })
                 .collect();
