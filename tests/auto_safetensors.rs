@@ -113,7 +113,7 @@ fn safetensors_flow_picks_files_as_mindformers() {
     // unified_checkpoint: True: the main rank also writes mindformers'
     // output/unified_checkpoint/ (replacing what is there) from the files
     // the flow picked: `reshard unify`'s bytes for the A files.
-    job_strategies(&a, &job.join("output6/strategy"), 2, 2, 1, 0, true);
+    job_strategies(&a, &job.join("output6/strategy"), [2, 2, 1], 0, true);
     let stale = job.join("output6/unified_checkpoint/stale.safetensors");
     std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
     std::fs::write(&stale, b"old").unwrap();
