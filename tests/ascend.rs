@@ -508,7 +508,7 @@ mod emulated {
             "{s:?}"
         );
         drop(b);
-        assert!(emu.violations().is_empty(), "{:?}", emu.violations());
+        assert_clean(&emu);
         // Where the probe passes, rows take memcpy2d.
         let emu = Emulator::without(&["reshard_box_copy"]);
         emu.configure(0, |c| c.memcpy2d_d2d = true);
@@ -588,7 +588,7 @@ mod emulated {
             );
         }
         drop(b);
-        assert!(emu.violations().is_empty(), "{:?}", emu.violations());
+        assert_clean(&emu);
     }
 
     #[test]
@@ -621,9 +621,7 @@ mod emulated {
         let code = unsafe { launch(1, std::ptr::null_mut(), s, t, dd, &d) };
         assert_eq!(code as i32, ACL_ERROR_INVALID_PARAM);
         assert!(
-            emu.violations()
-                .iter()
-                .any(|v| v.contains("does not implement ACL_FLOAT16 -> ACL_BF16")),
+            fired(&emu, "does not implement ACL_FLOAT16 -> ACL_BF16"),
             "{:?}",
             emu.violations()
         );
@@ -634,9 +632,7 @@ mod emulated {
         let code = unsafe { launch(1, std::ptr::null_mut(), s, t, host, &d) };
         assert_eq!(code as i32, ACL_ERROR_INVALID_PARAM);
         assert!(
-            emu.violations()
-                .iter()
-                .any(|v| v.contains("must be in device memory")),
+            fired(&emu, "must be in device memory"),
             "{:?}",
             emu.violations()
         );
@@ -654,7 +650,7 @@ mod emulated {
         assert_eq!(back, data);
         assert!(b.upload(&data, &mut buf, 201).is_err());
         drop((buf, b));
-        assert!(emu.violations().is_empty(), "{:?}", emu.violations());
+        assert_clean(&emu);
     }
 
     fn f32s(v: &[f32]) -> Vec<u8> {
@@ -1090,7 +1086,7 @@ mod emulated {
         assert!(s.evicted_bytes > 0 && s.uploaded_bytes > 0, "{s:?}");
         assert_eq!(s.held_bytes, 0, "{s:?}");
         drop(b);
-        assert!(emu.violations().is_empty(), "{:?}", emu.violations());
+        assert_clean(&emu);
     }
 
     #[test]
@@ -1215,6 +1211,11 @@ mod emulated {
 
     fn fired(emu: &Emulator, text: &str) -> bool {
         emu.violations().iter().any(|v| v.contains(text))
+    }
+
+    /// No emulator rule fired.
+    fn assert_clean(emu: &Emulator) {
+        assert!(emu.violations().is_empty(), "{:?}", emu.violations());
     }
 
     #[test]
@@ -1701,7 +1702,7 @@ mod emulated {
             assert_eq!(a2a, want, "rank {r}");
             assert_eq!(ring, [((r + 2) % 3) as u8; 4]);
         }
-        assert!(emu.violations().is_empty(), "{:?}", emu.violations());
+        assert_clean(&emu);
     }
 
     #[test]
@@ -1813,7 +1814,7 @@ mod emulated {
         s.synchronize().unwrap();
         assert_eq!(host_of(&ctx, &out), f32s(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]));
         assert_eq!(host_of(&ctx, &sl), f32s(&[3.0, 4.0]));
-        assert!(emu.violations().is_empty(), "{:?}", emu.violations());
+        assert_clean(&emu);
         let _: *mut c_void = ws.ptr();
     }
 
@@ -1880,7 +1881,7 @@ mod emulated {
             crate::util::fs::contents(&multi),
         );
         assert!(a == b && a.len() == 2, "HCCL-distributed output differs");
-        assert!(emu.violations().is_empty(), "{:?}", emu.violations());
+        assert_clean(&emu);
         assert!(
             emu.stats().ops.contains_key("HcclSend"),
             "{:?}",

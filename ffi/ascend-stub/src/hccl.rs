@@ -179,6 +179,16 @@ pub(crate) fn get_root_info(e: Emu, out: *mut HcclRootInfo) -> HcclResult {
     HCCL_SUCCESS
 }
 
+/// The ranks whose slot is still empty: who has not joined or contributed.
+fn absent<T>(slots: &[Option<T>]) -> Vec<usize> {
+    slots
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.is_none())
+        .map(|(i, _)| i)
+        .collect()
+}
+
 fn wait<'a>(inst: &'a Instance, g: Guard<'a>, deadline: Instant) -> (Guard<'a>, bool) {
     let now = Instant::now();
     if now >= deadline {
@@ -282,13 +292,7 @@ pub(crate) fn init_root_info(
         let (g2, more) = wait(e.inst, g, deadline);
         g = g2;
         if !more {
-            let missing: Vec<usize> = g.groups[&gid]
-                .joined
-                .iter()
-                .enumerate()
-                .filter(|(_, j)| j.is_none())
-                .map(|(i, _)| i)
-                .collect();
+            let missing = absent(&g.groups[&gid].joined);
             g.comms.remove(&id);
             if let Some(gr) = g.groups.get_mut(&gid) {
                 gr.joined[rank as usize] = None;
@@ -850,13 +854,7 @@ pub(crate) fn run<'a>(
                 let (g2, more) = wait(e, g, deadline);
                 g = g2;
                 if !more {
-                    let missing: Vec<usize> = g.groups[&gid].coll[&op.seq]
-                        .contrib
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, c)| c.is_none())
-                        .map(|(i, _)| i)
-                        .collect();
+                    let missing = absent(&g.groups[&gid].coll[&op.seq].contrib);
                     let err = timeout_error(&mut g, op.comm, format!(
                         "{signature} (collective #{}) on rank {rank}: rank(s) {missing:?} did not take part within {timeout:?}",
                         op.seq

@@ -43,15 +43,13 @@ fn tempdir() -> tempfile::TempDir {
         .unwrap()
 }
 
-fn fixtures() -> Option<PathBuf> {
+/// MindSpore's own strategy files (`../shared/fixtures`, which the
+/// integration tests need too): missing fixtures fail the test, never skip it.
+fn fixtures() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../shared/fixtures/mindspore-dryrun/mf_llama_dp2mp2");
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!("skipped: no fixtures at {}", dir.display());
-        None
-    }
+    assert!(dir.is_dir(), "no fixtures at {}", dir.display());
+    dir
 }
 
 /// The error's text names `path` and contains `needle`.
@@ -63,7 +61,7 @@ fn assert_err_mentions(err: &Error, path: &Path, needle: &str) {
 
 #[test]
 fn fixture_reencodes_byte_identical() {
-    let Some(dir) = fixtures() else { return };
+    let dir = fixtures();
     for rank in 0..4 {
         let path = dir.join(format!("strategy/ckpt_strategy_rank_{rank}.ckpt"));
         let bytes = fs::read(&path).unwrap();
@@ -83,7 +81,7 @@ fn fixture_reencodes_byte_identical() {
 
 #[test]
 fn checkpoint_is_not_a_strategy() {
-    let Some(dir) = fixtures() else { return };
+    let dir = fixtures();
     let path = dir.join("ckpt/rank_0/llama_rank_0-0_0.ckpt");
     let err = load(&path).unwrap_err();
     assert!(matches!(err.root(), Error::Malformed { .. }), "{err}");
@@ -93,7 +91,7 @@ fn checkpoint_is_not_a_strategy() {
 #[test]
 fn fixture_dump_json_is_not_a_strategy() {
     // The `.json` dumps beside the fixtures are not MindSpore's JSON variant.
-    let Some(dir) = fixtures() else { return };
+    let dir = fixtures();
     let path = dir.join("strategy/ckpt_strategy_rank_0.ckpt.json");
     let err = load(&path).unwrap_err();
     assert!(matches!(err.root(), Error::Strategy(_)), "{err}");

@@ -96,28 +96,30 @@ impl Op<'_> {
     ) -> Result<Ran> {
         let (plan, executed, backend) = match self {
             Op::Transform { src, s, d } => {
-                let mut options = TransformOptions::new(
-                    *src,
-                    out,
-                    s.map(Path::to_path_buf),
-                    d.map(Path::to_path_buf),
-                );
-                options.workers = o.workers;
-                options.backend = o.backend;
-                options.dry_run = dry;
-                options.control = control;
-                options.manifest = o.manifest;
-                let r = transform(&options)?;
+                let r = transform(&TransformOptions {
+                    workers: o.workers,
+                    backend: o.backend,
+                    dry_run: dry,
+                    control,
+                    manifest: o.manifest,
+                    ..TransformOptions::new(
+                        *src,
+                        out,
+                        s.map(Path::to_path_buf),
+                        d.map(Path::to_path_buf),
+                    )
+                })?;
                 (r.plan, r.executed, Some(r.backend))
             }
             Op::Convert { hf } => {
-                let mut options = ConvertOptions::new("llama", *hf, out.join("model.ckpt"));
-                options.workers = o.workers;
-                options.backend = o.backend;
-                options.dry_run = dry;
-                options.control = control;
-                options.manifest = o.manifest;
-                let r = convert(&options)?;
+                let r = convert(&ConvertOptions {
+                    workers: o.workers,
+                    backend: o.backend,
+                    dry_run: dry,
+                    control,
+                    manifest: o.manifest,
+                    ..ConvertOptions::new("llama", *hf, out.join("model.ckpt"))
+                })?;
                 (r.plan, r.executed, None)
             }
             Op::Lora { src } => {

@@ -150,6 +150,17 @@ pub struct MergePeftOptions {
     pub control: OutputControl,
 }
 
+/// How both PEFT merges write: the options' workers, backend and control,
+/// into `dst_dir`.
+fn write_settings<'a>(o: &'a MergePeftOptions, read: &'a ReadOptions) -> WriteSettings<'a> {
+    WriteSettings {
+        workers: o.workers,
+        backend: o.backend,
+        destination: Some(&o.dst_dir),
+        ..WriteSettings::new(read, &o.control)
+    }
+}
+
 /// Merges a PEFT adapter into a MindSpore checkpoint: the adapter's
 /// HuggingFace weight names are mapped through the family's convert table
 /// (`convert::hf_to_ms_weights`); a weight that is part of a fused
@@ -228,15 +239,7 @@ fn merge_peft_into_mindspore(
         remove_redundancy: false,
     })?;
     let summary = plan.summary(o.workers);
-    let (executed, backend) = write_plan(
-        &plan,
-        &WriteSettings {
-            workers: o.workers,
-            backend: o.backend,
-            destination: Some(&o.dst_dir),
-            ..WriteSettings::new(&ReadOptions::default(), &o.control)
-        },
-    )?;
+    let (executed, backend) = write_plan(&plan, &write_settings(o, &ReadOptions::default()))?;
     Ok(MergeLoraReport {
         merged,
         dropped: adapter_names.into_iter().collect(),
@@ -405,12 +408,7 @@ pub fn merge_peft(o: &MergePeftOptions) -> Result<MergeLoraReport> {
     }
     let (executed, backend) = write_job(
         &plan,
-        &WriteSettings {
-            workers: o.workers,
-            backend: o.backend,
-            destination: Some(&o.dst_dir),
-            ..WriteSettings::new(&ReadOptions::default(), &o.control)
-        },
+        &write_settings(o, &ReadOptions::default()),
         &Job {
             check: DestinationCheck::Empty,
             safetensors_metadata: Some([("format".to_string(), "pt".to_string())].into()),

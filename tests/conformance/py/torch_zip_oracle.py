@@ -6,40 +6,19 @@ globals, numpy for the storages. Prints {file: {name: {"shape", "dtype",
 
     python torch_zip_oracle.py FILE...
 """
-import collections
 import json
-import pickle
 import sys
 import zipfile
 
 import numpy as np
 
-DTYPES = {"FloatStorage": np.float32, "HalfStorage": np.float16, "DoubleStorage": np.float64,
-          "LongStorage": np.int64, "IntStorage": np.int32, "ByteStorage": np.uint8}
+from torch_pickle import DTYPES, Tensor, TorchUnpickler
 
 
-class Tensor:
-    def __init__(self, storage, offset, size, stride):
-        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
-
-
-def rebuild(storage, offset, size, stride, *rest):
-    return Tensor(storage, offset, size, stride)
-
-
-class Unpickler(pickle.Unpickler):
+class Unpickler(TorchUnpickler):
     def __init__(self, f, archive, root):
         super().__init__(f, encoding="utf-8")
         self.archive, self.root = archive, root
-
-    def find_class(self, module, name):
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return rebuild
-        if module == "torch" and name in DTYPES:
-            return name
-        raise pickle.UnpicklingError(f"refused global {module}.{name}")
 
     def persistent_load(self, pid):
         kind, storage_type, key, location, numel = pid
