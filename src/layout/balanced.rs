@@ -42,7 +42,12 @@ impl SavedLayout {
     /// the optimizer shard splits over are appended to dim 0's axes).
     pub fn of(layout: &Layout) -> Result<SavedLayout> {
         let opt = layout.opt_shard_size;
-        let (dev, counter, tm, full) = dev_mat_for_opt_shard(opt, layout)?;
+        let OptShardMatrix {
+            dev,
+            counter,
+            tensor_map: tm,
+            full,
+        } = dev_mat_for_opt_shard(opt, layout)?;
         let n = dev.len();
         let tensor_map = if opt == 0 {
             tm
@@ -154,19 +159,38 @@ impl SavedLayout {
     }
 }
 
-/// `_get_dev_mat_for_opt_shard`: the device matrix (one axis split in two
-/// when the shard covers only part of it), the last repeated axis kept out
-/// of the shard (`counter`, -1: none), the tensor map renumbered to match,
-/// and whether the shard covers every repeated axis.
-#[allow(clippy::type_complexity)]
-fn dev_mat_for_opt_shard(
-    opt: i64,
-    layout: &Layout,
-) -> Result<(Vec<u64>, i64, Vec<Vec<i32>>, bool)> {
+/// What `_get_dev_mat_for_opt_shard` gives.
+struct OptShardMatrix {
+    /// The device matrix, one axis split in two when the shard covers only
+    /// part of it.
+    dev: Vec<u64>,
+    /// The last repeated axis kept out of the shard (-1: none).
+    counter: i64,
+    /// The tensor map, renumbered to match `dev`.
+    tensor_map: Vec<Vec<i32>>,
+    /// Whether the shard covers every repeated axis.
+    full: bool,
+}
+
+/// `_get_dev_mat_for_opt_shard` of a strategy-file layout with optimizer
+/// shard size `opt`.
+fn dev_mat_for_opt_shard(opt: i64, layout: &Layout) -> Result<OptShardMatrix> {
     let dev = layout.dev_matrix.clone();
     let tm = layout.tensor_map.clone();
+    let whole = |dev, tensor_map| OptShardMatrix {
+        dev,
+        counter: -1,
+        tensor_map,
+        full: true,
+    };
+    let part = |dev, counter, tensor_map| OptShardMatrix {
+        dev,
+        counter,
+        tensor_map,
+        full: false,
+    };
     if opt == 0 {
-        return Ok((dev, -1, tm, true));
+        return Ok(whole(dev, tm));
     }
     let n = dev.len();
     let used_num: u64 = tm
@@ -181,7 +205,7 @@ fn dev_mat_for_opt_shard(
         .product();
     let total: u64 = dev.iter().product();
     if opt == -1 || used_num * opt as u64 == total {
-        return Ok((dev, -1, tm, true));
+        return Ok(whole(dev, tm));
     }
     let remain = total / (used_num * opt.max(1) as u64).max(1);
     let used = used_axes(n, &tm);
@@ -191,7 +215,7 @@ fn dev_mat_for_opt_shard(
             continue;
         }
         if real == remain {
-            return Ok((dev, counter, tm, false));
+            return Ok(part(dev, counter, tm));
         }
         if real < remain {
             counter = axis as i64;
@@ -201,21 +225,20 @@ fn dev_mat_for_opt_shard(
         return split_dev_dim(dev, tm, counter, real, remain);
     }
     if real == remain {
-        return Ok((dev, counter, tm, false));
+        return Ok(part(dev, counter, tm));
     }
     split_dev_dim(dev, tm, counter, real, remain)
 }
 
 /// `_split_dev_dim`: axis `counter` split so the kept part has `remain`
 /// devices.
-#[allow(clippy::type_complexity)]
 fn split_dev_dim(
     dev: Vec<u64>,
     tm: Vec<Vec<i32>>,
     counter: i64,
     real: u64,
     remain: u64,
-) -> Result<(Vec<u64>, i64, Vec<Vec<i32>>, bool)> {
+) -> Result<OptShardMatrix> {
     let bad = || {
         Error::Strategy(format!(
             "optimizer shard of device matrix {dev:?} cannot be laid out (MindSpore's \
@@ -240,7 +263,12 @@ fn split_dev_dim(
                 .collect()
         })
         .collect();
-    Ok((new_dev, counter, tm, false))
+    Ok(OptShardMatrix {
+        dev: new_dev,
+        counter,
+        tensor_map: tm,
+        full: false,
+    })
 }
 
 /// `distribute_shards`: shards `(id, covering ranks, size)` visited by
