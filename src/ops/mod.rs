@@ -20,3 +20,14 @@ pub mod transform;
 pub mod unify;
 pub mod verify;
 pub(crate) mod write;
+
+/// A boolean as mindformers' `str2bool` reads a command-line value (plus
+/// 1/0 and yes/no); `None`: neither. The CLI's boolean flags and the extra
+/// `--key value` pairs of convert share it.
+pub fn str2bool(s: &str) -> Option<bool> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "t" | "y" => Some(true),
+        "false" | "0" | "no" | "f" | "n" => Some(false),
+        _ => None,
+    }
+}

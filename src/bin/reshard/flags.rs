@@ -314,13 +314,9 @@ pub fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
     }
 }
 
-/// mindformers' `str2bool` spellings, plus 1/0 and yes/no.
+/// [`reshard::ops::str2bool`], as a clap value parser.
 pub fn parse_bool(s: &str) -> std::result::Result<bool, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "t" | "y" => Ok(true),
-        "false" | "0" | "no" | "f" | "n" => Ok(false),
-        _ => Err(format!("{s:?} is not true or false")),
-    }
+    reshard::ops::str2bool(s).ok_or_else(|| format!("{s:?} is not true or false"))
 }
 
 /// mindformers' `get_strategy`: an absent, empty or `None` strategy means

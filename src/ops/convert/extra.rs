@@ -108,10 +108,7 @@ pub fn apply_extra_args(
 
 /// mindformers' `str2bool` / `== "True"` spellings of true.
 fn is_true(value: &str) -> bool {
-    matches!(
-        value.to_ascii_lowercase().as_str(),
-        "true" | "1" | "yes" | "t" | "y"
-    )
+    crate::ops::str2bool(value) == Some(true)
 }
 
 fn number(key: &str, value: &str) -> Result<u64> {
