@@ -49,7 +49,7 @@ use serde::Serialize;
 pub(crate) use super::received::Received;
 use super::received::{box_bytes, BoxKey, RemoteDigest, RECEIVE_AHEAD};
 pub use super::wire::all_gather_bytes;
-use super::wire::{cutting, test_stall, Wire};
+use super::wire::{cutting, put_u64s, test_stall, u64_at, Wire};
 use super::{execute_with, ExecOptions, ExecReport};
 use crate::backend::{Backend, Src};
 use crate::comm::Communicator;
@@ -314,7 +314,7 @@ where
     hello.extend(plan_fingerprint(plan).to_le_bytes());
     let hellos = wire.all_gather(&hello)?;
     if let Some(r) = (0..n).find(|r| hellos[*r] != hello) {
-        let world = u64::from_le_bytes(hellos[r][..8].try_into().expect("8 bytes"));
+        let world = u64_at(&hellos[r], 0);
         return Err(Error::Job {
             kind: JobErrorKind::Mismatch,
             message: if world != n as u64 {
@@ -335,17 +335,17 @@ where
     for i in (0..plan.sources.len()).filter(|i| local[*i]) {
         mine_h[HAVE * i] = 1;
         if let Some((len, ns)) = super::resume::local_stamp(plan, i) {
-            mine_h[HAVE * i + 1..HAVE * i + 9].copy_from_slice(&len.to_le_bytes());
-            mine_h[HAVE * i + 9..HAVE * i + 17].copy_from_slice(&ns.to_le_bytes());
+            put_u64s(&mut mine_h, HAVE * i + 1, &[len, ns]);
         }
     }
     let have = wire.all_gather(&mine_h)?;
     let has = |r: usize, i: usize| have[r][HAVE * i] == 1;
-    let word =
-        |r: usize, at: usize| u64::from_le_bytes(have[r][at..at + 8].try_into().expect("8 bytes"));
     let stamp = |i: usize| {
         let r = (0..n).find(|&r| has(r, i))?;
-        Some((word(r, HAVE * i + 1), word(r, HAVE * i + 9)))
+        Some((
+            u64_at(&have[r], HAVE * i + 1),
+            u64_at(&have[r], HAVE * i + 9),
+        ))
     };
     // --resume: files already complete are left out.
     let skipped: Vec<bool> = if options.resume {
@@ -437,15 +437,16 @@ where
         for &i in &report.sources_read {
             let d = manifest::digest_file(&plan.sources[i].path)?;
             report.bytes_read += d.bytes;
-            let words = [d.bytes, d.xxh3, opened[&i].stamp_modified_ns()];
-            for (k, w) in words.iter().enumerate() {
-                mine_d[EACH * i + 8 * k..EACH * i + 8 * k + 8].copy_from_slice(&w.to_le_bytes());
-            }
+            put_u64s(
+                &mut mine_d,
+                EACH * i,
+                &[d.bytes, d.xxh3, opened[&i].stamp_modified_ns()],
+            );
         }
         let all = wire.all_gather(&mine_d)?;
         for i in (0..plan.sources.len()).filter(|i| used[*i]) {
             let d = &all[reader[i]][EACH * i..EACH * (i + 1)];
-            let word = |k: usize| u64::from_le_bytes(d[8 * k..8 * k + 8].try_into().expect("8"));
+            let word = |k: usize| u64_at(d, 8 * k);
             digests.insert(
                 i,
                 RemoteDigest {
@@ -519,7 +520,7 @@ where
                 report.sent_to[w] += v.len() as u64;
             } else if w == me && p != me {
                 let len = wire.recv(8, p)?;
-                let len = u64::from_le_bytes(len[..].try_into().expect("8 bytes")) as usize;
+                let len = u64_at(&len, 0) as usize;
                 let v = wire.recv(len, p)?;
                 report.bytes_received += len as u64;
                 report.received_from[p] += len as u64;

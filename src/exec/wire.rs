@@ -27,6 +27,19 @@ pub(super) fn placing(c: &BoxCopy) -> BoxCopy {
     }
 }
 
+/// Writes `words` as little-endian u64s into `buf` from byte `at`: the
+/// fixed-width records ranks exchange while they agree on a job.
+pub(super) fn put_u64s(buf: &mut [u8], at: usize, words: &[u64]) {
+    for (k, w) in words.iter().enumerate() {
+        buf[at + 8 * k..at + 8 * k + 8].copy_from_slice(&w.to_le_bytes());
+    }
+}
+
+/// The little-endian u64 at byte `at` of `buf`.
+pub(super) fn u64_at(buf: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
+}
+
 /// Host bytes over a communicator of device (or host) buffers.
 pub(super) struct Wire<'a, B: Backend, C> {
     pub(super) backend: &'a B,
@@ -98,10 +111,7 @@ where
 {
     let wire = Wire { backend, comm };
     let lens = wire.all_gather(&(mine.len() as u64).to_le_bytes())?;
-    let lens: Vec<usize> = lens
-        .iter()
-        .map(|l| u64::from_le_bytes(l[..].try_into().expect("8 bytes")) as usize)
-        .collect();
+    let lens: Vec<usize> = lens.iter().map(|l| u64_at(l, 0) as usize).collect();
     let longest = lens.iter().copied().max().unwrap_or(0);
     let mut padded = mine.to_vec();
     padded.resize(longest, 0);
