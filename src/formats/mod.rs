@@ -14,6 +14,7 @@ pub mod strategy;
 pub mod torch;
 pub mod tree;
 mod wire;
+pub(crate) mod yaml;
 
 use std::path::Path;
 

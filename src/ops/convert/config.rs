@@ -29,26 +29,22 @@ impl MfLayout {
             .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"))
     }
 
-    /// Reads `model.model_config`'s switches from a mindformers YAML.
+    /// Reads `model.model_config`'s switches from a mindformers YAML (its
+    /// `base_config` files too, as mindformers reads it).
     pub fn read(path: &Path) -> Result<MfLayout> {
-        let text = std::fs::read_to_string(path).in_file(path)?;
-        let docs = yaml_rust2::YamlLoader::load_from_str(&text)
-            .map_err(|e| Error::bad_input(format!("not valid YAML: {e}")).in_file(path))?;
-        let Some(doc) = docs.first() else {
-            return Err(Error::bad_input("an empty YAML file").in_file(path));
-        };
-        let mc = &doc["model"]["model_config"];
+        let doc = crate::formats::yaml::read_yaml_tree(path, 0)?;
+        let mc = doc
+            .get("model")
+            .and_then(|m| m.get("model_config"))
+            .and_then(|m| m.as_object());
         let switch = |key: &str, default: bool| -> Result<bool> {
-            let v = &mc[key];
-            if v.is_badvalue() || v.is_null() {
-                return Ok(default);
-            }
             // mindformers' YAMLs spell booleans in Python's way (True/False).
-            match (v.as_bool(), v.as_str()) {
-                (Some(b), _) => Ok(b),
-                (_, Some("True")) => Ok(true),
-                (_, Some("False")) => Ok(false),
-                _ => Err(Error::bad_input(format!(
+            match mc.and_then(|m| m.get(key)) {
+                None | Some(serde_json::Value::Null) => Ok(default),
+                Some(serde_json::Value::Bool(b)) => Ok(*b),
+                Some(serde_json::Value::String(s)) if s == "True" => Ok(true),
+                Some(serde_json::Value::String(s)) if s == "False" => Ok(false),
+                Some(_) => Err(Error::bad_input(format!(
                     "model.model_config.{key} is not true or false"
                 ))
                 .in_file(path)),
@@ -203,6 +199,47 @@ mod tests {
             raw,
             ..Default::default()
         }
+    }
+
+    /// The model YAML is read as mindformers reads it (`base_config` first,
+    /// its own keys over them) and within the YAML limits auto's config has;
+    /// a switch that is not a boolean, an empty file or a YAML bomb is a
+    /// `BadInput` or `Limit` error naming the file (nesting deeper than the limit).
+    #[test]
+    fn model_yaml_switches_bases_and_bad_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let put = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        put(
+            "base.yaml",
+            "model:\n  model_config:\n    qkv_concat: False\n    mlp_concat: False\n",
+        );
+        let own = put(
+            "own.yaml",
+            "base_config: base.yaml\nmodel:\n  model_config:\n    mlp_concat: True\n",
+        );
+        let l = MfLayout::read(&own).unwrap();
+        assert_eq!(
+            (l.qkv_concat, l.mlp_concat, l.use_rearrange_rope),
+            (false, true, false)
+        );
+        let kind = |text: &str| {
+            let p = put("bad.yaml", text);
+            let e = MfLayout::read(&p).unwrap_err();
+            assert!(e.to_string().contains("bad.yaml"), "{e}");
+            e.kind()
+        };
+        use crate::error::ErrorKind;
+        assert_eq!(
+            kind("model:\n  model_config:\n    qkv_concat: 3\n"),
+            ErrorKind::BadInput
+        );
+        assert_eq!(kind(""), ErrorKind::BadInput);
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        assert_eq!(kind(&format!("model: {deep}\n")), ErrorKind::Limit);
     }
 
     #[test]

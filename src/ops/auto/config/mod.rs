@@ -9,8 +9,6 @@
 //! relative to the YAML file) are read first and overridden by the file, as
 //! `MindFormerConfig` does.
 
-mod yaml;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -19,7 +17,7 @@ use serde_json::{Map, Value};
 use super::{AutoOptions, ParallelConfig};
 use crate::error::{Error, Result};
 use crate::formats::tree::FileFormat;
-use yaml::{read_yaml_tree, yaml_text_to_map};
+use crate::formats::yaml::{is_unset, read_yaml_tree, yaml_text_to_map};
 
 /// The mindformers YAML keys reshard reads; every other key of the YAML is
 /// ignored.
@@ -420,11 +418,6 @@ fn env_usize(value: &Option<String>, name: &str) -> Result<Option<usize>> {
                 .map_err(|_| Error::usage(format!("{name}={v:?} is not a non-negative integer")))
         })
         .transpose()
-}
-
-/// `''`, `None`, `none`, `null`: what mindformers treats as "no path".
-pub(super) fn is_unset(s: &str) -> bool {
-    matches!(s.trim(), "" | "None" | "none" | "null" | "~")
 }
 
 /// A boolean the way PyYAML (YAML 1.1) and Python's truthiness of a config

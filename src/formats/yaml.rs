@@ -1,18 +1,23 @@
-//! Reading the YAML as mindformers' `MindFormerConfig` does (`base_config`
+//! Reading a mindformers YAML as its `MindFormerConfig` does (`base_config`
 //! files first, then the file's own keys), within limits on size, node
-//! count and nesting.
+//! count and nesting: auto's run YAML and the model YAML glm-n's converter
+//! takes.
 
 use std::path::Path;
 
 use serde_json::{Map, Value};
 use yaml_rust2::{Yaml, YamlLoader};
 
-use super::is_unset;
 use crate::error::{Error, Result, ResultExt};
+
+/// `''`, `None`, `none`, `null`: what mindformers treats as "no path".
+pub(crate) fn is_unset(s: &str) -> bool {
+    matches!(s.trim(), "" | "None" | "none" | "null" | "~")
+}
 
 /// Reads a YAML file and the `base_config` files it names, depth first; the
 /// file's own keys override its bases' (objects merged key by key).
-pub(super) fn read_yaml_tree(path: &Path, depth: usize) -> Result<Map<String, Value>> {
+pub(crate) fn read_yaml_tree(path: &Path, depth: usize) -> Result<Map<String, Value>> {
     if depth > 8 {
         return Err(
             Error::bad_input("base_config nests more than 8 levels (a cycle?)").in_file(path),
@@ -163,7 +168,7 @@ fn check_yaml_limits(text: &str) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn yaml_text_to_map(text: &str) -> Result<Map<String, Value>> {
+pub(crate) fn yaml_text_to_map(text: &str) -> Result<Map<String, Value>> {
     check_yaml_limits(text)?;
     let docs = YamlLoader::load_from_str(text)
         .map_err(|e| Error::bad_input(format!("not valid YAML: {e}")))?;
