@@ -14,7 +14,9 @@
 //! encryption), [`formats::safetensors`], [`formats::torch`],
 //! [`formats::checkpoint2`] — behind one [`formats::Source`]. Strategy
 //! files (protobuf or JSON, pipeline stages merged) become layout records
-//! in [`formats::strategy`]. [`formats::tree`] knows the `rank_x/`
+//! in [`formats::strategy`]; mindformers YAML files (a job's run YAML,
+//! a model YAML) are read within limits by `formats::yaml`.
+//! [`formats::tree`] knows the `rank_x/`
 //! directory conventions and indexes a source tree: which file each rank
 //! reads, how many ranks there are, whether the set was saved without
 //! redundancy. What writing needs at the byte level is here too: file
