@@ -354,6 +354,7 @@ fn any_worker_count_writes_the_same_bytes_and_manifests() {
             control: reshard::exec::OutputControl {
                 fsync,
                 progress: Some(progress.clone()),
+                ..Default::default()
             },
             ..TransformOptions::new(&src, &dst, Some(s.clone()), None)
         })

@@ -70,6 +70,126 @@ fn manifests_are_written_and_verify_catches_tampering() {
     );
 }
 
+/// Manifest format 2 (issue 18): several workers write one file in any
+/// order, each extent and each tensor hashed once as it is written; the
+/// extents tile the file, every hash is the bytes' own, the bytes do not
+/// depend on the workers; sources are recorded by length and modification
+/// time, and hashed only with `--hash-sources`.
+#[test]
+fn manifests_hash_extents_and_tensors_once_and_sources_on_request() {
+    use reshard::formats::hash::{hash, Hasher};
+    use reshard::formats::manifest::{digest_file, extents_digest, MANIFEST_FORMAT};
+    let (dir, model, s) = setup(1, 2);
+    let shards = shards(&model, &s, &dir.path().join("shards"));
+    let mut outputs = Vec::new();
+    for (workers, hash_sources) in [(1, false), (4, false), (4, true)] {
+        let out = dir.path().join(format!("merged-{workers}-{hash_sources}"));
+        let mut o = TransformOptions::new(&shards, &out, Some(s.clone()), None);
+        o.workers = workers;
+        o.control.hash_sources = hash_sources;
+        transform(&o).unwrap();
+        let data = crate::util::fs::data_files(&out);
+        assert_eq!(data.len(), 1, "{data:?}");
+        let data = &data[0];
+        let m = Manifest::read(data).unwrap().expect("a manifest");
+        assert_eq!(m.format, MANIFEST_FORMAT);
+        let bytes = std::fs::read(data).unwrap();
+        assert_eq!(m.digest, extents_digest(&m.extents));
+        assert_eq!(m.digest.bytes, bytes.len() as u64);
+        let mut at = 0;
+        for e in &m.extents {
+            let end = at + e.len() as usize;
+            assert_eq!(hash(&bytes[at..end]), e.xxh3(), "bytes {at}..{end}");
+            at = end;
+        }
+        let read = Source::open(data, &Default::default()).unwrap();
+        let tensors: Vec<_> = m.tensors.iter().filter(|t| t.dtype != "str").collect();
+        assert!(tensors.len() > 4);
+        for t in tensors {
+            let mut h = Hasher::new();
+            for c in read.chunks(&t.name).unwrap() {
+                h.update(c);
+            }
+            assert_eq!(h.digest(), t.xxh3, "{}", t.name);
+        }
+        assert_eq!(m.sources.len(), 2);
+        for source in &m.sources {
+            let len = std::fs::metadata(&source.path).unwrap().len();
+            assert_eq!(source.digest.bytes, len);
+            assert!(source.modified_ns.is_some());
+            let whole = hash_sources.then(|| digest_file(&source.path).unwrap().xxh3);
+            assert_eq!(source.digest.xxh3, whole, "{}", source.path.display());
+        }
+        outputs.push(bytes);
+    }
+    assert!(outputs.windows(2).all(|w| w[0] == w[1]));
+}
+
+/// A source with a manifest of its own whose bytes changed while its
+/// length and modification time did not (bit rot, or a restored mtime):
+/// trusted by default (length and mtime are what `--resume` compares),
+/// refused with `--hash-sources`, found by `reshard verify`.
+#[test]
+fn hash_sources_finds_a_source_changed_under_an_unchanged_mtime() {
+    let (dir, model, s) = setup(1, 2);
+    let shards = shards(&model, &s, &dir.path().join("shards"));
+    let shard = shards.join("rank_1/checkpoint_1.ckpt");
+    let mtime = std::fs::metadata(&shard).unwrap().modified().unwrap();
+    corrupt(&shard, "model.layers.0.attention.wq.weight");
+    let merge = |name: &str, hash_sources: bool| {
+        let mut o = TransformOptions::new(&shards, dir.path().join(name), Some(s.clone()), None);
+        o.control.hash_sources = hash_sources;
+        transform(&o)
+    };
+    // Its mtime is newer than its manifest: checked, and refused.
+    let err = merge("a", false).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::SourceChanged, "{err}");
+    std::fs::File::options()
+        .write(true)
+        .open(&shard)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    merge("b", false).unwrap();
+    let err = merge("c", true).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::SourceChanged, "{err}");
+    assert_eq!(err.file(), Some(shard.as_path()), "{err}");
+    assert!(
+        err.to_string().contains("does not match its manifest"),
+        "{err}"
+    );
+    let o = Command::new(reshard_bin())
+        .arg("verify")
+        .arg(&shards)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    // The flag on the command line; not with --no-manifest.
+    let cli = |extra: &[&str], out: &str| {
+        Command::new(reshard_bin())
+            .args(["transform", "--src-checkpoint"])
+            .arg(&model)
+            .arg("--dst-checkpoint-dir")
+            .arg(dir.path().join(out))
+            .arg("--dst-strategy")
+            .arg(&s)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = cli(&["--hash-sources"], "d");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = Manifest::read(&dir.path().join("d/rank_0/checkpoint_0.ckpt"))
+        .unwrap()
+        .unwrap();
+    let whole = reshard::formats::manifest::digest_file(&model)
+        .unwrap()
+        .xxh3;
+    assert_eq!(m.sources[0].digest.xxh3, Some(whole));
+    let o = cli(&["--hash-sources", "--no-manifest"], "e");
+    assert_eq!(o.status.code(), Some(2));
+}
+
 #[test]
 fn compare_finds_the_first_differing_element_across_layouts() {
     let (dir, model, s) = setup(2, 2);

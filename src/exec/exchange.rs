@@ -54,8 +54,8 @@ use super::{execute_with, ExecOptions, ExecReport};
 use crate::backend::{Backend, Src};
 use crate::comm::Communicator;
 use crate::error::{Error, JobErrorKind, Result};
-use crate::formats::atomic::FileDigest;
 use crate::formats::manifest;
+use crate::formats::manifest::SourceContent;
 use crate::formats::Source;
 use crate::plan::{Content, Plan};
 
@@ -69,8 +69,8 @@ pub struct ExchangeReport {
     /// Source files this rank read (indexes into the plan's sources).
     pub sources_read: Vec<usize>,
     /// Bytes this rank read from its disk: the whole of each source it
-    /// read when manifests are written (it hashes them), else the bytes of
-    /// the source tensors it used.
+    /// read with `--hash-sources` (it hashes them for the manifests), else
+    /// the bytes of the source tensors it used.
     pub bytes_read: u64,
     /// Bytes sent to other ranks (boxes and string values).
     pub bytes_sent: u64,
@@ -432,15 +432,23 @@ where
     // only its reader can see).
     let mut digests = HashMap::new();
     if options.manifest.is_some() {
-        const EACH: usize = 24;
+        const EACH: usize = 32;
+        let hash = options.control.hash_sources;
         let mut mine_d = vec![0u8; EACH * plan.sources.len()];
         for &i in &report.sources_read {
-            let d = manifest::digest_file(&plan.sources[i].path)?;
-            report.bytes_read += d.bytes;
+            let d = manifest::source_content(&plan.sources[i].path, hash)?;
+            if hash {
+                report.bytes_read += d.bytes;
+            }
             put_u64s(
                 &mut mine_d,
                 EACH * i,
-                &[d.bytes, d.xxh3, opened[&i].stamp_modified_ns()],
+                &[
+                    d.bytes,
+                    d.xxh3.is_some() as u64,
+                    d.xxh3.unwrap_or(0),
+                    opened[&i].stamp_modified_ns(),
+                ],
             );
         }
         let all = wire.all_gather(&mine_d)?;
@@ -450,11 +458,11 @@ where
             digests.insert(
                 i,
                 RemoteDigest {
-                    digest: FileDigest {
+                    digest: SourceContent {
                         bytes: word(0),
-                        xxh3: word(1),
+                        xxh3: (word(1) == 1).then(|| word(2)),
                     },
-                    modified_ns: word(2),
+                    modified_ns: word(3),
                 },
             );
         }
@@ -468,7 +476,7 @@ where
         reader,
         opened,
         received: Received::new(local, digests, complete, ahead),
-        hashed: options.manifest.is_some(),
+        hashed: options.manifest.is_some() && options.control.hash_sources,
     })
 }
 

@@ -122,6 +122,12 @@ pub struct OutputControl {
     /// only where the caller syncs itself or durability does not matter
     /// (benchmarks of the page-cache path, scratch disks).
     pub fsync: bool,
+    /// Record each source's xxh3-64 in the manifests (`--hash-sources`),
+    /// and check a source that has a manifest of its own against it byte
+    /// by byte: provenance at the price of reading every source once more.
+    /// Off by default: `--resume` needs only each source's length and
+    /// modification time, which are always recorded.
+    pub hash_sources: bool,
     /// Counts tensor bytes as they are written, for progress bars.
     pub progress: Option<Progress>,
 }
@@ -130,6 +136,7 @@ impl Default for OutputControl {
     fn default() -> Self {
         OutputControl {
             fsync: true,
+            hash_sources: false,
             progress: None,
         }
     }
@@ -255,6 +262,7 @@ fn execute_with<B: Backend>(
             read: &options.read,
             opened: plan.sources.iter().map(|_| Default::default()).collect(),
             digests: plan.sources.iter().map(|_| Default::default()).collect(),
+            hash: options.control.hash_sources,
             remote,
             job: SourceKey::new_job(),
         },
@@ -270,7 +278,11 @@ fn execute_with<B: Backend>(
         working: AtomicUsize::new(workers),
     };
     let scoped = crossbeam::thread::scope(|s| {
-        if options.manifest.is_some() && !options.resume && remote.is_none() {
+        if options.manifest.is_some()
+            && options.control.hash_sources
+            && !options.resume
+            && remote.is_none()
+        {
             // Source hashes (for the manifests) are needed only when a file
             // is finished; computing them meanwhile uses idle time. Not when
             // resuming: files found complete need none of their sources, so

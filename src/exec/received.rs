@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::error::{Error, JobErrorKind, Result};
-use crate::formats::atomic::FileDigest;
+use crate::formats::manifest::SourceContent;
 use crate::layout::boxes::BoxCopy;
 use crate::plan::CopyStep;
 use crate::DType;
@@ -52,7 +52,7 @@ pub(super) fn box_bytes(c: &BoxCopy) -> usize {
 /// modification time as its reader saw it (for the manifests).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct RemoteDigest {
-    pub(super) digest: FileDigest,
+    pub(super) digest: SourceContent,
     pub(super) modified_ns: u64,
 }
 

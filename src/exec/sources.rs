@@ -6,9 +6,8 @@ use std::sync::{Mutex, OnceLock};
 
 use super::exchange;
 use crate::error::{Error, Result};
-use crate::formats::atomic::FileDigest;
 use crate::formats::ckpt::ReadOptions;
-use crate::formats::manifest::{self, Manifest};
+use crate::formats::manifest::{self, SourceContent};
 use crate::formats::Source;
 use crate::plan::{CopyStep, Plan};
 
@@ -17,7 +16,9 @@ pub(super) struct Sources<'p> {
     pub(super) plan: &'p Plan,
     pub(super) read: &'p ReadOptions,
     pub(super) opened: Vec<Once<Source>>,
-    pub(super) digests: Vec<Once<FileDigest>>,
+    pub(super) digests: Vec<Once<SourceContent>>,
+    /// Hash sources for the manifests (`--hash-sources`).
+    pub(super) hash: bool,
     /// In a distributed run: what other ranks read for this one.
     pub(super) remote: Option<&'p exchange::Received>,
     /// This run's [`SourceKey`] job: a device backend keeps what it uploads
@@ -26,37 +27,14 @@ pub(super) struct Sources<'p> {
 }
 
 impl<'p> Sources<'p> {
-    /// The length and hash of source `i`, computed once.
-    ///
-    /// A source with a manifest of its own (a reshard output) must match
-    /// it: a source changed since it was written is an error naming it.
-    pub(super) fn digest(&self, i: usize) -> Result<FileDigest> {
+    /// The length (and, with `--hash-sources`, hash) of source `i`, taken
+    /// once ([`manifest::source_content`]).
+    pub(super) fn digest(&self, i: usize) -> Result<SourceContent> {
         if let Some(d) = self.remote.and_then(|r| r.digest(i)) {
             return Ok(d.digest);
         }
         self.digests[i]
-            .get_or_try(|| {
-                let path = &self.plan.sources[i].path;
-                let d = manifest::digest_file(path)?;
-                if let Ok(Some(m)) = Manifest::read(path) {
-                    if m.digest != d {
-                        return Err(Error::SourceChanged {
-                            what: format!(
-                                "it does not match its manifest ({} bytes with xxh3 {:016x}; the \
-                             manifest says {} bytes with xxh3 {:016x}; if it was changed on \
-                             purpose, remove {})",
-                                d.bytes,
-                                d.xxh3,
-                                m.digest.bytes,
-                                m.digest.xxh3,
-                                manifest::manifest_path(path).display()
-                            ),
-                        }
-                        .in_file(path));
-                    }
-                }
-                Ok(d)
-            })
+            .get_or_try(|| manifest::source_content(&self.plan.sources[i].path, self.hash))
             .copied()
     }
 

@@ -410,6 +410,7 @@ mod tests {
                 control: OutputControl {
                     fsync: false,
                     progress: Some(progress.clone()),
+                    ..Default::default()
                 },
                 ..Default::default()
             };

@@ -102,12 +102,17 @@ pub struct DryRun {
     pub dry_run: bool,
 }
 
-/// `--no-manifest`.
+/// `--no-manifest`, `--hash-sources`.
 #[derive(Debug, Args)]
 pub struct Manifest {
     /// Do not write <file>.manifest.json beside each output.
     #[arg(long = "no-manifest")]
     pub no_manifest: bool,
+    /// Record each source file's xxh3-64 in the manifests (and check sources that have manifests
+    /// of their own byte by byte): reads every source once more. Without it the manifests record
+    /// each source's length and modification time, which is all --resume needs.
+    #[arg(long = "hash-sources", conflicts_with = "no_manifest")]
+    pub hash_sources: bool,
 }
 
 /// `--verify`, `--no-manifest`, `--no-fsync`: how commands that write
@@ -135,6 +140,7 @@ impl WriteArgs {
     pub fn control(&self, progress: Option<Progress>) -> OutputControl {
         OutputControl {
             fsync: !self.no_fsync,
+            hash_sources: self.manifest.hash_sources,
             progress,
         }
     }

@@ -299,6 +299,7 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
             options.control = OutputControl {
                 fsync: false,
                 progress: Some(progress.clone()),
+                ..Default::default()
             };
             convert(&options).map_err(|e| in_step(what, e))?;
         }

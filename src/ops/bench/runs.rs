@@ -245,6 +245,7 @@ impl Bench<'_> {
         let control = OutputControl {
             fsync: false,
             progress: Some(progress.clone()),
+            ..Default::default()
         };
         op.run(self.o, &out, control, false)
             .map_err(|e| in_step(what, e))?;
@@ -334,6 +335,7 @@ impl Bench<'_> {
                 let control = OutputControl {
                     fsync: durable,
                     progress: Some(progress.clone()),
+                    ..Default::default()
                 };
                 let seen = self.observe(&what, planned, Some(&progress));
                 let sampler = RssSampler::start();

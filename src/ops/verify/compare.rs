@@ -232,6 +232,7 @@ impl Assembled {
                     control: crate::exec::OutputControl {
                         fsync: false,
                         progress: None,
+                        ..Default::default()
                     },
                     ..Default::default()
                 },
