@@ -276,7 +276,7 @@ pub(crate) fn write_job(
         _ => Vec::new(),
     };
     check_destination(plan, s, job)?;
-    let backend = s.backend.open()?;
+    let backend = s.backend.open()?.shared_by(s.workers);
     let defaults = exec_options(s.workers, s.read, s.manifest, s.resume, s.control);
     let report = exec::execute(
         plan,

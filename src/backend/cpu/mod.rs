@@ -83,6 +83,11 @@ impl CpuBackend {
             threads: threads.max(1),
         }
     }
+
+    /// The threads one large copy or LoRA product may use.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
 }
 
 /// Destination pointer shared by the threads of one copy.
