@@ -110,7 +110,7 @@ pub struct Manifest {
     pub no_manifest: bool,
     /// Record each source file's xxh3-64 in the manifests (and check sources that have manifests
     /// of their own byte by byte): reads every source once more. Without it the manifests record
-    /// each source's length and modification time, which is all --resume needs.
+    /// each source's length and modification time, which is all a resumed run compares.
     #[arg(long = "hash-sources", conflicts_with = "no_manifest")]
     pub hash_sources: bool,
 }
