@@ -158,9 +158,9 @@ pub fn digest_file(path: &Path) -> Result<FileDigest> {
 ///
 /// A source with a manifest of its own (a reshard output) must match it or
 /// it is [`Error::SourceChanged`], naming it: its length always; its bytes
-/// with `hash`, and whenever the file was modified after its manifest was
-/// written (a manifest is written after its data file is complete, so a
-/// later modification time means the bytes were touched since). Bytes that
+/// with `hash`, and whenever the file's modification time is not earlier
+/// than its manifest's (a manifest is written after its data file is
+/// complete, in a later clock tick: [`stamp_after`]). Bytes that
 /// rot without their modification time changing are found by `--hash-sources`
 /// and `reshard verify`.
 pub fn source_content(path: &Path, hash: bool) -> Result<SourceContent> {
@@ -184,7 +184,8 @@ pub fn source_content(path: &Path, hash: bool) -> Result<SourceContent> {
     let modified_since = |m: &Manifest| {
         let written = std::fs::metadata(manifest_path(path)).and_then(|w| w.modified());
         let touched = match (meta.modified(), written) {
-            (Ok(data), Ok(written)) => data > written,
+            // Equal times: the same clock tick ([`stamp_after`]).
+            (Ok(data), Ok(written)) => data >= written,
             _ => true,
         };
         // A format-1 manifest's check is the same pass as the source's hash.
@@ -218,6 +219,48 @@ pub fn source_content(path: &Path, hash: bool) -> Result<SourceContent> {
     })
 }
 
+/// Leaves `manifest`'s modification time later than `data`'s. File times
+/// come from a clock that ticks every few milliseconds, so a data file and
+/// its manifest written within one tick have equal times, and so would a
+/// data file rewritten in that tick after its manifest: [`source_content`]
+/// checks the bytes of a source whose time is not earlier than its
+/// manifest's. Waiting here for the next tick (at most a few milliseconds,
+/// on the thread that commits files) keeps untouched outputs cheap to
+/// trust. Best effort: with a clock that does not advance, the data file
+/// is merely checked byte by byte when it is read as a source.
+fn stamp_after(data: &Path, manifest: &Path) {
+    let Ok(data_time) = std::fs::metadata(data).and_then(|m| m.modified()) else {
+        return;
+    };
+    for _ in 0..50 {
+        match std::fs::metadata(manifest).and_then(|m| m.modified()) {
+            Ok(t) if t > data_time => return,
+            Ok(_) => {}
+            Err(_) => return,
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        touch_now(manifest);
+    }
+}
+
+/// Sets `path`'s times to now, by the file system's clock (`UTIME_NOW`,
+/// the clock writes use; `SystemTime::now()` can be ahead of it).
+fn touch_now(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+            return;
+        };
+        // SAFETY: a NUL-terminated path; null times mean "now".
+        unsafe {
+            libc::utimensat(libc::AT_FDCWD, c.as_ptr(), std::ptr::null(), 0);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+}
+
 impl Manifest {
     /// Writes the manifest of `data` (atomically).
     pub fn write(&self, data: &Path) -> Result<()> {
@@ -232,10 +275,12 @@ impl Manifest {
             .map_err(|e| Error::Internal(e.to_string()).in_file(&path))?;
         f.write_all(&text)?;
         if fsync {
-            f.commit()
+            f.commit()?;
         } else {
-            f.commit_unsynced().map(|_| ())
+            f.commit_unsynced()?;
         }
+        stamp_after(data, &path);
+        Ok(())
     }
 
     /// Reads the manifest of `data`, if there is one.
