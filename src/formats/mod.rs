@@ -36,21 +36,18 @@ pub const MAX_NAME_BYTES: usize = 64 << 10;
 
 /// Refuses the `n`-th entry of a file past [`MAX_ENTRIES`].
 pub(crate) fn check_entry_count(n: usize) -> Result<()> {
-    check_limit("entries in one file", MAX_ENTRIES, n)
+    check_limit("entries in one file", MAX_ENTRIES as u64, n as u64)
 }
 
 /// Refuses an entry name longer than [`MAX_NAME_BYTES`].
 pub(crate) fn check_name_len(len: usize) -> Result<()> {
-    check_limit("bytes of an entry name", MAX_NAME_BYTES, len)
+    check_limit("bytes of an entry name", MAX_NAME_BYTES as u64, len as u64)
 }
 
-fn check_limit(what: &'static str, limit: usize, got: usize) -> Result<()> {
+/// Refuses `got` past `limit` ([`Error::LimitExceeded`] naming `what`).
+pub(crate) fn check_limit(what: &'static str, limit: u64, got: u64) -> Result<()> {
     if got > limit {
-        return Err(Error::LimitExceeded {
-            what,
-            limit: limit as u64,
-            got: got as u64,
-        });
+        return Err(Error::LimitExceeded { what, limit, got });
     }
     Ok(())
 }

@@ -126,15 +126,12 @@ impl SafetensorsFile {
             crate::formats::check_name_len(name.len()).map_err(|e| e.in_file(path))?;
             let info: &TensorInfo = meta.info(&name).expect("offset_keys lists known names");
             let dtype = from_st_dtype(info.dtype).map_err(|e| e.in_tensor(&name).in_file(path))?;
-            if info.shape.len() > crate::formats::MAX_DIMS {
-                return Err(Error::LimitExceeded {
-                    what: "tensor dimensions",
-                    limit: crate::formats::MAX_DIMS as u64,
-                    got: info.shape.len() as u64,
-                }
-                .in_tensor(&name)
-                .in_file(path));
-            }
+            crate::formats::check_limit(
+                "tensor dimensions",
+                crate::formats::MAX_DIMS as u64,
+                info.shape.len() as u64,
+            )
+            .map_err(|e| e.in_tensor(&name).in_file(path))?;
             entries.push(StEntry {
                 dtype,
                 shape: info.shape.clone(),
@@ -292,14 +289,12 @@ pub fn mindspore_crc<'a>(tensors: impl Iterator<Item = CrcTensor<'a>>) -> Result
             })?;
             // Python materialises those bytes; past 4 GiB neither it nor a
             // reader of untrusted files should try.
-            if zeros > MAX_CRC_SCALAR {
-                return Err(Error::LimitExceeded {
-                    what: "the zero bytes the CRC rule hashes for this 0-d integer",
-                    limit: MAX_CRC_SCALAR,
-                    got: zeros,
-                }
-                .in_tensor(name));
-            }
+            crate::formats::check_limit(
+                "the zero bytes the CRC rule hashes for this 0-d integer",
+                MAX_CRC_SCALAR,
+                zeros,
+            )
+            .map_err(|e| e.in_tensor(name))?;
             let block = [0u8; 8192];
             let mut left = zeros;
             while left > 0 {

@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::error::{Error, Result, ResultExt};
+use crate::formats::check_limit;
 
 /// `''`, `None`, `none`, `null`: what mindformers treats as "no path".
 pub(crate) fn is_unset(s: &str) -> bool {
@@ -24,14 +25,7 @@ pub(crate) fn read_yaml_tree(path: &Path, depth: usize) -> Result<Map<String, Va
         );
     }
     let len = std::fs::metadata(path).in_file(path)?.len();
-    if len > MAX_YAML_BYTES {
-        return Err(Error::LimitExceeded {
-            what: "YAML file length (bytes)",
-            limit: MAX_YAML_BYTES,
-            got: len,
-        }
-        .in_file(path));
-    }
+    check_limit("YAML file length (bytes)", MAX_YAML_BYTES, len).map_err(|e| e.in_file(path))?;
     let text = std::fs::read_to_string(path).in_file(path)?;
     let own = yaml_text_to_map(&text).map_err(|e| e.in_file(path))?;
     if own.is_empty() {
@@ -140,32 +134,21 @@ fn check_yaml_limits(text: &str) -> Result<()> {
             "contains a NUL byte: not a YAML text file",
         ));
     }
-    if text.len() as u64 > MAX_YAML_BYTES {
-        return Err(Error::LimitExceeded {
-            what: "YAML text length (bytes)",
-            limit: MAX_YAML_BYTES,
-            got: text.len() as u64,
-        });
-    }
+    check_limit(
+        "YAML text length (bytes)",
+        MAX_YAML_BYTES,
+        text.len() as u64,
+    )?;
     let mut counter = NodeCounter::default();
     yaml_rust2::parser::Parser::new_from_str(text)
         .load(&mut counter, true)
         .map_err(|e| Error::bad_input(format!("not valid YAML: {e}")))?;
-    if counter.max_depth > MAX_YAML_DEPTH {
-        return Err(Error::LimitExceeded {
-            what: "YAML nesting depth",
-            limit: MAX_YAML_DEPTH,
-            got: counter.max_depth,
-        });
-    }
-    if counter.total > MAX_YAML_NODES {
-        return Err(Error::LimitExceeded {
-            what: "YAML node count with aliases expanded",
-            limit: MAX_YAML_NODES,
-            got: counter.total,
-        });
-    }
-    Ok(())
+    check_limit("YAML nesting depth", MAX_YAML_DEPTH, counter.max_depth)?;
+    check_limit(
+        "YAML node count with aliases expanded",
+        MAX_YAML_NODES,
+        counter.total,
+    )
 }
 
 pub(crate) fn yaml_text_to_map(text: &str) -> Result<Map<String, Value>> {
