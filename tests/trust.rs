@@ -153,6 +153,17 @@ fn hash_sources_finds_a_source_changed_under_an_unchanged_mtime() {
     merge("b", false).unwrap();
     let err = merge("c", true).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::SourceChanged, "{err}");
+    // Nothing half-written is left: no checkpoint, no manifest.
+    for refused in ["a", "c"] {
+        let left: Vec<_> = files(&dir.path().join(refused))
+            .into_iter()
+            .filter(|p| {
+                let p = p.to_string_lossy();
+                p.ends_with(".ckpt") || p.ends_with(".json") || p.ends_with(".tmp")
+            })
+            .collect();
+        assert!(left.is_empty(), "{refused}: {left:?}");
+    }
     assert_eq!(err.file(), Some(shard.as_path()), "{err}");
     assert!(
         err.to_string().contains("does not match its manifest"),
