@@ -126,7 +126,7 @@ impl<'p, B: Backend> Job<'p, B> {
                     data: false,
                 };
                 let hash = self.options.manifest.is_some();
-                extents.extend(write_hashed(&out, &prefix, hash, |_| {})?);
+                extents.extend(write_hashed(&out, &prefix, hash, || false, |_| {})?);
                 None
             }
         };
@@ -202,7 +202,8 @@ impl<'p, B: Backend> Job<'p, B> {
                 let mut extents = Vec::with_capacity(pieces.len());
                 for piece in &pieces {
                     let streamed = piece.data && data_pieces > 1;
-                    let extent = write_hashed(&file.out, piece, hashing, |slice| {
+                    let shared = || file.active.load(Ordering::Relaxed) > 1;
+                    let extent = write_hashed(&file.out, piece, hashing, shared, |slice| {
                         if streamed {
                             tensor_hash.update(slice)
                         }
@@ -475,21 +476,29 @@ impl Turn {
     }
 }
 
-/// Bytes written by one `pwrite` and then hashed: the slice the kernel just
-/// copied is still in the CPU's caches when it is hashed. Not smaller: two
-/// workers writing one file take turns on its write lock at each slice, and
-/// 256 KiB slices measured 10–20% slower there than 8 MiB ones (merge and
-/// convert of the 250M bench, which 8 MiB slices run as fast as without
-/// manifests).
-const HASH_SLICE: usize = 8 << 20;
+/// Bytes written by one `pwrite` and then hashed, while this worker is
+/// the only one writing the file: the kernel's copy leaves the slice in
+/// the core's L2 cache, where the hash reads it. Timed inside the 250M
+/// transform 8 → 4 (three runs each), hashing took 20 ms of CPU with
+/// 256 KiB slices and 40 ms with 8 MiB ones, whose start has left L2 by
+/// the time it is hashed; the extra `pwrite` calls cost about 8 ms.
+const HASH_SLICE: usize = 256 << 10;
+
+/// The slice while other workers write the same file: each `pwrite` takes
+/// the file's lock, and 256 KiB slices handed it over so often that merge
+/// and convert of the 250M bench ran 10–20% slower than with 8 MiB ones
+/// (which ran as fast as without manifests).
+const SHARED_HASH_SLICE: usize = 8 << 20;
 
 /// Writes `piece` at its offset, slice by slice; with `hash`, hashes each
 /// slice right after writing it (also handing it to `also`) and returns
-/// the piece's extent.
+/// the piece's extent. `shared` says whether other workers are writing the
+/// same file now (it picks the slice size).
 fn write_hashed(
     out: &PlacedFile,
     piece: &Piece<'_>,
     hash: bool,
+    shared: impl Fn() -> bool,
     mut also: impl FnMut(&[u8]),
 ) -> Result<Option<(u64, Extent)>> {
     if !hash {
@@ -499,12 +508,20 @@ fn write_hashed(
         return Ok(None);
     }
     let mut hasher = crate::formats::hash::Hasher::new();
+    let mut rest = piece.bytes;
     let mut at = piece.at;
-    for slice in piece.bytes.chunks(HASH_SLICE) {
+    while !rest.is_empty() {
+        let size = if shared() {
+            SHARED_HASH_SLICE
+        } else {
+            HASH_SLICE
+        };
+        let (slice, after) = rest.split_at(size.min(rest.len()));
         out.write_at(at, slice)?;
         hasher.update(slice);
         also(slice);
         at += slice.len() as u64;
+        rest = after;
     }
     Ok(Some((
         piece.at,
@@ -576,5 +593,60 @@ pub(super) fn tensor_digest<Buf>(
         shape,
         bytes,
         xxh3,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    #[test]
+    fn slices_of_any_size_write_and_hash_the_whole_piece() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes: Vec<u8> = (0..SHARED_HASH_SLICE + 3 * HASH_SLICE + 123)
+            .map(|i| (i * 31 + i / 251) as u8)
+            .collect();
+        let path = dir.path().join("out.bin");
+        let out = PlacedFile::create(&path).unwrap();
+        out.write_at(0, b"head").unwrap();
+        let piece = Piece {
+            at: 4,
+            bytes: &bytes,
+            data: true,
+        };
+        // Another worker joins the file after the second slice.
+        let slices = Cell::new(0);
+        let mut seen = Vec::new();
+        let shared = || slices.get() >= 2;
+        let (at, extent) = write_hashed(&out, &piece, true, shared, |s| {
+            slices.set(slices.get() + 1);
+            seen.push(s.len());
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            seen,
+            [HASH_SLICE, HASH_SLICE, SHARED_HASH_SLICE, HASH_SLICE + 123]
+        );
+        assert_eq!((at, extent.len()), (4, bytes.len() as u64));
+        assert_eq!(extent.xxh3(), crate::formats::hash::hash(&bytes));
+        out.commit(4 + bytes.len() as u64, false).unwrap();
+        let written = std::fs::read(&path).unwrap();
+        assert_eq!(&written[..4], b"head");
+        assert_eq!(&written[4..], &bytes[..]);
+        // Without a manifest nothing is hashed and no extent is returned.
+        let other = PlacedFile::create(dir.path().join("plain.bin")).unwrap();
+        let none = write_hashed(&other, &piece, false, || false, |_| panic!("hashed")).unwrap();
+        assert!(none.is_none());
+    }
+
+    #[test]
+    fn extents_must_tile_the_file() {
+        let e = |len| Extent(len, 0);
+        let tiled = tile(vec![(4, e(6)), (0, e(4)), (10, e(0))], 10).unwrap();
+        assert_eq!(tiled.len(), 2);
+        assert!(tile(vec![(0, e(4)), (5, e(5))], 10).is_err());
+        assert!(tile(vec![(0, e(4))], 10).is_err());
     }
 }
