@@ -237,3 +237,82 @@ fn bench_runs_every_step_on_each_backend() {
         }
     }
 }
+
+/// `--manifest-cost`: every run has a twin without manifests; the ratio is
+/// the median of the pairs' ratios. The steps still hand their outputs on
+/// (transform and merge read split's and transform's, with manifests).
+#[test]
+fn bench_manifest_cost_pairs_each_run_with_one_without_manifests() {
+    let dir = tempdir();
+    let work = dir.path().join("b");
+    let report = bench(
+        &work,
+        &[
+            "--steps",
+            "split,transform,merge",
+            "--repeat",
+            "3",
+            "--manifest-cost",
+            "--hash-sources",
+        ],
+    );
+    assert_eq!(report["manifest"], true);
+    let steps = report["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 3);
+    for s in steps {
+        check_step(s, 3);
+        for kind in ["warm", "fsync"] {
+            let cost = &s["manifest_cost"][kind];
+            let with: Vec<f64> = s[kind]["samples"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            let without: Vec<f64> = cost["samples_without"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| positive(x, "a run without manifests"))
+                .collect();
+            assert_eq!(without.len(), 3, "{s}");
+            let mut ratios: Vec<f64> = with.iter().zip(&without).map(|(w, b)| w / b).collect();
+            ratios.sort_by(f64::total_cmp);
+            assert_eq!(positive(&cost["ratio"], "ratio"), ratios[1], "{s}");
+            let mut sorted = without.clone();
+            sorted.sort_by(f64::total_cmp);
+            assert_eq!(cost["seconds_without"].as_f64().unwrap(), sorted[1]);
+        }
+    }
+    assert_cleaned(&work);
+    // Without the flag there is no such field.
+    let plain = bench(&work, &["--steps", "split", "--repeat", "1"]);
+    assert!(plain["steps"][0].get("manifest_cost").is_none());
+}
+
+#[test]
+fn bench_manifest_cost_needs_manifests() {
+    let dir = tempdir();
+    for flag in ["--manifest-cost", "--hash-sources"] {
+        let out = Command::new(reshard_bin())
+            .args(["bench", "--params", "4M", "--no-manifest", flag, "--dir"])
+            .arg(dir.path().join("b"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flag}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag) && err.contains("--no-manifest"), "{err}");
+    }
+    // The library refuses it too, naming the option.
+    for (cost, hash) in [(true, false), (false, true)] {
+        let e = reshard::ops::bench::bench(&reshard::ops::bench::BenchOptions {
+            manifest: false,
+            manifest_cost: cost,
+            hash_sources: hash,
+            ..reshard::ops::bench::BenchOptions::new(4_000_000, dir.path().join("c"))
+        })
+        .unwrap_err();
+        assert_eq!(e.kind(), reshard::ErrorKind::Usage, "{e}");
+        assert!(!dir.path().join("c").exists());
+    }
+}

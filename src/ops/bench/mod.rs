@@ -56,7 +56,9 @@ use std::path::PathBuf;
 use self::measure::{copy_bound, largest_file, remove};
 use self::mindspore::{run_python, strategy_file, MsJob};
 pub use self::options::{parse_params, BenchObserver, BenchOptions, BenchStepKind};
-pub use self::report::{BenchReport, BenchStep, CopyBound, MindSporeTiming, Timing};
+pub use self::report::{
+    BenchReport, BenchStep, CopyBound, ManifestCost, MindSporeTiming, PairedRuns, Timing,
+};
 use self::runs::{in_step, Bench, Op};
 use crate::dtype::DType;
 use crate::error::{Error, Result, ResultExt};
@@ -73,6 +75,18 @@ const LORA_SCALE: f32 = 0.5;
 pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
     if o.repeat == 0 {
         return Err(Error::usage_of("repeat", "must be at least 1"));
+    }
+    if o.manifest_cost && !o.manifest {
+        return Err(Error::usage_of(
+            "manifest-cost",
+            "times runs with and without manifests: drop --no-manifest",
+        ));
+    }
+    if o.hash_sources && !o.manifest {
+        return Err(Error::usage_of(
+            "hash-sources",
+            "source hashes go into the manifests: drop --no-manifest",
+        ));
     }
     if o.steps.is_empty() {
         return Err(Error::usage_of("steps", "no step to time"));

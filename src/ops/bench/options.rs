@@ -122,6 +122,13 @@ pub struct BenchOptions {
     /// Write manifests, as every command does by default (off: shows what
     /// hashing the inputs and outputs costs).
     pub manifest: bool,
+    /// Record each source's xxh3-64 in the manifests (`--hash-sources`).
+    pub hash_sources: bool,
+    /// Also time each run without manifests, right before or after it (in
+    /// turn), and report what manifests cost: the median of the pairs'
+    /// ratios, which the machine's drift between runs moves much less than
+    /// two separate benches.
+    pub manifest_cost: bool,
     /// The runs with `fsync` (and their copy bound) start with their input
     /// out of the page cache: end to end from the disk.
     pub cold: bool,
@@ -144,6 +151,8 @@ impl BenchOptions {
             mindspore: None,
             backend: BackendChoice::Cpu,
             manifest: true,
+            hash_sources: false,
+            manifest_cost: false,
             cold: false,
             observer: None,
         }

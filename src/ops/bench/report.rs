@@ -62,9 +62,47 @@ pub struct BenchStep {
     pub mindspore: Option<MindSporeTiming>,
     /// MindSpore's median over reshard's end-to-end (`fsync`) median.
     pub speedup: Option<f64>,
+    /// With `manifest_cost`: the same runs without manifests, paired.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manifest_cost: Option<ManifestCost>,
     /// `exchange`: what each rank read from disk, sent and received (last run).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exchange: Option<Vec<crate::exec::ExchangeReport>>,
+}
+
+/// What manifests cost a step: each run timed again without them, right
+/// before or after it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ManifestCost {
+    /// The cache-warm runs (no `fsync`).
+    pub warm: PairedRuns,
+    /// The runs with `fsync`.
+    pub fsync: PairedRuns,
+}
+
+/// Runs with manifests paired with runs without them.
+#[derive(Debug, Clone, Serialize)]
+pub struct PairedRuns {
+    /// Median wall time without manifests (s).
+    pub seconds_without: f64,
+    /// Every run's wall time without manifests (s), in run order (the
+    /// runs with manifests are the step's samples).
+    pub samples_without: Vec<f64>,
+    /// The median over the pairs of (time with manifests / time without):
+    /// 1.05 means manifests cost 5%.
+    pub ratio: f64,
+}
+
+impl PairedRuns {
+    /// Pairs `with[i]` with `without[i]`.
+    pub(super) fn of(with: &[f64], without: Vec<f64>) -> PairedRuns {
+        let ratios: Vec<f64> = with.iter().zip(&without).map(|(w, b)| w / b).collect();
+        PairedRuns {
+            seconds_without: super::measure::median(&without),
+            ratio: super::measure::median(&ratios),
+            samples_without: without,
+        }
+    }
 }
 
 /// A copy bound: the model file copied with plain 8 MiB reads and writes.

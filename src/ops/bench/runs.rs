@@ -9,7 +9,7 @@ use super::measure::{
     evict_cache, fastest, median, plain_copy, remove, settle, warm_cache, RssSampler,
 };
 use super::mindspore::MsJob;
-use super::report::{BenchStep, MindSporeTiming, Timing};
+use super::report::{BenchStep, ManifestCost, MindSporeTiming, PairedRuns, Timing};
 use super::{BenchObserver, BenchOptions, BenchStepKind, LORA_SCALE};
 use crate::error::{Error, Result, ResultExt};
 use crate::exec::{OutputControl, Progress};
@@ -86,13 +86,14 @@ impl Op<'_> {
         }
     }
 
-    /// Runs (or, with `dry`, plans) into `out`.
+    /// Runs (or, with `dry`, plans) into `out`, writing manifests or not.
     pub(super) fn run(
         &self,
         o: &BenchOptions,
         out: &Path,
         control: OutputControl,
         dry: bool,
+        manifest: bool,
     ) -> Result<Ran> {
         let (plan, executed, backend) = match self {
             Op::Transform { src, s, d } => {
@@ -101,7 +102,7 @@ impl Op<'_> {
                     backend: o.backend,
                     dry_run: dry,
                     control,
-                    manifest: o.manifest,
+                    manifest,
                     ..TransformOptions::new(
                         *src,
                         out,
@@ -117,7 +118,7 @@ impl Op<'_> {
                     backend: o.backend,
                     dry_run: dry,
                     control,
-                    manifest: o.manifest,
+                    manifest,
                     ..ConvertOptions::new("llama", *hf, out.join("model.ckpt"))
                 })?;
                 (r.plan, r.executed, None)
@@ -129,7 +130,7 @@ impl Op<'_> {
                     backend: o.backend,
                     dry_run: dry,
                     control,
-                    manifest: o.manifest,
+                    manifest,
                     ..MergeLoraOptions::new(*src, out)
                 })?;
                 (r.plan, r.executed, Some(r.backend))
@@ -140,7 +141,7 @@ impl Op<'_> {
                     backend: o.backend,
                     dry_run: dry,
                     control,
-                    manifest: o.manifest,
+                    manifest,
                     ..UnifyOptions::new(*src, *s, out)
                 })?;
                 (r.plan, r.executed, Some(r.backend))
@@ -160,7 +161,7 @@ impl Op<'_> {
                 }
                 let exec = crate::exec::ExecOptions {
                     workers: o.workers,
-                    manifest: o.manifest.then(|| vec!["reshard bench".to_string()]),
+                    manifest: manifest.then(|| vec!["reshard bench".to_string()]),
                     control,
                     ..Default::default()
                 };
@@ -237,7 +238,13 @@ impl Bench<'_> {
     pub(super) fn produce(&mut self, what: &str, name: &str, op: &Op) -> Result<PathBuf> {
         let out = self.fresh(name);
         let planned = op
-            .run(self.o, &out, OutputControl::default(), true)
+            .run(
+                self.o,
+                &out,
+                OutputControl::default(),
+                true,
+                self.o.manifest,
+            )
             .map_err(|e| in_step(what, e))?
             .bytes;
         let progress = Progress::new();
@@ -247,7 +254,7 @@ impl Bench<'_> {
             progress: Some(progress.clone()),
             ..Default::default()
         };
-        op.run(self.o, &out, control, false)
+        op.run(self.o, &out, control, false, self.o.manifest)
             .map_err(|e| in_step(what, e))?;
         Ok(out)
     }
@@ -265,10 +272,18 @@ impl Bench<'_> {
         let name = kind.name();
         let n = self.o.repeat;
         let planned = op
-            .run(self.o, &self.fresh(name), OutputControl::default(), true)
+            .run(
+                self.o,
+                &self.fresh(name),
+                OutputControl::default(),
+                true,
+                self.o.manifest,
+            )
             .map_err(|e| in_step(name, e))?
             .bytes;
         let (mut warm, mut fsync, mut mindspore) = (Vec::new(), Vec::new(), Vec::new());
+        // With `manifest_cost`: the same runs without manifests.
+        let (mut bare_warm, mut bare_fsync) = (Vec::new(), Vec::new());
         let (mut warm_copies, mut fsync_copies) = (Vec::new(), Vec::new());
         let model_bytes = std::fs::metadata(&self.model_file)
             .in_file(&self.model_file)?
@@ -277,15 +292,30 @@ impl Bench<'_> {
         let mut exchange = None;
         let mut kept: Option<PathBuf> = None;
         for rep in 1..=n {
-            for durable in [false, true] {
-                // One output of this step on disk at a time.
-                if let Some(prev) = kept.take() {
-                    remove(&prev)?;
+            // With `manifest_cost`, each run has a twin without manifests,
+            // run before it in every other repetition.
+            let variants: &[bool] = match (self.o.manifest_cost, rep % 2) {
+                (false, _) => &[self.o.manifest],
+                (true, 1) => &[true, false],
+                (true, _) => &[false, true],
+            };
+            for (durable, &manifest) in [false, true]
+                .into_iter()
+                .flat_map(|d| variants.iter().map(move |m| (d, m)))
+            {
+                let primary = manifest == self.o.manifest;
+                // One output of this step on disk at a time (a twin run's
+                // output besides the one kept for the next step).
+                if primary {
+                    if let Some(prev) = kept.take() {
+                        remove(&prev)?;
+                    }
                 }
                 let out = self.fresh(name);
                 let what = format!(
-                    "{name} {rep}/{n} {}",
-                    if durable { "with fsync" } else { "cache warm" }
+                    "{name} {rep}/{n} {}{}",
+                    if durable { "with fsync" } else { "cache warm" },
+                    if primary { "" } else { ", no manifests" }
                 );
                 // The copy bound, measured right before the run, both with
                 // their inputs in the page cache.
@@ -321,12 +351,16 @@ impl Bench<'_> {
                 )
                 .map_err(|e| in_step(&what, e))?;
                 drop(seen);
-                if durable {
-                    &mut fsync_copies
-                } else {
-                    &mut warm_copies
+                // A twin run is prepared the same way; the bound is the
+                // primary runs'.
+                if primary {
+                    if durable {
+                        &mut fsync_copies
+                    } else {
+                        &mut warm_copies
+                    }
+                    .push(copy);
                 }
-                .push(copy);
                 if cold {
                     evict_cache(op.input()).map_err(|e| in_step(&what, e))?;
                 }
@@ -334,13 +368,13 @@ impl Bench<'_> {
                 let progress = Progress::new();
                 let control = OutputControl {
                     fsync: durable,
+                    hash_sources: self.o.hash_sources && manifest,
                     progress: Some(progress.clone()),
-                    ..Default::default()
                 };
                 let seen = self.observe(&what, planned, Some(&progress));
                 let sampler = RssSampler::start();
                 let t = Instant::now();
-                let ran = op.run(self.o, &out, control, false);
+                let ran = op.run(self.o, &out, control, false, manifest);
                 let seconds = t.elapsed().as_secs_f64();
                 let (anon, file) = sampler.finish();
                 drop(seen);
@@ -358,6 +392,16 @@ impl Bench<'_> {
                             Error::Internal("reported written but not there".into()).in_file(f),
                         ));
                     }
+                }
+                if !primary {
+                    if durable {
+                        &mut bare_fsync
+                    } else {
+                        &mut bare_warm
+                    }
+                    .push(seconds);
+                    remove(&out)?;
+                    continue;
                 }
                 if self.backend.is_none() {
                     self.backend = ran.backend;
@@ -402,6 +446,10 @@ impl Bench<'_> {
                 fraction_of_copy_bound: bound / seconds,
             }
         };
+        let manifest_cost = self.o.manifest_cost.then(|| ManifestCost {
+            warm: PairedRuns::of(&warm, bare_warm),
+            fsync: PairedRuns::of(&fsync, bare_fsync),
+        });
         let warm = timing(warm, warm_copies);
         let fsync = timing(fsync, fsync_copies);
         let mindspore = (!mindspore.is_empty()).then(|| MindSporeTiming {
@@ -421,6 +469,7 @@ impl Bench<'_> {
                 peak_file_mib: peak_file,
                 mindspore,
                 speedup,
+                manifest_cost,
                 exchange,
             },
             kept,

@@ -64,6 +64,9 @@ pub struct BenchArgs {
     /// The runs with fsync (and their copy bound) start with their input dropped from the page cache: end to end from the disk.
     #[arg(long)]
     pub cold: bool,
+    /// Also time every run again without manifests, right before or after it (in turn), and report what manifests cost: the median of the pairs' ratios.
+    #[arg(long = "manifest-cost", conflicts_with = "no_manifest")]
+    pub manifest_cost: bool,
     #[command(flatten)]
     pub report: Json,
 }
@@ -113,6 +116,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         mindspore,
         backend: a.backend.choice(),
         manifest: !a.manifest.no_manifest,
+        hash_sources: a.manifest.hash_sources,
+        manifest_cost: a.manifest_cost,
         cold: a.cold,
         observer,
     })?;
@@ -128,7 +133,7 @@ fn print(r: &BenchReport) -> Result<()> {
         .steps
         .iter()
         .map(|s| {
-            vec![
+            let mut row = vec![
                 s.description.clone(),
                 human_bytes(s.bytes),
                 format!("{:.3} s", s.warm.seconds),
@@ -142,7 +147,16 @@ fn print(r: &BenchReport) -> Result<()> {
                     .map(|m| format!("{:.3} s", m.seconds))
                     .unwrap_or_default(),
                 s.speedup.map(|x| format!("{x:.1}x")).unwrap_or_default(),
-            ]
+            ];
+            if let Some(c) = &s.manifest_cost {
+                let percent = |r: f64| format!("{:+.0}%", (r - 1.0) * 100.0);
+                row.push(format!(
+                    "{} / {}",
+                    percent(c.warm.ratio),
+                    percent(c.fsync.ratio)
+                ));
+            }
+            row
         })
         .collect();
     table(
@@ -158,7 +172,8 @@ fn print(r: &BenchReport) -> Result<()> {
             "peak anon",
             "MindSpore",
             "speedup",
-        ],
+            "manifests (warm / fsync)",
+        ][..10 + usize::from(r.steps.iter().any(|s| s.manifest_cost.is_some()))],
         &rows,
     )?;
     writeln!(out)?;
@@ -182,6 +197,13 @@ fastest of {2} copies; times are medians of {2} runs; each step's ratio uses the
         r.repeat,
         if r.cold { " from a cold cache (the fsync runs too)" } else { "" }
     )?;
+    if r.steps.iter().any(|s| s.manifest_cost.is_some()) {
+        writeln!(
+            out,
+            "manifests: the median over the runs of (time with manifests / time of the same run without), \
+each pair run back to back"
+        )?;
+    }
     if r.steps.iter().any(|s| s.mindspore.is_some()) {
         writeln!(
             out,
