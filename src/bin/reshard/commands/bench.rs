@@ -129,6 +129,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
 fn print(r: &BenchReport) -> Result<()> {
     let mut out = std::io::stdout().lock();
+    // `--manifest-cost`: a column and a line saying what it is.
+    let paired = r.steps.iter().any(|s| s.manifest_cost.is_some());
     let rows: Vec<Vec<String>> = r
         .steps
         .iter()
@@ -173,7 +175,7 @@ fn print(r: &BenchReport) -> Result<()> {
             "MindSpore",
             "speedup",
             "manifests (warm / fsync)",
-        ][..10 + usize::from(r.steps.iter().any(|s| s.manifest_cost.is_some()))],
+        ][..10 + usize::from(paired)],
         &rows,
     )?;
     writeln!(out)?;
@@ -197,7 +199,7 @@ fastest of {2} copies; times are medians of {2} runs; each step's ratio uses the
         r.repeat,
         if r.cold { " from a cold cache (the fsync runs too)" } else { "" }
     )?;
-    if r.steps.iter().any(|s| s.manifest_cost.is_some()) {
+    if paired {
         writeln!(
             out,
             "manifests: the median over the runs of (time with manifests / time of the same run without), \
