@@ -24,11 +24,11 @@ impl<'p, B: Backend> Job<'p, B> {
                         if let Some(b) = sources.received(only) {
                             return Ok(Filled::Host(b?));
                         }
-                        // Straight from the mapped source: no buffer at all.
-                        return Ok(Filled::Mapped(
-                            sources.get(only.source)?.chunks(&only.tensor)?,
-                        ));
                     }
+                }
+                // Straight from the mapped sources: no buffer at all.
+                if let Some(runs) = mapped_runs(steps, t.bytes(), sources)? {
+                    return Ok(Filled::Mapped(runs));
                 }
                 let bytes = t.bytes() as usize;
                 let buffer = gather(self.backend, sources, steps, bytes)?;
@@ -89,6 +89,122 @@ pub(super) fn is_plain_copy(c: &BoxCopy) -> bool {
         && c.src_shape == c.dst_shape
         && c.extent == c.src_shape
         && c.src_axes.iter().enumerate().all(|(d, &a)| d == a)
+}
+
+/// The bytes of a tensor of `bytes` bytes as slices of the mapped
+/// sources, in order, when every step copies one contiguous run of its
+/// source, unchanged, to one contiguous run of the tensor and the runs tile
+/// it (a whole tensor, or rows of one: most splits along the first axis and
+/// their merges); `None` when a buffer has to be gathered.
+fn mapped_runs<'s>(
+    steps: &[CopyStep],
+    bytes: u64,
+    sources: &'s Sources<'_>,
+) -> Result<Option<Vec<&'s [u8]>>> {
+    let mut runs = Vec::with_capacity(steps.len());
+    for step in steps {
+        match contiguous_run(&step.copy) {
+            Some(run) if !sources.elsewhere(step.source) => runs.push((run, step)),
+            _ => return Ok(None),
+        }
+    }
+    runs.sort_by_key(|(run, _)| run.dst);
+    let mut end = 0;
+    for (run, _) in &runs {
+        if run.dst != end {
+            return Ok(None);
+        }
+        end += run.len;
+    }
+    if end != bytes {
+        return Ok(None);
+    }
+    let mut slices = Vec::with_capacity(runs.len());
+    for (run, step) in runs {
+        let chunks = sources.get(step.source)?.chunks(&step.tensor)?;
+        let len = chunks.iter().map(|c| c.len()).sum();
+        step.copy.validate(len, bytes as usize)?;
+        slices.extend(sub_slices(&chunks, run.src, run.len));
+    }
+    Ok(Some(slices))
+}
+
+/// Where a box copy reads and writes, when both are one contiguous run.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Run {
+    /// Byte offset in the source tensor.
+    pub src: u64,
+    /// Byte offset in the destination tensor.
+    pub dst: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// The run a box copy reads and the run it writes, when it copies bytes
+/// unchanged (same dtype, axes in order) from one contiguous run of the
+/// source to one contiguous run of the destination.
+pub(super) fn contiguous_run(c: &BoxCopy) -> Option<Run> {
+    let rank = c.extent.len();
+    if c.src_dtype != c.dst_dtype
+        || c.src_axes.iter().enumerate().any(|(d, &a)| d != a)
+        || [
+            c.src_shape.len(),
+            c.src_offset.len(),
+            c.dst_shape.len(),
+            c.dst_offset.len(),
+        ]
+        .iter()
+        .any(|&n| n != rank)
+    {
+        return None;
+    }
+    let size = c.dst_dtype.size() as u64;
+    if c.extent.contains(&0) {
+        return Some(Run {
+            src: 0,
+            dst: 0,
+            len: 0,
+        });
+    }
+    // Row-major, a box is one run when every axis inside its outermost
+    // axis of extent above 1 is whole.
+    let start = |shape: &[u64], offset: &[u64]| -> Option<u64> {
+        let outer = c.extent.iter().position(|&e| e > 1).unwrap_or(rank);
+        let whole = (outer + 1..rank).all(|d| c.extent[d] == shape[d]);
+        whole.then(|| {
+            offset
+                .iter()
+                .zip(shape)
+                .fold(0u64, |at, (&o, &n)| at * n + o)
+                * size
+        })
+    };
+    Some(Run {
+        src: start(&c.src_shape, &c.src_offset)?,
+        dst: start(&c.dst_shape, &c.dst_offset)?,
+        len: c.extent.iter().product::<u64>() * size,
+    })
+}
+
+/// The bytes `at..at + len` of the concatenation of `chunks`, as slices of
+/// them.
+fn sub_slices<'a>(chunks: &[&'a [u8]], mut at: u64, mut len: u64) -> Vec<&'a [u8]> {
+    let mut out = Vec::new();
+    for chunk in chunks {
+        let n = chunk.len() as u64;
+        if at >= n {
+            at -= n;
+            continue;
+        }
+        if len == 0 {
+            break;
+        }
+        let take = len.min(n - at);
+        out.push(&chunk[at as usize..(at + take) as usize]);
+        len -= take;
+        at = 0;
+    }
+    out
 }
 
 /// A buffer of `bytes` filled by `steps` from the sources.
@@ -189,7 +305,107 @@ pub(super) fn lora_operands<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::CpuBackend;
     use crate::DType;
+    use proptest::prelude::*;
+
+    /// A same-dtype box copy between small tensors of equal rank.
+    fn arb_box() -> impl Strategy<Value = BoxCopy> {
+        (1usize..=3)
+            .prop_flat_map(|rank| proptest::collection::vec((1u64..=4, 1u64..=4, 1u64..=4), rank))
+            .prop_flat_map(|dims| {
+                let per: Vec<_> = dims
+                    .iter()
+                    .map(|&(s, d, e)| {
+                        let e = e.min(s).min(d);
+                        (Just(s), Just(d), Just(e), 0..=s - e, 0..=d - e)
+                    })
+                    .collect();
+                per
+            })
+            .prop_map(|per| BoxCopy {
+                src_shape: per.iter().map(|p| p.0).collect(),
+                src_dtype: DType::BF16,
+                src_offset: per.iter().map(|p| p.3).collect(),
+                dst_shape: per.iter().map(|p| p.1).collect(),
+                dst_dtype: DType::BF16,
+                dst_offset: per.iter().map(|p| p.4).collect(),
+                extent: per.iter().map(|p| p.2).collect(),
+                src_axes: Vec::new(),
+            })
+    }
+
+    proptest! {
+        /// `contiguous_run` finds a run exactly when the box copy reads
+        /// consecutive source elements into consecutive destination ones,
+        /// and then the right one.
+        #[test]
+        fn contiguous_run_is_what_the_box_copy_does(c in arb_box()) {
+            let src: Vec<u8> = (0..c.src_shape.iter().product::<u64>() as u16)
+                .flat_map(u16::to_le_bytes)
+                .collect();
+            let unset = 0xffffu16;
+            let dst_elements = c.dst_shape.iter().product::<u64>() as usize;
+            let mut dst = crate::backend::cpu::buf(&unset.to_le_bytes().repeat(dst_elements));
+            CpuBackend::new(1).box_copy(Src::Host(&src), &mut dst, &c).unwrap();
+            let written: Vec<(u64, u64)> = dst
+                .bytes()
+                .chunks(2)
+                .enumerate()
+                .filter_map(|(at, v)| {
+                    let v = u16::from_le_bytes([v[0], v[1]]);
+                    (v != unset).then_some((at as u64, v as u64))
+                })
+                .collect();
+            let consecutive = written
+                .windows(2)
+                .all(|w| w[1].0 == w[0].0 + 1 && w[1].1 == w[0].1 + 1);
+            let want = consecutive.then(|| Run {
+                src: written[0].1 * 2,
+                dst: written[0].0 * 2,
+                len: written.len() as u64 * 2,
+            });
+            prop_assert_eq!(contiguous_run(&c), want);
+        }
+    }
+
+    #[test]
+    fn casts_and_transposes_are_never_runs() {
+        let whole = BoxCopy::whole(&[4, 4], DType::BF16, DType::BF16);
+        assert_eq!(
+            contiguous_run(&whole),
+            Some(Run {
+                src: 0,
+                dst: 0,
+                len: 32
+            })
+        );
+        assert_eq!(
+            contiguous_run(&BoxCopy {
+                dst_dtype: DType::F32,
+                ..whole.clone()
+            }),
+            None
+        );
+        assert_eq!(
+            contiguous_run(&BoxCopy {
+                src_axes: vec![1, 0],
+                ..whole
+            }),
+            None
+        );
+    }
+
+    #[test]
+    fn sub_slices_cross_chunk_boundaries() {
+        let chunks: [&[u8]; 3] = [b"abc", b"", b"defgh"];
+        let joined = |at, len| sub_slices(&chunks, at, len).concat();
+        assert_eq!(joined(0, 8), b"abcdefgh");
+        assert_eq!(joined(2, 3), b"cde");
+        assert_eq!(joined(3, 2), b"de");
+        assert_eq!(joined(7, 1), b"h");
+        assert!(sub_slices(&chunks, 4, 0).is_empty());
+    }
 
     #[test]
     fn a_square_transpose_is_not_a_plain_copy() {

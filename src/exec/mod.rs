@@ -5,11 +5,14 @@
 //! a time, in file order, and each writes its tensor at its own offsets:
 //! one large file is written by all workers at once, and peak memory is
 //! about one destination tensor per worker (plus a joined copy of a source
-//! tensor that MindSpore stored in several 512 MiB records). A tensor that
-//! is a plain copy of a whole source tensor goes from the mapped source
-//! straight to the file, with no buffer at all. The file's hash (for its
-//! manifest) is taken front to back, each worker adding its tensor's span
-//! in turn.
+//! tensor that MindSpore stored in several 512 MiB records). A tensor whose
+//! bytes are contiguous runs of its sources, unchanged (a whole source
+//! tensor, or rows of one: most splits along the first axis, and their
+//! merges), goes from the mapped sources straight to the file, with no
+//! buffer at all. Each worker hashes what it writes right after writing
+//! it, for the file's manifest (one XXH3 per written extent; a `.ckpt`
+//! written through an encryption or compression goes front to back, in
+//! turn, and is hashed as one extent).
 //!
 //! Outputs are written under temporary names and renamed when complete:
 //! with fsync on (the default), each tensor's range is handed to the disk

@@ -56,6 +56,12 @@ impl<'p> Sources<'p> {
         self.remote.and_then(|r| r.take(step))
     }
 
+    /// Whether another rank reads source `i` for this one (its boxes are
+    /// [`Sources::received`]).
+    pub(super) fn elsewhere(&self, i: usize) -> bool {
+        self.remote.is_some_and(|r| r.elsewhere(i))
+    }
+
     /// The value of string entry `tensor` of source `i`.
     pub(super) fn string(&self, i: usize, tensor: &str) -> Result<String> {
         if let Some(v) = self.remote.and_then(|r| r.string(i, tensor)) {
@@ -67,7 +73,7 @@ impl<'p> Sources<'p> {
     /// Source `i` has not changed since it was opened (a source another
     /// rank reads is checked by that rank).
     pub(super) fn unchanged(&self, i: usize) -> Result<()> {
-        if self.remote.is_some_and(|r| r.elsewhere(i)) {
+        if self.elsewhere(i) {
             return Ok(());
         }
         self.get(i)?.unchanged()

@@ -198,7 +198,7 @@ impl Backend for CpuBackend {
 
 /// A host vector as a backend buffer, for the unit tests.
 #[cfg(test)]
-pub(super) fn buf(bytes: &[u8]) -> HostBuffer {
+pub(crate) fn buf(bytes: &[u8]) -> HostBuffer {
     let backend = CpuBackend::new(1);
     let mut b = backend.alloc(bytes.len()).unwrap();
     b.bytes_mut().copy_from_slice(bytes);
