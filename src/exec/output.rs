@@ -126,7 +126,13 @@ impl<'p, B: Backend> Job<'p, B> {
                     data: false,
                 };
                 let hash = self.options.manifest.is_some();
-                extents.extend(write_hashed(&out, &prefix, hash, || false, |_| {})?);
+                extents.extend(write_hashed(
+                    &out,
+                    std::slice::from_ref(&prefix),
+                    hash,
+                    || false,
+                    |_| {},
+                )?);
                 None
             }
         };
@@ -194,22 +200,24 @@ impl<'p, B: Backend> Job<'p, B> {
                 // Written at its offsets as soon as it is filled, in any
                 // order (the kernel serialises writes to one file; meanwhile
                 // the other workers fill and hash), each slice hashed right
-                // after it is written, while it is in the CPU's caches. A
-                // tensor of one piece (every safetensors tensor, most
-                // `.ckpt` ones) is hashed once: its extent's hash is the
-                // tensor's.
-                let data_pieces = pieces.iter().filter(|p| p.data).count();
-                let mut extents = Vec::with_capacity(pieces.len());
-                for piece in &pieces {
-                    let streamed = piece.data && data_pieces > 1;
+                // after it is written, while it is in the CPU's caches.
+                // Adjacent data pieces (a tensor gathered from several
+                // source runs) are one extent. A tensor whose data is one
+                // extent (every safetensors tensor, most `.ckpt` ones) is
+                // hashed once: its extent's hash is the tensor's.
+                let runs = data_runs(&pieces);
+                let data_extents = runs.iter().filter(|r| r[0].data).count();
+                let mut extents = Vec::with_capacity(runs.len());
+                for run in runs {
+                    let streamed = run[0].data && data_extents > 1;
                     let shared = || file.active.load(Ordering::Relaxed) > 1;
-                    let extent = write_hashed(&file.out, piece, hashing, shared, |slice| {
+                    let extent = write_hashed(&file.out, run, hashing, shared, |slice| {
                         if streamed {
                             tensor_hash.update(slice)
                         }
                     })?;
                     if let Some((at, extent)) = extent {
-                        if piece.data && data_pieces == 1 {
+                        if run[0].data && data_extents == 1 {
                             tensor_xxh3 = Some(extent.xxh3());
                         }
                         extents.push((at, extent));
@@ -490,43 +498,76 @@ const HASH_SLICE: usize = 256 << 10;
 /// (which ran as fast as without manifests).
 const SHARED_HASH_SLICE: usize = 8 << 20;
 
-/// Writes `piece` at its offset, slice by slice; with `hash`, hashes each
-/// slice right after writing it (also handing it to `also`) and returns
-/// the piece's extent. `shared` says whether other workers are writing the
-/// same file now (it picks the slice size).
+/// `pieces` in runs: consecutive data pieces that are adjacent in the
+/// file form one run (one extent); any other piece is a run of its own.
+fn data_runs<'a, 'b>(pieces: &'b [Piece<'a>]) -> Vec<&'b [Piece<'a>]> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    for i in 1..=pieces.len() {
+        let joins = i < pieces.len() && {
+            let (prev, next) = (&pieces[i - 1], &pieces[i]);
+            prev.data && next.data && prev.at + prev.bytes.len() as u64 == next.at
+        };
+        if !joins {
+            runs.push(&pieces[start..i]);
+            start = i;
+        }
+    }
+    runs
+}
+
+/// Writes `pieces` (adjacent in the file) at their offsets, slice by
+/// slice; with `hash`, hashes each slice (also handing it to `also`) and
+/// returns the pieces' one extent. `shared` says whether other workers are
+/// writing the same file now (it picks the slice size).
+///
+/// A slice is hashed right after it is written, from the caches the
+/// kernel's copy left it in — unless another worker is writing the file
+/// at that moment: the write would wait for that one (the kernel
+/// serialises writes to a file), so the slice is hashed first, which
+/// reads it into the caches for the copy (merge 4 → full, 250M, cache
+/// warm, paired: 168 → 160 ms, without manifests 154 ms).
 fn write_hashed(
     out: &PlacedFile,
-    piece: &Piece<'_>,
+    pieces: &[Piece<'_>],
     hash: bool,
     shared: impl Fn() -> bool,
     mut also: impl FnMut(&[u8]),
 ) -> Result<Option<(u64, Extent)>> {
     if !hash {
-        if !piece.bytes.is_empty() {
+        for piece in pieces.iter().filter(|p| !p.bytes.is_empty()) {
             out.write_at(piece.at, piece.bytes)?;
         }
         return Ok(None);
     }
     let mut hasher = crate::formats::hash::Hasher::new();
-    let mut rest = piece.bytes;
-    let mut at = piece.at;
-    while !rest.is_empty() {
-        let size = if shared() {
-            SHARED_HASH_SLICE
-        } else {
-            HASH_SLICE
-        };
-        let (slice, after) = rest.split_at(size.min(rest.len()));
-        out.write_at(at, slice)?;
-        hasher.update(slice);
-        also(slice);
-        at += slice.len() as u64;
-        rest = after;
+    let mut len = 0;
+    for piece in pieces {
+        let mut rest = piece.bytes;
+        let mut at = piece.at;
+        while !rest.is_empty() {
+            let size = if shared() {
+                SHARED_HASH_SLICE
+            } else {
+                HASH_SLICE
+            };
+            let (slice, after) = rest.split_at(size.min(rest.len()));
+            let first = out.busy();
+            if !first {
+                out.write_at(at, slice)?;
+            }
+            hasher.update(slice);
+            also(slice);
+            if first {
+                out.write_at(at, slice)?;
+            }
+            at += slice.len() as u64;
+            rest = after;
+        }
+        len += piece.bytes.len() as u64;
     }
-    Ok(Some((
-        piece.at,
-        Extent(piece.bytes.len() as u64, hasher.digest()),
-    )))
+    let at = pieces.first().map_or(0, |p| p.at);
+    Ok(Some((at, Extent(len, hasher.digest()))))
 }
 
 /// A plain file's extents in file order, checked to cover `len` bytes
@@ -619,7 +660,7 @@ mod tests {
         let slices = Cell::new(0);
         let mut seen = Vec::new();
         let shared = || slices.get() >= 2;
-        let (at, extent) = write_hashed(&out, &piece, true, shared, |s| {
+        let (at, extent) = write_hashed(&out, std::slice::from_ref(&piece), true, shared, |s| {
             slices.set(slices.get() + 1);
             seen.push(s.len());
         })
@@ -637,8 +678,49 @@ mod tests {
         assert_eq!(&written[4..], &bytes[..]);
         // Without a manifest nothing is hashed and no extent is returned.
         let other = PlacedFile::create(dir.path().join("plain.bin")).unwrap();
-        let none = write_hashed(&other, &piece, false, || false, |_| panic!("hashed")).unwrap();
+        let none = write_hashed(
+            &other,
+            std::slice::from_ref(&piece),
+            false,
+            || false,
+            |_| panic!("hashed"),
+        )
+        .unwrap();
         assert!(none.is_none());
+    }
+
+    #[test]
+    fn adjacent_data_pieces_are_one_extent() {
+        let piece = |at, bytes: &'static [u8], data| Piece { at, bytes, data };
+        // A header, three adjacent runs of data, a gap, more data, a trailer.
+        let pieces = [
+            piece(0, b"hd", false),
+            piece(2, b"abc", true),
+            piece(5, b"de", true),
+            piece(7, b"f", true),
+            piece(9, b"gh", true),
+            piece(11, b"tr", false),
+        ];
+        let runs = data_runs(&pieces);
+        let lens: Vec<usize> = runs.iter().map(|r| r.len()).collect();
+        assert_eq!(lens, [1, 3, 1, 1]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.bin");
+        let out = PlacedFile::create(&path).unwrap();
+        // As if another worker were writing: each slice is hashed first.
+        out.pretend_busy(true);
+        let (at, extent) = write_hashed(&out, runs[1], true, || true, |_| {})
+            .unwrap()
+            .unwrap();
+        assert_eq!((at, extent.len()), (2, 6));
+        assert_eq!(extent.xxh3(), crate::formats::hash::hash(b"abcdef"));
+        out.pretend_busy(false);
+        out.commit(8, false).unwrap();
+        assert_eq!(&std::fs::read(&path).unwrap()[2..], b"abcdef");
+        // Data pieces that are not adjacent, or not data, never join.
+        assert_eq!(data_runs(&pieces[3..5]).len(), 2);
+        assert_eq!(data_runs(&pieces[..2]).len(), 2);
+        assert!(data_runs(&[]).is_empty());
     }
 
     #[test]

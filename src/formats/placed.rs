@@ -169,6 +169,8 @@ pub struct PlacedFile {
     tmp: PathBuf,
     file: File,
     committed: std::sync::atomic::AtomicBool,
+    /// `write_at` calls in progress.
+    writing: std::sync::atomic::AtomicUsize,
 }
 
 impl PlacedFile {
@@ -181,6 +183,7 @@ impl PlacedFile {
             tmp,
             file,
             committed: Default::default(),
+            writing: Default::default(),
         })
     }
 
@@ -195,9 +198,28 @@ impl PlacedFile {
             !self.committed.load(Ordering::Relaxed),
             "write after commit"
         );
-        self.file
-            .write_all_at(bytes, offset)
-            .map_err(|e| Error::Io(e).in_file(&self.dest))
+        self.writing.fetch_add(1, Ordering::Relaxed);
+        let written = self.file.write_all_at(bytes, offset);
+        self.writing.fetch_sub(1, Ordering::Relaxed);
+        written.map_err(|e| Error::Io(e).in_file(&self.dest))
+    }
+
+    /// Whether a [`PlacedFile::write_at`] is in progress (on another
+    /// thread, when the caller is not writing): the kernel serialises
+    /// writes to one file, so a write now would wait for it.
+    pub fn busy(&self) -> bool {
+        self.writing.load(Ordering::Relaxed) > 0
+    }
+
+    /// Counts one write in progress more (or fewer), for tests of
+    /// [`PlacedFile::busy`]'s callers.
+    #[cfg(test)]
+    pub(crate) fn pretend_busy(&self, busy: bool) {
+        if busy {
+            self.writing.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.writing.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// Starts writing back `len` bytes from `offset` to the disk without
