@@ -168,8 +168,8 @@ pub(super) fn contiguous_run(c: &BoxCopy) -> Option<Run> {
     }
     // Row-major, a box is one run when every axis inside its outermost
     // axis of extent above 1 is whole.
+    let outer = c.extent.iter().position(|&e| e > 1).unwrap_or(rank);
     let start = |shape: &[u64], offset: &[u64]| -> Option<u64> {
-        let outer = c.extent.iter().position(|&e| e > 1).unwrap_or(rank);
         let whole = (outer + 1..rank).all(|d| c.extent[d] == shape[d]);
         whole.then(|| {
             offset
