@@ -88,7 +88,7 @@ pub(super) fn is_plain_copy(c: &BoxCopy) -> bool {
     c.src_dtype == c.dst_dtype
         && c.src_shape == c.dst_shape
         && c.extent == c.src_shape
-        && c.src_axes.iter().enumerate().all(|(d, &a)| d == a)
+        && c.axes_in_order()
 }
 
 /// The bytes of a tensor of `bytes` bytes as slices of the mapped
@@ -146,7 +146,7 @@ pub(super) struct Run {
 pub(super) fn contiguous_run(c: &BoxCopy) -> Option<Run> {
     let rank = c.extent.len();
     if c.src_dtype != c.dst_dtype
-        || c.src_axes.iter().enumerate().any(|(d, &a)| d != a)
+        || !c.axes_in_order()
         || [
             c.src_shape.len(),
             c.src_offset.len(),

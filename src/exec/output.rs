@@ -200,7 +200,9 @@ impl<'p, B: Backend> Job<'p, B> {
                 // Written at its offsets as soon as it is filled, in any
                 // order (the kernel serialises writes to one file; meanwhile
                 // the other workers fill and hash), each slice hashed right
-                // after it is written, while it is in the CPU's caches.
+                // after it is written, while it is in the CPU's caches (or
+                // before, while another worker is writing: see
+                // `write_hashed`).
                 // Adjacent data pieces (a tensor gathered from several
                 // source runs) are one extent. A tensor whose data is one
                 // extent (every safetensors tensor, most `.ckpt` ones) is

@@ -63,6 +63,12 @@ impl BoxCopy {
         }
     }
 
+    /// Whether every destination axis reads the source axis of the same
+    /// index (no transpose).
+    pub fn axes_in_order(&self) -> bool {
+        self.src_axes.iter().enumerate().all(|(d, &a)| d == a)
+    }
+
     /// Elements copied.
     pub fn elements(&self) -> u64 {
         self.extent.iter().product()

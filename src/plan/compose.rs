@@ -230,7 +230,7 @@ pub fn compose(k: &BoxCopy, a: &[u64], x: &BoxCopy) -> Result<Vec<BoxCopy>> {
             k.src_dtype, k.dst_dtype, x.dst_dtype
         )));
     }
-    if x.src_axes.iter().enumerate().any(|(i, &s)| i != s) {
+    if !x.axes_in_order() {
         return Err(Error::Internal(
             "a permuted copy out of a virtual tensor".into(),
         ));

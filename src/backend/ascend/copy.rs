@@ -184,9 +184,7 @@ impl AscendBackend {
                 return Ok(true);
             }
         }
-        let whole = c.src_axes.iter().enumerate().all(|(i, a)| i == *a)
-            && c.src_shape == c.dst_shape
-            && c.extent == c.src_shape;
+        let whole = c.axes_in_order() && c.src_shape == c.dst_shape && c.extent == c.src_shape;
         if !same && whole {
             if let (Some(p1), Some(p2)) = (self.api.aclnnCastGetWorkspaceSize, self.api.aclnnCast) {
                 let n = [src_numel];

@@ -234,8 +234,7 @@ pub(super) fn guard_permuted(plan: &mut Plan) {
             if let Content::Tensor { steps, .. } = &mut t.content {
                 for s in steps {
                     let c = &mut s.copy;
-                    let permuted = c.src_axes.iter().enumerate().any(|(i, &a)| i != a);
-                    if permuted
+                    if !c.axes_in_order()
                         && c.src_shape == c.dst_shape
                         && c.extent == c.src_shape
                         && c.src_dtype == c.dst_dtype
