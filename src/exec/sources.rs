@@ -39,7 +39,7 @@ impl<'p> Sources<'p> {
     }
 
     pub(super) fn get(&self, i: usize) -> Result<&Source> {
-        if self.remote.is_some_and(|r| r.elsewhere(i)) {
+        if self.elsewhere(i) {
             // Possibly on another node's disk: only its reader opens it.
             return Err(Error::Internal(format!(
                 "source {} is read by another rank of the job",
