@@ -1085,9 +1085,9 @@ mod emulated {
         // the job's buffers fail until the cache is dropped (issue 15 item
         // 4's rule: the cache yields), and the bytes are the same. (Only
         // the column splits reach the device: row splits are written
-        // straight from the mapped source.) One
-        // worker: with two, whether a job buffer is asked for while the
-        // cache holds blocks depends on timing, and so would the eviction.
+        // straight from the mapped source.) One worker: with two, whether
+        // a job buffer is asked for while the cache holds blocks depends on
+        // timing, and so would the eviction.
         let emu = Emulator::new();
         emu.configure(0, |c| c.memory = 256 << 10);
         let o = AscendOptions {
